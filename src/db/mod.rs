@@ -1,0 +1,222 @@
+//! Everything that touches the SQLite file: the connection policy, table discovery, the change-data
+//! capture triggers and change-log tables, reading pending changes, and applying remote ones.
+//! This module knows SQLite and [`crate::wire`], and nothing about NATS.
+//!
+//! Invariants:
+//! - Every connection we open uses WAL, `busy_timeout = 5000`, `synchronous = NORMAL` and
+//!   `foreign_keys = OFF` (rusqlite's bundled SQLite turns foreign keys on by default; an
+//!   `INSERT OR REPLACE` must not cascade).
+//! - Every identifier that reaches SQL text is quoted with [`quote`]; names that arrive over the
+//!   wire are only used after they matched the local schema.
+//! - Loop prevention is the guard table (design §3.4): triggers fire only when
+//!   `__harmonylite__apply_guard` is empty, and only the applier writes to it, inside its own write
+//!   transaction, so no application write can ever see a row in it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+pub mod apply;
+pub mod cdc;
+pub mod changelog;
+pub mod schema;
+
+/// Prefix of every object we create in the user's database (Go `HarmonyLitePrefix`).
+pub const PREFIX: &str = "__harmonylite__";
+/// The global change log (three underscores: prefix + `_change_log_global`).
+pub const GLOBAL_LOG: &str = "__harmonylite___change_log_global";
+/// The schema version table.
+pub const SCHEMA_VERSION_TABLE: &str = "__harmonylite__schema_version";
+/// The loop-prevention guard table (design §3.4).
+pub const GUARD_TABLE: &str = "__harmonylite__apply_guard";
+/// Events that could not be applied (design §3.2).
+pub const DEAD_LETTER_TABLE: &str = "__harmonylite__dead_letter";
+/// How long a statement waits for a lock before failing with SQLITE_BUSY (Go: 5000 ms).
+pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// What went wrong in the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "database file {0} does not exist; HarmonyLite is meant to replicate an existing database"
+    )]
+    Missing(PathBuf),
+    #[error("cannot open database {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("sqlite error{}", table.as_ref().map(|t| format!(" on table {t:?}")).unwrap_or_default())]
+    Sqlite {
+        table: Option<String>,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("table {0:?} cannot be watched: {1}")]
+    Unwatchable(String, String),
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(source: rusqlite::Error) -> Self {
+        Error::Sqlite {
+            table: None,
+            source,
+        }
+    }
+}
+
+/// Adds the table name to an SQLite error.
+pub(crate) fn on_table(table: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    move |source| Error::Sqlite {
+        table: Some(table.to_owned()),
+        source,
+    }
+}
+
+/// Quotes an identifier for SQL text: `"name"` with embedded quotes doubled.
+pub fn quote(ident: &str) -> String {
+    let mut s = String::with_capacity(ident.len() + 2);
+    s.push('"');
+    for c in ident.chars() {
+        if c == '"' {
+            s.push('"');
+        }
+        s.push(c);
+    }
+    s.push('"');
+    s
+}
+
+/// Quotes a string literal: `'text'` with embedded quotes doubled.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Name of a table's change log.
+pub fn change_log_name(table: &str) -> String {
+    format!("{PREFIX}{table}_change_log")
+}
+
+/// Opens a connection with the policy in the module header. The file must already exist.
+///
+/// # Errors
+/// [`Error::Missing`] when there is no such file, [`Error::Open`] when SQLite cannot open it.
+pub fn open(path: &Path) -> Result<Connection, Error> {
+    if !path.exists() {
+        return Err(Error::Missing(path.to_owned()));
+    }
+    let open_err = |source| Error::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    // journal_mode answers with a row; it is persistent in the file, as in Go.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(mode, "database did not switch to WAL journal mode");
+    }
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF;")
+        .map_err(open_err)?;
+    conn.set_prepared_statement_cache_capacity(256);
+    Ok(conn)
+}
+
+/// One column of a watched table as the change log sees it (`pragma_table_info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// The declared type, verbatim (may be empty).
+    pub decl_type: String,
+    /// Position in the primary key (1-based), 0 when not part of it.
+    pub pk: u32,
+}
+
+/// A watched table: its columns in `cid` order, plus the synthetic `rowid` key when the table has
+/// no declared primary key (Go appends `rowid INT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub name: String,
+    pub columns: Vec<Column>,
+    /// True when the key is the synthetic `rowid` column (the last entry of `columns`).
+    pub rowid_key: bool,
+}
+
+impl Table {
+    /// Indexes of the primary-key columns in `columns`, in key order.
+    pub fn pk_indexes(&self) -> Vec<usize> {
+        let mut pks: Vec<usize> = (0..self.columns.len())
+            .filter(|&i| self.columns[i].pk > 0)
+            .collect();
+        pks.sort_by_key(|&i| self.columns[i].pk);
+        pks
+    }
+
+    /// Index of a column by name (exact, then case-insensitive as SQLite resolves names).
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns
+            .iter()
+            .position(|c| c.name == name)
+            .or_else(|| {
+                self.columns
+                    .iter()
+                    .position(|c| c.name.eq_ignore_ascii_case(name))
+            })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+
+    /// A fresh database file in a temp dir with the given schema.
+    pub fn temp_db(schema: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("test.db");
+        let conn = Connection::open(&path).expect("create db");
+        conn.execute_batch(schema).expect("schema");
+        (dir, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote("a"), "\"a\"");
+        assert_eq!(quote("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn open_applies_policy_and_refuses_missing_files() {
+        let (_dir, path) = testutil::temp_db("CREATE TABLE t(a)");
+        let conn = open(&path).expect("opens");
+        let fk: i64 = conn
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .expect("fk");
+        assert_eq!(fk, 0);
+        let jm: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("jm");
+        assert_eq!(jm, "wal");
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .expect("sync");
+        assert_eq!(sync, 1);
+        assert!(matches!(
+            open(&path.with_extension("nope")),
+            Err(Error::Missing(_))
+        ));
+    }
+}

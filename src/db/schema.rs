@@ -1,0 +1,198 @@
+//! Schema introspection: which tables are watched, their columns and keys, and the schema hash
+//! that travels in each event as `sh` (upstream-behaviour §4.4, §9.1).
+//!
+//! Invariants:
+//! - Watched = every ordinary table of `main` except `sqlite_*`, our own `__harmonylite__*`
+//!   tables, virtual tables and their shadow tables (triggers cannot be created on those, and FTS
+//!   shadow tables change underneath their virtual table).
+//! - The schema hash reproduces Go's string exactly (`table|col:type:notnull:pk…\n`, tables and
+//!   columns sorted byte-wise, `*schema.BinaryType` for an empty type, SHA-256 hex), so that mixed
+//!   Go/Rust clusters agree.
+
+use rusqlite::Connection;
+use sha2::{Digest, Sha256};
+
+use super::{Column, Error, PREFIX, Table, on_table};
+
+/// True for names we never watch, by the same rules as Go's `LIKE` filters but without their
+/// wildcard accidents (`_` matching any character).
+fn is_internal(name: &str) -> bool {
+    name.get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("sqlite_"))
+        || name
+            .get(..PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+}
+
+/// Lists the tables to watch, sorted by name, with their columns.
+///
+/// # Errors
+/// SQLite errors while reading the schema.
+pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
+    // pragma_table_list (SQLite ≥ 3.37) tells ordinary tables from virtual and shadow ones.
+    let mut stmt = conn.prepare(
+        "SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'table' \
+         AND name NOT IN (SELECT name FROM sqlite_schema WHERE type = 'table' \
+                          AND sql LIKE 'CREATE VIRTUAL TABLE%') \
+         ORDER BY name",
+    )?;
+    let names: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut tables = Vec::new();
+    for name in names.into_iter().filter(|n| !is_internal(n)) {
+        tables.push(table_info(conn, &name)?);
+    }
+    Ok(tables)
+}
+
+/// Reads one table's columns (`pragma_table_info`: generated and hidden columns excluded, as in
+/// Go) and appends the synthetic `rowid` key when no column is part of a primary key.
+///
+/// # Errors
+/// SQLite errors, or [`Error::Unwatchable`] when the table has no columns or no usable key.
+pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
+    let mut stmt = conn
+        .prepare("SELECT name, type, pk FROM pragma_table_info(?1) ORDER BY cid")
+        .map_err(on_table(name))?;
+    let mut columns: Vec<Column> = stmt
+        .query_map([name], |r| {
+            Ok(Column {
+                name: r.get(0)?,
+                decl_type: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                pk: r.get(2)?,
+            })
+        })
+        .map_err(on_table(name))?
+        .collect::<Result<_, _>>()
+        .map_err(on_table(name))?;
+    if columns.is_empty() {
+        return Err(Error::Unwatchable(name.to_owned(), "no columns".into()));
+    }
+    let rowid_key = !columns.iter().any(|c| c.pk > 0);
+    if rowid_key {
+        if columns.iter().any(|c| c.name.eq_ignore_ascii_case("rowid")) {
+            return Err(Error::Unwatchable(
+                name.to_owned(),
+                "it has no primary key and a column named rowid hides the row id".into(),
+            ));
+        }
+        columns.push(Column {
+            name: "rowid".into(),
+            decl_type: "INT".into(),
+            pk: 1,
+        });
+    }
+    Ok(Table {
+        name: name.to_owned(),
+        columns,
+        rowid_key,
+    })
+}
+
+/// Computes Go HarmonyLite's schema hash over the watched tables.
+///
+/// # Errors
+/// SQLite errors while reading `pragma_table_xinfo`.
+pub fn schema_hash(conn: &Connection, tables: &[Table]) -> Result<String, Error> {
+    let mut names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    let mut input = String::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, type, \"notnull\", pk FROM pragma_table_xinfo(?1) ORDER BY cid",
+    )?;
+    for name in names {
+        let mut cols: Vec<(String, String, bool, bool)> = stmt
+            .query_map([name], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    r.get::<_, i64>(2)? != 0,
+                    r.get::<_, i64>(3)? != 0,
+                ))
+            })
+            .map_err(on_table(name))?
+            .collect::<Result<_, _>>()
+            .map_err(on_table(name))?;
+        cols.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        input.push_str(name);
+        for (col, ty, notnull, pk) in cols {
+            // Go: Atlas parses an empty type as *schema.BinaryType and the hash prints `%T`.
+            let ty = if ty.is_empty() {
+                "*schema.BinaryType"
+            } else {
+                ty.as_str()
+            };
+            input.push_str(&format!("|{col}:{ty}:{notnull}:{pk}"));
+        }
+        input.push('\n');
+    }
+    Ok(Sha256::digest(input.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::testutil::temp_db;
+
+    const BOOKS: &str = "CREATE TABLE Books (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+        title TEXT NOT NULL, author TEXT NOT NULL, publication_year INTEGER);";
+    const AUTHORS: &str = "CREATE TABLE Authors (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+        name TEXT NOT NULL, birth_year INTEGER);";
+
+    #[test]
+    fn schema_hash_golden_vectors() {
+        let (_d, path) = temp_db(BOOKS);
+        let conn = Connection::open(&path).expect("open");
+        let tables = watched_tables(&conn).expect("tables");
+        assert_eq!(
+            schema_hash(&conn, &tables).expect("hash"),
+            "907f897c838224f10a8a6bfb1ae63396abf7f8235bad760d17af35c72470cccb"
+        );
+        conn.execute_batch(AUTHORS).expect("authors");
+        let tables = watched_tables(&conn).expect("tables");
+        assert_eq!(
+            schema_hash(&conn, &tables).expect("hash"),
+            "77ffca4ecf9399127b5ce2be978aaae00de8f1dc5956a16fe45bfb42c3f4117e"
+        );
+        assert_eq!(
+            schema_hash(&conn, &[]).expect("hash"),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn discovery_skips_internal_virtual_and_shadow_tables() {
+        let (_d, path) = temp_db(
+            "CREATE TABLE b(x INTEGER PRIMARY KEY); CREATE TABLE a(y);
+             CREATE VIRTUAL TABLE docs USING fts5(body);
+             CREATE TABLE __harmonylite__x(a); CREATE TABLE ab_harmonylite_cd(z PRIMARY KEY);
+             CREATE VIEW v AS SELECT * FROM a;",
+        );
+        let conn = Connection::open(&path).expect("open");
+        let names: Vec<String> = watched_tables(&conn)
+            .expect("tables")
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["a", "ab_harmonylite_cd", "b"]);
+    }
+
+    #[test]
+    fn rowid_and_composite_keys() {
+        let (_d, path) = temp_db(
+            "CREATE TABLE plain(a TEXT, b); CREATE TABLE comp(x, y, z, PRIMARY KEY (z, x));",
+        );
+        let conn = Connection::open(&path).expect("open");
+        let plain = table_info(&conn, "plain").expect("plain");
+        assert!(plain.rowid_key);
+        assert_eq!(plain.columns.last().map(|c| c.name.as_str()), Some("rowid"));
+        assert_eq!(plain.pk_indexes(), [2]);
+        let comp = table_info(&conn, "comp").expect("comp");
+        assert!(!comp.rowid_key);
+        assert_eq!(comp.pk_indexes(), [2, 0]);
+    }
+}

@@ -1,0 +1,22 @@
+//! harmonylite: leaderless SQLite replication over NATS JetStream, a drop-in Rust port of Go
+//! HarmonyLite (wire, config and file formats are byte-compatible; see `design.md`).
+//!
+//! # Layout
+//! - [`cli`]: Go-style flags, normalised before clap parses them.
+//! - [`config`]: the TOML file layer with Go's defaults, validated into [`config::Settings`].
+//! - [`logging`]: console or JSON lines, `node_id` on every line.
+//! - [`cbor`], [`wire`]: the CBOR event codec, shard hash, stream names, zstd.
+//! - [`seqmap`]: the atomic `{stream: last applied seq}` state file.
+//! - [`db`]: SQLite connection policy, schema discovery and hash, triggers, change log, applier.
+//! - [`stream`]: NATS connection, shard streams, pipelined publish, ordered consumers.
+//! - [`replicate`]: the publisher (change log → JetStream) and the applier (JetStream → SQLite).
+//! - [`app`]: wires everything together and owns shutdown.
+
+pub mod cbor;
+
+pub mod config;
+pub mod db;
+
+pub mod seqmap;
+
+pub mod wire;

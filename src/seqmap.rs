@@ -1,0 +1,270 @@
+//! The sequence map: `{stream name: last applied stream sequence}` as one CBOR map in a file,
+//! byte-compatible with Go HarmonyLite's `seq-map.cbor` (upstream-behaviour §7).
+//!
+//! Invariants (design.md §3.3):
+//! - It records only what this node has *applied*; publishing never advances it.
+//! - Values only grow: saving a lower sequence for a stream is a no-op.
+//! - Every save is atomic: write `<file>.tmp`, fsync, rename over the file, fsync the directory.
+//!   A crash leaves either the old or the new map, never a torn one.
+//! - Loading is tolerant: only the first CBOR item is read (Go rewrote the file in place and could
+//!   leave a stale tail), and an unreadable file is reported and treated as empty, which replays the
+//!   retained stream (idempotent) instead of refusing to start.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::cbor::{self, Item};
+
+/// What went wrong reading or writing the sequence map.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read sequence map {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write sequence map {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sequence map {path} is not a CBOR map of stream name to sequence: {why}")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+/// The in-memory map and the file it is saved to.
+#[derive(Debug)]
+pub struct SeqMap {
+    path: PathBuf,
+    map: BTreeMap<String, u64>,
+}
+
+impl SeqMap {
+    /// Loads the map at `path`. A missing or empty file is an empty map.
+    ///
+    /// # Errors
+    /// [`Error::Read`] when the file exists but cannot be read; [`Error::Corrupt`] when its first
+    /// item is not a map of text to unsigned integers. Callers that prefer to start anyway use
+    /// [`SeqMap::open_tolerant`].
+    pub fn open(path: &Path) -> Result<SeqMap, Error> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(Error::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let map = if bytes.is_empty() {
+            BTreeMap::new()
+        } else {
+            parse(&bytes).map_err(|why| Error::Corrupt {
+                path: path.to_owned(),
+                why,
+            })?
+        };
+        Ok(SeqMap {
+            path: path.to_owned(),
+            map,
+        })
+    }
+
+    /// Like [`SeqMap::open`], but a corrupt file is logged and treated as empty (design §3.3):
+    /// the node then replays the retained streams, which is idempotent.
+    ///
+    /// # Errors
+    /// Only when the file exists and cannot be read at all.
+    pub fn open_tolerant(path: &Path) -> Result<SeqMap, Error> {
+        match SeqMap::open(path) {
+            Err(Error::Corrupt { path, why }) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    error = %why,
+                    "Sequence map is corrupt; starting from an empty map (the streams will be replayed)"
+                );
+                Ok(SeqMap {
+                    path,
+                    map: BTreeMap::new(),
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// The last applied sequence of `stream`, 0 when none.
+    pub fn get(&self, stream: &str) -> u64 {
+        self.map.get(stream).copied().unwrap_or(0)
+    }
+
+    /// A copy of the whole map.
+    pub fn entries(&self) -> BTreeMap<String, u64> {
+        self.map.clone()
+    }
+
+    /// The file this map is saved to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Raises the recorded sequences to the given ones (lower values are ignored) and, if anything
+    /// changed, saves the file atomically. Returns whether the file was written.
+    ///
+    /// # Errors
+    /// [`Error::Write`] if the file could not be written durably; the in-memory map is then left
+    /// unchanged so the next save retries.
+    pub fn advance<'a>(
+        &mut self,
+        updates: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<bool, Error> {
+        let mut next = self.map.clone();
+        let mut changed = false;
+        for (stream, seq) in updates {
+            let slot = next.entry(stream.to_owned()).or_insert(0);
+            if seq > *slot {
+                *slot = seq;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(false);
+        }
+        write_atomic(&self.path, &encode(&next)).map_err(|source| Error::Write {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.map = next;
+        Ok(true)
+    }
+}
+
+/// Encodes a map as Go does (definite map, text keys, shortest unsigned heads).
+pub fn encode(map: &BTreeMap<String, u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + map.len() * 32);
+    cbor::put_head(&mut out, 5, map.len() as u64);
+    for (k, v) in map {
+        cbor::put_text(&mut out, k.as_bytes());
+        cbor::put_head(&mut out, 0, *v);
+    }
+    out
+}
+
+fn parse(bytes: &[u8]) -> Result<BTreeMap<String, u64>, String> {
+    let (item, _) = cbor::decode_first(bytes).map_err(|e| e.to_string())?;
+    let Item::Map(pairs) = item else {
+        return Err("first item is not a map".into());
+    };
+    pairs
+        .into_iter()
+        .map(|(k, v)| match (k.as_str(), v) {
+            (Some(k), Item::Unsigned(seq)) => Ok((k.to_owned(), seq)),
+            _ => Err("entry is not text → unsigned integer".into()),
+        })
+        .collect()
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// upstream-behaviour §7: `{"harmonylite-changes-c-1":42}`.
+    const GOLDEN: [u8; 26] = [
+        0xa1, 0x77, b'h', b'a', b'r', b'm', b'o', b'n', b'y', b'l', b'i', b't', b'e', b'-', b'c',
+        b'h', b'a', b'n', b'g', b'e', b's', b'-', b'c', b'-', b'1', 0x18,
+    ];
+
+    fn golden_bytes() -> Vec<u8> {
+        let mut v = GOLDEN.to_vec();
+        v.push(0x2a);
+        v
+    }
+
+    #[test]
+    fn golden_encoding() {
+        let map = BTreeMap::from([("harmonylite-changes-c-1".to_owned(), 42)]);
+        assert_eq!(encode(&map), golden_bytes());
+    }
+
+    #[test]
+    fn reads_go_file_with_stale_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("seq-map.cbor");
+        let mut bytes = golden_bytes();
+        bytes.extend_from_slice(&[0x18, 0x2a, 0x00, 0xff]);
+        fs::write(&path, bytes).expect("write");
+        let m = SeqMap::open(&path).expect("opens");
+        assert_eq!(m.get("harmonylite-changes-c-1"), 42);
+        assert_eq!(m.get("other"), 0);
+    }
+
+    #[test]
+    fn empty_and_missing_files_are_empty_maps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("seq-map.cbor");
+        assert!(SeqMap::open(&path).expect("missing").entries().is_empty());
+        fs::write(&path, b"").expect("write");
+        assert!(SeqMap::open(&path).expect("empty").entries().is_empty());
+    }
+
+    #[test]
+    fn garbage_is_corrupt_but_tolerated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("seq-map.cbor");
+        fs::write(&path, b"not cbor data").expect("write");
+        assert!(matches!(SeqMap::open(&path), Err(Error::Corrupt { .. })));
+        let mut m = SeqMap::open_tolerant(&path).expect("tolerant");
+        assert!(m.entries().is_empty());
+        assert!(m.advance([("s", 3)]).expect("saves"));
+        assert_eq!(SeqMap::open(&path).expect("reopens").get("s"), 3);
+    }
+
+    #[test]
+    fn advance_is_monotonic_and_persists_every_stream() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("seq-map.cbor");
+        let mut m = SeqMap::open(&path).expect("opens");
+        assert!(m.advance([("a", 10), ("b", 5)]).expect("saves"));
+        assert!(!m.advance([("a", 9)]).expect("no-op"));
+        assert!(!m.advance([("a", 10)]).expect("no-op"));
+        assert!(m.advance([("b", 6), ("a", 1)]).expect("saves"));
+        let reloaded = SeqMap::open(&path).expect("reopens");
+        assert_eq!(reloaded.get("a"), 10);
+        assert_eq!(reloaded.get("b"), 6);
+        assert!(!dir.path().join("seq-map.cbor.tmp").exists());
+    }
+
+    #[test]
+    fn failed_write_leaves_memory_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("missing-dir").join("seq-map.cbor");
+        let mut m = SeqMap::open(&path).expect("opens");
+        assert!(matches!(m.advance([("a", 1)]), Err(Error::Write { .. })));
+        assert_eq!(m.get("a"), 0);
+    }
+}

@@ -1,0 +1,673 @@
+//! The replication event as it travels through JetStream, byte-compatible with Go HarmonyLite.
+//!
+//! A message body is the CBOR map `{FromNodeId, Payload: {Id, Type, TableName, Row, sh}}` with Go's
+//! field names as keys (upstream-behaviour §5.2), optionally compressed as one zstd frame. The shard
+//! of a row is FNV-1 64 over a hand-built CBOR array of the table name and its sorted primary-key
+//! pairs (§5.3), so that Go and Rust publishers route the same row to the same stream.
+//!
+//! Invariants:
+//! - Encoding sends each value exactly as SQLite stores it (integer, real, text, blob, null). We do
+//!   not copy Go's lossy DATETIME/BOOLEAN conversion; Go receivers accept plain values.
+//! - Decoding accepts everything a Go node sends: unsigned and negative integers, floats of any
+//!   width, booleans (written as 1/0), and the private tag-32 `{1: unix seconds}` time wrapper
+//!   (written as text `YYYY-MM-DD HH:MM:SS+00:00`, as Go's sqlite driver would in UTC).
+//! - Decoding never panics; anything it cannot represent is a [`DecodeError`], which the applier
+//!   quarantines.
+
+use crate::cbor::{self, Item};
+
+/// The Go prefix of every node name (`cfg.NodeNamePrefix`).
+pub const NODE_NAME_PREFIX: &str = "harmonylite-node";
+
+/// A value of one SQLite storage class, as read from or written to a column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Integer(i64),
+    Real(f64),
+    /// Text keeps raw bytes: SQLite does not enforce UTF-8, and neither does the wire format.
+    Text(Vec<u8>),
+    Blob(Vec<u8>),
+}
+
+/// The operation a change-log row records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    /// The string Go writes in `Type` and in the change-log `type` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+
+    /// Parses the change-log / wire spelling.
+    pub fn parse(s: &[u8]) -> Option<Op> {
+        match s {
+            b"insert" => Some(Op::Insert),
+            b"update" => Some(Op::Update),
+            b"delete" => Some(Op::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// One row change (Go `ChangeLogEvent`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    /// The change-log row id on the originating node.
+    pub id: i64,
+    pub op: Op,
+    pub table: String,
+    /// Column name → value, in the publisher's column order.
+    pub row: Vec<(String, Value)>,
+    /// The sender's schema hash; empty when the sender had none (or was a Go node sending times).
+    pub schema_hash: String,
+}
+
+/// A message body (Go `ReplicationEvent[ChangeLogEvent]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationEvent {
+    pub from_node_id: u64,
+    pub event: ChangeEvent,
+}
+
+/// Why a message body is not an event we can apply.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("zstd decompression failed: {0}")]
+    Zstd(#[source] std::io::Error),
+    #[error("invalid CBOR: {0}")]
+    Cbor(#[from] cbor::Error),
+    #[error("event is not a CBOR map with field {0:?}")]
+    MissingField(&'static str),
+    #[error("field {field:?} has the wrong type")]
+    WrongType { field: &'static str },
+    #[error("unknown operation type {0:?}")]
+    UnknownOp(String),
+    #[error("column {column:?}: {what}")]
+    BadValue { column: String, what: String },
+}
+
+impl ReplicationEvent {
+    /// Encodes the event as Go's fxamacker encoder does (definite map, declaration order).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96 + self.event.row.len() * 24);
+        cbor::put_head(&mut out, 5, 2);
+        cbor::put_text(&mut out, b"FromNodeId");
+        cbor::put_head(&mut out, 0, self.from_node_id);
+        cbor::put_text(&mut out, b"Payload");
+        let e = &self.event;
+        let fields = if e.schema_hash.is_empty() { 4 } else { 5 };
+        cbor::put_head(&mut out, 5, fields);
+        cbor::put_text(&mut out, b"Id");
+        cbor::put_i64(&mut out, e.id);
+        cbor::put_text(&mut out, b"Type");
+        cbor::put_text(&mut out, e.op.as_str().as_bytes());
+        cbor::put_text(&mut out, b"TableName");
+        cbor::put_text(&mut out, e.table.as_bytes());
+        cbor::put_text(&mut out, b"Row");
+        cbor::put_head(&mut out, 5, e.row.len() as u64);
+        for (name, value) in &e.row {
+            cbor::put_text(&mut out, name.as_bytes());
+            put_value(&mut out, value);
+        }
+        if !e.schema_hash.is_empty() {
+            cbor::put_text(&mut out, b"sh");
+            cbor::put_text(&mut out, e.schema_hash.as_bytes());
+        }
+        out
+    }
+
+    /// Decodes a message body (already decompressed).
+    ///
+    /// # Errors
+    /// Anything but a well-formed event whose values fit SQLite's storage classes.
+    pub fn decode(body: &[u8]) -> Result<ReplicationEvent, DecodeError> {
+        let (item, _) = cbor::decode_first(body)?;
+        let from_node_id = match field(&item, "FromNodeId") {
+            None | Some(Item::Null) => 0,
+            Some(Item::Unsigned(v)) => *v,
+            Some(_) => {
+                return Err(DecodeError::WrongType {
+                    field: "FromNodeId",
+                });
+            }
+        };
+        let payload = field(&item, "Payload").ok_or(DecodeError::MissingField("Payload"))?;
+        let id = match field(payload, "Id") {
+            None | Some(Item::Null) => 0,
+            Some(Item::Unsigned(v)) if *v <= i64::MAX as u64 => *v as i64,
+            Some(Item::Negative(v)) if *v <= i64::MAX as u64 => -1 - *v as i64,
+            Some(_) => return Err(DecodeError::WrongType { field: "Id" }),
+        };
+        let op_bytes = match field(payload, "Type") {
+            Some(Item::Text(t)) => t.as_slice(),
+            None | Some(Item::Null) => b"".as_slice(),
+            Some(_) => return Err(DecodeError::WrongType { field: "Type" }),
+        };
+        let op = Op::parse(op_bytes)
+            .ok_or_else(|| DecodeError::UnknownOp(String::from_utf8_lossy(op_bytes).into()))?;
+        let table =
+            text_field(payload, "TableName")?.ok_or(DecodeError::MissingField("TableName"))?;
+        let schema_hash = text_field(payload, "sh")?.unwrap_or_default();
+        let row = match field(payload, "Row") {
+            Some(Item::Map(pairs)) => {
+                let mut row = Vec::with_capacity(pairs.len());
+                for (k, v) in pairs {
+                    let name = k
+                        .as_str()
+                        .ok_or(DecodeError::WrongType { field: "Row" })?
+                        .to_owned();
+                    let value = item_to_value(v).map_err(|what| DecodeError::BadValue {
+                        column: name.clone(),
+                        what,
+                    })?;
+                    row.push((name, value));
+                }
+                row
+            }
+            None | Some(Item::Null) => Vec::new(),
+            Some(_) => return Err(DecodeError::WrongType { field: "Row" }),
+        };
+        Ok(ReplicationEvent {
+            from_node_id,
+            event: ChangeEvent {
+                id,
+                op,
+                table,
+                row,
+                schema_hash,
+            },
+        })
+    }
+}
+
+/// Looks a struct field up the way fxamacker does: exact name first, then case-insensitively.
+fn field<'a>(map: &'a Item, name: &str) -> Option<&'a Item> {
+    let Item::Map(pairs) = map else { return None };
+    pairs
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(name))
+        .or_else(|| {
+            pairs
+                .iter()
+                .find(|(k, _)| k.as_str().is_some_and(|k| k.eq_ignore_ascii_case(name)))
+        })
+        .map(|(_, v)| v)
+}
+
+fn text_field(map: &Item, name: &'static str) -> Result<Option<String>, DecodeError> {
+    match field(map, name) {
+        None | Some(Item::Null) => Ok(None),
+        Some(item) => item
+            .as_str()
+            .map(|s| Some(s.to_owned()))
+            .ok_or(DecodeError::WrongType { field: name }),
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => cbor::put_null(out),
+        Value::Integer(i) => cbor::put_i64(out, *i),
+        Value::Real(f) => cbor::put_f64(out, *f),
+        Value::Text(t) => cbor::put_text(out, t),
+        Value::Blob(b) => cbor::put_bytes(out, b),
+    }
+}
+
+/// Maps a decoded row value onto a storage class, as Go's sqlite driver would bind it.
+fn item_to_value(item: &Item) -> Result<Value, String> {
+    Ok(match item {
+        Item::Null | Item::Undefined => Value::Null,
+        Item::Unsigned(v) => Value::Integer(
+            i64::try_from(*v).map_err(|_| format!("unsigned integer {v} exceeds int64"))?,
+        ),
+        Item::Negative(v) => {
+            let n = i64::try_from(*v).map_err(|_| "negative integer below int64".to_owned())?;
+            Value::Integer(-1 - n)
+        }
+        Item::Float(f) => Value::Real(*f),
+        Item::Text(t) => Value::Text(t.clone()),
+        Item::Bytes(b) => Value::Blob(b.clone()),
+        Item::Bool(b) => Value::Integer(i64::from(*b)),
+        Item::Tag(32, inner) => time_wrapper_to_value(inner)?,
+        Item::Tag(n, _) => return Err(format!("unsupported CBOR tag {n}")),
+        Item::Array(_) | Item::Map(_) => {
+            return Err("nested arrays and maps cannot be stored".into());
+        }
+        Item::Simple(s) => return Err(format!("unsupported CBOR simple value {s}")),
+    })
+}
+
+/// Go's `sensitiveTypeWrapper`: tag 32 around `{1: unix seconds}`; a missing or null time is NULL.
+fn time_wrapper_to_value(inner: &Item) -> Result<Value, String> {
+    let Item::Map(pairs) = inner else {
+        return Err("tag 32 does not wrap a map".into());
+    };
+    let secs = pairs.iter().find_map(|(k, v)| match k {
+        Item::Unsigned(1) => Some(v),
+        _ => None,
+    });
+    let secs = match secs {
+        None | Some(Item::Null) | Some(Item::Undefined) => return Ok(Value::Null),
+        Some(Item::Unsigned(v)) => i64::try_from(*v).map_err(|_| "time out of range".to_owned())?,
+        Some(Item::Negative(v)) => {
+            -1 - i64::try_from(*v).map_err(|_| "time out of range".to_owned())?
+        }
+        Some(Item::Float(f)) if f.is_finite() => f.floor() as i64,
+        Some(_) => return Err("tag 32 time is not an integer".into()),
+    };
+    Ok(Value::Text(format_utc_time(secs).into_bytes()))
+}
+
+/// Formats unix seconds as Go's sqlite driver writes a UTC `time.Time`:
+/// `2006-01-02 15:04:05+00:00` (no fraction: the wrapper carries whole seconds).
+pub fn format_utc_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days → (year, month, day) in the proleptic Gregorian calendar.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// (year, month, day) → days since 1970-01-01.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// FNV-1 64 (Go `hash/fnv.New64`, not FNV-1a): used for the shard hash and the default node id.
+pub fn fnv1_64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
+        h.wrapping_mul(0x0000_0100_0000_01b3) ^ u64::from(*b)
+    })
+}
+
+/// A primary-key column as the shard hash needs it.
+#[derive(Debug, Clone)]
+pub struct PkColumn<'a> {
+    pub name: &'a str,
+    /// Lower-cased declared type; Go hashes date/datetime/timestamp keys as unix seconds.
+    pub decl_type: &'a str,
+    pub value: &'a Value,
+}
+
+/// The shard hash of a row (Go `ChangeLogEvent.Hash`): FNV-1 64 over
+/// `0x9f, cbor(table), for each PK sorted by name: cbor([name, value]), 0xff`.
+pub fn shard_hash(table: &str, pks: &mut [PkColumn<'_>]) -> u64 {
+    pks.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    let mut buf = Vec::with_capacity(32);
+    buf.push(0x9f);
+    cbor::put_text(&mut buf, table.as_bytes());
+    for pk in pks.iter() {
+        buf.push(0x82);
+        cbor::put_text(&mut buf, pk.name.as_bytes());
+        match go_time_key(pk.decl_type, pk.value) {
+            Some(Some(secs)) => cbor::put_i64(&mut buf, secs),
+            Some(None) => cbor::put_null(&mut buf),
+            None => put_value(&mut buf, pk.value),
+        }
+    }
+    buf.push(0xff);
+    fnv1_64(&buf)
+}
+
+/// Shard number (1-based) for a hash.
+pub fn shard_for(hash: u64, shards: u64) -> u64 {
+    hash % shards.max(1) + 1
+}
+
+/// How Go's driver would present a key of a date/datetime/timestamp column when hashing it:
+/// `Some(Some(unix secs))`, `Some(None)` for the zero time (unparseable text; encoded as null),
+/// or `None` when the column is not time-typed or the value is kept as is.
+fn go_time_key(decl_type: &str, value: &Value) -> Option<Option<i64>> {
+    if !matches!(decl_type, "date" | "datetime" | "timestamp") {
+        return None;
+    }
+    match value {
+        Value::Integer(v) if v.unsigned_abs() > 1_000_000_000_000 => Some(Some(v.div_euclid(1000))),
+        Value::Integer(v) => Some(Some(*v)),
+        Value::Text(t) => Some(parse_go_time(t)),
+        _ => None,
+    }
+}
+
+/// Parses the layouts Go's sqlite driver tries for time-typed TEXT (upstream §4.11), in UTC.
+fn parse_go_time(text: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(text).ok()?;
+    let s = s.strip_suffix('Z').unwrap_or(s);
+    let num = |part: &str| -> Option<i64> {
+        (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| part.parse().ok())
+            .flatten()
+    };
+    let date = s.get(..10)?;
+    let (y, m, d) = (
+        num(date.get(..4)?)?,
+        num(date.get(5..7)?)?,
+        num(date.get(8..10)?)?,
+    );
+    if date.as_bytes()[4] != b'-' || date.as_bytes()[7] != b'-' || !(1..=12).contains(&m) {
+        return None;
+    }
+    if !(1..=31).contains(&d) {
+        return None;
+    }
+    let mut secs = days_from_civil(y, m as u32, d as u32) * 86_400;
+    let rest = &s[10..];
+    if rest.is_empty() {
+        return Some(secs);
+    }
+    let rest = rest.strip_prefix([' ', 'T'])?;
+    let (clock, offset) = match rest.find(['+', '-']) {
+        Some(i) => (&rest[..i], Some(&rest[i..])),
+        None => (rest, None),
+    };
+    let clock = clock.split('.').next()?;
+    let mut parts = clock.split(':');
+    let h = num(parts.next()?)?;
+    let mi = num(parts.next()?)?;
+    let sec = parts.next().map(num).unwrap_or(Some(0))?;
+    if parts.next().is_some() || h > 23 || mi > 59 || sec > 59 {
+        return None;
+    }
+    secs += h * 3600 + mi * 60 + sec;
+    if let Some(off) = offset {
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = off[1..].split_once(':')?;
+        secs -= sign * (num(oh)? * 3600 + num(om)? * 60);
+    }
+    Some(secs)
+}
+
+/// Stream name of a shard: `<stream_prefix>[-c]-<shard>` (Go `logstream/replicator.go`).
+pub fn stream_name(stream_prefix: &str, compressed: bool, shard: u64) -> String {
+    if compressed {
+        format!("{stream_prefix}-c-{shard}")
+    } else {
+        format!("{stream_prefix}-{shard}")
+    }
+}
+
+/// Subject of a shard: `<subject_prefix>-<shard>`; compression does not change it.
+pub fn subject_name(subject_prefix: &str, shard: u64) -> String {
+    format!("{subject_prefix}-{shard}")
+}
+
+/// Compresses a body as one standard zstd frame (what Go's klauspost encoder produces).
+pub fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(body, 3)
+}
+
+/// Largest decompressed body we accept; bounds memory on a hostile frame.
+pub const MAX_DECOMPRESSED: usize = 256 * 1024 * 1024;
+
+/// Decompresses one zstd frame.
+pub fn decompress(body: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let decoder = zstd::stream::read::Decoder::new(body).map_err(DecodeError::Zstd)?;
+    decoder
+        .take(MAX_DECOMPRESSED as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(DecodeError::Zstd)?;
+    if out.len() > MAX_DECOMPRESSED {
+        return Err(DecodeError::Zstd(std::io::Error::other(
+            "decompressed body exceeds 256 MiB",
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("test hex"))
+            .collect()
+    }
+
+    /// upstream-behaviour §5.2 example, byte for byte.
+    const GOLDEN_EVENT: &str = "a2 6a 46726f6d4e6f64654964 01 67 5061796c6f6164 a5 62 4964 05 \
+        64 54797065 66 696e73657274 69 5461626c654e616d65 65 426f6f6b73 63 526f77 a2 62 6964 08 \
+        65 7469746c65 64 44756e65 62 7368 70 39303766383937633833383232346631";
+
+    fn golden() -> ReplicationEvent {
+        ReplicationEvent {
+            from_node_id: 1,
+            event: ChangeEvent {
+                id: 5,
+                op: Op::Insert,
+                table: "Books".into(),
+                row: vec![
+                    ("id".into(), Value::Integer(8)),
+                    ("title".into(), Value::Text(b"Dune".to_vec())),
+                ],
+                schema_hash: "907f897c838224f1".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn encodes_the_golden_event_exactly() {
+        assert_eq!(golden().encode(), hex(GOLDEN_EVENT));
+    }
+
+    #[test]
+    fn decodes_the_golden_event() {
+        assert_eq!(
+            ReplicationEvent::decode(&hex(GOLDEN_EVENT)).expect("decodes"),
+            golden()
+        );
+    }
+
+    #[test]
+    fn no_sh_key_when_hash_is_empty() {
+        let mut e = golden();
+        e.event.schema_hash.clear();
+        let bytes = e.encode();
+        assert_eq!(bytes[21], 0xa4, "payload map has 4 fields");
+        assert!(!bytes.windows(3).any(|w| w == [0x62, b's', b'h']));
+        assert_eq!(ReplicationEvent::decode(&bytes).expect("decodes"), e);
+    }
+
+    #[test]
+    fn go_time_wrapper_becomes_mattn_text() {
+        // {"created_at": tag32{1: 1740830400}} from §5.2, inside a full event.
+        let mut body = hex("a2 6a 46726f6d4e6f64654964 01 67 5061796c6f6164 a4 62 4964 01");
+        body.extend(hex(
+            "64 54797065 66 696e73657274 69 5461626c654e616d65 61 74 63 526f77",
+        ));
+        body.extend(hex("a2 6a 637265617465645f6174 d8 20 a1 01 1a 67c2f6c0"));
+        body.extend(hex("62 6f6b f5")); // "ok": true
+        let e = ReplicationEvent::decode(&body).expect("decodes");
+        assert_eq!(
+            e.event.row,
+            vec![
+                (
+                    "created_at".into(),
+                    Value::Text(b"2025-03-01 12:00:00+00:00".to_vec())
+                ),
+                ("ok".into(), Value::Integer(1)),
+            ]
+        );
+        // The zero-time variant `d8 20 a1 01 f6` is NULL.
+        assert_eq!(
+            time_wrapper_to_value(&Item::Map(vec![(Item::Unsigned(1), Item::Null)])),
+            Ok(Value::Null)
+        );
+    }
+
+    #[test]
+    fn field_names_match_case_insensitively_as_fallback() {
+        let mut body = hex("a2 6a 66726f6d6e6f64656964 07 67 7061796c6f6164 a3");
+        body.extend(hex(
+            "64 74797065 66 64656c657465 69 7461626c656e616d65 61 74 63 726f77 a0",
+        ));
+        let e = ReplicationEvent::decode(&body).expect("decodes");
+        assert_eq!(e.from_node_id, 7);
+        assert_eq!(e.event.op, Op::Delete);
+        assert_eq!(e.event.table, "t");
+    }
+
+    #[test]
+    fn every_storage_class_round_trips() {
+        let row = vec![
+            ("a".into(), Value::Integer(i64::MIN)),
+            ("b".into(), Value::Integer(i64::MAX)),
+            ("c".into(), Value::Real(-0.000_001_5)),
+            ("d".into(), Value::Text("ünï\0cödé\x01".as_bytes().to_vec())),
+            ("e".into(), Value::Blob(Vec::new())),
+            ("f".into(), Value::Blob(vec![0; 70_000])),
+            ("g".into(), Value::Null),
+            ("h".into(), Value::Text(vec![0xff, 0xfe])),
+        ];
+        let e = ReplicationEvent {
+            from_node_id: u64::MAX,
+            event: ChangeEvent {
+                id: 1,
+                op: Op::Update,
+                table: "weird \"table\"".into(),
+                row,
+                schema_hash: String::new(),
+            },
+        };
+        let compressed = compress(&e.encode()).expect("compresses");
+        let back = ReplicationEvent::decode(&decompress(&compressed).expect("decompresses"));
+        assert_eq!(back.expect("decodes"), e);
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        for body in [&b""[..], b"not cbor", &hex("a1 63 526f77 01"), &hex("f6")] {
+            assert!(ReplicationEvent::decode(body).is_err(), "{body:?}");
+        }
+        let bad_op =
+            hex("a1 67 5061796c6f6164 a2 64 54797065 63 666f6f 69 5461626c654e616d65 61 74");
+        assert!(matches!(
+            ReplicationEvent::decode(&bad_op),
+            Err(DecodeError::UnknownOp(_))
+        ));
+        assert!(decompress(b"\x28\xb5\x2f\xfd garbage").is_err());
+    }
+
+    #[test]
+    fn shard_hash_golden_vectors() {
+        let one = Value::Integer(1);
+        let h = shard_hash(
+            "Books",
+            &mut [PkColumn {
+                name: "id",
+                decl_type: "integer",
+                value: &one,
+            }],
+        );
+        assert_eq!(h, 106_701_964_456_278_618);
+        assert_eq!(shard_for(h, 2), 1);
+        let (x, n) = (Value::Text(b"x".to_vec()), Value::Integer(300));
+        let mut pks = [
+            PkColumn {
+                name: "b",
+                decl_type: "",
+                value: &n,
+            },
+            PkColumn {
+                name: "a",
+                decl_type: "text",
+                value: &x,
+            },
+        ];
+        assert_eq!(shard_hash("t", &mut pks), 9_079_523_267_442_860_392);
+    }
+
+    #[test]
+    fn time_typed_keys_hash_as_go_does() {
+        let text = Value::Text(b"2025-03-01 12:00:00".to_vec());
+        let secs = Value::Integer(1_740_830_400);
+        let millis = Value::Integer(1_740_830_400_123);
+        let h = |v: &Value| {
+            shard_hash(
+                "t",
+                &mut [PkColumn {
+                    name: "k",
+                    decl_type: "datetime",
+                    value: v,
+                }],
+            )
+        };
+        assert_eq!(h(&text), h(&secs));
+        assert_eq!(h(&millis), h(&secs));
+        assert_eq!(
+            parse_go_time(b"2025-03-01T13:00:00+01:00"),
+            Some(1_740_830_400)
+        );
+        assert_eq!(parse_go_time(b"2025-03-01"), Some(1_740_787_200));
+        assert_eq!(parse_go_time(b"garbage"), None);
+    }
+
+    #[test]
+    fn fnv1_of_machine_id_vector() {
+        assert_eq!(
+            fnv1_64(b"0123456789abcdef0123456789abcdef"),
+            13_327_427_942_603_214_261
+        );
+    }
+
+    #[test]
+    fn utc_time_formatting() {
+        assert_eq!(format_utc_time(0), "1970-01-01 00:00:00+00:00");
+        assert_eq!(format_utc_time(-1), "1969-12-31 23:59:59+00:00");
+        assert_eq!(format_utc_time(951_782_400), "2000-02-29 00:00:00+00:00");
+    }
+
+    #[test]
+    fn stream_and_subject_names() {
+        assert_eq!(
+            stream_name("harmonylite-changes", true, 1),
+            "harmonylite-changes-c-1"
+        );
+        assert_eq!(
+            stream_name("harmonylite-changes", false, 2),
+            "harmonylite-changes-2"
+        );
+        assert_eq!(
+            subject_name("harmonylite-change-log", 1),
+            "harmonylite-change-log-1"
+        );
+    }
+}
