@@ -12,11 +12,13 @@
 //! - [`replicate`]: the publisher (change log → JetStream) and the applier (JetStream → SQLite).
 //! - [`app`]: wires everything together and owns shutdown.
 
+pub mod app;
 pub mod cbor;
-
+pub mod cli;
 pub mod config;
 pub mod db;
-
+pub mod logging;
+pub mod replicate;
 pub mod seqmap;
-
+pub mod stream;
 pub mod wire;

@@ -235,6 +235,30 @@ impl ChangeLog {
         Ok(())
     }
 
+    /// Marks a change that can never be published as failed (`state = -1`, Go's declared but
+    /// unused "Failed" state) and removes it from the global log, so later changes can proceed.
+    /// The row stays in its change log for inspection.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn mark_failed(&self, conn: &mut Connection, change: &PendingChange) -> Result<(), Error> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            &format!(
+                "UPDATE {} SET state = -1 WHERE id = ?1",
+                quote(&change_log_name(&self.tables[change.table].name))
+            ),
+            [change.log_id],
+        )
+        .map_err(on_table(&self.tables[change.table].name))?;
+        tx.execute(
+            &format!("DELETE FROM {} WHERE id = ?1", quote(GLOBAL_LOG)),
+            [change.global_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Deletes published change-log rows captured at or before `horizon_ms`; returns the count.
     ///
     /// # Errors

@@ -1,0 +1,243 @@
+//! The daemon: opens the database, installs capture, connects to NATS, and runs the publisher,
+//! the per-shard consumers, the apply thread and the cleanup loop until shutdown.
+//!
+//! Invariants:
+//! - Start-up order follows Go (upstream-behaviour §1) where it matters: capture is installed
+//!   before anything is published, and streams exist before consumers start.
+//! - One root [`CancellationToken`]; every task watches it. A task that fails trips it, and
+//!   [`run`] returns that failure after everything has stopped.
+//! - Shutdown (design §3.9): stop intake, let the publisher finish its in-flight pass and the
+//!   apply thread its batch and seq-map save, then return. Nothing is left running.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::db::{self, apply::Applier, cdc, changelog::ChangeLog, schema};
+use crate::replicate::apply::{self as applying, ApplyStats};
+use crate::replicate::publish::{LocalLog, Publisher};
+use crate::replicate::watch;
+use crate::seqmap::SeqMap;
+use crate::stream;
+
+/// How long shutdown waits for tasks to finish their current work.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Removes every HarmonyLite artifact from the database (`-cleanup`).
+///
+/// # Errors
+/// The database is missing or SQLite refuses.
+pub fn cleanup(settings: &Settings) -> anyhow::Result<usize> {
+    let mut conn = db::open(&settings.db_path)?;
+    let dropped = cdc::remove(&mut conn).context("Unable to clean up")?;
+    tracing::info!(dropped, "Cleanup complete...");
+    Ok(dropped)
+}
+
+/// Handles to a running node, for callers (tests, benchmarks) that want to observe it.
+#[derive(Clone, Default)]
+pub struct Observers {
+    pub apply: Arc<ApplyStats>,
+}
+
+/// Runs the daemon until `shutdown` is cancelled or a subsystem fails.
+///
+/// # Errors
+/// Start-up failures (database, capture install, NATS configuration, streams) and any subsystem
+/// failure while running, with context.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_observed(settings, shutdown, Observers::default()).await
+}
+
+/// [`run`], reporting progress through `observers`.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_observed(
+    settings: Settings,
+    shutdown: CancellationToken,
+    observers: Observers,
+) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let root = shutdown.child_token();
+
+    // Database and capture (blocking work, done before anything async depends on it).
+    let s = Arc::clone(&settings);
+    let (conn, tables, hash) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut conn = db::open(&s.db_path)?;
+        tracing::info!("Listing tables to watch...");
+        let tables = schema::watched_tables(&conn).context("Unable to list tables")?;
+        if tables.is_empty() {
+            tracing::warn!("No tables to watch; only remote changes will be applied");
+        }
+        let hash = schema::schema_hash(&conn, &tables).context("Unable to compute schema hash")?;
+        tracing::info!(schema_hash = %format!("{}...", &hash[..16]), "Computed schema hash");
+        tracing::info!("Starting change data capture pipeline...");
+        cdc::install(&mut conn, &tables, &hash)
+            .context("Unable to install change data capture pipeline")?;
+        Ok((conn, tables, hash))
+    })
+    .await
+    .context("start-up task failed")??;
+
+    // NATS.
+    let client = stream::connect(&settings).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    if let Err(e) = stream::ensure_streams(&js, &settings, &root).await {
+        if matches!(e, stream::Error::Cancelled) {
+            return Ok(());
+        }
+        return Err(e.into());
+    }
+    tracing::info!("Streaming ready...");
+
+    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    let mut apply_thread = None;
+
+    // Applying side.
+    if settings.replicate {
+        let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
+        let streams: Vec<String> = (1..=settings.replication.shards)
+            .map(|shard| settings.stream_name(shard))
+            .collect();
+        let applier = Applier::new(db::open(&settings.db_path)?, &tables)?;
+        let (tx, rx) = mpsc::channel(applying::CHANNEL_DEPTH);
+        for (idx, name) in streams.iter().enumerate() {
+            let start = seqmap.get(name) + 1;
+            tracing::info!(stream = %name, from_seq = start, "Starting consumer");
+            let (js, name, subject, tx, token) = (
+                js.clone(),
+                name.clone(),
+                settings.subject_name(idx as u64 + 1),
+                tx.clone(),
+                root.clone(),
+            );
+            tasks.spawn(async move {
+                applying::run_consumer(js, idx, name, subject, start, tx, token).await;
+                ("consumer", Ok(()))
+            });
+        }
+        drop(tx);
+        apply_thread = Some(applying::spawn_apply_thread(
+            applier,
+            seqmap,
+            streams,
+            settings.replication.compress,
+            rx,
+            Arc::clone(&observers.apply),
+            root.clone(),
+        )?);
+    } else {
+        tracing::info!("replicate = false: remote changes will not be applied");
+    }
+
+    // Publishing side.
+    let log = Arc::new(Mutex::new(LocalLog {
+        conn,
+        log: ChangeLog::new(tables.clone()),
+    }));
+    let wake = Arc::new(Notify::new());
+    let _watcher = match watch::watch(&settings.db_path, Arc::clone(&wake)) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot watch database files; relying on periodic scans");
+            None
+        }
+    };
+    let publisher = Publisher::new(
+        Arc::clone(&log),
+        js.clone(),
+        Arc::clone(&settings),
+        hash,
+        tables,
+    );
+    let token = root.clone();
+    let w = Arc::clone(&wake);
+    tasks.spawn(async move {
+        publisher.run(w, token).await;
+        ("publisher", Ok(()))
+    });
+    let token = root.clone();
+    let s = Arc::clone(&settings);
+    tasks.spawn(async move { ("cleanup", cleanup_loop(log, s, token).await) });
+    tracing::info!(shards = settings.replication.shards, "Replication running");
+
+    // Run until shutdown or the first task that ends on its own.
+    let mut failure: Option<anyhow::Error> = None;
+    tokio::select! {
+        _ = root.cancelled() => {}
+        Some(done) = tasks.join_next() => {
+            failure = Some(match done {
+                Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
+                Ok((name, Err(e))) => e.context(format!("{name} failed")),
+                Err(e) => anyhow::anyhow!("task panicked: {e}"),
+            });
+        }
+    }
+    root.cancel();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok((name, Err(e))) = done {
+                tracing::warn!(task = name, error = %e, "task failed during shutdown");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("some tasks did not stop in time; aborting them");
+        tasks.abort_all();
+    }
+    if let Some(handle) = apply_thread {
+        let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            tracing::error!("apply thread panicked");
+        }
+    }
+    if let Err(e) = client.flush().await {
+        tracing::debug!(error = %e, "NATS flush on shutdown failed");
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Deletes published change-log rows older than one cleanup interval, every interval.
+async fn cleanup_loop(
+    log: crate::replicate::publish::SharedLog,
+    settings: Arc<Settings>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let period = settings.cleanup_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let horizon = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+            - period.as_millis() as i64;
+        let log = Arc::clone(&log);
+        let result = tokio::task::spawn_blocking(move || {
+            let mut guard = log.lock().unwrap_or_else(|p| p.into_inner());
+            let LocalLog { conn, log } = &mut *guard;
+            log.cleanup(conn, horizon)
+        })
+        .await;
+        match result {
+            Ok(Ok(0)) => {}
+            Ok(Ok(count)) => tracing::debug!(count, "Cleaned up DB change logs"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "Unable to cleanup change logs"),
+            Err(e) => tracing::warn!(error = %e, "cleanup task failed"),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The applying side: JetStream → SQLite (design §3.2, §3.3, §3.7, §4).
+//!
+//! One ordered consumer per shard reads from the saved sequence + 1 and forwards raw messages into
+//! one bounded channel. One dedicated thread owns the applier connection and the seq map: it takes
+//! whatever is waiting (up to [`MAX_BATCH`]), decodes, applies the batch in one transaction,
+//! then advances the seq map once. Per-shard order is preserved because each shard's messages enter
+//! the channel in stream order and are applied in channel order.
+//!
+//! Invariants:
+//! - The seq map is advanced only after the batch committed durably; a crash in between replays
+//!   the batch, which is idempotent (whole-row upserts and deletes by key).
+//! - Every node applies every event, its own included: that is what makes the last message of a
+//!   shard win on every node.
+//! - A batch that fails for environmental reasons is retried, with backoff, until it commits or
+//!   shutdown is requested; poison events are quarantined by [`crate::db::apply`].
+//! - On shutdown the thread finishes the batch in hand, saves the seq map and exits; messages still
+//!   in the channel are delivered again after restart.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::apply::{Applier, Incoming, Outcome};
+use crate::seqmap::SeqMap;
+use crate::stream;
+use crate::wire::{self, ReplicationEvent};
+
+/// Most events applied in one transaction.
+pub const MAX_BATCH: usize = 2000;
+/// Depth of the channel between consumers and the apply thread.
+pub const CHANNEL_DEPTH: usize = 8192;
+
+/// A message taken from a shard stream.
+#[derive(Debug)]
+pub struct Delivered {
+    /// Index into the stream-name list given to [`spawn_apply_thread`].
+    pub stream: usize,
+    pub seq: u64,
+    pub body: Bytes,
+}
+
+/// Counters the apply thread keeps (read by tests, metrics and logs).
+#[derive(Debug, Default)]
+pub struct ApplyStats {
+    pub applied: std::sync::atomic::AtomicU64,
+    pub quarantined: std::sync::atomic::AtomicU64,
+}
+
+/// Reads one shard from `start_seq` on and forwards every message, reopening the consumer after
+/// errors from just past the last forwarded message. Returns on shutdown or when the apply thread
+/// has gone away.
+pub async fn run_consumer(
+    js: jetstream::Context,
+    stream_idx: usize,
+    stream_name: String,
+    subject: String,
+    start_seq: u64,
+    tx: mpsc::Sender<Delivered>,
+    shutdown: CancellationToken,
+) {
+    let mut next = start_seq.max(1);
+    let mut delay = Duration::from_millis(200);
+    'reopen: loop {
+        let opened = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = stream::ordered_messages(&js, &stream_name, &subject, next) => r,
+        };
+        let mut messages = match opened {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(stream = %stream_name, error = %e, "Cannot open consumer, retrying");
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = stream::next_backoff(delay);
+                continue 'reopen;
+            }
+        };
+        tracing::debug!(stream = %stream_name, from = next, "consumer started");
+        delay = Duration::from_millis(200);
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                item = messages.next() => item,
+            };
+            match item {
+                Some(Ok(msg)) => {
+                    let seq = match msg.info() {
+                        Ok(info) => info.stream_sequence,
+                        Err(e) => {
+                            tracing::warn!(stream = %stream_name, error = %e, "message without JetStream metadata; reopening consumer");
+                            continue 'reopen;
+                        }
+                    };
+                    if seq < next {
+                        continue; // already forwarded (consumer recreated behind us)
+                    }
+                    let delivered = Delivered {
+                        stream: stream_idx,
+                        seq,
+                        body: msg.message.payload.clone(),
+                    };
+                    if tx.send(delivered).await.is_err() {
+                        return;
+                    }
+                    next = seq + 1;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(stream = %stream_name, error = %e, "consumer error; reopening");
+                    continue 'reopen;
+                }
+                None => {
+                    tracing::warn!(stream = %stream_name, "consumer ended; reopening");
+                    continue 'reopen;
+                }
+            }
+        }
+    }
+}
+
+/// Decodes a body into an event for the applier; errors become quarantine reasons.
+fn decode(body: &[u8], compressed: bool) -> Result<wire::ChangeEvent, String> {
+    let plain;
+    let bytes = if compressed {
+        plain = wire::decompress(body).map_err(|e| e.to_string())?;
+        &plain[..]
+    } else {
+        body
+    };
+    ReplicationEvent::decode(bytes)
+        .map(|e| e.event)
+        .map_err(|e| format!("undecodable event: {e}"))
+}
+
+/// Starts the apply thread. It runs until the channel closes or `shutdown` is cancelled.
+///
+/// # Errors
+/// Only if the OS refuses to start a thread.
+pub fn spawn_apply_thread(
+    mut applier: Applier,
+    mut seqmap: SeqMap,
+    streams: Vec<String>,
+    compressed: bool,
+    mut rx: mpsc::Receiver<Delivered>,
+    stats: Arc<ApplyStats>,
+    shutdown: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("harmonylite-apply".into())
+        .spawn(move || {
+            let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
+            loop {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                let Some(first) = rx.blocking_recv() else {
+                    break;
+                };
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(d) => batch.push(d),
+                        Err(_) => break,
+                    }
+                }
+                if !apply_with_retry(
+                    &mut applier,
+                    &streams,
+                    compressed,
+                    &batch,
+                    &stats,
+                    &shutdown,
+                ) {
+                    break; // shutdown while retrying: the batch is redelivered after restart
+                }
+                let mut high: HashMap<usize, u64> = HashMap::new();
+                for d in &batch {
+                    let e = high.entry(d.stream).or_insert(0);
+                    *e = (*e).max(d.seq);
+                }
+                save_seqmap(&mut seqmap, &streams, &high, &shutdown);
+                batch.clear();
+            }
+            tracing::debug!("apply thread stopped");
+        })
+}
+
+/// Applies a batch, retrying environmental failures. Returns false if shutdown interrupted it.
+fn apply_with_retry(
+    applier: &mut Applier,
+    streams: &[String],
+    compressed: bool,
+    batch: &[Delivered],
+    stats: &ApplyStats,
+    shutdown: &CancellationToken,
+) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let incoming: Vec<Incoming<'_>> = batch
+        .iter()
+        .map(|d| Incoming {
+            stream: &streams[d.stream],
+            seq: d.seq,
+            event: decode(&d.body, compressed),
+            raw: &d.body,
+        })
+        .collect();
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0u32;
+    loop {
+        match applier.apply_batch(&incoming) {
+            Ok(outcomes) => {
+                for (i, o) in outcomes.iter().enumerate() {
+                    match o {
+                        Outcome::Applied => {
+                            stats.applied.fetch_add(1, Relaxed);
+                        }
+                        Outcome::Quarantined(why) => {
+                            stats.quarantined.fetch_add(1, Relaxed);
+                            tracing::error!(stream = %incoming[i].stream, seq = incoming[i].seq,
+                                error = %why, "Event quarantined in __harmonylite__dead_letter; replication continues");
+                        }
+                    }
+                }
+                return true;
+            }
+            Err(e) => {
+                attempt += 1;
+                if attempt == 1 || attempt.is_power_of_two() {
+                    tracing::warn!(error = %e, attempt, events = batch.len(), "Cannot apply batch; retrying");
+                }
+                if sleep_or_cancel(delay, shutdown) {
+                    return false;
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Records the highest applied sequence per stream; retries until it sticks (a seq map that cannot
+/// be written means replays after restart, never loss, so keep trying rather than stop applying).
+fn save_seqmap(
+    seqmap: &mut SeqMap,
+    streams: &[String],
+    high: &HashMap<usize, u64>,
+    shutdown: &CancellationToken,
+) {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let updates = high.iter().map(|(&i, &s)| (streams[i].as_str(), s));
+        match seqmap.advance(updates) {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot save sequence map; retrying");
+                if sleep_or_cancel(delay, shutdown) {
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Sleeps on this blocking thread; returns true if shutdown was requested meanwhile.
+fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
+    let step = Duration::from_millis(20);
+    let mut left = d;
+    while !left.is_zero() {
+        if shutdown.is_cancelled() {
+            return true;
+        }
+        let s = left.min(step);
+        std::thread::sleep(s);
+        left -= s;
+    }
+    shutdown.is_cancelled()
+}

@@ -1,0 +1,50 @@
+//! Noticing local commits within milliseconds: inotify (via `notify`) on the database directory,
+//! filtered to the database file and its `-wal` and `-shm` companions (upstream-behaviour §4.9).
+//!
+//! Why the directory and not the files: `-wal` and `-shm` can be deleted and recreated by SQLite;
+//! a watch on a file dies with it, a watch on the directory sees the new file. The publisher also
+//! scans on a timer, so a missed notification delays a change, never loses it.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::sync::Arc;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::Notify;
+
+/// A running watcher; dropping it stops watching.
+pub struct DbWatcher {
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Starts watching `db_path`; every relevant change calls `wake.notify_one()`.
+///
+/// # Errors
+/// The watcher could not be created or the directory could not be watched.
+pub fn watch(db_path: &Path, wake: Arc<Notify>) -> notify::Result<DbWatcher> {
+    let dir = crate::config::data_root_dir(db_path);
+    let base = db_path.file_name().map(OsString::from).unwrap_or_default();
+    let names: Vec<OsString> = ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| {
+            let mut n = base.clone();
+            n.push(suffix);
+            n
+        })
+        .collect();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        if matches!(event.kind, EventKind::Access(_)) {
+            return;
+        }
+        let relevant = event
+            .paths
+            .iter()
+            .any(|p| p.file_name().is_some_and(|f| names.iter().any(|n| n == f)));
+        if relevant {
+            wake.notify_one();
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(DbWatcher { _watcher: watcher })
+}

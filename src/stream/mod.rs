@@ -1,0 +1,299 @@
+//! NATS and JetStream: the client connection, the per-shard streams, and the consumers that feed
+//! the applier. This module knows NATS and [`crate::wire`] names, and nothing about SQLite.
+//!
+//! Invariants:
+//! - Shard streams are created with Go HarmonyLite's exact configuration (upstream-behaviour §5.4)
+//!   when missing; an existing stream is only updated when `update_existing` is set and its
+//!   configuration really differs.
+//! - Consumers are ordered (flow-controlled, no acks needed) and start at the saved sequence + 1,
+//!   never re-reading what this node already applied (design §3.7).
+//! - Nothing here gives up on a broker that is down: connecting and stream set-up retry with
+//!   backoff until they succeed or shutdown is requested.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream as js_stream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+
+/// What went wrong talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to NATS at {urls}: {message}")]
+    Connect { urls: String, message: String },
+    #[error("stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error(
+        "no NATS servers configured: set [nats] urls (embedded nats-server mode is not available in this build)"
+    )]
+    NoServers,
+    #[error("shutdown requested")]
+    Cancelled,
+}
+
+/// How long to wait between attempts while NATS is unavailable (grows to the cap).
+const RETRY_START: Duration = Duration::from_millis(200);
+const RETRY_CAP: Duration = Duration::from_secs(5);
+
+/// Doubles `delay` up to [`RETRY_CAP`].
+pub fn next_backoff(delay: Duration) -> Duration {
+    (delay * 2).min(RETRY_CAP)
+}
+
+/// Connects to the configured servers with the configured authentication. The client keeps
+/// reconnecting on its own after outages.
+///
+/// # Errors
+/// [`Error::NoServers`] when `nats.urls` is empty; [`Error::Connect`] for unusable options
+/// (unreadable seed file, bad URL).
+pub async fn connect(settings: &Settings) -> Result<async_nats::Client, Error> {
+    let nats = &settings.nats;
+    if nats.urls.is_empty() {
+        return Err(Error::NoServers);
+    }
+    let urls = nats.urls.join(", ");
+    let connect_err = |message: String| Error::Connect {
+        urls: urls.clone(),
+        message,
+    };
+    let wait = Duration::from_secs(u64::from(nats.reconnect_wait_seconds.max(1)));
+    let was_connected = Arc::new(AtomicBool::new(false));
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(settings.node_name())
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(move |attempts| {
+            if attempts <= 1 {
+                Duration::from_millis(100)
+            } else {
+                wait
+            }
+        })
+        .event_callback(move |event| {
+            let was_connected = Arc::clone(&was_connected);
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!("NATS client disconnected"),
+                    async_nats::Event::Connected => {
+                        if was_connected.swap(true, Ordering::Relaxed) {
+                            tracing::info!("NATS client reconnected");
+                        } else {
+                            tracing::info!("NATS client connected");
+                        }
+                    }
+                    async_nats::Event::Closed => tracing::warn!("NATS client exiting"),
+                    async_nats::Event::ServerError(e) => {
+                        tracing::error!(error = %e, "NATS server error")
+                    }
+                    async_nats::Event::ClientError(e) => {
+                        tracing::warn!(error = %e, "NATS client error")
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            }
+        });
+    if !nats.user_name.is_empty() {
+        opts = opts.user_and_password(nats.user_name.clone(), nats.user_password.clone());
+    }
+    if !nats.seed_file.is_empty() {
+        let seed = std::fs::read_to_string(&nats.seed_file).map_err(|e| {
+            connect_err(format!(
+                "cannot read nats.seed_file {}: {e}",
+                nats.seed_file
+            ))
+        })?;
+        let seed = seed
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("SU"))
+            .ok_or_else(|| {
+                connect_err(format!(
+                    "nats.seed_file {} holds no user seed (SU…)",
+                    nats.seed_file
+                ))
+            })?;
+        opts = opts.nkey(seed.to_owned());
+    }
+    if !nats.ca_file.is_empty() {
+        opts = opts
+            .add_root_certificates(nats.ca_file.clone().into())
+            .require_tls(true);
+    }
+    if !nats.cert_file.is_empty() {
+        opts = opts
+            .add_client_certificate(nats.cert_file.clone().into(), nats.key_file.clone().into())
+            .require_tls(true);
+    }
+    let addrs: Vec<async_nats::ServerAddr> = nats
+        .urls
+        .iter()
+        .map(|u| u.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| connect_err(format!("invalid URL in nats.urls: {e}")))?;
+    opts.connect(addrs)
+        .await
+        .map_err(|e| connect_err(e.to_string()))
+}
+
+/// Go's stream configuration for one shard (upstream-behaviour §5.4).
+pub fn stream_config(settings: &Settings, shard: u64) -> js_stream::Config {
+    js_stream::Config {
+        name: settings.stream_name(shard),
+        subjects: vec![settings.subject_name(shard)],
+        discard: js_stream::DiscardPolicy::Old,
+        max_messages: settings.replication.max_entries,
+        storage: js_stream::StorageType::File,
+        retention: js_stream::RetentionPolicy::Limits,
+        allow_direct: true,
+        max_consumers: -1,
+        max_messages_per_subject: -1,
+        max_bytes: -1,
+        deny_delete: true,
+        num_replicas: settings.replication.replicas,
+        ..Default::default()
+    }
+}
+
+/// True when an existing stream's settings differ from what we would create, ignoring fields the
+/// server fills in (Go compared `Duplicates` too and so updated on every start).
+fn differs(have: &js_stream::Config, want: &js_stream::Config) -> bool {
+    have.subjects != want.subjects
+        || have.max_messages != want.max_messages
+        || have.num_replicas != want.num_replicas
+        || have.discard != want.discard
+        || have.storage != want.storage
+        || have.allow_direct != want.allow_direct
+        || have.deny_delete != want.deny_delete
+}
+
+/// Makes sure every shard stream exists, creating missing ones; retries while NATS is unavailable.
+///
+/// # Errors
+/// [`Error::Stream`] when JetStream rejects the configuration (for example a subject that another
+/// stream already owns); [`Error::Cancelled`] on shutdown.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    for shard in 1..=settings.replication.shards {
+        let want = stream_config(settings, shard);
+        let mut delay = RETRY_START;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match ensure_one(js, settings, &want).await {
+                Ok(()) => break,
+                Err(EnsureError::Fatal(message)) => {
+                    return Err(Error::Stream {
+                        stream: want.name.clone(),
+                        message,
+                    });
+                }
+                Err(EnsureError::Retry(message)) => {
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        tracing::warn!(stream = %want.name, attempt, error = %message,
+                            "Failed to get stream info, retrying...");
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Err(Error::Cancelled),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = next_backoff(delay);
+                }
+            }
+        }
+        tracing::debug!(shard, name = %want.name, replicas = want.num_replicas, "Stream ready...");
+    }
+    Ok(())
+}
+
+enum EnsureError {
+    Retry(String),
+    Fatal(String),
+}
+
+async fn ensure_one(
+    js: &jetstream::Context,
+    settings: &Settings,
+    want: &js_stream::Config,
+) -> Result<(), EnsureError> {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    match js.get_stream(&want.name).await {
+        Ok(mut stream) => {
+            if settings.replication.update_existing {
+                let have = stream
+                    .info()
+                    .await
+                    .map_err(|e| EnsureError::Retry(e.to_string()))?
+                    .config
+                    .clone();
+                if differs(&have, want) {
+                    tracing::warn!(
+                        "Stream configuration not same for {}, updating...",
+                        want.name
+                    );
+                    js.update_stream(want.clone())
+                        .await
+                        .map_err(|e| EnsureError::Fatal(format!("update failed: {e}")))?;
+                }
+            }
+            Ok(())
+        }
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(je)
+                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                tracing::debug!(name = %want.name, "Creating stream");
+                match js.create_stream(want.clone()).await {
+                    Ok(_) => Ok(()),
+                    Err(ce) => match ce.kind() {
+                        CreateStreamErrorKind::JetStream(_) => Err(EnsureError::Fatal(format!(
+                            "JetStream refused to create it: {ce}"
+                        ))),
+                        _ => Err(EnsureError::Retry(ce.to_string())),
+                    },
+                }
+            }
+            _ => Err(EnsureError::Retry(e.to_string())),
+        },
+    }
+}
+
+/// Opens an ordered consumer on `stream` delivering from `start_seq` (≥ 1).
+///
+/// # Errors
+/// The JetStream error text, for the caller to retry.
+pub async fn ordered_messages(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    start_seq: u64,
+) -> Result<consumer::pull::Ordered, String> {
+    let s = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let deliver_policy = if start_seq <= 1 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start_seq,
+        }
+    };
+    let consumer = s
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
+}
