@@ -170,13 +170,17 @@ pub async fn run_observed(
     // Run until shutdown or the first task that ends on its own.
     let mut failure: Option<anyhow::Error> = None;
     tokio::select! {
+        biased;
         _ = root.cancelled() => {}
         Some(done) = tasks.join_next() => {
+            // Tasks end by themselves once shutdown has begun; only an early end is a failure.
+            if !root.is_cancelled() {
             failure = Some(match done {
                 Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
                 Ok((name, Err(e))) => e.context(format!("{name} failed")),
                 Err(e) => anyhow::anyhow!("task panicked: {e}"),
             });
+            }
         }
     }
     root.cancel();

@@ -345,9 +345,9 @@ mod tests {
             Ok(Item::Float(100000.0))
         );
         let mut out = Vec::new();
-        put_f64(&mut out, 3.14);
+        put_f64(&mut out, 2.5e-7);
         assert_eq!(out.len(), 9);
-        assert_eq!(decode_first(&out).map(|r| r.0), Ok(Item::Float(3.14)));
+        assert_eq!(decode_first(&out).map(|r| r.0), Ok(Item::Float(2.5e-7)));
     }
 
     #[test]

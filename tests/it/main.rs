@@ -1,1 +1,8 @@
+//! Integration tests: one binary (ripgrep style), real nats-server processes on loopback.
 
+mod support;
+
+mod cli;
+mod e2e;
+mod failures;
+mod values;

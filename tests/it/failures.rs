@@ -1,0 +1,200 @@
+//! Failure handling: nodes killed with SIGKILL during continuous writes lose nothing and converge;
+//! poison messages are quarantined while replication continues; a restarted node resumes from its
+//! seq map instead of re-reading the stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use harmonylite::wire::{self, ChangeEvent, Op, ReplicationEvent, Value};
+
+use crate::require_nats;
+use crate::support::{NatsServer, REPLICATION_TIMEOUT, cluster, wait_until};
+
+const WRITES: usize = 1200;
+
+#[test]
+fn sigkill_during_continuous_writes_loses_nothing() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut nodes = cluster(&nats, 3, 2);
+    let progress = Arc::new(AtomicUsize::new(0));
+
+    // The application keeps writing to node 1's and node 3's files whatever the daemons do.
+    let writers: Vec<_> = [(0usize, 1_000_000i64), (2, 2_000_000)]
+        .into_iter()
+        .map(|(idx, base)| {
+            let db = nodes[idx].db.clone();
+            let progress = Arc::clone(&progress);
+            std::thread::spawn(move || {
+                let conn = rusqlite::Connection::open(db).expect("writer db");
+                conn.busy_timeout(Duration::from_secs(10)).expect("timeout");
+                for i in 0..WRITES as i64 {
+                    let id = base + i;
+                    conn.execute(
+                        "INSERT INTO Books (id, title, author, publication_year) VALUES (?1, ?2, 'w', ?3)",
+                        rusqlite::params![id, format!("row {id}"), i],
+                    )
+                    .expect("insert");
+                    if i % 10 == 9 {
+                        conn.execute("UPDATE Books SET title = title || ' (updated)' WHERE id = ?1", [id - 5])
+                            .expect("update");
+                    }
+                    if i % 50 == 49 {
+                        conn.execute("DELETE FROM Books WHERE id = ?1", [id - 20]).expect("delete");
+                    }
+                    progress.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+        .collect();
+
+    let at = |n: usize| {
+        let p = Arc::clone(&progress);
+        wait_until(
+            Duration::from_secs(120),
+            &format!("{n} writes"),
+            move || p.load(Ordering::Relaxed) >= n,
+        );
+    };
+    at(300);
+    nodes[0].kill(); // a publishing node dies mid-stream; its app keeps writing
+    at(700);
+    nodes[1].kill(); // a receiving node dies too
+    at(1000);
+    nodes[0].start();
+    at(1400);
+    nodes[1].start();
+    for w in writers {
+        w.join().expect("writer thread");
+    }
+
+    // Each writer inserts WRITES rows and deletes one in every 50: every node must end with
+    // exactly that many rows, and identical contents.
+    let expected = 2 * (WRITES - WRITES / 50) as i64;
+    wait_until(Duration::from_secs(60), "all nodes to converge", || {
+        nodes.iter().all(|n| {
+            n.query_i64("SELECT count(*) FROM Books WHERE id >= 1000000") == expected
+                && n.checksum("Books") == nodes[0].checksum("Books")
+        })
+    });
+}
+
+/// Publishes raw bodies to a shard subject, as another (possibly broken) node would.
+fn publish_raw(url: &str, subject: &str, bodies: Vec<Vec<u8>>) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = async_nats::connect(url).await.expect("test client");
+        let js = async_nats::jetstream::new(client);
+        for body in bodies {
+            js.publish(subject.to_owned(), body.into())
+                .await
+                .expect("publish")
+                .await
+                .expect("ack");
+        }
+    });
+}
+
+fn event(table: &str, row: Vec<(&str, Value)>) -> Vec<u8> {
+    let body = ReplicationEvent {
+        from_node_id: 99,
+        event: ChangeEvent {
+            id: 1,
+            op: Op::Insert,
+            table: table.into(),
+            row: row.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            schema_hash: String::new(),
+        },
+    }
+    .encode();
+    wire::compress(&body).expect("compress")
+}
+
+#[test]
+fn poison_is_quarantined_and_restart_resumes_from_seq_map() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut nodes = cluster(&nats, 2, 1);
+    let subject = "harmonylite-change-log-1";
+    let text = |s: &str| Value::Text(s.as_bytes().to_vec());
+    publish_raw(
+        &nats.url,
+        subject,
+        vec![
+            b"garbage that is not zstd".to_vec(),
+            wire::compress(b"\xa1\x63Row\x01").expect("compress"),
+            event("NoSuchTable", vec![("id", Value::Integer(1))]),
+            event(
+                "Books",
+                vec![("id", Value::Integer(500)), ("nope", text("x"))],
+            ),
+            event(
+                "Books; DROP TABLE Books; --",
+                vec![("id", Value::Integer(1))],
+            ),
+            event(
+                "Books",
+                vec![
+                    ("id", Value::Integer(501)),
+                    ("title", Value::Null),
+                    ("author", text("a")),
+                ],
+            ),
+        ],
+    );
+    // Replication continues past the poison.
+    nodes[0].exec("INSERT INTO Books (title, author) VALUES ('after poison', 'x')");
+    for n in &nodes {
+        // Node 1 originates the row, so wait for the quarantine itself as well.
+        wait_until(
+            REPLICATION_TIMEOUT,
+            "row after poison and 6 quarantined",
+            || {
+                n.query_i64("SELECT count(*) FROM Books WHERE title = 'after poison'") == 1
+                    && n.query_i64("SELECT count(*) FROM __harmonylite__dead_letter") == 6
+            },
+        );
+        assert_eq!(
+            n.query_i64("SELECT count(*) FROM sqlite_schema WHERE name = 'Books'"),
+            1
+        );
+        assert_eq!(
+            n.query_i64("SELECT count(*) FROM Books WHERE id IN (500, 501)"),
+            0
+        );
+    }
+    let raw: Vec<u8> = nodes[1]
+        .conn()
+        .query_row(
+            "SELECT payload FROM __harmonylite__dead_letter ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("payload kept");
+    assert_eq!(raw, b"garbage that is not zstd");
+
+    // Restart node 2 (graceful) and node 1 (SIGKILL): both resume after what they applied, so the
+    // poison is not met again and nothing is re-read from the start of the stream.
+    assert!(nodes[1].terminate().success(), "clean exit on SIGTERM");
+    let seqmap = harmonylite::seqmap::SeqMap::open(&nodes[1].seq_map()).expect("seq map");
+    assert_eq!(seqmap.get("harmonylite-changes-c-1"), 7);
+    nodes[0].kill();
+    nodes[1].start();
+    nodes[0].start();
+    assert!(nodes[1].log().contains("from_seq=8"), "{}", nodes[1].log());
+    nodes[0].exec("INSERT INTO Books (title, author) VALUES ('after restart', 'x')");
+    for n in &nodes {
+        wait_until(REPLICATION_TIMEOUT, "row after restart", || {
+            n.query_i64("SELECT count(*) FROM Books WHERE title = 'after restart'") == 1
+                && n.query_i64("SELECT count(*) FROM Books WHERE title = 'after poison'") == 1
+        });
+        assert_eq!(
+            n.query_i64("SELECT count(*) FROM __harmonylite__dead_letter"),
+            6,
+            "node {}",
+            n.id
+        );
+    }
+}
