@@ -139,7 +139,7 @@ pub async fn run_observed(
     // Publishing side.
     let log = Arc::new(Mutex::new(LocalLog {
         conn,
-        log: ChangeLog::new(tables.clone()),
+        log: Arc::new(ChangeLog::new(tables)),
     }));
     let wake = Arc::new(Notify::new());
     let _watcher = match watch::watch(&settings.db_path, Arc::clone(&wake)) {
@@ -151,10 +151,10 @@ pub async fn run_observed(
     };
     let publisher = Publisher::new(
         Arc::clone(&log),
+        db::open(&settings.db_path)?,
         js.clone(),
         Arc::clone(&settings),
         hash,
-        tables,
     );
     let token = root.clone();
     let w = Arc::clone(&wake);

@@ -425,29 +425,86 @@ pub fn subject_name(subject_prefix: &str, shard: u64) -> String {
     format!("{subject_prefix}-{shard}")
 }
 
-/// Compresses a body as one standard zstd frame (what Go's klauspost encoder produces).
-pub fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
-    zstd::bulk::compress(body, 3)
-}
+/// zstd level Go's klauspost encoder defaults to ("SpeedDefault" ≈ level 3).
+const ZSTD_LEVEL: i32 = 3;
 
 /// Largest decompressed body we accept; bounds memory on a hostile frame.
 pub const MAX_DECOMPRESSED: usize = 256 * 1024 * 1024;
 
+/// Compresses a body as one standard zstd frame (what Go's klauspost encoder produces).
+pub fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    Compressor::new()?.compress(body)
+}
+
 /// Decompresses one zstd frame.
 pub fn decompress(body: &[u8]) -> Result<Vec<u8>, DecodeError> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    let decoder = zstd::stream::read::Decoder::new(body).map_err(DecodeError::Zstd)?;
-    decoder
-        .take(MAX_DECOMPRESSED as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(DecodeError::Zstd)?;
-    if out.len() > MAX_DECOMPRESSED {
-        return Err(DecodeError::Zstd(std::io::Error::other(
-            "decompressed body exceeds 256 MiB",
-        )));
+    Decompressor::new()?.decompress(body)
+}
+
+/// A reusable compression context: creating one per message costs more than compressing it.
+pub struct Compressor(zstd::bulk::Compressor<'static>);
+
+impl Compressor {
+    /// # Errors
+    /// zstd could not allocate its context.
+    pub fn new() -> std::io::Result<Compressor> {
+        let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
+        // Record the content size in the frame header: receivers size their buffer from it.
+        c.include_contentsize(true)?;
+        c.include_checksum(true)?;
+        Ok(Compressor(c))
     }
-    Ok(out)
+
+    /// Compresses one body into a single frame.
+    ///
+    /// # Errors
+    /// zstd failed (allocation).
+    pub fn compress(&mut self, body: &[u8]) -> std::io::Result<Vec<u8>> {
+        self.0.compress(body)
+    }
+}
+
+/// A reusable decompression context.
+pub struct Decompressor(zstd::bulk::Decompressor<'static>);
+
+impl Decompressor {
+    /// # Errors
+    /// zstd could not allocate its context.
+    pub fn new() -> Result<Decompressor, DecodeError> {
+        Ok(Decompressor(
+            zstd::bulk::Decompressor::new().map_err(DecodeError::Zstd)?,
+        ))
+    }
+
+    /// Decompresses one frame. Frames that declare their size (ours, and Go's `EncodeAll`) are
+    /// decoded in one call; others are streamed, bounded by [`MAX_DECOMPRESSED`].
+    ///
+    /// # Errors
+    /// Not a valid zstd frame, or larger than [`MAX_DECOMPRESSED`].
+    pub fn decompress(&mut self, body: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        use std::io::Read;
+        let too_big =
+            || DecodeError::Zstd(std::io::Error::other("decompressed body exceeds 256 MiB"));
+        if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(body) {
+            if size > MAX_DECOMPRESSED as u64 {
+                return Err(too_big());
+            }
+            return self
+                .0
+                .decompress(body, size as usize)
+                .map_err(DecodeError::Zstd);
+        }
+        let mut out = Vec::new();
+        let decoder = zstd::stream::read::Decoder::new(body).map_err(DecodeError::Zstd)?;
+        decoder
+            .take(MAX_DECOMPRESSED as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(DecodeError::Zstd)?;
+        if out.len() > MAX_DECOMPRESSED {
+            return Err(too_big());
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -638,6 +695,25 @@ mod tests {
         );
         assert_eq!(parse_go_time(b"2025-03-01"), Some(1_740_787_200));
         assert_eq!(parse_go_time(b"garbage"), None);
+    }
+
+    #[test]
+    fn frames_without_content_size_and_lies_are_handled() {
+        let body = b"hello hello hello hello".repeat(50);
+        let mut streamed = Vec::new();
+        {
+            let mut enc = zstd::stream::write::Encoder::new(&mut streamed, 3).expect("encoder");
+            std::io::Write::write_all(&mut enc, &body).expect("write");
+            enc.finish().expect("finish");
+        }
+        let mut d = Decompressor::new().expect("ctx");
+        assert_eq!(d.decompress(&streamed).expect("streamed"), body);
+        let framed = compress(&body).expect("compress");
+        assert_eq!(d.decompress(&framed).expect("framed"), body);
+        assert!(
+            d.decompress(&framed[..framed.len() - 3]).is_err(),
+            "truncated frame"
+        );
     }
 
     #[test]

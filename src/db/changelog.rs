@@ -130,19 +130,23 @@ impl ChangeLog {
             .query_row([], |r| r.get(0))?)
     }
 
-    /// Reads up to `limit` pending changes in commit order, in one read transaction.
+    /// Reads up to `limit` pending changes with a global id above `after`, in commit order, in
+    /// one read transaction. `after` lets a publisher read the next batch while the previous one
+    /// is still being acknowledged; pass 0 to start from the oldest pending change.
     ///
     /// # Errors
     /// SQLite errors (the scan is then simply retried later).
-    pub fn scan(&self, conn: &Connection, limit: u32) -> Result<Scan, Error> {
+    pub fn scan(&self, conn: &Connection, after: i64, limit: u32) -> Result<Scan, Error> {
         let tx = conn.unchecked_transaction()?;
         let mut scan = Scan::default();
         let globals: Vec<(i64, i64, String)> = tx
             .prepare_cached(&format!(
-                "SELECT id, change_table_id, table_name FROM {} ORDER BY id LIMIT ?1",
+                "SELECT id, change_table_id, table_name FROM {} WHERE id > ?1 ORDER BY id LIMIT ?2",
                 quote(GLOBAL_LOG)
             ))?
-            .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .query_map(rusqlite::params![after, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
             .collect::<Result<_, _>>()?;
         for (global_id, log_id, table_name) in globals {
             let Some(&table) = self.by_name.get(&table_name) else {
@@ -306,7 +310,7 @@ mod tests {
         app.execute("INSERT INTO b VALUES (NULL)", [])
             .expect("insert");
         app.execute("DELETE FROM a", []).expect("delete");
-        let scan = log.scan(&conn, 10).expect("scan");
+        let scan = log.scan(&conn, 0, 10).expect("scan");
         assert!(scan.orphans.is_empty());
         let ops: Vec<(usize, Op)> = scan.changes.iter().map(|c| (c.table, c.op)).collect();
         assert_eq!(ops, [(0, Op::Insert), (1, Op::Insert), (0, Op::Delete)]);
@@ -321,11 +325,15 @@ mod tests {
         );
         // The rowid table carries its row id as the last value.
         assert_eq!(scan.changes[1].values, [Value::Null, Value::Integer(1)]);
-        assert_eq!(log.scan(&conn, 2).expect("limited").changes.len(), 2);
+        assert_eq!(log.scan(&conn, 0, 2).expect("limited").changes.len(), 2);
+        let after_first = log
+            .scan(&conn, scan.changes[0].global_id, 10)
+            .expect("cursor");
+        assert_eq!(after_first.changes.len(), 2);
 
         log.mark_published(&mut conn, &scan.changes[..2], &[])
             .expect("mark");
-        let rest = log.scan(&conn, 10).expect("scan");
+        let rest = log.scan(&conn, 0, 10).expect("scan");
         assert_eq!(rest.changes.len(), 1);
         assert_eq!(rest.changes[0].op, Op::Delete);
         assert_eq!(log.pending_count(&conn).expect("count"), 1);
@@ -347,7 +355,7 @@ mod tests {
             "INSERT INTO __harmonylite___change_log_global (change_table_id, table_name) VALUES (99, 'a'), (1, 'gone');",
         )
         .expect("orphans");
-        let scan = log.scan(&conn, 10).expect("scan");
+        let scan = log.scan(&conn, 0, 10).expect("scan");
         assert_eq!(scan.changes.len(), 1);
         assert_eq!(scan.orphans.len(), 2);
         let ids: Vec<i64> = scan.orphans.iter().map(|o| o.0).collect();

@@ -129,10 +129,13 @@ pub async fn run_consumer(
 }
 
 /// Decodes a body into an event for the applier; errors become quarantine reasons.
-fn decode(body: &[u8], compressed: bool) -> Result<wire::ChangeEvent, String> {
+fn decode(
+    body: &[u8],
+    decompressor: Option<&mut wire::Decompressor>,
+) -> Result<wire::ChangeEvent, String> {
     let plain;
-    let bytes = if compressed {
-        plain = wire::decompress(body).map_err(|e| e.to_string())?;
+    let bytes = if let Some(d) = decompressor {
+        plain = d.decompress(body).map_err(|e| e.to_string())?;
         &plain[..]
     } else {
         body
@@ -159,6 +162,14 @@ pub fn spawn_apply_thread(
         .name("harmonylite-apply".into())
         .spawn(move || {
             let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
+            let mut decompressor = match compressed.then(wire::Decompressor::new).transpose() {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot create a zstd context; apply thread stops");
+                    shutdown.cancel();
+                    return;
+                }
+            };
             loop {
                 if shutdown.is_cancelled() {
                     break;
@@ -176,7 +187,7 @@ pub fn spawn_apply_thread(
                 if !apply_with_retry(
                     &mut applier,
                     &streams,
-                    compressed,
+                    decompressor.as_mut(),
                     &batch,
                     &stats,
                     &shutdown,
@@ -199,7 +210,7 @@ pub fn spawn_apply_thread(
 fn apply_with_retry(
     applier: &mut Applier,
     streams: &[String],
-    compressed: bool,
+    mut decompressor: Option<&mut wire::Decompressor>,
     batch: &[Delivered],
     stats: &ApplyStats,
     shutdown: &CancellationToken,
@@ -210,7 +221,7 @@ fn apply_with_retry(
         .map(|d| Incoming {
             stream: &streams[d.stream],
             seq: d.seq,
-            event: decode(&d.body, compressed),
+            event: decode(&d.body, decompressor.as_deref_mut()),
             raw: &d.body,
         })
         .collect();

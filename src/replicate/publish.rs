@@ -1,26 +1,31 @@
 //! The publisher: local change log → JetStream (design §3.1, §4).
 //!
 //! A pass reads up to `scan_max_changes` pending changes in commit order, encodes each as a Go
-//! event, publishes them all without waiting (pipelined), then awaits the acks in order and marks
-//! exactly the acknowledged prefix published, in one transaction. Passes repeat while full batches
-//! come back. A pass is started by a file-change notification, the polling timer, or the retry
-//! timer after a failure.
+//! event and publishes them all without waiting (pipelined). Passes overlap in two stages: while
+//! pass N+1 is read and sent, pass N's acks are awaited and its acknowledged prefix is marked
+//! published. Reading uses its own connection, so a mark that waits for the write lock (a WAL
+//! checkpoint, the applier's commit) does not stall sending. A pass is started by a file-change
+//! notification, follow-up scans after it, the polling timer, or the retry timer after a failure.
 //!
 //! Invariants:
-//! - A change is marked published only after its PubAck. On any publish error the rest of the
-//!   pass stays pending and is retried with backoff; nothing is dropped while NATS is away.
-//! - Each message carries `Nats-Msg-Id: <node_id>:<table>:<change-log id>:<created_at ms>`, so a
-//!   crash between ack and mark does not duplicate within JetStream's dedup window. The capture
-//!   time is part of the id because change-log ids restart from 1 after `-cleanup` or a dropped
-//!   change log, and a bare id could then be deduplicated against an older, different change.
+//! - A change is marked published only after its PubAck, and only as part of an acknowledged
+//!   prefix: on any publish error the rest stays pending, the read cursor goes back to the oldest
+//!   pending change, and everything from there is sent again after a backoff. Nothing is dropped
+//!   while NATS is away; messages are sent again in their original order.
+//! - Each message carries `Nats-Msg-Id: <node_id>:<table>:<change-log id>:<created_at ms>`, so
+//!   sending again (after a crash between ack and mark, or a retry) does not duplicate within
+//!   JetStream's dedup window. The capture time is part of the id because change-log ids restart
+//!   from 1 after `-cleanup` or a dropped change log, and a bare id could then be deduplicated
+//!   against an older, different change.
 //! - With `publish = false` changes are captured and retired without being sent.
-//! - A change too large to ever be accepted by the server is marked failed (`state = -1`) and
-//!   logged, instead of blocking every later change forever.
+//! - A change too large for the server to ever accept is marked failed (`state = -1`) and logged,
+//!   instead of blocking every later change forever.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use bytes::Bytes;
 use rusqlite::Connection;
 use tokio::sync::Notify;
@@ -32,15 +37,29 @@ use crate::db::{self, Table};
 use crate::stream;
 use crate::wire::{self, ChangeEvent, PkColumn, ReplicationEvent};
 
-/// The publisher's database side: one connection and the prepared change-log reader. Shared with
-/// the cleanup loop; always used from blocking threads.
+/// The writing side of the local log: marking published, marking failed, cleanup. Shared with the
+/// cleanup loop; always used from blocking threads.
 pub struct LocalLog {
     pub conn: Connection,
-    pub log: ChangeLog,
+    pub log: Arc<ChangeLog>,
 }
 
 /// A handle to the shared local log.
 pub type SharedLog = Arc<Mutex<LocalLog>>;
+
+/// Extra scans after a file notification. inotify reports the WAL write, but a commit becomes
+/// visible to readers only after SQLite updates the wal-index in `-shm`, through mmap, which
+/// inotify cannot see; a scan racing that gap finds nothing, so look again shortly after.
+const FOLLOW_UP_SCANS: &[Duration] = &[
+    Duration::from_millis(1),
+    Duration::from_millis(5),
+    Duration::from_millis(25),
+    Duration::from_millis(100),
+];
+
+/// What to tell the operator when a change can never be published.
+const MAX_PAYLOAD_HINT: &str =
+    "the change exceeds the server's max_payload; raise max_payload in the nats-server config";
 
 /// Per-table data the publisher needs for every row.
 struct TableMeta {
@@ -48,16 +67,6 @@ struct TableMeta {
     pks: Vec<usize>,
     /// Lower-cased declared types (Go hashes time-typed keys specially).
     decl_lower: Vec<String>,
-}
-
-/// Publishes local changes.
-pub struct Publisher {
-    log: SharedLog,
-    js: jetstream::Context,
-    settings: Arc<Settings>,
-    schema_hash: String,
-    meta: Vec<TableMeta>,
-    tables: Vec<Table>,
 }
 
 /// Why a pass stopped early.
@@ -75,20 +84,51 @@ pub enum PublishError {
     Join(String),
 }
 
-/// What to tell the operator when a change can never be published.
-const MAX_PAYLOAD_HINT: &str =
-    "the change exceeds the server's max_payload; raise max_payload in the nats-server config";
+/// Why sending stopped inside a pass.
+enum Failure {
+    Nats(PublishError),
+    /// Index of a change the server can never accept.
+    TooLarge(usize),
+}
+
+/// One pass that has been sent and not yet marked.
+struct Sent {
+    changes: Vec<PendingChange>,
+    orphans: Vec<i64>,
+    /// Ack futures for `changes[..acks.len()]`.
+    acks: Vec<PublishAckFuture>,
+    failure: Option<Failure>,
+    /// Rows read by the scan (changes and orphans).
+    read: usize,
+    /// Highest global id read.
+    last_global_id: i64,
+}
+
+/// Publishes local changes.
+pub struct Publisher {
+    writer: SharedLog,
+    reader: Arc<Mutex<Connection>>,
+    log: Arc<ChangeLog>,
+    js: jetstream::Context,
+    settings: Arc<Settings>,
+    schema_hash: String,
+    meta: Vec<TableMeta>,
+    /// Reused across messages; only the publisher task uses it (the lock is never contended).
+    compressor: Mutex<Option<wire::Compressor>>,
+}
 
 impl Publisher {
-    /// Builds a publisher over the shared local log.
+    /// Builds a publisher that reads through `reader` and marks through `writer`.
     pub fn new(
-        log: SharedLog,
+        writer: SharedLog,
+        reader: Connection,
         js: jetstream::Context,
         settings: Arc<Settings>,
         schema_hash: String,
-        tables: Vec<Table>,
     ) -> Publisher {
-        let meta = tables
+        let log = Arc::clone(&writer.lock().unwrap_or_else(|p| p.into_inner()).log);
+        let meta = log
+            .tables()
             .iter()
             .map(|t| TableMeta {
                 pks: t.pk_indexes(),
@@ -100,16 +140,22 @@ impl Publisher {
             })
             .collect();
         Publisher {
+            writer,
+            reader: Arc::new(Mutex::new(reader)),
             log,
             js,
             settings,
             schema_hash,
             meta,
-            tables,
+            compressor: Mutex::new(None),
         }
     }
 
-    /// Runs until shutdown: a pass on every wake-up, poll tick, or retry deadline.
+    fn tables(&self) -> &[Table] {
+        self.log.tables()
+    }
+
+    /// Runs until shutdown: a pass on every wake-up, follow-up, poll tick, or retry deadline.
     pub async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
         // A safety-net scan even without polling_interval: cheap (one indexed read) and it bounds
         // the delay if a file notification is ever missed.
@@ -119,22 +165,28 @@ impl Publisher {
             .unwrap_or(Duration::from_secs(1));
         let mut retry = Duration::from_millis(100);
         let mut failing = false;
+        let mut followups: &[Duration] = &[];
         loop {
-            let result = self.publish_pending(&shutdown).await;
-            let wait = match result {
+            let wait = match self.publish_pending(&shutdown).await {
                 Ok(()) => {
                     if failing {
                         tracing::info!("Publishing resumed");
                     }
                     failing = false;
                     retry = Duration::from_millis(100);
-                    idle
+                    match followups.split_first() {
+                        Some((next, rest)) => {
+                            followups = rest;
+                            *next
+                        }
+                        None => idle,
+                    }
                 }
                 Err(e) => {
-                    if !failing {
-                        tracing::error!(error = %e, "Unable to publish changes; they stay pending and will be retried");
-                    } else {
+                    if failing {
                         tracing::debug!(error = %e, "publish retry failed");
+                    } else {
+                        tracing::error!(error = %e, "Unable to publish changes; they stay pending and will be retried");
                     }
                     failing = true;
                     let w = retry;
@@ -145,25 +197,11 @@ impl Publisher {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = wake.notified(), if !failing => {}
+                _ = wake.notified(), if !failing => followups = FOLLOW_UP_SCANS,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
         tracing::debug!("publisher stopped");
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut LocalLog) -> Result<T, db::Error> + Send + 'static,
-    ) -> Result<T, PublishError> {
-        let log = Arc::clone(&self.log);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = log.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| PublishError::Join(e.to_string()))?
-        .map_err(PublishError::from)
     }
 
     /// Publishes everything pending, pass after pass, until the log is drained.
@@ -171,57 +209,144 @@ impl Publisher {
     /// # Errors
     /// The first failure; everything from the failing change on stays pending.
     pub async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
-        let limit = self.settings.scan_max_changes;
+        let limit = self.settings.scan_max_changes as usize;
+        let mut cursor = 0;
+        let mut in_flight: Option<Sent> = None;
         loop {
             if shutdown.is_cancelled() {
-                return Ok(());
+                return match in_flight {
+                    Some(prev) => self.finish(prev).await,
+                    None => Ok(()),
+                };
             }
-            let scan = self.blocking(move |l| l.log.scan(&l.conn, limit)).await?;
-            for (id, why) in &scan.orphans {
-                tracing::warn!(global_id = id, reason = %why, "Dropping change-log entry that cannot be published");
-            }
-            let orphans: Vec<i64> = scan.orphans.iter().map(|o| o.0).collect();
-            let read = scan.changes.len() + orphans.len();
-            if read == 0 {
-                return Ok(());
-            }
-            let changes = scan.changes;
-            let (done, failure) = if self.settings.publish {
-                self.send(&changes).await
-            } else {
-                (changes.len(), None)
-            };
-            let published: Vec<PendingChange> = changes[..done].to_vec();
-            let oversize = match &failure {
-                Some(Failure::TooLarge(i)) => Some(changes[*i].clone()),
-                _ => None,
-            };
-            self.blocking(move |l| {
-                l.log.mark_published(&mut l.conn, &published, &orphans)?;
-                if let Some(c) = oversize {
-                    l.log.mark_failed(&mut l.conn, &c)?;
+            let previous = async {
+                match in_flight.take() {
+                    Some(prev) => self.finish(prev).await,
+                    None => Ok(()),
                 }
+            };
+            let (next, previous) = tokio::join!(self.scan_and_send(cursor), previous);
+            // If the previous pass failed, the one just sent is not marked: it is sent again
+            // later, in order, and deduplicated by its message ids.
+            previous?;
+            let sent = next?;
+            if sent.read == 0 {
+                return Ok(());
+            }
+            cursor = sent.last_global_id;
+            if sent.failure.is_some() || sent.read < limit {
+                return self.finish(sent).await;
+            }
+            in_flight = Some(sent);
+        }
+    }
+
+    /// Reads the next pass after `cursor` and sends it.
+    async fn scan_and_send(&self, cursor: i64) -> Result<Sent, PublishError> {
+        let started = Instant::now();
+        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
+        let limit = self.settings.scan_max_changes;
+        let scan = tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            log.scan(&conn, cursor, limit)
+        })
+        .await
+        .map_err(|e| PublishError::Join(e.to_string()))??;
+        let scanned = started.elapsed();
+        for (id, why) in &scan.orphans {
+            tracing::warn!(global_id = id, reason = %why, "Dropping change-log entry that cannot be published");
+        }
+        let last_global_id = scan
+            .changes
+            .iter()
+            .map(|c| c.global_id)
+            .chain(scan.orphans.iter().map(|o| o.0))
+            .max()
+            .unwrap_or(cursor);
+        let read = scan.changes.len() + scan.orphans.len();
+        let orphans = scan.orphans.into_iter().map(|o| o.0).collect();
+        let changes = scan.changes;
+        let (acks, failure) = if self.settings.publish {
+            self.send(&changes).await
+        } else {
+            (Vec::new(), None)
+        };
+        if read > 0 {
+            tracing::debug!(
+                rows = read,
+                scan_us = scanned.as_micros() as u64,
+                send_us = (started.elapsed() - scanned).as_micros() as u64,
+                "publish pass sent"
+            );
+        }
+        Ok(Sent {
+            changes,
+            orphans,
+            acks,
+            failure,
+            read,
+            last_global_id,
+        })
+    }
+
+    /// Awaits a pass's acks in order and marks the acknowledged prefix published.
+    async fn finish(&self, sent: Sent) -> Result<(), PublishError> {
+        let Sent {
+            changes,
+            orphans,
+            acks,
+            mut failure,
+            ..
+        } = sent;
+        let done = if self.settings.publish {
+            let mut done = 0;
+            for ack in acks {
+                match ack.await {
+                    Ok(_) => done += 1,
+                    Err(e) => {
+                        // Later acks may have succeeded, but only a prefix is marked: the rest is
+                        // sent again and deduplicated by Nats-Msg-Id.
+                        failure = Some(self.nats_failure(&changes[done], e.to_string()));
+                        break;
+                    }
+                }
+            }
+            done
+        } else {
+            changes.len()
+        };
+        let oversize = match &failure {
+            Some(Failure::TooLarge(i)) if *i == done => Some(changes[*i].clone()),
+            _ => None,
+        };
+        let published: Vec<PendingChange> = changes[..done].to_vec();
+        let writer = Arc::clone(&self.writer);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let LocalLog { conn, log } = &mut *guard;
+            log.mark_published(conn, &published, &orphans)?;
+            if let Some(c) = &oversize {
+                log.mark_failed(conn, c)?;
+            }
+            Ok::<_, db::Error>(())
+        })
+        .await
+        .map_err(|e| PublishError::Join(e.to_string()))??;
+        match failure {
+            Some(Failure::Nats(e)) => Err(e),
+            Some(Failure::TooLarge(i)) => {
+                let c = &changes[i];
+                tracing::error!(table = %self.tables()[c.table].name, id = c.log_id,
+                    "{MAX_PAYLOAD_HINT}; the change is marked failed (state = -1) and will not replicate");
                 Ok(())
-            })
-            .await?;
-            match failure {
-                Some(Failure::Nats(e)) => return Err(e),
-                Some(Failure::TooLarge(i)) => {
-                    let c = &changes[i];
-                    tracing::error!(table = %self.tables[c.table].name, id = c.log_id,
-                        "{MAX_PAYLOAD_HINT}; the change is marked failed (state = -1) and will not replicate");
-                }
-                None => {}
             }
-            if read < limit as usize {
-                return Ok(());
-            }
+            None => Ok(()),
         }
     }
 
     /// Encodes one change: (body, subject, message id).
-    fn event_for(&self, c: &PendingChange) -> Result<(Bytes, String, String), String> {
-        let table = &self.tables[c.table];
+    fn encode(&self, c: &PendingChange) -> Result<(Bytes, String, String), String> {
+        let table = &self.tables()[c.table];
         let meta = &self.meta[c.table];
         let row = table
             .columns
@@ -258,71 +383,49 @@ impl Publisher {
         );
         let body = event.encode();
         let body = if self.settings.replication.compress {
-            wire::compress(&body).map_err(|e| format!("zstd compression failed: {e}"))?
+            let mut slot = self.compressor.lock().unwrap_or_else(|p| p.into_inner());
+            let compressor = match slot.as_mut() {
+                Some(c) => c,
+                None => {
+                    slot.insert(wire::Compressor::new().map_err(|e| format!("zstd context: {e}"))?)
+                }
+            };
+            compressor
+                .compress(&body)
+                .map_err(|e| format!("zstd compression failed: {e}"))?
         } else {
             body
         };
         Ok((Bytes::from(body), self.settings.subject_name(shard), msg_id))
     }
 
-    /// Sends `changes` pipelined and returns how many, from the start, were acknowledged, plus
-    /// why the next one was not.
-    async fn send(&self, changes: &[PendingChange]) -> (usize, Option<Failure>) {
+    /// Sends `changes` in order without waiting for acks; stops at the first that cannot be sent.
+    async fn send(&self, changes: &[PendingChange]) -> (Vec<PublishAckFuture>, Option<Failure>) {
         let mut acks = Vec::with_capacity(changes.len());
-        let mut failure = None;
         for (i, c) in changes.iter().enumerate() {
-            let (body, subject, msg_id) = match self.event_for(c) {
+            let (body, subject, msg_id) = match self.encode(c) {
                 Ok(encoded) => encoded,
-                Err(message) => {
-                    failure = Some(self.nats_failure(c, message));
-                    break;
-                }
+                Err(message) => return (acks, Some(self.nats_failure(c, message))),
             };
             let publish = jetstream::message::PublishMessage::build()
                 .payload(body)
                 .message_id(msg_id);
             match self.js.send_publish(subject, publish).await {
                 Ok(ack) => acks.push(ack),
-                Err(e) => {
-                    failure = Some(
-                        if matches!(
-                            e.kind(),
-                            jetstream::context::PublishErrorKind::MaxPayloadExceeded
-                        ) {
-                            Failure::TooLarge(i)
-                        } else {
-                            self.nats_failure(c, e.to_string())
-                        },
-                    );
-                    break;
+                Err(e) if matches!(e.kind(), PublishErrorKind::MaxPayloadExceeded) => {
+                    return (acks, Some(Failure::TooLarge(i)));
                 }
+                Err(e) => return (acks, Some(self.nats_failure(c, e.to_string()))),
             }
         }
-        let mut done = 0;
-        for ack in acks {
-            match ack.await {
-                Ok(_) => done += 1,
-                Err(e) => {
-                    // Later acks may have succeeded, but only a prefix is marked: the rest is
-                    // republished and deduplicated by Nats-Msg-Id.
-                    return (done, Some(self.nats_failure(&changes[done], e.to_string())));
-                }
-            }
-        }
-        (done, failure)
+        (acks, None)
     }
 
     fn nats_failure(&self, c: &PendingChange, message: String) -> Failure {
         Failure::Nats(PublishError::Nats {
-            table: self.tables[c.table].name.clone(),
+            table: self.tables()[c.table].name.clone(),
             id: c.log_id,
             message,
         })
     }
-}
-
-enum Failure {
-    Nats(PublishError),
-    /// Index of a change the server can never accept.
-    TooLarge(usize),
 }
