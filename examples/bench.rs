@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo run --release --example bench` (after `scripts/install-test-servers.sh`, or with
 //! `nats-server` on `PATH`, or `HARMONYLITE_NATS_SERVER=/path/to/nats-server`).
+//! Streams keep 1,000,000 messages (`max_entries`): with Go's default of 1,024, a burst larger
+//! than that outruns any consumer and the stream discards what lagging nodes have not read.
 //! The nodes run in this process through the library (`harmonylite::app::run`), with the same code
 //! path as the binary; each has its own database, connections and NATS client.
 
@@ -46,6 +48,21 @@ fn find_nats_server() -> Result<PathBuf> {
         .context("nats-server not found: run scripts/install-test-servers.sh")
 }
 
+/// Makes the child get SIGKILL when this process dies, however it dies (Linux).
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 struct Nats {
     child: Child,
     url: String,
@@ -61,7 +78,9 @@ impl Drop for Nats {
 fn start_nats(bin: &Path, dir: &Path) -> Result<Nats> {
     let ports = dir.join("ports");
     std::fs::create_dir_all(&ports)?;
-    let child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    die_with_parent(&mut cmd);
+    let child = cmd
         .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
         .arg(dir.join("js"))
         .arg("--ports_file_dir")
@@ -95,8 +114,9 @@ fn node_settings(dir: &Path, id: u64, url: &str) -> Result<harmonylite::config::
     let db = dir.join(format!("node{id}.db"));
     Connection::open(&db)?.execute_batch(SCHEMA)?;
     let toml = format!(
-        "db_path = {db:?}\nseq_map_path = {:?}\nnode_id = {id}\n[nats]\nurls = [{url:?}]\n",
-        dir.join(format!("seq{id}.cbor"))
+        "db_path = {db:?}\nseq_map_path = {:?}\nnode_id = {id}\nscan_max_changes = {}\n[replication_log]\nmax_entries = 1000000\n[nats]\nurls = [{url:?}]\n",
+        dir.join(format!("seq{id}.cbor")),
+        std::env::var("BENCH_SCAN_MAX_CHANGES").unwrap_or_else(|_| "512".into())
     );
     let parsed = harmonylite::config::parse(&toml, Path::new("bench.toml"))?;
     Ok(parsed

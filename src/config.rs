@@ -789,6 +789,19 @@ mod tests {
     }
 
     #[test]
+    fn example_config_documents_exactly_the_defaults() {
+        let p = parse_str(include_str!("../config.example.toml")).expect("example parses");
+        assert!(p.unknown_keys.is_empty(), "{:?}", p.unknown_keys);
+        let mut example = p.config;
+        let mut defaults = FileConfig::default();
+        // Paths default to $TMPDIR; the example shows /tmp.
+        example.db_path = defaults.db_path.clone();
+        example.seq_map_path = defaults.seq_map_path.clone();
+        defaults.node_id = None;
+        assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
     fn missing_file_is_an_error_but_no_path_means_defaults() {
         assert!(matches!(
             load(Some(Path::new("/nonexistent/harmonylite.toml"))),

@@ -266,16 +266,18 @@ async fn ensure_one(
     }
 }
 
-/// Opens an ordered consumer on `stream` delivering from `start_seq` (≥ 1).
+/// Opens an ephemeral pull consumer on `stream` delivering from `start_seq` (≥ 1), without acks:
+/// the caller drives fetches itself and tracks sequences, so nothing depends on redelivery.
+/// The server removes the consumer [`CONSUMER_INACTIVE`] after its last fetch.
 ///
 /// # Errors
 /// The JetStream error text, for the caller to retry.
-pub async fn ordered_messages(
+pub async fn pull_consumer(
     js: &jetstream::Context,
     stream: &str,
     subject: &str,
     start_seq: u64,
-) -> Result<consumer::pull::Ordered, String> {
+) -> Result<consumer::PullConsumer, String> {
     let s = js
         .get_stream_no_info(stream)
         .await
@@ -287,13 +289,18 @@ pub async fn ordered_messages(
             start_sequence: start_seq,
         }
     };
-    let consumer = s
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: subject.to_owned(),
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    consumer.messages().await.map_err(|e| e.to_string())
+    s.create_consumer(consumer::pull::Config {
+        filter_subject: subject.to_owned(),
+        deliver_policy,
+        ack_policy: consumer::AckPolicy::None,
+        replay_policy: consumer::ReplayPolicy::Instant,
+        inactive_threshold: CONSUMER_INACTIVE,
+        memory_storage: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
+
+/// How long the server keeps an ephemeral consumer nobody fetches from.
+pub const CONSUMER_INACTIVE: Duration = Duration::from_secs(120);

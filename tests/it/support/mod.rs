@@ -49,6 +49,22 @@ macro_rules! require_nats {
     };
 }
 
+/// Makes a child get SIGKILL when the test process dies, however it dies (Linux), so an aborted
+/// test run leaves no servers behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// A temp dir that honours `NO_TEMPDIR_CLEANUP`.
 pub fn tempdir() -> tempfile::TempDir {
     let mut b = tempfile::Builder::new();
@@ -126,7 +142,9 @@ impl NatsServer {
             .append(true)
             .open(self.dir.path().join("nats.log"))
             .expect("nats log");
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        die_with_parent(&mut cmd);
+        let child = cmd
             .arg("-c")
             .arg(&self.config)
             .arg("--ports_file_dir")
@@ -269,7 +287,9 @@ impl Node {
             .open(self.log_path())
             .expect("node log");
         let err = log.try_clone().expect("log handle");
-        let child = Command::new(env!("CARGO_BIN_EXE_harmonylite"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harmonylite"));
+        die_with_parent(&mut cmd);
+        let child = cmd
             .arg("-config")
             .arg(&self.config)
             .env_remove("RUST_LOG")
