@@ -77,13 +77,17 @@ enum EventError {
     Retry(rusqlite::Error),
 }
 
+/// Errors tied to the event or to the local schema (a table or column dropped while running:
+/// plain `SQLITE_ERROR`) repeat on every attempt, so they are poison. Busy, locked, I/O, full
+/// disk and the like depend on the environment and are retried.
 fn classify(e: rusqlite::Error) -> EventError {
     match e.sqlite_error_code() {
         Some(
             ErrorCode::ConstraintViolation
             | ErrorCode::TypeMismatch
             | ErrorCode::TooBig
-            | ErrorCode::ParameterOutOfRange,
+            | ErrorCode::ParameterOutOfRange
+            | ErrorCode::Unknown,
         ) => EventError::Poison(e.to_string()),
         _ => EventError::Retry(e),
     }
@@ -456,6 +460,24 @@ mod tests {
         ))];
         a.apply_batch(&del).expect("applies");
         assert_eq!(count(&path, "SELECT count(*) FROM r"), 0);
+    }
+
+    #[test]
+    fn table_dropped_while_running_is_poison_not_a_stall() {
+        let (_d, path, mut a) = setup(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY); CREATE TABLE u (id INTEGER PRIMARY KEY)",
+        );
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch("DROP TABLE t")
+            .expect("drop");
+        let batch = [
+            incoming(ev(Op::Insert, "t", vec![("id", Value::Integer(1))])),
+            incoming(ev(Op::Insert, "u", vec![("id", Value::Integer(1))])),
+        ];
+        let out = a.apply_batch(&batch).expect("batch commits");
+        assert!(matches!(out[0], Outcome::Quarantined(_)), "{out:?}");
+        assert_eq!(out[1], Outcome::Applied);
     }
 
     #[test]

@@ -155,9 +155,19 @@ impl ChangeLog {
                 continue;
             };
             let width = self.tables[table].columns.len();
-            let mut stmt = tx
-                .prepare_cached(&self.select_sql[table])
-                .map_err(on_table(&table_name))?;
+            let mut stmt = match tx.prepare_cached(&self.select_sql[table]) {
+                Ok(stmt) => stmt,
+                // The change log (or a column of it) was dropped while we run: nothing can ever
+                // read this change, and retrying would block every later one.
+                Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::Unknown) => {
+                    scan.orphans.push((
+                        global_id,
+                        format!("cannot read change log of {table_name:?}: {e}"),
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(on_table(&table_name)(e)),
+            };
             let found = stmt
                 .query_row([log_id], |r| {
                     let op_text = r
@@ -344,6 +354,22 @@ mod tests {
             0,
             "pending rows stay"
         );
+    }
+
+    #[test]
+    fn dropped_change_log_does_not_block_other_tables() {
+        let (_d, path, conn, log) = setup(
+            "CREATE TABLE a (id INTEGER PRIMARY KEY); CREATE TABLE b (id INTEGER PRIMARY KEY)",
+        );
+        let app = Connection::open(&path).expect("app");
+        app.execute_batch("INSERT INTO a VALUES (1); INSERT INTO b VALUES (1);")
+            .expect("insert");
+        conn.execute_batch("DROP TABLE __harmonylite__a_change_log")
+            .expect("drop");
+        let scan = log.scan(&conn, 0, 10).expect("scan");
+        assert_eq!(scan.orphans.len(), 1);
+        assert_eq!(scan.changes.len(), 1);
+        assert_eq!(scan.changes[0].table, 1);
     }
 
     #[test]

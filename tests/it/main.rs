@@ -5,4 +5,5 @@ mod support;
 mod cli;
 mod e2e;
 mod failures;
+mod operations;
 mod values;
