@@ -85,8 +85,92 @@ pub async fn run_observed(
     .await
     .context("start-up task failed")??;
 
-    // NATS.
-    let client = stream::connect(&settings).await?;
+    // NATS: the configured servers, or our own supervised nats-server.
+    let embedded = if settings.nats.urls.is_empty() {
+        match start_embedded(&settings, &root).await {
+            Ok(server) => Some(server),
+            Err(stream::Error::Cancelled) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    let urls = match &embedded {
+        Some(server) => vec![server.client_url().to_owned()],
+        None => settings.nats.urls.clone(),
+    };
+    let client = match stream::connect(&settings, &urls, &root).await {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(server) = &embedded {
+                server.stop().await;
+            }
+            return match e {
+                stream::Error::Cancelled => Ok(()),
+                e => Err(e.into()),
+            };
+        }
+    };
+    let result = run_connected(
+        settings,
+        root,
+        observers,
+        conn,
+        tables,
+        hash,
+        client,
+        embedded.as_ref(),
+    )
+    .await;
+    if let Some(server) = &embedded {
+        tracing::info!("Stopping embedded nats-server");
+        server.stop().await;
+    }
+    result
+}
+
+/// Starts the embedded server as Go HarmonyLite configures its in-process one.
+async fn start_embedded(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> Result<stream::embedded::EmbeddedNats, stream::Error> {
+    use stream::embedded::{EmbeddedConfig, EmbeddedNats, find_binary};
+    let binary = find_binary(&settings.nats.server_binary)?;
+    let routes = stream::discovery::resolve_all(&settings.cluster.peers, shutdown).await?;
+    let leaf_remotes =
+        stream::discovery::resolve_all(&settings.cluster.leaf_servers, shutdown).await?;
+    let data_dir = crate::config::data_root_dir(&settings.db_path).join("nats");
+    let listen = match settings.nats.bind_address.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => settings.nats.bind_address.clone(),
+    };
+    let cfg = EmbeddedConfig {
+        binary,
+        server_name: settings.node_name(),
+        listen,
+        store_dir: data_dir.join(settings.node_name()),
+        run_dir: data_dir,
+        cluster_listen: settings.cluster.listen.clone(),
+        routes,
+        leaf_remotes,
+        user_config: (!settings.nats.server_config.is_empty())
+            .then(|| settings.nats.server_config.clone().into()),
+    };
+    Ok(EmbeddedNats::start(cfg).await?)
+}
+
+/// Everything after the NATS connection exists.
+#[allow(clippy::too_many_arguments)]
+async fn run_connected(
+    settings: Arc<Settings>,
+    root: CancellationToken,
+    observers: Observers,
+    conn: rusqlite::Connection,
+    tables: Vec<db::Table>,
+    hash: String,
+    client: async_nats::Client,
+    embedded: Option<&stream::embedded::EmbeddedNats>,
+) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client.clone());
     if let Err(e) = stream::ensure_streams(&js, &settings, &root).await {
         if matches!(e, stream::Error::Cancelled) {
@@ -167,11 +251,22 @@ pub async fn run_observed(
     tasks.spawn(async move { ("cleanup", cleanup_loop(log, s, token).await) });
     tracing::info!(shards = settings.replication.shards, "Replication running");
 
-    // Run until shutdown or the first task that ends on its own.
+    // Run until shutdown, the first task that ends on its own, or the broker dying under us.
     let mut failure: Option<anyhow::Error> = None;
+    let broker_exit = async {
+        match embedded {
+            Some(server) => server.exited().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         biased;
         _ = root.cancelled() => {}
+        status = broker_exit => {
+            failure = Some(anyhow::anyhow!(
+                "embedded nats-server exited unexpectedly ({status}); stopping rather than running without a broker"
+            ));
+        }
         Some(done) = tasks.join_next() => {
             // Tasks end by themselves once shutdown has begun; only an early end is a failure.
             if !root.is_cancelled() {

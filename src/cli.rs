@@ -31,6 +31,18 @@ pub struct Args {
           default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
     pub cleanup: bool,
 
+    /// Embedded NATS: cluster (route) listen address, host:port
+    #[arg(long = "cluster-addr", value_name = "HOST:PORT", default_value = "")]
+    pub cluster_addr: String,
+
+    /// Embedded NATS: comma-separated route URLs (nats://host:port/ or dns://host:port?min=N&interval_ms=M)
+    #[arg(long = "cluster-peers", value_name = "URLS", default_value = "")]
+    pub cluster_peers: String,
+
+    /// Embedded NATS: comma-separated leaf-node remote URLs (?hub=true marks a hub)
+    #[arg(long = "leaf-servers", value_name = "URLS", default_value = "")]
+    pub leaf_servers: String,
+
     /// Print the version and exit
     #[arg(long = "version", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
           default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
@@ -112,6 +124,15 @@ mod tests {
         assert_eq!(a.node_id, 3);
         assert!(!a.cleanup);
         assert!(args(&["-version"]).expect("parses").version);
+        let a = args(&[
+            "-cluster-addr",
+            "127.0.0.1:4221",
+            "-cluster-peers=nats://a:1/,dns://b:2?min=2",
+        ])
+        .expect("parses");
+        assert_eq!(a.cluster_addr, "127.0.0.1:4221");
+        assert_eq!(a.cluster_peers, "nats://a:1/,dns://b:2?min=2");
+        assert_eq!(a.leaf_servers, "");
     }
 
     #[test]

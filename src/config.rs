@@ -340,11 +340,68 @@ pub fn load(path: Option<&Path>) -> Result<Parsed, ConfigError> {
     parse(&text, path)
 }
 
-/// Values given on the command line that override the file.
+/// Values given on the command line that override or extend the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     /// `-node-id`; 0 means "not given", as in Go.
     pub node_id: u64,
+    /// `-cluster-addr`: the embedded server's route listener.
+    pub cluster_addr: String,
+    /// `-cluster-peers`: comma-separated route URLs.
+    pub cluster_peers: String,
+    /// `-leaf-servers`: comma-separated leaf remote URLs.
+    pub leaf_servers: String,
+}
+
+/// The embedded server's clustering, from the command line (Go has no config keys for these).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// Route listen `host:port`; `None` = no cluster listener.
+    pub listen: Option<String>,
+    /// Route URLs (`nats://…` or `dns://…`), as given.
+    pub peers: Vec<String>,
+    /// Leaf remote URLs, as given.
+    pub leaf_servers: Vec<String>,
+}
+
+/// Splits a comma-separated flag value (Go `RoutesFromStr`: split on `,`, trimmed, empty dropped).
+fn split_urls(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Checks a `host:port` address; `allow_random` accepts Go's port `-1` (pick one).
+fn check_host_port(key: &'static str, v: &str, allow_random: bool) -> Result<(), ConfigError> {
+    let bad = || invalid(key, format!("{v:?} is not host:port"));
+    let (_, port) = v.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<i32>() {
+        Ok(-1) if allow_random => Ok(()),
+        Ok(p) if (0..=65535).contains(&p) => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+fn check_urls(key: &'static str, urls: &[String], schemes: &[&str]) -> Result<(), ConfigError> {
+    for u in urls {
+        let scheme = u.split_once("://").map(|(s, _)| s);
+        if !scheme.is_some_and(|s| schemes.contains(&s)) {
+            return Err(invalid(
+                key,
+                format!(
+                    "{u:?} must start with {}",
+                    schemes
+                        .iter()
+                        .map(|s| format!("{s}://"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where snapshots are stored.
@@ -412,6 +469,8 @@ pub struct Settings {
     pub snapshot: SnapshotSettings,
     pub replication: ReplicationSettings,
     pub nats: NatsConfig,
+    /// Embedded-server clustering from `-cluster-addr`, `-cluster-peers`, `-leaf-servers`.
+    pub cluster: ClusterSettings,
     pub log_verbose: bool,
     pub log_format: LogFormat,
     pub prometheus: PrometheusConfig,
@@ -544,6 +603,28 @@ impl FileConfig {
                 "cert_file and key_file must be given together",
             ));
         }
+        if self.nats.urls.is_empty() {
+            check_host_port("nats.bind_address", &self.nats.bind_address, true)?;
+        }
+        let cluster = ClusterSettings {
+            listen: (!overrides.cluster_addr.trim().is_empty())
+                .then(|| overrides.cluster_addr.trim().to_owned()),
+            peers: split_urls(&overrides.cluster_peers),
+            leaf_servers: split_urls(&overrides.leaf_servers),
+        };
+        if let Some(listen) = &cluster.listen {
+            check_host_port("-cluster-addr", listen, false)?;
+        }
+        check_urls(
+            "-cluster-peers",
+            &cluster.peers,
+            &["nats", "nats-route", "dns"],
+        )?;
+        check_urls(
+            "-leaf-servers",
+            &cluster.leaf_servers,
+            &["nats", "nats-leaf", "tls", "ws", "wss", "dns"],
+        )?;
         if self.health_check.enable && !self.health_check.path.starts_with('/') {
             return Err(invalid("health_check.path", "must start with '/'"));
         }
@@ -587,6 +668,7 @@ impl FileConfig {
                 update_existing: rl.update_existing,
             },
             nats: self.nats,
+            cluster,
             log_verbose: self.logging.verbose,
             log_format,
             prometheus: self.prometheus,
@@ -706,7 +788,13 @@ mod tests {
         "#;
         let p = parse_str(text).expect("parses");
         assert!(p.unknown_keys.is_empty(), "{:?}", p.unknown_keys);
-        let s = p.config.validate(&Overrides { node_id: 3 }).expect("valid");
+        let s = p
+            .config
+            .validate(&Overrides {
+                node_id: 3,
+                ..Overrides::default()
+            })
+            .expect("valid");
         assert_eq!(s.node_id, 3);
         assert_eq!(s.replication.shards, 2);
         assert_eq!(s.snapshot.interval, Some(Duration::from_secs(60)));
@@ -754,6 +842,50 @@ mod tests {
     }
 
     #[test]
+    fn cluster_flags_are_split_and_checked() {
+        let p = parse_str("").expect("parses");
+        let o = Overrides {
+            cluster_addr: "127.0.0.1:4221".into(),
+            cluster_peers: " nats://127.0.0.1:4222/, ,dns://peers:4221?min=2".into(),
+            ..Overrides::default()
+        };
+        let s = p.config.clone().validate(&o).expect("valid");
+        assert_eq!(s.cluster.listen.as_deref(), Some("127.0.0.1:4221"));
+        assert_eq!(
+            s.cluster.peers,
+            ["nats://127.0.0.1:4222/", "dns://peers:4221?min=2"]
+        );
+        for (o, key) in [
+            (
+                Overrides {
+                    cluster_addr: "4221".into(),
+                    ..Overrides::default()
+                },
+                "-cluster-addr",
+            ),
+            (
+                Overrides {
+                    cluster_peers: "127.0.0.1:4222".into(),
+                    ..Overrides::default()
+                },
+                "-cluster-peers",
+            ),
+            (
+                Overrides {
+                    leaf_servers: "http://x".into(),
+                    ..Overrides::default()
+                },
+                "-leaf-servers",
+            ),
+        ] {
+            let err = p.config.clone().validate(&o).expect_err(key);
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let err = settings("[nats]\nbind_address = \"nope\"").expect_err("bind");
+        assert!(err.to_string().contains("nats.bind_address"), "{err}");
+    }
+
+    #[test]
     fn replicas_below_one_follow_go() {
         let s = settings("[replication_log]\nshards = 4\nreplicas = 0").expect("valid");
         assert_eq!(s.replication.replicas, 3);
@@ -773,14 +905,20 @@ mod tests {
         assert_eq!(
             p.config
                 .clone()
-                .validate(&Overrides { node_id: 0 })
+                .validate(&Overrides {
+                    node_id: 0,
+                    ..Overrides::default()
+                })
                 .expect("ok")
                 .node_id,
             5
         );
         assert_eq!(
             p.config
-                .validate(&Overrides { node_id: 9 })
+                .validate(&Overrides {
+                    node_id: 9,
+                    ..Overrides::default()
+                })
                 .expect("ok")
                 .node_id,
             9

@@ -22,6 +22,9 @@ fn main() -> ExitCode {
     let settings = match config::load(args.config.as_deref()).and_then(|parsed| {
         let overrides = config::Overrides {
             node_id: args.node_id,
+            cluster_addr: args.cluster_addr.clone(),
+            cluster_peers: args.cluster_peers.clone(),
+            leaf_servers: args.leaf_servers.clone(),
         };
         let unknown = parsed.unknown_keys.clone();
         parsed.config.validate(&overrides).map(|s| (s, unknown))

@@ -10,6 +10,7 @@
 //! - Nothing here gives up on a broker that is down: connecting and stream set-up retry with
 //!   backoff until they succeed or shutdown is requested.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -19,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 
+pub mod discovery;
+pub mod embedded;
+
 /// What went wrong talking to NATS.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -26,10 +30,10 @@ pub enum Error {
     Connect { urls: String, message: String },
     #[error("stream {stream}: {message}")]
     Stream { stream: String, message: String },
-    #[error(
-        "no NATS servers configured: set [nats] urls (embedded nats-server mode is not available in this build)"
-    )]
-    NoServers,
+    #[error(transparent)]
+    Embedded(#[from] embedded::Error),
+    #[error(transparent)]
+    Discovery(#[from] discovery::Error),
     #[error("shutdown requested")]
     Cancelled,
 }
@@ -43,27 +47,77 @@ pub fn next_backoff(delay: Duration) -> Duration {
     (delay * 2).min(RETRY_CAP)
 }
 
-/// Connects to the configured servers with the configured authentication. The client keeps
-/// reconnecting on its own after outages.
+/// Connects to `urls` with the configured authentication. The first connection is retried with
+/// backoff while the servers are unreachable (logging `NATS connection failed`); after that the
+/// client reconnects on its own after outages, forever.
 ///
 /// # Errors
-/// [`Error::NoServers`] when `nats.urls` is empty; [`Error::Connect`] for unusable options
-/// (unreadable seed file, bad URL).
-pub async fn connect(settings: &Settings) -> Result<async_nats::Client, Error> {
+/// [`Error::Connect`] for problems retrying cannot fix: rejected credentials, a TLS failure, an
+/// unreadable seed file, a malformed URL. [`Error::Cancelled`] on shutdown.
+pub async fn connect(
+    settings: &Settings,
+    urls: &[String],
+    shutdown: &CancellationToken,
+) -> Result<async_nats::Client, Error> {
+    use async_nats::ConnectErrorKind as Kind;
     let nats = &settings.nats;
-    if nats.urls.is_empty() {
-        return Err(Error::NoServers);
-    }
-    let urls = nats.urls.join(", ");
+    let joined = urls.join(", ");
     let connect_err = |message: String| Error::Connect {
-        urls: urls.clone(),
+        urls: joined.clone(),
         message,
     };
+    let addrs: Vec<async_nats::ServerAddr> = urls
+        .iter()
+        .map(|u| u.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| connect_err(format!("invalid URL in nats.urls: {e}")))?;
+    let mut delay = RETRY_START;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let opts = connect_options(settings).map_err(connect_err)?;
+        match opts.connect(addrs.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(e) => match e.kind() {
+                Kind::Authentication | Kind::AuthorizationViolation => {
+                    let hint = if !nats.seed_file.is_empty() {
+                        "check nats.seed_file"
+                    } else if !nats.user_name.is_empty() {
+                        "check nats.user_name and nats.user_password"
+                    } else {
+                        "the server requires credentials: set nats.user_name/user_password or nats.seed_file"
+                    };
+                    return Err(connect_err(format!("authorization failed ({e}); {hint}")));
+                }
+                Kind::Tls => {
+                    return Err(connect_err(format!(
+                        "TLS failed ({e}); check nats.ca_file, nats.cert_file and nats.key_file"
+                    )));
+                }
+                Kind::ServerParse => return Err(connect_err(e.to_string())),
+                _ => {
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        tracing::warn!(attempt, error = %e, urls = %joined, "NATS connection failed");
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Err(Error::Cancelled),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = next_backoff(delay);
+                }
+            },
+        }
+    }
+}
+
+/// Client options: name, reconnect behaviour, event logging, authentication and TLS.
+fn connect_options(settings: &Settings) -> Result<async_nats::ConnectOptions, String> {
+    let nats = &settings.nats;
     let wait = Duration::from_secs(u64::from(nats.reconnect_wait_seconds.max(1)));
     let was_connected = Arc::new(AtomicBool::new(false));
     let mut opts = async_nats::ConnectOptions::new()
         .name(settings.node_name())
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(move |attempts| {
@@ -100,23 +154,23 @@ pub async fn connect(settings: &Settings) -> Result<async_nats::Client, Error> {
         opts = opts.user_and_password(nats.user_name.clone(), nats.user_password.clone());
     }
     if !nats.seed_file.is_empty() {
-        let seed = std::fs::read_to_string(&nats.seed_file).map_err(|e| {
-            connect_err(format!(
-                "cannot read nats.seed_file {}: {e}",
-                nats.seed_file
-            ))
-        })?;
-        let seed = seed
+        let text = std::fs::read_to_string(&nats.seed_file)
+            .map_err(|e| format!("cannot read nats.seed_file {}: {e}", nats.seed_file))?;
+        let seed = text
             .lines()
             .map(str::trim)
             .find(|l| l.starts_with("SU"))
-            .ok_or_else(|| {
-                connect_err(format!(
-                    "nats.seed_file {} holds no user seed (SU…)",
-                    nats.seed_file
-                ))
-            })?;
+            .ok_or_else(|| format!("nats.seed_file {} holds no user seed (SU…)", nats.seed_file))?;
         opts = opts.nkey(seed.to_owned());
+    }
+    for (key, path) in [
+        ("nats.ca_file", &nats.ca_file),
+        ("nats.cert_file", &nats.cert_file),
+        ("nats.key_file", &nats.key_file),
+    ] {
+        if !path.is_empty() && !Path::new(path).is_file() {
+            return Err(format!("{key} {path} is not a readable file"));
+        }
     }
     if !nats.ca_file.is_empty() {
         opts = opts
@@ -128,15 +182,7 @@ pub async fn connect(settings: &Settings) -> Result<async_nats::Client, Error> {
             .add_client_certificate(nats.cert_file.clone().into(), nats.key_file.clone().into())
             .require_tls(true);
     }
-    let addrs: Vec<async_nats::ServerAddr> = nats
-        .urls
-        .iter()
-        .map(|u| u.trim().parse())
-        .collect::<Result<_, _>>()
-        .map_err(|e| connect_err(format!("invalid URL in nats.urls: {e}")))?;
-    opts.connect(addrs)
-        .await
-        .map_err(|e| connect_err(e.to_string()))
+    Ok(opts)
 }
 
 /// Go's stream configuration for one shard (upstream-behaviour §5.4).
