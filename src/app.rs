@@ -171,7 +171,10 @@ async fn run_connected(
     client: async_nats::Client,
     embedded: Option<&stream::embedded::EmbeddedNats>,
 ) -> anyhow::Result<()> {
-    let js = async_nats::jetstream::new(client.clone());
+    // Go's JetStream request timeout; the client default (10 s) slows cluster bootstrap.
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build(client.clone());
     if let Err(e) = stream::ensure_streams(&js, &settings, &root).await {
         if matches!(e, stream::Error::Cancelled) {
             return Ok(());
@@ -278,6 +281,9 @@ async fn run_connected(
             }
         }
     }
+    if let Some(e) = &failure {
+        tracing::error!("{e:#}; shutting down");
+    }
     root.cancel();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while let Some(done) = tasks.join_next().await {
@@ -297,8 +303,11 @@ async fn run_connected(
             tracing::error!("apply thread panicked");
         }
     }
-    if let Err(e) = client.flush().await {
-        tracing::debug!(error = %e, "NATS flush on shutdown failed");
+    // Bounded: with the broker gone, a flush would wait for a reconnect that never comes.
+    match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "NATS flush on shutdown failed"),
+        Err(_) => tracing::debug!("NATS flush on shutdown timed out"),
     }
     match failure {
         Some(e) => Err(e),

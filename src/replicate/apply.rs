@@ -56,6 +56,8 @@ pub struct ApplyStats {
 const FETCH_BATCH: usize = 1000;
 /// How long one fetch waits for messages before it ends and the next one starts.
 const FETCH_EXPIRES: Duration = Duration::from_secs(10);
+/// How long past FETCH_EXPIRES a fetch may stay silent before it is considered lost.
+const FETCH_GRACE: Duration = Duration::from_secs(5);
 /// Server heartbeats during a fetch: two missed ones mean the server or consumer is gone.
 const FETCH_HEARTBEAT: Duration = Duration::from_secs(2);
 
@@ -120,7 +122,15 @@ pub async fn run_consumer(
                 let item = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return,
-                    item = batch.next() => item,
+                    // The server ends every fetch by FETCH_EXPIRES; a longer silence means the
+                    // fetch or the consumer was lost (e.g. a stream leader change).
+                    item = tokio::time::timeout(FETCH_EXPIRES + FETCH_GRACE, batch.next()) => match item {
+                        Ok(item) => item,
+                        Err(_) => {
+                            tracing::warn!(stream = %stream_name, "fetch went silent; reopening consumer");
+                            continue 'reopen;
+                        }
+                    },
                 };
                 let msg = match item {
                     None => break, // fetch complete or expired: ask again

@@ -300,9 +300,27 @@ async fn ensure_one(
                 match js.create_stream(want.clone()).await {
                     Ok(_) => Ok(()),
                     Err(ce) => match ce.kind() {
-                        CreateStreamErrorKind::JetStream(_) => Err(EnsureError::Fatal(format!(
-                            "JetStream refused to create it: {ce}"
-                        ))),
+                        CreateStreamErrorKind::JetStream(je)
+                            if je.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP =>
+                        {
+                            Err(EnsureError::Fatal(format!(
+                                "its subject {:?} belongs to another stream; every node of a cluster \
+                                 must use the same replication_log.compress and nats.stream_prefix ({ce})",
+                                want.subjects
+                                    .first()
+                                    .map(String::as_str)
+                                    .unwrap_or_default()
+                            )))
+                        }
+                        CreateStreamErrorKind::JetStream(je)
+                            if je.error_code() == jetstream::ErrorCode::STREAM_INVALID_CONFIG =>
+                        {
+                            Err(EnsureError::Fatal(format!(
+                                "JetStream rejected its configuration: {ce}"
+                            )))
+                        }
+                        // Another node created it first (possibly with other settings), or the
+                        // cluster is still forming: look again.
                         _ => Err(EnsureError::Retry(ce.to_string())),
                     },
                 }

@@ -4,6 +4,7 @@ mod support;
 
 mod cli;
 mod e2e;
+mod embedded;
 mod failures;
 mod operations;
 mod values;

@@ -107,30 +107,47 @@ pub struct NatsServer {
     bin: PathBuf,
     dir: tempfile::TempDir,
     config: PathBuf,
+    extra: String,
 }
 
 impl NatsServer {
     /// Starts a server and waits until its ports file names the client URL.
     pub fn start(bin: &Path) -> NatsServer {
+        NatsServer::start_with(bin, "")
+    }
+
+    /// Starts a server whose config has `extra` appended (authorization, tls, ...).
+    pub fn start_with(bin: &Path, extra: &str) -> NatsServer {
         let dir = tempdir();
         let config = dir.path().join("nats.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listen: 127.0.0.1:-1\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\n",
-                dir.path().join("js")
-            ),
-        )
-        .expect("write nats config");
         let mut s = NatsServer {
             child: None,
             url: String::new(),
             bin: bin.to_owned(),
             dir,
             config,
+            extra: extra.to_owned(),
         };
+        s.write_config("-1");
         s.spawn();
         s
+    }
+
+    /// The server's own directory (for certificates and key files tests create).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn write_config(&self, port: &str) {
+        std::fs::write(
+            &self.config,
+            format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\n{}\n",
+                self.dir.path().join("js"),
+                self.extra
+            ),
+        )
+        .expect("write nats config");
     }
 
     fn spawn(&mut self) {
@@ -191,14 +208,7 @@ impl NatsServer {
     /// Restarts a stopped server on the same port with the same data.
     pub fn restart(&mut self) {
         let port = self.url.rsplit(':').next().expect("port").to_owned();
-        std::fs::write(
-            &self.config,
-            format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\n",
-                self.dir.path().join("js")
-            ),
-        )
-        .expect("rewrite nats config");
+        self.write_config(&port);
         self.spawn();
     }
 }
@@ -224,6 +234,8 @@ pub struct Node {
     pub config: PathBuf,
     child: Option<Child>,
     starts: usize,
+    /// Extra command-line arguments (cluster flags).
+    pub args: Vec<String>,
 }
 
 impl Node {
@@ -243,8 +255,36 @@ impl Node {
             dir,
             child: None,
             starts: 0,
+            args: Vec::new(),
         };
         node.write_config(nats_url, shards, extra);
+        node
+    }
+
+    /// A node in embedded mode (no `nats.urls`): it runs its own nats-server from `nats_bin`.
+    /// `nats_extra` is appended to the `[nats]` section.
+    pub fn embedded(
+        id: u64,
+        nats_bin: &Path,
+        shards: u64,
+        replicas: u64,
+        nats_extra: &str,
+    ) -> Node {
+        let mut node = Node::new(id, "unused", BOOKS_SCHEMA, shards, "");
+        std::fs::write(
+            &node.config,
+            format!(
+                "db_path = {:?}\nseq_map_path = {:?}\nnode_id = {id}\ncleanup_interval = 1000\n\
+                 [replication_log]\nshards = {shards}\nreplicas = {replicas}\nmax_entries = 100000\n\
+                 [nats]\nbind_address = \"127.0.0.1:-1\"\nserver_binary = {:?}\nreconnect_wait_seconds = 1\n{nats_extra}\n\
+                 [logging]\nverbose = true\n",
+                node.db,
+                node.seq_map(),
+                nats_bin
+            ),
+        )
+        .expect("write embedded config");
+        node.args.clear();
         node
     }
 
@@ -280,6 +320,13 @@ impl Node {
 
     /// Starts the binary and waits until it reports that replication is running.
     pub fn start(&mut self) {
+        self.spawn();
+        self.wait_started();
+    }
+
+    /// Starts the binary without waiting. Spawn from a thread that outlives the node: children
+    /// get a parent-death signal tied to the spawning thread.
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "node {} already running", self.id);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -292,6 +339,7 @@ impl Node {
         let child = cmd
             .arg("-config")
             .arg(&self.config)
+            .args(&self.args)
             .env_remove("RUST_LOG")
             .stdout(log)
             .stderr(err)
@@ -299,6 +347,10 @@ impl Node {
             .expect("spawn harmonylite");
         self.child = Some(child);
         self.starts += 1;
+    }
+
+    /// Waits until the latest start reports that replication is running.
+    pub fn wait_started(&mut self) {
         let want = self.starts;
         let id = self.id;
         wait_until(
@@ -319,6 +371,19 @@ impl Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits for the running node to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// SIGTERM and wait for the exit status.
@@ -437,6 +502,59 @@ pub fn cluster(nats: &NatsServer, n: u64, shards: u64) -> Vec<Node> {
         node.start();
     }
     nodes
+}
+
+/// A TCP port that was free a moment ago (for listeners whose address peers must know in advance,
+/// like cluster routes).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Process ids whose command line contains `needle`.
+pub fn pids_matching(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// Runs the binary to completion with a config and extra args; returns (exit code, output).
+pub fn run_to_exit(config: &Path, args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harmonylite"));
+    die_with_parent(&mut cmd);
+    let out_path = config.with_extension("out");
+    let out = std::fs::File::create(&out_path).expect("output file");
+    let mut child = cmd
+        .arg("-config")
+        .arg(config)
+        .args(args)
+        .stdout(out.try_clone().expect("dup"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn harmonylite");
+    let start = Instant::now();
+    let code = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status.code();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, std::fs::read_to_string(&out_path).unwrap_or_default())
 }
 
 /// Default wait for replication in tests (generous: CI machines are slow and shared).
