@@ -89,7 +89,9 @@ pub async fn connect(
                     };
                     return Err(connect_err(format!("authorization failed ({e}); {hint}")));
                 }
-                Kind::Tls => {
+                // async-nats reports certificate verification failures as I/O errors; no retry
+                // can fix a certificate, so they are TLS failures too.
+                _ if e.kind() == Kind::Tls || is_certificate_error(&e.to_string()) => {
                     return Err(connect_err(format!(
                         "TLS failed ({e}); check nats.ca_file, nats.cert_file and nats.key_file"
                     )));
@@ -109,6 +111,19 @@ pub async fn connect(
             },
         }
     }
+}
+
+/// Whether an error text describes a TLS certificate or handshake rejection.
+fn is_certificate_error(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    [
+        "certificate",
+        "unknownissuer",
+        "received fatal alert",
+        "handshake",
+    ]
+    .iter()
+    .any(|needle| t.contains(needle))
 }
 
 /// Client options: name, reconnect behaviour, event logging, authentication and TLS.

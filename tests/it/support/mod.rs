@@ -305,6 +305,16 @@ impl Node {
         .expect("write node config");
     }
 
+    /// Adds keys to the `[nats]` section of the config.
+    pub fn add_nats_keys(&self, keys: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        std::fs::write(
+            &self.config,
+            text.replacen("[nats]\n", &format!("[nats]\n{keys}\n"), 1),
+        )
+        .expect("config");
+    }
+
     pub fn seq_map(&self) -> PathBuf {
         self.dir.path().join("seq-map.cbor")
     }
