@@ -55,7 +55,7 @@ pub struct ApplyStats {
 /// Messages asked for per fetch; a new fetch is sent when one completes.
 const FETCH_BATCH: usize = 1000;
 /// How long one fetch waits for messages before it ends and the next one starts.
-const FETCH_EXPIRES: Duration = Duration::from_secs(10);
+const FETCH_EXPIRES: Duration = Duration::from_secs(5);
 /// How long past FETCH_EXPIRES a fetch may stay silent before it is considered lost.
 const FETCH_GRACE: Duration = Duration::from_secs(5);
 /// Server heartbeats during a fetch: two missed ones mean the server or consumer is gone.
@@ -118,6 +118,7 @@ pub async fn run_consumer(
                     }
                 },
             };
+            let mut received = 0usize;
             loop {
                 let item = tokio::select! {
                     biased;
@@ -133,7 +134,17 @@ pub async fn run_consumer(
                     },
                 };
                 let msg = match item {
-                    None => break, // fetch complete or expired: ask again
+                    None => {
+                        // Fetch complete or expired. An empty one while the stream holds messages
+                        // we have not seen means the consumer is stranded (it can happen around
+                        // stream leader elections): reopen it.
+                        if received == 0 && stream_is_ahead(&js, &stream_name, next).await {
+                            tracing::warn!(stream = %stream_name, from = next,
+                                "consumer stalled behind the stream; reopening");
+                            continue 'reopen;
+                        }
+                        break;
+                    }
                     Some(Ok(msg)) => msg,
                     Some(Err(e)) => {
                         tracing::warn!(stream = %stream_name, error = %e, "consumer error; reopening");
@@ -153,6 +164,7 @@ pub async fn run_consumer(
                     continue 'reopen;
                 }
                 consumer_seq = cseq;
+                received += 1;
                 if seq < next {
                     continue; // already forwarded before a reopen
                 }
@@ -173,6 +185,17 @@ pub async fn run_consumer(
                 next = seq + 1;
                 delay = Duration::from_millis(200);
             }
+        }
+    }
+}
+
+/// Whether `stream` holds a message at or after `next` (by its last sequence).
+async fn stream_is_ahead(js: &jetstream::Context, stream: &str, next: u64) -> bool {
+    match js.get_stream(stream).await {
+        Ok(s) => s.cached_info().state.last_sequence >= next,
+        Err(e) => {
+            tracing::debug!(stream, error = %e, "stream info failed");
+            false
         }
     }
 }
