@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A working demo on one machine: builds harmonylite, starts a nats-server, creates three sample
-# databases and three nodes, writes on node 1 and shows the row arriving on nodes 2 and 3.
-# Then it waits: write to any node yourself (see the printed commands); Ctrl-C stops everything.
+# A working demo on one machine: builds harmonylite, creates three sample databases and starts
+# three nodes from examples/node-{1,2,3}.toml. Each node runs its own nats-server (embedded mode);
+# -cluster-addr and -cluster-peers alone join them into one cluster. It writes a row on node 1
+# and shows it arriving on nodes 2 and 3, then waits: write to any node yourself (see the printed
+# commands); Ctrl-C stops everything.
 # Needs: Rust (rustup) and python3 with venv. Set DEMO_EXIT=1 to stop right after the check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +11,8 @@ root=$PWD
 scripts/install-test-servers.sh
 cargo build --release --locked --bin harmonylite
 bin="$root/target/release/harmonylite"
-nats="$root/target/tools/bin/nats-server"
+# Embedded mode finds nats-server on PATH (or nats.server_binary in the config).
+export PATH="$root/target/tools/bin:$PATH"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/harmonylite-demo.XXXXXX")
 pids=()
@@ -23,38 +26,31 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 sql() { python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); r=c.execute(sys.argv[2]).fetchall(); c.commit(); print("\n".join("|".join(map(str,x)) for x in r))' "$@"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-mkdir -p "$work/ports"
-"$nats" -a 127.0.0.1 -p -1 -js -sd "$work/js" --ports_file_dir "$work/ports" >"$work/nats.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do ls "$work"/ports/*.ports >/dev/null 2>&1 && break; sleep 0.1; done
-url=$(python3 -c 'import json,glob,sys; print(json.load(open(glob.glob(sys.argv[1]+"/ports/*.ports")[0]))["nats"][0])' "$work")
-echo "nats-server on $url"
-
+ports=("$(free_port)" "$(free_port)" "$(free_port)")
 for n in 1 2 3; do
   sql "$work/node-$n.db" "CREATE TABLE Books (id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL, author TEXT NOT NULL, publication_year INTEGER)" >/dev/null
-  cat >"$work/node-$n.toml" <<TOML
-db_path = "$work/node-$n.db"
-seq_map_path = "$work/node-$n-seq-map.cbor"
-node_id = $n
-[replication_log]
-shards = 2
-[nats]
-urls = ["$url"]
-TOML
-  "$bin" -config "$work/node-$n.toml" >"$work/node-$n.log" 2>&1 &
+  # The example configs, with the databases moved into this demo's own directory.
+  sed -e "s|/tmp/harmonylite-$n|$work/node-$n|g" "examples/node-$n.toml" >"$work/node-$n.toml"
+done
+for n in 1 2 3; do
+  peers=()
+  for m in 1 2 3; do [ "$m" != "$n" ] && peers+=("nats://127.0.0.1:${ports[$((m - 1))]}/"); done
+  "$bin" -config "$work/node-$n.toml" -cluster-addr "127.0.0.1:${ports[$((n - 1))]}" \
+    -cluster-peers "$(IFS=,; echo "${peers[*]}")" >"$work/node-$n.log" 2>&1 &
   pids+=($!)
 done
 for n in 1 2 3; do
-  for _ in $(seq 200); do grep -q "Replication running" "$work/node-$n.log" && break; sleep 0.1; done
-  grep -q "Replication running" "$work/node-$n.log" || { cat "$work/node-$n.log"; echo "node $n did not start"; exit 1; }
+  for _ in $(seq 600); do grep -q "Replication running" "$work/node-$n.log" && break; sleep 0.1; done
+  grep -q "Replication running" "$work/node-$n.log" || { tail -20 "$work/node-$n.log"; echo "node $n did not start"; exit 1; }
 done
-echo "three nodes running (logs in $work/node-N.log)"
+echo "three nodes running, each with its own nats-server, clustered on ports ${ports[*]} (logs: $work/node-N.log)"
 
 sql "$work/node-1.db" "INSERT INTO Books (title, author, publication_year) VALUES ('The Hobbit', 'J.R.R. Tolkien', 1937)" >/dev/null
 echo "node 1: inserted 'The Hobbit'"
 for n in 2 3; do
-  for _ in $(seq 100); do
+  for _ in $(seq 200); do
     [ "$(sql "$work/node-$n.db" "SELECT count(*) FROM Books WHERE title = 'The Hobbit'")" = 1 ] && break
     sleep 0.05
   done
@@ -68,6 +64,6 @@ cat <<TXT
 Try it yourself (any node, any statement), e.g.:
   python3 -c "import sqlite3; c=sqlite3.connect('$work/node-2.db'); c.execute(\"UPDATE Books SET title='The Hobbit, or There and Back Again'\"); c.commit()"
   python3 -c "import sqlite3; print(sqlite3.connect('$work/node-3.db').execute('SELECT * FROM Books').fetchall())"
-Press Ctrl-C to stop the nodes and the nats-server.
+Press Ctrl-C to stop the nodes and their nats-servers.
 TXT
 while true; do sleep 3600; done
