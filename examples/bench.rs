@@ -48,21 +48,6 @@ fn find_nats_server() -> Result<PathBuf> {
         .context("nats-server not found: run scripts/install-test-servers.sh")
 }
 
-/// Makes the child get SIGKILL when this process dies, however it dies (Linux).
-fn die_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-}
-
 struct Nats {
     child: Child,
     url: String,
@@ -79,7 +64,7 @@ fn start_nats(bin: &Path, dir: &Path) -> Result<Nats> {
     let ports = dir.join("ports");
     std::fs::create_dir_all(&ports)?;
     let mut cmd = Command::new(bin);
-    die_with_parent(&mut cmd);
+    harmonylite::stream::embedded::die_with_parent(&mut cmd);
     let child = cmd
         .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
         .arg(dir.join("js"))

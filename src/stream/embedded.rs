@@ -72,6 +72,29 @@ pub struct EmbeddedConfig {
     pub user_config: Option<PathBuf>,
 }
 
+/// Makes the child of `cmd` receive SIGKILL when the thread that spawns it exits (Linux
+/// `PR_SET_PDEATHSIG`), and refuse to start if that parent is already gone. Spawn from a thread
+/// that lives as long as the child should.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe; only the child's own state changes.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other(
+                    "parent exited before the child started",
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Finds the executable: `nats.server_binary` when set, else `nats-server` on `PATH`.
 ///
 /// # Errors
@@ -226,23 +249,7 @@ impl EmbeddedNats {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let parent = std::process::id();
-        // SAFETY: prctl and getppid are async-signal-safe; only the child's own state changes.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect.
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other(
-                        "parent exited before nats-server started",
-                    ));
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let (exit_tx, exit_rx) = watch::channel(None);
         let (pid_tx, pid_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()

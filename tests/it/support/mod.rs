@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use harmonylite::stream::embedded::die_with_parent;
 use rusqlite::Connection;
 
 /// Where the install script puts nats-server, relative to the crate root.
@@ -47,22 +48,6 @@ macro_rules! require_nats {
             None => return,
         }
     };
-}
-
-/// Makes a child get SIGKILL when the test process dies, however it dies (Linux), so an aborted
-/// test run leaves no servers behind.
-pub fn die_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
 }
 
 /// A temp dir that honours `NO_TEMPDIR_CLEANUP`.
