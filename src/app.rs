@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::db::{self, apply::Applier, cdc, changelog::ChangeLog, schema};
-use crate::replicate::apply::{self as applying, ApplyStats};
+use crate::health::HealthState;
+use crate::metrics::Metrics;
+use crate::replicate::apply::{self as applying, ApplyObservers};
 use crate::replicate::publish::{LocalLog, Publisher};
 use crate::replicate::watch;
 use crate::seqmap::SeqMap;
@@ -39,10 +41,11 @@ pub fn cleanup(settings: &Settings) -> anyhow::Result<usize> {
     Ok(dropped)
 }
 
-/// Handles to a running node, for callers (tests, benchmarks) that want to observe it.
-#[derive(Clone, Default)]
+/// What a running node reports to the outside: metrics and the health endpoint's state.
+#[derive(Clone)]
 pub struct Observers {
-    pub apply: Arc<ApplyStats>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<HealthState>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled or a subsystem fails.
@@ -51,10 +54,71 @@ pub struct Observers {
 /// Start-up failures (database, capture install, NATS configuration, streams) and any subsystem
 /// failure while running, with context.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    run_observed(settings, shutdown, Observers::default()).await
+    let observers = Observers {
+        metrics: Metrics::new(&settings.prometheus, settings.node_id)
+            .context("invalid [prometheus] namespace or subsystem")?,
+        health: HealthState::new(settings.node_id),
+    };
+    let root = shutdown.child_token();
+    let servers = spawn_http_servers(&settings, &observers, &root).await;
+    let result = run_observed(settings, root.clone(), observers).await;
+    root.cancel();
+    for server in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
+    result
 }
 
-/// [`run`], reporting progress through `observers`.
+/// Starts the metrics and health servers that are enabled. A bind failure is logged and the node
+/// runs on without that server, as Go does.
+async fn spawn_http_servers(
+    settings: &Settings,
+    observers: &Observers,
+    shutdown: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut servers = Vec::new();
+    let mut plan: Vec<(&'static str, String, axum::Router)> = Vec::new();
+    if settings.prometheus.enable {
+        plan.push((
+            "metrics",
+            crate::metrics::listen_addr(&settings.prometheus.bind),
+            crate::metrics::router(Arc::clone(&observers.metrics)),
+        ));
+    }
+    let hc = &settings.health_check;
+    if hc.enable {
+        tracing::info!(bind = %hc.bind, path = %hc.path, "Starting health check server");
+        plan.push((
+            "health",
+            crate::metrics::listen_addr(&hc.bind),
+            crate::health::router(Arc::clone(&observers.health), &hc.path, hc.detailed),
+        ));
+    }
+    for (name, addr, router) in plan {
+        match tokio::net::TcpListener::bind(&addr).await {
+            Ok(listener) => {
+                tracing::info!(server = name, addr = %listener.local_addr().map_or(addr.clone(), |a| a.to_string()), "HTTP server listening");
+                let token = shutdown.clone();
+                servers.push(tokio::spawn(async move {
+                    let serve = axum::serve(listener, router)
+                        .with_graceful_shutdown(token.cancelled_owned());
+                    if let Err(e) = serve.await {
+                        tracing::error!(server = name, error = %e, "HTTP server failed");
+                    }
+                }));
+            }
+            Err(e) => match name {
+                "metrics" => {
+                    tracing::error!(addr, error = %e, "Unable to start controller listener")
+                }
+                _ => tracing::error!(addr, error = %e, "Health check server error"),
+            },
+        }
+    }
+    servers
+}
+
+/// [`run`] with the observers and shutdown token already set up.
 ///
 /// # Errors
 /// As [`run`].
@@ -84,6 +148,15 @@ pub async fn run_observed(
     })
     .await
     .context("start-up task failed")??;
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        observers.health.db_connected.store(true, Relaxed);
+        observers.health.cdc_installed.store(true, Relaxed);
+        observers
+            .health
+            .tables_tracked
+            .store(tables.len() as u64, Relaxed);
+    }
 
     // NATS: the configured servers, or our own supervised nats-server.
     let embedded = if settings.nats.urls.is_empty() {
@@ -99,7 +172,14 @@ pub async fn run_observed(
         Some(server) => vec![server.client_url().to_owned()],
         None => settings.nats.urls.clone(),
     };
-    let client = match stream::connect(&settings, &urls, &root).await {
+    let connected = Arc::clone(&observers.health);
+    let client = match stream::connect(&settings, &urls, &root, move |up| {
+        connected
+            .nats_connected
+            .store(up, std::sync::atomic::Ordering::Relaxed);
+    })
+    .await
+    {
         Ok(c) => c,
         Err(e) => {
             if let Some(server) = &embedded {
@@ -216,7 +296,10 @@ async fn run_connected(
             streams,
             settings.replication.compress,
             rx,
-            Arc::clone(&observers.apply),
+            ApplyObservers {
+                metrics: Arc::clone(&observers.metrics),
+                health: Arc::clone(&observers.health),
+            },
             root.clone(),
         )?);
     } else {
@@ -242,6 +325,8 @@ async fn run_connected(
         js.clone(),
         Arc::clone(&settings),
         hash,
+        Arc::clone(&observers.metrics),
+        Arc::clone(&observers.health),
     );
     let token = root.clone();
     let w = Arc::clone(&wake);

@@ -10,6 +10,7 @@
 //! - [`db`]: SQLite connection policy, schema discovery and hash, triggers, change log, applier.
 //! - [`stream`]: NATS connection, shard streams, pipelined publish, ordered consumers.
 //! - [`replicate`]: the publisher (change log → JetStream) and the applier (JetStream → SQLite).
+//! - [`metrics`], [`health`]: Prometheus series and the health endpoint, fed from in-memory state.
 //! - [`app`]: wires everything together and owns shutdown.
 
 pub mod app;
@@ -17,7 +18,9 @@ pub mod cbor;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod replicate;
 pub mod seqmap;
 pub mod stream;

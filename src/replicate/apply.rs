@@ -27,6 +27,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::apply::{Applier, Incoming, Outcome};
+use crate::health::HealthState;
+use crate::metrics::Metrics;
 use crate::seqmap::SeqMap;
 use crate::stream;
 use crate::wire::{self, ReplicationEvent};
@@ -39,17 +41,19 @@ pub const CHANNEL_DEPTH: usize = 8192;
 /// A message taken from a shard stream.
 #[derive(Debug)]
 pub struct Delivered {
-    /// Index into the stream-name list given to [`spawn_apply_thread`].
+    /// Index into the stream-name list given to [`spawn_apply_thread`] (shard - 1).
     pub stream: usize,
     pub seq: u64,
+    /// When the message entered the stream, unix nanoseconds (0 if unknown).
+    pub stream_time_ns: i64,
     pub body: Bytes,
 }
 
-/// Counters the apply thread keeps (read by tests, metrics and logs).
-#[derive(Debug, Default)]
-pub struct ApplyStats {
-    pub applied: std::sync::atomic::AtomicU64,
-    pub quarantined: std::sync::atomic::AtomicU64,
+/// Where the apply thread reports what it did.
+#[derive(Clone)]
+pub struct ApplyObservers {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<HealthState>,
 }
 
 /// Messages asked for per fetch; a new fetch is sent when one completes.
@@ -151,8 +155,12 @@ pub async fn run_consumer(
                         continue 'reopen;
                     }
                 };
-                let (seq, cseq) = match msg.info() {
-                    Ok(info) => (info.stream_sequence, info.consumer_sequence),
+                let (seq, cseq, stream_time_ns) = match msg.info() {
+                    Ok(info) => (
+                        info.stream_sequence,
+                        info.consumer_sequence,
+                        info.published.unix_timestamp_nanos() as i64,
+                    ),
                     Err(e) => {
                         tracing::warn!(stream = %stream_name, error = %e, "message without JetStream metadata; reopening");
                         continue 'reopen;
@@ -177,6 +185,7 @@ pub async fn run_consumer(
                 let delivered = Delivered {
                     stream: stream_idx,
                     seq,
+                    stream_time_ns,
                     body: msg.message.payload.clone(),
                 };
                 if tx.send(delivered).await.is_err() {
@@ -227,7 +236,7 @@ pub fn spawn_apply_thread(
     streams: Vec<String>,
     compressed: bool,
     mut rx: mpsc::Receiver<Delivered>,
-    stats: Arc<ApplyStats>,
+    observers: ApplyObservers,
     shutdown: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -261,7 +270,7 @@ pub fn spawn_apply_thread(
                     &streams,
                     decompressor.as_mut(),
                     &batch,
-                    &stats,
+                    &observers,
                     &shutdown,
                 ) {
                     break; // shutdown while retrying: the batch is redelivered after restart
@@ -285,10 +294,9 @@ fn apply_with_retry(
     streams: &[String],
     mut decompressor: Option<&mut wire::Decompressor>,
     batch: &[Delivered],
-    stats: &ApplyStats,
+    observers: &ApplyObservers,
     shutdown: &CancellationToken,
 ) -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
     let incoming: Vec<Incoming<'_>> = batch
         .iter()
         .map(|d| Incoming {
@@ -303,13 +311,27 @@ fn apply_with_retry(
     loop {
         match applier.apply_batch(&incoming) {
             Ok(outcomes) => {
+                let now_ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as i64);
+                let m = &observers.metrics;
                 for (i, o) in outcomes.iter().enumerate() {
+                    let d = &batch[i];
+                    let shard = (d.stream + 1).to_string();
+                    m.last_applied_sequence
+                        .with_label_values(&[shard.as_str()])
+                        .set(d.seq as i64);
                     match o {
                         Outcome::Applied => {
-                            stats.applied.fetch_add(1, Relaxed);
+                            m.applied.with_label_values(&[shard.as_str()]).inc();
+                            if d.stream_time_ns > 0 {
+                                let lag_ns = (now_ns - d.stream_time_ns).max(0);
+                                m.apply_lag_seconds.observe(lag_ns as f64 / 1e9);
+                                observers.health.applied(d.stream_time_ns, lag_ns / 1000);
+                            }
                         }
                         Outcome::Quarantined(why) => {
-                            stats.quarantined.fetch_add(1, Relaxed);
+                            m.quarantined.inc();
                             tracing::error!(stream = %incoming[i].stream, seq = incoming[i].seq,
                                 error = %why, "Event quarantined in __harmonylite__dead_letter; replication continues");
                         }

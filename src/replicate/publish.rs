@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::db::changelog::{ChangeLog, PendingChange};
 use crate::db::{self, Table};
+use crate::health::HealthState;
+use crate::metrics::Metrics;
 use crate::stream;
 use crate::wire::{self, ChangeEvent, PkColumn, ReplicationEvent};
 
@@ -115,6 +117,8 @@ pub struct Publisher {
     meta: Vec<TableMeta>,
     /// Reused across messages; only the publisher task uses it (the lock is never contended).
     compressor: Mutex<Option<wire::Compressor>>,
+    metrics: Arc<Metrics>,
+    health: Arc<HealthState>,
 }
 
 impl Publisher {
@@ -125,6 +129,8 @@ impl Publisher {
         js: jetstream::Context,
         settings: Arc<Settings>,
         schema_hash: String,
+        metrics: Arc<Metrics>,
+        health: Arc<HealthState>,
     ) -> Publisher {
         let log = Arc::clone(&writer.lock().unwrap_or_else(|p| p.into_inner()).log);
         let meta = log
@@ -148,6 +154,8 @@ impl Publisher {
             schema_hash,
             meta,
             compressor: Mutex::new(None),
+            metrics,
+            health,
         }
     }
 
@@ -209,6 +217,35 @@ impl Publisher {
     /// # Errors
     /// The first failure; everything from the failing change on stays pending.
     pub async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
+        let result = self.publish_all(shutdown).await;
+        if result.is_err() {
+            self.metrics.publish_errors.inc();
+        }
+        self.count_pending().await;
+        result
+    }
+
+    /// Refreshes `pending_publish` (and the health endpoint's view) with a timed count.
+    async fn count_pending(&self) {
+        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
+        let started = Instant::now();
+        let counted = tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            log.pending_count(&conn)
+        })
+        .await;
+        self.metrics
+            .count_changes
+            .observe(started.elapsed().as_micros() as f64);
+        if let Ok(Ok(n)) = counted {
+            self.metrics.pending_publish.set(n);
+            self.health
+                .pending
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    async fn publish_all(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
         let limit = self.settings.scan_max_changes as usize;
         let mut cursor = 0;
         let mut in_flight: Option<Sent> = None;
@@ -253,6 +290,9 @@ impl Publisher {
         .await
         .map_err(|e| PublishError::Join(e.to_string()))??;
         let scanned = started.elapsed();
+        self.metrics
+            .scan_changes
+            .observe(scanned.as_micros() as f64);
         for (id, why) in &scan.orphans {
             tracing::warn!(global_id = id, reason = %why, "Dropping change-log entry that cannot be published");
         }
@@ -302,7 +342,10 @@ impl Publisher {
             let mut done = 0;
             for ack in acks {
                 match ack.await {
-                    Ok(_) => done += 1,
+                    Ok(ack) => {
+                        done += 1;
+                        self.note_ack(&ack.stream, ack.sequence);
+                    }
                     Err(e) => {
                         // Later acks may have succeeded, but only a prefix is marked: the rest is
                         // sent again and deduplicated by Nats-Msg-Id.
@@ -319,6 +362,12 @@ impl Publisher {
             Some(Failure::TooLarge(i)) if *i == done => Some(changes[*i].clone()),
             _ => None,
         };
+        if done > 0 {
+            self.metrics.published.inc_by(done as u64);
+            if self.settings.publish {
+                self.health.published_now();
+            }
+        }
         let published: Vec<PendingChange> = changes[..done].to_vec();
         let writer = Arc::clone(&self.writer);
         tokio::task::spawn_blocking(move || {
@@ -419,6 +468,16 @@ impl Publisher {
             }
         }
         (acks, None)
+    }
+
+    /// Records a PubAck's sequence under its shard (the stream name ends in `-<shard>`).
+    fn note_ack(&self, stream: &str, sequence: u64) {
+        if let Some(shard) = stream.rsplit('-').next() {
+            self.metrics
+                .last_published_sequence
+                .with_label_values(&[shard])
+                .set(sequence as i64);
+        }
     }
 
     fn nats_failure(&self, c: &PendingChange, message: String) -> Failure {

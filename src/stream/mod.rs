@@ -58,6 +58,7 @@ pub async fn connect(
     settings: &Settings,
     urls: &[String],
     shutdown: &CancellationToken,
+    on_state: impl Fn(bool) + Send + Sync + Clone + 'static,
 ) -> Result<async_nats::Client, Error> {
     use async_nats::ConnectErrorKind as Kind;
     let nats = &settings.nats;
@@ -75,9 +76,12 @@ pub async fn connect(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let opts = connect_options(settings).map_err(connect_err)?;
+        let opts = connect_options(settings, on_state.clone()).map_err(connect_err)?;
         match opts.connect(addrs.clone()).await {
-            Ok(client) => return Ok(client),
+            Ok(client) => {
+                on_state(true);
+                return Ok(client);
+            }
             Err(e) => match e.kind() {
                 Kind::Authentication | Kind::AuthorizationViolation => {
                     let hint = if !nats.seed_file.is_empty() {
@@ -127,7 +131,12 @@ fn is_certificate_error(text: &str) -> bool {
 }
 
 /// Client options: name, reconnect behaviour, event logging, authentication and TLS.
-fn connect_options(settings: &Settings) -> Result<async_nats::ConnectOptions, String> {
+/// `on_state` hears whether the connection is up (the health endpoint reads it).
+fn connect_options(
+    settings: &Settings,
+    on_state: impl Fn(bool) + Send + Sync + 'static,
+) -> Result<async_nats::ConnectOptions, String> {
+    let on_state = Arc::new(on_state);
     let nats = &settings.nats;
     let wait = Duration::from_secs(u64::from(nats.reconnect_wait_seconds.max(1)));
     let was_connected = Arc::new(AtomicBool::new(false));
@@ -144,17 +153,25 @@ fn connect_options(settings: &Settings) -> Result<async_nats::ConnectOptions, St
         })
         .event_callback(move |event| {
             let was_connected = Arc::clone(&was_connected);
+            let on_state = Arc::clone(&on_state);
             async move {
                 match event {
-                    async_nats::Event::Disconnected => tracing::warn!("NATS client disconnected"),
+                    async_nats::Event::Disconnected => {
+                        on_state(false);
+                        tracing::warn!("NATS client disconnected")
+                    }
                     async_nats::Event::Connected => {
+                        on_state(true);
                         if was_connected.swap(true, Ordering::Relaxed) {
                             tracing::info!("NATS client reconnected");
                         } else {
                             tracing::info!("NATS client connected");
                         }
                     }
-                    async_nats::Event::Closed => tracing::warn!("NATS client exiting"),
+                    async_nats::Event::Closed => {
+                        on_state(false);
+                        tracing::warn!("NATS client exiting")
+                    }
                     async_nats::Event::ServerError(e) => {
                         tracing::error!(error = %e, "NATS server error")
                     }

@@ -7,5 +7,6 @@ mod cli;
 mod e2e;
 mod embedded;
 mod failures;
+mod observability;
 mod operations;
 mod values;

@@ -1,0 +1,244 @@
+//! The health endpoint (`[health_check]`): Go HarmonyLite's JSON body, keys in Go's order, 200 when
+//! healthy and 503 otherwise (upstream-behaviour §10), plus optional thresholds in the style of
+//! Corrosion: `?max_lag_seconds=N` (last observed apply lag) and `?max_pending=N` (local changes
+//! not yet published) turn a healthy answer into 503 when exceeded.
+//!
+//! Invariants: a request never touches NATS or SQLite. It reads [`HealthState`], which the other
+//! subsystems update as they work (database opened, capture installed, NATS connection state,
+//! last publish and last apply), so the endpoint answers instantly even when they are stuck.
+//! Go derived both timestamps from shard 1's stream with a NATS request per call; here
+//! `last_published_event_timestamp` is this node's last acknowledged publish and
+//! `last_replicated_event_timestamp` the stream time of the last event it applied.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+
+/// Live facts the endpoint reports; cheap to update from any thread.
+pub struct HealthState {
+    pub node_id: u64,
+    started: Instant,
+    pub db_connected: AtomicBool,
+    pub cdc_installed: AtomicBool,
+    pub tables_tracked: AtomicU64,
+    /// Set by the NATS client's connection events.
+    pub nats_connected: AtomicBool,
+    /// Unix nanoseconds; 0 = never.
+    last_replicated_ns: AtomicI64,
+    last_published_ns: AtomicI64,
+    /// Last observed apply lag, microseconds.
+    apply_lag_us: AtomicI64,
+    /// Local changes not yet published (updated at every publisher scan).
+    pub pending: AtomicI64,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+impl HealthState {
+    /// A state for `node_id` with nothing up yet; uptime counts from now.
+    pub fn new(node_id: u64) -> Arc<HealthState> {
+        Arc::new(HealthState {
+            node_id,
+            started: Instant::now(),
+            db_connected: AtomicBool::new(false),
+            cdc_installed: AtomicBool::new(false),
+            tables_tracked: AtomicU64::new(0),
+            nats_connected: AtomicBool::new(false),
+            last_replicated_ns: AtomicI64::new(0),
+            last_published_ns: AtomicI64::new(0),
+            apply_lag_us: AtomicI64::new(0),
+            pending: AtomicI64::new(0),
+        })
+    }
+
+    /// Records an acknowledged publish (now).
+    pub fn published_now(&self) {
+        self.last_published_ns.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// Records an applied event by its stream timestamp (unix ns) and the lag it had.
+    pub fn applied(&self, stream_time_ns: i64, lag_us: i64) {
+        self.last_replicated_ns
+            .fetch_max(stream_time_ns, Ordering::Relaxed);
+        self.apply_lag_us.store(lag_us.max(0), Ordering::Relaxed);
+    }
+
+    /// Whether the node is healthy by Go's rule: database, NATS and capture all up.
+    pub fn healthy(&self) -> bool {
+        self.db_connected.load(Ordering::Relaxed)
+            && self.nats_connected.load(Ordering::Relaxed)
+            && self.cdc_installed.load(Ordering::Relaxed)
+    }
+
+    /// The body Go sends, keys in its order; `0001-01-01T00:00:00Z` for a time never seen.
+    pub fn body(&self, healthy: bool) -> String {
+        format!(
+            "{{\"status\":\"{}\",\"node_id\":{},\"uptime_seconds\":{},\"db_connected\":{},\"nats_connected\":{},\
+             \"cdc_installed\":{},\"tables_tracked\":{},\"last_replicated_event_timestamp\":\"{}\",\
+             \"last_published_event_timestamp\":\"{}\",\"version\":\"{}\"}}\n",
+            if healthy { "healthy" } else { "unhealthy" },
+            self.node_id,
+            self.started.elapsed().as_secs(),
+            self.db_connected.load(Ordering::Relaxed),
+            self.nats_connected.load(Ordering::Relaxed),
+            self.cdc_installed.load(Ordering::Relaxed),
+            self.tables_tracked.load(Ordering::Relaxed),
+            rfc3339_nano(self.last_replicated_ns.load(Ordering::Relaxed)),
+            rfc3339_nano(self.last_published_ns.load(Ordering::Relaxed)),
+            env!("CARGO_PKG_VERSION"),
+        )
+    }
+}
+
+/// Go's `time.Time` JSON form in UTC (RFC 3339 with trailing zeros of the fraction trimmed).
+fn rfc3339_nano(ns: i64) -> String {
+    if ns <= 0 {
+        return "0001-01-01T00:00:00Z".into();
+    }
+    let secs = ns.div_euclid(1_000_000_000);
+    let frac = ns.rem_euclid(1_000_000_000);
+    let base = crate::wire::format_utc_time(secs);
+    // "YYYY-MM-DD HH:MM:SS+00:00" → "YYYY-MM-DDTHH:MM:SS"
+    let mut out = base[..19].replacen(' ', "T", 1);
+    if frac > 0 {
+        let f = format!("{frac:09}");
+        out.push('.');
+        out.push_str(f.trim_end_matches('0'));
+    }
+    out.push('Z');
+    out
+}
+
+/// Optional thresholds from the query string.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Thresholds {
+    pub max_lag_seconds: Option<f64>,
+    pub max_pending: Option<i64>,
+}
+
+/// Whether the state passes Go's rule and the given thresholds.
+pub fn evaluate(state: &HealthState, t: &Thresholds) -> bool {
+    let lag_ok = t
+        .max_lag_seconds
+        .is_none_or(|max| (state.apply_lag_us.load(Ordering::Relaxed) as f64 / 1e6) <= max);
+    let pending_ok = t
+        .max_pending
+        .is_none_or(|max| state.pending.load(Ordering::Relaxed) <= max);
+    state.healthy() && lag_ok && pending_ok
+}
+
+/// An axum router serving the endpoint at `path` (other paths: 404).
+pub fn router(state: Arc<HealthState>, path: &str, detailed: bool) -> axum::Router {
+    axum::Router::new()
+        .route(
+            path,
+            axum::routing::any(
+                move |State(s): State<Arc<HealthState>>, Query(t): Query<Thresholds>| async move {
+                    let ok = evaluate(&s, &t);
+                    let code = if ok {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    if detailed {
+                        (
+                            code,
+                            [(axum::http::header::CONTENT_TYPE, "application/json")],
+                            s.body(ok),
+                        )
+                            .into_response()
+                    } else {
+                        code.into_response()
+                    }
+                },
+            ),
+        )
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(s: &HealthState) {
+        s.db_connected.store(true, Ordering::Relaxed);
+        s.nats_connected.store(true, Ordering::Relaxed);
+        s.cdc_installed.store(true, Ordering::Relaxed);
+        s.tables_tracked.store(2, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn body_keeps_go_key_order_and_zero_time() {
+        let s = HealthState::new(1);
+        up(&s);
+        let body = s.body(true);
+        let keys: Vec<&str> = [
+            "status",
+            "node_id",
+            "uptime_seconds",
+            "db_connected",
+            "nats_connected",
+            "cdc_installed",
+            "tables_tracked",
+            "last_replicated_event_timestamp",
+            "last_published_event_timestamp",
+            "version",
+        ]
+        .to_vec();
+        let mut pos = 0;
+        for k in keys {
+            let at = body[pos..].find(&format!("\"{k}\":")).map(|i| i + pos);
+            assert!(at.is_some(), "{k} missing or out of order in {body}");
+            pos = at.unwrap_or(pos);
+        }
+        assert!(body.contains("\"last_replicated_event_timestamp\":\"0001-01-01T00:00:00Z\""));
+        assert!(
+            body.starts_with("{\"status\":\"healthy\",\"node_id\":1,"),
+            "{body}"
+        );
+        assert!(body.ends_with("}\n"));
+    }
+
+    #[test]
+    fn timestamps_render_like_go() {
+        assert_eq!(
+            rfc3339_nano(1_742_571_045_123_456_789),
+            "2025-03-21T15:30:45.123456789Z"
+        );
+        assert_eq!(
+            rfc3339_nano(1_742_571_045_500_000_000),
+            "2025-03-21T15:30:45.5Z"
+        );
+        assert_eq!(
+            rfc3339_nano(1_742_571_045_000_000_000),
+            "2025-03-21T15:30:45Z"
+        );
+    }
+
+    #[test]
+    fn thresholds_and_go_rule() {
+        let s = HealthState::new(1);
+        assert!(!evaluate(&s, &Thresholds::default()), "nothing up yet");
+        up(&s);
+        assert!(evaluate(&s, &Thresholds::default()));
+        s.applied(now_ns(), 2_500_000);
+        s.pending.store(10, Ordering::Relaxed);
+        let t = |lag: Option<f64>, pending: Option<i64>| Thresholds {
+            max_lag_seconds: lag,
+            max_pending: pending,
+        };
+        assert!(evaluate(&s, &t(Some(3.0), Some(10))));
+        assert!(!evaluate(&s, &t(Some(2.0), None)));
+        assert!(!evaluate(&s, &t(None, Some(9))));
+        s.nats_connected.store(false, Ordering::Relaxed);
+        assert!(!evaluate(&s, &Thresholds::default()));
+    }
+}

@@ -1,0 +1,307 @@
+//! Prometheus metrics: Go HarmonyLite's five series with their exact names, types and help texts
+//! (upstream-behaviour §11), plus the replication signals Go lacks (applied events, apply lag,
+//! per-shard sequences, quarantined events, publish errors).
+//!
+//! Invariants:
+//! - Names are `<namespace>_<subsystem>_<name>` with empty parts skipped, and every series carries
+//!   the const label `node_id`, as Go's client builds them. Counters get no `_total` suffix (the
+//!   tikv `prometheus` crate, like Go's client, renders the name as given).
+//! - Handles are created once and passed by `Arc`; updating one never blocks. When
+//!   `prometheus.enable` is false the handles still work, nothing is served.
+//! - The exporter answers on every path (Go used one handler for all paths); `/metrics` is the
+//!   documented one.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::config::PrometheusConfig;
+
+/// What went wrong creating the metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("metric registration failed: {0}")]
+    Prometheus(#[from] prometheus::Error),
+}
+
+/// Every metric this program exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `published`: rows published (Go: "number of rows published").
+    pub published: IntCounter,
+    /// `pending_publish`: captured changes not yet published.
+    pub pending_publish: IntGauge,
+    /// `count_changes`: µs spent counting pending changes per scan.
+    pub count_changes: Histogram,
+    /// `scan_changes`: µs spent reading pending changes per scan.
+    pub scan_changes: Histogram,
+    /// `schema_mismatch_paused`: 1 while replication is paused on a schema mismatch.
+    pub schema_mismatch_paused: IntGauge,
+    /// `applied`: events applied, per shard (this node's own included).
+    pub applied: IntCounterVec,
+    /// `apply_lag_seconds`: stream timestamp of a message to its apply.
+    pub apply_lag_seconds: Histogram,
+    /// `last_published_sequence`: stream sequence of this node's last acknowledged publish.
+    pub last_published_sequence: IntGaugeVec,
+    /// `last_applied_sequence`: stream sequence of the last event applied, per shard.
+    pub last_applied_sequence: IntGaugeVec,
+    /// `quarantined`: events recorded in the dead-letter table instead of being applied.
+    pub quarantined: IntCounter,
+    /// `publish_errors`: failed publish passes (each is retried with backoff).
+    pub publish_errors: IntCounter,
+}
+
+fn opts(cfg: &PrometheusConfig, node_id: u64, name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+        .namespace(cfg.namespace.clone())
+        .subsystem(cfg.subsystem.clone())
+        .const_label("node_id", node_id.to_string())
+}
+
+fn histogram(
+    cfg: &PrometheusConfig,
+    node_id: u64,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> Result<Histogram, Error> {
+    let o = opts(cfg, node_id, name, help);
+    let h = HistogramOpts::from(o).buckets(buckets);
+    Ok(Histogram::with_opts(h)?)
+}
+
+impl Metrics {
+    /// Builds and registers every metric.
+    ///
+    /// # Errors
+    /// Invalid names (e.g. a namespace with spaces).
+    pub fn new(cfg: &PrometheusConfig, node_id: u64) -> Result<Arc<Metrics>, Error> {
+        let registry = Registry::new();
+        // Go's histograms use the default buckets while being fed microseconds; kept for
+        // compatibility of dashboards built on them.
+        let default_buckets = prometheus::DEFAULT_BUCKETS.to_vec();
+        let m = Metrics {
+            published: IntCounter::with_opts(opts(
+                cfg,
+                node_id,
+                "published",
+                "number of rows published",
+            ))?,
+            pending_publish: IntGauge::with_opts(opts(
+                cfg,
+                node_id,
+                "pending_publish",
+                "rows pending publishing",
+            ))?,
+            count_changes: histogram(
+                cfg,
+                node_id,
+                "count_changes",
+                "latency counting changes in microseconds",
+                default_buckets.clone(),
+            )?,
+            scan_changes: histogram(
+                cfg,
+                node_id,
+                "scan_changes",
+                "latency scanning change rows in DB",
+                default_buckets,
+            )?,
+            schema_mismatch_paused: IntGauge::with_opts(opts(
+                cfg,
+                node_id,
+                "schema_mismatch_paused",
+                "Replication paused due to schema mismatch (1=paused, 0=normal)",
+            ))?,
+            applied: IntCounterVec::new(
+                opts(
+                    cfg,
+                    node_id,
+                    "applied",
+                    "replicated events applied to the local database, per shard",
+                ),
+                &["shard"],
+            )?,
+            apply_lag_seconds: histogram(
+                cfg,
+                node_id,
+                "apply_lag_seconds",
+                "seconds from a change entering its stream to its apply on this node",
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0, 300.0,
+                ],
+            )?,
+            last_published_sequence: IntGaugeVec::new(
+                opts(
+                    cfg,
+                    node_id,
+                    "last_published_sequence",
+                    "stream sequence of this node's last acknowledged publish, per shard",
+                ),
+                &["shard"],
+            )?,
+            last_applied_sequence: IntGaugeVec::new(
+                opts(
+                    cfg,
+                    node_id,
+                    "last_applied_sequence",
+                    "stream sequence of the last event applied, per shard",
+                ),
+                &["shard"],
+            )?,
+            quarantined: IntCounter::with_opts(opts(
+                cfg,
+                node_id,
+                "quarantined",
+                "events that could not be applied and were recorded in __harmonylite__dead_letter",
+            ))?,
+            publish_errors: IntCounter::with_opts(opts(
+                cfg,
+                node_id,
+                "publish_errors",
+                "publish passes that failed and were retried",
+            ))?,
+            registry,
+        };
+        m.registry.register(Box::new(m.published.clone()))?;
+        m.registry.register(Box::new(m.pending_publish.clone()))?;
+        m.registry.register(Box::new(m.count_changes.clone()))?;
+        m.registry.register(Box::new(m.scan_changes.clone()))?;
+        m.registry
+            .register(Box::new(m.schema_mismatch_paused.clone()))?;
+        m.registry.register(Box::new(m.applied.clone()))?;
+        m.registry.register(Box::new(m.apply_lag_seconds.clone()))?;
+        m.registry
+            .register(Box::new(m.last_published_sequence.clone()))?;
+        m.registry
+            .register(Box::new(m.last_applied_sequence.clone()))?;
+        m.registry.register(Box::new(m.quarantined.clone()))?;
+        m.registry.register(Box::new(m.publish_errors.clone()))?;
+        Ok(Arc::new(m))
+    }
+
+    /// Metrics with default names, for tests and embedders that do not serve them.
+    pub fn unserved(node_id: u64) -> Arc<Metrics> {
+        Metrics::new(&PrometheusConfig::default(), node_id).expect("default metric names are valid")
+    }
+
+    /// The text exposition format of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// An axum router answering every path with the metrics (Go served them on every path).
+pub fn router(metrics: Arc<Metrics>) -> axum::Router {
+    axum::Router::new().fallback(move || {
+        let m = Arc::clone(&metrics);
+        async move {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                m.render(),
+            )
+        }
+    })
+}
+
+/// Turns Go's `:3010` style bind address into something `TcpListener` accepts.
+pub fn listen_addr(bind: &str) -> String {
+    match bind.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => bind.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every series name, `# TYPE` and help text, in render order (golden).
+    #[test]
+    fn golden_names_types_and_help() {
+        let m = Metrics::unserved(7);
+        m.applied.with_label_values(&["1"]).inc();
+        m.last_published_sequence.with_label_values(&["1"]).set(3);
+        m.last_applied_sequence.with_label_values(&["1"]).set(3);
+        let text = m.render();
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
+        assert_eq!(
+            types,
+            [
+                "# TYPE harmonylite_applied counter",
+                "# TYPE harmonylite_apply_lag_seconds histogram",
+                "# TYPE harmonylite_count_changes histogram",
+                "# TYPE harmonylite_last_applied_sequence gauge",
+                "# TYPE harmonylite_last_published_sequence gauge",
+                "# TYPE harmonylite_pending_publish gauge",
+                "# TYPE harmonylite_publish_errors counter",
+                "# TYPE harmonylite_published counter",
+                "# TYPE harmonylite_quarantined counter",
+                "# TYPE harmonylite_scan_changes histogram",
+                "# TYPE harmonylite_schema_mismatch_paused gauge",
+            ]
+        );
+        for help in [
+            "# HELP harmonylite_published number of rows published",
+            "# HELP harmonylite_pending_publish rows pending publishing",
+            "# HELP harmonylite_count_changes latency counting changes in microseconds",
+            "# HELP harmonylite_scan_changes latency scanning change rows in DB",
+            "# HELP harmonylite_schema_mismatch_paused Replication paused due to schema mismatch (1=paused, 0=normal)",
+        ] {
+            assert!(text.contains(help), "missing {help}");
+        }
+        assert!(
+            text.contains("harmonylite_published{node_id=\"7\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("harmonylite_applied{node_id=\"7\",shard=\"1\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("_total"), "Go names have no _total suffix");
+    }
+
+    #[test]
+    fn namespace_and_subsystem_join_like_go() {
+        let cfg = PrometheusConfig {
+            namespace: "acme".into(),
+            subsystem: "db".into(),
+            ..PrometheusConfig::default()
+        };
+        let text = Metrics::new(&cfg, 1).expect("valid").render();
+        assert!(text.contains("# TYPE acme_db_published counter"), "{text}");
+        let cfg = PrometheusConfig {
+            namespace: String::new(),
+            ..PrometheusConfig::default()
+        };
+        assert!(
+            Metrics::new(&cfg, 1)
+                .expect("valid")
+                .render()
+                .contains("# TYPE published counter")
+        );
+        let bad = PrometheusConfig {
+            namespace: "has space".into(),
+            ..PrometheusConfig::default()
+        };
+        assert!(Metrics::new(&bad, 1).is_err());
+    }
+
+    #[test]
+    fn bind_addresses() {
+        assert_eq!(listen_addr(":3010"), "0.0.0.0:3010");
+        assert_eq!(listen_addr("127.0.0.1:9"), "127.0.0.1:9");
+    }
+}
