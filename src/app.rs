@@ -347,9 +347,19 @@ async fn run_connected(
             None => std::future::pending().await,
         }
     };
+    let sleep_timeout = settings.sleep_timeout;
+    let idle = async {
+        match sleep_timeout {
+            Some(timeout) => observers.health.idle_for(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         biased;
         _ = root.cancelled() => {}
+        _ = idle => {
+            tracing::info!("No more events to process, initiating shutdown");
+        }
         status = broker_exit => {
             failure = Some(anyhow::anyhow!(
                 "embedded nats-server exited unexpectedly ({status}); stopping rather than running without a broker"

@@ -34,6 +34,9 @@ pub struct HealthState {
     apply_lag_us: AtomicI64,
     /// Local changes not yet published (updated at every publisher scan).
     pub pending: AtomicI64,
+    /// Unix ns of the last "pulse" (a local change consumed or a remote one applied), for
+    /// `sleep_timeout` (upstream-behaviour §13).
+    last_pulse_ns: AtomicI64,
 }
 
 fn now_ns() -> i64 {
@@ -56,6 +59,7 @@ impl HealthState {
             last_published_ns: AtomicI64::new(0),
             apply_lag_us: AtomicI64::new(0),
             pending: AtomicI64::new(0),
+            last_pulse_ns: AtomicI64::new(now_ns()),
         })
     }
 
@@ -64,8 +68,26 @@ impl HealthState {
         self.last_published_ns.store(now_ns(), Ordering::Relaxed);
     }
 
+    /// Records activity: a local change consumed or a remote one applied.
+    pub fn pulse(&self) {
+        self.last_pulse_ns.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// Resolves once no pulse has been seen for `timeout`.
+    pub async fn idle_for(&self, timeout: std::time::Duration) {
+        loop {
+            let idle_ns = (now_ns() - self.last_pulse_ns.load(Ordering::Relaxed)).max(0) as u64;
+            let idle = std::time::Duration::from_nanos(idle_ns);
+            if idle >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout - idle).await;
+        }
+    }
+
     /// Records an applied event by its stream timestamp (unix ns) and the lag it had.
     pub fn applied(&self, stream_time_ns: i64, lag_us: i64) {
+        self.pulse();
         self.last_replicated_ns
             .fetch_max(stream_time_ns, Ordering::Relaxed);
         self.apply_lag_us.store(lag_us.max(0), Ordering::Relaxed);

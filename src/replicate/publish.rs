@@ -304,6 +304,9 @@ impl Publisher {
             .max()
             .unwrap_or(cursor);
         let read = scan.changes.len() + scan.orphans.len();
+        if !scan.changes.is_empty() {
+            self.health.pulse();
+        }
         let orphans = scan.orphans.into_iter().map(|o| o.0).collect();
         let changes = scan.changes;
         let (acks, failure) = if self.settings.publish {

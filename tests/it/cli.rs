@@ -24,12 +24,33 @@ fn text(o: &Output) -> String {
 fn version_flag() {
     let o = run(&["-version"]);
     assert_eq!(o.status.code(), Some(0));
-    let line = String::from_utf8_lossy(&o.stdout);
-    assert!(line.starts_with("HarmonyLite "), "{line}");
+    let line = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    // HarmonyLite <version> (git: <commit>, tag: <tag>, built: <date>, <rustc>, <os>/<arch>)
+    let rest = line.strip_prefix("HarmonyLite ").expect("prefix");
+    let (version, rest) = rest.split_once(" (git: ").expect("git");
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    let fields: Vec<&str> = rest
+        .strip_suffix(')')
+        .expect("closing paren")
+        .split(", ")
+        .collect();
+    assert_eq!(fields.len(), 5, "{line}");
     assert!(
-        line.contains("(git: ") && line.contains(", tag: ") && line.contains(", built: "),
+        fields[1].starts_with("tag: ") && fields[2].starts_with("built: "),
         "{line}"
     );
+    assert!(fields[3].starts_with("rustc "), "compiler recorded: {line}");
+    assert_eq!(
+        fields[4],
+        format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH)
+    );
+    if std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.git")).exists() {
+        assert!(
+            fields[0].len() >= 7 && fields[0].chars().all(|c| c.is_ascii_hexdigit()),
+            "commit: {line}"
+        );
+        assert!(fields[2]["built: ".len()..].ends_with('Z'), "{line}");
+    }
 }
 
 #[test]

@@ -154,3 +154,28 @@ fn nats_outage_under_write_load_loses_nothing() {
     assert_eq!(b.checksum("Books"), a.checksum("Books"));
     assert!(a.log().contains("NATS client reconnected"), "{}", a.log());
 }
+
+#[test]
+fn sleep_timeout_exits_cleanly_after_idling() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut node = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "sleep_timeout = 1500");
+    node.start();
+    // Activity keeps it awake.
+    for i in 0..4 {
+        node.exec(&format!(
+            "INSERT INTO Books (title, author) VALUES ('awake {i}', 'x')"
+        ));
+        std::thread::sleep(Duration::from_millis(500)); // pacing the writes, not waiting for state
+    }
+    assert!(
+        node.wait_exit(Duration::from_millis(10)).is_none(),
+        "slept while busy"
+    );
+    let status = node.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", node.log());
+    assert!(
+        node.log()
+            .contains("No more events to process, initiating shutdown")
+    );
+}
