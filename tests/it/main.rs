@@ -9,4 +9,5 @@ mod embedded;
 mod failures;
 mod observability;
 mod operations;
+mod systemd;
 mod values;

@@ -221,6 +221,8 @@ pub struct Node {
     starts: usize,
     /// Extra command-line arguments (cluster flags).
     pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -241,6 +243,7 @@ impl Node {
             child: None,
             starts: 0,
             args: Vec::new(),
+            env: Vec::new(),
         };
         node.write_config(nats_url, shards, extra);
         node
@@ -335,6 +338,7 @@ impl Node {
             .arg("-config")
             .arg(&self.config)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .stdout(log)
             .stderr(err)

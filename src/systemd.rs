@@ -1,0 +1,44 @@
+//! systemd integration: `Type=notify` readiness. When started by systemd with `Type=notify`,
+//! `$NOTIFY_SOCKET` names a datagram socket; we send `READY=1` once capture is installed and the
+//! consumers and publisher run, and `STOPPING=1` when shutdown begins. Without the variable this
+//! does nothing. Failures are logged, never fatal: readiness is advisory.
+
+use std::os::unix::net::UnixDatagram;
+
+/// Sends `state` (e.g. `READY=1`) to the service manager, if there is one.
+pub fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let result = UnixDatagram::unbound().and_then(|sock| {
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            // Abstract socket namespace (Linux).
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)
+        } else {
+            sock.send_to(state.as_bytes(), &path)
+        }
+    });
+    if let Err(e) = result {
+        tracing::warn!(error = %e, state, "cannot notify systemd");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sends_to_a_path_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify.sock");
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        // SAFETY: this test is the only code reading NOTIFY_SOCKET in the process.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        super::notify("READY=1");
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        let mut buf = [0u8; 64];
+        let n = listener.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"READY=1");
+    }
+}
