@@ -88,3 +88,53 @@ fn example_keys_are_all_real_keys() {
             .expect("example parses");
     assert!(parsed.unknown_keys.is_empty(), "{:?}", parsed.unknown_keys);
 }
+
+#[test]
+fn grafana_dashboard_is_valid_and_uses_only_real_metrics() {
+    let text = include_str!("../../examples/grafana-dashboard.json");
+    let dash: serde_json::Value = serde_json::from_str(text).expect("dashboard is valid JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(
+        panels.len() >= 5,
+        "throughput, pending, lag, errors, sequences at least"
+    );
+    let metrics = harmonylite::metrics::Metrics::unserved(1);
+    // Per-shard series appear once a shard has a value.
+    metrics.applied.with_label_values(&["1"]).inc();
+    metrics
+        .last_published_sequence
+        .with_label_values(&["1"])
+        .set(1);
+    metrics
+        .last_applied_sequence
+        .with_label_values(&["1"])
+        .set(1);
+    let exported = metrics.render();
+    let mut referenced = 0;
+    for panel in panels {
+        assert!(
+            panel["title"].is_string() && panel["description"].is_string(),
+            "{panel}"
+        );
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for (i, _) in expr.match_indices("harmonylite_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let base = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                assert!(
+                    exported.contains(&format!("# TYPE {base} ")),
+                    "panel {:?} uses {name}, which harmonylite does not export",
+                    panel["title"]
+                );
+                referenced += 1;
+            }
+        }
+    }
+    assert!(referenced >= 10);
+}
