@@ -85,6 +85,9 @@ async fn spawn_http_servers(
             crate::metrics::router(Arc::clone(&observers.metrics)),
         ));
     }
+    if let Some(addr) = &settings.pprof {
+        plan.push(("pprof", addr.clone(), crate::profiling::router()));
+    }
     let hc = &settings.health_check;
     if hc.enable {
         tracing::info!(bind = %hc.bind, path = %hc.path, "Starting health check server");
@@ -111,6 +114,7 @@ async fn spawn_http_servers(
                 "metrics" => {
                     tracing::error!(addr, error = %e, "Unable to start controller listener")
                 }
+                "pprof" => tracing::error!(addr, error = %e, "unable to bind profiler server"),
                 _ => tracing::error!(addr, error = %e, "Health check server error"),
             },
         }

@@ -43,6 +43,10 @@ pub struct Args {
     #[arg(long = "leaf-servers", value_name = "URLS", default_value = "")]
     pub leaf_servers: String,
 
+    /// Serve CPU profiles on this address (/debug/pprof/profile, /debug/pprof/flamegraph)
+    #[arg(long = "pprof", value_name = "HOST:PORT", default_value = "")]
+    pub pprof: String,
+
     /// Print the version and exit
     #[arg(long = "version", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
           default_value_t = false, default_missing_value = "true", value_name = "BOOL")]

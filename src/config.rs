@@ -351,6 +351,8 @@ pub struct Overrides {
     pub cluster_peers: String,
     /// `-leaf-servers`: comma-separated leaf remote URLs.
     pub leaf_servers: String,
+    /// `-pprof`: profiler listen address; empty = off.
+    pub pprof: String,
 }
 
 /// The embedded server's clustering, from the command line (Go has no config keys for these).
@@ -471,6 +473,8 @@ pub struct Settings {
     pub nats: NatsConfig,
     /// Embedded-server clustering from `-cluster-addr`, `-cluster-peers`, `-leaf-servers`.
     pub cluster: ClusterSettings,
+    /// `-pprof` listen address, if profiling was asked for.
+    pub pprof: Option<String>,
     pub log_verbose: bool,
     pub log_format: LogFormat,
     pub prometheus: PrometheusConfig,
@@ -669,6 +673,7 @@ impl FileConfig {
             },
             nats: self.nats,
             cluster,
+            pprof: (!overrides.pprof.trim().is_empty()).then(|| overrides.pprof.trim().to_owned()),
             log_verbose: self.logging.verbose,
             log_format,
             prometheus: self.prometheus,

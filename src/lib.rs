@@ -11,6 +11,7 @@
 //! - [`stream`]: NATS connection, shard streams, pipelined publish, ordered consumers.
 //! - [`replicate`]: the publisher (change log → JetStream) and the applier (JetStream → SQLite).
 //! - [`metrics`], [`health`]: Prometheus series and the health endpoint, fed from in-memory state.
+//! - [`profiling`]: `-pprof` CPU profiles (protobuf and flame graph).
 //! - [`systemd`]: `Type=notify` readiness.
 //! - [`app`]: wires everything together and owns shutdown.
 
@@ -22,6 +23,7 @@ pub mod db;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod profiling;
 pub mod replicate;
 pub mod seqmap;
 pub mod stream;

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             cluster_addr: args.cluster_addr.clone(),
             cluster_peers: args.cluster_peers.clone(),
             leaf_servers: args.leaf_servers.clone(),
+            pprof: args.pprof.clone(),
         };
         let unknown = parsed.unknown_keys.clone();
         parsed.config.validate(&overrides).map(|s| (s, unknown))

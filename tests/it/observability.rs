@@ -132,3 +132,61 @@ fn metrics_and_health_follow_replication_and_outages() {
         get(a_health, "/health").0 == 200
     });
 }
+
+#[test]
+fn pprof_serves_cpu_profiles_and_flame_graphs() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let port = free_port();
+    let mut node = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    node.args = vec!["-pprof".into(), format!("127.0.0.1:{port}")];
+    node.start();
+    // Keep the node busy while it is sampled.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (db, stop) = (node.db.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open(db).expect("db");
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = conn.execute(
+                    "INSERT INTO Books (title, author) VALUES (?1, 'p')",
+                    [format!("p{i}")],
+                );
+                i += 1;
+            }
+        })
+    };
+    let (code, body) = get_bytes(port, "/debug/pprof/profile?seconds=1");
+    assert_eq!(code, 200);
+    use pprof::protos::Message;
+    let profile = pprof::protos::Profile::parse_from_bytes(&body).expect("a protobuf profile");
+    assert!(!profile.sample_type.is_empty(), "profile has sample types");
+    let (code, svg) = get_bytes(port, "/debug/pprof/flamegraph?seconds=1");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().expect("writer");
+    assert_eq!(code, 200);
+    let svg = String::from_utf8_lossy(&svg);
+    assert!(svg.contains("<svg"), "{}", &svg[..svg.len().min(200)]);
+}
+
+/// GET returning raw bytes.
+fn get_bytes(port: u16, path: &str) -> (u16, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("response");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(raw.len(), |i| i + 4);
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, raw[split..].to_vec())
+}
