@@ -8,6 +8,7 @@
 //!
 //! Run: `cargo run --release --example bench` (after `scripts/install-test-servers.sh`, or with
 //! `nats-server` on `PATH`, or `HARMONYLITE_NATS_SERVER=/path/to/nats-server`).
+//! `-- --charts docs` also writes `bench-throughput.png` and `bench-latency.png` there.
 //! Streams keep 1,000,000 messages (`max_entries`): with Go's default of 1,024, a burst larger
 //! than that outruns any consumer and the stream discards what lagging nodes have not read.
 //! The nodes run in this process through the library (`harmonylite::app::run`), with the same code
@@ -181,7 +182,18 @@ fn main() -> Result<()> {
         }
         start.elapsed()
     };
-    wait_for(&db2, "bench", THROUGHPUT_ROWS, Duration::from_secs(120))?;
+    let mut visible: Vec<(f64, i64)> = vec![(0.0, 0)];
+    loop {
+        let n = count(&db2, "bench")?;
+        visible.push((start.elapsed().as_secs_f64(), n));
+        if n >= THROUGHPUT_ROWS {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("timed out waiting for {THROUGHPUT_ROWS} rows on node 2");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let elapsed = start.elapsed();
     let rate = THROUGHPUT_ROWS as f64 / elapsed.as_secs_f64();
 
@@ -254,10 +266,177 @@ fn main() -> Result<()> {
         latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
     );
 
+    if let Some(dir) = chart_dir() {
+        let font = load_font()?;
+        draw_throughput(
+            &dir.join("bench-throughput.png"),
+            font,
+            &visible,
+            committed,
+            published,
+            rate,
+        )?;
+        draw_latency(&dir.join("bench-latency.png"), font, &latencies)?;
+        println!("charts written to {}", dir.display());
+    }
+
     shutdown.cancel();
     for n in nodes {
         rt.block_on(n)??;
     }
     drop(nats);
+    Ok(())
+}
+
+/// `--charts DIR`: where to write PNG charts of the run.
+fn chart_dir() -> Option<PathBuf> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--charts")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+}
+
+/// Registers a TrueType font for chart text (plotters draws text with ab_glyph, no system
+/// libraries); DejaVu Sans ships with Debian and Ubuntu (package fonts-dejavu-core).
+fn load_font() -> Result<&'static str> {
+    const CANDIDATES: [&str; 3] = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    ];
+    let path = std::env::var("BENCH_FONT")
+        .ok()
+        .or_else(|| {
+            CANDIDATES
+                .iter()
+                .find(|p| Path::new(p).exists())
+                .map(|p| (*p).to_owned())
+        })
+        .context("no TrueType font for charts: install fonts-dejavu-core or set BENCH_FONT")?;
+    let bytes: &'static [u8] = Box::leak(std::fs::read(&path)?.into_boxed_slice());
+    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{path} is not a usable TrueType font"))?;
+    Ok("sans-serif")
+}
+
+fn draw_throughput(
+    path: &Path,
+    font: &str,
+    visible: &[(f64, i64)],
+    committed: Duration,
+    published: Duration,
+    rate: f64,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let xmax = visible.last().map_or(1.0, |p| p.0) * 1.05;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{THROUGHPUT_ROWS} rows in {TX_ROWS}-row transactions: {rate:.0} rows/s end to end"
+            ),
+            (font, 22),
+        )
+        .margin(20)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..xmax, 0i64..THROUGHPUT_ROWS + THROUGHPUT_ROWS / 20)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the first commit on node 1")
+        .y_desc("rows visible on node 2")
+        .label_style((font, 15))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .draw_series(LineSeries::new(
+            visible.iter().copied(),
+            BLUE.stroke_width(3),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("rows visible on node 2")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(3)));
+    for (t, label, color) in [
+        (committed, "all committed on node 1", RED),
+        (published, "all published by node 1", GREEN),
+    ] {
+        let x = t.as_secs_f64();
+        chart
+            .draw_series(LineSeries::new(
+                vec![(x, 0), (x, THROUGHPUT_ROWS)],
+                color.stroke_width(2),
+            ))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .label_font((font, 15))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn draw_latency(path: &Path, font: &str, sorted: &[Duration]) -> Result<()> {
+    use plotters::prelude::*;
+    let ms: Vec<f64> = sorted.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    let (p50, p99) = (percentile(sorted, 0.5), percentile(sorted, 0.99));
+    let bucket_ms = 0.5;
+    let xmax = ms.last().copied().unwrap_or(1.0).max(1.0) + bucket_ms;
+    let buckets = (xmax / bucket_ms).ceil() as usize;
+    let mut counts = vec![0u32; buckets + 1];
+    for v in &ms {
+        counts[((v / bucket_ms) as usize).min(buckets)] += 1;
+    }
+    let ymax = counts.iter().copied().max().unwrap_or(1) + 10;
+    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "commit on node 1 → visible on node 2, {LATENCY_ROWS} rows at {LATENCY_RATE_PER_SEC}/s: p50 {:.1} ms, p99 {:.1} ms",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3
+            ),
+            (font, 20),
+        )
+        .margin(20)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..xmax, 0u32..ymax)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (ms)")
+        .y_desc("transactions")
+        .label_style((font, 15))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .draw_series(
+            counts
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, c)| {
+                    let x0 = i as f64 * bucket_ms;
+                    Rectangle::new(
+                        [(x0, 0), (x0 + bucket_ms * 0.9, *c)],
+                        BLUE.mix(0.7).filled(),
+                    )
+                }),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

@@ -101,8 +101,20 @@ pub fn version_line() -> String {
         option_env!("HARMONYLITE_BUILD_DATE").unwrap_or("unknown"),
         option_env!("HARMONYLITE_RUSTC").unwrap_or("rustc"),
         std::env::consts::OS,
-        std::env::consts::ARCH,
+        go_arch(std::env::consts::ARCH),
     )
+}
+
+/// Go's `GOARCH` spelling of an architecture, so `-version` reads like Go HarmonyLite's.
+pub fn go_arch(arch: &str) -> &str {
+    match arch {
+        "x86_64" => "amd64",
+        "x86" => "386",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64",
+        "loongarch64" => "loong64",
+        other => other,
+    }
 }
 
 #[cfg(test)]

@@ -42,7 +42,11 @@ fn version_flag() {
     assert!(fields[3].starts_with("rustc "), "compiler recorded: {line}");
     assert_eq!(
         fields[4],
-        format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH)
+        format!(
+            "{}/{}",
+            std::env::consts::OS,
+            harmonylite::cli::go_arch(std::env::consts::ARCH)
+        )
     );
     if std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.git")).exists() {
         assert!(
