@@ -9,7 +9,8 @@ fn run(cmd: &str, args: &[&str]) -> Option<String> {
     (out.status.success() && !text.is_empty()).then_some(text)
 }
 
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian. The same algorithm as
+/// `wire::civil_from_days`: a build script cannot use the crate it builds.
 fn civil(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

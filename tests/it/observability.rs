@@ -7,24 +7,10 @@ use std::time::Duration;
 use crate::require_nats;
 use crate::support::{BOOKS_SCHEMA, NatsServer, Node, REPLICATION_TIMEOUT, free_port, wait_until};
 
-/// A plain HTTP/1.0 GET: (status code, body).
+/// A plain HTTP/1.0 GET: (status code, body as text).
 fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("response");
-    let code = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+    let (code, body) = get_bytes(port, path);
+    (code, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The value of the first sample line starting with `prefix`.
