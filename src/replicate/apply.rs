@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::seqmap::SeqMap;
 use crate::stream;
 use crate::wire::{self, ReplicationEvent};
+use prometheus::{IntCounter, IntGauge};
 
 /// Most events applied in one transaction.
 pub const MAX_BATCH: usize = 2000;
@@ -243,6 +244,24 @@ pub fn spawn_apply_thread(
         .name("harmonylite-apply".into())
         .spawn(move || {
             let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
+            // Per-shard metric handles, resolved once instead of per event.
+            let shard_label = |i: usize| (i + 1).to_string();
+            let shard_applied: Vec<IntCounter> = (0..streams.len())
+                .map(|i| {
+                    observers
+                        .metrics
+                        .applied
+                        .with_label_values(&[shard_label(i).as_str()])
+                })
+                .collect();
+            let shard_last: Vec<IntGauge> = (0..streams.len())
+                .map(|i| {
+                    observers
+                        .metrics
+                        .last_applied_sequence
+                        .with_label_values(&[shard_label(i).as_str()])
+                })
+                .collect();
             let mut decompressor = match compressed.then(wire::Decompressor::new).transpose() {
                 Ok(d) => d,
                 Err(e) => {
@@ -271,6 +290,7 @@ pub fn spawn_apply_thread(
                     decompressor.as_mut(),
                     &batch,
                     &observers,
+                    &shard_applied,
                     &shutdown,
                 ) {
                     break; // shutdown while retrying: the batch is redelivered after restart
@@ -282,6 +302,9 @@ pub fn spawn_apply_thread(
                     *e = (*e).max(d.seq);
                 }
                 save_seqmap(&mut seqmap, &streams, &high, &shutdown);
+                for (&i, &seq) in &high {
+                    shard_last[i].set(seq as i64);
+                }
                 batch.clear();
             }
             tracing::debug!("apply thread stopped");
@@ -295,6 +318,7 @@ fn apply_with_retry(
     mut decompressor: Option<&mut wire::Decompressor>,
     batch: &[Delivered],
     observers: &ApplyObservers,
+    shard_applied: &[IntCounter],
     shutdown: &CancellationToken,
 ) -> bool {
     let incoming: Vec<Incoming<'_>> = batch
@@ -317,13 +341,9 @@ fn apply_with_retry(
                 let m = &observers.metrics;
                 for (i, o) in outcomes.iter().enumerate() {
                     let d = &batch[i];
-                    let shard = (d.stream + 1).to_string();
-                    m.last_applied_sequence
-                        .with_label_values(&[shard.as_str()])
-                        .set(d.seq as i64);
                     match o {
                         Outcome::Applied => {
-                            m.applied.with_label_values(&[shard.as_str()]).inc();
+                            shard_applied[d.stream].inc();
                             if d.stream_time_ns > 0 {
                                 let lag_ns = (now_ns - d.stream_time_ns).max(0);
                                 m.apply_lag_seconds.observe(lag_ns as f64 / 1e9);

@@ -343,11 +343,16 @@ impl Publisher {
         } = sent;
         let done = if self.settings.publish {
             let mut done = 0;
+            // Highest acknowledged sequence per stream, recorded once per pass.
+            let mut highest: Vec<(String, u64)> = Vec::new();
             for ack in acks {
                 match ack.await {
                     Ok(ack) => {
                         done += 1;
-                        self.note_ack(&ack.stream, ack.sequence);
+                        match highest.iter_mut().find(|(s, _)| *s == ack.stream) {
+                            Some(entry) => entry.1 = entry.1.max(ack.sequence),
+                            None => highest.push((ack.stream, ack.sequence)),
+                        }
                     }
                     Err(e) => {
                         // Later acks may have succeeded, but only a prefix is marked: the rest is
@@ -356,6 +361,9 @@ impl Publisher {
                         break;
                     }
                 }
+            }
+            for (stream, sequence) in &highest {
+                self.note_ack(stream, *sequence);
             }
             done
         } else {
