@@ -9,6 +9,8 @@
 //! - Shutdown (design §3.9): stop intake, let the publisher finish its in-flight pass and the
 //!   apply thread its batch and seq-map save, then return. Nothing is left running.
 
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,10 +24,19 @@ use crate::db::{self, apply::Applier, cdc, changelog::ChangeLog, schema};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
 use crate::replicate::apply::{self as applying, ApplyObservers};
+use crate::replicate::publish::{self, Outbox};
 use crate::replicate::publish::{LocalLog, Publisher};
 use crate::replicate::watch;
 use crate::seqmap::SeqMap;
 use crate::stream;
+
+/// Start-up refusals that a restart cannot fix (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The cluster disagrees with this node's configuration or identity.
+    #[error("{0}")]
+    Conflict(String),
+}
 
 /// How long shutdown waits for tasks to finish their current work.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +46,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// # Errors
 /// The database is missing or SQLite refuses.
 pub fn cleanup(settings: &Settings) -> anyhow::Result<usize> {
+    let _lock = db::lock(&settings.db_path)?;
     let mut conn = db::open(&settings.db_path)?;
     let dropped = cdc::remove(&mut conn).context("Unable to clean up")?;
     tracing::info!(dropped, "Cleanup complete...");
@@ -136,22 +148,26 @@ pub async fn run_observed(
 
     // Database and capture (blocking work, done before anything async depends on it).
     let s = Arc::clone(&settings);
-    let (conn, tables, hash) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut conn = db::open(&s.db_path)?;
-        tracing::info!("Listing tables to watch...");
-        let tables = schema::watched_tables(&conn).context("Unable to list tables")?;
-        if tables.is_empty() {
-            tracing::warn!("No tables to watch; only remote changes will be applied");
-        }
-        let hash = schema::schema_hash(&conn, &tables).context("Unable to compute schema hash")?;
-        tracing::info!(schema_hash = %format!("{}...", &hash[..16]), "Computed schema hash");
-        tracing::info!("Starting change data capture pipeline...");
-        cdc::install(&mut conn, &tables, &hash)
-            .context("Unable to install change data capture pipeline")?;
-        Ok((conn, tables, hash))
-    })
-    .await
-    .context("start-up task failed")??;
+    let (conn, tables, hash, identity, lock) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let lock = db::lock(&s.db_path)?;
+            let mut conn = db::open(&s.db_path)?;
+            tracing::info!("Listing tables to watch...");
+            let tables = schema::watched_tables(&conn).context("Unable to list tables")?;
+            if tables.is_empty() {
+                tracing::warn!("No tables to watch; only remote changes will be applied");
+            }
+            let hash =
+                schema::schema_hash(&conn, &tables).context("Unable to compute schema hash")?;
+            tracing::info!(schema_hash = %format!("{}...", &hash[..16]), "Computed schema hash");
+            tracing::info!("Starting change data capture pipeline...");
+            cdc::install(&mut conn, &tables, &hash)
+                .context("Unable to install change data capture pipeline")?;
+            let identity = cdc::identity(&conn).context("Unable to read the database identity")?;
+            Ok((conn, tables, hash, identity, lock))
+        })
+        .await
+        .context("start-up task failed")??;
     {
         use std::sync::atomic::Ordering::Relaxed;
         observers.health.db_connected.store(true, Relaxed);
@@ -199,13 +215,17 @@ pub async fn run_observed(
         settings,
         root,
         observers,
-        conn,
-        tables,
-        hash,
+        Capture {
+            conn,
+            tables,
+            hash,
+            identity,
+        },
         client,
         embedded.as_ref(),
     )
     .await;
+    drop(lock);
     if let Some(server) = &embedded {
         tracing::info!("Stopping embedded nats-server");
         server.stop().await;
@@ -243,22 +263,40 @@ async fn start_embedded(
     Ok(EmbeddedNats::start(cfg).await?)
 }
 
+/// The database side once capture is installed.
+struct Capture {
+    conn: rusqlite::Connection,
+    tables: Vec<db::Table>,
+    hash: String,
+    identity: String,
+}
+
 /// Everything after the NATS connection exists.
-#[allow(clippy::too_many_arguments)]
 async fn run_connected(
     settings: Arc<Settings>,
     root: CancellationToken,
     observers: Observers,
-    conn: rusqlite::Connection,
-    tables: Vec<db::Table>,
-    hash: String,
+    capture: Capture,
     client: async_nats::Client,
     embedded: Option<&stream::embedded::EmbeddedNats>,
 ) -> anyhow::Result<()> {
+    let Capture {
+        conn,
+        tables,
+        hash,
+        identity,
+    } = capture;
     // Go's JetStream request timeout; the client default (10 s) slows cluster bootstrap.
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(5))
         .build(client.clone());
+    match stream::shard_mismatch(&js, &settings).await {
+        Ok(Some(mismatch)) => return Err(StartError::Conflict(mismatch).into()),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "Cannot list streams to check the shard count")
+        }
+    }
     if let Err(e) = stream::ensure_streams(&js, &settings, &root).await {
         if matches!(e, stream::Error::Cancelled) {
             return Ok(());
@@ -268,15 +306,30 @@ async fn run_connected(
     tracing::info!("Streaming ready...");
 
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    let mut apply_thread = None;
+    let log = Arc::new(ChangeLog::new(tables));
+    let streams: Vec<String> = (1..=settings.replication.shards)
+        .map(|shard| settings.stream_name(shard))
+        .collect();
+    let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
+    let positions: Arc<[AtomicU64]> = streams
+        .iter()
+        .map(|s| AtomicU64::new(seqmap.get(s)))
+        .collect();
+    // Own events come back (and must be told apart) only when we both publish and apply.
+    let track = settings.publish && settings.replicate;
+    let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
+    let max_event_bytes = max_event_bytes(&client);
 
     // Applying side.
     if settings.replicate {
-        let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
-        let streams: Vec<String> = (1..=settings.replication.shards)
-            .map(|shard| settings.stream_name(shard))
-            .collect();
-        let applier = Applier::new(db::open(&settings.db_path)?, &tables)?;
+        let applied: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
+        let applier = Applier::new(
+            db::open(&settings.db_path)?,
+            Arc::clone(&log),
+            applied,
+            track,
+        )
+        .context("Unable to start the applier")?;
         let (tx, rx) = mpsc::channel(applying::CHANNEL_DEPTH);
         for (idx, name) in streams.iter().enumerate() {
             let start = seqmap.get(name) + 1;
@@ -294,53 +347,81 @@ async fn run_connected(
             });
         }
         drop(tx);
-        apply_thread = Some(applying::spawn_apply_thread(
-            applier,
-            seqmap,
-            streams,
-            settings.replication.compress,
-            rx,
-            ApplyObservers {
-                metrics: Arc::clone(&observers.metrics),
-                health: Arc::clone(&observers.health),
+        let thread = applying::spawn_apply_thread(
+            applying::ApplyThread {
+                applier,
+                seqmap,
+                streams: streams.clone(),
+                compressed: settings.replication.compress,
+                max_event_bytes,
+                identity: identity.clone(),
+                observers: ApplyObservers {
+                    metrics: Arc::clone(&observers.metrics),
+                    health: Arc::clone(&observers.health),
+                },
+                positions: Arc::clone(&positions),
             },
+            rx,
             root.clone(),
-        )?);
+        )?;
+        tasks.spawn(async move {
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            let result = match joined {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(e))) => Err(anyhow::Error::new(e)),
+                Ok(Err(_)) | Err(_) => Err(anyhow::anyhow!("the apply thread panicked")),
+            };
+            ("apply thread", result)
+        });
     } else {
         tracing::info!("replicate = false: remote changes will not be applied");
     }
 
     // Publishing side.
-    let log = Arc::new(Mutex::new(LocalLog {
+    let outbox = Outbox::default();
+    let shared = Arc::new(Mutex::new(LocalLog {
         conn,
-        log: Arc::new(ChangeLog::new(tables)),
+        log: Arc::clone(&log),
     }));
     let wake = Arc::new(Notify::new());
     let _watcher = match watch::watch(&settings.db_path, Arc::clone(&wake)) {
         Ok(w) => Some(w),
         Err(e) => {
-            tracing::warn!(error = %e, "Cannot watch database files; relying on periodic scans");
+            tracing::warn!(error = %crate::error_chain(&e), "Cannot watch database files; relying on periodic scans");
             None
         }
     };
     let publisher = Publisher::new(
-        Arc::clone(&log),
+        Arc::clone(&shared),
         db::open(&settings.db_path)?,
         js.clone(),
         Arc::clone(&settings),
         hash,
+        identity,
+        Arc::clone(&outbox),
+        acked,
         Arc::clone(&observers.metrics),
         Arc::clone(&observers.health),
     );
     let token = root.clone();
     let w = Arc::clone(&wake);
+    // The keeper outlives the publisher by one final retirement, so it gets its own token.
+    let keeper_stop = CancellationToken::new();
+    let publisher_done = keeper_stop.clone();
     tasks.spawn(async move {
-        publisher.run(w, token).await;
-        ("publisher", Ok(()))
+        let result = publisher.run(w, token).await;
+        publisher_done.cancel();
+        ("publisher", result.map_err(anyhow::Error::new))
+    });
+    let s = Arc::clone(&settings);
+    let keeper_positions = track.then(|| Arc::clone(&positions));
+    tasks.spawn(async move {
+        let result = publish::keep(shared, outbox, s, keeper_positions, keeper_stop).await;
+        ("change-log keeper", result.map_err(anyhow::Error::new))
     });
     let token = root.clone();
-    let s = Arc::clone(&settings);
-    tasks.spawn(async move { ("cleanup", cleanup_loop(log, s, token).await) });
+    let path = settings.db_path.clone();
+    tasks.spawn(async move { ("database watchdog", watch_database_file(path, token).await) });
     tracing::info!(shards = settings.replication.shards, "Replication running");
     crate::systemd::notify("READY=1");
 
@@ -389,7 +470,7 @@ async fn run_connected(
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while let Some(done) = tasks.join_next().await {
             if let Ok((name, Err(e))) = done {
-                tracing::warn!(task = name, error = %e, "task failed during shutdown");
+                tracing::warn!(task = name, error = %format!("{e:#}"), "task failed during shutdown");
             }
         }
     })
@@ -397,12 +478,6 @@ async fn run_connected(
     if drained.is_err() {
         tracing::warn!("some tasks did not stop in time; aborting them");
         tasks.abort_all();
-    }
-    if let Some(handle) = apply_thread {
-        let joined = tokio::task::spawn_blocking(move || handle.join()).await;
-        if !matches!(joined, Ok(Ok(()))) {
-            tracing::error!("apply thread panicked");
-        }
     }
     // Bounded: with the broker gone, a flush would wait for a reconnect that never comes.
     match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
@@ -416,14 +491,15 @@ async fn run_connected(
     }
 }
 
-/// Deletes published change-log rows older than one cleanup interval, every interval.
-async fn cleanup_loop(
-    log: crate::replicate::publish::SharedLog,
-    settings: Arc<Settings>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let period = settings.cleanup_interval;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+/// Stops the node when the database file it opened is deleted or replaced: SQLite would go on
+/// writing into the unlinked file, and the application (which opens the path) would never see it.
+async fn watch_database_file(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let opened = std::fs::metadata(&path)
+        .map(identity)
+        .with_context(|| format!("cannot stat database file {}", path.display()))?;
+    let mut tick = tokio::time::interval(DB_FILE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -431,22 +507,27 @@ async fn cleanup_loop(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let horizon = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64)
-            - period.as_millis() as i64;
-        let log = Arc::clone(&log);
-        let result = tokio::task::spawn_blocking(move || {
-            let mut guard = log.lock().unwrap_or_else(|p| p.into_inner());
-            let LocalLog { conn, log } = &mut *guard;
-            log.cleanup(conn, horizon)
-        })
-        .await;
-        match result {
-            Ok(Ok(0)) => {}
-            Ok(Ok(count)) => tracing::debug!(count, "Cleaned up DB change logs"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "Unable to cleanup change logs"),
-            Err(e) => tracing::warn!(error = %e, "cleanup task failed"),
+        match std::fs::metadata(&path).map(identity) {
+            Ok(now) if now == opened => {}
+            Ok(_) => anyhow::bail!(
+                "database file {} was replaced by another file; stopping (restart to use the new one)",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                "database file {} was deleted; stopping rather than replicating into a file nobody sees",
+                path.display()
+            ),
+            Err(_) => {}
         }
     }
+}
+
+/// How often the database file's identity is checked.
+const DB_FILE_CHECK: Duration = Duration::from_secs(1);
+
+/// Largest decompressed event accepted: 16 × the server's `max_payload` (a compressed message
+/// must fit in one payload; zstd rarely does better than 16:1 on real rows), at least 16 MiB.
+fn max_event_bytes(client: &async_nats::Client) -> usize {
+    let payload = client.server_info().max_payload;
+    payload.saturating_mul(16).max(16 * 1024 * 1024)
 }

@@ -29,3 +29,19 @@ pub mod seqmap;
 pub mod stream;
 pub mod systemd;
 pub mod wire;
+
+/// An error and all its causes, `outer: inner: innermost`, for log lines (a bare `%e` drops the
+/// cause, which is usually the part that says what went wrong).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}

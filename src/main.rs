@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("Unable to clean up...: {e:#}");
-                ExitCode::FAILURE
+                exit_code(&e)
             }
         };
     }
@@ -78,8 +78,27 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            exit_code(&e)
         }
+    }
+}
+
+/// 2 for conflicts an operator must resolve before a restart can help (another daemon holds the
+/// database), 1 for everything else.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    let conflict = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<harmonylite::db::Error>(),
+            Some(harmonylite::db::Error::Locked(..))
+        ) || matches!(
+            c.downcast_ref::<harmonylite::app::StartError>(),
+            Some(harmonylite::app::StartError::Conflict(_))
+        )
+    });
+    if conflict {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
     }
 }
 

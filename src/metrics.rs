@@ -52,6 +52,14 @@ pub struct Metrics {
     pub quarantined: IntCounter,
     /// `publish_errors`: failed publish passes (each is retried with backoff).
     pub publish_errors: IntCounter,
+    /// `skipped`: events not written, by reason (`unchanged`: the row already matched;
+    /// `superseded`: a newer local change of the row had not come back yet).
+    pub skipped: IntCounterVec,
+    /// `unique_conflicts`: events held because they conflicted with another row on a UNIQUE
+    /// constraint.
+    pub unique_conflicts: IntCounter,
+    /// `held_events`: events currently waiting for a UNIQUE conflict to clear.
+    pub held_events: IntGauge,
 }
 
 fn opts(cfg: &PrometheusConfig, node_id: u64, name: &str, help: &str) -> Opts {
@@ -165,6 +173,27 @@ impl Metrics {
                 "publish_errors",
                 "publish passes that failed and were retried",
             ))?,
+            skipped: IntCounterVec::new(
+                opts(
+                    cfg,
+                    node_id,
+                    "skipped",
+                    "events not written because the row already matched (unchanged) or a newer local change was in flight (superseded)",
+                ),
+                &["reason"],
+            )?,
+            unique_conflicts: IntCounter::with_opts(opts(
+                cfg,
+                node_id,
+                "unique_conflicts",
+                "events held because they conflicted with another row on a UNIQUE constraint",
+            ))?,
+            held_events: IntGauge::with_opts(opts(
+                cfg,
+                node_id,
+                "held_events",
+                "events waiting for a UNIQUE conflict with another row to clear",
+            ))?,
             registry,
         };
         m.registry.register(Box::new(m.published.clone()))?;
@@ -181,6 +210,9 @@ impl Metrics {
             .register(Box::new(m.last_applied_sequence.clone()))?;
         m.registry.register(Box::new(m.quarantined.clone()))?;
         m.registry.register(Box::new(m.publish_errors.clone()))?;
+        m.registry.register(Box::new(m.skipped.clone()))?;
+        m.registry.register(Box::new(m.unique_conflicts.clone()))?;
+        m.registry.register(Box::new(m.held_events.clone()))?;
         Ok(Arc::new(m))
     }
 
@@ -235,6 +267,7 @@ mod tests {
         m.applied.with_label_values(&["1"]).inc();
         m.last_published_sequence.with_label_values(&["1"]).set(3);
         m.last_applied_sequence.with_label_values(&["1"]).set(3);
+        m.skipped.with_label_values(&["unchanged"]).inc();
         let text = m.render();
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
         assert_eq!(
@@ -243,6 +276,7 @@ mod tests {
                 "# TYPE harmonylite_applied counter",
                 "# TYPE harmonylite_apply_lag_seconds histogram",
                 "# TYPE harmonylite_count_changes histogram",
+                "# TYPE harmonylite_held_events gauge",
                 "# TYPE harmonylite_last_applied_sequence gauge",
                 "# TYPE harmonylite_last_published_sequence gauge",
                 "# TYPE harmonylite_pending_publish gauge",
@@ -251,6 +285,8 @@ mod tests {
                 "# TYPE harmonylite_quarantined counter",
                 "# TYPE harmonylite_scan_changes histogram",
                 "# TYPE harmonylite_schema_mismatch_paused gauge",
+                "# TYPE harmonylite_skipped counter",
+                "# TYPE harmonylite_unique_conflicts counter",
             ]
         );
         for help in [

@@ -476,17 +476,35 @@ impl Decompressor {
         ))
     }
 
-    /// Decompresses one frame. Frames that declare their size (ours, and Go's `EncodeAll`) are
-    /// decoded in one call; others are streamed, bounded by [`MAX_DECOMPRESSED`].
+    /// Decompresses one frame, bounded by [`MAX_DECOMPRESSED`].
     ///
     /// # Errors
     /// Not a valid zstd frame, or larger than [`MAX_DECOMPRESSED`].
     pub fn decompress(&mut self, body: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        self.decompress_limited(body, MAX_DECOMPRESSED)
+    }
+
+    /// Decompresses one frame of at most `limit` bytes. Frames that declare their size (ours, and
+    /// Go's `EncodeAll`) are refused before any memory is allocated when the size is over the
+    /// limit, then decoded in one call; others are streamed and cut at the limit. A tiny hostile
+    /// frame therefore never costs more than `limit` bytes.
+    ///
+    /// # Errors
+    /// Not a valid zstd frame, or larger than `limit`.
+    pub fn decompress_limited(
+        &mut self,
+        body: &[u8],
+        limit: usize,
+    ) -> Result<Vec<u8>, DecodeError> {
         use std::io::Read;
-        let too_big =
-            || DecodeError::Zstd(std::io::Error::other("decompressed body exceeds 256 MiB"));
+        let limit = limit.min(MAX_DECOMPRESSED);
+        let too_big = || {
+            DecodeError::Zstd(std::io::Error::other(format!(
+                "decompressed event exceeds the limit of {limit} bytes"
+            )))
+        };
         if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(body) {
-            if size > MAX_DECOMPRESSED as u64 {
+            if size > limit as u64 {
                 return Err(too_big());
             }
             return self
@@ -497,10 +515,10 @@ impl Decompressor {
         let mut out = Vec::new();
         let decoder = zstd::stream::read::Decoder::new(body).map_err(DecodeError::Zstd)?;
         decoder
-            .take(MAX_DECOMPRESSED as u64 + 1)
+            .take(limit as u64 + 1)
             .read_to_end(&mut out)
             .map_err(DecodeError::Zstd)?;
-        if out.len() > MAX_DECOMPRESSED {
+        if out.len() > limit {
             return Err(too_big());
         }
         Ok(out)

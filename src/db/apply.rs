@@ -1,36 +1,64 @@
-//! Applying replicated events to the local database (upstream-behaviour §4.12, design §3.2, §3.5).
+//! Applying replicated events to the local database (upstream-behaviour §4.12, design §3.2, §3.10).
 //!
-//! A batch of events is applied in one write transaction: `BEGIN IMMEDIATE`, insert the guard row
-//! (so our writes are not captured again), apply each event inside its own savepoint, delete the
-//! guard row, `COMMIT`. An event that cannot be applied for a reason that will not go away
-//! (unknown table or column, constraint violation, datatype mismatch) is rolled back to its
-//! savepoint and recorded in `__harmonylite__dead_letter` in the same transaction, so the batch —
-//! and replication — goes on. Any other failure (busy, I/O, disk full) rolls the whole batch back
-//! and is returned, so the caller retries the same batch later: nothing is skipped.
+//! An event is applied as an upsert *by primary key* of the columns it carries, never as Go's
+//! whole-row `INSERT OR REPLACE`: an existing row (matched null-safely, `IS`) is updated in place,
+//! keeping its rowid and every column the event lacks; a missing row is inserted; a delete removes
+//! the matching row. Nothing else is ever touched: a UNIQUE conflict with *another* row is not
+//! resolved by deleting that row (REPLACE did, on the origin too) but **held**: the event waits,
+//! durably, in `__harmonylite__held_events` until either row changes, then applies; a later event
+//! for the same row supersedes it. A conflict that never resolves (two nodes claiming one UNIQUE
+//! value on different rows at once) stays held, counted and logged with both rows.
+//!
+//! Events that would only roll a row back are skipped (*superseded*): while this node holds a
+//! captured change of row R that has not yet come back through the stream, every event for R that
+//! arrives is older in stream order (same row, same shard) — another node's, or an older one of
+//! our own. The applier tracks those in-flight changes per row key: it reads newly captured
+//! change-log rows in each transaction (so the application's latest commit is always seen), drops
+//! an entry when our own event for it comes back, and rebuilds the set after a restart from the
+//! change log and the seq map.
+//!
+//! A batch is first evaluated in a *read* transaction: superseded events and events whose image
+//! already equals the row (normally every event of our own) need no write, and if nothing in the
+//! batch needs one, no write transaction is opened at all — an application's deferred
+//! read-then-write transaction fails with SQLITE_BUSY when anyone commits between its read and its
+//! write. From the first event that needs a write on, the batch continues in one `BEGIN IMMEDIATE`
+//! transaction: insert the guard row (our writes are not captured), apply each event in its own
+//! savepoint, delete the guard row, commit. An event that cannot ever apply (unknown table or
+//! column, a constraint other than UNIQUE) is rolled back to its savepoint and quarantined in
+//! `__harmonylite__dead_letter` in the same transaction. Any other failure (busy, I/O, disk full)
+//! rolls the whole batch back and is returned, so the caller retries the same batch: nothing is
+//! skipped.
 //!
 //! Invariants:
 //! - Table and column names from the wire are looked up in the local schema and only the local,
 //!   quoted spelling reaches SQL text (an injection attempt is just an unknown table).
-//! - `insert` and `update` are a whole-row `INSERT OR REPLACE`; `delete` deletes by the local
-//!   primary key (`IS ?`, so a NULL key matches as Go's `IS NULL` did).
+//! - Values are bound exactly as they arrived (type and bytes); rows are compared the same way.
 //! - This connection runs `synchronous = FULL`: a batch is durable before the caller records its
 //!   sequence in the seq map, so a power loss cannot leave the seq map ahead of the data.
+//! - Limit (documented): several rows sharing one primary key that contains NULL (SQLite allows
+//!   it in rowid tables) cannot be told apart on the wire; an update goes to the lowest rowid, a
+//!   delete to a row equal to the deleted image.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use rusqlite::types::{ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 
-use super::{DEAD_LETTER_TABLE, Error, GUARD_TABLE, Table, quote};
-use crate::wire::{ChangeEvent, Op, Value};
+use super::changelog::{ChangeLog, value_at};
+use super::{DEAD_LETTER_TABLE, Error, GUARD_TABLE, HELD_TABLE, Table, quote};
+use crate::wire::{ChangeEvent, Op, ReplicationEvent, Value};
 
-/// One event to apply, with where it came from (for the dead-letter record).
+/// One event to apply, with where it came from.
 #[derive(Debug)]
 pub struct Incoming<'a> {
+    /// Stream name (for the dead-letter and held records).
     pub stream: &'a str,
     pub seq: u64,
     /// The decoded event, or why it could not be decoded.
     pub event: Result<ChangeEvent, String>,
+    /// Whether this database published it (its message id carries our identity).
+    pub own: bool,
     /// The raw message body, kept for quarantine.
     pub raw: &'a [u8],
 }
@@ -38,20 +66,58 @@ pub struct Incoming<'a> {
 /// What happened to one event of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The row was inserted, updated or deleted.
     Applied,
+    /// The row already was what the event says.
+    Unchanged,
+    /// A newer local change of the row has not come back yet; the event would roll it back.
+    Superseded,
+    /// A UNIQUE conflict with another row: the event waits (reason attached).
+    Held(String),
     /// Recorded in the dead-letter table with this reason.
     Quarantined(String),
 }
 
-/// Applies events; owns its connection.
-pub struct Applier {
-    conn: Connection,
-    tables: HashMap<String, Table>,
-    /// Lower-cased name → exact name, for SQLite's case-insensitive table names.
-    folded: HashMap<String, String>,
-    /// (table, column indexes) → upsert SQL; avoids rebuilding SQL text per row.
-    upsert_sql: HashMap<(String, Vec<usize>), String>,
-    delete_sql: HashMap<String, String>,
+/// A primary key, encoded with its storage classes so that equal keys are equal bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(Vec<u8>);
+
+impl Key {
+    /// Encodes key values (type tag, then exact bytes).
+    pub fn of<'v>(values: impl IntoIterator<Item = &'v Value>) -> Key {
+        let mut out = Vec::with_capacity(16);
+        for v in values {
+            match v {
+                Value::Null => out.push(b'n'),
+                Value::Integer(i) => {
+                    out.push(b'i');
+                    out.extend_from_slice(&i.to_be_bytes());
+                }
+                Value::Real(f) => {
+                    out.push(b'r');
+                    out.extend_from_slice(&f.to_bits().to_be_bytes());
+                }
+                Value::Text(t) | Value::Blob(t) => {
+                    out.push(if matches!(v, Value::Text(_)) {
+                        b't'
+                    } else {
+                        b'b'
+                    });
+                    out.extend_from_slice(&(t.len() as u64).to_be_bytes());
+                    out.extend_from_slice(t);
+                }
+            }
+        }
+        Key(out)
+    }
+}
+
+/// Exact equality of two stored values: same storage class, same bytes.
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Real(x), Value::Real(y)) => x.to_bits() == y.to_bits() || x == y,
+        _ => a == b,
+    }
 }
 
 struct Bind<'a>(&'a Value);
@@ -77,6 +143,23 @@ enum EventError {
     Retry(rusqlite::Error),
 }
 
+impl From<rusqlite::Error> for EventError {
+    fn from(e: rusqlite::Error) -> Self {
+        EventError::Retry(e)
+    }
+}
+
+/// SQLite's extended codes for a UNIQUE or PRIMARY KEY conflict.
+const SQLITE_CONSTRAINT_UNIQUE: i32 = 2067;
+const SQLITE_CONSTRAINT_PRIMARYKEY: i32 = 1555;
+
+/// How a failed write is handled.
+enum WriteError {
+    /// A UNIQUE conflict with another row: hold the event.
+    Conflict(String),
+    Event(EventError),
+}
+
 /// Errors tied to the event or to the local schema (a table or column dropped while running:
 /// plain `SQLITE_ERROR`) repeat on every attempt, so they are poison. Busy, locked, I/O, full
 /// disk and the like depend on the environment and are retried.
@@ -93,33 +176,240 @@ fn classify(e: rusqlite::Error) -> EventError {
     }
 }
 
+fn classify_write(e: rusqlite::Error) -> WriteError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && matches!(
+            f.extended_code,
+            SQLITE_CONSTRAINT_UNIQUE | SQLITE_CONSTRAINT_PRIMARYKEY
+        )
+    {
+        return WriteError::Conflict(e.to_string());
+    }
+    WriteError::Event(classify(e))
+}
+
+/// What evaluating one event decided.
+enum Step {
+    Done(Outcome),
+    /// Only a write transaction can finish this event.
+    NeedsWrite,
+}
+
+/// How an event is being processed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// In the read transaction: decide, never write.
+    Read,
+    /// In the write transaction.
+    Write,
+    /// Retrying the held event with this row id (its record stays unless it applies).
+    Retry(i64),
+}
+
+/// An event waiting for a UNIQUE conflict to clear.
+struct HeldEvent {
+    table: usize,
+    key: Key,
+    stream: String,
+    seq: u64,
+    own: bool,
+    event: ChangeEvent,
+}
+
+/// Per table: SQL built once per set of event columns.
+#[derive(Default)]
+struct TableSql {
+    select: HashMap<Vec<usize>, String>,
+    update: HashMap<Vec<usize>, String>,
+    insert: HashMap<Vec<usize>, String>,
+    delete: Option<String>,
+}
+
+/// Everything but the connection (so a transaction on the connection and this can be borrowed
+/// at the same time).
+struct State {
+    tables: Vec<Table>,
+    pks: Vec<Vec<usize>>,
+    by_name: HashMap<String, usize>,
+    /// Lower-cased name → index, for SQLite's case-insensitive table names.
+    folded: HashMap<String, usize>,
+    log: Arc<ChangeLog>,
+    /// Whether own events come back (this node publishes): only then is in-flight tracking
+    /// meaningful.
+    track: bool,
+    /// Per table: key → newest change-log id of a captured change not yet come back.
+    in_flight: Vec<HashMap<Key, i64>>,
+    /// Per table: the highest change-log id already read into `in_flight`.
+    cursors: Vec<i64>,
+    /// Per shard (index shard − 1): last applied stream sequence.
+    applied: Vec<u64>,
+    held: BTreeMap<i64, HeldEvent>,
+    held_keys: HashMap<(usize, Key), i64>,
+    sql: Vec<TableSql>,
+}
+
+/// Applies events; owns its connection.
+pub struct Applier {
+    conn: Connection,
+    state: State,
+    /// `PRAGMA data_version` at the last retry of held events (retry only after a change).
+    held_checked_version: Option<i64>,
+}
+
+/// A local row matching an event's key: its rowid (rowid tables), then the event's columns.
+struct Found {
+    rowid: Option<i64>,
+    values: Vec<Value>,
+}
+
 impl Applier {
     /// Wraps an open connection (see [`crate::db::open`]) for the given watched tables.
+    /// `applied` holds, per shard, the last applied sequence (from the seq map); `track` says
+    /// whether this node's own events come back (it publishes).
     ///
     /// # Errors
-    /// SQLite errors setting the connection up.
-    pub fn new(conn: Connection, tables: &[Table]) -> Result<Applier, Error> {
+    /// SQLite errors setting the connection up or reading the change logs and held events.
+    pub fn new(
+        conn: Connection,
+        log: Arc<ChangeLog>,
+        applied: Vec<u64>,
+        track: bool,
+    ) -> Result<Applier, Error> {
         conn.execute_batch("PRAGMA synchronous = FULL")?;
+        let tables = log.tables().to_vec();
+        let by_name = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         let folded = tables
             .iter()
-            .map(|t| (t.name.to_lowercase(), t.name.clone()))
+            .enumerate()
+            .map(|(i, t)| (t.name.to_lowercase(), i))
             .collect();
-        Ok(Applier {
+        let n = tables.len();
+        let mut applier = Applier {
             conn,
-            tables: tables.iter().map(|t| (t.name.clone(), t.clone())).collect(),
-            folded,
-            upsert_sql: HashMap::new(),
-            delete_sql: HashMap::new(),
-        })
+            state: State {
+                pks: tables.iter().map(Table::pk_indexes).collect(),
+                tables,
+                by_name,
+                folded,
+                log,
+                track,
+                in_flight: vec![HashMap::new(); n],
+                cursors: vec![0; n],
+                applied,
+                held: BTreeMap::new(),
+                held_keys: HashMap::new(),
+                sql: (0..n).map(|_| TableSql::default()).collect(),
+            },
+            held_checked_version: None,
+        };
+        applier.rebuild_in_flight()?;
+        applier.load_held()?;
+        Ok(applier)
     }
 
-    /// Applies a batch in one transaction and returns one outcome per event.
+    /// Records that `shard` (1-based) has been applied through `seq`.
+    pub fn set_applied(&mut self, shard: usize, seq: u64) {
+        if let Some(slot) = self.state.applied.get_mut(shard.wrapping_sub(1)) {
+            *slot = seq;
+        }
+    }
+
+    /// Forgets and re-reads the in-flight set (at start, and after the stream position jumped:
+    /// changes that can no longer come back must stop holding their rows).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn rebuild_in_flight(&mut self) -> Result<(), Error> {
+        for m in &mut self.state.in_flight {
+            m.clear();
+        }
+        self.state.cursors.iter_mut().for_each(|c| *c = 0);
+        let tx = self.conn.unchecked_transaction()?;
+        self.state.refresh(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Number of captured changes not yet come back (for tests and metrics).
+    pub fn in_flight_len(&self) -> usize {
+        self.state.in_flight.iter().map(HashMap::len).sum()
+    }
+
+    /// Number of held events.
+    pub fn held_len(&self) -> usize {
+        self.state.held.len()
+    }
+
+    fn load_held(&mut self) -> Result<(), Error> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT id, stream, seq, origin, payload FROM {} ORDER BY id",
+            quote(HELD_TABLE)
+        ))?;
+        type HeldRow = (i64, String, i64, Option<String>, Vec<u8>);
+        let rows: Vec<HeldRow> = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        drop(stmt);
+        for (id, stream, seq, origin, payload) in rows {
+            let Ok(decoded) = ReplicationEvent::decode(&payload) else {
+                tracing::warn!(id, "Held event cannot be decoded; dropping it");
+                continue;
+            };
+            let event = decoded.event;
+            let Some(t) = self.state.table_of(&event.table) else {
+                continue;
+            };
+            let Some(key) = self.state.wire_key(t, &event) else {
+                continue;
+            };
+            self.state.held_keys.insert((t, key.clone()), id);
+            self.state.held.insert(
+                id,
+                HeldEvent {
+                    table: t,
+                    key,
+                    stream,
+                    seq: seq.max(0) as u64,
+                    own: origin.as_deref() == Some("own"),
+                    event,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies a batch and returns one outcome per event.
     ///
     /// # Errors
     /// A failure that is not the event's fault (busy, I/O, full disk): the whole batch was rolled
     /// back and should be retried.
     pub fn apply_batch(&mut self, batch: &[Incoming<'_>]) -> Result<Vec<Outcome>, Error> {
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut first_write = batch.len();
+        {
+            let tx = self.conn.unchecked_transaction()?;
+            self.state.refresh(&tx)?;
+            for (i, incoming) in batch.iter().enumerate() {
+                match self.state.step(&tx, incoming, Mode::Read) {
+                    Ok(Step::Done(o)) => outcomes.push(o),
+                    Ok(Step::NeedsWrite) | Err(EventError::Poison(_)) => {
+                        first_write = i;
+                        break;
+                    }
+                    Err(EventError::Retry(e)) => return Err(e.into()),
+                }
+            }
+            tx.commit()?;
+        }
+        if first_write == batch.len() {
+            return Ok(outcomes);
+        }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -128,29 +418,21 @@ impl Applier {
             quote(GUARD_TABLE)
         ))?
         .execute([])?;
-        for incoming in batch {
-            let result = match &incoming.event {
-                Err(why) => Err(EventError::Poison(why.clone())),
-                Ok(event) => {
-                    // Cached statements: parsing these per event showed up in profiles.
-                    tx.prepare_cached("SAVEPOINT ev")?.execute([])?;
-                    let r = apply_one(
-                        &tx,
-                        &self.tables,
-                        &self.folded,
-                        &mut self.upsert_sql,
-                        &mut self.delete_sql,
-                        event,
-                    );
-                    if r.is_err() {
-                        tx.prepare_cached("ROLLBACK TO ev")?.execute([])?;
-                    }
-                    tx.prepare_cached("RELEASE ev")?.execute([])?;
-                    r
-                }
-            };
+        self.state.refresh(&tx)?;
+        let mut wrote = false;
+        for incoming in &batch[first_write..] {
+            tx.prepare_cached("SAVEPOINT ev")?.execute([])?;
+            let result = self.state.step(&tx, incoming, Mode::Write);
+            if result.is_err() {
+                tx.prepare_cached("ROLLBACK TO ev")?.execute([])?;
+            }
+            tx.prepare_cached("RELEASE ev")?.execute([])?;
             match result {
-                Ok(()) => outcomes.push(Outcome::Applied),
+                Ok(Step::Done(o)) => {
+                    wrote |= o == Outcome::Applied;
+                    outcomes.push(o);
+                }
+                Ok(Step::NeedsWrite) => unreachable!("write mode always finishes"),
                 Err(EventError::Retry(e)) => return Err(e.into()),
                 Err(EventError::Poison(why)) => {
                     tx.prepare_cached(&format!(
@@ -169,103 +451,608 @@ impl Applier {
                 }
             }
         }
+        if wrote && !self.state.held.is_empty() {
+            self.state.retry_held(&tx)?;
+        }
         tx.prepare_cached(&format!("DELETE FROM {}", quote(GUARD_TABLE)))?
             .execute([])?;
         tx.commit()?;
         Ok(outcomes)
     }
+
+    /// Tries the held events again if the database changed since the last try (another row may
+    /// have given up the conflicting value); returns how many applied.
+    ///
+    /// # Errors
+    /// SQLite errors (rolled back; held events stay held).
+    pub fn retry_held(&mut self) -> Result<usize, Error> {
+        if self.state.held.is_empty() {
+            return Ok(0);
+        }
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        if self.held_checked_version == Some(version) {
+            return Ok(0);
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO {} (id) VALUES (1)",
+            quote(GUARD_TABLE)
+        ))?
+        .execute([])?;
+        self.state.refresh(&tx)?;
+        let applied = self.state.retry_held(&tx)?;
+        tx.prepare_cached(&format!("DELETE FROM {}", quote(GUARD_TABLE)))?
+            .execute([])?;
+        tx.commit()?;
+        // Our own commit changes nothing for data_version on this connection.
+        self.held_checked_version = Some(
+            self.conn
+                .query_row("PRAGMA data_version", [], |r| r.get(0))?,
+        );
+        Ok(applied)
+    }
+}
+
+impl State {
+    fn table_of(&self, name: &str) -> Option<usize> {
+        self.by_name
+            .get(name)
+            .or_else(|| self.folded.get(&name.to_lowercase()))
+            .copied()
+    }
+
+    /// The key of `event` as it arrived, if it carries every key column.
+    fn wire_key(&self, t: usize, event: &ChangeEvent) -> Option<Key> {
+        let table = &self.tables[t];
+        let mut values = Vec::with_capacity(self.pks[t].len());
+        for &p in &self.pks[t] {
+            let name = &table.columns[p].name;
+            let v = event
+                .row
+                .iter()
+                .find(|(n, _)| n == name)
+                .or_else(|| event.row.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))?;
+            values.push(&v.1);
+        }
+        Some(Key::of(values))
+    }
+
+    /// Reads change-log rows captured since the last call into the in-flight set.
+    fn refresh(&mut self, conn: &Connection) -> Result<(), Error> {
+        if !self.track {
+            return Ok(());
+        }
+        for t in 0..self.tables.len() {
+            let (rows, highest) =
+                match self
+                    .log
+                    .in_flight(conn, t, self.cursors[t], Some(&self.applied))
+                {
+                    Ok(r) => r,
+                    // The change log was dropped under us (capture removed): nothing to track.
+                    Err(Error::Sqlite { source, .. })
+                        if source.sqlite_error_code() == Some(ErrorCode::Unknown) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+            self.cursors[t] = highest;
+            for (id, key) in rows {
+                let slot = self.in_flight[t].entry(Key::of(&key)).or_insert(id);
+                *slot = (*slot).max(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Evaluates (and in write modes applies) one event.
+    fn step(
+        &mut self,
+        conn: &Connection,
+        incoming: &Incoming<'_>,
+        mode: Mode,
+    ) -> Result<Step, EventError> {
+        let event = match &incoming.event {
+            Ok(e) => e,
+            Err(why) => return Err(EventError::Poison(why.clone())),
+        };
+        let t = self.table_of(&event.table).ok_or_else(|| {
+            EventError::Poison(format!("no table mapping found for {:?}", event.table))
+        })?;
+        let mut cols = Vec::with_capacity(event.row.len());
+        for (name, _) in &event.row {
+            let idx = self.tables[t].column_index(name).ok_or_else(|| {
+                EventError::Poison(format!(
+                    "table {:?} has no column {name:?}",
+                    self.tables[t].name
+                ))
+            })?;
+            if cols.contains(&idx) {
+                return Err(EventError::Poison(format!(
+                    "event for {:?} names column {name:?} twice",
+                    self.tables[t].name
+                )));
+            }
+            cols.push(idx);
+        }
+        // Positions of the key columns within the event's columns.
+        let mut key_pos = Vec::with_capacity(self.pks[t].len());
+        for &p in &self.pks[t] {
+            let pos = cols.iter().position(|&c| c == p).ok_or_else(|| {
+                EventError::Poison(format!(
+                    "{} on {:?} lacks primary key column {:?}",
+                    event.op.as_str(),
+                    self.tables[t].name,
+                    self.tables[t].columns[p].name
+                ))
+            })?;
+            key_pos.push(pos);
+        }
+        let wire_key = Key::of(key_pos.iter().map(|&i| &event.row[i].1));
+        let found = self.find(conn, t, &cols, &key_pos, event)?;
+        let local_key = found
+            .first()
+            .map(|f| Key::of(key_pos.iter().map(|&i| &f.values[i])))
+            .filter(|k| *k != wire_key);
+        let keys: Vec<&Key> = std::iter::once(&wire_key).chain(&local_key).collect();
+
+        // A held event for this row is older than this one: this one supersedes it.
+        if !matches!(mode, Mode::Retry(_)) {
+            let held: Vec<i64> = keys
+                .iter()
+                .filter_map(|k| self.held_keys.get(&(t, (*k).clone())).copied())
+                .collect();
+            if !held.is_empty() {
+                if mode == Mode::Read {
+                    return Ok(Step::NeedsWrite);
+                }
+                for id in held {
+                    self.drop_held(conn, id)?;
+                }
+            }
+        }
+
+        if self.track {
+            let flying = &mut self.in_flight[t];
+            let newest = keys.iter().filter_map(|k| flying.get(*k).copied()).max();
+            match newest {
+                Some(newest) if !incoming.own || newest > event.id => {
+                    return Ok(Step::Done(Outcome::Superseded));
+                }
+                Some(_) => {
+                    for k in &keys {
+                        flying.remove(*k);
+                    }
+                }
+                None => {}
+            }
+        }
+
+        let has_null_key = key_pos.iter().any(|&i| event.row[i].1 == Value::Null);
+        let equal = |f: &Found| {
+            f.values
+                .iter()
+                .zip(&event.row)
+                .all(|(a, (_, b))| same_value(a, b))
+        };
+        match event.op {
+            Op::Insert | Op::Update => {
+                if found.iter().any(equal) {
+                    return Ok(Step::Done(Outcome::Unchanged));
+                }
+                let non_key: Vec<usize> =
+                    (0..cols.len()).filter(|i| !key_pos.contains(i)).collect();
+                if !found.is_empty() && non_key.is_empty() {
+                    return Ok(Step::Done(Outcome::Unchanged));
+                }
+                if mode == Mode::Read {
+                    return Ok(Step::NeedsWrite);
+                }
+                let result = match found.first() {
+                    Some(target) => self.update(conn, t, &cols, &non_key, &key_pos, target, event),
+                    None => self.insert(conn, t, &cols, event),
+                };
+                self.finish_write(conn, t, wire_key, incoming, mode, result)
+            }
+            Op::Delete => {
+                let target = if has_null_key {
+                    found.iter().find(|f| equal(f))
+                } else {
+                    found.first()
+                };
+                let Some(target) = target else {
+                    return Ok(Step::Done(Outcome::Unchanged));
+                };
+                if mode == Mode::Read {
+                    return Ok(Step::NeedsWrite);
+                }
+                let result = self.delete(conn, t, &key_pos, target, event);
+                self.finish_write(conn, t, wire_key, incoming, mode, result)
+            }
+        }
+    }
+
+    /// Turns a write's result into the event's outcome: applied, held, or an error.
+    fn finish_write(
+        &mut self,
+        conn: &Connection,
+        t: usize,
+        key: Key,
+        incoming: &Incoming<'_>,
+        mode: Mode,
+        result: Result<(), WriteError>,
+    ) -> Result<Step, EventError> {
+        match result {
+            Ok(()) => {
+                if let Mode::Retry(id) = mode {
+                    self.drop_held(conn, id)?;
+                }
+                Ok(Step::Done(Outcome::Applied))
+            }
+            Err(WriteError::Event(e)) => Err(e),
+            Err(WriteError::Conflict(why)) => {
+                if let Mode::Retry(_) = mode {
+                    return Ok(Step::Done(Outcome::Held(why)));
+                }
+                let Ok(event) = &incoming.event else {
+                    return Err(EventError::Poison(why));
+                };
+                let payload = ReplicationEvent {
+                    from_node_id: 0,
+                    event: event.clone(),
+                }
+                .encode();
+                conn.prepare_cached(&format!(
+                    "INSERT INTO {} (stream, seq, origin, payload, reason, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    quote(HELD_TABLE)
+                ))?
+                .execute(rusqlite::params![
+                    incoming.stream,
+                    incoming.seq as i64,
+                    incoming.own.then_some("own"),
+                    payload,
+                    why,
+                    now_ms()
+                ])?;
+                let id = conn.last_insert_rowid();
+                let conflicting = self.conflicting_row(conn, t, event, &why);
+                tracing::warn!(table = %self.tables[t].name, stream = incoming.stream, seq = incoming.seq,
+                    event_row = %describe(&event.row), conflicting_row = %conflicting, error = %why,
+                    "UNIQUE conflict with another row: event held until either row changes");
+                self.held_keys.insert((t, key.clone()), id);
+                self.held.insert(
+                    id,
+                    HeldEvent {
+                        table: t,
+                        key,
+                        stream: incoming.stream.to_owned(),
+                        seq: incoming.seq,
+                        own: incoming.own,
+                        event: event.clone(),
+                    },
+                );
+                Ok(Step::Done(Outcome::Held(why)))
+            }
+        }
+    }
+
+    fn drop_held(&mut self, conn: &Connection, id: i64) -> rusqlite::Result<()> {
+        conn.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(HELD_TABLE)))?
+            .execute([id])?;
+        if let Some(h) = self.held.remove(&id) {
+            self.held_keys.remove(&(h.table, h.key));
+        }
+        Ok(())
+    }
+
+    /// Applies whatever held events can apply now, until a pass makes no progress.
+    fn retry_held(&mut self, conn: &Connection) -> Result<usize, Error> {
+        let mut applied = 0;
+        loop {
+            let ids: Vec<i64> = self.held.keys().copied().collect();
+            let mut progress = false;
+            for id in ids {
+                let Some(h) = self.held.get(&id) else {
+                    continue;
+                };
+                let (stream, seq, own, event) = (h.stream.clone(), h.seq, h.own, h.event.clone());
+                let incoming = Incoming {
+                    stream: &stream,
+                    seq,
+                    event: Ok(event),
+                    own,
+                    raw: &[],
+                };
+                conn.prepare_cached("SAVEPOINT held")?.execute([])?;
+                let result = self.step(conn, &incoming, Mode::Retry(id));
+                if result.is_err() {
+                    conn.prepare_cached("ROLLBACK TO held")?.execute([])?;
+                }
+                conn.prepare_cached("RELEASE held")?.execute([])?;
+                match result {
+                    Ok(Step::Done(Outcome::Held(_))) => {}
+                    Ok(Step::Done(outcome)) => {
+                        // Applied, or no longer needed (superseded, unchanged).
+                        if self.held.contains_key(&id) {
+                            self.drop_held(conn, id)?;
+                        }
+                        if outcome == Outcome::Applied {
+                            applied += 1;
+                            tracing::info!(stream = %stream, seq, "Held event applied");
+                        }
+                        progress = true;
+                    }
+                    Ok(Step::NeedsWrite) => {}
+                    Err(EventError::Retry(e)) => return Err(e.into()),
+                    Err(EventError::Poison(why)) => {
+                        tracing::error!(stream = %stream, seq, error = %why, "Held event cannot apply; dropping it");
+                        if self.held.contains_key(&id) {
+                            let _ = self.drop_held(conn, id);
+                        }
+                        progress = true;
+                    }
+                }
+            }
+            if !progress || self.held.is_empty() {
+                return Ok(applied);
+            }
+        }
+    }
+
+    /// Local rows whose key equals the event's (null-safe), lowest rowid first.
+    fn find(
+        &mut self,
+        conn: &Connection,
+        t: usize,
+        cols: &[usize],
+        key_pos: &[usize],
+        event: &ChangeEvent,
+    ) -> Result<Vec<Found>, EventError> {
+        let table = &self.tables[t];
+        let rowid = !table.without_rowid;
+        let sql = self.sql[t].select.entry(cols.to_vec()).or_insert_with(|| {
+            let mut list: Vec<String> = Vec::with_capacity(cols.len() + 1);
+            if rowid {
+                list.push("rowid".into());
+            }
+            list.extend(cols.iter().map(|&i| quote(&table.columns[i].name)));
+            let conds: Vec<String> = key_pos
+                .iter()
+                .enumerate()
+                .map(|(n, &pos)| format!("{} IS ?{}", quote(&table.columns[cols[pos]].name), n + 1))
+                .collect();
+            format!(
+                "SELECT {} FROM {} WHERE {}{} LIMIT 16",
+                list.join(", "),
+                quote(&table.name),
+                conds.join(" AND "),
+                if rowid { " ORDER BY rowid" } else { "" }
+            )
+        });
+        let mut stmt = conn.prepare_cached(sql).map_err(classify)?;
+        let binds: Vec<Bind<'_>> = key_pos.iter().map(|&i| Bind(&event.row[i].1)).collect();
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(binds.iter()))
+            .map_err(classify)?;
+        let mut found = Vec::new();
+        let offset = usize::from(rowid);
+        while let Some(row) = rows.next().map_err(classify)? {
+            let rowid = if rowid {
+                Some(row.get::<_, i64>(0).map_err(classify)?)
+            } else {
+                None
+            };
+            let mut values = Vec::with_capacity(cols.len());
+            for i in 0..cols.len() {
+                values.push(value_at(row, i + offset).map_err(classify)?);
+            }
+            found.push(Found { rowid, values });
+        }
+        Ok(found)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn update(
+        &mut self,
+        conn: &Connection,
+        t: usize,
+        cols: &[usize],
+        non_key: &[usize],
+        key_pos: &[usize],
+        target: &Found,
+        event: &ChangeEvent,
+    ) -> Result<(), WriteError> {
+        let table = &self.tables[t];
+        let sql = self.sql[t].update.entry(cols.to_vec()).or_insert_with(|| {
+            let sets: Vec<String> = non_key
+                .iter()
+                .enumerate()
+                .map(|(n, &pos)| format!("{} = ?{}", quote(&table.columns[cols[pos]].name), n + 1))
+                .collect();
+            let cond = address(table, cols, key_pos, non_key.len());
+            format!(
+                "UPDATE {} SET {} WHERE {cond}",
+                quote(&table.name),
+                sets.join(", ")
+            )
+        });
+        let mut binds: Vec<Bind<'_>> = non_key.iter().map(|&i| Bind(&event.row[i].1)).collect();
+        let rowid_value;
+        match target.rowid {
+            Some(r) => {
+                rowid_value = Value::Integer(r);
+                binds.push(Bind(&rowid_value));
+            }
+            None => binds.extend(key_pos.iter().map(|&i| Bind(&target.values[i]))),
+        }
+        conn.prepare_cached(sql)
+            .map_err(|e| WriteError::Event(classify(e)))?
+            .execute(rusqlite::params_from_iter(binds.iter()))
+            .map_err(classify_write)?;
+        Ok(())
+    }
+
+    fn insert(
+        &mut self,
+        conn: &Connection,
+        t: usize,
+        cols: &[usize],
+        event: &ChangeEvent,
+    ) -> Result<(), WriteError> {
+        let table = &self.tables[t];
+        let sql = self.sql[t].insert.entry(cols.to_vec()).or_insert_with(|| {
+            let names: Vec<String> = cols
+                .iter()
+                .map(|&i| quote(&table.columns[i].name))
+                .collect();
+            let params: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+            format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                quote(&table.name),
+                names.join(", "),
+                params.join(", ")
+            )
+        });
+        let binds: Vec<Bind<'_>> = event.row.iter().map(|(_, v)| Bind(v)).collect();
+        conn.prepare_cached(sql)
+            .map_err(|e| WriteError::Event(classify(e)))?
+            .execute(rusqlite::params_from_iter(binds.iter()))
+            .map_err(classify_write)?;
+        Ok(())
+    }
+
+    fn delete(
+        &mut self,
+        conn: &Connection,
+        t: usize,
+        key_pos: &[usize],
+        target: &Found,
+        event: &ChangeEvent,
+    ) -> Result<(), WriteError> {
+        let table = &self.tables[t];
+        let pks = &self.pks[t];
+        let sql = self.sql[t].delete.get_or_insert_with(|| {
+            let cond = if table.without_rowid {
+                let conds: Vec<String> = pks
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &p)| format!("{} = ?{}", quote(&table.columns[p].name), n + 1))
+                    .collect();
+                conds.join(" AND ")
+            } else {
+                "rowid = ?1".to_owned()
+            };
+            format!("DELETE FROM {} WHERE {cond}", quote(&table.name))
+        });
+        let rowid_value;
+        let binds: Vec<Bind<'_>> = match target.rowid {
+            Some(r) => {
+                rowid_value = Value::Integer(r);
+                vec![Bind(&rowid_value)]
+            }
+            None => key_pos.iter().map(|&i| Bind(&target.values[i])).collect(),
+        };
+        let _ = event;
+        conn.prepare_cached(sql)
+            .map_err(|e| WriteError::Event(classify(e)))?
+            .execute(rusqlite::params_from_iter(binds.iter()))
+            .map_err(classify_write)?;
+        Ok(())
+    }
+
+    /// The local row that holds the value a UNIQUE conflict is about, for the log.
+    fn conflicting_row(
+        &self,
+        conn: &Connection,
+        t: usize,
+        event: &ChangeEvent,
+        why: &str,
+    ) -> String {
+        let table = &self.tables[t];
+        // SQLite: "UNIQUE constraint failed: t.a, t.b".
+        let Some(list) = why.split("failed: ").nth(1) else {
+            return "?".into();
+        };
+        let mut conds = Vec::new();
+        let mut binds = Vec::new();
+        for qualified in list.split(", ") {
+            let col = qualified.rsplit('.').next().unwrap_or(qualified).trim();
+            let Some((_, v)) = event.row.iter().find(|(n, _)| n.eq_ignore_ascii_case(col)) else {
+                return "?".into();
+            };
+            conds.push(format!("{} IS ?{}", quote(col), conds.len() + 1));
+            binds.push(Bind(v));
+        }
+        let cols: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {} LIMIT 1",
+            cols.join(", "),
+            quote(&table.name),
+            conds.join(" AND ")
+        );
+        let found = conn.query_row(&sql, rusqlite::params_from_iter(binds.iter()), |r| {
+            let mut row = Vec::new();
+            for (i, c) in table.columns.iter().enumerate() {
+                row.push((c.name.clone(), value_at(r, i)?));
+            }
+            Ok(row)
+        });
+        match found {
+            Ok(row) => describe(&row),
+            Err(_) => "?".into(),
+        }
+    }
+}
+
+/// The WHERE clause addressing one row for an UPDATE whose SET uses `?1..?n`: by rowid, or by
+/// primary key for WITHOUT ROWID tables.
+fn address(table: &Table, cols: &[usize], key_pos: &[usize], n: usize) -> String {
+    if table.without_rowid {
+        let conds: Vec<String> = key_pos
+            .iter()
+            .enumerate()
+            .map(|(k, &pos)| format!("{} = ?{}", quote(&table.columns[cols[pos]].name), n + k + 1))
+            .collect();
+        conds.join(" AND ")
+    } else {
+        format!("rowid = ?{}", n + 1)
+    }
+}
+
+/// A row for log lines: `{col: value, …}`, long values cut.
+fn describe(row: &[(String, Value)]) -> String {
+    let parts: Vec<String> = row
+        .iter()
+        .map(|(n, v)| {
+            let text = match v {
+                Value::Null => "NULL".to_owned(),
+                Value::Integer(i) => i.to_string(),
+                Value::Real(f) => f.to_string(),
+                Value::Text(t) => format!("{:?}", String::from_utf8_lossy(&t[..t.len().min(64)])),
+                Value::Blob(b) => format!(
+                    "x'{}'",
+                    b.iter()
+                        .take(32)
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                ),
+            };
+            format!("{n}: {text}")
+        })
+        .collect();
+    format!("{{{}}}", parts.join(", "))
 }
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn apply_one(
-    conn: &Connection,
-    tables: &HashMap<String, Table>,
-    folded: &HashMap<String, String>,
-    upsert_sql: &mut HashMap<(String, Vec<usize>), String>,
-    delete_sql: &mut HashMap<String, String>,
-    event: &ChangeEvent,
-) -> Result<(), EventError> {
-    let table = tables
-        .get(&event.table)
-        .or_else(|| {
-            folded
-                .get(&event.table.to_lowercase())
-                .and_then(|n| tables.get(n))
-        })
-        .ok_or_else(|| {
-            EventError::Poison(format!("no table mapping found for {:?}", event.table))
-        })?;
-    match event.op {
-        Op::Insert | Op::Update => {
-            let mut idxs = Vec::with_capacity(event.row.len());
-            for (name, _) in &event.row {
-                let idx = table.column_index(name).ok_or_else(|| {
-                    EventError::Poison(format!("table {:?} has no column {name:?}", table.name))
-                })?;
-                idxs.push(idx);
-            }
-            let key = (table.name.clone(), idxs);
-            let sql = upsert_sql.entry(key).or_insert_with_key(|(_, idxs)| {
-                let cols: Vec<String> = idxs
-                    .iter()
-                    .map(|&i| quote(&table.columns[i].name))
-                    .collect();
-                let params: Vec<String> = (1..=idxs.len()).map(|i| format!("?{i}")).collect();
-                format!(
-                    "INSERT OR REPLACE INTO {} ({}) VALUES ({})",
-                    quote(&table.name),
-                    cols.join(", "),
-                    params.join(", ")
-                )
-            });
-            let mut stmt = conn.prepare_cached(sql).map_err(classify)?;
-            let binds: Vec<Bind<'_>> = event.row.iter().map(|(_, v)| Bind(v)).collect();
-            stmt.execute(rusqlite::params_from_iter(binds.iter()))
-                .map_err(classify)?;
-        }
-        Op::Delete => {
-            let pks = table.pk_indexes();
-            let mut values = Vec::with_capacity(pks.len());
-            for &i in &pks {
-                let name = &table.columns[i].name;
-                let v = event
-                    .row
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .or_else(|| event.row.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
-                    .map(|(_, v)| v)
-                    .ok_or_else(|| {
-                        EventError::Poison(format!(
-                            "delete on {:?} lacks primary key column {name:?}",
-                            table.name
-                        ))
-                    })?;
-                values.push(Bind(v));
-            }
-            let sql = delete_sql.entry(table.name.clone()).or_insert_with(|| {
-                let conds: Vec<String> = pks
-                    .iter()
-                    .enumerate()
-                    .map(|(n, &i)| format!("{} IS ?{}", quote(&table.columns[i].name), n + 1))
-                    .collect();
-                format!(
-                    "DELETE FROM {} WHERE {}",
-                    quote(&table.name),
-                    conds.join(" AND ")
-                )
-            });
-            conn.prepare_cached(sql)
-                .map_err(classify)?
-                .execute(rusqlite::params_from_iter(values.iter()))
-                .map_err(classify)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -290,7 +1077,15 @@ mod tests {
             stream: "s",
             seq: 1,
             event: Ok(event),
+            own: false,
             raw: b"raw",
+        }
+    }
+
+    fn own(event: ChangeEvent) -> Incoming<'static> {
+        Incoming {
+            own: true,
+            ..incoming(event)
         }
     }
 
@@ -299,8 +1094,351 @@ mod tests {
         let mut conn = crate::db::open(&path).expect("open");
         let tables = watched_tables(&conn).expect("tables");
         cdc::install(&mut conn, &tables, "h").expect("install");
-        let applier = Applier::new(conn, &tables).expect("applier");
+        let log = Arc::new(ChangeLog::new(tables));
+        let applier = Applier::new(conn, log, vec![0], true).expect("applier");
         (d, path, applier)
+    }
+
+    /// The events this database's triggers captured so far, as the publisher would send them.
+    fn captured(path: &std::path::Path) -> Vec<ChangeEvent> {
+        let conn = crate::db::open(path).expect("open");
+        captured_as(path, watched_tables(&conn).expect("tables"))
+    }
+
+    /// [`captured`] by a publisher that knows `tables` (the schema at its start).
+    fn captured_as(path: &std::path::Path, tables: Vec<Table>) -> Vec<ChangeEvent> {
+        let conn = crate::db::open(path).expect("open");
+        let log = ChangeLog::new(tables.clone());
+        let scan = log.scan(&conn, 0, 100_000).expect("scan");
+        scan.changes
+            .into_iter()
+            .map(|c| ChangeEvent {
+                id: c.log_id,
+                op: c.op,
+                table: tables[c.table].name.clone(),
+                row: tables[c.table]
+                    .columns
+                    .iter()
+                    .map(|col| col.name.clone())
+                    .zip(c.values)
+                    .collect(),
+                schema_hash: String::new(),
+            })
+            .collect()
+    }
+
+    fn rows(path: &std::path::Path, sql: &str) -> Vec<Vec<Value>> {
+        let conn = Connection::open(path).expect("open");
+        let mut stmt = conn.prepare(sql).expect(sql);
+        let n = stmt.column_count();
+        stmt.query_map([], |r| (0..n).map(|i| value_at(r, i)).collect())
+            .expect(sql)
+            .collect::<Result<_, _>>()
+            .expect(sql)
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.as_bytes().to_vec())
+    }
+
+    const USERS: &str = "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT UNIQUE)";
+
+    /// Finding 2, origin side: re-applying the first image of 144 must not delete 145 through the
+    /// UNIQUE conflict (REPLACE did).
+    #[test]
+    fn own_events_never_delete_rows_through_unique_conflicts() {
+        let (_d, path, mut a) = setup(USERS);
+        let app = Connection::open(&path).expect("app");
+        app.execute_batch(
+            "INSERT INTO users VALUES (144, 'x11'); UPDATE users SET email = 'y11' WHERE id = 144;
+             INSERT INTO users VALUES (145, 'x11');",
+        )
+        .expect("app writes");
+        let events = captured(&path);
+        assert_eq!(events.len(), 3);
+        let out = a
+            .apply_batch(&events.into_iter().map(own).collect::<Vec<_>>())
+            .expect("apply");
+        assert_eq!(
+            out,
+            [Outcome::Superseded, Outcome::Unchanged, Outcome::Unchanged]
+        );
+        assert_eq!(
+            rows(&path, "SELECT id, email FROM users ORDER BY id"),
+            [
+                vec![Value::Integer(144), text("y11")],
+                vec![Value::Integer(145), text("x11")]
+            ]
+        );
+    }
+
+    /// Finding 2, receiver side: shard B's insert of 145 arrives between 144's insert and update
+    /// (another shard): it is held, not allowed to delete 144, and applies once 144 moves away.
+    #[test]
+    fn unique_conflicts_across_shards_are_held_then_resolved() {
+        let (_d, origin, _) = setup(USERS);
+        let app = Connection::open(&origin).expect("app");
+        app.execute_batch(
+            "INSERT INTO users VALUES (144, 'x11'); UPDATE users SET email = 'y11' WHERE id = 144;
+             INSERT INTO users VALUES (145, 'x11');",
+        )
+        .expect("app writes");
+        let ev = captured(&origin);
+        let (_d2, receiver, mut b) = setup(USERS);
+        let out = b
+            .apply_batch(&[incoming(ev[0].clone()), incoming(ev[2].clone())])
+            .expect("apply");
+        assert!(matches!(out[1], Outcome::Held(_)), "{out:?}");
+        assert_eq!(b.held_len(), 1);
+        assert_eq!(
+            count(&receiver, "SELECT count(*) FROM __harmonylite__held_events"),
+            1
+        );
+        b.apply_batch(&[incoming(ev[1].clone())]).expect("apply");
+        assert_eq!(b.held_len(), 0);
+        assert_eq!(
+            rows(&receiver, "SELECT id, email FROM users ORDER BY id"),
+            rows(&origin, "SELECT id, email FROM users ORDER BY id")
+        );
+        assert_eq!(
+            count(&receiver, "SELECT count(*) FROM __harmonylite__held_events"),
+            0
+        );
+    }
+
+    /// Held events survive a restart of the applier.
+    #[test]
+    fn held_events_are_durable() {
+        let (_d, path, mut a) = setup(USERS);
+        Connection::open(&path)
+            .expect("app")
+            .execute("INSERT INTO users VALUES (1, 'a')", [])
+            .expect("app");
+        let out = a
+            .apply_batch(&[incoming(ev(
+                Op::Insert,
+                "users",
+                vec![("id", Value::Integer(2)), ("email", text("a"))],
+            ))])
+            .expect("apply");
+        assert!(matches!(out[0], Outcome::Held(_)));
+        drop(a);
+        let conn = crate::db::open(&path).expect("open");
+        let log = Arc::new(ChangeLog::new(watched_tables(&conn).expect("tables")));
+        let mut a = Applier::new(conn, log, vec![0], false).expect("applier");
+        assert_eq!(a.held_len(), 1);
+        Connection::open(&path)
+            .expect("app")
+            .execute("UPDATE users SET email = 'b' WHERE id = 1", [])
+            .expect("app");
+        assert_eq!(a.retry_held().expect("retry"), 1);
+        assert_eq!(count(&path, "SELECT id FROM users WHERE email = 'a'"), 2);
+    }
+
+    /// Finding 3: an UPDATE of the primary key removes the old row on replicas, for INTEGER,
+    /// TEXT and rowid keys.
+    #[test]
+    fn primary_key_changes_remove_the_old_row() {
+        for (schema, update) in [
+            (
+                "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)",
+                "INSERT INTO t VALUES (1, 'a'); UPDATE t SET k = 5 WHERE k = 1;",
+            ),
+            (
+                "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)",
+                "INSERT INTO t VALUES ('one', 'a'); UPDATE t SET k = 'five' WHERE k = 'one';",
+            ),
+            (
+                "CREATE TABLE t (v TEXT)",
+                "INSERT INTO t (rowid, v) VALUES (1, 'a'); UPDATE t SET rowid = 5 WHERE rowid = 1;",
+            ),
+        ] {
+            let (_d, origin, _) = setup(schema);
+            Connection::open(&origin)
+                .expect("app")
+                .execute_batch(update)
+                .expect(update);
+            let events = captured(&origin);
+            assert_eq!(
+                events.iter().map(|e| e.op).collect::<Vec<_>>(),
+                [Op::Insert, Op::Delete, Op::Update],
+                "{schema}"
+            );
+            let (_d2, receiver, mut b) = setup(schema);
+            b.apply_batch(&events.into_iter().map(incoming).collect::<Vec<_>>())
+                .expect("apply");
+            let q = "SELECT rowid, * FROM t ORDER BY rowid";
+            assert_eq!(rows(&receiver, q).len(), 1, "{schema}");
+            assert_eq!(rows(&receiver, q), rows(&origin, q), "{schema}");
+        }
+    }
+
+    /// Finding 4: rows with NULL in a TEXT primary key do not multiply when events are applied
+    /// again (own events coming back, replays).
+    #[test]
+    fn null_keys_do_not_multiply() {
+        let schema = "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)";
+        let (_d, origin, mut a) = setup(schema);
+        Connection::open(&origin)
+            .expect("app")
+            .execute_batch("INSERT INTO t VALUES (NULL, 'a'); INSERT INTO t VALUES ('b', 'c');")
+            .expect("app");
+        let events = captured(&origin);
+        let (_d2, receiver, mut b) = setup(schema);
+        for _ in 0..3 {
+            a.apply_batch(&events.iter().cloned().map(own).collect::<Vec<_>>())
+                .expect("apply");
+            b.apply_batch(&events.iter().cloned().map(incoming).collect::<Vec<_>>())
+                .expect("apply");
+        }
+        let q = "SELECT k, v FROM t ORDER BY k";
+        assert_eq!(rows(&origin, q).len(), 2);
+        assert_eq!(rows(&receiver, q), rows(&origin, q));
+    }
+
+    /// Finding 5: STRICT tables with ANY columns keep every value's type through the change log.
+    #[test]
+    fn strict_any_values_are_not_converted() {
+        let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v ANY) STRICT";
+        let (_d, origin, mut a) = setup(schema);
+        Connection::open(&origin)
+            .expect("app")
+            .execute_batch(
+                "INSERT INTO t VALUES (1, '00123'); INSERT INTO t VALUES (2, 1.0);
+                 INSERT INTO t VALUES (3, '1e3'); INSERT INTO t VALUES (4, x'00');",
+            )
+            .expect("app");
+        let events = captured(&origin);
+        let (_d2, receiver, mut b) = setup(schema);
+        b.apply_batch(&events.iter().cloned().map(incoming).collect::<Vec<_>>())
+            .expect("apply");
+        a.apply_batch(&events.into_iter().map(own).collect::<Vec<_>>())
+            .expect("apply");
+        let want = vec![
+            vec![Value::Integer(1), text("00123")],
+            vec![Value::Integer(2), Value::Real(1.0)],
+            vec![Value::Integer(3), text("1e3")],
+            vec![Value::Integer(4), Value::Blob(vec![0])],
+        ];
+        let q = "SELECT id, v FROM t ORDER BY id";
+        assert_eq!(rows(&origin, q), want);
+        assert_eq!(rows(&receiver, q), want);
+    }
+
+    /// Finding 6: applying events never changes a row's rowid (FTS external content and
+    /// anything else keyed on rowid keep working).
+    #[test]
+    fn rowids_are_preserved() {
+        let schema = "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)";
+        let (_d, origin, mut a) = setup(schema);
+        Connection::open(&origin)
+            .expect("app")
+            .execute_batch(
+                "INSERT INTO t (rowid, k, v) VALUES (10, 'a', 'x'); INSERT INTO t (rowid, k, v) VALUES (20, 'b', 'y');
+                 UPDATE t SET v = 'z' WHERE k = 'a';",
+            )
+            .expect("app");
+        let q = "SELECT rowid, k, v FROM t ORDER BY k";
+        let before = rows(&origin, q);
+        a.apply_batch(&captured(&origin).into_iter().map(own).collect::<Vec<_>>())
+            .expect("apply");
+        assert_eq!(rows(&origin, q), before);
+        // A foreign update keeps the rowid too.
+        a.apply_batch(&[incoming(ev(
+            Op::Update,
+            "t",
+            vec![("k", text("b")), ("v", text("w"))],
+        ))])
+        .expect("apply");
+        assert_eq!(
+            rows(&origin, "SELECT rowid FROM t WHERE k = 'b'"),
+            [vec![Value::Integer(20)]]
+        );
+    }
+
+    /// Finding 7: after ALTER TABLE ADD COLUMN (capture not yet reinstalled), an event lacking
+    /// the new column leaves it alone.
+    #[test]
+    fn columns_an_event_lacks_are_left_alone() {
+        let (_d, origin, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        let before = watched_tables(&Connection::open(&origin).expect("open")).expect("tables");
+        let app = Connection::open(&origin).expect("app");
+        app.execute_batch(
+            "ALTER TABLE t ADD COLUMN extra TEXT; INSERT INTO t VALUES (1, 'a', 'kept');",
+        )
+        .expect("app");
+        let events = captured_as(&origin, before);
+        assert_eq!(
+            events[0].row.len(),
+            2,
+            "old triggers do not know the column"
+        );
+        a.apply_batch(&events.iter().cloned().map(own).collect::<Vec<_>>())
+            .expect("apply");
+        a.apply_batch(&[incoming(ev(
+            Op::Update,
+            "t",
+            vec![("id", Value::Integer(1)), ("v", text("b"))],
+        ))])
+        .expect("apply");
+        assert_eq!(
+            rows(&origin, "SELECT v, extra FROM t"),
+            [vec![text("b"), text("kept")]]
+        );
+    }
+
+    /// I1: an event for a row with a newer local change in flight is skipped, whether it is an
+    /// older event of ours or another node's.
+    #[test]
+    fn events_older_than_a_local_change_in_flight_are_skipped() {
+        let (_d, origin, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        let app = Connection::open(&origin).expect("app");
+        app.execute_batch("INSERT INTO t VALUES (1, 'a')")
+            .expect("app");
+        let first = captured(&origin);
+        app.execute_batch("UPDATE t SET v = 'b' WHERE id = 1")
+            .expect("app");
+        let out = a
+            .apply_batch(&[
+                own(first[0].clone()),
+                incoming(ev(
+                    Op::Update,
+                    "t",
+                    vec![("id", Value::Integer(1)), ("v", text("other"))],
+                )),
+            ])
+            .expect("apply");
+        assert_eq!(out, [Outcome::Superseded, Outcome::Superseded]);
+        assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("b")]]);
+        // Our newer change comes back: the row is free for later events again.
+        let all = captured(&origin);
+        a.apply_batch(&[own(all[1].clone())]).expect("apply");
+        assert_eq!(a.in_flight_len(), 0);
+        a.apply_batch(&[incoming(ev(
+            Op::Update,
+            "t",
+            vec![("id", Value::Integer(1)), ("v", text("later"))],
+        ))])
+        .expect("apply");
+        assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("later")]]);
+    }
+
+    /// I6: own events coming back open no write transaction, so an application transaction that
+    /// read before them can still write.
+    #[test]
+    fn own_events_do_not_break_deferred_application_transactions() {
+        let (_d, origin, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        let app = Connection::open(&origin).expect("app");
+        app.execute_batch("INSERT INTO t VALUES (1, 'a'); INSERT INTO t VALUES (2, 'b');")
+            .expect("app");
+        let events = captured(&origin);
+        app.execute_batch("BEGIN; SELECT * FROM t;").expect("read");
+        let out = a
+            .apply_batch(&events.into_iter().map(own).collect::<Vec<_>>())
+            .expect("apply");
+        assert!(out.iter().all(|o| *o == Outcome::Unchanged), "{out:?}");
+        app.execute_batch("UPDATE t SET v = 'c' WHERE id = 1; COMMIT;")
+            .expect("the application's upgrade to writer must not fail");
     }
 
     fn count(path: &std::path::Path, sql: &str) -> i64 {
@@ -380,6 +1518,7 @@ mod tests {
                 stream: "s",
                 seq: 9,
                 event: Err("invalid CBOR".into()),
+                own: false,
                 raw: b"\xff",
             },
             incoming(ev(Op::Delete, "t", vec![("v", Value::Null)])),

@@ -6,18 +6,26 @@
 //!   `…_on_insert|update|delete`, `__harmonylite___change_log_global`), so a Go node's `-cleanup`
 //!   removes our artifacts and vice versa.
 //! - Installation is one transaction and idempotent: running it again (every start) leaves the same
-//!   schema. Triggers are recreated; change logs are created if missing and *extended* with any
-//!   `val_<col>` column the table gained (Go never altered them, so after `ALTER TABLE … ADD
-//!   COLUMN` every application write failed).
+//!   schema. Triggers are recreated; change logs are created if missing and migrated in place,
+//!   pending rows kept: missing `val_<col>` columns are added (Go never altered them, so after
+//!   `ALTER TABLE … ADD COLUMN` every application write failed), and typed value columns (Go's
+//!   copy of the table's declared types) are rebuilt untyped.
+//! - Value columns have no declared type, so no affinity: the log holds exactly what the row held
+//!   (a STRICT table's `ANY` column keeps `'00123'` as text; Go's typed copy turned it into 123).
+//! - An UPDATE that changes the primary key (or the row id of a table without one) is captured as
+//!   a `delete` of the old key followed by an `update` of the new one, so replicas drop the old row.
 //! - Trigger condition: `NOT EXISTS (SELECT 1 FROM __harmonylite__apply_guard)` — a plain table
 //!   read, so application connections with `PRAGMA trusted_schema = OFF` can still write
 //!   (Go's `pragma_function_list` guard made those writes fail).
+//! - The database gets a random identity at first install (`__harmonylite__node_identity`); it
+//!   tells this database's own events from those of another database that shares its node id
+//!   (cloned machines), and it changes after `-cleanup`, when change-log ids restart.
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE, PREFIX, SCHEMA_VERSION_TABLE, Table,
-    change_log_name, on_table, quote, quote_literal,
+    DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE, HELD_TABLE, IDENTITY_TABLE, PREFIX,
+    PUBLISHED_TABLE, SCHEMA_VERSION_TABLE, Table, change_log_name, on_table, quote, quote_literal,
 };
 
 /// The version string Go writes into `__harmonylite__schema_version` (hard-coded `"dev"` there).
@@ -25,6 +33,10 @@ const SCHEMA_VERSION_TAG: &str = "dev";
 
 /// Unix milliseconds in trigger SQL, exactly as Go computes `created_at`.
 const NOW_MS_SQL: &str = "CAST((strftime('%s','now') || substr(strftime('%f','now'),4)) AS INT)";
+
+/// Columns we add to Go's change-log layout: where a published change landed (shard, stream
+/// sequence), so that after a restart we know which of our changes have come back.
+const PUB_COLUMNS: [&str; 2] = ["pub_shard", "pub_seq"];
 
 fn base_ddl() -> String {
     format!(
@@ -48,12 +60,54 @@ fn base_ddl() -> String {
              error TEXT NOT NULL,
              payload BLOB,
              created_at INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS {identity} (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             uuid TEXT NOT NULL,
+             created_at INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS {held} (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             stream TEXT NOT NULL,
+             seq INTEGER NOT NULL,
+             origin TEXT,
+             payload BLOB NOT NULL,
+             reason TEXT NOT NULL,
+             created_at INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS {published} (
+             shard INTEGER PRIMARY KEY,
+             seq INTEGER NOT NULL
          );",
         guard = quote(GUARD_TABLE),
         global = quote(GLOBAL_LOG),
         schema_version = quote(SCHEMA_VERSION_TABLE),
         dead = quote(DEAD_LETTER_TABLE),
+        identity = quote(IDENTITY_TABLE),
+        held = quote(HELD_TABLE),
+        published = quote(PUBLISHED_TABLE),
     )
+}
+
+/// `CREATE TABLE` for a change log named `name` (value columns untyped).
+fn change_log_create(name: &str, table: &Table) -> String {
+    let col_defs: String = table
+        .columns
+        .iter()
+        .map(|c| format!("    {},\n", quote(&format!("val_{}", c.name))))
+        .collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (\n    id INTEGER PRIMARY KEY AUTOINCREMENT,\n\
+         {col_defs}    type TEXT,\n    created_at INTEGER,\n    state INTEGER,\n    \
+         pub_shard INTEGER,\n    pub_seq INTEGER\n);\n",
+        quote(name)
+    )
+}
+
+/// The three trigger names of a table.
+fn trigger_names(table: &str) -> [String; 3] {
+    let log = change_log_name(table);
+    ["delete", "insert", "update"].map(|op| format!("{log}_on_{op}"))
 }
 
 /// DDL for one table's change log, index and triggers.
@@ -66,65 +120,145 @@ fn table_ddl(table: &Table) -> String {
         .iter()
         .map(|c| quote(&format!("val_{}", c.name)))
         .collect();
-    let col_defs: String = table
-        .columns
-        .iter()
-        .zip(&val_cols)
-        .map(|(c, v)| format!("    {v} {},\n", c.decl_type))
-        .collect();
-    let mut sql = format!(
-        "CREATE TABLE IF NOT EXISTS {qlog} (\n    id INTEGER PRIMARY KEY AUTOINCREMENT,\n\
-         {col_defs}    type TEXT,\n    created_at INTEGER,\n    state INTEGER\n);\n\
-         CREATE INDEX IF NOT EXISTS {index} ON {qlog} (state);\n",
+    let mut sql = change_log_create(&log, table);
+    sql.push_str(&format!(
+        "CREATE INDEX IF NOT EXISTS {index} ON {qlog} (state);\n",
         index = quote(&format!("{log}_state_index")),
-    );
-    // Go renders the triggers in sorted key order: delete, insert, update.
-    for (op, row) in [("delete", "OLD"), ("insert", "NEW"), ("update", "NEW")] {
-        let trigger = quote(&format!("{log}_on_{op}"));
-        let values: String = table
+    ));
+    let guard = format!("NOT EXISTS (SELECT 1 FROM {})", quote(GUARD_TABLE));
+    let capture = |row: &str, op: &str, filter: &str| -> String {
+        let values: Vec<String> = table
             .columns
             .iter()
-            .map(|c| format!("{row}.{}, ", quote(&c.name)))
+            .map(|c| format!("{row}.{}", quote(&c.name)))
             .collect();
-        sql.push_str(&format!(
-            "DROP TRIGGER IF EXISTS {trigger};\n\
-             CREATE TRIGGER {trigger}\nAFTER {op} ON {qtable}\n\
-             WHEN NOT EXISTS (SELECT 1 FROM {guard})\nBEGIN\n\
-             INSERT INTO {qlog}({cols}, type, created_at, state)\n\
-             VALUES ({values}'{op}', {NOW_MS_SQL}, 0);\n\
+        format!(
+            "INSERT INTO {qlog}({cols}, type, created_at, state)\n\
+             SELECT {values}, '{op}', {NOW_MS_SQL}, 0{filter};\n\
              INSERT INTO {global} (change_table_id, table_name)\n\
-             VALUES (last_insert_rowid(), {name});\nEND;\n",
-            guard = quote(GUARD_TABLE),
+             SELECT last_insert_rowid(), {name}{filter};\n",
             cols = val_cols.join(", "),
+            values = values.join(", "),
             global = quote(GLOBAL_LOG),
             name = quote_literal(&table.name),
+        )
+    };
+    // The key changed: the old row is gone from the point of view of every replica.
+    let key_changed: Vec<String> = table
+        .pk_indexes()
+        .iter()
+        .map(|&i| {
+            let c = quote(&table.columns[i].name);
+            format!("OLD.{c} IS NOT NEW.{c}")
+        })
+        .collect();
+    let key_filter = format!(" WHERE {}", key_changed.join(" OR "));
+    // Go renders the triggers in sorted key order: delete, insert, update.
+    let [on_delete, on_insert, on_update] = trigger_names(&table.name);
+    for (trigger, op, body) in [
+        (on_delete, "delete", capture("OLD", "delete", "")),
+        (on_insert, "insert", capture("NEW", "insert", "")),
+        (
+            on_update,
+            "update",
+            capture("OLD", "delete", &key_filter) + &capture("NEW", "update", ""),
+        ),
+    ] {
+        let trigger = quote(&trigger);
+        sql.push_str(&format!(
+            "DROP TRIGGER IF EXISTS {trigger};\n\
+             CREATE TRIGGER {trigger}\nAFTER {op} ON {qtable}\nWHEN {guard}\nBEGIN\n{body}END;\n"
         ));
     }
     sql
 }
 
-/// Adds `val_<col>` columns that an existing change log lacks (the table gained columns).
-fn extend_change_log(conn: &Connection, table: &Table) -> Result<(), Error> {
+/// Brings an existing change log to the current layout, keeping its rows: adds missing value and
+/// publish columns, and rebuilds it when value columns carry a declared type (affinity would
+/// convert what the triggers copy). The AUTOINCREMENT counter is carried over, so change ids
+/// never repeat.
+fn migrate_change_log(conn: &Connection, table: &Table) -> Result<(), Error> {
     let log = change_log_name(&table.name);
-    let existing: Vec<String> = conn
-        .prepare("SELECT name FROM pragma_table_info(?1)")
-        .and_then(|mut s| s.query_map([&log], |r| r.get(0))?.collect())
+    let existing: Vec<(String, String)> = conn
+        .prepare("SELECT name, type FROM pragma_table_info(?1) ORDER BY cid")
+        .and_then(|mut s| {
+            s.query_map([&log], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                ))
+            })?
+            .collect()
+        })
         .map_err(on_table(&table.name))?;
     if existing.is_empty() {
         return Ok(());
     }
-    for c in &table.columns {
-        let col = format!("val_{}", c.name);
-        if !existing.iter().any(|e| e.eq_ignore_ascii_case(&col)) {
-            tracing::info!(table = %table.name, column = %c.name, "Adding column to change log");
-            conn.execute_batch(&format!(
-                "ALTER TABLE {} ADD COLUMN {} {}",
-                quote(&log),
-                quote(&col),
-                c.decl_type
-            ))
+    let has = |col: &str| existing.iter().any(|(n, _)| n.eq_ignore_ascii_case(col));
+    let typed = existing
+        .iter()
+        .any(|(n, ty)| n.starts_with("val_") && !ty.is_empty());
+    if typed {
+        tracing::info!(table = %table.name, "Rebuilding change log with untyped value columns");
+        let tmp = format!("{log}__migrating");
+        let seq: Option<i64> = conn
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = ?1",
+                [&log],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(on_table(&table.name))?;
+        // Copy the columns both layouts have; new ones start NULL.
+        let mut keep: Vec<String> = vec!["id".into()];
+        keep.extend(
+            table
+                .columns
+                .iter()
+                .map(|c| format!("val_{}", c.name))
+                .filter(|c| has(c)),
+        );
+        keep.extend(
+            ["type", "created_at", "state"]
+                .into_iter()
+                .chain(PUB_COLUMNS)
+                .filter(|c| has(c))
+                .map(str::to_owned),
+        );
+        let cols: Vec<String> = keep.iter().map(|c| quote(c)).collect();
+        let cols = cols.join(", ");
+        conn.execute_batch(&format!(
+            "DROP TABLE IF EXISTS {qtmp};\n{create}\
+             INSERT INTO {qtmp} ({cols}) SELECT {cols} FROM {qlog};\n\
+             DROP TABLE {qlog};\nALTER TABLE {qtmp} RENAME TO {qlog};",
+            qtmp = quote(&tmp),
+            create = change_log_create(&tmp, table),
+            qlog = quote(&log),
+        ))
+        .map_err(on_table(&table.name))?;
+        if let Some(seq) = seq {
+            conn.execute(
+                "UPDATE sqlite_sequence SET seq = max(seq, ?2) WHERE name = ?1",
+                rusqlite::params![log, seq],
+            )
             .map_err(on_table(&table.name))?;
         }
+        return Ok(());
+    }
+    let missing = table
+        .columns
+        .iter()
+        .map(|c| format!("val_{}", c.name))
+        .chain(PUB_COLUMNS.map(str::to_owned))
+        .filter(|c| !has(c));
+    for col in missing {
+        tracing::info!(table = %table.name, column = %col, "Adding column to change log");
+        conn.execute_batch(&format!(
+            "ALTER TABLE {} ADD COLUMN {}",
+            quote(&log),
+            quote(&col)
+        ))
+        .map_err(on_table(&table.name))?;
     }
     Ok(())
 }
@@ -148,14 +282,39 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
         ),
         rusqlite::params![schema_hash, now_secs, SCHEMA_VERSION_TAG],
     )?;
+    tx.execute(
+        &format!(
+            "INSERT OR IGNORE INTO {} (id, uuid, created_at) VALUES (1, ?1, ?2)",
+            quote(IDENTITY_TABLE)
+        ),
+        rusqlite::params![uuid::Uuid::new_v4().simple().to_string(), now_secs],
+    )?;
     for table in tables {
         tracing::info!("Creating trigger for {}", table.name);
-        extend_change_log(&tx, table)?;
+        // Old triggers go first: a rebuilt change log must not be renamed under triggers that
+        // reference it (SQLite rejects the rename), and they are recreated below anyway.
+        for trigger in trigger_names(&table.name) {
+            tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(&trigger)))
+                .map_err(on_table(&table.name))?;
+        }
+        migrate_change_log(&tx, table)?;
         tx.execute_batch(&table_ddl(table))
             .map_err(on_table(&table.name))?;
     }
     tx.commit()?;
     Ok(())
+}
+
+/// This database's identity (created by [`install`]).
+///
+/// # Errors
+/// SQLite errors, or the identity table missing (capture was removed under us).
+pub fn identity(conn: &Connection) -> Result<String, Error> {
+    Ok(conn.query_row(
+        &format!("SELECT uuid FROM {} WHERE id = 1", quote(IDENTITY_TABLE)),
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 /// Drops every trigger and table whose name starts with `__harmonylite__` (Go `RemoveCDC`),
@@ -293,6 +452,50 @@ mod tests {
             count(&conn, "SELECT val_extra FROM __harmonylite__t_change_log"),
             42
         );
+    }
+
+    /// A Go-created change log (typed value columns) is rebuilt untyped on install, keeping its
+    /// pending rows and its id counter.
+    #[test]
+    fn typed_change_logs_are_migrated_keeping_pending_rows() {
+        let (_d, path) = temp_db(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v ANY) STRICT;
+             CREATE TABLE __harmonylite__t_change_log (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 val_id INTEGER, val_v ANY, type TEXT, created_at INTEGER, state INTEGER);
+             INSERT INTO __harmonylite__t_change_log VALUES (7, 1, 5, 'insert', 1, 0);
+             INSERT INTO __harmonylite__t_change_log VALUES (9, 2, 6, 'insert', 2, 0);
+             DELETE FROM __harmonylite__t_change_log WHERE id = 9;",
+        );
+        let mut conn = crate::db::open(&path).expect("open");
+        install_all(&mut conn);
+        let types: Vec<String> = conn
+            .prepare("SELECT type FROM pragma_table_info('__harmonylite__t_change_log') WHERE name LIKE 'val%'")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("types");
+        assert_eq!(types, ["", ""]);
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM __harmonylite__t_change_log WHERE id = 7 AND state = 0"
+            ),
+            1
+        );
+        let app = Connection::open(&path).expect("app");
+        app.execute("INSERT INTO t VALUES (3, '00123')", [])
+            .expect("write");
+        assert_eq!(
+            count(&conn, "SELECT max(id) FROM __harmonylite__t_change_log"),
+            10,
+            "ids never repeat"
+        );
+        let kept: String = conn
+            .query_row(
+                "SELECT typeof(val_v) FROM __harmonylite__t_change_log WHERE id = 10",
+                [],
+                |r| r.get(0),
+            )
+            .expect("value");
+        assert_eq!(kept, "text");
     }
 
     #[test]

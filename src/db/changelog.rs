@@ -2,18 +2,21 @@
 //!
 //! Invariants:
 //! - Changes are read in global-log id order, which is local commit order across tables.
-//! - A change is marked published (`state = 1`, global row deleted) only by [`mark_published`],
-//!   which the publisher calls with the prefix of a scan that JetStream acknowledged; everything
-//!   else stays pending and is read again by the next scan. Nothing is ever dropped on error.
+//! - A change is marked published (`state = 1`, where it landed, global row deleted) only by
+//!   [`ChangeLog::retire`], with changes JetStream acknowledged (or found in the stream after a
+//!   crash); everything else stays pending. Nothing is ever dropped on error.
+//! - Retiring is batched by the caller into few, rare write transactions: every commit of ours
+//!   can make an application's deferred read-then-write transaction fail with SQLITE_BUSY.
 //! - A global row whose change-log row or table no longer exists cannot be published by anyone; it
 //!   is reported as an orphan and removed (Go panicked or stalled forever on these).
-//! - Only published rows older than the cleanup horizon are deleted.
+//! - Only published rows older than the cleanup horizon are deleted, and, while this node applies
+//!   its own events, only once their event has come back (see [`ChangeLog::in_flight`]).
 
 use std::collections::HashMap;
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::{Error, GLOBAL_LOG, Table, change_log_name, on_table, quote};
+use super::{Error, GLOBAL_LOG, PUBLISHED_TABLE, Table, change_log_name, on_table, quote};
 use crate::wire::{Op, Value};
 
 /// One captured change waiting to be published.
@@ -47,10 +50,8 @@ pub struct ChangeLog {
     by_name: HashMap<String, usize>,
     /// Per table: `SELECT type, created_at, val_… FROM <log> WHERE id = ?1 AND state = 0`.
     select_sql: Vec<String>,
-    /// Per table: `UPDATE <log> SET state = 1 WHERE id = ?1`.
+    /// Per table: `UPDATE <log> SET state = 1, pub_shard = ?2, pub_seq = ?3 WHERE id = ?1`.
     mark_sql: Vec<String>,
-    /// Per table: cleanup statement.
-    cleanup_sql: Vec<String>,
 }
 
 /// Reads a column as a wire value, keeping TEXT bytes exactly (NUL and invalid UTF-8 included).
@@ -92,16 +93,7 @@ impl ChangeLog {
             .iter()
             .map(|t| {
                 format!(
-                    "UPDATE {} SET state = 1 WHERE id = ?1",
-                    quote(&change_log_name(&t.name))
-                )
-            })
-            .collect();
-        let cleanup_sql = tables
-            .iter()
-            .map(|t| {
-                format!(
-                    "DELETE FROM {} WHERE state = 1 AND created_at <= ?1",
+                    "UPDATE {} SET state = 1, pub_shard = ?2, pub_seq = ?3 WHERE id = ?1",
                     quote(&change_log_name(&t.name))
                 )
             })
@@ -111,7 +103,6 @@ impl ChangeLog {
             by_name,
             select_sql,
             mark_sql,
-            cleanup_sql,
         }
     }
 
@@ -216,78 +207,246 @@ impl ChangeLog {
         Ok(scan)
     }
 
-    /// Marks `published` changes published and removes `orphans` from the global log, in one
-    /// write transaction.
+    /// Retires changes in one write transaction: `published` ones get `state = 1` and where they
+    /// landed, `failed` ones `state = -1` (Go's declared but unused "Failed" state; the row stays
+    /// for inspection), and their global-log rows go, as do `orphans`. The newest landing per
+    /// shard is recorded in `__harmonylite__published`, where a restart starts looking for
+    /// changes that reached the stream but were never retired.
     ///
     /// # Errors
-    /// SQLite errors; nothing is changed then, and the rows are published again (deduplicated by
-    /// their `Nats-Msg-Id`).
-    pub fn mark_published(
-        &self,
-        conn: &mut Connection,
-        published: &[PendingChange],
-        orphans: &[i64],
-    ) -> Result<(), Error> {
-        if published.is_empty() && orphans.is_empty() {
+    /// SQLite errors; nothing is changed then, and the changes stay pending.
+    pub fn retire(&self, conn: &mut Connection, batch: &Retirement) -> Result<(), Error> {
+        if batch.is_empty() {
             return Ok(());
         }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut delete_global =
                 tx.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(GLOBAL_LOG)))?;
-            for change in published {
+            let mut newest: Vec<(u64, u64)> = Vec::new();
+            for change in &batch.published {
+                let (shard, seq) = match change.landed {
+                    Some((shard, seq)) => (Some(shard as i64), Some(seq as i64)),
+                    None => (None, None),
+                };
                 tx.prepare_cached(&self.mark_sql[change.table])?
-                    .execute([change.log_id])
+                    .execute(rusqlite::params![change.log_id, shard, seq])
                     .map_err(on_table(&self.tables[change.table].name))?;
                 delete_global.execute([change.global_id])?;
+                if let Some((shard, seq)) = change.landed {
+                    match newest.iter_mut().find(|(s, _)| *s == shard) {
+                        Some(entry) => entry.1 = entry.1.max(seq),
+                        None => newest.push((shard, seq)),
+                    }
+                }
             }
-            for id in orphans {
+            for change in &batch.failed {
+                tx.execute(
+                    &format!(
+                        "UPDATE {} SET state = -1 WHERE id = ?1",
+                        quote(&change_log_name(&self.tables[change.table].name))
+                    ),
+                    [change.log_id],
+                )
+                .map_err(on_table(&self.tables[change.table].name))?;
+                delete_global.execute([change.global_id])?;
+            }
+            for id in &batch.orphans {
                 delete_global.execute([id])?;
+            }
+            let mut landed = tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO {} (shard, seq) VALUES (?1, ?2)",
+                quote(PUBLISHED_TABLE)
+            ))?;
+            for (shard, seq) in newest {
+                landed.execute(rusqlite::params![shard as i64, seq as i64])?;
             }
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Marks a change that can never be published as failed (`state = -1`, Go's declared but
-    /// unused "Failed" state) and removes it from the global log, so later changes can proceed.
-    /// The row stays in its change log for inspection.
+    /// Per shard, the stream sequence of the newest change retired as published.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn mark_failed(&self, conn: &mut Connection, change: &PendingChange) -> Result<(), Error> {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            &format!(
-                "UPDATE {} SET state = -1 WHERE id = ?1",
-                quote(&change_log_name(&self.tables[change.table].name))
-            ),
-            [change.log_id],
-        )
-        .map_err(on_table(&self.tables[change.table].name))?;
-        tx.execute(
-            &format!("DELETE FROM {} WHERE id = ?1", quote(GLOBAL_LOG)),
-            [change.global_id],
-        )?;
-        tx.commit()?;
-        Ok(())
+    pub fn last_landed(conn: &Connection) -> Result<HashMap<u64, u64>, Error> {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT shard, seq FROM {}",
+            quote(PUBLISHED_TABLE)
+        ))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (shard, seq) = row?;
+            out.insert(shard.max(0) as u64, seq.max(0) as u64);
+        }
+        Ok(out)
     }
 
-    /// Deletes published change-log rows captured at or before `horizon_ms`; returns the count.
+    /// Deletes published change-log rows captured at or before `horizon_ms` that are no longer
+    /// needed; returns the count. With `applied` (this node applies its own events: per shard,
+    /// index shard − 1, the last applied sequence) a row is kept until its event has come back,
+    /// because it is what tells an older event for the same row from a newer one after a restart.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn cleanup(&self, conn: &mut Connection, horizon_ms: i64) -> Result<usize, Error> {
+    pub fn cleanup(
+        &self,
+        conn: &mut Connection,
+        horizon_ms: i64,
+        applied: Option<&[u64]>,
+    ) -> Result<usize, Error> {
+        let came_back = match applied {
+            None => String::new(),
+            Some(applied) => {
+                let arms: String = applied
+                    .iter()
+                    .enumerate()
+                    .map(|(i, seq)| format!(" WHEN {} THEN {}", i + 1, seq))
+                    .collect();
+                format!(" AND (pub_seq IS NULL OR pub_seq <= CASE pub_shard{arms} ELSE -1 END)")
+            }
+        };
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut total = 0;
-        for (i, sql) in self.cleanup_sql.iter().enumerate() {
+        for table in &self.tables {
             total += tx
-                .prepare_cached(sql)?
-                .execute([horizon_ms])
-                .map_err(on_table(&self.tables[i].name))?;
+                .execute(
+                    &format!(
+                        "DELETE FROM {} WHERE state = 1 AND created_at <= ?1{came_back}",
+                        quote(&change_log_name(&table.name))
+                    ),
+                    [horizon_ms],
+                )
+                .map_err(on_table(&table.name))?;
         }
         tx.commit()?;
         Ok(total)
+    }
+
+    /// Captured changes of table `table` (index) with a change-log id above `after` that may not
+    /// have come back through the stream: pending ones, and published ones whose sequence is
+    /// past `applied` for their shard (`None`: every published one counts as come back).
+    /// Returns `(id, key values)` in id order, plus the highest id in the log.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn in_flight(
+        &self,
+        conn: &Connection,
+        table: usize,
+        after: i64,
+        applied: Option<&[u64]>,
+    ) -> Result<InFlight, Error> {
+        let t = &self.tables[table];
+        let pks = t.pk_indexes();
+        let keys: Vec<String> = pks
+            .iter()
+            .map(|&i| quote(&format!("val_{}", t.columns[i].name)))
+            .collect();
+        let sql = format!(
+            "SELECT id, state, pub_shard, pub_seq, {} FROM {} WHERE id > ?1 ORDER BY id",
+            keys.join(", "),
+            quote(&change_log_name(&t.name))
+        );
+        let mut stmt = conn.prepare_cached(&sql).map_err(on_table(&t.name))?;
+        let mut rows = stmt.query([after]).map_err(on_table(&t.name))?;
+        let mut out = Vec::new();
+        let mut highest = after;
+        while let Some(row) = rows.next().map_err(on_table(&t.name))? {
+            let id: i64 = row.get(0).map_err(on_table(&t.name))?;
+            highest = highest.max(id);
+            let state: Option<i64> = row.get(1).map_err(on_table(&t.name))?;
+            let shard: Option<i64> = row.get(2).map_err(on_table(&t.name))?;
+            let seq: Option<i64> = row.get(3).map_err(on_table(&t.name))?;
+            let flying = match state {
+                Some(0) => true,
+                Some(1) => match (applied, shard, seq) {
+                    (Some(applied), Some(shard), Some(seq)) => {
+                        let pos = applied.get((shard.max(1) - 1) as usize).copied();
+                        pos.is_none_or(|p| seq as u64 > p)
+                    }
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !flying {
+                continue;
+            }
+            let mut key = Vec::with_capacity(pks.len());
+            for n in 0..pks.len() {
+                key.push(value_at(row, n + 4).map_err(on_table(&t.name))?);
+            }
+            out.push((id, key));
+        }
+        Ok((out, highest))
+    }
+
+    /// Every pending change, as (table index, change-log id) → global id, for matching changes
+    /// found in the stream after a crash.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn pending_ids(&self, conn: &Connection) -> Result<HashMap<(usize, i64), i64>, Error> {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, change_table_id, table_name FROM {}",
+            quote(GLOBAL_LOG)
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (global, log_id, table) = row?;
+            if let Some(&t) = self.by_name.get(&table) {
+                out.insert((t, log_id), global);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Index of a watched table by name.
+    pub fn table_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+}
+
+/// Changes not yet come back, `(change-log id, key values)` in id order, and the highest id read.
+pub type InFlight = (Vec<(i64, Vec<Value>)>, i64);
+
+/// A change leaving the global log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retired {
+    pub global_id: i64,
+    pub table: usize,
+    pub log_id: i64,
+    /// (shard, stream sequence) where it was stored; `None` when it was not sent
+    /// (`publish = false`).
+    pub landed: Option<(u64, u64)>,
+}
+
+/// Changes to retire in one transaction (see [`ChangeLog::retire`]).
+#[derive(Debug, Default)]
+pub struct Retirement {
+    pub published: Vec<Retired>,
+    pub failed: Vec<Retired>,
+    pub orphans: Vec<i64>,
+}
+
+impl Retirement {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.published.is_empty() && self.failed.is_empty() && self.orphans.is_empty()
+    }
+
+    /// How many global-log rows it removes.
+    pub fn len(&self) -> usize {
+        self.published.len() + self.failed.len() + self.orphans.len()
     }
 }
 
@@ -297,6 +456,48 @@ mod tests {
     use crate::db::cdc;
     use crate::db::schema::watched_tables;
     use crate::db::testutil::temp_db;
+
+    fn retire(log: &ChangeLog, conn: &mut Connection, changes: &[PendingChange], orphans: &[i64]) {
+        let batch = Retirement {
+            published: changes
+                .iter()
+                .map(|c| Retired {
+                    global_id: c.global_id,
+                    table: c.table,
+                    log_id: c.log_id,
+                    landed: Some((1, c.global_id as u64)),
+                })
+                .collect(),
+            failed: Vec::new(),
+            orphans: orphans.to_vec(),
+        };
+        log.retire(conn, &batch).expect("retire");
+    }
+
+    #[test]
+    fn cleanup_keeps_rows_until_their_event_came_back() {
+        let (_d, path, mut conn, log) = setup("CREATE TABLE a (id INTEGER PRIMARY KEY)");
+        let app = Connection::open(&path).expect("app");
+        app.execute_batch("INSERT INTO a VALUES (1); INSERT INTO a VALUES (2);")
+            .expect("insert");
+        let scan = log.scan(&conn, 0, 10).expect("scan");
+        // Landed at sequences 1 and 2 of shard 1.
+        retire(&log, &mut conn, &scan.changes, &[]);
+        let (flying, highest) = log.in_flight(&conn, 0, 0, Some(&[1])).expect("in flight");
+        assert_eq!(highest, 2);
+        assert_eq!(flying.len(), 1, "sequence 2 has not come back: {flying:?}");
+        assert_eq!(
+            log.cleanup(&mut conn, i64::MAX, Some(&[1]))
+                .expect("cleanup"),
+            1
+        );
+        assert_eq!(
+            log.cleanup(&mut conn, i64::MAX, Some(&[2]))
+                .expect("cleanup"),
+            1
+        );
+        assert_eq!(ChangeLog::last_landed(&conn).expect("landed")[&1], 2);
+    }
 
     fn setup(schema: &str) -> (tempfile::TempDir, std::path::PathBuf, Connection, ChangeLog) {
         let (d, path) = temp_db(schema);
@@ -341,16 +542,15 @@ mod tests {
             .expect("cursor");
         assert_eq!(after_first.changes.len(), 2);
 
-        log.mark_published(&mut conn, &scan.changes[..2], &[])
-            .expect("mark");
+        retire(&log, &mut conn, &scan.changes[..2], &[]);
         let rest = log.scan(&conn, 0, 10).expect("scan");
         assert_eq!(rest.changes.len(), 1);
         assert_eq!(rest.changes[0].op, Op::Delete);
         assert_eq!(log.pending_count(&conn).expect("count"), 1);
 
-        assert_eq!(log.cleanup(&mut conn, i64::MAX).expect("cleanup"), 2);
+        assert_eq!(log.cleanup(&mut conn, i64::MAX, None).expect("cleanup"), 2);
         assert_eq!(
-            log.cleanup(&mut conn, i64::MAX).expect("cleanup"),
+            log.cleanup(&mut conn, i64::MAX, None).expect("cleanup"),
             0,
             "pending rows stay"
         );
@@ -385,8 +585,7 @@ mod tests {
         assert_eq!(scan.changes.len(), 1);
         assert_eq!(scan.orphans.len(), 2);
         let ids: Vec<i64> = scan.orphans.iter().map(|o| o.0).collect();
-        log.mark_published(&mut conn, &scan.changes, &ids)
-            .expect("mark");
+        retire(&log, &mut conn, &scan.changes, &ids);
         assert_eq!(log.pending_count(&conn).expect("count"), 0);
     }
 }

@@ -32,6 +32,12 @@ pub const SCHEMA_VERSION_TABLE: &str = "__harmonylite__schema_version";
 pub const GUARD_TABLE: &str = "__harmonylite__apply_guard";
 /// Events that could not be applied (design §3.2).
 pub const DEAD_LETTER_TABLE: &str = "__harmonylite__dead_letter";
+/// This database's random identity (tells its own events from a clone's with the same node id).
+pub const IDENTITY_TABLE: &str = "__harmonylite__node_identity";
+/// Events waiting for a UNIQUE conflict with another row to go away (see [`apply`]).
+pub const HELD_TABLE: &str = "__harmonylite__held_events";
+/// Per shard, the stream sequence of the last change marked published.
+pub const PUBLISHED_TABLE: &str = "__harmonylite__published";
 /// How long a statement waits for a lock before failing with SQLITE_BUSY (Go: 5000 ms).
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
@@ -56,6 +62,39 @@ pub enum Error {
     },
     #[error("table {0:?} cannot be watched: {1}")]
     Unwatchable(String, String),
+    #[error(
+        "another harmonylite process is using {0} (it holds {1}); stop it first — two daemons on          one database, or -cleanup under a running one, would lose changes"
+    )]
+    Locked(PathBuf, PathBuf),
+    #[error("cannot create the lock file {0}")]
+    LockFile(PathBuf, #[source] std::io::Error),
+}
+
+impl Error {
+    /// Whether the database cannot be used any more, so retrying is pointless and the node must
+    /// stop: disk full, read-only (or the file moved away under us), corrupt, I/O failure, cannot
+    /// open, permission denied.
+    pub fn is_fatal(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        let source = match self {
+            Error::Missing(_) => return true,
+            Error::Open { .. } => return true,
+            Error::Sqlite { source, .. } => source,
+            Error::Unwatchable(..) | Error::Locked(..) | Error::LockFile(..) => return false,
+        };
+        matches!(
+            source.sqlite_error_code(),
+            Some(
+                C::DiskFull
+                    | C::ReadOnly
+                    | C::DatabaseCorrupt
+                    | C::NotADatabase
+                    | C::SystemIoFailure
+                    | C::CannotOpen
+                    | C::PermissionDenied
+            )
+        )
+    }
 }
 
 impl From<rusqlite::Error> for Error {
@@ -99,6 +138,48 @@ pub fn change_log_name(table: &str) -> String {
     format!("{PREFIX}{table}_change_log")
 }
 
+/// An exclusive advisory lock on a file beside the database, held for the life of the daemon
+/// (and of `-cleanup`), so that a second daemon or a cleanup under a running one refuses to start.
+/// The kernel releases it when the process ends, however it ends.
+#[derive(Debug)]
+pub struct DbLock {
+    _file: std::fs::File,
+}
+
+/// The lock file of a database: `<db>-harmonylite.lock`.
+pub fn lock_path(db_path: &Path) -> PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push("-harmonylite.lock");
+    PathBuf::from(name)
+}
+
+/// Takes the database's advisory lock without waiting.
+///
+/// # Errors
+/// [`Error::Locked`] when another process holds it; [`Error::LockFile`] when the file cannot be
+/// created (a read-only directory).
+pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
+    use std::os::fd::AsRawFd;
+    let path = lock_path(db_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::LockFile(path.clone(), e))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+            Error::Locked(db_path.to_owned(), path)
+        } else {
+            Error::LockFile(path, e)
+        });
+    }
+    Ok(DbLock { _file: file })
+}
+
 /// Opens a connection with the policy in the module header. The file must already exist.
 ///
 /// # Errors
@@ -126,6 +207,11 @@ pub fn open(path: &Path) -> Result<Connection, Error> {
     }
     conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF;")
         .map_err(open_err)?;
+    // SQLite reads an unknown "double-quoted" name in a statement as a string literal: a column
+    // missing from a change log would silently replicate its own name as the value. Make it an
+    // error instead (our SQL quotes identifiers and never uses double quotes for strings).
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DQS_DML, false)
+        .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(256);
     Ok(conn)
 }
@@ -148,6 +234,8 @@ pub struct Table {
     pub columns: Vec<Column>,
     /// True when the key is the synthetic `rowid` column (the last entry of `columns`).
     pub rowid_key: bool,
+    /// True for `WITHOUT ROWID` tables (rows are addressed by their primary key only).
+    pub without_rowid: bool,
 }
 
 impl Table {

@@ -24,7 +24,9 @@ fn is_internal(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
 }
 
-/// Lists the tables to watch, sorted by name, with their columns.
+/// Lists the tables to watch, sorted by name, with their columns. A table that cannot be watched
+/// (no usable key) is left out with a warning naming it and why: one odd table must not stop
+/// replication of all the others (a restart loop under systemd).
 ///
 /// # Errors
 /// SQLite errors while reading the schema.
@@ -41,7 +43,13 @@ pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
         .collect::<Result<_, _>>()?;
     let mut tables = Vec::new();
     for name in names.into_iter().filter(|n| !is_internal(n)) {
-        tables.push(table_info(conn, &name)?);
+        match table_info(conn, &name) {
+            Ok(t) => tables.push(t),
+            Err(Error::Unwatchable(table, why)) => {
+                tracing::warn!(table = %table, reason = %why, "Table skipped: it cannot be replicated");
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(tables)
 }
@@ -83,10 +91,18 @@ pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
             pk: 1,
         });
     }
+    let without_rowid: bool = conn
+        .query_row(
+            "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .map_err(on_table(name))?;
     Ok(Table {
         name: name.to_owned(),
         columns,
         rowid_key,
+        without_rowid,
     })
 }
 

@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -47,6 +48,8 @@ pub struct Delivered {
     pub seq: u64,
     /// When the message entered the stream, unix nanoseconds (0 if unknown).
     pub stream_time_ns: i64,
+    /// The `Nats-Msg-Id` header, if any (ours carry the publishing database's identity).
+    pub msg_id: Option<String>,
     pub body: Bytes,
 }
 
@@ -63,8 +66,6 @@ const FETCH_BATCH: usize = 1000;
 const FETCH_EXPIRES: Duration = Duration::from_secs(5);
 /// How long past FETCH_EXPIRES a fetch may stay silent before it is considered lost.
 const FETCH_GRACE: Duration = Duration::from_secs(5);
-/// Server heartbeats during a fetch: two missed ones mean the server or consumer is gone.
-const FETCH_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Reads one shard from `start_seq` on and forwards every message in stream order, reopening
 /// the consumer after any error or gap from just past the last forwarded message. Returns on
@@ -109,8 +110,10 @@ pub async fn run_consumer(
             let fetch = consumer
                 .batch()
                 .max_messages(FETCH_BATCH)
+                // No idle heartbeat: async-nats 0.51 answers one with Poll::Pending without
+                // arranging a wake-up, so a fetch that saw a heartbeat slept until it expired
+                // (multi-second stalls after idle). Our own timeout below detects a lost fetch.
                 .expires(FETCH_EXPIRES)
-                .heartbeat(FETCH_HEARTBEAT)
                 .messages();
             let mut batch = tokio::select! {
                 biased;
@@ -183,10 +186,17 @@ pub async fn run_consumer(
                         "Stream gap detected: required messages have been truncated; this node lacks \
                          those changes until it restores a snapshot (raise replication_log.max_entries)");
                 }
+                let msg_id = msg
+                    .message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .map(|v| v.as_str().to_owned());
                 let delivered = Delivered {
                     stream: stream_idx,
                     seq,
                     stream_time_ns,
+                    msg_id,
                     body: msg.message.payload.clone(),
                 };
                 if tx.send(delivered).await.is_err() {
@@ -210,14 +220,25 @@ async fn stream_is_ahead(js: &jetstream::Context, stream: &str, next: u64) -> bo
     }
 }
 
+/// Whether a message id names this database as its publisher
+/// (`<node_id>:<database identity>:<table>:<change id>:<created_at>`).
+pub fn is_own(msg_id: Option<&str>, identity: &str) -> bool {
+    msg_id
+        .and_then(|id| id.split(':').nth(1))
+        .is_some_and(|origin| !identity.is_empty() && origin == identity)
+}
+
 /// Decodes a body into an event for the applier; errors become quarantine reasons.
 fn decode(
     body: &[u8],
     decompressor: Option<&mut wire::Decompressor>,
+    limit: usize,
 ) -> Result<wire::ChangeEvent, String> {
     let plain;
     let bytes = if let Some(d) = decompressor {
-        plain = d.decompress(body).map_err(|e| e.to_string())?;
+        plain = d
+            .decompress_limited(body, limit)
+            .map_err(|e| e.to_string())?;
         &plain[..]
     } else {
         body
@@ -227,22 +248,54 @@ fn decode(
         .map_err(|e| format!("undecodable event: {e}"))
 }
 
-/// Starts the apply thread. It runs until the channel closes or `shutdown` is cancelled.
+/// What the apply thread needs besides its channel.
+pub struct ApplyThread {
+    pub applier: Applier,
+    pub seqmap: SeqMap,
+    pub streams: Vec<String>,
+    pub compressed: bool,
+    /// Largest decompressed event accepted (a bigger one is quarantined).
+    pub max_event_bytes: usize,
+    /// This database's identity (tells own events apart).
+    pub identity: String,
+    pub observers: ApplyObservers,
+    /// Per shard (index shard − 1): last applied sequence, for the change-log cleanup.
+    pub positions: Arc<[AtomicU64]>,
+}
+
+/// Why the apply thread stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot create a zstd context")]
+    Zstd(#[source] wire::DecodeError),
+    #[error("the database cannot be written")]
+    Fatal(#[source] crate::db::Error),
+}
+
+/// Starts the apply thread. It runs until the channel closes or `shutdown` is cancelled; it
+/// returns an error only when it cannot go on (the node must stop).
 ///
 /// # Errors
 /// Only if the OS refuses to start a thread.
 pub fn spawn_apply_thread(
-    mut applier: Applier,
-    mut seqmap: SeqMap,
-    streams: Vec<String>,
-    compressed: bool,
+    work: ApplyThread,
     mut rx: mpsc::Receiver<Delivered>,
-    observers: ApplyObservers,
     shutdown: CancellationToken,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+) -> std::io::Result<std::thread::JoinHandle<Result<(), ApplyError>>> {
+    let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("harmonylite-apply".into())
         .spawn(move || {
+            let ApplyThread {
+                mut applier,
+                mut seqmap,
+                streams,
+                compressed,
+                max_event_bytes,
+                identity,
+                observers,
+                positions,
+            } = work;
             let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
             // Per-shard metric handles, resolved once instead of per event.
             let shard_label = |i: usize| (i + 1).to_string();
@@ -262,71 +315,135 @@ pub fn spawn_apply_thread(
                         .with_label_values(&[shard_label(i).as_str()])
                 })
                 .collect();
-            let mut decompressor = match compressed.then(wire::Decompressor::new).transpose() {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot create a zstd context; apply thread stops");
-                    shutdown.cancel();
-                    return;
-                }
-            };
+            let mut decompressor = compressed
+                .then(wire::Decompressor::new)
+                .transpose()
+                .map_err(ApplyError::Zstd)?;
+            observers
+                .metrics
+                .held_events
+                .set(applier.held_len() as i64);
+            let mut last: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
             loop {
                 if shutdown.is_cancelled() {
                     break;
                 }
-                let Some(first) = rx.blocking_recv() else {
-                    break;
+                // Wake up now and then while events are held: a local write may have freed the
+                // value they wait for.
+                let wait = if applier.held_len() > 0 {
+                    HELD_RETRY
+                } else {
+                    IDLE_WAKE
                 };
+                let first = runtime.block_on(async {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => None,
+                        r = tokio::time::timeout(wait, rx.recv()) => Some(r),
+                    }
+                });
+                let first = match first {
+                    None | Some(Ok(None)) => break,
+                    Some(Err(_)) => {
+                        match applier.retry_held() {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(applied = n, "Held events applied"),
+                            Err(e) if e.is_fatal() => return Err(ApplyError::Fatal(e)),
+                            Err(e) => tracing::warn!(error = %crate::error_chain(&e), "Cannot retry held events"),
+                        }
+                        observers.metrics.held_events.set(applier.held_len() as i64);
+                        continue;
+                    }
+                    Some(Ok(Some(d))) => d,
+                };
+                let mut bytes = first.body.len();
                 batch.push(first);
-                while batch.len() < MAX_BATCH {
+                while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                     match rx.try_recv() {
-                        Ok(d) => batch.push(d),
+                        Ok(d) => {
+                            bytes += d.body.len();
+                            batch.push(d);
+                        }
                         Err(_) => break,
                     }
                 }
-                if !apply_with_retry(
+                match apply_with_retry(
                     &mut applier,
                     &streams,
                     decompressor.as_mut(),
+                    max_event_bytes,
+                    &identity,
                     &batch,
                     &observers,
                     &shard_applied,
                     &shutdown,
                 ) {
-                    break; // shutdown while retrying: the batch is redelivered after restart
+                    Ok(true) => {}
+                    Ok(false) => break, // shutdown while retrying: redelivered after restart
+                    Err(e) => return Err(ApplyError::Fatal(e)),
                 }
                 tracing::trace!(events = batch.len(), "applied batch");
                 let mut high: HashMap<usize, u64> = HashMap::new();
+                let mut jumped = false;
                 for d in &batch {
                     let e = high.entry(d.stream).or_insert(0);
                     *e = (*e).max(d.seq);
+                    if d.seq > last[d.stream] + 1 {
+                        jumped = true;
+                    }
+                    last[d.stream] = last[d.stream].max(d.seq);
                 }
                 save_seqmap(&mut seqmap, &streams, &high, &shutdown);
                 for (&i, &seq) in &high {
                     shard_last[i].set(seq as i64);
+                    applier.set_applied(i + 1, seq);
+                    positions[i].store(seq, Ordering::Relaxed);
                 }
+                if jumped {
+                    // Messages were skipped (retention): our changes among them can no longer come
+                    // back and must stop holding their rows.
+                    if let Err(e) = applier.rebuild_in_flight() {
+                        tracing::warn!(error = %crate::error_chain(&e), "Cannot re-read in-flight changes");
+                    }
+                }
+                observers.metrics.held_events.set(applier.held_len() as i64);
                 batch.clear();
             }
             tracing::debug!("apply thread stopped");
+            Ok(())
         })
 }
 
-/// Applies a batch, retrying environmental failures. Returns false if shutdown interrupted it.
+/// How often held events are retried while the database changes.
+const HELD_RETRY: Duration = Duration::from_secs(1);
+/// How long the thread waits for work before looking at shutdown again.
+const IDLE_WAKE: Duration = Duration::from_secs(5);
+/// Bytes of message bodies taken into one batch (bounds memory with large events).
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Applies a batch, retrying environmental failures. `Ok(false)` if shutdown interrupted it.
+///
+/// # Errors
+/// A failure that retrying cannot fix (disk full, read-only, corrupt, I/O): the node must stop.
+#[allow(clippy::too_many_arguments)]
 fn apply_with_retry(
     applier: &mut Applier,
     streams: &[String],
     mut decompressor: Option<&mut wire::Decompressor>,
+    max_event_bytes: usize,
+    identity: &str,
     batch: &[Delivered],
     observers: &ApplyObservers,
     shard_applied: &[IntCounter],
     shutdown: &CancellationToken,
-) -> bool {
+) -> Result<bool, crate::db::Error> {
     let incoming: Vec<Incoming<'_>> = batch
         .iter()
         .map(|d| Incoming {
             stream: &streams[d.stream],
             seq: d.seq,
-            event: decode(&d.body, decompressor.as_deref_mut()),
+            event: decode(&d.body, decompressor.as_deref_mut(), max_event_bytes),
+            own: is_own(d.msg_id.as_deref(), identity),
             raw: &d.body,
         })
         .collect();
@@ -342,30 +459,34 @@ fn apply_with_retry(
                 for (i, o) in outcomes.iter().enumerate() {
                     let d = &batch[i];
                     match o {
-                        Outcome::Applied => {
-                            shard_applied[d.stream].inc();
-                            if d.stream_time_ns > 0 {
-                                let lag_ns = (now_ns - d.stream_time_ns).max(0);
-                                m.apply_lag_seconds.observe(lag_ns as f64 / 1e9);
-                                observers.health.applied(d.stream_time_ns, lag_ns / 1000);
-                            }
-                        }
                         Outcome::Quarantined(why) => {
                             m.quarantined.inc();
                             tracing::error!(stream = %incoming[i].stream, seq = incoming[i].seq,
                                 error = %why, "Event quarantined in __harmonylite__dead_letter; replication continues");
+                            continue;
                         }
+                        Outcome::Held(_) => m.unique_conflicts.inc(),
+                        Outcome::Unchanged => m.skipped.with_label_values(&["unchanged"]).inc(),
+                        Outcome::Superseded => m.skipped.with_label_values(&["superseded"]).inc(),
+                        Outcome::Applied => {}
+                    }
+                    shard_applied[d.stream].inc();
+                    if d.stream_time_ns > 0 {
+                        let lag_ns = (now_ns - d.stream_time_ns).max(0);
+                        m.apply_lag_seconds.observe(lag_ns as f64 / 1e9);
+                        observers.health.applied(d.stream_time_ns, lag_ns / 1000);
                     }
                 }
-                return true;
+                return Ok(true);
             }
+            Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 attempt += 1;
                 if attempt == 1 || attempt.is_power_of_two() {
-                    tracing::warn!(error = %e, attempt, events = batch.len(), "Cannot apply batch; retrying");
+                    tracing::warn!(error = %crate::error_chain(&e), attempt, events = batch.len(), "Cannot apply batch; retrying");
                 }
                 if sleep_or_cancel(delay, shutdown) {
-                    return false;
+                    return Ok(false);
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -387,7 +508,7 @@ fn save_seqmap(
         match seqmap.advance(updates) {
             Ok(_) => return,
             Err(e) => {
-                tracing::error!(error = %e, "Cannot save sequence map; retrying");
+                tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map; retrying");
                 if sleep_or_cancel(delay, shutdown) {
                     return;
                 }

@@ -1,22 +1,29 @@
-//! The publisher: local change log → JetStream (design §3.1, §4).
+//! The publisher: local change log → JetStream (design §3.1, §3.12, §4).
 //!
 //! A pass reads up to `scan_max_changes` pending changes in commit order, encodes each as a Go
 //! event and publishes them all without waiting (pipelined). Passes overlap in two stages: while
-//! pass N+1 is read and sent, pass N's acks are awaited and its acknowledged prefix is marked
-//! published. Reading uses its own connection, so a mark that waits for the write lock (a WAL
-//! checkpoint, the applier's commit) does not stall sending. A pass is started by a file-change
+//! pass N+1 is read and sent, pass N's acks are awaited. A pass is started by a file-change
 //! notification, follow-up scans after it, the polling timer, or the retry timer after a failure.
 //!
+//! Acknowledged changes are not marked in the database one pass at a time: they go to an
+//! in-memory [`Outbox`] that the keeper ([`keep`]) retires in one write transaction per cleanup
+//! interval, together with the cleanup of old rows. Every commit of ours can make an application's
+//! deferred read-then-write transaction fail with SQLITE_BUSY, so we commit rarely. A crash loses
+//! only the outbox, and nothing is sent twice because of it: before sending anything after a
+//! start or a failure, the publisher reads the message ids in the streams past the last retired
+//! sequence ([`crate::stream::find_published`]) and treats the changes found there as sent.
+//!
 //! Invariants:
-//! - A change is marked published only after its PubAck, and only as part of an acknowledged
-//!   prefix: on any publish error the rest stays pending, the read cursor goes back to the oldest
-//!   pending change, and everything from there is sent again after a backoff. Nothing is dropped
-//!   while NATS is away; messages are sent again in their original order.
-//! - Each message carries `Nats-Msg-Id: <node_id>:<table>:<change-log id>:<created_at ms>`, so
-//!   sending again (after a crash between ack and mark, or a retry) does not duplicate within
-//!   JetStream's dedup window. The capture time is part of the id because change-log ids restart
-//!   from 1 after `-cleanup` or a dropped change log, and a bare id could then be deduplicated
-//!   against an older, different change.
+//! - A change is retired only after its PubAck (or after it was found in the stream), and only as
+//!   part of an acknowledged prefix: on any publish error the rest stays pending, the read cursor
+//!   goes back to the oldest unacknowledged change, and everything from there is sent again after
+//!   a backoff, in the original order. Nothing is dropped while NATS is away.
+//! - Each message carries `Nats-Msg-Id: <node_id>:<database identity>:<table>:<change id>:<created_at
+//!   ms>`: unique per database even when two databases share a node id (cloned machines), and per
+//!   capture even after `-cleanup` restarts change ids. Receivers use the identity to recognise
+//!   their own events.
+//! - A PubAck flagged `duplicate` for a message we had not sent before means another database
+//!   publishes with our identity: it is logged as an error.
 //! - With `publish = false` changes are captured and retired without being sent.
 //! - A change too large for the server to ever accept is marked failed (`state = -1`) and logged,
 //!   instead of blocking every later change forever.
@@ -31,8 +38,11 @@ use rusqlite::Connection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
 use crate::config::Settings;
-use crate::db::changelog::{ChangeLog, PendingChange};
+use crate::db::changelog::{ChangeLog, PendingChange, Retired, Retirement};
 use crate::db::{self, Table};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
@@ -48,6 +58,14 @@ pub struct LocalLog {
 
 /// A handle to the shared local log.
 pub type SharedLog = Arc<Mutex<LocalLog>>;
+
+/// Changes done with (acknowledged, failed for good, or orphaned) that the keeper has not yet
+/// retired in the database.
+pub type Outbox = Arc<Mutex<Retirement>>;
+
+/// Changes found in the streams before sending: (table, change id) → (shard, stream sequence,
+/// capture time).
+type Found = HashMap<(usize, i64), (u64, u64, i64)>;
 
 /// Extra scans after a file notification. inotify reports the WAL write, but a commit becomes
 /// visible to readers only after SQLite updates the wal-index in `-shm`, through mmap, which
@@ -74,7 +92,7 @@ struct TableMeta {
 /// Why a pass stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("database: {0}")]
+    #[error("database")]
     Db(#[from] db::Error),
     #[error("publish of {table} change {id} failed: {message}")]
     Nats {
@@ -84,6 +102,15 @@ pub enum PublishError {
     },
     #[error("database worker failed: {0}")]
     Join(String),
+    #[error("cannot look for changes already in the stream")]
+    Find(#[source] stream::Error),
+}
+
+impl PublishError {
+    /// Whether publishing cannot go on (the database cannot be read or written any more).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, PublishError::Db(e) if e.is_fatal())
+    }
 }
 
 /// Why sending stopped inside a pass.
@@ -93,12 +120,17 @@ enum Failure {
     TooLarge(usize),
 }
 
-/// One pass that has been sent and not yet marked.
+/// One pass that has been sent and not yet acknowledged.
 struct Sent {
     changes: Vec<PendingChange>,
+    /// Per change: where it already is, when it was found in the stream (not sent again).
+    landed: Vec<Option<(u64, u64)>>,
+    /// Per change: its shard.
+    shards: Vec<u64>,
     orphans: Vec<i64>,
-    /// Ack futures for `changes[..acks.len()]`.
-    acks: Vec<PublishAckFuture>,
+    /// Ack futures for the changes of `changes[..acks.len()]` that were sent (`None`: found in
+    /// the stream, nothing to wait for).
+    acks: Vec<Option<PublishAckFuture>>,
     failure: Option<Failure>,
     /// Rows read by the scan (changes and orphans).
     read: usize,
@@ -108,7 +140,6 @@ struct Sent {
 
 /// Publishes local changes.
 pub struct Publisher {
-    writer: SharedLog,
     reader: Arc<Mutex<Connection>>,
     log: Arc<ChangeLog>,
     js: jetstream::Context,
@@ -119,16 +150,35 @@ pub struct Publisher {
     compressor: Mutex<Option<wire::Compressor>>,
     metrics: Arc<Metrics>,
     health: Arc<HealthState>,
+    /// This database's identity, in every message id.
+    identity: String,
+    outbox: Outbox,
+    /// Global id below which every change is done with (acknowledged or retired).
+    cursor: AtomicI64,
+    /// Per shard: the sequence of the newest acknowledged change (where a search for changes
+    /// already in the stream starts after a failure).
+    acked: Mutex<HashMap<u64, u64>>,
+    /// Changes found in the stream by the last search, not to be sent again.
+    found: Mutex<Found>,
+    /// Whether the streams must be searched before the next send (at start, after a failure).
+    must_search: std::sync::atomic::AtomicBool,
+    duplicates: AtomicU64,
 }
 
 impl Publisher {
-    /// Builds a publisher that reads through `reader` and marks through `writer`.
+    /// Builds a publisher that reads through `reader` (`writer` gives it the change log); what it
+    /// is done with goes to `outbox`. `acked` is, per shard, the sequence of the
+    /// last change retired as published (where the first search starts).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         writer: SharedLog,
         reader: Connection,
         js: jetstream::Context,
         settings: Arc<Settings>,
         schema_hash: String,
+        identity: String,
+        outbox: Outbox,
+        acked: HashMap<u64, u64>,
         metrics: Arc<Metrics>,
         health: Arc<HealthState>,
     ) -> Publisher {
@@ -146,7 +196,6 @@ impl Publisher {
             })
             .collect();
         Publisher {
-            writer,
             reader: Arc::new(Mutex::new(reader)),
             log,
             js,
@@ -156,6 +205,13 @@ impl Publisher {
             compressor: Mutex::new(None),
             metrics,
             health,
+            identity,
+            outbox,
+            cursor: AtomicI64::new(0),
+            acked: Mutex::new(acked),
+            found: Mutex::new(HashMap::new()),
+            must_search: std::sync::atomic::AtomicBool::new(true),
+            duplicates: AtomicU64::new(0),
         }
     }
 
@@ -164,7 +220,14 @@ impl Publisher {
     }
 
     /// Runs until shutdown: a pass on every wake-up, follow-up, poll tick, or retry deadline.
-    pub async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
+    ///
+    /// # Errors
+    /// Only when publishing cannot go on (see [`PublishError::is_fatal`]).
+    pub async fn run(
+        self,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Result<(), PublishError> {
         // A safety-net scan even without polling_interval: cheap (one indexed read) and it bounds
         // the delay if a file notification is ever missed.
         let idle = self
@@ -191,10 +254,14 @@ impl Publisher {
                     }
                 }
                 Err(e) => {
+                    if e.is_fatal() {
+                        tracing::error!(error = %crate::error_chain(&e), "Publishing cannot go on");
+                        return Err(e);
+                    }
                     if failing {
-                        tracing::debug!(error = %e, "publish retry failed");
+                        tracing::debug!(error = %crate::error_chain(&e), "publish retry failed");
                     } else {
-                        tracing::error!(error = %e, "Unable to publish changes; they stay pending and will be retried");
+                        tracing::error!(error = %crate::error_chain(&e), "Unable to publish changes; they stay pending and will be retried");
                     }
                     failing = true;
                     let w = retry;
@@ -210,6 +277,7 @@ impl Publisher {
             }
         }
         tracing::debug!("publisher stopped");
+        Ok(())
     }
 
     /// Publishes everything pending, pass after pass, until the log is drained.
@@ -217,7 +285,16 @@ impl Publisher {
     /// # Errors
     /// The first failure; everything from the failing change on stays pending.
     pub async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
-        let result = self.publish_all(shutdown).await;
+        let result = async {
+            if self.settings.publish && self.must_search.load(Ordering::Relaxed) {
+                self.search().await?;
+            }
+            self.publish_all(shutdown).await
+        }
+        .await;
+        if result.is_err() {
+            self.must_search.store(true, Ordering::Relaxed);
+        }
         if result.is_err() {
             self.metrics.publish_errors.inc();
         }
@@ -238,6 +315,8 @@ impl Publisher {
             .count_changes
             .observe(started.elapsed().as_micros() as f64);
         if let Ok(Ok(n)) = counted {
+            let retiring = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).len() as i64;
+            let n = (n - retiring).max(0);
             self.metrics.pending_publish.set(n);
             self.health
                 .pending
@@ -247,7 +326,7 @@ impl Publisher {
 
     async fn publish_all(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
         let limit = self.settings.scan_max_changes as usize;
-        let mut cursor = 0;
+        let mut cursor = self.cursor.load(Ordering::Relaxed);
         let mut in_flight: Option<Sent> = None;
         loop {
             if shutdown.is_cancelled() {
@@ -263,8 +342,8 @@ impl Publisher {
                 }
             };
             let (next, previous) = tokio::join!(self.scan_and_send(cursor), previous);
-            // If the previous pass failed, the one just sent is not marked: it is sent again
-            // later, in order, and deduplicated by its message ids.
+            // If the previous pass failed, the one just sent is not acknowledged: it is sent
+            // again later, in order, after a search of the stream for what already arrived.
             previous?;
             let sent = next?;
             if sent.read == 0 {
@@ -276,6 +355,65 @@ impl Publisher {
             }
             in_flight = Some(sent);
         }
+    }
+
+    /// Looks in every shard stream, past the newest acknowledged sequence, for messages this
+    /// database sent whose changes are still pending (a crash or a lost ack between the stream
+    /// storing them and us hearing of it). Those are not sent again: sending them after
+    /// JetStream's duplicate window (2 minutes) would replay old changes over newer ones.
+    async fn search(&self) -> Result<(), PublishError> {
+        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
+        let pending = tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            log.pending_ids(&conn)
+        })
+        .await
+        .map_err(|e| PublishError::Join(e.to_string()))??;
+        let mut found: Found = HashMap::new();
+        if !pending.is_empty() {
+            let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            for shard in 1..=self.settings.replication.shards {
+                let from = acked.get(&shard).copied().unwrap_or(0) + 1;
+                let ids = stream::find_published(
+                    &self.js,
+                    &self.settings.stream_name(shard),
+                    &self.settings.subject_name(shard),
+                    from,
+                    &format!("{}:{}:", self.settings.node_id, self.identity),
+                )
+                .await
+                .map_err(PublishError::Find)?;
+                for (msg_id, seq) in ids {
+                    // <node>:<identity>:<table>:<change id>:<created_at>; tables may hold ':'.
+                    let mut parts = msg_id.rsplitn(3, ':');
+                    let (Some(created), Some(id), Some(rest)) =
+                        (parts.next(), parts.next(), parts.next())
+                    else {
+                        continue;
+                    };
+                    let Some(table_name) = rest.splitn(3, ':').nth(2) else {
+                        continue;
+                    };
+                    let (Ok(created), Ok(id)) = (created.parse::<i64>(), id.parse::<i64>()) else {
+                        continue;
+                    };
+                    if let Some(t) = self.log.table_index(table_name)
+                        && pending.contains_key(&(t, id))
+                    {
+                        found.insert((t, id), (shard, seq, created));
+                    }
+                }
+            }
+        }
+        if !found.is_empty() {
+            tracing::info!(
+                changes = found.len(),
+                "Pending changes already in the stream (sent before a crash or a lost ack); not sending them again"
+            );
+        }
+        *self.found.lock().unwrap_or_else(|p| p.into_inner()) = found;
+        self.must_search.store(false, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Reads the next pass after `cursor` and sends it.
@@ -309,8 +447,21 @@ impl Publisher {
         }
         let orphans = scan.orphans.into_iter().map(|o| o.0).collect();
         let changes = scan.changes;
+        let shards: Vec<u64> = changes.iter().map(|c| self.shard_of(c)).collect();
+        let landed: Vec<Option<(u64, u64)>> = {
+            let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+            changes
+                .iter()
+                .map(|c| {
+                    found
+                        .get(&(c.table, c.log_id))
+                        .filter(|(_, _, created)| *created == c.created_at)
+                        .map(|&(shard, seq, _)| (shard, seq))
+                })
+                .collect()
+        };
         let (acks, failure) = if self.settings.publish {
-            self.send(&changes).await
+            self.send(&changes, &shards, &landed).await
         } else {
             (Vec::new(), None)
         };
@@ -324,6 +475,8 @@ impl Publisher {
         }
         Ok(Sent {
             changes,
+            landed,
+            shards,
             orphans,
             acks,
             failure,
@@ -332,41 +485,71 @@ impl Publisher {
         })
     }
 
-    /// Awaits a pass's acks in order and marks the acknowledged prefix published.
+    /// Awaits a pass's acks in order and hands the acknowledged prefix to the outbox.
     async fn finish(&self, sent: Sent) -> Result<(), PublishError> {
         let Sent {
             changes,
+            landed,
+            shards,
             orphans,
             acks,
             mut failure,
+            last_global_id,
             ..
         } = sent;
+        let mut retired: Vec<Retired> = Vec::with_capacity(changes.len());
         let done = if self.settings.publish {
-            let mut done = 0;
             // Highest acknowledged sequence per stream, recorded once per pass.
-            let mut highest: Vec<(String, u64)> = Vec::new();
-            for ack in acks {
-                match ack.await {
-                    Ok(ack) => {
-                        done += 1;
-                        match highest.iter_mut().find(|(s, _)| *s == ack.stream) {
-                            Some(entry) => entry.1 = entry.1.max(ack.sequence),
-                            None => highest.push((ack.stream, ack.sequence)),
+            let mut highest: Vec<(u64, u64)> = Vec::new();
+            for (i, ack) in acks.into_iter().enumerate() {
+                let at = match ack {
+                    None => landed[i],
+                    Some(ack) => match ack.await {
+                        Ok(ack) => {
+                            if ack.duplicate {
+                                self.duplicate(&changes[i]);
+                            }
+                            Some((shards[i], ack.sequence))
                         }
-                    }
-                    Err(e) => {
-                        // Later acks may have succeeded, but only a prefix is marked: the rest is
-                        // sent again and deduplicated by Nats-Msg-Id.
-                        failure = Some(self.nats_failure(&changes[done], e.to_string()));
-                        break;
+                        Err(e) => {
+                            // Later acks may have succeeded, but only a prefix is retired: the
+                            // rest is sent again after a search of the stream.
+                            failure = Some(self.nats_failure(&changes[i], e.to_string()));
+                            break;
+                        }
+                    },
+                };
+                if let Some((shard, seq)) = at {
+                    match highest.iter_mut().find(|(s, _)| *s == shard) {
+                        Some(entry) => entry.1 = entry.1.max(seq),
+                        None => highest.push((shard, seq)),
                     }
                 }
+                let c = &changes[i];
+                retired.push(Retired {
+                    global_id: c.global_id,
+                    table: c.table,
+                    log_id: c.log_id,
+                    landed: at,
+                });
             }
-            for (stream, sequence) in &highest {
-                self.note_ack(stream, *sequence);
+            let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            for (shard, sequence) in &highest {
+                let slot = acked.entry(*shard).or_insert(0);
+                *slot = (*slot).max(*sequence);
+                self.metrics
+                    .last_published_sequence
+                    .with_label_values(&[shard.to_string().as_str()])
+                    .set(*sequence as i64);
             }
-            done
+            retired.len()
         } else {
+            retired.extend(changes.iter().map(|c| Retired {
+                global_id: c.global_id,
+                table: c.table,
+                log_id: c.log_id,
+                landed: None,
+            }));
             changes.len()
         };
         let oversize = match &failure {
@@ -379,19 +562,32 @@ impl Publisher {
                 self.health.published_now();
             }
         }
-        let published: Vec<PendingChange> = changes[..done].to_vec();
-        let writer = Arc::clone(&self.writer);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = writer.lock().unwrap_or_else(|p| p.into_inner());
-            let LocalLog { conn, log } = &mut *guard;
-            log.mark_published(conn, &published, &orphans)?;
+        // Everything below the first change not done with is done with.
+        let stop = match (&failure, &oversize) {
+            (None, _) => None,
+            (Some(_), Some(_)) => changes.get(done + 1).map(|c| c.global_id),
+            (Some(_), None) => changes.get(done).map(|c| c.global_id),
+        };
+        let new_cursor = match stop {
+            None => last_global_id,
+            Some(g) => g - 1,
+        };
+        {
+            let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            outbox.published.extend(retired);
+            outbox
+                .orphans
+                .extend(orphans.iter().copied().filter(|&o| o <= new_cursor));
             if let Some(c) = &oversize {
-                log.mark_failed(conn, c)?;
+                outbox.failed.push(Retired {
+                    global_id: c.global_id,
+                    table: c.table,
+                    log_id: c.log_id,
+                    landed: None,
+                });
             }
-            Ok::<_, db::Error>(())
-        })
-        .await
-        .map_err(|e| PublishError::Join(e.to_string()))??;
+        }
+        self.cursor.store(new_cursor, Ordering::Relaxed);
         match failure {
             Some(Failure::Nats(e)) => Err(e),
             Some(Failure::TooLarge(i)) => {
@@ -404,10 +600,40 @@ impl Publisher {
         }
     }
 
-    /// Encodes one change: (body, subject, message id).
-    fn encode(&self, c: &PendingChange) -> Result<(Bytes, String, String), String> {
+    /// A PubAck said "duplicate" for a change we had not sent before: another database uses our
+    /// node id and identity (a copied database file), or a resend went unnoticed.
+    fn duplicate(&self, c: &PendingChange) {
+        let n = self.duplicates.fetch_add(1, Ordering::Relaxed);
+        if n == 0 || (n + 1).is_power_of_two() {
+            tracing::error!(table = %self.tables()[c.table].name, id = c.log_id, count = n + 1,
+                "JetStream reports this change as a duplicate of a message already stored: another node \
+                 publishes with this node's id and database identity (a copied database file?). Give each \
+                 node its own node_id and database");
+        }
+    }
+
+    /// The shard a change is routed to.
+    fn shard_of(&self, c: &PendingChange) -> u64 {
         let table = &self.tables()[c.table];
         let meta = &self.meta[c.table];
+        let mut pks: Vec<PkColumn<'_>> = meta
+            .pks
+            .iter()
+            .map(|&i| PkColumn {
+                name: &table.columns[i].name,
+                decl_type: &meta.decl_lower[i],
+                value: &c.values[i],
+            })
+            .collect();
+        wire::shard_for(
+            wire::shard_hash(&table.name, &mut pks),
+            self.settings.replication.shards,
+        )
+    }
+
+    /// Encodes one change for `shard`: (body, subject, message id).
+    fn encode(&self, c: &PendingChange, shard: u64) -> Result<(Bytes, String, String), String> {
+        let table = &self.tables()[c.table];
         let row = table
             .columns
             .iter()
@@ -424,22 +650,9 @@ impl Publisher {
                 schema_hash: self.schema_hash.clone(),
             },
         };
-        let mut pks: Vec<PkColumn<'_>> = meta
-            .pks
-            .iter()
-            .map(|&i| PkColumn {
-                name: &table.columns[i].name,
-                decl_type: &meta.decl_lower[i],
-                value: &c.values[i],
-            })
-            .collect();
-        let shard = wire::shard_for(
-            wire::shard_hash(&table.name, &mut pks),
-            self.settings.replication.shards,
-        );
         let msg_id = format!(
-            "{}:{}:{}:{}",
-            self.settings.node_id, table.name, c.log_id, c.created_at
+            "{}:{}:{}:{}:{}",
+            self.settings.node_id, self.identity, table.name, c.log_id, c.created_at
         );
         let body = event.encode();
         let body = if self.settings.replication.compress {
@@ -459,11 +672,21 @@ impl Publisher {
         Ok((Bytes::from(body), self.settings.subject_name(shard), msg_id))
     }
 
-    /// Sends `changes` in order without waiting for acks; stops at the first that cannot be sent.
-    async fn send(&self, changes: &[PendingChange]) -> (Vec<PublishAckFuture>, Option<Failure>) {
+    /// Sends `changes` in order without waiting for acks (changes already found in the stream
+    /// are not sent); stops at the first that cannot be sent.
+    async fn send(
+        &self,
+        changes: &[PendingChange],
+        shards: &[u64],
+        landed: &[Option<(u64, u64)>],
+    ) -> (Vec<Option<PublishAckFuture>>, Option<Failure>) {
         let mut acks = Vec::with_capacity(changes.len());
         for (i, c) in changes.iter().enumerate() {
-            let (body, subject, msg_id) = match self.encode(c) {
+            if landed[i].is_some() {
+                acks.push(None);
+                continue;
+            }
+            let (body, subject, msg_id) = match self.encode(c, shards[i]) {
                 Ok(encoded) => encoded,
                 Err(message) => return (acks, Some(self.nats_failure(c, message))),
             };
@@ -471,7 +694,7 @@ impl Publisher {
                 .payload(body)
                 .message_id(msg_id);
             match self.js.send_publish(subject, publish).await {
-                Ok(ack) => acks.push(ack),
+                Ok(ack) => acks.push(Some(ack)),
                 Err(e) if matches!(e.kind(), PublishErrorKind::MaxPayloadExceeded) => {
                     return (acks, Some(Failure::TooLarge(i)));
                 }
@@ -481,21 +704,87 @@ impl Publisher {
         (acks, None)
     }
 
-    /// Records a PubAck's sequence under its shard (the stream name ends in `-<shard>`).
-    fn note_ack(&self, stream: &str, sequence: u64) {
-        if let Some(shard) = stream.rsplit('-').next() {
-            self.metrics
-                .last_published_sequence
-                .with_label_values(&[shard])
-                .set(sequence as i64);
-        }
-    }
-
     fn nats_failure(&self, c: &PendingChange, message: String) -> Failure {
         Failure::Nats(PublishError::Nats {
             table: self.tables()[c.table].name.clone(),
             id: c.log_id,
             message,
         })
+    }
+}
+
+/// Retires what the publisher is done with and deletes old change-log rows, in one write
+/// transaction every `cleanup_interval` (and once more on shutdown). `positions` (per shard, the
+/// last applied sequence) is given when this node applies its own events: rows are then kept
+/// until their event has come back.
+///
+/// # Errors
+/// Only a fatal database error (disk full, read-only, corrupt, I/O): the node must stop.
+pub async fn keep(
+    log: SharedLog,
+    outbox: Outbox,
+    settings: Arc<Settings>,
+    positions: Option<Arc<[AtomicU64]>>,
+    shutdown: CancellationToken,
+) -> Result<(), db::Error> {
+    let period = settings.cleanup_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        let stopping = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let batch = std::mem::take(&mut *outbox.lock().unwrap_or_else(|p| p.into_inner()));
+        let horizon = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+            - period.as_millis() as i64;
+        let applied: Option<Vec<u64>> = positions
+            .as_ref()
+            .map(|p| p.iter().map(|a| a.load(Ordering::Relaxed)).collect());
+        let shared = Arc::clone(&log);
+        let result = tokio::task::spawn_blocking(move || {
+            let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let LocalLog { conn, log } = &mut *guard;
+            let outcome = log
+                .retire(conn, &batch)
+                .and_then(|()| log.cleanup(conn, horizon, applied.as_deref()));
+            (batch, outcome)
+        })
+        .await;
+        match result {
+            Ok((_, Ok(count))) => {
+                if failing {
+                    tracing::info!("Change-log cleanup works again");
+                }
+                failing = false;
+                if count > 0 {
+                    tracing::debug!(count, "Cleaned up DB change logs");
+                }
+            }
+            Ok((batch, Err(e))) => {
+                // Put the batch back (it stays pending in the database, so nothing is lost even
+                // if this never succeeds; a restart finds those changes in the stream).
+                let mut outbox = outbox.lock().unwrap_or_else(|p| p.into_inner());
+                let newer = std::mem::replace(&mut *outbox, batch);
+                outbox.published.extend(newer.published);
+                outbox.failed.extend(newer.failed);
+                outbox.orphans.extend(newer.orphans);
+                if e.is_fatal() {
+                    return Err(e);
+                }
+                if !failing {
+                    tracing::warn!(error = %crate::error_chain(&e), "Unable to cleanup change logs");
+                }
+                failing = true;
+            }
+            Err(e) => tracing::warn!(error = %e, "cleanup task failed"),
+        }
+        if stopping {
+            return Ok(());
+        }
     }
 }

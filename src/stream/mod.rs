@@ -400,3 +400,144 @@ pub async fn pull_consumer(
 
 /// How long the server keeps an ephemeral consumer nobody fetches from.
 pub const CONSUMER_INACTIVE: Duration = Duration::from_secs(120);
+
+/// Message ids starting with `prefix` in `stream` from `from_seq` to the stream's current end,
+/// with their sequences. Reads headers only, so it is cheap even for large messages.
+///
+/// # Errors
+/// [`Error::Stream`] when the stream cannot be read (the caller retries later).
+pub async fn find_published(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    from_seq: u64,
+    prefix: &str,
+) -> Result<Vec<(String, u64)>, Error> {
+    use futures::StreamExt;
+    let err = |message: String| Error::Stream {
+        stream: stream.to_owned(),
+        message,
+    };
+    let mut s = match js.get_stream(stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            use async_nats::jetstream::context::GetStreamErrorKind;
+            if let GetStreamErrorKind::JetStream(je) = e.kind()
+                && je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            {
+                return Ok(Vec::new());
+            }
+            return Err(err(e.to_string()));
+        }
+    };
+    let state = s
+        .info()
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .state
+        .clone();
+    let from = from_seq.max(state.first_sequence).max(1);
+    if state.messages == 0 || from > state.last_sequence {
+        return Ok(Vec::new());
+    }
+    let consumer = s
+        .create_consumer(consumer::pull::Config {
+            filter_subject: subject.to_owned(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ack_policy: consumer::AckPolicy::None,
+            headers_only: true,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let mut found = Vec::new();
+    let mut seen = from.saturating_sub(1);
+    while seen < state.last_sequence {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1000)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut got = 0;
+        while let Some(msg) = batch.next().await {
+            let msg = msg.map_err(|e| err(e.to_string()))?;
+            let seq = msg.info().map_err(|e| err(e.to_string()))?.stream_sequence;
+            got += 1;
+            seen = seen.max(seq);
+            if let Some(id) = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                && id.as_str().starts_with(prefix)
+            {
+                found.push((id.as_str().to_owned(), seq));
+            }
+        }
+        if got == 0 {
+            // Nothing more arrives (messages past `seen` were removed meanwhile).
+            break;
+        }
+    }
+    Ok(found)
+}
+
+/// Checks that the shard streams present agree with `replication_log.shards`: a stream for a
+/// shard above the configured count, or missing configured shards next to streams that already
+/// hold messages, means nodes disagree on the shard count — rows of the shards some node does not
+/// consume would never reach it. Returns the mismatch, described for the operator.
+///
+/// # Errors
+/// [`Error::Stream`] when the stream list cannot be read.
+pub async fn shard_mismatch(
+    js: &jetstream::Context,
+    settings: &Settings,
+) -> Result<Option<String>, Error> {
+    use futures::TryStreamExt;
+    let err = |message: String| Error::Stream {
+        stream: settings.stream_name(1),
+        message,
+    };
+    let base = settings.stream_name(1);
+    let prefix = &base[..base.len() - 1];
+    let names: Vec<String> = js
+        .stream_names()
+        .try_collect()
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let mut present: Vec<u64> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix(prefix)?.parse::<u64>().ok())
+        .filter(|&n| n >= 1)
+        .collect();
+    present.sort_unstable();
+    let configured = settings.replication.shards;
+    if let Some(&above) = present.iter().find(|&&n| n > configured) {
+        return Ok(Some(format!(
+            "replication_log.shards = {configured}, but stream {prefix}{above} exists: the cluster              uses {} shards (streams present: {present:?}). Every node must use the same shard count",
+            present.last().copied().unwrap_or(above)
+        )));
+    }
+    let missing: Vec<u64> = (1..=configured).filter(|n| !present.contains(n)).collect();
+    if !present.is_empty() && !missing.is_empty() {
+        let mut holds_messages = false;
+        for n in &present {
+            if let Ok(mut st) = js.get_stream(format!("{prefix}{n}")).await
+                && st.info().await.is_ok_and(|i| i.state.last_sequence > 0)
+            {
+                holds_messages = true;
+            }
+        }
+        if holds_messages {
+            return Ok(Some(format!(
+                "replication_log.shards = {configured}, but the cluster's streams are for shards                  {present:?}: every node must use the same shard count (to change it, stop every                  node, remove the {prefix}* streams and start them all with the new value)"
+            )));
+        }
+    }
+    Ok(None)
+}
