@@ -304,6 +304,11 @@ async fn run_connected(
         return Err(e.into());
     }
     tracing::info!("Streaming ready...");
+    let lease = match stream::lease::acquire(&js, &settings, &identity, &root).await {
+        Ok(lease) => lease,
+        Err(stream::lease::Error::Cancelled) => return Ok(()),
+        Err(e) => return Err(StartError::Conflict(e.to_string()).into()),
+    };
 
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     let log = Arc::new(ChangeLog::new(tables));
@@ -320,6 +325,57 @@ async fn run_connected(
     let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
     let max_event_bytes = max_event_bytes(&client);
 
+    // Publishing side.
+    let outbox = Outbox::default();
+    let shared = Arc::new(Mutex::new(LocalLog {
+        conn,
+        log: Arc::clone(&log),
+    }));
+    let wake = Arc::new(Notify::new());
+    let _watcher = match watch::watch(&settings.db_path, Arc::clone(&wake)) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "Cannot watch database files; relying on periodic scans");
+            None
+        }
+    };
+    let publisher = Publisher::new(
+        Arc::clone(&shared),
+        db::open(&settings.db_path)?,
+        js.clone(),
+        Arc::clone(&settings),
+        hash,
+        identity.clone(),
+        Arc::clone(&outbox),
+        acked,
+        Arc::clone(&observers.metrics),
+        Arc::clone(&observers.health),
+    );
+    // Before anything is applied: changes that reached the stream before a crash are retired
+    // with where they landed (the applier must know which of ours have come back).
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match publisher.recover(&shared).await {
+            Ok(0) => break,
+            Ok(n) => {
+                tracing::info!(changes = n, "Recovered published changes from the stream");
+                break;
+            }
+            Err(e) if e.is_fatal() => {
+                return Err(anyhow::Error::new(e).context("Unable to recover published changes"));
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "Cannot check the streams for changes sent before the restart; retrying");
+                tokio::select! {
+                    biased;
+                    _ = root.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = stream::next_backoff(delay);
+            }
+        }
+    }
+
     // Applying side.
     if settings.replicate {
         let applied: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
@@ -334,15 +390,16 @@ async fn run_connected(
         for (idx, name) in streams.iter().enumerate() {
             let start = seqmap.get(name) + 1;
             tracing::info!(stream = %name, from_seq = start, "Starting consumer");
-            let (js, name, subject, tx, token) = (
-                js.clone(),
-                name.clone(),
-                settings.subject_name(idx as u64 + 1),
-                tx.clone(),
-                root.clone(),
-            );
+            let spec = applying::ConsumerSpec {
+                js: js.clone(),
+                settings: Arc::clone(&settings),
+                shard: idx as u64 + 1,
+                start_seq: start,
+                health: Arc::clone(&observers.health),
+            };
+            let (tx, token) = (tx.clone(), root.clone());
             tasks.spawn(async move {
-                applying::run_consumer(js, idx, name, subject, start, tx, token).await;
+                applying::run_consumer(spec, tx, token).await;
                 ("consumer", Ok(()))
             });
         }
@@ -377,32 +434,6 @@ async fn run_connected(
         tracing::info!("replicate = false: remote changes will not be applied");
     }
 
-    // Publishing side.
-    let outbox = Outbox::default();
-    let shared = Arc::new(Mutex::new(LocalLog {
-        conn,
-        log: Arc::clone(&log),
-    }));
-    let wake = Arc::new(Notify::new());
-    let _watcher = match watch::watch(&settings.db_path, Arc::clone(&wake)) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %crate::error_chain(&e), "Cannot watch database files; relying on periodic scans");
-            None
-        }
-    };
-    let publisher = Publisher::new(
-        Arc::clone(&shared),
-        db::open(&settings.db_path)?,
-        js.clone(),
-        Arc::clone(&settings),
-        hash,
-        identity,
-        Arc::clone(&outbox),
-        acked,
-        Arc::clone(&observers.metrics),
-        Arc::clone(&observers.health),
-    );
     let token = root.clone();
     let w = Arc::clone(&wake);
     // The keeper outlives the publisher by one final retirement, so it gets its own token.
@@ -419,6 +450,16 @@ async fn run_connected(
         let result = publish::keep(shared, outbox, s, keeper_positions, keeper_stop).await;
         ("change-log keeper", result.map_err(anyhow::Error::new))
     });
+    if let Some(lease) = lease {
+        let token = root.clone();
+        tasks.spawn(async move {
+            let result = lease
+                .run(token)
+                .await
+                .map_err(|e| anyhow::Error::new(StartError::Conflict(e.to_string())));
+            ("node-id lease", result)
+        });
+    }
     let token = root.clone();
     let path = settings.db_path.clone();
     tasks.spawn(async move { ("database watchdog", watch_database_file(path, token).await) });

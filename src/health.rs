@@ -34,6 +34,8 @@ pub struct HealthState {
     apply_lag_us: AtomicI64,
     /// Local changes not yet published (updated at every publisher scan).
     pub pending: AtomicI64,
+    /// Bit i set while shard i+1's consumer cannot read its stream.
+    consumers_down: AtomicU64,
     /// Unix ns of the last "pulse" (a local change consumed or a remote one applied), for
     /// `sleep_timeout` (upstream-behaviour §13).
     last_pulse_ns: AtomicI64,
@@ -59,6 +61,7 @@ impl HealthState {
             last_published_ns: AtomicI64::new(0),
             apply_lag_us: AtomicI64::new(0),
             pending: AtomicI64::new(0),
+            consumers_down: AtomicU64::new(0),
             last_pulse_ns: AtomicI64::new(now_ns()),
         })
     }
@@ -93,11 +96,23 @@ impl HealthState {
         self.apply_lag_us.store(lag_us.max(0), Ordering::Relaxed);
     }
 
-    /// Whether the node is healthy by Go's rule: database, NATS and capture all up.
+    /// Marks shard `idx + 1`'s consumer as unable (or able again) to read its stream.
+    pub fn set_consumer_down(&self, idx: usize, down: bool) {
+        let bit = 1u64 << (idx % 64);
+        if down {
+            self.consumers_down.fetch_or(bit, Ordering::Relaxed);
+        } else {
+            self.consumers_down.fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the node is healthy: Go's rule (database, NATS and capture all up), and every
+    /// consumer reading its stream.
     pub fn healthy(&self) -> bool {
         self.db_connected.load(Ordering::Relaxed)
             && self.nats_connected.load(Ordering::Relaxed)
             && self.cdc_installed.load(Ordering::Relaxed)
+            && self.consumers_down.load(Ordering::Relaxed) == 0
     }
 
     /// The body Go sends, keys in its order; `0001-01-01T00:00:00Z` for a time never seen.

@@ -112,6 +112,19 @@ impl SeqMap {
         &self.path
     }
 
+    /// Sets `stream`'s sequence to `seq` even if lower (the stream was recreated and its
+    /// sequences start again), and saves.
+    ///
+    /// # Errors
+    /// [`Error::Write`] when the file cannot be written (the map in memory is updated anyway).
+    pub fn reset(&mut self, stream: &str, seq: u64) -> Result<(), Error> {
+        self.map.insert(stream.to_owned(), seq);
+        write_atomic(&self.path, &encode(&self.map)).map_err(|source| Error::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     /// Raises the recorded sequences to the given ones (lower values are ignored) and, if anything
     /// changed, saves the file atomically. Returns whether the file was written.
     ///

@@ -334,6 +334,31 @@ impl Applier {
         Ok(())
     }
 
+    /// The stream of `shard` (1-based) was recreated: changes we published into the old one will
+    /// never come back, so they stop counting as in flight (their landing is forgotten), and the
+    /// in-flight set is read again.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn forget_published(&mut self, shard: usize) -> Result<(), Error> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for t in &self.state.tables {
+            tx.execute(
+                &format!(
+                    "UPDATE {} SET pub_seq = NULL WHERE state = 1 AND pub_shard = ?1",
+                    quote(&super::change_log_name(&t.name))
+                ),
+                [shard as i64],
+            )
+            .map_err(super::on_table(&t.name))?;
+        }
+        tx.commit()?;
+        self.set_applied(shard, 0);
+        self.rebuild_in_flight()
+    }
+
     /// Number of captured changes not yet come back (for tests and metrics).
     pub fn in_flight_len(&self) -> usize {
         self.state.in_flight.iter().map(HashMap::len).sum()

@@ -220,6 +220,35 @@ impl ChangeLog {
             return Ok(());
         }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.retire_in(&tx, batch)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// [`ChangeLog::retire`] and [`ChangeLog::cleanup`] in one transaction, committed only if
+    /// `may_commit()` says so right before the commit (otherwise rolled back: `Ok(None)`).
+    ///
+    /// # Errors
+    /// SQLite errors (rolled back).
+    pub fn housekeep(
+        &self,
+        conn: &mut Connection,
+        batch: &Retirement,
+        horizon_ms: i64,
+        applied: Option<&[u64]>,
+        may_commit: impl FnOnce() -> bool,
+    ) -> Result<Option<usize>, Error> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.retire_in(&tx, batch)?;
+        let cleaned = self.cleanup_in(&tx, horizon_ms, applied)?;
+        if !may_commit() {
+            return Ok(None);
+        }
+        tx.commit()?;
+        Ok(Some(cleaned))
+    }
+
+    fn retire_in(&self, tx: &Connection, batch: &Retirement) -> Result<(), Error> {
         {
             let mut delete_global =
                 tx.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(GLOBAL_LOG)))?;
@@ -262,7 +291,6 @@ impl ChangeLog {
                 landed.execute(rusqlite::params![shard as i64, seq as i64])?;
             }
         }
-        tx.commit()?;
         Ok(())
     }
 
@@ -297,6 +325,18 @@ impl ChangeLog {
         horizon_ms: i64,
         applied: Option<&[u64]>,
     ) -> Result<usize, Error> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let total = self.cleanup_in(&tx, horizon_ms, applied)?;
+        tx.commit()?;
+        Ok(total)
+    }
+
+    fn cleanup_in(
+        &self,
+        tx: &Connection,
+        horizon_ms: i64,
+        applied: Option<&[u64]>,
+    ) -> Result<usize, Error> {
         let came_back = match applied {
             None => String::new(),
             Some(applied) => {
@@ -308,7 +348,6 @@ impl ChangeLog {
                 format!(" AND (pub_seq IS NULL OR pub_seq <= CASE pub_shard{arms} ELSE -1 END)")
             }
         };
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut total = 0;
         for table in &self.tables {
             total += tx
@@ -321,7 +360,6 @@ impl ChangeLog {
                 )
                 .map_err(on_table(&table.name))?;
         }
-        tx.commit()?;
         Ok(total)
     }
 
@@ -408,6 +446,30 @@ impl ChangeLog {
             }
         }
         Ok(out)
+    }
+
+    /// The capture time of change `log_id` of table `table` (index), if the row exists.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn created_at(
+        &self,
+        conn: &Connection,
+        table: usize,
+        log_id: i64,
+    ) -> Result<Option<i64>, Error> {
+        use rusqlite::OptionalExtension;
+        let t = &self.tables[table];
+        Ok(conn
+            .prepare_cached(&format!(
+                "SELECT created_at FROM {} WHERE id = ?1",
+                quote(&change_log_name(&t.name))
+            ))
+            .map_err(on_table(&t.name))?
+            .query_row([log_id], |r| r.get::<_, Option<i64>>(0))
+            .optional()
+            .map_err(on_table(&t.name))?
+            .flatten())
     }
 
     /// Index of a watched table by name.

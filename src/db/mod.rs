@@ -146,6 +146,70 @@ pub struct DbLock {
     _file: std::fs::File,
 }
 
+/// Tells whether another process has a read transaction open on the database, from the WAL
+/// read-mark locks in `<db>-shm` (SQLite's unix VFS: shared `fcntl` locks on bytes 123..=127,
+/// one per reader slot, held for the duration of each read transaction).
+///
+/// Why: an application's deferred transaction that has read and then wants to write fails at
+/// once with SQLITE_BUSY when anyone commits in between. Our housekeeping commits can wait until
+/// no application transaction is open.
+///
+/// The file descriptor is never closed: closing any descriptor of a file drops every POSIX lock
+/// this process holds on it, including SQLite's own.
+pub struct ReaderProbe {
+    shm: std::mem::ManuallyDrop<std::fs::File>,
+}
+
+/// First WAL read-mark lock byte in the `-shm` file (`UNIX_SHM_BASE + WAL_READ_LOCK(0)`).
+const SHM_READ_LOCK_FIRST: i64 = 120 + 3;
+/// Number of read-mark lock bytes (`WAL_NREADER`).
+const SHM_READ_LOCKS: i64 = 5;
+
+impl ReaderProbe {
+    /// Opens the probe on `<db>-shm`; `None` when there is no such file (not in WAL mode).
+    pub fn open(db_path: &Path) -> Option<ReaderProbe> {
+        let mut name = db_path.as_os_str().to_owned();
+        name.push("-shm");
+        let shm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(PathBuf::from(name))
+            .ok()?;
+        Some(ReaderProbe {
+            shm: std::mem::ManuallyDrop::new(shm),
+        })
+    }
+
+    /// Whether another process holds a WAL read lock right now.
+    pub fn others_reading(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a zeroed flock is a valid value; fcntl(F_GETLK) only writes into it.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = SHM_READ_LOCK_FIRST;
+        lock.l_len = SHM_READ_LOCKS;
+        // SAFETY: F_GETLK on a descriptor we own, with a properly initialised flock.
+        let rc = unsafe { libc::fcntl(self.shm.as_raw_fd(), libc::F_GETLK, &mut lock) };
+        rc == 0 && lock.l_type != libc::F_UNLCK as libc::c_short
+    }
+
+    /// Waits (polling) until no other process is in a read transaction, at most `limit`.
+    /// Returns false when readers were still there at the deadline.
+    pub fn wait_quiet(&self, limit: Duration) -> bool {
+        let start = std::time::Instant::now();
+        while self.others_reading() {
+            if start.elapsed() >= limit {
+                return false;
+            }
+            // Short: an application that runs transactions back to back leaves gaps of
+            // microseconds between them.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+}
+
 /// The lock file of a database: `<db>-harmonylite.lock`.
 pub fn lock_path(db_path: &Path) -> PathBuf {
     let mut name = db_path.as_os_str().to_owned();

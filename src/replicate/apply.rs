@@ -50,6 +50,8 @@ pub struct Delivered {
     pub stream_time_ns: i64,
     /// The `Nats-Msg-Id` header, if any (ours carry the publishing database's identity).
     pub msg_id: Option<String>,
+    /// The stream was recreated: this shard's position restarts at this message.
+    pub reset: bool,
     pub body: Bytes,
 }
 
@@ -57,6 +59,17 @@ pub struct Delivered {
 #[derive(Clone)]
 pub struct ApplyObservers {
     pub metrics: Arc<Metrics>,
+    pub health: Arc<HealthState>,
+}
+
+/// What one shard's consumer reads, and from where.
+pub struct ConsumerSpec {
+    pub js: jetstream::Context,
+    pub settings: Arc<crate::config::Settings>,
+    /// 1-based.
+    pub shard: u64,
+    /// First sequence to read (saved position + 1).
+    pub start_seq: u64,
     pub health: Arc<HealthState>,
 }
 
@@ -75,17 +88,61 @@ const FETCH_GRACE: Duration = Duration::from_secs(5);
 /// our benchmark (messages in the stream, none delivered, no error). Here every fetch is explicit,
 /// consumer sequences are checked for gaps, and every failure leads to a visible reopen.
 pub async fn run_consumer(
-    js: jetstream::Context,
-    stream_idx: usize,
-    stream_name: String,
-    subject: String,
-    start_seq: u64,
+    spec: ConsumerSpec,
     tx: mpsc::Sender<Delivered>,
     shutdown: CancellationToken,
 ) {
+    let ConsumerSpec {
+        js,
+        settings,
+        shard,
+        start_seq,
+        health,
+    } = spec;
+    let stream_idx = shard as usize - 1;
+    let stream_name = settings.stream_name(shard);
+    let subject = settings.subject_name(shard);
     let mut next = start_seq.max(1);
     let mut delay = Duration::from_millis(200);
+    // Set when the stream was found missing or recreated: the next message delivered resets
+    // this shard's position instead of advancing it.
+    let mut reset = false;
     'reopen: loop {
+        // A stream that vanished (JetStream store wiped, stream deleted) is recreated; one whose
+        // end is before our position was recreated meanwhile: read it from its start, or every
+        // message in it would be skipped.
+        match stream::stream_range(&js, &stream_name).await {
+            Ok(None) => {
+                health.set_consumer_down(stream_idx, true);
+                tracing::warn!(stream = %stream_name, "Stream is missing; recreating it and consuming from its start");
+                if let Err(e) = stream::ensure_stream(&js, &settings, shard, &shutdown).await {
+                    if matches!(e, stream::Error::Cancelled) {
+                        return;
+                    }
+                    tracing::error!(stream = %stream_name, error = %crate::error_chain(&e), "Cannot recreate stream");
+                }
+                next = 1;
+                reset = true;
+            }
+            Ok(Some((first, last))) if next > 1 && last < next - 1 => {
+                tracing::warn!(stream = %stream_name, position = next - 1, stream_last = last,
+                    "Stream ends before this node's position (it was recreated); consuming from its start");
+                next = first.max(1);
+                reset = true;
+            }
+            Ok(Some(_)) => {}
+            Err(e) => {
+                health.set_consumer_down(stream_idx, true);
+                tracing::warn!(stream = %stream_name, error = %e, "Cannot read stream state, retrying");
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = stream::next_backoff(delay);
+                continue 'reopen;
+            }
+        }
         let opened = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
@@ -94,6 +151,7 @@ pub async fn run_consumer(
         let consumer = match opened {
             Ok(c) => c,
             Err(e) => {
+                health.set_consumer_down(stream_idx, true);
                 tracing::warn!(stream = %stream_name, error = %e, "Cannot open consumer, retrying");
                 tokio::select! {
                     biased;
@@ -105,6 +163,7 @@ pub async fn run_consumer(
             }
         };
         tracing::debug!(stream = %stream_name, from = next, "consumer started");
+        health.set_consumer_down(stream_idx, false);
         let mut consumer_seq = 0u64;
         loop {
             let fetch = consumer
@@ -197,6 +256,7 @@ pub async fn run_consumer(
                     seq,
                     stream_time_ns,
                     msg_id,
+                    reset: std::mem::take(&mut reset),
                     body: msg.message.payload.clone(),
                 };
                 if tx.send(delivered).await.is_err() {
@@ -385,6 +445,18 @@ pub fn spawn_apply_thread(
                 tracing::trace!(events = batch.len(), "applied batch");
                 let mut high: HashMap<usize, u64> = HashMap::new();
                 let mut jumped = false;
+                for d in batch.iter().filter(|d| d.reset) {
+                    // The stream was recreated: its sequences start again, and our changes
+                    // published into the old one will never come back.
+                    if let Err(e) = seqmap.reset(&streams[d.stream], d.seq.saturating_sub(1)) {
+                        tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map");
+                    }
+                    last[d.stream] = d.seq.saturating_sub(1);
+                    if let Err(e) = applier.forget_published(d.stream + 1) {
+                        tracing::warn!(error = %crate::error_chain(&e), "Cannot reset published changes of the recreated stream");
+                    }
+                    jumped = true;
+                }
                 for d in &batch {
                     let e = high.entry(d.stream).or_insert(0);
                     *e = (*e).max(d.seq);

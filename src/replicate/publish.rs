@@ -99,6 +99,8 @@ pub enum PublishError {
         table: String,
         id: i64,
         message: String,
+        /// The server has no stream for the subject.
+        stream_missing: bool,
     },
     #[error("database worker failed: {0}")]
     Join(String),
@@ -258,6 +260,15 @@ impl Publisher {
                         tracing::error!(error = %crate::error_chain(&e), "Publishing cannot go on");
                         return Err(e);
                     }
+                    if matches!(
+                        e,
+                        PublishError::Nats {
+                            stream_missing: true,
+                            ..
+                        }
+                    ) {
+                        self.recreate_streams(&shutdown).await;
+                    }
                     if failing {
                         tracing::debug!(error = %crate::error_chain(&e), "publish retry failed");
                     } else {
@@ -416,6 +427,49 @@ impl Publisher {
         Ok(())
     }
 
+    /// At start, before anything is applied: finds pending changes that already reached the
+    /// streams (a crash between the ack and their retirement) and retires them at once with where
+    /// they landed, so that the applier knows which of them have come back.
+    ///
+    /// # Errors
+    /// NATS or database errors (the caller stops: start-up cannot go on safely without it).
+    pub async fn recover(&self, writer: &SharedLog) -> Result<usize, PublishError> {
+        if !self.settings.publish {
+            return Ok(0);
+        }
+        self.search().await?;
+        let found = std::mem::take(&mut *self.found.lock().unwrap_or_else(|p| p.into_inner()));
+        if found.is_empty() {
+            return Ok(0);
+        }
+        let (writer, log) = (Arc::clone(writer), Arc::clone(&self.log));
+        let retired = tokio::task::spawn_blocking(move || -> Result<usize, db::Error> {
+            let mut guard = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let LocalLog { conn, .. } = &mut *guard;
+            let pending = log.pending_ids(conn)?;
+            let mut batch = Retirement::default();
+            for ((t, log_id), (shard, seq, created)) in found {
+                let Some(&global_id) = pending.get(&(t, log_id)) else {
+                    continue;
+                };
+                if log.created_at(conn, t, log_id)? != Some(created) {
+                    continue; // same id, another capture (the change log was recreated)
+                }
+                batch.published.push(Retired {
+                    global_id,
+                    table: t,
+                    log_id,
+                    landed: Some((shard, seq)),
+                });
+            }
+            log.retire(conn, &batch)?;
+            Ok(batch.published.len())
+        })
+        .await
+        .map_err(|e| PublishError::Join(e.to_string()))??;
+        Ok(retired)
+    }
+
     /// Reads the next pass after `cursor` and sends it.
     async fn scan_and_send(&self, cursor: i64) -> Result<Sent, PublishError> {
         let started = Instant::now();
@@ -514,7 +568,11 @@ impl Publisher {
                         Err(e) => {
                             // Later acks may have succeeded, but only a prefix is retired: the
                             // rest is sent again after a search of the stream.
-                            failure = Some(self.nats_failure(&changes[i], e.to_string()));
+                            failure = Some(self.nats_failure(
+                                &changes[i],
+                                e.to_string(),
+                                matches!(e.kind(), PublishErrorKind::StreamNotFound),
+                            ));
                             break;
                         }
                     },
@@ -688,7 +746,7 @@ impl Publisher {
             }
             let (body, subject, msg_id) = match self.encode(c, shards[i]) {
                 Ok(encoded) => encoded,
-                Err(message) => return (acks, Some(self.nats_failure(c, message))),
+                Err(message) => return (acks, Some(self.nats_failure(c, message, false))),
             };
             let publish = jetstream::message::PublishMessage::build()
                 .payload(body)
@@ -698,25 +756,66 @@ impl Publisher {
                 Err(e) if matches!(e.kind(), PublishErrorKind::MaxPayloadExceeded) => {
                     return (acks, Some(Failure::TooLarge(i)));
                 }
-                Err(e) => return (acks, Some(self.nats_failure(c, e.to_string()))),
+                Err(e) => {
+                    let missing = matches!(e.kind(), PublishErrorKind::StreamNotFound);
+                    return (acks, Some(self.nats_failure(c, e.to_string(), missing)));
+                }
             }
         }
         (acks, None)
     }
 
-    fn nats_failure(&self, c: &PendingChange, message: String) -> Failure {
+    fn nats_failure(&self, c: &PendingChange, message: String, stream_missing: bool) -> Failure {
         Failure::Nats(PublishError::Nats {
             table: self.tables()[c.table].name.clone(),
             id: c.log_id,
             message,
+            stream_missing,
         })
     }
+
+    /// A stream vanished (JetStream store wiped or the stream deleted): recreate the streams,
+    /// and forget acknowledged positions past the end of a recreated one.
+    async fn recreate_streams(&self, shutdown: &CancellationToken) {
+        tracing::warn!("A shard stream is missing; recreating the streams from the configuration");
+        if let Err(e) = stream::ensure_streams(&self.js, &self.settings, shutdown).await {
+            tracing::error!(error = %crate::error_chain(&e), "Cannot recreate streams");
+            return;
+        }
+        for shard in 1..=self.settings.replication.shards {
+            let Ok(Some((_, last))) =
+                stream::stream_range(&self.js, &self.settings.stream_name(shard)).await
+            else {
+                continue;
+            };
+            let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            if acked.get(&shard).is_some_and(|&a| a > last) {
+                acked.insert(shard, 0);
+            }
+        }
+    }
 }
+
+/// How long one housekeeping attempt waits for application read transactions to end.
+const QUIET_WAIT: Duration = Duration::from_millis(250);
+/// How soon an attempt that found no quiet moment is tried again.
+const QUIET_RETRY: Duration = Duration::from_millis(100);
+/// Housekeeping is forced (committed even while an application transaction is open) when it
+/// has not succeeded for this long...
+const FORCE_AFTER: Duration = Duration::from_secs(60);
+/// ... or when this many changes wait to be retired (bounds memory).
+const FORCE_BACKLOG: usize = 100_000;
 
 /// Retires what the publisher is done with and deletes old change-log rows, in one write
 /// transaction every `cleanup_interval` (and once more on shutdown). `positions` (per shard, the
 /// last applied sequence) is given when this node applies its own events: rows are then kept
 /// until their event has come back.
+///
+/// Every commit of ours makes an application's deferred transaction that has read and not yet
+/// written fail with SQLITE_BUSY. So the keeper commits only at a quiet moment: no other process
+/// in a read transaction before it starts, and none begun by the time it would commit (else it
+/// rolls back and tries again shortly). Only when no quiet moment came for [`FORCE_AFTER`], or
+/// [`FORCE_BACKLOG`] changes wait, does it commit regardless.
 ///
 /// # Errors
 /// Only a fatal database error (disk full, read-only, corrupt, I/O): the node must stop.
@@ -731,13 +830,18 @@ pub async fn keep(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let probe: Arc<Option<db::ReaderProbe>> = Arc::new(db::ReaderProbe::open(&settings.db_path));
+    let mut last_done = Instant::now();
+    let mut overdue = false;
     loop {
         let stopping = tokio::select! {
             biased;
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
+            _ = tokio::time::sleep(QUIET_RETRY), if overdue => false,
         };
         let batch = std::mem::take(&mut *outbox.lock().unwrap_or_else(|p| p.into_inner()));
+        let force = stopping || last_done.elapsed() >= FORCE_AFTER || batch.len() >= FORCE_BACKLOG;
         let horizon = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64)
@@ -746,15 +850,41 @@ pub async fn keep(
             .as_ref()
             .map(|p| p.iter().map(|a| a.load(Ordering::Relaxed)).collect());
         let shared = Arc::clone(&log);
+        let quiet = Arc::clone(&probe);
         let result = tokio::task::spawn_blocking(move || {
             let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
             let LocalLog { conn, log } = &mut *guard;
-            let outcome = log
-                .retire(conn, &batch)
-                .and_then(|()| log.cleanup(conn, horizon, applied.as_deref()));
+            let calm = |wait: Duration| match quiet.as_ref() {
+                Some(p) => p.wait_quiet(wait),
+                None => true,
+            };
+            if !force && !calm(QUIET_WAIT) {
+                return (batch, Ok(None));
+            }
+            let may_commit = || force || calm(Duration::ZERO);
+            let outcome = log.housekeep(conn, &batch, horizon, applied.as_deref(), may_commit);
             (batch, outcome)
         })
         .await;
+        let result = match result {
+            Ok((batch, Ok(None))) => {
+                // No quiet moment: keep the batch and try again shortly.
+                let mut outbox = outbox.lock().unwrap_or_else(|p| p.into_inner());
+                let newer = std::mem::replace(&mut *outbox, batch);
+                outbox.published.extend(newer.published);
+                outbox.failed.extend(newer.failed);
+                outbox.orphans.extend(newer.orphans);
+                overdue = true;
+                continue;
+            }
+            Ok((batch, Ok(Some(count)))) => {
+                last_done = Instant::now();
+                overdue = false;
+                Ok((batch, Ok(count)))
+            }
+            Ok((batch, Err(e))) => Ok((batch, Err(e))),
+            Err(e) => Err(e),
+        };
         match result {
             Ok((_, Ok(count))) => {
                 if failing {

@@ -22,6 +22,7 @@ use crate::config::Settings;
 
 pub mod discovery;
 pub mod embedded;
+pub mod lease;
 
 /// What went wrong talking to NATS.
 #[derive(Debug, thiserror::Error)]
@@ -259,6 +260,22 @@ pub async fn ensure_streams(
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     for shard in 1..=settings.replication.shards {
+        ensure_stream(js, settings, shard, shutdown).await?;
+    }
+    Ok(())
+}
+
+/// Makes sure one shard's stream exists (see [`ensure_streams`]).
+///
+/// # Errors
+/// As [`ensure_streams`].
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    settings: &Settings,
+    shard: u64,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    {
         let want = stream_config(settings, shard);
         let mut delay = RETRY_START;
         let mut attempt = 0u32;
@@ -540,4 +557,29 @@ pub async fn shard_mismatch(
         }
     }
     Ok(None)
+}
+
+/// A stream's retained range: `(first sequence, last sequence)`, or `None` when it does not exist.
+///
+/// # Errors
+/// The JetStream error text (the caller retries).
+pub async fn stream_range(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<Option<(u64, u64)>, String> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    match js.get_stream(stream).await {
+        Ok(s) => {
+            let st = &s.cached_info().state;
+            Ok(Some((st.first_sequence, st.last_sequence)))
+        }
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(je)
+                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(e.to_string()),
+        },
+    }
 }

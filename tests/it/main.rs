@@ -4,6 +4,7 @@ mod support;
 
 mod auth;
 mod cli;
+mod core;
 mod docs;
 mod e2e;
 mod embedded;

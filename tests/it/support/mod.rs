@@ -364,6 +364,11 @@ impl Node {
         );
     }
 
+    /// The running process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL, as the upstream e2e suite stops nodes.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1,0 +1,210 @@
+//! The node-id lease: one live node per `node_id` in a cluster.
+//!
+//! Two machines cloned from one image share the machine id that `node_id` defaults to, and so
+//! their node names, metric labels and KV keys; before database identities were added they also
+//! shared message ids and the server dropped one node's changes as duplicates. Each node holds
+//! key `node-<id>` in KV bucket [`BUCKET`], whose value names the database identity (plus host
+//! and pid, for the message), and refreshes it every [`REFRESH`]; entries expire after [`TTL`].
+//!
+//! Invariants:
+//! - At start, a key held by anyone else (another database, or a copy of this one on another
+//!   host) that is still being refreshed — a live node — is a conflict: the node refuses to start
+//!   (exit 2). A key that stops changing for longer than a refresh period belonged to a node that
+//!   is gone (a killed previous run, this database before `-cleanup`) and is taken over.
+//! - While running, the key is updated with compare-and-set: if another identity wrote it, that
+//!   is a conflict too and the node stops.
+//! - A lease that cannot be kept because NATS is down is not a conflict: it is retried.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+
+/// KV bucket of the leases (ours; Go HarmonyLite has no such bucket).
+pub const BUCKET: &str = "harmonylite-node-leases";
+/// How long a lease lives without refresh.
+pub const TTL: Duration = Duration::from_secs(10);
+/// How often a lease is refreshed.
+pub const REFRESH: Duration = Duration::from_secs(2);
+
+/// Why the lease cannot be held.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another live node uses this node id.
+    #[error(
+        "another live node uses node_id {node_id} ({holder}); give every node its own node_id \
+         (it defaults to a hash of the machine id, which cloned machines share)"
+    )]
+    Conflict { node_id: u64, holder: String },
+    #[error("shutdown requested")]
+    Cancelled,
+}
+
+/// A held lease (see the module header).
+pub struct Lease {
+    store: kv::Store,
+    key: String,
+    value: Bytes,
+    revision: u64,
+    node_id: u64,
+}
+
+fn describe(value: &[u8]) -> String {
+    String::from_utf8_lossy(value).into_owned()
+}
+
+/// Takes the lease for this node. Returns `Ok(None)` when the lease bucket cannot be used (an
+/// old server, no JetStream KV): the node runs without the check, with a warning.
+///
+/// # Errors
+/// [`Error::Conflict`] when another live node holds the node id; [`Error::Cancelled`].
+pub async fn acquire(
+    js: &jetstream::Context,
+    settings: &Settings,
+    identity: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<Lease>, Error> {
+    let store = match js.get_key_value(BUCKET).await {
+        Ok(s) => s,
+        Err(_) => match js
+            .create_key_value(kv::Config {
+                bucket: BUCKET.to_owned(),
+                description: "harmonylite: one live node per node_id".to_owned(),
+                history: 1,
+                max_age: TTL,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: settings.replication.replicas.max(1),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                // Another node may have created it meanwhile.
+                match js.get_key_value(BUCKET).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
+                        return Ok(None);
+                    }
+                }
+            }
+        },
+    };
+    let key = format!("node-{}", settings.node_id);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let value = Bytes::from(format!(
+        "identity={identity} host={host} pid={}",
+        std::process::id()
+    ));
+    // Watch a foreign holder for a little longer than a refresh period: a live one refreshes.
+    let mut seen: Option<(u64, Bytes)> = None;
+    let deadline = tokio::time::Instant::now() + REFRESH * 2 + Duration::from_millis(500);
+    loop {
+        let entry = match store.entry(&key).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read the node-id lease; running without the duplicate node_id check");
+                return Ok(None);
+            }
+        };
+        // Anything but our own value: another database, or this one copied to another machine
+        // (same identity, other host or pid), or our own previous run (killed): only a holder
+        // that keeps refreshing is a conflict.
+        let foreign = entry
+            .as_ref()
+            .filter(|e| matches!(e.operation, kv::Operation::Put) && e.value != value);
+        match foreign {
+            None => break,
+            Some(e) => {
+                if let Some((revision, _)) = &seen {
+                    if *revision != e.revision {
+                        return Err(Error::Conflict {
+                            node_id: settings.node_id,
+                            holder: describe(&e.value),
+                        });
+                    }
+                } else {
+                    tracing::info!(holder = %describe(&e.value),
+                        "The node-id lease names another database; waiting to see whether that node is alive");
+                    seen = Some((e.revision, e.value.clone()));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(previous = %describe(&e.value), "Taking over the node-id lease of a node that is gone");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Err(Error::Cancelled),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    match store.put(&key, value.clone()).await {
+        Ok(revision) => Ok(Some(Lease {
+            store,
+            key,
+            value,
+            revision,
+            node_id: settings.node_id,
+        })),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot write the node-id lease; running without the duplicate node_id check");
+            Ok(None)
+        }
+    }
+}
+
+impl Lease {
+    /// Refreshes the lease until shutdown.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] when another node wrote our key.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut tick = tokio::time::interval(REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    // Let a replacement start at once.
+                    let _ = self.store.delete(&self.key).await;
+                    return Ok(());
+                }
+                _ = tick.tick() => {}
+            }
+            match self
+                .store
+                .update(&self.key, self.value.clone(), self.revision)
+                .await
+            {
+                Ok(revision) => self.revision = revision,
+                Err(e) => {
+                    // Someone wrote it, or it expired while NATS was away, or NATS is down.
+                    match self.store.entry(&self.key).await {
+                        Ok(Some(entry))
+                            if matches!(entry.operation, kv::Operation::Put)
+                                && entry.value != self.value =>
+                        {
+                            return Err(Error::Conflict {
+                                node_id: self.node_id,
+                                holder: describe(&entry.value),
+                            });
+                        }
+                        Ok(_) => match self.store.put(&self.key, self.value.clone()).await {
+                            Ok(revision) => self.revision = revision,
+                            Err(e) => tracing::debug!(error = %e, "node-id lease refresh failed"),
+                        },
+                        Err(_) => tracing::debug!(error = %e, "node-id lease refresh failed"),
+                    }
+                }
+            }
+        }
+    }
+}
