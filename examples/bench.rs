@@ -4,7 +4,9 @@
 //! 1. throughput: 20,000 rows inserted on node 1 in 1,000-row transactions, from the first commit
 //!    until all are visible on node 2;
 //! 2. latency: 1,000 single-row transactions at 200/s, each from its commit on node 1 until it is
-//!    visible on node 2 (p50 / p99 / max).
+//!    visible on node 2 (p50 / p99 / max);
+//! 3. latency after idle: 20 single-row transactions, each after 1–5 s of quiet (what a user's
+//!    first write after a pause sees; the target is a p99 no worse than under load).
 //!
 //! Run: `cargo run --release --example bench` (after `scripts/install-test-servers.sh`, or with
 //! `nats-server` on `PATH`, or `HARMONYLITE_NATS_SERVER=/path/to/nats-server`).
@@ -28,6 +30,7 @@ const THROUGHPUT_ROWS: i64 = 20_000;
 const TX_ROWS: i64 = 1_000;
 const LATENCY_ROWS: usize = 1_000;
 const LATENCY_RATE_PER_SEC: u64 = 200;
+const IDLE_ROUNDS: usize = 20;
 
 const SCHEMA: &str =
     "CREATE TABLE bench (id INTEGER PRIMARY KEY, payload TEXT NOT NULL, n INTEGER);
@@ -172,15 +175,25 @@ fn main() -> Result<()> {
         tx.commit()?;
     }
     let committed = start.elapsed();
+    // Published = in the stream (the change log is retired later, once per cleanup interval).
     let published = {
+        let url = nats.url.clone();
         let deadline = Instant::now() + Duration::from_secs(120);
-        while count(&db1, "__harmonylite___change_log_global")? > 0 {
-            if Instant::now() > deadline {
-                bail!("node 1 did not publish its changes in time");
+        rt.block_on(async {
+            let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+            loop {
+                let mut stream = js.get_stream("harmonylite-changes-c-1").await?;
+                let stored = stream.info().await?.state.messages;
+                // The warm-up row plus every benchmark row.
+                if stored > THROUGHPUT_ROWS as u64 {
+                    return Ok::<_, anyhow::Error>(start.elapsed());
+                }
+                if Instant::now() > deadline {
+                    bail!("node 1 did not publish its changes in time");
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        start.elapsed()
+        })?
     };
     let mut visible: Vec<(f64, i64)> = vec![(0.0, 0)];
     loop {
@@ -248,6 +261,28 @@ fn main() -> Result<()> {
         .collect();
     latencies.sort();
 
+    // 3. Latency after idle: quiet for 1-5 s, then one insert, polled for on node 2.
+    let mut idle_latencies = Vec::with_capacity(IDLE_ROUNDS);
+    let mut check = db2.prepare("SELECT count(*) FROM lat WHERE id = ?1")?;
+    for round in 0..IDLE_ROUNDS {
+        std::thread::sleep(Duration::from_millis(1000 + (round as u64 * 1700) % 4000));
+        let id = 1_000_000 + round as i64;
+        db1.execute("INSERT INTO lat (id, sent_ns) VALUES (?1, 0)", [id])?;
+        let at = Instant::now();
+        loop {
+            if check.query_row([id], |r| r.get::<_, i64>(0))? == 1 {
+                idle_latencies.push(at.elapsed());
+                break;
+            }
+            if at.elapsed() > Duration::from_secs(30) {
+                bail!("an insert after idle did not arrive within 30 s");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    drop(check);
+    idle_latencies.sort();
+
     println!(
         "harmonylite benchmark (2 nodes + nats-server on this machine, {} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -264,6 +299,12 @@ fn main() -> Result<()> {
         percentile(&latencies, 0.50).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+    println!(
+        "latency after idle: {IDLE_ROUNDS} single-row transactions, each after 1-5 s of quiet: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&idle_latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&idle_latencies, 0.99).as_secs_f64() * 1e3,
+        idle_latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3)
     );
 
     if let Some(dir) = chart_dir() {

@@ -4,6 +4,7 @@ mod support;
 
 mod auth;
 mod cli;
+mod convergence;
 mod core;
 mod docs;
 mod e2e;
