@@ -260,6 +260,9 @@ pub async fn run_consumer(
                     body: msg.message.payload.clone(),
                 };
                 if tx.send(delivered).await.is_err() {
+                    // The apply thread is gone; it reports why. Wait for the shutdown it causes
+                    // rather than end first and be taken for the failure.
+                    shutdown.cancelled().await;
                     return;
                 }
                 next = seq + 1;

@@ -77,6 +77,9 @@ const FOLLOW_UP_SCANS: &[Duration] = &[
     Duration::from_millis(100),
 ];
 
+/// How long the publish pass after a stop request may take.
+const FINAL_PASS: Duration = Duration::from_secs(3);
+
 /// What to tell the operator when a change can never be published.
 const MAX_PAYLOAD_HINT: &str =
     "the change exceeds the server's max_payload; raise max_payload in the nats-server config";
@@ -285,6 +288,19 @@ impl Publisher {
                 _ = shutdown.cancelled() => break,
                 _ = wake.notified(), if !failing => followups = FOLLOW_UP_SCANS,
                 _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // Changes committed before the stop request still go out (bounded: with NATS away they
+        // stay pending for the next start).
+        if !failing {
+            let fresh = CancellationToken::new();
+            let last = self.publish_pending(&fresh);
+            match tokio::time::timeout(FINAL_PASS, last).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %crate::error_chain(&e), "final publish pass failed")
+                }
+                Err(_) => tracing::debug!("final publish pass timed out"),
             }
         }
         tracing::debug!("publisher stopped");

@@ -565,7 +565,7 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64) {
 
     // Phase 1: single-writer phases, one node at a time (I6: nothing may fail), with idle
     // pauses and faults.
-    for w in 0..3 {
+    for (w, writer) in writers.iter_mut().enumerate() {
         // Single-writer means this node receives nothing: let the previous phase settle first.
         settle(&cluster, seed);
         for round in 0..rounds {
@@ -576,7 +576,7 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64) {
             if rng.chance(15) {
                 cluster.heal();
             }
-            if let Err(e) = writers[w].transaction(seed, 40) {
+            if let Err(e) = writer.transaction(seed, 40) {
                 panic!(
                     "seed {seed}: I6 violated: node {}'s application transaction failed in a single-writer phase: {e}",
                     w + 1

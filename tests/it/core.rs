@@ -548,3 +548,66 @@ fn wiped_streams_are_recreated_and_read_from_their_start() {
     converge(&a, &b, "SELECT * FROM t ORDER BY id", |r| r.len() == 22);
     assert!(b.log().contains("consuming from its start"), "{}", b.log());
 }
+
+/// Findings 16 and 17: a full disk made the apply thread give up and the process exit 0 (a
+/// graceful stop to systemd), and log lines dropped the cause. Now the node stops with exit 1,
+/// naming the subsystem and the SQLite cause.
+#[test]
+fn a_full_disk_stops_the_node_with_a_failure_naming_the_cause() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)";
+    let mut a = Node::new(1, &nats.url, schema, 1, "");
+    let mut b = Node::new(2, &nats.url, schema, 1, "");
+    b.file_size_limit = Some(2 * 1024 * 1024);
+    a.start();
+    b.start();
+    for i in 0..40 {
+        a.exec(&format!("INSERT INTO t VALUES ({i}, randomblob(100000))"));
+    }
+    let status = b.wait_exit(Duration::from_secs(60)).expect("node 2 stops");
+    assert_eq!(status.code(), Some(1), "{}", b.log());
+    let log = b.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("failed"))
+        .unwrap_or_else(|| panic!("no failure line\n{log}"));
+    assert!(
+        ["apply thread", "change-log keeper", "publisher"]
+            .iter()
+            .any(|s| line.contains(s)),
+        "{line}"
+    );
+    assert!(
+        line.contains("disk") || line.contains("full") || line.contains("I/O"),
+        "the SQLite cause is missing: {line}"
+    );
+}
+
+/// Finding 16: a retried apply failure logs its cause (`database is locked`), not a bare
+/// `sqlite error`.
+#[test]
+fn retried_apply_failures_log_their_cause() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let (a, b) = pair(
+        &nats,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+        1,
+        "",
+    );
+    let blocker = b.conn();
+    blocker.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    a.exec("INSERT INTO t VALUES (1, 'x')");
+    wait_until(Duration::from_secs(30), "the retry to be logged", || {
+        b.log().contains("Cannot apply batch; retrying")
+    });
+    blocker.execute_batch("COMMIT").expect("unlock");
+    let log = b.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("Cannot apply batch; retrying"))
+        .expect("line");
+    assert!(line.contains("database is locked"), "{line}");
+    converge(&a, &b, "SELECT * FROM t", |r| r.len() == 1);
+}

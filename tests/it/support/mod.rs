@@ -223,6 +223,9 @@ pub struct Node {
     pub args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// `RLIMIT_FSIZE` for the process: writes past this many bytes in any file fail (a full
+    /// disk, as far as SQLite can tell).
+    pub file_size_limit: Option<u64>,
 }
 
 impl Node {
@@ -244,6 +247,7 @@ impl Node {
             starts: 0,
             args: Vec::new(),
             env: Vec::new(),
+            file_size_limit: None,
         };
         node.write_config(nats_url, shards, extra);
         node
@@ -334,6 +338,24 @@ impl Node {
         let err = log.try_clone().expect("log handle");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_harmonylite"));
         die_with_parent(&mut cmd);
+        if let Some(limit) = self.file_size_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit and signal are async-signal-safe; only the child changes.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // Without this, the first write past the limit kills the process.
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .arg("-config")
             .arg(&self.config)
