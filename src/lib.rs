@@ -13,7 +13,9 @@
 //! - [`metrics`], [`health`]: Prometheus series and the health endpoint, fed from in-memory state.
 //! - [`profiling`]: `-pprof` CPU profiles (protobuf and flame graph).
 //! - [`systemd`]: `Type=notify` readiness.
-//! - [`app`]: wires everything together and owns shutdown.
+//! - [`node`]: the running node — one cheap-clone handle, setup, one `spawn_*` per subsystem,
+//!   supervision (one fatal path) and drain.
+//! - [`app`]: the program's modes (daemon with its HTTP servers, `-cleanup`).
 
 pub mod app;
 pub mod cbor;
@@ -23,6 +25,7 @@ pub mod db;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod profiling;
 pub mod replicate;
 pub mod seqmap;

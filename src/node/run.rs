@@ -1,0 +1,384 @@
+//! Running a node: one `spawn_*` line per subsystem, then supervise and drain.
+//!
+//! Subsystems: the publisher (change log → JetStream), the change-log keeper (retires published
+//! changes, deletes old rows), one consumer per shard plus the apply thread (JetStream → SQLite),
+//! the node-id lease, the database-file watchdog, and — outside the task set — the embedded
+//! broker, whose exit is watched too.
+//!
+//! Invariants:
+//! - One fatal path: the first subsystem to end on its own, with an error or without, stops the
+//!   node; its name and the whole cause chain are logged, and [`run`] returns it (exit 1, or 2
+//!   for conflicts).
+//! - Before anything is applied, changes that reached the stream before a crash are retired with
+//!   where they landed, so the applier knows which of ours have come back.
+//! - Shutdown (design §3.9): stop intake, let the publisher make its last pass, the keeper its
+//!   last retirement and the apply thread its batch and seq-map save, all under
+//!   [`DRAIN_TIMEOUT`]; then flush the NATS client (bounded) and stop the broker.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::setup::{Capture, Ready};
+use super::{Node, StartError};
+use crate::db::{self, apply::Applier, changelog::ChangeLog};
+use crate::replicate::apply::{self as applying, ApplyObservers};
+use crate::replicate::publish::{self, LocalLog, Outbox, Publisher, SharedLog};
+use crate::replicate::watch;
+use crate::seqmap::SeqMap;
+use crate::stream;
+
+/// How long shutdown waits for subsystems to finish their current work.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the database file's identity is checked.
+const DB_FILE_CHECK: Duration = Duration::from_secs(1);
+
+/// The running subsystems: each ends with its name and outcome.
+type Subsystems = JoinSet<(&'static str, anyhow::Result<()>)>;
+
+/// Runs a node set up by [`super::setup::setup`] until shutdown or its first failure.
+///
+/// # Errors
+/// The first subsystem failure, with context.
+pub async fn run(ready: Ready) -> anyhow::Result<()> {
+    let Ready {
+        node,
+        capture,
+        embedded,
+        lease,
+        lock,
+    } = ready;
+    let result = run_subsystems(&node, capture, lease, embedded.as_ref()).await;
+    if let Some(server) = &embedded {
+        tracing::info!("Stopping embedded nats-server");
+        server.stop().await;
+    }
+    drop(lock);
+    result
+}
+
+async fn run_subsystems(
+    node: &Node,
+    capture: Capture,
+    lease: Option<stream::lease::Lease>,
+    embedded: Option<&stream::embedded::EmbeddedNats>,
+) -> anyhow::Result<()> {
+    let settings = &node.settings;
+    let mut tasks = Subsystems::new();
+    let Capture { conn, tables, hash } = capture;
+    let log = Arc::new(ChangeLog::new(tables));
+    let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
+    let positions: Arc<[AtomicU64]> = node
+        .streams()
+        .iter()
+        .map(|s| AtomicU64::new(seqmap.get(s)))
+        .collect();
+    let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
+    let outbox = Outbox::default();
+    let shared: SharedLog = Arc::new(Mutex::new(LocalLog {
+        conn,
+        log: Arc::clone(&log),
+    }));
+    let publisher = Publisher::new(
+        Arc::clone(&shared),
+        db::open(&settings.db_path)?,
+        node.js.clone(),
+        Arc::clone(settings),
+        hash,
+        node.identity.clone(),
+        Arc::clone(&outbox),
+        acked,
+        Arc::clone(&node.observers.metrics),
+        Arc::clone(&node.observers.health),
+    );
+    if !recover(node, &publisher, &shared).await? {
+        return Ok(());
+    }
+
+    if settings.replicate {
+        spawn_apply(&mut tasks, node, &log, seqmap, &positions)?;
+    } else {
+        tracing::info!("replicate = false: remote changes will not be applied");
+    }
+    let keeper_stop = spawn_publisher(&mut tasks, node, publisher);
+    spawn_keeper(&mut tasks, node, shared, outbox, &positions, keeper_stop);
+    if let Some(lease) = lease {
+        spawn_lease(&mut tasks, node, lease);
+    }
+    spawn_watchdog(&mut tasks, node);
+    tracing::info!(shards = settings.replication.shards, "Replication running");
+    crate::systemd::notify("READY=1");
+
+    let failure = supervise(node, &mut tasks, embedded).await;
+    if let Some(e) = &failure {
+        tracing::error!("{e:#}; shutting down");
+    }
+    crate::systemd::notify("STOPPING=1");
+    node.root.cancel();
+    drain(tasks).await;
+    // Bounded: with the broker gone, a flush would wait for a reconnect that never comes.
+    match tokio::time::timeout(Duration::from_secs(2), node.client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "NATS flush on shutdown failed"),
+        Err(_) => tracing::debug!("NATS flush on shutdown timed out"),
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Retires changes that reached the stream before a restart; retries while NATS is flaky.
+/// `Ok(false)` on shutdown.
+async fn recover(node: &Node, publisher: &Publisher, shared: &SharedLog) -> anyhow::Result<bool> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match publisher.recover(shared).await {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                tracing::info!(changes = n, "Recovered published changes from the stream");
+                return Ok(true);
+            }
+            Err(e) if e.is_fatal() => {
+                return Err(anyhow::Error::new(e).context("Unable to recover published changes"));
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "Cannot check the streams for changes sent before the restart; retrying");
+                tokio::select! {
+                    biased;
+                    _ = node.root.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = stream::next_backoff(delay);
+            }
+        }
+    }
+}
+
+/// The applying side: one consumer per shard feeding the apply thread.
+fn spawn_apply(
+    tasks: &mut Subsystems,
+    node: &Node,
+    log: &Arc<ChangeLog>,
+    seqmap: SeqMap,
+    positions: &Arc<[AtomicU64]>,
+) -> anyhow::Result<()> {
+    let settings = &node.settings;
+    let streams = node.streams();
+    let applied: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
+    // Own events come back (and must be told apart) only when we both publish and apply.
+    let track = settings.publish;
+    let applier = Applier::new(
+        db::open(&settings.db_path)?,
+        Arc::clone(log),
+        applied,
+        track,
+    )
+    .context("Unable to start the applier")?;
+    let (tx, rx) = mpsc::channel(applying::CHANNEL_DEPTH);
+    for (idx, name) in streams.iter().enumerate() {
+        let start = seqmap.get(name) + 1;
+        tracing::info!(stream = %name, from_seq = start, "Starting consumer");
+        let spec = applying::ConsumerSpec {
+            js: node.js.clone(),
+            settings: Arc::clone(settings),
+            shard: idx as u64 + 1,
+            start_seq: start,
+            health: Arc::clone(&node.observers.health),
+        };
+        let (tx, token) = (tx.clone(), node.root.clone());
+        tasks.spawn(async move {
+            applying::run_consumer(spec, tx, token).await;
+            ("consumer", Ok(()))
+        });
+    }
+    drop(tx);
+    let thread = applying::spawn_apply_thread(
+        applying::ApplyThread {
+            applier,
+            seqmap,
+            streams,
+            compressed: settings.replication.compress,
+            max_event_bytes: max_event_bytes(&node.client),
+            identity: node.identity.clone(),
+            observers: ApplyObservers {
+                metrics: Arc::clone(&node.observers.metrics),
+                health: Arc::clone(&node.observers.health),
+            },
+            positions: Arc::clone(positions),
+        },
+        rx,
+        node.root.clone(),
+    )?;
+    tasks.spawn(async move {
+        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+        let result = match joined {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(anyhow::Error::new(e)),
+            Ok(Err(_)) | Err(_) => Err(anyhow::anyhow!("the apply thread panicked")),
+        };
+        ("apply thread", result)
+    });
+    Ok(())
+}
+
+/// The publisher, woken by file notifications. Returns the token that tells the keeper the
+/// publisher has finished (the keeper outlives it by one final retirement).
+fn spawn_publisher(tasks: &mut Subsystems, node: &Node, publisher: Publisher) -> CancellationToken {
+    let wake = Arc::new(Notify::new());
+    let watcher = match watch::watch(&node.settings.db_path, Arc::clone(&wake)) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "Cannot watch database files; relying on periodic scans");
+            None
+        }
+    };
+    let done = CancellationToken::new();
+    let (finished, token) = (done.clone(), node.root.clone());
+    tasks.spawn(async move {
+        let _watcher = watcher;
+        let result = publisher.run(wake, token).await;
+        finished.cancel();
+        ("publisher", result.map_err(anyhow::Error::new))
+    });
+    done
+}
+
+/// The change-log keeper (see [`publish::keep`]).
+fn spawn_keeper(
+    tasks: &mut Subsystems,
+    node: &Node,
+    shared: SharedLog,
+    outbox: Outbox,
+    positions: &Arc<[AtomicU64]>,
+    stop: CancellationToken,
+) {
+    let settings = Arc::clone(&node.settings);
+    let tracked = (settings.publish && settings.replicate).then(|| Arc::clone(positions));
+    tasks.spawn(async move {
+        let result = publish::keep(shared, outbox, settings, tracked, stop).await;
+        ("change-log keeper", result.map_err(anyhow::Error::new))
+    });
+}
+
+/// Keeps the node-id lease; losing it to another node is a conflict (exit 2).
+fn spawn_lease(tasks: &mut Subsystems, node: &Node, lease: stream::lease::Lease) {
+    let token = node.root.clone();
+    tasks.spawn(async move {
+        let result = lease
+            .run(token)
+            .await
+            .map_err(|e| anyhow::Error::new(StartError::Conflict(e.to_string())));
+        ("node-id lease", result)
+    });
+}
+
+/// Stops the node when its database file is deleted or replaced.
+fn spawn_watchdog(tasks: &mut Subsystems, node: &Node) {
+    let (path, token) = (node.settings.db_path.clone(), node.root.clone());
+    tasks.spawn(async move { ("database watchdog", watch_database_file(path, token).await) });
+}
+
+/// Waits for shutdown, the idle timeout, the broker's exit, or the first subsystem to end on its
+/// own; returns the failure, if it is one.
+async fn supervise(
+    node: &Node,
+    tasks: &mut Subsystems,
+    embedded: Option<&stream::embedded::EmbeddedNats>,
+) -> Option<anyhow::Error> {
+    let broker_exit = async {
+        match embedded {
+            Some(server) => server.exited().await,
+            None => std::future::pending().await,
+        }
+    };
+    let idle = async {
+        match node.settings.sleep_timeout {
+            Some(timeout) => node.observers.health.idle_for(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = node.root.cancelled() => None,
+        _ = idle => {
+            tracing::info!("No more events to process, initiating shutdown");
+            None
+        }
+        status = broker_exit => Some(anyhow::anyhow!(
+            "embedded nats-server exited unexpectedly ({status}); stopping rather than running without a broker"
+        )),
+        Some(done) = tasks.join_next() => {
+            // Subsystems end by themselves once shutdown has begun; only an early end fails.
+            if node.root.is_cancelled() {
+                None
+            } else {
+                Some(match done {
+                    Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
+                    Ok((name, Err(e))) => e.context(format!("{name} failed")),
+                    Err(e) => anyhow::anyhow!("task panicked: {e}"),
+                })
+            }
+        }
+    }
+}
+
+/// Joins every subsystem under [`DRAIN_TIMEOUT`], aborting stragglers.
+async fn drain(mut tasks: Subsystems) {
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok((name, Err(e))) = done {
+                tracing::warn!(task = name, error = %format!("{e:#}"), "task failed during shutdown");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("some tasks did not stop in time; aborting them");
+        tasks.abort_all();
+    }
+}
+
+/// Stops the node when the database file it opened is deleted or replaced: SQLite would go on
+/// writing into the unlinked file, and the application (which opens the path) would never see it.
+async fn watch_database_file(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let opened = std::fs::metadata(&path)
+        .map(identity)
+        .with_context(|| format!("cannot stat database file {}", path.display()))?;
+    let mut tick = tokio::time::interval(DB_FILE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        match std::fs::metadata(&path).map(identity) {
+            Ok(now) if now == opened => {}
+            Ok(_) => anyhow::bail!(
+                "database file {} was replaced by another file; stopping (restart to use the new one)",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                "database file {} was deleted; stopping rather than replicating into a file nobody sees",
+                path.display()
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Largest decompressed event accepted: 16 × the server's `max_payload` (a compressed message
+/// must fit in one payload; zstd rarely does better than 16:1 on real rows), at least 16 MiB.
+fn max_event_bytes(client: &async_nats::Client) -> usize {
+    let payload = client.server_info().max_payload;
+    payload.saturating_mul(16).max(16 * 1024 * 1024)
+}
