@@ -435,14 +435,7 @@ impl Applier {
         if first_write == batch.len() {
             return Ok(outcomes);
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.prepare_cached(&format!(
-            "INSERT OR IGNORE INTO {} (id) VALUES (1)",
-            quote(GUARD_TABLE)
-        ))?
-        .execute([])?;
+        let tx = begin_guarded(&mut self.conn)?;
         self.state.refresh(&tx)?;
         let mut wrote = false;
         for incoming in &batch[first_write..] {
@@ -479,9 +472,7 @@ impl Applier {
         if wrote && !self.state.held.is_empty() {
             self.state.retry_held(&tx)?;
         }
-        tx.prepare_cached(&format!("DELETE FROM {}", quote(GUARD_TABLE)))?
-            .execute([])?;
-        tx.commit()?;
+        commit_guarded(tx)?;
         Ok(outcomes)
     }
 
@@ -500,19 +491,10 @@ impl Applier {
         if self.held_checked_version == Some(version) {
             return Ok(0);
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.prepare_cached(&format!(
-            "INSERT OR IGNORE INTO {} (id) VALUES (1)",
-            quote(GUARD_TABLE)
-        ))?
-        .execute([])?;
+        let tx = begin_guarded(&mut self.conn)?;
         self.state.refresh(&tx)?;
         let applied = self.state.retry_held(&tx)?;
-        tx.prepare_cached(&format!("DELETE FROM {}", quote(GUARD_TABLE)))?
-            .execute([])?;
-        tx.commit()?;
+        commit_guarded(tx)?;
         // Our own commit changes nothing for data_version on this connection.
         self.held_checked_version = Some(
             self.conn
@@ -1072,6 +1054,24 @@ fn describe(row: &[(String, Value)]) -> String {
         })
         .collect();
     format!("{{{}}}", parts.join(", "))
+}
+
+/// Opens our write transaction with the guard row in place, so our writes are not captured.
+fn begin_guarded(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.prepare_cached(&format!(
+        "INSERT OR IGNORE INTO {} (id) VALUES (1)",
+        quote(GUARD_TABLE)
+    ))?
+    .execute([])?;
+    Ok(tx)
+}
+
+/// Removes the guard row and commits.
+fn commit_guarded(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.prepare_cached(&format!("DELETE FROM {}", quote(GUARD_TABLE)))?
+        .execute([])?;
+    tx.commit()
 }
 
 fn now_ms() -> i64 {

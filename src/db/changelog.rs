@@ -506,6 +506,14 @@ impl Retirement {
         self.published.is_empty() && self.failed.is_empty() && self.orphans.is_empty()
     }
 
+    /// Puts an older batch that could not be written back in front of what came since.
+    pub fn put_back(&mut self, older: Retirement) {
+        let newer = std::mem::replace(self, older);
+        self.published.extend(newer.published);
+        self.failed.extend(newer.failed);
+        self.orphans.extend(newer.orphans);
+    }
+
     /// How many global-log rows it removes.
     pub fn len(&self) -> usize {
         self.published.len() + self.failed.len() + self.orphans.len()

@@ -134,12 +134,9 @@ pub async fn run_consumer(
             Err(e) => {
                 health.set_consumer_down(stream_idx, true);
                 tracing::warn!(stream = %stream_name, error = %e, "Cannot read stream state, retrying");
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                if !back_off(&mut delay, &shutdown).await {
+                    return;
                 }
-                delay = stream::next_backoff(delay);
                 continue 'reopen;
             }
         }
@@ -153,12 +150,9 @@ pub async fn run_consumer(
             Err(e) => {
                 health.set_consumer_down(stream_idx, true);
                 tracing::warn!(stream = %stream_name, error = %e, "Cannot open consumer, retrying");
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                if !back_off(&mut delay, &shutdown).await {
+                    return;
                 }
-                delay = stream::next_backoff(delay);
                 continue 'reopen;
             }
         };
@@ -270,6 +264,17 @@ pub async fn run_consumer(
             }
         }
     }
+}
+
+/// Sleeps `delay` and grows it; false if shutdown came first.
+async fn back_off(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return false,
+        _ = tokio::time::sleep(*delay) => {}
+    }
+    *delay = stream::next_backoff(*delay);
+    true
 }
 
 /// Whether `stream` holds a message at or after `next` (by its last sequence).

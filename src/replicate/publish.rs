@@ -885,11 +885,10 @@ pub async fn keep(
         let result = match result {
             Ok((batch, Ok(None))) => {
                 // No quiet moment: keep the batch and try again shortly.
-                let mut outbox = outbox.lock().unwrap_or_else(|p| p.into_inner());
-                let newer = std::mem::replace(&mut *outbox, batch);
-                outbox.published.extend(newer.published);
-                outbox.failed.extend(newer.failed);
-                outbox.orphans.extend(newer.orphans);
+                outbox
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .put_back(batch);
                 overdue = true;
                 continue;
             }
@@ -914,11 +913,10 @@ pub async fn keep(
             Ok((batch, Err(e))) => {
                 // Put the batch back (it stays pending in the database, so nothing is lost even
                 // if this never succeeds; a restart finds those changes in the stream).
-                let mut outbox = outbox.lock().unwrap_or_else(|p| p.into_inner());
-                let newer = std::mem::replace(&mut *outbox, batch);
-                outbox.published.extend(newer.published);
-                outbox.failed.extend(newer.failed);
-                outbox.orphans.extend(newer.orphans);
+                outbox
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .put_back(batch);
                 if e.is_fatal() {
                     return Err(e);
                 }

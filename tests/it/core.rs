@@ -21,6 +21,19 @@ fn pair(nats: &NatsServer, schema: &str, shards: u64, extra: &str) -> (Node, Nod
     (a, b)
 }
 
+/// One running node with a one-table schema.
+fn solo(nats: &NatsServer) -> Node {
+    let mut a = Node::new(
+        1,
+        &nats.url,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY)",
+        1,
+        "",
+    );
+    a.start();
+    a
+}
+
 /// Every row of `sql` as text `typeof:value` cells, for exact comparisons.
 fn dump(node: &Node, sql: &str) -> Vec<String> {
     let conn = node.conn();
@@ -331,14 +344,7 @@ fn an_unwatchable_table_is_skipped_with_a_warning() {
 fn cleanup_and_a_second_daemon_refuse_while_one_runs() {
     let bin = require_nats!();
     let nats = NatsServer::start(&bin);
-    let mut a = Node::new(
-        1,
-        &nats.url,
-        "CREATE TABLE t (id INTEGER PRIMARY KEY)",
-        1,
-        "",
-    );
-    a.start();
+    let a = solo(&nats);
     let (code, out) = run_to_exit(&a.config, &["-cleanup"], Duration::from_secs(20));
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("another harmonylite process"), "{out}");
@@ -397,14 +403,7 @@ fn compressed_bombs_are_quarantined_without_blowing_up_memory() {
 fn a_deleted_database_file_stops_the_node() {
     let bin = require_nats!();
     let nats = NatsServer::start(&bin);
-    let mut a = Node::new(
-        1,
-        &nats.url,
-        "CREATE TABLE t (id INTEGER PRIMARY KEY)",
-        1,
-        "",
-    );
-    a.start();
+    let mut a = solo(&nats);
     std::fs::remove_file(&a.db).expect("delete db");
     let status = a.wait_exit(Duration::from_secs(20)).expect("node exits");
     assert_eq!(status.code(), Some(1), "{}", a.log());
