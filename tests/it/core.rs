@@ -610,3 +610,57 @@ fn retried_apply_failures_log_their_cause() {
     assert!(line.contains("database is locked"), "{line}");
     converge(&a, &b, "SELECT * FROM t", |r| r.len() == 1);
 }
+
+/// I2's limit: two nodes giving one UNIQUE value to two different rows at the same time. Neither
+/// node deletes its application's row; each holds the other's event, logs both rows, and the
+/// conflict resolves by itself once one of the rows changes.
+#[test]
+fn concurrent_unique_claims_are_held_logged_and_resolve_when_a_row_changes() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let (a, mut b) = pair(
+        &nats,
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT UNIQUE)",
+        2,
+        "",
+    );
+    b.kill();
+    a.exec("INSERT INTO users VALUES (1, 'same@example.com')");
+    b.exec("INSERT INTO users VALUES (2, 'same@example.com')");
+    b.start();
+    wait_until(
+        REPLICATION_TIMEOUT,
+        "both nodes to hold the other's row",
+        || {
+            a.query_i64("SELECT count(*) FROM __harmonylite__held_events") == 1
+                && b.query_i64("SELECT count(*) FROM __harmonylite__held_events") == 1
+        },
+    );
+    for node in [&a, &b] {
+        assert_eq!(
+            node.query_i64("SELECT count(*) FROM users"),
+            1,
+            "nothing deleted"
+        );
+        let log = node.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("UNIQUE conflict with another row"))
+            .unwrap_or_else(|| panic!("no conflict line\n{log}"));
+        assert!(
+            line.contains("id: 1") && line.contains("id: 2"),
+            "both rows: {line}"
+        );
+    }
+    b.exec("UPDATE users SET email = 'other@example.com' WHERE id = 2");
+    converge(&a, &b, "SELECT id, email FROM users ORDER BY id", |r| {
+        r == [
+            "integer:1|text:same@example.com",
+            "integer:2|text:other@example.com",
+        ]
+    });
+    wait_until(REPLICATION_TIMEOUT, "the held events to go", || {
+        a.query_i64("SELECT count(*) FROM __harmonylite__held_events") == 0
+            && b.query_i64("SELECT count(*) FROM __harmonylite__held_events") == 0
+    });
+}
