@@ -72,6 +72,7 @@ async fn run_subsystems(
     let settings = &node.settings;
     let mut tasks = Subsystems::new();
     let Capture { conn, tables, hash } = capture;
+    let table_names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
     let log = Arc::new(ChangeLog::new(tables));
     let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
     let positions: Arc<[AtomicU64]> = node
@@ -111,7 +112,7 @@ async fn run_subsystems(
     if let Some(lease) = lease {
         spawn_lease(&mut tasks, node, lease);
     }
-    spawn_watchdog(&mut tasks, node);
+    spawn_watchdog(&mut tasks, node, table_names);
     tracing::info!(shards = settings.replication.shards, "Replication running");
     crate::systemd::notify("READY=1");
 
@@ -280,9 +281,14 @@ fn spawn_lease(tasks: &mut Subsystems, node: &Node, lease: stream::lease::Lease)
 }
 
 /// Stops the node when its database file is deleted or replaced.
-fn spawn_watchdog(tasks: &mut Subsystems, node: &Node) {
+fn spawn_watchdog(tasks: &mut Subsystems, node: &Node, tables: Vec<String>) {
     let (path, token) = (node.settings.db_path.clone(), node.root.clone());
-    tasks.spawn(async move { ("database watchdog", watch_database_file(path, token).await) });
+    tasks.spawn(async move {
+        (
+            "database watchdog",
+            watch_database_file(path, tables, token).await,
+        )
+    });
 }
 
 /// Waits for shutdown, the idle timeout, the broker's exit, or the first subsystem to end on its
@@ -345,9 +351,15 @@ async fn drain(mut tasks: Subsystems) {
     }
 }
 
-/// Stops the node when the database file it opened is deleted or replaced: SQLite would go on
-/// writing into the unlinked file, and the application (which opens the path) would never see it.
-async fn watch_database_file(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Stops the node when the database file it opened is deleted or replaced (SQLite would go on
+/// writing into the unlinked file, and the application, which opens the path, would never see
+/// it), or when capture triggers of a table that still exists were dropped by someone else
+/// (writes would silently stop replicating; a restart reinstalls them).
+async fn watch_database_file(
+    path: PathBuf,
+    tables: Vec<String>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
     let opened = std::fs::metadata(&path)
@@ -355,6 +367,8 @@ async fn watch_database_file(path: PathBuf, shutdown: CancellationToken) -> anyh
         .with_context(|| format!("cannot stat database file {}", path.display()))?;
     let mut tick = tokio::time::interval(DB_FILE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut schema_seen: Option<i64> = None;
+    let conn = Arc::new(Mutex::new(db::open(&path)?));
     loop {
         tokio::select! {
             biased;
@@ -362,7 +376,28 @@ async fn watch_database_file(path: PathBuf, shutdown: CancellationToken) -> anyh
             _ = tick.tick() => {}
         }
         match std::fs::metadata(&path).map(identity) {
-            Ok(now) if now == opened => {}
+            Ok(now) if now == opened => {
+                let (c, t, seen) = (Arc::clone(&conn), tables.clone(), schema_seen);
+                let checked = tokio::task::spawn_blocking(move || {
+                    let conn = c.lock().unwrap_or_else(|p| p.into_inner());
+                    db::cdc::missing_capture(&conn, &t, seen)
+                })
+                .await
+                .context("capture check failed")?;
+                match checked {
+                    Ok((version, missing)) => {
+                        schema_seen = Some(version);
+                        if let Some(table) = missing {
+                            anyhow::bail!(
+                                "the capture triggers of table {table:?} were dropped by something other than harmonylite; \
+                                 stopping: a restart reinstalls them (writes made while they were missing are not replicated)"
+                            );
+                        }
+                    }
+                    Err(e) if e.is_fatal() => return Err(e.into()),
+                    Err(_) => {}
+                }
+            }
             Ok(_) => anyhow::bail!(
                 "database file {} was replaced by another file; stopping (restart to use the new one)",
                 path.display()

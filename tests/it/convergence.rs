@@ -722,7 +722,7 @@ fn randomized_convergence() {
             .map_or(1, |d| d.as_nanos() as u64));
         (0..n).map(|_| r.next() % 1_000_000).collect()
     } else {
-        vec![11, 2024]
+        vec![11, 2024, 7]
     };
     for seed in seeds {
         let shards = forced.unwrap_or(if seed % 2 == 0 { 1 } else { 3 });

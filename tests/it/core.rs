@@ -664,3 +664,40 @@ fn concurrent_unique_claims_are_held_logged_and_resolve_when_a_row_changes() {
             && b.query_i64("SELECT count(*) FROM __harmonylite__held_events") == 0
     });
 }
+
+/// I5: capture triggers dropped behind the daemon's back (not by -cleanup) would silently stop
+/// replication of that table. The node stops with a clear error; a restart reinstalls them.
+/// Dropping a watched table (triggers go with it) is not such an error.
+#[test]
+fn dropped_capture_triggers_stop_the_node_and_a_restart_reinstalls_them() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY); CREATE TABLE u (id INTEGER PRIMARY KEY)";
+    let (mut a, b) = pair(&nats, schema, 1, "");
+    a.exec("DROP TRIGGER __harmonylite__t_change_log_on_insert");
+    let status = a.wait_exit(Duration::from_secs(20)).expect("node exits");
+    assert_eq!(status.code(), Some(1), "{}", a.log());
+    assert!(
+        a.log()
+            .contains("capture triggers of table \"t\" were dropped"),
+        "{}",
+        a.log()
+    );
+    a.start();
+    assert_eq!(
+        a.query_i64("SELECT count(*) FROM sqlite_schema WHERE name = '__harmonylite__t_change_log_on_insert'"),
+        1
+    );
+    a.exec("DROP TABLE u");
+    let since = Instant::now();
+    wait_until(REPLICATION_TIMEOUT, "a few watchdog rounds", || {
+        since.elapsed() > Duration::from_millis(2500)
+    });
+    a.exec("INSERT INTO t VALUES (1)");
+    converge(&a, &b, "SELECT id FROM t", |r| r.len() == 1);
+    assert!(
+        a.pid().is_some() && a.wait_exit(Duration::ZERO).is_none(),
+        "{}",
+        a.log()
+    );
+}
