@@ -165,6 +165,9 @@ pub struct ReplicationLogConfig {
     pub replicas: i64,
     pub compress: bool,
     pub update_existing: bool,
+    /// Ours (not in Go): largest decompressed event accepted, bytes; 0 = 16 × the server's
+    /// `max_payload`, at least 16 MiB.
+    pub max_event_bytes: u64,
 }
 
 impl Default for ReplicationLogConfig {
@@ -175,6 +178,7 @@ impl Default for ReplicationLogConfig {
             replicas: 1,
             compress: true,
             update_existing: false,
+            max_event_bytes: 0,
         }
     }
 }
@@ -447,6 +451,9 @@ pub struct ReplicationSettings {
     pub configured_replicas: i64,
     pub compress: bool,
     pub update_existing: bool,
+    /// Largest decompressed event accepted, bytes; `None` = derived from the server's
+    /// `max_payload`.
+    pub max_event_bytes: Option<usize>,
 }
 
 /// Log output format.
@@ -670,6 +677,8 @@ impl FileConfig {
                 configured_replicas: rl.replicas,
                 compress: rl.compress,
                 update_existing: rl.update_existing,
+                max_event_bytes: (rl.max_event_bytes > 0)
+                    .then(|| usize::try_from(rl.max_event_bytes).unwrap_or(usize::MAX)),
             },
             nats: self.nats,
             cluster,

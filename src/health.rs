@@ -36,6 +36,8 @@ pub struct HealthState {
     pub pending: AtomicI64,
     /// Bit i set while shard i+1's consumer cannot read its stream.
     consumers_down: AtomicU64,
+    /// Set once a subsystem failed and the node is stopping.
+    failed: AtomicBool,
     /// Unix ns of the last "pulse" (a local change consumed or a remote one applied), for
     /// `sleep_timeout` (upstream-behaviour §13).
     last_pulse_ns: AtomicI64,
@@ -62,6 +64,7 @@ impl HealthState {
             apply_lag_us: AtomicI64::new(0),
             pending: AtomicI64::new(0),
             consumers_down: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
             last_pulse_ns: AtomicI64::new(now_ns()),
         })
     }
@@ -106,10 +109,16 @@ impl HealthState {
         }
     }
 
-    /// Whether the node is healthy: Go's rule (database, NATS and capture all up), and every
-    /// consumer reading its stream.
+    /// Marks the node as failed (it is stopping because a subsystem could not go on).
+    pub fn set_failed(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the node is healthy: Go's rule (database, NATS and capture all up), every
+    /// consumer reading its stream, and no subsystem failed.
     pub fn healthy(&self) -> bool {
-        self.db_connected.load(Ordering::Relaxed)
+        !self.failed.load(Ordering::Relaxed)
+            && self.db_connected.load(Ordering::Relaxed)
             && self.nats_connected.load(Ordering::Relaxed)
             && self.cdc_installed.load(Ordering::Relaxed)
             && self.consumers_down.load(Ordering::Relaxed) == 0

@@ -113,6 +113,24 @@ fn trigger_names(table: &str) -> [String; 3] {
 /// DDL for one table's change log, index and triggers.
 fn table_ddl(table: &Table) -> String {
     let log = change_log_name(&table.name);
+    let mut sql = change_log_create(&log, table);
+    sql.push_str(&format!(
+        "CREATE INDEX IF NOT EXISTS {index} ON {qlog} (state);\n",
+        index = quote(&format!("{log}_state_index")),
+        qlog = quote(&log),
+    ));
+    for (name, create) in triggers(table) {
+        sql.push_str(&format!(
+            "DROP TRIGGER IF EXISTS {};\n{create};\n",
+            quote(&name)
+        ));
+    }
+    sql
+}
+
+/// The three capture triggers of a table: (name, `CREATE TRIGGER` statement as SQLite stores it).
+fn triggers(table: &Table) -> Vec<(String, String)> {
+    let log = change_log_name(&table.name);
     let qlog = quote(&log);
     let qtable = quote(&table.name);
     let val_cols: Vec<String> = table
@@ -120,11 +138,6 @@ fn table_ddl(table: &Table) -> String {
         .iter()
         .map(|c| quote(&format!("val_{}", c.name)))
         .collect();
-    let mut sql = change_log_create(&log, table);
-    sql.push_str(&format!(
-        "CREATE INDEX IF NOT EXISTS {index} ON {qlog} (state);\n",
-        index = quote(&format!("{log}_state_index")),
-    ));
     let guard = format!("NOT EXISTS (SELECT 1 FROM {})", quote(GUARD_TABLE));
     let capture = |row: &str, op: &str, filter: &str| -> String {
         let values: Vec<String> = table
@@ -155,7 +168,7 @@ fn table_ddl(table: &Table) -> String {
     let key_filter = format!(" WHERE {}", key_changed.join(" OR "));
     // Go renders the triggers in sorted key order: delete, insert, update.
     let [on_delete, on_insert, on_update] = trigger_names(&table.name);
-    for (trigger, op, body) in [
+    [
         (on_delete, "delete", capture("OLD", "delete", "")),
         (on_insert, "insert", capture("NEW", "insert", "")),
         (
@@ -163,14 +176,109 @@ fn table_ddl(table: &Table) -> String {
             "update",
             capture("OLD", "delete", &key_filter) + &capture("NEW", "update", ""),
         ),
+    ]
+    .into_iter()
+    .map(|(name, op, body)| {
+        let create = format!(
+            "CREATE TRIGGER {}\nAFTER {op} ON {qtable}\nWHEN {guard}\nBEGIN\n{body}END",
+            quote(&name)
+        );
+        (name, create)
+    })
+    .collect()
+}
+
+/// Whether capture is already installed exactly as [`install`] would leave it, so that a start
+/// can skip its write transaction (every commit of ours can fail an application transaction
+/// that is open at that moment).
+fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<bool, Error> {
+    let exists = |name: &str| -> Result<bool, Error> {
+        Ok(conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = ?1",
+            [name],
+            |r| r.get::<_, i64>(0),
+        )? == 1)
+    };
+    for base in [
+        GUARD_TABLE,
+        GLOBAL_LOG,
+        SCHEMA_VERSION_TABLE,
+        DEAD_LETTER_TABLE,
+        IDENTITY_TABLE,
+        HELD_TABLE,
+        PUBLISHED_TABLE,
     ] {
-        let trigger = quote(&trigger);
-        sql.push_str(&format!(
-            "DROP TRIGGER IF EXISTS {trigger};\n\
-             CREATE TRIGGER {trigger}\nAFTER {op} ON {qtable}\nWHEN {guard}\nBEGIN\n{body}END;\n"
-        ));
+        if !exists(base)? {
+            tracing::debug!(table = base, "missing; reinstalling");
+            return Ok(false);
+        }
     }
-    sql
+    let recorded: Option<String> = conn
+        .query_row(
+            &format!(
+                "SELECT schema_hash FROM {} WHERE id = 1",
+                quote(SCHEMA_VERSION_TABLE)
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let guarded: i64 = conn.query_row(
+        &format!("SELECT count(*) FROM {}", quote(GUARD_TABLE)),
+        [],
+        |r| r.get(0),
+    )?;
+    let identified: i64 = conn.query_row(
+        &format!("SELECT count(*) FROM {}", quote(IDENTITY_TABLE)),
+        [],
+        |r| r.get(0),
+    )?;
+    if recorded.as_deref() != Some(schema_hash) || guarded != 0 || identified != 1 {
+        tracing::debug!("schema hash, guard or identity changed; reinstalling");
+        return Ok(false);
+    }
+    for table in tables {
+        let log = change_log_name(&table.name);
+        let columns: Vec<(String, String)> = conn
+            .prepare("SELECT name, type FROM pragma_table_info(?1) ORDER BY cid")
+            .and_then(|mut s| {
+                s.query_map([&log], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    ))
+                })?
+                .collect()
+            })
+            .map_err(on_table(&table.name))?;
+        let has = |col: &str| columns.iter().any(|(n, _)| n == col);
+        let layout_ok = table
+            .columns
+            .iter()
+            .all(|c| has(&format!("val_{}", c.name)))
+            && PUB_COLUMNS.iter().all(|c| has(c))
+            && columns
+                .iter()
+                .all(|(n, ty)| !n.starts_with("val_") || ty.is_empty());
+        if !layout_ok || !exists(&format!("{log}_state_index"))? {
+            tracing::debug!(table = %table.name, "change log layout differs; reinstalling");
+            return Ok(false);
+        }
+        for (name, create) in triggers(table) {
+            let stored: Option<String> = conn
+                .query_row(
+                    "SELECT sql FROM sqlite_schema WHERE type = 'trigger' AND name = ?1",
+                    [&name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if stored.as_deref() != Some(create.as_str()) {
+                tracing::debug!(trigger = %name, "capture trigger differs; reinstalling");
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Brings an existing change log to the current layout, keeping its rows: adds missing value and
@@ -268,6 +376,10 @@ fn migrate_change_log(conn: &Connection, table: &Table) -> Result<(), Error> {
 /// # Errors
 /// SQLite errors (the transaction is rolled back, leaving the previous state).
 pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Result<(), Error> {
+    if up_to_date(conn, tables, schema_hash)? {
+        tracing::info!("Change data capture already installed and up to date");
+        return Ok(());
+    }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tracing::info!("Creating global change log table");
     tx.execute_batch(&base_ddl())?;
@@ -453,6 +565,28 @@ mod tests {
         assert_eq!(
             count(&conn, "SELECT count(*) FROM __harmonylite__t_change_log"),
             0
+        );
+    }
+
+    /// A start with capture already in place writes nothing (no commit that could fail an
+    /// application's open transaction).
+    #[test]
+    fn reinstall_of_an_unchanged_schema_writes_nothing() {
+        let (_d, path) = temp_db("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        let mut conn = crate::db::open(&path).expect("open");
+        install_all(&mut conn);
+        let app = Connection::open(&path).expect("app");
+        app.execute_batch("BEGIN; SELECT * FROM t;").expect("read");
+        install_all(&mut conn);
+        app.execute_batch("INSERT INTO t VALUES (1, 'x'); COMMIT;")
+            .expect("the application's transaction survives a restart of the daemon");
+        // A changed schema is installed again.
+        conn.execute_batch("ALTER TABLE t ADD COLUMN w TEXT")
+            .expect("alter");
+        let tables = install_all(&mut conn);
+        assert_eq!(tables[0].columns.len(), 3);
+        assert!(
+            up_to_date(&conn, &tables, &schema_hash(&conn, &tables).expect("hash")).expect("check")
         );
     }
 

@@ -197,16 +197,29 @@ impl ReaderProbe {
     /// Waits (polling) until no other process is in a read transaction, at most `limit`.
     /// Returns false when readers were still there at the deadline.
     pub fn wait_quiet(&self, limit: Duration) -> bool {
+        self.wait_quiet_for(Duration::ZERO, limit)
+    }
+
+    /// Waits (polling) until no other process has been in a read transaction for `sustained`
+    /// (a pause in the application's work, not the microseconds between two of its
+    /// transactions), at most `limit`. Returns false at the deadline.
+    pub fn wait_quiet_for(&self, sustained: Duration, limit: Duration) -> bool {
         let start = std::time::Instant::now();
-        while self.others_reading() {
+        let mut quiet_since: Option<std::time::Instant> = None;
+        loop {
+            if self.others_reading() {
+                quiet_since = None;
+            } else {
+                let since = *quiet_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= sustained {
+                    return true;
+                }
+            }
             if start.elapsed() >= limit {
                 return false;
             }
-            // Short: an application that runs transactions back to back leaves gaps of
-            // microseconds between them.
             std::thread::sleep(Duration::from_micros(200));
         }
-        true
     }
 }
 

@@ -118,6 +118,7 @@ async fn run_subsystems(
 
     let failure = supervise(node, &mut tasks, embedded).await;
     if let Some(e) = &failure {
+        node.observers.health.set_failed();
         tracing::error!("{e:#}; shutting down");
     }
     crate::systemd::notify("STOPPING=1");
@@ -206,7 +207,10 @@ fn spawn_apply(
             seqmap,
             streams,
             compressed: settings.replication.compress,
-            max_event_bytes: max_event_bytes(&node.client),
+            max_event_bytes: settings
+                .replication
+                .max_event_bytes
+                .unwrap_or_else(|| max_event_bytes(&node.client)),
             identity: node.identity.clone(),
             observers: ApplyObservers {
                 metrics: Arc::clone(&node.observers.metrics),

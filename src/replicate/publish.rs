@@ -814,6 +814,9 @@ impl Publisher {
 
 /// How long one housekeeping attempt waits for application read transactions to end.
 const QUIET_WAIT: Duration = Duration::from_millis(250);
+/// How long the application must have been out of any read transaction before we commit: a
+/// pause in its work, so that it is unlikely to begin one during our short commit.
+const QUIET_SUSTAIN: Duration = Duration::from_millis(20);
 /// How soon an attempt that found no quiet moment is tried again.
 const QUIET_RETRY: Duration = Duration::from_millis(100);
 /// Housekeeping is forced (committed even while an application transaction is open) when it
@@ -870,14 +873,11 @@ pub async fn keep(
         let result = tokio::task::spawn_blocking(move || {
             let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
             let LocalLog { conn, log } = &mut *guard;
-            let calm = |wait: Duration| match quiet.as_ref() {
-                Some(p) => p.wait_quiet(wait),
-                None => true,
-            };
-            if !force && !calm(QUIET_WAIT) {
+            let probe = quiet.as_ref().as_ref();
+            if !force && !probe.is_none_or(|p| p.wait_quiet_for(QUIET_SUSTAIN, QUIET_WAIT)) {
                 return (batch, Ok(None));
             }
-            let may_commit = || force || calm(Duration::ZERO);
+            let may_commit = || force || probe.is_none_or(|p| !p.others_reading());
             let outcome = log.housekeep(conn, &batch, horizon, applied.as_deref(), may_commit);
             (batch, outcome)
         })
