@@ -71,8 +71,12 @@ type Found = HashMap<(usize, i64), (u64, u64, i64)>;
 /// visible to readers only after SQLite updates the wal-index in `-shm`, through mmap, which
 /// inotify cannot see; a scan racing that gap finds nothing, so look again shortly after.
 const FOLLOW_UP_SCANS: &[Duration] = &[
+    Duration::from_micros(300),
+    Duration::from_micros(700),
     Duration::from_millis(1),
-    Duration::from_millis(5),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
     Duration::from_millis(25),
     Duration::from_millis(100),
 ];
@@ -333,17 +337,16 @@ impl Publisher {
     async fn count_pending(&self) {
         let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
         let started = Instant::now();
+        let after = self.cursor.load(Ordering::Relaxed);
         let counted = tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            log.pending_count(&conn)
+            log.pending_count(&conn, after)
         })
         .await;
         self.metrics
             .count_changes
             .observe(started.elapsed().as_micros() as f64);
         if let Ok(Ok(n)) = counted {
-            let retiring = self.outbox.lock().unwrap_or_else(|p| p.into_inner()).len() as i64;
-            let n = (n - retiring).max(0);
             self.metrics.pending_publish.set(n);
             self.health
                 .pending
