@@ -239,18 +239,7 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
     }
     for table in tables {
         let log = change_log_name(&table.name);
-        let columns: Vec<(String, String)> = conn
-            .prepare("SELECT name, type FROM pragma_table_info(?1) ORDER BY cid")
-            .and_then(|mut s| {
-                s.query_map([&log], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                    ))
-                })?
-                .collect()
-            })
-            .map_err(on_table(&table.name))?;
+        let columns = log_columns(conn, table)?;
         let has = |col: &str| columns.iter().any(|(n, _)| n == col);
         let layout_ok = table
             .columns
@@ -281,16 +270,11 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
     Ok(true)
 }
 
-/// Brings an existing change log to the current layout, keeping its rows: adds missing value and
-/// publish columns, and rebuilds it when value columns carry a declared type (affinity would
-/// convert what the triggers copy). The AUTOINCREMENT counter is carried over, so change ids
-/// never repeat.
-fn migrate_change_log(conn: &Connection, table: &Table) -> Result<(), Error> {
-    let log = change_log_name(&table.name);
-    let existing: Vec<(String, String)> = conn
-        .prepare("SELECT name, type FROM pragma_table_info(?1) ORDER BY cid")
+/// The columns of a table's change log, `(name, declared type)` in order (empty: no change log).
+fn log_columns(conn: &Connection, table: &Table) -> Result<Vec<(String, String)>, Error> {
+    conn.prepare("SELECT name, type FROM pragma_table_info(?1) ORDER BY cid")
         .and_then(|mut s| {
-            s.query_map([&log], |r| {
+            s.query_map([change_log_name(&table.name)], |r| {
                 Ok((
                     r.get(0)?,
                     r.get::<_, Option<String>>(1)?.unwrap_or_default(),
@@ -298,7 +282,16 @@ fn migrate_change_log(conn: &Connection, table: &Table) -> Result<(), Error> {
             })?
             .collect()
         })
-        .map_err(on_table(&table.name))?;
+        .map_err(on_table(&table.name))
+}
+
+/// Brings an existing change log to the current layout, keeping its rows: adds missing value and
+/// publish columns, and rebuilds it when value columns carry a declared type (affinity would
+/// convert what the triggers copy). The AUTOINCREMENT counter is carried over, so change ids
+/// never repeat.
+fn migrate_change_log(conn: &Connection, table: &Table) -> Result<(), Error> {
+    let log = change_log_name(&table.name);
+    let existing = log_columns(conn, table)?;
     if existing.is_empty() {
         return Ok(());
     }
