@@ -60,6 +60,11 @@ pub struct Metrics {
     pub unique_conflicts: IntCounter,
     /// `held_events`: events currently waiting for a UNIQUE conflict to clear.
     pub held_events: IntGauge,
+    /// `publish_paced`: times publishing waited for the slowest live node (flow control).
+    pub publish_paced: IntCounter,
+    /// `peer_lag`: sequences a peer's applied position is behind the stream's end, per peer and
+    /// shard.
+    pub peer_lag: IntGaugeVec,
 }
 
 fn opts(cfg: &PrometheusConfig, node_id: u64, name: &str, help: &str) -> Opts {
@@ -194,6 +199,21 @@ impl Metrics {
                 "held_events",
                 "events waiting for a UNIQUE conflict with another row to clear",
             ))?,
+            publish_paced: IntCounter::with_opts(opts(
+                cfg,
+                node_id,
+                "publish_paced",
+                "times publishing waited for the slowest live node to read the stream",
+            ))?,
+            peer_lag: IntGaugeVec::new(
+                opts(
+                    cfg,
+                    node_id,
+                    "peer_lag",
+                    "stream sequences a node's applied position is behind the stream's end, per peer and shard",
+                ),
+                &["peer", "shard"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.published.clone()))?;
@@ -213,6 +233,8 @@ impl Metrics {
         m.registry.register(Box::new(m.skipped.clone()))?;
         m.registry.register(Box::new(m.unique_conflicts.clone()))?;
         m.registry.register(Box::new(m.held_events.clone()))?;
+        m.registry.register(Box::new(m.publish_paced.clone()))?;
+        m.registry.register(Box::new(m.peer_lag.clone()))?;
         Ok(Arc::new(m))
     }
 

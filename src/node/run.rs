@@ -29,7 +29,8 @@ use super::setup::{Capture, Ready};
 use super::{Node, StartError};
 use crate::db::{self, apply::Applier, changelog::ChangeLog};
 use crate::replicate::apply::{self as applying, ApplyObservers};
-use crate::replicate::publish::{self, LocalLog, Outbox, Publisher, SharedLog};
+use crate::replicate::flow::{self, Flow};
+use crate::replicate::publish::{self, LocalLog, Outbox, Pacing, Publisher, SharedLog};
 use crate::replicate::watch;
 use crate::seqmap::SeqMap;
 use crate::stream;
@@ -81,6 +82,14 @@ async fn run_subsystems(
         .map(|s| AtomicU64::new(seqmap.get(s)))
         .collect();
     let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
+    let flow = Flow::new(node.streams());
+    let positions_kv = if settings.publish || settings.replicate {
+        flow::bucket(&node.js, settings).await
+    } else {
+        None
+    };
+    let pacing = (settings.publish && positions_kv.is_some())
+        .then(|| Pacing::new(Arc::clone(&flow), Arc::clone(&positions)));
     let outbox = Outbox::default();
     let shared: SharedLog = Arc::new(Mutex::new(LocalLog {
         conn,
@@ -97,13 +106,18 @@ async fn run_subsystems(
         acked,
         Arc::clone(&node.observers.metrics),
         Arc::clone(&node.observers.health),
+        pacing,
     );
     if !recover(node, &publisher, &shared).await? {
         return Ok(());
     }
 
+    let reported = positions_kv.is_some().then(|| Arc::clone(&flow));
+    if let Some(store) = positions_kv {
+        spawn_flow(&mut tasks, node, &flow, store, &positions);
+    }
     if settings.replicate {
-        spawn_apply(&mut tasks, node, &log, seqmap, &positions)?;
+        spawn_apply(&mut tasks, node, &log, seqmap, &positions, reported)?;
     } else {
         tracing::info!("replicate = false: remote changes will not be applied");
     }
@@ -170,6 +184,7 @@ fn spawn_apply(
     log: &Arc<ChangeLog>,
     seqmap: SeqMap,
     positions: &Arc<[AtomicU64]>,
+    flow: Option<Arc<Flow>>,
 ) -> anyhow::Result<()> {
     let settings = &node.settings;
     let streams = node.streams();
@@ -217,6 +232,7 @@ fn spawn_apply(
                 health: Arc::clone(&node.observers.health),
             },
             positions: Arc::clone(positions),
+            flow,
         },
         rx,
         node.root.clone(),
@@ -231,6 +247,43 @@ fn spawn_apply(
         ("apply thread", result)
     });
     Ok(())
+}
+
+/// Flow control: reports this node's applied positions (when it applies), follows everyone's
+/// (when it publishes), and keeps the peer-lag metrics current.
+fn spawn_flow(
+    tasks: &mut Subsystems,
+    node: &Node,
+    flow: &Arc<Flow>,
+    store: async_nats::jetstream::kv::Store,
+    positions: &Arc<[AtomicU64]>,
+) {
+    let settings = &node.settings;
+    if settings.replicate {
+        let (store, flow, positions) = (store.clone(), Arc::clone(flow), Arc::clone(positions));
+        let (id, token) = (settings.node_id, node.root.clone());
+        tasks.spawn(async move {
+            flow::report(store, flow, id, positions, token).await;
+            ("position reporter", Ok(()))
+        });
+    }
+    if settings.publish {
+        let (flow_w, token) = (Arc::clone(flow), node.root.clone());
+        tasks.spawn(async move {
+            flow::watch(store, flow_w, token).await;
+            ("position watcher", Ok(()))
+        });
+        let (js, flow_l, s, token) = (
+            node.js.clone(),
+            Arc::clone(flow),
+            Arc::clone(settings),
+            node.root.clone(),
+        );
+        tasks.spawn(async move {
+            flow::follow_limits(js, flow_l, s, token).await;
+            ("stream limits", Ok(()))
+        });
+    }
 }
 
 /// The publisher, woken by file notifications. Returns the token that tells the keeper the

@@ -327,8 +327,11 @@ pub struct ApplyThread {
     /// This database's identity (tells own events apart).
     pub identity: String,
     pub observers: ApplyObservers,
-    /// Per shard (index shard − 1): last applied sequence, for the change-log cleanup.
+    /// Per shard (index shard − 1): last applied sequence, for the change-log cleanup and the
+    /// position reports.
     pub positions: Arc<[AtomicU64]>,
+    /// Told after every advance (the position reporter sends a report at once).
+    pub flow: Option<Arc<super::flow::Flow>>,
 }
 
 /// Why the apply thread stopped on its own.
@@ -363,6 +366,7 @@ pub fn spawn_apply_thread(
                 identity,
                 observers,
                 positions,
+                flow,
             } = work;
             let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
             // Per-shard metric handles, resolved once instead of per event.
@@ -478,6 +482,9 @@ pub fn spawn_apply_thread(
                     shard_last[i].set(seq as i64);
                     applier.set_applied(i + 1, seq);
                     positions[i].store(seq, Ordering::Relaxed);
+                }
+                if let Some(flow) = &flow {
+                    flow.advanced.notify_one();
                 }
                 if jumped {
                     // Messages were skipped (retention): our changes among them can no longer come

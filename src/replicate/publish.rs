@@ -127,6 +127,8 @@ enum Failure {
     Nats(PublishError),
     /// Index of a change the server can never accept.
     TooLarge(usize),
+    /// Index of the first change held back by flow control (sent later, in order).
+    Paced,
 }
 
 /// One pass that has been sent and not yet acknowledged.
@@ -172,6 +174,32 @@ pub struct Publisher {
     /// Whether the streams must be searched before the next send (at start, after a failure).
     must_search: std::sync::atomic::AtomicBool,
     duplicates: AtomicU64,
+    /// Flow control and what it needs: per shard, this node's applied position and the
+    /// estimated sequence of the last message sent.
+    pacing: Option<Pacing>,
+}
+
+/// What the publisher needs to pace itself (see [`super::flow`]).
+pub struct Pacing {
+    pub flow: Arc<super::flow::Flow>,
+    /// Per shard (index shard − 1): this node's last applied sequence.
+    pub applied: Arc<[AtomicU64]>,
+    /// Per shard: estimated sequence of the newest message sent.
+    sent: Vec<AtomicU64>,
+    /// Since when publishing has been held back (for one log line per episode).
+    held_since: Mutex<Option<Instant>>,
+}
+
+impl Pacing {
+    pub fn new(flow: Arc<super::flow::Flow>, applied: Arc<[AtomicU64]>) -> Pacing {
+        let sent = applied.iter().map(|_| AtomicU64::new(0)).collect();
+        Pacing {
+            flow,
+            applied,
+            sent,
+            held_since: Mutex::new(None),
+        }
+    }
 }
 
 impl Publisher {
@@ -190,6 +218,7 @@ impl Publisher {
         acked: HashMap<u64, u64>,
         metrics: Arc<Metrics>,
         health: Arc<HealthState>,
+        pacing: Option<Pacing>,
     ) -> Publisher {
         let log = Arc::clone(&writer.lock().unwrap_or_else(|p| p.into_inner()).log);
         let meta = log
@@ -221,6 +250,7 @@ impl Publisher {
             found: Mutex::new(HashMap::new()),
             must_search: std::sync::atomic::AtomicBool::new(true),
             duplicates: AtomicU64::new(0),
+            pacing,
         }
     }
 
@@ -325,9 +355,11 @@ impl Publisher {
         .await;
         if result.is_err() {
             self.must_search.store(true, Ordering::Relaxed);
-        }
-        if result.is_err() {
             self.metrics.publish_errors.inc();
+            // Unacknowledged sends are forgotten; the estimate starts again from the acks.
+            if let Some(p) = &self.pacing {
+                p.sent.iter().for_each(|s| s.store(0, Ordering::Relaxed));
+            }
         }
         self.count_pending().await;
         result
@@ -380,11 +412,91 @@ impl Publisher {
                 return Ok(());
             }
             cursor = sent.last_global_id;
+            if matches!(sent.failure, Some(Failure::Paced)) {
+                // Held back: settle what was sent, wait for the slow node to report progress
+                // (or a short while), and go on from the first change not sent.
+                self.finish(sent).await?;
+                cursor = self.cursor.load(Ordering::Relaxed);
+                if !self.wait_for_pace(shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
             if sent.failure.is_some() || sent.read < limit {
                 return self.finish(sent).await;
             }
             in_flight = Some(sent);
         }
+    }
+
+    /// Waits until a position report arrives or a short while passed; false on shutdown.
+    async fn wait_for_pace(&self, shutdown: &CancellationToken) -> bool {
+        let Some(p) = &self.pacing else {
+            return !shutdown.is_cancelled();
+        };
+        self.metrics.publish_paced.inc();
+        {
+            let mut since = p.held_since.lock().unwrap_or_else(|e| e.into_inner());
+            match *since {
+                None => *since = Some(Instant::now()),
+                Some(t) if t.elapsed() >= Duration::from_secs(2) => {
+                    let ends = self.stream_ends();
+                    let slow: Vec<String> = p
+                        .flow
+                        .view(&ends)
+                        .into_iter()
+                        .filter(|v| v.counted)
+                        .map(|v| format!("{} at {:?}", v.node_id, v.positions))
+                        .collect();
+                    tracing::info!(streams_end = ?ends, peers = ?slow,
+                        "Publishing is paced to the slowest live node (the stream would otherwise discard changes it has not read)");
+                    *since = Some(Instant::now() + Duration::from_secs(28));
+                }
+                Some(_) => {}
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => false,
+            _ = p.flow.changed.notified() => true,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => true,
+        }
+    }
+
+    /// Per shard: the stream's end as far as this node knows.
+    fn stream_ends(&self) -> Vec<u64> {
+        let Some(p) = &self.pacing else {
+            return Vec::new();
+        };
+        let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        (0..p.sent.len())
+            .map(|i| {
+                let shard = i as u64 + 1;
+                acked
+                    .get(&shard)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(p.applied[i].load(Ordering::Relaxed))
+                    .max(p.sent[i].load(Ordering::Relaxed))
+            })
+            .collect()
+    }
+
+    /// Whether flow control lets a message go to `shard` now; if so, counts it as sent.
+    fn may_send(&self, shard: u64) -> bool {
+        let Some(p) = &self.pacing else {
+            return true;
+        };
+        let i = shard as usize - 1;
+        let Some(end) = self.stream_ends().get(i).copied() else {
+            return true;
+        };
+        if !p.flow.allows(i, end + 1, end) {
+            return false;
+        }
+        p.sent[i].store(end + 1, Ordering::Relaxed);
+        *p.held_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        true
     }
 
     /// Looks in every shard stream, past the newest acknowledged sequence, for messages this
@@ -642,6 +754,7 @@ impl Publisher {
         // Everything below the first change not done with is done with.
         let stop = match (&failure, &oversize) {
             (None, _) => None,
+            (Some(Failure::Paced), _) => changes.get(done).map(|c| c.global_id),
             (Some(_), Some(_)) => changes.get(done + 1).map(|c| c.global_id),
             (Some(_), None) => changes.get(done).map(|c| c.global_id),
         };
@@ -673,7 +786,7 @@ impl Publisher {
                     "{MAX_PAYLOAD_HINT}; the change is marked failed (state = -1) and will not replicate");
                 Ok(())
             }
-            None => Ok(()),
+            Some(Failure::Paced) | None => Ok(()),
         }
     }
 
@@ -762,6 +875,9 @@ impl Publisher {
             if landed[i].is_some() {
                 acks.push(None);
                 continue;
+            }
+            if !self.may_send(shards[i]) {
+                return (acks, Some(Failure::Paced));
             }
             let (body, subject, msg_id) = match self.encode(c, shards[i]) {
                 Ok(encoded) => encoded,

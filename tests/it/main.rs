@@ -3,6 +3,7 @@
 mod support;
 
 mod auth;
+mod catchup;
 mod cli;
 mod convergence;
 mod core;

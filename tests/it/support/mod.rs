@@ -297,6 +297,24 @@ impl Node {
         .expect("write node config");
     }
 
+    /// Sets `replication_log.max_entries` (the harness default is 100000).
+    pub fn set_max_entries(&self, n: u64) {
+        self.edit_config("max_entries = 100000\n", &format!("max_entries = {n}\n"));
+    }
+
+    /// Appends a section (or keys after the last section) to the config.
+    pub fn append_config(&self, text: &str) {
+        let old = std::fs::read_to_string(&self.config).expect("config");
+        std::fs::write(&self.config, format!("{old}\n{text}\n")).expect("config");
+    }
+
+    /// Replaces the first `from` in the config with `to` (which must be there).
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("config");
+        assert!(text.contains(from), "config has no {from:?}");
+        std::fs::write(&self.config, text.replacen(from, to, 1)).expect("config");
+    }
+
     /// Adds keys to the `[nats]` section of the config.
     pub fn add_nats_keys(&self, keys: &str) {
         let text = std::fs::read_to_string(&self.config).expect("config");

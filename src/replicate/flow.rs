@@ -1,0 +1,440 @@
+//! Flow control: publishers never run a stream further ahead of the slowest live node than it can
+//! hold (design §3.11; Go HarmonyLite has none, and its nodes silently lose what the stream
+//! discards before they read it).
+//!
+//! Every applying node reports its applied position per stream in KV bucket [`BUCKET`] (key
+//! `node-<id>`, JSON), at once after it advanced (at most every [`REPORT_MIN_GAP`]) and at least
+//! every [`REPORT_EVERY`]. Every publishing node watches the bucket. Before it sends a message to a
+//! stream, the publisher asks [`Flow::allows`] whether the message's sequence would stay within
+//! [`Flow::window`] (half the stream's `max_messages`) of every *counting* peer.
+//!
+//! Invariants:
+//! - A peer counts only while it is alive (a report seen within [`STALE`]) and either keeps up
+//!   (within the window of the stream's end) or keeps advancing (within [`STALLED`]). A stopped,
+//!   hung or stuck node therefore holds publishers back for a few seconds at most; it recovers by
+//!   snapshot (`crate::snapshot`), and no writer is blocked forever by one bad node.
+//! - Staleness is judged by when *this* node saw a report change, never by clocks of other
+//!   machines.
+//! - Without the bucket (an old server) nothing is throttled: flow control is a safety margin, the
+//!   snapshot recovery is the guarantee.
+//! - With several publishers bursting at once each knows only its own unacknowledged messages, so
+//!   together they can overshoot the window; half the stream leaves room for two.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+
+/// KV bucket of applied positions (ours; Go HarmonyLite has none).
+pub const BUCKET: &str = "harmonylite-positions";
+/// Longest time between two reports of a node.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Shortest time between two reports (while applying quickly).
+pub const REPORT_MIN_GAP: Duration = Duration::from_millis(10);
+/// A peer whose report did not change for this long is gone.
+pub const STALE: Duration = Duration::from_secs(5);
+/// A peer behind the window that did not advance for this long stops holding publishers back.
+pub const STALLED: Duration = Duration::from_secs(3);
+/// Entries of nodes that stopped reporting disappear after this.
+const ENTRY_MAX_AGE: Duration = Duration::from_secs(120);
+
+/// What a node reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Report {
+    pub node_id: u64,
+    /// Stream name → last applied sequence.
+    pub positions: HashMap<String, u64>,
+    /// Increases with every report, so an unchanged position still shows the node is alive.
+    pub beat: u64,
+}
+
+/// What this node knows of one peer.
+#[derive(Debug, Clone)]
+struct Peer {
+    /// Per stream (index shard − 1).
+    positions: Vec<u64>,
+    seen: Instant,
+    /// Per stream: when the position last increased.
+    advanced: Vec<Instant>,
+}
+
+/// One peer as the health endpoint shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerView {
+    pub node_id: u64,
+    pub positions: Vec<u64>,
+    pub last_report_ms_ago: u64,
+    /// Whether it currently holds publishers back when behind.
+    pub counted: bool,
+}
+
+/// The cluster's applied positions as seen here, and the publishing window.
+pub struct Flow {
+    streams: Vec<String>,
+    peers: Mutex<HashMap<u64, Peer>>,
+    /// Per stream: the stream's `max_messages` (0 = unknown or unlimited: no throttling).
+    limits: Vec<AtomicU64>,
+    /// Woken whenever a report arrives.
+    pub changed: Notify,
+    /// Woken by the apply thread after it advanced (the reporter sends a report).
+    pub advanced: Notify,
+}
+
+impl Flow {
+    pub fn new(streams: Vec<String>) -> Arc<Flow> {
+        let limits = streams.iter().map(|_| AtomicU64::new(0)).collect();
+        Arc::new(Flow {
+            streams,
+            peers: Mutex::new(HashMap::new()),
+            limits,
+            changed: Notify::new(),
+            advanced: Notify::new(),
+        })
+    }
+
+    /// How many messages a stream may run ahead of its slowest counting peer (0: unlimited).
+    pub fn window(&self, stream: usize) -> u64 {
+        let limit = self
+            .limits
+            .get(stream)
+            .map_or(0, |l| l.load(Ordering::Relaxed));
+        if limit == 0 { 0 } else { (limit / 2).max(1) }
+    }
+
+    /// Records a stream's `max_messages` (≤ 0: unlimited).
+    pub fn set_limit(&self, stream: usize, max_messages: i64) {
+        if let Some(l) = self.limits.get(stream) {
+            l.store(max_messages.max(0) as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a message that would get sequence `seq` in `stream` may be sent now, given that
+    /// the stream ends at about `end`.
+    pub fn allows(&self, stream: usize, seq: u64, end: u64) -> bool {
+        let window = self.window(stream);
+        if window == 0 {
+            return true;
+        }
+        match self.slowest(stream, end, Instant::now()) {
+            Some(slowest) => seq <= slowest + window,
+            None => true,
+        }
+    }
+
+    /// The lowest position among the peers that count for `stream` (see the module header).
+    fn slowest(&self, stream: usize, end: u64, now: Instant) -> Option<u64> {
+        let window = self.window(stream);
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers
+            .values()
+            .filter(|p| counts(p, stream, end, window, now))
+            .filter_map(|p| p.positions.get(stream).copied())
+            .min()
+    }
+
+    /// Takes a report in (from the watcher).
+    fn record(&self, report: &Report) {
+        let now = Instant::now();
+        let positions: Vec<u64> = self
+            .streams
+            .iter()
+            .map(|s| report.positions.get(s).copied().unwrap_or(0))
+            .collect();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        match peers.get_mut(&report.node_id) {
+            Some(peer) => {
+                for (i, &pos) in positions.iter().enumerate() {
+                    if pos > peer.positions.get(i).copied().unwrap_or(0) {
+                        peer.advanced[i] = now;
+                    }
+                }
+                peer.positions = positions;
+                peer.seen = now;
+            }
+            None => {
+                peers.insert(
+                    report.node_id,
+                    Peer {
+                        advanced: vec![now; positions.len()],
+                        positions,
+                        seen: now,
+                    },
+                );
+            }
+        }
+        drop(peers);
+        self.changed.notify_waiters();
+    }
+
+    fn forget(&self, node_id: u64) {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node_id);
+        self.changed.notify_waiters();
+    }
+
+    /// Every known peer, for the health endpoint and the lag metrics; `ends` is, per stream, the
+    /// stream's end as known here.
+    pub fn view(&self, ends: &[u64]) -> Vec<PeerView> {
+        let now = Instant::now();
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<PeerView> = peers
+            .iter()
+            .map(|(&node_id, p)| PeerView {
+                node_id,
+                positions: p.positions.clone(),
+                last_report_ms_ago: now.duration_since(p.seen).as_millis() as u64,
+                counted: (0..self.streams.len())
+                    .any(|s| counts(p, s, ends.get(s).copied().unwrap_or(0), self.window(s), now)),
+            })
+            .collect();
+        out.sort_by_key(|p| p.node_id);
+        out
+    }
+}
+
+/// Whether `peer` holds publishers of `stream` back (module header).
+fn counts(peer: &Peer, stream: usize, end: u64, window: u64, now: Instant) -> bool {
+    if now.duration_since(peer.seen) >= STALE {
+        return false;
+    }
+    let pos = peer.positions.get(stream).copied().unwrap_or(0);
+    let keeping_up = pos + window >= end;
+    let advancing = peer
+        .advanced
+        .get(stream)
+        .is_some_and(|&t| now.duration_since(t) < STALLED);
+    keeping_up || advancing
+}
+
+/// Opens (or creates) the positions bucket. `None` when the server cannot provide it.
+pub async fn bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::Store> {
+    match js.get_key_value(BUCKET).await {
+        Ok(s) => Some(s),
+        Err(_) => match js
+            .create_key_value(kv::Config {
+                bucket: BUCKET.to_owned(),
+                description: "harmonylite: applied stream positions per node (flow control)"
+                    .to_owned(),
+                history: 1,
+                max_age: ENTRY_MAX_AGE,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: settings.replication.replicas.max(1),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                // Another node may have created it meanwhile.
+                match js.get_key_value(BUCKET).await {
+                    Ok(s) => Some(s),
+                    Err(_) => {
+                        tracing::warn!(error = %e, "Cannot create the positions bucket; publishing is not paced to the slowest node");
+                        None
+                    }
+                }
+            }
+        },
+    }
+}
+
+/// Reports this node's applied positions until shutdown (module header).
+pub async fn report(
+    store: kv::Store,
+    flow: Arc<Flow>,
+    node_id: u64,
+    positions: Arc<[AtomicU64]>,
+    shutdown: CancellationToken,
+) {
+    let key = format!("node-{node_id}");
+    let mut beat = 0u64;
+    let mut failing = false;
+    loop {
+        beat += 1;
+        let report = Report {
+            node_id,
+            positions: flow
+                .streams
+                .iter()
+                .zip(positions.iter())
+                .map(|(s, p)| (s.clone(), p.load(Ordering::Relaxed)))
+                .collect(),
+            beat,
+        };
+        let body = match serde_json::to_vec(&report) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot encode the position report");
+                return;
+            }
+        };
+        match store.put(&key, body.into()).await {
+            Ok(_) => {
+                if failing {
+                    tracing::info!("Position reports work again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "Cannot report applied positions; retrying");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = flow.advanced.notified() => {}
+            _ = tokio::time::sleep(REPORT_EVERY) => {}
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(REPORT_MIN_GAP) => {}
+        }
+    }
+    // A node that stops on purpose stops holding others back at once.
+    let _ = store.delete(&key).await;
+}
+
+/// Follows the bucket until shutdown, recreating the watch after errors.
+pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let watched = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            w = store.watch_all() => w,
+        };
+        match watched {
+            Ok(mut entries) => loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    n = entries.next() => n,
+                };
+                match next {
+                    Some(Ok(entry)) => {
+                        delay = Duration::from_millis(200);
+                        let Some(id) = entry
+                            .key
+                            .strip_prefix("node-")
+                            .and_then(|k| k.parse::<u64>().ok())
+                        else {
+                            continue;
+                        };
+                        match entry.operation {
+                            kv::Operation::Put => {
+                                match serde_json::from_slice::<Report>(&entry.value) {
+                                    Ok(r) if r.node_id == id => flow.record(&r),
+                                    Ok(_) | Err(_) => {
+                                        tracing::debug!(key = %entry.key, "ignoring a malformed position report")
+                                    }
+                                }
+                            }
+                            kv::Operation::Delete | kv::Operation::Purge => flow.forget(id),
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "position watch failed; restarting it");
+                        break;
+                    }
+                    None => break,
+                }
+            },
+            Err(e) => tracing::debug!(error = %e, "cannot watch positions; retrying"),
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = crate::stream::next_backoff(delay);
+    }
+}
+
+/// Keeps the streams' `max_messages` up to date, and says once when a stream's limit differs from
+/// the configured `max_entries` (an existing stream keeps the limit it was created with unless
+/// `update_existing = true`).
+pub async fn follow_limits(
+    js: jetstream::Context,
+    flow: Arc<Flow>,
+    settings: Arc<Settings>,
+    shutdown: CancellationToken,
+) {
+    let mut warned = vec![false; flow.streams.len()];
+    loop {
+        for (i, name) in flow.streams.iter().enumerate() {
+            if let Ok(stream) = js.get_stream(name).await {
+                let have = stream.cached_info().config.max_messages;
+                flow.set_limit(i, have);
+                let want = settings.replication.max_entries;
+                if have != want && !warned[i] {
+                    warned[i] = true;
+                    tracing::warn!(stream = %name, stream_max_entries = have, configured = want,
+                        "Stream keeps max_entries = {have} from its creation; replication_log.max_entries = {want} \
+                         takes effect only with replication_log.update_existing = true");
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(node: u64, pos: u64) -> Report {
+        Report {
+            node_id: node,
+            positions: [("s-1".to_owned(), pos)].into_iter().collect(),
+            beat: 1,
+        }
+    }
+
+    #[test]
+    fn window_is_half_the_stream_and_follows_the_slowest_peer() {
+        let flow = Flow::new(vec!["s-1".into()]);
+        assert!(flow.allows(0, 10_000, 0), "no limit known: unthrottled");
+        flow.set_limit(0, 1024);
+        assert_eq!(flow.window(0), 512);
+        assert!(flow.allows(0, 10_000, 9_999), "no peers: unthrottled");
+        flow.record(&report(1, 100));
+        flow.record(&report(2, 900));
+        assert!(flow.allows(0, 612, 611));
+        assert!(!flow.allows(0, 613, 612));
+        flow.forget(1);
+        assert!(flow.allows(0, 1400, 1399));
+    }
+
+    #[test]
+    fn a_peer_that_is_gone_or_stuck_stops_counting() {
+        let flow = Flow::new(vec!["s-1".into()]);
+        flow.set_limit(0, 16);
+        flow.record(&report(1, 10));
+        let now = Instant::now();
+        assert_eq!(flow.slowest(0, 30, now), Some(10));
+        // Behind and not advancing for STALLED: not counted, though still reporting.
+        assert_eq!(flow.slowest(0, 30, now + STALLED), None);
+        // Keeping up (within the window of the end): counted while it reports.
+        assert_eq!(flow.slowest(0, 15, now + STALLED), Some(10));
+        // No report for STALE: gone.
+        assert_eq!(flow.slowest(0, 15, now + STALE), None);
+    }
+}
