@@ -1,11 +1,13 @@
 //! The program's modes at the top level: the daemon ([`run`]: observers and HTTP servers around
-//! a [`crate::node`]) and `-cleanup`. The node itself — setup, subsystems, supervision, drain —
+//! a [`crate::node`]), `-cleanup` and `-save-snapshot`. The node itself — setup, subsystems, supervision, drain —
 //! lives in [`crate::node`].
 //!
 //! Invariants:
 //! - The HTTP servers (metrics, health, pprof) start first, so health reports start-up, and stop
 //!   last, after the node has drained.
-//! - `-cleanup` takes the database lock: it refuses while a daemon runs on the database.
+//! - `-cleanup` and `-save-snapshot` take the database lock: they refuse while a daemon runs on
+//!   the database (the daemon saves snapshots itself).
+//! - `-save-snapshot` succeeds (exit 0) only when the upload succeeded (Go exits 0 either way).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +33,75 @@ pub fn cleanup(settings: &Settings) -> anyhow::Result<usize> {
     let dropped = cdc::remove(&mut conn).context("Unable to clean up")?;
     tracing::info!(dropped, "Cleanup complete...");
     Ok(dropped)
+}
+
+/// Saves one snapshot of the database and exits (`-save-snapshot`): the same start-up as the
+/// daemon (capture, broker, streams), then a copy at the positions of the seq map (no daemon runs,
+/// so the database holds everything they name), uploaded to the configured store.
+///
+/// # Errors
+/// Start-up failures, `replicate = false` or `snapshot.enabled = false`, copy or upload errors.
+pub async fn save_snapshot(
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<crate::snapshot::Meta> {
+    use std::sync::atomic::AtomicU64;
+    if !settings.snapshot.enabled {
+        anyhow::bail!("snapshot.enabled = false: there is no snapshot store to save to");
+    }
+    if !settings.replicate {
+        anyhow::bail!(
+            "replicate = false: this node does not apply the cluster's changes, so its database is not a snapshot of the cluster"
+        );
+    }
+    let observers = Observers {
+        metrics: Metrics::unserved(settings.node_id),
+        health: HealthState::new(settings.node_id),
+    };
+    let Some(ready) = node::setup::setup(Arc::new(settings), observers, shutdown).await? else {
+        anyhow::bail!("interrupted");
+    };
+    let node::setup::Ready {
+        node,
+        capture,
+        embedded,
+        lease,
+        lock,
+    } = ready;
+    let result = async {
+        let seqmap = crate::seqmap::SeqMap::open_tolerant(&node.settings.seq_map_path)?;
+        let streams = node.streams();
+        let positions: Arc<[AtomicU64]> = streams
+            .iter()
+            .map(|s| AtomicU64::new(seqmap.get(s)))
+            .collect();
+        let source = crate::snapshot::Source {
+            db_path: node.settings.db_path.clone(),
+            streams,
+            positions,
+            gate: Arc::new(std::sync::Mutex::new(())),
+        };
+        let store = crate::snapshot::open_store(&node.settings, &node.js)
+            .context("Unable to initialize snapshot storage")?;
+        crate::snapshot::save(
+            &source,
+            store.as_ref(),
+            node.settings.node_id,
+            &capture.hash,
+        )
+        .await
+        .context("Unable to save snapshot")
+    }
+    .await;
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), node.client.flush()).await;
+    if let Some(server) = &embedded {
+        server.stop().await;
+    }
+    drop(lock);
+    result
 }
 
 /// Runs the daemon until `shutdown` is cancelled or a subsystem fails.

@@ -31,6 +31,11 @@ pub struct Args {
           default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
     pub cleanup: bool,
 
+    /// Save a snapshot of the database to the configured store, then exit (non-zero if it failed)
+    #[arg(long = "save-snapshot", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
+    pub save_snapshot: bool,
+
     /// Embedded NATS: cluster (route) listen address, host:port
     #[arg(long = "cluster-addr", value_name = "HOST:PORT", default_value = "")]
     pub cluster_addr: String,

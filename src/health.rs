@@ -41,6 +41,23 @@ pub struct HealthState {
     /// Unix ns of the last "pulse" (a local change consumed or a remote one applied), for
     /// `sleep_timeout` (upstream-behaviour §13).
     last_pulse_ns: AtomicI64,
+    /// Catch-up facts (ours, appended after Go's keys).
+    catchup: std::sync::Mutex<Catchup>,
+}
+
+/// What the health body says about snapshots, recovery and peers.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Catchup {
+    /// Why the node is recovering from a snapshot (503 while set).
+    pub recovering: Option<String>,
+    pub snapshot_leader: bool,
+    /// Unix ms of this node's last saved and restored snapshot (0 = never).
+    pub last_snapshot_saved_ms: i64,
+    pub last_snapshot_restored_ms: i64,
+    /// The last snapshot failure (save, download or verification), if any since the last success.
+    pub last_snapshot_error: Option<String>,
+    /// Applied positions of the nodes this node knows (flow control).
+    pub peers: Vec<crate::replicate::flow::PeerView>,
 }
 
 fn now_ns() -> i64 {
@@ -66,7 +83,21 @@ impl HealthState {
             consumers_down: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             last_pulse_ns: AtomicI64::new(now_ns()),
+            catchup: std::sync::Mutex::new(Catchup::default()),
         })
+    }
+
+    /// Changes the catch-up facts.
+    pub fn update_catchup(&self, f: impl FnOnce(&mut Catchup)) {
+        f(&mut self.catchup.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// A copy of the catch-up facts.
+    pub fn catchup(&self) -> Catchup {
+        self.catchup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records an acknowledged publish (now).
@@ -122,6 +153,7 @@ impl HealthState {
             && self.nats_connected.load(Ordering::Relaxed)
             && self.cdc_installed.load(Ordering::Relaxed)
             && self.consumers_down.load(Ordering::Relaxed) == 0
+            && self.catchup().recovering.is_none()
     }
 
     /// The body Go sends, keys in its order; `0001-01-01T00:00:00Z` for a time never seen.
@@ -129,7 +161,7 @@ impl HealthState {
         format!(
             "{{\"status\":\"{}\",\"node_id\":{},\"uptime_seconds\":{},\"db_connected\":{},\"nats_connected\":{},\
              \"cdc_installed\":{},\"tables_tracked\":{},\"last_replicated_event_timestamp\":\"{}\",\
-             \"last_published_event_timestamp\":\"{}\",\"version\":\"{}\"}}\n",
+             \"last_published_event_timestamp\":\"{}\",\"version\":\"{}\",{}}}\n",
             if healthy { "healthy" } else { "unhealthy" },
             self.node_id,
             self.started.elapsed().as_secs(),
@@ -140,7 +172,16 @@ impl HealthState {
             rfc3339_nano(self.last_replicated_ns.load(Ordering::Relaxed)),
             rfc3339_nano(self.last_published_ns.load(Ordering::Relaxed)),
             env!("CARGO_PKG_VERSION"),
+            self.catchup_fields(),
         )
+    }
+
+    /// Our keys after Go's: `"recovering":…,"snapshot_leader":…,…` (no braces).
+    fn catchup_fields(&self) -> String {
+        let text = serde_json::to_string(&self.catchup()).unwrap_or_else(|_| "{}".into());
+        text.trim_start_matches('{')
+            .trim_end_matches('}')
+            .to_owned()
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`db`]: SQLite connection policy, schema discovery and hash, triggers, change log, applier.
 //! - [`stream`]: NATS connection, shard streams, pipelined publish, ordered consumers.
 //! - [`replicate`]: the publisher (change log → JetStream) and the applier (JetStream → SQLite).
+//! - [`snapshot`]: save, verify and store snapshots; leader election; when to save.
 //! - [`metrics`], [`health`]: Prometheus series and the health endpoint, fed from in-memory state.
 //! - [`profiling`]: `-pprof` CPU profiles (protobuf and flame graph).
 //! - [`systemd`]: `Type=notify` readiness.
@@ -29,6 +30,7 @@ pub mod node;
 pub mod profiling;
 pub mod replicate;
 pub mod seqmap;
+pub mod snapshot;
 pub mod stream;
 pub mod systemd;
 pub mod wire;

@@ -64,6 +64,17 @@ fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
+    if args.save_snapshot {
+        let result = runtime.block_on(app::save_snapshot(settings, shutdown));
+        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+        return match result {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                exit_code(&e)
+            }
+        };
+    }
     let result = runtime.block_on(async {
         let token = shutdown.clone();
         tokio::spawn(async move {

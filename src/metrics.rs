@@ -14,8 +14,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::PrometheusConfig;
@@ -65,6 +65,17 @@ pub struct Metrics {
     /// `peer_lag`: sequences a peer's applied position is behind the stream's end, per peer and
     /// shard.
     pub peer_lag: IntGaugeVec,
+    /// `snapshots`: snapshot saves and restores, by operation and result (`ok`, `failed`,
+    /// `refused`).
+    pub snapshots: IntCounterVec,
+    /// `snapshot_seconds`: duration of snapshot saves and restores (download, check, merge).
+    pub snapshot_seconds: HistogramVec,
+    /// `snapshot_size_bytes`: size of the last snapshot saved or restored here.
+    pub snapshot_size_bytes: IntGauge,
+    /// `snapshot_age_seconds`: age of the newest snapshot known to this node.
+    pub snapshot_age_seconds: IntGauge,
+    /// `recoveries`: times this node recovered from a snapshot (at start or while running).
+    pub recoveries: IntCounter,
 }
 
 fn opts(cfg: &PrometheusConfig, node_id: u64, name: &str, help: &str) -> Opts {
@@ -214,6 +225,45 @@ impl Metrics {
                 ),
                 &["peer", "shard"],
             )?,
+            snapshots: IntCounterVec::new(
+                opts(
+                    cfg,
+                    node_id,
+                    "snapshots",
+                    "snapshot saves and restores by operation and result",
+                ),
+                &["op", "result"],
+            )?,
+            snapshot_seconds: HistogramVec::new(
+                HistogramOpts::from(opts(
+                    cfg,
+                    node_id,
+                    "snapshot_seconds",
+                    "seconds a snapshot save or restore took",
+                ))
+                .buckets(vec![
+                    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                ]),
+                &["op"],
+            )?,
+            snapshot_size_bytes: IntGauge::with_opts(opts(
+                cfg,
+                node_id,
+                "snapshot_size_bytes",
+                "size of the last snapshot saved or restored on this node",
+            ))?,
+            snapshot_age_seconds: IntGauge::with_opts(opts(
+                cfg,
+                node_id,
+                "snapshot_age_seconds",
+                "age of the newest snapshot known to this node",
+            ))?,
+            recoveries: IntCounter::with_opts(opts(
+                cfg,
+                node_id,
+                "recoveries",
+                "times this node restored a snapshot because the streams no longer held changes it lacked",
+            ))?,
             registry,
         };
         m.registry.register(Box::new(m.published.clone()))?;
@@ -235,6 +285,13 @@ impl Metrics {
         m.registry.register(Box::new(m.held_events.clone()))?;
         m.registry.register(Box::new(m.publish_paced.clone()))?;
         m.registry.register(Box::new(m.peer_lag.clone()))?;
+        m.registry.register(Box::new(m.snapshots.clone()))?;
+        m.registry.register(Box::new(m.snapshot_seconds.clone()))?;
+        m.registry
+            .register(Box::new(m.snapshot_size_bytes.clone()))?;
+        m.registry
+            .register(Box::new(m.snapshot_age_seconds.clone()))?;
+        m.registry.register(Box::new(m.recoveries.clone()))?;
         Ok(Arc::new(m))
     }
 
@@ -303,11 +360,15 @@ mod tests {
                 "# TYPE harmonylite_last_published_sequence gauge",
                 "# TYPE harmonylite_pending_publish gauge",
                 "# TYPE harmonylite_publish_errors counter",
+                "# TYPE harmonylite_publish_paced counter",
                 "# TYPE harmonylite_published counter",
                 "# TYPE harmonylite_quarantined counter",
+                "# TYPE harmonylite_recoveries counter",
                 "# TYPE harmonylite_scan_changes histogram",
                 "# TYPE harmonylite_schema_mismatch_paused gauge",
                 "# TYPE harmonylite_skipped counter",
+                "# TYPE harmonylite_snapshot_age_seconds gauge",
+                "# TYPE harmonylite_snapshot_size_bytes gauge",
                 "# TYPE harmonylite_unique_conflicts counter",
             ]
         );

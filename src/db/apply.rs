@@ -120,7 +120,7 @@ fn same_value(a: &Value, b: &Value) -> bool {
     }
 }
 
-struct Bind<'a>(&'a Value);
+pub(super) struct Bind<'a>(pub(super) &'a Value);
 
 impl ToSql for Bind<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
@@ -357,6 +357,25 @@ impl Applier {
         tx.commit()?;
         self.set_applied(shard, 0);
         self.rebuild_in_flight()
+    }
+
+    /// Merges the snapshot at `file` (see [`super::restore`]), whose positions are `positions`
+    /// (per shard), and makes them this applier's.
+    ///
+    /// # Errors
+    /// SQLite errors; nothing changed then.
+    pub fn restore_snapshot(
+        &mut self,
+        file: &std::path::Path,
+        positions: &[u64],
+    ) -> Result<super::restore::Restored, Error> {
+        // Changes of ours published past the snapshot's positions are in flight again.
+        let restored = super::restore::restore(&mut self.conn, &self.state.log, file, positions)?;
+        for (i, &p) in positions.iter().enumerate() {
+            self.set_applied(i + 1, p);
+        }
+        self.rebuild_in_flight()?;
+        Ok(restored)
     }
 
     /// Number of captured changes not yet come back (for tests and metrics).
@@ -1057,7 +1076,7 @@ fn describe(row: &[(String, Value)]) -> String {
 }
 
 /// Opens our write transaction with the guard row in place, so our writes are not captured.
-fn begin_guarded(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+pub(super) fn begin_guarded(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.prepare_cached(&format!(
         "INSERT OR IGNORE INTO {} (id) VALUES (1)",
@@ -1068,7 +1087,7 @@ fn begin_guarded(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transactio
 }
 
 /// Removes the guard row and commits.
-fn commit_guarded(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+pub(super) fn commit_guarded(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     tx.prepare_cached(&format!("DELETE FROM {}", quote(GUARD_TABLE)))?
         .execute([])?;
     tx.commit()

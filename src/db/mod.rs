@@ -20,6 +20,7 @@ use rusqlite::{Connection, OpenFlags};
 pub mod apply;
 pub mod cdc;
 pub mod changelog;
+pub mod restore;
 pub mod schema;
 
 /// Prefix of every object we create in the user's database (Go `HarmonyLitePrefix`).

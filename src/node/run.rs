@@ -29,14 +29,18 @@ use super::setup::{Capture, Ready};
 use super::{Node, StartError};
 use crate::db::{self, apply::Applier, changelog::ChangeLog};
 use crate::replicate::apply::{self as applying, ApplyObservers};
+use crate::replicate::catchup;
 use crate::replicate::flow::{self, Flow};
 use crate::replicate::publish::{self, LocalLog, Outbox, Pacing, Publisher, SharedLog};
 use crate::replicate::watch;
 use crate::seqmap::SeqMap;
+use crate::snapshot::{self, scheduler::Snapshots};
 use crate::stream;
 
 /// How long shutdown waits for subsystems to finish their current work.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the snapshot before a `sleep_timeout` exit may take.
+const SLEEP_SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the database file's identity is checked.
 const DB_FILE_CHECK: Duration = Duration::from_secs(1);
 
@@ -73,6 +77,7 @@ async fn run_subsystems(
     let settings = &node.settings;
     let mut tasks = Subsystems::new();
     let Capture { conn, tables, hash } = capture;
+    let schema_hash = hash.clone();
     let table_names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
     let log = Arc::new(ChangeLog::new(tables));
     let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
@@ -82,7 +87,7 @@ async fn run_subsystems(
         .map(|s| AtomicU64::new(seqmap.get(s)))
         .collect();
     let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
-    let flow = Flow::new(node.streams());
+    let flow = Flow::new(node.streams(), settings.node_id);
     let positions_kv = if settings.publish || settings.replicate {
         flow::bucket(&node.js, settings).await
     } else {
@@ -116,8 +121,20 @@ async fn run_subsystems(
     if let Some(store) = positions_kv {
         spawn_flow(&mut tasks, node, &flow, store, &positions);
     }
+    let gate = Arc::new(Mutex::new(()));
+    let snapshots = snapshots(node, &positions, &gate, schema_hash)?;
+    if let Some(s) = &snapshots {
+        spawn_snapshots(&mut tasks, node, s);
+    }
     if settings.replicate {
-        spawn_apply(&mut tasks, node, &log, seqmap, &positions, reported)?;
+        let wiring = ApplyWiring {
+            seqmap,
+            positions: Arc::clone(&positions),
+            flow: reported,
+            gate,
+            snapshots: snapshots.clone(),
+        };
+        spawn_apply(&mut tasks, node, &log, wiring)?;
     } else {
         tracing::info!("replicate = false: remote changes will not be applied");
     }
@@ -130,7 +147,7 @@ async fn run_subsystems(
     tracing::info!(shards = settings.replication.shards, "Replication running");
     crate::systemd::notify("READY=1");
 
-    let failure = supervise(node, &mut tasks, embedded).await;
+    let failure = supervise(node, &mut tasks, embedded, snapshots.as_deref()).await;
     if let Some(e) = &failure {
         node.observers.health.set_failed();
         tracing::error!("{e:#}; shutting down");
@@ -177,15 +194,35 @@ async fn recover(node: &Node, publisher: &Publisher, shared: &SharedLog) -> anyh
     }
 }
 
-/// The applying side: one consumer per shard feeding the apply thread.
+/// What the applying side shares with the other subsystems.
+struct ApplyWiring {
+    seqmap: SeqMap,
+    /// Per shard: the last applied sequence (the keeper, flow control and snapshots read it).
+    positions: Arc<[AtomicU64]>,
+    /// Told of every advance, when positions are reported.
+    flow: Option<Arc<Flow>>,
+    /// Taken by snapshot copies between apply batches.
+    gate: Arc<Mutex<()>>,
+    /// Recovery from snapshots, when they are enabled.
+    snapshots: Option<Arc<Snapshots>>,
+}
+
+/// The applying side: one consumer per shard feeding the apply thread (and recovering from a
+/// snapshot when a stream no longer holds what this node lacks).
 fn spawn_apply(
     tasks: &mut Subsystems,
     node: &Node,
     log: &Arc<ChangeLog>,
-    seqmap: SeqMap,
-    positions: &Arc<[AtomicU64]>,
-    flow: Option<Arc<Flow>>,
+    wiring: ApplyWiring,
 ) -> anyhow::Result<()> {
+    let ApplyWiring {
+        seqmap,
+        positions,
+        flow,
+        gate,
+        snapshots,
+    } = wiring;
+    let positions = &positions;
     let settings = &node.settings;
     let streams = node.streams();
     let applied: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
@@ -199,23 +236,11 @@ fn spawn_apply(
     )
     .context("Unable to start the applier")?;
     let (tx, rx) = mpsc::channel(applying::CHANNEL_DEPTH);
-    for (idx, name) in streams.iter().enumerate() {
-        let start = seqmap.get(name) + 1;
-        tracing::info!(stream = %name, from_seq = start, "Starting consumer");
-        let spec = applying::ConsumerSpec {
-            js: node.js.clone(),
-            settings: Arc::clone(settings),
-            shard: idx as u64 + 1,
-            start_seq: start,
-            health: Arc::clone(&node.observers.health),
-        };
-        let (tx, token) = (tx.clone(), node.root.clone());
-        tasks.spawn(async move {
-            applying::run_consumer(spec, tx, token).await;
-            ("consumer", Ok(()))
-        });
-    }
-    drop(tx);
+    let (n, p) = (node.clone(), Arc::clone(positions));
+    tasks.spawn(async move {
+        let result = catchup::run(n, tx, p, snapshots).await;
+        ("consumers", result)
+    });
     let thread = applying::spawn_apply_thread(
         applying::ApplyThread {
             applier,
@@ -233,6 +258,7 @@ fn spawn_apply(
             },
             positions: Arc::clone(positions),
             flow,
+            gate,
         },
         rx,
         node.root.clone(),
@@ -247,6 +273,45 @@ fn spawn_apply(
         ("apply thread", result)
     });
     Ok(())
+}
+
+/// The snapshot side, when snapshots are enabled.
+fn snapshots(
+    node: &Node,
+    positions: &Arc<[AtomicU64]>,
+    gate: &Arc<Mutex<()>>,
+    schema_hash: String,
+) -> anyhow::Result<Option<Arc<Snapshots>>> {
+    let settings = &node.settings;
+    if !settings.snapshot.enabled {
+        return Ok(None);
+    }
+    let store = snapshot::open_store(settings, &node.js)
+        .context("Unable to initialize snapshot storage")?;
+    let source = settings.replicate.then(|| snapshot::Source {
+        db_path: settings.db_path.clone(),
+        streams: node.streams(),
+        positions: Arc::clone(positions),
+        gate: Arc::clone(gate),
+    });
+    Ok(Some(Snapshots::new(
+        Arc::clone(settings),
+        node.client.clone(),
+        node.js.clone(),
+        store,
+        source,
+        schema_hash,
+        node.observers.clone(),
+    )))
+}
+
+/// Snapshot leader election and save triggers.
+fn spawn_snapshots(tasks: &mut Subsystems, node: &Node, snapshots: &Arc<Snapshots>) {
+    let (s, token) = (Arc::clone(snapshots), node.root.clone());
+    tasks.spawn(async move {
+        s.run(token).await;
+        ("snapshot scheduler", Ok(()))
+    });
 }
 
 /// Flow control: reports this node's applied positions (when it applies), follows everyone's
@@ -354,6 +419,7 @@ async fn supervise(
     node: &Node,
     tasks: &mut Subsystems,
     embedded: Option<&stream::embedded::EmbeddedNats>,
+    snapshots: Option<&Snapshots>,
 ) -> Option<anyhow::Error> {
     let broker_exit = async {
         match embedded {
@@ -372,6 +438,13 @@ async fn supervise(
         _ = node.root.cancelled() => None,
         _ = idle => {
             tracing::info!("No more events to process, initiating shutdown");
+            if let Some(s) = snapshots.filter(|s| s.is_leader()) {
+                tracing::info!("Saving snapshot before going to sleep");
+                let saved = tokio::time::timeout(SLEEP_SAVE_TIMEOUT, s.save_now("sleep timeout")).await;
+                if saved.is_err() {
+                    tracing::error!("Unable to save snapshot: it took longer than {SLEEP_SAVE_TIMEOUT:?}");
+                }
+            }
             None
         }
         status = broker_exit => Some(anyhow::anyhow!(

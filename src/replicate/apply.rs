@@ -55,6 +55,35 @@ pub struct Delivered {
     pub body: Bytes,
 }
 
+/// What the apply thread is given: messages in stream order, or a snapshot to restore once the
+/// messages before it are applied.
+#[derive(Debug)]
+pub enum Work {
+    Message(Delivered),
+    Restore(RestoreJob),
+}
+
+/// A verified snapshot to merge into the database, with the positions it contains.
+#[derive(Debug)]
+pub struct RestoreJob {
+    pub file: std::path::PathBuf,
+    /// Per shard (index shard − 1).
+    pub positions: Vec<u64>,
+    /// The outcome; an error as its cause chain.
+    pub reply: tokio::sync::oneshot::Sender<Result<crate::db::restore::Restored, String>>,
+}
+
+/// A consumer found messages it needed already discarded by the stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Gap {
+    /// Index shard − 1.
+    pub stream: usize,
+    /// The first sequence this node lacks.
+    pub missing_from: u64,
+    /// The stream's first retained sequence.
+    pub first: u64,
+}
+
 /// Where the apply thread reports what it did.
 #[derive(Clone)]
 pub struct ApplyObservers {
@@ -71,6 +100,9 @@ pub struct ConsumerSpec {
     /// First sequence to read (saved position + 1).
     pub start_seq: u64,
     pub health: Arc<HealthState>,
+    /// Where a gap is reported (then the consumer stops and waits to be cancelled); `None`:
+    /// log it and go on past it (no snapshots to recover from).
+    pub gaps: Option<mpsc::UnboundedSender<Gap>>,
 }
 
 /// Messages asked for per fetch; a new fetch is sent when one completes.
@@ -87,18 +119,25 @@ const FETCH_GRACE: Duration = Duration::from_secs(5);
 /// Why a hand-driven fetch loop: async-nats' ordered consumer stalled silently under bursts in
 /// our benchmark (messages in the stream, none delivered, no error). Here every fetch is explicit,
 /// consumer sequences are checked for gaps, and every failure leads to a visible reopen.
-pub async fn run_consumer(
-    spec: ConsumerSpec,
-    tx: mpsc::Sender<Delivered>,
-    shutdown: CancellationToken,
-) {
+pub async fn run_consumer(spec: ConsumerSpec, tx: mpsc::Sender<Work>, shutdown: CancellationToken) {
     let ConsumerSpec {
         js,
         settings,
         shard,
         start_seq,
         health,
+        gaps,
     } = spec;
+    let report_gap = |missing_from: u64, first: u64| {
+        gaps.as_ref().is_some_and(|g| {
+            g.send(Gap {
+                stream: shard as usize - 1,
+                missing_from,
+                first,
+            })
+            .is_ok()
+        })
+    };
     let stream_idx = shard as usize - 1;
     let stream_name = settings.stream_name(shard);
     let subject = settings.subject_name(shard);
@@ -129,6 +168,12 @@ pub async fn run_consumer(
                     "Stream ends before this node's position (it was recreated); consuming from its start");
                 next = first.max(1);
                 reset = true;
+            }
+            Ok(Some((first, _))) if first > next && !reset && report_gap(next, first) => {
+                tracing::warn!(stream = %stream_name, missing_from = next, stream_first = first,
+                    "Stream gap detected: the stream no longer holds changes this node lacks; recovering from a snapshot");
+                shutdown.cancelled().await;
+                return;
             }
             Ok(Some(_)) => {}
             Err(e) => {
@@ -233,7 +278,13 @@ pub async fn run_consumer(
                 if seq < next {
                     continue; // already forwarded before a reopen
                 }
-                if seq > next {
+                if seq > next && !reset && report_gap(next, seq) {
+                    tracing::warn!(stream = %stream_name, missing_from = next, stream_first = seq,
+                        "Stream gap detected: the stream no longer holds changes this node lacks; recovering from a snapshot");
+                    shutdown.cancelled().await;
+                    return;
+                }
+                if seq > next && !reset {
                     // Retention (max_entries) dropped messages this node had not applied yet.
                     tracing::error!(stream = %stream_name, missing_from = next, missing_to = seq - 1,
                         "Stream gap detected: required messages have been truncated; this node lacks \
@@ -253,7 +304,7 @@ pub async fn run_consumer(
                     reset: std::mem::take(&mut reset),
                     body: msg.message.payload.clone(),
                 };
-                if tx.send(delivered).await.is_err() {
+                if tx.send(Work::Message(delivered)).await.is_err() {
                     // The apply thread is gone; it reports why. Wait for the shutdown it causes
                     // rather than end first and be taken for the failure.
                     shutdown.cancelled().await;
@@ -332,6 +383,9 @@ pub struct ApplyThread {
     pub positions: Arc<[AtomicU64]>,
     /// Told after every advance (the position reporter sends a report at once).
     pub flow: Option<Arc<super::flow::Flow>>,
+    /// Held while a batch is applied and its positions published (a snapshot copy begins only
+    /// between batches).
+    pub gate: Arc<std::sync::Mutex<()>>,
 }
 
 /// Why the apply thread stopped on its own.
@@ -350,7 +404,7 @@ pub enum ApplyError {
 /// Only if the OS refuses to start a thread.
 pub fn spawn_apply_thread(
     work: ApplyThread,
-    mut rx: mpsc::Receiver<Delivered>,
+    mut rx: mpsc::Receiver<Work>,
     shutdown: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<Result<(), ApplyError>>> {
     let runtime = tokio::runtime::Handle::current();
@@ -367,6 +421,7 @@ pub fn spawn_apply_thread(
                 observers,
                 positions,
                 flow,
+                gate,
             } = work;
             let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
             // Per-shard metric handles, resolved once instead of per event.
@@ -416,6 +471,14 @@ pub fn spawn_apply_thread(
                 });
                 let first = match first {
                     None | Some(Ok(None)) => break,
+                    Some(Ok(Some(Work::Restore(job)))) => {
+                        let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
+                        let fatal = restore(&mut applier, &mut seqmap, &streams, &mut last, &positions, &shard_last, job);
+                        if let Some(e) = fatal {
+                            return Err(ApplyError::Fatal(e));
+                        }
+                        continue;
+                    }
                     Some(Err(_)) => {
                         match applier.retry_held() {
                             Ok(0) => {}
@@ -426,19 +489,26 @@ pub fn spawn_apply_thread(
                         observers.metrics.held_events.set(applier.held_len() as i64);
                         continue;
                     }
-                    Some(Ok(Some(d))) => d,
+                    Some(Ok(Some(Work::Message(d)))) => d,
                 };
                 let mut bytes = first.body.len();
                 batch.push(first);
+                // A restore that arrives behind messages runs after their batch.
+                let mut then_restore: Option<RestoreJob> = None;
                 while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                     match rx.try_recv() {
-                        Ok(d) => {
+                        Ok(Work::Message(d)) => {
                             bytes += d.body.len();
                             batch.push(d);
+                        }
+                        Ok(Work::Restore(job)) => {
+                            then_restore = Some(job);
+                            break;
                         }
                         Err(_) => break,
                     }
                 }
+                let held = gate.lock().unwrap_or_else(|p| p.into_inner());
                 match apply_with_retry(
                     &mut applier,
                     &streams,
@@ -484,6 +554,7 @@ pub fn spawn_apply_thread(
                     positions[i].store(seq, Ordering::Relaxed);
                 }
                 if let Some(flow) = &flow {
+                    flow.record_local(&positions);
                     flow.advanced.notify_one();
                 }
                 if jumped {
@@ -493,12 +564,56 @@ pub fn spawn_apply_thread(
                         tracing::warn!(error = %crate::error_chain(&e), "Cannot re-read in-flight changes");
                     }
                 }
+                drop(held);
                 observers.metrics.held_events.set(applier.held_len() as i64);
                 batch.clear();
+                if let Some(job) = then_restore {
+                    let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(e) = restore(&mut applier, &mut seqmap, &streams, &mut last, &positions, &shard_last, job) {
+                        return Err(ApplyError::Fatal(e));
+                    }
+                }
             }
             tracing::debug!("apply thread stopped");
             Ok(())
         })
+}
+
+/// Merges a snapshot and moves every position to the snapshot's; answers the job. Returns the
+/// error when it is fatal (the thread must stop).
+fn restore(
+    applier: &mut Applier,
+    seqmap: &mut SeqMap,
+    streams: &[String],
+    last: &mut [u64],
+    positions: &[AtomicU64],
+    shard_last: &[IntGauge],
+    job: RestoreJob,
+) -> Option<crate::db::Error> {
+    let RestoreJob {
+        file,
+        positions: at,
+        reply,
+    } = job;
+    match applier.restore_snapshot(&file, &at) {
+        Ok(restored) => {
+            for (i, name) in streams.iter().enumerate() {
+                let p = at.get(i).copied().unwrap_or(0);
+                if let Err(e) = seqmap.reset(name, p) {
+                    tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map");
+                }
+                last[i] = p;
+                positions[i].store(p, Ordering::SeqCst);
+                shard_last[i].set(p as i64);
+            }
+            let _ = reply.send(Ok(restored));
+            None
+        }
+        Err(e) => {
+            let _ = reply.send(Err(crate::error_chain(&e)));
+            e.is_fatal().then_some(e)
+        }
+    }
 }
 
 /// How often held events are retried while the database changes.

@@ -79,6 +79,8 @@ pub struct PeerView {
 /// The cluster's applied positions as seen here, and the publishing window.
 pub struct Flow {
     streams: Vec<String>,
+    /// This node: its own position comes straight from its apply thread, not through the bucket.
+    self_id: u64,
     peers: Mutex<HashMap<u64, Peer>>,
     /// Per stream: the stream's `max_messages` (0 = unknown or unlimited: no throttling).
     limits: Vec<AtomicU64>,
@@ -89,10 +91,11 @@ pub struct Flow {
 }
 
 impl Flow {
-    pub fn new(streams: Vec<String>) -> Arc<Flow> {
+    pub fn new(streams: Vec<String>, self_id: u64) -> Arc<Flow> {
         let limits = streams.iter().map(|_| AtomicU64::new(0)).collect();
         Arc::new(Flow {
             streams,
+            self_id,
             peers: Mutex::new(HashMap::new()),
             limits,
             changed: Notify::new(),
@@ -140,16 +143,34 @@ impl Flow {
             .min()
     }
 
-    /// Takes a report in (from the watcher).
+    /// Takes a report in (from the watcher); this node's own reports are ignored (see
+    /// [`Flow::record_local`]).
     fn record(&self, report: &Report) {
-        let now = Instant::now();
+        if report.node_id == self.self_id {
+            return;
+        }
         let positions: Vec<u64> = self
             .streams
             .iter()
             .map(|s| report.positions.get(s).copied().unwrap_or(0))
             .collect();
+        self.record_positions(report.node_id, positions);
+    }
+
+    /// Records this node's own applied positions (per stream), as its apply thread advances:
+    /// its publisher is paced to it without a round trip through the bucket.
+    pub fn record_local(&self, positions: &[AtomicU64]) {
+        let positions = positions
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .collect();
+        self.record_positions(self.self_id, positions);
+    }
+
+    fn record_positions(&self, node_id: u64, positions: Vec<u64>) {
+        let now = Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        match peers.get_mut(&report.node_id) {
+        match peers.get_mut(&node_id) {
             Some(peer) => {
                 for (i, &pos) in positions.iter().enumerate() {
                     if pos > peer.positions.get(i).copied().unwrap_or(0) {
@@ -161,7 +182,7 @@ impl Flow {
             }
             None => {
                 peers.insert(
-                    report.node_id,
+                    node_id,
                     Peer {
                         advanced: vec![now; positions.len()],
                         positions,
@@ -271,6 +292,7 @@ pub async fn report(
                 .collect(),
             beat,
         };
+        flow.record_local(&positions);
         let body = match serde_json::to_vec(&report) {
             Ok(b) => b,
             Err(e) => {
@@ -410,7 +432,7 @@ mod tests {
 
     #[test]
     fn window_is_half_the_stream_and_follows_the_slowest_peer() {
-        let flow = Flow::new(vec!["s-1".into()]);
+        let flow = Flow::new(vec!["s-1".into()], 99);
         assert!(flow.allows(0, 10_000, 0), "no limit known: unthrottled");
         flow.set_limit(0, 1024);
         assert_eq!(flow.window(0), 512);
@@ -421,11 +443,18 @@ mod tests {
         assert!(!flow.allows(0, 613, 612));
         flow.forget(1);
         assert!(flow.allows(0, 1400, 1399));
+        // Our own reports through the bucket are ignored; the local record counts.
+        flow.record(&report(99, 0));
+        assert!(flow.allows(0, 1400, 1399));
+        let own = [AtomicU64::new(5)];
+        flow.record_local(&own);
+        assert!(flow.allows(0, 13, 12));
+        assert!(!flow.allows(0, 518, 517));
     }
 
     #[test]
     fn a_peer_that_is_gone_or_stuck_stops_counting() {
-        let flow = Flow::new(vec!["s-1".into()]);
+        let flow = Flow::new(vec!["s-1".into()], 99);
         flow.set_limit(0, 16);
         flow.record(&report(1, 10));
         let now = Instant::now();

@@ -4,6 +4,7 @@
 //! slowest live node, and [`watch`] notices local commits.
 
 pub mod apply;
+pub mod catchup;
 pub mod flow;
 pub mod publish;
 pub mod watch;

@@ -162,6 +162,11 @@ pub async fn acquire(
 }
 
 impl Lease {
+    /// Gives the lease up (one-shot commands, so that the daemon can start right after).
+    pub async fn release(self) {
+        let _ = self.store.delete(&self.key).await;
+    }
+
     /// Refreshes the lease until shutdown.
     ///
     /// # Errors

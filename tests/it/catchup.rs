@@ -60,3 +60,383 @@ fn bulk_transaction_reaches_every_running_node_with_default_max_entries() {
         );
     }
 }
+
+/// `max_entries = 16`: a brand-new node (schema only) joins after the stream has discarded most
+/// history, restores the leader's snapshot and converges.
+#[test]
+fn new_node_joins_from_a_snapshot_when_the_stream_is_truncated() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    a.set_max_entries(16);
+    a.start();
+    for i in 0..200 {
+        a.exec(&format!(
+            "INSERT INTO Books (title, author, publication_year) VALUES ('t{i}', 'a{i}', {i})"
+        ));
+    }
+    a.exec(
+        "UPDATE Books SET author = 'changed' WHERE id % 7 = 0; DELETE FROM Books WHERE id % 11 = 0",
+    );
+    let want = a.checksum("Books");
+    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
+    b.set_max_entries(16);
+    b.start();
+    wait_until(Duration::from_secs(60), "the new node converges", || {
+        b.checksum("Books") == want
+    });
+    wait_until(Duration::from_secs(10), "the restore is logged", || {
+        b.log().contains("Restore complete")
+    });
+    // And it keeps replicating afterwards, both ways.
+    b.exec(
+        "INSERT INTO Books (id, title, author, publication_year) VALUES (1001, 'from b', 'b', 1)",
+    );
+    a.exec(
+        "INSERT INTO Books (id, title, author, publication_year) VALUES (1002, 'from a', 'a', 2)",
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "both converge after the restore",
+        || {
+            a.checksum("Books") == b.checksum("Books")
+                && a.query_i64("SELECT count(*) FROM Books WHERE title LIKE 'from %'") == 2
+        },
+    );
+}
+
+/// Single-row inserts with explicit ids `from..to` on `node`.
+fn insert_range(node: &Node, from: u64, to: u64) {
+    let conn = node.conn();
+    for i in from..to {
+        conn.execute(
+            "INSERT INTO Books (id, title, author, publication_year) VALUES (?1, 't', 'a', ?1)",
+            [i as i64],
+        )
+        .unwrap_or_else(|e| panic!("insert {i}: {e}"));
+    }
+}
+
+/// `max_entries = 16`: a node stopped while 2,000 writes happen elsewhere restarts and
+/// converges (its gap is filled by a snapshot).
+#[test]
+fn stopped_node_restarts_and_converges() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
+    for n in [&a, &b] {
+        n.set_max_entries(16);
+    }
+    a.start();
+    b.start();
+    insert_range(&a, 1, 11);
+    wait_until(Duration::from_secs(30), "b has the first rows", || {
+        b.query_i64("SELECT count(*) FROM Books") == 10
+    });
+    assert!(b.terminate().success());
+    insert_range(&a, 11, 2011);
+    let want = a.checksum("Books");
+    b.start();
+    wait_until(
+        Duration::from_secs(60),
+        "the restarted node converges",
+        || b.checksum("Books") == want,
+    );
+    wait_until(Duration::from_secs(10), "the restore is logged", || {
+        b.log().contains("Restore complete")
+    });
+}
+
+/// `max_entries = 16`: a running node forced behind (SIGSTOP for 10 s during writes) recovers
+/// online, without a restart.
+#[test]
+fn paused_node_recovers_online() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
+    for n in [&a, &b] {
+        n.set_max_entries(16);
+    }
+    a.start();
+    b.start();
+    insert_range(&a, 1, 11);
+    wait_until(Duration::from_secs(30), "b has the first rows", || {
+        b.query_i64("SELECT count(*) FROM Books") == 10
+    });
+    let pid = b.pid().expect("b runs");
+    signal(pid, libc::SIGSTOP);
+    let paused = Instant::now();
+    let mut next = 11;
+    while paused.elapsed() < Duration::from_secs(10) {
+        insert_range(&a, next, next + 20);
+        next += 20;
+    }
+    signal(pid, libc::SIGCONT);
+    insert_range(&a, next, next + 50);
+    let want = a.checksum("Books");
+    wait_until(Duration::from_secs(60), "the paused node converges", || {
+        b.checksum("Books") == want
+    });
+    assert!(b.pid() == Some(pid), "b was not restarted");
+    wait_until(Duration::from_secs(10), "the restore is logged", || {
+        b.log().contains("Restore complete")
+    });
+    let log = b.log();
+    assert_eq!(log.matches("Replication running").count(), 1, "{log}");
+}
+
+/// Restore under a running application: another process keeps a connection open, reads and
+/// writes throughout the restore; it keeps working, sees every row it committed, and the
+/// database is sound afterwards.
+#[test]
+fn restore_under_a_running_application_loses_none_of_its_writes() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    a.set_max_entries(16);
+    a.start();
+    bulk_insert(&a, 8_000);
+    // All of it published (so the stream has discarded what b would need).
+    wait_until(
+        Duration::from_secs(60),
+        "a has published the bulk insert",
+        || a.query_i64("SELECT count(*) FROM __harmonylite__Books_change_log WHERE state = 0") == 0,
+    );
+    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
+    b.set_max_entries(16);
+    // The application starts once capture is installed (rows written before harmonylite ever ran
+    // on a node are not replicated, and a restore replaces them) and before the restore begins.
+    b.spawn();
+    wait_until(Duration::from_secs(30), "capture installed on b", || {
+        b.log().contains("Streaming ready")
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = {
+        let (db, stop) = (b.db.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || -> Result<u64, String> {
+            let conn = rusqlite::Connection::open(&db).map_err(|e| e.to_string())?;
+            conn.busy_timeout(Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+            let mut committed = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = 1_000_000 + committed as i64;
+                conn.execute(
+                    "INSERT INTO Authors (id, name, birth_year) VALUES (?1, 'app', ?1)",
+                    [id],
+                )
+                .map_err(|e| format!("write {id}: {e}"))?;
+                committed += 1;
+                let seen: i64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM Authors WHERE id >= 1000000",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(|e| format!("read: {e}"))?;
+                if seen as u64 != committed {
+                    return Err(format!("saw {seen} of its {committed} committed rows"));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(committed)
+        })
+    };
+    b.wait_started();
+    let want = a.checksum("Books");
+    wait_until(
+        Duration::from_secs(90),
+        "the new node has every book",
+        || b.checksum("Books") == want,
+    );
+    wait_until(Duration::from_secs(10), "the restore is logged", || {
+        b.log().contains("Restore complete")
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let committed = app
+        .join()
+        .expect("app thread")
+        .expect("the application kept working");
+    assert!(committed > 0);
+    wait_until(Duration::from_secs(30), "the app's rows replicate", || {
+        a.query_i64("SELECT count(*) FROM Authors WHERE id >= 1000000") == committed as i64
+    });
+    assert_eq!(
+        b.query_text("PRAGMA integrity_check").as_deref(),
+        Some("ok")
+    );
+}
+
+/// The snapshot store of a test cluster, through the library (as a node sees it).
+fn nats_store(
+    nats: &NatsServer,
+) -> (
+    tokio::runtime::Runtime,
+    harmonylite::snapshot::nats::NatsStore,
+) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let store = rt.block_on(async {
+        let client = async_nats::connect(&nats.url).await.expect("connect");
+        harmonylite::snapshot::nats::NatsStore::new(
+            async_nats::jetstream::new(client),
+            "harmonylite-changes-snapshot-store".into(),
+            1,
+        )
+    });
+    (rt, store)
+}
+
+/// `-save-snapshot` uploads a snapshot with its positions and checksum and exits 0; it exits
+/// non-zero with a clear message when it cannot (here: snapshots disabled, a daemon running).
+#[test]
+fn save_snapshot_flag_uploads_and_reports_failures() {
+    use harmonylite::snapshot::Store as _;
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    a.start();
+    insert_range(&a, 1, 51);
+    wait_until(Duration::from_secs(30), "a applied its own rows", || {
+        std::fs::metadata(a.seq_map()).is_ok_and(|m| m.len() > 0)
+            && a.query_i64("SELECT count(*) FROM __harmonylite__Books_change_log WHERE state = 0")
+                == 0
+    });
+    // Refused while the daemon holds the database.
+    let (code, out) =
+        crate::support::run_to_exit(&a.config, &["-save-snapshot"], Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(a.terminate().success());
+    let (code, out) =
+        crate::support::run_to_exit(&a.config, &["-save-snapshot"], Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Snapshot saved"), "{out}");
+    let (rt, store) = nats_store(&nats);
+    let meta = rt
+        .block_on(store.meta())
+        .expect("meta")
+        .expect("a snapshot is stored");
+    let positions = meta.positions.clone().expect("positions recorded");
+    assert!(positions.values().all(|&p| p >= 50), "{positions:?}");
+    assert!(meta.sha256.is_some() && meta.size.is_some() && meta.fnv_tag.is_some());
+    // Snapshots disabled: nothing to save to, a clear error, non-zero.
+    a.append_config("[snapshot]\nenabled = false");
+    let (code, out) =
+        crate::support::run_to_exit(&a.config, &["-save-snapshot"], Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("snapshot.enabled = false"), "{out}");
+}
+
+/// A snapshot whose bytes were flipped in the store is refused and logged; the node keeps
+/// trying and uses a good one once there is one.
+#[test]
+fn corrupted_snapshot_is_refused_until_a_good_one_exists() {
+    use harmonylite::snapshot::Store as _;
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    a.set_max_entries(16);
+    a.start();
+    insert_range(&a, 1, 201);
+    let (rt, store) = nats_store(&nats);
+    wait_until(Duration::from_secs(30), "a snapshot with every row", || {
+        rt.block_on(store.meta())
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.positions.is_some_and(|p| p.values().all(|&s| s >= 200)))
+    });
+    assert!(a.terminate().success());
+    // Flip bytes in the middle of the stored snapshot, keeping its metadata.
+    let dir = crate::support::tempdir();
+    let file = dir.path().join("snapshot.db");
+    let meta = rt
+        .block_on(store.download(&file))
+        .expect("download")
+        .expect("stored");
+    let mut bytes = std::fs::read(&file).expect("read");
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&file, &bytes).expect("write");
+    rt.block_on(store.upload(&file, &meta))
+        .expect("upload the corrupted copy");
+
+    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
+    b.set_max_entries(16);
+    b.start();
+    wait_until(
+        Duration::from_secs(30),
+        "the corrupted snapshot is refused",
+        || b.log().contains("snapshot refused: SHA-256"),
+    );
+    assert_eq!(
+        b.query_i64("SELECT count(*) FROM Books"),
+        0,
+        "nothing restored from it"
+    );
+    // The leader comes back, is asked for a newer snapshot, saves a good one; b uses it.
+    a.start();
+    let want = a.checksum("Books");
+    wait_until(
+        Duration::from_secs(60),
+        "b restores the good snapshot",
+        || b.checksum("Books") == want,
+    );
+}
+
+/// Three publishing nodes: exactly one saves on a trigger; kill it and another takes over within
+/// `leader_ttl`.
+#[test]
+fn one_leader_saves_and_another_takes_over_when_it_dies() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| {
+            let n = Node::new(id, &nats.url, BOOKS_SCHEMA, 1, "");
+            n.set_max_entries(16);
+            n.append_config("[snapshot]\nleader_ttl = 3000");
+            n
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    wait_until(Duration::from_secs(15), "a leader", || {
+        nodes
+            .iter()
+            .any(|n| n.log().contains("Became snapshot leader"))
+    });
+    insert_range(&nodes[1], 1, 21);
+    wait_until(Duration::from_secs(30), "a snapshot saved", || {
+        nodes.iter().any(|n| n.log().contains("Snapshot saved "))
+    });
+    let savers: Vec<u64> = nodes
+        .iter()
+        .filter(|n| n.log().contains("Snapshot saved "))
+        .map(|n| n.id)
+        .collect();
+    let leaders: Vec<u64> = nodes
+        .iter()
+        .filter(|n| n.log().contains("Became snapshot leader"))
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(leaders.len(), 1, "one leader: {leaders:?}");
+    assert_eq!(savers, leaders, "only the leader saves");
+    let idx = nodes
+        .iter()
+        .position(|n| n.id == leaders[0])
+        .expect("leader");
+    nodes[idx].kill();
+    let killed = Instant::now();
+    wait_until(Duration::from_secs(10), "another leader", || {
+        nodes
+            .iter()
+            .any(|n| n.id != leaders[0] && n.log().contains("Became snapshot leader"))
+    });
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_millis(3000 + 500),
+        "takeover took {took:?}"
+    );
+}

@@ -1,0 +1,240 @@
+//! Restoring a snapshot into the live database, online (design §3.8, §3.11).
+//!
+//! The snapshot is attached read-only and its rows are merged into the live tables in one write
+//! transaction of ours (the apply guard set, so nothing is captured): rows the snapshot lacks are
+//! deleted, rows that differ are updated in place, missing rows are inserted. Application
+//! connections stay open and valid throughout — nothing copies files under them; they wait on
+//! SQLite's lock like for any other writer and then see the restored rows.
+//!
+//! Invariants:
+//! - A row with a local change that has not come back from the stream yet (pending, or published
+//!   past the snapshot's position) is left as it is: the snapshot never overwrites a committed
+//!   local write, and the change still replicates (the change logs are not touched).
+//! - Our own tables (change logs, held events, identity) are never read from the snapshot.
+//! - A table the snapshot lacks, or lacks a key column of, is left alone and reported.
+//! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
+//!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::apply::{Bind, begin_guarded, commit_guarded};
+use super::changelog::ChangeLog;
+use super::{Error, Table, on_table, quote};
+
+/// Schema name the snapshot is attached as.
+const SNAP: &str = "hl_snapshot";
+
+/// What a restore did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub deleted: u64,
+    pub updated: u64,
+    pub inserted: u64,
+    /// Rows left alone because a local change of them is still in flight.
+    pub kept: u64,
+    /// Tables not restored, with why.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Merges the snapshot at `snapshot` into the database of `conn`. `positions` (per shard, index
+/// shard − 1) are the snapshot's: changes of ours published past them are kept.
+///
+/// # Errors
+/// SQLite errors; nothing is changed then.
+pub fn restore(
+    conn: &mut Connection,
+    log: &ChangeLog,
+    snapshot: &Path,
+    positions: &[u64],
+) -> Result<Restored, Error> {
+    let uri = format!(
+        "file:{}?mode=ro",
+        snapshot
+            .to_string_lossy()
+            .replace('%', "%25")
+            .replace('?', "%3f")
+            .replace('#', "%23")
+    );
+    conn.execute("ATTACH DATABASE ?1 AS hl_snapshot", [&uri])?;
+    let result = merge_all(conn, log, positions);
+    let detached = conn.execute_batch("DETACH DATABASE hl_snapshot");
+    let restored = result?;
+    detached?;
+    Ok(restored)
+}
+
+fn merge_all(conn: &mut Connection, log: &ChangeLog, positions: &[u64]) -> Result<Restored, Error> {
+    let mut out = Restored::default();
+    let tx = begin_guarded(conn)?;
+    for (i, table) in log.tables().iter().enumerate() {
+        let snap_cols = snapshot_columns(&tx, &table.name)?;
+        if snap_cols.is_empty() {
+            out.skipped
+                .push((table.name.clone(), "the snapshot has no such table".into()));
+            continue;
+        }
+        let has = |name: &str| {
+            name.eq_ignore_ascii_case("rowid")
+                || snap_cols.iter().any(|c| c.eq_ignore_ascii_case(name))
+        };
+        let keys: Vec<&str> = table
+            .pk_indexes()
+            .iter()
+            .map(|&k| table.columns[k].name.as_str())
+            .collect();
+        if let Some(missing) = keys.iter().find(|k| !has(k)) {
+            out.skipped.push((
+                table.name.clone(),
+                format!("the snapshot's table lacks key column {missing:?}"),
+            ));
+            continue;
+        }
+        let (flying, _) = log.in_flight(&tx, i, 0, Some(positions))?;
+        keep_table(&tx, &keys, &flying)?;
+        out.kept += flying.len() as u64;
+        merge_table(&tx, table, &keys, &has, &mut out).map_err(on_table(&table.name))?;
+        tx.execute_batch("DROP TABLE temp.hl_keep")?;
+    }
+    commit_guarded(tx)?;
+    Ok(out)
+}
+
+/// Column names of a table in the snapshot (empty when it has no such table).
+fn snapshot_columns(conn: &Connection, table: &str) -> Result<Vec<String>, Error> {
+    let mut stmt = conn.prepare(&format!("SELECT name FROM pragma_table_info(?1, '{SNAP}')"))?;
+    let names = stmt
+        .query_map([table], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(names)
+}
+
+/// `temp.hl_keep(k0, k1, …)`: the keys of rows not to touch.
+fn keep_table(
+    conn: &Connection,
+    keys: &[&str],
+    flying: &[(i64, Vec<crate::wire::Value>)],
+) -> Result<(), Error> {
+    let cols: Vec<String> = (0..keys.len()).map(|i| format!("k{i}")).collect();
+    conn.execute_batch(&format!(
+        "CREATE TEMP TABLE hl_keep ({cols}); CREATE INDEX temp.hl_keep_k ON hl_keep ({cols});",
+        cols = cols.join(", ")
+    ))?;
+    let mut insert = conn.prepare(&format!(
+        "INSERT INTO temp.hl_keep VALUES ({})",
+        vec!["?"; keys.len()].join(", ")
+    ))?;
+    for (_, key) in flying {
+        let binds: Vec<Bind<'_>> = key.iter().map(Bind).collect();
+        insert.execute(rusqlite::params_from_iter(binds.iter()))?;
+    }
+    Ok(())
+}
+
+fn merge_table(
+    conn: &Connection,
+    table: &Table,
+    keys: &[&str],
+    has: &dyn Fn(&str) -> bool,
+    out: &mut Restored,
+) -> rusqlite::Result<()> {
+    let name = quote(&table.name);
+    let key_is = |a: &str, b: &str| {
+        keys.iter()
+            .map(|k| format!("{a}.{k} IS {b}.{k}", k = quote(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let kept = |x: &str| {
+        let cond = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("hk.k{i} IS {x}.{}", quote(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        format!("EXISTS (SELECT 1 FROM temp.hl_keep AS hk WHERE {cond})")
+    };
+    // Real columns present in both (the synthetic rowid key is not a column).
+    let common: Vec<&str> = table
+        .columns
+        .iter()
+        .filter(|c| !(table.rowid_key && c.name == "rowid"))
+        .map(|c| c.name.as_str())
+        .filter(|c| has(c))
+        .collect();
+    let values: Vec<&str> = common
+        .iter()
+        .copied()
+        .filter(|c| !keys.iter().any(|k| k.eq_ignore_ascii_case(c)))
+        .collect();
+    let mut insert_cols: Vec<String> = common.iter().map(|c| quote(c)).collect();
+    let mut select_cols: Vec<String> = common.iter().map(|c| format!("s.{}", quote(c))).collect();
+    if table.rowid_key {
+        insert_cols.insert(0, "rowid".into());
+        select_cols.insert(0, "s.rowid".into());
+    }
+    let delete_missing = format!(
+        "DELETE FROM main.{name} AS m WHERE NOT EXISTS (SELECT 1 FROM {SNAP}.{name} AS s WHERE {}) AND NOT {}",
+        key_is("s", "m"),
+        kept("m")
+    );
+    let update = (!values.is_empty()).then(|| {
+        format!(
+            "UPDATE main.{name} AS m SET {} FROM {SNAP}.{name} AS s WHERE {} AND ({}) AND NOT {}",
+            values
+                .iter()
+                .map(|c| format!("{q} = s.{q}", q = quote(c)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            key_is("s", "m"),
+            values
+                .iter()
+                .map(|c| format!(
+                    "m.{q} IS NOT s.{q} COLLATE BINARY OR typeof(m.{q}) IS NOT typeof(s.{q})",
+                    q = quote(c)
+                ))
+                .collect::<Vec<_>>()
+                .join(" OR "),
+            kept("m")
+        )
+    });
+    let insert = |or: &str| {
+        format!(
+            "INSERT {or} INTO main.{name} ({}) SELECT {} FROM {SNAP}.{name} AS s \
+             WHERE NOT EXISTS (SELECT 1 FROM main.{name} AS m WHERE {}) AND NOT {}",
+            insert_cols.join(", "),
+            select_cols.join(", "),
+            key_is("m", "s"),
+            kept("s")
+        )
+    };
+    out.deleted += conn.execute(&delete_missing, [])? as u64;
+    let merged = (|| -> rusqlite::Result<(u64, u64)> {
+        let updated = match &update {
+            Some(sql) => conn.execute(sql, [])? as u64,
+            None => 0,
+        };
+        let inserted = conn.execute(&insert(""), [])? as u64;
+        Ok((updated, inserted))
+    })();
+    match merged {
+        Ok((u, i)) => {
+            out.updated += u;
+            out.inserted += i;
+        }
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            // Rows swapped UNIQUE values: replace every row that is not kept.
+            tracing::debug!(table = %table.name, "restore merge hit a UNIQUE conflict; replacing the table's rows");
+            out.deleted += conn.execute(
+                &format!("DELETE FROM main.{name} AS m WHERE NOT {}", kept("m")),
+                [],
+            )? as u64;
+            out.inserted += conn.execute(&insert("OR IGNORE"), [])? as u64;
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The consumers and recovery: runs one consumer per shard, and when one finds that the stream no
+//! longer holds changes this node lacks (a gap: new node, long stop, fell behind), stops them all,
+//! restores a verified snapshot through the apply thread, and starts them again from the
+//! snapshot's positions (design §3.11; Go restores only at start, and only when it happens to).
+//!
+//! Invariants:
+//! - Consumers are restarted only after the apply thread has taken the restore, which it runs
+//!   after every message forwarded before it: no message is applied twice across a restore, none
+//!   is skipped.
+//! - A snapshot is used only if it contains, for every stream, everything up to the stream's first
+//!   retained sequence (else the node asks the leader for a newer one and waits). A snapshot made
+//!   by Go HarmonyLite (no positions) is used with a replay of everything retained.
+//! - While recovering, health is 503 with the reason; a node that cannot recover says why and
+//!   keeps trying, it never crash-loops and never goes on silently with a gap.
+//! - Without snapshots (`snapshot.enabled = false`) a gap is logged as an error and consuming goes
+//!   on past it, as before: there is nothing to recover from.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::apply::{self as applying, Gap, RestoreJob, Work};
+use crate::node::Node;
+use crate::snapshot::{self, Meta, scheduler::Snapshots};
+use crate::stream;
+
+/// Longest wait between two recovery attempts (an attempt that finds no new snapshot costs one
+/// metadata read).
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// Runs the consumers (and recoveries) until shutdown.
+///
+/// # Errors
+/// Only when the apply thread is gone (it reports why).
+pub async fn run(
+    node: Node,
+    tx: mpsc::Sender<Work>,
+    positions: Arc<[AtomicU64]>,
+    snapshots: Option<Arc<Snapshots>>,
+) -> anyhow::Result<()> {
+    let shutdown = node.root.clone();
+    loop {
+        let (gap_tx, mut gaps) = mpsc::unbounded_channel();
+        let round = shutdown.child_token();
+        let mut consumers = JoinSet::new();
+        for (idx, name) in node.streams().iter().enumerate() {
+            let start = positions[idx].load(Ordering::SeqCst) + 1;
+            tracing::info!(stream = %name, from_seq = start, "Starting consumer");
+            let spec = applying::ConsumerSpec {
+                js: node.js.clone(),
+                settings: Arc::clone(&node.settings),
+                shard: idx as u64 + 1,
+                start_seq: start,
+                health: Arc::clone(&node.observers.health),
+                gaps: snapshots.as_ref().map(|_| gap_tx.clone()),
+            };
+            consumers.spawn(applying::run_consumer(spec, tx.clone(), round.clone()));
+        }
+        drop(gap_tx);
+        let gap = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            g = gaps.recv() => g,
+        };
+        round.cancel();
+        while consumers.join_next().await.is_some() {}
+        let (Some(gap), Some(snapshots)) = (gap, snapshots.as_ref()) else {
+            return Ok(());
+        };
+        if tx.is_closed() {
+            anyhow::bail!("the apply thread is gone");
+        }
+        if !recover(&node, &tx, snapshots, gap).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// Recovers from a snapshot; `Ok(false)` on shutdown.
+async fn recover(
+    node: &Node,
+    tx: &mpsc::Sender<Work>,
+    snapshots: &Snapshots,
+    gap: Gap,
+) -> anyhow::Result<bool> {
+    let health = &node.observers.health;
+    let metrics = &node.observers.metrics;
+    let streams = node.streams();
+    let reason = format!(
+        "stream {} no longer holds sequences {}..{} that this node lacks; restoring a snapshot",
+        streams[gap.stream],
+        gap.missing_from,
+        gap.first.saturating_sub(1)
+    );
+    health.update_catchup(|c| c.recovering = Some(reason.clone()));
+    snapshots.set_recovering(true).await;
+    tracing::warn!("{reason}");
+    let started = Instant::now();
+    let mut delay = Duration::from_secs(1);
+    // The metadata of a snapshot refused already: that object is not downloaded again.
+    let mut refused: Option<Meta> = None;
+    let outcome = loop {
+        match attempt(node, tx, snapshots, &streams, &mut refused).await {
+            Ok(Attempt::Restored(meta)) => break Ok(Some(meta)),
+            Ok(Attempt::Wait(why)) => {
+                tracing::warn!(
+                    store = snapshots.store.kind(),
+                    "{why}; asked the snapshot leader for a newer snapshot, waiting"
+                );
+                health.update_catchup(|c| c.recovering = Some(format!("{reason}: {why}")));
+            }
+            Err(e) => {
+                let text = crate::error_chain(&e);
+                let was_refused = matches!(e, snapshot::Error::Refused(_));
+                metrics
+                    .snapshots
+                    .with_label_values(&["restore", if was_refused { "refused" } else { "failed" }])
+                    .inc();
+                tracing::error!(error = %text, store = snapshots.store.kind(), "Unable to restore snapshot; retrying");
+                health.update_catchup(|c| {
+                    c.recovering = Some(format!("{reason}: {text}"));
+                    c.last_snapshot_error = Some(format!("restore: {text}"));
+                });
+                if let snapshot::Error::Unusable(_) = e
+                    && tx.is_closed()
+                {
+                    break Err(anyhow::anyhow!("the apply thread is gone"));
+                }
+                if was_refused {
+                    ask_for_snapshot(node, &streams).await;
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = node.root.cancelled() => break Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_RETRY);
+    };
+    health.update_catchup(|c| c.recovering = None);
+    snapshots.set_recovering(false).await;
+    match outcome {
+        Ok(Some(meta)) => {
+            metrics.recoveries.inc();
+            metrics
+                .snapshot_seconds
+                .with_label_values(&["restore"])
+                .observe(started.elapsed().as_secs_f64());
+            snapshots.saw(&meta);
+            Ok(true)
+        }
+        Ok(None) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+enum Attempt {
+    Restored(Meta),
+    /// No usable snapshot yet (why).
+    Wait(String),
+}
+
+/// Per stream: the position a snapshot must reach (the sequence before the stream's first).
+async fn needs(node: &Node, streams: &[String]) -> Result<Vec<u64>, snapshot::Error> {
+    let mut out = Vec::with_capacity(streams.len());
+    for name in streams {
+        let range = stream::stream_range(&node.js, name)
+            .await
+            .map_err(|e| snapshot::Error::Unusable(format!("cannot read stream {name}: {e}")))?;
+        out.push(range.map_or(0, |(first, _)| first.saturating_sub(1)));
+    }
+    Ok(out)
+}
+
+/// The positions a snapshot contains, per stream; a Go snapshot (none recorded) counts as
+/// reaching every stream's first retained sequence (everything retained is replayed).
+fn positions_of(meta: &Meta, streams: &[String], need: &[u64]) -> Vec<u64> {
+    match &meta.positions {
+        Some(p) => streams
+            .iter()
+            .map(|s| p.get(s).copied().unwrap_or(0))
+            .collect(),
+        None => need.to_vec(),
+    }
+}
+
+fn covers(have: &[u64], need: &[u64]) -> bool {
+    have.iter().zip(need).all(|(h, n)| h >= n)
+}
+
+async fn attempt(
+    node: &Node,
+    tx: &mpsc::Sender<Work>,
+    snapshots: &Snapshots,
+    streams: &[String],
+    refused: &mut Option<Meta>,
+) -> Result<Attempt, snapshot::Error> {
+    let need = needs(node, streams).await?;
+    let Some(meta) = snapshots.store.meta().await? else {
+        ask_for_snapshot(node, streams).await;
+        return Ok(Attempt::Wait("the store holds no snapshot yet".into()));
+    };
+    if refused.as_ref() == Some(&meta) {
+        ask_for_snapshot(node, streams).await;
+        return Ok(Attempt::Wait(
+            "the store still holds the snapshot refused before".into(),
+        ));
+    }
+    if !covers(&positions_of(&meta, streams, &need), &need) {
+        ask_for_snapshot(node, streams).await;
+        return Ok(Attempt::Wait(format!(
+            "the newest snapshot (positions {:?}) is older than what the streams still hold (from {:?})",
+            meta.positions,
+            need.iter().map(|n| n + 1).collect::<Vec<_>>()
+        )));
+    }
+    let fetched = snapshot::fetch_verified(snapshots.store.as_ref(), &node.settings.db_path).await;
+    if let Err(snapshot::Error::Refused(_)) = &fetched {
+        *refused = Some(meta.clone());
+    }
+    let Some((dir, file, meta)) = fetched? else {
+        return Ok(Attempt::Wait(
+            "the snapshot disappeared from the store".into(),
+        ));
+    };
+    let at = positions_of(&meta, streams, &need);
+    if meta.positions.is_none() {
+        tracing::warn!(
+            "The snapshot was made by Go HarmonyLite (no positions recorded); replaying everything the streams retain over it"
+        );
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(Work::Restore(RestoreJob {
+        file,
+        positions: at.clone(),
+        reply,
+    }))
+    .await
+    .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
+    let restored = answer
+        .await
+        .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?
+        .map_err(|e| snapshot::Error::Unusable(format!("cannot merge the snapshot: {e}")))?;
+    drop(dir);
+    for (table, why) in &restored.skipped {
+        tracing::warn!(table = %table, reason = %why, "Table not restored from the snapshot");
+    }
+    let m = &node.observers.metrics;
+    m.snapshots.with_label_values(&["restore", "ok"]).inc();
+    m.snapshot_size_bytes.set(meta.size.unwrap_or(0) as i64);
+    node.observers.health.update_catchup(|c| {
+        c.last_snapshot_restored_ms = meta.created_ms.unwrap_or(0).max(1);
+        c.last_snapshot_error = None;
+    });
+    tracing::info!(deleted = restored.deleted, updated = restored.updated, inserted = restored.inserted,
+        kept_in_flight = restored.kept, positions = ?at, "Restore complete...");
+    Ok(Attempt::Restored(meta))
+}
+
+/// Asks the snapshot leader for a snapshot covering what the streams still hold.
+async fn ask_for_snapshot(node: &Node, streams: &[String]) {
+    let need = needs(node, streams).await.unwrap_or_default();
+    let request = snapshot::scheduler::Request {
+        node_id: node.settings.node_id,
+        need: streams
+            .iter()
+            .cloned()
+            .zip(need)
+            .collect::<BTreeMap<_, _>>(),
+    };
+    let Ok(body) = serde_json::to_vec(&request) else {
+        return;
+    };
+    let subject = snapshot::scheduler::request_subject(&node.settings);
+    if let Err(e) = node.client.publish(subject, body.into()).await {
+        tracing::debug!(error = %e, "cannot ask for a snapshot");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_covers_a_gap_only_up_to_the_first_retained_sequence() {
+        let streams = vec!["s-1".to_owned(), "s-2".to_owned()];
+        let meta = Meta {
+            positions: Some([("s-1".to_owned(), 100), ("s-2".to_owned(), 7)].into()),
+            ..Meta::default()
+        };
+        assert!(covers(&positions_of(&meta, &streams, &[100, 7]), &[100, 7]));
+        assert!(!covers(
+            &positions_of(&meta, &streams, &[101, 0]),
+            &[101, 0]
+        ));
+        // Go's snapshots record nothing: everything retained is replayed over them.
+        let go = Meta::default();
+        assert_eq!(positions_of(&go, &streams, &[40, 2]), vec![40, 2]);
+    }
+}

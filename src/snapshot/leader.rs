@@ -1,0 +1,193 @@
+//! Snapshot leader election and the save lease, as Go HarmonyLite does them
+//! (upstream-behaviour §5.7, §6.6), so that Go and Rust nodes of one cluster elect one saver.
+//!
+//! KV bucket `e-harmonylite` (file storage, replicas = `replication_log.replicas` as configured),
+//! keys [`LEADER_KEY`] and [`SAVE_KEY`], value CBOR `{"NodeID": uint, "Timestamp": unix ms}`.
+//! A lease is taken when the key is missing (create), held by us, or expired (its timestamp plus
+//! the TTL is past); updates are compare-and-set on the entry's revision.
+//!
+//! Invariants:
+//! - At most one node believes it leads at a time, up to clock skew between machines (Go's design;
+//!   the timestamps are the holders' clocks). The save lease guards the save itself.
+//! - A node that cannot reach the bucket is not leader (it never saves on a guess).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+
+use crate::cbor::{self, Item};
+
+/// The bucket (Go's `EmbeddedClusterName`).
+pub const BUCKET: &str = "e-harmonylite";
+/// The leader lease key.
+pub const LEADER_KEY: &str = "snapshot-leader";
+/// The save lease key.
+pub const SAVE_KEY: &str = "snapshot";
+/// How long the save lease lives (Go's `SnapshotLeaseTTL`).
+pub const SAVE_TTL: Duration = Duration::from_secs(10);
+
+/// Why a lease operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open KV bucket {BUCKET}: {0}")]
+    Bucket(String),
+    #[error("lease {key}: {message}")]
+    Lease { key: &'static str, message: String },
+}
+
+/// Encodes `{NodeID, Timestamp}` exactly as Go's fxamacker/cbor does (fields in struct order).
+pub fn encode_holder(node_id: u64, timestamp_ms: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    cbor::put_head(&mut out, 5, 2);
+    cbor::put_text(&mut out, b"NodeID");
+    cbor::put_head(&mut out, 0, node_id);
+    cbor::put_text(&mut out, b"Timestamp");
+    cbor::put_i64(&mut out, timestamp_ms);
+    out
+}
+
+/// Decodes a holder value; `None` when it is not one.
+pub fn decode_holder(bytes: &[u8]) -> Option<(u64, i64)> {
+    let (Item::Map(entries), _) = cbor::decode_first(bytes).ok()? else {
+        return None;
+    };
+    let mut node = None;
+    let mut ts = None;
+    for (k, v) in entries {
+        match (k.as_str(), v) {
+            (Some("NodeID"), Item::Unsigned(n)) => node = Some(n),
+            (Some("Timestamp"), Item::Unsigned(n)) => ts = Some(n as i64),
+            (Some("Timestamp"), Item::Negative(n)) => ts = Some(-1 - n as i64),
+            _ => {}
+        }
+    }
+    Some((node?, ts?))
+}
+
+/// The `e-harmonylite` bucket, created when missing (Go's settings).
+pub async fn bucket(js: &jetstream::Context, replicas: i64) -> Result<kv::Store, Error> {
+    match js.get_key_value(BUCKET).await {
+        Ok(s) => Ok(s),
+        Err(_) => match js
+            .create_key_value(kv::Config {
+                bucket: BUCKET.to_owned(),
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas.max(0) as usize,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => Ok(s),
+            Err(e) => js
+                .get_key_value(BUCKET)
+                .await
+                .map_err(|_| Error::Bucket(e.to_string())),
+        },
+    }
+}
+
+/// Go's `AcquireLease`: true when this node holds `key` for `ttl` from now.
+///
+/// # Errors
+/// KV errors, and a lost create or compare-and-set race.
+pub async fn acquire(
+    store: &kv::Store,
+    key: &'static str,
+    node_id: u64,
+    ttl: Duration,
+) -> Result<bool, Error> {
+    Ok(matches!(
+        try_acquire(store, key, node_id, ttl).await?,
+        Acquired::Held
+    ))
+}
+
+/// The outcome of a lease attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    Held,
+    /// Another node holds it until this unix-ms time (by its clock).
+    Other {
+        expires_ms: i64,
+    },
+}
+
+/// [`acquire`], telling when another holder's lease runs out (so a candidate can look again
+/// right then instead of a heartbeat later).
+///
+/// # Errors
+/// As [`acquire`].
+pub async fn try_acquire(
+    store: &kv::Store,
+    key: &'static str,
+    node_id: u64,
+    ttl: Duration,
+) -> Result<Acquired, Error> {
+    let now = now_ms();
+    let payload = Bytes::from(encode_holder(node_id, now));
+    let lease = |message: String| Error::Lease { key, message };
+    match store.entry(key).await.map_err(|e| lease(e.to_string()))? {
+        None => match store.create(key, payload).await {
+            Ok(_) => Ok(Acquired::Held),
+            Err(e) => Err(lease(e.to_string())),
+        },
+        Some(entry) if matches!(entry.operation, kv::Operation::Put) => {
+            if let Some((holder, ts)) = decode_holder(&entry.value)
+                && holder != node_id
+                && ts.saturating_add(ttl.as_millis() as i64) > now
+            {
+                return Ok(Acquired::Other {
+                    expires_ms: ts.saturating_add(ttl.as_millis() as i64),
+                });
+            }
+            store
+                .update(key, payload, entry.revision)
+                .await
+                .map(|_| Acquired::Held)
+                .map_err(|e| lease(e.to_string()))
+        }
+        // A deleted or purged key: take it with a compare-and-set on the tombstone.
+        Some(entry) => store
+            .update(key, payload, entry.revision)
+            .await
+            .map(|_| Acquired::Held)
+            .map_err(|e| lease(e.to_string())),
+    }
+}
+
+/// The current holder of `key`, if any: (node id, timestamp ms).
+pub async fn holder(store: &kv::Store, key: &'static str) -> Option<(u64, i64)> {
+    let entry = store.entry(key).await.ok()??;
+    if !matches!(entry.operation, kv::Operation::Put) {
+        return None;
+    }
+    decode_holder(&entry.value)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holder_bytes_match_go() {
+        // upstream-behaviour §5.7 golden value.
+        let want = "a2664e6f64654944016954696d657374616d701b0000018bcfe56800";
+        let got: String = encode_holder(1, 0x0000_018b_cfe5_6800)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(
+            decode_holder(&encode_holder(7, 1_700_000_000_000)),
+            Some((7, 1_700_000_000_000))
+        );
+        assert_eq!(decode_holder(b"garbage"), None);
+    }
+}

@@ -1,0 +1,401 @@
+//! Snapshots (upstream-behaviour §6, design §3.8 and §3.11): a consistent copy of the database
+//! without any `__harmonylite__` artifact, stored with the stream positions it contains, so that
+//! a node that lacks changes the streams no longer hold (a new node, a long-stopped one, one that
+//! fell behind) restores it and replays only the tail.
+//!
+//! - [`save`]: copy (SQLite backup API from a read transaction that began between two apply
+//!   batches, so the rows and the recorded positions match exactly), strip, checksum, upload.
+//! - [`fetch_verified`]: download, then check size, SHA-256, Go's FNV tag and
+//!   `PRAGMA integrity_check` before anything is restored.
+//! - The restore itself is [`crate::db::restore`], run by the apply thread.
+//! - [`leader`]: Go's snapshot-leader election and save lease; [`scheduler`]: when to save.
+//!
+//! Invariants:
+//! - Application writers are never blocked by a save: the copy is read from a WAL snapshot.
+//! - A snapshot is never restored unverified; a refused one is logged and counted, and the node
+//!   keeps trying.
+//! - Work files live next to the database (same file system, not a small `/tmp`) in a temp dir
+//!   removed on every path.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rusqlite::{Connection, OpenFlags};
+use sha2::{Digest, Sha256};
+
+use crate::db;
+
+pub mod leader;
+pub mod nats;
+pub mod scheduler;
+pub mod store;
+
+pub use store::{Meta, Store};
+
+/// Transfers larger than this log their progress.
+const PROGRESS_BYTES: u64 = 8 * 1024 * 1024;
+/// Pages copied per backup step (4 MiB with 4 KiB pages).
+const PAGES_PER_STEP: i32 = 1024;
+
+/// Why a snapshot could not be saved or used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot copy the database")]
+    Copy(#[source] rusqlite::Error),
+    #[error("snapshot work file {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The downloaded snapshot is not what its metadata says, or not a sound database.
+    #[error("snapshot refused: {0}")]
+    Refused(String),
+    #[error("no snapshot in the store")]
+    Missing,
+    #[error("system busy capturing snapshot")]
+    Busy,
+    #[error("{0}")]
+    Unusable(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where the apply side's positions are read, consistently with the database content.
+#[derive(Clone)]
+pub struct Source {
+    pub db_path: PathBuf,
+    /// Stream names, index shard − 1.
+    pub streams: Vec<String>,
+    /// Per stream: the last applied sequence (committed).
+    pub positions: Arc<[AtomicU64]>,
+    /// Held by the apply thread while it applies a batch and publishes its positions.
+    pub gate: Arc<Mutex<()>>,
+}
+
+/// A work directory next to the database.
+pub fn work_dir(db_path: &Path) -> Result<tempfile::TempDir, Error> {
+    let parent = crate::config::data_root_dir(db_path);
+    tempfile::Builder::new()
+        .prefix(".harmonylite-snapshot-")
+        .tempdir_in(&parent)
+        .map_err(io(&parent))
+}
+
+/// Copies the database into `dir` as a plain SQLite file without our tables and triggers, and
+/// returns its path and metadata (positions, checksums, size). Blocking.
+///
+/// # Errors
+/// SQLite or file errors.
+pub fn copy_database(
+    source: &Source,
+    dir: &Path,
+    node_id: u64,
+    schema_hash: &str,
+) -> Result<(PathBuf, Meta), Error> {
+    let started = Instant::now();
+    let path = dir.join(store::OBJECT);
+    let conn = db::open(&source.db_path).map_err(|e| Error::Unusable(e.to_string()))?;
+    // Begin the read transaction between two apply batches: what it sees is exactly what the
+    // positions say (plus local writes, which replicate on their own).
+    let mut positions: Vec<u64> = {
+        let _gate = source.gate.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")
+            .map_err(Error::Copy)?;
+        source
+            .positions
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .collect()
+    };
+    let copied = (|| -> Result<(), rusqlite::Error> {
+        let mut dest = Connection::open(&path)?;
+        let backup = rusqlite::backup::Backup::new(&conn, &mut dest)?;
+        let mut logged = Instant::now();
+        loop {
+            match backup.step(PAGES_PER_STEP)? {
+                rusqlite::backup::StepResult::Done => break,
+                rusqlite::backup::StepResult::More => {
+                    if logged.elapsed().as_secs() >= 5 {
+                        let p = backup.progress();
+                        tracing::info!(
+                            copied_pages = p.pagecount - p.remaining,
+                            total_pages = p.pagecount,
+                            "Copying the database for a snapshot"
+                        );
+                        logged = Instant::now();
+                    }
+                }
+                // Cannot happen while we hold the read transaction; wait a moment if it does.
+                rusqlite::backup::StepResult::Busy | rusqlite::backup::StepResult::Locked => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        Ok(())
+    })();
+    let _ = conn.execute_batch("COMMIT");
+    drop(conn);
+    copied.map_err(Error::Copy)?;
+    // Strip our artifacts; events held for a UNIQUE conflict are part of the positions but not of
+    // the rows, so the positions go back to just before the oldest of them.
+    {
+        let snap = Connection::open(&path).map_err(Error::Copy)?;
+        lower_for_held(&snap, &source.streams, &mut positions).map_err(Error::Copy)?;
+        strip(&snap).map_err(Error::Copy)?;
+    }
+    let (size, sha256, fnv) = digest(&path)?;
+    let meta = Meta {
+        sha256: Some(sha256),
+        size: Some(size),
+        positions: Some(
+            source
+                .streams
+                .iter()
+                .cloned()
+                .zip(positions.iter().copied())
+                .collect::<BTreeMap<_, _>>(),
+        ),
+        schema_hash: Some(schema_hash.to_owned()),
+        node_id: Some(node_id),
+        created_ms: Some(now_ms()),
+        fnv_tag: Some(fnv),
+    };
+    tracing::debug!(size, elapsed_ms = started.elapsed().as_millis() as u64, positions = ?meta.positions, "snapshot copy ready");
+    Ok((path, meta))
+}
+
+fn lower_for_held(
+    conn: &Connection,
+    streams: &[String],
+    positions: &mut [u64],
+) -> Result<(), rusqlite::Error> {
+    let exists: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+        [crate::db::HELD_TABLE],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(());
+    }
+    let mut stmt = conn.prepare(&format!(
+        "SELECT stream, min(seq) FROM {} GROUP BY stream",
+        db::quote(crate::db::HELD_TABLE)
+    ))?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (stream, seq) = row?;
+        if let Some(i) = streams.iter().position(|s| *s == stream) {
+            positions[i] = positions[i].min((seq.max(1) - 1) as u64);
+        }
+    }
+    Ok(())
+}
+
+/// Drops every `__harmonylite__` trigger and table, leaves rollback-journal mode, and compacts
+/// when the dropped tables left much free space.
+fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let objects: Vec<(String, String)> = {
+        let mut stmt = conn.prepare(
+            "SELECT type, name FROM sqlite_schema WHERE name LIKE '\\_\\_harmonylite\\_\\_%' ESCAPE '\\' \
+             AND type IN ('trigger', 'table') ORDER BY type = 'table'",
+        )?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    conn.execute_batch("PRAGMA journal_mode = DELETE; BEGIN;")?;
+    for (kind, name) in &objects {
+        let what = if kind == "trigger" {
+            "TRIGGER"
+        } else {
+            "TABLE"
+        };
+        conn.execute_batch(&format!("DROP {what} IF EXISTS {}", db::quote(name)))?;
+    }
+    conn.execute_batch(
+        "DELETE FROM sqlite_sequence WHERE name LIKE '\\_\\_harmonylite\\_\\_%' ESCAPE '\\'; COMMIT;",
+    )
+    .or_else(|_| conn.execute_batch("COMMIT"))?;
+    let (free, pages): (i64, i64) = conn.query_row(
+        "SELECT (SELECT freelist_count FROM pragma_freelist_count), (SELECT page_count FROM pragma_page_count)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if free * 4 > pages {
+        conn.execute_batch("VACUUM")?;
+    }
+    Ok(())
+}
+
+/// Size, hex SHA-256 and Go's FNV-1 64 tag of a file, in one streaming pass.
+pub fn digest(path: &Path) -> Result<(u64, String, String), Error> {
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut sha = Sha256::new();
+    let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut size = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        for &b in &buf[..n] {
+            fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3) ^ u64::from(b);
+        }
+        size += n as u64;
+    }
+    let hex: String = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((size, hex, format!("{fnv:x}")))
+}
+
+/// Checks a downloaded file against its metadata and SQLite's own integrity check.
+///
+/// # Errors
+/// [`Error::Refused`] naming what does not match.
+pub fn verify(path: &Path, meta: &Meta) -> Result<(), Error> {
+    let (size, sha256, fnv) = digest(path)?;
+    if let Some(want) = meta.size
+        && want != size
+    {
+        return Err(Error::Refused(format!(
+            "size is {size} bytes, its metadata says {want}"
+        )));
+    }
+    if let Some(want) = &meta.sha256
+        && *want != sha256
+    {
+        return Err(Error::Refused(format!(
+            "SHA-256 is {sha256}, its metadata says {want}"
+        )));
+    }
+    if meta.sha256.is_none()
+        && let Some(want) = &meta.fnv_tag
+        && *want != fnv
+    {
+        return Err(Error::Refused(format!(
+            "FNV tag is {fnv}, its header says {want}"
+        )));
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| Error::Refused(format!("not an SQLite database: {e}")))?;
+    let verdict: Result<Vec<String>, rusqlite::Error> = conn
+        .prepare("PRAGMA integrity_check")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect());
+    match verdict {
+        Ok(lines) if lines.len() == 1 && lines[0] == "ok" => Ok(()),
+        Ok(lines) => Err(Error::Refused(format!(
+            "integrity_check: {}",
+            lines.into_iter().take(5).collect::<Vec<_>>().join("; ")
+        ))),
+        Err(e) => Err(Error::Refused(format!("integrity_check failed: {e}"))),
+    }
+}
+
+/// Saves a snapshot: copy, upload, remove the work files.
+///
+/// # Errors
+/// Copy, file or store errors.
+pub async fn save(
+    source: &Source,
+    store: &dyn Store,
+    node_id: u64,
+    schema_hash: &str,
+) -> Result<Meta, Error> {
+    let started = Instant::now();
+    let dir = work_dir(&source.db_path)?;
+    let (src, hash, work) = (
+        source.clone(),
+        schema_hash.to_owned(),
+        dir.path().to_path_buf(),
+    );
+    let (path, meta) =
+        tokio::task::spawn_blocking(move || copy_database(&src, &work, node_id, &hash))
+            .await
+            .map_err(|e| Error::Unusable(format!("snapshot copy task failed: {e}")))??;
+    if meta.size.unwrap_or(0) > PROGRESS_BYTES {
+        tracing::info!(size = meta.size, store = store.kind(), "Uploading snapshot");
+    }
+    store.upload(&path, &meta).await?;
+    drop(dir);
+    tracing::info!(size = meta.size, positions = ?meta.positions, elapsed_ms = started.elapsed().as_millis() as u64,
+        store = store.kind(), "Snapshot saved");
+    Ok(meta)
+}
+
+/// Downloads the snapshot into a new work dir and verifies it. `Ok(None)` when the store is empty.
+///
+/// # Errors
+/// Store errors, or [`Error::Refused`] for a snapshot that fails verification.
+pub async fn fetch_verified(
+    store: &dyn Store,
+    db_path: &Path,
+) -> Result<Option<(tempfile::TempDir, PathBuf, Meta)>, Error> {
+    let dir = work_dir(db_path)?;
+    let path = dir.path().join(store::OBJECT);
+    let started = Instant::now();
+    let Some(meta) = store.download(&path).await? else {
+        return Ok(None);
+    };
+    let (p, m) = (path.clone(), meta.clone());
+    tokio::task::spawn_blocking(move || verify(&p, &m))
+        .await
+        .map_err(|e| Error::Unusable(format!("snapshot check task failed: {e}")))??;
+    tracing::info!(size = meta.size, positions = ?meta.positions, elapsed_ms = started.elapsed().as_millis() as u64,
+        store = store.kind(), "Downloaded snapshot, verified");
+    Ok(Some((dir, path, meta)))
+}
+
+/// Builds the configured store. NATS needs the JetStream context.
+///
+/// # Errors
+/// [`Error::Unusable`] for a backend this build cannot use with the given settings.
+pub fn open_store(
+    settings: &crate::config::Settings,
+    js: &async_nats::jetstream::Context,
+) -> Result<Arc<dyn Store>, Error> {
+    use crate::config::SnapshotStore;
+    match &settings.snapshot.store {
+        SnapshotStore::Nats { replicas, bucket } => Ok(Arc::new(nats::NatsStore::new(
+            js.clone(),
+            bucket.clone(),
+            *replicas,
+        ))),
+        other => Err(Error::Unusable(format!(
+            "snapshot.store {other:?} is not available yet"
+        ))),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_tag_matches_go() {
+        let d = tempfile::tempdir().expect("dir");
+        let p = d.path().join("f");
+        std::fs::write(&p, b"0123456789abcdef0123456789abcdef").expect("write");
+        let (size, _, fnv) = digest(&p).expect("digest");
+        assert_eq!(size, 32);
+        assert_eq!(fnv, format!("{:x}", 13327427942603214261u64));
+    }
+}

@@ -1,0 +1,430 @@
+//! When snapshots are saved, and by whom (upstream-behaviour §6.6 plus design §3.11).
+//!
+//! Only a node that both publishes and applies takes part (a node that does not apply lacks the
+//! other nodes' rows; Go let it save anyway). Among those, the snapshot leader saves: every
+//! `max_entries / shards` sequences of shard 1 (as Go), every `snapshot.interval`, before the
+//! `sleep_timeout` exit, and when a recovering node asks for a newer snapshot on
+//! [`request_subject`]. Each save also takes Go's `snapshot` save lease.
+//!
+//! Invariants:
+//! - One save at a time per node (a trigger during a save is coalesced into one more save).
+//! - Saves run beside the election heartbeat, so a long save does not cost the leadership.
+//! - A failed save is logged (`Unable to save snapshot`), counted and retried at the next
+//!   trigger; it never stops replication.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::{Error, Meta, Source, Store, leader};
+use crate::config::Settings;
+use crate::node::Observers;
+
+/// Fewest time between two saves triggered by sequences or requests (and at least three times
+/// the last save's duration, so that big databases are not copied back to back).
+const MIN_GAP: Duration = Duration::from_secs(1);
+/// How often the trigger conditions are looked at.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Subject where recovering nodes ask the leader for a newer snapshot.
+pub fn request_subject(settings: &Settings) -> String {
+    format!("{}.snapshot.request", settings.nats.stream_prefix)
+}
+
+/// A recovering node's request: it needs, per stream, a snapshot containing at least the
+/// sequence before the stream's first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub node_id: u64,
+    pub need: std::collections::BTreeMap<String, u64>,
+}
+
+/// The snapshot side of a node.
+pub struct Snapshots {
+    pub settings: Arc<Settings>,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub store: Arc<dyn Store>,
+    /// `None` on a node that does not apply (it never saves).
+    pub source: Option<Source>,
+    pub schema_hash: String,
+    pub observers: Observers,
+    saving: tokio::sync::Mutex<()>,
+    leader: AtomicBool,
+    /// Set while this node recovers: it lacks changes, so it must neither lead nor save.
+    recovering: AtomicBool,
+    /// Milliseconds the last save took.
+    last_save_ms: std::sync::atomic::AtomicU64,
+    /// Unix ms of the newest snapshot known to exist (for the age metric).
+    newest_ms: AtomicI64,
+}
+
+impl Snapshots {
+    pub fn new(
+        settings: Arc<Settings>,
+        client: async_nats::Client,
+        js: async_nats::jetstream::Context,
+        store: Arc<dyn Store>,
+        source: Option<Source>,
+        schema_hash: String,
+        observers: Observers,
+    ) -> Arc<Snapshots> {
+        Arc::new(Snapshots {
+            settings,
+            client,
+            js,
+            store,
+            source,
+            schema_hash,
+            observers,
+            saving: tokio::sync::Mutex::new(()),
+            leader: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
+            last_save_ms: std::sync::atomic::AtomicU64::new(0),
+            newest_ms: AtomicI64::new(0),
+        })
+    }
+
+    /// Whether this node may save snapshots at all.
+    pub fn eligible(&self) -> bool {
+        self.settings.snapshot.enabled && self.settings.publish && self.source.is_some()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    /// Saves a snapshot now (no leader check, no lease: `-save-snapshot` and the sleep exit).
+    ///
+    /// # Errors
+    /// [`Error::Busy`] while another save runs; copy, file or store errors.
+    pub async fn save_now(&self, why: &str) -> Result<Meta, Error> {
+        let Some(source) = &self.source else {
+            return Err(Error::Unusable(
+                "this node does not apply the cluster's changes (replicate = false), so its database is not a snapshot of the cluster".into(),
+            ));
+        };
+        if self.recovering.load(Ordering::Relaxed) {
+            return Err(Error::Unusable(
+                "this node is recovering from a snapshot itself; its database lacks changes".into(),
+            ));
+        }
+        let _one = self.saving.try_lock().map_err(|_| Error::Busy)?;
+        let started = Instant::now();
+        let m = &self.observers.metrics;
+        tracing::info!(reason = why, "Saving snapshot");
+        match super::save(
+            source,
+            self.store.as_ref(),
+            self.settings.node_id,
+            &self.schema_hash,
+        )
+        .await
+        {
+            Ok(meta) => {
+                self.last_save_ms
+                    .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                m.snapshot_seconds
+                    .with_label_values(&["save"])
+                    .observe(started.elapsed().as_secs_f64());
+                m.snapshots.with_label_values(&["save", "ok"]).inc();
+                m.snapshot_size_bytes.set(meta.size.unwrap_or(0) as i64);
+                let created = meta.created_ms.unwrap_or_else(leader::now_ms);
+                self.newest_ms.fetch_max(created, Ordering::Relaxed);
+                self.observers.health.update_catchup(|c| {
+                    c.last_snapshot_saved_ms = created;
+                    c.last_snapshot_error = None;
+                });
+                Ok(meta)
+            }
+            Err(e) => {
+                m.snapshots.with_label_values(&["save", "failed"]).inc();
+                let text = crate::error_chain(&e);
+                tracing::error!(error = %text, store = self.store.kind(), "Unable to save snapshot");
+                self.observers
+                    .health
+                    .update_catchup(|c| c.last_snapshot_error = Some(format!("save: {text}")));
+                Err(e)
+            }
+        }
+    }
+
+    /// A save as the leader does it: under Go's `snapshot` lease, refreshed while it runs.
+    async fn save_leased(&self, meta_kv: &kv::Store, why: &str) {
+        let id = self.settings.node_id;
+        match leader::acquire(meta_kv, leader::SAVE_KEY, id, leader::SAVE_TTL).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!("Snapshot saving already locked, skipping");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Error acquiring snapshot lock");
+                return;
+            }
+        }
+        let refresh = {
+            let kv = meta_kv.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(leader::SAVE_TTL / 2).await;
+                    if let Err(e) =
+                        leader::acquire(&kv, leader::SAVE_KEY, id, leader::SAVE_TTL).await
+                    {
+                        tracing::warn!(error = %e, "Error acquiring lease");
+                    }
+                }
+            })
+        };
+        let _ = self.save_now(why).await;
+        refresh.abort();
+    }
+
+    /// Runs the election and the triggers until shutdown.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.spawn_age_updates(shutdown.clone());
+        if !self.eligible() {
+            shutdown.cancelled().await;
+            return;
+        }
+        let settings = Arc::clone(&self.settings);
+        let meta_kv = loop {
+            match leader::bucket(&self.js, settings.replication.configured_replicas).await {
+                Ok(kv) => break kv,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot open the snapshot leader bucket; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+            }
+        };
+        let ttl = settings.snapshot.leader_ttl;
+        let heartbeat = (ttl / 3).max(Duration::from_secs(1));
+        tracing::info!(
+            node_id = settings.node_id,
+            ttl_ms = ttl.as_millis() as u64,
+            heartbeat_ms = heartbeat.as_millis() as u64,
+            "Snapshot leader election started"
+        );
+        let mut requests = match self.client.subscribe(request_subject(&settings)).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot listen for snapshot requests");
+                None
+            }
+        };
+        let every = (settings.replication.max_entries.max(1) as u64
+            / settings.replication.shards.max(1))
+        .max(1);
+        let first = |s: &Snapshots| {
+            s.source
+                .as_ref()
+                .and_then(|src| src.positions.first())
+                .map_or(0, |p| p.load(Ordering::Relaxed))
+        };
+        let mut seq_bucket = first(&self) / every;
+        let mut last_save = Instant::now() - settings.snapshot.interval.unwrap_or_default();
+        // When the next election round is due.
+        let mut next_round = Instant::now();
+        let mut wanted: Option<&'static str> = None;
+        let mut save_task: Option<tokio::task::JoinHandle<()>> = None;
+        loop {
+            if Instant::now() >= next_round {
+                next_round = Instant::now() + self.elect(&meta_kv, ttl).await.min(heartbeat);
+            }
+            // Triggers (only the leader acts on them; the others keep their counters current).
+            let bucket_now = first(&self) / every;
+            if bucket_now > seq_bucket {
+                seq_bucket = bucket_now;
+                wanted.get_or_insert("sequence");
+            }
+            if let Some(interval) = settings.snapshot.interval
+                && last_save.elapsed() >= interval
+            {
+                wanted.get_or_insert("interval");
+            }
+            let busy = save_task.as_ref().is_some_and(|t| !t.is_finished());
+            let gap = MIN_GAP.max(Duration::from_millis(
+                3 * self.last_save_ms.load(Ordering::Relaxed),
+            ));
+            if let Some(why) = wanted
+                && !busy
+            {
+                if self.is_leader() && (why == "interval" || last_save.elapsed() >= gap) {
+                    wanted = None;
+                    last_save = Instant::now();
+                    tracing::info!(reason = why, "Triggering snapshot save");
+                    let (me, kv) = (Arc::clone(&self), meta_kv.clone());
+                    save_task = Some(tokio::spawn(async move { me.save_leased(&kv, why).await }));
+                } else if !self.is_leader() {
+                    if why == "interval" {
+                        last_save = Instant::now();
+                    }
+                    wanted = None;
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(msg) = async {
+                    match requests.as_mut() {
+                        Some(r) => r.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Ok(req) = serde_json::from_slice::<Request>(&msg.payload)
+                        && self.is_leader()
+                    {
+                        if self.covers(&req) {
+                            tracing::info!(from_node = req.node_id, need = ?req.need, "A node needs a newer snapshot");
+                            wanted = Some("request");
+                        } else {
+                            tracing::warn!(from_node = req.node_id, need = ?req.need,
+                                "A node needs a newer snapshot, but this node has not applied that far either");
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
+            }
+        }
+        if let Some(task) = save_task {
+            // A save in progress finishes if it can within the drain deadline.
+            let _ = tokio::time::timeout(Duration::from_secs(8), task).await;
+        }
+        if self.is_leader() {
+            tracing::info!("Releasing snapshot leadership on shutdown");
+            self.leader.store(false, Ordering::Relaxed);
+            // Unlike Go, hand the key over at once: another node leads at its next round.
+            if leader::holder(&meta_kv, leader::LEADER_KEY)
+                .await
+                .is_some_and(|(id, _)| id == self.settings.node_id)
+            {
+                let _ = meta_kv.delete(leader::LEADER_KEY).await;
+            }
+        }
+        tracing::info!("Snapshot leader election stopped");
+    }
+
+    /// Whether this node's applied positions reach what a request needs.
+    fn covers(&self, req: &Request) -> bool {
+        let Some(source) = &self.source else {
+            return false;
+        };
+        source
+            .streams
+            .iter()
+            .zip(source.positions.iter())
+            .all(|(s, p)| {
+                req.need
+                    .get(s)
+                    .is_none_or(|&n| p.load(Ordering::Relaxed) >= n)
+            })
+    }
+
+    /// Marks this node as recovering (or done): a recovering node gives up the leadership at once
+    /// (its snapshots could not help anyone) and does not take it again until it is done.
+    pub async fn set_recovering(&self, on: bool) {
+        self.recovering.store(on, Ordering::Relaxed);
+        if on && self.leader.swap(false, Ordering::Relaxed) {
+            tracing::info!("Lost snapshot leadership: this node is recovering");
+            self.observers
+                .health
+                .update_catchup(|c| c.snapshot_leader = false);
+            if let Ok(kv) =
+                leader::bucket(&self.js, self.settings.replication.configured_replicas).await
+                && leader::holder(&kv, leader::LEADER_KEY)
+                    .await
+                    .is_some_and(|(id, _)| id == self.settings.node_id)
+            {
+                let _ = kv.delete(leader::LEADER_KEY).await;
+            }
+        }
+    }
+
+    /// One election round (Go's `tryAcquireLeadership`); returns how soon the next is worth
+    /// doing (right when another holder's lease runs out, at most a heartbeat).
+    async fn elect(&self, meta_kv: &kv::Store, ttl: Duration) -> Duration {
+        let was = self.is_leader();
+        if self.recovering.load(Ordering::Relaxed) {
+            return ttl;
+        }
+        let mut next = ttl;
+        let attempt =
+            leader::try_acquire(meta_kv, leader::LEADER_KEY, self.settings.node_id, ttl).await;
+        let now = match attempt {
+            // Recovery may have begun while the round was in flight: give the key back.
+            Ok(leader::Acquired::Held) if self.recovering.load(Ordering::Relaxed) => {
+                let _ = meta_kv.delete(leader::LEADER_KEY).await;
+                false
+            }
+            Ok(leader::Acquired::Held) => true,
+            Ok(leader::Acquired::Other { expires_ms }) => {
+                let left = (expires_ms - leader::now_ms()).max(0) as u64;
+                next = Duration::from_millis(left + 20);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Error during leader election");
+                if was {
+                    tracing::warn!("Lost snapshot leadership due to error");
+                }
+                false
+            }
+        };
+        match (was, now) {
+            (false, true) => tracing::info!("Became snapshot leader"),
+            (true, false) => tracing::info!("Lost snapshot leadership"),
+            _ => {}
+        }
+        self.leader.store(now, Ordering::Relaxed);
+        self.observers
+            .health
+            .update_catchup(|c| c.snapshot_leader = now);
+        next
+    }
+
+    /// Keeps `snapshot_age_seconds` current: every node reads the store's metadata now and then.
+    fn spawn_age_updates(self: &Arc<Self>, shutdown: CancellationToken) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut polled: Option<Instant> = None;
+            loop {
+                if polled.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    polled = Some(Instant::now());
+                    if let Ok(Some(meta)) = me.store.meta().await
+                        && let Some(created) = meta.created_ms
+                    {
+                        me.newest_ms.fetch_max(created, Ordering::Relaxed);
+                    }
+                }
+                let newest = me.newest_ms.load(Ordering::Relaxed);
+                if newest > 0 {
+                    me.observers
+                        .metrics
+                        .snapshot_age_seconds
+                        .set(((leader::now_ms() - newest) / 1000).max(0));
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
+    }
+
+    /// Records a snapshot known to exist (after a restore).
+    pub fn saw(&self, meta: &Meta) {
+        if let Some(created) = meta.created_ms {
+            self.newest_ms.fetch_max(created, Ordering::Relaxed);
+        }
+    }
+}

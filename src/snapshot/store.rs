@@ -1,0 +1,124 @@
+//! Where snapshots live: one small trait ([`Store`]) and one implementation per backend
+//! (`nats`, `s3`, `webdav`, `sftp`), all exercised by one conformance suite in the tests.
+//!
+//! A store holds one snapshot: the object [`OBJECT`] (Go HarmonyLite's name, so Go nodes restore
+//! ours and we restore theirs) plus its [`Meta`]. Where the backend has object metadata the meta
+//! travels with the object; elsewhere it is a small sidecar object [`SIDECAR`] written after the
+//! data (a reader that sees new data with an old sidecar refuses the pair on its checksum and
+//! tries again later).
+//!
+//! Invariants:
+//! - An upload never destroys the previous snapshot before the new one is complete (unlike Go,
+//!   which deletes first): each backend writes a new object and replaces the old in one step.
+//! - Transfers stream: memory use does not depend on the database size.
+//! - Every error names the store and the object; none of them stops replication.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// The snapshot object's name (Go's).
+pub const OBJECT: &str = "snapshot.db";
+/// The metadata sidecar of stores without object metadata.
+pub const SIDECAR: &str = "snapshot.db.meta.json";
+/// Go's object header with the FNV-1 64 hash of the file (lower-case hex, no padding).
+pub const TAG_HEADER: &str = "harmonylite-snapshot-tag";
+
+/// What we record about a snapshot. Every field is optional: a snapshot made by Go HarmonyLite
+/// has none of them (only, on NATS, the FNV tag).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Hex SHA-256 of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Stream name → last sequence whose effect the snapshot contains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<BTreeMap<String, u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
+    /// Unix milliseconds when the copy was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_ms: Option<i64>,
+    /// Go's FNV-1 64 tag, when the store had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fnv_tag: Option<String>,
+}
+
+impl Meta {
+    /// As JSON (object metadata value or sidecar content).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    /// Parses [`Meta::to_json`]'s output; `None` for anything else.
+    pub fn from_json(text: &[u8]) -> Option<Meta> {
+        serde_json::from_slice(text).ok()
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot store {store}: cannot {op} {object}: {message}")]
+pub struct Error {
+    pub store: &'static str,
+    pub op: &'static str,
+    pub object: String,
+    pub message: String,
+    /// Retrying cannot help (bad credentials, a bad URL): the operator must fix the config.
+    pub config: bool,
+}
+
+impl Error {
+    /// An error with its whole cause chain.
+    pub fn new(
+        store: &'static str,
+        op: &'static str,
+        object: &str,
+        e: &(dyn std::error::Error + 'static),
+    ) -> Error {
+        Error::msg(store, op, object, crate::error_chain(e))
+    }
+
+    /// An error described by `message`.
+    pub fn msg(store: &'static str, op: &'static str, object: &str, message: String) -> Error {
+        Error {
+            store,
+            op,
+            object: object.to_owned(),
+            message,
+            config: false,
+        }
+    }
+
+    /// Marks the error as the configuration's fault.
+    pub fn config(mut self) -> Error {
+        self.config = true;
+        self
+    }
+
+    /// Whether the configuration is at fault (not the network or the server).
+    pub fn is_config(&self) -> bool {
+        self.config
+    }
+}
+
+/// A snapshot store.
+pub trait Store: Send + Sync {
+    /// The backend's name (`nats`, `s3`, …) for logs and errors.
+    fn kind(&self) -> &'static str;
+
+    /// Uploads `file` as the snapshot, with `meta`, replacing the previous one only once complete.
+    fn upload<'a>(&'a self, file: &'a Path, meta: &'a Meta) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Downloads the snapshot into `dest`; `None` when the store holds none.
+    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>>;
+
+    /// The snapshot's metadata without its data; `None` when the store holds none.
+    fn meta(&self) -> BoxFuture<'_, Result<Option<Meta>, Error>>;
+}
