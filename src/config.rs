@@ -101,7 +101,7 @@ pub struct SnapshotConfig {
     pub nats: SnapshotNatsConfig,
     pub s3: SnapshotS3Config,
     pub webdav: UrlConfig,
-    pub sftp: UrlConfig,
+    pub sftp: SftpConfig,
 }
 
 impl Default for SnapshotConfig {
@@ -114,7 +114,7 @@ impl Default for SnapshotConfig {
             nats: SnapshotNatsConfig::default(),
             s3: SnapshotS3Config::default(),
             webdav: UrlConfig::default(),
-            sftp: UrlConfig::default(),
+            sftp: SftpConfig::default(),
         }
     }
 }
@@ -147,13 +147,30 @@ pub struct SnapshotS3Config {
     pub session_token: String,
     pub bucket: String,
     pub use_ssl: bool,
+    /// Ours (a docs-only key in Go): signing region; empty = `AWS_REGION` or `us-east-1`.
+    pub region: String,
+    /// Ours (docs-only in Go): path-style addressing; unset = on with a custom endpoint.
+    pub force_path_style: Option<bool>,
 }
 
-/// `[snapshot.webdav]` and `[snapshot.sftp]`.
+/// `[snapshot.webdav]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct UrlConfig {
     pub url: String,
+}
+
+/// `[snapshot.sftp]`: Go's `url`, plus (ours) key authentication and host-key checking.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SftpConfig {
+    pub url: String,
+    /// Private key file for public-key authentication (tried before the URL's password).
+    pub key_file: String,
+    pub key_passphrase: String,
+    /// OpenSSH known_hosts file the server's host key must be in; empty = accept any key (Go's
+    /// behaviour), with a warning.
+    pub known_hosts: String,
 }
 
 /// `[replication_log]`.
@@ -416,7 +433,16 @@ pub enum SnapshotStore {
     Nats { replicas: i64, bucket: String },
     S3(S3Settings),
     WebDav { url: String },
-    Sftp { url: String },
+    Sftp(SftpSettings),
+}
+
+/// `[snapshot.sftp]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SftpSettings {
+    pub url: String,
+    pub key_file: Option<PathBuf>,
+    pub key_passphrase: Option<String>,
+    pub known_hosts: Option<PathBuf>,
 }
 
 /// `[snapshot.s3]`, validated.
@@ -429,6 +455,8 @@ pub struct S3Settings {
     pub session_token: String,
     pub bucket: String,
     pub use_ssl: bool,
+    pub region: String,
+    pub force_path_style: Option<bool>,
 }
 
 /// `[snapshot]`, validated.
@@ -574,14 +602,24 @@ impl FileConfig {
                     session_token: s3.session_token.clone(),
                     bucket: s3.bucket.clone(),
                     use_ssl: s3.use_ssl,
+                    region: s3.region.clone(),
+                    force_path_style: s3.force_path_style,
                 })
             }
             "webdav" => SnapshotStore::WebDav {
                 url: self.snapshot.webdav.url.clone(),
             },
-            "sftp" => SnapshotStore::Sftp {
-                url: self.snapshot.sftp.url.clone(),
-            },
+            "sftp" => {
+                let c = &self.snapshot.sftp;
+                let path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
+                SnapshotStore::Sftp(SftpSettings {
+                    url: c.url.clone(),
+                    key_file: path(&c.key_file),
+                    key_passphrase: (!c.key_passphrase.is_empty())
+                        .then(|| c.key_passphrase.clone()),
+                    known_hosts: path(&c.known_hosts),
+                })
+            }
             other => {
                 return Err(invalid(
                     "snapshot.store",

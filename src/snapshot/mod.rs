@@ -31,8 +31,11 @@ use crate::db;
 
 pub mod leader;
 pub mod nats;
+pub mod s3;
 pub mod scheduler;
+pub mod sftp;
 pub mod store;
+pub mod webdav;
 
 pub use store::{Meta, Store};
 
@@ -358,10 +361,10 @@ pub async fn fetch_verified(
     Ok(Some((dir, path, meta)))
 }
 
-/// Builds the configured store. NATS needs the JetStream context.
+/// Builds the configured store (no request is made yet). NATS needs the JetStream context.
 ///
 /// # Errors
-/// [`Error::Unusable`] for a backend this build cannot use with the given settings.
+/// A store configuration that cannot work (the message names the key).
 pub fn open_store(
     settings: &crate::config::Settings,
     js: &async_nats::jetstream::Context,
@@ -373,9 +376,15 @@ pub fn open_store(
             bucket.clone(),
             *replicas,
         ))),
-        other => Err(Error::Unusable(format!(
-            "snapshot.store {other:?} is not available yet"
-        ))),
+        SnapshotStore::S3(s3) => Ok(Arc::new(s3::S3Store::new(s3)?)),
+        SnapshotStore::WebDav { url } => Ok(Arc::new(webdav::WebDavStore::new(
+            url,
+            settings.node_name(),
+        )?)),
+        SnapshotStore::Sftp(sftp) => Ok(Arc::new(Arc::new(sftp::SftpStore::new(
+            sftp,
+            settings.node_name(),
+        )?))),
     }
 }
 

@@ -13,5 +13,6 @@ mod embedded;
 mod failures;
 mod observability;
 mod operations;
+mod stores;
 mod systemd;
 mod values;

@@ -1,0 +1,365 @@
+//! The `s3` snapshot store (upstream-behaviour §6.3) with aws-sdk-s3: any S3-compatible server
+//! (`endpoint` host[:port], `use_ssl`, path-style addressing) or AWS itself (empty endpoint).
+//!
+//! Object key `<path>/snapshot.db` as Go builds it, except that an empty path gives
+//! `snapshot.db`: Go's `/snapshot.db` (a key starting with a slash) is refused or renamed by many
+//! S3-compatible servers. Our [`Meta`] travels as user metadata `x-amz-meta-harmonylite-meta`. Credentials as Go's chain: the
+//! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN` environment, then MinIO's
+//! (`MINIO_ROOT_USER`/`MINIO_ROOT_PASSWORD`, `MINIO_ACCESS_KEY`/`MINIO_SECRET_KEY`), then the
+//! config's `access_key`/`secret`/`session_token`; none at all means unsigned requests.
+//!
+//! A PUT replaces the object only when it completes, so the previous snapshot stays readable.
+//! Files up to [`SINGLE_PUT_MAX`] go in one streamed PUT; larger ones as a multipart upload of
+//! [`PART_SIZE`] parts read from the file one at a time (memory stays bounded), aborted on error.
+//! The bucket is created when missing.
+
+use std::path::Path;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use futures::future::BoxFuture;
+use tokio::io::AsyncWriteExt;
+
+use super::store::{Error, Meta, OBJECT, Store};
+use crate::config::S3Settings;
+
+const KIND: &str = "s3";
+/// User-metadata key of our [`Meta`] (sent as `x-amz-meta-harmonylite-meta`).
+const META_KEY: &str = "harmonylite-meta";
+/// Largest file sent in one PUT.
+const SINGLE_PUT_MAX: u64 = 256 * 1024 * 1024;
+/// Multipart part size.
+const PART_SIZE: u64 = 64 * 1024 * 1024;
+
+/// The S3 backend.
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    key: String,
+    ensured: tokio::sync::OnceCell<()>,
+}
+
+/// Go's credential chain (module header): `(key, secret, token)`, or `None` for anonymous.
+fn credentials(s: &S3Settings) -> Option<(String, String, Option<String>)> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let (Some(k), Some(s)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        return Some((k, s, env("AWS_SESSION_TOKEN")));
+    }
+    for (k, s) in [
+        ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"),
+        ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"),
+    ] {
+        if let (Some(k), Some(s)) = (env(k), env(s)) {
+            return Some((k, s, None));
+        }
+    }
+    if s.access_key.is_empty() && s.secret.is_empty() {
+        return None;
+    }
+    Some((
+        s.access_key.clone(),
+        s.secret.clone(),
+        (!s.session_token.is_empty()).then(|| s.session_token.clone()),
+    ))
+}
+
+impl S3Store {
+    /// Builds the client (no request is made yet).
+    ///
+    /// # Errors
+    /// A configuration the client cannot use (the message names the key).
+    pub fn new(s: &S3Settings) -> Result<S3Store, Error> {
+        if s.bucket.is_empty() {
+            return Err(Error::msg(
+                KIND,
+                "configure",
+                OBJECT,
+                "snapshot.s3.bucket is empty".into(),
+            )
+            .config());
+        }
+        let region = if s.region.is_empty() {
+            std::env::var("AWS_REGION")
+                .ok()
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "us-east-1".to_owned())
+        } else {
+            s.region.clone()
+        };
+        let mut b = aws_sdk_s3::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(region));
+        if !s.endpoint.is_empty() {
+            if s.endpoint.contains("://") {
+                return Err(Error::msg(
+                    KIND,
+                    "configure",
+                    OBJECT,
+                    format!(
+                        "snapshot.s3.endpoint {:?} must be host[:port] without a scheme (use_ssl picks https)",
+                        s.endpoint
+                    ),
+                )
+                .config());
+            }
+            let scheme = if s.use_ssl { "https" } else { "http" };
+            b = b
+                .endpoint_url(format!("{scheme}://{}", s.endpoint))
+                .force_path_style(s.force_path_style.unwrap_or(true));
+        } else if let Some(path_style) = s.force_path_style {
+            b = b.force_path_style(path_style);
+        }
+        match credentials(s) {
+            Some((key, secret, token)) => {
+                b = b.credentials_provider(Credentials::new(
+                    key,
+                    secret,
+                    token,
+                    None,
+                    "harmonylite",
+                ));
+            }
+            None => {
+                tracing::warn!(
+                    "snapshot.s3 has no credentials (config or environment): requests are sent unsigned"
+                );
+                b = b.allow_no_auth();
+            }
+        }
+        let path = s.path.trim_matches('/');
+        Ok(S3Store {
+            client: Client::from_conf(b.build()),
+            bucket: s.bucket.clone(),
+            key: if path.is_empty() {
+                OBJECT.to_owned()
+            } else {
+                format!("{path}/{OBJECT}")
+            },
+            ensured: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    fn object(&self) -> String {
+        format!("{}/{}", self.bucket, self.key)
+    }
+
+    fn err(&self, op: &'static str, e: impl std::error::Error) -> Error {
+        Error::msg(KIND, op, &self.object(), DisplayErrorContext(e).to_string())
+    }
+
+    /// Creates the bucket when it is missing (once per process).
+    async fn ensure_bucket(&self, op: &'static str) -> Result<(), Error> {
+        self.ensured
+            .get_or_try_init(|| async {
+                match self.client.head_bucket().bucket(&self.bucket).send().await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                        match self
+                            .client
+                            .create_bucket()
+                            .bucket(&self.bucket)
+                            .send()
+                            .await
+                        {
+                            Ok(_) => {
+                                tracing::info!(bucket = %self.bucket, "Created snapshot bucket");
+                                Ok(())
+                            }
+                            Err(e)
+                                if e.as_service_error().is_some_and(|s| {
+                                    s.is_bucket_already_owned_by_you()
+                                        || s.is_bucket_already_exists()
+                                }) =>
+                            {
+                                Ok(())
+                            }
+                            Err(e) => Err(self.err(op, e)),
+                        }
+                    }
+                    Err(e) => Err(self.err(op, e)),
+                }
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn put_multipart(&self, file: &Path, size: u64, meta: &Meta) -> Result<(), Error> {
+        let op = "upload";
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .metadata(META_KEY, meta.to_json())
+            .send()
+            .await
+            .map_err(|e| self.err(op, e))?;
+        let Some(id) = created.upload_id() else {
+            return Err(Error::msg(
+                KIND,
+                op,
+                &self.object(),
+                "the server returned no upload id".into(),
+            ));
+        };
+        let result = async {
+            let mut parts = Vec::new();
+            let mut offset = 0u64;
+            let mut number = 1i32;
+            while offset < size {
+                let len = PART_SIZE.min(size - offset);
+                let body = ByteStream::read_from()
+                    .path(file)
+                    .offset(offset)
+                    .length(Length::Exact(len))
+                    .build()
+                    .await
+                    .map_err(|e| self.err(op, e))?;
+                let part = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(&self.key)
+                    .upload_id(id)
+                    .part_number(number)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| self.err(op, e))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(part.e_tag().map(str::to_owned))
+                        .build(),
+                );
+                offset += len;
+                number += 1;
+                tracing::info!(sent = offset, total = size, "Uploading snapshot to S3");
+            }
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| self.err(op, e))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(id)
+                .send()
+                .await;
+        }
+        result
+    }
+}
+
+impl Store for S3Store {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn upload<'a>(&'a self, file: &'a Path, meta: &'a Meta) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.ensure_bucket("upload").await?;
+            let size = tokio::fs::metadata(file)
+                .await
+                .map_err(|e| Error::new(KIND, "upload", &self.object(), &e))?
+                .len();
+            if size > SINGLE_PUT_MAX {
+                self.put_multipart(file, size, meta).await?;
+            } else {
+                let body = ByteStream::from_path(file)
+                    .await
+                    .map_err(|e| self.err("upload", e))?;
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&self.key)
+                    .metadata(META_KEY, meta.to_json())
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| self.err("upload", e))?;
+            }
+            tracing::info!(bucket = %self.bucket, key = %self.key, size, "Snapshot saved to S3");
+            Ok(())
+        })
+    }
+
+    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
+        Box::pin(async move {
+            self.ensure_bucket("download").await?;
+            let got = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .send()
+                .await
+            {
+                Ok(o) => o,
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(self.err("download", e)),
+            };
+            let meta = got
+                .metadata()
+                .and_then(|m| m.get(META_KEY))
+                .and_then(|j| Meta::from_json(j.as_bytes()))
+                .unwrap_or_default();
+            let mut out = tokio::fs::File::create(dest)
+                .await
+                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+            let mut body = got.body;
+            while let Some(chunk) = body.try_next().await.map_err(|e| self.err("download", e))? {
+                out.write_all(&chunk)
+                    .await
+                    .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+            }
+            out.sync_all()
+                .await
+                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+            Ok(Some(meta))
+        })
+    }
+
+    fn meta(&self) -> BoxFuture<'_, Result<Option<Meta>, Error>> {
+        Box::pin(async move {
+            self.ensure_bucket("read metadata of").await?;
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .send()
+                .await
+            {
+                Ok(h) => Ok(Some(
+                    h.metadata()
+                        .and_then(|m| m.get(META_KEY))
+                        .and_then(|j| Meta::from_json(j.as_bytes()))
+                        .unwrap_or_default(),
+                )),
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+                Err(e) => Err(self.err("read metadata of", e)),
+            }
+        })
+    }
+}

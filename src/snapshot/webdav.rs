@@ -1,0 +1,308 @@
+//! The `webdav` snapshot store (upstream-behaviour §6.3) with reqwest.
+//!
+//! `snapshot.webdav.url` is Go's: `http[s]://host[:port]/root?dir=/snapshots&login=U&secret=P`;
+//! `dir` (default `/`), `login` and `secret` (both required) are taken out of the query and the
+//! rest is the server root. Authentication is HTTP Basic (Go negotiated Basic or Digest).
+//!
+//! An upload MKCOLs the directory, PUTs the file (streamed from disk) to a temporary name
+//! `<node name>-<unix ms>-temp-snapshot.db`, then MOVEs it over `snapshot.db` (overwrite): the
+//! previous snapshot stays whole until the new one is. WebDAV has no object metadata, so the
+//! [`Meta`] goes to the sidecar `snapshot.db.meta.json` afterwards; a sidecar whose recorded size
+//! is not the object's (a Go node replaced the object, or the sidecar is being replaced) is not
+//! trusted, and the object is treated like one of Go's (integrity check, full replay).
+
+use std::path::Path;
+
+use futures::future::BoxFuture;
+use reqwest::{Method, StatusCode, Url};
+use tokio::io::AsyncWriteExt;
+
+use super::store::{Error, Meta, OBJECT, SIDECAR, Store};
+
+const KIND: &str = "webdav";
+
+/// The WebDAV backend.
+pub struct WebDavStore {
+    http: reqwest::Client,
+    root: Url,
+    dir: Vec<String>,
+    login: String,
+    secret: String,
+    node_name: String,
+}
+
+impl WebDavStore {
+    /// Parses Go's URL form (module header).
+    ///
+    /// # Errors
+    /// A URL that does not parse, or lacks `login` or `secret`.
+    pub fn new(url: &str, node_name: String) -> Result<WebDavStore, Error> {
+        let bad = |why: String| Error::msg(KIND, "configure", OBJECT, why).config();
+        let mut parsed = Url::parse(url)
+            .map_err(|e| bad(format!("snapshot.webdav.url {url:?} is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(bad(format!(
+                "snapshot.webdav.url must be http:// or https://, not {}://",
+                parsed.scheme()
+            )));
+        }
+        let (mut dir, mut login, mut secret) = ("/".to_owned(), None, None);
+        let rest: Vec<(String, String)> = parsed
+            .query_pairs()
+            .filter_map(|(k, v)| match k.as_ref() {
+                "dir" => {
+                    dir = v.into_owned();
+                    None
+                }
+                "login" => {
+                    login = Some(v.into_owned());
+                    None
+                }
+                "secret" => {
+                    secret = Some(v.into_owned());
+                    None
+                }
+                _ => Some((k.into_owned(), v.into_owned())),
+            })
+            .collect();
+        let (Some(login), Some(secret)) = (login, secret) else {
+            return Err(bad(
+                "required parameter missing: snapshot.webdav.url needs login= and secret= query parameters".into(),
+            ));
+        };
+        if rest.is_empty() {
+            parsed.set_query(None);
+        } else {
+            parsed.query_pairs_mut().clear().extend_pairs(rest);
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| bad(format!("cannot build the HTTP client: {e}")))?;
+        Ok(WebDavStore {
+            http,
+            root: parsed,
+            dir: dir
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            login,
+            secret,
+            node_name,
+        })
+    }
+
+    /// The URL of `segments` under the root.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut u = self.root.clone();
+        if let Ok(mut path) = u.path_segments_mut() {
+            path.pop_if_empty();
+            for s in segments {
+                path.push(s);
+            }
+        }
+        u
+    }
+
+    fn in_dir(&self, name: &str) -> Url {
+        let mut segs: Vec<&str> = self.dir.iter().map(String::as_str).collect();
+        segs.push(name);
+        self.url(&segs)
+    }
+
+    fn object(&self) -> String {
+        self.in_dir(OBJECT).path().to_owned()
+    }
+
+    fn request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, url)
+            .basic_auth(&self.login, Some(&self.secret))
+    }
+
+    fn status_error(&self, op: &'static str, what: &str, status: StatusCode) -> Error {
+        let e = Error::msg(KIND, op, &self.object(), format!("{what}: HTTP {status}"));
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            e.config()
+        } else {
+            e
+        }
+    }
+
+    fn http_error(&self, op: &'static str, e: reqwest::Error) -> Error {
+        Error::new(KIND, op, &self.object(), &e)
+    }
+
+    /// MKCOL every level of the directory (existing ones are fine).
+    async fn make_dirs(&self) -> Result<(), Error> {
+        let mkcol = Method::from_bytes(b"MKCOL").unwrap_or(Method::PUT);
+        for depth in 1..=self.dir.len() {
+            let segs: Vec<&str> = self.dir[..depth].iter().map(String::as_str).collect();
+            let mut url = self.url(&segs);
+            if let Ok(mut p) = url.path_segments_mut() {
+                p.push("");
+            }
+            let status = self
+                .request(mkcol.clone(), url)
+                .send()
+                .await
+                .map_err(|e| self.http_error("upload", e))?
+                .status();
+            if !(status.is_success()
+                || status == StatusCode::METHOD_NOT_ALLOWED
+                || status == StatusCode::CONFLICT)
+            {
+                return Err(self.status_error("upload", "MKCOL", status));
+            }
+        }
+        Ok(())
+    }
+
+    /// The sidecar's metadata, if there is one.
+    async fn sidecar(&self, op: &'static str) -> Result<Option<Meta>, Error> {
+        let resp = self
+            .request(Method::GET, self.in_dir(SIDECAR))
+            .send()
+            .await
+            .map_err(|e| self.http_error(op, e))?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => {
+                let body = resp.bytes().await.map_err(|e| self.http_error(op, e))?;
+                Ok(Meta::from_json(&body))
+            }
+            s => Err(self.status_error(op, "GET metadata", s)),
+        }
+    }
+}
+
+/// The sidecar's meta when it describes an object of `size` bytes; else none (Go's snapshot, or
+/// a sidecar being replaced).
+pub(super) fn trusted(sidecar: Option<Meta>, size: Option<u64>) -> Meta {
+    match (sidecar, size) {
+        (Some(m), Some(size)) if m.size == Some(size) => m,
+        _ => Meta::default(),
+    }
+}
+
+impl Store for WebDavStore {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn upload<'a>(&'a self, file: &'a Path, meta: &'a Meta) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let op = "upload";
+            self.make_dirs().await?;
+            let f = tokio::fs::File::open(file)
+                .await
+                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
+            let size = f
+                .metadata()
+                .await
+                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?
+                .len();
+            let temp = format!(
+                "{}-{}-temp-snapshot.db",
+                self.node_name,
+                super::leader::now_ms()
+            );
+            let temp_url = self.in_dir(&temp);
+            let body =
+                reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
+            let status = self
+                .request(Method::PUT, temp_url.clone())
+                .header(reqwest::header::CONTENT_LENGTH, size)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| self.http_error(op, e))?
+                .status();
+            if !status.is_success() {
+                return Err(self.status_error(op, "PUT", status));
+            }
+            let moved = self
+                .request(
+                    Method::from_bytes(b"MOVE").unwrap_or(Method::PUT),
+                    temp_url.clone(),
+                )
+                .header("Destination", self.in_dir(OBJECT).as_str())
+                .header("Overwrite", "T")
+                .send()
+                .await
+                .map_err(|e| self.http_error(op, e))?
+                .status();
+            if !moved.is_success() {
+                let _ = self.request(Method::DELETE, temp_url).send().await;
+                return Err(self.status_error(op, "MOVE", moved));
+            }
+            let status = self
+                .request(Method::PUT, self.in_dir(SIDECAR))
+                .body(meta.to_json())
+                .send()
+                .await
+                .map_err(|e| self.http_error(op, e))?
+                .status();
+            if !status.is_success() {
+                return Err(self.status_error(op, "PUT metadata", status));
+            }
+            tracing::info!(path = %self.object(), size, "Snapshot saved to WebDAV");
+            Ok(())
+        })
+    }
+
+    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
+        Box::pin(async move {
+            let op = "download";
+            let sidecar = self.sidecar(op).await?;
+            let mut resp = self
+                .request(Method::GET, self.in_dir(OBJECT))
+                .send()
+                .await
+                .map_err(|e| self.http_error(op, e))?;
+            match resp.status() {
+                StatusCode::NOT_FOUND => return Ok(None),
+                s if s.is_success() => {}
+                s => return Err(self.status_error(op, "GET", s)),
+            }
+            let mut out = tokio::fs::File::create(dest)
+                .await
+                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
+            let mut size = 0u64;
+            while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_error(op, e))? {
+                size += chunk.len() as u64;
+                out.write_all(&chunk)
+                    .await
+                    .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
+            }
+            out.sync_all()
+                .await
+                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
+            tracing::info!(path = %self.object(), size, "Snapshot downloaded from WebDAV");
+            Ok(Some(trusted(sidecar, Some(size))))
+        })
+    }
+
+    fn meta(&self) -> BoxFuture<'_, Result<Option<Meta>, Error>> {
+        Box::pin(async move {
+            let op = "read metadata of";
+            let head = self
+                .request(Method::HEAD, self.in_dir(OBJECT))
+                .send()
+                .await
+                .map_err(|e| self.http_error(op, e))?;
+            match head.status() {
+                StatusCode::NOT_FOUND => return Ok(None),
+                s if s.is_success() => {}
+                s => return Err(self.status_error(op, "HEAD", s)),
+            }
+            let size = head
+                .headers()
+                .get(reqwest::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            Ok(Some(trusted(self.sidecar(op).await?, size)))
+        })
+    }
+}
