@@ -8,6 +8,9 @@
 //! 3. latency after idle: 20 single-row transactions, each after 1–5 s of quiet (what a user's
 //!    first write after a pause sees; the target is a p99 no worse than under load).
 //!
+//! `-- snapshot [SIZE_MB]` instead measures snapshot save and restore of a SIZE_MB (default
+//! 1024) database against `cp`, with the daemon's peak RSS (see `bench/snapshot.rs`).
+//!
 //! Run: `cargo run --release --example bench` (after `scripts/install-test-servers.sh`, or with
 //! `nats-server` on `PATH`, or `HARMONYLITE_NATS_SERVER=/path/to/nats-server`).
 //! `-- --charts docs` also writes `bench-throughput.png` and `bench-latency.png` there.
@@ -133,7 +136,22 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
+#[path = "bench/snapshot.rs"]
+mod snapshot;
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("__node") => return snapshot::child(&args[1..]),
+        Some("snapshot") => {
+            let mb = args
+                .get(1)
+                .map_or(Ok(1024), |a| a.parse())
+                .context("SIZE_MB")?;
+            return snapshot::run(&find_nats_server()?, mb);
+        }
+        _ => {}
+    }
     if std::env::var_os("RUST_LOG").is_some() {
         harmonylite::logging::init(harmonylite::config::LogFormat::Console, true, 0);
     }

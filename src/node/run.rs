@@ -324,6 +324,16 @@ fn spawn_flow(
     positions: &Arc<[AtomicU64]>,
 ) {
     let settings = &node.settings;
+    let (f, metrics, health, token) = (
+        Arc::clone(flow),
+        Arc::clone(&node.observers.metrics),
+        Arc::clone(&node.observers.health),
+        node.root.clone(),
+    );
+    tasks.spawn(async move {
+        flow::observe(f, metrics, health, token).await;
+        ("peer view", Ok(()))
+    });
     if settings.replicate {
         let (store, flow, positions) = (store.clone(), Arc::clone(flow), Arc::clone(positions));
         let (id, token) = (settings.node_id, node.root.clone());

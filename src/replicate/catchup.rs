@@ -74,7 +74,7 @@ pub async fn run(
         if tx.is_closed() {
             anyhow::bail!("the apply thread is gone");
         }
-        if !recover(&node, &tx, snapshots, gap).await? {
+        if !recover(&node, &tx, snapshots, &positions, gap).await? {
             return Ok(());
         }
     }
@@ -85,6 +85,7 @@ async fn recover(
     node: &Node,
     tx: &mpsc::Sender<Work>,
     snapshots: &Snapshots,
+    positions: &[AtomicU64],
     gap: Gap,
 ) -> anyhow::Result<bool> {
     let health = &node.observers.health;
@@ -104,7 +105,7 @@ async fn recover(
     // The metadata of a snapshot refused already: that object is not downloaded again.
     let mut refused: Option<Meta> = None;
     let outcome = loop {
-        match attempt(node, tx, snapshots, &streams, &mut refused).await {
+        match attempt(node, tx, snapshots, &streams, positions, &mut refused).await {
             Ok(Attempt::Restored(meta)) => break Ok(Some(meta)),
             Ok(Attempt::Wait(why)) => {
                 tracing::warn!(
@@ -129,9 +130,6 @@ async fn recover(
                     && tx.is_closed()
                 {
                     break Err(anyhow::anyhow!("the apply thread is gone"));
-                }
-                if was_refused {
-                    ask_for_snapshot(node, &streams).await;
                 }
             }
         }
@@ -165,14 +163,22 @@ enum Attempt {
     Wait(String),
 }
 
-/// Per stream: the position a snapshot must reach (the sequence before the stream's first).
-async fn needs(node: &Node, streams: &[String]) -> Result<Vec<u64>, snapshot::Error> {
+/// Per stream: the position a snapshot must reach — the sequence before the stream's first, and
+/// never less than what this node applied already (a snapshot behind us on some stream would
+/// take rows back to older values until the replay caught up).
+async fn needs(
+    node: &Node,
+    streams: &[String],
+    applied: &[AtomicU64],
+) -> Result<Vec<u64>, snapshot::Error> {
     let mut out = Vec::with_capacity(streams.len());
-    for name in streams {
+    for (i, name) in streams.iter().enumerate() {
         let range = stream::stream_range(&node.js, name)
             .await
             .map_err(|e| snapshot::Error::Unusable(format!("cannot read stream {name}: {e}")))?;
-        out.push(range.map_or(0, |(first, _)| first.saturating_sub(1)));
+        let first = range.map_or(0, |(first, _)| first.saturating_sub(1));
+        let own = applied.get(i).map_or(0, |p| p.load(Ordering::SeqCst));
+        out.push(first.max(own));
     }
     Ok(out)
 }
@@ -198,21 +204,22 @@ async fn attempt(
     tx: &mpsc::Sender<Work>,
     snapshots: &Snapshots,
     streams: &[String],
+    applied: &[AtomicU64],
     refused: &mut Option<Meta>,
 ) -> Result<Attempt, snapshot::Error> {
-    let need = needs(node, streams).await?;
+    let need = needs(node, streams, applied).await?;
     let Some(meta) = snapshots.store.meta().await? else {
-        ask_for_snapshot(node, streams).await;
+        ask_for_snapshot(node, &need, streams).await;
         return Ok(Attempt::Wait("the store holds no snapshot yet".into()));
     };
     if refused.as_ref() == Some(&meta) {
-        ask_for_snapshot(node, streams).await;
+        ask_for_snapshot(node, &need, streams).await;
         return Ok(Attempt::Wait(
             "the store still holds the snapshot refused before".into(),
         ));
     }
     if !covers(&positions_of(&meta, streams, &need), &need) {
-        ask_for_snapshot(node, streams).await;
+        ask_for_snapshot(node, &need, streams).await;
         return Ok(Attempt::Wait(format!(
             "the newest snapshot (positions {:?}) is older than what the streams still hold (from {:?})",
             meta.positions,
@@ -222,6 +229,7 @@ async fn attempt(
     let fetched = snapshot::fetch_verified(snapshots.store.as_ref(), &node.settings.db_path).await;
     if let Err(snapshot::Error::Refused(_)) = &fetched {
         *refused = Some(meta.clone());
+        ask_for_snapshot(node, &need, streams).await;
     }
     let Some((dir, file, meta)) = fetched? else {
         return Ok(Attempt::Wait(
@@ -262,15 +270,14 @@ async fn attempt(
     Ok(Attempt::Restored(meta))
 }
 
-/// Asks the snapshot leader for a snapshot covering what the streams still hold.
-async fn ask_for_snapshot(node: &Node, streams: &[String]) {
-    let need = needs(node, streams).await.unwrap_or_default();
+/// Asks the snapshot leader for a snapshot reaching `need`.
+async fn ask_for_snapshot(node: &Node, need: &[u64], streams: &[String]) {
     let request = snapshot::scheduler::Request {
         node_id: node.settings.node_id,
         need: streams
             .iter()
             .cloned()
-            .zip(need)
+            .zip(need.iter().copied())
             .collect::<BTreeMap<_, _>>(),
     };
     let Ok(body) = serde_json::to_vec(&request) else {

@@ -386,6 +386,49 @@ pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToke
     }
 }
 
+/// Every second: the peers' lag behind the furthest known position (`peer_lag` metric) and the
+/// cluster view of the health endpoint.
+pub async fn observe(
+    flow: Arc<Flow>,
+    metrics: Arc<crate::metrics::Metrics>,
+    health: Arc<crate::health::HealthState>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let ends: Vec<u64> = {
+            let peers = flow.peers.lock().unwrap_or_else(|p| p.into_inner());
+            (0..flow.streams.len())
+                .map(|s| {
+                    peers
+                        .values()
+                        .filter_map(|p| p.positions.get(s).copied())
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect()
+        };
+        let view = flow.view(&ends);
+        metrics.peer_lag.reset();
+        for peer in &view {
+            for (s, &pos) in peer.positions.iter().enumerate() {
+                metrics
+                    .peer_lag
+                    .with_label_values(&[
+                        peer.node_id.to_string().as_str(),
+                        (s + 1).to_string().as_str(),
+                    ])
+                    .set(ends.get(s).copied().unwrap_or(0).saturating_sub(pos) as i64);
+            }
+        }
+        health.update_catchup(|c| c.peers = view);
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Keeps the streams' `max_messages` up to date, and says once when a stream's limit differs from
 /// the configured `max_entries` (an existing stream keeps the limit it was created with unless
 /// `update_existing = true`).

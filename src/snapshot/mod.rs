@@ -207,8 +207,11 @@ fn lower_for_held(
     Ok(())
 }
 
-/// Drops every `__harmonylite__` trigger and table, leaves rollback-journal mode, and compacts
-/// when the dropped tables left much free space.
+/// Drops every `__harmonylite__` trigger and table and leaves rollback-journal mode.
+///
+/// No VACUUM (Go does one): it may renumber the rowids of tables without an INTEGER PRIMARY KEY,
+/// and those rowids are the keys such tables replicate by — a restore would then delete and
+/// re-insert every row under another rowid. The pages our tables used stay free in the file.
 fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
     let objects: Vec<(String, String)> = {
         let mut stmt = conn.prepare(
@@ -231,14 +234,6 @@ fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
         "DELETE FROM sqlite_sequence WHERE name LIKE '\\_\\_harmonylite\\_\\_%' ESCAPE '\\'; COMMIT;",
     )
     .or_else(|_| conn.execute_batch("COMMIT"))?;
-    let (free, pages): (i64, i64) = conn.query_row(
-        "SELECT (SELECT freelist_count FROM pragma_freelist_count), (SELECT page_count FROM pragma_page_count)",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    if free * 4 > pages {
-        conn.execute_batch("VACUUM")?;
-    }
     Ok(())
 }
 
@@ -397,6 +392,54 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A copy keeps every rowid (tables without an INTEGER PRIMARY KEY replicate by rowid; a
+    /// VACUUM would renumber them) and none of our tables; the positions are the source's.
+    #[test]
+    fn copy_keeps_rowids_and_drops_our_tables() {
+        let (dir, path) = crate::db::testutil::temp_db(
+            "CREATE TABLE norow (v TEXT);
+             CREATE TABLE __harmonylite__big_change_log (id INTEGER PRIMARY KEY, pad BLOB);",
+        );
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(
+            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 2000)
+             INSERT INTO norow (rowid, v) SELECT i * 3, 'v' || i FROM s;
+             DELETE FROM norow WHERE rowid % 2 = 0;
+             WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 500)
+             INSERT INTO __harmonylite__big_change_log (pad) SELECT randomblob(4000) FROM s;",
+        )
+        .expect("fill");
+        let rowids = |c: &Connection| -> Vec<(i64, String)> {
+            c.prepare("SELECT rowid, v FROM norow ORDER BY rowid")
+                .expect("query")
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .expect("rows")
+                .collect::<Result<_, _>>()
+                .expect("rows")
+        };
+        let want = rowids(&conn);
+        let source = Source {
+            db_path: path.clone(),
+            streams: vec!["s-1".into()],
+            positions: Arc::new([AtomicU64::new(42)]),
+            gate: Arc::new(Mutex::new(())),
+        };
+        let work = tempfile::tempdir_in(dir.path()).expect("work");
+        let (copy, meta) = copy_database(&source, work.path(), 1, "hash").expect("copy");
+        let snap = Connection::open(&copy).expect("open copy");
+        assert_eq!(rowids(&snap), want);
+        let ours: i64 = snap
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE '__harmonylite__%'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("schema");
+        assert_eq!(ours, 0);
+        assert_eq!(meta.positions, Some([("s-1".to_owned(), 42)].into()));
+        verify(&copy, &meta).expect("verifies");
+    }
 
     #[test]
     fn fnv_tag_matches_go() {

@@ -11,7 +11,7 @@ use std::path::Path;
 use async_nats::jetstream::{self, object_store};
 use futures::future::BoxFuture;
 
-use super::store::{Error, Meta, OBJECT, Store, TAG_HEADER};
+use super::store::{Error, Meta, OBJECT, Progress, ProgressReader, Store, TAG_HEADER};
 
 const KIND: &str = "nats";
 /// Object metadata key holding our [`Meta`] as JSON.
@@ -86,9 +86,11 @@ impl Store for NatsStore {
     fn upload<'a>(&'a self, file: &'a Path, meta: &'a Meta) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let bucket = self.bucket("upload").await?;
-            let mut f = tokio::fs::File::open(file)
+            let f = tokio::fs::File::open(file)
                 .await
                 .map_err(|e| Error::new(KIND, "upload", &self.object(), &e))?;
+            let total = f.metadata().await.ok().map(|m| m.len());
+            let mut f = ProgressReader::new(f, Progress::new(KIND, "Uploading", total));
             let mut headers = async_nats::HeaderMap::new();
             if let Some(tag) = &meta.fnv_tag {
                 headers.insert(TAG_HEADER, tag.as_str());
@@ -119,7 +121,7 @@ impl Store for NatsStore {
     fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
         Box::pin(async move {
             let bucket = self.bucket("download").await?;
-            let mut object = match bucket.get(OBJECT).await {
+            let object = match bucket.get(OBJECT).await {
                 Ok(o) => o,
                 Err(e) if matches!(e.kind(), object_store::GetErrorKind::NotFound) => {
                     return Ok(None);
@@ -127,6 +129,8 @@ impl Store for NatsStore {
                 Err(e) => return Err(Error::new(KIND, "download", &self.object(), &e)),
             };
             let meta = NatsStore::meta_of(&object.info);
+            let total = Some(object.info.size as u64);
+            let mut object = ProgressReader::new(object, Progress::new(KIND, "Downloading", total));
             let mut out = tokio::fs::File::create(dest)
                 .await
                 .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;

@@ -23,7 +23,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
 
-use super::store::{Error, Meta, OBJECT, Store};
+use super::store::{Error, Meta, OBJECT, Progress, Store};
 use crate::config::S3Settings;
 
 const KIND: &str = "s3";
@@ -327,11 +327,17 @@ impl Store for S3Store {
             let mut out = tokio::fs::File::create(dest)
                 .await
                 .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+            let mut progress = Progress::new(
+                KIND,
+                "Downloading",
+                got.content_length().map(|l| l.max(0) as u64),
+            );
             let mut body = got.body;
             while let Some(chunk) = body.try_next().await.map_err(|e| self.err("download", e))? {
                 out.write_all(&chunk)
                     .await
                     .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+                progress.add(chunk.len());
             }
             out.sync_all()
                 .await

@@ -20,7 +20,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use ssh2::{ErrorCode, RenameFlags, Session, Sftp};
 
-use super::store::{Error, Meta, OBJECT, SIDECAR, Store};
+use super::store::{Error, Meta, OBJECT, Progress, SIDECAR, Store};
 use crate::config::SftpSettings;
 
 const KIND: &str = "sftp";
@@ -243,11 +243,13 @@ impl SftpStore {
                 .map_err(|e| self.err(op, format!("create {}: {e}", temp.display())))?;
             let mut buf = vec![0u8; 1 << 20];
             let mut total = 0u64;
+            let mut progress = Progress::new(KIND, "Uploading", None);
             loop {
                 let n = from.read(&mut buf).map_err(|e| self.err(op, e))?;
                 if n == 0 {
                     break;
                 }
+                progress.add(n);
                 f.write_all(&buf[..n])
                     .map_err(|e| self.err(op, format!("write {}: {e}", temp.display())))?;
                 total += n as u64;
@@ -307,7 +309,18 @@ impl SftpStore {
             Err(e) => return Err(self.err(op, e)),
         };
         let mut out = std::fs::File::create(dest).map_err(|e| self.err(op, e))?;
-        let bytes = std::io::copy(&mut remote, &mut out).map_err(|e| self.err(op, e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        let mut progress = Progress::new(KIND, "Downloading", None);
+        loop {
+            let n = remote.read(&mut buf).map_err(|e| self.err(op, e))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(|e| self.err(op, e))?;
+            bytes += n as u64;
+            progress.add(n);
+        }
         out.sync_all().map_err(|e| self.err(op, e))?;
         tracing::info!(path = %self.object(), bytes, "Snapshot downloaded from SFTP server");
         Ok(Some(super::webdav::trusted(sidecar, Some(bytes))))

@@ -122,3 +122,71 @@ pub trait Store: Send + Sync {
     /// The snapshot's metadata without its data; `None` when the store holds none.
     fn meta(&self) -> BoxFuture<'_, Result<Option<Meta>, Error>>;
 }
+
+/// Logs the progress of a transfer of more than a few MB, at most every few seconds.
+pub struct Progress {
+    kind: &'static str,
+    what: &'static str,
+    total: Option<u64>,
+    done: u64,
+    last: std::time::Instant,
+}
+
+impl Progress {
+    /// Bytes below which nothing is logged.
+    const QUIET_BELOW: u64 = 8 * 1024 * 1024;
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub fn new(kind: &'static str, what: &'static str, total: Option<u64>) -> Progress {
+        Progress {
+            kind,
+            what,
+            total,
+            done: 0,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Counts `n` more bytes.
+    pub fn add(&mut self, n: usize) {
+        self.done += n as u64;
+        if self.done >= Self::QUIET_BELOW && self.last.elapsed() >= Self::EVERY {
+            self.last = std::time::Instant::now();
+            tracing::info!(
+                store = self.kind,
+                bytes = self.done,
+                total = self.total,
+                "{} snapshot",
+                self.what
+            );
+        }
+    }
+}
+
+/// An [`tokio::io::AsyncRead`] that reports what passes through it to a [`Progress`].
+pub struct ProgressReader<R> {
+    inner: R,
+    progress: Progress,
+}
+
+impl<R> ProgressReader<R> {
+    pub fn new(inner: R, progress: Progress) -> ProgressReader<R> {
+        ProgressReader { inner, progress }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ProgressReader<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.progress.add(read);
+        }
+        polled
+    }
+}

@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use reqwest::{Method, StatusCode, Url};
 use tokio::io::AsyncWriteExt;
 
-use super::store::{Error, Meta, OBJECT, SIDECAR, Store};
+use super::store::{Error, Meta, OBJECT, Progress, ProgressReader, SIDECAR, Store};
 
 const KIND: &str = "webdav";
 
@@ -209,8 +209,10 @@ impl Store for WebDavStore {
                 super::leader::now_ms()
             );
             let temp_url = self.in_dir(&temp);
-            let body =
-                reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                ProgressReader::new(f, Progress::new(KIND, "Uploading", Some(size))),
+                1 << 20,
+            ));
             let status = self
                 .request(Method::PUT, temp_url.clone())
                 .header(reqwest::header::CONTENT_LENGTH, size)
@@ -270,8 +272,10 @@ impl Store for WebDavStore {
                 .await
                 .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
             let mut size = 0u64;
+            let mut progress = Progress::new(KIND, "Downloading", resp.content_length());
             while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_error(op, e))? {
                 size += chunk.len() as u64;
+                progress.add(chunk.len());
                 out.write_all(&chunk)
                     .await
                     .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;

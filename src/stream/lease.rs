@@ -15,6 +15,7 @@
 //!   is a conflict too and the node stops.
 //! - A lease that cannot be kept because NATS is down is not a conflict: it is retried.
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -121,6 +122,11 @@ pub async fn acquire(
             .filter(|e| matches!(e.operation, kv::Operation::Put) && e.value != value);
         match foreign {
             None => break,
+            // Our own previous run on this host (killed): its process is gone, take over now.
+            Some(e) if previous_run_here(&e.value, identity, &host) => {
+                tracing::info!(previous = %describe(&e.value), "Taking over the node-id lease of this database's previous run");
+                break;
+            }
             Some(e) => {
                 if let Some((revision, _)) = &seen {
                     if *revision != e.revision {
@@ -159,6 +165,19 @@ pub async fn acquire(
             Ok(None)
         }
     }
+}
+
+/// Whether a lease value was written by this database on this host by a process that no longer
+/// exists (a copy of the database on this host run by another live daemon keeps its lease).
+fn previous_run_here(value: &[u8], identity: &str, host: &str) -> bool {
+    let text = String::from_utf8_lossy(value);
+    let Some(pid) = text
+        .strip_prefix(&format!("identity={identity} host={host} pid="))
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 impl Lease {
