@@ -96,6 +96,14 @@ async fn run_subsystems(
     let pacing = (settings.publish && positions_kv.is_some())
         .then(|| Pacing::new(Arc::clone(&flow), Arc::clone(&positions)));
     let outbox = Outbox::default();
+    // Set while recovering from a snapshot (the publisher then holds local changes back).
+    let recovering = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if settings.snapshot.enabled
+        && settings.replicate
+        && catchup::gap_at_start(node, &positions).await
+    {
+        recovering.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let shared: SharedLog = Arc::new(Mutex::new(LocalLog {
         conn,
         log: Arc::clone(&log),
@@ -112,6 +120,7 @@ async fn run_subsystems(
         Arc::clone(&node.observers.metrics),
         Arc::clone(&node.observers.health),
         pacing,
+        Arc::clone(&recovering),
     );
     if !recover(node, &publisher, &shared).await? {
         return Ok(());
@@ -122,7 +131,7 @@ async fn run_subsystems(
         spawn_flow(&mut tasks, node, &flow, store, &positions);
     }
     let gate = Arc::new(Mutex::new(()));
-    let snapshots = snapshots(node, &positions, &gate, schema_hash)?;
+    let snapshots = snapshots(node, &positions, &gate, schema_hash, recovering)?;
     if let Some(s) = &snapshots {
         spawn_snapshots(&mut tasks, node, s);
     }
@@ -281,6 +290,7 @@ fn snapshots(
     positions: &Arc<[AtomicU64]>,
     gate: &Arc<Mutex<()>>,
     schema_hash: String,
+    recovering: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<Option<Arc<Snapshots>>> {
     let settings = &node.settings;
     if !settings.snapshot.enabled {
@@ -295,13 +305,11 @@ fn snapshots(
         gate: Arc::clone(gate),
     });
     Ok(Some(Snapshots::new(
-        Arc::clone(settings),
-        node.client.clone(),
-        node.js.clone(),
+        node,
         store,
         source,
         schema_hash,
-        node.observers.clone(),
+        recovering,
     )))
 }
 

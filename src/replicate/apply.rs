@@ -595,6 +595,20 @@ fn restore(
         positions: at,
         reply,
     } = job;
+    // Messages applied since the recovery looked (they were in the channel before the job) may
+    // have taken this node past the snapshot on some stream: restoring would take rows back.
+    if let Some((i, name)) = streams
+        .iter()
+        .enumerate()
+        .find(|(i, _)| at.get(*i).copied().unwrap_or(0) < last[*i])
+    {
+        let _ = reply.send(Err(format!(
+            "the snapshot reaches {name} sequence {}, but this node has applied up to {}",
+            at.get(i).copied().unwrap_or(0),
+            last[i]
+        )));
+        return None;
+    }
     match applier.restore_snapshot(&file, &at) {
         Ok(restored) => {
             for (i, name) in streams.iter().enumerate() {

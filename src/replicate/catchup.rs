@@ -12,6 +12,10 @@
 //!   by Go HarmonyLite (no positions) is used with a replay of everything retained.
 //! - While recovering, health is 503 with the reason; a node that cannot recover says why and
 //!   keeps trying, it never crash-loops and never goes on silently with a gap.
+//! - While a node recovers, its publisher holds its own new changes back (they stay pending and
+//!   go out once it has restored). Otherwise, after a cluster-wide outage, the first nodes back
+//!   would publish their backlogs past the position of the node that holds everything, and every
+//!   node would end up lacking something no other node could give it.
 //! - Without snapshots (`snapshot.enabled = false`) a gap is logged as an error and consuming goes
 //!   on past it, as before: there is nothing to recover from.
 
@@ -31,6 +35,21 @@ use crate::stream;
 /// Longest wait between two recovery attempts (an attempt that finds no new snapshot costs one
 /// metadata read).
 const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// Whether a stream has already discarded messages after this node's position (checked before
+/// anything is published at start, so a node coming back with a gap holds its backlog).
+pub async fn gap_at_start(node: &Node, positions: &[AtomicU64]) -> bool {
+    for (i, name) in node.streams().iter().enumerate() {
+        if let Ok(Some((first, _))) = stream::stream_range(&node.js, name).await
+            && first > positions[i].load(Ordering::SeqCst) + 1
+        {
+            tracing::warn!(stream = %name, position = positions[i].load(Ordering::SeqCst), stream_first = first,
+                "This node lacks changes the stream no longer holds: holding local changes back until it has restored a snapshot");
+            return true;
+        }
+    }
+    false
+}
 
 /// Runs the consumers (and recoveries) until shutdown.
 ///

@@ -177,6 +177,9 @@ pub struct Publisher {
     /// Flow control and what it needs: per shard, this node's applied position and the
     /// estimated sequence of the last message sent.
     pacing: Option<Pacing>,
+    /// Set while this node recovers from a snapshot: its changes wait (see
+    /// [`super::catchup`]).
+    hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the publisher needs to pace itself (see [`super::flow`]).
@@ -219,6 +222,7 @@ impl Publisher {
         metrics: Arc<Metrics>,
         health: Arc<HealthState>,
         pacing: Option<Pacing>,
+        hold: Arc<std::sync::atomic::AtomicBool>,
     ) -> Publisher {
         let log = Arc::clone(&writer.lock().unwrap_or_else(|p| p.into_inner()).log);
         let meta = log
@@ -251,6 +255,7 @@ impl Publisher {
             must_search: std::sync::atomic::AtomicBool::new(true),
             duplicates: AtomicU64::new(0),
             pacing,
+            hold,
         }
     }
 
@@ -346,6 +351,10 @@ impl Publisher {
     /// # Errors
     /// The first failure; everything from the failing change on stays pending.
     pub async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
+        if self.hold.load(Ordering::Relaxed) {
+            self.count_pending().await;
+            return Ok(());
+        }
         let result = async {
             if self.settings.publish && self.must_search.load(Ordering::Relaxed) {
                 self.search().await?;

@@ -56,8 +56,9 @@ pub struct Snapshots {
     pub observers: Observers,
     saving: tokio::sync::Mutex<()>,
     leader: AtomicBool,
-    /// Set while this node recovers: it lacks changes, so it must neither lead nor save.
-    recovering: AtomicBool,
+    /// Set while this node recovers: it lacks changes, so it must neither lead nor save (and its
+    /// publisher holds its own changes back, see [`crate::replicate::catchup`]).
+    recovering: Arc<AtomicBool>,
     /// Milliseconds the last save took.
     last_save_ms: std::sync::atomic::AtomicU64,
     /// Unix ms of the newest snapshot known to exist (for the age metric).
@@ -65,26 +66,26 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
+    /// The snapshot side of `node`: its store, where its copies come from (`None` when it does
+    /// not apply), its schema hash, and the flag it shares with the publisher while recovering.
     pub fn new(
-        settings: Arc<Settings>,
-        client: async_nats::Client,
-        js: async_nats::jetstream::Context,
+        node: &crate::node::Node,
         store: Arc<dyn Store>,
         source: Option<Source>,
         schema_hash: String,
-        observers: Observers,
+        recovering: Arc<AtomicBool>,
     ) -> Arc<Snapshots> {
         Arc::new(Snapshots {
-            settings,
-            client,
-            js,
+            settings: Arc::clone(&node.settings),
+            client: node.client.clone(),
+            js: node.js.clone(),
             store,
             source,
             schema_hash,
-            observers,
+            observers: node.observers.clone(),
             saving: tokio::sync::Mutex::new(()),
             leader: AtomicBool::new(false),
-            recovering: AtomicBool::new(false),
+            recovering,
             last_save_ms: std::sync::atomic::AtomicU64::new(0),
             newest_ms: AtomicI64::new(0),
         })

@@ -62,6 +62,10 @@ pub async fn connect(
     on_state: impl Fn(bool) + Send + Sync + Clone + 'static,
 ) -> Result<async_nats::Client, Error> {
     use async_nats::ConnectErrorKind as Kind;
+    // rustls picks a crypto provider by itself only when exactly one is compiled in; the HTTP
+    // clients of the snapshot stores bring aws-lc-rs beside async-nats' ring. Choose ring (what
+    // the NATS client used alone) once per process; a second call only reports it is set.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let nats = &settings.nats;
     let joined = urls.join(", ");
     let connect_err = |message: String| Error::Connect {

@@ -752,13 +752,9 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
     }
 }
 
-/// A few fixed seeds in CI (shards 1 and 3); more with `HARMONYLITE_SEEDS` or one with
-/// `HARMONYLITE_SEED`.
-#[test]
-fn randomized_convergence() {
-    let bin = require_nats!();
-    let forced = env_u64("HARMONYLITE_SHARDS");
-    let seeds: Vec<u64> = if let Some(seed) = env_u64("HARMONYLITE_SEED") {
+/// `HARMONYLITE_SEED` (one), `HARMONYLITE_SEEDS` (that many random ones), else `fixed`.
+fn seeds_from_env(fixed: Vec<u64>) -> Vec<u64> {
+    if let Some(seed) = env_u64("HARMONYLITE_SEED") {
         vec![seed]
     } else if let Some(n) = env_u64("HARMONYLITE_SEEDS") {
         let mut r = Rng(std::time::SystemTime::now()
@@ -766,9 +762,17 @@ fn randomized_convergence() {
             .map_or(1, |d| d.as_nanos() as u64));
         (0..n).map(|_| r.next() % 1_000_000).collect()
     } else {
-        vec![11, 2024, 7]
-    };
-    for seed in seeds {
+        fixed
+    }
+}
+
+/// A few fixed seeds in CI (shards 1 and 3); more with `HARMONYLITE_SEEDS` or one with
+/// `HARMONYLITE_SEED`.
+#[test]
+fn randomized_convergence() {
+    let bin = require_nats!();
+    let forced = env_u64("HARMONYLITE_SHARDS");
+    for seed in seeds_from_env(vec![11, 2024, 7]) {
         let shards = forced.unwrap_or(if seed % 2 == 0 { 1 } else { 3 });
         run_seed(&bin, seed, shards, None);
     }
@@ -780,11 +784,7 @@ fn randomized_convergence() {
 fn randomized_convergence_with_snapshot_recovery() {
     let bin = require_nats!();
     let forced = env_u64("HARMONYLITE_SHARDS");
-    let seeds: Vec<u64> = match env_u64("HARMONYLITE_SEED") {
-        Some(seed) => vec![seed],
-        None => vec![5, 8],
-    };
-    for seed in seeds {
+    for seed in seeds_from_env(vec![5, 8]) {
         let shards = forced.unwrap_or(if seed % 2 == 0 { 1 } else { 3 });
         run_seed(&bin, seed, shards, Some(24));
     }
