@@ -35,6 +35,13 @@ pub mod stream;
 pub mod systemd;
 pub mod wire;
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// An error and all its causes, `outer: inner: innermost`, for log lines (a bare `%e` drops the
 /// cause, which is usually the part that says what went wrong).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

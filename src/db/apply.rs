@@ -243,6 +243,9 @@ struct State {
     cursors: Vec<i64>,
     /// Per shard (index shard − 1): last applied stream sequence.
     applied: Vec<u64>,
+    /// Per table: pending changes up to this log id have an unknown publish status and do not
+    /// count as in flight (see [`super::restore::NotKept`]).
+    unknown_up_to: Vec<i64>,
     held: BTreeMap<i64, HeldEvent>,
     held_keys: HashMap<(usize, Key), i64>,
     sql: Vec<TableSql>,
@@ -300,6 +303,7 @@ impl Applier {
                 in_flight: vec![HashMap::new(); n],
                 cursors: vec![0; n],
                 applied,
+                unknown_up_to: Vec::new(),
                 held: BTreeMap::new(),
                 held_keys: HashMap::new(),
                 sql: (0..n).map(|_| TableSql::default()).collect(),
@@ -309,6 +313,16 @@ impl Applier {
         applier.rebuild_in_flight()?;
         applier.load_held()?;
         Ok(applier)
+    }
+
+    /// Pending changes up to these change-log ids (per table) have an unknown publish status:
+    /// they stop counting as in flight (see [`super::restore::NotKept`]).
+    ///
+    /// # Errors
+    /// SQLite errors re-reading the in-flight set.
+    pub fn set_unknown_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
+        self.state.unknown_up_to = ids;
+        self.rebuild_in_flight()
     }
 
     /// Records that `shard` (1-based) has been applied through `seq`.
@@ -368,9 +382,11 @@ impl Applier {
         &mut self,
         file: &std::path::Path,
         positions: &[u64],
+        not_kept: &super::restore::NotKept,
     ) -> Result<super::restore::Restored, Error> {
         // Changes of ours published past the snapshot's positions are in flight again.
-        let restored = super::restore::restore(&mut self.conn, &self.state.log, file, positions)?;
+        let restored =
+            super::restore::restore(&mut self.conn, &self.state.log, file, positions, not_kept)?;
         for (i, &p) in positions.iter().enumerate() {
             self.set_applied(i + 1, p);
         }
@@ -553,20 +569,22 @@ impl State {
             return Ok(());
         }
         for t in 0..self.tables.len() {
-            let (rows, highest) =
-                match self
-                    .log
-                    .in_flight(conn, t, self.cursors[t], Some(&self.applied))
+            let (rows, highest) = match self.log.in_flight(
+                conn,
+                t,
+                self.cursors[t],
+                Some(&self.applied),
+                self.unknown_up_to.get(t).copied().unwrap_or(0),
+            ) {
+                Ok(r) => r,
+                // The change log was dropped under us (capture removed): nothing to track.
+                Err(Error::Sqlite { source, .. })
+                    if source.sqlite_error_code() == Some(ErrorCode::Unknown) =>
                 {
-                    Ok(r) => r,
-                    // The change log was dropped under us (capture removed): nothing to track.
-                    Err(Error::Sqlite { source, .. })
-                        if source.sqlite_error_code() == Some(ErrorCode::Unknown) =>
-                    {
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             self.cursors[t] = highest;
             for (id, key) in rows {
                 let slot = self.in_flight[t].entry(Key::of(&key)).or_insert(id);
@@ -1094,9 +1112,7 @@ pub(super) fn commit_guarded(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::unix_ms()
 }
 
 #[cfg(test)]

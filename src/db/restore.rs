@@ -26,6 +26,19 @@ use super::{Error, Table, on_table, quote};
 /// Schema name the snapshot is attached as.
 const SNAP: &str = "hl_snapshot";
 
+/// Local changes that look in flight but may already be in the snapshot, so their rows must not
+/// be kept (the snapshot's value wins; the change still goes out and, if it is new, wins later).
+#[derive(Debug, Default, Clone)]
+pub struct NotKept {
+    /// Per table: pending changes with a change-log id up to this were captured before this
+    /// process started while the stream no longer held the range where they could have landed:
+    /// whether they were published is unknown.
+    pub unknown_up_to: Vec<i64>,
+    /// (table, change-log id, shard, sequence) of changes acknowledged but not yet marked in the
+    /// database.
+    pub landed: Vec<(usize, i64, u64, u64)>,
+}
+
 /// What a restore did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Restored {
@@ -48,6 +61,7 @@ pub fn restore(
     log: &ChangeLog,
     snapshot: &Path,
     positions: &[u64],
+    not_kept: &NotKept,
 ) -> Result<Restored, Error> {
     let uri = format!(
         "file:{}?mode=ro",
@@ -58,14 +72,19 @@ pub fn restore(
             .replace('#', "%23")
     );
     conn.execute("ATTACH DATABASE ?1 AS hl_snapshot", [&uri])?;
-    let result = merge_all(conn, log, positions);
+    let result = merge_all(conn, log, positions, not_kept);
     let detached = conn.execute_batch("DETACH DATABASE hl_snapshot");
     let restored = result?;
     detached?;
     Ok(restored)
 }
 
-fn merge_all(conn: &mut Connection, log: &ChangeLog, positions: &[u64]) -> Result<Restored, Error> {
+fn merge_all(
+    conn: &mut Connection,
+    log: &ChangeLog,
+    positions: &[u64],
+    not_kept: &NotKept,
+) -> Result<Restored, Error> {
     let mut out = Restored::default();
     let tx = begin_guarded(conn)?;
     for (i, table) in log.tables().iter().enumerate() {
@@ -91,7 +110,18 @@ fn merge_all(conn: &mut Connection, log: &ChangeLog, positions: &[u64]) -> Resul
             ));
             continue;
         }
-        let (flying, _) = log.in_flight(&tx, i, 0, Some(positions))?;
+        let unknown_up_to = not_kept.unknown_up_to.get(i).copied().unwrap_or(0);
+        let (mut flying, _) = log.in_flight(&tx, i, 0, Some(positions), unknown_up_to)?;
+        flying.retain(|(id, _)| {
+            let in_snapshot = not_kept.landed.iter().any(|&(t, log_id, shard, seq)| {
+                t == i
+                    && log_id == *id
+                    && positions
+                        .get((shard.max(1) - 1) as usize)
+                        .is_some_and(|&p| seq <= p)
+            });
+            !in_snapshot
+        });
         keep_table(&tx, &keys, &flying)?;
         out.kept += flying.len() as u64;
         merge_table(&tx, table, &keys, &has, &mut out).map_err(on_table(&table.name))?;

@@ -87,6 +87,10 @@ async fn run_subsystems(
         .map(|s| AtomicU64::new(seqmap.get(s)))
         .collect();
     let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
+    let last_retired = acked.clone();
+    let max_ids_at_start = log
+        .max_ids(&conn)
+        .context("Unable to read the change logs")?;
     let flow = Flow::new(node.streams(), settings.node_id);
     let positions_kv = if settings.publish || settings.replicate {
         flow::bucket(&node.js, settings).await
@@ -125,6 +129,17 @@ async fn run_subsystems(
     if !recover(node, &publisher, &shared).await? {
         return Ok(());
     }
+    // Pending changes from before this start whose possible landing the streams no longer hold:
+    // whether they were published is unknown (a restore must not keep their rows).
+    let unknown_up_to = if search_was_complete(node, &last_retired).await {
+        vec![0; max_ids_at_start.len()]
+    } else {
+        max_ids_at_start
+    };
+    let own = catchup::OwnChanges {
+        unknown_up_to,
+        outbox: Arc::clone(&outbox),
+    };
 
     let reported = positions_kv.is_some().then(|| Arc::clone(&flow));
     if let Some(store) = positions_kv {
@@ -137,6 +152,7 @@ async fn run_subsystems(
     }
     if settings.replicate {
         let wiring = ApplyWiring {
+            own,
             seqmap,
             positions: Arc::clone(&positions),
             flow: reported,
@@ -205,6 +221,8 @@ async fn recover(node: &Node, publisher: &Publisher, shared: &SharedLog) -> anyh
 
 /// What the applying side shares with the other subsystems.
 struct ApplyWiring {
+    /// What a restore must know about this node's own changes.
+    own: catchup::OwnChanges,
     seqmap: SeqMap,
     /// Per shard: the last applied sequence (the keeper, flow control and snapshots read it).
     positions: Arc<[AtomicU64]>,
@@ -216,6 +234,23 @@ struct ApplyWiring {
     snapshots: Option<Arc<Snapshots>>,
 }
 
+/// Whether the start-up search for changes sent before the restart could see every sequence
+/// after the last retired landing of each shard (the stream still holds them).
+async fn search_was_complete(
+    node: &Node,
+    last_retired: &std::collections::HashMap<u64, u64>,
+) -> bool {
+    for (i, name) in node.streams().iter().enumerate() {
+        let from = last_retired.get(&(i as u64 + 1)).copied().unwrap_or(0) + 1;
+        match stream::stream_range(&node.js, name).await {
+            Ok(Some((first, _))) if first > from => return false,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// The applying side: one consumer per shard feeding the apply thread (and recovering from a
 /// snapshot when a stream no longer holds what this node lacks).
 fn spawn_apply(
@@ -225,6 +260,7 @@ fn spawn_apply(
     wiring: ApplyWiring,
 ) -> anyhow::Result<()> {
     let ApplyWiring {
+        own,
         seqmap,
         positions,
         flow,
@@ -237,17 +273,25 @@ fn spawn_apply(
     let applied: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
     // Own events come back (and must be told apart) only when we both publish and apply.
     let track = settings.publish;
-    let applier = Applier::new(
+    let mut applier = Applier::new(
         db::open(&settings.db_path)?,
         Arc::clone(log),
         applied,
         track,
     )
     .context("Unable to start the applier")?;
+    if own.unknown_up_to.iter().any(|&id| id > 0) {
+        tracing::warn!(
+            "Some pending changes were captured before the restart and the streams no longer hold where they may have landed; they do not hold back other nodes' changes of their rows"
+        );
+        applier
+            .set_unknown_up_to(own.unknown_up_to.clone())
+            .context("Unable to start the applier")?;
+    }
     let (tx, rx) = mpsc::channel(applying::CHANNEL_DEPTH);
     let (n, p) = (node.clone(), Arc::clone(positions));
     tasks.spawn(async move {
-        let result = catchup::run(n, tx, p, snapshots).await;
+        let result = catchup::run(n, tx, p, snapshots, own).await;
         ("consumers", result)
     });
     let thread = applying::spawn_apply_thread(

@@ -69,6 +69,8 @@ pub struct RestoreJob {
     pub file: std::path::PathBuf,
     /// Per shard (index shard − 1).
     pub positions: Vec<u64>,
+    /// Local changes whose rows are not kept although they look in flight.
+    pub not_kept: crate::db::restore::NotKept,
     /// The outcome; an error as its cause chain.
     pub reply: tokio::sync::oneshot::Sender<Result<crate::db::restore::Restored, String>>,
 }
@@ -593,6 +595,7 @@ fn restore(
     let RestoreJob {
         file,
         positions: at,
+        not_kept,
         reply,
     } = job;
     // Messages applied since the recovery looked (they were in the channel before the job) may
@@ -609,7 +612,7 @@ fn restore(
         )));
         return None;
     }
-    match applier.restore_snapshot(&file, &at) {
+    match applier.restore_snapshot(&file, &at, &not_kept) {
         Ok(restored) => {
             for (i, name) in streams.iter().enumerate() {
                 let p = at.get(i).copied().unwrap_or(0);

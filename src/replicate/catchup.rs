@@ -55,11 +55,36 @@ pub async fn gap_at_start(node: &Node, positions: &[AtomicU64]) -> bool {
 ///
 /// # Errors
 /// Only when the apply thread is gone (it reports why).
+/// What a restore must know about this node's own changes (see
+/// [`crate::db::restore::NotKept`]).
+#[derive(Clone)]
+pub struct OwnChanges {
+    /// Per table: pending changes up to this change-log id have an unknown publish status.
+    pub unknown_up_to: Vec<i64>,
+    /// Acknowledged changes not yet marked in the database.
+    pub outbox: super::publish::Outbox,
+}
+
+impl OwnChanges {
+    fn not_kept(&self) -> crate::db::restore::NotKept {
+        let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        crate::db::restore::NotKept {
+            unknown_up_to: self.unknown_up_to.clone(),
+            landed: outbox
+                .published
+                .iter()
+                .filter_map(|r| r.landed.map(|(shard, seq)| (r.table, r.log_id, shard, seq)))
+                .collect(),
+        }
+    }
+}
+
 pub async fn run(
     node: Node,
     tx: mpsc::Sender<Work>,
     positions: Arc<[AtomicU64]>,
     snapshots: Option<Arc<Snapshots>>,
+    own: OwnChanges,
 ) -> anyhow::Result<()> {
     let shutdown = node.root.clone();
     loop {
@@ -93,7 +118,7 @@ pub async fn run(
         if tx.is_closed() {
             anyhow::bail!("the apply thread is gone");
         }
-        if !recover(&node, &tx, snapshots, &positions, gap).await? {
+        if !recover(&node, &tx, snapshots, &positions, &own, gap).await? {
             return Ok(());
         }
     }
@@ -105,6 +130,7 @@ async fn recover(
     tx: &mpsc::Sender<Work>,
     snapshots: &Snapshots,
     positions: &[AtomicU64],
+    own: &OwnChanges,
     gap: Gap,
 ) -> anyhow::Result<bool> {
     let health = &node.observers.health;
@@ -124,7 +150,7 @@ async fn recover(
     // The metadata of a snapshot refused already: that object is not downloaded again.
     let mut refused: Option<Meta> = None;
     let outcome = loop {
-        match attempt(node, tx, snapshots, &streams, positions, &mut refused).await {
+        match attempt(node, tx, snapshots, &streams, positions, own, &mut refused).await {
             Ok(Attempt::Restored(meta)) => break Ok(Some(meta)),
             Ok(Attempt::Wait(why)) => {
                 tracing::warn!(
@@ -224,6 +250,7 @@ async fn attempt(
     snapshots: &Snapshots,
     streams: &[String],
     applied: &[AtomicU64],
+    own: &OwnChanges,
     refused: &mut Option<Meta>,
 ) -> Result<Attempt, snapshot::Error> {
     let need = needs(node, streams, applied).await?;
@@ -265,6 +292,7 @@ async fn attempt(
     tx.send(Work::Restore(RestoreJob {
         file,
         positions: at.clone(),
+        not_kept: own.not_kept(),
         reply,
     }))
     .await

@@ -165,10 +165,9 @@ pub async fn holder(store: &kv::Store, key: &'static str) -> Option<(u64, i64)> 
     decode_holder(&entry.value)
 }
 
+/// Unix milliseconds (lease timestamps).
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::unix_ms()
 }
 
 #[cfg(test)]

@@ -384,9 +384,7 @@ pub fn open_store(
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::unix_ms()
 }
 
 #[cfg(test)]

@@ -117,12 +117,9 @@ fn insert_range(node: &Node, from: u64, to: u64) {
     }
 }
 
-/// `max_entries = 16`: a node stopped while 2,000 writes happen elsewhere restarts and
-/// converges (its gap is filled by a snapshot).
-#[test]
-fn stopped_node_restarts_and_converges() {
-    let bin = require_nats!();
-    let nats = NatsServer::start(&bin);
+/// Two running nodes on streams of 16 messages, both holding rows 1..=10.
+fn small_pair(bin: &std::path::Path) -> (NatsServer, Node, Node) {
+    let nats = NatsServer::start(bin);
     let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
     let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
     for n in [&a, &b] {
@@ -134,6 +131,15 @@ fn stopped_node_restarts_and_converges() {
     wait_until(Duration::from_secs(30), "b has the first rows", || {
         b.query_i64("SELECT count(*) FROM Books") == 10
     });
+    (nats, a, b)
+}
+
+/// `max_entries = 16`: a node stopped while 2,000 writes happen elsewhere restarts and
+/// converges (its gap is filled by a snapshot).
+#[test]
+fn stopped_node_restarts_and_converges() {
+    let bin = require_nats!();
+    let (_nats, a, mut b) = small_pair(&bin);
     assert!(b.terminate().success());
     insert_range(&a, 11, 2011);
     let want = a.checksum("Books");
@@ -153,18 +159,7 @@ fn stopped_node_restarts_and_converges() {
 #[test]
 fn paused_node_recovers_online() {
     let bin = require_nats!();
-    let nats = NatsServer::start(&bin);
-    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
-    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
-    for n in [&a, &b] {
-        n.set_max_entries(16);
-    }
-    a.start();
-    b.start();
-    insert_range(&a, 1, 11);
-    wait_until(Duration::from_secs(30), "b has the first rows", || {
-        b.query_i64("SELECT count(*) FROM Books") == 10
-    });
+    let (_nats, a, b) = small_pair(&bin);
     let pid = b.pid().expect("b runs");
     signal(pid, libc::SIGSTOP);
     let paused = Instant::now();

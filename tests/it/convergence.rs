@@ -546,6 +546,8 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
             let n = Node::new(id, &nats.url, SCHEMA, shards, "");
             if let Some(m) = max_entries {
                 n.set_max_entries(m);
+                // A dead leader is replaced in seconds, so recoveries do not wait 30 s for it.
+                n.append_config("[snapshot]\nleader_ttl = 3000");
             }
             n
         })
