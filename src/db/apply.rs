@@ -381,6 +381,7 @@ impl Applier {
     pub fn restore_snapshot(
         &mut self,
         file: &std::path::Path,
+        streams: &[String],
         positions: &[u64],
         not_kept: &super::restore::NotKept,
     ) -> Result<super::restore::Restored, Error> {
@@ -391,6 +392,38 @@ impl Applier {
             self.set_applied(i + 1, p);
         }
         self.rebuild_in_flight()?;
+        // Acknowledged changes of ours inside the snapshot have come back, whatever the database
+        // still says of them (the keeper marks them later).
+        for &(t, log_id, shard, seq) in &not_kept.landed {
+            let inside = positions
+                .get((shard.max(1) - 1) as usize)
+                .is_some_and(|&p| seq <= p);
+            if inside && let Some(map) = self.state.in_flight.get_mut(t) {
+                map.retain(|_, id| *id != log_id);
+            }
+        }
+        // Held events the snapshot's positions include are part of its rows now (or superseded
+        // by them): retried later they would take rows back.
+        let stale: Vec<i64> = self
+            .state
+            .held
+            .iter()
+            .filter(|(_, h)| {
+                streams
+                    .iter()
+                    .position(|s| *s == h.stream)
+                    .and_then(|i| positions.get(i))
+                    .is_some_and(|&p| h.seq <= p)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        if !stale.is_empty() {
+            let tx = self.conn.unchecked_transaction()?;
+            for id in stale {
+                self.state.drop_held(&tx, id)?;
+            }
+            tx.commit()?;
+        }
         Ok(restored)
     }
 

@@ -13,7 +13,9 @@
 //! - Our own tables (change logs, held events, identity) are never read from the snapshot.
 //! - A table the snapshot lacks, or lacks a key column of, is left alone and reported.
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
-//!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row.
+//!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row. Any
+//!   other constraint failure (NOT NULL, CHECK: the schemas differ) fails the whole restore,
+//!   which changes nothing and is retried.
 
 use std::path::Path;
 
@@ -254,7 +256,8 @@ fn merge_table(
             out.inserted += i;
         }
         Err(rusqlite::Error::SqliteFailure(e, _))
-            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
         {
             // Rows swapped UNIQUE values: replace every row that is not kept.
             tracing::debug!(table = %table.name, "restore merge hit a UNIQUE conflict; replacing the table's rows");

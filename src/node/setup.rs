@@ -98,6 +98,7 @@ async fn open_database(settings: &Arc<Settings>) -> anyhow::Result<(Capture, Str
     let s = Arc::clone(settings);
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let lock = db::lock(&s.db_path)?;
+        crate::snapshot::sweep_work_dirs(&s.db_path);
         let mut conn = db::open(&s.db_path)?;
         tracing::info!("Listing tables to watch...");
         let tables = schema::watched_tables(&conn).context("Unable to list tables")?;

@@ -71,6 +71,9 @@ pub struct RestoreJob {
     pub positions: Vec<u64>,
     /// Local changes whose rows are not kept although they look in flight.
     pub not_kept: crate::db::restore::NotKept,
+    /// The snapshot records no positions: `positions` are the streams' starts, and the node may
+    /// go back to them (everything retained is replayed), as Go does.
+    pub replay_all: bool,
     /// The outcome; an error as its cause chain.
     pub reply: tokio::sync::oneshot::Sender<Result<crate::db::restore::Restored, String>>,
 }
@@ -596,6 +599,7 @@ fn restore(
         file,
         positions: at,
         not_kept,
+        replay_all,
         reply,
     } = job;
     // Messages applied since the recovery looked (they were in the channel before the job) may
@@ -603,7 +607,7 @@ fn restore(
     if let Some((i, name)) = streams
         .iter()
         .enumerate()
-        .find(|(i, _)| at.get(*i).copied().unwrap_or(0) < last[*i])
+        .find(|(i, _)| !replay_all && at.get(*i).copied().unwrap_or(0) < last[*i])
     {
         let _ = reply.send(Err(format!(
             "the snapshot reaches {name} sequence {}, but this node has applied up to {}",
@@ -612,7 +616,7 @@ fn restore(
         )));
         return None;
     }
-    match applier.restore_snapshot(&file, &at, &not_kept) {
+    match applier.restore_snapshot(&file, streams, &at, &not_kept) {
         Ok(restored) => {
             for (i, name) in streams.iter().enumerate() {
                 let p = at.get(i).copied().unwrap_or(0);

@@ -108,7 +108,9 @@ pub async fn run(
         let gap = tokio::select! {
             biased;
             _ = shutdown.cancelled() => None,
-            g = gaps.recv() => g,
+            // Without snapshots no consumer reports gaps (they go on past them): the channel is
+            // closed from the start and must not end the round.
+            Some(g) = gaps.recv(), if snapshots.is_some() => Some(g),
         };
         round.cancel();
         while consumers.join_next().await.is_some() {}
@@ -208,36 +210,43 @@ enum Attempt {
     Wait(String),
 }
 
-/// Per stream: the position a snapshot must reach — the sequence before the stream's first, and
-/// never less than what this node applied already (a snapshot behind us on some stream would
-/// take rows back to older values until the replay caught up).
+/// Per stream: the sequence before the stream's first retained one, and the position a snapshot
+/// must reach — that, and never less than what this node applied already (a snapshot behind us
+/// on some stream would take rows back to older values until the replay caught up).
 async fn needs(
     node: &Node,
     streams: &[String],
     applied: &[AtomicU64],
-) -> Result<Vec<u64>, snapshot::Error> {
-    let mut out = Vec::with_capacity(streams.len());
+) -> Result<(Vec<u64>, Vec<u64>), snapshot::Error> {
+    let (mut before_first, mut need) = (Vec::new(), Vec::new());
     for (i, name) in streams.iter().enumerate() {
         let range = stream::stream_range(&node.js, name)
             .await
             .map_err(|e| snapshot::Error::Unusable(format!("cannot read stream {name}: {e}")))?;
         let first = range.map_or(0, |(first, _)| first.saturating_sub(1));
         let own = applied.get(i).map_or(0, |p| p.load(Ordering::SeqCst));
-        out.push(first.max(own));
+        before_first.push(first);
+        need.push(first.max(own));
     }
-    Ok(out)
+    Ok((before_first, need))
 }
 
-/// The positions a snapshot contains, per stream; a Go snapshot (none recorded) counts as
-/// reaching every stream's first retained sequence (everything retained is replayed).
-fn positions_of(meta: &Meta, streams: &[String], need: &[u64]) -> Vec<u64> {
-    match &meta.positions {
-        Some(p) => streams
+/// The positions a snapshot contains, per stream, or `None` for one without recorded positions
+/// (made by Go, or its metadata was lost): such a snapshot is restored as Go does, followed by a
+/// replay of everything the streams retain.
+fn positions_of(meta: &Meta, streams: &[String]) -> Option<Vec<u64>> {
+    meta.positions.as_ref().map(|p| {
+        streams
             .iter()
             .map(|s| p.get(s).copied().unwrap_or(0))
-            .collect(),
-        None => need.to_vec(),
-    }
+            .collect()
+    })
+}
+
+/// Whether a snapshot with `meta` may be restored now: its positions reach `need`, or it has
+/// none (replayed from the streams' start).
+fn usable(meta: &Meta, streams: &[String], need: &[u64]) -> bool {
+    positions_of(meta, streams).is_none_or(|have| covers(&have, need))
 }
 
 fn covers(have: &[u64], need: &[u64]) -> bool {
@@ -253,7 +262,7 @@ async fn attempt(
     own: &OwnChanges,
     refused: &mut Option<Meta>,
 ) -> Result<Attempt, snapshot::Error> {
-    let need = needs(node, streams, applied).await?;
+    let (before_first, need) = needs(node, streams, applied).await?;
     let Some(meta) = snapshots.store.meta().await? else {
         ask_for_snapshot(node, &need, streams).await;
         return Ok(Attempt::Wait("the store holds no snapshot yet".into()));
@@ -264,7 +273,7 @@ async fn attempt(
             "the store still holds the snapshot refused before".into(),
         ));
     }
-    if !covers(&positions_of(&meta, streams, &need), &need) {
+    if !usable(&meta, streams, &need) {
         ask_for_snapshot(node, &need, streams).await;
         return Ok(Attempt::Wait(format!(
             "the newest snapshot (positions {:?}) is older than what the streams still hold (from {:?})",
@@ -282,10 +291,18 @@ async fn attempt(
             "the snapshot disappeared from the store".into(),
         ));
     };
-    let at = positions_of(&meta, streams, &need);
-    if meta.positions.is_none() {
+    // What was downloaded may be newer than the metadata looked at first: check it again.
+    if !usable(&meta, streams, &need) {
+        return Ok(Attempt::Wait(format!(
+            "the downloaded snapshot (positions {:?}) does not reach {:?}",
+            meta.positions, need
+        )));
+    }
+    let positionless = meta.positions.is_none();
+    let at = positions_of(&meta, streams).unwrap_or(before_first);
+    if positionless {
         tracing::warn!(
-            "The snapshot was made by Go HarmonyLite (no positions recorded); replaying everything the streams retain over it"
+            "The snapshot records no stream positions (made by Go HarmonyLite, or its metadata was lost); replaying everything the streams retain over it"
         );
     }
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -293,6 +310,7 @@ async fn attempt(
         file,
         positions: at.clone(),
         not_kept: own.not_kept(),
+        replay_all: positionless,
         reply,
     }))
     .await
@@ -347,13 +365,12 @@ mod tests {
             positions: Some([("s-1".to_owned(), 100), ("s-2".to_owned(), 7)].into()),
             ..Meta::default()
         };
-        assert!(covers(&positions_of(&meta, &streams, &[100, 7]), &[100, 7]));
-        assert!(!covers(
-            &positions_of(&meta, &streams, &[101, 0]),
-            &[101, 0]
-        ));
-        // Go's snapshots record nothing: everything retained is replayed over them.
+        assert!(usable(&meta, &streams, &[100, 7]));
+        assert!(!usable(&meta, &streams, &[101, 0]));
+        assert_eq!(positions_of(&meta, &streams), Some(vec![100, 7]));
+        // Go's snapshots record nothing: usable, with everything retained replayed over them.
         let go = Meta::default();
-        assert_eq!(positions_of(&go, &streams, &[40, 2]), vec![40, 2]);
+        assert!(usable(&go, &streams, &[40, 2]));
+        assert_eq!(positions_of(&go, &streams), None);
     }
 }

@@ -400,7 +400,8 @@ impl Publisher {
         let mut cursor = self.cursor.load(Ordering::Relaxed);
         let mut in_flight: Option<Sent> = None;
         loop {
-            if shutdown.is_cancelled() {
+            // Recovery began meanwhile: what is sent is settled, the rest waits.
+            if shutdown.is_cancelled() || self.hold.load(Ordering::Relaxed) {
                 return match in_flight {
                     Some(prev) => self.finish(prev).await,
                     None => Ok(()),

@@ -87,6 +87,30 @@ pub struct Source {
     pub gate: Arc<Mutex<()>>,
 }
 
+/// Removes work directories a killed process left next to the database (each can be as large as
+/// the database). Only call it while holding the database lock: no one else uses them then.
+pub fn sweep_work_dirs(db_path: &Path) {
+    let parent = crate::config::data_root_dir(db_path);
+    let Ok(entries) = std::fs::read_dir(&parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(".harmonylite-snapshot-")
+            && entry.file_type().is_ok_and(|t| t.is_dir())
+        {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(path = %entry.path().display(), "Removed a snapshot work directory left by an earlier run")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "Cannot remove an old snapshot work directory")
+                }
+            }
+        }
+    }
+}
+
 /// A work directory next to the database.
 pub fn work_dir(db_path: &Path) -> Result<tempfile::TempDir, Error> {
     let parent = crate::config::data_root_dir(db_path);

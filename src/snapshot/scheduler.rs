@@ -386,6 +386,12 @@ impl Snapshots {
             _ => {}
         }
         self.leader.store(now, Ordering::Relaxed);
+        // Recovery may have begun while the round ran (set_recovering saw no leadership yet).
+        if now && self.recovering.load(Ordering::Relaxed) {
+            self.leader.store(false, Ordering::Relaxed);
+            let _ = meta_kv.delete(leader::LEADER_KEY).await;
+            return ttl;
+        }
         self.observers
             .health
             .update_catchup(|c| c.snapshot_leader = now);

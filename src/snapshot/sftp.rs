@@ -8,8 +8,8 @@
 //! An upload writes `<path>/<node name>-<unix ms>-temp-snapshot.db` (streamed in 1 MiB writes,
 //! fsynced where the server supports it) and renames it over `snapshot.db`. OpenSSH's SFTP
 //! (protocol 3) does not rename over an existing file, so when the overwriting rename is refused
-//! the old object is removed first: readers may find no snapshot for that instant, never half
-//! of one. The [`Meta`] goes to the sidecar `snapshot.db.meta.json` the same way (see
+//! the old object is moved aside first (and back if the new one cannot take its place): readers
+//! may find no snapshot for that instant, never half of one, and a failure leaves the old one. The [`Meta`] goes to the sidecar `snapshot.db.meta.json` the same way (see
 //! [`super::webdav::trusted`] for when it is believed).
 
 use std::io::{Read, Write};
@@ -267,10 +267,20 @@ impl SftpStore {
         };
         let flags = RenameFlags::OVERWRITE | RenameFlags::ATOMIC | RenameFlags::NATIVE;
         if sftp.rename(&temp, &dest, Some(flags)).is_err() {
-            let _ = sftp.unlink(&dest);
+            // Protocol 3 will not rename over a file: move the old one aside first, and back if
+            // the new one cannot take its place, so a failure never leaves the store empty.
+            let aside = self.path_of(&format!("{name}.old-{}", self.node_name));
+            let _ = sftp.unlink(&aside);
+            let moved_aside = sftp.rename(&dest, &aside, None).is_ok();
             if let Err(e) = sftp.rename(&temp, &dest, None) {
+                if moved_aside {
+                    let _ = sftp.rename(&aside, &dest, None);
+                }
                 let _ = sftp.unlink(&temp);
                 return Err(self.err(op, format!("rename to {}: {e}", dest.display())));
+            }
+            if moved_aside {
+                let _ = sftp.unlink(&aside);
             }
         }
         Ok(total)

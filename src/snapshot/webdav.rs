@@ -77,6 +77,8 @@ impl WebDavStore {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
+            // A server that stops answering must not hang a save or a recovery for good.
+            .read_timeout(std::time::Duration::from_secs(60))
             .build()
             .map_err(|e| bad(format!("cannot build the HTTP client: {e}")))?;
         Ok(WebDavStore {
@@ -222,6 +224,7 @@ impl Store for WebDavStore {
                 .map_err(|e| self.http_error(op, e))?
                 .status();
             if !status.is_success() {
+                let _ = self.request(Method::DELETE, temp_url).send().await;
                 return Err(self.status_error(op, "PUT", status));
             }
             let moved = self

@@ -435,3 +435,32 @@ fn one_leader_saves_and_another_takes_over_when_it_dies() {
         "takeover took {took:?}"
     );
 }
+
+/// With `snapshot.enabled = false` nodes replicate as before (no recovery, no leader), and a
+/// gap is logged and gone past instead of waited on.
+#[test]
+fn snapshots_disabled_replicates_and_goes_past_a_gap() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
+    for n in [&a, &b] {
+        n.set_max_entries(16);
+        n.append_config("[snapshot]\nenabled = false");
+    }
+    a.start();
+    b.start();
+    insert_range(&a, 1, 11);
+    wait_until(Duration::from_secs(30), "b replicates", || {
+        b.query_i64("SELECT count(*) FROM Books") == 10
+    });
+    assert!(b.terminate().success());
+    insert_range(&a, 11, 211);
+    b.start();
+    insert_range(&a, 211, 221);
+    wait_until(Duration::from_secs(30), "b goes on past the gap", || {
+        b.query_i64("SELECT count(*) FROM Books WHERE id >= 211") == 10
+    });
+    assert!(b.log().contains("Stream gap detected"), "{}", b.log());
+    assert!(!b.log().contains("Restore complete"));
+}
