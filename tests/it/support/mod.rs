@@ -20,13 +20,19 @@ const LOCAL_NATS: &str = "target/tools/bin/nats-server";
 /// Finds nats-server: `$HARMONYLITE_NATS_SERVER`, the project-local install, then `PATH`.
 /// Without one the test is skipped, except under `CI=true`, where it fails.
 pub fn nats_server_bin() -> Option<PathBuf> {
-    let candidates = std::env::var_os("HARMONYLITE_NATS_SERVER")
+    find_tool("HARMONYLITE_NATS_SERVER", LOCAL_NATS, "nats-server")
+}
+
+/// Finds a tool: `$<env>`, the project-local install (`local`, relative to the crate root, or
+/// absolute), then `PATH`. Missing: skipped, except under `CI=true`, where the test fails.
+pub fn find_tool(env: &str, local: &str, name: &str) -> Option<PathBuf> {
+    let candidates = std::env::var_os(env)
         .map(PathBuf::from)
         .into_iter()
-        .chain([Path::new(env!("CARGO_MANIFEST_DIR")).join(LOCAL_NATS)])
+        .chain([Path::new(env!("CARGO_MANIFEST_DIR")).join(local)])
         .chain(std::env::var_os("PATH").into_iter().flat_map(|p| {
             std::env::split_paths(&p)
-                .map(|d| d.join("nats-server"))
+                .map(|d| d.join(name))
                 .collect::<Vec<_>>()
         }));
     for c in candidates {
@@ -35,9 +41,9 @@ pub fn nats_server_bin() -> Option<PathBuf> {
         }
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("nats-server not found and CI=true: run scripts/install-test-servers.sh");
+        panic!("{name} not found and CI=true: run scripts/install-test-servers.sh");
     }
-    eprintln!("SKIPPED: nats-server not found; run scripts/install-test-servers.sh");
+    eprintln!("SKIPPED: {name} not found; run scripts/install-test-servers.sh");
     None
 }
 

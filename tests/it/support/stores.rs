@@ -8,31 +8,7 @@ use std::time::Duration;
 
 use harmonylite::stream::embedded::die_with_parent;
 
-use super::{free_port, tempdir, wait_until};
-
-/// Finds a tool: `$<env>`, the project-local install, then `PATH`. Missing: skipped, except
-/// under `CI=true`, where the test fails.
-fn find_tool(env: &str, local: &str, name: &str) -> Option<PathBuf> {
-    let candidates = std::env::var_os(env)
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([Path::new(env!("CARGO_MANIFEST_DIR")).join(local)])
-        .chain(std::env::var_os("PATH").into_iter().flat_map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(name))
-                .collect::<Vec<_>>()
-        }));
-    for c in candidates {
-        if c.is_file() {
-            return Some(c);
-        }
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{name} not found and CI=true: run scripts/install-test-servers.sh");
-    }
-    eprintln!("SKIPPED: {name} not found; run scripts/install-test-servers.sh");
-    None
-}
+use super::{find_tool, free_port, tempdir, wait_until};
 
 pub fn rclone_bin() -> Option<PathBuf> {
     find_tool("HARMONYLITE_RCLONE", "target/tools/bin/rclone", "rclone")
