@@ -451,6 +451,43 @@ impl ChangeLog {
         Ok((out, highest))
     }
 
+    /// The primary-key values of the changes `ids` of table `table` (index), as `(id, key)`;
+    /// ids that no longer exist are left out.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn keys_of(
+        &self,
+        conn: &Connection,
+        table: usize,
+        ids: &[i64],
+    ) -> Result<Vec<(i64, Vec<Value>)>, Error> {
+        let t = &self.tables[table];
+        let pks = t.pk_indexes();
+        let keys: Vec<String> = pks
+            .iter()
+            .map(|&i| quote(&format!("val_{}", t.columns[i].name)))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {} WHERE id = ?1",
+            keys.join(", "),
+            quote(&change_log_name(&t.name))
+        );
+        let mut stmt = conn.prepare_cached(&sql).map_err(on_table(&t.name))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let mut rows = stmt.query([id]).map_err(on_table(&t.name))?;
+            if let Some(row) = rows.next().map_err(on_table(&t.name))? {
+                let key = (0..pks.len())
+                    .map(|n| value_at(row, n))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(on_table(&t.name))?;
+                out.push((id, key));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every pending change, as (table index, change-log id) → global id, for matching changes
     /// found in the stream after a crash.
     ///

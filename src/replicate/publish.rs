@@ -67,6 +67,13 @@ pub type Outbox = Arc<Mutex<Retirement>>;
 /// capture time).
 type Found = HashMap<(usize, i64), (u64, u64, i64)>;
 
+/// Per row (table, primary key), the newest of its pending changes found in the streams: (change
+/// id, shard, stream sequence). An older pending change of the row that is not there must never be
+/// sent: it would land after the newer one and every node would roll the row back to it. That
+/// happens when a connection drops under a pipeline — the messages in the dying socket are lost
+/// while the ones queued behind them go out after the reconnect.
+type Newest = HashMap<(usize, crate::db::apply::Key), (i64, u64, u64)>;
+
 /// Extra scans after a file notification. inotify reports the WAL write, but a commit becomes
 /// visible to readers only after SQLite updates the wal-index in `-shm`, through mmap, which
 /// inotify cannot see; a scan racing that gap finds nothing, so look again shortly after.
@@ -171,6 +178,8 @@ pub struct Publisher {
     acked: Mutex<HashMap<u64, u64>>,
     /// Changes found in the stream by the last search, not to be sent again.
     found: Mutex<Found>,
+    /// What the last search found, by row: older changes of those rows are not sent.
+    newest: Mutex<Newest>,
     /// Whether the streams must be searched before the next send (at start, after a failure).
     must_search: std::sync::atomic::AtomicBool,
     duplicates: AtomicU64,
@@ -252,6 +261,7 @@ impl Publisher {
             cursor: AtomicI64::new(0),
             acked: Mutex::new(acked),
             found: Mutex::new(HashMap::new()),
+            newest: Mutex::new(HashMap::new()),
             must_search: std::sync::atomic::AtomicBool::new(true),
             duplicates: AtomicU64::new(0),
             pacing,
@@ -557,13 +567,45 @@ impl Publisher {
                 }
             }
         }
+        let mut newest = Newest::new();
         if !found.is_empty() {
             tracing::info!(
                 changes = found.len(),
                 "Pending changes already in the stream (sent before a crash or a lost ack); not sending them again"
             );
+            let mut by_table: HashMap<usize, Vec<(i64, u64, u64)>> = HashMap::new();
+            for (&(t, id), &(shard, seq, _)) in &found {
+                by_table.entry(t).or_default().push((id, shard, seq));
+            }
+            let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
+            newest = tokio::task::spawn_blocking(move || -> Result<Newest, db::Error> {
+                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+                let mut newest = Newest::new();
+                for (t, changes) in by_table {
+                    let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
+                    let at: HashMap<i64, (u64, u64)> = changes
+                        .iter()
+                        .map(|&(id, sh, seq)| (id, (sh, seq)))
+                        .collect();
+                    for (id, key) in log.keys_of(&conn, t, &ids)? {
+                        let Some(&(shard, seq)) = at.get(&id) else {
+                            continue;
+                        };
+                        let slot = newest
+                            .entry((t, crate::db::apply::Key::of(&key)))
+                            .or_insert((id, shard, seq));
+                        if id > slot.0 {
+                            *slot = (id, shard, seq);
+                        }
+                    }
+                }
+                Ok(newest)
+            })
+            .await
+            .map_err(|e| PublishError::Join(e.to_string()))??;
         }
         *self.found.lock().unwrap_or_else(|p| p.into_inner()) = found;
+        *self.newest.lock().unwrap_or_else(|p| p.into_inner()) = newest;
         self.must_search.store(false, Ordering::Relaxed);
         Ok(())
     }
@@ -643,18 +685,40 @@ impl Publisher {
         let orphans = scan.orphans.into_iter().map(|o| o.0).collect();
         let changes = scan.changes;
         let shards: Vec<u64> = changes.iter().map(|c| self.shard_of(c)).collect();
+        let mut superseded = 0usize;
         let landed: Vec<Option<(u64, u64)>> = {
             let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+            let newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
             changes
                 .iter()
                 .map(|c| {
-                    found
+                    let here = found
                         .get(&(c.table, c.log_id))
                         .filter(|(_, _, created)| *created == c.created_at)
-                        .map(|&(shard, seq, _)| (shard, seq))
+                        .map(|&(shard, seq, _)| (shard, seq));
+                    if here.is_some() || newest.is_empty() {
+                        return here;
+                    }
+                    // A newer change of this row is in the stream: this one is done with, and
+                    // counts as having landed where that one did.
+                    let key = crate::db::apply::Key::of(
+                        self.meta[c.table].pks.iter().map(|&i| &c.values[i]),
+                    );
+                    let later = newest
+                        .get(&(c.table, key))
+                        .filter(|(id, _, _)| *id > c.log_id)
+                        .map(|&(_, shard, seq)| (shard, seq));
+                    superseded += usize::from(later.is_some());
+                    later
                 })
                 .collect()
         };
+        if superseded > 0 {
+            tracing::info!(
+                changes = superseded,
+                "Pending changes superseded by newer changes of the same rows already in the stream; not sending them"
+            );
+        }
         let (acks, failure) = if self.settings.publish {
             self.send(&changes, &shards, &landed).await
         } else {
@@ -1006,7 +1070,14 @@ pub async fn keep(
             if !force && !probe.is_none_or(|p| p.wait_quiet_for(QUIET_SUSTAIN, QUIET_WAIT)) {
                 return (batch, Ok(None));
             }
-            let may_commit = || force || probe.is_none_or(|p| !p.others_reading());
+            let may_commit = || {
+                // A reader that begins between this check and the end of our commit still fails
+                // its later write. Give up the CPU first, so that the check and the commit run
+                // at the start of a fresh time slice: on a loaded machine a preemption there
+                // would widen that window from microseconds to milliseconds.
+                std::thread::yield_now();
+                force || probe.is_none_or(|p| !p.others_reading())
+            };
             let outcome = log.housekeep(conn, &batch, horizon, applied.as_deref(), may_commit);
             (batch, outcome)
         })
