@@ -126,11 +126,64 @@ fn merge_all(
         });
         keep_table(&tx, &keys, &flying)?;
         out.kept += flying.len() as u64;
-        merge_table(&tx, table, &keys, &has, &mut out).map_err(on_table(&table.name))?;
+        let started = std::time::Instant::now();
+        merge_table(&tx, table, &snap_cols, &keys, &has, &mut out)
+            .map_err(on_table(&table.name))?;
+        tracing::debug!(table = %table.name, elapsed_ms = started.elapsed().as_millis() as u64, "table restored");
         tx.execute_batch("DROP TABLE temp.hl_keep")?;
     }
+    let started = std::time::Instant::now();
     commit_guarded(tx)?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "restore committed"
+    );
     Ok(out)
+}
+
+/// Copies a table the snapshot has with exactly the local columns into the empty local table
+/// with SQLite's transfer optimization (`INSERT INTO t SELECT * FROM s.t` copies records
+/// without decoding them, about three times faster than row by row), which only runs when the
+/// table has no triggers: our capture triggers are dropped and recreated around it, inside our
+/// transaction, so no application write ever sees the table without them. Returns false (nothing
+/// done) when the case does not fit: other columns or order, other triggers, or a table keyed
+/// by bare rowid (the transfer may renumber those rowids).
+fn copy_whole(
+    conn: &Connection,
+    table: &Table,
+    snap_cols: &[String],
+    out: &mut Restored,
+) -> rusqlite::Result<bool> {
+    let same_columns = table.columns.len() == snap_cols.len()
+        && table
+            .columns
+            .iter()
+            .zip(snap_cols)
+            .all(|(c, s)| c.name.eq_ignore_ascii_case(s));
+    if table.rowid_key || !same_columns {
+        return Ok(false);
+    }
+    let triggers: Vec<(String, String)> = conn
+        .prepare_cached(
+            "SELECT name, sql FROM main.sqlite_schema WHERE type = 'trigger' AND tbl_name = ?1",
+        )?
+        .query_map([&table.name], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    if triggers.iter().any(|(n, _)| !n.starts_with(super::PREFIX)) {
+        return Ok(false);
+    }
+    for (name, _) in &triggers {
+        conn.execute_batch(&format!("DROP TRIGGER main.{}", quote(name)))?;
+    }
+    let name = quote(&table.name);
+    out.inserted += conn.execute(
+        &format!("INSERT INTO main.{name} SELECT * FROM {SNAP}.{name}"),
+        [],
+    )? as u64;
+    for (_, sql) in &triggers {
+        conn.execute_batch(sql)?;
+    }
+    Ok(true)
 }
 
 /// Column names of a table in the snapshot (empty when it has no such table).
@@ -167,6 +220,7 @@ fn keep_table(
 fn merge_table(
     conn: &Connection,
     table: &Table,
+    snap_cols: &[String],
     keys: &[&str],
     has: &dyn Fn(&str) -> bool,
     out: &mut Restored,
@@ -241,6 +295,29 @@ fn merge_table(
             kept("s")
         )
     };
+    // An empty table with nothing kept (a new node): a plain copy in the snapshot's order,
+    // without probing the live table for every row. Checked inside our write transaction, so
+    // nobody adds a row in between. (A kept key in an empty table is a local delete in flight:
+    // the snapshot's row must not come back, so that case takes the general path.)
+    let empty = conn
+        .prepare_cached(&format!(
+            "SELECT NOT EXISTS (SELECT 1 FROM main.{name}) AND NOT EXISTS (SELECT 1 FROM temp.hl_keep)"
+        ))?
+        .query_row([], |r| r.get::<_, bool>(0))?;
+    if empty && copy_whole(conn, table, snap_cols, out)? {
+        return Ok(());
+    }
+    if empty {
+        out.inserted += conn.execute(
+            &format!(
+                "INSERT INTO main.{name} ({}) SELECT {} FROM {SNAP}.{name} AS s",
+                insert_cols.join(", "),
+                select_cols.join(", ")
+            ),
+            [],
+        )? as u64;
+        return Ok(());
+    }
     out.deleted += conn.execute(&delete_missing, [])? as u64;
     let merged = (|| -> rusqlite::Result<(u64, u64)> {
         let updated = match &update {

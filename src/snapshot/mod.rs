@@ -264,8 +264,14 @@ fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
 /// Size, hex SHA-256 and Go's FNV-1 64 tag of a file, in one streaming pass. FNV-1 is a serial
 /// byte loop about as slow as SHA-256, so it runs on a second thread over the same buffers.
 pub fn digest(path: &Path) -> Result<(u64, String, String), Error> {
+    digest_with(path, true)
+}
+
+/// [`digest`]; without `fnv` the tag is left empty (and its thread is not started).
+fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
     let (to_fnv, from_reader) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(4);
+    let to_fnv = fnv.then_some(to_fnv);
     std::thread::scope(|scope| {
         let fnv_thread = scope.spawn(move || {
             let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
@@ -290,15 +296,25 @@ pub fn digest(path: &Path) -> Result<(u64, String, String), Error> {
             buf.truncate(n);
             sha.update(&buf);
             size += n as u64;
-            if to_fnv.send(Arc::new(buf)).is_err() {
+            if let Some(tx) = &to_fnv
+                && tx.send(Arc::new(buf)).is_err()
+            {
                 break Ok(());
             }
         };
         drop(to_fnv);
-        let fnv = fnv_thread.join().unwrap_or(0);
+        let tag = fnv_thread.join().unwrap_or(0);
         read.map_err(io(path))?;
         let hex: String = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        Ok((size, hex, format!("{fnv:x}")))
+        Ok((
+            size,
+            hex,
+            if fnv {
+                format!("{tag:x}")
+            } else {
+                String::new()
+            },
+        ))
     })
 }
 
@@ -307,7 +323,20 @@ pub fn digest(path: &Path) -> Result<(u64, String, String), Error> {
 /// # Errors
 /// [`Error::Refused`] naming what does not match.
 pub fn verify(path: &Path, meta: &Meta) -> Result<(), Error> {
-    let (size, sha256, fnv) = digest(path)?;
+    // SQLite's check and the checksums run side by side (each is CPU-bound); Go's FNV tag is
+    // only computed when there is no SHA-256 to check.
+    std::thread::scope(|scope| {
+        let check = scope.spawn(|| integrity(path));
+        let sums = check_sums(path, meta);
+        let checked = check
+            .join()
+            .unwrap_or_else(|_| Err(Error::Refused("integrity_check panicked".into())));
+        sums.and(checked)
+    })
+}
+
+fn check_sums(path: &Path, meta: &Meta) -> Result<(), Error> {
+    let (size, sha256, fnv) = digest_with(path, meta.sha256.is_none())?;
     if let Some(want) = meta.size
         && want != size
     {
@@ -330,6 +359,11 @@ pub fn verify(path: &Path, meta: &Meta) -> Result<(), Error> {
             "FNV tag is {fnv}, its header says {want}"
         )));
     }
+    Ok(())
+}
+
+/// `PRAGMA integrity_check` on a downloaded file.
+fn integrity(path: &Path) -> Result<(), Error> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| Error::Refused(format!("not an SQLite database: {e}")))?;
     let verdict: Result<Vec<String>, rusqlite::Error> = conn

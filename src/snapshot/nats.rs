@@ -3,8 +3,10 @@
 //! header, our [`Meta`] as object metadata key [`META_KEY`] (Go ignores it).
 //!
 //! An object-store put writes the new chunks under a fresh id and only then replaces the object's
-//! info, so the previous snapshot stays readable until the new one is complete. Chunks are 128 KiB
-//! and read from the file as they are sent: memory does not grow with the snapshot.
+//! info, so the previous snapshot stays readable until the new one is complete. Chunks (half the
+//! server's `max_payload`, at most 1 MiB) are read from the file as they are sent, and a
+//! download asks for about 2 MB at a time from a pull consumer: memory does not grow with the
+//! snapshot either way.
 
 use std::path::Path;
 
@@ -16,6 +18,17 @@ use super::store::{Error, Meta, OBJECT, Progress, ProgressReader, Store, TAG_HEA
 const KIND: &str = "nats";
 /// Object metadata key holding our [`Meta`] as JSON.
 pub const META_KEY: &str = "harmonylite-meta";
+/// Bytes asked for at once while downloading (whole chunks, at least one).
+const FETCH_BYTES: usize = 2 << 20;
+
+/// The chunk size of an upload: the client library sends one chunk at a time and waits for its
+/// ack, so bigger chunks mean fewer round trips (128 KiB chunks made a 512 MB upload take 2.5 s).
+/// Half the server's `max_payload` (so a chunk always fits), at most 1 MiB.
+fn chunk_size(max_payload: usize) -> usize {
+    (max_payload / 2).clamp(4 << 10, 1 << 20)
+}
+/// How long a download waits for the next chunks before it fails.
+const CHUNK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The NATS object store backend.
 pub struct NatsStore {
@@ -25,6 +38,80 @@ pub struct NatsStore {
 }
 
 impl NatsStore {
+    /// Writes the chunks of `info` to `out`, [`FETCH_BYTES`] at a time from a pull consumer:
+    /// memory stays bounded by one batch whatever the object's size (the client library's
+    /// reader uses a push consumer whose delivery buffer grew to tens of MB). A chunk lost in
+    /// transit shows as a gap in the consumer's sequence and fails the download, as does a size
+    /// that does not match.
+    async fn read_chunks(
+        &self,
+        info: &object_store::ObjectInfo,
+        out: &mut tokio::fs::File,
+    ) -> Result<(), String> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let stream = self
+            .js
+            .get_stream(format!("OBJ_{}", self.bucket))
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                filter_subject: format!("$O.{}.C.{}", self.bucket, info.nuid),
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                inactive_threshold: std::time::Duration::from_secs(60),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut progress = Progress::new(KIND, "Downloading", Some(info.size as u64));
+        let (mut got, mut bytes) = (0usize, 0u64);
+        while got < info.chunks {
+            let per_chunk = info.size.div_ceil(info.chunks.max(1)).max(1);
+            let want = (info.chunks - got).min((FETCH_BYTES / per_chunk).max(1));
+            let mut batch = consumer
+                .fetch()
+                .max_messages(want)
+                .expires(CHUNK_WAIT)
+                .messages()
+                .await
+                .map_err(|e| e.to_string())?;
+            let before = got;
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(|e| e.to_string())?;
+                let seq = msg.info().map_err(|e| e.to_string())?.consumer_sequence;
+                if seq != got as u64 + 1 {
+                    return Err(format!(
+                        "chunk {} of {} arrived as number {seq}: a chunk was lost",
+                        got + 1,
+                        info.chunks
+                    ));
+                }
+                out.write_all(&msg.payload)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                got += 1;
+                bytes += msg.payload.len() as u64;
+                progress.add(msg.payload.len());
+            }
+            if got == before {
+                return Err(format!(
+                    "no chunk arrived within {CHUNK_WAIT:?} ({got} of {} read)",
+                    info.chunks
+                ));
+            }
+        }
+        if bytes != info.size as u64 {
+            return Err(format!(
+                "read {bytes} bytes, the object's info says {}",
+                info.size
+            ));
+        }
+        out.flush().await.map_err(|e| e.to_string())
+    }
+
     pub fn new(js: jetstream::Context, bucket: String, replicas: i64) -> NatsStore {
         NatsStore {
             js,
@@ -101,6 +188,7 @@ impl Store for NatsStore {
                     .into_iter()
                     .collect(),
                 headers: Some(headers),
+                chunk_size: Some(chunk_size(self.js.client().server_info().max_payload)),
                 ..Default::default()
             };
             let put = bucket
@@ -120,26 +208,28 @@ impl Store for NatsStore {
 
     fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
         Box::pin(async move {
+            let object = self.object();
+            let fail =
+                |e: &(dyn std::error::Error + 'static)| Error::new(KIND, "download", &object, e);
+            let said = |m: String| Error::msg(KIND, "download", &object, m);
             let bucket = self.bucket("download").await?;
-            let object = match bucket.get(OBJECT).await {
-                Ok(o) => o,
-                Err(e) if matches!(e.kind(), object_store::GetErrorKind::NotFound) => {
+            let info = match bucket.info(OBJECT).await {
+                Ok(info) if !info.deleted => info,
+                Ok(_) => return Ok(None),
+                Err(e) if matches!(e.kind(), object_store::InfoErrorKind::NotFound) => {
                     return Ok(None);
                 }
-                Err(e) => return Err(Error::new(KIND, "download", &self.object(), &e)),
+                Err(e) => return Err(fail(&e)),
             };
-            let meta = NatsStore::meta_of(&object.info);
-            let total = Some(object.info.size as u64);
-            let mut object = ProgressReader::new(object, Progress::new(KIND, "Downloading", total));
-            let mut out = tokio::fs::File::create(dest)
-                .await
-                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
-            tokio::io::copy(&mut object, &mut out)
-                .await
-                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
-            out.sync_all()
-                .await
-                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+            if info.options.as_ref().is_some_and(|o| o.link.is_some()) {
+                return Err(said(
+                    "the object is a link; harmonylite never writes links".into(),
+                ));
+            }
+            let meta = NatsStore::meta_of(&info);
+            let mut out = tokio::fs::File::create(dest).await.map_err(|e| fail(&e))?;
+            self.read_chunks(&info, &mut out).await.map_err(said)?;
+            out.sync_all().await.map_err(|e| fail(&e))?;
             Ok(Some(meta))
         })
     }
@@ -153,5 +243,17 @@ impl Store for NatsStore {
                 Err(e) => Err(Error::new(KIND, "read metadata of", &self.object(), &e)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_size;
+
+    #[test]
+    fn chunks_fit_the_server_and_stay_bounded() {
+        assert_eq!(chunk_size(1 << 20), 512 << 10);
+        assert_eq!(chunk_size(8 << 20), 1 << 20);
+        assert_eq!(chunk_size(64 << 10), 32 << 10);
     }
 }
