@@ -96,6 +96,13 @@ impl Error {
             )
         )
     }
+
+    /// Whether another connection held the database lock past our busy timeout (a long
+    /// transaction elsewhere, such as a snapshot restore): worth retrying, not worth a warning.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Error::Sqlite { source, .. }
+            if matches!(source.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)))
+    }
 }
 
 impl From<rusqlite::Error> for Error {

@@ -1120,10 +1120,16 @@ pub async fn keep(
                 if e.is_fatal() {
                     return Err(e);
                 }
-                if !failing {
-                    tracing::warn!(error = %crate::error_chain(&e), "Unable to cleanup change logs");
+                if e.is_busy() && last_done.elapsed() < FORCE_AFTER {
+                    // Another transaction held the lock (a snapshot restore can take seconds):
+                    // the next attempt comes soon enough. Still locked after a minute: warn.
+                    tracing::debug!(error = %crate::error_chain(&e), "change-log cleanup waited too long for the lock; retrying");
+                } else {
+                    if !failing {
+                        tracing::warn!(error = %crate::error_chain(&e), "Unable to cleanup change logs");
+                    }
+                    failing = true;
                 }
-                failing = true;
             }
             Err(e) => tracing::warn!(error = %e, "cleanup task failed"),
         }

@@ -89,9 +89,17 @@ impl S3Store {
         } else {
             s.region.clone()
         };
+        // A server that accepts the connection and then says nothing must not hang a save or a
+        // recovery forever. The read timeout runs from the start of a request to the first byte
+        // of its response, so it covers sending one part: generous enough for a slow link.
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .read_timeout(std::time::Duration::from_secs(300))
+            .build();
         let mut b = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(region));
+            .region(Region::new(region))
+            .timeout_config(timeouts);
         if !s.endpoint.is_empty() {
             if s.endpoint.contains("://") {
                 return Err(Error::msg(
