@@ -239,6 +239,13 @@ struct State {
     track: bool,
     /// Per table: key → newest change-log id of a captured change not yet come back.
     in_flight: Vec<HashMap<Key, i64>>,
+    /// Per table: key → newest change-log id of a pending change of unknown publish status
+    /// (captured before a restart, the stream no longer holding where it may have landed). It
+    /// supersedes our own older events only: had it landed, it would be in the stream after them
+    /// (a node never sends a change after a newer one of the same row), so an own event older
+    /// than it that comes back can only roll the row back. Another node's event may be newer
+    /// than it, so those are not held back.
+    unknown: Vec<HashMap<Key, i64>>,
     /// Per table: the highest change-log id already read into `in_flight`.
     cursors: Vec<i64>,
     /// Per shard (index shard − 1): last applied stream sequence.
@@ -301,6 +308,7 @@ impl Applier {
                 log,
                 track,
                 in_flight: vec![HashMap::new(); n],
+                unknown: vec![HashMap::new(); n],
                 cursors: vec![0; n],
                 applied,
                 unknown_up_to: Vec::new(),
@@ -338,7 +346,12 @@ impl Applier {
     /// # Errors
     /// SQLite errors.
     pub fn rebuild_in_flight(&mut self) -> Result<(), Error> {
-        for m in &mut self.state.in_flight {
+        for m in self
+            .state
+            .in_flight
+            .iter_mut()
+            .chain(self.state.unknown.iter_mut())
+        {
             m.clear();
         }
         self.state.cursors.iter_mut().for_each(|c| *c = 0);
@@ -619,8 +632,13 @@ impl State {
                 Err(e) => return Err(e),
             };
             self.cursors[t] = highest;
-            for (id, key) in rows {
-                let slot = self.in_flight[t].entry(Key::of(&key)).or_insert(id);
+            for (id, key, unknown) in rows {
+                let map = if unknown {
+                    &mut self.unknown[t]
+                } else {
+                    &mut self.in_flight[t]
+                };
+                let slot = map.entry(Key::of(&key)).or_insert(id);
                 *slot = (*slot).max(id);
             }
         }
@@ -695,15 +713,22 @@ impl State {
         }
 
         if self.track {
-            let flying = &mut self.in_flight[t];
+            let flying = &self.in_flight[t];
             let newest = keys.iter().filter_map(|k| flying.get(*k).copied()).max();
-            match newest {
+            let unknown = if incoming.own {
+                let maybe = &self.unknown[t];
+                keys.iter().filter_map(|k| maybe.get(*k).copied()).max()
+            } else {
+                None
+            };
+            match newest.max(unknown) {
                 Some(newest) if !incoming.own || newest > event.id => {
                     return Ok(Step::Done(Outcome::Superseded));
                 }
                 Some(_) => {
                     for k in &keys {
-                        flying.remove(*k);
+                        self.in_flight[t].remove(*k);
+                        self.unknown[t].remove(*k);
                     }
                 }
                 None => {}
@@ -1514,6 +1539,38 @@ mod tests {
         ))])
         .expect("apply");
         assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("later")]]);
+    }
+
+    /// Pending changes of unknown publish status (captured before a restart, the stream no
+    /// longer holding where they may have landed) still supersede our own older events: those
+    /// would take the row back to an earlier value of ours. Another node's event is not held
+    /// back by them.
+    #[test]
+    fn changes_of_unknown_status_supersede_older_own_events_only() {
+        let (_d, origin, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        let app = Connection::open(&origin).expect("app");
+        app.execute_batch("INSERT INTO t VALUES (1, 'a')")
+            .expect("app");
+        let first = captured(&origin);
+        app.execute_batch("UPDATE t SET v = 'b' WHERE id = 1")
+            .expect("app");
+        let all = captured(&origin);
+        a.set_unknown_up_to(vec![all[1].id]).expect("unknown");
+        assert_eq!(
+            a.apply_batch(&[own(first[0].clone())]).expect("apply"),
+            [Outcome::Superseded]
+        );
+        assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("b")]]);
+        assert_eq!(
+            a.apply_batch(&[incoming(ev(
+                Op::Update,
+                "t",
+                vec![("id", Value::Integer(1)), ("v", text("other"))],
+            ))])
+            .expect("apply"),
+            [Outcome::Applied]
+        );
+        assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("other")]]);
     }
 
     /// I6: own events coming back open no write transaction, so an application transaction that

@@ -393,7 +393,10 @@ impl ChangeLog {
     /// Captured changes of table `table` (index) with a change-log id above `after` that may not
     /// have come back through the stream: pending ones, and published ones whose sequence is
     /// past `applied` for their shard (`None`: every published one counts as come back).
-    /// Returns `(id, key values)` in id order, plus the highest id in the log.
+    /// Pending changes with an id up to `unknown_up_to` (publish status unknown, see
+    /// [`crate::db::restore::NotKept`]) are returned too, flagged: they may have landed in a part
+    /// of the stream that is gone, so only our own events older than them are known to be older.
+    /// Returns `(id, key values, unknown)` in id order, plus the highest id in the log.
     ///
     /// # Errors
     /// SQLite errors.
@@ -426,18 +429,17 @@ impl ChangeLog {
             let state: Option<i64> = row.get(1).map_err(on_table(&t.name))?;
             let shard: Option<i64> = row.get(2).map_err(on_table(&t.name))?;
             let seq: Option<i64> = row.get(3).map_err(on_table(&t.name))?;
-            let flying = match state {
-                // Pending, but perhaps published before a crash where no one can tell any more
-                // (see `crate::db::restore::NotKept`): not counted as ours in flight.
-                Some(0) => id > unknown_up_to,
+            let (flying, unknown) = match state {
+                // Pending, but perhaps published before a crash where no one can tell any more.
+                Some(0) => (true, id <= unknown_up_to),
                 Some(1) => match (applied, shard, seq) {
                     (Some(applied), Some(shard), Some(seq)) => {
                         let pos = applied.get((shard.max(1) - 1) as usize).copied();
-                        pos.is_none_or(|p| seq as u64 > p)
+                        (pos.is_none_or(|p| seq as u64 > p), false)
                     }
-                    _ => false,
+                    _ => (false, false),
                 },
-                _ => false,
+                _ => (false, false),
             };
             if !flying {
                 continue;
@@ -446,7 +448,7 @@ impl ChangeLog {
             for n in 0..pks.len() {
                 key.push(value_at(row, n + 4).map_err(on_table(&t.name))?);
             }
-            out.push((id, key));
+            out.push((id, key, unknown));
         }
         Ok((out, highest))
     }
@@ -546,7 +548,7 @@ impl ChangeLog {
 }
 
 /// Changes not yet come back, `(change-log id, key values)` in id order, and the highest id read.
-pub type InFlight = (Vec<(i64, Vec<Value>)>, i64);
+pub type InFlight = (Vec<(i64, Vec<Value>, bool)>, i64);
 
 /// A change leaving the global log.
 #[derive(Debug, Clone, PartialEq)]

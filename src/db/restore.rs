@@ -113,7 +113,13 @@ fn merge_all(
             continue;
         }
         let unknown_up_to = not_kept.unknown_up_to.get(i).copied().unwrap_or(0);
-        let (mut flying, _) = log.in_flight(&tx, i, 0, Some(positions), unknown_up_to)?;
+        let (flying, _) = log.in_flight(&tx, i, 0, Some(positions), unknown_up_to)?;
+        // Changes of unknown status may be inside the snapshot already: its rows win.
+        let mut flying: Vec<(i64, Vec<crate::wire::Value>)> = flying
+            .into_iter()
+            .filter(|(_, _, unknown)| !unknown)
+            .map(|(id, key, _)| (id, key))
+            .collect();
         flying.retain(|(id, _)| {
             let in_snapshot = not_kept.landed.iter().any(|&(t, log_id, shard, seq)| {
                 t == i
