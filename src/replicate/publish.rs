@@ -183,6 +183,9 @@ pub struct Publisher {
     /// Whether the streams must be searched before the next send (at start, after a failure).
     must_search: std::sync::atomic::AtomicBool,
     duplicates: AtomicU64,
+    /// When this publisher was made (unix ms): a change captured before may have been sent by
+    /// the previous run, so a duplicate ack for it is expected.
+    started_ms: i64,
     /// Flow control and what it needs: per shard, this node's applied position and the
     /// estimated sequence of the last message sent.
     pacing: Option<Pacing>,
@@ -196,19 +199,22 @@ pub struct Pacing {
     pub flow: Arc<super::flow::Flow>,
     /// Per shard (index shard − 1): this node's last applied sequence.
     pub applied: Arc<[AtomicU64]>,
-    /// Per shard: estimated sequence of the newest message sent.
-    sent: Vec<AtomicU64>,
+    /// Per shard: messages sent whose ack has not been awaited yet. The stream's end is
+    /// estimated as what is known for sure (acks, this node's position) plus these: an ack
+    /// flagged duplicate added nothing to the stream, and an estimate that counted every send
+    /// stayed too high for good after one, holding publishing back forever.
+    unacked: Vec<AtomicU64>,
     /// Since when publishing has been held back (for one log line per episode).
     held_since: Mutex<Option<Instant>>,
 }
 
 impl Pacing {
     pub fn new(flow: Arc<super::flow::Flow>, applied: Arc<[AtomicU64]>) -> Pacing {
-        let sent = applied.iter().map(|_| AtomicU64::new(0)).collect();
+        let unacked = applied.iter().map(|_| AtomicU64::new(0)).collect();
         Pacing {
             flow,
             applied,
-            sent,
+            unacked,
             held_since: Mutex::new(None),
         }
     }
@@ -264,6 +270,7 @@ impl Publisher {
             newest: Mutex::new(HashMap::new()),
             must_search: std::sync::atomic::AtomicBool::new(true),
             duplicates: AtomicU64::new(0),
+            started_ms: crate::unix_ms(),
             pacing,
             hold,
         }
@@ -377,7 +384,7 @@ impl Publisher {
             self.metrics.publish_errors.inc();
             // Unacknowledged sends are forgotten; the estimate starts again from the acks.
             if let Some(p) = &self.pacing {
-                p.sent.iter().for_each(|s| s.store(0, Ordering::Relaxed));
+                p.unacked.iter().for_each(|s| s.store(0, Ordering::Relaxed));
             }
         }
         self.count_pending().await;
@@ -489,7 +496,7 @@ impl Publisher {
             return Vec::new();
         };
         let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
-        (0..p.sent.len())
+        (0..p.unacked.len())
             .map(|i| {
                 let shard = i as u64 + 1;
                 acked
@@ -497,7 +504,7 @@ impl Publisher {
                     .copied()
                     .unwrap_or(0)
                     .max(p.applied[i].load(Ordering::Relaxed))
-                    .max(p.sent[i].load(Ordering::Relaxed))
+                    + p.unacked[i].load(Ordering::Relaxed)
             })
             .collect()
     }
@@ -514,9 +521,19 @@ impl Publisher {
         if !p.flow.allows(i, end + 1, end) {
             return false;
         }
-        p.sent[i].store(end + 1, Ordering::Relaxed);
+        p.unacked[i].fetch_add(1, Ordering::Relaxed);
         *p.held_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
         true
+    }
+
+    /// One awaited ack: no longer counted as unacknowledged for flow control.
+    fn acked_one<T>(&self, shard: u64, ack: T) -> T {
+        if let Some(p) = &self.pacing
+            && let Some(n) = p.unacked.get(shard as usize - 1)
+        {
+            let _ = n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        }
+        ack
     }
 
     /// Looks in every shard stream, past the newest acknowledged sequence, for messages this
@@ -763,7 +780,7 @@ impl Publisher {
             for (i, ack) in acks.into_iter().enumerate() {
                 let at = match ack {
                     None => landed[i],
-                    Some(ack) => match ack.await {
+                    Some(ack) => match self.acked_one(shards[i], ack.await) {
                         Ok(ack) => {
                             if ack.duplicate {
                                 self.duplicate(&changes[i]);
@@ -867,6 +884,11 @@ impl Publisher {
     /// A PubAck said "duplicate" for a change we had not sent before: another database uses our
     /// node id and identity (a copied database file), or a resend went unnoticed.
     fn duplicate(&self, c: &PendingChange) {
+        if c.created_at < self.started_ms {
+            tracing::debug!(table = %self.tables()[c.table].name, id = c.log_id,
+                "change captured before this start was already in the stream (sent by the previous run)");
+            return;
+        }
         let n = self.duplicates.fetch_add(1, Ordering::Relaxed);
         if n == 0 || (n + 1).is_power_of_two() {
             tracing::error!(table = %self.tables()[c.table].name, id = c.log_id, count = n + 1,

@@ -464,3 +464,39 @@ fn snapshots_disabled_replicates_and_goes_past_a_gap() {
     assert!(b.log().contains("Stream gap detected"), "{}", b.log());
     assert!(!b.log().contains("Restore complete"));
 }
+
+/// Changes a node sent just before it was killed, whose landing it never recorded and the stream
+/// no longer holds, come back as duplicates when it sends them again after its restore. Flow
+/// control must not count those as new messages in the stream: it once did, and publishing stayed
+/// held back for good (the node's later writes never left it).
+#[test]
+fn resent_duplicates_do_not_hold_publishing_back() {
+    let bin = require_nats!();
+    let (_nats, mut a, b) = small_pair(&bin);
+    // No cleanup while the test runs: a's next changes stay pending although they landed.
+    assert!(a.terminate().success());
+    a.edit_config("cleanup_interval = 1000", "cleanup_interval = 600000");
+    a.start();
+    insert_range(&a, 11, 31);
+    wait_until(Duration::from_secs(30), "b has a's new rows", || {
+        b.query_i64("SELECT count(*) FROM Books") == 30
+    });
+    a.kill();
+    // The stream (16 messages) moves past a's changes, and nothing else is published while a
+    // sends them again (b's writes are all out before a starts).
+    insert_range(&b, 100, 140);
+    wait_until(Duration::from_secs(60), "b publishes its writes", || {
+        b.query_i64("SELECT count(*) FROM __harmonylite___change_log_global") == 0
+    });
+    a.start();
+    insert_range(&a, 200, 201);
+    wait_until(
+        Duration::from_secs(60),
+        "a's write after its restart reaches b",
+        || b.query_i64("SELECT count(*) FROM Books WHERE id = 200") == 1,
+    );
+    let want = b.checksum("Books");
+    wait_until(Duration::from_secs(30), "a and b converge", || {
+        a.checksum("Books") == want
+    });
+}

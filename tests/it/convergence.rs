@@ -14,8 +14,7 @@
 //!
 //! A second test runs the same workload on streams that keep only a few dozen messages, so that
 //! nodes killed or stopped by the faults — and one node stopped on purpose — must recover from
-//! snapshots (checked: it logged a restore). It is opt-in for now
-//! (`HARMONYLITE_SNAPSHOT_CONVERGENCE=1`): some seeds still fail under load.
+//! snapshots (checked: it logged a restore).
 //!
 //! Knobs (environment): `HARMONYLITE_SEED=N` replays one seed; `HARMONYLITE_SEEDS=N` runs N
 //! random seeds; `HARMONYLITE_ROUNDS=N` transactions per phase (default 12);
@@ -783,15 +782,8 @@ fn randomized_convergence() {
 
 /// The same workload and faults on streams that keep 24 messages: recoveries from snapshots
 /// at start and while running, under the same invariants.
-///
-/// Opt-in (`HARMONYLITE_SNAPSHOT_CONVERGENCE=1`) until it is reliable: under the load of the
-/// whole suite some seeds still miss the 120 s convergence deadline (catch-up issue, open).
 #[test]
 fn randomized_convergence_with_snapshot_recovery() {
-    if std::env::var("HARMONYLITE_SNAPSHOT_CONVERGENCE").as_deref() != Ok("1") {
-        eprintln!("not run: set HARMONYLITE_SNAPSHOT_CONVERGENCE=1 (opt-in until reliable)");
-        return;
-    }
     let bin = require_nats!();
     let forced = env_u64("HARMONYLITE_SHARDS");
     for seed in seeds_from_env(vec![5, 8]) {
