@@ -13,6 +13,9 @@
 //!   (within the window of the stream's end) or keeps advancing (within [`STALLED`]). A stopped,
 //!   hung or stuck node therefore holds publishers back for a few seconds at most; it recovers by
 //!   snapshot (`crate::snapshot`), and no writer is blocked forever by one bad node.
+//! - A publisher always counts itself (when it applies): it never runs a stream further ahead of
+//!   its own position than the window, so at least one node — the one whose changes they are —
+//!   still reads everything even when every other node has stopped counting.
 //! - Staleness is judged by when *this* node saw a report change, never by clocks of other
 //!   machines.
 //! - Without the bucket (an old server) nothing is throttled: flow control is a safety margin, the
@@ -136,10 +139,14 @@ impl Flow {
     fn slowest(&self, stream: usize, end: u64, now: Instant) -> Option<u64> {
         let window = self.window(stream);
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        // This node always counts: when every node's consumer stalls at once (after a server
+        // restart, or on a starved machine) no peer counts, and publishers ran free until the
+        // stream had discarded what nobody had read — every node then waited for a snapshot
+        // nobody could make.
         peers
-            .values()
-            .filter(|p| counts(p, stream, end, window, now))
-            .filter_map(|p| p.positions.get(stream).copied())
+            .iter()
+            .filter(|(id, p)| **id == self.self_id || counts(p, stream, end, window, now))
+            .filter_map(|(_, p)| p.positions.get(stream).copied())
             .min()
     }
 
@@ -508,5 +515,20 @@ mod tests {
         assert_eq!(flow.slowest(0, 15, now + STALLED), Some(10));
         // No report for STALE: gone.
         assert_eq!(flow.slowest(0, 15, now + STALE), None);
+    }
+
+    /// When every consumer stalls at once, the publisher still paces to its own position.
+    #[test]
+    fn this_node_always_counts() {
+        let flow = Flow::new(vec!["s-1".into()], 99);
+        flow.set_limit(0, 16);
+        flow.record(&report(1, 10));
+        flow.record_local(&[AtomicU64::new(12)]);
+        let later = Instant::now() + STALE + STALLED;
+        assert_eq!(
+            flow.slowest(0, 40, later),
+            Some(12),
+            "peer 1 gone, we count"
+        );
     }
 }
