@@ -339,6 +339,25 @@ impl ChangeLog {
             .collect()
     }
 
+    /// Per table (index), the highest change-log id of a pending change whose global id is at
+    /// most `global` (0 when there is none).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn max_ids_up_to(&self, conn: &Connection, global: i64) -> Result<Vec<i64>, Error> {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT coalesce(max(change_table_id), 0) FROM {} WHERE table_name = ?1 AND id <= ?2",
+            quote(GLOBAL_LOG)
+        ))?;
+        self.tables
+            .iter()
+            .map(|t| {
+                stmt.query_row(rusqlite::params![t.name, global], |r| r.get::<_, i64>(0))
+                    .map_err(on_table(&t.name))
+            })
+            .collect()
+    }
+
     /// Deletes published change-log rows captured at or before `horizon_ms` that are no longer
     /// needed; returns the count. With `applied` (this node applies its own events: per shard,
     /// index shard − 1, the last applied sequence) a row is kept until its event has come back,
@@ -611,6 +630,19 @@ mod tests {
             orphans: orphans.to_vec(),
         };
         log.retire(conn, &batch).expect("retire");
+    }
+
+    #[test]
+    fn max_ids_up_to_a_global_id() {
+        let (_d, path, conn, log) = setup("CREATE TABLE a (id INTEGER PRIMARY KEY)");
+        let app = Connection::open(&path).expect("app");
+        app.execute_batch(
+            "INSERT INTO a VALUES (1); INSERT INTO a VALUES (2); INSERT INTO a VALUES (3);",
+        )
+        .expect("insert");
+        assert_eq!(log.max_ids_up_to(&conn, 2).expect("ids"), [2]);
+        assert_eq!(log.max_ids_up_to(&conn, 0).expect("ids"), [0]);
+        assert_eq!(log.max_ids_up_to(&conn, 99).expect("ids"), [3]);
     }
 
     #[test]

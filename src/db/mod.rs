@@ -231,6 +231,14 @@ impl ReaderProbe {
     }
 }
 
+/// The file where the publisher records how far it has handed changes to NATS:
+/// `<db>-harmonylite.sent` (see [`crate::replicate::publish`]).
+pub fn sent_mark_path(db_path: &Path) -> PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push("-harmonylite.sent");
+    PathBuf::from(name)
+}
+
 /// The lock file of a database: `<db>-harmonylite.lock`.
 pub fn lock_path(db_path: &Path) -> PathBuf {
     let mut name = db_path.as_os_str().to_owned();

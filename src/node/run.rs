@@ -31,7 +31,7 @@ use crate::db::{self, apply::Applier, changelog::ChangeLog};
 use crate::replicate::apply::{self as applying, ApplyObservers};
 use crate::replicate::catchup;
 use crate::replicate::flow::{self, Flow};
-use crate::replicate::publish::{self, LocalLog, Outbox, Pacing, Publisher, SharedLog};
+use crate::replicate::publish::{self, LocalLog, Outbox, Pacing, Publisher, SentMark, SharedLog};
 use crate::replicate::watch;
 use crate::seqmap::SeqMap;
 use crate::snapshot::{self, scheduler::Snapshots};
@@ -91,6 +91,13 @@ async fn run_subsystems(
     let max_ids_at_start = log
         .max_ids(&conn)
         .context("Unable to read the change logs")?;
+    // Pending changes the previous run never handed to NATS are certainly still in flight.
+    let sent_before = match SentMark::read(&settings.db_path, &node.identity) {
+        Some(last) => log
+            .max_ids_up_to(&conn, last)
+            .context("Unable to read the change logs")?,
+        None => max_ids_at_start.clone(),
+    };
     let flow = Flow::new(node.streams(), settings.node_id);
     let positions_kv = if settings.publish || settings.replicate {
         flow::bucket(&node.js, settings).await
@@ -134,7 +141,7 @@ async fn run_subsystems(
     let unknown_up_to = if search_was_complete(node, &last_retired).await {
         vec![0; max_ids_at_start.len()]
     } else {
-        max_ids_at_start
+        sent_before
     };
     let own = catchup::OwnChanges {
         unknown_up_to,

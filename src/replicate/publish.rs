@@ -74,6 +74,67 @@ type Found = HashMap<(usize, i64), (u64, u64, i64)>;
 /// while the ones queued behind them go out after the reconnect.
 type Newest = HashMap<(usize, crate::db::apply::Key), (i64, u64, u64)>;
 
+/// How far this database has handed changes to NATS: file `<db>-harmonylite.sent`, holding the
+/// database identity and the highest global change id of any send, written (then renamed into
+/// place) before the send. After a crash, a pending change above it was never sent, so it is
+/// certainly still in flight; only those at or below it that the streams no longer show have an
+/// unknown fate (see [`crate::db::restore::NotKept`]). Outside the database on purpose: every
+/// commit of ours can fail an application's deferred transaction.
+pub struct SentMark {
+    path: std::path::PathBuf,
+    identity: String,
+    written: AtomicI64,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl SentMark {
+    pub fn new(db_path: &std::path::Path, identity: &str) -> SentMark {
+        SentMark {
+            path: db::sent_mark_path(db_path),
+            identity: identity.to_owned(),
+            written: AtomicI64::new(0),
+            warned: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The highest global id recorded so far by this run.
+    fn written(&self) -> i64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Records that changes up to global id `last` are about to be sent.
+    fn advance(&self, last: i64) {
+        if last <= self.written.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut tmp = self.path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        let written = std::fs::write(&tmp, format!("{} {last}\n", self.identity))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        match written {
+            Ok(()) => self.written.store(last, Ordering::Relaxed),
+            Err(e) => {
+                // Without it a crash only widens the set of changes of unknown fate.
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "Cannot record how far changes were sent");
+                }
+            }
+        }
+    }
+
+    /// The highest global id the previous run of this database recorded as sent, if it left a
+    /// readable mark.
+    pub fn read(db_path: &std::path::Path, identity: &str) -> Option<i64> {
+        let text = std::fs::read_to_string(db::sent_mark_path(db_path)).ok()?;
+        let (who, last) = text.trim().split_once(' ')?;
+        (who == identity).then(|| last.parse().ok()).flatten()
+    }
+}
+
+/// How many changes the sent mark is moved ahead of the send at a time.
+const MARK_AHEAD: usize = 64;
+
 /// Extra scans after a file notification. inotify reports the WAL write, but a commit becomes
 /// visible to readers only after SQLite updates the wal-index in `-shm`, through mmap, which
 /// inotify cannot see; a scan racing that gap finds nothing, so look again shortly after.
@@ -186,6 +247,8 @@ pub struct Publisher {
     /// When this publisher was made (unix ms): a change captured before may have been sent by
     /// the previous run, so a duplicate ack for it is expected.
     started_ms: i64,
+    /// Highest global id recorded in the sent mark (see [`SentMark`]).
+    sent_mark: SentMark,
     /// Flow control and what it needs: per shard, this node's applied position and the
     /// estimated sequence of the last message sent.
     pacing: Option<Pacing>,
@@ -252,7 +315,9 @@ impl Publisher {
                     .collect(),
             })
             .collect();
+        let sent_mark = SentMark::new(&settings.db_path, &identity);
         Publisher {
+            sent_mark,
             reader: Arc::new(Mutex::new(reader)),
             log,
             js,
@@ -975,6 +1040,11 @@ impl Publisher {
             if !self.may_send(shards[i]) {
                 return (acks, Some(Failure::Paced));
             }
+            if c.global_id > self.sent_mark.written() {
+                // Ahead of the sends by at most MARK_AHEAD changes (one small write per group).
+                let ahead = changes[i..].iter().take(MARK_AHEAD).map(|c| c.global_id);
+                self.sent_mark.advance(ahead.max().unwrap_or(c.global_id));
+            }
             let (body, subject, msg_id) = match self.encode(c, shards[i]) {
                 Ok(encoded) => encoded,
                 Err(message) => return (acks, Some(self.nats_failure(c, message, false))),
@@ -1158,5 +1228,28 @@ pub async fn keep(
         if stopping {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SentMark;
+
+    #[test]
+    fn sent_mark_round_trips_and_belongs_to_one_database() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("app.db");
+        assert_eq!(SentMark::read(&db, "abc"), None, "no mark yet");
+        let mark = SentMark::new(&db, "abc");
+        mark.advance(41);
+        mark.advance(7); // never goes back
+        assert_eq!(SentMark::read(&db, "abc"), Some(41));
+        assert_eq!(
+            SentMark::read(&db, "other"),
+            None,
+            "another identity's mark"
+        );
+        std::fs::write(crate::db::sent_mark_path(&db), "abc garbage").expect("write");
+        assert_eq!(SentMark::read(&db, "abc"), None, "unreadable: unknown");
     }
 }
