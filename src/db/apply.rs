@@ -49,6 +49,9 @@ use super::changelog::{ChangeLog, value_at};
 use super::{DEAD_LETTER_TABLE, Error, GUARD_TABLE, HELD_TABLE, Table, quote};
 use crate::wire::{ChangeEvent, Op, ReplicationEvent, Value};
 
+/// Most held events of one table tried pairwise when they wait for each other.
+const MAX_PAIRED_HELD: usize = 20;
+
 /// One event to apply, with where it came from.
 #[derive(Debug)]
 pub struct Incoming<'a> {
@@ -901,10 +904,119 @@ impl State {
                     }
                 }
             }
+            if !progress && !self.held.is_empty() {
+                let together = self.apply_held_together(conn)?;
+                applied += together;
+                progress = together > 0;
+            }
             if !progress || self.held.is_empty() {
                 return Ok(applied);
             }
         }
+    }
+
+    /// Held events that wait for each other never apply one at a time: rows that swapped
+    /// UNIQUE values, whose new images each conflict with the other row's old one (a swap whose
+    /// intermediate step never reached this node). They are tried together, per table: the rows
+    /// they target are deleted and their images inserted in one savepoint, kept only if every
+    /// one applies — all the held events of the table first, then pairs. Only events that carry
+    /// every column qualify (an insert must not lose columns the event lacks).
+    fn apply_held_together(&mut self, conn: &Connection) -> Result<usize, Error> {
+        let mut by_table: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+        for (&id, h) in &self.held {
+            let whole = h.event.row.len() == self.tables[h.table].columns.len();
+            if whole && matches!(h.event.op, Op::Insert | Op::Update) {
+                by_table.entry(h.table).or_default().push(id);
+            }
+        }
+        let mut applied = 0;
+        for (t, ids) in by_table {
+            if ids.len() < 2 {
+                continue;
+            }
+            let mut groups = vec![ids.clone()];
+            if ids.len() <= MAX_PAIRED_HELD {
+                for (n, &a) in ids.iter().enumerate() {
+                    groups.extend(ids[n + 1..].iter().map(|&b| vec![a, b]));
+                }
+            }
+            for group in groups {
+                if group.iter().any(|id| !self.held.contains_key(id)) {
+                    continue;
+                }
+                if !self.try_together(conn, t, &group)? {
+                    continue;
+                }
+                for id in group {
+                    if let Some(h) = self.held.get(&id) {
+                        tracing::info!(stream = %h.stream, seq = h.seq, "Held event applied (with the events it waited for)");
+                    }
+                    self.drop_held(conn, id)?;
+                    applied += 1;
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// One attempt of [`Self::apply_held_together`]: true if every event of `ids` applied.
+    fn try_together(&mut self, conn: &Connection, t: usize, ids: &[i64]) -> Result<bool, Error> {
+        let events: Vec<ChangeEvent> = ids
+            .iter()
+            .filter_map(|id| self.held.get(id).map(|h| h.event.clone()))
+            .collect();
+        conn.prepare_cached("SAVEPOINT held_group")?.execute([])?;
+        let outcome = (|| -> Result<bool, EventError> {
+            let mut layouts = Vec::with_capacity(events.len());
+            for e in &events {
+                let Some(layout) = self.layout(t, e) else {
+                    return Ok(false);
+                };
+                let found = self.find(conn, t, &layout.0, &layout.1, e)?;
+                if let Some(target) = found.first() {
+                    match self.delete(conn, t, &layout.1, target, e) {
+                        Ok(()) => {}
+                        Err(WriteError::Conflict(_)) => return Ok(false),
+                        Err(WriteError::Event(e)) => return Err(e),
+                    }
+                }
+                layouts.push(layout);
+            }
+            for (e, layout) in events.iter().zip(&layouts) {
+                match self.insert(conn, t, &layout.0, e) {
+                    Ok(()) => {}
+                    Err(WriteError::Conflict(_)) => return Ok(false),
+                    Err(WriteError::Event(e)) => return Err(e),
+                }
+            }
+            Ok(true)
+        })();
+        let keep = matches!(outcome, Ok(true));
+        if !keep {
+            conn.prepare_cached("ROLLBACK TO held_group")?.execute([])?;
+        }
+        conn.prepare_cached("RELEASE held_group")?.execute([])?;
+        match outcome {
+            Ok(done) => Ok(done),
+            Err(EventError::Retry(e)) => Err(e.into()),
+            // Poison shows when the event is retried alone; nothing changed here.
+            Err(EventError::Poison(_)) => Ok(false),
+        }
+    }
+
+    /// The event's columns (local indexes) and the positions of the key columns among them;
+    /// `None` when the local table lacks one.
+    fn layout(&self, t: usize, event: &ChangeEvent) -> Option<(Vec<usize>, Vec<usize>)> {
+        let cols: Vec<usize> = event
+            .row
+            .iter()
+            .map(|(name, _)| self.tables[t].column_index(name))
+            .collect::<Option<_>>()?;
+        let key_pos: Vec<usize> = self.pks[t]
+            .iter()
+            .map(|&p| cols.iter().position(|&c| c == p))
+            .collect::<Option<_>>()?;
+        Some((cols, key_pos))
     }
 
     /// Local rows whose key equals the event's (null-safe), lowest rowid first.
@@ -1539,6 +1651,46 @@ mod tests {
         ))])
         .expect("apply");
         assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("later")]]);
+    }
+
+    /// Two rows that swapped UNIQUE values, the intermediate step missing here: each event alone
+    /// conflicts with the other row's old value, so both are held; together they apply.
+    #[test]
+    fn held_events_waiting_for_each_other_apply_together() {
+        let (_d, path, mut a) = setup(USERS);
+        let user = |id: i64, email: &str| {
+            incoming(ev(
+                Op::Update,
+                "users",
+                vec![("id", Value::Integer(id)), ("email", text(email))],
+            ))
+        };
+        a.apply_batch(&[user(1, "a"), user(2, "b")]).expect("apply");
+        let out = a.apply_batch(&[user(1, "b"), user(2, "a")]).expect("apply");
+        assert!(matches!(out[0], Outcome::Held(_)), "{out:?}");
+        a.retry_held().expect("retry");
+        assert_eq!(a.held_len(), 0);
+        assert_eq!(
+            rows(&path, "SELECT id, email FROM users ORDER BY id"),
+            [
+                vec![Value::Integer(1), text("b")],
+                vec![Value::Integer(2), text("a")],
+            ]
+        );
+        // A real conflict (a third row holds the value) stays held.
+        a.apply_batch(&[user(3, "c")]).expect("apply");
+        let out = a.apply_batch(&[user(1, "c"), user(2, "b")]).expect("apply");
+        assert!(matches!(out[0], Outcome::Held(_)), "{out:?}");
+        a.retry_held().expect("retry");
+        assert_eq!(a.held_len(), 2, "row 3 still holds c, so row 1 keeps b");
+        assert_eq!(
+            rows(&path, "SELECT id, email FROM users ORDER BY id"),
+            [
+                vec![Value::Integer(1), text("b")],
+                vec![Value::Integer(2), text("a")],
+                vec![Value::Integer(3), text("c")],
+            ]
+        );
     }
 
     /// Pending changes of unknown publish status (captured before a restart, the stream no
