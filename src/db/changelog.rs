@@ -429,13 +429,9 @@ impl ChangeLog {
     ) -> Result<InFlight, Error> {
         let t = &self.tables[table];
         let pks = t.pk_indexes();
-        let keys: Vec<String> = pks
-            .iter()
-            .map(|&i| quote(&format!("val_{}", t.columns[i].name)))
-            .collect();
         let sql = format!(
             "SELECT id, state, pub_shard, pub_seq, {} FROM {} WHERE id > ?1 ORDER BY id",
-            keys.join(", "),
+            key_columns(t),
             quote(&change_log_name(&t.name))
         );
         let mut stmt = conn.prepare_cached(&sql).map_err(on_table(&t.name))?;
@@ -485,13 +481,9 @@ impl ChangeLog {
     ) -> Result<Vec<(i64, Vec<Value>)>, Error> {
         let t = &self.tables[table];
         let pks = t.pk_indexes();
-        let keys: Vec<String> = pks
-            .iter()
-            .map(|&i| quote(&format!("val_{}", t.columns[i].name)))
-            .collect();
         let sql = format!(
             "SELECT {} FROM {} WHERE id = ?1",
-            keys.join(", "),
+            key_columns(t),
             quote(&change_log_name(&t.name))
         );
         let mut stmt = conn.prepare_cached(&sql).map_err(on_table(&t.name))?;
@@ -566,7 +558,17 @@ impl ChangeLog {
     }
 }
 
-/// Changes not yet come back, `(change-log id, key values)` in id order, and the highest id read.
+/// The change-log columns holding a table's primary key, quoted and comma-separated.
+fn key_columns(t: &Table) -> String {
+    t.pk_indexes()
+        .iter()
+        .map(|&i| quote(&format!("val_{}", t.columns[i].name)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Changes not yet come back, `(change-log id, key values, unknown fate)` in id order, and the
+/// highest id read.
 pub type InFlight = (Vec<(i64, Vec<Value>, bool)>, i64);
 
 /// A change leaving the global log.
