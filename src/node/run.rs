@@ -561,9 +561,21 @@ async fn watch_database_file(
 ) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
-    let opened = std::fs::metadata(&path)
-        .map(identity)
-        .with_context(|| format!("cannot stat database file {}", path.display()))?;
+    let deleted = || {
+        anyhow::anyhow!(
+            "database file {} was deleted; stopping rather than replicating into a file nobody sees",
+            path.display()
+        )
+    };
+    // Deleted between the start-up and this task's first look: the same case.
+    let opened = match std::fs::metadata(&path) {
+        Ok(m) => identity(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(deleted()),
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("cannot stat database file {}", path.display())));
+        }
+    };
     let mut tick = tokio::time::interval(DB_FILE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut schema_seen: Option<i64> = None;
@@ -601,10 +613,7 @@ async fn watch_database_file(
                 "database file {} was replaced by another file; stopping (restart to use the new one)",
                 path.display()
             ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
-                "database file {} was deleted; stopping rather than replicating into a file nobody sees",
-                path.display()
-            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(deleted()),
             Err(_) => {}
         }
     }
