@@ -1617,17 +1617,29 @@ mod tests {
         );
     }
 
-    /// I1: an event for a row with a newer local change in flight is skipped, whether it is an
-    /// older event of ours or another node's.
-    #[test]
-    fn events_older_than_a_local_change_in_flight_are_skipped() {
-        let (_d, origin, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+    /// Table `t` with row 1 written 'a' then 'b' by the application (neither change has come
+    /// back yet); returns the events captured after the first write.
+    fn row_written_twice() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        Applier,
+        Vec<ChangeEvent>,
+    ) {
+        let (d, origin, a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
         let app = Connection::open(&origin).expect("app");
         app.execute_batch("INSERT INTO t VALUES (1, 'a')")
             .expect("app");
         let first = captured(&origin);
         app.execute_batch("UPDATE t SET v = 'b' WHERE id = 1")
             .expect("app");
+        (d, origin, a, first)
+    }
+
+    /// I1: an event for a row with a newer local change in flight is skipped, whether it is an
+    /// older event of ours or another node's.
+    #[test]
+    fn events_older_than_a_local_change_in_flight_are_skipped() {
+        let (_d, origin, mut a, first) = row_written_twice();
         let out = a
             .apply_batch(&[
                 own(first[0].clone()),
@@ -1699,13 +1711,7 @@ mod tests {
     /// back by them.
     #[test]
     fn changes_of_unknown_status_supersede_older_own_events_only() {
-        let (_d, origin, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
-        let app = Connection::open(&origin).expect("app");
-        app.execute_batch("INSERT INTO t VALUES (1, 'a')")
-            .expect("app");
-        let first = captured(&origin);
-        app.execute_batch("UPDATE t SET v = 'b' WHERE id = 1")
-            .expect("app");
+        let (_d, origin, mut a, first) = row_written_twice();
         let all = captured(&origin);
         a.set_unknown_up_to(vec![all[1].id]).expect("unknown");
         assert_eq!(
