@@ -46,7 +46,7 @@ use rusqlite::types::{ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 
 use super::changelog::{ChangeLog, value_at};
-use super::{DEAD_LETTER_TABLE, Error, GUARD_TABLE, HELD_TABLE, Table, quote};
+use super::{DEAD_LETTER_TABLE, Error, GUARD_TABLE, HELD_TABLE, Table, now_ms, quote};
 use crate::wire::{ChangeEvent, Op, ReplicationEvent, Value};
 
 /// Most held events of one table tried pairwise when they wait for each other.
@@ -1279,10 +1279,6 @@ pub(super) fn commit_guarded(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<
     tx.prepare_cached(&format!("DELETE FROM {}", quote(GUARD_TABLE)))?
         .execute([])?;
     tx.commit()
-}
-
-fn now_ms() -> i64 {
-    crate::unix_ms()
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE, HELD_TABLE, IDENTITY_TABLE, PREFIX,
-    PUBLISHED_TABLE, SCHEMA_VERSION_TABLE, Table, change_log_name, on_table, quote, quote_literal,
+    ALIAS_TABLE, DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE, HELD_TABLE, IDENTITY_TABLE,
+    PREFIX, PUBLISHED_TABLE, SCHEMA_VERSION_TABLE, Table, change_log_name, on_table, quote,
+    quote_literal,
 };
 
 /// The version string Go writes into `__harmonylite__schema_version` (hard-coded `"dev"` there).
@@ -78,6 +79,14 @@ fn base_ddl() -> String {
          CREATE TABLE IF NOT EXISTS {published} (
              shard INTEGER PRIMARY KEY,
              seq INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS {aliases} (
+             kind TEXT NOT NULL,
+             scope TEXT NOT NULL,
+             old_name TEXT NOT NULL,
+             new_name TEXT NOT NULL,
+             created_at INTEGER NOT NULL,
+             PRIMARY KEY (kind, scope, old_name)
          );",
         guard = quote(GUARD_TABLE),
         global = quote(GLOBAL_LOG),
@@ -86,7 +95,20 @@ fn base_ddl() -> String {
         identity = quote(IDENTITY_TABLE),
         held = quote(HELD_TABLE),
         published = quote(PUBLISHED_TABLE),
+        aliases = quote(ALIAS_TABLE),
     )
+}
+
+/// Column of the held-events table added after its first release: 1 for events waiting for the
+/// local schema to catch up (see [`super::apply`]), 0 for UNIQUE conflicts.
+const HELD_SCHEMA_COLUMN: &str = "schema_wait";
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, Error> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        [table, column],
+        |r| r.get::<_, i64>(0),
+    )? > 0)
 }
 
 /// `CREATE TABLE` for a change log named `name` (value columns untyped).
@@ -129,7 +151,7 @@ fn table_ddl(table: &Table) -> String {
 }
 
 /// The three capture triggers of a table: (name, `CREATE TRIGGER` statement as SQLite stores it).
-fn triggers(table: &Table) -> Vec<(String, String)> {
+pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
     let log = change_log_name(&table.name);
     let qlog = quote(&log);
     let qtable = quote(&table.name);
@@ -207,6 +229,7 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
         IDENTITY_TABLE,
         HELD_TABLE,
         PUBLISHED_TABLE,
+        ALIAS_TABLE,
     ] {
         if !exists(base)? {
             tracing::debug!(table = base, "missing; reinstalling");
@@ -233,8 +256,25 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
         [],
         |r| r.get(0),
     )?;
-    if recorded.as_deref() != Some(schema_hash) || guarded != 0 || identified != 1 {
-        tracing::debug!("schema hash, guard or identity changed; reinstalling");
+    if recorded.as_deref() != Some(schema_hash)
+        || guarded != 0
+        || identified != 1
+        || !has_column(conn, HELD_TABLE, HELD_SCHEMA_COLUMN)?
+    {
+        tracing::debug!("schema hash, guard, identity or layout changed; reinstalling");
+        return Ok(false);
+    }
+    // Exactly our triggers and change logs: stale ones (renamed or dropped tables) go.
+    let ours = |kind: &str| -> Result<i64, Error> {
+        Ok(conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = ?1 AND substr(name, 1, ?2) = ?3 \
+             AND name LIKE '%\\_change\\_log%' ESCAPE '\\' AND name <> ?4",
+            rusqlite::params![kind, PREFIX.len() as i64, PREFIX, GLOBAL_LOG],
+            |r| r.get(0),
+        )?)
+    };
+    if ours("trigger")? != 3 * tables.len() as i64 || ours("table")? != tables.len() as i64 {
+        tracing::debug!("capture triggers or change logs of other tables found; reinstalling");
         return Ok(false);
     }
     for table in tables {
@@ -289,13 +329,19 @@ fn log_columns(conn: &Connection, table: &Table) -> Result<Vec<(String, String)>
 /// publish columns, and rebuilds it when value columns carry a declared type (affinity would
 /// convert what the triggers copy). The AUTOINCREMENT counter is carried over, so change ids
 /// never repeat.
-fn migrate_change_log(conn: &Connection, table: &Table) -> Result<(), Error> {
+fn migrate_change_log(conn: &Connection, table: &Table) -> Result<Vec<String>, Error> {
     let log = change_log_name(&table.name);
     let existing = log_columns(conn, table)?;
     if existing.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let has = |col: &str| existing.iter().any(|(n, _)| n.eq_ignore_ascii_case(col));
+    let added: Vec<String> = table
+        .columns
+        .iter()
+        .filter(|c| !has(&format!("val_{}", c.name)))
+        .map(|c| c.name.clone())
+        .collect();
     let typed = existing
         .iter()
         .any(|(n, ty)| n.starts_with("val_") && !ty.is_empty());
@@ -344,7 +390,7 @@ fn migrate_change_log(conn: &Connection, table: &Table) -> Result<(), Error> {
             )
             .map_err(on_table(&table.name))?;
         }
-        return Ok(());
+        return Ok(added);
     }
     let missing = table
         .columns
@@ -361,10 +407,15 @@ fn migrate_change_log(conn: &Connection, table: &Table) -> Result<(), Error> {
         ))
         .map_err(on_table(&table.name))?;
     }
-    Ok(())
+    Ok(added)
 }
 
 /// Installs capture for `tables` and records `schema_hash` in the schema version table.
+///
+/// Also follows the application's DDL since the last install (see [`super::ddl`]): renamed
+/// tables and columns take their change logs along, stale triggers go, change logs of dropped
+/// tables are retired, pending changes get the values of added columns, and a table watched for
+/// the first time (when capture existed before) has its existing rows published once.
 ///
 /// # Errors
 /// SQLite errors (the transaction is rolled back, leaving the previous state).
@@ -374,8 +425,20 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Capture existed before: tables without a change log are new to it.
+    let installed_before: i64 = tx.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+        [GLOBAL_LOG],
+        |r| r.get(0),
+    )?;
     tracing::info!("Creating global change log table");
     tx.execute_batch(&base_ddl())?;
+    if !has_column(&tx, HELD_TABLE, HELD_SCHEMA_COLUMN)? {
+        tx.execute_batch(&format!(
+            "ALTER TABLE {} ADD COLUMN {HELD_SCHEMA_COLUMN} INTEGER NOT NULL DEFAULT 0",
+            quote(HELD_TABLE)
+        ))?;
+    }
     let now_secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -394,17 +457,21 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
         ),
         rusqlite::params![uuid::Uuid::new_v4().simple().to_string(), now_secs],
     )?;
+    // Renames first: a change log must be renamed before the triggers that write it are made.
+    super::ddl::follow(&tx, tables)?;
     for table in tables {
         tracing::info!("Creating trigger for {}", table.name);
-        // Old triggers go first: a rebuilt change log must not be renamed under triggers that
-        // reference it (SQLite rejects the rename), and they are recreated below anyway.
-        for trigger in trigger_names(&table.name) {
-            tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(&trigger)))
-                .map_err(on_table(&table.name))?;
-        }
-        migrate_change_log(&tx, table)?;
+        let new = log_columns(&tx, table)?.is_empty();
+        let added = migrate_change_log(&tx, table)?;
         tx.execute_batch(&table_ddl(table))
             .map_err(on_table(&table.name))?;
+        if !added.is_empty() {
+            super::ddl::fill_added(&tx, table, &added)?;
+        }
+        if new && installed_before > 0 {
+            let rows = super::ddl::backfill(&tx, table)?;
+            tracing::info!(table = %table.name, rows, "New table watched; publishing its existing rows once");
+        }
     }
     tx.commit()?;
     Ok(())
@@ -529,6 +596,102 @@ mod tests {
             )
             .expect("name");
         assert_eq!(name, "my table");
+    }
+
+    #[test]
+    fn reinstall_follows_renames_added_columns_new_and_dropped_tables() {
+        let (_d, path) = temp_db("CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT)");
+        let mut conn = crate::db::open(&path).expect("open");
+        install_all(&mut conn);
+        let app = Connection::open(&path).expect("app");
+        app.execute_batch(
+            "INSERT INTO t VALUES (1, 'x');
+             ALTER TABLE t RENAME COLUMN a TO b; ALTER TABLE t RENAME TO u;
+             INSERT INTO u VALUES (2, 'y');
+             ALTER TABLE u ADD COLUMN c INTEGER; INSERT INTO u VALUES (3, 'z', 7);
+             UPDATE u SET c = 5 WHERE id = 1;
+             CREATE TABLE v (k TEXT PRIMARY KEY, n INTEGER); INSERT INTO v VALUES ('p', 1);",
+        )
+        .expect("app DDL and writes");
+        let (version, drifted) =
+            super::super::ddl::drift(&conn, &watched_tables(&conn).expect("t"), "h", None)
+                .expect("drift");
+        assert!(version > 0);
+        assert!(drifted.is_some());
+        install_all(&mut conn);
+        // Every pending change kept, under the new names, with the added column's value.
+        let rows: Vec<(i64, Option<String>, Option<i64>)> = conn
+            .prepare("SELECT val_id, val_b, val_c FROM __harmonylite__u_change_log ORDER BY id")
+            .and_then(|mut s| {
+                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .expect("log");
+        assert_eq!(
+            rows,
+            [
+                (1, Some("x".into()), Some(5)),
+                (2, Some("y".into()), None),
+                (3, Some("z".into()), Some(7)),
+                (1, Some("x".into()), Some(5)),
+            ]
+        );
+        let names: Vec<String> = conn
+            .prepare("SELECT DISTINCT table_name FROM __harmonylite___change_log_global ORDER BY 1")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("global");
+        assert_eq!(names, ["u", "v"]);
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM __harmonylite__v_change_log"),
+            1
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger'"
+            ),
+            6
+        );
+        let aliases = super::super::ddl::Aliases::load(&conn).expect("aliases");
+        assert_eq!(aliases.table("T"), Some("u"));
+        assert_eq!(aliases.column("u", "a"), Some("b"));
+        // One capture per write from now on.
+        app.execute("INSERT INTO u VALUES (4, 'w', 1)", [])
+            .expect("write");
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM __harmonylite__u_change_log"),
+            5
+        );
+        // A dropped table's change log goes, and is remembered as dropped.
+        app.execute_batch("DROP TABLE v").expect("drop");
+        install_all(&mut conn);
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE '%v_change_log%'"
+            ),
+            0
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM __harmonylite___change_log_global WHERE table_name = 'v'"
+            ),
+            0
+        );
+        assert!(
+            super::super::ddl::Aliases::load(&conn)
+                .expect("aliases")
+                .dropped("v")
+        );
+        let tables = watched_tables(&conn).expect("tables");
+        let hash = schema_hash(&conn, &tables).expect("hash");
+        assert_eq!(
+            super::super::ddl::drift(&conn, &tables, &hash, None)
+                .expect("drift")
+                .1,
+            None
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ use rusqlite::{Connection, OpenFlags};
 pub mod apply;
 pub mod cdc;
 pub mod changelog;
+pub mod ddl;
 pub mod restore;
 pub mod schema;
 
@@ -37,6 +38,8 @@ pub const DEAD_LETTER_TABLE: &str = "__harmonylite__dead_letter";
 pub const IDENTITY_TABLE: &str = "__harmonylite__node_identity";
 /// Events waiting for a UNIQUE conflict with another row to go away (see [`apply`]).
 pub const HELD_TABLE: &str = "__harmonylite__held_events";
+/// Renames and drops of tables and columns this node followed (see [`ddl`]).
+pub const ALIAS_TABLE: &str = "__harmonylite__schema_aliases";
 /// Per shard, the stream sequence of the last change marked published.
 pub const PUBLISHED_TABLE: &str = "__harmonylite__published";
 /// How long a statement waits for a lock before failing with SQLITE_BUSY (Go: 5000 ms).
@@ -139,6 +142,11 @@ pub fn quote(ident: &str) -> String {
 /// Quotes a string literal: `'text'` with embedded quotes doubled.
 pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Unix milliseconds now.
+pub(crate) fn now_ms() -> i64 {
+    crate::unix_ms()
 }
 
 /// Name of a table's change log.

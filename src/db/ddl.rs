@@ -1,0 +1,580 @@
+//! Following the application's DDL: what changed in the schema since capture was installed, and
+//! what that means for the change logs and for events that name old tables or columns
+//! (issue "schema changes", upstream-behaviour §4.5).
+//!
+//! SQLite rewrites our triggers when the application renames things: `ALTER TABLE t RENAME TO u`
+//! moves `__harmonylite__t_change_log_on_*` onto `u` (the trigger keeps its name), and `RENAME
+//! COLUMN a TO b` turns `NEW."a"` into `NEW."b"` in their bodies while the change log keeps
+//! `val_a`. Those rewritten triggers are therefore an exact record of the renames — no guessing
+//! from root pages or column positions — and [`follow`] reads them before capture is reinstalled.
+//!
+//! Invariants:
+//! - Pending changes survive every rename: the change log is renamed with its table (or gets its
+//!   value column renamed), and the global log's rows follow, so they are published under the
+//!   current names. Nothing captured is dropped, except the pending changes of a table the
+//!   application dropped (there is no table left to describe them); that is logged with a count.
+//! - Every rename and drop is recorded in `__harmonylite__schema_aliases`, so that events other
+//!   nodes made under the old names still apply here ([`Aliases`]), and events for a table this
+//!   node dropped are discarded instead of waiting forever.
+//! - [`drift`] tells whether the live schema still matches what capture was installed for; it is
+//!   cheap (one pragma) when nothing changed.
+
+use std::collections::{HashMap, HashSet};
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, quote};
+
+/// The suffixes of our three trigger names (after `<prefix><table>_change_log`).
+const TRIGGER_SUFFIXES: [&str; 3] = ["_on_delete", "_on_insert", "_on_update"];
+
+/// What [`follow`] found and did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Followed {
+    /// (old, new) table names.
+    pub renamed_tables: Vec<(String, String)>,
+    /// (table, old column, new column).
+    pub renamed_columns: Vec<(String, String, String)>,
+    /// (table, pending changes discarded with it).
+    pub dropped: Vec<(String, i64)>,
+}
+
+/// Our triggers: (trigger name, the table its name was made for, the table it is on now, SQL).
+fn our_triggers(conn: &Connection) -> Result<Vec<(String, String, String, String)>, Error> {
+    let mut stmt = conn.prepare(
+        "SELECT name, tbl_name, sql FROM sqlite_schema WHERE type = 'trigger' \
+         AND substr(name, 1, ?1) = ?2",
+    )?;
+    let rows: Vec<(String, String, Option<String>)> = stmt
+        .query_map(rusqlite::params![PREFIX.len() as i64, PREFIX], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, on, sql)| {
+            let made_for = trigger_table(&name)?;
+            Some((name, made_for, on, sql.unwrap_or_default()))
+        })
+        .collect())
+}
+
+/// The table a trigger name of ours was made for (`__harmonylite__<t>_change_log_on_<op>`).
+fn trigger_table(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(PREFIX)?;
+    TRIGGER_SUFFIXES.iter().find_map(|suffix| {
+        rest.strip_suffix(suffix)?
+            .strip_suffix("_change_log")
+            .map(str::to_owned)
+    })
+}
+
+/// The user table a change-log name of ours belongs to (`__harmonylite__<t>_change_log`).
+fn log_table(name: &str) -> Option<&str> {
+    if name == GLOBAL_LOG {
+        return None;
+    }
+    name.strip_prefix(PREFIX)?.strip_suffix("_change_log")
+}
+
+/// Reads one SQL identifier at the start of `s` (double-quoted, backquoted, bracketed or bare);
+/// returns it and the rest.
+fn identifier(s: &str) -> Option<(String, &str)> {
+    let s = s.trim_start();
+    let mut chars = s.char_indices();
+    let (_, first) = chars.next()?;
+    let close = match first {
+        '"' => '"',
+        '`' => '`',
+        '[' => ']',
+        c if c.is_alphanumeric() || c == '_' || c == '$' => {
+            let end = s
+                .char_indices()
+                .find(|(_, c)| !(c.is_alphanumeric() || *c == '_' || *c == '$'))
+                .map_or(s.len(), |(i, _)| i);
+            return Some((s[..end].to_owned(), &s[end..]));
+        }
+        _ => return None,
+    };
+    let mut out = String::new();
+    let mut rest = &s[1..];
+    loop {
+        let i = rest.find(close)?;
+        out.push_str(&rest[..i]);
+        rest = &rest[i + close.len_utf8()..];
+        // A doubled quote is an escaped one (not for brackets).
+        if close != ']' && rest.starts_with(close) {
+            out.push(close);
+            rest = &rest[close.len_utf8()..];
+        } else {
+            return Some((out, rest));
+        }
+    }
+}
+
+/// From the SQL of one of our insert triggers: pairs (change-log column, row column it copies),
+/// e.g. `("val_a", "b")` once the application renamed column `a` to `b`. Understands our trigger
+/// shape (`INSERT INTO log(val_…) SELECT NEW.…`) and Go's (`… VALUES (NEW.…)`).
+pub fn capture_pairs(sql: &str) -> Option<Vec<(String, String)>> {
+    let upper = sql.to_ascii_uppercase();
+    let begin = upper.find("BEGIN")?;
+    let insert = begin + upper[begin..].find("INSERT INTO")? + "INSERT INTO".len();
+    let (_, rest) = identifier(&sql[insert..])?;
+    let mut rest = rest.trim_start().strip_prefix('(')?;
+    let mut targets = Vec::new();
+    loop {
+        let (name, r) = identifier(rest)?;
+        targets.push(name);
+        let r = r.trim_start();
+        if let Some(r) = r.strip_prefix(',') {
+            rest = r;
+        } else {
+            r.strip_prefix(')')?;
+            rest = r;
+            break;
+        }
+    }
+    let offset = sql.len() - rest.len();
+    let upper_rest = &upper[offset..];
+    let start = ["SELECT", "VALUES"]
+        .iter()
+        .filter_map(|k| upper_rest.find(k).map(|i| i + k.len()))
+        .min()?;
+    let mut rest = sql[offset + start..].trim_start();
+    rest = rest.strip_prefix('(').unwrap_or(rest);
+    let mut pairs = Vec::new();
+    for target in targets.into_iter().filter(|t| t.starts_with("val_")) {
+        let r = rest.trim_start();
+        let r = r
+            .strip_prefix("NEW.")
+            .or_else(|| r.strip_prefix("new."))
+            .or_else(|| r.strip_prefix("New."))?;
+        let (column, r) = identifier(r)?;
+        pairs.push((target, column));
+        rest = r.trim_start().strip_prefix(',')?;
+    }
+    Some(pairs)
+}
+
+fn exists(conn: &Connection, name: &str) -> Result<bool, Error> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )? > 0)
+}
+
+fn record(conn: &Connection, kind: &str, scope: &str, old: &str, new: &str) -> Result<(), Error> {
+    conn.execute(
+        &format!(
+            "INSERT OR REPLACE INTO {} (kind, scope, old_name, new_name, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            quote(ALIAS_TABLE)
+        ),
+        rusqlite::params![kind, scope, old, new, super::now_ms()],
+    )?;
+    Ok(())
+}
+
+/// Inside capture's install transaction, before triggers are recreated: follows table and column
+/// renames (from our rewritten triggers), drops every trigger of ours (install recreates the
+/// right ones: stale ones would capture twice), and retires the change logs of dropped tables.
+///
+/// # Errors
+/// SQLite errors (the caller's transaction is rolled back).
+pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
+    let mut done = Followed::default();
+    let watched: HashMap<String, &Table> =
+        tables.iter().map(|t| (t.name.to_lowercase(), t)).collect();
+    let triggers = our_triggers(conn)?;
+    // Table renames: a trigger made for `old` now sits on `new`.
+    let mut renames: Vec<(String, String)> = Vec::new();
+    for (_, made_for, on, _) in &triggers {
+        if !made_for.eq_ignore_ascii_case(on)
+            && watched.contains_key(&on.to_lowercase())
+            && !renames.iter().any(|(o, _)| o == made_for)
+        {
+            renames.push((made_for.clone(), on.clone()));
+        }
+    }
+    let insert_sql: Vec<(String, String)> = triggers
+        .iter()
+        .filter(|(name, ..)| name.ends_with("_on_insert"))
+        .map(|(_, _, on, sql)| (on.clone(), sql.clone()))
+        .collect();
+    for (name, ..) in &triggers {
+        conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(name)))?;
+    }
+    for (old, new) in renames {
+        let (old_log, new_log) = (change_log_name(&old), change_log_name(&new));
+        if !exists(conn, &old_log)? || exists(conn, &new_log)? {
+            continue;
+        }
+        tracing::info!(from = %old, to = %new, "Table renamed; its change log follows");
+        conn.execute_batch(&format!(
+            "DROP INDEX IF EXISTS {};\nALTER TABLE {} RENAME TO {};",
+            quote(&format!("{old_log}_state_index")),
+            quote(&old_log),
+            quote(&new_log)
+        ))?;
+        conn.execute(
+            &format!(
+                "UPDATE {} SET table_name = ?2 WHERE table_name = ?1",
+                quote(GLOBAL_LOG)
+            ),
+            rusqlite::params![old, new],
+        )?;
+        let alias = quote(ALIAS_TABLE);
+        // Earlier names now lead here, and column renames move with the table.
+        conn.execute(
+            &format!("UPDATE {alias} SET new_name = ?2 WHERE kind = 'table' AND new_name = ?1"),
+            rusqlite::params![old, new],
+        )?;
+        conn.execute(
+            &format!(
+                "UPDATE OR REPLACE {alias} SET scope = ?2 WHERE kind = 'column' AND scope = ?1"
+            ),
+            rusqlite::params![old, new],
+        )?;
+        record(conn, "table", "", &old, &new)?;
+        done.renamed_tables.push((old, new));
+    }
+    // Column renames: the insert trigger copies `val_a` from `NEW."b"`.
+    for (on, sql) in insert_sql {
+        let Some(table) = watched.get(&on.to_lowercase()) else {
+            continue;
+        };
+        let Some(pairs) = capture_pairs(&sql) else {
+            tracing::debug!(table = %on, "cannot read the columns of an old capture trigger");
+            continue;
+        };
+        let log = change_log_name(&table.name);
+        for (target, column) in pairs {
+            let Some(old) = target.strip_prefix("val_") else {
+                continue;
+            };
+            if old == column || table.column_index(old).is_some() {
+                continue;
+            }
+            let new_target = format!("val_{column}");
+            let has = |c: &str| -> Result<bool, Error> {
+                Ok(conn.query_row(
+                    "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2 COLLATE NOCASE",
+                    rusqlite::params![log, c],
+                    |r| r.get::<_, i64>(0),
+                )? > 0)
+            };
+            if !has(&target)? || has(&new_target)? {
+                continue;
+            }
+            tracing::info!(table = %table.name, from = %old, to = %column, "Column renamed; its change-log column follows");
+            conn.execute_batch(&format!(
+                "ALTER TABLE {} RENAME COLUMN {} TO {}",
+                quote(&log),
+                quote(&target),
+                quote(&new_target)
+            ))?;
+            conn.execute(
+                &format!(
+                    "UPDATE {} SET new_name = ?3 WHERE kind = 'column' AND scope = ?1 AND new_name = ?2",
+                    quote(ALIAS_TABLE)
+                ),
+                rusqlite::params![table.name, old, column],
+            )?;
+            record(conn, "column", &table.name, old, &column)?;
+            done.renamed_columns
+                .push((table.name.clone(), old.to_owned(), column.clone()));
+        }
+    }
+    // Change logs whose table is gone.
+    let logs: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND substr(name, 1, ?1) = ?2",
+        )?
+        .query_map(rusqlite::params![PREFIX.len() as i64, PREFIX], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for log in logs {
+        let Some(table) = log_table(&log) else {
+            continue;
+        };
+        if watched.contains_key(&table.to_lowercase()) || exists(conn, table)? {
+            continue;
+        }
+        let pending: i64 = conn.query_row(
+            &format!("SELECT count(*) FROM {} WHERE state = 0", quote(&log)),
+            [],
+            |r| r.get(0),
+        )?;
+        if pending > 0 {
+            tracing::warn!(
+                table,
+                changes = pending,
+                "Table dropped; its unpublished changes are discarded with it"
+            );
+        } else {
+            tracing::info!(table, "Table dropped; no longer replicated");
+        }
+        conn.execute(
+            &format!("DELETE FROM {} WHERE table_name = ?1", quote(GLOBAL_LOG)),
+            [table],
+        )?;
+        conn.execute_batch(&format!(
+            "DROP INDEX IF EXISTS {};\nDROP TABLE {};",
+            quote(&format!("{log}_state_index")),
+            quote(&log)
+        ))?;
+        record(conn, "dropped", "", table, "")?;
+        done.dropped.push((table.to_owned(), pending));
+    }
+    // A name in use again is no longer an alias or a dropped table.
+    for t in tables {
+        conn.execute(
+            &format!(
+                "DELETE FROM {} WHERE kind IN ('table', 'dropped') AND old_name = ?1 COLLATE NOCASE",
+                quote(ALIAS_TABLE)
+            ),
+            [&t.name],
+        )?;
+    }
+    Ok(done)
+}
+
+/// Publishes a newly watched table's existing rows once, as inserts (rows written before its
+/// triggers existed were never captured). Returns how many.
+///
+/// # Errors
+/// SQLite errors.
+pub fn backfill(conn: &Connection, table: &Table) -> Result<i64, Error> {
+    let log = change_log_name(&table.name);
+    let before: i64 = conn.query_row(
+        &format!("SELECT coalesce(max(id), 0) FROM {}", quote(&log)),
+        [],
+        |r| r.get(0),
+    )?;
+    let targets: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| quote(&format!("val_{}", c.name)))
+        .collect();
+    let sources: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
+    let n = conn.execute(
+        &format!(
+            "INSERT INTO {} ({}, type, created_at, state) SELECT {}, 'insert', ?1, 0 FROM {}",
+            quote(&log),
+            targets.join(", "),
+            sources.join(", "),
+            quote(&table.name)
+        ),
+        [super::now_ms()],
+    )?;
+    conn.execute(
+        &format!(
+            "INSERT INTO {} (change_table_id, table_name) SELECT id, ?2 FROM {} WHERE id > ?1 ORDER BY id",
+            quote(GLOBAL_LOG),
+            quote(&log)
+        ),
+        rusqlite::params![before, table.name],
+    )?;
+    Ok(n as i64)
+}
+
+/// After `ALTER TABLE … ADD COLUMN`: pending changes captured without the new columns get them
+/// from the row as it is now, so that what is published ends where the row is (a write between
+/// the DDL and the reinstall of its triggers would otherwise replicate without its new value).
+///
+/// # Errors
+/// SQLite errors.
+pub fn fill_added(conn: &Connection, table: &Table, added: &[String]) -> Result<(), Error> {
+    let pks = table.pk_indexes();
+    let added: Vec<&String> = added
+        .iter()
+        .filter(|c| table.column_index(c).is_some_and(|i| !pks.contains(&i)))
+        .collect();
+    if added.is_empty() {
+        return Ok(());
+    }
+    let log = quote(&change_log_name(&table.name));
+    let matches: Vec<String> = pks
+        .iter()
+        .map(|&i| {
+            let c = &table.columns[i].name;
+            format!("r.{} IS {log}.{}", quote(c), quote(&format!("val_{c}")))
+        })
+        .collect();
+    let sets: Vec<String> = added
+        .iter()
+        .map(|c| {
+            format!(
+                "{} = (SELECT r.{} FROM {} AS r WHERE {})",
+                quote(&format!("val_{c}")),
+                quote(c),
+                quote(&table.name),
+                matches.join(" AND ")
+            )
+        })
+        .collect();
+    conn.execute_batch(&format!(
+        "UPDATE {log} SET {} WHERE state = 0",
+        sets.join(", ")
+    ))?;
+    Ok(())
+}
+
+/// Renames and drops recorded by [`follow`], for applying events made under old names.
+#[derive(Debug, Default, Clone)]
+pub struct Aliases {
+    /// Lower-cased old table name → current name.
+    tables: HashMap<String, String>,
+    /// (lower-cased current table, lower-cased old column) → current column.
+    columns: HashMap<(String, String), String>,
+    /// Lower-cased names of tables this node dropped.
+    dropped: HashSet<String>,
+}
+
+impl Aliases {
+    /// Reads the recorded aliases (none if the table does not exist yet).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn load(conn: &Connection) -> Result<Aliases, Error> {
+        let mut aliases = Aliases::default();
+        let present: Option<i64> = conn
+            .query_row(
+                "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                [ALIAS_TABLE],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if present.is_none() {
+            return Ok(aliases);
+        }
+        let mut stmt = conn.prepare(&format!(
+            "SELECT kind, scope, old_name, new_name FROM {}",
+            quote(ALIAS_TABLE)
+        ))?;
+        let rows: Vec<(String, String, String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
+        for (kind, scope, old, new) in rows {
+            match kind.as_str() {
+                "table" => {
+                    aliases.tables.insert(old.to_lowercase(), new);
+                }
+                "column" => {
+                    aliases
+                        .columns
+                        .insert((scope.to_lowercase(), old.to_lowercase()), new);
+                }
+                "dropped" => {
+                    aliases.dropped.insert(old.to_lowercase());
+                }
+                _ => {}
+            }
+        }
+        Ok(aliases)
+    }
+
+    /// The current name of a table known here under an older one.
+    pub fn table(&self, name: &str) -> Option<&str> {
+        self.tables.get(&name.to_lowercase()).map(String::as_str)
+    }
+
+    /// The current name of a column of `table` (current name) known under an older one.
+    pub fn column(&self, table: &str, name: &str) -> Option<&str> {
+        self.columns
+            .get(&(table.to_lowercase(), name.to_lowercase()))
+            .map(String::as_str)
+    }
+
+    /// Whether this node dropped a table of that name.
+    pub fn dropped(&self, name: &str) -> bool {
+        self.dropped.contains(&name.to_lowercase())
+    }
+}
+
+/// Whether the live schema still matches the capture installed for `tables` with `hash`: `None`
+/// if so, else what changed. With `seen` equal to the current `PRAGMA schema_version` only that
+/// is read. Returns the schema version it looked at.
+///
+/// # Errors
+/// SQLite errors.
+pub fn drift(
+    conn: &Connection,
+    tables: &[Table],
+    hash: &str,
+    seen: Option<i64>,
+) -> Result<(i64, Option<String>), Error> {
+    let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+    if seen == Some(version) {
+        return Ok((version, None));
+    }
+    let tx = conn.unchecked_transaction()?;
+    let version: i64 = tx.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+    let now = super::schema::watched_tables(&tx)?;
+    let names = |ts: &[Table]| -> Vec<String> { ts.iter().map(|t| t.name.clone()).collect() };
+    let reason = if names(&now) != names(tables) {
+        Some(format!(
+            "watched tables changed from {:?} to {:?}",
+            names(tables),
+            names(&now)
+        ))
+    } else if let Some(t) = now.iter().zip(tables).find(|(a, b)| a != b) {
+        Some(format!("the columns of table {:?} changed", t.0.name))
+    } else if super::schema::schema_hash(&tx, &now)? != hash {
+        Some("the schema hash changed".to_owned())
+    } else {
+        let expected: HashMap<String, String> =
+            tables.iter().flat_map(super::cdc::triggers).collect();
+        let present = our_triggers(&tx)?;
+        if present.len() != expected.len() {
+            Some(format!(
+                "{} capture triggers found where {} belong",
+                present.len(),
+                expected.len()
+            ))
+        } else {
+            present
+                .iter()
+                .find(|(name, _, _, sql)| expected.get(name) != Some(sql))
+                .map(|(name, ..)| format!("capture trigger {name:?} differs"))
+        }
+    };
+    tx.commit()?;
+    Ok((version, reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_our_and_gos_capture_triggers() {
+        let ours = "CREATE TRIGGER \"x\"\nAFTER insert ON \"t\"\nWHEN NOT EXISTS (SELECT 1 FROM \"g\")\nBEGIN\n\
+                    INSERT INTO \"__harmonylite__t_change_log\"(\"val_a\", \"val_we\"\"ird\", type, created_at, state)\n\
+                    SELECT NEW.\"b\", NEW.\"we\"\"ird\", 'insert', 1, 0;\nEND";
+        assert_eq!(
+            capture_pairs(ours),
+            Some(vec![
+                ("val_a".into(), "b".into()),
+                ("val_we\"ird".into(), "we\"ird".into())
+            ])
+        );
+        let go = "CREATE TRIGGER __harmonylite__t_change_log_on_insert AFTER INSERT ON t\nBEGIN\n    \
+                  INSERT INTO __harmonylite__t_change_log(val_id, val_name, type, created_at, state)\n    \
+                  VALUES(NEW.id, NEW.title, 'insert', 1, 0);\nEND;";
+        assert_eq!(
+            capture_pairs(go),
+            Some(vec![
+                ("val_id".into(), "id".into()),
+                ("val_name".into(), "title".into())
+            ])
+        );
+        assert_eq!(capture_pairs("CREATE TRIGGER nonsense"), None);
+        assert_eq!(
+            trigger_table("__harmonylite__a_b_change_log_on_update").as_deref(),
+            Some("a_b")
+        );
+        assert_eq!(log_table(GLOBAL_LOG), None);
+        assert_eq!(log_table("__harmonylite__t_change_log"), Some("t"));
+    }
+}
