@@ -9,6 +9,15 @@
 //! for the same row supersedes it. A conflict that never resolves (two nodes claiming one UNIQUE
 //! value on different rows at once) stays held, counted and logged with both rows.
 //!
+//! An event this node's schema is behind for — a table or column it does not know (yet), from a
+//! node whose schema hash (`sh`) is neither this node's current nor previous one — is not
+//! quarantined: it **waits for the schema**, durably in the same table (`schema_wait = 1`), and so
+//! does every later event of its row (of its table, when the table is unknown), so per-row order
+//! holds while the rest of the stream goes on and the seq map advances. They are tried again, in
+//! arrival order, whenever capture is reinstalled after DDL ([`Applier::retry_waiting`]). Names
+//! this node renamed are followed ([`super::ddl::Aliases`]); events for a table it dropped are
+//! discarded.
+//!
 //! Events that would only roll a row back are skipped (*superseded*): while this node holds a
 //! captured change of row R that has not yet come back through the stream, every event for R that
 //! arrives is older in stream order (same row, same shard) — another node's, or an older one of
@@ -79,6 +88,10 @@ pub enum Outcome {
     Held(String),
     /// Recorded in the dead-letter table with this reason.
     Quarantined(String),
+    /// This node's schema is behind the event's: it waits until the schema catches up.
+    Waiting(String),
+    /// For a table this node dropped: nothing to apply it to.
+    Discarded(String),
 }
 
 /// A primary key, encoded with its storage classes so that equal keys are equal bytes.
@@ -142,6 +155,8 @@ impl ToSql for Bind<'_> {
 enum EventError {
     /// Will fail the same way every time: quarantine.
     Poison(String),
+    /// This node's schema does not know what the event names (yet): wait.
+    Behind(Behind),
     /// Environment trouble: roll the batch back and retry it.
     Retry(rusqlite::Error),
 }
@@ -149,6 +164,28 @@ enum EventError {
 impl From<rusqlite::Error> for EventError {
     fn from(e: rusqlite::Error) -> Self {
         EventError::Retry(e)
+    }
+}
+
+/// An event that waits for the local schema: why, and what it blocks.
+struct Behind {
+    why: String,
+    /// Lower-cased table name (the current one, when the event named an old one).
+    table: String,
+    /// The row, when the table is known and the event carries its key; `None` blocks the table.
+    key: Option<Key>,
+}
+
+/// The local schema's hashes an event's `sh` is checked against (Go keeps one previous hash).
+#[derive(Debug, Clone, Default)]
+pub struct SchemaHashes {
+    pub current: String,
+    pub previous: String,
+}
+
+impl SchemaHashes {
+    fn matches(&self, sh: &str) -> bool {
+        !sh.is_empty() && (sh == self.current || (!self.previous.is_empty() && sh == self.previous))
     }
 }
 
@@ -207,6 +244,8 @@ enum Mode {
     Write,
     /// Retrying the held event with this row id (its record stays unless it applies).
     Retry(i64),
+    /// Retrying an event that waited for the schema (its caller keeps per-row order).
+    RetryWaiting,
 }
 
 /// An event waiting for a UNIQUE conflict to clear.
@@ -217,6 +256,16 @@ struct HeldEvent {
     seq: u64,
     own: bool,
     event: ChangeEvent,
+}
+
+/// An event waiting for the local schema to catch up.
+struct WaitingEvent {
+    stream: String,
+    seq: u64,
+    own: bool,
+    event: ChangeEvent,
+    table: String,
+    key: Option<Key>,
 }
 
 /// Per table: SQL built once per set of event columns.
@@ -258,6 +307,15 @@ struct State {
     unknown_up_to: Vec<i64>,
     held: BTreeMap<i64, HeldEvent>,
     held_keys: HashMap<(usize, Key), i64>,
+    /// Events waiting for the schema, by held-table id (arrival order).
+    waiting: BTreeMap<i64, WaitingEvent>,
+    /// How many waiting events each row has, and each table has without a known row.
+    waiting_rows: HashMap<(String, Key), usize>,
+    waiting_tables: HashMap<String, usize>,
+    /// When the first of the current waiting events began to wait.
+    waiting_since: Option<std::time::Instant>,
+    hashes: SchemaHashes,
+    aliases: super::ddl::Aliases,
     sql: Vec<TableSql>,
 }
 
@@ -267,6 +325,10 @@ pub struct Applier {
     state: State,
     /// `PRAGMA data_version` at the last retry of held events (retry only after a change).
     held_checked_version: Option<i64>,
+    /// The schema version capture was last confirmed for (see [`super::ddl::drift`]); a
+    /// transaction that sees another one waits ([`Error::SchemaChanged`]) instead of applying
+    /// with stale table information.
+    confirmed: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 /// A local row matching an event's key: its rowid (rowid tables), then the event's columns.
@@ -317,13 +379,48 @@ impl Applier {
                 unknown_up_to: Vec::new(),
                 held: BTreeMap::new(),
                 held_keys: HashMap::new(),
+                waiting: BTreeMap::new(),
+                waiting_rows: HashMap::new(),
+                waiting_tables: HashMap::new(),
+                waiting_since: None,
+                hashes: SchemaHashes::default(),
+                aliases: super::ddl::Aliases::default(),
                 sql: (0..n).map(|_| TableSql::default()).collect(),
             },
             held_checked_version: None,
+            confirmed: None,
         };
+        applier.state.aliases = super::ddl::Aliases::load(&applier.conn)?;
         applier.rebuild_in_flight()?;
         applier.load_held()?;
         Ok(applier)
+    }
+
+    /// The local schema's hashes, for checking the `sh` of incoming events.
+    pub fn set_schema_hashes(&mut self, hashes: SchemaHashes) {
+        self.state.hashes = hashes;
+    }
+
+    /// The schema version capture is confirmed for, kept current by whoever watches the schema.
+    pub fn set_confirmed_schema(&mut self, confirmed: Arc<std::sync::atomic::AtomicI64>) {
+        self.confirmed = Some(confirmed);
+    }
+
+    /// Fails with [`Error::SchemaChanged`] when the schema `conn` sees (inside a transaction) is
+    /// not the one capture was confirmed for.
+    fn check_schema(
+        confirmed: Option<&Arc<std::sync::atomic::AtomicI64>>,
+        conn: &Connection,
+    ) -> Result<(), Error> {
+        let Some(confirmed) = confirmed else {
+            return Ok(());
+        };
+        let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        if version == confirmed.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(Error::SchemaChanged)
+        }
     }
 
     /// Pending changes up to these change-log ids (per table) have an unknown publish status:
@@ -433,10 +530,27 @@ impl Applier {
             })
             .map(|(&id, _)| id)
             .collect();
-        if !stale.is_empty() {
+        let included = |stream: &str, seq: u64| {
+            streams
+                .iter()
+                .position(|s| s == stream)
+                .and_then(|i| positions.get(i))
+                .is_some_and(|&p| seq <= p)
+        };
+        let stale_waiting: Vec<i64> = self
+            .state
+            .waiting
+            .iter()
+            .filter(|(_, w)| included(&w.stream, w.seq))
+            .map(|(&id, _)| id)
+            .collect();
+        if !stale.is_empty() || !stale_waiting.is_empty() {
             let tx = self.conn.unchecked_transaction()?;
             for id in stale {
                 self.state.drop_held(&tx, id)?;
+            }
+            for id in stale_waiting {
+                self.state.drop_waiting(&tx, id)?;
             }
             tx.commit()?;
         }
@@ -453,24 +567,51 @@ impl Applier {
         self.state.held.len()
     }
 
+    /// Number of events waiting for the local schema to catch up.
+    pub fn waiting_len(&self) -> usize {
+        self.state.waiting.len()
+    }
+
     fn load_held(&mut self) -> Result<(), Error> {
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT id, stream, seq, origin, payload FROM {} ORDER BY id",
+            "SELECT id, stream, seq, origin, payload, schema_wait FROM {} ORDER BY id",
             quote(HELD_TABLE)
         ))?;
-        type HeldRow = (i64, String, i64, Option<String>, Vec<u8>);
+        type HeldRow = (i64, String, i64, Option<String>, Vec<u8>, i64);
         let rows: Vec<HeldRow> = stmt
             .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?
             .collect::<Result<_, _>>()?;
         drop(stmt);
-        for (id, stream, seq, origin, payload) in rows {
+        for (id, stream, seq, origin, payload, schema_wait) in rows {
             let Ok(decoded) = ReplicationEvent::decode(&payload) else {
                 tracing::warn!(id, "Held event cannot be decoded; dropping it");
                 continue;
             };
             let event = decoded.event;
+            if schema_wait != 0 {
+                let (table, key) = self.state.waiting_place(&event);
+                self.state.add_waiting(
+                    id,
+                    WaitingEvent {
+                        stream,
+                        seq: seq.max(0) as u64,
+                        own: origin.as_deref() == Some("own"),
+                        event,
+                        table,
+                        key,
+                    },
+                );
+                continue;
+            }
             let Some(t) = self.state.table_of(&event.table) else {
                 continue;
             };
@@ -503,11 +644,12 @@ impl Applier {
         let mut first_write = batch.len();
         {
             let tx = self.conn.unchecked_transaction()?;
+            Self::check_schema(self.confirmed.as_ref(), &tx)?;
             self.state.refresh(&tx)?;
             for (i, incoming) in batch.iter().enumerate() {
                 match self.state.step(&tx, incoming, Mode::Read) {
                     Ok(Step::Done(o)) => outcomes.push(o),
-                    Ok(Step::NeedsWrite) | Err(EventError::Poison(_)) => {
+                    Ok(Step::NeedsWrite) | Err(EventError::Poison(_) | EventError::Behind(_)) => {
                         first_write = i;
                         break;
                     }
@@ -520,6 +662,7 @@ impl Applier {
             return Ok(outcomes);
         }
         let tx = begin_guarded(&mut self.conn)?;
+        Self::check_schema(self.confirmed.as_ref(), &tx)?;
         self.state.refresh(&tx)?;
         let mut wrote = false;
         for incoming in &batch[first_write..] {
@@ -536,6 +679,14 @@ impl Applier {
                 }
                 Ok(Step::NeedsWrite) => unreachable!("write mode always finishes"),
                 Err(EventError::Retry(e)) => return Err(e.into()),
+                Err(EventError::Behind(behind)) => {
+                    let Ok(event) = &incoming.event else {
+                        unreachable!("only decoded events can wait")
+                    };
+                    let why = behind.why.clone();
+                    self.state.wait(&tx, incoming, event, behind)?;
+                    outcomes.push(Outcome::Waiting(why));
+                }
                 Err(EventError::Poison(why)) => {
                     tx.prepare_cached(&format!(
                         "INSERT INTO {} (stream, seq, error, payload, created_at) \
@@ -576,6 +727,7 @@ impl Applier {
             return Ok(0);
         }
         let tx = begin_guarded(&mut self.conn)?;
+        Self::check_schema(self.confirmed.as_ref(), &tx)?;
         self.state.refresh(&tx)?;
         let applied = self.state.retry_held(&tx)?;
         commit_guarded(tx)?;
@@ -586,6 +738,43 @@ impl Applier {
         );
         Ok(applied)
     }
+
+    /// Tries the events waiting for the schema again, in arrival order (after capture was
+    /// reinstalled for a changed schema); returns how many applied. An event that still cannot
+    /// apply keeps every later one of its row (or table) waiting.
+    ///
+    /// # Errors
+    /// SQLite errors (rolled back; the events keep waiting).
+    pub fn retry_waiting(&mut self) -> Result<usize, Error> {
+        if self.state.waiting.is_empty() {
+            return Ok(0);
+        }
+        let tx = begin_guarded(&mut self.conn)?;
+        Self::check_schema(self.confirmed.as_ref(), &tx)?;
+        self.state.refresh(&tx)?;
+        let before = self.state.waiting.len();
+        let applied = self.state.retry_waiting(&tx)?;
+        commit_guarded(tx)?;
+        let left = self.state.waiting.len();
+        if left == 0 {
+            let paused_for = self
+                .state
+                .waiting_since
+                .take()
+                .map(|t| format!("{:?}", t.elapsed()))
+                .unwrap_or_default();
+            tracing::info!(events = before, applied, paused_for = %paused_for,
+                "Schema now matches after recompute, resuming replication");
+        } else if left < before {
+            tracing::info!(
+                applied,
+                done = before - left,
+                still_waiting = left,
+                "Events waiting for the schema partly applied; the rest still waits"
+            );
+        }
+        Ok(applied)
+    }
 }
 
 impl State {
@@ -594,6 +783,279 @@ impl State {
             .get(name)
             .or_else(|| self.folded.get(&name.to_lowercase()))
             .copied()
+    }
+
+    /// The local table an event names, following this node's renames.
+    fn resolve_table(&self, name: &str) -> Option<usize> {
+        self.table_of(name)
+            .or_else(|| self.aliases.table(name).and_then(|n| self.table_of(n)))
+    }
+
+    /// The event with the current names of renamed columns (and of its table), if any differ.
+    fn renamed(&self, t: usize, event: &ChangeEvent) -> Option<ChangeEvent> {
+        let table = &self.tables[t];
+        let mut copy: Option<ChangeEvent> = None;
+        if event.table != table.name {
+            copy = Some(event.clone());
+        }
+        for (i, (name, _)) in event.row.iter().enumerate() {
+            if table.column_index(name).is_some() {
+                continue;
+            }
+            if let Some(new) = self.aliases.column(&table.name, name) {
+                let c = copy.get_or_insert_with(|| event.clone());
+                c.row[i].0 = new.to_owned();
+            }
+        }
+        if let Some(c) = &mut copy {
+            c.table = table.name.clone();
+        }
+        copy
+    }
+
+    /// Why `event` cannot apply here: it waits if its sender's schema may be ahead of ours, and
+    /// is poison if the sender had our schema (it names what cannot exist).
+    fn unknown(&self, event: &ChangeEvent, t: Option<usize>, why: String) -> EventError {
+        if self.hashes.matches(&event.schema_hash) {
+            return EventError::Poison(why);
+        }
+        let (table, key) = match t {
+            Some(t) => (
+                self.tables[t].name.to_lowercase(),
+                self.renamed(t, event)
+                    .as_ref()
+                    .map_or_else(|| self.wire_key(t, event), |e| self.wire_key(t, e)),
+            ),
+            None => (
+                self.aliases
+                    .table(&event.table)
+                    .unwrap_or(&event.table)
+                    .to_lowercase(),
+                None,
+            ),
+        };
+        EventError::Behind(Behind { why, table, key })
+    }
+
+    /// Where a waiting event waits: its (lower-cased) table and, if known, its row.
+    fn waiting_place(&self, event: &ChangeEvent) -> (String, Option<Key>) {
+        match self.resolve_table(&event.table) {
+            Some(t) => {
+                let key = self
+                    .renamed(t, event)
+                    .as_ref()
+                    .map_or_else(|| self.wire_key(t, event), |e| self.wire_key(t, e));
+                (self.tables[t].name.to_lowercase(), key)
+            }
+            None => (
+                self.aliases
+                    .table(&event.table)
+                    .unwrap_or(&event.table)
+                    .to_lowercase(),
+                None,
+            ),
+        }
+    }
+
+    /// Whether an earlier event of this row (or of its table) waits for the schema.
+    fn blocked(&self, table: &str, key: Option<&Key>) -> bool {
+        if self.waiting.is_empty() {
+            return false;
+        }
+        self.waiting_tables.contains_key(table)
+            || key.is_some_and(|k| {
+                self.waiting_rows
+                    .contains_key(&(table.to_owned(), k.clone()))
+            })
+    }
+
+    fn add_waiting(&mut self, id: i64, w: WaitingEvent) {
+        match &w.key {
+            Some(k) => {
+                *self
+                    .waiting_rows
+                    .entry((w.table.clone(), k.clone()))
+                    .or_default() += 1
+            }
+            None => *self.waiting_tables.entry(w.table.clone()).or_default() += 1,
+        }
+        self.waiting_since
+            .get_or_insert_with(std::time::Instant::now);
+        self.waiting.insert(id, w);
+    }
+
+    fn drop_waiting(&mut self, conn: &Connection, id: i64) -> rusqlite::Result<()> {
+        conn.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(HELD_TABLE)))?
+            .execute([id])?;
+        if let Some(w) = self.waiting.remove(&id) {
+            let slot = match w.key {
+                Some(k) => self
+                    .waiting_rows
+                    .get_mut(&(w.table.clone(), k.clone()))
+                    .map(|n| (n, Some(k))),
+                None => self.waiting_tables.get_mut(&w.table).map(|n| (n, None)),
+            };
+            if let Some((n, key)) = slot {
+                *n -= 1;
+                if *n == 0 {
+                    match key {
+                        Some(k) => {
+                            self.waiting_rows.remove(&(w.table, k));
+                        }
+                        None => {
+                            self.waiting_tables.remove(&w.table);
+                        }
+                    }
+                }
+            }
+        }
+        if self.waiting.is_empty() {
+            self.waiting_since = None;
+        }
+        Ok(())
+    }
+
+    /// Records `event` as waiting for the schema (durably, in the caller's transaction).
+    fn wait(
+        &mut self,
+        conn: &Connection,
+        incoming: &Incoming<'_>,
+        event: &ChangeEvent,
+        behind: Behind,
+    ) -> rusqlite::Result<()> {
+        let payload = ReplicationEvent {
+            from_node_id: 0,
+            event: event.clone(),
+        }
+        .encode();
+        conn.prepare_cached(&format!(
+            "INSERT INTO {} (stream, seq, origin, payload, reason, created_at, schema_wait) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)",
+            quote(HELD_TABLE)
+        ))?
+        .execute(rusqlite::params![
+            incoming.stream,
+            incoming.seq as i64,
+            incoming.own.then_some("own"),
+            payload,
+            behind.why,
+            now_ms()
+        ])?;
+        let id = conn.last_insert_rowid();
+        if self.waiting.is_empty() {
+            let short = |h: &str| h.get(..8).unwrap_or(h).to_owned();
+            tracing::warn!(table = %event.table, stream = incoming.stream, seq = incoming.seq,
+                event_hash = %short(&event.schema_hash), local_hash = %short(&self.hashes.current),
+                reason = %behind.why,
+                "Schema mismatch detected, pausing replication");
+        } else {
+            tracing::debug!(table = %event.table, seq = incoming.seq, reason = %behind.why, "event waits for the schema");
+        }
+        self.add_waiting(
+            id,
+            WaitingEvent {
+                stream: incoming.stream.to_owned(),
+                seq: incoming.seq,
+                own: incoming.own,
+                event: event.clone(),
+                table: behind.table,
+                key: behind.key,
+            },
+        );
+        Ok(())
+    }
+
+    /// See [`Applier::retry_waiting`].
+    fn retry_waiting(&mut self, conn: &Connection) -> Result<usize, Error> {
+        let mut applied = 0;
+        let mut blocked_tables: std::collections::HashSet<String> = Default::default();
+        let mut blocked_rows: std::collections::HashSet<(String, Key)> = Default::default();
+        let ids: Vec<i64> = self.waiting.keys().copied().collect();
+        for id in ids {
+            let Some(w) = self.waiting.get(&id) else {
+                continue;
+            };
+            let is_blocked = blocked_tables.contains(&w.table)
+                || w.key
+                    .as_ref()
+                    .is_some_and(|k| blocked_rows.contains(&(w.table.clone(), k.clone())));
+            let (stream, seq, own, event) = (w.stream.clone(), w.seq, w.own, w.event.clone());
+            let (place_table, place_key) = (w.table.clone(), w.key.clone());
+            let block = |tables: &mut std::collections::HashSet<String>,
+                         rows: &mut std::collections::HashSet<(String, Key)>,
+                         table: String,
+                         key: Option<Key>| match key {
+                Some(k) => {
+                    rows.insert((table, k));
+                }
+                None => {
+                    tables.insert(table);
+                }
+            };
+            if is_blocked {
+                block(
+                    &mut blocked_tables,
+                    &mut blocked_rows,
+                    place_table,
+                    place_key,
+                );
+                continue;
+            }
+            let payload = ReplicationEvent {
+                from_node_id: 0,
+                event: event.clone(),
+            }
+            .encode();
+            let incoming = Incoming {
+                stream: &stream,
+                seq,
+                event: Ok(event),
+                own,
+                raw: &payload,
+            };
+            conn.prepare_cached("SAVEPOINT waiting")?.execute([])?;
+            let result = self.step(conn, &incoming, Mode::RetryWaiting);
+            if result.is_err() {
+                conn.prepare_cached("ROLLBACK TO waiting")?.execute([])?;
+            }
+            conn.prepare_cached("RELEASE waiting")?.execute([])?;
+            match result {
+                Ok(Step::Done(outcome)) => {
+                    self.drop_waiting(conn, id)?;
+                    applied += usize::from(outcome == Outcome::Applied);
+                }
+                Ok(Step::NeedsWrite) => unreachable!("write modes always finish"),
+                Err(EventError::Behind(b)) => {
+                    block(
+                        &mut blocked_tables,
+                        &mut blocked_rows,
+                        place_table.clone(),
+                        place_key,
+                    );
+                    // Its place may be known better now (its table exists).
+                    block(&mut blocked_tables, &mut blocked_rows, b.table, b.key);
+                }
+                Err(EventError::Retry(e)) => return Err(e.into()),
+                Err(EventError::Poison(why)) => {
+                    tracing::error!(stream = %stream, seq, error = %why,
+                        "Event that waited for the schema cannot apply; quarantined in __harmonylite__dead_letter");
+                    conn.prepare_cached(&format!(
+                        "INSERT INTO {} (stream, seq, error, payload, created_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        quote(DEAD_LETTER_TABLE)
+                    ))?
+                    .execute(rusqlite::params![
+                        stream,
+                        seq as i64,
+                        why,
+                        payload,
+                        now_ms()
+                    ])?;
+                    self.drop_waiting(conn, id)?;
+                }
+            }
+        }
+        Ok(applied)
     }
 
     /// The key of `event` as it arrived, if it carries every key column.
@@ -659,16 +1121,29 @@ impl State {
             Ok(e) => e,
             Err(why) => return Err(EventError::Poison(why.clone())),
         };
-        let t = self.table_of(&event.table).ok_or_else(|| {
-            EventError::Poison(format!("no table mapping found for {:?}", event.table))
-        })?;
+        let Some(t) = self.resolve_table(&event.table) else {
+            if self.aliases.dropped(&event.table) {
+                return Ok(Step::Done(Outcome::Discarded(format!(
+                    "table {:?} was dropped here",
+                    event.table
+                ))));
+            }
+            return Err(self.unknown(
+                event,
+                None,
+                format!("no table mapping found for {:?}", event.table),
+            ));
+        };
+        let renamed = self.renamed(t, event);
+        let event = renamed.as_ref().unwrap_or(event);
         let mut cols = Vec::with_capacity(event.row.len());
         for (name, _) in &event.row {
             let idx = self.tables[t].column_index(name).ok_or_else(|| {
-                EventError::Poison(format!(
-                    "table {:?} has no column {name:?}",
-                    self.tables[t].name
-                ))
+                self.unknown(
+                    event,
+                    Some(t),
+                    format!("table {:?} has no column {name:?}", self.tables[t].name),
+                )
             })?;
             if cols.contains(&idx) {
                 return Err(EventError::Poison(format!(
@@ -682,16 +1157,32 @@ impl State {
         let mut key_pos = Vec::with_capacity(self.pks[t].len());
         for &p in &self.pks[t] {
             let pos = cols.iter().position(|&c| c == p).ok_or_else(|| {
-                EventError::Poison(format!(
-                    "{} on {:?} lacks primary key column {:?}",
-                    event.op.as_str(),
-                    self.tables[t].name,
-                    self.tables[t].columns[p].name
-                ))
+                self.unknown(
+                    event,
+                    Some(t),
+                    format!(
+                        "{} on {:?} lacks primary key column {:?}",
+                        event.op.as_str(),
+                        self.tables[t].name,
+                        self.tables[t].columns[p].name
+                    ),
+                )
             })?;
             key_pos.push(pos);
         }
         let wire_key = Key::of(key_pos.iter().map(|&i| &event.row[i].1));
+        // An earlier event of this row waits for the schema: this one waits behind it.
+        // (Held and waiting events being retried are older than any waiting event of their row.)
+        if matches!(mode, Mode::Read | Mode::Write) {
+            let table = self.tables[t].name.to_lowercase();
+            if self.blocked(&table, Some(&wire_key)) {
+                return Err(EventError::Behind(Behind {
+                    why: "an earlier event of its row waits for the schema".into(),
+                    table,
+                    key: Some(wire_key),
+                }));
+            }
+        }
         let found = self.find(conn, t, &cols, &key_pos, event)?;
         let local_key = found
             .first()
@@ -893,7 +1384,7 @@ impl State {
                         }
                         progress = true;
                     }
-                    Ok(Step::NeedsWrite) => {}
+                    Ok(Step::NeedsWrite) | Err(EventError::Behind(_)) => {}
                     Err(EventError::Retry(e)) => return Err(e.into()),
                     Err(EventError::Poison(why)) => {
                         tracing::error!(stream = %stream, seq, error = %why, "Held event cannot apply; dropping it");
@@ -1000,7 +1491,7 @@ impl State {
             Ok(done) => Ok(done),
             Err(EventError::Retry(e)) => Err(e.into()),
             // Poison shows when the event is retried alone; nothing changed here.
-            Err(EventError::Poison(_)) => Ok(false),
+            Err(EventError::Poison(_) | EventError::Behind(_)) => Ok(false),
         }
     }
 
@@ -1797,6 +2288,15 @@ mod tests {
     #[test]
     fn poison_is_quarantined_and_the_rest_applies() {
         let (_d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)");
+        // Sent with this node's schema: unknown names cannot be a newer schema, they are poison.
+        a.set_schema_hashes(SchemaHashes {
+            current: "h".into(),
+            previous: String::new(),
+        });
+        let ev = |op, table, row| ChangeEvent {
+            schema_hash: "h".into(),
+            ..ev(op, table, row)
+        };
         let batch = [
             incoming(ev(
                 Op::Insert,
@@ -1853,6 +2353,145 @@ mod tests {
             count(&path, "SELECT count(*) FROM sqlite_schema WHERE name = 't'"),
             1
         );
+    }
+
+    /// Reinstalls capture for the current schema and starts a new applier, as the node does
+    /// after DDL.
+    fn reinstalled(path: &std::path::Path, current: &str, previous: &str) -> Applier {
+        let mut conn = crate::db::open(path).expect("open");
+        let tables = watched_tables(&conn).expect("tables");
+        cdc::install(&mut conn, &tables, current).expect("install");
+        let log = Arc::new(ChangeLog::new(tables));
+        let mut a = Applier::new(conn, log, vec![0], true).expect("applier");
+        a.set_schema_hashes(SchemaHashes {
+            current: current.into(),
+            previous: previous.into(),
+        });
+        a
+    }
+
+    #[test]
+    fn events_of_a_newer_schema_wait_in_row_order_and_apply_once_it_is_here() {
+        let (_d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        a.set_schema_hashes(SchemaHashes {
+            current: "h".into(),
+            previous: String::new(),
+        });
+        let newer = |op, table, row| ChangeEvent {
+            schema_hash: "h2".into(),
+            ..ev(op, table, row)
+        };
+        let text = |s: &str| Value::Text(s.as_bytes().to_vec());
+        let batch = [
+            incoming(newer(
+                Op::Insert,
+                "t",
+                vec![
+                    ("id", Value::Integer(1)),
+                    ("v", text("a")),
+                    ("rating", Value::Integer(5)),
+                ],
+            )),
+            // Applicable, but behind the waiting event of its row.
+            incoming(ev(
+                Op::Update,
+                "t",
+                vec![("id", Value::Integer(1)), ("v", text("b"))],
+            )),
+            incoming(ev(
+                Op::Insert,
+                "t",
+                vec![("id", Value::Integer(2)), ("v", text("c"))],
+            )),
+            incoming(newer(Op::Insert, "n", vec![("k", Value::Integer(1))])),
+            // No hash at all (Go omits it on rows with times): may be newer too.
+            incoming(ev(Op::Insert, "n", vec![("k", Value::Integer(2))])),
+        ];
+        let out = a.apply_batch(&batch).expect("batch commits");
+        assert_eq!(out[2], Outcome::Applied, "{out:?}");
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(o, Outcome::Waiting(_)))
+                .count(),
+            4,
+            "{out:?}"
+        );
+        assert_eq!(a.waiting_len(), 4);
+        assert_eq!(count(&path, "SELECT count(*) FROM t"), 1);
+        // Nothing is quarantined, and a restart keeps them waiting.
+        assert_eq!(
+            count(&path, "SELECT count(*) FROM __harmonylite__dead_letter"),
+            0
+        );
+        drop(a);
+        let mut a = reinstalled(&path, "h", "");
+        assert_eq!(a.waiting_len(), 4);
+        assert_eq!(a.retry_waiting().expect("retry"), 0);
+        assert_eq!(a.waiting_len(), 4);
+        // The migration reaches this node: they apply, in order.
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch(
+                "ALTER TABLE t ADD COLUMN rating INTEGER; CREATE TABLE n (k INTEGER PRIMARY KEY);",
+            )
+            .expect("migration");
+        let mut a = reinstalled(&path, "h2", "h");
+        assert_eq!(a.retry_waiting().expect("retry"), 4);
+        assert_eq!(a.waiting_len(), 0);
+        let row: (String, i64) = Connection::open(&path)
+            .expect("read")
+            .query_row("SELECT v, rating FROM t WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("row");
+        assert_eq!(row, ("b".into(), 5));
+        assert_eq!(count(&path, "SELECT count(*) FROM n"), 2);
+        assert_eq!(
+            count(&path, "SELECT count(*) FROM __harmonylite__held_events"),
+            0
+        );
+        // Applied events are not captured again.
+        assert_eq!(
+            count(
+                &path,
+                "SELECT count(*) FROM __harmonylite___change_log_global"
+            ),
+            0
+        );
+    }
+
+    #[test]
+    fn events_under_names_this_node_renamed_or_dropped() {
+        let (_d, path, _a) = setup(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT); CREATE TABLE gone (id INTEGER PRIMARY KEY)",
+        );
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch(
+                "ALTER TABLE t RENAME COLUMN a TO b; ALTER TABLE t RENAME TO u; DROP TABLE gone;",
+            )
+            .expect("DDL");
+        let mut a = reinstalled(&path, "h2", "h");
+        let old = |op, table, row| ChangeEvent {
+            schema_hash: "h".into(),
+            ..ev(op, table, row)
+        };
+        let batch = [
+            incoming(old(
+                Op::Insert,
+                "t",
+                vec![("id", Value::Integer(1)), ("a", Value::Text(b"x".to_vec()))],
+            )),
+            incoming(old(Op::Insert, "gone", vec![("id", Value::Integer(1))])),
+        ];
+        let out = a.apply_batch(&batch).expect("batch commits");
+        assert_eq!(out[0], Outcome::Applied, "{out:?}");
+        assert!(matches!(out[1], Outcome::Discarded(_)), "{out:?}");
+        let b: String = Connection::open(&path)
+            .expect("read")
+            .query_row("SELECT b FROM u WHERE id = 1", [], |r| r.get(0))
+            .expect("row");
+        assert_eq!(b, "x");
     }
 
     #[test]

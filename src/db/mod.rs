@@ -72,6 +72,10 @@ pub enum Error {
     Locked(PathBuf, PathBuf),
     #[error("cannot create the lock file {0}")]
     LockFile(PathBuf, #[source] std::io::Error),
+    /// The application changed the schema and capture has not been reinstalled for it yet:
+    /// retry once it has (the node reinstalls capture within a second).
+    #[error("the database schema changed; waiting for capture to be reinstalled")]
+    SchemaChanged,
 }
 
 impl Error {
@@ -84,7 +88,10 @@ impl Error {
             Error::Missing(_) => return true,
             Error::Open { .. } => return true,
             Error::Sqlite { source, .. } => source,
-            Error::Unwatchable(..) | Error::Locked(..) | Error::LockFile(..) => return false,
+            Error::Unwatchable(..)
+            | Error::Locked(..)
+            | Error::LockFile(..)
+            | Error::SchemaChanged => return false,
         };
         matches!(
             source.sqlite_error_code(),

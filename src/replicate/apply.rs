@@ -689,6 +689,13 @@ fn apply_with_retry(
                             continue;
                         }
                         Outcome::Held(_) => m.unique_conflicts.inc(),
+                        Outcome::Waiting(_) => {
+                            m.skipped.with_label_values(&["waiting_for_schema"]).inc()
+                        }
+                        Outcome::Discarded(why) => {
+                            m.skipped.with_label_values(&["dropped_table"]).inc();
+                            tracing::debug!(seq = incoming[i].seq, reason = %why, "event discarded");
+                        }
                         Outcome::Unchanged => m.skipped.with_label_values(&["unchanged"]).inc(),
                         Outcome::Superseded => m.skipped.with_label_values(&["superseded"]).inc(),
                         Outcome::Applied => {}
