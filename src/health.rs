@@ -58,6 +58,11 @@ pub struct Catchup {
     pub last_snapshot_error: Option<String>,
     /// Applied positions of the nodes this node knows (flow control).
     pub peers: Vec<crate::replicate::flow::PeerView>,
+    /// This node's schema hash (what it sends as `sh`).
+    pub schema_hash: String,
+    /// Events waiting for this node's schema to catch up with their sender's (no restart
+    /// needed: they apply once the same migration runs here).
+    pub schema_waiting_events: usize,
 }
 
 fn now_ns() -> i64 {

@@ -305,6 +305,10 @@ struct State {
     /// Per table: pending changes up to this log id have an unknown publish status and do not
     /// count as in flight (see [`super::restore::NotKept`]).
     unknown_up_to: Vec<i64>,
+    /// Per table: changes up to this log id were captured before the table's columns changed
+    /// (DDL); they may lack columns that other nodes' older events carry, so they supersede
+    /// nothing (superseding would lose those columns here while every other node keeps them).
+    stale_up_to: Vec<i64>,
     held: BTreeMap<i64, HeldEvent>,
     held_keys: HashMap<(usize, Key), i64>,
     /// Events waiting for the schema, by held-table id (arrival order).
@@ -377,6 +381,7 @@ impl Applier {
                 cursors: vec![0; n],
                 applied,
                 unknown_up_to: Vec::new(),
+                stale_up_to: Vec::new(),
                 held: BTreeMap::new(),
                 held_keys: HashMap::new(),
                 waiting: BTreeMap::new(),
@@ -394,6 +399,16 @@ impl Applier {
         applier.rebuild_in_flight()?;
         applier.load_held()?;
         Ok(applier)
+    }
+
+    /// Changes up to these change-log ids (per table) were captured before the table's columns
+    /// changed: they stop counting as in flight (see `stale_up_to`).
+    ///
+    /// # Errors
+    /// SQLite errors re-reading the in-flight set.
+    pub fn set_stale_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
+        self.state.stale_up_to = ids;
+        self.rebuild_in_flight()
     }
 
     /// The local schema's hashes, for checking the `sh` of incoming events.
@@ -753,14 +768,12 @@ impl Applier {
         Self::check_schema(self.confirmed.as_ref(), &tx)?;
         self.state.refresh(&tx)?;
         let before = self.state.waiting.len();
+        let since = self.state.waiting_since;
         let applied = self.state.retry_waiting(&tx)?;
         commit_guarded(tx)?;
         let left = self.state.waiting.len();
         if left == 0 {
-            let paused_for = self
-                .state
-                .waiting_since
-                .take()
+            let paused_for = since
                 .map(|t| format!("{:?}", t.elapsed()))
                 .unwrap_or_default();
             tracing::info!(events = before, applied, paused_for = %paused_for,
@@ -1097,7 +1110,8 @@ impl State {
                 Err(e) => return Err(e),
             };
             self.cursors[t] = highest;
-            for (id, key, unknown) in rows {
+            let stale = self.stale_up_to.get(t).copied().unwrap_or(0);
+            for (id, key, unknown) in rows.into_iter().filter(|r| r.0 > stale) {
                 let map = if unknown {
                     &mut self.unknown[t]
                 } else {

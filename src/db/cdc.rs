@@ -477,36 +477,29 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
     Ok(())
 }
 
-/// Whether capture is still complete for `tables`: returns the schema version and the first
-/// table that still exists but lacks one of its triggers. Cheap when nothing changed: with
-/// `seen` equal to the current schema version it only reads that.
+/// The schema hash recorded by the last install, if any (Go's too).
 ///
 /// # Errors
-/// SQLite errors.
-pub fn missing_capture(
-    conn: &Connection,
-    tables: &[String],
-    seen: Option<i64>,
-) -> Result<(i64, Option<String>), Error> {
-    let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
-    if seen == Some(version) {
-        return Ok((version, None));
-    }
-    let mut stmt = conn.prepare_cached(
-        "SELECT (SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1), \
-                (SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND name IN (?2, ?3, ?4))",
+/// SQLite errors other than the table missing.
+pub fn recorded_hash(conn: &Connection) -> Result<Option<String>, Error> {
+    let present: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+        [SCHEMA_VERSION_TABLE],
+        |r| r.get(0),
     )?;
-    for table in tables {
-        let [d, i, u] = trigger_names(table);
-        let (exists, triggers): (i64, i64) = stmt
-            .query_row(rusqlite::params![table, d, i, u], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
-        if exists == 1 && triggers < 3 {
-            return Ok((version, Some(table.clone())));
-        }
+    if present == 0 {
+        return Ok(None);
     }
-    Ok((version, None))
+    Ok(conn
+        .query_row(
+            &format!(
+                "SELECT schema_hash FROM {} WHERE id = 1",
+                quote(SCHEMA_VERSION_TABLE)
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?)
 }
 
 /// This database's identity (created by [`install`]).

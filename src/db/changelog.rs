@@ -41,6 +41,9 @@ pub struct Scan {
     pub changes: Vec<PendingChange>,
     /// Global-log ids that point at nothing publishable (with the reason, for the log).
     pub orphans: Vec<(i64, String)>,
+    /// Nothing was read: the schema changed and capture is not confirmed for it yet (changes
+    /// captured by stale triggers must not go out before the reinstall fixed them up).
+    pub schema_changed: bool,
 }
 
 /// Reads changes of watched tables; built once, then used for every scan.
@@ -52,6 +55,9 @@ pub struct ChangeLog {
     select_sql: Vec<String>,
     /// Per table: `UPDATE <log> SET state = 1, pub_shard = ?2, pub_seq = ?3 WHERE id = ?1`.
     mark_sql: Vec<String>,
+    /// The schema version capture is confirmed for (see [`super::ddl::drift`]); scans read
+    /// nothing while the database's differs. `None`: not checked (tests, one-shot commands).
+    confirmed: Option<std::sync::Arc<std::sync::atomic::AtomicI64>>,
 }
 
 /// Reads a column as a wire value, keeping TEXT bytes exactly (NUL and invalid UTF-8 included).
@@ -103,7 +109,17 @@ impl ChangeLog {
             by_name,
             select_sql,
             mark_sql,
+            confirmed: None,
         }
+    }
+
+    /// Makes scans wait for capture to be confirmed for the current schema version.
+    pub fn with_confirmed(
+        mut self,
+        confirmed: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    ) -> ChangeLog {
+        self.confirmed = Some(confirmed);
+        self
     }
 
     /// The watched tables, in index order.
@@ -136,6 +152,13 @@ impl ChangeLog {
     pub fn scan(&self, conn: &Connection, after: i64, limit: u32) -> Result<Scan, Error> {
         let tx = conn.unchecked_transaction()?;
         let mut scan = Scan::default();
+        if let Some(confirmed) = &self.confirmed {
+            let version: i64 = tx.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+            if version != confirmed.load(std::sync::atomic::Ordering::SeqCst) {
+                scan.schema_changed = true;
+                return Ok(scan);
+            }
+        }
         let globals: Vec<(i64, i64, String)> = tx
             .prepare_cached(&format!(
                 "SELECT id, change_table_id, table_name FROM {} WHERE id > ?1 ORDER BY id LIMIT ?2",

@@ -526,7 +526,19 @@ pub fn drift(
         let expected: HashMap<String, String> =
             tables.iter().flat_map(super::cdc::triggers).collect();
         let present = our_triggers(&tx)?;
-        if present.len() != expected.len() {
+        let missing = tables.iter().find(|t| {
+            let names = super::cdc::triggers(t);
+            !names
+                .iter()
+                .all(|(n, _)| present.iter().any(|(p, ..)| p == n))
+        });
+        if let Some(t) = missing {
+            Some(format!(
+                "the capture triggers of table {:?} were dropped by something other than harmonylite \
+                 (writes made while they were missing are not replicated)",
+                t.name
+            ))
+        } else if present.len() != expected.len() {
             Some(format!(
                 "{} capture triggers found where {} belong",
                 present.len(),

@@ -70,6 +70,19 @@ impl Node {
         Node(Arc::new(inner))
     }
 
+    /// A handle for one generation of subsystems (see [`run::run`]): the same node, with a
+    /// token of its own that the node's root token cancels too.
+    pub fn generation(&self) -> Node {
+        Node::new(Inner {
+            settings: Arc::clone(&self.settings),
+            identity: self.identity.clone(),
+            client: self.client.clone(),
+            js: self.js.clone(),
+            observers: self.observers.clone(),
+            root: self.root.child_token(),
+        })
+    }
+
     /// The shard stream names, index shard − 1.
     pub fn streams(&self) -> Vec<String> {
         (1..=self.settings.replication.shards)

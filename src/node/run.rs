@@ -41,8 +41,8 @@ use crate::stream;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the snapshot before a `sleep_timeout` exit may take.
 const SLEEP_SAVE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often the database file's identity is checked.
-const DB_FILE_CHECK: Duration = Duration::from_secs(1);
+/// How often the database file's identity and the schema version are checked.
+const DB_FILE_CHECK: Duration = Duration::from_millis(250);
 
 /// The running subsystems: each ends with its name and outcome.
 type Subsystems = JoinSet<(&'static str, anyhow::Result<()>)>;
@@ -59,7 +59,51 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
         lease,
         lock,
     } = ready;
-    let result = run_subsystems(&node, capture, lease, embedded.as_ref()).await;
+    // The lease outlives the generations below: another node must never take our id while
+    // capture is being reinstalled.
+    let mut lease = lease.map(|lease| {
+        let token = node.root.clone();
+        tokio::spawn(async move { lease.run(token).await })
+    });
+    let mut capture = capture;
+    let mut first = true;
+    let result = loop {
+        let generation = node.generation();
+        let tables = capture.tables.clone();
+        let ran = run_subsystems(&generation, capture, &mut lease, embedded.as_ref(), first).await;
+        first = false;
+        match ran {
+            Ok(Ended::Stopped) => break Ok(()),
+            Ok(Ended::SchemaChanged(reason)) => {
+                if reason.contains("were dropped") {
+                    tracing::warn!(change = %reason, "Capture damaged; reinstalling it");
+                } else {
+                    tracing::info!(change = %reason, "Schema changed; reinstalling capture");
+                }
+                match super::setup::reinstall(&node.settings, tables).await {
+                    Ok(next) => {
+                        node.observers.health.tables_tracked.store(
+                            next.tables.len() as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                        capture = next;
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    node.root.cancel();
+    if let Some(task) = lease {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
+    }
+    // Bounded: with the broker gone, a flush would wait for a reconnect that never comes.
+    match tokio::time::timeout(Duration::from_secs(2), node.client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "NATS flush on shutdown failed"),
+        Err(_) => tracing::debug!("NATS flush on shutdown timed out"),
+    }
     if let Some(server) = &embedded {
         tracing::info!("Stopping embedded nats-server");
         server.stop().await;
@@ -68,18 +112,49 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
     result
 }
 
+/// How one generation of subsystems ended.
+enum Ended {
+    /// Shutdown (or the idle timeout): the node stops.
+    Stopped,
+    /// The application changed the schema: capture is reinstalled and a new generation starts.
+    SchemaChanged(String),
+}
+
+/// The watchdog saw the schema drift from what capture was installed for.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SchemaDrift(String);
+
+/// Runs one generation of the subsystems, for one installed capture (one schema), until
+/// shutdown, a failure, or a schema change.
 async fn run_subsystems(
     node: &Node,
     capture: Capture,
-    lease: Option<stream::lease::Lease>,
+    lease: &mut Option<tokio::task::JoinHandle<Result<(), stream::lease::Error>>>,
     embedded: Option<&stream::embedded::EmbeddedNats>,
-) -> anyhow::Result<()> {
+    first: bool,
+) -> anyhow::Result<Ended> {
     let settings = &node.settings;
     let mut tasks = Subsystems::new();
-    let Capture { conn, tables, hash } = capture;
+    let Capture {
+        conn,
+        tables,
+        hash,
+        previous_hash,
+        stale_up_to,
+    } = capture;
+    node.observers
+        .health
+        .update_catchup(|c| c.schema_hash = hash.clone());
+    // The schema version capture is confirmed for: none until the watchdog's first look.
+    let confirmed = Arc::new(std::sync::atomic::AtomicI64::new(-1));
     let schema_hash = hash.clone();
-    let table_names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
-    let log = Arc::new(ChangeLog::new(tables));
+    let hashes = db::apply::SchemaHashes {
+        current: hash.clone(),
+        previous: previous_hash,
+    };
+    let watched = tables.clone();
+    let log = Arc::new(ChangeLog::new(tables).with_confirmed(Arc::clone(&confirmed)));
     let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
     let positions: Arc<[AtomicU64]> = node
         .streams()
@@ -124,7 +199,7 @@ async fn run_subsystems(
         db::open(&settings.db_path)?,
         node.js.clone(),
         Arc::clone(settings),
-        hash,
+        hash.clone(),
         node.identity.clone(),
         Arc::clone(&outbox),
         acked,
@@ -134,7 +209,7 @@ async fn run_subsystems(
         Arc::clone(&recovering),
     );
     if !recover(node, &publisher, &shared).await? {
-        return Ok(());
+        return Ok(Ended::Stopped);
     }
     // Pending changes from before this start whose possible landing the streams no longer hold:
     // whether they were published is unknown (a restore must not keep their rows).
@@ -165,6 +240,9 @@ async fn run_subsystems(
             flow: reported,
             gate,
             snapshots: snapshots.clone(),
+            hashes,
+            confirmed: Arc::clone(&confirmed),
+            stale_up_to,
         };
         spawn_apply(&mut tasks, node, &log, wiring)?;
     } else {
@@ -172,30 +250,32 @@ async fn run_subsystems(
     }
     let keeper_stop = spawn_publisher(&mut tasks, node, publisher);
     spawn_keeper(&mut tasks, node, shared, outbox, &positions, keeper_stop);
-    if let Some(lease) = lease {
-        spawn_lease(&mut tasks, node, lease);
+    spawn_watchdog(&mut tasks, node, watched, hash, confirmed);
+    if first {
+        tracing::info!(shards = settings.replication.shards, "Replication running");
+        crate::systemd::notify("READY=1");
+    } else {
+        tracing::info!("Capture reinstalled for the new schema; replication resumed");
     }
-    spawn_watchdog(&mut tasks, node, table_names);
-    tracing::info!(shards = settings.replication.shards, "Replication running");
-    crate::systemd::notify("READY=1");
 
-    let failure = supervise(node, &mut tasks, embedded, snapshots.as_deref()).await;
-    if let Some(e) = &failure {
-        node.observers.health.set_failed();
-        tracing::error!("{e:#}; shutting down");
+    let failure = supervise(node, &mut tasks, lease, embedded, snapshots.as_deref()).await;
+    let drift = failure
+        .as_ref()
+        .and_then(|e| e.downcast_ref::<SchemaDrift>())
+        .map(|d| d.0.clone());
+    if drift.is_none() {
+        if let Some(e) = &failure {
+            node.observers.health.set_failed();
+            tracing::error!("{e:#}; shutting down");
+        }
+        crate::systemd::notify("STOPPING=1");
     }
-    crate::systemd::notify("STOPPING=1");
     node.root.cancel();
     drain(tasks).await;
-    // Bounded: with the broker gone, a flush would wait for a reconnect that never comes.
-    match tokio::time::timeout(Duration::from_secs(2), node.client.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(error = %e, "NATS flush on shutdown failed"),
-        Err(_) => tracing::debug!("NATS flush on shutdown timed out"),
-    }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+    match (drift, failure) {
+        (Some(reason), _) => Ok(Ended::SchemaChanged(reason)),
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok(Ended::Stopped),
     }
 }
 
@@ -239,6 +319,12 @@ struct ApplyWiring {
     gate: Arc<Mutex<()>>,
     /// Recovery from snapshots, when they are enabled.
     snapshots: Option<Arc<Snapshots>>,
+    /// The local schema's hashes (incoming `sh` is checked against them).
+    hashes: db::apply::SchemaHashes,
+    /// The schema version capture is confirmed for (see [`db::ddl::drift`]).
+    confirmed: Arc<std::sync::atomic::AtomicI64>,
+    /// Per table: changes captured before its columns changed (see [`Applier::set_stale_up_to`]).
+    stale_up_to: Vec<i64>,
 }
 
 /// Whether the start-up search for changes sent before the restart could see every sequence
@@ -273,6 +359,9 @@ fn spawn_apply(
         flow,
         gate,
         snapshots,
+        hashes,
+        confirmed,
+        stale_up_to,
     } = wiring;
     let positions = &positions;
     let settings = &node.settings;
@@ -287,6 +376,13 @@ fn spawn_apply(
         track,
     )
     .context("Unable to start the applier")?;
+    applier.set_schema_hashes(hashes);
+    applier.set_confirmed_schema(confirmed);
+    if stale_up_to.iter().any(|&id| id > 0) {
+        applier
+            .set_stale_up_to(stale_up_to)
+            .context("Unable to start the applier")?;
+    }
     if own.unknown_up_to.iter().any(|&id| id > 0) {
         tracing::warn!(
             "Some pending changes were captured before the restart and the streams no longer hold where they may have landed; they do not hold back other nodes' changes of their rows"
@@ -459,25 +555,20 @@ fn spawn_keeper(
     });
 }
 
-/// Keeps the node-id lease; losing it to another node is a conflict (exit 2).
-fn spawn_lease(tasks: &mut Subsystems, node: &Node, lease: stream::lease::Lease) {
-    let token = node.root.clone();
-    tasks.spawn(async move {
-        let result = lease
-            .run(token)
-            .await
-            .map_err(|e| anyhow::Error::new(StartError::Conflict(e.to_string())));
-        ("node-id lease", result)
-    });
-}
-
-/// Stops the node when its database file is deleted or replaced.
-fn spawn_watchdog(tasks: &mut Subsystems, node: &Node, tables: Vec<String>) {
+/// Stops the node when its database file is deleted or replaced, and ends the generation when
+/// the schema drifts from what capture was installed for.
+fn spawn_watchdog(
+    tasks: &mut Subsystems,
+    node: &Node,
+    tables: Vec<db::Table>,
+    hash: String,
+    confirmed: Arc<std::sync::atomic::AtomicI64>,
+) {
     let (path, token) = (node.settings.db_path.clone(), node.root.clone());
     tasks.spawn(async move {
         (
             "database watchdog",
-            watch_database_file(path, tables, token).await,
+            watch_database_file(path, tables, hash, confirmed, token).await,
         )
     });
 }
@@ -487,9 +578,16 @@ fn spawn_watchdog(tasks: &mut Subsystems, node: &Node, tables: Vec<String>) {
 async fn supervise(
     node: &Node,
     tasks: &mut Subsystems,
+    lease: &mut Option<tokio::task::JoinHandle<Result<(), stream::lease::Error>>>,
     embedded: Option<&stream::embedded::EmbeddedNats>,
     snapshots: Option<&Snapshots>,
 ) -> Option<anyhow::Error> {
+    let lease_ended = async {
+        match lease.as_mut() {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
     let broker_exit = async {
         match embedded {
             Some(server) => server.exited().await,
@@ -519,6 +617,18 @@ async fn supervise(
         status = broker_exit => Some(anyhow::anyhow!(
             "embedded nats-server exited unexpectedly ({status}); stopping rather than running without a broker"
         )),
+        ended = lease_ended => {
+            *lease = None;
+            if node.root.is_cancelled() {
+                return None;
+            }
+            Some(match ended {
+                Ok(Ok(())) => anyhow::anyhow!("node-id lease stopped unexpectedly"),
+                Ok(Err(e)) => anyhow::Error::new(StartError::Conflict(e.to_string()))
+                    .context("node-id lease failed"),
+                Err(e) => anyhow::anyhow!("node-id lease task panicked: {e}"),
+            })
+        }
         Some(done) = tasks.join_next() => {
             // Subsystems end by themselves once shutdown has begun; only an early end fails.
             if node.root.is_cancelled() {
@@ -552,13 +662,18 @@ async fn drain(mut tasks: Subsystems) {
 
 /// Stops the node when the database file it opened is deleted or replaced (SQLite would go on
 /// writing into the unlinked file, and the application, which opens the path, would never see
-/// it), or when capture triggers of a table that still exists were dropped by someone else
-/// (writes would silently stop replicating; a restart reinstalls them).
+/// it). Follows the schema: while it matches what capture was installed for, the version seen
+/// is confirmed (the publisher and the applier go on); when it drifts — DDL by the application,
+/// or capture triggers dropped by someone else — the generation ends with [`SchemaDrift`] and
+/// capture is reinstalled.
 async fn watch_database_file(
     path: PathBuf,
-    tables: Vec<String>,
+    tables: Vec<db::Table>,
+    hash: String,
+    confirmed: Arc<std::sync::atomic::AtomicI64>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let (tables, hash) = (Arc::new(tables), Arc::new(hash));
     use std::os::unix::fs::MetadataExt;
     let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
     let deleted = || {
@@ -588,22 +703,25 @@ async fn watch_database_file(
         }
         match std::fs::metadata(&path).map(identity) {
             Ok(now) if now == opened => {
-                let (c, t, seen) = (Arc::clone(&conn), tables.clone(), schema_seen);
+                let (c, t, h, seen) = (
+                    Arc::clone(&conn),
+                    Arc::clone(&tables),
+                    Arc::clone(&hash),
+                    schema_seen,
+                );
                 let checked = tokio::task::spawn_blocking(move || {
                     let conn = c.lock().unwrap_or_else(|p| p.into_inner());
-                    db::cdc::missing_capture(&conn, &t, seen)
+                    db::ddl::drift(&conn, &t, &h, seen)
                 })
                 .await
                 .context("capture check failed")?;
                 match checked {
-                    Ok((version, missing)) => {
+                    Ok((version, drifted)) => {
                         schema_seen = Some(version);
-                        if let Some(table) = missing {
-                            anyhow::bail!(
-                                "the capture triggers of table {table:?} were dropped by something other than harmonylite; \
-                                 stopping: a restart reinstalls them (writes made while they were missing are not replicated)"
-                            );
+                        if let Some(reason) = drifted {
+                            return Err(SchemaDrift(reason).into());
                         }
+                        confirmed.store(version, std::sync::atomic::Ordering::SeqCst);
                     }
                     Err(e) if e.is_fatal() => return Err(e.into()),
                     Err(_) => {}

@@ -26,6 +26,11 @@ pub struct Capture {
     pub tables: Vec<db::Table>,
     /// The schema hash sent as `sh`.
     pub hash: String,
+    /// The hash before the last schema change, if known (events may still carry it).
+    pub previous_hash: String,
+    /// Per table: changes up to this change-log id were captured before its columns changed
+    /// (see [`crate::db::apply::Applier::set_stale_up_to`]); 0 at start.
+    pub stale_up_to: Vec<i64>,
 }
 
 /// A node ready to run, and what its subsystems take over.
@@ -99,22 +104,83 @@ async fn open_database(settings: &Arc<Settings>) -> anyhow::Result<(Capture, Str
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let lock = db::lock(&s.db_path)?;
         crate::snapshot::sweep_work_dirs(&s.db_path);
-        let mut conn = db::open(&s.db_path)?;
-        tracing::info!("Listing tables to watch...");
-        let tables = schema::watched_tables(&conn).context("Unable to list tables")?;
-        if tables.is_empty() {
-            tracing::warn!("No tables to watch; only remote changes will be applied");
-        }
-        let hash = schema::schema_hash(&conn, &tables).context("Unable to compute schema hash")?;
-        tracing::info!(schema_hash = %format!("{}...", &hash[..16]), "Computed schema hash");
-        tracing::info!("Starting change data capture pipeline...");
-        cdc::install(&mut conn, &tables, &hash)
-            .context("Unable to install change data capture pipeline")?;
-        let identity = cdc::identity(&conn).context("Unable to read the database identity")?;
-        Ok((Capture { conn, tables, hash }, identity, lock))
+        let capture = install_capture(&s)?;
+        let identity =
+            cdc::identity(&capture.conn).context("Unable to read the database identity")?;
+        Ok((capture, identity, lock))
     })
     .await
     .context("start-up task failed")?
+}
+
+/// Installs capture again for the schema as it is now (after the application's DDL), on a
+/// running node.
+///
+/// # Errors
+/// SQLite errors installing capture.
+pub async fn reinstall(
+    settings: &Arc<Settings>,
+    before: Vec<db::Table>,
+) -> anyhow::Result<Capture> {
+    let s = Arc::clone(settings);
+    tokio::task::spawn_blocking(move || {
+        let mut capture = install_capture(&s)?;
+        let aliases =
+            db::ddl::Aliases::load(&capture.conn).context("Unable to read schema aliases")?;
+        for (i, t) in capture.tables.iter().enumerate() {
+            let old = before.iter().find(|b| {
+                b.name.eq_ignore_ascii_case(&t.name)
+                    || aliases
+                        .table(&b.name)
+                        .is_some_and(|n| n.eq_ignore_ascii_case(&t.name))
+            });
+            if old.is_some_and(|old| old.columns != t.columns) {
+                capture.stale_up_to[i] = capture
+                    .conn
+                    .query_row(
+                        &format!(
+                            "SELECT coalesce(max(id), 0) FROM {}",
+                            db::quote(&db::change_log_name(&t.name))
+                        ),
+                        [],
+                        |r| r.get(0),
+                    )
+                    .context("Unable to read the change logs")?;
+            }
+        }
+        Ok(capture)
+    })
+    .await
+    .context("reinstall task failed")?
+}
+
+/// Lists the tables, computes the schema hash and installs capture.
+fn install_capture(settings: &Settings) -> anyhow::Result<Capture> {
+    let mut conn = db::open(&settings.db_path)?;
+    tracing::info!("Listing tables to watch...");
+    let tables = schema::watched_tables(&conn).context("Unable to list tables")?;
+    if tables.is_empty() {
+        tracing::warn!("No tables to watch; only remote changes will be applied");
+    }
+    let hash = schema::schema_hash(&conn, &tables).context("Unable to compute schema hash")?;
+    tracing::info!(schema_hash = %format!("{}...", &hash[..16]), "Computed schema hash");
+    let recorded = cdc::recorded_hash(&conn).context("Unable to read the schema version")?;
+    let previous_hash = recorded.filter(|r| *r != hash).unwrap_or_default();
+    if !previous_hash.is_empty() {
+        tracing::info!(schema_hash = %format!("{}...", &hash[..16]),
+            previous_hash = %format!("{}...", previous_hash.get(..16).unwrap_or(&previous_hash)),
+            "Updated schema hash");
+    }
+    tracing::info!("Starting change data capture pipeline...");
+    cdc::install(&mut conn, &tables, &hash)
+        .context("Unable to install change data capture pipeline")?;
+    Ok(Capture {
+        conn,
+        stale_up_to: vec![0; tables.len()],
+        tables,
+        hash,
+        previous_hash,
+    })
 }
 
 type Reached = (

@@ -451,18 +451,37 @@ pub fn spawn_apply_thread(
                 .then(wire::Decompressor::new)
                 .transpose()
                 .map_err(ApplyError::Zstd)?;
-            observers
-                .metrics
-                .held_events
-                .set(applier.held_len() as i64);
+            let report = |applier: &Applier| {
+                let m = &observers.metrics;
+                m.held_events.set(applier.held_len() as i64);
+                m.schema_mismatch_paused
+                    .set(i64::from(applier.waiting_len() > 0));
+                observers
+                    .health
+                    .update_catchup(|c| c.schema_waiting_events = applier.waiting_len());
+            };
+            report(&applier);
             let mut last: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
+            // Events that waited for the schema are tried once capture is installed for the
+            // schema of this run (the applier is made anew after every reinstall).
+            let mut retry_waiting = applier.waiting_len() > 0;
             loop {
                 if shutdown.is_cancelled() {
                     break;
                 }
+                if retry_waiting {
+                    let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
+                    match applier.retry_waiting() {
+                        Ok(_) => retry_waiting = false,
+                        Err(e) if e.is_fatal() => return Err(ApplyError::Fatal(e)),
+                        Err(crate::db::Error::SchemaChanged) => {}
+                        Err(e) => tracing::warn!(error = %crate::error_chain(&e), "Cannot retry events waiting for the schema"),
+                    }
+                    report(&applier);
+                }
                 // Wake up now and then while events are held: a local write may have freed the
                 // value they wait for.
-                let wait = if applier.held_len() > 0 {
+                let wait = if applier.held_len() > 0 || retry_waiting {
                     HELD_RETRY
                 } else {
                     IDLE_WAKE
@@ -491,7 +510,7 @@ pub fn spawn_apply_thread(
                             Err(e) if e.is_fatal() => return Err(ApplyError::Fatal(e)),
                             Err(e) => tracing::warn!(error = %crate::error_chain(&e), "Cannot retry held events"),
                         }
-                        observers.metrics.held_events.set(applier.held_len() as i64);
+                        report(&applier);
                         continue;
                     }
                     Some(Ok(Some(Work::Message(d)))) => d,
@@ -570,7 +589,7 @@ pub fn spawn_apply_thread(
                     }
                 }
                 drop(held);
-                observers.metrics.held_events.set(applier.held_len() as i64);
+                report(&applier);
                 batch.clear();
                 if let Some(job) = then_restore {
                     let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
@@ -710,6 +729,13 @@ fn apply_with_retry(
                 return Ok(true);
             }
             Err(e) if e.is_fatal() => return Err(e),
+            // DDL by the application: capture is being reinstalled, the node then starts a
+            // fresh applier; until then, wait without noise.
+            Err(crate::db::Error::SchemaChanged) => {
+                if sleep_or_cancel(Duration::from_millis(50), shutdown) {
+                    return Ok(false);
+                }
+            }
             Err(e) => {
                 attempt += 1;
                 if attempt == 1 || attempt.is_power_of_two() {

@@ -750,6 +750,9 @@ impl Publisher {
         self.metrics
             .scan_changes
             .observe(scanned.as_micros() as f64);
+        if scan.schema_changed {
+            tracing::debug!("schema changed; publishing waits for capture to be confirmed");
+        }
         for (id, why) in &scan.orphans {
             tracing::warn!(global_id = id, reason = %why, "Dropping change-log entry that cannot be published");
         }

@@ -13,6 +13,7 @@ mod embedded;
 mod failures;
 mod observability;
 mod operations;
+mod schema;
 mod stores;
 mod systemd;
 mod values;

@@ -1,0 +1,279 @@
+//! Schema changes (issue "schema changes"): rolling upgrades with restarts (upstream e2e
+//! scenario 11, without dropping the change log by hand), the same migration on running nodes,
+//! and renames and drops while writes go on. Nothing may be quarantined, captured twice or left
+//! behind in a change log.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::require_nats;
+use crate::support::{NatsServer, Node, REPLICATION_TIMEOUT, cluster, happens_within, wait_until};
+
+/// Upstream's scenario-11 migration.
+const ADD_RATING: &str = "ALTER TABLE Books ADD COLUMN rating INTEGER";
+
+fn count_rating(node: &Node, title: &str, rating: i64) -> i64 {
+    node.conn()
+        .query_row(
+            "SELECT count(*) FROM Books WHERE title = ?1 AND rating = ?2",
+            rusqlite::params![title, rating],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+}
+
+/// No event quarantined, none left waiting or held, nothing left to publish.
+fn settled(node: &Node) -> bool {
+    node.query_i64("SELECT count(*) FROM __harmonylite__held_events") == 0
+        && node.query_i64("SELECT count(*) FROM __harmonylite___change_log_global") == 0
+}
+
+fn assert_nothing_quarantined(nodes: &[Node]) {
+    for n in nodes {
+        assert_eq!(
+            n.query_i64("SELECT count(*) FROM __harmonylite__dead_letter"),
+            0,
+            "node {} quarantined events\n{}",
+            n.id,
+            n.log()
+        );
+    }
+}
+
+/// Upstream e2e scenario 11: each node is stopped, migrated and restarted in turn; the upgraded
+/// node's insert waits on the others until they are upgraded too, then arrives.
+#[test]
+fn rolling_upgrade_with_restarts_loses_nothing() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut nodes = cluster(&nats, 3, 2);
+    nodes[0].exec("INSERT INTO Books (title, author) VALUES ('baseline', 'a')");
+    for n in &nodes[1..] {
+        wait_until(REPLICATION_TIMEOUT, "baseline", || {
+            n.query_i64("SELECT count(*) FROM Books WHERE title = 'baseline'") == 1
+        });
+    }
+    nodes[0].kill();
+    nodes[0].exec(ADD_RATING);
+    nodes[0].start();
+    nodes[0].exec("INSERT INTO Books (title, author, rating) VALUES ('rated', 'a', 5)");
+    assert!(
+        !happens_within(Duration::from_secs(5), || count_rating(
+            &nodes[1], "rated", 5
+        ) > 0
+            || nodes[1]
+                .query_i64("SELECT count(*) FROM Books WHERE title = 'rated'")
+                > 0),
+        "the row reached node 2 before its schema had the column"
+    );
+    assert!(
+        nodes[1]
+            .log()
+            .contains("Schema mismatch detected, pausing replication")
+    );
+    nodes[1].kill();
+    nodes[1].exec(ADD_RATING);
+    nodes[1].start();
+    wait_until(Duration::from_secs(60), "the row on node 2", || {
+        count_rating(&nodes[1], "rated", 5) == 1
+    });
+    assert_eq!(
+        nodes[2].query_i64("SELECT count(*) FROM Books WHERE title = 'rated'"),
+        0
+    );
+    nodes[2].kill();
+    nodes[2].exec(ADD_RATING);
+    nodes[2].start();
+    wait_until(Duration::from_secs(60), "the row on node 3", || {
+        count_rating(&nodes[2], "rated", 5) == 1
+    });
+    nodes[0].exec("INSERT INTO Books (title, author, rating) VALUES ('final', 'a', 4)");
+    for n in &nodes[1..] {
+        wait_until(REPLICATION_TIMEOUT, "final row", || {
+            count_rating(n, "final", 4) == 1
+        });
+    }
+    for n in &nodes {
+        wait_until(REPLICATION_TIMEOUT, "settled", || settled(n));
+    }
+    assert_nothing_quarantined(&nodes);
+}
+
+/// Writes on one node until stopped: inserts and updates of Books, and once the node is
+/// migrated, of its new columns and table too.
+fn writer(node: &Node, stop: Arc<AtomicBool>, migrated: Arc<AtomicBool>, done: Arc<AtomicUsize>) {
+    let conn = node.conn();
+    let id = node.id;
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let title = format!("n{id}-{i}");
+        let ok = if migrated.load(Ordering::Relaxed) {
+            conn.execute(
+                "INSERT INTO Books (title, author, year, rating) VALUES (?1, 'w', ?2, ?3)",
+                rusqlite::params![title, i as i64, (i % 5) as i64],
+            )
+            .and_then(|_| {
+                let book = conn.last_insert_rowid();
+                conn.execute(
+                    "INSERT INTO Reviews (book_id, body) VALUES (?1, ?2)",
+                    rusqlite::params![book, format!("review {title}")],
+                )
+            })
+            .and_then(|_| {
+                conn.execute(
+                    "UPDATE Books SET rating = coalesce(rating, 0) + 1 WHERE id = (SELECT max(id) - 3 FROM Books)",
+                    [],
+                )
+            })
+        } else {
+            conn.execute(
+                "INSERT INTO Books (title, author) VALUES (?1, 'w')",
+                [&title],
+            )
+            .and_then(|_| {
+                conn.execute(
+                    "UPDATE Books SET author = author || '+' WHERE id = (SELECT max(id) - 2 FROM Books)",
+                    [],
+                )
+            })
+        };
+        // A write racing the node's own migration may fail; the application retries.
+        if ok.is_ok() {
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The migration of the Done-when list, applied by the application on running nodes, one node
+/// at a time, while every node keeps writing.
+const MIGRATION: &str = "
+    CREATE TABLE Reviews (id INTEGER PRIMARY KEY, book_id INTEGER REFERENCES Books(id), body TEXT);
+    CREATE INDEX reviews_by_book ON Reviews(book_id);
+    ALTER TABLE Books ADD COLUMN rating INTEGER;
+    ALTER TABLE Books RENAME COLUMN publication_year TO year;";
+
+#[test]
+fn migration_on_running_nodes_with_writes_everywhere_converges() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let nodes = cluster(&nats, 3, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let migrated: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let done = Arc::new(AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        for (n, m) in nodes.iter().zip(&migrated) {
+            let (stop, m, done) = (Arc::clone(&stop), Arc::clone(m), Arc::clone(&done));
+            scope.spawn(move || writer(n, stop, m, done));
+        }
+        for (n, m) in nodes.iter().zip(&migrated) {
+            let before = done.load(Ordering::Relaxed);
+            wait_until(REPLICATION_TIMEOUT, "writes before the migration", || {
+                done.load(Ordering::Relaxed) > before + 50
+            });
+            let conn = n.conn();
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATION} COMMIT;"))
+                .expect("migration");
+            m.store(true, Ordering::Relaxed);
+        }
+        let before = done.load(Ordering::Relaxed);
+        wait_until(REPLICATION_TIMEOUT, "writes after the migration", || {
+            done.load(Ordering::Relaxed) > before + 100
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+    for n in &nodes {
+        wait_until(Duration::from_secs(60), "settled", || settled(n));
+    }
+    for table in ["Books", "Reviews"] {
+        let want = nodes[0].checksum(table);
+        for n in &nodes[1..] {
+            wait_until(
+                Duration::from_secs(60),
+                &format!("{table} equal on node {}", n.id),
+                || n.checksum(table) == want,
+            );
+        }
+    }
+    assert!(nodes[0].query_i64("SELECT count(*) FROM Reviews") > 0);
+    assert!(nodes[0].query_i64("SELECT count(*) FROM Books WHERE rating IS NOT NULL") > 0);
+    assert_nothing_quarantined(&nodes);
+}
+
+/// Renaming a table and a column, then dropping a table, on running nodes: every write is
+/// captured once, nothing is left pending, nothing is quarantined.
+#[test]
+fn renames_and_drops_while_running_capture_once_and_leak_nothing() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let nodes = cluster(&nats, 2, 1);
+    let writes = |node: &Node, table: &str, column: &str, from: i64| {
+        let conn = node.conn();
+        for i in from..from + 200 {
+            // Explicit ids: the nodes write at the same time.
+            conn.execute(
+                &format!("INSERT INTO {table} (id, {column}, author) VALUES (?1, ?2, 'x')"),
+                rusqlite::params![i + 1, format!("t{i}")],
+            )
+            .expect("write");
+        }
+    };
+    writes(&nodes[0], "Books", "title", 0);
+    for n in &nodes {
+        n.exec("ALTER TABLE Books RENAME TO Volumes");
+    }
+    writes(&nodes[0], "Volumes", "title", 200);
+    writes(&nodes[1], "Volumes", "title", 400);
+    for n in &nodes {
+        n.exec("ALTER TABLE Volumes RENAME COLUMN title TO name");
+    }
+    writes(&nodes[1], "Volumes", "name", 600);
+    for n in &nodes {
+        wait_until(REPLICATION_TIMEOUT, "800 rows", || {
+            n.query_i64("SELECT count(*) FROM Volumes") == 800
+        });
+        wait_until(REPLICATION_TIMEOUT, "settled", || settled(n));
+        // Each write captured exactly once (Go captured renamed tables' writes twice).
+        let captured = n.query_i64("SELECT count(*) FROM __harmonylite__Volumes_change_log");
+        assert!(captured <= 800, "node {} captured {captured} changes", n.id);
+        assert_eq!(
+            n.query_i64(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND tbl_name = 'Volumes'"
+            ),
+            3
+        );
+    }
+    assert_eq!(nodes[0].checksum("Volumes"), nodes[1].checksum("Volumes"));
+    // Drop: its change log goes, and later events for it (none here) would be discarded.
+    for n in &nodes {
+        n.exec("DROP TABLE Authors");
+    }
+    for n in &nodes {
+        wait_until(
+            REPLICATION_TIMEOUT,
+            "the change log of the dropped table to go",
+            || {
+                n.query_i64(
+                "SELECT count(*) FROM sqlite_schema WHERE name = '__harmonylite__Authors_change_log'",
+            ) == 0
+            },
+        );
+    }
+    writes(&nodes[0], "Volumes", "name", 800);
+    for n in &nodes {
+        wait_until(REPLICATION_TIMEOUT, "1000 rows", || {
+            n.query_i64("SELECT count(*) FROM Volumes") == 1000
+        });
+        wait_until(REPLICATION_TIMEOUT, "settled", || settled(n));
+    }
+    assert_nothing_quarantined(&nodes);
+    for n in &nodes {
+        assert!(
+            !n.log().contains("Dropping change-log entry"),
+            "{}",
+            n.log()
+        );
+    }
+}
