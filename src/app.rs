@@ -104,6 +104,67 @@ pub async fn save_snapshot(
     result
 }
 
+/// `-schema-status`: this database's schema hash and watched tables (read only; no NATS).
+///
+/// # Errors
+/// The database cannot be opened or its schema read.
+pub fn schema_status(settings: &Settings) -> anyhow::Result<String> {
+    let conn = crate::db::open(&settings.db_path)?;
+    let tables = crate::db::schema::watched_tables(&conn).context("Unable to list tables")?;
+    let hash =
+        crate::db::schema::schema_hash(&conn, &tables).context("Unable to compute schema hash")?;
+    let names: Vec<String> = tables.into_iter().map(|t| t.name).collect();
+    Ok(crate::registry::render_local(
+        settings.node_id,
+        &hash,
+        &names,
+    ))
+}
+
+/// `-schema-status-cluster`: every node's entry in the schema registry. Connects to
+/// `nats.urls`, or to the local embedded server's address when none are configured; gives up
+/// after [`STATUS_CONNECT_TIMEOUT`].
+///
+/// # Errors
+/// NATS unreachable, or the registry unreadable.
+pub async fn schema_status_cluster(settings: &Settings) -> anyhow::Result<String> {
+    let urls = if settings.nats.urls.is_empty() {
+        let bind = &settings.nats.bind_address;
+        let addr = match bind.strip_prefix(':') {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => bind.replace("0.0.0.0", "127.0.0.1"),
+        };
+        vec![format!("nats://{addr}")]
+    } else {
+        settings.nats.urls.clone()
+    };
+    let give_up = CancellationToken::new();
+    let timer = {
+        let t = give_up.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(STATUS_CONNECT_TIMEOUT).await;
+            t.cancel();
+        })
+    };
+    let client = crate::stream::connect(settings, &urls, &give_up, |_| {})
+        .await
+        .with_context(|| {
+            format!(
+                "Error retrieving cluster schema state: cannot reach NATS at {}",
+                urls.join(", ")
+            )
+        })?;
+    timer.abort();
+    let js = async_nats::jetstream::new(client);
+    let states = crate::registry::cluster_state(&js)
+        .await
+        .context("Error retrieving cluster schema state")?;
+    Ok(crate::registry::render_cluster(&states))
+}
+
+/// How long `-schema-status-cluster` tries to reach NATS.
+const STATUS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs the daemon until `shutdown` is cancelled or a subsystem fails.
 ///
 /// # Errors

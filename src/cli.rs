@@ -36,6 +36,16 @@ pub struct Args {
           default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
     pub save_snapshot: bool,
 
+    /// Print this node's schema hash and watched tables, then exit
+    #[arg(long = "schema-status", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
+    pub schema_status: bool,
+
+    /// Print every node's schema hash from the cluster's schema registry, then exit
+    #[arg(long = "schema-status-cluster", action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value_t = false, default_missing_value = "true", value_name = "BOOL")]
+    pub schema_status_cluster: bool,
+
     /// Embedded NATS: cluster (route) listen address, host:port
     #[arg(long = "cluster-addr", value_name = "HOST:PORT", default_value = "")]
     pub cluster_addr: String,

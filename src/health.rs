@@ -191,7 +191,7 @@ impl HealthState {
 }
 
 /// Go's `time.Time` JSON form in UTC (RFC 3339 with trailing zeros of the fraction trimmed).
-fn rfc3339_nano(ns: i64) -> String {
+pub(crate) fn rfc3339_nano(ns: i64) -> String {
     if ns <= 0 {
         return "0001-01-01T00:00:00Z".into();
     }

@@ -7,7 +7,9 @@
 //! - [`logging`]: console or JSON lines, `node_id` on every line.
 //! - [`cbor`], [`wire`]: the CBOR event codec, shard hash, stream names, zstd.
 //! - [`seqmap`]: the atomic `{stream: last applied seq}` state file.
-//! - [`db`]: SQLite connection policy, schema discovery and hash, triggers, change log, applier.
+//! - [`db`]: SQLite connection policy, schema discovery and hash, triggers, change log, applier,
+//!   and following the application's DDL ([`db::ddl`]).
+//! - [`registry`]: the cluster schema registry and the `-schema-status[-cluster]` reports.
 //! - [`stream`]: NATS connection, shard streams, pipelined publish, ordered consumers.
 //! - [`replicate`]: the publisher (change log → JetStream) and the applier (JetStream → SQLite).
 //! - [`snapshot`]: save, verify and store snapshots; leader election; when to save.
@@ -16,7 +18,8 @@
 //! - [`systemd`]: `Type=notify` readiness.
 //! - [`node`]: the running node — one cheap-clone handle, setup, one `spawn_*` per subsystem,
 //!   supervision (one fatal path) and drain.
-//! - [`app`]: the program's modes (daemon with its HTTP servers, `-cleanup`).
+//! - [`app`]: the program's modes (daemon with its HTTP servers, `-cleanup`, `-save-snapshot`,
+//!   `-schema-status[-cluster]`).
 
 pub mod app;
 pub mod cbor;
@@ -28,6 +31,7 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod profiling;
+pub mod registry;
 pub mod replicate;
 pub mod seqmap;
 pub mod snapshot;

@@ -53,6 +53,19 @@ fn main() -> ExitCode {
         };
     }
 
+    if args.schema_status {
+        return match app::schema_status(&settings) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("harmonylite: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -64,6 +77,20 @@ fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
+    if args.schema_status_cluster {
+        let result = runtime.block_on(app::schema_status_cluster(&settings));
+        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+        return match result {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("{e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.save_snapshot {
         let result = runtime.block_on(app::save_snapshot(settings, shutdown));
         runtime.shutdown_timeout(std::time::Duration::from_secs(2));

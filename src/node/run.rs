@@ -153,6 +153,7 @@ async fn run_subsystems(
         current: hash.clone(),
         previous: previous_hash,
     };
+    let hashes_for_registry = hashes.previous.clone();
     let watched = tables.clone();
     let log = Arc::new(ChangeLog::new(tables).with_confirmed(Arc::clone(&confirmed)));
     let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
@@ -250,6 +251,7 @@ async fn run_subsystems(
     }
     let keeper_stop = spawn_publisher(&mut tasks, node, publisher);
     spawn_keeper(&mut tasks, node, shared, outbox, &positions, keeper_stop);
+    spawn_registry(&mut tasks, node, &hash, &hashes_for_registry);
     spawn_watchdog(&mut tasks, node, watched, hash, confirmed);
     if first {
         tracing::info!(shards = settings.replication.shards, "Replication running");
@@ -552,6 +554,16 @@ fn spawn_keeper(
     tasks.spawn(async move {
         let result = publish::keep(shared, outbox, settings, tracked, stop).await;
         ("change-log keeper", result.map_err(anyhow::Error::new))
+    });
+}
+
+/// Keeps this node's schema hash in the cluster schema registry.
+fn spawn_registry(tasks: &mut Subsystems, node: &Node, hash: &str, previous: &str) {
+    let (js, id, token) = (node.js.clone(), node.settings.node_id, node.root.clone());
+    let (hash, previous) = (hash.to_owned(), previous.to_owned());
+    tasks.spawn(async move {
+        crate::registry::keep_published(js, id, hash, previous, token).await;
+        ("schema registry", Ok(()))
     });
 }
 

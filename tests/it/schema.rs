@@ -277,3 +277,55 @@ fn renames_and_drops_while_running_capture_once_and_leak_nothing() {
         );
     }
 }
+
+/// `-schema-status` reads the local schema; `-schema-status-cluster` shows every running node's
+/// registry entry, kept current after DDL.
+#[test]
+fn schema_status_reports_local_and_cluster_state() {
+    use crate::support::run_to_exit;
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let nodes = cluster(&nats, 2, 1);
+    let books = "77ffca4ecf9399127b5ce2be978aaae00de8f1dc5956a16fe45bfb42c3f4117e";
+    let (code, out) = run_to_exit(
+        &nodes[0].config,
+        &["-schema-status"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("Schema Hash: {books}\n")), "{out}");
+    assert!(
+        out.contains("Node ID: 1\n") && out.contains("Watched Tables:\n  - Authors\n  - Books\n"),
+        "{out}"
+    );
+    let status = || {
+        run_to_exit(
+            &nodes[0].config,
+            &["-schema-status-cluster"],
+            Duration::from_secs(20),
+        )
+    };
+    wait_until(REPLICATION_TIMEOUT, "both nodes in the registry", || {
+        let (code, out) = status();
+        code == Some(0) && out.contains("Total Nodes: 2\n") && out.contains("Consistent: Yes\n")
+    });
+    nodes[1].exec(ADD_RATING);
+    wait_until(
+        REPLICATION_TIMEOUT,
+        "the registry to show node 2's new hash",
+        || {
+            let (_, out) = status();
+            out.contains("Consistent: No\n") && out.contains("hash mismatch")
+        },
+    );
+    let (_, out) = status();
+    assert!(
+        out.contains(&format!("    Schema Hash: {books}\n")),
+        "{out}"
+    );
+    assert!(
+        nodes[1]
+            .log()
+            .contains("Published schema state to cluster registry")
+    );
+}
