@@ -11,6 +11,10 @@
 //! - I6: in single-writer phases (one node's application writes, the others are idle) no
 //!   deferred read-then-write transaction may fail.
 //! - Nothing quarantined, nothing left held.
+//! - Schema changes on running nodes: during the concurrent phase a migration (a new column, a
+//!   new table with a foreign key and an index, a column rename) is applied by the application
+//!   to each node in turn, at moments drawn from the seed, and the new column and table are
+//!   written on migrated nodes; afterwards the shared and the new tables are equal everywhere.
 //!
 //! A second test runs the same workload on streams that keep only a few dozen messages, so that
 //! nodes killed or stopped by the faults — and one node stopped on purpose — must recover from
@@ -18,7 +22,8 @@
 //!
 //! Knobs (environment): `HARMONYLITE_SEED=N` replays one seed; `HARMONYLITE_SEEDS=N` runs N
 //! random seeds; `HARMONYLITE_ROUNDS=N` transactions per phase (default 12);
-//! `HARMONYLITE_FAULTS=0` turns faults off; `HARMONYLITE_SHARDS=N` forces the shard count.
+//! `HARMONYLITE_FAULTS=0` turns faults off; `HARMONYLITE_SHARDS=N` forces the shard count;
+//! `HARMONYLITE_DDL=0` leaves the schema alone.
 //! Every failure message starts with the seed.
 
 use std::collections::{BTreeMap, HashMap};
@@ -157,6 +162,103 @@ fn any_value(rng: &mut Rng) -> Value {
         10 => Value::Blob((0..rng.below(40)).map(|_| rng.next() as u8).collect()),
         _ => Value::Text("2025-03-01 12:00:00.123".into()),
     }
+}
+
+/// The migration of the DDL phase (applied to each node by its application, while it runs).
+const MIGRATION: &str = "
+    ALTER TABLE shared ADD COLUMN extra TEXT;
+    CREATE TABLE notes (id INTEGER PRIMARY KEY, shared_id INTEGER REFERENCES shared(id), body TEXT);
+    CREATE INDEX notes_by_shared ON notes(shared_id);
+    ALTER TABLE shared RENAME COLUMN extra TO note;";
+
+/// The DDL phase: migrates the nodes one at a time (order and pauses from the seed), then
+/// writes the new column and table on migrated nodes until `stop`.
+fn migrate_nodes(
+    dbs: Vec<std::path::PathBuf>,
+    mut rng: Rng,
+    seed: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut order: Vec<usize> = (0..dbs.len()).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let conns: Vec<Connection> = dbs
+        .iter()
+        .map(|db| {
+            let c = Connection::open(db).expect("ddl db");
+            c.busy_timeout(Duration::from_secs(10)).expect("timeout");
+            c
+        })
+        .collect();
+    let mut migrated: Vec<usize> = Vec::new();
+    let write = |rng: &mut Rng, migrated: &[usize]| {
+        if migrated.is_empty() {
+            return;
+        }
+        let n = migrated[rng.below(migrated.len() as u64) as usize];
+        let c = &conns[n];
+        let shared_id = rng.below(30) as i64;
+        let _ = match rng.below(3) {
+            0 => c.execute(
+                "UPDATE shared SET note = ?2 WHERE id = ?1",
+                rusqlite::params![shared_id, format!("note {}", rng.next())],
+            ),
+            1 => c.execute(
+                "INSERT INTO notes (id, shared_id, body) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+                rusqlite::params![
+                    rng.below(40) as i64,
+                    shared_id,
+                    format!("body {}", rng.next())
+                ],
+            ),
+            _ => c.execute("DELETE FROM notes WHERE id = ?1", [rng.below(40) as i64]),
+        };
+    };
+    for n in order {
+        let pause = Instant::now() + Duration::from_millis(100 + rng.below(900));
+        while Instant::now() < pause {
+            write(&mut rng, &migrated);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match conns[n].execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATION} COMMIT;")) {
+                Ok(()) => break,
+                Err(e) if tries < 20 => {
+                    let _ = conns[n].execute_batch("ROLLBACK");
+                    eprintln!(
+                        "seed {seed}: migration of node {} failed ({e}); retrying",
+                        n + 1
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("seed {seed}: cannot migrate node {}: {e}", n + 1),
+            }
+        }
+        eprintln!("seed {seed}: node {} migrated", n + 1);
+        migrated.push(n);
+    }
+    while !stop.load(Ordering::Relaxed) {
+        write(&mut rng, &migrated);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Every row of `table` on `n` (empty when it does not exist).
+fn all_rows(n: &Node, table: &str) -> Vec<Vec<Value>> {
+    let conn = n.conn();
+    let Ok(mut stmt) = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1")) else {
+        return Vec::new();
+    };
+    let cols = stmt.column_count();
+    stmt.query_map([], |r| (0..cols).map(|i| r.get::<_, Value>(i)).collect())
+        .expect(table)
+        .collect::<Result<_, _>>()
+        .expect(table)
 }
 
 /// One writer: the application on one node, owning its own key ranges.
@@ -640,7 +742,14 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
     }
 
     // Phase 2: every node's application writes its own rows at the same time (I1 checked live;
-    // a transaction may fail on SQLITE_BUSY here, since foreign changes arrive — it is retried).
+    // a transaction may fail on SQLITE_BUSY here, since foreign changes arrive — it is retried),
+    // while the DDL phase migrates the nodes one by one.
+    let ddl_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ddl = (env_u64("HARMONYLITE_DDL") != Some(0)).then(|| {
+        let dbs: Vec<_> = cluster.nodes.iter().map(|n| n.db.clone()).collect();
+        let (rng, stop) = (rng.fork(), Arc::clone(&ddl_stop));
+        std::thread::spawn(move || migrate_nodes(dbs, rng, seed, stop))
+    });
     let handles: Vec<_> = writers
         .into_iter()
         .map(|mut wr| {
@@ -673,6 +782,12 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
             Err(panic) => std::panic::resume_unwind(panic),
         }
     }
+    if let Some(ddl) = ddl {
+        ddl_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Err(panic) = ddl.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
     cluster.heal();
     drop(writers);
 
@@ -688,16 +803,9 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
                 .collect()
         })
         .collect();
-    let shared = |n: &Node| -> Vec<Row> {
-        let conn = n.conn();
-        let mut stmt = conn
-            .prepare("SELECT id, v, n FROM shared ORDER BY id")
-            .expect("shared");
-        stmt.query_map([], |r| (0..3).map(|i| r.get::<_, Value>(i)).collect())
-            .expect("shared")
-            .collect::<Result<_, _>>()
-            .expect("shared")
-    };
+    // Every column, the migration's included, and the migration's new table.
+    let shared =
+        |n: &Node| -> (Vec<Row>, Vec<Row>) { (all_rows(n, "shared"), all_rows(n, "notes")) };
     let converged = happens_within(Duration::from_secs(120), || {
         cluster.nodes.iter().all(|n| {
             let conn = n.conn();
@@ -737,7 +845,7 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
                 }
             }
             if shared(n) != shared(&cluster.nodes[0]) {
-                report.push_str("  shared rows differ from node 1\n");
+                report.push_str("  shared or notes rows differ from node 1\n");
             }
         }
         panic!("seed {seed}: nodes did not converge to the model (I1-I3):\n{report}");

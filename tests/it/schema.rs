@@ -100,6 +100,47 @@ fn rolling_upgrade_with_restarts_loses_nothing() {
     assert_nothing_quarantined(&nodes);
 }
 
+/// Scenario 11 with no restarts at all: the application migrates each running node in turn.
+#[test]
+fn rolling_upgrade_on_running_nodes_loses_nothing() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let nodes = cluster(&nats, 3, 2);
+    nodes[0].exec(ADD_RATING);
+    // Capture follows at once: the very first write after the DDL carries the new column.
+    nodes[0].exec("INSERT INTO Books (title, author, rating) VALUES ('rated', 'a', 5)");
+    assert!(
+        !happens_within(Duration::from_secs(3), || {
+            nodes[1].query_i64("SELECT count(*) FROM Books WHERE title = 'rated'") > 0
+        }),
+        "the row reached node 2 before its schema had the column"
+    );
+    nodes[1].exec(ADD_RATING);
+    wait_until(REPLICATION_TIMEOUT, "the row on node 2", || {
+        count_rating(&nodes[1], "rated", 5) == 1
+    });
+    assert_eq!(
+        nodes[2].query_i64("SELECT count(*) FROM Books WHERE title = 'rated'"),
+        0
+    );
+    nodes[2].exec(ADD_RATING);
+    wait_until(REPLICATION_TIMEOUT, "the row on node 3", || {
+        count_rating(&nodes[2], "rated", 5) == 1
+    });
+    nodes[2].exec("INSERT INTO Books (title, author, rating) VALUES ('final', 'a', 4)");
+    for n in &nodes[..2] {
+        wait_until(REPLICATION_TIMEOUT, "final row", || {
+            count_rating(n, "final", 4) == 1
+        });
+    }
+    for n in &nodes {
+        wait_until(REPLICATION_TIMEOUT, "settled", || settled(n));
+        assert!(n.pid().is_some(), "node {} stopped\n{}", n.id, n.log());
+        assert_eq!(n.log().matches("Replication running").count(), 1);
+    }
+    assert_nothing_quarantined(&nodes);
+}
+
 /// Writes on one node until stopped: inserts and updates of Books, and once the node is
 /// migrated, of its new columns and table too.
 fn writer(node: &Node, stop: Arc<AtomicBool>, migrated: Arc<AtomicBool>, done: Arc<AtomicUsize>) {
