@@ -155,6 +155,9 @@ mod tests {
         assert_eq!(a.node_id, 3);
         assert!(!a.cleanup);
         assert!(args(&["-version"]).expect("parses").version);
+        assert!(args(&["-schema-status"]).expect("parses").schema_status);
+        let a = args(&["--schema-status-cluster", "-config", "x"]).expect("parses");
+        assert!(a.schema_status_cluster && !a.schema_status);
         let a = args(&[
             "-cluster-addr",
             "127.0.0.1:4221",
