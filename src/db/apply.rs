@@ -545,6 +545,10 @@ impl Applier {
             })
             .map(|(&id, _)| id)
             .collect();
+        // Events waiting for the schema that the snapshot's positions include go too: replayed
+        // after the migration they would take their rows back past newer events the snapshot
+        // holds (and this node never received). The columns this node lacks are then missing
+        // from those rows until they are written again (documented).
         let included = |stream: &str, seq: u64| {
             streams
                 .iter()
@@ -1303,6 +1307,19 @@ impl State {
                     self.drop_held(conn, id)?;
                 }
                 Ok(Step::Done(Outcome::Applied))
+            }
+            // A constraint of ours the sender's (other) schema did not have: it may be that this
+            // node's schema is behind, so the event waits rather than being quarantined.
+            Err(WriteError::Event(EventError::Poison(why)))
+                if incoming.event.as_ref().is_ok_and(|e| {
+                    !e.schema_hash.is_empty() && !self.hashes.matches(&e.schema_hash)
+                }) =>
+            {
+                Err(EventError::Behind(Behind {
+                    why,
+                    table: self.tables[t].name.to_lowercase(),
+                    key: Some(key),
+                }))
             }
             Err(WriteError::Event(e)) => Err(e),
             Err(WriteError::Conflict(why)) => {
@@ -2471,6 +2488,46 @@ mod tests {
                 "SELECT count(*) FROM __harmonylite___change_log_global"
             ),
             0
+        );
+    }
+
+    #[test]
+    fn a_constraint_the_senders_other_schema_lacks_waits_instead_of_quarantine() {
+        let (_d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)");
+        a.set_schema_hashes(SchemaHashes {
+            current: "h".into(),
+            previous: String::new(),
+        });
+        let with = |sh: &str| ChangeEvent {
+            schema_hash: sh.into(),
+            ..ev(
+                Op::Insert,
+                "t",
+                vec![("id", Value::Integer(1)), ("v", Value::Null)],
+            )
+        };
+        let out = a
+            .apply_batch(&[incoming(with("other")), incoming(with("h"))])
+            .expect("batch commits");
+        assert!(matches!(out[0], Outcome::Waiting(_)), "{out:?}");
+        assert!(
+            matches!(out[1], Outcome::Waiting(_)),
+            "behind the waiting one: {out:?}"
+        );
+        let out = a
+            .apply_batch(&[incoming(ChangeEvent {
+                schema_hash: "h".into(),
+                ..ev(
+                    Op::Insert,
+                    "t",
+                    vec![("id", Value::Integer(2)), ("v", Value::Null)],
+                )
+            })])
+            .expect("batch commits");
+        assert!(matches!(out[0], Outcome::Quarantined(_)), "{out:?}");
+        assert_eq!(
+            count(&path, "SELECT count(*) FROM __harmonylite__dead_letter"),
+            1
         );
     }
 
