@@ -80,15 +80,16 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
                 } else {
                     tracing::info!(change = %reason, "Schema changed; reinstalling capture");
                 }
-                match super::setup::reinstall(&node.settings, tables).await {
-                    Ok(next) => {
+                match reinstall(&node, tables).await {
+                    Some(Ok(next)) => {
                         node.observers.health.tables_tracked.store(
                             next.tables.len() as u64,
                             std::sync::atomic::Ordering::Relaxed,
                         );
                         capture = next;
                     }
-                    Err(e) => break Err(e),
+                    Some(Err(e)) => break Err(e),
+                    None => break Ok(()),
                 }
             }
             Err(e) => break Err(e),
@@ -110,6 +111,33 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
     }
     drop(lock);
     result
+}
+
+/// Reinstalls capture after a schema change, retrying what a retry can fix (the application
+/// holding the write lock, a table being changed again meanwhile); `None` on shutdown.
+async fn reinstall(node: &Node, tables: Vec<db::Table>) -> Option<anyhow::Result<Capture>> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match super::setup::reinstall(&node.settings, tables.clone()).await {
+            Ok(capture) => return Some(Ok(capture)),
+            Err(e) => {
+                let fatal = e.chain().any(|c| {
+                    c.downcast_ref::<db::Error>()
+                        .is_some_and(db::Error::is_fatal)
+                });
+                if fatal {
+                    return Some(Err(e));
+                }
+                tracing::warn!(error = %format!("{e:#}"), "Cannot reinstall capture yet; retrying");
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = node.root.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = stream::next_backoff(delay);
+    }
 }
 
 /// How one generation of subsystems ended.
