@@ -789,6 +789,11 @@ impl Applier {
                 still_waiting = left,
                 "Events waiting for the schema partly applied; the rest still waits"
             );
+        } else {
+            tracing::warn!(
+                still_waiting = left,
+                "Schema still mismatched after recompute"
+            );
         }
         Ok(applied)
     }

@@ -209,10 +209,19 @@ fn migration_on_running_nodes_with_writes_everywhere_converges() {
             let (stop, m, done) = (Arc::clone(&stop), Arc::clone(m), Arc::clone(&done));
             scope.spawn(move || writer(n, stop, m, done));
         }
+        // HARMONYLITE_MIGRATION_GAP_MS: how long to write between two nodes' migrations (a
+        // manual check of "minutes apart"); by default, until 50 more writes.
+        let gap = std::env::var("HARMONYLITE_MIGRATION_GAP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
         for (n, m) in nodes.iter().zip(&migrated) {
             let before = done.load(Ordering::Relaxed);
-            wait_until(REPLICATION_TIMEOUT, "writes before the migration", || {
+            let since = std::time::Instant::now();
+            let limit = REPLICATION_TIMEOUT + gap.unwrap_or_default();
+            wait_until(limit, "writes before the migration", || {
                 done.load(Ordering::Relaxed) > before + 50
+                    && gap.is_none_or(|g| since.elapsed() >= g)
             });
             let conn = n.conn();
             conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATION} COMMIT;"))
