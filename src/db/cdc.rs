@@ -687,6 +687,92 @@ mod tests {
         );
     }
 
+    /// The pending changes of `t`'s change log as (a, b) values, oldest first.
+    fn pending_ab(conn: &Connection, log: &str) -> Vec<(Option<String>, Option<String>)> {
+        conn.prepare(&format!("SELECT val_a, val_b FROM {log} ORDER BY id"))
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .expect("log")
+    }
+
+    #[test]
+    fn column_swaps_and_re_added_names_follow_the_triggers() {
+        let (_d, path) = temp_db("CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, b TEXT)");
+        let mut conn = crate::db::open(&path).expect("open");
+        install_all(&mut conn);
+        let app = Connection::open(&path).expect("app");
+        app.execute_batch(
+            "INSERT INTO t VALUES (1, 'A', 'B');
+             ALTER TABLE t RENAME COLUMN a TO tmp; ALTER TABLE t RENAME COLUMN b TO a;
+             ALTER TABLE t RENAME COLUMN tmp TO b;",
+        )
+        .expect("swap");
+        install_all(&mut conn);
+        // The row now has a = 'B', b = 'A'; the pending change says the same.
+        assert_eq!(
+            pending_ab(&conn, "__harmonylite__t_change_log"),
+            [(Some("B".into()), Some("A".into()))]
+        );
+        app.execute_batch("ALTER TABLE t RENAME COLUMN a TO c; ALTER TABLE t ADD COLUMN a TEXT;")
+            .expect("rename and re-add");
+        install_all(&mut conn);
+        let row: (Option<String>, Option<String>, Option<String>) = conn
+            .query_row(
+                "SELECT val_a, val_b, val_c FROM __harmonylite__t_change_log",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("log");
+        assert_eq!(row, (None, Some("A".into()), Some("B".into())));
+    }
+
+    #[test]
+    fn a_table_rebuilt_step_by_step_keeps_capturing_into_one_log() {
+        let (_d, path) = temp_db(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT); CREATE VIEW v AS SELECT a FROM t",
+        );
+        let mut conn = crate::db::open(&path).expect("open");
+        install_all(&mut conn);
+        let app = Connection::open(&path).expect("app");
+        app.execute_batch("INSERT INTO t VALUES (1, 'x'); CREATE TABLE new__t (id INTEGER PRIMARY KEY, a TEXT, b TEXT);")
+            .expect("create");
+        install_all(&mut conn);
+        app.execute_batch(
+            "INSERT INTO new__t SELECT id, a, 'y' FROM t; DROP VIEW v; DROP TABLE t;
+             ALTER TABLE new__t RENAME TO t; CREATE VIEW v AS SELECT a FROM t;
+             INSERT INTO t VALUES (2, 'z', 'w');",
+        )
+        .expect("rebuild");
+        let tables = install_all(&mut conn);
+        assert_eq!(
+            tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["t"]
+        );
+        // The copy and the write after the rename, both pending under t.
+        let rows: Vec<(i64, String)> = conn
+            .prepare(
+                "SELECT val_id, val_b FROM __harmonylite__t_change_log WHERE state = 0 ORDER BY id",
+            )
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .expect("log");
+        assert_eq!(rows, [(1, "y".into()), (2, "w".into())]);
+        let names: Vec<String> = conn
+            .prepare("SELECT DISTINCT table_name FROM __harmonylite___change_log_global")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("global");
+        assert_eq!(names, ["t"]);
+        // A view naming a dropped table does not stop our renames.
+        app.execute_batch(
+            "CREATE TABLE gone (x); CREATE VIEW broken AS SELECT * FROM gone; DROP TABLE gone;
+             PRAGMA legacy_alter_table = ON; ALTER TABLE t RENAME TO u;",
+        )
+        .expect("rename");
+        install_all(&mut conn);
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM __harmonylite__u_change_log"),
+            2
+        );
+    }
+
     #[test]
     fn trusted_schema_off_clients_can_write() {
         let (_d, path) = temp_db("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");

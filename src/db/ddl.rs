@@ -183,6 +183,25 @@ fn record(conn: &Connection, kind: &str, scope: &str, old: &str, new: &str) -> R
 /// # Errors
 /// SQLite errors (the caller's transaction is rolled back).
 pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
+    // Our own renames must not re-check the application's views and triggers (a view naming a
+    // dropped table would make every rename fail, and capture could never be reinstalled).
+    conn.execute_batch("PRAGMA legacy_alter_table = ON")?;
+    let followed = follow_renames(conn, tables);
+    conn.execute_batch("PRAGMA legacy_alter_table = OFF")?;
+    let mut done = followed?;
+    retire_dropped(conn, tables, &mut done)?;
+    Ok(done)
+}
+
+/// A change log's columns (names only).
+fn log_column_names(conn: &Connection, log: &str) -> Result<Vec<String>, Error> {
+    Ok(conn
+        .prepare("SELECT name FROM pragma_table_info(?1)")?
+        .query_map([log], |r| r.get(0))?
+        .collect::<Result<_, _>>()?)
+}
+
+fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     let mut done = Followed::default();
     let watched: HashMap<String, &Table> =
         tables.iter().map(|t| (t.name.to_lowercase(), t)).collect();
@@ -190,7 +209,7 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     // Table renames: a trigger made for `old` now sits on `new`.
     let mut renames: Vec<(String, String)> = Vec::new();
     for (_, made_for, on, _) in &triggers {
-        if !made_for.eq_ignore_ascii_case(on)
+        if made_for != on
             && watched.contains_key(&on.to_lowercase())
             && !renames.iter().any(|(o, _)| o == made_for)
         {
@@ -205,17 +224,47 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     for (name, ..) in &triggers {
         conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(name)))?;
     }
-    for (old, new) in renames {
+    let sources: HashSet<String> = renames.iter().map(|(o, _)| o.to_lowercase()).collect();
+    // Two phases (every source log to a temporary name, then to its target), so that swaps and
+    // chains (t→u while u→v) never collide.
+    let mut moved: Vec<(String, String, String)> = Vec::new();
+    for (i, (old, new)) in renames.into_iter().enumerate() {
         let (old_log, new_log) = (change_log_name(&old), change_log_name(&new));
-        if !exists(conn, &old_log)? || exists(conn, &new_log)? {
+        if !exists(conn, &old_log)? {
             continue;
         }
-        tracing::info!(from = %old, to = %new, "Table renamed; its change log follows");
+        if old.eq_ignore_ascii_case(&new) {
+            // Only the case changed (through another name): the log is the same table for
+            // SQLite; pending changes go out under the new spelling.
+            conn.execute(
+                &format!(
+                    "UPDATE {} SET table_name = ?2 WHERE table_name = ?1",
+                    quote(GLOBAL_LOG)
+                ),
+                rusqlite::params![old, new],
+            )?;
+            continue;
+        }
+        // The target's own log is left from a table that was dropped and replaced by this one
+        // (a table rebuild: create new, copy, drop old, rename new): the copy carries its rows.
+        if exists(conn, &new_log)? && !sources.contains(&new.to_lowercase()) {
+            retire_log(conn, &new, &mut done)?;
+        }
+        let tmp = format!("{PREFIX}renaming_{i}_change_log");
         conn.execute_batch(&format!(
             "DROP INDEX IF EXISTS {};\nALTER TABLE {} RENAME TO {};",
             quote(&format!("{old_log}_state_index")),
             quote(&old_log),
-            quote(&new_log)
+            quote(&tmp)
+        ))?;
+        moved.push((old, new, tmp));
+    }
+    for (old, new, tmp) in moved {
+        tracing::info!(from = %old, to = %new, "Table renamed; its change log follows");
+        conn.execute_batch(&format!(
+            "ALTER TABLE {} RENAME TO {};",
+            quote(&tmp),
+            quote(&change_log_name(&new))
         ))?;
         conn.execute(
             &format!(
@@ -239,7 +288,8 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
         record(conn, "table", "", &old, &new)?;
         done.renamed_tables.push((old, new));
     }
-    // Column renames: the insert trigger copies `val_a` from `NEW."b"`.
+    // Column renames: the insert trigger copies `val_a` from `NEW."b"`. The trigger is the
+    // authority, even when a column named `a` exists again (renamed away, then re-added).
     for (on, sql) in insert_sql {
         let Some(table) = watched.get(&on.to_lowercase()) else {
             continue;
@@ -249,30 +299,30 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
             continue;
         };
         let log = change_log_name(&table.name);
-        for (target, column) in pairs {
-            let Some(old) = target.strip_prefix("val_") else {
-                continue;
-            };
-            if old == column || table.column_index(old).is_some() {
-                continue;
-            }
-            let new_target = format!("val_{column}");
-            let has = |c: &str| -> Result<bool, Error> {
-                Ok(conn.query_row(
-                    "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2 COLLATE NOCASE",
-                    rusqlite::params![log, c],
-                    |r| r.get::<_, i64>(0),
-                )? > 0)
-            };
-            if !has(&target)? || has(&new_target)? {
-                continue;
-            }
+        let present = log_column_names(conn, &log)?;
+        let has = |c: &str| present.iter().any(|p| p.eq_ignore_ascii_case(c));
+        let renamed: Vec<(String, String)> = pairs
+            .into_iter()
+            .filter_map(|(target, column)| {
+                let old = target.strip_prefix("val_")?.to_owned();
+                (old != column && has(&target)).then_some((old, column))
+            })
+            .collect();
+        for (i, (old, _)) in renamed.iter().enumerate() {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {} RENAME COLUMN {} TO {}",
+                quote(&log),
+                quote(&format!("val_{old}")),
+                quote(&format!("val___harmonylite_renaming_{i}"))
+            ))?;
+        }
+        for (i, (old, column)) in renamed.iter().enumerate() {
             tracing::info!(table = %table.name, from = %old, to = %column, "Column renamed; its change-log column follows");
             conn.execute_batch(&format!(
                 "ALTER TABLE {} RENAME COLUMN {} TO {}",
                 quote(&log),
-                quote(&target),
-                quote(&new_target)
+                quote(&format!("val___harmonylite_renaming_{i}")),
+                quote(&format!("val_{column}"))
             ))?;
             conn.execute(
                 &format!(
@@ -281,11 +331,48 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
                 ),
                 rusqlite::params![table.name, old, column],
             )?;
-            record(conn, "column", &table.name, old, &column)?;
+            record(conn, "column", &table.name, old, column)?;
             done.renamed_columns
-                .push((table.name.clone(), old.to_owned(), column.clone()));
+                .push((table.name.clone(), old.clone(), column.clone()));
         }
     }
+    Ok(done)
+}
+
+/// Drops the change log of `table` (gone, or replaced), its global-log rows and index, counting
+/// the unpublished changes discarded with it.
+fn retire_log(conn: &Connection, table: &str, done: &mut Followed) -> Result<(), Error> {
+    let log = change_log_name(table);
+    let pending: i64 = conn.query_row(
+        &format!("SELECT count(*) FROM {} WHERE state = 0", quote(&log)),
+        [],
+        |r| r.get(0),
+    )?;
+    if pending > 0 {
+        tracing::warn!(
+            table,
+            changes = pending,
+            "Table dropped; its unpublished changes are discarded with it"
+        );
+    } else {
+        tracing::info!(table, "Table dropped; no longer replicated");
+    }
+    conn.execute(
+        &format!("DELETE FROM {} WHERE table_name = ?1", quote(GLOBAL_LOG)),
+        [table],
+    )?;
+    conn.execute_batch(&format!(
+        "DROP INDEX IF EXISTS {};\nDROP TABLE {};",
+        quote(&format!("{log}_state_index")),
+        quote(&log)
+    ))?;
+    done.dropped.push((table.to_owned(), pending));
+    Ok(())
+}
+
+/// Retires the change logs of tables that are gone, and forgets aliases of names in use again.
+fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> Result<(), Error> {
+    let watched: HashSet<String> = tables.iter().map(|t| t.name.to_lowercase()).collect();
     // Change logs whose table is gone.
     let logs: Vec<String> = conn
         .prepare(
@@ -297,34 +384,11 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
         let Some(table) = log_table(&log) else {
             continue;
         };
-        if watched.contains_key(&table.to_lowercase()) || exists(conn, table)? {
+        if watched.contains(&table.to_lowercase()) || exists(conn, table)? {
             continue;
         }
-        let pending: i64 = conn.query_row(
-            &format!("SELECT count(*) FROM {} WHERE state = 0", quote(&log)),
-            [],
-            |r| r.get(0),
-        )?;
-        if pending > 0 {
-            tracing::warn!(
-                table,
-                changes = pending,
-                "Table dropped; its unpublished changes are discarded with it"
-            );
-        } else {
-            tracing::info!(table, "Table dropped; no longer replicated");
-        }
-        conn.execute(
-            &format!("DELETE FROM {} WHERE table_name = ?1", quote(GLOBAL_LOG)),
-            [table],
-        )?;
-        conn.execute_batch(&format!(
-            "DROP INDEX IF EXISTS {};\nDROP TABLE {};",
-            quote(&format!("{log}_state_index")),
-            quote(&log)
-        ))?;
+        retire_log(conn, table, done)?;
         record(conn, "dropped", "", table, "")?;
-        done.dropped.push((table.to_owned(), pending));
     }
     // A name in use again is no longer an alias or a dropped table.
     for t in tables {
@@ -336,7 +400,7 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
             [&t.name],
         )?;
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Publishes a newly watched table's existing rows once, as inserts (rows written before its
