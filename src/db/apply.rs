@@ -306,8 +306,9 @@ struct State {
     /// count as in flight (see [`super::restore::NotKept`]).
     unknown_up_to: Vec<i64>,
     /// Per table: changes up to this log id were captured before the table's columns changed
-    /// (DDL); they may lack columns that other nodes' older events carry, so they supersede
-    /// nothing (superseding would lose those columns here while every other node keeps them).
+    /// (DDL); they may lack columns that other nodes' older events carry, so they supersede only
+    /// our own older events (superseding another node's would lose those columns here while
+    /// every other node keeps them).
     stale_up_to: Vec<i64>,
     held: BTreeMap<i64, HeldEvent>,
     held_keys: HashMap<(usize, Key), i64>,
@@ -659,6 +660,32 @@ impl Applier {
     /// A failure that is not the event's fault (busy, I/O, full disk): the whole batch was rolled
     /// back and should be retried.
     pub fn apply_batch(&mut self, batch: &[Incoming<'_>]) -> Result<Vec<Outcome>, Error> {
+        let result = self.apply_batch_in(batch);
+        self.resync_on_error(result)
+    }
+
+    /// After a rolled-back transaction the held and waiting events in memory may differ from
+    /// the database (added or dropped inside it): read them again.
+    fn resync_on_error<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
+        if result.is_err() {
+            let s = &mut self.state;
+            s.held.clear();
+            s.held_keys.clear();
+            s.waiting.clear();
+            s.waiting_rows.clear();
+            s.waiting_tables.clear();
+            let since = s.waiting_since.take();
+            if let Err(e) = self.load_held() {
+                tracing::warn!(error = %crate::error_chain(&e), "Cannot re-read held events");
+            }
+            if !self.state.waiting.is_empty() {
+                self.state.waiting_since = since.or(self.state.waiting_since);
+            }
+        }
+        result
+    }
+
+    fn apply_batch_in(&mut self, batch: &[Incoming<'_>]) -> Result<Vec<Outcome>, Error> {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut first_write = batch.len();
         {
@@ -736,6 +763,11 @@ impl Applier {
     /// # Errors
     /// SQLite errors (rolled back; held events stay held).
     pub fn retry_held(&mut self) -> Result<usize, Error> {
+        let result = self.retry_held_in();
+        self.resync_on_error(result)
+    }
+
+    fn retry_held_in(&mut self) -> Result<usize, Error> {
         if self.state.held.is_empty() {
             return Ok(0);
         }
@@ -765,6 +797,11 @@ impl Applier {
     /// # Errors
     /// SQLite errors (rolled back; the events keep waiting).
     pub fn retry_waiting(&mut self) -> Result<usize, Error> {
+        let result = self.retry_waiting_in();
+        self.resync_on_error(result)
+    }
+
+    fn retry_waiting_in(&mut self) -> Result<usize, Error> {
         if self.state.waiting.is_empty() {
             return Ok(0);
         }
@@ -1120,7 +1157,10 @@ impl State {
             };
             self.cursors[t] = highest;
             let stale = self.stale_up_to.get(t).copied().unwrap_or(0);
-            for (id, key, unknown) in rows.into_iter().filter(|r| r.0 > stale) {
+            for (id, key, unknown) in rows {
+                // Captured before the columns changed: like a change of unknown fate, it holds
+                // back only our own older events (which lack the same columns).
+                let unknown = unknown || id <= stale;
                 let map = if unknown {
                     &mut self.unknown[t]
                 } else {

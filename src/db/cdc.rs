@@ -425,6 +425,11 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // The tables were listed before this transaction: DDL in between would make triggers for
+    // columns that no longer exist (and every application write to the table fail).
+    if super::schema::watched_tables(&tx)? != tables {
+        return Err(Error::SchemaChanged);
+    }
     // Capture existed before: tables without a change log are new to it.
     let installed_before: i64 = tx.query_row(
         "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",

@@ -69,7 +69,7 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
     let mut first = true;
     let result = loop {
         let generation = node.generation();
-        let tables = capture.tables.clone();
+        let (tables, stale) = (capture.tables.clone(), capture.stale_up_to.clone());
         let ran = run_subsystems(&generation, capture, &mut lease, embedded.as_ref(), first).await;
         first = false;
         match ran {
@@ -80,7 +80,7 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
                 } else {
                     tracing::info!(change = %reason, "Schema changed; reinstalling capture");
                 }
-                match reinstall(&node, tables).await {
+                match reinstall(&node, tables, stale).await {
                     Some(Ok(next)) => {
                         node.observers.health.tables_tracked.store(
                             next.tables.len() as u64,
@@ -115,10 +115,14 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
 
 /// Reinstalls capture after a schema change, retrying what a retry can fix (the application
 /// holding the write lock, a table being changed again meanwhile); `None` on shutdown.
-async fn reinstall(node: &Node, tables: Vec<db::Table>) -> Option<anyhow::Result<Capture>> {
+async fn reinstall(
+    node: &Node,
+    tables: Vec<db::Table>,
+    stale: Vec<i64>,
+) -> Option<anyhow::Result<Capture>> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match super::setup::reinstall(&node.settings, tables.clone()).await {
+        match super::setup::reinstall(&node.settings, tables.clone(), stale.clone()).await {
             Ok(capture) => return Some(Ok(capture)),
             Err(e) => {
                 let fatal = e.chain().any(|c| {

@@ -104,7 +104,15 @@ async fn open_database(settings: &Arc<Settings>) -> anyhow::Result<(Capture, Str
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let lock = db::lock(&s.db_path)?;
         crate::snapshot::sweep_work_dirs(&s.db_path);
-        let capture = install_capture(&s)?;
+        let mut capture = install_capture(&s)?;
+        // The schema changed while we were stopped: changes captured before may lack columns.
+        if !capture.previous_hash.is_empty() {
+            capture.stale_up_to = capture
+                .tables
+                .iter()
+                .map(|t| max_log_id(&capture.conn, t))
+                .collect::<anyhow::Result<_>>()?;
+        }
         let identity =
             cdc::identity(&capture.conn).context("Unable to read the database identity")?;
         Ok((capture, identity, lock))
@@ -121,6 +129,7 @@ async fn open_database(settings: &Arc<Settings>) -> anyhow::Result<(Capture, Str
 pub async fn reinstall(
     settings: &Arc<Settings>,
     before: Vec<db::Table>,
+    before_stale: Vec<i64>,
 ) -> anyhow::Result<Capture> {
     let s = Arc::clone(settings);
     tokio::task::spawn_blocking(move || {
@@ -128,25 +137,20 @@ pub async fn reinstall(
         let aliases =
             db::ddl::Aliases::load(&capture.conn).context("Unable to read schema aliases")?;
         for (i, t) in capture.tables.iter().enumerate() {
-            let old = before.iter().find(|b| {
+            let old = before.iter().position(|b| {
                 b.name.eq_ignore_ascii_case(&t.name)
                     || aliases
                         .table(&b.name)
                         .is_some_and(|n| n.eq_ignore_ascii_case(&t.name))
             });
-            if old.is_some_and(|old| old.columns != t.columns) {
-                capture.stale_up_to[i] = capture
-                    .conn
-                    .query_row(
-                        &format!(
-                            "SELECT coalesce(max(id), 0) FROM {}",
-                            db::quote(&db::change_log_name(&t.name))
-                        ),
-                        [],
-                        |r| r.get(0),
-                    )
-                    .context("Unable to read the change logs")?;
-            }
+            let changed = old.is_some_and(|o| before[o].columns != t.columns);
+            let carried = old.and_then(|o| before_stale.get(o).copied()).unwrap_or(0);
+            let now = if changed {
+                max_log_id(&capture.conn, t)?
+            } else {
+                0
+            };
+            capture.stale_up_to[i] = carried.max(now);
         }
         Ok(capture)
     })
@@ -154,8 +158,44 @@ pub async fn reinstall(
     .context("reinstall task failed")?
 }
 
-/// Lists the tables, computes the schema hash and installs capture.
+/// The highest change id in a table's change log (0 when empty).
+fn max_log_id(conn: &rusqlite::Connection, table: &db::Table) -> anyhow::Result<i64> {
+    conn.query_row(
+        &format!(
+            "SELECT coalesce(max(id), 0) FROM {}",
+            db::quote(&db::change_log_name(&table.name))
+        ),
+        [],
+        |r| r.get(0),
+    )
+    .context("Unable to read the change logs")
+}
+
+/// Lists the tables, computes the schema hash and installs capture (again, when the
+/// application changes the schema in between).
 fn install_capture(settings: &Settings) -> anyhow::Result<Capture> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match install_once(settings) {
+            Err(e) if tries < 20 && is_schema_change(&e) => {
+                tracing::debug!("schema changed while installing capture; again");
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_schema_change(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<db::Error>(),
+            Some(db::Error::SchemaChanged)
+        )
+    })
+}
+
+fn install_once(settings: &Settings) -> anyhow::Result<Capture> {
     let mut conn = db::open(&settings.db_path)?;
     tracing::info!("Listing tables to watch...");
     let tables = schema::watched_tables(&conn).context("Unable to list tables")?;
