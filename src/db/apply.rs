@@ -857,6 +857,7 @@ impl State {
         if event.table != table.name {
             copy = Some(event.clone());
         }
+        let mut gone: Vec<usize> = Vec::new();
         for (i, (name, _)) in event.row.iter().enumerate() {
             if table.column_index(name).is_some() {
                 continue;
@@ -864,7 +865,17 @@ impl State {
             if let Some(new) = self.aliases.column(&table.name, name) {
                 let c = copy.get_or_insert_with(|| event.clone());
                 c.row[i].0 = new.to_owned();
+            } else if self.aliases.dropped_column(&table.name, name) {
+                gone.push(i);
             }
+        }
+        if !gone.is_empty() {
+            let c = copy.get_or_insert_with(|| event.clone());
+            let mut i = 0;
+            c.row.retain(|_| {
+                i += 1;
+                !gone.contains(&(i - 1))
+            });
         }
         if let Some(c) = &mut copy {
             c.table = table.name.clone();
@@ -2574,6 +2585,35 @@ mod tests {
             count(&path, "SELECT count(*) FROM __harmonylite__dead_letter"),
             1
         );
+    }
+
+    #[test]
+    fn columns_this_node_dropped_are_ignored_in_older_events() {
+        let (_d, path, _a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, b TEXT)");
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch(
+                "BEGIN; CREATE TABLE n (id INTEGER PRIMARY KEY, a TEXT); INSERT INTO n SELECT id, a FROM t;
+                 DROP TABLE t; ALTER TABLE n RENAME TO t; COMMIT;",
+            )
+            .expect("rebuild without b");
+        let mut a = reinstalled(&path, "h2", "");
+        let out = a
+            .apply_batch(&[incoming(ChangeEvent {
+                schema_hash: "h0".into(),
+                ..ev(
+                    Op::Insert,
+                    "t",
+                    vec![
+                        ("id", Value::Integer(1)),
+                        ("a", Value::Text(b"x".to_vec())),
+                        ("b", Value::Text(b"y".to_vec())),
+                    ],
+                )
+            })])
+            .expect("batch commits");
+        assert_eq!(out, [Outcome::Applied]);
+        assert_eq!(count(&path, "SELECT count(*) FROM t WHERE a = 'x'"), 1);
     }
 
     #[test]

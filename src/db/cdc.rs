@@ -464,6 +464,9 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
     )?;
     // Renames first: a change log must be renamed before the triggers that write it are made.
     super::ddl::follow(&tx, tables)?;
+    // Another node's changes of these tables wait here: it has them, and its rows are on their
+    // way; ours, published now, would land after its later changes and undo them.
+    let waited_for = super::ddl::waiting_tables(&tx)?;
     for table in tables {
         tracing::info!("Creating trigger for {}", table.name);
         let new = log_columns(&tx, table)?.is_empty();
@@ -474,8 +477,12 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
             super::ddl::fill_added(&tx, table, &added)?;
         }
         if new && installed_before > 0 {
-            let rows = super::ddl::backfill(&tx, table)?;
-            tracing::info!(table = %table.name, rows, "New table watched; publishing its existing rows once");
+            if waited_for.contains(&table.name.to_lowercase()) {
+                tracing::info!(table = %table.name, "New table watched; its rows come from the nodes that had it first");
+            } else {
+                let rows = super::ddl::backfill(&tx, table)?;
+                tracing::info!(table = %table.name, rows, "New table watched; publishing its existing rows once");
+            }
         }
     }
     tx.commit()?;

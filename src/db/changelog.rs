@@ -58,6 +58,9 @@ pub struct ChangeLog {
     /// The schema version capture is confirmed for (see [`super::ddl::drift`]); scans read
     /// nothing while the database's differs. `None`: not checked (tests, one-shot commands).
     confirmed: Option<std::sync::Arc<std::sync::atomic::AtomicI64>>,
+    /// Told when a scan finds the schema changed, so that the check runs now, not at its next
+    /// tick (every millisecond without triggers for the new schema may lose a write).
+    schema_poke: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// Reads a column as a wire value, keeping TEXT bytes exactly (NUL and invalid UTF-8 included).
@@ -110,6 +113,7 @@ impl ChangeLog {
             select_sql,
             mark_sql,
             confirmed: None,
+            schema_poke: None,
         }
     }
 
@@ -117,8 +121,10 @@ impl ChangeLog {
     pub fn with_confirmed(
         mut self,
         confirmed: std::sync::Arc<std::sync::atomic::AtomicI64>,
+        poke: std::sync::Arc<tokio::sync::Notify>,
     ) -> ChangeLog {
         self.confirmed = Some(confirmed);
+        self.schema_poke = Some(poke);
         self
     }
 
@@ -155,6 +161,9 @@ impl ChangeLog {
         if let Some(confirmed) = &self.confirmed {
             let version: i64 = tx.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
             if version != confirmed.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(poke) = &self.schema_poke {
+                    poke.notify_one();
+                }
                 scan.schema_changed = true;
                 return Ok(scan);
             }

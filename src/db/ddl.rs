@@ -390,6 +390,28 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
         retire_log(conn, table, done)?;
         record(conn, "dropped", "", table, "")?;
     }
+    // Columns gone from a table (rebuilt without them) while its change log still has them:
+    // other nodes' older events may carry them; they are ignored here, not waited for.
+    for t in tables {
+        let log = change_log_name(&t.name);
+        for name in log_column_names(conn, &log)? {
+            let Some(col) = name.strip_prefix("val_") else {
+                continue;
+            };
+            if t.column_index(col).is_none() {
+                record(conn, "dropped_column", &t.name, col, "")?;
+            }
+        }
+        for c in &t.columns {
+            conn.execute(
+                &format!(
+                    "DELETE FROM {} WHERE kind = 'dropped_column' AND scope = ?1 AND old_name = ?2 COLLATE NOCASE",
+                    quote(ALIAS_TABLE)
+                ),
+                [&t.name, &c.name],
+            )?;
+        }
+    }
     // A name in use again is no longer an alias or a dropped table.
     for t in tables {
         conn.execute(
@@ -401,6 +423,26 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
         )?;
     }
     Ok(())
+}
+
+/// Lower-cased names of the tables that events waiting for the schema are for (see
+/// [`super::apply`]): such a table exists on another node, whose changes of it are on their way.
+///
+/// # Errors
+/// SQLite errors.
+pub fn waiting_tables(conn: &Connection) -> Result<HashSet<String>, Error> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT payload FROM {} WHERE schema_wait = 1",
+        quote(super::HELD_TABLE)
+    ))?;
+    let payloads: Vec<Vec<u8>> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(payloads
+        .iter()
+        .filter_map(|p| crate::wire::ReplicationEvent::decode(p).ok())
+        .map(|e| e.event.table.to_lowercase())
+        .collect())
 }
 
 /// Publishes a newly watched table's existing rows once, as inserts (rows written before its
@@ -493,6 +535,8 @@ pub struct Aliases {
     columns: HashMap<(String, String), String>,
     /// Lower-cased names of tables this node dropped.
     dropped: HashSet<String>,
+    /// (lower-cased table, lower-cased column) of columns this node's tables no longer have.
+    dropped_columns: HashSet<(String, String)>,
 }
 
 impl Aliases {
@@ -532,6 +576,11 @@ impl Aliases {
                 "dropped" => {
                     aliases.dropped.insert(old.to_lowercase());
                 }
+                "dropped_column" => {
+                    aliases
+                        .dropped_columns
+                        .insert((scope.to_lowercase(), old.to_lowercase()));
+                }
                 _ => {}
             }
         }
@@ -548,6 +597,12 @@ impl Aliases {
         self.columns
             .get(&(table.to_lowercase(), name.to_lowercase()))
             .map(String::as_str)
+    }
+
+    /// Whether `table` (current name) no longer has a column of that name here.
+    pub fn dropped_column(&self, table: &str, name: &str) -> bool {
+        self.dropped_columns
+            .contains(&(table.to_lowercase(), name.to_lowercase()))
     }
 
     /// Whether this node dropped a table of that name.

@@ -187,7 +187,9 @@ async fn run_subsystems(
     };
     let hashes_for_registry = hashes.previous.clone();
     let watched = tables.clone();
-    let log = Arc::new(ChangeLog::new(tables).with_confirmed(Arc::clone(&confirmed)));
+    let poke = Arc::new(Notify::new());
+    let log =
+        Arc::new(ChangeLog::new(tables).with_confirmed(Arc::clone(&confirmed), Arc::clone(&poke)));
     let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
     let positions: Arc<[AtomicU64]> = node
         .streams()
@@ -284,7 +286,7 @@ async fn run_subsystems(
     let keeper_stop = spawn_publisher(&mut tasks, node, publisher);
     spawn_keeper(&mut tasks, node, shared, outbox, &positions, keeper_stop);
     spawn_registry(&mut tasks, node, &hash, &hashes_for_registry);
-    spawn_watchdog(&mut tasks, node, watched, hash, confirmed);
+    spawn_watchdog(&mut tasks, node, watched, hash, confirmed, poke);
     if first {
         tracing::info!(shards = settings.replication.shards, "Replication running");
         crate::systemd::notify("READY=1");
@@ -607,12 +609,13 @@ fn spawn_watchdog(
     tables: Vec<db::Table>,
     hash: String,
     confirmed: Arc<std::sync::atomic::AtomicI64>,
+    poke: Arc<Notify>,
 ) {
     let (path, token) = (node.settings.db_path.clone(), node.root.clone());
     tasks.spawn(async move {
         (
             "database watchdog",
-            watch_database_file(path, tables, hash, confirmed, token).await,
+            watch_database_file(path, tables, hash, confirmed, poke, token).await,
         )
     });
 }
@@ -715,6 +718,7 @@ async fn watch_database_file(
     tables: Vec<db::Table>,
     hash: String,
     confirmed: Arc<std::sync::atomic::AtomicI64>,
+    poke: Arc<Notify>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (tables, hash) = (Arc::new(tables), Arc::new(hash));
@@ -744,6 +748,7 @@ async fn watch_database_file(
             biased;
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
+            _ = poke.notified() => {}
         }
         match std::fs::metadata(&path).map(identity) {
             Ok(now) if now == opened => {

@@ -143,7 +143,9 @@ pub async fn reinstall(
                         .table(&b.name)
                         .is_some_and(|n| n.eq_ignore_ascii_case(&t.name))
             });
-            let changed = old.is_some_and(|o| before[o].columns != t.columns);
+            // New tables too: their backfilled rows are older than what other nodes may
+            // already have sent of them.
+            let changed = old.is_none_or(|o| before[o].columns != t.columns);
             let carried = old.and_then(|o| before_stale.get(o).copied()).unwrap_or(0);
             let now = if changed {
                 max_log_id(&capture.conn, t)?
