@@ -115,6 +115,11 @@ impl Snapshots {
                 "this node is recovering from a snapshot itself; its database lacks changes".into(),
             ));
         }
+        if self.behind_on_schema() {
+            return Err(Error::Unusable(
+                "this node waits for a schema migration other nodes ran; its database lacks their changes".into(),
+            ));
+        }
         let _one = self.saving.try_lock().map_err(|_| Error::Busy)?;
         let started = Instant::now();
         let m = &self.observers.metrics;
@@ -350,12 +355,34 @@ impl Snapshots {
         }
     }
 
+    /// Whether events wait here for a migration this node has not run: its snapshots would lack
+    /// them (and be pinned before them).
+    fn behind_on_schema(&self) -> bool {
+        self.observers.health.catchup().schema_waiting_events > 0
+    }
+
     /// One election round (Go's `tryAcquireLeadership`); returns how soon the next is worth
     /// doing (right when another holder's lease runs out, at most a heartbeat).
     async fn elect(&self, meta_kv: &kv::Store, ttl: Duration) -> Duration {
         let was = self.is_leader();
         if self.recovering.load(Ordering::Relaxed) {
             return ttl;
+        }
+        if self.behind_on_schema() {
+            if was {
+                self.leader.store(false, Ordering::Relaxed);
+                self.observers
+                    .health
+                    .update_catchup(|c| c.snapshot_leader = false);
+                tracing::info!("Lost snapshot leadership: this node waits for a schema migration");
+                if leader::holder(meta_kv, leader::LEADER_KEY)
+                    .await
+                    .is_some_and(|(id, _)| id == self.settings.node_id)
+                {
+                    let _ = meta_kv.delete(leader::LEADER_KEY).await;
+                }
+            }
+            return ttl.min(Duration::from_secs(1));
         }
         let mut next = ttl;
         let attempt =
