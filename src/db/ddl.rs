@@ -611,6 +611,21 @@ impl Aliases {
     }
 }
 
+/// How the live schema differs from what capture was installed for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    pub what: String,
+    /// Capture triggers of a watched table are gone (dropped by someone else, or the table was
+    /// rebuilt): writes made since were not captured.
+    pub capture_lost: bool,
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
 /// Whether the live schema still matches the capture installed for `tables` with `hash`: `None`
 /// if so, else what changed. With `seen` equal to the current `PRAGMA schema_version` only that
 /// is read. Returns the schema version it looked at.
@@ -622,7 +637,7 @@ pub fn drift(
     tables: &[Table],
     hash: &str,
     seen: Option<i64>,
-) -> Result<(i64, Option<String>), Error> {
+) -> Result<(i64, Option<Drift>), Error> {
     let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
     if seen == Some(version) {
         return Ok((version, None));
@@ -631,6 +646,7 @@ pub fn drift(
     let version: i64 = tx.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
     let now = super::schema::watched_tables(&tx)?;
     let names = |ts: &[Table]| -> Vec<String> { ts.iter().map(|t| t.name.clone()).collect() };
+    let mut missing_triggers = false;
     let reason = if names(&now) != names(tables) {
         Some(format!(
             "watched tables changed from {:?} to {:?}",
@@ -652,6 +668,7 @@ pub fn drift(
                 .all(|(n, _)| present.iter().any(|(p, ..)| p == n))
         });
         if let Some(t) = missing {
+            missing_triggers = true;
             Some(format!(
                 "the capture triggers of table {:?} were dropped by something other than harmonylite \
                  (writes made while they were missing are not replicated)",
@@ -671,7 +688,14 @@ pub fn drift(
         }
     };
     tx.commit()?;
-    Ok((version, reason))
+    let lost = missing_triggers;
+    Ok((
+        version,
+        reason.map(|what| Drift {
+            what,
+            capture_lost: lost,
+        }),
+    ))
 }
 
 #[cfg(test)]

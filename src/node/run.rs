@@ -75,7 +75,7 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
         match ran {
             Ok(Ended::Stopped) => break Ok(()),
             Ok(Ended::SchemaChanged(reason)) => {
-                if reason.contains("were dropped") {
+                if reason.capture_lost {
                     tracing::warn!(change = %reason, "Capture damaged; reinstalling it");
                 } else {
                     tracing::info!(change = %reason, "Schema changed; reinstalling capture");
@@ -149,13 +149,13 @@ enum Ended {
     /// Shutdown (or the idle timeout): the node stops.
     Stopped,
     /// The application changed the schema: capture is reinstalled and a new generation starts.
-    SchemaChanged(String),
+    SchemaChanged(db::ddl::Drift),
 }
 
 /// The watchdog saw the schema drift from what capture was installed for.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct SchemaDrift(String);
+struct SchemaDrift(db::ddl::Drift);
 
 /// Runs one generation of the subsystems, for one installed capture (one schema), until
 /// shutdown, a failure, or a schema change.
