@@ -379,3 +379,42 @@ fn schema_status_reports_local_and_cluster_state() {
             .contains("Published schema state to cluster registry")
     );
 }
+
+/// A node whose events wait for a migration gives up the snapshot leadership (its database lacks
+/// those changes); another node takes it.
+#[test]
+fn a_node_behind_on_a_migration_does_not_lead_snapshots() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut nodes: Vec<Node> = (1..=2)
+        .map(|id| {
+            let n = Node::new(id, &nats.url, crate::support::BOOKS_SCHEMA, 1, "");
+            n.append_config("[snapshot]\nleader_ttl = 3000");
+            n
+        })
+        .collect();
+    nodes[0].start();
+    wait_until(REPLICATION_TIMEOUT, "node 1 to lead", || {
+        nodes[0].log().contains("Became snapshot leader")
+    });
+    nodes[1].start();
+    nodes[1].exec(ADD_RATING);
+    nodes[1].exec("INSERT INTO Books (title, author, rating) VALUES ('rated', 'a', 5)");
+    wait_until(
+        REPLICATION_TIMEOUT,
+        "node 1 to give up the leadership",
+        || {
+            nodes[0]
+                .log()
+                .contains("Lost snapshot leadership: this node waits for a schema migration")
+        },
+    );
+    wait_until(REPLICATION_TIMEOUT, "node 2 to lead", || {
+        nodes[1].log().contains("Became snapshot leader")
+    });
+    nodes[0].exec(ADD_RATING);
+    wait_until(REPLICATION_TIMEOUT, "the row on node 1", || {
+        count_rating(&nodes[0], "rated", 5) == 1
+    });
+    assert_nothing_quarantined(&nodes);
+}
