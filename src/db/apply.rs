@@ -136,6 +136,28 @@ fn same_value(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// Records an event that can never apply in the dead-letter table (in the caller's transaction).
+fn quarantine(
+    conn: &Connection,
+    stream: &str,
+    seq: u64,
+    why: &str,
+    payload: &[u8],
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO {} (stream, seq, error, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        quote(DEAD_LETTER_TABLE)
+    ))?
+    .execute(rusqlite::params![
+        stream,
+        seq as i64,
+        why,
+        payload,
+        now_ms()
+    ])?;
+    Ok(())
+}
+
 pub(super) struct Bind<'a>(pub(super) &'a Value);
 
 impl ToSql for Bind<'_> {
@@ -734,18 +756,7 @@ impl Applier {
                     outcomes.push(Outcome::Waiting(why));
                 }
                 Err(EventError::Poison(why)) => {
-                    tx.prepare_cached(&format!(
-                        "INSERT INTO {} (stream, seq, error, payload, created_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                        quote(DEAD_LETTER_TABLE)
-                    ))?
-                    .execute(rusqlite::params![
-                        incoming.stream,
-                        incoming.seq as i64,
-                        why,
-                        incoming.raw,
-                        now_ms()
-                    ])?;
+                    quarantine(&tx, incoming.stream, incoming.seq, &why, incoming.raw)?;
                     outcomes.push(Outcome::Quarantined(why));
                 }
             }
@@ -1109,18 +1120,7 @@ impl State {
                 Err(EventError::Poison(why)) => {
                     tracing::error!(stream = %stream, seq, error = %why,
                         "Event that waited for the schema cannot apply; quarantined in __harmonylite__dead_letter");
-                    conn.prepare_cached(&format!(
-                        "INSERT INTO {} (stream, seq, error, payload, created_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                        quote(DEAD_LETTER_TABLE)
-                    ))?
-                    .execute(rusqlite::params![
-                        stream,
-                        seq as i64,
-                        why,
-                        payload,
-                        now_ms()
-                    ])?;
+                    quarantine(conn, &stream, seq, &why, &payload)?;
                     self.drop_waiting(conn, id)?;
                 }
             }

@@ -201,6 +201,18 @@ fn log_column_names(conn: &Connection, log: &str) -> Result<Vec<String>, Error> 
         .collect::<Result<_, _>>()?)
 }
 
+/// Pending changes of `old` are published as changes of `new` from now on.
+fn rename_in_global_log(conn: &Connection, old: &str, new: &str) -> Result<(), Error> {
+    conn.execute(
+        &format!(
+            "UPDATE {} SET table_name = ?2 WHERE table_name = ?1",
+            quote(GLOBAL_LOG)
+        ),
+        rusqlite::params![old, new],
+    )?;
+    Ok(())
+}
+
 fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     let mut done = Followed::default();
     let watched: HashMap<String, &Table> =
@@ -236,13 +248,7 @@ fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error
         if old.eq_ignore_ascii_case(&new) {
             // Only the case changed (through another name): the log is the same table for
             // SQLite; pending changes go out under the new spelling.
-            conn.execute(
-                &format!(
-                    "UPDATE {} SET table_name = ?2 WHERE table_name = ?1",
-                    quote(GLOBAL_LOG)
-                ),
-                rusqlite::params![old, new],
-            )?;
+            rename_in_global_log(conn, &old, &new)?;
             continue;
         }
         // The target's own log is left from a table that was dropped and replaced by this one
@@ -266,13 +272,7 @@ fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error
             quote(&tmp),
             quote(&change_log_name(&new))
         ))?;
-        conn.execute(
-            &format!(
-                "UPDATE {} SET table_name = ?2 WHERE table_name = ?1",
-                quote(GLOBAL_LOG)
-            ),
-            rusqlite::params![old, new],
-        )?;
+        rename_in_global_log(conn, &old, &new)?;
         let alias = quote(ALIAS_TABLE);
         // Earlier names now lead here, and column renames move with the table.
         conn.execute(
