@@ -466,7 +466,8 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
     super::ddl::follow(&tx, tables)?;
     // Another node's changes of these tables wait here: it has them, and its rows are on their
     // way; ours, published now, would land after its later changes and undo them.
-    let waited_for = super::ddl::waiting_tables(&tx)?;
+    let waiting = super::ddl::waiting_events(&tx)?;
+    let waited_for = super::ddl::waiting_tables(&waiting);
     for table in tables {
         tracing::info!("Creating trigger for {}", table.name);
         let new = log_columns(&tx, table)?.is_empty();
@@ -478,9 +479,14 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
         }
         if new && installed_before > 0 {
             if waited_for.contains(&table.name.to_lowercase()) {
-                tracing::info!(table = %table.name, "New table watched; its rows come from the nodes that had it first");
+                let seen: Vec<_> = waiting
+                    .iter()
+                    .filter(|e| e.table.eq_ignore_ascii_case(&table.name))
+                    .collect();
+                let rows = super::ddl::backfill(&tx, table, &seen)?;
+                tracing::info!(table = %table.name, rows, "New table watched; its rows come from the nodes that had it first, except local writes, published now");
             } else {
-                let rows = super::ddl::backfill(&tx, table)?;
+                let rows = super::ddl::backfill(&tx, table, &[])?;
                 tracing::info!(table = %table.name, rows, "New table watched; publishing its existing rows once");
             }
         }
@@ -567,6 +573,61 @@ mod tests {
 
     fn count(conn: &Connection, sql: &str) -> i64 {
         conn.query_row(sql, [], |r| r.get(0)).expect(sql)
+    }
+
+    #[test]
+    fn a_new_table_publishes_only_rows_other_nodes_do_not_carry() {
+        let (_d, path) = temp_db("CREATE TABLE t (id INTEGER PRIMARY KEY)");
+        let mut conn = crate::db::open(&path).expect("open");
+        install_all(&mut conn);
+        // Another node's changes of `n` wait here: its seed row 1, and its update of row 2.
+        for (seq, id, body) in [(1, 1, "seed"), (2, 2, "theirs")] {
+            let event = crate::wire::ReplicationEvent {
+                from_node_id: 2,
+                event: crate::wire::ChangeEvent {
+                    id: seq,
+                    op: crate::wire::Op::Insert,
+                    table: "N".into(),
+                    row: vec![
+                        ("id".into(), crate::wire::Value::Integer(id)),
+                        ("body".into(), crate::wire::Value::Text(body.into())),
+                    ],
+                    schema_hash: "other".into(),
+                },
+            };
+            conn.execute(
+                "INSERT INTO __harmonylite__held_events \
+                 (stream, seq, origin, payload, reason, created_at, schema_wait) \
+                 VALUES ('s', ?1, NULL, ?2, 'no table', 0, 1)",
+                rusqlite::params![seq, event.encode()],
+            )
+            .expect("waiting event");
+        }
+        // The migration, with this node's own writes before its triggers exist: row 1 as the
+        // migration made it everywhere, row 2 and 3 written here.
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch(
+                "CREATE TABLE n (id INTEGER PRIMARY KEY, body TEXT);
+                 INSERT INTO n VALUES (1, 'seed'), (2, 'mine'), (3, 'mine too');",
+            )
+            .expect("migration");
+        install_all(&mut conn);
+        let published: Vec<(i64, String)> = conn
+            .prepare("SELECT val_id, val_body FROM __harmonylite__n_change_log ORDER BY id")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .expect("log");
+        assert_eq!(
+            published,
+            [(2, "mine".to_string()), (3, "mine too".to_string())]
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM __harmonylite___change_log_global WHERE table_name = 'n'"
+            ),
+            2
+        );
     }
 
     #[test]

@@ -425,14 +425,13 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
     Ok(())
 }
 
-/// Lower-cased names of the tables that events waiting for the schema are for (see
-/// [`super::apply`]): such a table exists on another node, whose changes of it are on their way.
+/// The events waiting for the schema (see [`super::apply`]), in arrival order.
 ///
 /// # Errors
 /// SQLite errors.
-pub fn waiting_tables(conn: &Connection) -> Result<HashSet<String>, Error> {
+pub fn waiting_events(conn: &Connection) -> Result<Vec<crate::wire::ChangeEvent>, Error> {
     let mut stmt = conn.prepare(&format!(
-        "SELECT payload FROM {} WHERE schema_wait = 1",
+        "SELECT payload FROM {} WHERE schema_wait = 1 ORDER BY id",
         quote(super::HELD_TABLE)
     ))?;
     let payloads: Vec<Vec<u8>> = stmt
@@ -441,16 +440,32 @@ pub fn waiting_tables(conn: &Connection) -> Result<HashSet<String>, Error> {
     Ok(payloads
         .iter()
         .filter_map(|p| crate::wire::ReplicationEvent::decode(p).ok())
-        .map(|e| e.event.table.to_lowercase())
+        .map(|e| e.event)
         .collect())
+}
+
+/// Lower-cased names of the tables that events waiting for the schema are for: such a table
+/// exists on another node, whose changes of it are on their way.
+pub fn waiting_tables(events: &[crate::wire::ChangeEvent]) -> HashSet<String> {
+    events.iter().map(|e| e.table.to_lowercase()).collect()
 }
 
 /// Publishes a newly watched table's existing rows once, as inserts (rows written before its
 /// triggers existed were never captured). Returns how many.
 ///
+/// `seen`: events of other nodes for this table that wait here. A row equal to one of their
+/// images is the cluster's row (a data migration every node ran, or a row another node wrote)
+/// and is not published: published now, it would land after that node's later changes and
+/// undo them. Any other row is this node's own write between the DDL and its triggers, which
+/// nothing else carries.
+///
 /// # Errors
 /// SQLite errors.
-pub fn backfill(conn: &Connection, table: &Table) -> Result<i64, Error> {
+pub fn backfill(
+    conn: &Connection,
+    table: &Table,
+    seen: &[&crate::wire::ChangeEvent],
+) -> Result<i64, Error> {
     let log = change_log_name(&table.name);
     let before: i64 = conn.query_row(
         &format!("SELECT coalesce(max(id), 0) FROM {}", quote(&log)),
@@ -463,16 +478,37 @@ pub fn backfill(conn: &Connection, table: &Table) -> Result<i64, Error> {
         .map(|c| quote(&format!("val_{}", c.name)))
         .collect();
     let sources: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
+    let unseen = if seen.is_empty() {
+        String::new()
+    } else {
+        seen_images(conn, table, seen)?;
+        let same: Vec<String> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("s.c{i} IS t.{c}"))
+            .collect();
+        format!(
+            " WHERE NOT EXISTS (SELECT 1 FROM temp.hl_seen AS s WHERE {})",
+            same.join(" AND ")
+        )
+    };
     let n = conn.execute(
         &format!(
-            "INSERT INTO {} ({}, type, created_at, state) SELECT {}, 'insert', ?1, 0 FROM {}",
+            "INSERT INTO {} ({}, type, created_at, state) SELECT {}, 'insert', ?1, 0 FROM {} AS t{unseen}",
             quote(&log),
             targets.join(", "),
-            sources.join(", "),
+            sources
+                .iter()
+                .map(|c| format!("t.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             quote(&table.name)
         ),
         [super::now_ms()],
     )?;
+    if !seen.is_empty() {
+        conn.execute_batch("DROP TABLE temp.hl_seen")?;
+    }
     conn.execute(
         &format!(
             "INSERT INTO {} (change_table_id, table_name) SELECT id, ?2 FROM {} WHERE id > ?1 ORDER BY id",
@@ -482,6 +518,38 @@ pub fn backfill(conn: &Connection, table: &Table) -> Result<i64, Error> {
         rusqlite::params![before, table.name],
     )?;
     Ok(n as i64)
+}
+
+/// `temp.hl_seen(c0, c1, …)`: the row images of `events`, one column per column of `table`
+/// (a column an event lacks is NULL there).
+fn seen_images(
+    conn: &Connection,
+    table: &Table,
+    events: &[&crate::wire::ChangeEvent],
+) -> Result<(), Error> {
+    let cols: Vec<String> = (0..table.columns.len()).map(|i| format!("c{i}")).collect();
+    conn.execute_batch(&format!("CREATE TEMP TABLE hl_seen ({})", cols.join(", ")))?;
+    let mut insert = conn.prepare(&format!(
+        "INSERT INTO temp.hl_seen VALUES ({})",
+        vec!["?"; cols.len()].join(", ")
+    ))?;
+    let null = crate::wire::Value::Null;
+    for e in events {
+        let binds: Vec<super::apply::Bind<'_>> = table
+            .columns
+            .iter()
+            .map(|c| {
+                super::apply::Bind(
+                    e.row
+                        .iter()
+                        .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
+                        .map_or(&null, |(_, v)| v),
+                )
+            })
+            .collect();
+        insert.execute(rusqlite::params_from_iter(binds.iter()))?;
+    }
+    Ok(())
 }
 
 /// After `ALTER TABLE … ADD COLUMN`: pending changes captured without the new columns get them
