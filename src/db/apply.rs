@@ -343,6 +343,9 @@ struct State {
     waiting_since: Option<std::time::Instant>,
     hashes: SchemaHashes,
     aliases: super::ddl::Aliases,
+    /// How many parts of a restored snapshot wait for this node's schema
+    /// ([`super::deferred`]).
+    deferred: usize,
     sql: Vec<TableSql>,
 }
 
@@ -413,12 +416,14 @@ impl Applier {
                 waiting_since: None,
                 hashes: SchemaHashes::default(),
                 aliases: super::ddl::Aliases::default(),
+                deferred: 0,
                 sql: (0..n).map(|_| TableSql::default()).collect(),
             },
             held_checked_version: None,
             confirmed: None,
         };
         applier.state.aliases = super::ddl::Aliases::load(&applier.conn)?;
+        applier.state.deferred = super::deferred::parts(&applier.conn)?.len();
         applier.rebuild_in_flight()?;
         applier.load_held()?;
         Ok(applier)
@@ -570,8 +575,8 @@ impl Applier {
             .collect();
         // Events waiting for the schema that the snapshot's positions include go too: replayed
         // after the migration they would take their rows back past newer events the snapshot
-        // holds (and this node never received). The columns this node lacks are then missing
-        // from those rows until they are written again (documented).
+        // holds (and this node never received). What they carried that this node's schema
+        // lacks is in the snapshot's deferred parts, merged after the migration.
         let included = |stream: &str, seq: u64| {
             streams
                 .iter()
@@ -596,7 +601,13 @@ impl Applier {
             }
             tx.commit()?;
         }
+        self.state.deferred = super::deferred::parts(&self.conn)?.len();
         Ok(restored)
+    }
+
+    /// Number of parts of a restored snapshot waiting for this node's schema.
+    pub fn deferred_len(&self) -> usize {
+        self.state.deferred
     }
 
     /// Number of captured changes not yet come back (for tests and metrics).
@@ -813,16 +824,32 @@ impl Applier {
     }
 
     fn retry_waiting_in(&mut self) -> Result<usize, Error> {
-        if self.state.waiting.is_empty() {
+        if self.state.waiting.is_empty() && self.state.deferred == 0 {
             return Ok(0);
         }
         let tx = begin_guarded(&mut self.conn)?;
         Self::check_schema(self.confirmed.as_ref(), &tx)?;
+        // The snapshot's rows this schema can hold now come first: the waiting events are newer.
+        let merged = super::deferred::merge_ready(
+            &tx,
+            &self.state.log,
+            &self.state.applied,
+            &self.state.stale_up_to,
+        )?;
+        let deferred = super::deferred::parts(&tx)?.len();
+        if self.state.waiting.is_empty() {
+            commit_guarded(tx)?;
+            self.state.deferred = deferred;
+            log_merged(&merged, deferred);
+            return Ok(0);
+        }
         self.state.refresh(&tx)?;
         let before = self.state.waiting.len();
         let since = self.state.waiting_since;
         let applied = self.state.retry_waiting(&tx)?;
         commit_guarded(tx)?;
+        self.state.deferred = deferred;
+        log_merged(&merged, deferred);
         let left = self.state.waiting.len();
         if left == 0 {
             let paused_for = since
@@ -844,6 +871,20 @@ impl Applier {
             );
         }
         Ok(applied)
+    }
+}
+
+/// Logs what [`super::deferred::merge_ready`] did.
+fn log_merged(merged: &[super::deferred::Merged], left: usize) {
+    for m in merged {
+        tracing::info!(part = %m.part, rows = m.rows, still_missing = ?m.still_missing,
+            "Merged snapshot rows kept for this schema");
+    }
+    if left > 0 {
+        tracing::info!(
+            parts = left,
+            "Snapshot rows still wait for tables or columns this node does not have"
+        );
     }
 }
 
@@ -2777,6 +2818,82 @@ mod tests {
             .expect("app");
         let ops: Vec<Op> = captured(&path).into_iter().map(|e| e.op).collect();
         assert_eq!(ops, [Op::Update, Op::Delete]);
+    }
+
+    /// A node behind on a migration restores a snapshot of a node ahead of it: what its schema
+    /// lacks (a new table, a new column) is kept aside and merged after its own migration,
+    /// without overwriting what its application wrote meanwhile.
+    #[test]
+    fn restore_while_behind_on_a_migration_keeps_the_new_tables_and_columns() {
+        let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        let snap = d.path().join("snapshot.db");
+        Connection::open(&snap)
+            .expect("snapshot")
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, note TEXT);
+                 INSERT INTO t VALUES (1, 'a', 'n1'), (2, 'b', NULL), (3, 'c', 'n3');
+                 CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);
+                 INSERT INTO notes VALUES (1, 'x'), (2, 'y');
+                 CREATE TABLE __harmonylite__internal (k);",
+            )
+            .expect("snapshot rows");
+        let out = a
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+            .expect("restore");
+        assert_eq!(
+            out.deferred,
+            ["columns [\"note\"] of table \"t\"", "table \"notes\""]
+        );
+        assert_eq!(a.deferred_len(), 2);
+        assert_eq!(count(&path, "SELECT count(*) FROM t"), 3);
+        // Nothing to merge into yet: the parts stay, through a restart too.
+        assert_eq!(a.retry_waiting().expect("retry"), 0);
+        drop(a);
+        let a = reinstalled(&path, "h", "");
+        assert_eq!(a.deferred_len(), 2);
+        // The migration runs here; the application writes the new column and table at once.
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch(
+                "ALTER TABLE t ADD COLUMN note TEXT; UPDATE t SET note = 'mine' WHERE id = 3;
+                 CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);
+                 INSERT INTO notes VALUES (1, 'x'), (2, 'mine');",
+            )
+            .expect("migration");
+        let mut a = {
+            drop(a);
+            reinstalled(&path, "h2", "h")
+        };
+        // Of the new table's rows only this node's own write is published: row 1 is the
+        // cluster's (the snapshot has it).
+        assert_eq!(
+            rows(&path, "SELECT val_id FROM __harmonylite__notes_change_log"),
+            [vec![Value::Integer(2)]]
+        );
+        a.retry_waiting().expect("merge");
+        assert_eq!(a.deferred_len(), 0);
+        assert_eq!(
+            rows(&path, "SELECT id, note FROM t ORDER BY id"),
+            [
+                vec![Value::Integer(1), text("n1")],
+                vec![Value::Integer(2), Value::Null],
+                vec![Value::Integer(3), text("mine")],
+            ]
+        );
+        assert_eq!(
+            rows(&path, "SELECT id, body FROM notes ORDER BY id"),
+            [
+                vec![Value::Integer(1), text("x")],
+                vec![Value::Integer(2), text("mine")],
+            ]
+        );
+        assert_eq!(
+            count(
+                &path,
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE '__harmonylite__deferred%' AND type = 'table' AND name <> '__harmonylite__deferred_parts'"
+            ),
+            0
+        );
     }
 
     /// A table keyed by bare rowid keeps the snapshot's rowids (the fast copy could renumber

@@ -453,11 +453,12 @@ pub fn waiting_tables(events: &[crate::wire::ChangeEvent]) -> HashSet<String> {
 /// Publishes a newly watched table's existing rows once, as inserts (rows written before its
 /// triggers existed were never captured). Returns how many.
 ///
-/// `seen`: events of other nodes for this table that wait here. A row equal to one of their
-/// images is the cluster's row (a data migration every node ran, or a row another node wrote)
-/// and is not published: published now, it would land after that node's later changes and
-/// undo them. Any other row is this node's own write between the DDL and its triggers, which
-/// nothing else carries.
+/// `seen`: events of other nodes for this table that wait here; and the table's rows in a
+/// snapshot restored before this node had the table ([`super::deferred`]). A row equal to one
+/// of their images is the cluster's row (a data migration every node ran, or a row another
+/// node wrote) and is not published: published now, it would land after that node's later
+/// changes and undo them. Any other row is this node's own write between the DDL and its
+/// triggers, which nothing else carries.
 ///
 /// # Errors
 /// SQLite errors.
@@ -478,19 +479,41 @@ pub fn backfill(
         .map(|c| quote(&format!("val_{}", c.name)))
         .collect();
     let sources: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
-    let unseen = if seen.is_empty() {
-        String::new()
-    } else {
+    let mut unseen = Vec::new();
+    if !seen.is_empty() {
         seen_images(conn, table, seen)?;
         let same: Vec<String> = sources
             .iter()
             .enumerate()
             .map(|(i, c)| format!("s.c{i} IS t.{c}"))
             .collect();
-        format!(
-            " WHERE NOT EXISTS (SELECT 1 FROM temp.hl_seen AS s WHERE {})",
+        unseen.push(format!(
+            "NOT EXISTS (SELECT 1 FROM temp.hl_seen AS s WHERE {})",
             same.join(" AND ")
-        )
+        ));
+    }
+    if let Some((copy, copied)) = super::deferred::whole_copy(conn, &table.name)? {
+        let same: Vec<String> = table
+            .columns
+            .iter()
+            .filter(|c| !(table.rowid_key && c.name == "rowid"))
+            .filter_map(|c| {
+                let d = copied.iter().find(|d| d.eq_ignore_ascii_case(&c.name))?;
+                Some(format!("d.{} IS t.{}", quote(d), quote(&c.name)))
+            })
+            .collect();
+        if !same.is_empty() {
+            unseen.push(format!(
+                "NOT EXISTS (SELECT 1 FROM main.{} AS d WHERE {})",
+                quote(&copy),
+                same.join(" AND ")
+            ));
+        }
+    }
+    let unseen = if unseen.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", unseen.join(" AND "))
     };
     let n = conn.execute(
         &format!(

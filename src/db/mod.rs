@@ -21,6 +21,7 @@ pub mod apply;
 pub mod cdc;
 pub mod changelog;
 pub mod ddl;
+pub mod deferred;
 pub mod restore;
 pub mod schema;
 

@@ -12,6 +12,9 @@
 //!   local write, and the change still replicates (the change logs are not touched).
 //! - Our own tables (change logs, held events, identity) are never read from the snapshot.
 //! - A table the snapshot lacks, or lacks a key column of, is left alone and reported.
+//! - Tables and columns of the snapshot that this node does not have (it is behind on a
+//!   migration) are kept aside in the same transaction ([`super::deferred`]) and merged once the
+//!   local schema has them.
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
 //!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row. Any
 //!   other constraint failure (NOT NULL, CHECK: the schemas differ) fails the whole restore,
@@ -51,6 +54,9 @@ pub struct Restored {
     pub kept: u64,
     /// Tables not restored, with why.
     pub skipped: Vec<(String, String)>,
+    /// Tables and columns of the snapshot this node's schema lacks, kept for when it has them
+    /// (see [`super::deferred`]).
+    pub deferred: Vec<String>,
 }
 
 /// Merges the snapshot at `snapshot` into the database of `conn`. `positions` (per shard, index
@@ -138,6 +144,13 @@ fn merge_all(
         tracing::debug!(table = %table.name, elapsed_ms = started.elapsed().as_millis() as u64, "table restored");
         tx.execute_batch("DROP TABLE temp.hl_keep")?;
     }
+    // What this node's schema cannot hold yet (it is behind on a migration) waits in our
+    // tables: the positions move past the changes that made those rows.
+    let aliases = super::ddl::Aliases::load(&tx)?;
+    out.deferred = super::deferred::defer(&tx, SNAP, log.tables(), &aliases)?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let started = std::time::Instant::now();
     commit_guarded(tx)?;
     tracing::debug!(
@@ -202,7 +215,7 @@ fn snapshot_columns(conn: &Connection, table: &str) -> Result<Vec<String>, Error
 }
 
 /// `temp.hl_keep(k0, k1, …)`: the keys of rows not to touch.
-fn keep_table(
+pub(super) fn keep_table(
     conn: &Connection,
     keys: &[&str],
     flying: &[(i64, Vec<crate::wire::Value>)],

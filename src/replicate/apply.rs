@@ -455,16 +455,17 @@ pub fn spawn_apply_thread(
                 let m = &observers.metrics;
                 m.held_events.set(applier.held_len() as i64);
                 m.schema_mismatch_paused
-                    .set(i64::from(applier.waiting_len() > 0));
-                observers
-                    .health
-                    .update_catchup(|c| c.schema_waiting_events = applier.waiting_len());
+                    .set(i64::from(applier.waiting_len() + applier.deferred_len() > 0));
+                observers.health.update_catchup(|c| {
+                    c.schema_waiting_events = applier.waiting_len();
+                    c.schema_deferred_parts = applier.deferred_len();
+                });
             };
             report(&applier);
             let mut last: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
             // Events that waited for the schema are tried once capture is installed for the
             // schema of this run (the applier is made anew after every reinstall).
-            let mut retry_waiting = applier.waiting_len() > 0;
+            let mut retry_waiting = applier.waiting_len() + applier.deferred_len() > 0;
             loop {
                 if shutdown.is_cancelled() {
                     break;
@@ -501,6 +502,7 @@ pub fn spawn_apply_thread(
                         if let Some(e) = fatal {
                             return Err(ApplyError::Fatal(e));
                         }
+                        report(&applier);
                         continue;
                     }
                     Some(Err(_)) => {
@@ -596,6 +598,7 @@ pub fn spawn_apply_thread(
                     if let Some(e) = restore(&mut applier, &mut seqmap, &streams, &mut last, &positions, &shard_last, job) {
                         return Err(ApplyError::Fatal(e));
                     }
+                    report(&applier);
                 }
             }
             tracing::debug!("apply thread stopped");

@@ -323,6 +323,9 @@ async fn attempt(
     for (table, why) in &restored.skipped {
         tracing::warn!(table = %table, reason = %why, "Table not restored from the snapshot");
     }
+    for part in &restored.deferred {
+        tracing::warn!(part = %part, "The snapshot has data this node's schema lacks (it is behind on a migration); kept until the same migration runs here");
+    }
     let m = &node.observers.metrics;
     m.snapshots.with_label_values(&["restore", "ok"]).inc();
     m.snapshot_size_bytes.set(meta.size.unwrap_or(0) as i64);

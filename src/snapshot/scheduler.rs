@@ -358,7 +358,8 @@ impl Snapshots {
     /// Whether events wait here for a migration this node has not run: its snapshots would lack
     /// them (and be pinned before them).
     fn behind_on_schema(&self) -> bool {
-        self.observers.health.catchup().schema_waiting_events > 0
+        let c = self.observers.health.catchup();
+        c.schema_waiting_events > 0 || c.schema_deferred_parts > 0
     }
 
     /// One election round (Go's `tryAcquireLeadership`); returns how soon the next is worth
