@@ -435,3 +435,82 @@ fn a_node_behind_on_a_migration_does_not_lead_snapshots() {
     });
     assert_nothing_quarantined(&nodes);
 }
+
+/// A node behind on a migration that must restore a snapshot of a node ahead of it (the streams
+/// moved on while it was down) keeps the snapshot's new table and column aside, and after its
+/// own migration has every row and value the other node has.
+#[test]
+fn a_restore_while_behind_on_a_migration_loses_nothing() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut nodes: Vec<Node> = (1..=2)
+        .map(|id| {
+            let n = Node::new(id, &nats.url, crate::support::BOOKS_SCHEMA, 1, "");
+            n.set_max_entries(8);
+            n.append_config("[snapshot]\nleader_ttl = 3000");
+            n
+        })
+        .collect();
+    nodes[0].start();
+    wait_until(REPLICATION_TIMEOUT, "node 1 to lead", || {
+        nodes[0].log().contains("Became snapshot leader")
+    });
+    nodes[1].start();
+    nodes[0].exec("INSERT INTO Books (title, author) VALUES ('before', 'a')");
+    wait_until(REPLICATION_TIMEOUT, "the row on node 2", || {
+        nodes[1].query_i64("SELECT count(*) FROM Books") == 1
+    });
+    nodes[1].kill();
+    // Node 1 migrates and writes the new column and table, far more than the streams keep.
+    const MIGRATION: &str = "ALTER TABLE Books ADD COLUMN rating INTEGER;
+         CREATE TABLE Reviews (id INTEGER PRIMARY KEY, book INTEGER REFERENCES Books(id), body TEXT);";
+    nodes[0].exec(MIGRATION);
+    wait_until(
+        REPLICATION_TIMEOUT,
+        "node 1 to follow its migration",
+        || {
+            nodes[0]
+                .log()
+                .contains("Capture reinstalled for the new schema")
+        },
+    );
+    for i in 0..20 {
+        nodes[0].exec(&format!(
+            "INSERT INTO Books (title, author, rating) VALUES ('b{i}', 'a', {i});
+             INSERT INTO Reviews (book, body) VALUES (last_insert_rowid(), 'review {i}');"
+        ));
+    }
+    nodes[0].exec("UPDATE Books SET rating = 99 WHERE title = 'before'");
+    wait_until(REPLICATION_TIMEOUT, "node 1 to publish", || {
+        nodes[0].query_i64("SELECT count(*) FROM __harmonylite___change_log_global") == 0
+    });
+    nodes[1].start();
+    wait_until(REPLICATION_TIMEOUT * 2, "node 2 to restore", || {
+        nodes[1].log().contains("Restore complete")
+    });
+    let log = nodes[1].log();
+    assert!(
+        log.contains("The snapshot has data this node's schema lacks"),
+        "node 2 did not keep the snapshot's new table and column\n{log}"
+    );
+    // Its own migration brings them in, and it goes on replicating.
+    nodes[1].exec(MIGRATION);
+    wait_until(REPLICATION_TIMEOUT, "node 2 to merge the kept rows", || {
+        nodes[1]
+            .log()
+            .contains("Merged snapshot rows kept for this schema")
+    });
+    nodes[0].exec("INSERT INTO Reviews (id, book, body) VALUES (100, 1, 'after')");
+    nodes[1].exec("INSERT INTO Reviews (id, book, body) VALUES (101, 2, 'from node 2')");
+    wait_until(REPLICATION_TIMEOUT, "equal tables", || {
+        nodes.iter().all(settled)
+            && nodes[0].checksum("Books") == nodes[1].checksum("Books")
+            && nodes[0].checksum("Reviews") == nodes[1].checksum("Reviews")
+            && nodes[0].query_i64("SELECT count(*) FROM Reviews") == 22
+    });
+    assert_eq!(
+        nodes[1].query_i64("SELECT rating FROM Books WHERE title = 'before'"),
+        99
+    );
+    assert_nothing_quarantined(&nodes);
+}
