@@ -2896,6 +2896,48 @@ mod tests {
         );
     }
 
+    /// A snapshot of a node that has not run this node's renames yet is restored under the
+    /// new names (its rows are not skipped as "no such table").
+    #[test]
+    fn restore_of_a_snapshot_with_old_names_follows_local_renames() {
+        let (d, path, a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT)");
+        drop(a);
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch("ALTER TABLE t RENAME COLUMN a TO b; ALTER TABLE t RENAME TO u;")
+            .expect("renames");
+        let mut a = reinstalled(&path, "h2", "h");
+        // A row the snapshot has newer, and one it no longer has.
+        for (id, v) in [(1, "old"), (3, "gone")] {
+            a.apply_batch(&[incoming(ev(
+                Op::Insert,
+                "u",
+                vec![("id", Value::Integer(id)), ("b", text(v))],
+            ))])
+            .expect("apply");
+        }
+        let snap = d.path().join("snapshot.db");
+        Connection::open(&snap)
+            .expect("snapshot")
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT);
+                 INSERT INTO t VALUES (1, 'x'), (2, 'y');",
+            )
+            .expect("snapshot rows");
+        let out = a
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+            .expect("restore");
+        assert!(out.skipped.is_empty(), "{out:?}");
+        assert!(out.deferred.is_empty(), "{out:?}");
+        assert_eq!(
+            rows(&path, "SELECT id, b FROM u ORDER BY id"),
+            [
+                vec![Value::Integer(1), text("x")],
+                vec![Value::Integer(2), text("y")],
+            ]
+        );
+    }
+
     /// A table keyed by bare rowid keeps the snapshot's rowids (the fast copy could renumber
     /// them, so it is not used there).
     #[test]

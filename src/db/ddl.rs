@@ -683,6 +683,25 @@ impl Aliases {
         self.tables.get(&name.to_lowercase()).map(String::as_str)
     }
 
+    /// The older names (lower-cased) of a table known here as `current`.
+    pub fn old_tables(&self, current: &str) -> Vec<String> {
+        self.tables
+            .iter()
+            .filter(|(_, new)| new.eq_ignore_ascii_case(current))
+            .map(|(old, _)| old.clone())
+            .collect()
+    }
+
+    /// The older names (lower-cased) of column `current` of `table` (current name).
+    pub fn old_columns(&self, table: &str, current: &str) -> Vec<String> {
+        let table = table.to_lowercase();
+        self.columns
+            .iter()
+            .filter(|((t, _), new)| *t == table && new.eq_ignore_ascii_case(current))
+            .map(|((_, old), _)| old.clone())
+            .collect()
+    }
+
     /// The current name of a column of `table` (current name) known under an older one.
     pub fn column(&self, table: &str, name: &str) -> Option<&str> {
         self.columns

@@ -95,17 +95,68 @@ fn merge_all(
 ) -> Result<Restored, Error> {
     let mut out = Restored::default();
     let tx = begin_guarded(conn)?;
+    let aliases = super::ddl::Aliases::load(&tx)?;
+    // A snapshot of a node that has not run this node's renames yet has the old names; one
+    // made with this node's schema has the current ones (also where a rename swapped names).
+    let hash_of = |schema: &str| {
+        tx.query_row(
+            &format!(
+                "SELECT schema_hash FROM {schema}.{} WHERE id = 1",
+                quote(super::SCHEMA_VERSION_TABLE)
+            ),
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .ok()
+    };
+    let same_schema = hash_of("main").is_some() && hash_of("main") == hash_of(SNAP);
     for (i, table) in log.tables().iter().enumerate() {
-        let snap_cols = snapshot_columns(&tx, &table.name)?;
+        let mut snap_table = table.name.clone();
+        let mut snap_cols = snapshot_columns(&tx, &table.name)?;
+        if !same_schema {
+            // An old name now used by another local table means that table's rows.
+            for old in aliases
+                .old_tables(&table.name)
+                .into_iter()
+                .filter(|o| !log.tables().iter().any(|t| t.name.eq_ignore_ascii_case(o)))
+            {
+                let cols = snapshot_columns(&tx, &old)?;
+                if !cols.is_empty() {
+                    (snap_table, snap_cols) = (old, cols);
+                    break;
+                }
+            }
+        }
         if snap_cols.is_empty() {
             out.skipped
                 .push((table.name.clone(), "the snapshot has no such table".into()));
             continue;
         }
-        let has = |name: &str| {
-            name.eq_ignore_ascii_case("rowid")
-                || snap_cols.iter().any(|c| c.eq_ignore_ascii_case(name))
+        let find = |name: &str| {
+            snap_cols
+                .iter()
+                .find(|c| c.eq_ignore_ascii_case(name))
+                .cloned()
         };
+        // The snapshot's name of a local column.
+        let snap_of = |name: &str| -> Option<String> {
+            if name.eq_ignore_ascii_case("rowid") {
+                return Some("rowid".into());
+            }
+            let old = || {
+                aliases
+                    .old_columns(&table.name, name)
+                    .iter()
+                    .filter(|o| table.column_index(o).is_none())
+                    .find_map(|old| find(old))
+            };
+            if same_schema {
+                find(name)
+            } else {
+                old().or_else(|| find(name))
+            }
+        };
+        let has = |name: &str| snap_of(name).is_some();
         let keys: Vec<&str> = table
             .pk_indexes()
             .iter()
@@ -139,8 +190,16 @@ fn merge_all(
         keep_table(&tx, &keys, &flying)?;
         out.kept += flying.len() as u64;
         let started = std::time::Instant::now();
-        merge_table(&tx, table, &snap_cols, &keys, &has, &mut out)
-            .map_err(on_table(&table.name))?;
+        merge_table(
+            &tx,
+            table,
+            &snap_table,
+            &snap_cols,
+            &keys,
+            &snap_of,
+            &mut out,
+        )
+        .map_err(on_table(&table.name))?;
         tracing::debug!(table = %table.name, elapsed_ms = started.elapsed().as_millis() as u64, "table restored");
         tx.execute_batch("DROP TABLE temp.hl_keep")?;
     }
@@ -170,10 +229,12 @@ fn merge_all(
 fn copy_whole(
     conn: &Connection,
     table: &Table,
+    snap_table: &str,
     snap_cols: &[String],
     out: &mut Restored,
 ) -> rusqlite::Result<bool> {
-    let same_columns = table.columns.len() == snap_cols.len()
+    let same_columns = snap_table == table.name
+        && table.columns.len() == snap_cols.len()
         && table
             .columns
             .iter()
@@ -236,26 +297,36 @@ pub(super) fn keep_table(
     Ok(())
 }
 
+/// `snap_of`: the snapshot's name of a local column (None: the snapshot lacks it). The caller
+/// checked that it has every key column.
 fn merge_table(
     conn: &Connection,
     table: &Table,
+    snap_table: &str,
     snap_cols: &[String],
     keys: &[&str],
-    has: &dyn Fn(&str) -> bool,
+    snap_of: &dyn Fn(&str) -> Option<String>,
     out: &mut Restored,
 ) -> rusqlite::Result<()> {
     let name = quote(&table.name);
-    let key_is = |a: &str, b: &str| {
+    let sname = quote(snap_table);
+    // A local column as the snapshot calls it.
+    let sq = |c: &str| quote(&snap_of(c).unwrap_or_else(|| c.to_string()));
+    // `m`: the live table, `s`: the snapshot's.
+    let key_is = |m: &str, s: &str| {
         keys.iter()
-            .map(|k| format!("{a}.{k} IS {b}.{k}", k = quote(k)))
+            .map(|k| format!("{m}.{} IS {s}.{}", quote(k), sq(k)))
             .collect::<Vec<_>>()
             .join(" AND ")
     };
-    let kept = |x: &str| {
+    let kept = |x: &str, snapshot_side: bool| {
         let cond = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| format!("hk.k{i} IS {x}.{}", quote(k)))
+            .map(|(i, k)| {
+                let col = if snapshot_side { sq(k) } else { quote(k) };
+                format!("hk.k{i} IS {x}.{col}")
+            })
             .collect::<Vec<_>>()
             .join(" AND ");
         format!("EXISTS (SELECT 1 FROM temp.hl_keep AS hk WHERE {cond})")
@@ -266,7 +337,7 @@ fn merge_table(
         .iter()
         .filter(|c| !(table.rowid_key && c.name == "rowid"))
         .map(|c| c.name.as_str())
-        .filter(|c| has(c))
+        .filter(|c| snap_of(c).is_some())
         .collect();
     let values: Vec<&str> = common
         .iter()
@@ -274,44 +345,45 @@ fn merge_table(
         .filter(|c| !keys.iter().any(|k| k.eq_ignore_ascii_case(c)))
         .collect();
     let mut insert_cols: Vec<String> = common.iter().map(|c| quote(c)).collect();
-    let mut select_cols: Vec<String> = common.iter().map(|c| format!("s.{}", quote(c))).collect();
+    let mut select_cols: Vec<String> = common.iter().map(|c| format!("s.{}", sq(c))).collect();
     if table.rowid_key {
         insert_cols.insert(0, "rowid".into());
         select_cols.insert(0, "s.rowid".into());
     }
     let delete_missing = format!(
-        "DELETE FROM main.{name} AS m WHERE NOT EXISTS (SELECT 1 FROM {SNAP}.{name} AS s WHERE {}) AND NOT {}",
-        key_is("s", "m"),
-        kept("m")
+        "DELETE FROM main.{name} AS m WHERE NOT EXISTS (SELECT 1 FROM {SNAP}.{sname} AS s WHERE {}) AND NOT {}",
+        key_is("m", "s"),
+        kept("m", false)
     );
     let update = (!values.is_empty()).then(|| {
         format!(
-            "UPDATE main.{name} AS m SET {} FROM {SNAP}.{name} AS s WHERE {} AND ({}) AND NOT {}",
+            "UPDATE main.{name} AS m SET {} FROM {SNAP}.{sname} AS s WHERE {} AND ({}) AND NOT {}",
             values
                 .iter()
-                .map(|c| format!("{q} = s.{q}", q = quote(c)))
+                .map(|c| format!("{} = s.{}", quote(c), sq(c)))
                 .collect::<Vec<_>>()
                 .join(", "),
-            key_is("s", "m"),
+            key_is("m", "s"),
             values
                 .iter()
                 .map(|c| format!(
-                    "m.{q} IS NOT s.{q} COLLATE BINARY OR typeof(m.{q}) IS NOT typeof(s.{q})",
-                    q = quote(c)
+                    "m.{q} IS NOT s.{r} COLLATE BINARY OR typeof(m.{q}) IS NOT typeof(s.{r})",
+                    q = quote(c),
+                    r = sq(c)
                 ))
                 .collect::<Vec<_>>()
                 .join(" OR "),
-            kept("m")
+            kept("m", false)
         )
     });
     let insert = |or: &str| {
         format!(
-            "INSERT {or} INTO main.{name} ({}) SELECT {} FROM {SNAP}.{name} AS s \
+            "INSERT {or} INTO main.{name} ({}) SELECT {} FROM {SNAP}.{sname} AS s \
              WHERE NOT EXISTS (SELECT 1 FROM main.{name} AS m WHERE {}) AND NOT {}",
             insert_cols.join(", "),
             select_cols.join(", "),
             key_is("m", "s"),
-            kept("s")
+            kept("s", true)
         )
     };
     // An empty table with nothing kept (a new node): a plain copy in the snapshot's order,
@@ -323,13 +395,13 @@ fn merge_table(
             "SELECT NOT EXISTS (SELECT 1 FROM main.{name}) AND NOT EXISTS (SELECT 1 FROM temp.hl_keep)"
         ))?
         .query_row([], |r| r.get::<_, bool>(0))?;
-    if empty && copy_whole(conn, table, snap_cols, out)? {
+    if empty && copy_whole(conn, table, snap_table, snap_cols, out)? {
         return Ok(());
     }
     if empty {
         out.inserted += conn.execute(
             &format!(
-                "INSERT INTO main.{name} ({}) SELECT {} FROM {SNAP}.{name} AS s",
+                "INSERT INTO main.{name} ({}) SELECT {} FROM {SNAP}.{sname} AS s",
                 insert_cols.join(", "),
                 select_cols.join(", ")
             ),
@@ -358,7 +430,10 @@ fn merge_table(
             // Rows swapped UNIQUE values: replace every row that is not kept.
             tracing::debug!(table = %table.name, "restore merge hit a UNIQUE conflict; replacing the table's rows");
             out.deleted += conn.execute(
-                &format!("DELETE FROM main.{name} AS m WHERE NOT {}", kept("m")),
+                &format!(
+                    "DELETE FROM main.{name} AS m WHERE NOT {}",
+                    kept("m", false)
+                ),
                 [],
             )? as u64;
             out.inserted += conn.execute(&insert("OR IGNORE"), [])? as u64;
