@@ -23,8 +23,7 @@
 //! Knobs (environment): `HARMONYLITE_SEED=N` replays one seed; `HARMONYLITE_SEEDS=N` runs N
 //! random seeds; `HARMONYLITE_ROUNDS=N` transactions per phase (default 12);
 //! `HARMONYLITE_FAULTS=0` turns faults off; `HARMONYLITE_SHARDS=N` forces the shard count;
-//! `HARMONYLITE_DDL=0` leaves the schema alone (`=1` adds the DDL phase to the small-retention
-//! test, where it is off by default: an open defect).
+//! `HARMONYLITE_DDL=0` leaves the schema alone.
 //! Every failure message starts with the seed.
 
 use std::collections::{BTreeMap, HashMap};
@@ -638,13 +637,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// Runs one seed; panics (with the seed first) on any violation. `max_entries`: stream
 /// retention (small values force recoveries from snapshots).
-fn run_seed(
-    bin: &std::path::Path,
-    seed: u64,
-    shards: u64,
-    max_entries: Option<u64>,
-    ddl_by_default: bool,
-) {
+fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u64>) {
     let mut rng = Rng(seed);
     let rounds = env_u64("HARMONYLITE_ROUNDS").unwrap_or(12);
     let faults_on = env_u64("HARMONYLITE_FAULTS") != Some(0);
@@ -752,7 +745,7 @@ fn run_seed(
     // a transaction may fail on SQLITE_BUSY here, since foreign changes arrive — it is retried),
     // while the DDL phase migrates the nodes one by one.
     let ddl_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ddl_on = env_u64("HARMONYLITE_DDL").map_or(ddl_by_default, |v| v != 0);
+    let ddl_on = env_u64("HARMONYLITE_DDL") != Some(0);
     let ddl = ddl_on.then(|| {
         let dbs: Vec<_> = cluster.nodes.iter().map(|n| n.db.clone()).collect();
         let (rng, stop) = (rng.fork(), Arc::clone(&ddl_stop));
@@ -892,7 +885,7 @@ fn randomized_convergence() {
     let forced = env_u64("HARMONYLITE_SHARDS");
     for seed in seeds_from_env(vec![11, 2024, 7]) {
         let shards = forced.unwrap_or(if seed % 2 == 0 { 1 } else { 3 });
-        run_seed(&bin, seed, shards, None, true);
+        run_seed(&bin, seed, shards, None);
     }
 }
 
@@ -904,8 +897,6 @@ fn randomized_convergence_with_snapshot_recovery() {
     let forced = env_u64("HARMONYLITE_SHARDS");
     for seed in seeds_from_env(vec![5, 8]) {
         let shards = forced.unwrap_or(if seed % 2 == 0 { 1 } else { 3 });
-        // The DDL phase is opt-in here (HARMONYLITE_DDL=1): with it, seed 5 ends with rows of
-        // the migration's new table missing on two nodes after restores (open defect).
-        run_seed(&bin, seed, shards, Some(24), false);
+        run_seed(&bin, seed, shards, Some(24));
     }
 }
