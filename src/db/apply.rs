@@ -542,8 +542,15 @@ impl Applier {
         not_kept: &super::restore::NotKept,
     ) -> Result<super::restore::Restored, Error> {
         // Changes of ours published past the snapshot's positions are in flight again.
-        let restored =
-            super::restore::restore(&mut self.conn, &self.state.log, file, positions, not_kept)?;
+        let confirmed = self.confirmed.clone();
+        let restored = super::restore::restore(
+            &mut self.conn,
+            &self.state.log,
+            file,
+            positions,
+            not_kept,
+            &|c| Self::check_schema(confirmed.as_ref(), c),
+        )?;
         for (i, &p) in positions.iter().enumerate() {
             self.set_applied(i + 1, p);
         }
@@ -2834,7 +2841,8 @@ mod tests {
                  INSERT INTO t VALUES (1, 'a', 'n1'), (2, 'b', NULL), (3, 'c', 'n3');
                  CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);
                  INSERT INTO notes VALUES (1, 'x'), (2, 'y');
-                 CREATE TABLE __harmonylite__internal (k);",
+                 CREATE TABLE __harmonylite__internal (k);
+                 CREATE VIRTUAL TABLE docs USING fts5(body); INSERT INTO docs VALUES ('never');",
             )
             .expect("snapshot rows");
         let out = a

@@ -140,6 +140,18 @@ fn columns_of(conn: &Connection, schema: &str, table: &str) -> Result<Vec<String
     Ok(names)
 }
 
+/// Whether this database has a table of that name (watched or not).
+fn exists_here(conn: &Connection, name: &str) -> Result<bool, Error> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
+            [name],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
 /// The local table a snapshot's table `name` is (by name, or renamed here since).
 fn local_table<'t>(local: &'t [Table], aliases: &Aliases, name: &str) -> Option<&'t Table> {
     let current = aliases.table(name).unwrap_or(name);
@@ -170,9 +182,14 @@ pub fn defer(
     local: &[Table],
     aliases: &Aliases,
 ) -> Result<Vec<Part>, Error> {
+    // Ordinary tables only, as watched (virtual and shadow tables never replicate), and none
+    // this node has under that name, watched or not (an unwatchable table would never take
+    // the part).
     let mut stmt = conn.prepare(&format!(
-        "SELECT name FROM {snap}.sqlite_schema WHERE type = 'table' \
-         AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND substr(lower(name), 1, ?1) <> lower(?2)"
+        "SELECT name FROM pragma_table_list WHERE schema = '{snap}' AND type = 'table' \
+         AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND substr(lower(name), 1, ?1) <> lower(?2) \
+         AND name NOT IN (SELECT name FROM {snap}.sqlite_schema WHERE type = 'table' \
+                          AND sql LIKE 'CREATE VIRTUAL TABLE%')"
     ))?;
     let tables: Vec<String> = stmt
         .query_map(rusqlite::params![PREFIX.len() as i64, PREFIX], |r| r.get(0))?
@@ -183,7 +200,7 @@ pub fn defer(
         let snap_cols = columns_of(conn, snap, &name)?;
         let (columns, copied): (Vec<String>, Vec<String>) = match local_table(local, aliases, &name)
         {
-            None if aliases.dropped(&name) => continue,
+            None if aliases.dropped(&name) || exists_here(conn, &name)? => continue,
             None => (Vec::new(), snap_cols.clone()),
             Some(t) => {
                 let lacking: Vec<String> = snap_cols
@@ -303,7 +320,9 @@ pub fn merge_ready(
         let Some((t, table)) = local_table(local, &aliases, &part.table)
             .and_then(|t| local.iter().position(|l| l.name == t.name).map(|i| (i, t)))
         else {
-            if aliases.dropped(&part.table) {
+            if aliases.dropped(&part.table) || exists_here(conn, &part.table)? {
+                // Dropped here, or created here in a form that cannot be replicated.
+                tracing::warn!(part = %part, "Snapshot rows kept for a table this node dropped or cannot replicate; discarding them");
                 drop_part(conn, part.id)?;
             }
             continue;

@@ -60,7 +60,8 @@ pub struct Restored {
 }
 
 /// Merges the snapshot at `snapshot` into the database of `conn`. `positions` (per shard, index
-/// shard − 1) are the snapshot's: changes of ours published past them are kept.
+/// shard − 1) are the snapshot's: changes of ours published past them are kept. `check` runs
+/// first inside the write transaction (the schema is still the one capture was installed for).
 ///
 /// # Errors
 /// SQLite errors; nothing is changed then.
@@ -70,6 +71,7 @@ pub fn restore(
     snapshot: &Path,
     positions: &[u64],
     not_kept: &NotKept,
+    check: &dyn Fn(&Connection) -> Result<(), Error>,
 ) -> Result<Restored, Error> {
     let uri = format!(
         "file:{}?mode=ro",
@@ -80,7 +82,7 @@ pub fn restore(
             .replace('#', "%23")
     );
     conn.execute("ATTACH DATABASE ?1 AS hl_snapshot", [&uri])?;
-    let result = merge_all(conn, log, positions, not_kept);
+    let result = merge_all(conn, log, positions, not_kept, check);
     let detached = conn.execute_batch("DETACH DATABASE hl_snapshot");
     let restored = result?;
     detached?;
@@ -92,9 +94,14 @@ fn merge_all(
     log: &ChangeLog,
     positions: &[u64],
     not_kept: &NotKept,
+    check: &dyn Fn(&Connection) -> Result<(), Error>,
 ) -> Result<Restored, Error> {
     let mut out = Restored::default();
     let tx = begin_guarded(conn)?;
+    // Capture must be installed for the schema merged into: a table the application created a
+    // moment ago is not watched yet, and its rows in the snapshot would be neither merged nor
+    // kept aside.
+    check(&tx)?;
     let aliases = super::ddl::Aliases::load(&tx)?;
     // A snapshot of a node that has not run this node's renames yet has the old names; one
     // made with this node's schema has the current ones (also where a rename swapped names).
