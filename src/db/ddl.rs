@@ -454,11 +454,11 @@ pub fn waiting_tables(events: &[crate::wire::ChangeEvent]) -> HashSet<String> {
 /// triggers existed were never captured). Returns how many.
 ///
 /// `seen`: events of other nodes for this table that wait here; and the table's rows in a
-/// snapshot restored before this node had the table ([`super::deferred`]). A row equal to one
-/// of their images is the cluster's row (a data migration every node ran, or a row another
-/// node wrote) and is not published: published now, it would land after that node's later
-/// changes and undo them. Any other row is this node's own write between the DDL and its
-/// triggers, which nothing else carries.
+/// snapshot restored before this node had the table ([`super::deferred`]). A row whose key is
+/// among theirs is the cluster's row (a data migration every node ran, or a row another node
+/// wrote) and is not published: published now, it would land after that node's later changes
+/// and undo them; the waiting events and the snapshot's rows set it here instead. Any other row
+/// is this node's own write between the DDL and its triggers, which nothing else carries.
 ///
 /// # Errors
 /// SQLite errors.
@@ -482,10 +482,10 @@ pub fn backfill(
     let mut unseen = Vec::new();
     if !seen.is_empty() {
         seen_images(conn, table, seen)?;
-        let same: Vec<String> = sources
+        let same: Vec<String> = table
+            .pk_indexes()
             .iter()
-            .enumerate()
-            .map(|(i, c)| format!("s.c{i} IS t.{c}"))
+            .map(|&i| format!("s.c{i} IS t.{}", sources[i]))
             .collect();
         unseen.push(format!(
             "NOT EXISTS (SELECT 1 FROM temp.hl_seen AS s WHERE {})",
@@ -493,16 +493,21 @@ pub fn backfill(
         ));
     }
     if let Some((copy, copied)) = super::deferred::whole_copy(conn, &table.name)? {
-        let same: Vec<String> = table
-            .columns
+        let same: Option<Vec<String>> = table
+            .pk_indexes()
             .iter()
-            .filter(|c| !(table.rowid_key && c.name == "rowid"))
-            .filter_map(|c| {
-                let d = copied.iter().find(|d| d.eq_ignore_ascii_case(&c.name))?;
-                Some(format!("d.{} IS t.{}", quote(d), quote(&c.name)))
+            .map(|&i| {
+                let c = &table.columns[i];
+                let (d, l) = if table.rowid_key && c.name == "rowid" {
+                    (super::deferred::ROWID, "rowid".to_string())
+                } else {
+                    (c.name.as_str(), quote(&c.name))
+                };
+                let d = copied.iter().find(|x| x.eq_ignore_ascii_case(d))?;
+                Some(format!("d.{} IS t.{l}", quote(d)))
             })
             .collect();
-        if !same.is_empty() {
+        if let Some(same) = same {
             unseen.push(format!(
                 "NOT EXISTS (SELECT 1 FROM main.{} AS d WHERE {})",
                 quote(&copy),

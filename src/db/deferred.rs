@@ -10,12 +10,18 @@
 //! newer than the snapshot).
 //!
 //! Invariants:
-//! - A deferred part never overwrites this node's own data: a whole table only fills in rows the
-//!   local table does not have (and no local change of which is in flight); a column only fills
-//!   rows where it still holds its default (the value `ADD COLUMN` gave it) and no change
-//!   captured since the column existed is in flight.
-//! - A newer restore replaces the parts of every table it defers again; parts of tables it does
-//!   not mention stay (the newer snapshot cannot carry rows its maker could not hold either).
+//! - A deferred part never overwrites a change this node published or will publish: a whole
+//!   table sets the rows of its keys that have no local change in flight (a row written before
+//!   the triggers existed, under a key the cluster has, is not published by the backfill and
+//!   takes the cluster's values); a column only fills rows where it still holds its default
+//!   (the value `ADD COLUMN` gave it) and no change captured since the column existed is in
+//!   flight, and pending older changes of those rows then carry the filled value.
+//! - A whole table merged into a local table that lacks some of its columns leaves those
+//!   columns as a column part, for the next migration.
+//! - A newer restore replaces the parts whose table (and columns) it has; others stay (the newer
+//!   snapshot cannot carry rows its maker could not hold either).
+//! - Each part merges in its own savepoint, with UNIQUE and CHECK clashes skipped (local rows
+//!   win): one part never holds back the events waiting behind it.
 //! - While parts are deferred this node's database lacks cluster data, so it does not lead or
 //!   save snapshots (like with events waiting for the schema).
 //! - Tables and columns this node renamed are followed ([`super::ddl::Aliases`]); parts of
@@ -30,7 +36,7 @@ use super::{Error, PREFIX, Table, quote};
 /// The catalog of deferred parts.
 pub const PARTS_TABLE: &str = "__harmonylite__deferred_parts";
 /// The column of a copy holding the snapshot row's rowid (tables that have one).
-const ROWID: &str = "__harmonylite_rowid";
+pub(super) const ROWID: &str = "__harmonylite_rowid";
 
 /// The copy table of part `id`.
 fn copy_name(id: i64) -> String {
@@ -195,6 +201,21 @@ pub fn defer(
         .query_map(rusqlite::params![PREFIX.len() as i64, PREFIX], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     drop(stmt);
+    // A newer snapshot's rows replace what an older one left, where it has them: the table of
+    // a whole part, every column of a column part (merged above, or deferred again below).
+    for old in parts(conn)? {
+        let Some(name) = tables.iter().find(|t| t.eq_ignore_ascii_case(&old.table)) else {
+            continue;
+        };
+        let cols = columns_of(conn, snap, name)?;
+        if old
+            .columns
+            .iter()
+            .all(|c| cols.iter().any(|x| x.eq_ignore_ascii_case(c)))
+        {
+            drop_part(conn, old.id)?;
+        }
+    }
     let mut out = Vec::new();
     for name in tables {
         let snap_cols = columns_of(conn, snap, &name)?;
@@ -237,13 +258,6 @@ pub fn defer(
                 (lacking, copied)
             }
         };
-        // A newer snapshot's rows of this table replace what an older one left.
-        for old in parts(conn)?
-            .iter()
-            .filter(|p| p.table.eq_ignore_ascii_case(&name))
-        {
-            drop_part(conn, old.id)?;
-        }
         ensure_catalog(conn)?;
         conn.execute(
             &format!(
@@ -314,10 +328,38 @@ pub fn merge_ready(
         return Ok(Vec::new());
     }
     let aliases = Aliases::load(conn)?;
-    let local = log.tables();
     let mut out = Vec::new();
     for part in parts {
-        let Some((t, table)) = local_table(local, &aliases, &part.table)
+        // Each part on its own: one that cannot merge (a constraint of the new schema) must
+        // not hold back the events waiting behind it.
+        conn.execute_batch("SAVEPOINT hl_part")?;
+        match merge_part(conn, log, applied, stale_up_to, &aliases, part.clone()) {
+            Ok(merged) => {
+                conn.execute_batch("RELEASE hl_part")?;
+                out.extend(merged);
+            }
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                conn.execute_batch("ROLLBACK TO hl_part; RELEASE hl_part")?;
+                tracing::warn!(part = %part, error = %crate::error_chain(&e),
+                    "Cannot merge snapshot rows kept for this schema; they stay and are tried again after the next schema change");
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn merge_part(
+    conn: &Connection,
+    log: &ChangeLog,
+    applied: &[u64],
+    stale_up_to: &[i64],
+    aliases: &Aliases,
+    part: Part,
+) -> Result<Option<Merged>, Error> {
+    let local = log.tables();
+    {
+        let Some((t, table)) = local_table(local, aliases, &part.table)
             .and_then(|t| local.iter().position(|l| l.name == t.name).map(|i| (i, t)))
         else {
             if aliases.dropped(&part.table) || exists_here(conn, &part.table)? {
@@ -325,7 +367,7 @@ pub fn merge_ready(
                 tracing::warn!(part = %part, "Snapshot rows kept for a table this node dropped or cannot replicate; discarding them");
                 drop_part(conn, part.id)?;
             }
-            continue;
+            return Ok(None);
         };
         let copy = quote(&copy_name(part.id));
         let copy_cols = columns_of(conn, "main", &copy_name(part.id))?;
@@ -351,7 +393,7 @@ pub fn merge_ready(
         let Some(keys) = keys else {
             tracing::warn!(part = %part, table = %table.name, "Deferred snapshot rows lack this node's key columns; dropping them");
             drop_part(conn, part.id)?;
-            continue;
+            return Ok(None);
         };
         let key_match = |m: &str, s: &str| {
             keys.iter()
@@ -396,8 +438,45 @@ pub fn merge_ready(
                 targets.insert(0, "rowid".into());
                 sources.insert(0, format!("s.{r}"));
             }
-            // OR IGNORE: a row clashing with a local row on a UNIQUE value loses (local wins).
-            rows = conn.execute(
+            // The snapshot's row is the cluster's: a local row of that key that is not in flight
+            // was written before the triggers existed and never published (see
+            // `ddl::backfill`), so it takes the cluster's values. OR IGNORE: a row clashing with
+            // a local row on a UNIQUE value loses.
+            let values: Vec<&(String, String)> = common
+                .iter()
+                .filter(|(l, _)| !keys.iter().any(|(k, _)| k == l))
+                .collect();
+            if !values.is_empty() {
+                rows += conn.execute(
+                    &format!(
+                        "UPDATE OR IGNORE main.{name} AS m SET {} FROM main.{copy} AS s WHERE {} AND ({}) AND NOT {}",
+                        values
+                            .iter()
+                            .map(|(l, c)| format!("{l} = s.{c}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        key_match("m", "s"),
+                        values
+                            .iter()
+                            .map(|(l, c)| format!("m.{l} IS NOT s.{c} OR typeof(m.{l}) IS NOT typeof(s.{c})"))
+                            .collect::<Vec<_>>()
+                            .join(" OR "),
+                        kept("m", &|i| keys[i].0.clone()),
+                    ),
+                    [],
+                )? as u64;
+            }
+            // Columns the snapshot has and this table does not yet: they wait as a column part.
+            still_missing = copy_cols
+                .iter()
+                .filter(|c| *c != ROWID)
+                .filter(|c| {
+                    local_column(table, aliases, c).is_none()
+                        && !aliases.dropped_column(&table.name, c)
+                })
+                .cloned()
+                .collect();
+            rows += conn.execute(
                 &format!(
                     "INSERT OR IGNORE INTO main.{name} ({}) SELECT {} FROM main.{copy} AS s \
                      WHERE NOT EXISTS (SELECT 1 FROM main.{name} AS m WHERE {}) AND NOT {}",
@@ -414,7 +493,7 @@ pub fn merge_ready(
                 .query_map([&table.name], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             for col in &part.columns {
-                let Some(i) = local_column(table, &aliases, col) else {
+                let Some(i) = local_column(table, aliases, col) else {
                     if !aliases.dropped_column(&table.name, col) {
                         still_missing.push(col.clone());
                     }
@@ -430,13 +509,16 @@ pub fn merge_ready(
                 let q = quote(local_col);
                 rows += conn.execute(
                     &format!(
-                        "UPDATE main.{name} AS m SET {q} = s.{src} FROM main.{copy} AS s \
+                        "UPDATE OR IGNORE main.{name} AS m SET {q} = s.{src} FROM main.{copy} AS s \
                          WHERE {} AND m.{q} IS ({default}) AND s.{src} IS NOT m.{q} AND NOT {}",
                         key_match("m", "s"),
                         kept("m", &|i| keys[i].0.clone()),
                     ),
                     [],
                 )? as u64;
+                // Pending changes captured before the column existed publish the row as it is
+                // now, not the default `fill_added` gave them.
+                super::ddl::fill_added(conn, table, std::slice::from_ref(local_col))?;
             }
         }
         conn.execute_batch("DROP TABLE temp.hl_keep")?;
@@ -454,11 +536,10 @@ pub fn merge_ready(
                 ],
             )?;
         }
-        out.push(Merged {
+        Ok(Some(Merged {
             part,
             rows,
             still_missing,
-        });
+        }))
     }
-    Ok(out)
 }

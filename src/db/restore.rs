@@ -103,24 +103,13 @@ fn merge_all(
     // kept aside.
     check(&tx)?;
     let aliases = super::ddl::Aliases::load(&tx)?;
-    // A snapshot of a node that has not run this node's renames yet has the old names; one
-    // made with this node's schema has the current ones (also where a rename swapped names).
-    let hash_of = |schema: &str| {
-        tx.query_row(
-            &format!(
-                "SELECT schema_hash FROM {schema}.{} WHERE id = 1",
-                quote(super::SCHEMA_VERSION_TABLE)
-            ),
-            [],
-            |r| r.get::<_, String>(0),
-        )
-        .ok()
-    };
-    let same_schema = hash_of("main").is_some() && hash_of("main") == hash_of(SNAP);
+    // A snapshot of a node that has not run this node's renames yet has the old names. The
+    // current name wins where the snapshot has it (an old name may since name another table or
+    // column there).
     for (i, table) in log.tables().iter().enumerate() {
         let mut snap_table = table.name.clone();
         let mut snap_cols = snapshot_columns(&tx, &table.name)?;
-        if !same_schema {
+        if snap_cols.is_empty() {
             // An old name now used by another local table means that table's rows.
             for old in aliases
                 .old_tables(&table.name)
@@ -157,11 +146,7 @@ fn merge_all(
                     .filter(|o| table.column_index(o).is_none())
                     .find_map(|old| find(old))
             };
-            if same_schema {
-                find(name)
-            } else {
-                old().or_else(|| find(name))
-            }
+            find(name).or_else(old)
         };
         let has = |name: &str| snap_of(name).is_some();
         let keys: Vec<&str> = table
