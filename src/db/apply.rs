@@ -2965,6 +2965,46 @@ mod tests {
         );
     }
 
+    /// A key column renamed here after the restore still finds the deferred rows.
+    #[test]
+    fn deferred_columns_follow_a_key_renamed_after_the_restore() {
+        let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        a.apply_batch(&[incoming(ev(
+            Op::Insert,
+            "t",
+            vec![("id", Value::Integer(1)), ("v", text("a"))],
+        ))])
+        .expect("row");
+        let snap = d.path().join("snapshot.db");
+        Connection::open(&snap)
+            .expect("snapshot")
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, note TEXT);
+                 INSERT INTO t VALUES (1, 'a', 'n1');",
+            )
+            .expect("snapshot rows");
+        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+            .expect("restore");
+        drop(a);
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch("ALTER TABLE t RENAME COLUMN id TO pid")
+            .expect("rename");
+        let a = reinstalled(&path, "h2", "h");
+        drop(a);
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch("ALTER TABLE t ADD COLUMN note TEXT")
+            .expect("migration");
+        let mut a = reinstalled(&path, "h3", "h2");
+        a.retry_waiting().expect("merge");
+        assert_eq!(a.deferred_len(), 0);
+        assert_eq!(
+            rows(&path, "SELECT pid, note FROM t"),
+            [vec![Value::Integer(1), text("n1")]]
+        );
+    }
+
     /// A snapshot of a node that has not run this node's renames yet is restored under the
     /// new names (its rows are not skipped as "no such table").
     #[test]

@@ -371,10 +371,18 @@ fn merge_part(
         };
         let copy = quote(&copy_name(part.id));
         let copy_cols = columns_of(conn, "main", &copy_name(part.id))?;
+        // A local column in the copy: by its name, or by a name it had before a rename here
+        // since the restore.
+        let find = |c: &str| copy_cols.iter().find(|x| x.eq_ignore_ascii_case(c));
         let in_copy = |c: &str| {
-            copy_cols
-                .iter()
-                .find(|x| x.eq_ignore_ascii_case(c))
+            find(c)
+                .or_else(|| {
+                    aliases
+                        .old_columns(&table.name, c)
+                        .iter()
+                        .filter(|o| table.column_index(o).is_none())
+                        .find_map(|o| find(o))
+                })
                 .map(|x| quote(x))
         };
         // The copy's expression for each key column of the local table.
