@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 
 use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, quote};
 
@@ -642,14 +642,7 @@ impl Aliases {
     /// SQLite errors.
     pub fn load(conn: &Connection) -> Result<Aliases, Error> {
         let mut aliases = Aliases::default();
-        let present: Option<i64> = conn
-            .query_row(
-                "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-                [ALIAS_TABLE],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if present.is_none() {
+        if !super::has_table(conn, ALIAS_TABLE)? {
             return Ok(aliases);
         }
         let mut stmt = conn.prepare(&format!(

@@ -27,7 +27,7 @@
 //! - Tables and columns this node renamed are followed ([`super::ddl::Aliases`]); parts of
 //!   tables or columns it dropped are not kept.
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 
 use super::changelog::ChangeLog;
 use super::ddl::Aliases;
@@ -81,14 +81,7 @@ fn ensure_catalog(conn: &Connection) -> Result<(), Error> {
 /// # Errors
 /// SQLite errors.
 pub fn parts(conn: &Connection) -> Result<Vec<Part>, Error> {
-    let present: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = ?1",
-            [PARTS_TABLE],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if present.is_none() {
+    if !super::has_table(conn, PARTS_TABLE)? {
         return Ok(Vec::new());
     }
     let mut stmt = conn.prepare(&format!(
@@ -144,18 +137,6 @@ fn columns_of(conn: &Connection, schema: &str, table: &str) -> Result<Vec<String
         .query_map([table, schema], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(names)
-}
-
-/// Whether this database has a table of that name (watched or not).
-fn exists_here(conn: &Connection, name: &str) -> Result<bool, Error> {
-    Ok(conn
-        .query_row(
-            "SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
-            [name],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some())
 }
 
 /// The local table a snapshot's table `name` is (by name, or renamed here since).
@@ -221,7 +202,7 @@ pub fn defer(
         let snap_cols = columns_of(conn, snap, &name)?;
         let (columns, copied): (Vec<String>, Vec<String>) = match local_table(local, aliases, &name)
         {
-            None if aliases.dropped(&name) || exists_here(conn, &name)? => continue,
+            None if aliases.dropped(&name) || super::has_table(conn, &name)? => continue,
             None => (Vec::new(), snap_cols.clone()),
             Some(t) => {
                 let lacking: Vec<String> = snap_cols
@@ -362,7 +343,7 @@ fn merge_part(
         let Some((t, table)) = local_table(local, aliases, &part.table)
             .and_then(|t| local.iter().position(|l| l.name == t.name).map(|i| (i, t)))
         else {
-            if aliases.dropped(&part.table) || exists_here(conn, &part.table)? {
+            if aliases.dropped(&part.table) || super::has_table(conn, &part.table)? {
                 // Dropped here, or created here in a form that cannot be replicated.
                 tracing::warn!(part = %part, "Snapshot rows kept for a table this node dropped or cannot replicate; discarding them");
                 drop_part(conn, part.id)?;

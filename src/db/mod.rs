@@ -116,6 +116,23 @@ impl Error {
     }
 }
 
+/// Whether the main database has a table of that name (case-insensitive, as SQLite resolves
+/// names).
+///
+/// # Errors
+/// SQLite errors.
+pub fn has_table(conn: &Connection, name: &str) -> Result<bool, Error> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
+            [name],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
 impl From<rusqlite::Error> for Error {
     fn from(source: rusqlite::Error) -> Self {
         Error::Sqlite {
