@@ -397,15 +397,15 @@ fn schema_status_reports_local_and_cluster_state() {
     );
 }
 
-/// A node whose events wait for a migration gives up the snapshot leadership (its database lacks
-/// those changes); another node takes it.
-#[test]
-fn a_node_behind_on_a_migration_does_not_lead_snapshots() {
-    let bin = require_nats!();
-    let nats = NatsServer::start(&bin);
+/// Two running nodes with a short snapshot lease, node 1 the snapshot leader; `max_entries`
+/// limits the streams.
+fn leader_and_follower(nats: &NatsServer, max_entries: Option<u64>) -> Vec<Node> {
     let mut nodes: Vec<Node> = (1..=2)
         .map(|id| {
             let n = Node::new(id, &nats.url, crate::support::BOOKS_SCHEMA, 1, "");
+            if let Some(m) = max_entries {
+                n.set_max_entries(m);
+            }
             n.append_config("[snapshot]\nleader_ttl = 3000");
             n
         })
@@ -415,6 +415,16 @@ fn a_node_behind_on_a_migration_does_not_lead_snapshots() {
         nodes[0].log().contains("Became snapshot leader")
     });
     nodes[1].start();
+    nodes
+}
+
+/// A node whose events wait for a migration gives up the snapshot leadership (its database lacks
+/// those changes); another node takes it.
+#[test]
+fn a_node_behind_on_a_migration_does_not_lead_snapshots() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let nodes = leader_and_follower(&nats, None);
     nodes[1].exec(ADD_RATING);
     nodes[1].exec("INSERT INTO Books (title, author, rating) VALUES ('rated', 'a', 5)");
     wait_until(
@@ -443,19 +453,7 @@ fn a_node_behind_on_a_migration_does_not_lead_snapshots() {
 fn a_restore_while_behind_on_a_migration_loses_nothing() {
     let bin = require_nats!();
     let nats = NatsServer::start(&bin);
-    let mut nodes: Vec<Node> = (1..=2)
-        .map(|id| {
-            let n = Node::new(id, &nats.url, crate::support::BOOKS_SCHEMA, 1, "");
-            n.set_max_entries(8);
-            n.append_config("[snapshot]\nleader_ttl = 3000");
-            n
-        })
-        .collect();
-    nodes[0].start();
-    wait_until(REPLICATION_TIMEOUT, "node 1 to lead", || {
-        nodes[0].log().contains("Became snapshot leader")
-    });
-    nodes[1].start();
+    let mut nodes = leader_and_follower(&nats, Some(8));
     nodes[0].exec("INSERT INTO Books (title, author) VALUES ('before', 'a')");
     wait_until(REPLICATION_TIMEOUT, "the row on node 2", || {
         nodes[1].query_i64("SELECT count(*) FROM Books") == 1
