@@ -67,6 +67,7 @@ pub async fn save_snapshot(
         embedded,
         lease,
         lock,
+        ..
     } = ready;
     let result = async {
         let seqmap = crate::seqmap::SeqMap::open_tolerant(&node.settings.seq_map_path)?;

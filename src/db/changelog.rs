@@ -332,6 +332,33 @@ impl ChangeLog {
         Ok(())
     }
 
+    /// The highest global change id ever captured here (0 before capture was first installed):
+    /// the global log's ids are never reused, so a change captured later has a higher one.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn highest_global_id(conn: &Connection) -> Result<i64, Error> {
+        if !super::has_table(conn, GLOBAL_LOG)? {
+            return Ok(0);
+        }
+        let used: i64 = conn.query_row(
+            &format!("SELECT coalesce(max(id), 0) FROM {}", quote(GLOBAL_LOG)),
+            [],
+            |r| r.get(0),
+        )?;
+        // AUTOINCREMENT remembers ids whose rows are gone (published changes).
+        let issued: i64 = if super::has_table(conn, "sqlite_sequence")? {
+            conn.query_row(
+                "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = ?1",
+                [GLOBAL_LOG],
+                |r| r.get(0),
+            )?
+        } else {
+            0
+        };
+        Ok(used.max(issued))
+    }
+
     /// Per shard, the stream sequence of the newest change retired as published.
     ///
     /// # Errors

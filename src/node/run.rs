@@ -58,6 +58,7 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
         embedded,
         lease,
         lock,
+        sent_before_start,
     } = ready;
     // The lease outlives the generations below: another node must never take our id while
     // capture is being reinstalled.
@@ -70,7 +71,15 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
     let result = loop {
         let generation = node.generation();
         let (tables, stale) = (capture.tables.clone(), capture.stale_up_to.clone());
-        let ran = run_subsystems(&generation, capture, &mut lease, embedded.as_ref(), first).await;
+        let ran = run_subsystems(
+            &generation,
+            capture,
+            &mut lease,
+            embedded.as_ref(),
+            first,
+            sent_before_start,
+        )
+        .await;
         first = false;
         match ran {
             Ok(Ended::Stopped) => break Ok(()),
@@ -165,6 +174,7 @@ async fn run_subsystems(
     lease: &mut Option<tokio::task::JoinHandle<Result<(), stream::lease::Error>>>,
     embedded: Option<&stream::embedded::EmbeddedNats>,
     first: bool,
+    sent_before_start: i64,
 ) -> anyhow::Result<Ended> {
     let settings = &node.settings;
     let mut tasks = Subsystems::new();
@@ -198,16 +208,16 @@ async fn run_subsystems(
         .collect();
     let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
     let last_retired = acked.clone();
-    let max_ids_at_start = log
-        .max_ids(&conn)
+    // The highest global id any run may have handed to NATS: this process's own mark (an
+    // earlier generation's sends), else what was known when it started. Only pending changes
+    // up to it can have an unknown fate; later ones (the application's writes since we took
+    // the database) are certainly in flight.
+    let sent_global = SentMark::read(&settings.db_path, &node.identity)
+        .unwrap_or(0)
+        .max(sent_before_start);
+    let sent_before = log
+        .max_ids_up_to(&conn, sent_global)
         .context("Unable to read the change logs")?;
-    // Pending changes the previous run never handed to NATS are certainly still in flight.
-    let sent_before = match SentMark::read(&settings.db_path, &node.identity) {
-        Some(last) => log
-            .max_ids_up_to(&conn, last)
-            .context("Unable to read the change logs")?,
-        None => max_ids_at_start.clone(),
-    };
     let flow = Flow::new(node.streams(), settings.node_id);
     let positions_kv = if settings.publish || settings.replicate {
         flow::bucket(&node.js, settings).await
@@ -242,6 +252,7 @@ async fn run_subsystems(
         Arc::clone(&node.observers.health),
         pacing,
         Arc::clone(&recovering),
+        sent_global,
     );
     if !recover(node, &publisher, &shared).await? {
         return Ok(Ended::Stopped);
@@ -249,7 +260,7 @@ async fn run_subsystems(
     // Pending changes from before this start whose possible landing the streams no longer hold:
     // whether they were published is unknown (a restore must not keep their rows).
     let unknown_up_to = if search_was_complete(node, &last_retired).await {
-        vec![0; max_ids_at_start.len()]
+        vec![0; sent_before.len()]
     } else {
         sent_before
     };

@@ -41,6 +41,10 @@ pub struct Ready {
     pub lease: Option<stream::lease::Lease>,
     /// Held until the node has stopped.
     pub lock: db::DbLock,
+    /// The highest global change id that a run before this process may have handed to NATS:
+    /// the previous run's sent mark, or without one every change captured before this process
+    /// took the database lock. Changes captured later were certainly not sent before.
+    pub sent_before_start: i64,
 }
 
 /// Runs start-up. `Ok(None)` when shutdown was requested meanwhile.
@@ -53,7 +57,9 @@ pub async fn setup(
     observers: Observers,
     root: CancellationToken,
 ) -> anyhow::Result<Option<Ready>> {
-    let (capture, identity, lock) = open_database(&settings).await?;
+    let (capture, identity, lock, captured_before) = open_database(&settings).await?;
+    let sent_before_start = crate::replicate::publish::SentMark::read(&settings.db_path, &identity)
+        .unwrap_or(captured_before);
     {
         use std::sync::atomic::Ordering::Relaxed;
         let h = &observers.health;
@@ -95,15 +101,22 @@ pub async fn setup(
         embedded,
         lease,
         lock,
+        sent_before_start,
     }))
 }
 
 /// Locks the database, lists its tables and installs capture (blocking work, off the reactor).
-async fn open_database(settings: &Arc<Settings>) -> anyhow::Result<(Capture, String, db::DbLock)> {
+/// Also returns the highest global change id captured before (with the lock held, no other run
+/// of ours can send after it).
+async fn open_database(
+    settings: &Arc<Settings>,
+) -> anyhow::Result<(Capture, String, db::DbLock, i64)> {
     let s = Arc::clone(settings);
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let lock = db::lock(&s.db_path)?;
         crate::snapshot::sweep_work_dirs(&s.db_path);
+        let captured_before = db::changelog::ChangeLog::highest_global_id(&db::open(&s.db_path)?)
+            .context("Unable to read the change logs")?;
         let mut capture = install_capture(&s)?;
         // The schema changed while we were stopped: changes captured before may lack columns.
         if !capture.previous_hash.is_empty() {
@@ -115,7 +128,7 @@ async fn open_database(settings: &Arc<Settings>) -> anyhow::Result<(Capture, Str
         }
         let identity =
             cdc::identity(&capture.conn).context("Unable to read the database identity")?;
-        Ok((capture, identity, lock))
+        Ok((capture, identity, lock, captured_before))
     })
     .await
     .context("start-up task failed")?

@@ -88,11 +88,15 @@ pub struct SentMark {
 }
 
 impl SentMark {
-    pub fn new(db_path: &std::path::Path, identity: &str) -> SentMark {
+    /// `floor`: the highest global id that may have been sent before (what [`SentMark::read`]
+    /// found, or what existed at start when there is no mark). The mark never goes below it: a
+    /// crash after a send of older pending changes must not hide that newer ones went out in an
+    /// earlier run.
+    pub fn new(db_path: &std::path::Path, identity: &str, floor: i64) -> SentMark {
         SentMark {
             path: db::sent_mark_path(db_path),
             identity: identity.to_owned(),
-            written: AtomicI64::new(0),
+            written: AtomicI64::new(floor),
             warned: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -286,7 +290,8 @@ impl Pacing {
 impl Publisher {
     /// Builds a publisher that reads through `reader` (`writer` gives it the change log); what it
     /// is done with goes to `outbox`. `acked` is, per shard, the sequence of the
-    /// last change retired as published (where the first search starts).
+    /// last change retired as published (where the first search starts); `sent_floor` is the
+    /// sent mark's floor (see [`SentMark::new`]).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         writer: SharedLog,
@@ -301,6 +306,7 @@ impl Publisher {
         health: Arc<HealthState>,
         pacing: Option<Pacing>,
         hold: Arc<std::sync::atomic::AtomicBool>,
+        sent_floor: i64,
     ) -> Publisher {
         let log = Arc::clone(&writer.lock().unwrap_or_else(|p| p.into_inner()).log);
         let meta = log
@@ -315,7 +321,7 @@ impl Publisher {
                     .collect(),
             })
             .collect();
-        let sent_mark = SentMark::new(&settings.db_path, &identity);
+        let sent_mark = SentMark::new(&settings.db_path, &identity, sent_floor);
         Publisher {
             sent_mark,
             reader: Arc::new(Mutex::new(reader)),
@@ -1243,7 +1249,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let db = dir.path().join("app.db");
         assert_eq!(SentMark::read(&db, "abc"), None, "no mark yet");
-        let mark = SentMark::new(&db, "abc");
+        let mark = SentMark::new(&db, "abc", 10);
+        mark.advance(9);
+        assert_eq!(
+            SentMark::read(&db, "abc"),
+            None,
+            "at or below the floor: no write"
+        );
         mark.advance(41);
         mark.advance(7); // never goes back
         assert_eq!(SentMark::read(&db, "abc"), Some(41));

@@ -263,6 +263,86 @@ fn restore_under_a_running_application_loses_none_of_its_writes() {
     );
 }
 
+/// Rows the application commits after harmonylite took the database, but before its first
+/// restore, are certainly not published yet: the restore keeps them, none ever vanishes (here
+/// they are written while the broker is down, so the node sits between start-up and the
+/// restore as long as it takes). Regression: such rows counted as of unknown publish status and
+/// the restore replaced them with the snapshot's (missing) rows until they came back.
+#[test]
+fn rows_written_before_the_first_restore_never_vanish() {
+    let bin = require_nats!();
+    let mut nats = NatsServer::start(&bin);
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    a.set_max_entries(16);
+    a.start();
+    bulk_insert(&a, 400);
+    wait_until(
+        Duration::from_secs(60),
+        "a has published the bulk insert",
+        || a.query_i64("SELECT count(*) FROM __harmonylite__Books_change_log WHERE state = 0") == 0,
+    );
+    wait_until(Duration::from_secs(30), "a saved a snapshot", || {
+        a.log().contains("Snapshot saved ")
+    });
+    nats.stop();
+    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
+    b.set_max_entries(16);
+    b.spawn();
+    wait_until(Duration::from_secs(30), "capture installed on b", || {
+        b.query_i64(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND tbl_name = 'Authors'",
+        ) > 0
+    });
+    for id in 1_000_000..1_000_020 {
+        b.exec(&format!(
+            "INSERT INTO Authors (id, name, birth_year) VALUES ({id}, 'app', 1)"
+        ));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (db, stop) = (b.db.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || -> Result<(), String> {
+            let conn = rusqlite::Connection::open(&db).map_err(|e| e.to_string())?;
+            conn.busy_timeout(Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let seen: i64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM Authors WHERE id >= 1000000",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(|e| format!("read: {e}"))?;
+                if seen != 20 {
+                    return Err(format!("saw {seen} of the 20 committed rows"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        })
+    };
+    nats.restart();
+    b.wait_started();
+    let want = a.checksum("Books");
+    wait_until(
+        Duration::from_secs(90),
+        "the new node has every book",
+        || b.checksum("Books") == want,
+    );
+    wait_until(Duration::from_secs(10), "the restore is logged", || {
+        b.log().contains("Restore complete")
+    });
+    wait_until(Duration::from_secs(30), "b's rows replicate", || {
+        a.query_i64("SELECT count(*) FROM Authors WHERE id >= 1000000") == 20
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher
+        .join()
+        .expect("watcher thread")
+        .expect("the committed rows stayed");
+    assert!(b.log().contains("kept_in_flight=20"), "{}", b.log());
+}
+
 /// The snapshot store of a test cluster, through the library (as a node sees it).
 fn nats_store(
     nats: &NatsServer,
