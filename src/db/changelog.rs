@@ -279,6 +279,11 @@ impl ChangeLog {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         self.retire_in(&tx, batch)?;
         let cleaned = self.cleanup_in(&tx, horizon_ms, applied)?;
+        // Write the transaction's pages to the WAL now (invisible until the commit), so that the
+        // commit after `may_commit` only appends its commit frame: an application reader that
+        // begins between the check and the end of the commit fails its later write, and this
+        // keeps that window to microseconds whatever the cleanup deleted.
+        tx.cache_flush()?;
         if !may_commit() {
             return Ok(None);
         }
