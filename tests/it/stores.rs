@@ -139,6 +139,35 @@ fn nats_object_store_conforms() {
         )
     });
     conformance(&store);
+    // The client library (like Go) reads what we wrote: same info record, chunks and digest
+    // (its reader checks the digest at the end). The first upload's chunks are gone.
+    rt.block_on(async {
+        use tokio::io::AsyncReadExt as _;
+        let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.expect("connect"));
+        let bucket = js
+            .get_object_store("conformance-store")
+            .await
+            .expect("bucket");
+        let mut object = bucket.get("snapshot.db").await.expect("library get");
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .expect("library read, digest checked");
+        let info = bucket.info("snapshot.db").await.expect("info");
+        assert_eq!(bytes.len(), info.size);
+        assert_eq!(bytes.len(), 5 * 1024 * 1024 + 3);
+        let mut stream = js
+            .get_stream("OBJ_conformance-store")
+            .await
+            .expect("stream");
+        let held = stream.info().await.expect("stream info").state.messages;
+        assert_eq!(
+            held,
+            info.chunks as u64 + 1,
+            "only the newest object's chunks and info"
+        );
+    });
 }
 
 #[test]
