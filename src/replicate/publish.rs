@@ -136,6 +136,9 @@ impl SentMark {
     }
 }
 
+/// How often a held publisher (see [`Publisher::run`]) looks again.
+const HELD_POLL: Duration = Duration::from_millis(250);
+
 /// How many changes the sent mark is moved ahead of the send at a time.
 const MARK_AHEAD: usize = 64;
 
@@ -410,11 +413,15 @@ impl Publisher {
                     w
                 }
             };
+            // While held (a restore runs), file notifications are ignored: the restore's own
+            // writes would wake us thousands of times a second for a count nobody needs that
+            // often, competing with the restore for the CPU and the database.
+            let held = self.hold.load(Ordering::Relaxed);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = wake.notified(), if !failing => followups = FOLLOW_UP_SCANS,
-                _ = tokio::time::sleep(wait) => {}
+                _ = wake.notified(), if !failing && !held => followups = FOLLOW_UP_SCANS,
+                _ = tokio::time::sleep(if held { HELD_POLL.min(wait) } else { wait }) => {}
             }
         }
         // Changes committed before the stop request still go out (bounded: with NATS away they
