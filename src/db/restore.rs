@@ -203,12 +203,56 @@ fn merge_all(
         .map(ToString::to_string)
         .collect();
     let started = std::time::Instant::now();
-    commit_guarded(tx)?;
+    // The commit syncs the WAL (the restore is durable before the positions move); copying the
+    // restored pages from the WAL into the database file — writing them a second time, seconds
+    // per GB — is left to a thread of its own (see `checkpoint_behind`), so replication resumes
+    // meanwhile.
+    let every: i64 = tx.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?;
+    tx.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
+    let committed = commit_guarded(tx);
+    conn.execute_batch(&format!("PRAGMA wal_autocheckpoint = {every}"))?;
+    committed?;
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "restore committed"
     );
+    if every > 0
+        && let Some(path) = conn.path().filter(|p| !p.is_empty())
+    {
+        checkpoint_behind(std::path::PathBuf::from(path));
+    }
     Ok(out)
+}
+
+/// Checkpoints the WAL into the database file from a connection and thread of our own, right
+/// after a restore committed. While it runs it holds SQLite's checkpoint lock, so the automatic
+/// checkpoints of other commits (the application's among them) skip instead of doing this work
+/// in their own commit. A failure only leaves the work to SQLite's next automatic checkpoint.
+fn checkpoint_behind(path: std::path::PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("hl-checkpoint".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let done = super::open(&path).and_then(|c| {
+                c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                })
+                .map_err(Error::from)
+            });
+            match done {
+                Ok((frames, copied)) => tracing::debug!(
+                    frames,
+                    copied,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "checkpoint after the restore done"
+                ),
+                Err(e) => tracing::warn!(error = %crate::error_chain(&e),
+                    "Checkpoint after a restore failed; SQLite's automatic checkpoints do it later"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "Cannot start the checkpoint after a restore; SQLite's automatic checkpoints do it later");
+    }
 }
 
 /// Copies a table the snapshot has with exactly the local columns into the empty local table
