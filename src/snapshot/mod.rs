@@ -131,6 +131,27 @@ pub fn copy_database(
     node_id: u64,
     schema_hash: &str,
 ) -> Result<(PathBuf, Meta), Error> {
+    let (path, meta) = copy_undigested(source, dir, node_id, schema_hash)?;
+    let (size, sha256, fnv) = digest(&path)?;
+    Ok((
+        path,
+        Meta {
+            size: Some(size),
+            sha256: Some(sha256),
+            fnv_tag: Some(fnv),
+            ..meta
+        },
+    ))
+}
+
+/// [`copy_database`] without the size and checksums (the upload computes them: see
+/// [`Store::upload_filling`]).
+fn copy_undigested(
+    source: &Source,
+    dir: &Path,
+    node_id: u64,
+    schema_hash: &str,
+) -> Result<(PathBuf, Meta), Error> {
     let started = Instant::now();
     let path = dir.join(store::OBJECT);
     let conn = db::open(&source.db_path).map_err(|e| Error::Unusable(e.to_string()))?;
@@ -148,6 +169,9 @@ pub fn copy_database(
     };
     let copied = (|| -> Result<(), rusqlite::Error> {
         let mut dest = Connection::open(&path)?;
+        // A work file, uploaded and deleted: no journal and no fsync (a crash leaves a file the
+        // next start sweeps away).
+        dest.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
         let backup = rusqlite::backup::Backup::new(&conn, &mut dest)?;
         let mut logged = Instant::now();
         loop {
@@ -176,6 +200,7 @@ pub fn copy_database(
     let _ = conn.execute_batch("COMMIT");
     drop(conn);
     copied.map_err(Error::Copy)?;
+    let copy_ms = started.elapsed().as_millis() as u64;
     // Strip our artifacts; events held for a UNIQUE conflict are part of the positions but not of
     // the rows, so the positions go back to just before the oldest of them.
     {
@@ -183,10 +208,8 @@ pub fn copy_database(
         lower_for_held(&snap, &source.streams, &mut positions).map_err(Error::Copy)?;
         strip(&snap).map_err(Error::Copy)?;
     }
-    let (size, sha256, fnv) = digest(&path)?;
+    let strip_ms = started.elapsed().as_millis() as u64 - copy_ms;
     let meta = Meta {
-        sha256: Some(sha256),
-        size: Some(size),
         positions: Some(
             source
                 .streams
@@ -198,9 +221,10 @@ pub fn copy_database(
         schema_hash: Some(schema_hash.to_owned()),
         node_id: Some(node_id),
         created_ms: Some(now_ms()),
-        fnv_tag: Some(fnv),
+        ..Meta::default()
     };
-    tracing::debug!(size, elapsed_ms = started.elapsed().as_millis() as u64, positions = ?meta.positions, "snapshot copy ready");
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, copy_ms, strip_ms,
+        positions = ?meta.positions, "snapshot copy ready");
     Ok((path, meta))
 }
 
@@ -245,7 +269,9 @@ fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?
     };
-    conn.execute_batch("PRAGMA journal_mode = DELETE; BEGIN;")?;
+    // synchronous first: leaving WAL mode syncs the file otherwise, which forces the whole
+    // fresh copy to disk (half a second per GB) for a file that is uploaded and deleted.
+    conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA journal_mode = DELETE; BEGIN;")?;
     for (kind, name) in &objects {
         let what = if kind == "trigger" {
             "TRIGGER"
@@ -261,8 +287,7 @@ fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-/// Size, hex SHA-256 and Go's FNV-1 64 tag of a file, in one streaming pass. FNV-1 is a serial
-/// byte loop about as slow as SHA-256, so it runs on a second thread over the same buffers.
+/// Size, hex SHA-256 and Go's FNV-1 64 tag of a file, in one streaming pass.
 pub fn digest(path: &Path) -> Result<(u64, String, String), Error> {
     digest_with(path, true)
 }
@@ -270,52 +295,87 @@ pub fn digest(path: &Path) -> Result<(u64, String, String), Error> {
 /// [`digest`]; without `fnv` the tag is left empty (and its thread is not started).
 fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
-    let (to_fnv, from_reader) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(4);
-    let to_fnv = fnv.then_some(to_fnv);
-    std::thread::scope(|scope| {
-        let fnv_thread = scope.spawn(move || {
-            let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
-            for buf in from_reader {
-                for &b in buf.iter() {
-                    fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3) ^ u64::from(b);
+    let mut digester = Digester::new(fnv);
+    loop {
+        let mut buf = vec![0u8; 1 << 20];
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        digester.update(bytes::Bytes::from(buf));
+    }
+    Ok(digester.finish())
+}
+
+/// Lower-case hex of `bytes` (how our metadata writes SHA-256).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Size, hex SHA-256 and (optionally) Go's FNV-1 64 tag of bytes fed in order, for a file read
+/// once for another purpose too (an upload). FNV-1 is a serial byte loop slower than SHA-256
+/// (with the CPU's SHA instructions), so it runs on a thread of its own over the same buffers;
+/// at most a few buffers wait for it.
+pub struct Digester {
+    sha: Sha256,
+    size: u64,
+    fnv: Option<(
+        std::sync::mpsc::SyncSender<bytes::Bytes>,
+        std::thread::JoinHandle<u64>,
+    )>,
+}
+
+impl Digester {
+    pub fn new(fnv: bool) -> Digester {
+        let fnv = fnv.then(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
+            let thread = std::thread::spawn(move || {
+                let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+                for buf in rx {
+                    for &b in buf.iter() {
+                        fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3) ^ u64::from(b);
+                    }
                 }
-            }
-            fnv
+                fnv
+            });
+            (tx, thread)
         });
-        let mut sha = Sha256::new();
-        let mut size = 0u64;
-        let read = loop {
-            let mut buf = vec![0u8; 1 << 20];
-            let n = match f.read(&mut buf) {
-                Ok(n) => n,
-                Err(e) => break Err(e),
-            };
-            if n == 0 {
-                break Ok(());
-            }
-            buf.truncate(n);
-            sha.update(&buf);
-            size += n as u64;
-            if let Some(tx) = &to_fnv
-                && tx.send(Arc::new(buf)).is_err()
-            {
-                break Ok(());
-            }
-        };
-        drop(to_fnv);
-        let tag = fnv_thread.join().unwrap_or(0);
-        read.map_err(io(path))?;
-        let hex: String = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        Ok((
-            size,
-            hex,
-            if fnv {
-                format!("{tag:x}")
-            } else {
-                String::new()
-            },
-        ))
-    })
+        Digester {
+            sha: Sha256::new(),
+            size: 0,
+            fnv,
+        }
+    }
+
+    /// Adds the next bytes (cheap: `Bytes` is shared, not copied).
+    pub fn update(&mut self, buf: bytes::Bytes) {
+        self.sha.update(&buf);
+        self.size += buf.len() as u64;
+        if let Some((tx, _)) = &self.fnv {
+            // The thread only ends when the sender is dropped, so this cannot fail.
+            let _ = tx.send(buf);
+        }
+    }
+
+    /// `(size, hex SHA-256, hex FNV tag or "")`.
+    pub fn finish(self) -> (u64, String, String) {
+        let (size, sha, tag) = self.finish_raw();
+        (size, hex(&sha), tag)
+    }
+
+    /// `(size, SHA-256 bytes, hex FNV tag or "")`.
+    pub fn finish_raw(self) -> (u64, [u8; 32], String) {
+        let tag = self.fnv.map(|(tx, thread)| {
+            drop(tx);
+            thread.join().unwrap_or(0)
+        });
+        (
+            self.size,
+            self.sha.finalize().into(),
+            tag.map(|t| format!("{t:x}")).unwrap_or_default(),
+        )
+    }
 }
 
 /// Checks a downloaded file against its metadata and SQLite's own integrity check.
@@ -397,13 +457,14 @@ pub async fn save(
         dir.path().to_path_buf(),
     );
     let (path, meta) =
-        tokio::task::spawn_blocking(move || copy_database(&src, &work, node_id, &hash))
+        tokio::task::spawn_blocking(move || copy_undigested(&src, &work, node_id, &hash))
             .await
             .map_err(|e| Error::Unusable(format!("snapshot copy task failed: {e}")))??;
-    if meta.size.unwrap_or(0) > PROGRESS_BYTES {
-        tracing::info!(size = meta.size, store = store.kind(), "Uploading snapshot");
+    let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+    if size > PROGRESS_BYTES {
+        tracing::info!(size, store = store.kind(), "Uploading snapshot");
     }
-    store.upload(&path, &meta).await?;
+    let meta = store.upload_filling(&path, meta).await?;
     drop(dir);
     tracing::info!(size = meta.size, positions = ?meta.positions, elapsed_ms = started.elapsed().as_millis() as u64,
         store = store.kind(), "Snapshot saved");
@@ -424,12 +485,13 @@ pub async fn fetch_verified(
     let Some(meta) = store.download(&path).await? else {
         return Ok(None);
     };
+    let download_ms = started.elapsed().as_millis() as u64;
     let (p, m) = (path.clone(), meta.clone());
     tokio::task::spawn_blocking(move || verify(&p, &m))
         .await
         .map_err(|e| Error::Unusable(format!("snapshot check task failed: {e}")))??;
     tracing::info!(size = meta.size, positions = ?meta.positions, elapsed_ms = started.elapsed().as_millis() as u64,
-        store = store.kind(), "Downloaded snapshot, verified");
+        download_ms, store = store.kind(), "Downloaded snapshot, verified");
     Ok(Some((dir, path, meta)))
 }
 

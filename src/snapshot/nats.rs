@@ -5,7 +5,7 @@
 //! An object-store put writes the new chunks under a fresh id and only then replaces the object's
 //! info, so the previous snapshot stays readable until the new one is complete. Chunks (half the
 //! server's `max_payload`, at most 1 MiB) are read from the file as they are sent, and a
-//! download asks for about 2 MB at a time from a pull consumer: memory does not grow with the
+//! download asks for about 8 MB at a time from a pull consumer: memory does not grow with the
 //! snapshot either way.
 //!
 //! The put is ours, not the client library's (same subjects, info record and digest, so Go and
@@ -24,7 +24,7 @@ const KIND: &str = "nats";
 /// Object metadata key holding our [`Meta`] as JSON.
 pub const META_KEY: &str = "harmonylite-meta";
 /// Bytes asked for at once while downloading (whole chunks, at least one).
-const FETCH_BYTES: usize = 2 << 20;
+const FETCH_BYTES: usize = 8 << 20;
 
 /// The chunk size of an upload: half the server's `max_payload` (so a chunk always fits), at
 /// most 1 MiB.
@@ -73,41 +73,44 @@ impl NatsStore {
             .await
             .map_err(|e| e.to_string())?;
         let mut progress = Progress::new(KIND, "Downloading", Some(info.size as u64));
+        let per_chunk = info.size.div_ceil(info.chunks.max(1)).max(1);
+        // Pipelined: the next batch is asked for while this one is written out, and no more
+        // than about two batches are ever on their way.
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch((FETCH_BYTES / per_chunk).max(1))
+            .expires(CHUNK_WAIT)
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
         let (mut got, mut bytes) = (0usize, 0u64);
         while got < info.chunks {
-            let per_chunk = info.size.div_ceil(info.chunks.max(1)).max(1);
-            let want = (info.chunks - got).min((FETCH_BYTES / per_chunk).max(1));
-            let mut batch = consumer
-                .fetch()
-                .max_messages(want)
-                .expires(CHUNK_WAIT)
-                .messages()
-                .await
-                .map_err(|e| e.to_string())?;
-            let before = got;
-            while let Some(msg) = batch.next().await {
-                let msg = msg.map_err(|e| e.to_string())?;
-                let seq = msg.info().map_err(|e| e.to_string())?.consumer_sequence;
-                if seq != got as u64 + 1 {
+            let msg = match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
+                Err(_) => {
                     return Err(format!(
-                        "chunk {} of {} arrived as number {seq}: a chunk was lost",
-                        got + 1,
+                        "no chunk arrived within {CHUNK_WAIT:?} ({got} of {} read)",
                         info.chunks
                     ));
                 }
-                out.write_all(&msg.payload)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                got += 1;
-                bytes += msg.payload.len() as u64;
-                progress.add(msg.payload.len());
-            }
-            if got == before {
+                Ok(None) => {
+                    return Err(format!("the chunks ended after {got} of {}", info.chunks));
+                }
+                Ok(Some(msg)) => msg.map_err(|e| e.to_string())?,
+            };
+            let seq = msg.info().map_err(|e| e.to_string())?.consumer_sequence;
+            if seq != got as u64 + 1 {
                 return Err(format!(
-                    "no chunk arrived within {CHUNK_WAIT:?} ({got} of {} read)",
+                    "chunk {} of {} arrived as number {seq}: a chunk was lost",
+                    got + 1,
                     info.chunks
                 ));
             }
+            out.write_all(&msg.payload)
+                .await
+                .map_err(|e| e.to_string())?;
+            got += 1;
+            bytes += msg.payload.len() as u64;
+            progress.add(msg.payload.len());
         }
         if bytes != info.size as u64 {
             return Err(format!(
@@ -118,19 +121,20 @@ impl NatsStore {
         out.flush().await.map_err(|e| e.to_string())
     }
 
-    /// Puts `data` as the object `meta.name` (see the module header: the object store's format,
-    /// with acks pipelined). The previous object's chunks are purged once the new info is in
-    /// place; a put that fails purges its own.
+    /// Puts `data` as the object [`OBJECT`] with our `meta` (see the module header: the object
+    /// store's format, with acks pipelined), the size and checksums it lacks computed while
+    /// sending. The previous object's chunks are purged once the
+    /// new info is in place; a put that fails purges its own.
     async fn put(
         &self,
         bucket: &object_store::ObjectStore,
-        meta: object_store::ObjectMetadata,
         data: &mut (impl tokio::io::AsyncRead + Unpin),
-    ) -> Result<object_store::ObjectInfo, String> {
-        let previous = bucket.info(&meta.name).await.ok();
+        meta: Meta,
+    ) -> Result<(object_store::ObjectInfo, Meta), String> {
+        let previous = bucket.info(OBJECT).await.ok();
         let nuid = uuid::Uuid::new_v4().simple().to_string();
         let chunks = format!("$O.{}.C.{nuid}", self.bucket);
-        let sent = self.put_chunks(&chunks, meta, data, &nuid).await;
+        let sent = self.put_chunks(&chunks, data, meta, &nuid).await;
         let stream = format!("OBJ_{}", self.bucket);
         let purge = |subject: String| async move {
             match self.js.get_stream(&stream).await {
@@ -143,8 +147,8 @@ impl NatsStore {
                 Err(e) => Err(e.to_string()),
             }
         };
-        let info = match sent {
-            Ok(info) => info,
+        let (info, meta) = match sent {
+            Ok(done) => done,
             Err(e) => {
                 if let Err(p) = purge(chunks).await {
                     tracing::warn!(bucket = %self.bucket, error = %p, "Cannot remove the chunks of a failed snapshot upload");
@@ -157,27 +161,25 @@ impl NatsStore {
                 .await
                 .map_err(|e| format!("purging the previous snapshot's chunks: {e}"))?;
         }
-        Ok(info)
+        Ok((info, meta))
     }
 
     /// Sends the chunks to `subject` with up to [`ACKS_IN_FLIGHT`] unacknowledged, then the info
-    /// record (a rollup of the object's info subject).
+    /// record (a rollup of the object's info subject) with `meta` completed.
     async fn put_chunks(
         &self,
         subject: &str,
-        meta: object_store::ObjectMetadata,
         data: &mut (impl tokio::io::AsyncRead + Unpin),
+        mut meta: Meta,
         nuid: &str,
-    ) -> Result<object_store::ObjectInfo, String> {
+    ) -> Result<(object_store::ObjectInfo, Meta), String> {
         use base64::Engine as _;
-        use sha2::Digest as _;
         use tokio::io::AsyncReadExt as _;
-        let chunk = meta
-            .chunk_size
-            .unwrap_or_else(|| chunk_size(self.js.client().server_info().max_payload));
-        let mut digest = sha2::Sha256::new();
+        let chunk = chunk_size(self.js.client().server_info().max_payload);
+        // One SHA-256 for the object store's digest (base64) and ours (hex), plus Go's tag.
+        let mut ours = super::Digester::new(meta.fnv_tag.is_none());
         let mut acks = std::collections::VecDeque::new();
-        let (mut size, mut count) = (0usize, 0usize);
+        let mut count = 0usize;
         loop {
             let mut buf = bytes::BytesMut::with_capacity(chunk);
             while buf.len() < chunk {
@@ -189,8 +191,7 @@ impl NatsStore {
                 break;
             }
             let payload = buf.freeze();
-            digest.update(&payload);
-            size += payload.len();
+            ours.update(payload.clone());
             count += 1;
             let ack = self
                 .js
@@ -209,6 +210,18 @@ impl NatsStore {
             ack.await
                 .map_err(|e| format!("chunk {n} not acknowledged: {e}"))?;
         }
+        let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish_raw())
+            .await
+            .map_err(|e| format!("checksum task failed: {e}"))?;
+        let sha256 = super::hex(&digest);
+        // What the caller gave is stored as given (a test stores a corrupted copy that way).
+        meta.size.get_or_insert(size);
+        meta.sha256.get_or_insert(sha256);
+        meta.fnv_tag.get_or_insert(fnv);
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(tag) = &meta.fnv_tag {
+            headers.insert(TAG_HEADER, tag.as_str());
+        }
         let modified = async_nats::datetime::from_nanos(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -216,22 +229,24 @@ impl NatsStore {
         )
         .ok();
         let info = object_store::ObjectInfo {
-            name: meta.name,
-            description: meta.description,
-            metadata: meta.metadata,
-            headers: meta.headers,
+            name: OBJECT.to_owned(),
+            description: None,
+            metadata: [(META_KEY.to_owned(), meta.to_json())]
+                .into_iter()
+                .collect(),
+            headers: Some(headers),
             options: Some(object_store::ObjectOptions {
                 max_chunk_size: Some(chunk),
                 link: None,
             }),
             bucket: self.bucket.clone(),
             nuid: nuid.to_owned(),
-            size,
+            size: size as usize,
             chunks: count,
             modified,
             digest: Some(format!(
                 "SHA-256={}",
-                base64::engine::general_purpose::URL_SAFE.encode(digest.finalize())
+                base64::engine::general_purpose::URL_SAFE.encode(digest)
             )),
             deleted: false,
         };
@@ -245,7 +260,29 @@ impl NatsStore {
             .map_err(|e| format!("sending the object info: {e}"))?
             .await
             .map_err(|e| format!("object info not acknowledged: {e}"))?;
-        Ok(info)
+        Ok((info, meta))
+    }
+
+    /// Uploads `file` with `meta` (what it lacks of size and checksums is computed on the way).
+    async fn send(&self, file: &Path, meta: Meta) -> Result<Meta, Error> {
+        let bucket = self.bucket("upload").await?;
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| Error::new(KIND, "upload", &self.object(), &e))?;
+        let total = f.metadata().await.ok().map(|m| m.len());
+        let mut f = ProgressReader::new(f, Progress::new(KIND, "Uploading", total));
+        let (put, meta) = self
+            .put(&bucket, &mut f, meta)
+            .await
+            .map_err(|e| Error::msg(KIND, "upload", &self.object(), e))?;
+        tracing::info!(
+            file_name = OBJECT,
+            size = put.size,
+            chunks = put.chunks,
+            hash = meta.fnv_tag.as_deref().unwrap_or(""),
+            "Snapshot saved to NATS"
+        );
+        Ok(meta)
     }
 
     pub fn new(js: jetstream::Context, bucket: String, replicas: i64) -> NatsStore {
@@ -307,39 +344,23 @@ impl Store for NatsStore {
     }
 
     fn upload<'a>(&'a self, file: &'a Path, meta: &'a Meta) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move {
-            let bucket = self.bucket("upload").await?;
-            let f = tokio::fs::File::open(file)
-                .await
-                .map_err(|e| Error::new(KIND, "upload", &self.object(), &e))?;
-            let total = f.metadata().await.ok().map(|m| m.len());
-            let mut f = ProgressReader::new(f, Progress::new(KIND, "Uploading", total));
-            let mut headers = async_nats::HeaderMap::new();
-            if let Some(tag) = &meta.fnv_tag {
-                headers.insert(TAG_HEADER, tag.as_str());
-            }
-            let info = object_store::ObjectMetadata {
-                name: OBJECT.to_owned(),
-                metadata: [(META_KEY.to_owned(), meta.to_json())]
-                    .into_iter()
-                    .collect(),
-                headers: Some(headers),
-                chunk_size: Some(chunk_size(self.js.client().server_info().max_payload)),
-                ..Default::default()
-            };
-            let put = self
-                .put(&bucket, info, &mut f)
-                .await
-                .map_err(|e| Error::msg(KIND, "upload", &self.object(), e))?;
-            tracing::info!(
-                file_name = OBJECT,
-                size = put.size,
-                chunks = put.chunks,
-                hash = meta.fnv_tag.as_deref().unwrap_or(""),
-                "Snapshot saved to NATS"
-            );
-            Ok(())
-        })
+        Box::pin(async move { self.send(file, meta.clone()).await.map(|_| ()) })
+    }
+
+    fn upload_filling<'a>(
+        &'a self,
+        file: &'a Path,
+        meta: Meta,
+    ) -> BoxFuture<'a, Result<Meta, Error>> {
+        Box::pin(self.send(
+            file,
+            Meta {
+                size: None,
+                sha256: None,
+                fnv_tag: None,
+                ..meta
+            },
+        ))
     }
 
     fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
@@ -365,7 +386,6 @@ impl Store for NatsStore {
             let meta = NatsStore::meta_of(&info);
             let mut out = tokio::fs::File::create(dest).await.map_err(|e| fail(&e))?;
             self.read_chunks(&info, &mut out).await.map_err(said)?;
-            out.sync_all().await.map_err(|e| fail(&e))?;
             Ok(Some(meta))
         })
     }

@@ -347,7 +347,9 @@ impl Store for S3Store {
                     .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
                 progress.add(chunk.len());
             }
-            out.sync_all()
+            // Completes tokio's last write; no fsync: a work file, verified and merged at once
+            // (after a crash the next start removes it).
+            out.flush()
                 .await
                 .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
             Ok(Some(meta))

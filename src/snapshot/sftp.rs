@@ -331,7 +331,6 @@ impl SftpStore {
             bytes += n as u64;
             progress.add(n);
         }
-        out.sync_all().map_err(|e| self.err(op, e))?;
         tracing::info!(path = %self.object(), bytes, "Snapshot downloaded from SFTP server");
         Ok(Some(super::webdav::trusted(sidecar, Some(bytes))))
     }

@@ -116,6 +116,32 @@ pub trait Store: Send + Sync {
     /// Uploads `file` as the snapshot, with `meta`, replacing the previous one only once complete.
     fn upload<'a>(&'a self, file: &'a Path, meta: &'a Meta) -> BoxFuture<'a, Result<(), Error>>;
 
+    /// [`Store::upload`] with `meta`'s `size`, `sha256` and `fnv_tag` computed from `file`;
+    /// returns the metadata stored. By default they are computed first; a store that writes its
+    /// metadata after the data computes them while sending (one read of the file, not two).
+    fn upload_filling<'a>(
+        &'a self,
+        file: &'a Path,
+        meta: Meta,
+    ) -> BoxFuture<'a, Result<Meta, Error>> {
+        Box::pin(async move {
+            let path = file.to_path_buf();
+            let fail = |m: String| Error::msg(self.kind(), "upload", OBJECT, m);
+            let (size, sha256, fnv) = tokio::task::spawn_blocking(move || super::digest(&path))
+                .await
+                .map_err(|e| fail(format!("checksum task failed: {e}")))?
+                .map_err(|e| fail(crate::error_chain(&e)))?;
+            let meta = Meta {
+                size: Some(size),
+                sha256: Some(sha256),
+                fnv_tag: Some(fnv),
+                ..meta
+            };
+            self.upload(file, &meta).await?;
+            Ok(meta)
+        })
+    }
+
     /// Downloads the snapshot into `dest`; `None` when the store holds none.
     fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>>;
 

@@ -283,7 +283,9 @@ impl Store for WebDavStore {
                     .await
                     .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
             }
-            out.sync_all()
+            // Completes tokio's last write; no fsync: a work file, verified and merged at once
+            // (after a crash the next start removes it).
+            out.flush()
                 .await
                 .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
             tracing::info!(path = %self.object(), size, "Snapshot downloaded from WebDAV");
