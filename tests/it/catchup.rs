@@ -21,6 +21,20 @@ fn bulk_insert(node: &Node, rows: u64) {
     ));
 }
 
+/// Waits until node `b` has started, holds every book of `a`, and has logged its restore.
+fn restores_every_book(a: &Node, b: &mut Node) {
+    b.wait_started();
+    let want = a.checksum("Books");
+    wait_until(
+        Duration::from_secs(90),
+        "the new node has every book",
+        || b.checksum("Books") == want,
+    );
+    wait_until(Duration::from_secs(10), "the restore is logged", || {
+        b.log().contains("Restore complete")
+    });
+}
+
 /// Default settings (max_entries 1024): a 50,000-row transaction reaches every running node,
 /// whole, and no node loses messages to retention — even one that stalls for a moment (here a
 /// 1.5 s SIGSTOP, as a slow disk or a swapped-out process would).
@@ -238,16 +252,7 @@ fn restore_under_a_running_application_loses_none_of_its_writes() {
             Ok(committed)
         })
     };
-    b.wait_started();
-    let want = a.checksum("Books");
-    wait_until(
-        Duration::from_secs(90),
-        "the new node has every book",
-        || b.checksum("Books") == want,
-    );
-    wait_until(Duration::from_secs(10), "the restore is logged", || {
-        b.log().contains("Restore complete")
-    });
+    restores_every_book(&a, &mut b);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let committed = app
         .join()
@@ -322,16 +327,7 @@ fn rows_written_before_the_first_restore_never_vanish() {
         })
     };
     nats.restart();
-    b.wait_started();
-    let want = a.checksum("Books");
-    wait_until(
-        Duration::from_secs(90),
-        "the new node has every book",
-        || b.checksum("Books") == want,
-    );
-    wait_until(Duration::from_secs(10), "the restore is logged", || {
-        b.log().contains("Restore complete")
-    });
+    restores_every_book(&a, &mut b);
     wait_until(Duration::from_secs(30), "b's rows replicate", || {
         a.query_i64("SELECT count(*) FROM Authors WHERE id >= 1000000") == 20
     });
