@@ -39,6 +39,11 @@ pub mod stream;
 pub mod systemd;
 pub mod wire;
 
+/// Lower-case hex of `bytes` (how SHA-256 sums are written: schema hashes, snapshot metadata).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()

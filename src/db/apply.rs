@@ -1875,13 +1875,7 @@ fn describe(row: &[(String, Value)]) -> String {
                 Value::Integer(i) => i.to_string(),
                 Value::Real(f) => f.to_string(),
                 Value::Text(t) => format!("{:?}", String::from_utf8_lossy(&t[..t.len().min(64)])),
-                Value::Blob(b) => format!(
-                    "x'{}'",
-                    b.iter()
-                        .take(32)
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<String>()
-                ),
+                Value::Blob(b) => format!("x'{}'", crate::hex(&b[..b.len().min(32)])),
             };
             format!("{n}: {text}")
         })

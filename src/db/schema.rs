@@ -143,10 +143,7 @@ pub fn schema_hash(conn: &Connection, tables: &[Table]) -> Result<String, Error>
         }
         input.push('\n');
     }
-    Ok(Sha256::digest(input.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::hex(&Sha256::digest(input.as_bytes())))
 }
 
 #[cfg(test)]

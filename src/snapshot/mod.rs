@@ -121,32 +121,13 @@ pub fn work_dir(db_path: &Path) -> Result<tempfile::TempDir, Error> {
 }
 
 /// Copies the database into `dir` as a plain SQLite file without our tables and triggers, and
-/// returns its path and metadata (positions, checksums, size). Blocking.
+/// returns its path and metadata: positions, schema, node and time; the size and checksums are
+/// left to the upload, which computes them from the bytes it sends (see
+/// [`Store::upload_filling`]). Blocking.
 ///
 /// # Errors
 /// SQLite or file errors.
 pub fn copy_database(
-    source: &Source,
-    dir: &Path,
-    node_id: u64,
-    schema_hash: &str,
-) -> Result<(PathBuf, Meta), Error> {
-    let (path, meta) = copy_undigested(source, dir, node_id, schema_hash)?;
-    let (size, sha256, fnv) = digest(&path)?;
-    Ok((
-        path,
-        Meta {
-            size: Some(size),
-            sha256: Some(sha256),
-            fnv_tag: Some(fnv),
-            ..meta
-        },
-    ))
-}
-
-/// [`copy_database`] without the size and checksums (the upload computes them: see
-/// [`Store::upload_filling`]).
-fn copy_undigested(
     source: &Source,
     dir: &Path,
     node_id: u64,
@@ -308,11 +289,6 @@ fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
     Ok(digester.finish())
 }
 
-/// Lower-case hex of `bytes` (how our metadata writes SHA-256).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Size, hex SHA-256 and (optionally) Go's FNV-1 64 tag of bytes fed in order, for a file read
 /// once for another purpose too (an upload). FNV-1 is a serial byte loop slower than SHA-256
 /// (with the CPU's SHA instructions), so it runs on a thread of its own over the same buffers;
@@ -361,7 +337,7 @@ impl Digester {
     /// `(size, hex SHA-256, hex FNV tag or "")`.
     pub fn finish(self) -> (u64, String, String) {
         let (size, sha, tag) = self.finish_raw();
-        (size, hex(&sha), tag)
+        (size, crate::hex(&sha), tag)
     }
 
     /// `(size, SHA-256 bytes, hex FNV tag or "")`.
@@ -457,7 +433,7 @@ pub async fn save(
         dir.path().to_path_buf(),
     );
     let (path, meta) =
-        tokio::task::spawn_blocking(move || copy_undigested(&src, &work, node_id, &hash))
+        tokio::task::spawn_blocking(move || copy_database(&src, &work, node_id, &hash))
             .await
             .map_err(|e| Error::Unusable(format!("snapshot copy task failed: {e}")))??;
     let size = std::fs::metadata(&path).map_err(io(&path))?.len();
@@ -575,6 +551,13 @@ mod tests {
             .expect("schema");
         assert_eq!(ours, 0);
         assert_eq!(meta.positions, Some([("s-1".to_owned(), 42)].into()));
+        let (size, sha256, fnv) = digest(&copy).expect("digest");
+        let meta = Meta {
+            size: Some(size),
+            sha256: Some(sha256),
+            fnv_tag: Some(fnv),
+            ..meta
+        };
         verify(&copy, &meta).expect("verifies");
     }
 

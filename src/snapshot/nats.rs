@@ -123,8 +123,8 @@ impl NatsStore {
 
     /// Puts `data` as the object [`OBJECT`] with our `meta` (see the module header: the object
     /// store's format, with acks pipelined), the size and checksums it lacks computed while
-    /// sending. The previous object's chunks are purged once the
-    /// new info is in place; a put that fails purges its own.
+    /// sending. The previous object's chunks are purged once the new info is in place; a put
+    /// that fails purges its own.
     async fn put(
         &self,
         bucket: &object_store::ObjectStore,
@@ -213,7 +213,7 @@ impl NatsStore {
         let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish_raw())
             .await
             .map_err(|e| format!("checksum task failed: {e}"))?;
-        let sha256 = super::hex(&digest);
+        let sha256 = crate::hex(&digest);
         // What the caller gave is stored as given (a test stores a corrupted copy that way).
         meta.size.get_or_insert(size);
         meta.sha256.get_or_insert(sha256);
