@@ -3,8 +3,9 @@
 //! a node that lacks changes the streams no longer hold (a new node, a long-stopped one, one that
 //! fell behind) restores it and replays only the tail.
 //!
-//! - [`save`]: copy (SQLite backup API from a read transaction that began between two apply
-//!   batches, so the rows and the recorded positions match exactly), strip, checksum, upload.
+//! - [`save`]: copy (from a read transaction that began between two apply batches, so the rows
+//!   and the recorded positions match exactly: the file's bytes when the file alone holds what
+//!   it sees, see [`filecopy`], else SQLite's backup API), strip, checksum, upload.
 //! - [`fetch_verified`]: download, then check size, SHA-256, Go's FNV tag and
 //!   `PRAGMA integrity_check` before anything is restored.
 //! - The restore itself is [`crate::db::restore`], run by the apply thread.
@@ -29,6 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::db;
 
+mod filecopy;
 pub mod leader;
 pub mod nats;
 pub mod s3;
@@ -148,39 +150,17 @@ pub fn copy_database(
             .map(|p| p.load(Ordering::SeqCst))
             .collect()
     };
-    let copied = (|| -> Result<(), rusqlite::Error> {
-        let mut dest = Connection::open(&path)?;
-        // A work file, uploaded and deleted: no journal and no fsync (a crash leaves a file the
-        // next start sweeps away).
-        dest.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
-        let backup = rusqlite::backup::Backup::new(&conn, &mut dest)?;
-        let mut logged = Instant::now();
-        loop {
-            match backup.step(PAGES_PER_STEP)? {
-                rusqlite::backup::StepResult::Done => break,
-                rusqlite::backup::StepResult::More => {
-                    if logged.elapsed().as_secs() >= 5 {
-                        let p = backup.progress();
-                        tracing::info!(
-                            copied_pages = p.pagecount - p.remaining,
-                            total_pages = p.pagecount,
-                            "Copying the database for a snapshot"
-                        );
-                        logged = Instant::now();
-                    }
-                }
-                // Cannot happen while we hold the read transaction; wait a moment if it does.
-                rusqlite::backup::StepResult::Busy | rusqlite::backup::StepResult::Locked => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
-            }
-        }
-        Ok(())
-    })();
+    let by_file = filecopy::file_holds_read_snapshot(&source.db_path);
+    let copied = if by_file {
+        filecopy::copy_db_file(&source.db_path, &path)
+            .map(drop)
+            .map_err(|(path, source)| Error::Io { path, source })
+    } else {
+        backup_copy(&conn, &path).map_err(Error::Copy)
+    };
     let _ = conn.execute_batch("COMMIT");
     drop(conn);
-    copied.map_err(Error::Copy)?;
+    copied?;
     let copy_ms = started.elapsed().as_millis() as u64;
     // Strip our artifacts; events held for a UNIQUE conflict are part of the positions but not of
     // the rows, so the positions go back to just before the oldest of them.
@@ -204,9 +184,38 @@ pub fn copy_database(
         created_ms: Some(now_ms()),
         ..Meta::default()
     };
-    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, copy_ms, strip_ms,
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, copy_ms, strip_ms, by_file,
         positions = ?meta.positions, "snapshot copy ready");
     Ok((path, meta))
+}
+
+/// Copies the database `conn` reads (in its open read transaction) into a new file at `path`
+/// with SQLite's backup API.
+fn backup_copy(conn: &Connection, path: &Path) -> Result<(), rusqlite::Error> {
+    let mut dest = Connection::open(path)?;
+    // A work file, uploaded and deleted: no journal and no fsync (a crash leaves a file the
+    // next start sweeps away).
+    dest.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
+    let backup = rusqlite::backup::Backup::new(conn, &mut dest)?;
+    let mut logged = Instant::now();
+    loop {
+        match backup.step(PAGES_PER_STEP)? {
+            rusqlite::backup::StepResult::Done => return Ok(()),
+            rusqlite::backup::StepResult::More => {
+                if logged.elapsed().as_secs() >= 5 {
+                    let p = backup.progress();
+                    tracing::info!(
+                        copied_pages = p.pagecount - p.remaining,
+                        total_pages = p.pagecount,
+                        "Copying the database for a snapshot"
+                    );
+                    logged = Instant::now();
+                }
+            }
+            // Cannot happen while we hold the read transaction; wait a moment if it does.
+            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
 }
 
 fn lower_for_held(
@@ -559,6 +568,35 @@ mod tests {
             ..meta
         };
         verify(&copy, &meta).expect("verifies");
+    }
+
+    /// An older reader keeps the newest commit out of the database file: the copy comes from
+    /// the backup API then, and has it.
+    #[test]
+    fn copy_has_the_wal_only_commits_an_old_reader_keeps_from_the_file() {
+        let (dir, path) = crate::db::testutil::temp_db("CREATE TABLE t (id INTEGER PRIMARY KEY);");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; INSERT INTO t VALUES (1)")
+            .expect("insert");
+        let old = Connection::open(&path).expect("open");
+        old.execute_batch("BEGIN; SELECT count(*) FROM t;")
+            .expect("read");
+        conn.execute_batch("INSERT INTO t VALUES (2)")
+            .expect("insert");
+        let source = Source {
+            db_path: path.clone(),
+            streams: vec!["s-1".into()],
+            positions: Arc::new([AtomicU64::new(1)]),
+            gate: Arc::new(Mutex::new(())),
+        };
+        let work = tempfile::tempdir_in(dir.path()).expect("work");
+        let (copy, _) = copy_database(&source, work.path(), 1, "hash").expect("copy");
+        old.execute_batch("COMMIT").expect("end read");
+        let n: i64 = Connection::open(&copy)
+            .expect("open copy")
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, 2);
     }
 
     #[test]
