@@ -5,7 +5,7 @@
 //!
 //! - [`save`]: copy (from a read transaction that began between two apply batches, so the rows
 //!   and the recorded positions match exactly: the file's bytes when the file alone holds what
-//!   it sees, see [`filecopy`], else SQLite's backup API), strip, checksum, upload.
+//!   it sees, see `filecopy`, else SQLite's backup API), strip, checksum, upload.
 //! - [`fetch_verified`]: download, then check size, SHA-256, Go's FNV tag and
 //!   `PRAGMA integrity_check` before anything is restored.
 //! - The restore itself is [`crate::db::restore`], run by the apply thread.
