@@ -1886,12 +1886,19 @@ fn describe(row: &[(String, Value)]) -> String {
 /// Opens our write transaction with the guard row in place, so our writes are not captured.
 pub(super) fn begin_guarded(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.prepare_cached(&format!(
+    set_guard(&tx)?;
+    Ok(tx)
+}
+
+/// Sets the guard row inside the caller's write transaction: our writes from now until
+/// [`commit_guarded`] are not captured.
+pub(super) fn set_guard(conn: &Connection) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
         "INSERT OR IGNORE INTO {} (id) VALUES (1)",
         quote(GUARD_TABLE)
     ))?
     .execute([])?;
-    Ok(tx)
+    Ok(())
 }
 
 /// Removes the guard row and commits.

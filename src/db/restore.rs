@@ -24,7 +24,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use super::apply::{Bind, begin_guarded, commit_guarded};
+use super::apply::{Bind, commit_guarded, set_guard};
 use super::changelog::ChangeLog;
 use super::{Error, Table, on_table, quote};
 
@@ -101,7 +101,12 @@ fn merge_all(
         .path()
         .filter(|p| !p.is_empty())
         .map(|p| WalWriteback::start(std::path::Path::new(p)));
-    let tx = begin_guarded(conn)?;
+    // The guard row is set only before the first write that fires capture triggers (see
+    // `merge_table`), not here: a page written this early and again at the commit (where the
+    // guard row goes) makes SQLite re-checksum every WAL frame written in between — two seconds
+    // of commit per restored GB — while a copy into an empty table drops the triggers and needs
+    // no guard.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // Capture must be installed for the schema merged into: a table the application created a
     // moment ago is not watched yet, and its rows in the snapshot would be neither merged nor
     // kept aside.
@@ -496,6 +501,8 @@ fn merge_table(
     if empty && copy_whole(conn, table, snap_table, snap_cols, out)? {
         return Ok(());
     }
+    // Every write below fires the capture triggers.
+    set_guard(conn)?;
     if empty {
         out.inserted += conn.execute(
             &format!(
