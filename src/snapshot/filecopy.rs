@@ -6,15 +6,18 @@
 //! When the file holds the read transaction's snapshot: right after that transaction began, a
 //! passive checkpoint from another connection reports the whole WAL backfilled (frames in the
 //! log = frames checkpointed). Why this is enough, from SQLite's WAL rules:
-//! - A reader with read mark `m` (it sees WAL frames up to `m`) stops every checkpoint at `m`
-//!   and every restart of the WAL for as long as it reads. So backfilled ≤ `m` ≤ frames in the
-//!   log, whatever the moments each was read at: "all backfilled" means the file holds exactly
-//!   frames up to `m`, and nothing writes the file again until the reader ends.
+//! - A reader with read mark `m` (it sees WAL frames up to at least `m`) stops every checkpoint
+//!   at `m` and every restart of the WAL for as long as it reads. So backfilled ≤ `m` ≤ what it
+//!   sees ≤ frames in the log, whatever the moments each was read at: "all backfilled" means the
+//!   file holds exactly what the reader sees, and no checkpoint changes the file's content until
+//!   the reader ends (a wal-index recovery after a crash elsewhere may rewrite pages, with the
+//!   same bytes).
 //! - A reader that began with the WAL wholly backfilled reads the file only (read mark 0) and
 //!   holds lock slot 0, without which no checkpoint writes the file.
 //!
 //! Otherwise (a writer committed between the read's start and the checkpoint, or another
-//! checkpoint was running) the caller falls back to the backup API.
+//! checkpoint was running), or when the copy fails in any way, the caller falls back to the
+//! backup API.
 //!
 //! Invariant: no descriptor of the database file is ever closed by this process outside SQLite
 //! — closing one drops every POSIX lock the process holds on the file, SQLite's own included —
@@ -79,48 +82,71 @@ fn db_file(db_path: &Path) -> io::Result<&'static File> {
 /// [`file_holds_read_snapshot`] holds (a read transaction keeps the file still).
 ///
 /// # Errors
-/// I/O errors, with the file they concern.
-pub fn copy_db_file(db_path: &Path, dest: &Path) -> Result<u64, (PathBuf, io::Error)> {
-    let src = db_file(db_path).map_err(|e| (db_path.to_owned(), e))?;
-    let len = src.metadata().map_err(|e| (db_path.to_owned(), e))?.len();
-    let out = File::create(dest).map_err(|e| (dest.to_owned(), e))?;
+/// I/O errors, as a message naming both files.
+pub fn copy_db_file(db_path: &Path, dest: &Path) -> Result<u64, String> {
+    copy_db_file_by(db_path, dest, true)
+}
+
+/// [`copy_db_file`]; `in_kernel` false copies through a buffer from the start.
+fn copy_db_file_by(db_path: &Path, dest: &Path, mut in_kernel: bool) -> Result<u64, String> {
+    let fail = |what: &str, e: io::Error| {
+        format!("{what} ({} to {}): {e}", db_path.display(), dest.display())
+    };
+    let src = db_file(db_path).map_err(|e| fail("cannot open the database file", e))?;
+    let len = src
+        .metadata()
+        .map_err(|e| fail("cannot stat the database file", e))?
+        .len();
+    let out = File::create(dest).map_err(|e| fail("cannot create the copy", e))?;
     let mut done: u64 = 0;
     let mut logged = Instant::now();
     while done < len {
         let want = usize::try_from(len - done).unwrap_or(STEP).min(STEP);
-        let mut off_in = done as libc::loff_t;
-        let mut off_out = done as libc::loff_t;
-        // SAFETY: both descriptors are open for the duration of the call; the offsets are ours.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                out.as_raw_fd(),
-                &mut off_out,
-                want,
-                0,
-            )
-        };
-        let copied = match n {
-            n if n > 0 => n as u64,
-            0 => {
-                return Err((
-                    db_path.to_owned(),
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "the database file shrank"),
-                ));
-            }
-            _ => {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    // No in-kernel copy between these file systems: copy through a buffer.
-                    Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => {
-                        copy_through_buffer(src, &out, done, want)
-                            .map_err(|e| (dest.to_owned(), e))?
+        let copied = if in_kernel {
+            let mut off_in = done as libc::loff_t;
+            let mut off_out = done as libc::loff_t;
+            // SAFETY: both descriptors are open for the duration of the call; the offsets are
+            // ours.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    out.as_raw_fd(),
+                    &mut off_out,
+                    want,
+                    0,
+                )
+            };
+            match n {
+                n if n > 0 => n as u64,
+                // Nothing copied where bytes remain: some file systems answer so instead of an
+                // error. Copy through a buffer from here on.
+                0 => {
+                    in_kernel = false;
+                    continue;
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => 0,
+                        Some(
+                            libc::EXDEV
+                            | libc::ENOSYS
+                            | libc::EINVAL
+                            | libc::EOPNOTSUPP
+                            | libc::EPERM
+                            | libc::EBADF,
+                        ) => {
+                            in_kernel = false;
+                            continue;
+                        }
+                        _ => return Err(fail("cannot copy the database file", e)),
                     }
-                    Some(libc::EINTR) => 0,
-                    _ => return Err((dest.to_owned(), e)),
                 }
             }
+        } else {
+            copy_through_buffer(src, &out, done, want)
+                .map_err(|e| fail("cannot copy the database file", e))?
         };
         done += copied;
         if logged.elapsed().as_secs() >= 5 {
@@ -142,7 +168,7 @@ fn copy_through_buffer(src: &File, out: &File, at: u64, len: usize) -> io::Resul
     if n == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            "the database file shrank",
+            "the database file is shorter than it was",
         ));
     }
     out.write_all_at(&buf[..n], at)?;
@@ -275,11 +301,13 @@ mod tests {
         let reader = Connection::open(&path).unwrap();
         let mut by_file = 0;
         for i in 0..200 {
+            // Every fourth copy goes through the buffer, as where the kernel cannot copy.
+            let in_kernel = i % 4 != 0;
             reader.execute_batch("BEGIN").unwrap();
             let seen = digest(&reader).unwrap();
             if file_holds_read_snapshot(&path) {
                 let dest = dir.path().join(format!("copy-{i}.db"));
-                copy_db_file(&path, &dest).unwrap();
+                copy_db_file_by(&path, &dest, in_kernel).unwrap();
                 let copy = Connection::open(&dest).unwrap();
                 assert_eq!(digest(&copy).ok(), Some(seen), "copy {i}");
                 let ok: String = copy

@@ -150,11 +150,15 @@ pub fn copy_database(
             .map(|p| p.load(Ordering::SeqCst))
             .collect()
     };
-    let by_file = filecopy::file_holds_read_snapshot(&source.db_path);
+    let mut by_file = filecopy::file_holds_read_snapshot(&source.db_path);
+    if by_file && let Err(e) = filecopy::copy_db_file(&source.db_path, &path) {
+        // Still inside the read transaction: the backup API copies the same snapshot.
+        tracing::warn!(error = %e, "Cannot copy the database file for a snapshot; using SQLite's backup API");
+        let _ = std::fs::remove_file(&path);
+        by_file = false;
+    }
     let copied = if by_file {
-        filecopy::copy_db_file(&source.db_path, &path)
-            .map(drop)
-            .map_err(|(path, source)| Error::Io { path, source })
+        Ok(())
     } else {
         backup_copy(&conn, &path).map_err(Error::Copy)
     };
