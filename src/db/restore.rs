@@ -1,8 +1,9 @@
 //! Restoring a snapshot into the live database, online (design §3.8, §3.11).
 //!
 //! The snapshot is attached read-only and its rows are merged into the live tables in one write
-//! transaction of ours (the apply guard set, so nothing is captured): rows the snapshot lacks are
-//! deleted, rows that differ are updated in place, missing rows are inserted. Application
+//! transaction of ours (the apply guard set before its first write that fires capture triggers,
+//! so nothing is captured): rows the snapshot lacks are deleted, rows that differ are updated in
+//! place, missing rows are inserted. Application
 //! connections stay open and valid throughout — nothing copies files under them; they wait on
 //! SQLite's lock like for any other writer and then see the restored rows.
 //!
