@@ -307,9 +307,18 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// FNV-1 64 (Go `hash/fnv.New64`, not FNV-1a): used for the shard hash and the default node id.
+/// FNV-1 64's starting value (the hash of no bytes).
+pub const FNV1_64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1 64 (Go `hash/fnv.New64`, not FNV-1a): used for the shard hash, the default node id and
+/// the snapshot tag.
 pub fn fnv1_64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
+    fnv1_64_update(FNV1_64_OFFSET, bytes)
+}
+
+/// Continues the FNV-1 64 hash `h` over `bytes` (for data hashed piece by piece).
+pub fn fnv1_64_update(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| {
         h.wrapping_mul(0x0000_0100_0000_01b3) ^ u64::from(*b)
     })
 }

@@ -320,13 +320,9 @@ impl Digester {
         let fnv = fnv.then(|| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
             let thread = std::thread::spawn(move || {
-                let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
-                for buf in rx {
-                    for &b in buf.iter() {
-                        fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3) ^ u64::from(b);
-                    }
-                }
-                fnv
+                rx.iter().fold(crate::wire::FNV1_64_OFFSET, |h, buf| {
+                    crate::wire::fnv1_64_update(h, &buf)
+                })
             });
             (tx, thread)
         });
