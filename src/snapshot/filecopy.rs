@@ -190,6 +190,21 @@ mod tests {
         c
     }
 
+    /// A WAL database `a.db` in `dir` with one row, its writer, and a reader whose read
+    /// transaction is open.
+    fn writer_and_reader(dir: &Path) -> (PathBuf, Connection, Connection) {
+        let path = dir.join("a.db");
+        let writer = wal_db(&path);
+        writer
+            .execute("INSERT INTO t (v) VALUES ('before')", [])
+            .unwrap();
+        let reader = Connection::open(&path).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT count(*) FROM t;")
+            .unwrap();
+        (path, writer, reader)
+    }
+
     fn rows(path: &Path) -> i64 {
         let c = Connection::open(path).unwrap();
         c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
@@ -199,15 +214,7 @@ mod tests {
     #[test]
     fn the_copy_is_what_the_reader_saw_while_writers_go_on() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.db");
-        let writer = wal_db(&path);
-        writer
-            .execute("INSERT INTO t (v) VALUES ('before')", [])
-            .unwrap();
-        let reader = Connection::open(&path).unwrap();
-        reader
-            .execute_batch("BEGIN; SELECT count(*) FROM t;")
-            .unwrap();
+        let (path, writer, reader) = writer_and_reader(dir.path());
         assert!(file_holds_read_snapshot(&path), "the WAL was backfilled");
         // Commits and checkpoints after the read began change neither the file nor the copy.
         for i in 0..50 {
@@ -228,15 +235,7 @@ mod tests {
     #[test]
     fn a_commit_between_the_read_and_the_check_means_no() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.db");
-        let writer = wal_db(&path);
-        writer
-            .execute("INSERT INTO t (v) VALUES ('a')", [])
-            .unwrap();
-        let reader = Connection::open(&path).unwrap();
-        reader
-            .execute_batch("BEGIN; SELECT count(*) FROM t;")
-            .unwrap();
+        let (path, writer, reader) = writer_and_reader(dir.path());
         // The reader sees the frame of this commit's predecessor only; the checkpoint cannot
         // pass the reader, so the log is not wholly backfilled.
         writer

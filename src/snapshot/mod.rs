@@ -517,6 +517,16 @@ mod tests {
 
     /// A copy keeps every rowid (tables without an INTEGER PRIMARY KEY replicate by rowid; a
     /// VACUUM would renumber them) and none of our tables; the positions are the source's.
+    /// A source with one stream, `s-1`, at `position`.
+    fn one_stream_source(path: &Path, position: u64) -> Source {
+        Source {
+            db_path: path.to_owned(),
+            streams: vec!["s-1".into()],
+            positions: Arc::new([AtomicU64::new(position)]),
+            gate: Arc::new(Mutex::new(())),
+        }
+    }
+
     #[test]
     fn copy_keeps_rowids_and_drops_our_tables() {
         let (dir, path) = crate::db::testutil::temp_db(
@@ -541,12 +551,7 @@ mod tests {
                 .expect("rows")
         };
         let want = rowids(&conn);
-        let source = Source {
-            db_path: path.clone(),
-            streams: vec!["s-1".into()],
-            positions: Arc::new([AtomicU64::new(42)]),
-            gate: Arc::new(Mutex::new(())),
-        };
+        let source = one_stream_source(&path, 42);
         let work = tempfile::tempdir_in(dir.path()).expect("work");
         let (copy, meta) = copy_database(&source, work.path(), 1, "hash").expect("copy");
         let snap = Connection::open(&copy).expect("open copy");
@@ -583,12 +588,7 @@ mod tests {
             .expect("read");
         conn.execute_batch("INSERT INTO t VALUES (2)")
             .expect("insert");
-        let source = Source {
-            db_path: path.clone(),
-            streams: vec!["s-1".into()],
-            positions: Arc::new([AtomicU64::new(1)]),
-            gate: Arc::new(Mutex::new(())),
-        };
+        let source = one_stream_source(&path, 1);
         let work = tempfile::tempdir_in(dir.path()).expect("work");
         let (copy, _) = copy_database(&source, work.path(), 1, "hash").expect("copy");
         old.execute_batch("COMMIT").expect("end read");
