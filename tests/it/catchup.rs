@@ -25,11 +25,18 @@ fn bulk_insert(node: &Node, rows: u64) {
 fn restores_every_book(a: &Node, b: &mut Node) {
     b.wait_started();
     let want = a.checksum("Books");
-    wait_until(
+    converges_by_restore(
+        b,
+        &want,
         Duration::from_secs(90),
         "the new node has every book",
-        || b.checksum("Books") == want,
     );
+}
+
+/// Waits (up to `within`, saying `what`) until `b`'s books have checksum `want`, then for its
+/// log to show a restore.
+fn converges_by_restore(b: &Node, want: &str, within: Duration, what: &str) {
+    wait_until(within, what, || b.checksum("Books") == want);
     wait_until(Duration::from_secs(10), "the restore is logged", || {
         b.log().contains("Restore complete")
     });
@@ -96,12 +103,7 @@ fn new_node_joins_from_a_snapshot_when_the_stream_is_truncated() {
     let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
     b.set_max_entries(16);
     b.start();
-    wait_until(Duration::from_secs(60), "the new node converges", || {
-        b.checksum("Books") == want
-    });
-    wait_until(Duration::from_secs(10), "the restore is logged", || {
-        b.log().contains("Restore complete")
-    });
+    converges_by_restore(&b, &want, Duration::from_secs(60), "the new node converges");
     // And it keeps replicating afterwards, both ways.
     b.exec(
         "INSERT INTO Books (id, title, author, publication_year) VALUES (1001, 'from b', 'b', 1)",
@@ -158,14 +160,12 @@ fn stopped_node_restarts_and_converges() {
     insert_range(&a, 11, 2011);
     let want = a.checksum("Books");
     b.start();
-    wait_until(
+    converges_by_restore(
+        &b,
+        &want,
         Duration::from_secs(60),
         "the restarted node converges",
-        || b.checksum("Books") == want,
     );
-    wait_until(Duration::from_secs(10), "the restore is logged", || {
-        b.log().contains("Restore complete")
-    });
 }
 
 /// `max_entries = 16`: a running node forced behind (SIGSTOP for 10 s during writes) recovers
@@ -185,13 +185,13 @@ fn paused_node_recovers_online() {
     signal(pid, libc::SIGCONT);
     insert_range(&a, next, next + 50);
     let want = a.checksum("Books");
-    wait_until(Duration::from_secs(60), "the paused node converges", || {
-        b.checksum("Books") == want
-    });
+    converges_by_restore(
+        &b,
+        &want,
+        Duration::from_secs(60),
+        "the paused node converges",
+    );
     assert!(b.pid() == Some(pid), "b was not restarted");
-    wait_until(Duration::from_secs(10), "the restore is logged", || {
-        b.log().contains("Restore complete")
-    });
     let log = b.log();
     assert_eq!(log.matches("Replication running").count(), 1, "{log}");
 }
