@@ -647,7 +647,7 @@ pub struct Retired {
 }
 
 /// Changes to retire in one transaction (see [`ChangeLog::retire`]).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Retirement {
     pub published: Vec<Retired>,
     pub failed: Vec<Retired>,
@@ -660,12 +660,16 @@ impl Retirement {
         self.published.is_empty() && self.failed.is_empty() && self.orphans.is_empty()
     }
 
-    /// Puts an older batch that could not be written back in front of what came since.
-    pub fn put_back(&mut self, older: Retirement) {
-        let newer = std::mem::replace(self, older);
-        self.published.extend(newer.published);
-        self.failed.extend(newer.failed);
-        self.orphans.extend(newer.orphans);
+    /// Removes what `done` (a copy of this one's front, taken earlier) retired: entries are only
+    /// ever appended behind it meanwhile.
+    pub fn remove_front(&mut self, done: &Retirement) {
+        let front = |n: usize, len: usize| ..n.min(len);
+        self.published
+            .drain(front(done.published.len(), self.published.len()));
+        self.failed
+            .drain(front(done.failed.len(), self.failed.len()));
+        self.orphans
+            .drain(front(done.orphans.len(), self.orphans.len()));
     }
 
     /// How many global-log rows it removes.

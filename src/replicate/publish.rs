@@ -1160,7 +1160,11 @@ pub async fn keep(
             _ = tick.tick() => false,
             _ = tokio::time::sleep(QUIET_RETRY), if overdue => false,
         };
-        let batch = std::mem::take(&mut *outbox.lock().unwrap_or_else(|p| p.into_inner()));
+        // A copy: the batch stays in the outbox until it is committed, because a restore
+        // prepared meanwhile reads the outbox to know which of our changes have landed (taken
+        // out while waiting for a quiet moment, they would look pending, and the restore would
+        // keep their rows over the snapshot's newer values).
+        let batch = outbox.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let force = stopping || last_done.elapsed() >= FORCE_AFTER || batch.len() >= FORCE_BACKLOG;
         let horizon = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1191,16 +1195,16 @@ pub async fn keep(
         })
         .await;
         let result = match result {
-            Ok((batch, Ok(None))) => {
-                // No quiet moment: keep the batch and try again shortly.
-                outbox
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .put_back(batch);
+            Ok((_, Ok(None))) => {
+                // No quiet moment: the batch stays in the outbox; try again shortly.
                 overdue = true;
                 continue;
             }
             Ok((batch, Ok(Some(count)))) => {
+                outbox
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove_front(&batch);
                 last_done = Instant::now();
                 overdue = false;
                 Ok((batch, Ok(count)))
@@ -1218,13 +1222,9 @@ pub async fn keep(
                     tracing::debug!(count, "Cleaned up DB change logs");
                 }
             }
-            Ok((batch, Err(e))) => {
-                // Put the batch back (it stays pending in the database, so nothing is lost even
-                // if this never succeeds; a restart finds those changes in the stream).
-                outbox
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .put_back(batch);
+            Ok((_, Err(e))) => {
+                // The batch stays in the outbox (and pending in the database, so nothing is lost
+                // even if this never succeeds; a restart finds those changes in the stream).
                 if e.is_fatal() {
                     return Err(e);
                 }

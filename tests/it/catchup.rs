@@ -196,6 +196,55 @@ fn paused_node_recovers_online() {
     assert_eq!(log.matches("Replication running").count(), 1, "{log}");
 }
 
+/// A node's own changes that have landed but wait for a quiet moment to be marked (its
+/// application keeps a read transaction open, so the keeper does not commit) are not in flight:
+/// a restore of a snapshot holding newer values of their rows takes those values. (The keeper
+/// used to take them out of the outbox while it waited; a restore prepared then kept the rows'
+/// older values for good.)
+#[test]
+fn landed_changes_waiting_to_be_marked_do_not_pin_their_rows_over_a_restore() {
+    let bin = require_nats!();
+    let (_nats, a, b) = small_pair(&bin);
+    let reader = b.conn();
+    reader.execute_batch("BEGIN").expect("begin");
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM Books", [], |r| r.get(0))
+        .expect("read");
+    b.exec("UPDATE Books SET title = 'from b' WHERE id <= 5");
+    wait_until(Duration::from_secs(30), "a has b's change", || {
+        a.query_i64("SELECT count(*) FROM Books WHERE title = 'from b'") == 5
+    });
+    let pid = b.pid().expect("b runs");
+    signal(pid, libc::SIGSTOP);
+    // Long enough for b to stop holding a back (its position goes stale), so the stream
+    // discards what b lacks; the newer values come after the messages b may have fetched
+    // before it stopped.
+    let paused = Instant::now();
+    let mut next = 11;
+    let mut newer = false;
+    while paused.elapsed() < Duration::from_secs(8) {
+        if !newer && paused.elapsed() > Duration::from_secs(4) {
+            a.exec("UPDATE Books SET title = 'from a' WHERE id <= 5");
+            newer = true;
+        }
+        insert_range(&a, next, next + 20);
+        next += 20;
+    }
+    signal(pid, libc::SIGCONT);
+    let want = a.checksum("Books");
+    converges_by_restore(
+        &b,
+        &want,
+        Duration::from_secs(60),
+        "b takes the newer values",
+    );
+    assert_eq!(
+        b.query_i64("SELECT count(*) FROM Books WHERE title = 'from a'"),
+        5
+    );
+    reader.execute_batch("COMMIT").expect("end the read");
+}
+
 /// Restore under a running application: another process keeps a connection open, reads and
 /// writes throughout the restore; it keeps working, sees every row it committed, and the
 /// database is sound afterwards.
