@@ -3127,4 +3127,55 @@ mod tests {
             ]
         );
     }
+
+    /// The UNIQUE fallback of a merge (rows that swapped values) skips only rows clashing with
+    /// a kept row: a snapshot row this schema refuses for another reason (a CHECK the snapshot's
+    /// node lacks) fails the whole restore, which changes nothing, instead of vanishing.
+    #[test]
+    fn restore_fallback_for_swapped_unique_values_fails_on_other_constraints() {
+        let schema =
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE, n INTEGER CHECK (n > 0))";
+        let (d, path, mut a) = setup(schema);
+        let arrived: Vec<Incoming<'static>> = [(1, "a"), (2, "b")]
+            .iter()
+            .map(|&(id, v)| {
+                incoming(ev(
+                    Op::Insert,
+                    "t",
+                    vec![
+                        ("id", Value::Integer(id)),
+                        ("v", text(v)),
+                        ("n", Value::Integer(1)),
+                    ],
+                ))
+            })
+            .collect();
+        a.apply_batch(&arrived).expect("apply");
+        let snapshot = |name: &str, rows: &str| {
+            let file = d.path().join(name);
+            let conn = Connection::open(&file).expect("snapshot");
+            conn.execute_batch(&format!(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE, n INTEGER); INSERT INTO t VALUES {rows}"
+            ))
+            .expect("snapshot rows");
+            file
+        };
+        let before = rows(&path, "SELECT id, v, n FROM t ORDER BY id");
+        let bad = snapshot("bad.db", "(1, 'b', 1), (2, 'a', 1), (3, 'c', -5)");
+        let refused = a.restore_snapshot(&bad, &["s".into()], &[10], &Default::default());
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(rows(&path, "SELECT id, v, n FROM t ORDER BY id"), before);
+        // The same swap without the offending row goes through the fallback.
+        let good = snapshot("good.db", "(1, 'b', 1), (2, 'a', 1), (3, 'c', 5)");
+        a.restore_snapshot(&good, &["s".into()], &[10], &Default::default())
+            .expect("restore");
+        assert_eq!(
+            rows(&path, "SELECT id, v FROM t ORDER BY id"),
+            [
+                vec![Value::Integer(1), text("b")],
+                vec![Value::Integer(2), text("a")],
+                vec![Value::Integer(3), text("c")],
+            ]
+        );
+    }
 }

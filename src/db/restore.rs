@@ -480,10 +480,13 @@ fn merge_table(
             kept("m", false)
         )
     });
-    let insert = |or: &str| {
+    // `upsert` is an upsert clause for the UNIQUE fallback below: `ON CONFLICT DO NOTHING` skips
+    // only rows that clash with a kept row, where `INSERT OR IGNORE` would also drop rows failing
+    // NOT NULL or CHECK — silently, while the positions move past them.
+    let insert = |upsert: &str| {
         format!(
-            "INSERT {or} INTO main.{name} ({}) SELECT {} FROM {SNAP}.{sname} AS s \
-             WHERE NOT EXISTS (SELECT 1 FROM main.{name} AS m WHERE {}) AND NOT {}",
+            "INSERT INTO main.{name} ({}) SELECT {} FROM {SNAP}.{sname} AS s \
+             WHERE NOT EXISTS (SELECT 1 FROM main.{name} AS m WHERE {}) AND NOT {} {upsert}",
             insert_cols.join(", "),
             select_cols.join(", "),
             key_is("m", "s"),
@@ -542,7 +545,7 @@ fn merge_table(
                 ),
                 [],
             )? as u64;
-            out.inserted += conn.execute(&insert("OR IGNORE"), [])? as u64;
+            out.inserted += conn.execute(&insert("ON CONFLICT DO NOTHING"), [])? as u64;
         }
         Err(e) => return Err(e),
     }
