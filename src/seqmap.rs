@@ -118,7 +118,22 @@ impl SeqMap {
     /// # Errors
     /// [`Error::Write`] when the file cannot be written (the map in memory is updated anyway).
     pub fn reset(&mut self, stream: &str, seq: u64) -> Result<(), Error> {
-        self.map.insert(stream.to_owned(), seq);
+        self.reset_all([(stream, seq)])
+    }
+
+    /// Sets every given stream's sequence (even if lower), in one atomic save: after a restore
+    /// the positions of all streams move together, and a crash between two saves would leave
+    /// some streams at the snapshot's positions and others at older ones.
+    ///
+    /// # Errors
+    /// [`Error::Write`] when the file cannot be written (the map in memory is updated anyway).
+    pub fn reset_all<'a>(
+        &mut self,
+        updates: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<(), Error> {
+        for (stream, seq) in updates {
+            self.map.insert(stream.to_owned(), seq);
+        }
         write_atomic(&self.path, &encode(&self.map)).map_err(|source| Error::Write {
             path: self.path.clone(),
             source,
@@ -270,6 +285,25 @@ mod tests {
         assert_eq!(reloaded.get("a"), 10);
         assert_eq!(reloaded.get("b"), 6);
         assert!(!dir.path().join("seq-map.cbor.tmp").exists());
+    }
+
+    #[test]
+    fn reset_all_moves_every_stream_even_down_and_persists_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("seq-map.cbor");
+        let mut m = SeqMap::open(&path).expect("opens");
+        m.advance([("a", 10), ("b", 5), ("c", 7)]).expect("saves");
+        m.reset_all([("a", 3), ("b", 8)]).expect("saves");
+        let reloaded = SeqMap::open(&path).expect("reopens");
+        assert_eq!(
+            reloaded.entries(),
+            [
+                ("a".to_owned(), 3),
+                ("b".to_owned(), 8),
+                ("c".to_owned(), 7)
+            ]
+            .into()
+        );
     }
 
     #[test]

@@ -640,11 +640,16 @@ fn restore(
     }
     match applier.restore_snapshot(&file, streams, &at, &not_kept) {
         Ok(restored) => {
-            for (i, name) in streams.iter().enumerate() {
-                let p = at.get(i).copied().unwrap_or(0);
-                if let Err(e) = seqmap.reset(name, p) {
-                    tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map");
-                }
+            let at_of = |i: usize| at.get(i).copied().unwrap_or(0);
+            let all = streams
+                .iter()
+                .enumerate()
+                .map(|(i, name)| (name.as_str(), at_of(i)));
+            if let Err(e) = seqmap.reset_all(all) {
+                tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map");
+            }
+            for i in 0..streams.len() {
+                let p = at_of(i);
                 last[i] = p;
                 positions[i].store(p, Ordering::SeqCst);
                 shard_last[i].set(p as i64);
