@@ -40,8 +40,8 @@ pub struct NotKept {
     /// process started while the stream no longer held the range where they could have landed:
     /// whether they were published is unknown.
     pub unknown_up_to: Vec<i64>,
-    /// (table, change-log id, shard, sequence) of changes acknowledged but not yet marked in the
-    /// database.
+    /// (table, change-log id, shard, sequence) of changes acknowledged (or found in the streams)
+    /// but not yet marked in the database.
     pub landed: Vec<(usize, i64, u64, u64)>,
 }
 
@@ -173,22 +173,25 @@ fn merge_all(
         }
         let unknown_up_to = not_kept.unknown_up_to.get(i).copied().unwrap_or(0);
         let (flying, _) = log.in_flight(&tx, i, 0, Some(positions), unknown_up_to)?;
-        // Changes of unknown status may be inside the snapshot already: its rows win.
-        let mut flying: Vec<(i64, Vec<crate::wire::Value>)> = flying
-            .into_iter()
-            .filter(|(_, _, unknown)| !unknown)
-            .map(|(id, key, _)| (id, key))
-            .collect();
-        flying.retain(|(id, _)| {
-            let in_snapshot = not_kept.landed.iter().any(|&(t, log_id, shard, seq)| {
-                t == i
-                    && log_id == *id
-                    && positions
+        // Where the change landed, when that is known and not marked yet: inside the snapshot
+        // it is not in flight; past it, it is, whatever else is said of it.
+        let landed_inside = |id: i64| {
+            not_kept
+                .landed
+                .iter()
+                .find(|&&(t, log_id, _, _)| t == i && log_id == id)
+                .map(|&(_, _, shard, seq)| {
+                    positions
                         .get((shard.max(1) - 1) as usize)
                         .is_some_and(|&p| seq <= p)
-            });
-            !in_snapshot
-        });
+                })
+        };
+        // Changes of unknown status may be inside the snapshot already: its rows win.
+        let flying: Vec<(i64, Vec<crate::wire::Value>)> = flying
+            .into_iter()
+            .filter(|&(id, _, unknown)| landed_inside(id).map_or(!unknown, |inside| !inside))
+            .map(|(id, key, _)| (id, key))
+            .collect();
         keep_table(&tx, &keys, &flying)?;
         out.kept += flying.len() as u64;
         let started = std::time::Instant::now();

@@ -267,6 +267,7 @@ async fn run_subsystems(
     let own = catchup::OwnChanges {
         unknown_up_to,
         outbox: Arc::clone(&outbox),
+        sends: publisher.unsettled(),
     };
 
     let reported = positions_kv.is_some().then(|| Arc::clone(&flow));

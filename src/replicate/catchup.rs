@@ -63,6 +63,8 @@ pub struct OwnChanges {
     pub unknown_up_to: Vec<i64>,
     /// Acknowledged changes not yet marked in the database.
     pub outbox: super::publish::Outbox,
+    /// What the publisher knows of sends whose acks it lacks.
+    pub sends: super::publish::Unsettled,
 }
 
 impl OwnChanges {
@@ -74,6 +76,7 @@ impl OwnChanges {
                 .published
                 .iter()
                 .filter_map(|r| r.landed.map(|(shard, seq)| (r.table, r.log_id, shard, seq)))
+                .chain(self.sends.found())
                 .collect(),
         }
     }
@@ -154,6 +157,7 @@ async fn recover(
     let outcome = loop {
         match attempt(node, tx, snapshots, &streams, positions, own, &mut refused).await {
             Ok(Attempt::Restored(meta)) => break Ok(Some(meta)),
+            Ok(Attempt::Stopping) => break Ok(None),
             Ok(Attempt::Wait(why)) => {
                 tracing::warn!(
                     store = snapshots.store.kind(),
@@ -208,6 +212,8 @@ enum Attempt {
     Restored(Meta),
     /// No usable snapshot yet (why).
     Wait(String),
+    /// Shutdown began.
+    Stopping,
 }
 
 /// Per stream: the sequence before the stream's first retained one, and the position a snapshot
@@ -262,6 +268,9 @@ async fn attempt(
     own: &OwnChanges,
     refused: &mut Option<Meta>,
 ) -> Result<Attempt, snapshot::Error> {
+    if !settled(node, &own.sends).await? {
+        return Ok(Attempt::Stopping);
+    }
     let (before_first, need) = needs(node, streams, applied).await?;
     let Some(meta) = snapshots.store.meta().await? else {
         ask_for_snapshot(node, &need, streams).await;
@@ -336,6 +345,30 @@ async fn attempt(
     tracing::info!(deleted = restored.deleted, updated = restored.updated, inserted = restored.inserted,
         kept_in_flight = restored.kept, positions = ?at, "Restore complete...");
     Ok(Attempt::Restored(meta))
+}
+
+/// How long a restore waits for the publisher to settle what a failed pass sent.
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until the publisher knows where everything it sent landed (after a failed pass it
+/// searches the streams, held or not): a restore must count those changes as landed, not keep
+/// their rows as in flight (see [`super::publish::Unsettled`]). `Ok(false)` on shutdown.
+async fn settled(node: &Node, sends: &super::publish::Unsettled) -> Result<bool, snapshot::Error> {
+    let started = Instant::now();
+    while sends.pending() {
+        if started.elapsed() > SETTLE_WAIT {
+            return Err(snapshot::Error::Unusable(
+                "this node's last publish pass failed and the streams could not be searched for what it sent"
+                    .into(),
+            ));
+        }
+        tokio::select! {
+            biased;
+            _ = node.root.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    Ok(true)
 }
 
 /// Asks the snapshot leader for a snapshot reaching `need`.

@@ -74,6 +74,37 @@ type Found = HashMap<(usize, i64), (u64, u64, i64)>;
 /// while the ones queued behind them go out after the reconnect.
 type Newest = HashMap<(usize, crate::db::apply::Key), (i64, u64, u64)>;
 
+/// What this publisher knows of where its sends landed, shared with the recovery. After a failed
+/// pass, changes sent past the acknowledged prefix stay pending until a search of the streams
+/// settles them; a restore must wait for that search and count what it found as landed: taken
+/// for changes in flight, they would keep their rows over a snapshot that holds them already
+/// (under newer values), for good.
+#[derive(Clone)]
+pub struct Unsettled {
+    /// Set after a failure, cleared by a completed search.
+    must_search: Arc<std::sync::atomic::AtomicBool>,
+    /// The highest global id handed to NATS by this run.
+    sent: Arc<AtomicI64>,
+    /// Changes found in the stream by the last search, not to be sent again.
+    found: Arc<Mutex<Found>>,
+}
+
+impl Unsettled {
+    /// Whether changes this run sent may have landed without this publisher knowing where.
+    pub fn pending(&self) -> bool {
+        self.must_search.load(Ordering::SeqCst) && self.sent.load(Ordering::SeqCst) > 0
+    }
+
+    /// (table, change-log id, shard, sequence) of the changes the last search found.
+    pub fn found(&self) -> Vec<(usize, i64, u64, u64)> {
+        let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        found
+            .iter()
+            .map(|(&(t, id), &(shard, seq, _))| (t, id, shard, seq))
+            .collect()
+    }
+}
+
 /// How far this database has handed changes to NATS: file `<db>-harmonylite.sent`, holding the
 /// database identity and the highest global change id of any send, written (then renamed into
 /// place) before the send. After a crash, a pending change above it was never sent, so it is
@@ -244,12 +275,11 @@ pub struct Publisher {
     /// Per shard: the sequence of the newest acknowledged change (where a search for changes
     /// already in the stream starts after a failure).
     acked: Mutex<HashMap<u64, u64>>,
-    /// Changes found in the stream by the last search, not to be sent again.
-    found: Mutex<Found>,
     /// What the last search found, by row: older changes of those rows are not sent.
     newest: Mutex<Newest>,
-    /// Whether the streams must be searched before the next send (at start, after a failure).
-    must_search: std::sync::atomic::AtomicBool,
+    /// Whether the streams must be searched before the next send (at start, after a failure),
+    /// and how far this run has sent.
+    unsettled: Unsettled,
     duplicates: AtomicU64,
     /// When this publisher was made (unix ms): a change captured before may have been sent by
     /// the previous run, so a duplicate ack for it is expected.
@@ -340,9 +370,12 @@ impl Publisher {
             outbox,
             cursor: AtomicI64::new(0),
             acked: Mutex::new(acked),
-            found: Mutex::new(HashMap::new()),
             newest: Mutex::new(HashMap::new()),
-            must_search: std::sync::atomic::AtomicBool::new(true),
+            unsettled: Unsettled {
+                must_search: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                sent: Arc::new(AtomicI64::new(0)),
+                found: Arc::new(Mutex::new(HashMap::new())),
+            },
             duplicates: AtomicU64::new(0),
             started_ms: crate::unix_ms(),
             pacing,
@@ -352,6 +385,11 @@ impl Publisher {
 
     fn tables(&self) -> &[Table] {
         self.log.tables()
+    }
+
+    /// A handle on what this publisher has sent without knowing where it landed.
+    pub fn unsettled(&self) -> Unsettled {
+        self.unsettled.clone()
     }
 
     /// Runs until shutdown: a pass on every wake-up, follow-up, poll tick, or retry deadline.
@@ -447,18 +485,25 @@ impl Publisher {
     /// The first failure; everything from the failing change on stays pending.
     pub async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
         if self.hold.load(Ordering::Relaxed) {
+            // Nothing is sent while held, but what a failed pass sent is searched for: a restore
+            // waits for that (see [`Unsettled`]). A failed search is retried like a failed pass.
+            let searched = if self.unsettled.pending() {
+                self.search().await
+            } else {
+                Ok(())
+            };
             self.count_pending().await;
-            return Ok(());
+            return searched;
         }
         let result = async {
-            if self.settings.publish && self.must_search.load(Ordering::Relaxed) {
+            if self.settings.publish && self.unsettled.must_search.load(Ordering::SeqCst) {
                 self.search().await?;
             }
             self.publish_all(shutdown).await
         }
         .await;
         if result.is_err() {
-            self.must_search.store(true, Ordering::Relaxed);
+            self.unsettled.must_search.store(true, Ordering::SeqCst);
             self.metrics.publish_errors.inc();
             // Unacknowledged sends are forgotten; the estimate starts again from the acks.
             if let Some(p) = &self.pacing {
@@ -699,9 +744,13 @@ impl Publisher {
             .await
             .map_err(|e| PublishError::Join(e.to_string()))??;
         }
-        *self.found.lock().unwrap_or_else(|p| p.into_inner()) = found;
+        *self
+            .unsettled
+            .found
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = found;
         *self.newest.lock().unwrap_or_else(|p| p.into_inner()) = newest;
-        self.must_search.store(false, Ordering::Relaxed);
+        self.unsettled.must_search.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -716,7 +765,13 @@ impl Publisher {
             return Ok(0);
         }
         self.search().await?;
-        let found = std::mem::take(&mut *self.found.lock().unwrap_or_else(|p| p.into_inner()));
+        let found = std::mem::take(
+            &mut *self
+                .unsettled
+                .found
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         if found.is_empty() {
             return Ok(0);
         }
@@ -785,7 +840,11 @@ impl Publisher {
         let shards: Vec<u64> = changes.iter().map(|c| self.shard_of(c)).collect();
         let mut superseded = 0usize;
         let landed: Vec<Option<(u64, u64)>> = {
-            let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+            let found = self
+                .unsettled
+                .found
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
             changes
                 .iter()
@@ -1065,6 +1124,7 @@ impl Publisher {
                 Ok(encoded) => encoded,
                 Err(message) => return (acks, Some(self.nats_failure(c, message, false))),
             };
+            self.unsettled.sent.fetch_max(c.global_id, Ordering::SeqCst);
             let publish = jetstream::message::PublishMessage::build()
                 .payload(body)
                 .message_id(msg_id);
