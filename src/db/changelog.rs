@@ -258,13 +258,22 @@ impl ChangeLog {
             return Ok(());
         }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        self.retire_in(&tx, batch)?;
+        self.retire_in(&tx, batch, &|| true)?;
         tx.commit()?;
         Ok(())
     }
 
-    /// [`ChangeLog::retire`] and [`ChangeLog::cleanup`] in one transaction, committed only if
-    /// `may_commit()` says so right before the commit (otherwise rolled back: `Ok(None)`).
+    /// [`ChangeLog::retire`] and [`ChangeLog::cleanup`] in one transaction, given up (rolled
+    /// back: `Ok(None)`) as soon as `undisturbed()` says no — it is asked after the write lock is
+    /// taken, every few statements, and right before the commit.
+    ///
+    /// Why so often: SQLite answers an application's deferred transaction that has read and now
+    /// writes with SQLITE_BUSY at once, without its busy timeout, whenever another connection
+    /// holds the write lock — whether that connection commits or not. So an application reader
+    /// that begins while this transaction runs fails its write unless the lock is gone by then:
+    /// rolling back at the next check, microseconds after the reader appeared, releases it long
+    /// before a typical read-then-write gets to its write. (A reader that begins between the last
+    /// check and the end of the commit still fails: that window is what remains.)
     ///
     /// # Errors
     /// SQLite errors (rolled back).
@@ -274,24 +283,42 @@ impl ChangeLog {
         batch: &Retirement,
         horizon_ms: i64,
         applied: Option<&[u64]>,
-        may_commit: impl FnOnce() -> bool,
+        undisturbed: &dyn Fn() -> bool,
     ) -> Result<Option<usize>, Error> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        self.retire_in(&tx, batch)?;
-        let cleaned = self.cleanup_in(&tx, horizon_ms, applied)?;
+        if !undisturbed() || !self.retire_in(&tx, batch, undisturbed)? {
+            return Ok(None);
+        }
+        let Some(cleaned) = self.cleanup_in(&tx, horizon_ms, applied, undisturbed)? else {
+            return Ok(None);
+        };
         // Write the transaction's pages to the WAL now (invisible until the commit), so that the
-        // commit after `may_commit` only appends its commit frame: an application reader that
-        // begins between the check and the end of the commit fails its later write, and this
-        // keeps that window to microseconds whatever the cleanup deleted.
+        // commit after the last check only appends its commit frame, whatever the cleanup deleted.
         tx.cache_flush()?;
-        if !may_commit() {
+        // Give up the CPU first, so that the last check and the commit run at the start of a
+        // fresh time slice: on a loaded machine a preemption there would widen the remaining
+        // window from microseconds to milliseconds.
+        std::thread::yield_now();
+        if !undisturbed() {
             return Ok(None);
         }
         tx.commit()?;
         Ok(Some(cleaned))
     }
 
-    fn retire_in(&self, tx: &Connection, batch: &Retirement) -> Result<(), Error> {
+    /// Writes `batch`; `Ok(false)` as soon as `undisturbed()` says no (asked every
+    /// [`CHECK_EVERY`] statements; the caller rolls back).
+    fn retire_in(
+        &self,
+        tx: &Connection,
+        batch: &Retirement,
+        undisturbed: &dyn Fn() -> bool,
+    ) -> Result<bool, Error> {
+        let mut statements = 0usize;
+        let mut go_on = || {
+            statements += 1;
+            !statements.is_multiple_of(CHECK_EVERY) || undisturbed()
+        };
         {
             let mut delete_global =
                 tx.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(GLOBAL_LOG)))?;
@@ -305,6 +332,9 @@ impl ChangeLog {
                     .execute(rusqlite::params![change.log_id, shard, seq])
                     .map_err(on_table(&self.tables[change.table].name))?;
                 delete_global.execute([change.global_id])?;
+                if !go_on() {
+                    return Ok(false);
+                }
                 if let Some((shard, seq)) = change.landed {
                     match newest.iter_mut().find(|(s, _)| *s == shard) {
                         Some(entry) => entry.1 = entry.1.max(seq),
@@ -322,9 +352,15 @@ impl ChangeLog {
                 )
                 .map_err(on_table(&self.tables[change.table].name))?;
                 delete_global.execute([change.global_id])?;
+                if !go_on() {
+                    return Ok(false);
+                }
             }
             for id in &batch.orphans {
                 delete_global.execute([id])?;
+                if !go_on() {
+                    return Ok(false);
+                }
             }
             let mut landed = tx.prepare_cached(&format!(
                 "INSERT OR REPLACE INTO {} (shard, seq) VALUES (?1, ?2)",
@@ -334,7 +370,7 @@ impl ChangeLog {
                 landed.execute(rusqlite::params![shard as i64, seq as i64])?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The highest global change id ever captured here (0 before capture was first installed):
@@ -436,17 +472,22 @@ impl ChangeLog {
         applied: Option<&[u64]>,
     ) -> Result<usize, Error> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let total = self.cleanup_in(&tx, horizon_ms, applied)?;
+        let total = self
+            .cleanup_in(&tx, horizon_ms, applied, &|| true)?
+            .unwrap_or(0);
         tx.commit()?;
         Ok(total)
     }
 
+    /// Deletes what [`ChangeLog::cleanup`] does; `Ok(None)` as soon as `undisturbed()` says no
+    /// (asked after each table; the caller rolls back).
     fn cleanup_in(
         &self,
         tx: &Connection,
         horizon_ms: i64,
         applied: Option<&[u64]>,
-    ) -> Result<usize, Error> {
+        undisturbed: &dyn Fn() -> bool,
+    ) -> Result<Option<usize>, Error> {
         let came_back = match applied {
             None => String::new(),
             Some(applied) => {
@@ -469,8 +510,11 @@ impl ChangeLog {
                     [horizon_ms],
                 )
                 .map_err(on_table(&table.name))?;
+            if !undisturbed() {
+                return Ok(None);
+            }
         }
-        Ok(total)
+        Ok(Some(total))
     }
 
     /// Captured changes of table `table` (index) with a change-log id above `after` that may not
@@ -635,6 +679,10 @@ fn key_columns(t: &Table) -> String {
 /// highest id read.
 pub type InFlight = (Vec<(i64, Vec<Value>, bool)>, i64);
 
+/// Statements between two checks for an application reader while retiring (each check is one
+/// `fcntl` call; a statement takes microseconds).
+const CHECK_EVERY: usize = 16;
+
 /// A change leaving the global log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Retired {
@@ -740,6 +788,57 @@ mod tests {
             1
         );
         assert_eq!(ChangeLog::last_landed(&conn).expect("landed")[&1], 2);
+    }
+
+    /// An application reader appearing while housekeeping writes makes it roll back at the next
+    /// check, in the middle of a batch: the write lock is free again for the reader's write, and
+    /// nothing was retired (a later attempt does it).
+    #[test]
+    fn housekeeping_gives_up_as_soon_as_a_reader_appears() {
+        let (_d, path, mut conn, log) = setup("CREATE TABLE a (id INTEGER PRIMARY KEY)");
+        let app = Connection::open(&path).expect("app");
+        app.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100)
+             INSERT INTO a SELECT i FROM n",
+        )
+        .expect("insert");
+        let scan = log.scan(&conn, 0, 1000).expect("scan");
+        assert_eq!(scan.changes.len(), 100);
+        let batch = Retirement {
+            published: scan
+                .changes
+                .iter()
+                .map(|c| Retired {
+                    global_id: c.global_id,
+                    table: c.table,
+                    log_id: c.log_id,
+                    landed: Some((1, c.global_id as u64)),
+                })
+                .collect(),
+            ..Retirement::default()
+        };
+        let asked = std::cell::Cell::new(0);
+        let reader_on_third_check = || {
+            asked.set(asked.get() + 1);
+            asked.get() < 3
+        };
+        let outcome = log
+            .housekeep(&mut conn, &batch, i64::MAX, None, &reader_on_third_check)
+            .expect("housekeep");
+        assert_eq!(outcome, None);
+        assert_eq!(
+            asked.get(),
+            3,
+            "checked every few statements, stopped at once"
+        );
+        app.execute_batch("BEGIN; SELECT count(*) FROM a; INSERT INTO a VALUES (1000); COMMIT")
+            .expect("the application's read-then-write goes through");
+        assert_eq!(log.pending_count(&conn, 0).expect("count"), 101);
+        let outcome = log
+            .housekeep(&mut conn, &batch, i64::MAX, None, &|| true)
+            .expect("housekeep");
+        assert!(outcome.is_some());
+        assert_eq!(log.pending_count(&conn, 0).expect("count"), 1);
     }
 
     fn setup(schema: &str) -> (tempfile::TempDir, std::path::PathBuf, Connection, ChangeLog) {

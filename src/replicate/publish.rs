@@ -1192,9 +1192,10 @@ const FORCE_BACKLOG: usize = 100_000;
 /// until their event has come back.
 ///
 /// Every commit of ours makes an application's deferred transaction that has read and not yet
-/// written fail with SQLITE_BUSY. So the keeper commits only at a quiet moment: no other process
-/// in a read transaction before it starts, and none begun by the time it would commit (else it
-/// rolls back and tries again shortly). Only when no quiet moment came for [`FORCE_AFTER`], or
+/// written fail with SQLITE_BUSY — and so does every such transaction that tries to write while
+/// ours holds the write lock, committed or not. So the keeper writes only at a quiet moment: no
+/// other process in a read transaction before it starts, and none beginning while it runs (it
+/// looks every few statements, rolls back at once and tries again shortly). Only when no quiet moment came for [`FORCE_AFTER`], or
 /// [`FORCE_BACKLOG`] changes wait, does it commit regardless.
 ///
 /// # Errors
@@ -1242,15 +1243,10 @@ pub async fn keep(
             if !force && !probe.is_none_or(|p| p.wait_quiet_for(QUIET_SUSTAIN, QUIET_WAIT)) {
                 return (batch, Ok(None));
             }
-            let may_commit = || {
-                // A reader that begins between this check and the end of our commit still fails
-                // its later write. Give up the CPU first, so that the check and the commit run
-                // at the start of a fresh time slice: on a loaded machine a preemption there
-                // would widen that window from microseconds to milliseconds.
-                std::thread::yield_now();
-                force || probe.is_none_or(|p| !p.others_reading())
-            };
-            let outcome = log.housekeep(conn, &batch, horizon, applied.as_deref(), may_commit);
+            // Asked throughout the transaction: an application reader that appears while it
+            // runs makes it roll back at once (see `ChangeLog::housekeep`).
+            let undisturbed = || force || probe.is_none_or(|p| !p.others_reading());
+            let outcome = log.housekeep(conn, &batch, horizon, applied.as_deref(), &undisturbed);
             (batch, outcome)
         })
         .await;
