@@ -113,6 +113,11 @@ fn merge_all(
     // kept aside.
     check(&tx)?;
     let aliases = super::ddl::Aliases::load(&tx)?;
+    let landed: std::collections::HashMap<(usize, i64), (u64, u64)> = not_kept
+        .landed
+        .iter()
+        .map(|&(t, id, shard, seq)| ((t, id), (shard, seq)))
+        .collect();
     // A snapshot of a node that has not run this node's renames yet has the old names. The
     // current name wins where the snapshot has it (an old name may since name another table or
     // column there).
@@ -176,15 +181,11 @@ fn merge_all(
         // Where the change landed, when that is known and not marked yet: inside the snapshot
         // it is not in flight; past it, it is, whatever else is said of it.
         let landed_inside = |id: i64| {
-            not_kept
-                .landed
-                .iter()
-                .find(|&&(t, log_id, _, _)| t == i && log_id == id)
-                .map(|&(_, _, shard, seq)| {
-                    positions
-                        .get((shard.max(1) - 1) as usize)
-                        .is_some_and(|&p| seq <= p)
-                })
+            landed.get(&(i, id)).map(|&(shard, seq)| {
+                positions
+                    .get((shard.max(1) - 1) as usize)
+                    .is_some_and(|&p| seq <= p)
+            })
         };
         // Changes of unknown status may be inside the snapshot already: its rows win.
         let flying: Vec<(i64, Vec<crate::wire::Value>)> = flying

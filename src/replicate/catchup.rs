@@ -350,15 +350,16 @@ async fn attempt(
 /// How long a restore waits for the publisher to settle what a failed pass sent.
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
-/// Waits until the publisher knows where everything it sent landed (after a failed pass it
-/// searches the streams, held or not): a restore must count those changes as landed, not keep
-/// their rows as in flight (see [`super::publish::Unsettled`]). `Ok(false)` on shutdown.
+/// Waits until the held publisher has no pass running and knows where everything it sent
+/// landed (after a failed pass it searches the streams, held or not): a restore must count those
+/// changes as landed, not keep their rows as in flight (see [`super::publish::Unsettled`]).
+/// `Ok(false)` on shutdown.
 async fn settled(node: &Node, sends: &super::publish::Unsettled) -> Result<bool, snapshot::Error> {
     let started = Instant::now();
-    while sends.pending() {
+    while !sends.settled() {
         if started.elapsed() > SETTLE_WAIT {
             return Err(snapshot::Error::Unusable(
-                "this node's last publish pass failed and the streams could not be searched for what it sent"
+                "the publisher did not settle what it sent (a pass still running, or the streams could not be searched after a failed one)"
                     .into(),
             ));
         }

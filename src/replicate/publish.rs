@@ -87,12 +87,20 @@ pub struct Unsettled {
     sent: Arc<AtomicI64>,
     /// Changes found in the stream by the last search, not to be sent again.
     found: Arc<Mutex<Found>>,
+    /// Set when a call found the publisher held (no pass runs until the hold ends), cleared at
+    /// the start of every call: a pass that began before the hold may still fail its acks.
+    parked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Unsettled {
     /// Whether changes this run sent may have landed without this publisher knowing where.
     pub fn pending(&self) -> bool {
         self.must_search.load(Ordering::SeqCst) && self.sent.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether the publisher, held, has no pass running and knows where all it sent landed.
+    pub fn settled(&self) -> bool {
+        self.parked.load(Ordering::SeqCst) && !self.pending()
     }
 
     /// (table, change-log id, shard, sequence) of the changes the last search found.
@@ -375,6 +383,7 @@ impl Publisher {
                 must_search: Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 sent: Arc::new(AtomicI64::new(0)),
                 found: Arc::new(Mutex::new(HashMap::new())),
+                parked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             },
             duplicates: AtomicU64::new(0),
             started_ms: crate::unix_ms(),
@@ -484,7 +493,9 @@ impl Publisher {
     /// # Errors
     /// The first failure; everything from the failing change on stays pending.
     pub async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
-        if self.hold.load(Ordering::Relaxed) {
+        // Cleared before the hold is looked at: while it is set, no pass runs.
+        self.unsettled.parked.store(false, Ordering::SeqCst);
+        if self.hold.load(Ordering::SeqCst) {
             // Nothing is sent while held, but what a failed pass sent is searched for: a restore
             // waits for that (see [`Unsettled`]). A failed search is retried like a failed pass.
             let searched = if self.unsettled.pending() {
@@ -493,6 +504,7 @@ impl Publisher {
                 Ok(())
             };
             self.count_pending().await;
+            self.unsettled.parked.store(true, Ordering::SeqCst);
             return searched;
         }
         let result = async {
