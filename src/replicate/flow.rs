@@ -6,7 +6,8 @@
 //! `node-<id>`, JSON), at once after it advanced (at most every [`REPORT_MIN_GAP`]) and at least
 //! every [`REPORT_EVERY`]. Every publishing node watches the bucket. Before it sends a message to a
 //! stream, the publisher asks [`Flow::allows`] whether the message's sequence would stay within
-//! [`Flow::window`] (half the stream's `max_messages`) of every *counting* peer.
+//! [`Flow::window`] (the stream's `max_messages` shared among the live nodes plus one) of every
+//! *counting* peer.
 //!
 //! Invariants:
 //! - A peer counts only while it is alive (a report seen within [`STALE`]) and either keeps up
@@ -21,7 +22,8 @@
 //! - Without the bucket (an old server) nothing is throttled: flow control is a safety margin, the
 //!   snapshot recovery is the guarantee.
 //! - With several publishers bursting at once each knows only its own unacknowledged messages, so
-//!   together they can overshoot the window; half the stream leaves room for two.
+//!   together they can overshoot the window: n live nodes get a window of `max_messages / (n + 1)`
+//!   each, so that all of them bursting together still fit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,11 +110,29 @@ impl Flow {
 
     /// How many messages a stream may run ahead of its slowest counting peer (0: unlimited).
     pub fn window(&self, stream: usize) -> u64 {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        self.window_among(stream, &peers, Instant::now())
+    }
+
+    /// The stream's `max_messages` shared among the live nodes, plus one share of margin: each
+    /// publisher knows only its own unacknowledged messages, so when all of them burst at once
+    /// (a backlog after an outage or a migration) each adds a window. With half the stream for
+    /// everyone, three publishers overshot it by half and every node lost the same messages —
+    /// and with them the snapshot leader, since a node that recovers does not save.
+    fn window_among(&self, stream: usize, peers: &HashMap<u64, Peer>, now: Instant) -> u64 {
         let limit = self
             .limits
             .get(stream)
             .map_or(0, |l| l.load(Ordering::Relaxed));
-        if limit == 0 { 0 } else { (limit / 2).max(1) }
+        if limit == 0 {
+            return 0;
+        }
+        // This node (it asks because it publishes) and every other node heard from lately.
+        let live = 1 + peers
+            .iter()
+            .filter(|(id, p)| **id != self.self_id && now.duration_since(p.seen) < STALE)
+            .count() as u64;
+        (limit / (live + 1)).max(1)
     }
 
     /// Records a stream's `max_messages` (≤ 0: unlimited).
@@ -125,11 +145,12 @@ impl Flow {
     /// Whether a message that would get sequence `seq` in `stream` may be sent now, given that
     /// the stream ends at about `end`.
     pub fn allows(&self, stream: usize, seq: u64, end: u64) -> bool {
+        let now = Instant::now();
         let window = self.window(stream);
         if window == 0 {
             return true;
         }
-        match self.slowest(stream, end, Instant::now()) {
+        match self.slowest(stream, end, now) {
             Some(slowest) => seq <= slowest + window,
             None => true,
         }
@@ -137,8 +158,8 @@ impl Flow {
 
     /// The lowest position among the peers that count for `stream` (see the module header).
     fn slowest(&self, stream: usize, end: u64, now: Instant) -> Option<u64> {
-        let window = self.window(stream);
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let window = self.window_among(stream, &peers, now);
         // This node always counts: when every node's consumer stalls at once (after a server
         // restart, or on a starved machine) no peer counts, and publishers ran free until the
         // stream had discarded what nobody had read — every node then waited for a snapshot
@@ -215,6 +236,9 @@ impl Flow {
     pub fn view(&self, ends: &[u64]) -> Vec<PeerView> {
         let now = Instant::now();
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let windows: Vec<u64> = (0..self.streams.len())
+            .map(|s| self.window_among(s, &peers, now))
+            .collect();
         let mut out: Vec<PeerView> = peers
             .iter()
             .map(|(&node_id, p)| PeerView {
@@ -222,7 +246,7 @@ impl Flow {
                 positions: p.positions.clone(),
                 last_report_ms_ago: now.duration_since(p.seen).as_millis() as u64,
                 counted: (0..self.streams.len())
-                    .any(|s| counts(p, s, ends.get(s).copied().unwrap_or(0), self.window(s), now)),
+                    .any(|s| counts(p, s, ends.get(s).copied().unwrap_or(0), windows[s], now)),
             })
             .collect();
         out.sort_by_key(|p| p.node_id);
@@ -481,25 +505,59 @@ mod tests {
     }
 
     #[test]
-    fn window_is_half_the_stream_and_follows_the_slowest_peer() {
+    fn window_is_shared_among_live_nodes_and_follows_the_slowest_peer() {
         let flow = Flow::new(vec!["s-1".into()], 99);
         assert!(flow.allows(0, 10_000, 0), "no limit known: unthrottled");
-        flow.set_limit(0, 1024);
-        assert_eq!(flow.window(0), 512);
+        flow.set_limit(0, 1200);
+        assert_eq!(flow.window(0), 600, "alone: half the stream");
         assert!(flow.allows(0, 10_000, 9_999), "no peers: unthrottled");
         flow.record(&report(1, 100));
         flow.record(&report(2, 900));
-        assert!(flow.allows(0, 612, 611));
-        assert!(!flow.allows(0, 613, 612));
+        assert_eq!(flow.window(0), 300, "us and two peers: a quarter each");
+        assert!(flow.allows(0, 400, 399));
+        assert!(!flow.allows(0, 401, 400));
         flow.forget(1);
-        assert!(flow.allows(0, 1400, 1399));
+        assert_eq!(flow.window(0), 400);
+        assert!(flow.allows(0, 1300, 1299));
         // Our own reports through the bucket are ignored; the local record counts.
         flow.record(&report(99, 0));
-        assert!(flow.allows(0, 1400, 1399));
+        assert!(flow.allows(0, 1300, 1299));
         let own = [AtomicU64::new(5)];
         flow.record_local(&own);
-        assert!(flow.allows(0, 13, 12));
-        assert!(!flow.allows(0, 518, 517));
+        assert!(flow.allows(0, 405, 404));
+        assert!(!flow.allows(0, 406, 405));
+    }
+
+    /// Three nodes' publishers bursting at once, each knowing only its own unacknowledged
+    /// messages and the same slowest position: together they stay within the stream.
+    #[test]
+    fn every_live_publisher_bursting_at_once_fits_in_the_stream() {
+        let limit = 24u64;
+        let flows: Vec<Arc<Flow>> = (1..=3)
+            .map(|id| Flow::new(vec!["s-1".into()], id))
+            .collect();
+        for (i, flow) in flows.iter().enumerate() {
+            flow.set_limit(0, limit as i64);
+            flow.record_local(&[AtomicU64::new(100)]);
+            for other in (1..=3).filter(|&o| o != i as u64 + 1) {
+                flow.record(&report(other, 100));
+            }
+        }
+        let sent: u64 = flows
+            .iter()
+            .map(|flow| {
+                // Each sees the stream end at the slowest position plus its own sends.
+                let mut mine = 0;
+                while flow.allows(0, 100 + mine + 1, 100 + mine) {
+                    mine += 1;
+                }
+                mine
+            })
+            .sum();
+        assert!(
+            sent > 0 && sent <= limit,
+            "{sent} messages past the slowest node"
+        );
     }
 
     #[test]
