@@ -1239,6 +1239,14 @@ pub async fn keep(
         // keep their rows over the snapshot's newer values).
         let batch = outbox.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let force = stopping || last_done.elapsed() >= FORCE_AFTER || batch.len() >= FORCE_BACKLOG;
+        if force && !stopping {
+            // The one commit of ours that may fail an application transaction: worth a line.
+            tracing::debug!(
+                since_ms = last_done.elapsed().as_millis() as u64,
+                waiting = batch.len(),
+                "change-log cleanup found no quiet moment; committing regardless"
+            );
+        }
         let horizon = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64)

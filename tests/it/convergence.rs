@@ -23,7 +23,8 @@
 //! Knobs (environment): `HARMONYLITE_SEED=N` replays one seed; `HARMONYLITE_SEEDS=N` runs N
 //! random seeds; `HARMONYLITE_ROUNDS=N` transactions per phase (default 12);
 //! `HARMONYLITE_FAULTS=0` turns faults off; `HARMONYLITE_SHARDS=N` forces the shard count;
-//! `HARMONYLITE_DDL=0` leaves the schema alone.
+//! `HARMONYLITE_DDL=0` leaves the schema alone; `HARMONYLITE_LOG_DIR=dir` keeps the nodes' logs
+//! of a seed that did not converge there.
 //! Every failure message starts with the seed.
 
 use std::collections::{BTreeMap, HashMap};
@@ -692,9 +693,12 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
                 cluster.heal();
             }
             if let Err(e) = writer.transaction(seed, 40) {
+                let log = cluster.nodes[w].log();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
                 panic!(
-                    "seed {seed}: I6 violated: node {}'s application transaction failed in a single-writer phase: {e}",
-                    w + 1
+                    "seed {seed}: I6 violated: node {}'s application transaction failed in a single-writer phase: {e}\nthe node's last log lines, newest first:\n{}",
+                    w + 1,
+                    tail.join("\n")
                 );
             }
             if rng.chance(10) {
@@ -733,9 +737,12 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
         assert!(published, "seed {seed}: node 1 did not publish its writes");
         cluster.nodes[2].start();
         settle(&cluster, seed);
-        let after = cluster.nodes[2].log().matches("Restore complete").count();
+        // The rows are equal once the restore has committed; its log line follows a moment later.
+        let restored = happens_within(Duration::from_secs(10), || {
+            cluster.nodes[2].log().matches("Restore complete").count() > before
+        });
         assert!(
-            after > before,
+            restored,
             "seed {seed}: node 3 came back after the streams moved on but did not restore a snapshot\n{}",
             cluster.nodes[2].log()
         );
@@ -848,6 +855,26 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
             if shared(n) != shared(&cluster.nodes[0]) {
                 report.push_str("  shared or notes rows differ from node 1\n");
             }
+        }
+        for (i, n) in cluster.nodes.iter().enumerate() {
+            let log = n.log();
+            if let Some(dir) = std::env::var_os("HARMONYLITE_LOG_DIR") {
+                let _ = std::fs::write(
+                    std::path::Path::new(&dir).join(format!("seed-{seed}-node{}.log", i + 1)),
+                    &log,
+                );
+            }
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .collect();
+            let last: Vec<&str> = log.lines().rev().take(15).collect();
+            report.push_str(&format!(
+                "node {}'s last warnings and errors:\n{}\nits last lines, newest first:\n{}\n",
+                i + 1,
+                notable[notable.len().saturating_sub(25)..].join("\n"),
+                last.join("\n")
+            ));
         }
         panic!("seed {seed}: nodes did not converge to the model (I1-I3):\n{report}");
     }
