@@ -504,6 +504,25 @@ impl Applier {
         Ok(())
     }
 
+    /// Our changes acknowledged but not yet marked in the database (`landed`: table, change-log
+    /// id, shard, sequence) for which `gone(shard, seq)` holds stop counting as in flight: their
+    /// events will never come back (inside a restored snapshot, skipped by a gap, in a stream
+    /// since recreated), and waiting for them would hold back every later event of their rows.
+    /// Re-reading the in-flight set cannot tell: the database still shows them pending.
+    pub fn forget_landed(
+        &mut self,
+        landed: &[(usize, i64, u64, u64)],
+        gone: impl Fn(u64, u64) -> bool,
+    ) {
+        for &(t, log_id, shard, seq) in landed {
+            if gone(shard, seq)
+                && let Some(map) = self.state.in_flight.get_mut(t)
+            {
+                map.retain(|_, id| *id != log_id);
+            }
+        }
+    }
+
     /// The stream of `shard` (1-based) was recreated: changes we published into the old one will
     /// never come back, so they stop counting as in flight (their landing is forgotten), and the
     /// in-flight set is read again.
@@ -557,14 +576,11 @@ impl Applier {
         self.rebuild_in_flight()?;
         // Acknowledged changes of ours inside the snapshot have come back, whatever the database
         // still says of them (the keeper marks them later).
-        for &(t, log_id, shard, seq) in &not_kept.landed {
-            let inside = positions
+        self.forget_landed(&not_kept.landed, |shard, seq| {
+            positions
                 .get((shard.max(1) - 1) as usize)
-                .is_some_and(|&p| seq <= p);
-            if inside && let Some(map) = self.state.in_flight.get_mut(t) {
-                map.retain(|_, id| *id != log_id);
-            }
-        }
+                .is_some_and(|&p| seq <= p)
+        });
         // Held events the snapshot's positions include are part of its rows now (or superseded
         // by them): retried later they would take rows back.
         let stale: Vec<i64> = self
@@ -2256,6 +2272,40 @@ mod tests {
         app.execute_batch("UPDATE t SET v = 'b' WHERE id = 1")
             .expect("app");
         (d, origin, a, first)
+    }
+
+    /// An acknowledged change of ours whose event can no longer come back (a gap skipped, a
+    /// stream recreated) stops holding its row once forgotten: later events of the row apply.
+    #[test]
+    fn forgotten_landings_stop_holding_their_rows() {
+        let (_d, origin, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        let app = Connection::open(&origin).expect("app");
+        app.execute_batch("INSERT INTO t VALUES (1, 'mine')")
+            .expect("app");
+        let log_id = captured(&origin)[0].id;
+        let newer = || {
+            incoming(ev(
+                Op::Update,
+                "t",
+                vec![("id", Value::Integer(1)), ("v", text("newer"))],
+            ))
+        };
+        assert_eq!(
+            a.apply_batch(&[newer()]).expect("apply"),
+            [Outcome::Superseded]
+        );
+        // Landed at sequence 20 of shard 1: not gone while the node is at 10, gone past it.
+        a.forget_landed(&[(0, log_id, 1, 20)], |_, seq| seq <= 10);
+        assert_eq!(
+            a.apply_batch(&[newer()]).expect("apply"),
+            [Outcome::Superseded]
+        );
+        a.forget_landed(&[(0, log_id, 1, 20)], |_, seq| seq <= 20);
+        assert_eq!(
+            a.apply_batch(&[newer()]).expect("apply"),
+            [Outcome::Applied]
+        );
+        assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("newer")]]);
     }
 
     /// I1: an event for a row with a newer local change in flight is skipped, whether it is an

@@ -440,6 +440,7 @@ fn spawn_apply(
             .context("Unable to start the applier")?;
     }
     let (tx, rx) = mpsc::channel(applying::CHANNEL_DEPTH);
+    let outbox = Arc::clone(&own.outbox);
     let (n, p) = (node.clone(), Arc::clone(positions));
     tasks.spawn(async move {
         let result = catchup::run(n, tx, p, snapshots, own).await;
@@ -463,6 +464,7 @@ fn spawn_apply(
             positions: Arc::clone(positions),
             flow,
             gate,
+            outbox,
         },
         rx,
         node.root.clone(),

@@ -391,6 +391,19 @@ pub struct ApplyThread {
     /// Held while a batch is applied and its positions published (a snapshot copy begins only
     /// between batches).
     pub gate: Arc<std::sync::Mutex<()>>,
+    /// Our acknowledged changes not yet marked in the database: those whose events can no
+    /// longer come back (a gap skipped, a stream recreated) must stop holding their rows.
+    pub outbox: super::publish::Outbox,
+}
+
+/// (table, change-log id, shard, sequence) of the outbox's acknowledged changes.
+fn landed_in(outbox: &super::publish::Outbox) -> Vec<(usize, i64, u64, u64)> {
+    let outbox = outbox.lock().unwrap_or_else(|p| p.into_inner());
+    outbox
+        .published
+        .iter()
+        .filter_map(|r| r.landed.map(|(shard, seq)| (r.table, r.log_id, shard, seq)))
+        .collect()
 }
 
 /// Why the apply thread stopped on its own.
@@ -427,6 +440,7 @@ pub fn spawn_apply_thread(
                 positions,
                 flow,
                 gate,
+                outbox,
             } = work;
             let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
             // Per-shard metric handles, resolved once instead of per event.
@@ -563,6 +577,8 @@ pub fn spawn_apply_thread(
                     if let Err(e) = applier.forget_published(d.stream + 1) {
                         tracing::warn!(error = %crate::error_chain(&e), "Cannot reset published changes of the recreated stream");
                     }
+                    let shard = d.stream as u64 + 1;
+                    applier.forget_landed(&landed_in(&outbox), |s, _| s == shard);
                     jumped = true;
                 }
                 for d in &batch {
@@ -589,6 +605,9 @@ pub fn spawn_apply_thread(
                     if let Err(e) = applier.rebuild_in_flight() {
                         tracing::warn!(error = %crate::error_chain(&e), "Cannot re-read in-flight changes");
                     }
+                    applier.forget_landed(&landed_in(&outbox), |shard, seq| {
+                        last.get((shard.max(1) - 1) as usize).is_some_and(|&p| seq <= p)
+                    });
                 }
                 drop(held);
                 report(&applier);
