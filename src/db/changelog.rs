@@ -720,6 +720,13 @@ impl Retirement {
             .drain(front(done.orphans.len(), self.orphans.len()));
     }
 
+    /// (table, change-log id, shard, sequence) of the published changes that were sent.
+    pub fn landed(&self) -> impl Iterator<Item = (usize, i64, u64, u64)> + '_ {
+        self.published
+            .iter()
+            .filter_map(|r| r.landed.map(|(shard, seq)| (r.table, r.log_id, shard, seq)))
+    }
+
     /// How many global-log rows it removes.
     pub fn len(&self) -> usize {
         self.published.len() + self.failed.len() + self.orphans.len()
@@ -733,8 +740,9 @@ mod tests {
     use crate::db::schema::watched_tables;
     use crate::db::testutil::temp_db;
 
-    fn retire(log: &ChangeLog, conn: &mut Connection, changes: &[PendingChange], orphans: &[i64]) {
-        let batch = Retirement {
+    /// `changes` as published, each landed on shard 1 at the sequence of its global id.
+    fn published(changes: &[PendingChange]) -> Retirement {
+        Retirement {
             published: changes
                 .iter()
                 .map(|c| Retired {
@@ -744,8 +752,14 @@ mod tests {
                     landed: Some((1, c.global_id as u64)),
                 })
                 .collect(),
-            failed: Vec::new(),
+            ..Retirement::default()
+        }
+    }
+
+    fn retire(log: &ChangeLog, conn: &mut Connection, changes: &[PendingChange], orphans: &[i64]) {
+        let batch = Retirement {
             orphans: orphans.to_vec(),
+            ..published(changes)
         };
         log.retire(conn, &batch).expect("retire");
     }
@@ -804,19 +818,7 @@ mod tests {
         .expect("insert");
         let scan = log.scan(&conn, 0, 1000).expect("scan");
         assert_eq!(scan.changes.len(), 100);
-        let batch = Retirement {
-            published: scan
-                .changes
-                .iter()
-                .map(|c| Retired {
-                    global_id: c.global_id,
-                    table: c.table,
-                    log_id: c.log_id,
-                    landed: Some((1, c.global_id as u64)),
-                })
-                .collect(),
-            ..Retirement::default()
-        };
+        let batch = published(&scan.changes);
         let asked = std::cell::Cell::new(0);
         let reader_on_third_check = || {
             asked.set(asked.get() + 1);

@@ -399,11 +399,7 @@ pub struct ApplyThread {
 /// (table, change-log id, shard, sequence) of the outbox's acknowledged changes.
 fn landed_in(outbox: &super::publish::Outbox) -> Vec<(usize, i64, u64, u64)> {
     let outbox = outbox.lock().unwrap_or_else(|p| p.into_inner());
-    outbox
-        .published
-        .iter()
-        .filter_map(|r| r.landed.map(|(shard, seq)| (r.table, r.log_id, shard, seq)))
-        .collect()
+    outbox.landed().collect()
 }
 
 /// Why the apply thread stopped on its own.

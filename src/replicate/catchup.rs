@@ -72,12 +72,7 @@ impl OwnChanges {
         let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
         crate::db::restore::NotKept {
             unknown_up_to: self.unknown_up_to.clone(),
-            landed: outbox
-                .published
-                .iter()
-                .filter_map(|r| r.landed.map(|(shard, seq)| (r.table, r.log_id, shard, seq)))
-                .chain(self.sends.found())
-                .collect(),
+            landed: outbox.landed().chain(self.sends.found()).collect(),
         }
     }
 }

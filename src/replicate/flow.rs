@@ -145,30 +145,33 @@ impl Flow {
     /// Whether a message that would get sequence `seq` in `stream` may be sent now, given that
     /// the stream ends at about `end`.
     pub fn allows(&self, stream: usize, seq: u64, end: u64) -> bool {
-        let now = Instant::now();
-        let window = self.window(stream);
-        if window == 0 {
-            return true;
-        }
-        match self.slowest(stream, end, now) {
-            Some(slowest) => seq <= slowest + window,
-            None => true,
+        match self.slowest_and_window(stream, end, Instant::now()) {
+            (_, 0) | (None, _) => true,
+            (Some(slowest), window) => seq <= slowest + window,
         }
     }
 
     /// The lowest position among the peers that count for `stream` (see the module header).
+    #[cfg(test)]
     fn slowest(&self, stream: usize, end: u64, now: Instant) -> Option<u64> {
+        self.slowest_and_window(stream, end, now).0
+    }
+
+    /// The lowest position among the peers that count for `stream` (see the module header) and
+    /// the window, read under one lock (asked before every send).
+    fn slowest_and_window(&self, stream: usize, end: u64, now: Instant) -> (Option<u64>, u64) {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let window = self.window_among(stream, &peers, now);
         // This node always counts: when every node's consumer stalls at once (after a server
         // restart, or on a starved machine) no peer counts, and publishers ran free until the
         // stream had discarded what nobody had read — every node then waited for a snapshot
         // nobody could make.
-        peers
+        let slowest = peers
             .iter()
             .filter(|(id, p)| **id == self.self_id || counts(p, stream, end, window, now))
             .filter_map(|(_, p)| p.positions.get(stream).copied())
-            .min()
+            .min();
+        (slowest, window)
     }
 
     /// Takes a report in (from the watcher); this node's own reports are ignored (see

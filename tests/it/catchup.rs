@@ -133,6 +133,18 @@ fn insert_range(node: &Node, from: u64, to: u64) {
     }
 }
 
+/// Single-row inserts with explicit ids from `from` on, 20 at a time, for `how_long`; returns the
+/// next free id.
+fn insert_for(node: &Node, from: u64, how_long: Duration) -> u64 {
+    let started = Instant::now();
+    let mut next = from;
+    while started.elapsed() < how_long {
+        insert_range(node, next, next + 20);
+        next += 20;
+    }
+    next
+}
+
 /// Two running nodes on streams of 16 messages, both holding rows 1..=10.
 fn small_pair(bin: &std::path::Path) -> (NatsServer, Node, Node) {
     let nats = NatsServer::start(bin);
@@ -176,12 +188,7 @@ fn paused_node_recovers_online() {
     let (_nats, a, b) = small_pair(&bin);
     let pid = b.pid().expect("b runs");
     signal(pid, libc::SIGSTOP);
-    let paused = Instant::now();
-    let mut next = 11;
-    while paused.elapsed() < Duration::from_secs(10) {
-        insert_range(&a, next, next + 20);
-        next += 20;
-    }
+    let next = insert_for(&a, 11, Duration::from_secs(10));
     signal(pid, libc::SIGCONT);
     insert_range(&a, next, next + 50);
     let want = a.checksum("Books");
@@ -219,17 +226,9 @@ fn landed_changes_waiting_to_be_marked_do_not_pin_their_rows_over_a_restore() {
     // Long enough for b to stop holding a back (its position goes stale), so the stream
     // discards what b lacks; the newer values come after the messages b may have fetched
     // before it stopped.
-    let paused = Instant::now();
-    let mut next = 11;
-    let mut newer = false;
-    while paused.elapsed() < Duration::from_secs(8) {
-        if !newer && paused.elapsed() > Duration::from_secs(4) {
-            a.exec("UPDATE Books SET title = 'from a' WHERE id <= 5");
-            newer = true;
-        }
-        insert_range(&a, next, next + 20);
-        next += 20;
-    }
+    let next = insert_for(&a, 11, Duration::from_secs(4));
+    a.exec("UPDATE Books SET title = 'from a' WHERE id <= 5");
+    insert_for(&a, next, Duration::from_secs(4));
     signal(pid, libc::SIGCONT);
     let want = a.checksum("Books");
     converges_by_restore(
