@@ -559,6 +559,7 @@ impl Applier {
         streams: &[String],
         positions: &[u64],
         not_kept: &super::restore::NotKept,
+        verified: &dyn Fn() -> Result<(), String>,
     ) -> Result<super::restore::Restored, Error> {
         // Changes of ours published past the snapshot's positions are in flight again.
         let confirmed = self.confirmed.clone();
@@ -569,6 +570,7 @@ impl Applier {
             positions,
             not_kept,
             &|c| Self::check_schema(confirmed.as_ref(), c),
+            verified,
         )?;
         for (i, &p) in positions.iter().enumerate() {
             self.set_applied(i + 1, p);
@@ -2858,7 +2860,7 @@ mod tests {
         let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
         let snap = snapshot_of(d.path(), &[(3, "c"), (1, "a"), (7, "g")]);
         let out = a
-            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
             .expect("restore");
         assert_eq!((out.inserted, out.deleted, out.updated), (3, 0, 0));
         assert_eq!(
@@ -2897,7 +2899,7 @@ mod tests {
             )
             .expect("snapshot rows");
         let out = a
-            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
             .expect("restore");
         assert_eq!(
             out.deferred,
@@ -2974,7 +2976,7 @@ mod tests {
                  INSERT INTO n VALUES (1, 'x', 'red');",
             )
             .expect("snapshot rows");
-        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
             .expect("restore");
         assert_eq!(a.deferred_len(), 2);
         // First migration: `n` without `tag`; `email` unique, and row 2 claims row 1's value.
@@ -3034,7 +3036,7 @@ mod tests {
                  INSERT INTO t VALUES (1, 'a', 'n1');",
             )
             .expect("snapshot rows");
-        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
             .expect("restore");
         drop(a);
         Connection::open(&path)
@@ -3085,7 +3087,7 @@ mod tests {
             )
             .expect("snapshot rows");
         let out = a
-            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
             .expect("restore");
         assert!(out.skipped.is_empty(), "{out:?}");
         assert!(out.deferred.is_empty(), "{out:?}");
@@ -3111,7 +3113,7 @@ mod tests {
         )
         .expect("snapshot rows");
         drop(conn);
-        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
             .expect("restore");
         assert_eq!(
             rows(&path, "SELECT rowid, id, v FROM t ORDER BY rowid"),
@@ -3131,7 +3133,7 @@ mod tests {
         app.execute_batch("INSERT INTO t VALUES (1, 'a'); DELETE FROM t WHERE id = 1")
             .expect("app");
         let snap = snapshot_of(d.path(), &[(1, "a"), (2, "b")]);
-        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
             .expect("restore");
         assert_eq!(
             rows(&path, "SELECT id, v FROM t ORDER BY id"),
@@ -3161,7 +3163,7 @@ mod tests {
             .expect("app");
         let snap = snapshot_of(d.path(), &[(1, "new"), (3, "c"), (5, "same")]);
         let out = a
-            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
             .expect("restore");
         assert_eq!(
             (out.deleted, out.updated, out.inserted, out.kept),
@@ -3212,12 +3214,13 @@ mod tests {
         };
         let before = rows(&path, "SELECT id, v, n FROM t ORDER BY id");
         let bad = snapshot("bad.db", "(1, 'b', 1), (2, 'a', 1), (3, 'c', -5)");
-        let refused = a.restore_snapshot(&bad, &["s".into()], &[10], &Default::default());
+        let refused =
+            a.restore_snapshot(&bad, &["s".into()], &[10], &Default::default(), &|| Ok(()));
         assert!(refused.is_err(), "{refused:?}");
         assert_eq!(rows(&path, "SELECT id, v, n FROM t ORDER BY id"), before);
         // The same swap without the offending row goes through the fallback.
         let good = snapshot("good.db", "(1, 'b', 1), (2, 'a', 1), (3, 'c', 5)");
-        a.restore_snapshot(&good, &["s".into()], &[10], &Default::default())
+        a.restore_snapshot(&good, &["s".into()], &[10], &Default::default(), &|| Ok(()))
             .expect("restore");
         assert_eq!(
             rows(&path, "SELECT id, v FROM t ORDER BY id"),
@@ -3226,6 +3229,67 @@ mod tests {
                 vec![Value::Integer(2), text("a")],
                 vec![Value::Integer(3), text("c")],
             ]
+        );
+    }
+
+    /// A snapshot whose checks fail (they run beside the merge) changes nothing, whether the
+    /// merge itself went through or failed on the bad file, and does not stop the node.
+    #[test]
+    fn restore_commits_nothing_when_the_snapshot_fails_its_checks() {
+        let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        let arrived = vec![incoming(ev(
+            Op::Insert,
+            "t",
+            vec![("id", Value::Integer(1)), ("v", text("live"))],
+        ))];
+        a.apply_batch(&arrived).expect("apply");
+        let before = rows(&path, "SELECT id, v FROM t ORDER BY id");
+        let snap = d.path().join("snap.db");
+        Connection::open(&snap)
+            .expect("snapshot")
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'x'), (2, 'y')",
+            )
+            .expect("snapshot rows");
+        let refused = a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| {
+            Err("SHA-256 differs".into())
+        });
+        assert!(
+            matches!(&refused, Err(Error::NotVerified(why)) if why == "SHA-256 differs"),
+            "{refused:?}"
+        );
+        assert!(!refused.as_ref().err().is_some_and(Error::is_fatal));
+        assert_eq!(rows(&path, "SELECT id, v FROM t ORDER BY id"), before);
+        // A file SQLite finds corrupt while merging: the checks' verdict is the error, not a
+        // fatal "database corrupt".
+        let mut bytes = std::fs::read(&snap).expect("read");
+        let half = bytes.len() / 2;
+        bytes.truncate(half);
+        for b in bytes.iter_mut().skip(100) {
+            *b = 0xa5;
+        }
+        std::fs::write(&snap, &bytes).expect("write");
+        let refused = a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| {
+            Err("integrity_check: malformed".into())
+        });
+        assert!(
+            matches!(&refused, Err(Error::NotVerified(_))),
+            "{refused:?}"
+        );
+        assert_eq!(rows(&path, "SELECT id, v FROM t ORDER BY id"), before);
+        // Checks that pass: a sound snapshot's merge commits.
+        let good = d.path().join("good.db");
+        Connection::open(&good)
+            .expect("snapshot")
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); INSERT INTO t VALUES (2, 'y')",
+            )
+            .expect("snapshot rows");
+        a.restore_snapshot(&good, &["s".into()], &[10], &Default::default(), &|| Ok(()))
+            .expect("restore");
+        assert_eq!(
+            rows(&path, "SELECT id, v FROM t ORDER BY id"),
+            [vec![Value::Integer(2), text("y")]]
         );
     }
 }

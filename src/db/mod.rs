@@ -77,6 +77,10 @@ pub enum Error {
     /// retry once it has (the node reinstalls capture within a second).
     #[error("the database schema changed; waiting for capture to be reinstalled")]
     SchemaChanged,
+    /// A snapshot being restored failed the checks that ran beside its merge: the merge was
+    /// rolled back, nothing changed.
+    #[error("the snapshot failed its checks: {0}")]
+    NotVerified(String),
 }
 
 impl Error {
@@ -92,7 +96,8 @@ impl Error {
             Error::Unwatchable(..)
             | Error::Locked(..)
             | Error::LockFile(..)
-            | Error::SchemaChanged => return false,
+            | Error::SchemaChanged
+            | Error::NotVerified(_) => return false,
         };
         matches!(
             source.sqlite_error_code(),

@@ -16,6 +16,11 @@
 //! - Tables and columns of the snapshot that this node does not have (it is behind on a
 //!   migration) are kept aside in the same transaction ([`super::deferred`]) and merged once the
 //!   local schema has them.
+//! - Nothing of the snapshot commits before `verified` (the checks of the downloaded file, run
+//!   beside the merge so that a restore takes the longer of the two, not both) has passed; a
+//!   merge that fails while those checks fail reports them (the bad file is the likely cause,
+//!   not this database), as [`Error::NotVerified`]. Our write lock is held for the longer of
+//!   the merge and the checks (the merge, which writes what the checks only read, in practice).
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
 //!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row. Any
 //!   other constraint failure (NOT NULL, CHECK: the schemas differ) fails the whole restore,
@@ -62,10 +67,11 @@ pub struct Restored {
 
 /// Merges the snapshot at `snapshot` into the database of `conn`. `positions` (per shard, index
 /// shard − 1) are the snapshot's: changes of ours published past them are kept. `check` runs
-/// first inside the write transaction (the schema is still the one capture was installed for).
+/// first inside the write transaction (the schema is still the one capture was installed for);
+/// `verified` waits for the snapshot's checks, before the commit.
 ///
 /// # Errors
-/// SQLite errors; nothing is changed then.
+/// SQLite errors, or [`Error::NotVerified`]; nothing is changed then.
 pub fn restore(
     conn: &mut Connection,
     log: &ChangeLog,
@@ -73,6 +79,7 @@ pub fn restore(
     positions: &[u64],
     not_kept: &NotKept,
     check: &dyn Fn(&Connection) -> Result<(), Error>,
+    verified: &dyn Fn() -> Result<(), String>,
 ) -> Result<Restored, Error> {
     let uri = format!(
         "file:{}?mode=ro",
@@ -82,10 +89,14 @@ pub fn restore(
             .replace('?', "%3f")
             .replace('#', "%23")
     );
-    conn.execute("ATTACH DATABASE ?1 AS hl_snapshot", [&uri])?;
-    let result = merge_all(conn, log, positions, not_kept, check);
+    // Whatever failed, a file that fails its checks is the reason to give (and not one that
+    // stops the node: SQLite calls a corrupt attached file corrupt too).
+    let or_not_verified = |e: Error| verified().err().map_or(e, Error::NotVerified);
+    conn.execute("ATTACH DATABASE ?1 AS hl_snapshot", [&uri])
+        .map_err(|e| or_not_verified(e.into()))?;
+    let result = merge_all(conn, log, positions, not_kept, check, verified);
     let detached = conn.execute_batch("DETACH DATABASE hl_snapshot");
-    let restored = result?;
+    let restored = result.map_err(or_not_verified)?;
     detached?;
     Ok(restored)
 }
@@ -96,6 +107,7 @@ fn merge_all(
     positions: &[u64],
     not_kept: &NotKept,
     check: &dyn Fn(&Connection) -> Result<(), Error>,
+    verified: &dyn Fn() -> Result<(), String>,
 ) -> Result<Restored, Error> {
     let mut out = Restored::default();
     let writeback = conn
@@ -217,6 +229,9 @@ fn merge_all(
         .map(ToString::to_string)
         .collect();
     let started = std::time::Instant::now();
+    // Rolled back (the transaction dropped) unless the file passed its checks.
+    verified().map_err(Error::NotVerified)?;
+    let verify_wait_ms = started.elapsed().as_millis() as u64;
     // The commit syncs the WAL (the restore is durable before the positions move); copying the
     // restored pages from the WAL into the database file — writing them a second time, seconds
     // per GB — is left to a thread of its own (see `checkpoint_behind`), so replication resumes
@@ -229,6 +244,7 @@ fn merge_all(
     committed?;
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
+        verify_wait_ms,
         "restore committed"
     );
     if every > 0

@@ -63,7 +63,8 @@ pub enum Work {
     Restore(RestoreJob),
 }
 
-/// A verified snapshot to merge into the database, with the positions it contains.
+/// A downloaded snapshot to merge into the database (once verified), with the positions it
+/// contains.
 #[derive(Debug)]
 pub struct RestoreJob {
     pub file: std::path::PathBuf,
@@ -74,6 +75,8 @@ pub struct RestoreJob {
     /// The snapshot records no positions: `positions` are the streams' starts, and the node may
     /// go back to them (everything retained is replayed), as Go does.
     pub replay_all: bool,
+    /// The snapshot's checks, still running: the merge commits only once they passed.
+    pub verification: crate::snapshot::Verification,
     /// The outcome; an error as its cause chain.
     pub reply: tokio::sync::oneshot::Sender<Result<crate::db::restore::Restored, String>>,
 }
@@ -637,6 +640,7 @@ fn restore(
         positions: at,
         not_kept,
         replay_all,
+        verification,
         reply,
     } = job;
     // Messages applied since the recovery looked (they were in the channel before the job) may
@@ -653,7 +657,8 @@ fn restore(
         )));
         return None;
     }
-    match applier.restore_snapshot(&file, streams, &at, &not_kept) {
+    let verified = || verification.wait().map_err(|e| e.to_string());
+    match applier.restore_snapshot(&file, streams, &at, &not_kept, &verified) {
         Ok(restored) => {
             let at_of = |i: usize| at.get(i).copied().unwrap_or(0);
             let all = streams

@@ -285,12 +285,11 @@ async fn attempt(
             need.iter().map(|n| n + 1).collect::<Vec<_>>()
         )));
     }
-    let fetched = snapshot::fetch_verified(snapshots.store.as_ref(), &node.settings.db_path).await;
-    if let Err(snapshot::Error::Refused(_)) = &fetched {
-        *refused = Some(meta.clone());
-        ask_for_snapshot(node, &need, streams).await;
-    }
-    let Some((dir, file, meta)) = fetched? else {
+    // What a refusal is remembered by: what `meta()` says of the object next time.
+    let looked = meta;
+    let Some((dir, file, meta)) =
+        snapshot::fetch(snapshots.store.as_ref(), &node.settings.db_path).await?
+    else {
         return Ok(Attempt::Wait(
             "the snapshot disappeared from the store".into(),
         ));
@@ -302,6 +301,7 @@ async fn attempt(
             meta.positions, need
         )));
     }
+    let verification = snapshot::Verification::start(&file, &meta);
     let positionless = meta.positions.is_none();
     let at = positions_of(&meta, streams).unwrap_or(before_first);
     if positionless {
@@ -315,14 +315,24 @@ async fn attempt(
         positions: at.clone(),
         not_kept: own.not_kept(),
         replay_all: positionless,
+        verification: verification.clone(),
         reply,
     }))
     .await
     .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
-    let restored = answer
+    let answer = answer
         .await
-        .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?
-        .map_err(|e| snapshot::Error::Unusable(format!("cannot merge the snapshot: {e}")))?;
+        .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
+    // Whether the merge went through or not, the file's checks are done or decide.
+    if let Err(e) = verification.outcome().await {
+        if let snapshot::Error::Refused(_) = e {
+            *refused = Some(looked);
+            ask_for_snapshot(node, &need, streams).await;
+        }
+        return Err(e);
+    }
+    let restored =
+        answer.map_err(|e| snapshot::Error::Unusable(format!("cannot merge the snapshot: {e}")))?;
     drop(dir);
     for (table, why) in &restored.skipped {
         tracing::warn!(table = %table, reason = %why, "Table not restored from the snapshot");

@@ -6,15 +6,15 @@
 //! - [`save`]: copy (from a read transaction that began between two apply batches, so the rows
 //!   and the recorded positions match exactly: the file's bytes when the file alone holds what
 //!   it sees, see `filecopy`, else SQLite's backup API), strip, checksum, upload.
-//! - [`fetch_verified`]: download, then check size, SHA-256, Go's FNV tag and
-//!   `PRAGMA integrity_check` before anything is restored.
+//! - [`fetch`]: download; [`Verification`]: check size, SHA-256, Go's FNV tag and
+//!   `PRAGMA integrity_check`, beside the merge, before anything of it commits.
 //! - The restore itself is [`crate::db::restore`], run by the apply thread.
 //! - [`leader`]: Go's snapshot-leader election and save lease; [`scheduler`]: when to save.
 //!
 //! Invariants:
 //! - Application writers are never blocked by a save: the copy is read from a WAL snapshot.
-//! - A snapshot is never restored unverified; a refused one is logged and counted, and the node
-//!   keeps trying.
+//! - A snapshot is never restored unverified (its merge commits only once the checks passed); a
+//!   refused one is logged and counted, and the node keeps trying.
 //! - Work files live next to the database (same file system, not a small `/tmp`) in a temp dir
 //!   removed on every path.
 
@@ -456,11 +456,12 @@ pub async fn save(
     Ok(meta)
 }
 
-/// Downloads the snapshot into a new work dir and verifies it. `Ok(None)` when the store is empty.
+/// Downloads the snapshot into a new work dir. `Ok(None)` when the store is empty. Nothing is
+/// checked yet: that is [`Verification`]'s job, before anything of the file commits.
 ///
 /// # Errors
-/// Store errors, or [`Error::Refused`] for a snapshot that fails verification.
-pub async fn fetch_verified(
+/// Store errors.
+pub async fn fetch(
     store: &dyn Store,
     db_path: &Path,
 ) -> Result<Option<(tempfile::TempDir, PathBuf, Meta)>, Error> {
@@ -470,14 +471,100 @@ pub async fn fetch_verified(
     let Some(meta) = store.download(&path).await? else {
         return Ok(None);
     };
-    let download_ms = started.elapsed().as_millis() as u64;
-    let (p, m) = (path.clone(), meta.clone());
-    tokio::task::spawn_blocking(move || verify(&p, &m))
-        .await
-        .map_err(|e| Error::Unusable(format!("snapshot check task failed: {e}")))??;
     tracing::info!(size = meta.size, positions = ?meta.positions, elapsed_ms = started.elapsed().as_millis() as u64,
-        download_ms, store = store.kind(), "Downloaded snapshot, verified");
+        store = store.kind(), "Downloaded snapshot");
     Ok(Some((dir, path, meta)))
+}
+
+/// The checks of a downloaded snapshot ([`verify`]), running on a thread of their own while the
+/// apply thread merges it: the merge commits only once they passed (`db::restore`), so a refused
+/// snapshot changes nothing, and a restore takes the longer of the two instead of both.
+/// Clones share the one outcome.
+#[derive(Clone)]
+pub struct Verification(Arc<Outcome>);
+
+/// The checks' outcome once they are done, and the signal that they are.
+type Outcome = (Mutex<Option<Result<(), Error>>>, std::sync::Condvar);
+
+impl std::fmt::Debug for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verification")
+    }
+}
+
+impl Verification {
+    /// Starts checking `path` against `meta` (on the calling thread when no thread can be
+    /// started: slower, as sound).
+    pub fn start(path: &Path, meta: &Meta) -> Verification {
+        let v = Verification(Arc::new((Mutex::new(None), std::sync::Condvar::new())));
+        let (p, m, done) = (path.to_path_buf(), meta.clone(), v.clone());
+        let run = move || {
+            let started = Instant::now();
+            let outcome = verify(&p, &m);
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                ok = outcome.is_ok(),
+                "snapshot checked"
+            );
+            done.finish(outcome);
+        };
+        let slot = Arc::new(Mutex::new(Some(run)));
+        let take = {
+            let slot = slot.clone();
+            move || slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+        };
+        let spawned = std::thread::Builder::new()
+            .name("hl-verify".into())
+            .spawn(move || {
+                if let Some(run) = take() {
+                    run();
+                }
+            });
+        if spawned.is_err()
+            && let Some(run) = slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            run();
+        }
+        v
+    }
+
+    fn finish(&self, outcome: Result<(), Error>) {
+        let (lock, ready) = &*self.0;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        ready.notify_all();
+    }
+
+    /// Blocks until the checks are done. A refusal stays [`Error::Refused`]; any other failure
+    /// (the file could not be read) is [`Error::Unusable`].
+    ///
+    /// # Errors
+    /// Why the snapshot must not be restored.
+    pub fn wait(&self) -> Result<(), Error> {
+        let (lock, ready) = &*self.0;
+        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while done.is_none() {
+            done = ready.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+        match done.as_ref() {
+            Some(Ok(())) | None => Ok(()),
+            Some(Err(Error::Refused(why))) => Err(Error::Refused(why.clone())),
+            Some(Err(e)) => Err(Error::Unusable(format!(
+                "cannot check the snapshot: {}",
+                crate::error_chain(e)
+            ))),
+        }
+    }
+
+    /// [`Verification::wait`] without blocking the runtime.
+    ///
+    /// # Errors
+    /// Why the snapshot must not be restored.
+    pub async fn outcome(&self) -> Result<(), Error> {
+        let v = self.clone();
+        tokio::task::spawn_blocking(move || v.wait())
+            .await
+            .map_err(|e| Error::Unusable(format!("snapshot check task failed: {e}")))?
+    }
 }
 
 /// Builds the configured store (no request is made yet). NATS needs the JetStream context.
@@ -514,6 +601,41 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checks beside a merge: a sound file passes, a checksum that differs is a refusal
+    /// (the node remembers that object), an unreadable file is not (it is tried again); every
+    /// clone waits for the one outcome.
+    #[test]
+    fn verification_refuses_what_differs_and_shares_its_outcome() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("snap.db");
+        Connection::open(&file)
+            .expect("open")
+            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY); INSERT INTO t VALUES (1)")
+            .expect("fill");
+        let (size, sha256, fnv) = digest(&file).expect("digest");
+        let good = Meta {
+            size: Some(size),
+            sha256: Some(sha256),
+            fnv_tag: Some(fnv),
+            ..Meta::default()
+        };
+        let v = Verification::start(&file, &good);
+        let other = v.clone();
+        assert!(v.wait().is_ok());
+        assert!(other.wait().is_ok());
+        let bad = Meta {
+            sha256: Some("00".repeat(32)),
+            ..good.clone()
+        };
+        let refused = Verification::start(&file, &bad).wait();
+        assert!(
+            matches!(&refused, Err(Error::Refused(why)) if why.starts_with("SHA-256 is")),
+            "{refused:?}"
+        );
+        let gone = Verification::start(&dir.path().join("missing.db"), &good).wait();
+        assert!(matches!(&gone, Err(Error::Unusable(_))), "{gone:?}");
+    }
 
     /// A copy keeps every rowid (tables without an INTEGER PRIMARY KEY replicate by rowid; a
     /// VACUUM would renumber them) and none of our tables; the positions are the source's.
