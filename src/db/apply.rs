@@ -549,10 +549,11 @@ impl Applier {
     }
 
     /// Merges the snapshot at `file` (see [`super::restore`]), whose positions are `positions`
-    /// (per shard), and makes them this applier's.
+    /// (per shard), and makes them this applier's, once `verified` (the snapshot's checks) says
+    /// so.
     ///
     /// # Errors
-    /// SQLite errors; nothing changed then.
+    /// SQLite errors, or [`Error::NotVerified`]; nothing changed then.
     pub fn restore_snapshot(
         &mut self,
         file: &std::path::Path,

@@ -493,37 +493,29 @@ impl std::fmt::Debug for Verification {
 }
 
 impl Verification {
-    /// Starts checking `path` against `meta` (on the calling thread when no thread can be
-    /// started: slower, as sound).
+    /// Starts checking `path` against `meta` on a thread of its own. Checks that cannot start
+    /// or that panic end as [`Error::Unusable`] (tried again later), never as a wait without end.
     pub fn start(path: &Path, meta: &Meta) -> Verification {
         let v = Verification(Arc::new((Mutex::new(None), std::sync::Condvar::new())));
         let (p, m, done) = (path.to_path_buf(), meta.clone(), v.clone());
-        let run = move || {
-            let started = Instant::now();
-            let outcome = verify(&p, &m);
-            tracing::debug!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                ok = outcome.is_ok(),
-                "snapshot checked"
-            );
-            done.finish(outcome);
-        };
-        let slot = Arc::new(Mutex::new(Some(run)));
-        let take = {
-            let slot = slot.clone();
-            move || slot.lock().unwrap_or_else(|e| e.into_inner()).take()
-        };
         let spawned = std::thread::Builder::new()
             .name("hl-verify".into())
             .spawn(move || {
-                if let Some(run) = take() {
-                    run();
-                }
+                let started = Instant::now();
+                let outcome = std::panic::catch_unwind(|| verify(&p, &m)).unwrap_or_else(|_| {
+                    Err(Error::Unusable("the snapshot checks panicked".into()))
+                });
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    ok = outcome.is_ok(),
+                    "snapshot checked"
+                );
+                done.finish(outcome);
             });
-        if spawned.is_err()
-            && let Some(run) = slot.lock().unwrap_or_else(|e| e.into_inner()).take()
-        {
-            run();
+        if let Err(e) = spawned {
+            v.finish(Err(Error::Unusable(format!(
+                "cannot start the snapshot checks: {e}"
+            ))));
         }
         v
     }
