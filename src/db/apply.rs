@@ -556,7 +556,7 @@ impl Applier {
     /// SQLite errors, or [`Error::NotVerified`]; nothing changed then.
     pub fn restore_snapshot(
         &mut self,
-        file: &std::path::Path,
+        file: impl Into<super::arriving::SnapshotFile>,
         streams: &[String],
         positions: &[u64],
         not_kept: &super::restore::NotKept,
@@ -567,7 +567,7 @@ impl Applier {
         let restored = super::restore::restore(
             &mut self.conn,
             &self.state.log,
-            file,
+            &file.into(),
             positions,
             not_kept,
             &|c| Self::check_schema(confirmed.as_ref(), c),
@@ -3292,5 +3292,79 @@ mod tests {
             rows(&path, "SELECT id, v FROM t ORDER BY id"),
             [vec![Value::Integer(2), text("y")]]
         );
+    }
+
+    /// A snapshot merged while it is still being written (a download): the restore reads it as
+    /// it arrives and ends with its rows; a download that fails midway fails the restore as not
+    /// verified (not fatal) and changes nothing.
+    #[test]
+    fn restore_reads_an_arriving_snapshot_and_survives_a_failed_download() {
+        use std::io::Write;
+        let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+        a.apply_batch(&[incoming(ev(
+            Op::Insert,
+            "t",
+            vec![("id", Value::Integer(1)), ("v", text("live"))],
+        ))])
+        .expect("apply");
+        let source = d.path().join("source.db");
+        Connection::open(&source)
+            .expect("snapshot")
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);
+                 WITH RECURSIVE n(i) AS (SELECT 2 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+                 INSERT INTO t SELECT i, printf('%0300d', i) FROM n;",
+            )
+            .expect("snapshot rows");
+        let bytes = std::fs::read(&source).expect("read");
+        for fail in [true, false] {
+            let before = rows(&path, "SELECT id, v FROM t ORDER BY id");
+            let dest = d.path().join(format!("arriving-{fail}.db"));
+            let arrival = crate::db::arriving::Arrival::new();
+            arrival.expect(Some(bytes.len() as u64));
+            let mut out = std::fs::File::create(&dest).expect("create");
+            let writer = {
+                let (arrival, bytes) = (std::sync::Arc::clone(&arrival), bytes.clone());
+                std::thread::spawn(move || {
+                    for (i, chunk) in bytes.chunks(8192).enumerate() {
+                        if fail && i * 8192 >= bytes.len() / 2 {
+                            arrival.finish(Err("connection reset".into()));
+                            return;
+                        }
+                        out.write_all(chunk).expect("write");
+                        arrival.advance(chunk.len() as u64);
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    arrival.finish(Ok(()));
+                })
+            };
+            let file = crate::db::arriving::SnapshotFile {
+                path: dest,
+                arrival: Some(std::sync::Arc::clone(&arrival)),
+            };
+            // What the verification does: wait for the end of the download, then judge it.
+            let verified = || arrival.wait_end();
+            let got =
+                a.restore_snapshot(file, &["s".into()], &[10], &Default::default(), &verified);
+            writer.join().expect("writer");
+            if fail {
+                assert!(
+                    matches!(&got, Err(Error::NotVerified(why)) if why.contains("connection reset")),
+                    "{got:?}"
+                );
+                assert!(rows(&path, "SELECT id, v FROM t ORDER BY id") == before);
+            } else {
+                assert_eq!(got.expect("restore").inserted, 2999);
+                let n = rows(&path, "SELECT count(*), min(id), max(id) FROM t");
+                assert_eq!(
+                    n,
+                    [vec![
+                        Value::Integer(2999),
+                        Value::Integer(2),
+                        Value::Integer(3000)
+                    ]]
+                );
+            }
+        }
     }
 }

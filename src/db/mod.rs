@@ -18,6 +18,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub mod apply;
+pub mod arriving;
 pub mod cdc;
 pub mod changelog;
 pub mod ddl;
@@ -81,6 +82,9 @@ pub enum Error {
     /// rolled back, nothing changed.
     #[error("the snapshot failed its checks: {0}")]
     NotVerified(String),
+    /// The snapshot could not be attached for a reason of ours (not SQLite's): nothing changed.
+    #[error("cannot attach the snapshot: {0}")]
+    Attach(String),
 }
 
 impl Error {
@@ -97,7 +101,8 @@ impl Error {
             | Error::Locked(..)
             | Error::LockFile(..)
             | Error::SchemaChanged
-            | Error::NotVerified(_) => return false,
+            | Error::NotVerified(_)
+            | Error::Attach(_) => return false,
         };
         matches!(
             source.sqlite_error_code(),

@@ -31,6 +31,7 @@ use std::path::Path;
 use rusqlite::Connection;
 
 use super::apply::{Bind, commit_guarded, set_guard};
+use super::arriving::SnapshotFile;
 use super::changelog::ChangeLog;
 use super::{Error, Table, on_table, quote};
 
@@ -75,20 +76,22 @@ pub struct Restored {
 pub fn restore(
     conn: &mut Connection,
     log: &ChangeLog,
-    snapshot: &Path,
+    snapshot: &SnapshotFile,
     positions: &[u64],
     not_kept: &NotKept,
     check: &dyn Fn(&Connection) -> Result<(), Error>,
     verified: &dyn Fn() -> Result<(), String>,
 ) -> Result<Restored, Error> {
-    let uri = format!(
-        "file:{}?mode=ro",
-        snapshot
-            .to_string_lossy()
-            .replace('%', "%25")
-            .replace('?', "%3f")
-            .replace('#', "%23")
-    );
+    let (uri, _registered) = snapshot.uri().map_err(Error::Attach)?;
+    // A restore whose DETACH failed left its file attached: every later ATTACH would fail.
+    let stale: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_database_list WHERE name = 'hl_snapshot')",
+        [],
+        |r| r.get(0),
+    )?;
+    if stale {
+        conn.execute_batch("DETACH DATABASE hl_snapshot")?;
+    }
     // Whatever failed, a file that fails its checks is the reason to give (and not one that
     // stops the node: SQLite calls a corrupt attached file corrupt too).
     let or_not_verified = |e: Error| verified().err().map_or(e, Error::NotVerified);
@@ -96,6 +99,9 @@ pub fn restore(
         .map_err(|e| or_not_verified(e.into()))?;
     let result = merge_all(conn, log, positions, not_kept, check, verified);
     let detached = conn.execute_batch("DETACH DATABASE hl_snapshot");
+    if let (Err(e), Err(_)) = (&detached, &result) {
+        tracing::warn!(error = %e, "Cannot detach the snapshot after a failed restore; retried before the next one");
+    }
     let restored = result.map_err(or_not_verified)?;
     detached?;
     Ok(restored)

@@ -67,7 +67,8 @@ pub enum Work {
 /// contains.
 #[derive(Debug)]
 pub struct RestoreJob {
-    pub file: std::path::PathBuf,
+    /// The snapshot, possibly still arriving.
+    pub file: crate::db::arriving::SnapshotFile,
     /// Per shard (index shard − 1).
     pub positions: Vec<u64>,
     /// Local changes whose rows are not kept although they look in flight.
@@ -658,7 +659,7 @@ fn restore(
         return None;
     }
     let verified = || verification.wait().map_err(|e| e.to_string());
-    match applier.restore_snapshot(&file, streams, &at, &not_kept, &verified) {
+    match applier.restore_snapshot(file, streams, &at, &not_kept, &verified) {
         Ok(restored) => {
             let at_of = |i: usize| at.get(i).copied().unwrap_or(0);
             let all = streams

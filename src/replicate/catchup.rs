@@ -287,21 +287,25 @@ async fn attempt(
     }
     // What a refusal is remembered by: what `meta()` says of the object next time.
     let looked = meta;
-    let Some((dir, file, meta)) =
-        snapshot::fetch(snapshots.store.as_ref(), &node.settings.db_path).await?
+    let Some(mut fetching) = snapshot::fetch(&snapshots.store, &node.settings.db_path).await?
     else {
         return Ok(Attempt::Wait(
             "the snapshot disappeared from the store".into(),
         ));
     };
-    // What was downloaded may be newer than the metadata looked at first: check it again.
+    let meta = fetching.meta.clone();
+    // What is being downloaded may be newer than the metadata looked at first: check it again.
     if !usable(&meta, streams, &need) {
         return Ok(Attempt::Wait(format!(
             "the downloaded snapshot (positions {:?}) does not reach {:?}",
             meta.positions, need
         )));
     }
-    let verification = snapshot::Verification::start(&file, &meta);
+    // The checks start once the file is complete; the merge reads it as it arrives (through
+    // `db::arriving`) and commits only once they passed.
+    let arrival = std::sync::Arc::clone(fetching.arriving.arrival());
+    let verification =
+        snapshot::Verification::start(&fetching.file, &meta, Some(std::sync::Arc::clone(&arrival)));
     let positionless = meta.positions.is_none();
     let at = positions_of(&meta, streams).unwrap_or(before_first);
     if positionless {
@@ -309,9 +313,21 @@ async fn attempt(
             "The snapshot records no stream positions (made by Go HarmonyLite, or its metadata was lost); replaying everything the streams retain over it"
         );
     }
+    if !fetching.ready_to_merge(&node.root).await {
+        return Ok(Attempt::Stopping);
+    }
+    let (written, total, _) = arrival.progress();
+    tracing::debug!(
+        downloaded = written,
+        size = total,
+        "merging the snapshot as it arrives"
+    );
     let (reply, answer) = tokio::sync::oneshot::channel();
     tx.send(Work::Restore(RestoreJob {
-        file,
+        file: crate::db::arriving::SnapshotFile {
+            path: fetching.file.clone(),
+            arrival: Some(arrival),
+        },
         positions: at.clone(),
         not_kept: own.not_kept(),
         replay_all: positionless,
@@ -323,17 +339,29 @@ async fn attempt(
     let answer = answer
         .await
         .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
-    // Whether the merge went through or not, the file's checks are done or decide.
-    if let Err(e) = verification.outcome().await {
-        if let snapshot::Error::Refused(_) = e {
-            *refused = Some(looked);
-            ask_for_snapshot(node, &need, streams).await;
+    let restored = match answer {
+        // Committed: the checks passed, so the download is complete.
+        Ok(restored) => {
+            fetching.finished().await?;
+            restored
         }
-        return Err(e);
-    }
-    let restored =
-        answer.map_err(|e| snapshot::Error::Unusable(format!("cannot merge the snapshot: {e}")))?;
-    drop(dir);
+        Err(e) => {
+            // A file that failed its checks is the reason (and is remembered); otherwise the
+            // merge failed on its own: the rest of the download is not wanted.
+            if let Some(Err(refusal)) = verification.try_outcome() {
+                if let snapshot::Error::Refused(_) = refusal {
+                    *refused = Some(looked);
+                    ask_for_snapshot(node, &need, streams).await;
+                }
+                return Err(refusal);
+            }
+            drop(fetching);
+            return Err(snapshot::Error::Unusable(format!(
+                "cannot merge the snapshot: {e}"
+            )));
+        }
+    };
+    drop(fetching);
     for (table, why) in &restored.skipped {
         tracing::warn!(table = %table, reason = %why, "Table not restored from the snapshot");
     }

@@ -18,7 +18,9 @@ use std::path::Path;
 use async_nats::jetstream::{self, object_store};
 use futures::future::BoxFuture;
 
-use super::store::{Error, Meta, OBJECT, Progress, ProgressReader, Store, TAG_HEADER};
+use super::store::{
+    Arriving, DownloadFile, Error, Meta, OBJECT, Progress, ProgressReader, Store, TAG_HEADER,
+};
 
 const KIND: &str = "nats";
 /// Object metadata key holding our [`Meta`] as JSON.
@@ -52,10 +54,9 @@ impl NatsStore {
     async fn read_chunks(
         &self,
         info: &object_store::ObjectInfo,
-        out: &mut tokio::fs::File,
+        out: &mut DownloadFile<'_>,
     ) -> Result<(), String> {
         use futures::StreamExt;
-        use tokio::io::AsyncWriteExt;
         let stream = self
             .js
             .get_stream(format!("OBJ_{}", self.bucket))
@@ -72,7 +73,6 @@ impl NatsStore {
             })
             .await
             .map_err(|e| e.to_string())?;
-        let mut progress = Progress::new(KIND, "Downloading", Some(info.size as u64));
         let per_chunk = info.size.div_ceil(info.chunks.max(1)).max(1);
         // Pipelined: the next batch is asked for while this one is written out, and no more
         // than about two batches are ever on their way.
@@ -83,7 +83,7 @@ impl NatsStore {
             .messages()
             .await
             .map_err(|e| e.to_string())?;
-        let (mut got, mut bytes) = (0usize, 0u64);
+        let mut got = 0usize;
         while got < info.chunks {
             let msg = match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
                 Err(_) => {
@@ -105,20 +105,17 @@ impl NatsStore {
                     info.chunks
                 ));
             }
-            out.write_all(&msg.payload)
-                .await
-                .map_err(|e| e.to_string())?;
+            out.put(&msg.payload).await.map_err(|e| e.to_string())?;
             got += 1;
-            bytes += msg.payload.len() as u64;
-            progress.add(msg.payload.len());
         }
-        if bytes != info.size as u64 {
+        if out.bytes() != info.size as u64 {
             return Err(format!(
-                "read {bytes} bytes, the object's info says {}",
+                "read {} bytes, the object's info says {}",
+                out.bytes(),
                 info.size
             ));
         }
-        out.flush().await.map_err(|e| e.to_string())
+        Ok(())
     }
 
     /// Puts `data` as the object [`OBJECT`] with our `meta` (see the module header: the object
@@ -363,7 +360,11 @@ impl Store for NatsStore {
         ))
     }
 
-    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
+    fn download_arriving<'a>(
+        &'a self,
+        dest: &'a Path,
+        arriving: &'a Arriving,
+    ) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
         Box::pin(async move {
             let object = self.object();
             let fail =
@@ -384,7 +385,12 @@ impl Store for NatsStore {
                 ));
             }
             let meta = NatsStore::meta_of(&info);
-            let mut out = tokio::fs::File::create(dest).await.map_err(|e| fail(&e))?;
+            let size = info.size as u64;
+            arriving.begin(&meta, Some(size));
+            let progress = Progress::new(KIND, "Downloading", Some(size));
+            let mut out = DownloadFile::create(dest, progress, arriving)
+                .await
+                .map_err(|e| fail(&e))?;
             self.read_chunks(&info, &mut out).await.map_err(said)?;
             Ok(Some(meta))
         })
