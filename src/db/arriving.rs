@@ -109,6 +109,20 @@ impl Arrival {
         }
     }
 
+    /// Fails the arrival if no byte arrived for [`STALL`] (for waits that poll instead of
+    /// blocking here).
+    pub fn check_stall(&self) {
+        let mut s = self.state();
+        if s.end.is_none() && s.last.is_some_and(|t| t.elapsed() >= STALL) {
+            s.end = Some(Err(format!(
+                "no byte of the snapshot arrived for {} s ({} read)",
+                STALL.as_secs(),
+                s.written
+            )));
+            self.changed.notify_all();
+        }
+    }
+
     /// (bytes written, announced size, ended).
     pub fn progress(&self) -> (u64, Option<u64>, bool) {
         let s = self.state();
@@ -157,7 +171,10 @@ impl Arrival {
     /// Blocks until `end` bytes are in the file or the download ended (`Ok`: read what there is).
     /// Bytes written before a download failed stay readable: SQLite reads the header again to
     /// end its use of the file (DETACH), which must not fail, or the file stays attached.
-    fn wait_for(&self, end: u64) -> Result<(), String> {
+    ///
+    /// # Errors
+    /// The download failed or stalled before the bytes arrived.
+    pub fn wait_for_bytes(&self, end: u64) -> Result<(), String> {
         match self.wait(|s| s.written >= end) {
             None | Some(Ok(())) => Ok(()),
             Some(Err(_)) if self.state().written >= end => Ok(()),
@@ -429,7 +446,7 @@ unsafe extern "C" fn read(
 ) -> c_int {
     let end = (offset.max(0) as u64).saturating_add(amount.max(0) as u64);
     // SAFETY: a wrapped file (only those have these methods).
-    if let Err(why) = unsafe { arrival(file) }.wait_for(end) {
+    if let Err(why) = unsafe { arrival(file) }.wait_for_bytes(end) {
         tracing::debug!(reason = %why, offset, "snapshot read failed: the download did not complete");
         return ffi::SQLITE_IOERR_READ;
     }

@@ -16,11 +16,16 @@
 //! - Tables and columns of the snapshot that this node does not have (it is behind on a
 //!   migration) are kept aside in the same transaction ([`super::deferred`]) and merged once the
 //!   local schema has them.
-//! - Nothing of the snapshot commits before `verified` (the checks of the downloaded file, run
+//! - The snapshot may still be downloading: it is then attached through [`super::arriving`],
+//!   whose reads wait for the bytes, so that the merge runs beside the download.
+//! - Nothing of the snapshot commits before `verified` (the checks of the complete file, run
 //!   beside the merge so that a restore takes the longer of the two, not both) has passed; a
-//!   merge that fails while those checks fail reports them (the bad file is the likely cause,
-//!   not this database), as [`Error::NotVerified`]. Our write lock is held for the longer of
-//!   the merge and the checks (the merge, which writes what the checks only read, in practice).
+//!   merge that fails while those checks fail (or the download failed) reports them (the bad
+//!   file is the likely cause, not this database), as [`Error::NotVerified`]. Our write lock is
+//!   held for the longer of the merge and the rest of the download plus the checks (the merge,
+//!   in practice: the catch-up starts it only once the download should end first).
+//! - The snapshot is always detached again, even after a failed restore (a file left attached
+//!   would fail every later one); one left attached anyway is detached before the next.
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
 //!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row. Any
 //!   other constraint failure (NOT NULL, CHECK: the schemas differ) fails the whole restore,
@@ -90,11 +95,20 @@ pub fn restore(
         |r| r.get(0),
     )?;
     if stale {
-        conn.execute_batch("DETACH DATABASE hl_snapshot")?;
+        conn.execute_batch("DETACH DATABASE hl_snapshot")
+            .map_err(|e| Error::Attach(format!("a previous snapshot is still attached: {e}")))?;
     }
     // Whatever failed, a file that fails its checks is the reason to give (and not one that
     // stops the node: SQLite calls a corrupt attached file corrupt too).
-    let or_not_verified = |e: Error| verified().err().map_or(e, Error::NotVerified);
+    // Only an error that would stop the node waits for the checks (and so for the rest of the
+    // download); any other is retried anyway.
+    let or_not_verified = |e: Error| {
+        if e.is_fatal() {
+            verified().err().map_or(e, Error::NotVerified)
+        } else {
+            e
+        }
+    };
     conn.execute("ATTACH DATABASE ?1 AS hl_snapshot", [&uri])
         .map_err(|e| or_not_verified(e.into()))?;
     let result = merge_all(conn, log, positions, not_kept, check, verified);

@@ -283,20 +283,32 @@ fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
 
 /// Size, hex SHA-256 and Go's FNV-1 64 tag of a file, in one streaming pass.
 pub fn digest(path: &Path) -> Result<(u64, String, String), Error> {
-    digest_with(path, true)
+    digest_with(path, true, None)
 }
 
-/// [`digest`]; without `fnv` the tag is left empty (and its thread is not started).
-fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
+/// [`digest`]; without `fnv` the tag is left empty (and its thread is not started). With an
+/// `arrival`, reads the file as it downloads, each piece once it is there.
+fn digest_with(
+    path: &Path,
+    fnv: bool,
+    arrival: Option<&db::arriving::Arrival>,
+) -> Result<(u64, String, String), Error> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
     let mut digester = Digester::new(fnv);
+    let mut offset = 0u64;
     loop {
-        let mut buf = vec![0u8; 1 << 20];
+        const PIECE: usize = 1 << 20;
+        if let Some(a) = arrival {
+            a.wait_for_bytes(offset + PIECE as u64)
+                .map_err(|why| Error::Unusable(format!("the download did not complete: {why}")))?;
+        }
+        let mut buf = vec![0u8; PIECE];
         let n = f.read(&mut buf).map_err(io(path))?;
         if n == 0 {
             break;
         }
         buf.truncate(n);
+        offset += n as u64;
         digester.update(bytes::Bytes::from(buf));
     }
     Ok(digester.finish())
@@ -363,25 +375,41 @@ impl Digester {
     }
 }
 
-/// Checks a downloaded file against its metadata and SQLite's own integrity check.
+/// Checks a downloaded file against its metadata and SQLite's own integrity check. With an
+/// `arrival` (the download still writing it), both read the file as it arrives, and the verdict
+/// waits for the download's end: a download that failed is [`Error::Unusable`] (tried again),
+/// never a refusal of the object.
 ///
 /// # Errors
 /// [`Error::Refused`] naming what does not match.
-pub fn verify(path: &Path, meta: &Meta) -> Result<(), Error> {
+pub fn verify(
+    path: &Path,
+    meta: &Meta,
+    arrival: Option<&Arc<db::arriving::Arrival>>,
+) -> Result<(), Error> {
     // SQLite's check and the checksums run side by side (each is CPU-bound); Go's FNV tag is
     // only computed when there is no SHA-256 to check.
-    std::thread::scope(|scope| {
-        let check = scope.spawn(|| integrity(path));
-        let sums = check_sums(path, meta);
+    let checked = std::thread::scope(|scope| {
+        let check = scope.spawn(|| integrity(path, arrival));
+        let sums = check_sums(path, meta, arrival.map(|a| &**a));
         let checked = check
             .join()
             .unwrap_or_else(|_| Err(Error::Refused("integrity_check panicked".into())));
         sums.and(checked)
-    })
+    });
+    if let Some(a) = arrival {
+        a.wait_end()
+            .map_err(|why| Error::Unusable(format!("the download did not complete: {why}")))?;
+    }
+    checked
 }
 
-fn check_sums(path: &Path, meta: &Meta) -> Result<(), Error> {
-    let (size, sha256, fnv) = digest_with(path, meta.sha256.is_none())?;
+fn check_sums(
+    path: &Path,
+    meta: &Meta,
+    arrival: Option<&db::arriving::Arrival>,
+) -> Result<(), Error> {
+    let (size, sha256, fnv) = digest_with(path, meta.sha256.is_none(), arrival)?;
     if let Some(want) = meta.size
         && want != size
     {
@@ -407,9 +435,15 @@ fn check_sums(path: &Path, meta: &Meta) -> Result<(), Error> {
     Ok(())
 }
 
-/// `PRAGMA integrity_check` on a downloaded file.
-fn integrity(path: &Path) -> Result<(), Error> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+/// `PRAGMA integrity_check` on a downloaded file (read as it arrives, with an `arrival`).
+fn integrity(path: &Path, arrival: Option<&Arc<db::arriving::Arrival>>) -> Result<(), Error> {
+    let file = db::arriving::SnapshotFile {
+        path: path.to_path_buf(),
+        arrival: arrival.cloned(),
+    };
+    let (uri, _registered) = file.uri().map_err(Error::Unusable)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(&uri, flags)
         .map_err(|e| Error::Refused(format!("not an SQLite database: {e}")))?;
     let verdict: Result<Vec<String>, rusqlite::Error> = conn
         .prepare("PRAGMA integrity_check")
@@ -506,7 +540,7 @@ pub async fn fetch(store: &Arc<dyn Store>, db_path: &Path) -> Result<Option<Fetc
         }
         got.map_err(Error::from)
     });
-    let (meta, ended) = tokio::select! {
+    let (mut meta, mut ended) = tokio::select! {
         seen = begun.wait_for(Option::is_some) => match seen.ok().and_then(|m| m.clone()) {
             Some(meta) => (meta, None),
             None => return Err(Error::Unusable("the download ended without a beginning".into())),
@@ -520,6 +554,17 @@ pub async fn fetch(store: &Arc<dyn Store>, db_path: &Path) -> Result<Option<Fetc
             }
         }
     };
+    // Without a size the file cannot be read before it is complete (SQLite needs it), and a
+    // store that trusts its sidecar only once the size matches says more at the end.
+    if ended.is_none() && arriving.arrival().progress().1.is_none() {
+        match joined(task.join_next().await)? {
+            None => return Ok(None),
+            Some(end) => {
+                meta = end.clone();
+                ended = Some(Ok(Some(end)));
+            }
+        }
+    }
     Ok(Some(Fetching {
         dir,
         file,
@@ -556,6 +601,7 @@ impl Fetching {
     /// fast store it starts at once. `false` when `stop` fired first.
     pub async fn ready_to_merge(&self, stop: &tokio_util::sync::CancellationToken) -> bool {
         loop {
+            self.arriving.arrival().check_stall();
             let (written, total, ended) = self.arriving.arrival().progress();
             if ended {
                 return true;
@@ -613,10 +659,9 @@ impl std::fmt::Debug for Verification {
 }
 
 impl Verification {
-    /// Starts checking `path` against `meta` on a thread of its own, once `arrival` (the
-    /// download still writing it, if any) has ended; a download that failed is the outcome
-    /// then. Checks that cannot start or that panic end as [`Error::Unusable`] (tried again
-    /// later), never as a wait without end.
+    /// Starts checking `path` against `meta` on a thread of its own, as it arrives when
+    /// `arrival` is the download still writing it (see [`verify`]). Checks that cannot start or
+    /// that panic end as [`Error::Unusable`] (tried again later), never as a wait without end.
     pub fn start(
         path: &Path,
         meta: &Meta,
@@ -627,17 +672,11 @@ impl Verification {
         let spawned = std::thread::Builder::new()
             .name("hl-verify".into())
             .spawn(move || {
-                lower_priority();
-                if let Some(Err(why)) = arrival.map(|a| a.wait_end()) {
-                    done.finish(Err(Error::Unusable(format!(
-                        "the download did not complete: {why}"
-                    ))));
-                    return;
-                }
                 let started = Instant::now();
-                let outcome = std::panic::catch_unwind(|| verify(&p, &m)).unwrap_or_else(|_| {
-                    Err(Error::Unusable("the snapshot checks panicked".into()))
-                });
+                let outcome = std::panic::catch_unwind(|| verify(&p, &m, arrival.as_ref()))
+                    .unwrap_or_else(|_| {
+                        Err(Error::Unusable("the snapshot checks panicked".into()))
+                    });
                 tracing::debug!(
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     ok = outcome.is_ok(),
@@ -695,19 +734,6 @@ impl Verification {
         tokio::task::spawn_blocking(move || v.wait())
             .await
             .map_err(|e| Error::Unusable(format!("snapshot check task failed: {e}")))?
-    }
-}
-
-/// Lowers the calling thread's CPU priority (and that of the threads it starts): the checks end
-/// long before the merge they run beside, which should have the CPU (a machine with few cores
-/// runs the download, the merge and the checks at once).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: gettid and setpriority on the calling thread (Linux keeps nice values per thread);
-    // a failure leaves the priority as it was, which is harmless.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 
@@ -781,6 +807,66 @@ mod tests {
         assert!(matches!(&gone, Err(Error::Unusable(_))), "{gone:?}");
     }
 
+    /// The checks of a file still arriving read it as it comes and pass once it is whole; a
+    /// download that fails midway is not a refusal of the object (it is tried again), and a
+    /// file that arrives whole but differs is one.
+    #[test]
+    fn verification_of_an_arriving_file_waits_for_it_and_tells_failures_from_refusals() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("dir");
+        let source = dir.path().join("source.db");
+        Connection::open(&source)
+            .expect("open")
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)
+                 INSERT INTO t SELECT i, printf('%0200d', i) FROM n;",
+            )
+            .expect("fill");
+        let (size, sha256, fnv) = digest(&source).expect("digest");
+        let good = Meta {
+            size: Some(size),
+            sha256: Some(sha256),
+            fnv_tag: Some(fnv),
+            ..Meta::default()
+        };
+        let bytes = std::fs::read(&source).expect("read");
+        let bad = Meta {
+            sha256: Some("00".repeat(32)),
+            ..good.clone()
+        };
+        for (name, meta, fail) in [
+            ("good", &good, false),
+            ("cut", &good, true),
+            ("bad", &bad, false),
+        ] {
+            let file = dir.path().join(format!("{name}.db"));
+            let mut out = std::fs::File::create(&file).expect("create");
+            let arrival = db::arriving::Arrival::new();
+            arrival.expect(Some(size));
+            let v = Verification::start(&file, meta, Some(Arc::clone(&arrival)));
+            for (i, piece) in bytes.chunks(256 * 1024).enumerate() {
+                if fail && i == 3 {
+                    arrival.finish(Err("connection reset".into()));
+                    break;
+                }
+                out.write_all(piece).expect("write");
+                arrival.advance(piece.len() as u64);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            arrival.finish(Ok(()));
+            let got = v.wait();
+            match name {
+                "good" => assert!(got.is_ok(), "{got:?}"),
+                "cut" => assert!(
+                    matches!(&got, Err(Error::Unusable(why)) if why.contains("connection reset")),
+                    "{got:?}"
+                ),
+                _ => assert!(matches!(&got, Err(Error::Refused(_))), "{got:?}"),
+            }
+        }
+    }
+
     /// A copy keeps every rowid (tables without an INTEGER PRIMARY KEY replicate by rowid; a
     /// VACUUM would renumber them) and none of our tables; the positions are the source's.
     /// A source with one stream, `s-1`, at `position`.
@@ -838,7 +924,7 @@ mod tests {
             fnv_tag: Some(fnv),
             ..meta
         };
-        verify(&copy, &meta).expect("verifies");
+        verify(&copy, &meta, None).expect("verifies");
     }
 
     /// An older reader keeps the newest commit out of the database file: the copy comes from

@@ -54,7 +54,7 @@ impl NatsStore {
     async fn read_chunks(
         &self,
         info: &object_store::ObjectInfo,
-        out: &mut DownloadFile<'_>,
+        mut out: DownloadFile<'_>,
     ) -> Result<(), String> {
         use futures::StreamExt;
         let stream = self
@@ -108,10 +108,10 @@ impl NatsStore {
             out.put(&msg.payload).await.map_err(|e| e.to_string())?;
             got += 1;
         }
-        if out.bytes() != info.size as u64 {
+        let bytes = out.finish().await.map_err(|e| e.to_string())?;
+        if bytes != info.size as u64 {
             return Err(format!(
-                "read {} bytes, the object's info says {}",
-                out.bytes(),
+                "read {bytes} bytes, the object's info says {}",
                 info.size
             ));
         }
@@ -388,10 +388,10 @@ impl Store for NatsStore {
             let size = info.size as u64;
             arriving.begin(&meta, Some(size));
             let progress = Progress::new(KIND, "Downloading", Some(size));
-            let mut out = DownloadFile::create(dest, progress, arriving)
+            let out = DownloadFile::create(dest, progress, arriving)
                 .await
                 .map_err(|e| fail(&e))?;
-            self.read_chunks(&info, &mut out).await.map_err(said)?;
+            self.read_chunks(&info, out).await.map_err(said)?;
             Ok(Some(meta))
         })
     }

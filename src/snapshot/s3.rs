@@ -347,6 +347,9 @@ impl Store for S3Store {
                     .await
                     .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
             }
+            out.finish()
+                .await
+                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
             Ok(Some(meta))
         })
     }

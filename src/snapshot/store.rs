@@ -224,16 +224,22 @@ impl Arriving {
     }
 }
 
-/// The file a download writes: each piece is in the file (tokio's write completed) before it
-/// counts as arrived, and a download whose reader gave up stops at its next piece.
+/// The file a download writes, in pieces of about [`DownloadFile::PIECE`]: a piece is in the
+/// file (tokio's write completed) before it counts as arrived, and a download whose reader gave
+/// up stops at its next piece. [`DownloadFile::finish`] writes the last one.
 pub struct DownloadFile<'a> {
     out: tokio::fs::File,
     progress: Progress,
     arriving: &'a Arriving,
-    bytes: u64,
+    /// Bytes received and not written yet.
+    pending: Vec<u8>,
+    written: u64,
 }
 
 impl<'a> DownloadFile<'a> {
+    /// Bytes gathered per write (HTTP bodies come in pieces of a few KB).
+    pub const PIECE: usize = 1 << 20;
+
     /// Creates `dest` for a download announced to `arriving` (see [`Arriving::begin`]).
     ///
     /// # Errors
@@ -247,7 +253,8 @@ impl<'a> DownloadFile<'a> {
             out: tokio::fs::File::create(dest).await?,
             progress,
             arriving,
-            bytes: 0,
+            pending: Vec::new(),
+            written: 0,
         })
     }
 
@@ -256,22 +263,48 @@ impl<'a> DownloadFile<'a> {
     /// # Errors
     /// The write failed, or the reader gave up on the download.
     pub async fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
-        use tokio::io::AsyncWriteExt;
         if let Some(why) = self.arriving.arrival().failed() {
             return Err(std::io::Error::other(why));
         }
-        self.out.write_all(data).await?;
-        // tokio writes on a thread of its own: flushed, the bytes are in the file.
-        self.out.flush().await?;
-        self.bytes += data.len() as u64;
-        self.progress.add(data.len());
-        self.arriving.arrival().advance(data.len() as u64);
+        if self.pending.is_empty() && data.len() >= Self::PIECE {
+            return self.write(data).await;
+        }
+        self.pending.extend_from_slice(data);
+        if self.pending.len() >= Self::PIECE {
+            let piece = std::mem::take(&mut self.pending);
+            self.write(&piece).await?;
+            self.pending = piece;
+            self.pending.clear();
+        }
         Ok(())
     }
 
-    /// Bytes written so far.
+    async fn write(&mut self, piece: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.out.write_all(piece).await?;
+        // tokio writes on a thread of its own: flushed, the bytes are in the file.
+        self.out.flush().await?;
+        self.written += piece.len() as u64;
+        self.progress.add(piece.len());
+        self.arriving.arrival().advance(piece.len() as u64);
+        Ok(())
+    }
+
+    /// Bytes received so far.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.written + self.pending.len() as u64
+    }
+
+    /// Writes what is still pending; the file's size.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub async fn finish(mut self) -> std::io::Result<u64> {
+        let piece = std::mem::take(&mut self.pending);
+        if !piece.is_empty() {
+            self.write(&piece).await?;
+        }
+        Ok(self.written)
     }
 }
 

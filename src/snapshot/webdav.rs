@@ -288,7 +288,10 @@ impl Store for WebDavStore {
                     .await
                     .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
             }
-            let size = out.bytes();
+            let size = out
+                .finish()
+                .await
+                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
             tracing::info!(path = %self.object(), size, "Snapshot downloaded from WebDAV");
             Ok(Some(trusted(sidecar, Some(size))))
         })
