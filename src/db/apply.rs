@@ -3299,7 +3299,6 @@ mod tests {
     /// verified (not fatal) and changes nothing.
     #[test]
     fn restore_reads_an_arriving_snapshot_and_survives_a_failed_download() {
-        use std::io::Write;
         let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
         a.apply_batch(&[incoming(ev(
             Op::Insert,
@@ -3322,22 +3321,8 @@ mod tests {
             let dest = d.path().join(format!("arriving-{fail}.db"));
             let arrival = crate::db::arriving::Arrival::new();
             arrival.expect(Some(bytes.len() as u64));
-            let mut out = std::fs::File::create(&dest).expect("create");
-            let writer = {
-                let (arrival, bytes) = (std::sync::Arc::clone(&arrival), bytes.clone());
-                std::thread::spawn(move || {
-                    for (i, chunk) in bytes.chunks(8192).enumerate() {
-                        if fail && i * 8192 >= bytes.len() / 2 {
-                            arrival.finish(Err("connection reset".into()));
-                            return;
-                        }
-                        out.write_all(chunk).expect("write");
-                        arrival.advance(chunk.len() as u64);
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                    arrival.finish(Ok(()));
-                })
-            };
+            let fail_at = fail.then_some(bytes.len() / 2);
+            let writer = crate::db::arriving::trickle(&bytes, &dest, &arrival, 8192, fail_at);
             let file = crate::db::arriving::SnapshotFile {
                 path: dest,
                 arrival: Some(std::sync::Arc::clone(&arrival)),

@@ -572,11 +572,38 @@ unsafe extern "C" fn unfetch(
     ffi::SQLITE_OK
 }
 
+/// For tests: writes `bytes` to `dest` in the background, `piece` bytes at a time with a pause
+/// between pieces, advancing `arrival`; with `fail_at`, ends it as failed ("connection reset")
+/// before the piece that would reach that offset, else as complete.
+#[cfg(test)]
+pub fn trickle(
+    bytes: &[u8],
+    dest: &std::path::Path,
+    arrival: &Arc<Arrival>,
+    piece: usize,
+    fail_at: Option<usize>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    let mut out = std::fs::File::create(dest).expect("create the arriving file");
+    let (arrival, bytes) = (Arc::clone(arrival), bytes.to_vec());
+    std::thread::spawn(move || {
+        for (i, chunk) in bytes.chunks(piece).enumerate() {
+            if fail_at.is_some_and(|at| i * piece >= at) {
+                arrival.finish(Err("connection reset".into()));
+                return;
+            }
+            out.write_all(chunk).expect("write");
+            arrival.advance(chunk.len() as u64);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        arrival.finish(Ok(()));
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rusqlite::Connection;
-    use std::io::Write;
 
     /// A database written out slowly by another thread reads whole and right through the VFS,
     /// while it arrives; a download that fails midway fails the reads instead of ending them.
@@ -600,23 +627,8 @@ mod tests {
                 .join(format!("arriving-{}.db", fail_at.is_some()));
             let arrival = Arrival::new();
             arrival.expect(Some(bytes.len() as u64));
-            let mut out = std::fs::File::create(&dest).expect("create");
             let (uri, _registered) = arrival.register(&dest).expect("register");
-            let writer = {
-                let (arrival, bytes) = (Arc::clone(&arrival), bytes.clone());
-                std::thread::spawn(move || {
-                    for (i, chunk) in bytes.chunks(16 * 1024).enumerate() {
-                        if fail_at.is_some_and(|at| i * 16 * 1024 >= at) {
-                            arrival.finish(Err("connection reset".into()));
-                            return;
-                        }
-                        out.write_all(chunk).expect("write");
-                        arrival.advance(chunk.len() as u64);
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    arrival.finish(Ok(()));
-                })
-            };
+            let writer = trickle(&bytes, &dest, &arrival, 16 * 1024, fail_at);
             let c = Connection::open_in_memory().expect("memory db");
             let got = c.execute("ATTACH DATABASE ?1 AS s", [&uri]).and_then(|_| {
                 c.query_row("SELECT count(*), sum(length(v)) FROM s.t", [], |r| {

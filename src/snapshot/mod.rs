@@ -812,7 +812,6 @@ mod tests {
     /// file that arrives whole but differs is one.
     #[test]
     fn verification_of_an_arriving_file_waits_for_it_and_tells_failures_from_refusals() {
-        use std::io::Write;
         let dir = tempfile::tempdir().expect("dir");
         let source = dir.path().join("source.db");
         Connection::open(&source)
@@ -841,20 +840,17 @@ mod tests {
             ("bad", &bad, false),
         ] {
             let file = dir.path().join(format!("{name}.db"));
-            let mut out = std::fs::File::create(&file).expect("create");
             let arrival = db::arriving::Arrival::new();
             arrival.expect(Some(size));
+            let writer = db::arriving::trickle(
+                &bytes,
+                &file,
+                &arrival,
+                256 * 1024,
+                fail.then_some(768 * 1024),
+            );
             let v = Verification::start(&file, meta, Some(Arc::clone(&arrival)));
-            for (i, piece) in bytes.chunks(256 * 1024).enumerate() {
-                if fail && i == 3 {
-                    arrival.finish(Err("connection reset".into()));
-                    break;
-                }
-                out.write_all(piece).expect("write");
-                arrival.advance(piece.len() as u64);
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            arrival.finish(Ok(()));
+            writer.join().expect("writer");
             let got = v.wait();
             match name {
                 "good" => assert!(got.is_ok(), "{got:?}"),
