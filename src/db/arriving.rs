@@ -48,8 +48,9 @@ pub struct Arrival {
     changed: Condvar,
 }
 
-#[derive(Default)]
 struct State {
+    /// How long without a byte fails the arrival ([`STALL`]; shorter in tests).
+    stall: Duration,
     /// The announced size, once known.
     total: Option<u64>,
     /// Bytes written to the file (from its start).
@@ -58,6 +59,33 @@ struct State {
     last: Option<Instant>,
     /// How it ended; the first ending wins.
     end: Option<Result<(), String>>,
+}
+
+impl Default for State {
+    fn default() -> State {
+        State {
+            stall: STALL,
+            total: None,
+            written: 0,
+            last: None,
+            end: None,
+        }
+    }
+}
+
+impl State {
+    /// Ends the arrival as failed if no byte arrived for `stall`; whether it did so now.
+    fn stalled(&mut self) -> bool {
+        if self.end.is_some() || self.last.is_none_or(|t| t.elapsed() < self.stall) {
+            return false;
+        }
+        self.end = Some(Err(format!(
+            "no byte of the snapshot arrived for {} s ({} read)",
+            self.stall.as_secs_f64(),
+            self.written
+        )));
+        true
+    }
 }
 
 impl std::fmt::Debug for Arrival {
@@ -70,6 +98,14 @@ impl std::fmt::Debug for Arrival {
 impl Arrival {
     pub fn new() -> Arc<Arrival> {
         Arc::new(Arrival::default())
+    }
+
+    /// An arrival that fails after `stall` without a byte (tests).
+    #[cfg(test)]
+    pub fn with_stall(stall: Duration) -> Arc<Arrival> {
+        let a = Arrival::default();
+        a.state().stall = stall;
+        Arc::new(a)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -112,13 +148,7 @@ impl Arrival {
     /// Fails the arrival if no byte arrived for [`STALL`] (for waits that poll instead of
     /// blocking here).
     pub fn check_stall(&self) {
-        let mut s = self.state();
-        if s.end.is_none() && s.last.is_some_and(|t| t.elapsed() >= STALL) {
-            s.end = Some(Err(format!(
-                "no byte of the snapshot arrived for {} s ({} read)",
-                STALL.as_secs(),
-                s.written
-            )));
+        if self.state().stalled() {
             self.changed.notify_all();
         }
     }
@@ -140,21 +170,16 @@ impl Arrival {
             if pred(&s) {
                 return None;
             }
-            let since = s.last.map_or(Duration::ZERO, |t| t.elapsed());
-            if since >= STALL {
-                let why = format!(
-                    "no byte of the snapshot arrived for {} s ({} read)",
-                    STALL.as_secs(),
-                    s.written
-                );
-                s.end = Some(Err(why.clone()));
+            if s.stalled() {
                 self.changed.notify_all();
-                return Some(Err(why));
+                continue;
             }
-            s.last.get_or_insert_with(Instant::now);
+            let left = s
+                .stall
+                .saturating_sub(s.last.get_or_insert_with(Instant::now).elapsed());
             s = self
                 .changed
-                .wait_timeout(s, STALL - since)
+                .wait_timeout(s, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -644,6 +669,32 @@ mod tests {
                 ),
             }
         }
+    }
+
+    /// A download that stops sending fails the arrival after the stall time: readers waiting for
+    /// bytes get an error instead of waiting without end, bytes already there stay readable,
+    /// and a poll (`check_stall`) ends it the same way.
+    #[test]
+    fn a_stalled_download_fails_its_readers_instead_of_blocking_them() {
+        let a = Arrival::with_stall(Duration::from_millis(200));
+        a.expect(Some(10_000));
+        a.advance(4096);
+        let started = Instant::now();
+        let got = a.wait_for_bytes(8192);
+        assert!(
+            matches!(&got, Err(why) if why.contains("no byte of the snapshot arrived")),
+            "{got:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        assert_eq!(a.wait_for_bytes(4096), Ok(()));
+        assert!(a.wait_end().is_err());
+        let polled = Arrival::with_stall(Duration::from_millis(50));
+        polled.expect(Some(1));
+        polled.check_stall();
+        assert!(polled.failed().is_none(), "not stalled yet");
+        std::thread::sleep(Duration::from_millis(80));
+        polled.check_stall();
+        assert!(polled.failed().is_some());
     }
 
     /// Files that are not registered go straight to the default VFS, even through ours.

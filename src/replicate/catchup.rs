@@ -17,8 +17,8 @@
 //!   would publish their backlogs past the position of the node that holds everything, and every
 //!   node would end up lacking something no other node could give it.
 //! - The merge reads the snapshot while it downloads (`db::arriving`) and starts once the rest of
-//!   the download should take no longer than a merge; the file's checks start when it is
-//!   complete and decide the commit. A download that fails or stalls fails the merge, which
+//!   the download should take no longer than a merge; the file's checks read it the same way
+//!   and decide the commit, which waits for the complete file. A download that fails or stalls fails the merge, which
 //!   changes nothing and is retried like any failed restore.
 //! - Without snapshots (`snapshot.enabled = false`) a gap is logged as an error and consuming goes
 //!   on past it, as before: there is nothing to recover from.
@@ -305,8 +305,8 @@ async fn attempt(
             meta.positions, need
         )));
     }
-    // The checks start once the file is complete; the merge reads it as it arrives (through
-    // `db::arriving`) and commits only once they passed.
+    // The checks and the merge both read the file as it arrives (through `db::arriving`); the
+    // merge commits only once the file is complete and passed them.
     let arrival = std::sync::Arc::clone(fetching.arriving.arrival());
     let verification =
         snapshot::Verification::start(&fetching.file, &meta, Some(std::sync::Arc::clone(&arrival)));

@@ -500,7 +500,7 @@ const MERGE_BYTES_PER_SEC: f64 = 128.0 * 1024.0 * 1024.0;
 /// download, and the file's readers fail instead of waiting.
 pub struct Fetching {
     /// The work dir holding the file (removed when dropped).
-    pub dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     pub file: PathBuf,
     /// The metadata the store announced before the data.
     pub meta: Meta,
@@ -566,7 +566,7 @@ pub async fn fetch(store: &Arc<dyn Store>, db_path: &Path) -> Result<Option<Fetc
         }
     }
     Ok(Some(Fetching {
-        dir,
+        _dir: dir,
         file,
         meta,
         arriving,

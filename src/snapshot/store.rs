@@ -271,12 +271,18 @@ impl<'a> DownloadFile<'a> {
         }
         self.pending.extend_from_slice(data);
         if self.pending.len() >= Self::PIECE {
-            let piece = std::mem::take(&mut self.pending);
-            self.write(&piece).await?;
-            self.pending = piece;
-            self.pending.clear();
+            self.write_pending().await?;
         }
         Ok(())
+    }
+
+    /// Writes the pending bytes (keeping the buffer for the next piece).
+    async fn write_pending(&mut self) -> std::io::Result<()> {
+        let piece = std::mem::take(&mut self.pending);
+        let written = self.write(&piece).await;
+        self.pending = piece;
+        self.pending.clear();
+        written
     }
 
     async fn write(&mut self, piece: &[u8]) -> std::io::Result<()> {
@@ -300,9 +306,8 @@ impl<'a> DownloadFile<'a> {
     /// # Errors
     /// The write failed.
     pub async fn finish(mut self) -> std::io::Result<u64> {
-        let piece = std::mem::take(&mut self.pending);
-        if !piece.is_empty() {
-            self.write(&piece).await?;
+        if !self.pending.is_empty() {
+            self.write_pending().await?;
         }
         Ok(self.written)
     }
