@@ -63,9 +63,6 @@ pub struct Catchup {
     /// Events waiting for this node's schema to catch up with their sender's (no restart
     /// needed: they apply once the same migration runs here).
     pub schema_waiting_events: usize,
-    /// Parts (tables, or columns of a table) of a restored snapshot that this node's schema
-    /// does not have yet, kept until the same migration runs here.
-    pub schema_deferred_parts: usize,
 }
 
 fn now_ns() -> i64 {

@@ -343,9 +343,6 @@ struct State {
     waiting_since: Option<std::time::Instant>,
     hashes: SchemaHashes,
     aliases: super::ddl::Aliases,
-    /// How many parts of a restored snapshot wait for this node's schema
-    /// ([`super::deferred`]).
-    deferred: usize,
     sql: Vec<TableSql>,
 }
 
@@ -416,14 +413,12 @@ impl Applier {
                 waiting_since: None,
                 hashes: SchemaHashes::default(),
                 aliases: super::ddl::Aliases::default(),
-                deferred: 0,
                 sql: (0..n).map(|_| TableSql::default()).collect(),
             },
             held_checked_version: None,
             confirmed: None,
         };
         applier.state.aliases = super::ddl::Aliases::load(&applier.conn)?;
-        applier.state.deferred = super::deferred::parts(&applier.conn)?.len();
         applier.rebuild_in_flight()?;
         applier.load_held()?;
         Ok(applier)
@@ -549,29 +544,26 @@ impl Applier {
     }
 
     /// Merges the snapshot at `file` (see [`super::restore`]), whose positions are `positions`
-    /// (per shard), and makes them this applier's, once `verified` (the snapshot's checks) says
-    /// so.
+    /// (per shard), and makes them this applier's.
     ///
     /// # Errors
-    /// SQLite errors, or [`Error::NotVerified`]; nothing changed then.
+    /// SQLite errors; nothing changed then.
     pub fn restore_snapshot(
         &mut self,
-        file: impl Into<super::arriving::SnapshotFile>,
+        file: &std::path::Path,
         streams: &[String],
         positions: &[u64],
         not_kept: &super::restore::NotKept,
-        verified: &dyn Fn() -> Result<(), String>,
     ) -> Result<super::restore::Restored, Error> {
         // Changes of ours published past the snapshot's positions are in flight again.
         let confirmed = self.confirmed.clone();
         let restored = super::restore::restore(
             &mut self.conn,
             &self.state.log,
-            &file.into(),
+            file,
             positions,
             not_kept,
             &|c| Self::check_schema(confirmed.as_ref(), c),
-            verified,
         )?;
         for (i, &p) in positions.iter().enumerate() {
             self.set_applied(i + 1, p);
@@ -601,8 +593,7 @@ impl Applier {
             .collect();
         // Events waiting for the schema that the snapshot's positions include go too: replayed
         // after the migration they would take their rows back past newer events the snapshot
-        // holds (and this node never received). What they carried that this node's schema
-        // lacks is in the snapshot's deferred parts, merged after the migration.
+        // holds (and this node never received).
         let included = |stream: &str, seq: u64| {
             streams
                 .iter()
@@ -627,13 +618,7 @@ impl Applier {
             }
             tx.commit()?;
         }
-        self.state.deferred = super::deferred::parts(&self.conn)?.len();
         Ok(restored)
-    }
-
-    /// Number of parts of a restored snapshot waiting for this node's schema.
-    pub fn deferred_len(&self) -> usize {
-        self.state.deferred
     }
 
     /// Number of captured changes not yet come back (for tests and metrics).
@@ -850,32 +835,16 @@ impl Applier {
     }
 
     fn retry_waiting_in(&mut self) -> Result<usize, Error> {
-        if self.state.waiting.is_empty() && self.state.deferred == 0 {
+        if self.state.waiting.is_empty() {
             return Ok(0);
         }
         let tx = begin_guarded(&mut self.conn)?;
         Self::check_schema(self.confirmed.as_ref(), &tx)?;
-        // The snapshot's rows this schema can hold now come first: the waiting events are newer.
-        let merged = super::deferred::merge_ready(
-            &tx,
-            &self.state.log,
-            &self.state.applied,
-            &self.state.stale_up_to,
-        )?;
-        let deferred = super::deferred::parts(&tx)?.len();
-        if self.state.waiting.is_empty() {
-            commit_guarded(tx)?;
-            self.state.deferred = deferred;
-            log_merged(&merged, deferred);
-            return Ok(0);
-        }
         self.state.refresh(&tx)?;
         let before = self.state.waiting.len();
         let since = self.state.waiting_since;
         let applied = self.state.retry_waiting(&tx)?;
         commit_guarded(tx)?;
-        self.state.deferred = deferred;
-        log_merged(&merged, deferred);
         let left = self.state.waiting.len();
         if left == 0 {
             let paused_for = since
@@ -897,20 +866,6 @@ impl Applier {
             );
         }
         Ok(applied)
-    }
-}
-
-/// Logs what [`super::deferred::merge_ready`] did.
-fn log_merged(merged: &[super::deferred::Merged], left: usize) {
-    for m in merged {
-        tracing::info!(part = %m.part, rows = m.rows, still_missing = ?m.still_missing,
-            "Merged snapshot rows kept for this schema");
-    }
-    if left > 0 {
-        tracing::info!(
-            parts = left,
-            "Snapshot rows still wait for tables or columns this node does not have"
-        );
     }
 }
 
@@ -2861,7 +2816,7 @@ mod tests {
         let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
         let snap = snapshot_of(d.path(), &[(3, "c"), (1, "a"), (7, "g")]);
         let out = a
-            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
             .expect("restore");
         assert_eq!((out.inserted, out.deleted, out.updated), (3, 0, 0));
         assert_eq!(
@@ -2881,11 +2836,12 @@ mod tests {
         assert_eq!(ops, [Op::Update, Op::Delete]);
     }
 
-    /// A node behind on a migration restores a snapshot of a node ahead of it: what its schema
-    /// lacks (a new table, a new column) is kept aside and merged after its own migration,
-    /// without overwriting what its application wrote meanwhile.
+    /// A node behind on a migration does not restore a snapshot of a node ahead of it (a new
+    /// table, a new column): nothing changes, and it says what it waits for. Right after its
+    /// own migration the same snapshot restores, and what its application wrote meanwhile is
+    /// kept.
     #[test]
-    fn restore_while_behind_on_a_migration_keeps_the_new_tables_and_columns() {
+    fn restore_while_behind_on_a_migration_waits_for_it_and_loses_nothing() {
         let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
         let snap = d.path().join("snapshot.db");
         Connection::open(&snap)
@@ -2899,44 +2855,30 @@ mod tests {
                  CREATE VIRTUAL TABLE docs USING fts5(body); INSERT INTO docs VALUES ('never');",
             )
             .expect("snapshot rows");
-        let out = a
-            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
-            .expect("restore");
-        assert_eq!(
-            out.deferred,
-            ["columns [\"note\"] of table \"t\"", "table \"notes\""]
-        );
-        assert_eq!(a.deferred_len(), 2);
-        assert_eq!(count(&path, "SELECT count(*) FROM t"), 3);
-        // Nothing to merge into yet: the parts stay, through a restart too.
-        assert_eq!(a.retry_waiting().expect("retry"), 0);
+        let refused = a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default());
+        match refused {
+            Err(Error::Behind(parts)) => {
+                assert_eq!(parts, ["column \"note\" of table \"t\"", "table \"notes\""])
+            }
+            other => panic!("expected a wait for the migration, got {other:?}"),
+        }
+        assert_eq!(count(&path, "SELECT count(*) FROM t"), 0);
+        assert_eq!(a.state.applied[0], 0, "the positions did not move");
         drop(a);
-        let a = reinstalled(&path, "h", "");
-        assert_eq!(a.deferred_len(), 2);
-        // The migration runs here; the application writes the new column and table at once.
+        // The migration runs here; the application writes the new column at once.
         Connection::open(&path)
             .expect("app")
             .execute_batch(
-                "ALTER TABLE t ADD COLUMN note TEXT; UPDATE t SET note = 'mine' WHERE id = 3;
+                "ALTER TABLE t ADD COLUMN note TEXT; INSERT INTO t VALUES (3, 'c', 'mine');
                  CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);
-                 INSERT INTO notes VALUES (1, 'x'), (2, 'mine');",
+                 CREATE VIRTUAL TABLE docs USING fts5(body);",
             )
             .expect("migration");
-        let mut a = {
-            drop(a);
-            reinstalled(&path, "h2", "h")
-        };
-        // The new table's rows 1 and 2 are the cluster's (the snapshot has them), so none is
-        // published: the snapshot's values replace what was written here before the triggers.
-        assert_eq!(
-            count(
-                &path,
-                "SELECT count(*) FROM __harmonylite__notes_change_log"
-            ),
-            0
-        );
-        a.retry_waiting().expect("merge");
-        assert_eq!(a.deferred_len(), 0);
+        let mut a = reinstalled(&path, "h2", "h");
+        let out = a
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+            .expect("restore after the migration");
+        assert_eq!(a.state.applied[0], 10);
         assert_eq!(
             rows(&path, "SELECT id, note FROM t ORDER BY id"),
             [
@@ -2945,118 +2887,50 @@ mod tests {
                 vec![Value::Integer(3), text("mine")],
             ]
         );
-        assert_eq!(
-            rows(&path, "SELECT id, body FROM notes ORDER BY id"),
-            [
-                vec![Value::Integer(1), text("x")],
-                vec![Value::Integer(2), text("y")],
-            ]
-        );
-        assert_eq!(
-            count(
-                &path,
-                "SELECT count(*) FROM sqlite_schema WHERE name LIKE '__harmonylite__deferred%' AND type = 'table' AND name <> '__harmonylite__deferred_parts'"
-            ),
-            0
-        );
+        assert_eq!(out.kept, 1, "{out:?}");
+        assert_eq!(count(&path, "SELECT count(*) FROM notes"), 2);
     }
 
-    /// A deferred table merged into a table created without one of the snapshot's columns keeps
-    /// that column's values for the next migration; a part that violates a constraint of the
-    /// new schema does not hold back the events waiting for the schema.
+    /// A database without any application table (a new node, an empty file) is not behind on
+    /// a migration: it takes the snapshot whole, schema included, and captures none of it.
     #[test]
-    fn deferred_parts_merge_step_by_step_and_never_block_waiting_events() {
-        let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+    fn restore_into_a_database_without_tables_takes_the_schema_too() {
+        let (d, path, mut a) = setup("");
         let snap = d.path().join("snapshot.db");
         Connection::open(&snap)
             .expect("snapshot")
             .execute_batch(
-                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, email TEXT);
-                 INSERT INTO t VALUES (1, 'a', 'same@x'), (2, 'b', 'other@x');
-                 CREATE TABLE n (id INTEGER PRIMARY KEY, body TEXT, tag TEXT);
-                 INSERT INTO n VALUES (1, 'x', 'red');",
+                "CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT UNIQUE);
+                 INSERT INTO t (v) VALUES ('a'), ('b');
+                 CREATE INDEX t_v ON t(v);
+                 CREATE TABLE log (msg TEXT);
+                 CREATE TRIGGER t_log AFTER INSERT ON t BEGIN INSERT INTO log VALUES (new.v); END;
+                 CREATE VIEW vt AS SELECT v FROM t;",
             )
             .expect("snapshot rows");
-        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
+        let out = a
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
             .expect("restore");
-        assert_eq!(a.deferred_len(), 2);
-        // First migration: `n` without `tag`; `email` unique, and row 2 claims row 1's value.
-        Connection::open(&path)
-            .expect("app")
-            .execute_batch(
-                "CREATE TABLE n (id INTEGER PRIMARY KEY, body TEXT);
-                 ALTER TABLE t ADD COLUMN email TEXT; CREATE UNIQUE INDEX t_email ON t(email);
-                 UPDATE t SET email = 'same@x' WHERE id = 2;",
-            )
-            .expect("first migration");
-        drop(a);
-        let mut a = reinstalled(&path, "h2", "h");
-        a.retry_waiting().expect("merge");
+        assert_eq!(out.inserted, 2, "{out:?}");
         assert_eq!(
-            rows(&path, "SELECT id, body FROM n"),
-            [vec![Value::Integer(1), text("x")]]
-        );
-        // Row 1 cannot take its email (row 2 has it): skipped, the rest merged.
-        assert_eq!(
-            rows(&path, "SELECT id, email FROM t ORDER BY id"),
+            rows(&path, "SELECT id, v FROM t ORDER BY id"),
             [
-                vec![Value::Integer(1), Value::Null],
-                vec![Value::Integer(2), text("same@x")],
+                vec![Value::Integer(1), text("a")],
+                vec![Value::Integer(2), text("b")],
             ]
         );
-        assert_eq!(a.deferred_len(), 1, "n.tag still waits");
-        Connection::open(&path)
-            .expect("app")
-            .execute_batch("ALTER TABLE n ADD COLUMN tag TEXT")
-            .expect("second migration");
-        drop(a);
-        let mut a = reinstalled(&path, "h3", "h2");
-        a.retry_waiting().expect("merge");
-        assert_eq!(a.deferred_len(), 0);
         assert_eq!(
-            rows(&path, "SELECT id, body, tag FROM n"),
-            [vec![Value::Integer(1), text("x"), text("red")]]
+            count(&path, "SELECT count(*) FROM log"),
+            0,
+            "no trigger fired"
         );
-    }
-
-    /// A key column renamed here after the restore still finds the deferred rows.
-    #[test]
-    fn deferred_columns_follow_a_key_renamed_after_the_restore() {
-        let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
-        a.apply_batch(&[incoming(ev(
-            Op::Insert,
-            "t",
-            vec![("id", Value::Integer(1)), ("v", text("a"))],
-        ))])
-        .expect("row");
-        let snap = d.path().join("snapshot.db");
-        Connection::open(&snap)
-            .expect("snapshot")
-            .execute_batch(
-                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, note TEXT);
-                 INSERT INTO t VALUES (1, 'a', 'n1');",
-            )
-            .expect("snapshot rows");
-        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
-            .expect("restore");
-        drop(a);
-        Connection::open(&path)
-            .expect("app")
-            .execute_batch("ALTER TABLE t RENAME COLUMN id TO pid")
-            .expect("rename");
-        let a = reinstalled(&path, "h2", "h");
-        drop(a);
-        Connection::open(&path)
-            .expect("app")
-            .execute_batch("ALTER TABLE t ADD COLUMN note TEXT")
-            .expect("migration");
-        let mut a = reinstalled(&path, "h3", "h2");
-        a.retry_waiting().expect("merge");
-        assert_eq!(a.deferred_len(), 0);
+        assert_eq!(count(&path, "SELECT count(*) FROM vt"), 2);
         assert_eq!(
-            rows(&path, "SELECT pid, note FROM t"),
-            [vec![Value::Integer(1), text("n1")]]
+            count(&path, "SELECT seq FROM sqlite_sequence WHERE name = 't'"),
+            2
         );
+        assert!(captured(&path).is_empty());
+        assert_eq!(a.state.applied[0], 10);
     }
 
     /// A snapshot of a node that has not run this node's renames yet is restored under the
@@ -3088,10 +2962,9 @@ mod tests {
             )
             .expect("snapshot rows");
         let out = a
-            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
             .expect("restore");
         assert!(out.skipped.is_empty(), "{out:?}");
-        assert!(out.deferred.is_empty(), "{out:?}");
         assert_eq!(
             rows(&path, "SELECT id, b FROM u ORDER BY id"),
             [
@@ -3114,7 +2987,7 @@ mod tests {
         )
         .expect("snapshot rows");
         drop(conn);
-        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
+        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
             .expect("restore");
         assert_eq!(
             rows(&path, "SELECT rowid, id, v FROM t ORDER BY rowid"),
@@ -3134,7 +3007,7 @@ mod tests {
         app.execute_batch("INSERT INTO t VALUES (1, 'a'); DELETE FROM t WHERE id = 1")
             .expect("app");
         let snap = snapshot_of(d.path(), &[(1, "a"), (2, "b")]);
-        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
+        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
             .expect("restore");
         assert_eq!(
             rows(&path, "SELECT id, v FROM t ORDER BY id"),
@@ -3164,7 +3037,7 @@ mod tests {
             .expect("app");
         let snap = snapshot_of(d.path(), &[(1, "new"), (3, "c"), (5, "same")]);
         let out = a
-            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| Ok(()))
+            .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
             .expect("restore");
         assert_eq!(
             (out.deleted, out.updated, out.inserted, out.kept),
@@ -3215,13 +3088,12 @@ mod tests {
         };
         let before = rows(&path, "SELECT id, v, n FROM t ORDER BY id");
         let bad = snapshot("bad.db", "(1, 'b', 1), (2, 'a', 1), (3, 'c', -5)");
-        let refused =
-            a.restore_snapshot(&bad, &["s".into()], &[10], &Default::default(), &|| Ok(()));
+        let refused = a.restore_snapshot(&bad, &["s".into()], &[10], &Default::default());
         assert!(refused.is_err(), "{refused:?}");
         assert_eq!(rows(&path, "SELECT id, v, n FROM t ORDER BY id"), before);
         // The same swap without the offending row goes through the fallback.
         let good = snapshot("good.db", "(1, 'b', 1), (2, 'a', 1), (3, 'c', 5)");
-        a.restore_snapshot(&good, &["s".into()], &[10], &Default::default(), &|| Ok(()))
+        a.restore_snapshot(&good, &["s".into()], &[10], &Default::default())
             .expect("restore");
         assert_eq!(
             rows(&path, "SELECT id, v FROM t ORDER BY id"),
@@ -3231,125 +3103,5 @@ mod tests {
                 vec![Value::Integer(3), text("c")],
             ]
         );
-    }
-
-    /// A snapshot whose checks fail (they run beside the merge) changes nothing, whether the
-    /// merge itself went through or failed on the bad file, and does not stop the node.
-    #[test]
-    fn restore_commits_nothing_when_the_snapshot_fails_its_checks() {
-        let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
-        let arrived = vec![incoming(ev(
-            Op::Insert,
-            "t",
-            vec![("id", Value::Integer(1)), ("v", text("live"))],
-        ))];
-        a.apply_batch(&arrived).expect("apply");
-        let before = rows(&path, "SELECT id, v FROM t ORDER BY id");
-        let snap = d.path().join("snap.db");
-        Connection::open(&snap)
-            .expect("snapshot")
-            .execute_batch(
-                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'x'), (2, 'y')",
-            )
-            .expect("snapshot rows");
-        let refused = a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| {
-            Err("SHA-256 differs".into())
-        });
-        assert!(
-            matches!(&refused, Err(Error::NotVerified(why)) if why == "SHA-256 differs"),
-            "{refused:?}"
-        );
-        assert!(!refused.as_ref().err().is_some_and(Error::is_fatal));
-        assert_eq!(rows(&path, "SELECT id, v FROM t ORDER BY id"), before);
-        // A file SQLite finds corrupt while merging: the checks' verdict is the error, not a
-        // fatal "database corrupt".
-        let mut bytes = std::fs::read(&snap).expect("read");
-        let half = bytes.len() / 2;
-        bytes.truncate(half);
-        for b in bytes.iter_mut().skip(100) {
-            *b = 0xa5;
-        }
-        std::fs::write(&snap, &bytes).expect("write");
-        let refused = a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default(), &|| {
-            Err("integrity_check: malformed".into())
-        });
-        assert!(
-            matches!(&refused, Err(Error::NotVerified(_))),
-            "{refused:?}"
-        );
-        assert_eq!(rows(&path, "SELECT id, v FROM t ORDER BY id"), before);
-        // Checks that pass: a sound snapshot's merge commits.
-        let good = d.path().join("good.db");
-        Connection::open(&good)
-            .expect("snapshot")
-            .execute_batch(
-                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); INSERT INTO t VALUES (2, 'y')",
-            )
-            .expect("snapshot rows");
-        a.restore_snapshot(&good, &["s".into()], &[10], &Default::default(), &|| Ok(()))
-            .expect("restore");
-        assert_eq!(
-            rows(&path, "SELECT id, v FROM t ORDER BY id"),
-            [vec![Value::Integer(2), text("y")]]
-        );
-    }
-
-    /// A snapshot merged while it is still being written (a download): the restore reads it as
-    /// it arrives and ends with its rows; a download that fails midway fails the restore as not
-    /// verified (not fatal) and changes nothing.
-    #[test]
-    fn restore_reads_an_arriving_snapshot_and_survives_a_failed_download() {
-        let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
-        a.apply_batch(&[incoming(ev(
-            Op::Insert,
-            "t",
-            vec![("id", Value::Integer(1)), ("v", text("live"))],
-        ))])
-        .expect("apply");
-        let source = d.path().join("source.db");
-        Connection::open(&source)
-            .expect("snapshot")
-            .execute_batch(
-                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);
-                 WITH RECURSIVE n(i) AS (SELECT 2 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
-                 INSERT INTO t SELECT i, printf('%0300d', i) FROM n;",
-            )
-            .expect("snapshot rows");
-        let bytes = std::fs::read(&source).expect("read");
-        for fail in [true, false] {
-            let before = rows(&path, "SELECT id, v FROM t ORDER BY id");
-            let dest = d.path().join(format!("arriving-{fail}.db"));
-            let arrival = crate::db::arriving::Arrival::new();
-            arrival.expect(Some(bytes.len() as u64));
-            let fail_at = fail.then_some(bytes.len() / 2);
-            let writer = crate::db::arriving::trickle(&bytes, &dest, &arrival, 8192, fail_at);
-            let file = crate::db::arriving::SnapshotFile {
-                path: dest,
-                arrival: Some(std::sync::Arc::clone(&arrival)),
-            };
-            // What the verification does: wait for the end of the download, then judge it.
-            let verified = || arrival.wait_end();
-            let got =
-                a.restore_snapshot(file, &["s".into()], &[10], &Default::default(), &verified);
-            writer.join().expect("writer");
-            if fail {
-                assert!(
-                    matches!(&got, Err(Error::NotVerified(why)) if why.contains("connection reset")),
-                    "{got:?}"
-                );
-                assert!(rows(&path, "SELECT id, v FROM t ORDER BY id") == before);
-            } else {
-                assert_eq!(got.expect("restore").inserted, 2999);
-                let n = rows(&path, "SELECT count(*), min(id), max(id) FROM t");
-                assert_eq!(
-                    n,
-                    [vec![
-                        Value::Integer(2999),
-                        Value::Integer(2),
-                        Value::Integer(3000)
-                    ]]
-                );
-            }
-        }
     }
 }

@@ -478,8 +478,7 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
             super::ddl::fill_added(&tx, table, &added)?;
         }
         if new && installed_before > 0 {
-            let restored = super::deferred::whole_copy(&tx, &table.name)?.is_some();
-            if restored || waited_for.contains(&table.name.to_lowercase()) {
+            if waited_for.contains(&table.name.to_lowercase()) {
                 let seen: Vec<_> = waiting
                     .iter()
                     .filter(|e| e.table.eq_ignore_ascii_case(&table.name))

@@ -453,11 +453,10 @@ pub fn waiting_tables(events: &[crate::wire::ChangeEvent]) -> HashSet<String> {
 /// Publishes a newly watched table's existing rows once, as inserts (rows written before its
 /// triggers existed were never captured). Returns how many.
 ///
-/// `seen`: events of other nodes for this table that wait here; and the table's rows in a
-/// snapshot restored before this node had the table ([`super::deferred`]). A row whose key is
-/// among theirs is the cluster's row (a data migration every node ran, or a row another node
-/// wrote) and is not published: published now, it would land after that node's later changes
-/// and undo them; the waiting events and the snapshot's rows set it here instead. Any other row
+/// `seen`: events of other nodes for this table that wait here. A row whose key is among theirs
+/// is the cluster's row (a data migration every node ran, or a row another node wrote) and is
+/// not published: published now, it would land after that node's later changes and undo them;
+/// the waiting events set it here instead. Any other row
 /// is this node's own write between the DDL and its triggers, which nothing else carries.
 ///
 /// # Errors
@@ -491,29 +490,6 @@ pub fn backfill(
             "NOT EXISTS (SELECT 1 FROM temp.hl_seen AS s WHERE {})",
             same.join(" AND ")
         ));
-    }
-    if let Some((copy, copied)) = super::deferred::whole_copy(conn, &table.name)? {
-        let same: Option<Vec<String>> = table
-            .pk_indexes()
-            .iter()
-            .map(|&i| {
-                let c = &table.columns[i];
-                let (d, l) = if table.rowid_key && c.name == "rowid" {
-                    (super::deferred::ROWID, "rowid".to_string())
-                } else {
-                    (c.name.as_str(), quote(&c.name))
-                };
-                let d = copied.iter().find(|x| x.eq_ignore_ascii_case(d))?;
-                Some(format!("d.{} IS t.{l}", quote(d)))
-            })
-            .collect();
-        if let Some(same) = same {
-            unseen.push(format!(
-                "NOT EXISTS (SELECT 1 FROM main.{} AS d WHERE {})",
-                quote(&copy),
-                same.join(" AND ")
-            ));
-        }
     }
     let unseen = if unseen.is_empty() {
         String::new()

@@ -18,11 +18,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub mod apply;
-pub mod arriving;
 pub mod cdc;
 pub mod changelog;
 pub mod ddl;
-pub mod deferred;
 pub mod restore;
 pub mod schema;
 
@@ -69,7 +67,7 @@ pub enum Error {
     #[error("table {0:?} cannot be watched: {1}")]
     Unwatchable(String, String),
     #[error(
-        "another harmonylite process is using {0} (it holds {1}); stop it first — two daemons on          one database, or -cleanup under a running one, would lose changes"
+        "another harmonylite process is using {0} (it holds {1}); stop it first — two daemons on one database, or -cleanup under a running one, would lose changes"
     )]
     Locked(PathBuf, PathBuf),
     #[error("cannot create the lock file {0}")]
@@ -78,13 +76,10 @@ pub enum Error {
     /// retry once it has (the node reinstalls capture within a second).
     #[error("the database schema changed; waiting for capture to be reinstalled")]
     SchemaChanged,
-    /// A snapshot being restored failed the checks that ran beside its merge: the merge was
-    /// rolled back, nothing changed.
-    #[error("the snapshot failed its checks: {0}")]
-    NotVerified(String),
-    /// The snapshot could not be attached for a reason of ours (not SQLite's): nothing changed.
-    #[error("cannot attach the snapshot: {0}")]
-    Attach(String),
+    /// A snapshot has tables or columns this node's schema lacks (it is behind on a migration):
+    /// restoring it would drop them, so it waits until this node has migrated.
+    #[error("waiting for this node's migration to restore: snapshot has {}", .0.join(", "))]
+    Behind(Vec<String>),
 }
 
 impl Error {
@@ -101,8 +96,7 @@ impl Error {
             | Error::Locked(..)
             | Error::LockFile(..)
             | Error::SchemaChanged
-            | Error::NotVerified(_)
-            | Error::Attach(_) => return false,
+            | Error::Behind(_) => return false,
         };
         matches!(
             source.sqlite_error_code(),

@@ -13,19 +13,12 @@
 //!   local write, and the change still replicates (the change logs are not touched).
 //! - Our own tables (change logs, held events, identity) are never read from the snapshot.
 //! - A table the snapshot lacks, or lacks a key column of, is left alone and reported.
-//! - Tables and columns of the snapshot that this node does not have (it is behind on a
-//!   migration) are kept aside in the same transaction ([`super::deferred`]) and merged once the
-//!   local schema has them.
-//! - The snapshot may still be downloading: it is then attached through [`super::arriving`],
-//!   whose reads wait for the bytes, so that the merge runs beside the download.
-//! - Nothing of the snapshot commits before `verified` (the checks of the complete file, run
-//!   beside the merge so that a restore takes the longer of the two, not both) has passed; a
-//!   merge that fails while those checks fail (or the download failed) reports them (the bad
-//!   file is the likely cause, not this database), as [`Error::NotVerified`]. Our write lock is
-//!   held for the longer of the merge and the rest of the download plus the checks (the merge,
-//!   in practice: the catch-up starts it only once the download should end first).
-//! - The snapshot is always detached again, even after a failed restore (a file left attached
-//!   would fail every later one); one left attached anyway is detached before the next.
+//! - A snapshot with tables or columns this node's schema lacks (it is behind on a migration)
+//!   is not restored: merged, they would be lost for good once the positions moved past the
+//!   changes that made them. The restore fails with [`Error::Behind`], changing nothing, and is
+//!   tried again after this node's own migration (a rolling upgrade migrates every node anyway).
+//! - A database without any application object (a new node, an empty file) is not behind: it
+//!   takes the snapshot whole, schema included ([`take_whole`]), as Go does.
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
 //!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row. Any
 //!   other constraint failure (NOT NULL, CHECK: the schemas differ) fails the whole restore,
@@ -36,7 +29,6 @@ use std::path::Path;
 use rusqlite::Connection;
 
 use super::apply::{Bind, commit_guarded, set_guard};
-use super::arriving::SnapshotFile;
 use super::changelog::ChangeLog;
 use super::{Error, Table, on_table, quote};
 
@@ -66,57 +58,34 @@ pub struct Restored {
     pub kept: u64,
     /// Tables not restored, with why.
     pub skipped: Vec<(String, String)>,
-    /// Tables and columns of the snapshot this node's schema lacks, kept for when it has them
-    /// (see [`super::deferred`]).
-    pub deferred: Vec<String>,
 }
 
 /// Merges the snapshot at `snapshot` into the database of `conn`. `positions` (per shard, index
 /// shard − 1) are the snapshot's: changes of ours published past them are kept. `check` runs
-/// first inside the write transaction (the schema is still the one capture was installed for);
-/// `verified` waits for the snapshot's checks, before the commit.
+/// first inside the write transaction (the schema is still the one capture was installed for).
 ///
 /// # Errors
-/// SQLite errors, or [`Error::NotVerified`]; nothing is changed then.
+/// SQLite errors; nothing is changed then.
 pub fn restore(
     conn: &mut Connection,
     log: &ChangeLog,
-    snapshot: &SnapshotFile,
+    snapshot: &Path,
     positions: &[u64],
     not_kept: &NotKept,
     check: &dyn Fn(&Connection) -> Result<(), Error>,
-    verified: &dyn Fn() -> Result<(), String>,
 ) -> Result<Restored, Error> {
-    let (uri, _registered) = snapshot.uri().map_err(Error::Attach)?;
-    // A restore whose DETACH failed left its file attached: every later ATTACH would fail.
-    let stale: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_database_list WHERE name = 'hl_snapshot')",
-        [],
-        |r| r.get(0),
-    )?;
-    if stale {
-        conn.execute_batch("DETACH DATABASE hl_snapshot")
-            .map_err(|e| Error::Attach(format!("a previous snapshot is still attached: {e}")))?;
-    }
-    // Whatever failed, a file that fails its checks is the reason to give (and not one that
-    // stops the node: SQLite calls a corrupt attached file corrupt too).
-    // Only an error that would stop the node waits for the checks (and so for the rest of the
-    // download); any other is retried anyway.
-    let or_not_verified = |e: Error| {
-        if e.is_fatal() {
-            verified().err().map_or(e, Error::NotVerified)
-        } else {
-            e
-        }
-    };
-    conn.execute("ATTACH DATABASE ?1 AS hl_snapshot", [&uri])
-        .map_err(|e| or_not_verified(e.into()))?;
-    let result = merge_all(conn, log, positions, not_kept, check, verified);
+    let uri = format!(
+        "file:{}?mode=ro",
+        snapshot
+            .to_string_lossy()
+            .replace('%', "%25")
+            .replace('?', "%3f")
+            .replace('#', "%23")
+    );
+    conn.execute("ATTACH DATABASE ?1 AS hl_snapshot", [&uri])?;
+    let result = merge_all(conn, log, positions, not_kept, check);
     let detached = conn.execute_batch("DETACH DATABASE hl_snapshot");
-    if let (Err(e), Err(_)) = (&detached, &result) {
-        tracing::warn!(error = %e, "Cannot detach the snapshot after a failed restore; retried before the next one");
-    }
-    let restored = result.map_err(or_not_verified)?;
+    let restored = result?;
     detached?;
     Ok(restored)
 }
@@ -127,13 +96,8 @@ fn merge_all(
     positions: &[u64],
     not_kept: &NotKept,
     check: &dyn Fn(&Connection) -> Result<(), Error>,
-    verified: &dyn Fn() -> Result<(), String>,
 ) -> Result<Restored, Error> {
     let mut out = Restored::default();
-    let writeback = conn
-        .path()
-        .filter(|p| !p.is_empty())
-        .map(|p| WalWriteback::start(std::path::Path::new(p)));
     // The guard row is set only before the first write that fires capture triggers (see
     // `merge_table`), not here: a page written this early and again at the commit (where the
     // guard row goes) makes SQLite re-checksum every WAL frame written in between — two seconds
@@ -144,7 +108,47 @@ fn merge_all(
     // moment ago is not watched yet, and its rows in the snapshot would be neither merged nor
     // kept aside.
     check(&tx)?;
-    let aliases = super::ddl::Aliases::load(&tx)?;
+    if has_application_objects(&tx)? {
+        let aliases = super::ddl::Aliases::load(&tx)?;
+        let lacking = lacking(&tx, log.tables(), &aliases)?;
+        if !lacking.is_empty() {
+            return Err(Error::Behind(lacking));
+        }
+        merge_tables(&tx, log, positions, not_kept, &aliases, &mut out)?;
+    } else {
+        take_whole(&tx, &mut out)?;
+    }
+    // The commit syncs the WAL (the restore is durable before the positions move); copying the
+    // restored pages from the WAL into the database file — writing them a second time, seconds
+    // per GB — is left to a thread of its own (see `checkpoint_behind`), so replication resumes
+    // meanwhile.
+    let every: i64 = tx.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?;
+    tx.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
+    let started = std::time::Instant::now();
+    let committed = commit_guarded(tx);
+    conn.execute_batch(&format!("PRAGMA wal_autocheckpoint = {every}"))?;
+    committed?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "restore committed"
+    );
+    if every > 0
+        && let Some(path) = conn.path().filter(|p| !p.is_empty())
+    {
+        checkpoint_behind(std::path::PathBuf::from(path));
+    }
+    Ok(out)
+}
+
+/// Merges every watched table (see the module header).
+fn merge_tables(
+    tx: &Connection,
+    log: &ChangeLog,
+    positions: &[u64],
+    not_kept: &NotKept,
+    aliases: &super::ddl::Aliases,
+    out: &mut Restored,
+) -> Result<(), Error> {
     let landed: std::collections::HashMap<(usize, i64), (u64, u64)> = not_kept
         .landed
         .iter()
@@ -155,7 +159,7 @@ fn merge_all(
     // column there).
     for (i, table) in log.tables().iter().enumerate() {
         let mut snap_table = table.name.clone();
-        let mut snap_cols = snapshot_columns(&tx, &table.name)?;
+        let mut snap_cols = snapshot_columns(tx, &table.name)?;
         if snap_cols.is_empty() {
             // An old name now used by another local table means that table's rows.
             for old in aliases
@@ -163,7 +167,7 @@ fn merge_all(
                 .into_iter()
                 .filter(|o| !log.tables().iter().any(|t| t.name.eq_ignore_ascii_case(o)))
             {
-                let cols = snapshot_columns(&tx, &old)?;
+                let cols = snapshot_columns(tx, &old)?;
                 if !cols.is_empty() {
                     (snap_table, snap_cols) = (old, cols);
                     break;
@@ -209,7 +213,7 @@ fn merge_all(
             continue;
         }
         let unknown_up_to = not_kept.unknown_up_to.get(i).copied().unwrap_or(0);
-        let (flying, _) = log.in_flight(&tx, i, 0, Some(positions), unknown_up_to)?;
+        let (flying, _) = log.in_flight(tx, i, 0, Some(positions), unknown_up_to)?;
         // Where the change landed, when that is known and not marked yet: inside the snapshot
         // it is not in flight; past it, it is, whatever else is said of it.
         let landed_inside = |id: i64| {
@@ -225,111 +229,15 @@ fn merge_all(
             .filter(|&(id, _, unknown)| landed_inside(id).map_or(!unknown, |inside| !inside))
             .map(|(id, key, _)| (id, key))
             .collect();
-        keep_table(&tx, &keys, &flying)?;
+        keep_table(tx, &keys, &flying)?;
         out.kept += flying.len() as u64;
         let started = std::time::Instant::now();
-        merge_table(
-            &tx,
-            table,
-            &snap_table,
-            &snap_cols,
-            &keys,
-            &snap_of,
-            &mut out,
-        )
-        .map_err(on_table(&table.name))?;
+        merge_table(tx, table, &snap_table, &snap_cols, &keys, &snap_of, out)
+            .map_err(on_table(&table.name))?;
         tracing::debug!(table = %table.name, elapsed_ms = started.elapsed().as_millis() as u64, "table restored");
         tx.execute_batch("DROP TABLE temp.hl_keep")?;
     }
-    // What this node's schema cannot hold yet (it is behind on a migration) waits in our
-    // tables: the positions move past the changes that made those rows.
-    let aliases = super::ddl::Aliases::load(&tx)?;
-    out.deferred = super::deferred::defer(&tx, SNAP, log.tables(), &aliases)?
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let started = std::time::Instant::now();
-    // Rolled back (the transaction dropped) unless the file passed its checks.
-    verified().map_err(Error::NotVerified)?;
-    let verify_wait_ms = started.elapsed().as_millis() as u64;
-    // The commit syncs the WAL (the restore is durable before the positions move); copying the
-    // restored pages from the WAL into the database file — writing them a second time, seconds
-    // per GB — is left to a thread of its own (see `checkpoint_behind`), so replication resumes
-    // meanwhile.
-    let every: i64 = tx.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?;
-    tx.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
-    drop(writeback);
-    let committed = commit_guarded(tx);
-    conn.execute_batch(&format!("PRAGMA wal_autocheckpoint = {every}"))?;
-    committed?;
-    tracing::debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        verify_wait_ms,
-        "restore committed"
-    );
-    if every > 0
-        && let Some(path) = conn.path().filter(|p| !p.is_empty())
-    {
-        checkpoint_behind(std::path::PathBuf::from(path));
-    }
-    Ok(out)
-}
-
-/// Has the kernel start writing the WAL to disk every [`WRITEBACK_EVERY`] while a restore fills
-/// it, so that the commit's fsync finds it mostly written: the disk works while SQLite copies
-/// rows, instead of after (the kernel would otherwise hold gigabytes dirty until that fsync —
-/// about 2 s of commit per GB, down to almost nothing). Dropping it stops the thread. Best
-/// effort: without it the commit only takes longer.
-struct WalWriteback {
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-const WRITEBACK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
-
-impl WalWriteback {
-    fn start(db_path: &Path) -> WalWriteback {
-        let mut wal = db_path.as_os_str().to_owned();
-        wal.push("-wal");
-        let wal = std::path::PathBuf::from(wal);
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("hl-wal-writeback".into())
-            .spawn(move || {
-                use std::os::fd::AsRawFd as _;
-                // SQLite takes no POSIX lock on the WAL file itself, so this descriptor may be
-                // closed (unlike one of the database or `-shm` file).
-                let mut file = None;
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(WRITEBACK_EVERY)
-                {
-                    if file.is_none() {
-                        file = std::fs::File::open(&wal).ok();
-                    }
-                    if let Some(f) = &file {
-                        // SAFETY: a valid descriptor; the call only starts writeback of the
-                        // file's dirty pages and never touches memory of ours.
-                        unsafe {
-                            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-                        };
-                    }
-                }
-            })
-            .ok();
-        WalWriteback {
-            stop: Some(stop),
-            thread,
-        }
-    }
-}
-
-impl Drop for WalWriteback {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    Ok(())
 }
 
 /// Checkpoints the WAL into the database file from a connection and thread of our own, right
@@ -408,6 +316,117 @@ fn copy_whole(
         conn.execute_batch(sql)?;
     }
     Ok(true)
+}
+
+/// Whether the database has anything of the application's (tables, views, …): one without is
+/// new and takes the snapshot whole.
+fn has_application_objects(conn: &Connection) -> Result<bool, Error> {
+    let n: i64 = conn.query_row(
+        "SELECT count(*) FROM main.sqlite_schema WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
+         AND substr(lower(name), 1, ?1) <> lower(?2)",
+        rusqlite::params![super::PREFIX.len() as i64, super::PREFIX],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
+}
+
+/// The snapshot's ordinary tables of the application (`kinds`: `pragma_table_list` types).
+fn snapshot_tables(conn: &Connection, kinds: &str) -> Result<Vec<String>, Error> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT name FROM pragma_table_list WHERE schema = '{SNAP}' AND type IN ({kinds}) \
+         AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND substr(lower(name), 1, ?1) <> lower(?2)"
+    ))?;
+    let names = stmt
+        .query_map(
+            rusqlite::params![super::PREFIX.len() as i64, super::PREFIX],
+            |r| r.get(0),
+        )?
+        .collect::<Result<_, _>>()?;
+    Ok(names)
+}
+
+/// What the snapshot has that this node's schema lacks: ordinary tables (virtual and shadow
+/// tables never replicate; one this node has unwatched is not lacking) and columns of its
+/// tables, following renames made here and leaving out what this node dropped.
+fn lacking(
+    conn: &Connection,
+    local: &[Table],
+    aliases: &super::ddl::Aliases,
+) -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    for name in snapshot_tables(conn, "'table'")? {
+        let current = aliases.table(&name).unwrap_or(&name);
+        let found = local
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(&name))
+            .or_else(|| local.iter().find(|t| t.name.eq_ignore_ascii_case(current)));
+        let Some(table) = found else {
+            if !aliases.dropped(&name) && !super::has_table(conn, &name)? {
+                out.push(format!("table {name:?}"));
+            }
+            continue;
+        };
+        for column in snapshot_columns(conn, &name)? {
+            let here = table.column_index(&column).or_else(|| {
+                aliases
+                    .column(&table.name, &column)
+                    .and_then(|c| table.column_index(c))
+            });
+            if here.is_none() && !aliases.dropped_column(&table.name, &column) {
+                out.push(format!("column {column:?} of table {:?}", table.name));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Takes the snapshot's schema and rows into a database without application objects: tables
+/// first, then their rows (shadow tables of virtual ones included, so full-text indexes come
+/// as they are) and AUTOINCREMENT counters, then indexes, views and triggers, so that no
+/// application trigger fires for the copied rows. No capture trigger exists yet: nothing is
+/// captured; capture is installed for the new schema like for any schema change.
+fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
+    let objects: Vec<(String, String)> = conn
+        .prepare(&format!(
+            "SELECT type, sql FROM {SNAP}.sqlite_schema WHERE sql IS NOT NULL \
+             AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND substr(lower(name), 1, ?1) <> lower(?2) \
+             AND name NOT IN (SELECT name FROM pragma_table_list WHERE schema = '{SNAP}' AND type = 'shadow') \
+             ORDER BY type <> 'table', rowid"
+        ))?
+        .query_map(
+            rusqlite::params![super::PREFIX.len() as i64, super::PREFIX],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .collect::<Result<_, _>>()?;
+    let (tables, rest): (Vec<_>, Vec<_>) = objects.into_iter().partition(|(t, _)| t == "table");
+    for (_, sql) in &tables {
+        conn.execute_batch(sql)?;
+    }
+    for name in snapshot_tables(conn, "'table', 'shadow'")? {
+        let q = quote(&name);
+        conn.execute(&format!("DELETE FROM main.{q}"), [])?;
+        let n = conn.execute(
+            &format!("INSERT INTO main.{q} SELECT * FROM {SNAP}.{q}"),
+            [],
+        )?;
+        out.inserted += n as u64;
+    }
+    let counters = conn
+        .prepare(&format!("SELECT 1 FROM {SNAP}.sqlite_sequence LIMIT 0"))
+        .is_ok();
+    if counters {
+        conn.execute_batch(&format!(
+            "INSERT INTO main.sqlite_sequence SELECT * FROM {SNAP}.sqlite_sequence \
+             WHERE substr(lower(name), 1, {}) <> lower('{}')",
+            super::PREFIX.len(),
+            super::PREFIX
+        ))?;
+    }
+    for (_, sql) in &rest {
+        conn.execute_batch(sql)?;
+    }
+    Ok(())
 }
 
 /// Column names of a table in the snapshot (empty when it has no such table).

@@ -63,12 +63,10 @@ pub enum Work {
     Restore(RestoreJob),
 }
 
-/// A downloaded snapshot to merge into the database (once verified), with the positions it
-/// contains.
+/// A verified snapshot to merge into the database, with the positions it contains.
 #[derive(Debug)]
 pub struct RestoreJob {
-    /// The snapshot, possibly still arriving.
-    pub file: crate::db::arriving::SnapshotFile,
+    pub file: std::path::PathBuf,
     /// Per shard (index shard − 1).
     pub positions: Vec<u64>,
     /// Local changes whose rows are not kept although they look in flight.
@@ -76,10 +74,28 @@ pub struct RestoreJob {
     /// The snapshot records no positions: `positions` are the streams' starts, and the node may
     /// go back to them (everything retained is replayed), as Go does.
     pub replay_all: bool,
-    /// The snapshot's checks, still running: the merge commits only once they passed.
-    pub verification: crate::snapshot::Verification,
-    /// The outcome; an error as its cause chain.
-    pub reply: tokio::sync::oneshot::Sender<Result<crate::db::restore::Restored, String>>,
+    pub reply: tokio::sync::oneshot::Sender<Result<crate::db::restore::Restored, RestoreError>>,
+}
+
+/// Why the apply thread did not restore a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Messages applied since the recovery looked took this node past the snapshot: restoring
+    /// would take rows back.
+    #[error(
+        "the snapshot reaches {stream} sequence {snapshot}, but this node has applied up to {applied}"
+    )]
+    Passed {
+        stream: String,
+        snapshot: u64,
+        applied: u64,
+    },
+    /// The merge failed; nothing changed.
+    #[error("cannot merge the snapshot")]
+    Db(#[source] crate::db::Error),
+    /// The database failed for good: the apply thread stops (and says why).
+    #[error("the database failed; the apply thread stops")]
+    Stopping,
 }
 
 /// A consumer found messages it needed already discarded by the stream.
@@ -469,17 +485,16 @@ pub fn spawn_apply_thread(
                 let m = &observers.metrics;
                 m.held_events.set(applier.held_len() as i64);
                 m.schema_mismatch_paused
-                    .set(i64::from(applier.waiting_len() + applier.deferred_len() > 0));
+                    .set(i64::from(applier.waiting_len() > 0));
                 observers.health.update_catchup(|c| {
                     c.schema_waiting_events = applier.waiting_len();
-                    c.schema_deferred_parts = applier.deferred_len();
                 });
             };
             report(&applier);
             let mut last: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
             // Events that waited for the schema are tried once capture is installed for the
             // schema of this run (the applier is made anew after every reinstall).
-            let mut retry_waiting = applier.waiting_len() + applier.deferred_len() > 0;
+            let mut retry_waiting = applier.waiting_len() > 0;
             loop {
                 if shutdown.is_cancelled() {
                     break;
@@ -641,7 +656,6 @@ fn restore(
         positions: at,
         not_kept,
         replay_all,
-        verification,
         reply,
     } = job;
     // Messages applied since the recovery looked (they were in the channel before the job) may
@@ -651,15 +665,14 @@ fn restore(
         .enumerate()
         .find(|(i, _)| !replay_all && at.get(*i).copied().unwrap_or(0) < last[*i])
     {
-        let _ = reply.send(Err(format!(
-            "the snapshot reaches {name} sequence {}, but this node has applied up to {}",
-            at.get(i).copied().unwrap_or(0),
-            last[i]
-        )));
+        let _ = reply.send(Err(RestoreError::Passed {
+            stream: name.clone(),
+            snapshot: at.get(i).copied().unwrap_or(0),
+            applied: last[i],
+        }));
         return None;
     }
-    let verified = || verification.wait().map_err(|e| e.to_string());
-    match applier.restore_snapshot(file, streams, &at, &not_kept, &verified) {
+    match applier.restore_snapshot(&file, streams, &at, &not_kept) {
         Ok(restored) => {
             let at_of = |i: usize| at.get(i).copied().unwrap_or(0);
             let all = streams
@@ -678,9 +691,13 @@ fn restore(
             let _ = reply.send(Ok(restored));
             None
         }
+        Err(e) if e.is_fatal() => {
+            let _ = reply.send(Err(RestoreError::Stopping));
+            Some(e)
+        }
         Err(e) => {
-            let _ = reply.send(Err(crate::error_chain(&e)));
-            e.is_fatal().then_some(e)
+            let _ = reply.send(Err(RestoreError::Db(e)));
+            None
         }
     }
 }

@@ -16,10 +16,6 @@
 //!   go out once it has restored). Otherwise, after a cluster-wide outage, the first nodes back
 //!   would publish their backlogs past the position of the node that holds everything, and every
 //!   node would end up lacking something no other node could give it.
-//! - The merge reads the snapshot while it downloads (`db::arriving`) and starts once the rest of
-//!   the download should take no longer than a merge; the file's checks read it the same way
-//!   and decide the commit, which waits for the complete file. A download that fails or stalls fails the merge, which
-//!   changes nothing and is retried like any failed restore.
 //! - Without snapshots (`snapshot.enabled = false`) a gap is logged as an error and consuming goes
 //!   on past it, as before: there is nothing to recover from.
 
@@ -31,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::apply::{self as applying, Gap, RestoreJob, Work};
+use super::apply::{self as applying, Gap, RestoreError, RestoreJob, Work};
 use crate::node::Node;
 use crate::snapshot::{self, Meta, scheduler::Snapshots};
 use crate::stream;
@@ -151,17 +147,13 @@ async fn recover(
     tracing::warn!("{reason}");
     let started = Instant::now();
     let mut delay = Duration::from_secs(1);
-    // The metadata of a snapshot refused already: that object is not downloaded again.
-    let mut refused: Option<Meta> = None;
+    let mut seen = Seen::default();
     let outcome = loop {
-        match attempt(node, tx, snapshots, &streams, positions, own, &mut refused).await {
+        match attempt(node, tx, snapshots, &streams, positions, own, &mut seen).await {
             Ok(Attempt::Restored(meta)) => break Ok(Some(meta)),
             Ok(Attempt::Stopping) => break Ok(None),
             Ok(Attempt::Wait(why)) => {
-                tracing::warn!(
-                    store = snapshots.store.kind(),
-                    "{why}; asked the snapshot leader for a newer snapshot, waiting"
-                );
+                tracing::warn!(store = snapshots.store.kind(), "{why}; waiting");
                 health.update_catchup(|c| c.recovering = Some(format!("{reason}: {why}")));
             }
             Err(e) => {
@@ -265,7 +257,7 @@ async fn attempt(
     streams: &[String],
     applied: &[AtomicU64],
     own: &OwnChanges,
-    refused: &mut Option<Meta>,
+    seen: &mut Seen,
 ) -> Result<Attempt, snapshot::Error> {
     if !settled(node, &own.sends).await? {
         return Ok(Attempt::Stopping);
@@ -275,7 +267,13 @@ async fn attempt(
         ask_for_snapshot(node, &need, streams).await;
         return Ok(Attempt::Wait("the store holds no snapshot yet".into()));
     };
-    if refused.as_ref() == Some(&meta) {
+    if let Some((behind, version, why)) = &seen.behind
+        && *behind == meta
+        && schema_version(node).await == Some(*version)
+    {
+        return Ok(Attempt::Wait(why.clone()));
+    }
+    if seen.refused.as_ref() == Some(&meta) {
         ask_for_snapshot(node, &need, streams).await;
         return Ok(Attempt::Wait(
             "the store still holds the snapshot refused before".into(),
@@ -289,27 +287,23 @@ async fn attempt(
             need.iter().map(|n| n + 1).collect::<Vec<_>>()
         )));
     }
-    // What a refusal is remembered by: what `meta()` says of the object next time.
-    let looked = meta;
-    let Some(mut fetching) = snapshot::fetch(&snapshots.store, &node.settings.db_path).await?
-    else {
+    let fetched = snapshot::fetch_verified(snapshots.store.as_ref(), &node.settings.db_path).await;
+    if let Err(snapshot::Error::Refused(_)) = &fetched {
+        seen.refused = Some(meta.clone());
+        ask_for_snapshot(node, &need, streams).await;
+    }
+    let Some((dir, file, meta)) = fetched? else {
         return Ok(Attempt::Wait(
             "the snapshot disappeared from the store".into(),
         ));
     };
-    let meta = fetching.meta.clone();
-    // What is being downloaded may be newer than the metadata looked at first: check it again.
+    // What was downloaded may be newer than the metadata looked at first: check it again.
     if !usable(&meta, streams, &need) {
         return Ok(Attempt::Wait(format!(
             "the downloaded snapshot (positions {:?}) does not reach {:?}",
             meta.positions, need
         )));
     }
-    // The checks and the merge both read the file as it arrives (through `db::arriving`); the
-    // merge commits only once the file is complete and passed them.
-    let arrival = std::sync::Arc::clone(fetching.arriving.arrival());
-    let verification =
-        snapshot::Verification::start(&fetching.file, &meta, Some(std::sync::Arc::clone(&arrival)));
     let positionless = meta.positions.is_none();
     let at = positions_of(&meta, streams).unwrap_or(before_first);
     if positionless {
@@ -317,63 +311,39 @@ async fn attempt(
             "The snapshot records no stream positions (made by Go HarmonyLite, or its metadata was lost); replaying everything the streams retain over it"
         );
     }
-    if !fetching.ready_to_merge(&node.root).await {
-        return Ok(Attempt::Stopping);
-    }
-    let (written, total, _) = arrival.progress();
-    tracing::debug!(
-        downloaded = written,
-        size = total,
-        "merging the snapshot as it arrives"
-    );
     let (reply, answer) = tokio::sync::oneshot::channel();
     tx.send(Work::Restore(RestoreJob {
-        file: crate::db::arriving::SnapshotFile {
-            path: fetching.file.clone(),
-            arrival: Some(arrival),
-        },
+        file,
         positions: at.clone(),
         not_kept: own.not_kept(),
         replay_all: positionless,
-        verification: verification.clone(),
         reply,
     }))
     .await
     .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
+    let version = schema_version(node).await;
     let answer = answer
         .await
         .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
     let restored = match answer {
-        // Committed: the checks passed, so the download is complete.
-        Ok(restored) => {
-            // Cannot fail once the checks passed; the data is committed whatever it says.
-            if let Err(e) = fetching.finished().await {
-                tracing::warn!(error = %crate::error_chain(&e), "The snapshot download reported an error after its restore committed");
+        Ok(restored) => restored,
+        Err(RestoreError::Db(e @ crate::db::Error::Behind(_))) => {
+            let why = e.to_string();
+            if let Some(version) = version {
+                seen.behind = Some((meta, version, why.clone()));
             }
-            restored
+            return Ok(Attempt::Wait(why));
         }
         Err(e) => {
-            // A file that failed its checks is the reason (and is remembered); otherwise the
-            // merge failed on its own: the rest of the download is not wanted.
-            if let Some(Err(refusal)) = verification.try_outcome() {
-                if let snapshot::Error::Refused(_) = refusal {
-                    *refused = Some(looked);
-                    ask_for_snapshot(node, &need, streams).await;
-                }
-                return Err(refusal);
-            }
-            drop(fetching);
             return Err(snapshot::Error::Unusable(format!(
-                "cannot merge the snapshot: {e}"
+                "cannot merge the snapshot: {}",
+                crate::error_chain(&e)
             )));
         }
     };
-    drop(fetching);
+    drop(dir);
     for (table, why) in &restored.skipped {
         tracing::warn!(table = %table, reason = %why, "Table not restored from the snapshot");
-    }
-    for part in &restored.deferred {
-        tracing::warn!(part = %part, "The snapshot has data this node's schema lacks (it is behind on a migration); kept until the same migration runs here");
     }
     let m = &node.observers.metrics;
     m.snapshots.with_label_values(&["restore", "ok"]).inc();
@@ -385,6 +355,30 @@ async fn attempt(
     tracing::info!(deleted = restored.deleted, updated = restored.updated, inserted = restored.inserted,
         kept_in_flight = restored.kept, positions = ?at, "Restore complete...");
     Ok(Attempt::Restored(meta))
+}
+
+/// What earlier attempts of one recovery learned of the store's snapshot, so that it is not
+/// downloaded again for nothing.
+#[derive(Default)]
+struct Seen {
+    /// A snapshot that failed its checks.
+    refused: Option<Meta>,
+    /// A snapshot this node is behind on a migration for, the database's schema version then,
+    /// and what it waits for: tried again once the schema changed.
+    behind: Option<(Meta, i64, String)>,
+}
+
+/// The database's `PRAGMA schema_version` (it changes with every schema change).
+async fn schema_version(node: &Node) -> Option<i64> {
+    let path = node.settings.db_path.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = crate::db::open(&path).ok()?;
+        conn.query_row("PRAGMA schema_version", [], |r| r.get(0))
+            .ok()
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// How long a restore waits for the publisher to settle what a failed pass sent.

@@ -6,15 +6,15 @@
 //! - [`save`]: copy (from a read transaction that began between two apply batches, so the rows
 //!   and the recorded positions match exactly: the file's bytes when the file alone holds what
 //!   it sees, see `filecopy`, else SQLite's backup API), strip, checksum, upload.
-//! - [`fetch`]: download; [`Verification`]: check size, SHA-256, Go's FNV tag and
-//!   `PRAGMA integrity_check`, beside the merge, before anything of it commits.
+//! - [`fetch_verified`]: download, then check size, SHA-256, Go's FNV tag and
+//!   `PRAGMA integrity_check` before anything is restored.
 //! - The restore itself is [`crate::db::restore`], run by the apply thread.
 //! - [`leader`]: Go's snapshot-leader election and save lease; [`scheduler`]: when to save.
 //!
 //! Invariants:
 //! - Application writers are never blocked by a save: the copy is read from a WAL snapshot.
-//! - A snapshot is never restored unverified (its merge commits only once the checks passed); a
-//!   refused one is logged and counted, and the node keeps trying.
+//! - A snapshot is never restored unverified; a refused one is logged and counted, and the node
+//!   keeps trying.
 //! - Work files live next to the database (same file system, not a small `/tmp`) in a temp dir
 //!   removed on every path.
 
@@ -283,32 +283,20 @@ fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
 
 /// Size, hex SHA-256 and Go's FNV-1 64 tag of a file, in one streaming pass.
 pub fn digest(path: &Path) -> Result<(u64, String, String), Error> {
-    digest_with(path, true, None)
+    digest_with(path, true)
 }
 
-/// [`digest`]; without `fnv` the tag is left empty (and its thread is not started). With an
-/// `arrival`, reads the file as it downloads, each piece once it is there.
-fn digest_with(
-    path: &Path,
-    fnv: bool,
-    arrival: Option<&db::arriving::Arrival>,
-) -> Result<(u64, String, String), Error> {
+/// [`digest`]; without `fnv` the tag is left empty (and its thread is not started).
+fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
     let mut digester = Digester::new(fnv);
-    let mut offset = 0u64;
     loop {
-        const PIECE: usize = 1 << 20;
-        if let Some(a) = arrival {
-            a.wait_for_bytes(offset + PIECE as u64)
-                .map_err(|why| Error::Unusable(format!("the download did not complete: {why}")))?;
-        }
-        let mut buf = vec![0u8; PIECE];
+        let mut buf = vec![0u8; 1 << 20];
         let n = f.read(&mut buf).map_err(io(path))?;
         if n == 0 {
             break;
         }
         buf.truncate(n);
-        offset += n as u64;
         digester.update(bytes::Bytes::from(buf));
     }
     Ok(digester.finish())
@@ -375,41 +363,25 @@ impl Digester {
     }
 }
 
-/// Checks a downloaded file against its metadata and SQLite's own integrity check. With an
-/// `arrival` (the download still writing it), both read the file as it arrives, and the verdict
-/// waits for the download's end: a download that failed is [`Error::Unusable`] (tried again),
-/// never a refusal of the object.
+/// Checks a downloaded file against its metadata and SQLite's own integrity check.
 ///
 /// # Errors
 /// [`Error::Refused`] naming what does not match.
-pub fn verify(
-    path: &Path,
-    meta: &Meta,
-    arrival: Option<&Arc<db::arriving::Arrival>>,
-) -> Result<(), Error> {
+pub fn verify(path: &Path, meta: &Meta) -> Result<(), Error> {
     // SQLite's check and the checksums run side by side (each is CPU-bound); Go's FNV tag is
     // only computed when there is no SHA-256 to check.
-    let checked = std::thread::scope(|scope| {
-        let check = scope.spawn(|| integrity(path, arrival));
-        let sums = check_sums(path, meta, arrival.map(|a| &**a));
+    std::thread::scope(|scope| {
+        let check = scope.spawn(|| integrity(path));
+        let sums = check_sums(path, meta);
         let checked = check
             .join()
             .unwrap_or_else(|_| Err(Error::Refused("integrity_check panicked".into())));
         sums.and(checked)
-    });
-    if let Some(a) = arrival {
-        a.wait_end()
-            .map_err(|why| Error::Unusable(format!("the download did not complete: {why}")))?;
-    }
-    checked
+    })
 }
 
-fn check_sums(
-    path: &Path,
-    meta: &Meta,
-    arrival: Option<&db::arriving::Arrival>,
-) -> Result<(), Error> {
-    let (size, sha256, fnv) = digest_with(path, meta.sha256.is_none(), arrival)?;
+fn check_sums(path: &Path, meta: &Meta) -> Result<(), Error> {
+    let (size, sha256, fnv) = digest_with(path, meta.sha256.is_none())?;
     if let Some(want) = meta.size
         && want != size
     {
@@ -435,15 +407,9 @@ fn check_sums(
     Ok(())
 }
 
-/// `PRAGMA integrity_check` on a downloaded file (read as it arrives, with an `arrival`).
-fn integrity(path: &Path, arrival: Option<&Arc<db::arriving::Arrival>>) -> Result<(), Error> {
-    let file = db::arriving::SnapshotFile {
-        path: path.to_path_buf(),
-        arrival: arrival.cloned(),
-    };
-    let (uri, _registered) = file.uri().map_err(Error::Unusable)?;
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
-    let conn = Connection::open_with_flags(&uri, flags)
+/// `PRAGMA integrity_check` on a downloaded file.
+fn integrity(path: &Path) -> Result<(), Error> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| Error::Refused(format!("not an SQLite database: {e}")))?;
     let verdict: Result<Vec<String>, rusqlite::Error> = conn
         .prepare("PRAGMA integrity_check")
@@ -490,251 +456,28 @@ pub async fn save(
     Ok(meta)
 }
 
-/// Merge speed assumed when deciding when to start merging a snapshot that is still arriving
-/// ([`Fetching::ready_to_merge`]): about what we measured (120–150 MB/s on a 2-core VM, beside
-/// the download). A faster merge waits for bytes while it holds the write lock, at most until
-/// the download would have ended anyway; a slower one never does.
-const MERGE_BYTES_PER_SEC: f64 = 128.0 * 1024.0 * 1024.0;
-
-/// A snapshot download running in the background (see [`fetch`]). Dropped, it stops the
-/// download, and the file's readers fail instead of waiting.
-pub struct Fetching {
-    /// The work dir holding the file (removed when dropped).
-    _dir: tempfile::TempDir,
-    pub file: PathBuf,
-    /// The metadata the store announced before the data.
-    pub meta: Meta,
-    pub arriving: store::Arriving,
-    began: Instant,
-    /// The download task (a set, so that dropping it aborts the task).
-    task: tokio::task::JoinSet<Result<Option<Meta>, Error>>,
-    /// Its outcome, when it ended before it was asked for.
-    ended: Option<Result<Option<Meta>, Error>>,
-}
-
-/// Starts downloading the snapshot into a new work dir and returns once the store has announced
-/// its metadata (before the data): the file may be read while it arrives, through
-/// [`Fetching::arriving`]. `Ok(None)` when the store is empty. Nothing is checked yet: that is
-/// [`Verification`]'s job, before anything of the file commits.
+/// Downloads the snapshot into a new work dir and verifies it. `Ok(None)` when the store is empty.
 ///
 /// # Errors
-/// Store errors before the data began.
-pub async fn fetch(store: &Arc<dyn Store>, db_path: &Path) -> Result<Option<Fetching>, Error> {
+/// Store errors, or [`Error::Refused`] for a snapshot that fails verification.
+pub async fn fetch_verified(
+    store: &dyn Store,
+    db_path: &Path,
+) -> Result<Option<(tempfile::TempDir, PathBuf, Meta)>, Error> {
     let dir = work_dir(db_path)?;
-    let file = dir.path().join(store::OBJECT);
-    let arriving = store::Arriving::new();
-    let mut begun = arriving.begun();
-    let mut task = tokio::task::JoinSet::new();
-    let (st, path, a) = (Arc::clone(store), file.clone(), arriving.clone());
-    task.spawn(async move {
-        let started = Instant::now();
-        let got = st.download_arriving(&path, &a).await;
-        a.end(match &got {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err("the snapshot disappeared from the store".into()),
-            Err(e) => Err(crate::error_chain(e)),
-        });
-        if let Ok(Some(meta)) = &got {
-            tracing::info!(size = meta.size, positions = ?meta.positions, elapsed_ms = started.elapsed().as_millis() as u64,
-                store = st.kind(), "Downloaded snapshot");
-        }
-        got.map_err(Error::from)
-    });
-    let (mut meta, mut ended) = tokio::select! {
-        seen = begun.wait_for(Option::is_some) => match seen.ok().and_then(|m| m.clone()) {
-            Some(meta) => (meta, None),
-            None => return Err(Error::Unusable("the download ended without a beginning".into())),
-        },
-        done = task.join_next() => {
-            let got = joined(done);
-            match got {
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(e),
-                Ok(Some(meta)) => (meta.clone(), Some(Ok(Some(meta)))),
-            }
-        }
+    let path = dir.path().join(store::OBJECT);
+    let started = Instant::now();
+    let Some(meta) = store.download(&path).await? else {
+        return Ok(None);
     };
-    // Without a size the file cannot be read before it is complete (SQLite needs it), and a
-    // store that trusts its sidecar only once the size matches says more at the end.
-    if ended.is_none() && arriving.arrival().progress().1.is_none() {
-        match joined(task.join_next().await)? {
-            None => return Ok(None),
-            Some(end) => {
-                meta = end.clone();
-                ended = Some(Ok(Some(end)));
-            }
-        }
-    }
-    Ok(Some(Fetching {
-        _dir: dir,
-        file,
-        meta,
-        arriving,
-        began: Instant::now(),
-        task,
-        ended,
-    }))
-}
-
-fn joined(
-    done: Option<Result<Result<Option<Meta>, Error>, tokio::task::JoinError>>,
-) -> Result<Option<Meta>, Error> {
-    match done {
-        Some(Ok(got)) => got,
-        Some(Err(e)) => Err(Error::Unusable(format!("the download task failed: {e}"))),
-        None => Err(Error::Unusable("the download task is gone".into())),
-    }
-}
-
-impl Drop for Fetching {
-    fn drop(&mut self) {
-        // Stops a download still running (a blocking one stops at its next piece).
-        self.arriving
-            .end(Err("the download is not wanted any more".into()));
-    }
-}
-
-impl Fetching {
-    /// Waits until merging may start: when the rest of the download should take no longer than
-    /// the merge (at the rate seen so far), or it has ended. Merging sooner would hold the write
-    /// lock, which the application's writers wait on, while the merge waits for bytes; with a
-    /// fast store it starts at once. `false` when `stop` fired first.
-    pub async fn ready_to_merge(&self, stop: &tokio_util::sync::CancellationToken) -> bool {
-        loop {
-            self.arriving.arrival().check_stall();
-            let (written, total, ended) = self.arriving.arrival().progress();
-            if ended {
-                return true;
-            }
-            let elapsed = self.began.elapsed().as_secs_f64();
-            if let Some(total) = total
-                && written > 0
-                && elapsed > 0.0
-            {
-                let rest = total.saturating_sub(written) as f64 / (written as f64 / elapsed);
-                if rest <= total as f64 / MERGE_BYTES_PER_SEC {
-                    return true;
-                }
-            }
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return false,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
-            }
-        }
-    }
-
-    /// Waits for the download's end.
-    ///
-    /// # Errors
-    /// The store's error, or the object disappeared while it was read.
-    pub async fn finished(&mut self) -> Result<(), Error> {
-        let got = match self.ended.take() {
-            Some(got) => got,
-            None => joined(self.task.join_next().await),
-        };
-        match got? {
-            Some(_) => Ok(()),
-            None => Err(Error::Unusable(
-                "the snapshot disappeared from the store while it was downloaded".into(),
-            )),
-        }
-    }
-}
-
-/// The checks of a downloaded snapshot ([`verify`]), running on a thread of their own while the
-/// apply thread merges it: the merge commits only once they passed (`db::restore`), so a refused
-/// snapshot changes nothing, and a restore takes the longer of the two instead of both.
-/// Clones share the one outcome.
-#[derive(Clone)]
-pub struct Verification(Arc<Outcome>);
-
-/// The checks' outcome once they are done, and the signal that they are.
-type Outcome = (Mutex<Option<Result<(), Error>>>, std::sync::Condvar);
-
-impl std::fmt::Debug for Verification {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Verification")
-    }
-}
-
-impl Verification {
-    /// Starts checking `path` against `meta` on a thread of its own, as it arrives when
-    /// `arrival` is the download still writing it (see [`verify`]). Checks that cannot start or
-    /// that panic end as [`Error::Unusable`] (tried again later), never as a wait without end.
-    pub fn start(
-        path: &Path,
-        meta: &Meta,
-        arrival: Option<Arc<db::arriving::Arrival>>,
-    ) -> Verification {
-        let v = Verification(Arc::new((Mutex::new(None), std::sync::Condvar::new())));
-        let (p, m, done) = (path.to_path_buf(), meta.clone(), v.clone());
-        let spawned = std::thread::Builder::new()
-            .name("hl-verify".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let outcome = std::panic::catch_unwind(|| verify(&p, &m, arrival.as_ref()))
-                    .unwrap_or_else(|_| {
-                        Err(Error::Unusable("the snapshot checks panicked".into()))
-                    });
-                tracing::debug!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    ok = outcome.is_ok(),
-                    "snapshot checked"
-                );
-                done.finish(outcome);
-            });
-        if let Err(e) = spawned {
-            v.finish(Err(Error::Unusable(format!(
-                "cannot start the snapshot checks: {e}"
-            ))));
-        }
-        v
-    }
-
-    fn finish(&self, outcome: Result<(), Error>) {
-        let (lock, ready) = &*self.0;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
-        ready.notify_all();
-    }
-
-    /// Blocks until the checks are done. A refusal stays [`Error::Refused`]; any other failure
-    /// (the file could not be read) is [`Error::Unusable`].
-    ///
-    /// # Errors
-    /// Why the snapshot must not be restored.
-    pub fn wait(&self) -> Result<(), Error> {
-        let (lock, ready) = &*self.0;
-        let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
-        while done.is_none() {
-            done = ready.wait(done).unwrap_or_else(|e| e.into_inner());
-        }
-        match done.as_ref() {
-            Some(Ok(())) | None => Ok(()),
-            Some(Err(Error::Refused(why))) => Err(Error::Refused(why.clone())),
-            Some(Err(e)) => Err(Error::Unusable(format!(
-                "cannot check the snapshot: {}",
-                crate::error_chain(e)
-            ))),
-        }
-    }
-
-    /// The outcome if the checks are done, without waiting.
-    pub fn try_outcome(&self) -> Option<Result<(), Error>> {
-        let done = self.0.0.lock().unwrap_or_else(|e| e.into_inner()).is_some();
-        done.then(|| self.wait())
-    }
-
-    /// [`Verification::wait`] without blocking the runtime.
-    ///
-    /// # Errors
-    /// Why the snapshot must not be restored.
-    pub async fn outcome(&self) -> Result<(), Error> {
-        let v = self.clone();
-        tokio::task::spawn_blocking(move || v.wait())
-            .await
-            .map_err(|e| Error::Unusable(format!("snapshot check task failed: {e}")))?
-    }
+    let download_ms = started.elapsed().as_millis() as u64;
+    let (p, m) = (path.clone(), meta.clone());
+    tokio::task::spawn_blocking(move || verify(&p, &m))
+        .await
+        .map_err(|e| Error::Unusable(format!("snapshot check task failed: {e}")))??;
+    tracing::info!(size = meta.size, positions = ?meta.positions, elapsed_ms = started.elapsed().as_millis() as u64,
+        download_ms, store = store.kind(), "Downloaded snapshot, verified");
+    Ok(Some((dir, path, meta)))
 }
 
 /// Builds the configured store (no request is made yet). NATS needs the JetStream context.
@@ -771,97 +514,6 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The checks beside a merge: a sound file passes, a checksum that differs is a refusal
-    /// (the node remembers that object), an unreadable file is not (it is tried again); every
-    /// clone waits for the one outcome.
-    #[test]
-    fn verification_refuses_what_differs_and_shares_its_outcome() {
-        let dir = tempfile::tempdir().expect("dir");
-        let file = dir.path().join("snap.db");
-        Connection::open(&file)
-            .expect("open")
-            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY); INSERT INTO t VALUES (1)")
-            .expect("fill");
-        let (size, sha256, fnv) = digest(&file).expect("digest");
-        let good = Meta {
-            size: Some(size),
-            sha256: Some(sha256),
-            fnv_tag: Some(fnv),
-            ..Meta::default()
-        };
-        let v = Verification::start(&file, &good, None);
-        let other = v.clone();
-        assert!(v.wait().is_ok());
-        assert!(other.wait().is_ok());
-        let bad = Meta {
-            sha256: Some("00".repeat(32)),
-            ..good.clone()
-        };
-        let refused = Verification::start(&file, &bad, None).wait();
-        assert!(
-            matches!(&refused, Err(Error::Refused(why)) if why.starts_with("SHA-256 is")),
-            "{refused:?}"
-        );
-        let gone = Verification::start(&dir.path().join("missing.db"), &good, None).wait();
-        assert!(matches!(&gone, Err(Error::Unusable(_))), "{gone:?}");
-    }
-
-    /// The checks of a file still arriving read it as it comes and pass once it is whole; a
-    /// download that fails midway is not a refusal of the object (it is tried again), and a
-    /// file that arrives whole but differs is one.
-    #[test]
-    fn verification_of_an_arriving_file_waits_for_it_and_tells_failures_from_refusals() {
-        let dir = tempfile::tempdir().expect("dir");
-        let source = dir.path().join("source.db");
-        Connection::open(&source)
-            .expect("open")
-            .execute_batch(
-                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);
-                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)
-                 INSERT INTO t SELECT i, printf('%0200d', i) FROM n;",
-            )
-            .expect("fill");
-        let (size, sha256, fnv) = digest(&source).expect("digest");
-        let good = Meta {
-            size: Some(size),
-            sha256: Some(sha256),
-            fnv_tag: Some(fnv),
-            ..Meta::default()
-        };
-        let bytes = std::fs::read(&source).expect("read");
-        let bad = Meta {
-            sha256: Some("00".repeat(32)),
-            ..good.clone()
-        };
-        for (name, meta, fail) in [
-            ("good", &good, false),
-            ("cut", &good, true),
-            ("bad", &bad, false),
-        ] {
-            let file = dir.path().join(format!("{name}.db"));
-            let arrival = db::arriving::Arrival::new();
-            arrival.expect(Some(size));
-            let writer = db::arriving::trickle(
-                &bytes,
-                &file,
-                &arrival,
-                256 * 1024,
-                fail.then_some(768 * 1024),
-            );
-            let v = Verification::start(&file, meta, Some(Arc::clone(&arrival)));
-            writer.join().expect("writer");
-            let got = v.wait();
-            match name {
-                "good" => assert!(got.is_ok(), "{got:?}"),
-                "cut" => assert!(
-                    matches!(&got, Err(Error::Unusable(why)) if why.contains("connection reset")),
-                    "{got:?}"
-                ),
-                _ => assert!(matches!(&got, Err(Error::Refused(_))), "{got:?}"),
-            }
-        }
-    }
 
     /// A copy keeps every rowid (tables without an INTEGER PRIMARY KEY replicate by rowid; a
     /// VACUUM would renumber them) and none of our tables; the positions are the source's.
@@ -920,7 +572,7 @@ mod tests {
             fnv_tag: Some(fnv),
             ..meta
         };
-        verify(&copy, &meta, None).expect("verifies");
+        verify(&copy, &meta).expect("verifies");
     }
 
     /// An older reader keeps the newest commit out of the database file: the copy comes from

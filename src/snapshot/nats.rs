@@ -18,9 +18,7 @@ use std::path::Path;
 use async_nats::jetstream::{self, object_store};
 use futures::future::BoxFuture;
 
-use super::store::{
-    Arriving, DownloadFile, Error, Meta, OBJECT, Progress, ProgressReader, Store, TAG_HEADER,
-};
+use super::store::{Error, Meta, OBJECT, Progress, ProgressReader, Store, TAG_HEADER};
 
 const KIND: &str = "nats";
 /// Object metadata key holding our [`Meta`] as JSON.
@@ -54,9 +52,10 @@ impl NatsStore {
     async fn read_chunks(
         &self,
         info: &object_store::ObjectInfo,
-        mut out: DownloadFile<'_>,
+        out: &mut tokio::fs::File,
     ) -> Result<(), String> {
         use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
         let stream = self
             .js
             .get_stream(format!("OBJ_{}", self.bucket))
@@ -73,6 +72,7 @@ impl NatsStore {
             })
             .await
             .map_err(|e| e.to_string())?;
+        let mut progress = Progress::new(KIND, "Downloading", Some(info.size as u64));
         let per_chunk = info.size.div_ceil(info.chunks.max(1)).max(1);
         // Pipelined: the next batch is asked for while this one is written out, and no more
         // than about two batches are ever on their way.
@@ -83,7 +83,7 @@ impl NatsStore {
             .messages()
             .await
             .map_err(|e| e.to_string())?;
-        let mut got = 0usize;
+        let (mut got, mut bytes) = (0usize, 0u64);
         while got < info.chunks {
             let msg = match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
                 Err(_) => {
@@ -105,17 +105,20 @@ impl NatsStore {
                     info.chunks
                 ));
             }
-            out.put(&msg.payload).await.map_err(|e| e.to_string())?;
+            out.write_all(&msg.payload)
+                .await
+                .map_err(|e| e.to_string())?;
             got += 1;
+            bytes += msg.payload.len() as u64;
+            progress.add(msg.payload.len());
         }
-        let bytes = out.finish().await.map_err(|e| e.to_string())?;
         if bytes != info.size as u64 {
             return Err(format!(
                 "read {bytes} bytes, the object's info says {}",
                 info.size
             ));
         }
-        Ok(())
+        out.flush().await.map_err(|e| e.to_string())
     }
 
     /// Puts `data` as the object [`OBJECT`] with our `meta` (see the module header: the object
@@ -360,11 +363,7 @@ impl Store for NatsStore {
         ))
     }
 
-    fn download_arriving<'a>(
-        &'a self,
-        dest: &'a Path,
-        arriving: &'a Arriving,
-    ) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
+    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
         Box::pin(async move {
             let object = self.object();
             let fail =
@@ -385,13 +384,8 @@ impl Store for NatsStore {
                 ));
             }
             let meta = NatsStore::meta_of(&info);
-            let size = info.size as u64;
-            arriving.begin(&meta, Some(size));
-            let progress = Progress::new(KIND, "Downloading", Some(size));
-            let out = DownloadFile::create(dest, progress, arriving)
-                .await
-                .map_err(|e| fail(&e))?;
-            self.read_chunks(&info, out).await.map_err(said)?;
+            let mut out = tokio::fs::File::create(dest).await.map_err(|e| fail(&e))?;
+            self.read_chunks(&info, &mut out).await.map_err(said)?;
             Ok(Some(meta))
         })
     }

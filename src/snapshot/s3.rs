@@ -21,8 +21,9 @@ use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::future::BoxFuture;
+use tokio::io::AsyncWriteExt;
 
-use super::store::{Arriving, DownloadFile, Error, Meta, OBJECT, Progress, Store};
+use super::store::{Error, Meta, OBJECT, Progress, Store};
 use crate::config::S3Settings;
 
 const KIND: &str = "s3";
@@ -309,11 +310,7 @@ impl Store for S3Store {
         })
     }
 
-    fn download_arriving<'a>(
-        &'a self,
-        dest: &'a Path,
-        arriving: &'a Arriving,
-    ) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
+    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
         Box::pin(async move {
             self.ensure_bucket("download").await?;
             let got = match self
@@ -335,19 +332,24 @@ impl Store for S3Store {
                 .and_then(|m| m.get(META_KEY))
                 .and_then(|j| Meta::from_json(j.as_bytes()))
                 .unwrap_or_default();
-            let length = got.content_length().map(|l| l.max(0) as u64);
-            arriving.begin(&meta, length);
-            let progress = Progress::new(KIND, "Downloading", length);
-            let mut out = DownloadFile::create(dest, progress, arriving)
+            let mut out = tokio::fs::File::create(dest)
                 .await
                 .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+            let mut progress = Progress::new(
+                KIND,
+                "Downloading",
+                got.content_length().map(|l| l.max(0) as u64),
+            );
             let mut body = got.body;
             while let Some(chunk) = body.try_next().await.map_err(|e| self.err("download", e))? {
-                out.put(&chunk)
+                out.write_all(&chunk)
                     .await
                     .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+                progress.add(chunk.len());
             }
-            out.finish()
+            // Completes tokio's last write; no fsync: a work file, verified and merged at once
+            // (after a crash the next start removes it).
+            out.flush()
                 .await
                 .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
             Ok(Some(meta))

@@ -359,7 +359,7 @@ impl Snapshots {
     /// them (and be pinned before them).
     fn behind_on_schema(&self) -> bool {
         let c = self.observers.health.catchup();
-        c.schema_waiting_events > 0 || c.schema_deferred_parts > 0
+        c.schema_waiting_events > 0
     }
 
     /// One election round (Go's `tryAcquireLeadership`); returns how soon the next is worth

@@ -20,7 +20,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use ssh2::{ErrorCode, RenameFlags, Session, Sftp};
 
-use super::store::{Arriving, Error, Meta, OBJECT, Progress, SIDECAR, Store};
+use super::store::{Error, Meta, OBJECT, Progress, SIDECAR, Store};
 use crate::config::SftpSettings;
 
 const KIND: &str = "sftp";
@@ -309,7 +309,7 @@ impl SftpStore {
         Ok(())
     }
 
-    fn download_blocking(&self, dest: &Path, arriving: &Arriving) -> Result<Option<Meta>, Error> {
+    fn download_blocking(&self, dest: &Path) -> Result<Option<Meta>, Error> {
         let op = "download";
         let (_sess, sftp) = self.connect(op)?;
         let sidecar = self.read_sidecar(&sftp, op)?;
@@ -318,26 +318,18 @@ impl SftpStore {
             Err(e) if e.code() == ErrorCode::SFTP(NO_SUCH_FILE) => return Ok(None),
             Err(e) => return Err(self.err(op, e)),
         };
-        let length = remote.stat().ok().and_then(|st| st.size);
-        // What the reader trusts from the start; the same pair is checked at the end.
-        arriving.begin(&super::webdav::trusted(sidecar.clone(), length), length);
         let mut out = std::fs::File::create(dest).map_err(|e| self.err(op, e))?;
         let mut buf = vec![0u8; 1 << 20];
         let mut bytes = 0u64;
-        let mut progress = Progress::new(KIND, "Downloading", length);
+        let mut progress = Progress::new(KIND, "Downloading", None);
         loop {
-            if let Some(why) = arriving.arrival().failed() {
-                return Err(self.err(op, std::io::Error::other(why)));
-            }
             let n = remote.read(&mut buf).map_err(|e| self.err(op, e))?;
             if n == 0 {
                 break;
             }
-            // A plain write: in the file, readable by the restore, once it returns.
             out.write_all(&buf[..n]).map_err(|e| self.err(op, e))?;
             bytes += n as u64;
             progress.add(n);
-            arriving.arrival().advance(n as u64);
         }
         tracing::info!(path = %self.object(), bytes, "Snapshot downloaded from SFTP server");
         Ok(Some(super::webdav::trusted(sidecar, Some(bytes))))
@@ -386,17 +378,9 @@ impl Store for std::sync::Arc<SftpStore> {
         Box::pin(blocking(move || me.upload_blocking(&file, &meta)))
     }
 
-    fn download_arriving<'a>(
-        &'a self,
-        dest: &'a Path,
-        arriving: &'a Arriving,
-    ) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
-        let (me, dest, arriving) = (
-            std::sync::Arc::clone(self),
-            dest.to_path_buf(),
-            arriving.clone(),
-        );
-        Box::pin(blocking(move || me.download_blocking(&dest, &arriving)))
+    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
+        let (me, dest) = (std::sync::Arc::clone(self), dest.to_path_buf());
+        Box::pin(blocking(move || me.download_blocking(&dest)))
     }
 
     fn meta(&self) -> BoxFuture<'_, Result<Option<Meta>, Error>> {

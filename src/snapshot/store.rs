@@ -12,13 +12,9 @@
 //!   which deletes first): each backend writes a new object and replaces the old in one step.
 //! - Transfers stream: memory use does not depend on the database size.
 //! - Every error names the store and the object; none of them stops replication.
-//! - A download announces the object's metadata before its first byte and counts a byte as
-//!   arrived only once it is in the file ([`Arriving`], [`DownloadFile`]): a restore may read the
-//!   file while it downloads (`db::arriving`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -146,171 +142,11 @@ pub trait Store: Send + Sync {
         })
     }
 
-    /// Downloads the snapshot into `dest`, announcing it to `arriving` before its first byte
-    /// and every byte once written; `None` when the store holds none.
-    fn download_arriving<'a>(
-        &'a self,
-        dest: &'a Path,
-        arriving: &'a Arriving,
-    ) -> BoxFuture<'a, Result<Option<Meta>, Error>>;
-
-    /// Downloads the snapshot into `dest`, nobody reading it meanwhile; `None` when the store
-    /// holds none.
-    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
-        Box::pin(async move {
-            let arriving = Arriving::new();
-            let got = self.download_arriving(dest, &arriving).await;
-            arriving.end(got.as_ref().map(|_| ()).map_err(|e| crate::error_chain(e)));
-            got
-        })
-    }
+    /// Downloads the snapshot into `dest`; `None` when the store holds none.
+    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>>;
 
     /// The snapshot's metadata without its data; `None` when the store holds none.
     fn meta(&self) -> BoxFuture<'_, Result<Option<Meta>, Error>>;
-}
-
-/// A download as its reader sees it: the metadata once the store has it (before the data), and
-/// the file's [`Arrival`](crate::db::arriving::Arrival). Clones share one download; when the
-/// last is dropped before it was ended (the download was stopped), it ends the arrival as
-/// failed, so that no reader waits for bytes that will not come.
-#[derive(Clone)]
-pub struct Arriving(Arc<Shared>);
-
-struct Shared {
-    arrival: Arc<crate::db::arriving::Arrival>,
-    begun: tokio::sync::watch::Sender<Option<Meta>>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        self.arrival
-            .finish(Err("the download was stopped before it ended".into()));
-    }
-}
-
-impl Default for Arriving {
-    fn default() -> Arriving {
-        Arriving::new()
-    }
-}
-
-impl Arriving {
-    pub fn new() -> Arriving {
-        Arriving(Arc::new(Shared {
-            arrival: crate::db::arriving::Arrival::new(),
-            begun: tokio::sync::watch::Sender::new(None),
-        }))
-    }
-
-    pub fn arrival(&self) -> &Arc<crate::db::arriving::Arrival> {
-        &self.0.arrival
-    }
-
-    /// Yields the metadata once the download has begun.
-    pub fn begun(&self) -> tokio::sync::watch::Receiver<Option<Meta>> {
-        self.0.begun.subscribe()
-    }
-
-    /// Called by a store once it has the object's metadata, before the first byte; `length` is
-    /// the transfer's own idea of the size (used when the metadata has none).
-    pub fn begin(&self, meta: &Meta, length: Option<u64>) {
-        self.0.arrival.expect(meta.size.or(length));
-        self.0.begun.send_replace(Some(meta.clone()));
-    }
-
-    /// Ends the arrival: complete, or why not.
-    pub fn end(&self, outcome: Result<(), String>) {
-        self.0.arrival.finish(outcome);
-    }
-}
-
-/// The file a download writes, in pieces of about [`DownloadFile::PIECE`]: a piece is in the
-/// file (tokio's write completed) before it counts as arrived, and a download whose reader gave
-/// up stops at its next piece. [`DownloadFile::finish`] writes the last one.
-pub struct DownloadFile<'a> {
-    out: tokio::fs::File,
-    progress: Progress,
-    arriving: &'a Arriving,
-    /// Bytes received and not written yet.
-    pending: Vec<u8>,
-    written: u64,
-}
-
-impl<'a> DownloadFile<'a> {
-    /// Bytes gathered per write (HTTP bodies come in pieces of a few KB).
-    pub const PIECE: usize = 1 << 20;
-
-    /// Creates `dest` for a download announced to `arriving` (see [`Arriving::begin`]).
-    ///
-    /// # Errors
-    /// The file cannot be created.
-    pub async fn create(
-        dest: &Path,
-        progress: Progress,
-        arriving: &'a Arriving,
-    ) -> std::io::Result<DownloadFile<'a>> {
-        Ok(DownloadFile {
-            out: tokio::fs::File::create(dest).await?,
-            progress,
-            arriving,
-            pending: Vec::new(),
-            written: 0,
-        })
-    }
-
-    /// Appends `data`.
-    ///
-    /// # Errors
-    /// The write failed, or the reader gave up on the download.
-    pub async fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if let Some(why) = self.arriving.arrival().failed() {
-            return Err(std::io::Error::other(why));
-        }
-        if self.pending.is_empty() && data.len() >= Self::PIECE {
-            return self.write(data).await;
-        }
-        self.pending.extend_from_slice(data);
-        if self.pending.len() >= Self::PIECE {
-            self.write_pending().await?;
-        }
-        Ok(())
-    }
-
-    /// Writes the pending bytes (keeping the buffer for the next piece).
-    async fn write_pending(&mut self) -> std::io::Result<()> {
-        let piece = std::mem::take(&mut self.pending);
-        let written = self.write(&piece).await;
-        self.pending = piece;
-        self.pending.clear();
-        written
-    }
-
-    async fn write(&mut self, piece: &[u8]) -> std::io::Result<()> {
-        use tokio::io::AsyncWriteExt;
-        self.out.write_all(piece).await?;
-        // tokio writes on a thread of its own: flushed, the bytes are in the file.
-        self.out.flush().await?;
-        self.written += piece.len() as u64;
-        self.progress.add(piece.len());
-        self.arriving.arrival().advance(piece.len() as u64);
-        Ok(())
-    }
-
-    /// Bytes received so far.
-    pub fn bytes(&self) -> u64 {
-        self.written + self.pending.len() as u64
-    }
-
-    /// Writes what is still pending; the file's size.
-    ///
-    /// # Errors
-    /// The write failed.
-    pub async fn finish(mut self) -> std::io::Result<u64> {
-        if !self.pending.is_empty() {
-            self.write_pending().await?;
-        }
-        Ok(self.written)
-    }
 }
 
 /// Logs the progress of a transfer of more than a few MB, at most every few seconds.

@@ -15,10 +15,9 @@ use std::path::Path;
 
 use futures::future::BoxFuture;
 use reqwest::{Method, StatusCode, Url};
+use tokio::io::AsyncWriteExt;
 
-use super::store::{
-    Arriving, DownloadFile, Error, Meta, OBJECT, Progress, ProgressReader, SIDECAR, Store,
-};
+use super::store::{Error, Meta, OBJECT, Progress, ProgressReader, SIDECAR, Store};
 
 const KIND: &str = "webdav";
 
@@ -258,11 +257,7 @@ impl Store for WebDavStore {
         })
     }
 
-    fn download_arriving<'a>(
-        &'a self,
-        dest: &'a Path,
-        arriving: &'a Arriving,
-    ) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
+    fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
         Box::pin(async move {
             let op = "download";
             let sidecar = self.sidecar(op).await?;
@@ -276,20 +271,21 @@ impl Store for WebDavStore {
                 s if s.is_success() => {}
                 s => return Err(self.status_error(op, "GET", s)),
             }
-            let length = resp.content_length();
-            // What the reader trusts from the start; the same pair is checked at the end.
-            arriving.begin(&trusted(sidecar.clone(), length), length);
-            let progress = Progress::new(KIND, "Downloading", length);
-            let mut out = DownloadFile::create(dest, progress, arriving)
+            let mut out = tokio::fs::File::create(dest)
                 .await
                 .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
+            let mut size = 0u64;
+            let mut progress = Progress::new(KIND, "Downloading", resp.content_length());
             while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_error(op, e))? {
-                out.put(&chunk)
+                size += chunk.len() as u64;
+                progress.add(chunk.len());
+                out.write_all(&chunk)
                     .await
                     .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
             }
-            let size = out
-                .finish()
+            // Completes tokio's last write; no fsync: a work file, verified and merged at once
+            // (after a crash the next start removes it).
+            out.flush()
                 .await
                 .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
             tracing::info!(path = %self.object(), size, "Snapshot downloaded from WebDAV");

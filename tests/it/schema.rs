@@ -447,8 +447,9 @@ fn a_node_behind_on_a_migration_does_not_lead_snapshots() {
 }
 
 /// A node behind on a migration that must restore a snapshot of a node ahead of it (the streams
-/// moved on while it was down) keeps the snapshot's new table and column aside, and after its
-/// own migration has every row and value the other node has.
+/// moved on while it was down) does not restore it yet: it says what it waits for, and restores
+/// right after its own migration, with every row and value the other node has and the rows its
+/// application wrote meanwhile.
 #[test]
 fn a_restore_while_behind_on_a_migration_loses_nothing() {
     let bin = require_nats!();
@@ -483,20 +484,29 @@ fn a_restore_while_behind_on_a_migration_loses_nothing() {
         nodes[0].query_i64("SELECT count(*) FROM __harmonylite___change_log_global") == 0
     });
     nodes[1].start();
-    wait_until(REPLICATION_TIMEOUT * 2, "node 2 to restore", || {
-        nodes[1].log().contains("Restore complete")
-    });
+    wait_until(
+        REPLICATION_TIMEOUT * 2,
+        "node 2 to wait for its migration",
+        || {
+            nodes[1]
+                .log()
+                .contains("waiting for this node's migration to restore: snapshot has")
+        },
+    );
     let log = nodes[1].log();
     assert!(
-        log.contains("The snapshot has data this node's schema lacks"),
-        "node 2 did not keep the snapshot's new table and column\n{log}"
+        log.contains("column \"rating\" of table \"Books\"") && log.contains("table \"Reviews\""),
+        "node 2 did not name what it lacks\n{log}"
     );
-    // Its own migration brings them in, and it goes on replicating.
+    assert!(
+        !log.contains("Restore complete"),
+        "restored while behind\n{log}"
+    );
+    // Its application goes on writing meanwhile; its own migration lets the restore through.
+    nodes[1].exec("INSERT INTO Books (id, title, author) VALUES (1000, 'while waiting', 'b')");
     nodes[1].exec(MIGRATION);
-    wait_until(REPLICATION_TIMEOUT, "node 2 to merge the kept rows", || {
-        nodes[1]
-            .log()
-            .contains("Merged snapshot rows kept for this schema")
+    wait_until(REPLICATION_TIMEOUT * 2, "node 2 to restore", || {
+        nodes[1].log().contains("Restore complete")
     });
     nodes[0].exec("INSERT INTO Reviews (id, book, body) VALUES (100, 1, 'after')");
     nodes[1].exec("INSERT INTO Reviews (id, book, body) VALUES (101, 2, 'from node 2')");
@@ -505,6 +515,7 @@ fn a_restore_while_behind_on_a_migration_loses_nothing() {
             && nodes[0].checksum("Books") == nodes[1].checksum("Books")
             && nodes[0].checksum("Reviews") == nodes[1].checksum("Reviews")
             && nodes[0].query_i64("SELECT count(*) FROM Reviews") == 22
+            && nodes[0].query_i64("SELECT count(*) FROM Books WHERE title = 'while waiting'") == 1
     });
     assert_eq!(
         nodes[1].query_i64("SELECT rating FROM Books WHERE title = 'before'"),
