@@ -7,9 +7,13 @@ use std::os::unix::net::UnixDatagram;
 
 /// Sends `state` (e.g. `READY=1`) to the service manager, if there is one.
 pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        notify_to(&path, state);
+    }
+}
+
+/// Sends `state` to the socket at `path` (`@name`: abstract namespace).
+fn notify_to(path: &std::ffi::OsStr, state: &str) {
     let result = UnixDatagram::unbound().and_then(|sock| {
         let bytes = path.as_encoded_bytes();
         if let Some(name) = bytes.strip_prefix(b"@") {
@@ -18,7 +22,7 @@ pub fn notify(state: &str) {
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
             sock.send_to_addr(state.as_bytes(), &addr)
         } else {
-            sock.send_to(state.as_bytes(), &path)
+            sock.send_to(state.as_bytes(), path)
         }
     });
     if let Err(e) = result {
@@ -33,10 +37,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("notify.sock");
         let listener = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
-        // SAFETY: this test is the only code reading NOTIFY_SOCKET in the process.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-        super::notify("READY=1");
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        super::notify_to(path.as_os_str(), "READY=1");
         let mut buf = [0u8; 64];
         let n = listener.recv(&mut buf).expect("recv");
         assert_eq!(&buf[..n], b"READY=1");

@@ -188,7 +188,7 @@ pub fn change_log_name(table: &str) -> String {
 /// The kernel releases it when the process ends, however it ends.
 #[derive(Debug)]
 pub struct DbLock {
-    _file: std::fs::File,
+    _file: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// Tells whether another process has a read transaction open on the database, from the WAL
@@ -200,7 +200,8 @@ pub struct DbLock {
 /// no application transaction is open.
 ///
 /// The file descriptor is never closed: closing any descriptor of a file drops every POSIX lock
-/// this process holds on it, including SQLite's own.
+/// this process holds on it, including SQLite's own. So there is one probe per `-shm` file in
+/// the process ([`ReaderProbe::open`] hands out the same one), replaced only when the file was.
 pub struct ReaderProbe {
     shm: std::mem::ManuallyDrop<std::fs::File>,
 }
@@ -211,32 +212,49 @@ const SHM_READ_LOCK_FIRST: i64 = 120 + 3;
 const SHM_READ_LOCKS: i64 = 5;
 
 impl ReaderProbe {
-    /// Opens the probe on `<db>-shm`; `None` when there is no such file (not in WAL mode).
-    pub fn open(db_path: &Path) -> Option<ReaderProbe> {
+    /// The probe on `<db>-shm`, opened on first use and shared after that (a `-shm` file
+    /// created anew gets a new one); `None` when there is no such file (not in WAL mode).
+    pub fn open(db_path: &Path) -> Option<std::sync::Arc<ReaderProbe>> {
+        use std::os::unix::fs::MetadataExt;
+        static OPEN: std::sync::Mutex<Vec<(PathBuf, std::sync::Arc<ReaderProbe>)>> =
+            std::sync::Mutex::new(Vec::new());
         let mut name = db_path.as_os_str().to_owned();
         name.push("-shm");
+        let name = PathBuf::from(name);
+        let now = std::fs::metadata(&name).ok()?;
+        let same = |p: &ReaderProbe| {
+            p.shm
+                .metadata()
+                .is_ok_and(|m| (m.dev(), m.ino()) == (now.dev(), now.ino()))
+        };
+        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, probe)) = open.iter().find(|(n, p)| *n == name && same(p)) {
+            return Some(std::sync::Arc::clone(probe));
+        }
         let shm = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(PathBuf::from(name))
+            .open(&name)
             .ok()?;
-        Some(ReaderProbe {
+        let probe = std::sync::Arc::new(ReaderProbe {
             shm: std::mem::ManuallyDrop::new(shm),
-        })
+        });
+        open.retain(|(n, _)| *n != name);
+        open.push((name, std::sync::Arc::clone(&probe)));
+        Some(probe)
     }
 
     /// Whether another process holds a WAL read lock right now.
     pub fn others_reading(&self) -> bool {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a zeroed flock is a valid value; fcntl(F_GETLK) only writes into it.
-        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-        lock.l_type = libc::F_WRLCK as libc::c_short;
-        lock.l_whence = libc::SEEK_SET as libc::c_short;
-        lock.l_start = SHM_READ_LOCK_FIRST;
-        lock.l_len = SHM_READ_LOCKS;
-        // SAFETY: F_GETLK on a descriptor we own, with a properly initialised flock.
-        let rc = unsafe { libc::fcntl(self.shm.as_raw_fd(), libc::F_GETLK, &mut lock) };
-        rc == 0 && lock.l_type != libc::F_UNLCK as libc::c_short
+        let mut lock = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: SHM_READ_LOCK_FIRST,
+            l_len: SHM_READ_LOCKS,
+            l_pid: 0,
+        };
+        let asked = nix::fcntl::fcntl(&*self.shm, nix::fcntl::FcntlArg::F_GETLK(&mut lock));
+        asked.is_ok() && lock.l_type != libc::F_UNLCK as libc::c_short
     }
 
     /// Waits (polling) until no other process is in a read transaction, at most `limit`.
@@ -289,7 +307,6 @@ pub fn lock_path(db_path: &Path) -> PathBuf {
 /// [`Error::Locked`] when another process holds it; [`Error::LockFile`] when the file cannot be
 /// created (a read-only directory).
 pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
-    use std::os::fd::AsRawFd;
     let path = lock_path(db_path);
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -297,17 +314,11 @@ pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
         .write(true)
         .open(&path)
         .map_err(|e| Error::LockFile(path.clone(), e))?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
-            Error::Locked(db_path.to_owned(), path)
-        } else {
-            Error::LockFile(path, e)
-        });
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(file) => Ok(DbLock { _file: file }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::Locked(db_path.to_owned(), path)),
+        Err((_, errno)) => Err(Error::LockFile(path, errno.into())),
     }
-    Ok(DbLock { _file: file })
 }
 
 /// Opens a connection with the policy in the module header. The file must already exist.
@@ -414,6 +425,29 @@ mod tests {
         assert_eq!(quote("a"), "\"a\"");
         assert_eq!(quote("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    /// One probe (one descriptor, never closed) per `-shm` file, however often it is asked
+    /// for (a publisher restarts on every schema change); a recreated file gets a new one.
+    #[test]
+    fn reader_probes_are_shared_and_follow_a_recreated_shm_file() {
+        let (_dir, path) = testutil::temp_db("CREATE TABLE t(a)");
+        let conn = open(&path).expect("open");
+        conn.execute_batch("INSERT INTO t VALUES (1)")
+            .expect("write");
+        let first = ReaderProbe::open(&path).expect("probe");
+        let again = ReaderProbe::open(&path).expect("probe");
+        assert!(std::sync::Arc::ptr_eq(&first, &again));
+        assert!(!first.others_reading());
+        drop(conn);
+        let mut shm = path.as_os_str().to_owned();
+        shm.push("-shm");
+        let _ = std::fs::remove_file(&shm);
+        let conn = open(&path).expect("reopen");
+        conn.execute_batch("INSERT INTO t VALUES (2)")
+            .expect("write");
+        let renewed = ReaderProbe::open(&path).expect("probe");
+        assert!(!std::sync::Arc::ptr_eq(&first, &renewed));
     }
 
     #[test]

@@ -1223,7 +1223,7 @@ pub async fn keep(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
-    let probe: Arc<Option<db::ReaderProbe>> = Arc::new(db::ReaderProbe::open(&settings.db_path));
+    let probe = Arc::new(db::ReaderProbe::open(&settings.db_path));
     let mut last_done = Instant::now();
     let mut overdue = false;
     loop {
@@ -1259,7 +1259,7 @@ pub async fn keep(
         let result = tokio::task::spawn_blocking(move || {
             let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
             let LocalLog { conn, log } = &mut *guard;
-            let probe = quiet.as_ref().as_ref();
+            let probe = quiet.as_deref();
             if !force && !probe.is_none_or(|p| p.wait_quiet_for(QUIET_SUSTAIN, QUIET_WAIT)) {
                 return (batch, Ok(None));
             }

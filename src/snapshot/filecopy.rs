@@ -25,7 +25,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -103,30 +102,20 @@ fn copy_db_file_by(db_path: &Path, dest: &Path, mut in_kernel: bool) -> Result<u
     while done < len {
         let want = usize::try_from(len - done).unwrap_or(STEP).min(STEP);
         let copied = if in_kernel {
-            let mut off_in = done as libc::loff_t;
-            let mut off_out = done as libc::loff_t;
-            // SAFETY: both descriptors are open for the duration of the call; the offsets are
-            // ours.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src.as_raw_fd(),
-                    &mut off_in,
-                    out.as_raw_fd(),
-                    &mut off_out,
-                    want,
-                    0,
-                )
-            };
+            let mut off_in = done as i64;
+            let mut off_out = done as i64;
+            let n =
+                nix::fcntl::copy_file_range(src, Some(&mut off_in), &out, Some(&mut off_out), want);
             match n {
-                n if n > 0 => n as u64,
+                Ok(n) if n > 0 => n as u64,
                 // Nothing copied where bytes remain: some file systems answer so instead of an
                 // error. Copy through a buffer from here on.
-                0 => {
+                Ok(_) => {
                     in_kernel = false;
                     continue;
                 }
-                _ => {
-                    let e = io::Error::last_os_error();
+                Err(errno) => {
+                    let e = io::Error::from(errno);
                     match e.raw_os_error() {
                         Some(libc::EINTR) => 0,
                         Some(

@@ -73,26 +73,45 @@ pub struct EmbeddedConfig {
 }
 
 /// Makes the child of `cmd` receive SIGKILL when the thread that spawns it exits (Linux
-/// `PR_SET_PDEATHSIG`), and refuse to start if that parent is already gone. Spawn from a thread
-/// that lives as long as the child should.
+/// `PR_SET_PDEATHSIG`), so that a nats-server never outlives a killed daemon. Spawn from a
+/// thread that lives as long as the child should, and call this right after `Command::new`:
+/// the command is rebuilt (program, arguments, environment and directory are kept, nothing
+/// else) to run through util-linux's `setpriv --pdeathsig KILL`, which sets the signal in the
+/// child without code of ours between fork and exec. Where `setpriv` is missing or lacks the
+/// option the command is left as it is, with a warning.
 pub fn die_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id();
-    // SAFETY: prctl and getppid are async-signal-safe; only the child's own state changes.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::other(
-                    "parent exited before the child started",
-                ));
-            }
-            Ok(())
-        });
+    static SETPRIV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let works = *SETPRIV.get_or_init(|| {
+        let tried = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let works = tried.is_ok_and(|s| s.success());
+        if !works {
+            tracing::warn!("setpriv (util-linux) with --pdeathsig is not available: a child process may outlive this one if it is killed");
+        }
+        works
+    });
+    if !works {
+        return;
     }
+    let mut wrapped = Command::new("setpriv");
+    wrapped
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(v) => wrapped.env(key, v),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    *cmd = wrapped;
 }
 
 /// Finds the executable: `nats.server_binary` when set, else `nats-server` on `PATH`.
@@ -236,6 +255,7 @@ impl EmbeddedNats {
         std::fs::create_dir_all(&ports_dir)?;
 
         let mut cmd = Command::new(&cfg.binary);
+        die_with_parent(&mut cmd);
         cmd.arg("-c")
             .arg(&conf_path)
             .arg("--ports_file_dir")
@@ -249,7 +269,6 @@ impl EmbeddedNats {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        die_with_parent(&mut cmd);
         let (exit_tx, exit_rx) = watch::channel(None);
         let (pid_tx, pid_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -312,7 +331,7 @@ impl EmbeddedNats {
             return;
         }
         // The supervisor thread has not reaped the child yet, so the pid is still ours.
-        signal(self.pid, libc::SIGTERM);
+        signal(self.pid, nix::sys::signal::Signal::SIGTERM);
         if tokio::time::timeout(STOP_TIMEOUT, self.exited())
             .await
             .is_err()
@@ -321,17 +340,15 @@ impl EmbeddedNats {
                 pid = self.pid,
                 "nats-server did not stop in time; killing it"
             );
-            signal(self.pid, libc::SIGKILL);
+            signal(self.pid, nix::sys::signal::Signal::SIGKILL);
             let _ = tokio::time::timeout(STOP_TIMEOUT, self.exited()).await;
         }
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) with a pid we spawned and have not reaped.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    // A pid we spawned and have not reaped; failing, it is gone already.
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
 /// Picks the client URL from a ports file, preferring loopback.

@@ -523,3 +523,52 @@ fn a_restore_while_behind_on_a_migration_loses_nothing() {
     );
     assert_nothing_quarantined(&nodes);
 }
+
+/// A node started on an empty file (no application table at all) is not behind on a
+/// migration: it takes the cluster's snapshot whole, schema included, replicates both ways,
+/// and the registry says the cluster is consistent.
+#[test]
+fn a_node_started_on_an_empty_file_joins_and_converges() {
+    use crate::support::run_to_exit;
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut nodes = leader_and_follower(&nats, Some(8));
+    nodes[1].kill();
+    for i in 0..30 {
+        nodes[0].exec(&format!(
+            "INSERT INTO Books (title, author) VALUES ('b{i}', 'a')"
+        ));
+    }
+    wait_until(REPLICATION_TIMEOUT, "node 1 to publish", || {
+        settled(&nodes[0])
+    });
+    let fresh = Node::new(3, &nats.url, "", 1, "");
+    fresh.set_max_entries(8);
+    nodes.push(fresh);
+    nodes[2].start();
+    wait_until(REPLICATION_TIMEOUT * 2, "the new node to restore", || {
+        nodes[2].log().contains("Restore complete")
+    });
+    assert!(
+        !nodes[2].log().contains("waiting for this node's migration"),
+        "{}",
+        nodes[2].log()
+    );
+    nodes[2].exec("INSERT INTO Books (id, title, author) VALUES (500, 'from the new node', 'c')");
+    wait_until(REPLICATION_TIMEOUT, "equal tables", || {
+        settled(&nodes[0])
+            && settled(&nodes[2])
+            && nodes[0].query_i64("SELECT count(*) FROM Books") == 31
+            && nodes[0].checksum("Books") == nodes[2].checksum("Books")
+            && nodes[0].checksum("Authors") == nodes[2].checksum("Authors")
+    });
+    wait_until(REPLICATION_TIMEOUT, "a consistent registry", || {
+        let (code, out) = run_to_exit(
+            &nodes[2].config,
+            &["-schema-status-cluster"],
+            Duration::from_secs(20),
+        );
+        code == Some(0) && out.contains("Consistent: Yes\n")
+    });
+    assert_nothing_quarantined(&nodes);
+}
