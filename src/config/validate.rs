@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{
-    ClusterSettings, ConfigError, FileConfig, LogFormat, NatsConfig, Overrides,
+    ClusterSettings, ConfigError, FileConfig, LogFormat, NatsConfig, Overrides, PrometheusConfig,
     ReplicationLogConfig, ReplicationSettings, S3Settings, Settings, SftpConfig, SftpSettings,
     SnapshotConfig, SnapshotS3Config, SnapshotSettings, SnapshotStore, data_root_dir,
     default_node_id, invalid,
@@ -72,6 +72,7 @@ impl FileConfig {
         if self.health_check.enable && !self.health_check.path.starts_with('/') {
             return Err(invalid("health_check.path", "must start with '/'"));
         }
+        check_prometheus(&self.prometheus)?;
         let log_format = match self.logging.format.as_str() {
             "json" => LogFormat::Json,
             // Go: any other value means console.
@@ -285,6 +286,40 @@ fn cluster_settings(overrides: &Overrides) -> Result<ClusterSettings, ConfigErro
     Ok(cluster)
 }
 
+/// `[prometheus]`: every metric is named `<namespace>_<subsystem>_<name>` (empty parts skipped),
+/// so the prefix they make must itself be a Prometheus metric name, `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+/// Checked even when `enable` is false: the metrics are built either way.
+fn check_prometheus(p: &PrometheusConfig) -> Result<(), ConfigError> {
+    const RULE: &str = "Prometheus metric names match [a-zA-Z_:][a-zA-Z0-9_:]*";
+    if !p.namespace.is_empty() && !valid_metric_name(&p.namespace) {
+        return Err(invalid(
+            "prometheus.namespace",
+            format!("{:?} cannot start a metric name ({RULE})", p.namespace),
+        ));
+    }
+    let prefix = [p.namespace.as_str(), p.subsystem.as_str()]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("_");
+    if !p.subsystem.is_empty() && !valid_metric_name(&prefix) {
+        return Err(invalid(
+            "prometheus.subsystem",
+            format!("{:?} cannot be part of a metric name ({RULE})", p.subsystem),
+        ));
+    }
+    Ok(())
+}
+
+/// Prometheus's metric name rule (as the `prometheus` crate checks it when a metric is built).
+fn valid_metric_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || matches!(c, '_' | ':'))
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':'))
+}
+
 fn valid_nats_token(s: &str) -> bool {
     !s.chars()
         .any(|c| c.is_whitespace() || matches!(c, '*' | '>') || c.is_control())
@@ -414,5 +449,37 @@ mod tests {
             9
         );
         assert_eq!(settings("").expect("ok").node_id, default_node_id());
+    }
+
+    #[test]
+    fn prometheus_names_follow_the_metric_name_rule() {
+        for ok in [
+            "",
+            "namespace = \"acme\"",
+            "namespace = \"_a:b_9\"\nsubsystem = \"9db\"",
+            "namespace = \"\"\nsubsystem = \"db\"",
+        ] {
+            let text = format!("[prometheus]\n{ok}");
+            settings(&text).expect(&text);
+        }
+        for (body, key) in [
+            ("namespace = \"has space\"", "prometheus.namespace"),
+            ("namespace = \"9lives\"", "prometheus.namespace"),
+            ("namespace = \"a-b\"", "prometheus.namespace"),
+            ("namespace = \"ünï\"", "prometheus.namespace"),
+            ("subsystem = \"d.b\"", "prometheus.subsystem"),
+            (
+                "namespace = \"\"\nsubsystem = \"9db\"",
+                "prometheus.subsystem",
+            ),
+        ] {
+            // `enable` does not matter: the metrics are built either way.
+            let text = format!("[prometheus]\nenable = false\n{body}");
+            let err = settings(&text).expect_err(&text);
+            assert!(
+                err.to_string().contains(&format!("`{key}`")),
+                "{text}: {err}"
+            );
+        }
     }
 }
