@@ -563,7 +563,8 @@ pub async fn shard_mismatch(
     let configured = settings.replication.shards;
     if let Some(&above) = present.iter().find(|&&n| n > configured) {
         return Ok(Some(format!(
-            "replication_log.shards = {configured}, but stream {prefix}{above} exists: the cluster              uses {} shards (streams present: {present:?}). Every node must use the same shard count",
+            "replication_log.shards = {configured}, but stream {prefix}{above} exists: the cluster \
+             uses {} shards (streams present: {present:?}). Every node must use the same shard count",
             present.last().copied().unwrap_or(above)
         )));
     }
@@ -579,7 +580,9 @@ pub async fn shard_mismatch(
         }
         if holds_messages {
             return Ok(Some(format!(
-                "replication_log.shards = {configured}, but the cluster's streams are for shards                  {present:?}: every node must use the same shard count (to change it, stop every                  node, remove the {prefix}* streams and start them all with the new value)"
+                "replication_log.shards = {configured}, but the cluster's streams are for shards \
+                 {present:?}: every node must use the same shard count (to change it, stop every \
+                 node, remove the {prefix}* streams and start them all with the new value)"
             )));
         }
     }
