@@ -2,8 +2,10 @@
 //! exit code. Exit codes: 0 normal stop, 1 runtime failure, 2 bad usage or configuration.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use harmonylite::{app, cli, config, logging};
+use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -19,53 +21,16 @@ fn main() -> ExitCode {
         println!("{}", cli::version_line());
         return ExitCode::SUCCESS;
     }
-    let settings = match config::load(args.config.as_deref()).and_then(|parsed| {
-        let overrides = config::Overrides {
-            node_id: args.node_id,
-            cluster_addr: args.cluster_addr.clone(),
-            cluster_peers: args.cluster_peers.clone(),
-            leaf_servers: args.leaf_servers.clone(),
-            pprof: args.pprof.clone(),
-        };
-        let unknown = parsed.unknown_keys.clone();
-        parsed.config.validate(&overrides).map(|s| (s, unknown))
-    }) {
-        Ok((settings, unknown)) => {
-            logging::init(settings.log_format, settings.log_verbose, settings.node_id);
-            for key in unknown {
-                tracing::warn!(key = %key, "Unknown config key ignored");
-            }
-            settings
-        }
-        Err(e) => {
-            eprintln!("harmonylite: {e}");
-            return ExitCode::from(2);
-        }
+    let settings = match load_settings(&args) {
+        Ok(settings) => settings,
+        Err(code) => return code,
     };
-
     if args.cleanup {
-        return match app::cleanup(&settings) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("Unable to clean up...: {e:#}");
-                exit_code(&e)
-            }
-        };
+        return cleanup(&settings);
     }
-
     if args.schema_status {
-        return match app::schema_status(&settings) {
-            Ok(report) => {
-                print!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("harmonylite: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        return schema_status(&settings);
     }
-
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -76,33 +41,99 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = CancellationToken::new();
     if args.schema_status_cluster {
-        let result = runtime.block_on(app::schema_status_cluster(&settings));
-        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-        return match result {
-            Ok(report) => {
-                print!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                println!("{e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        schema_status_cluster(runtime, &settings)
+    } else if args.save_snapshot {
+        save_snapshot(runtime, settings)
+    } else {
+        run_daemon(runtime, settings)
     }
-    if args.save_snapshot {
-        let result = runtime.block_on(app::save_snapshot(settings, shutdown));
-        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-        return match result {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e:#}");
-                exit_code(&e)
-            }
+}
+
+/// Loads and validates the config with the flag overrides, then starts logging and warns about
+/// unknown keys. A config error is printed as one line and becomes exit code 2.
+fn load_settings(args: &cli::Args) -> Result<config::Settings, ExitCode> {
+    let loaded = config::load(args.config.as_deref()).and_then(|parsed| {
+        let overrides = config::Overrides {
+            node_id: args.node_id,
+            cluster_addr: args.cluster_addr.clone(),
+            cluster_peers: args.cluster_peers.clone(),
+            leaf_servers: args.leaf_servers.clone(),
+            pprof: args.pprof.clone(),
         };
+        let unknown = parsed.unknown_keys.clone();
+        parsed.config.validate(&overrides).map(|s| (s, unknown))
+    });
+    match loaded {
+        Ok((settings, unknown)) => {
+            logging::init(settings.log_format, settings.log_verbose, settings.node_id);
+            for key in unknown {
+                tracing::warn!(key = %key, "Unknown config key ignored");
+            }
+            Ok(settings)
+        }
+        Err(e) => {
+            eprintln!("harmonylite: {e}");
+            Err(ExitCode::from(2))
+        }
     }
-    let result = runtime.block_on(async {
+}
+
+/// `-cleanup`: removes capture triggers and tables.
+fn cleanup(settings: &config::Settings) -> ExitCode {
+    match app::cleanup(settings) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("Unable to clean up...: {e:#}");
+            exit_code(&e)
+        }
+    }
+}
+
+/// `-schema-status`: this node's schema report on stdout.
+fn schema_status(settings: &config::Settings) -> ExitCode {
+    match app::schema_status(settings) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("harmonylite: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `-schema-status-cluster`: the cluster's schema report on stdout, an error there too.
+fn schema_status_cluster(runtime: Runtime, settings: &config::Settings) -> ExitCode {
+    match block_on_then_stop(runtime, app::schema_status_cluster(settings)) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `-save-snapshot`: takes one snapshot and exits.
+fn save_snapshot(runtime: Runtime, settings: config::Settings) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    match block_on_then_stop(runtime, app::save_snapshot(settings, shutdown)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            exit_code(&e)
+        }
+    }
+}
+
+/// The daemon: runs until SIGINT or SIGTERM, then finishes in-flight work.
+fn run_daemon(runtime: Runtime, settings: config::Settings) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let result = block_on_then_stop(runtime, async {
         let token = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -111,7 +142,6 @@ fn main() -> ExitCode {
         });
         app::run(settings, shutdown).await
     });
-    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -120,6 +150,16 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Runs `work` to completion, then gives leftover tasks [`RUNTIME_STOP_TIMEOUT`] to finish.
+fn block_on_then_stop<F: Future>(runtime: Runtime, work: F) -> F::Output {
+    let output = runtime.block_on(work);
+    runtime.shutdown_timeout(RUNTIME_STOP_TIMEOUT);
+    output
+}
+
+/// How long leftover tasks get once the mode's work is done.
+const RUNTIME_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// 2 for conflicts an operator must resolve before a restart can help (another daemon holds the
 /// database), 1 for everything else.

@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -78,23 +79,150 @@ pub struct Metrics {
     pub recoveries: IntCounter,
 }
 
-fn opts(cfg: &PrometheusConfig, node_id: u64, name: &str, help: &str) -> Opts {
-    Opts::new(name, help)
-        .namespace(cfg.namespace.clone())
-        .subsystem(cfg.subsystem.clone())
-        .const_label("node_id", node_id.to_string())
+/// A metric's name (joined after the namespace and subsystem) and help text.
+struct Def {
+    name: &'static str,
+    help: &'static str,
 }
 
-fn histogram(
-    cfg: &PrometheusConfig,
+const fn def(name: &'static str, help: &'static str) -> Def {
+    Def { name, help }
+}
+
+// Go's five series, with Go's help texts (upstream-behaviour §11).
+const PUBLISHED: Def = def("published", "number of rows published");
+const PENDING_PUBLISH: Def = def("pending_publish", "rows pending publishing");
+const COUNT_CHANGES: Def = def("count_changes", "latency counting changes in microseconds");
+const SCAN_CHANGES: Def = def("scan_changes", "latency scanning change rows in DB");
+const SCHEMA_MISMATCH_PAUSED: Def = def(
+    "schema_mismatch_paused",
+    "Replication paused due to schema mismatch (1=paused, 0=normal)",
+);
+// Ours: publishing.
+const PUBLISH_ERRORS: Def = def(
+    "publish_errors",
+    "publish passes that failed and were retried",
+);
+const PUBLISH_PACED: Def = def(
+    "publish_paced",
+    "times publishing waited for the slowest live node to read the stream",
+);
+const LAST_PUBLISHED_SEQUENCE: Def = def(
+    "last_published_sequence",
+    "stream sequence of this node's last acknowledged publish, per shard",
+);
+// Ours: applying.
+const APPLIED: Def = def(
+    "applied",
+    "replicated events applied to the local database, per shard",
+);
+const APPLY_LAG_SECONDS: Def = def(
+    "apply_lag_seconds",
+    "seconds from a change entering its stream to its apply on this node",
+);
+const LAST_APPLIED_SEQUENCE: Def = def(
+    "last_applied_sequence",
+    "stream sequence of the last event applied, per shard",
+);
+const QUARANTINED: Def = def(
+    "quarantined",
+    "events that could not be applied and were recorded in __harmonylite__dead_letter",
+);
+const SKIPPED: Def = def(
+    "skipped",
+    "events not written because the row already matched (unchanged) or a newer local change was in flight (superseded)",
+);
+const UNIQUE_CONFLICTS: Def = def(
+    "unique_conflicts",
+    "events held because they conflicted with another row on a UNIQUE constraint",
+);
+const HELD_EVENTS: Def = def(
+    "held_events",
+    "events waiting for a UNIQUE conflict with another row to clear",
+);
+const PEER_LAG: Def = def(
+    "peer_lag",
+    "stream sequences a node's applied position is behind the stream's end, per peer and shard",
+);
+// Ours: snapshots and recovery.
+const SNAPSHOTS: Def = def(
+    "snapshots",
+    "snapshot saves and restores by operation and result",
+);
+const SNAPSHOT_SECONDS: Def = def(
+    "snapshot_seconds",
+    "seconds a snapshot save or restore took",
+);
+const SNAPSHOT_SIZE_BYTES: Def = def(
+    "snapshot_size_bytes",
+    "size of the last snapshot saved or restored on this node",
+);
+const SNAPSHOT_AGE_SECONDS: Def = def(
+    "snapshot_age_seconds",
+    "age of the newest snapshot known to this node",
+);
+const RECOVERIES: Def = def(
+    "recoveries",
+    "times this node restored a snapshot because the streams no longer held changes it lacked",
+);
+
+/// Buckets of `apply_lag_seconds`.
+const APPLY_LAG_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+/// Buckets of `snapshot_seconds`.
+const SNAPSHOT_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
+
+/// Builds each metric with the configured name parts and `node_id` label, and registers it.
+struct Builder<'a> {
+    cfg: &'a PrometheusConfig,
     node_id: u64,
-    name: &str,
-    help: &str,
-    buckets: Vec<f64>,
-) -> Result<Histogram, Error> {
-    let o = opts(cfg, node_id, name, help);
-    let h = HistogramOpts::from(o).buckets(buckets);
-    Ok(Histogram::with_opts(h)?)
+    registry: Registry,
+}
+
+impl Builder<'_> {
+    fn opts(&self, d: &Def) -> Opts {
+        Opts::new(d.name, d.help)
+            .namespace(self.cfg.namespace.clone())
+            .subsystem(self.cfg.subsystem.clone())
+            .const_label("node_id", self.node_id.to_string())
+    }
+
+    fn register<M: Collector + Clone + 'static>(&self, metric: M) -> Result<M, Error> {
+        self.registry.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    fn counter(&self, d: &Def) -> Result<IntCounter, Error> {
+        self.register(IntCounter::with_opts(self.opts(d))?)
+    }
+
+    fn gauge(&self, d: &Def) -> Result<IntGauge, Error> {
+        self.register(IntGauge::with_opts(self.opts(d))?)
+    }
+
+    fn histogram(&self, d: &Def, buckets: &[f64]) -> Result<Histogram, Error> {
+        let opts = HistogramOpts::from(self.opts(d)).buckets(buckets.to_vec());
+        self.register(Histogram::with_opts(opts)?)
+    }
+
+    fn counter_vec(&self, d: &Def, labels: &[&str]) -> Result<IntCounterVec, Error> {
+        self.register(IntCounterVec::new(self.opts(d), labels)?)
+    }
+
+    fn gauge_vec(&self, d: &Def, labels: &[&str]) -> Result<IntGaugeVec, Error> {
+        self.register(IntGaugeVec::new(self.opts(d), labels)?)
+    }
+
+    fn histogram_vec(
+        &self,
+        d: &Def,
+        buckets: &[f64],
+        labels: &[&str],
+    ) -> Result<HistogramVec, Error> {
+        let opts = HistogramOpts::from(self.opts(d)).buckets(buckets.to_vec());
+        self.register(HistogramVec::new(opts, labels)?)
+    }
 }
 
 impl Metrics {
@@ -103,196 +231,39 @@ impl Metrics {
     /// # Errors
     /// Invalid names (e.g. a namespace with spaces).
     pub fn new(cfg: &PrometheusConfig, node_id: u64) -> Result<Arc<Metrics>, Error> {
-        let registry = Registry::new();
+        let b = Builder {
+            cfg,
+            node_id,
+            registry: Registry::new(),
+        };
         // Go's histograms use the default buckets while being fed microseconds; kept for
         // compatibility of dashboards built on them.
-        let default_buckets = prometheus::DEFAULT_BUCKETS.to_vec();
-        let m = Metrics {
-            published: IntCounter::with_opts(opts(
-                cfg,
-                node_id,
-                "published",
-                "number of rows published",
-            ))?,
-            pending_publish: IntGauge::with_opts(opts(
-                cfg,
-                node_id,
-                "pending_publish",
-                "rows pending publishing",
-            ))?,
-            count_changes: histogram(
-                cfg,
-                node_id,
-                "count_changes",
-                "latency counting changes in microseconds",
-                default_buckets.clone(),
-            )?,
-            scan_changes: histogram(
-                cfg,
-                node_id,
-                "scan_changes",
-                "latency scanning change rows in DB",
-                default_buckets,
-            )?,
-            schema_mismatch_paused: IntGauge::with_opts(opts(
-                cfg,
-                node_id,
-                "schema_mismatch_paused",
-                "Replication paused due to schema mismatch (1=paused, 0=normal)",
-            ))?,
-            applied: IntCounterVec::new(
-                opts(
-                    cfg,
-                    node_id,
-                    "applied",
-                    "replicated events applied to the local database, per shard",
-                ),
-                &["shard"],
-            )?,
-            apply_lag_seconds: histogram(
-                cfg,
-                node_id,
-                "apply_lag_seconds",
-                "seconds from a change entering its stream to its apply on this node",
-                vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    30.0, 60.0, 300.0,
-                ],
-            )?,
-            last_published_sequence: IntGaugeVec::new(
-                opts(
-                    cfg,
-                    node_id,
-                    "last_published_sequence",
-                    "stream sequence of this node's last acknowledged publish, per shard",
-                ),
-                &["shard"],
-            )?,
-            last_applied_sequence: IntGaugeVec::new(
-                opts(
-                    cfg,
-                    node_id,
-                    "last_applied_sequence",
-                    "stream sequence of the last event applied, per shard",
-                ),
-                &["shard"],
-            )?,
-            quarantined: IntCounter::with_opts(opts(
-                cfg,
-                node_id,
-                "quarantined",
-                "events that could not be applied and were recorded in __harmonylite__dead_letter",
-            ))?,
-            publish_errors: IntCounter::with_opts(opts(
-                cfg,
-                node_id,
-                "publish_errors",
-                "publish passes that failed and were retried",
-            ))?,
-            skipped: IntCounterVec::new(
-                opts(
-                    cfg,
-                    node_id,
-                    "skipped",
-                    "events not written because the row already matched (unchanged) or a newer local change was in flight (superseded)",
-                ),
-                &["reason"],
-            )?,
-            unique_conflicts: IntCounter::with_opts(opts(
-                cfg,
-                node_id,
-                "unique_conflicts",
-                "events held because they conflicted with another row on a UNIQUE constraint",
-            ))?,
-            held_events: IntGauge::with_opts(opts(
-                cfg,
-                node_id,
-                "held_events",
-                "events waiting for a UNIQUE conflict with another row to clear",
-            ))?,
-            publish_paced: IntCounter::with_opts(opts(
-                cfg,
-                node_id,
-                "publish_paced",
-                "times publishing waited for the slowest live node to read the stream",
-            ))?,
-            peer_lag: IntGaugeVec::new(
-                opts(
-                    cfg,
-                    node_id,
-                    "peer_lag",
-                    "stream sequences a node's applied position is behind the stream's end, per peer and shard",
-                ),
-                &["peer", "shard"],
-            )?,
-            snapshots: IntCounterVec::new(
-                opts(
-                    cfg,
-                    node_id,
-                    "snapshots",
-                    "snapshot saves and restores by operation and result",
-                ),
-                &["op", "result"],
-            )?,
-            snapshot_seconds: HistogramVec::new(
-                HistogramOpts::from(opts(
-                    cfg,
-                    node_id,
-                    "snapshot_seconds",
-                    "seconds a snapshot save or restore took",
-                ))
-                .buckets(vec![
-                    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-                ]),
-                &["op"],
-            )?,
-            snapshot_size_bytes: IntGauge::with_opts(opts(
-                cfg,
-                node_id,
-                "snapshot_size_bytes",
-                "size of the last snapshot saved or restored on this node",
-            ))?,
-            snapshot_age_seconds: IntGauge::with_opts(opts(
-                cfg,
-                node_id,
-                "snapshot_age_seconds",
-                "age of the newest snapshot known to this node",
-            ))?,
-            recoveries: IntCounter::with_opts(opts(
-                cfg,
-                node_id,
-                "recoveries",
-                "times this node restored a snapshot because the streams no longer held changes it lacked",
-            ))?,
-            registry,
-        };
-        m.registry.register(Box::new(m.published.clone()))?;
-        m.registry.register(Box::new(m.pending_publish.clone()))?;
-        m.registry.register(Box::new(m.count_changes.clone()))?;
-        m.registry.register(Box::new(m.scan_changes.clone()))?;
-        m.registry
-            .register(Box::new(m.schema_mismatch_paused.clone()))?;
-        m.registry.register(Box::new(m.applied.clone()))?;
-        m.registry.register(Box::new(m.apply_lag_seconds.clone()))?;
-        m.registry
-            .register(Box::new(m.last_published_sequence.clone()))?;
-        m.registry
-            .register(Box::new(m.last_applied_sequence.clone()))?;
-        m.registry.register(Box::new(m.quarantined.clone()))?;
-        m.registry.register(Box::new(m.publish_errors.clone()))?;
-        m.registry.register(Box::new(m.skipped.clone()))?;
-        m.registry.register(Box::new(m.unique_conflicts.clone()))?;
-        m.registry.register(Box::new(m.held_events.clone()))?;
-        m.registry.register(Box::new(m.publish_paced.clone()))?;
-        m.registry.register(Box::new(m.peer_lag.clone()))?;
-        m.registry.register(Box::new(m.snapshots.clone()))?;
-        m.registry.register(Box::new(m.snapshot_seconds.clone()))?;
-        m.registry
-            .register(Box::new(m.snapshot_size_bytes.clone()))?;
-        m.registry
-            .register(Box::new(m.snapshot_age_seconds.clone()))?;
-        m.registry.register(Box::new(m.recoveries.clone()))?;
-        Ok(Arc::new(m))
+        let go_buckets = prometheus::DEFAULT_BUCKETS;
+        let shard = &["shard"];
+        Ok(Arc::new(Metrics {
+            published: b.counter(&PUBLISHED)?,
+            pending_publish: b.gauge(&PENDING_PUBLISH)?,
+            count_changes: b.histogram(&COUNT_CHANGES, go_buckets)?,
+            scan_changes: b.histogram(&SCAN_CHANGES, go_buckets)?,
+            schema_mismatch_paused: b.gauge(&SCHEMA_MISMATCH_PAUSED)?,
+            applied: b.counter_vec(&APPLIED, shard)?,
+            apply_lag_seconds: b.histogram(&APPLY_LAG_SECONDS, APPLY_LAG_BUCKETS)?,
+            last_published_sequence: b.gauge_vec(&LAST_PUBLISHED_SEQUENCE, shard)?,
+            last_applied_sequence: b.gauge_vec(&LAST_APPLIED_SEQUENCE, shard)?,
+            quarantined: b.counter(&QUARANTINED)?,
+            publish_errors: b.counter(&PUBLISH_ERRORS)?,
+            skipped: b.counter_vec(&SKIPPED, &["reason"])?,
+            unique_conflicts: b.counter(&UNIQUE_CONFLICTS)?,
+            held_events: b.gauge(&HELD_EVENTS)?,
+            publish_paced: b.counter(&PUBLISH_PACED)?,
+            peer_lag: b.gauge_vec(&PEER_LAG, &["peer", "shard"])?,
+            snapshots: b.counter_vec(&SNAPSHOTS, &["op", "result"])?,
+            snapshot_seconds: b.histogram_vec(&SNAPSHOT_SECONDS, SNAPSHOT_BUCKETS, &["op"])?,
+            snapshot_size_bytes: b.gauge(&SNAPSHOT_SIZE_BYTES)?,
+            snapshot_age_seconds: b.gauge(&SNAPSHOT_AGE_SECONDS)?,
+            recoveries: b.counter(&RECOVERIES)?,
+            registry: b.registry,
+        }))
     }
 
     /// Metrics with default names, for tests and embedders that do not serve them.

@@ -67,7 +67,8 @@ pub enum Error {
     #[error("table {0:?} cannot be watched: {1}")]
     Unwatchable(String, String),
     #[error(
-        "another harmonylite process is using {0} (it holds {1}); stop it first — two daemons on one database, or -cleanup under a running one, would lose changes"
+        "another harmonylite process is using {0} (it holds {1}); stop it first — two daemons on \
+         one database, or -cleanup under a running one, would lose changes"
     )]
     Locked(PathBuf, PathBuf),
     #[error("cannot create the lock file {0}")]

@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream as js_stream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{NatsConfig, Settings};
 
 pub mod discovery;
 pub mod embedded;
@@ -145,7 +145,7 @@ fn connect_options(
     let nats = &settings.nats;
     let wait = Duration::from_secs(u64::from(nats.reconnect_wait_seconds.max(1)));
     let was_connected = Arc::new(AtomicBool::new(false));
-    let mut opts = async_nats::ConnectOptions::new()
+    let opts = async_nats::ConnectOptions::new()
         .name(settings.node_name())
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
@@ -159,34 +159,49 @@ fn connect_options(
         .event_callback(move |event| {
             let was_connected = Arc::clone(&was_connected);
             let on_state = Arc::clone(&on_state);
-            async move {
-                match event {
-                    async_nats::Event::Disconnected => {
-                        on_state(false);
-                        tracing::warn!("NATS client disconnected")
-                    }
-                    async_nats::Event::Connected => {
-                        on_state(true);
-                        if was_connected.swap(true, Ordering::Relaxed) {
-                            tracing::info!("NATS client reconnected");
-                        } else {
-                            tracing::info!("NATS client connected");
-                        }
-                    }
-                    async_nats::Event::Closed => {
-                        on_state(false);
-                        tracing::warn!("NATS client exiting")
-                    }
-                    async_nats::Event::ServerError(e) => {
-                        tracing::error!(error = %e, "NATS server error")
-                    }
-                    async_nats::Event::ClientError(e) => {
-                        tracing::warn!(error = %e, "NATS client error")
-                    }
-                    other => tracing::debug!(event = %other, "NATS event"),
-                }
-            }
+            async move { report_event(event, &was_connected, &*on_state) }
         });
+    with_tls(with_auth(opts, nats)?, nats)
+}
+
+/// Logs a client connection event and tells `on_state` when the connection goes up or down.
+fn report_event(
+    event: async_nats::Event,
+    was_connected: &AtomicBool,
+    on_state: &(impl Fn(bool) + ?Sized),
+) {
+    match event {
+        async_nats::Event::Disconnected => {
+            on_state(false);
+            tracing::warn!("NATS client disconnected")
+        }
+        async_nats::Event::Connected => {
+            on_state(true);
+            if was_connected.swap(true, Ordering::Relaxed) {
+                tracing::info!("NATS client reconnected");
+            } else {
+                tracing::info!("NATS client connected");
+            }
+        }
+        async_nats::Event::Closed => {
+            on_state(false);
+            tracing::warn!("NATS client exiting")
+        }
+        async_nats::Event::ServerError(e) => {
+            tracing::error!(error = %e, "NATS server error")
+        }
+        async_nats::Event::ClientError(e) => {
+            tracing::warn!(error = %e, "NATS client error")
+        }
+        other => tracing::debug!(event = %other, "NATS event"),
+    }
+}
+
+/// User and password, then the nkey seed from `nats.seed_file`, when configured.
+fn with_auth(
+    mut opts: async_nats::ConnectOptions,
+    nats: &NatsConfig,
+) -> Result<async_nats::ConnectOptions, String> {
     if !nats.user_name.is_empty() {
         opts = opts.user_and_password(nats.user_name.clone(), nats.user_password.clone());
     }
@@ -200,6 +215,14 @@ fn connect_options(
             .ok_or_else(|| format!("nats.seed_file {} holds no user seed (SU…)", nats.seed_file))?;
         opts = opts.nkey(seed.to_owned());
     }
+    Ok(opts)
+}
+
+/// The CA and client certificate, when configured; either one requires TLS.
+fn with_tls(
+    mut opts: async_nats::ConnectOptions,
+    nats: &NatsConfig,
+) -> Result<async_nats::ConnectOptions, String> {
     for (key, path) in [
         ("nats.ca_file", &nats.ca_file),
         ("nats.cert_file", &nats.cert_file),
@@ -540,7 +563,8 @@ pub async fn shard_mismatch(
     let configured = settings.replication.shards;
     if let Some(&above) = present.iter().find(|&&n| n > configured) {
         return Ok(Some(format!(
-            "replication_log.shards = {configured}, but stream {prefix}{above} exists: the cluster              uses {} shards (streams present: {present:?}). Every node must use the same shard count",
+            "replication_log.shards = {configured}, but stream {prefix}{above} exists: the cluster \
+             uses {} shards (streams present: {present:?}). Every node must use the same shard count",
             present.last().copied().unwrap_or(above)
         )));
     }
@@ -556,7 +580,9 @@ pub async fn shard_mismatch(
         }
         if holds_messages {
             return Ok(Some(format!(
-                "replication_log.shards = {configured}, but the cluster's streams are for shards                  {present:?}: every node must use the same shard count (to change it, stop every                  node, remove the {prefix}* streams and start them all with the new value)"
+                "replication_log.shards = {configured}, but the cluster's streams are for shards \
+                 {present:?}: every node must use the same shard count (to change it, stop every \
+                 node, remove the {prefix}* streams and start them all with the new value)"
             )));
         }
     }

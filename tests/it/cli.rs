@@ -92,6 +92,19 @@ fn config_errors_exit_2_naming_the_key() {
 }
 
 #[test]
+fn bad_prometheus_namespace_exits_2_naming_the_key() {
+    let dir = tempdir();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[prometheus]\nnamespace = \"has space\"\n").expect("write");
+    let o = run(&["-config", path.to_str().expect("utf8")]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(out.contains("prometheus.namespace"), "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "one line: {out}");
+    assert!(!out.contains("panicked"), "{out}");
+}
+
+#[test]
 fn missing_database_is_a_clear_error() {
     let dir = tempdir();
     let path = dir.path().join("c.toml");
