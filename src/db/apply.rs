@@ -2931,6 +2931,17 @@ mod tests {
         );
         assert!(captured(&path).is_empty());
         assert_eq!(a.state.applied[0], 10);
+        // Installing capture for the new schema (as the schema watcher does) publishes none of
+        // the cluster's rows as this node's; the application's next write is captured.
+        drop(a);
+        let _a = reinstalled(&path, "h2", "h");
+        assert!(captured(&path).is_empty());
+        Connection::open(&path)
+            .expect("app")
+            .execute_batch("UPDATE t SET v = 'z' WHERE id = 1")
+            .expect("app write");
+        let ops: Vec<Op> = captured(&path).into_iter().map(|e| e.op).collect();
+        assert_eq!(ops, [Op::Update]);
     }
 
     /// A snapshot of a node that has not run this node's renames yet is restored under the

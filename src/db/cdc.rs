@@ -133,7 +133,7 @@ fn trigger_names(table: &str) -> [String; 3] {
 }
 
 /// DDL for one table's change log, index and triggers.
-fn table_ddl(table: &Table) -> String {
+pub(super) fn table_ddl(table: &Table) -> String {
     let log = change_log_name(&table.name);
     let mut sql = change_log_create(&log, table);
     sql.push_str(&format!(

@@ -384,8 +384,7 @@ fn lacking(
 /// Takes the snapshot's schema and rows into a database without application objects: tables
 /// first, then their rows (shadow tables of virtual ones included, so full-text indexes come
 /// as they are) and AUTOINCREMENT counters, then indexes, views and triggers, so that no
-/// application trigger fires for the copied rows. No capture trigger exists yet: nothing is
-/// captured; capture is installed for the new schema like for any schema change.
+/// application trigger fires for the copied rows, then capture for the new tables.
 fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
     let objects: Vec<(String, String)> = conn
         .prepare(&format!(
@@ -425,6 +424,12 @@ fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
     }
     for (_, sql) in &rest {
         conn.execute_batch(sql)?;
+    }
+    // Change logs and capture triggers for the new tables, made after their rows are in: those
+    // rows are the cluster's, and a table that already has its change log is not new to the
+    // next capture install, which would publish its rows as this node's writes.
+    for table in super::schema::watched_tables(conn)? {
+        conn.execute_batch(&super::cdc::table_ddl(&table))?;
     }
     Ok(())
 }
