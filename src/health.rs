@@ -12,11 +12,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+
+use crate::clock;
 
 /// Live facts the endpoint reports; cheap to update from any thread.
 pub struct HealthState {
@@ -68,12 +70,6 @@ pub struct Catchup {
     pub schema_deferred_parts: usize,
 }
 
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
-
 impl HealthState {
     /// A state for `node_id` with nothing up yet; uptime counts from now.
     pub fn new(node_id: u64) -> Arc<HealthState> {
@@ -90,7 +86,7 @@ impl HealthState {
             pending: AtomicI64::new(0),
             consumers_down: AtomicU64::new(0),
             failed: AtomicBool::new(false),
-            last_pulse_ns: AtomicI64::new(now_ns()),
+            last_pulse_ns: AtomicI64::new(clock::unix_ns()),
             catchup: std::sync::Mutex::new(Catchup::default()),
         })
     }
@@ -110,18 +106,21 @@ impl HealthState {
 
     /// Records an acknowledged publish (now).
     pub fn published_now(&self) {
-        self.last_published_ns.store(now_ns(), Ordering::Relaxed);
+        self.last_published_ns
+            .store(clock::unix_ns(), Ordering::Relaxed);
     }
 
     /// Records activity: a local change consumed or a remote one applied.
     pub fn pulse(&self) {
-        self.last_pulse_ns.store(now_ns(), Ordering::Relaxed);
+        self.last_pulse_ns
+            .store(clock::unix_ns(), Ordering::Relaxed);
     }
 
     /// Resolves once no pulse has been seen for `timeout`.
     pub async fn idle_for(&self, timeout: std::time::Duration) {
         loop {
-            let idle_ns = (now_ns() - self.last_pulse_ns.load(Ordering::Relaxed)).max(0) as u64;
+            let idle_ns =
+                (clock::unix_ns() - self.last_pulse_ns.load(Ordering::Relaxed)).max(0) as u64;
             let idle = std::time::Duration::from_nanos(idle_ns);
             if idle >= timeout {
                 return;
@@ -324,7 +323,7 @@ mod tests {
         assert!(!evaluate(&s, &Thresholds::default()), "nothing up yet");
         up(&s);
         assert!(evaluate(&s, &Thresholds::default()));
-        s.applied(now_ns(), 2_500_000);
+        s.applied(clock::unix_ns(), 2_500_000);
         s.pending.store(10, Ordering::Relaxed);
         let t = |lag: Option<f64>, pending: Option<i64>| Thresholds {
             max_lag_seconds: lag,
