@@ -17,6 +17,8 @@ use std::time::Instant;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::clock;
 
@@ -192,23 +194,16 @@ impl HealthState {
     }
 }
 
-/// Go's `time.Time` JSON form in UTC (RFC 3339 with trailing zeros of the fraction trimmed).
+/// Go's `time.Time` JSON form in UTC: RFC 3339 with the fraction's trailing zeros trimmed (and
+/// no fraction when it is zero), `0001-01-01T00:00:00Z` for the zero time.
 pub(crate) fn rfc3339_nano(ns: i64) -> String {
     if ns <= 0 {
         return "0001-01-01T00:00:00Z".into();
     }
-    let secs = ns.div_euclid(1_000_000_000);
-    let frac = ns.rem_euclid(1_000_000_000);
-    let base = crate::wire::format_utc_time(secs);
-    // "YYYY-MM-DD HH:MM:SS+00:00" → "YYYY-MM-DDTHH:MM:SS"
-    let mut out = base[..19].replacen(' ', "T", 1);
-    if frac > 0 {
-        let f = format!("{frac:09}");
-        out.push('.');
-        out.push_str(f.trim_end_matches('0'));
-    }
-    out.push('Z');
-    out
+    OffsetDateTime::from_unix_timestamp_nanos(ns.into())
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .expect("unix nanoseconds in an i64 fall in the years 1677 to 2262, which RFC 3339 covers")
 }
 
 /// Optional thresholds from the query string.
