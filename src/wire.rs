@@ -97,7 +97,35 @@ pub enum DecodeError {
     #[error("unknown operation type {0:?}")]
     UnknownOp(String),
     #[error("column {column:?}: {what}")]
-    BadValue { column: String, what: String },
+    BadValue {
+        column: String,
+        #[source]
+        what: ValueError,
+    },
+}
+
+/// Why a decoded row value has no SQLite storage class.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("unsigned integer {0} exceeds int64")]
+    UnsignedTooLarge(u64),
+    #[error("negative integer below int64")]
+    NegativeTooSmall,
+    #[error("unsupported CBOR tag {0}")]
+    UnsupportedTag(u64),
+    #[error("nested arrays and maps cannot be stored")]
+    Nested,
+    #[error("unsupported CBOR simple value {0}")]
+    UnsupportedSimple(u8),
+    /// Go's time wrapper (tag 32) around something other than a map.
+    #[error("tag 32 does not wrap a map")]
+    TimeNotMap,
+    /// A wrapped time whose seconds are not an integer (or a finite float).
+    #[error("tag 32 time is not an integer")]
+    TimeNotInteger,
+    /// A wrapped time outside the years -9999 to 9999 (or outside `i64` seconds).
+    #[error("time out of range")]
+    TimeOutOfRange,
 }
 
 impl ReplicationEvent {
@@ -229,14 +257,14 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
 }
 
 /// Maps a decoded row value onto a storage class, as Go's sqlite driver would bind it.
-fn item_to_value(item: &Item) -> Result<Value, String> {
+fn item_to_value(item: &Item) -> Result<Value, ValueError> {
     Ok(match item {
         Item::Null | Item::Undefined => Value::Null,
-        Item::Unsigned(v) => Value::Integer(
-            i64::try_from(*v).map_err(|_| format!("unsigned integer {v} exceeds int64"))?,
-        ),
+        Item::Unsigned(v) => {
+            Value::Integer(i64::try_from(*v).map_err(|_| ValueError::UnsignedTooLarge(*v))?)
+        }
         Item::Negative(v) => {
-            let n = i64::try_from(*v).map_err(|_| "negative integer below int64".to_owned())?;
+            let n = i64::try_from(*v).map_err(|_| ValueError::NegativeTooSmall)?;
             Value::Integer(-1 - n)
         }
         Item::Float(f) => Value::Real(*f),
@@ -244,18 +272,16 @@ fn item_to_value(item: &Item) -> Result<Value, String> {
         Item::Bytes(b) => Value::Blob(b.clone()),
         Item::Bool(b) => Value::Integer(i64::from(*b)),
         Item::Tag(32, inner) => time_wrapper_to_value(inner)?,
-        Item::Tag(n, _) => return Err(format!("unsupported CBOR tag {n}")),
-        Item::Array(_) | Item::Map(_) => {
-            return Err("nested arrays and maps cannot be stored".into());
-        }
-        Item::Simple(s) => return Err(format!("unsupported CBOR simple value {s}")),
+        Item::Tag(n, _) => return Err(ValueError::UnsupportedTag(*n)),
+        Item::Array(_) | Item::Map(_) => return Err(ValueError::Nested),
+        Item::Simple(s) => return Err(ValueError::UnsupportedSimple(*s)),
     })
 }
 
 /// Go's `sensitiveTypeWrapper`: tag 32 around `{1: unix seconds}`; a missing or null time is NULL.
-fn time_wrapper_to_value(inner: &Item) -> Result<Value, String> {
+fn time_wrapper_to_value(inner: &Item) -> Result<Value, ValueError> {
     let Item::Map(pairs) = inner else {
-        return Err("tag 32 does not wrap a map".into());
+        return Err(ValueError::TimeNotMap);
     };
     let secs = pairs.iter().find_map(|(k, v)| match k {
         Item::Unsigned(1) => Some(v),
@@ -263,14 +289,14 @@ fn time_wrapper_to_value(inner: &Item) -> Result<Value, String> {
     });
     let secs = match secs {
         None | Some(Item::Null) | Some(Item::Undefined) => return Ok(Value::Null),
-        Some(Item::Unsigned(v)) => i64::try_from(*v).map_err(|_| "time out of range".to_owned())?,
+        Some(Item::Unsigned(v)) => i64::try_from(*v).map_err(|_| ValueError::TimeOutOfRange)?,
         Some(Item::Negative(v)) => {
-            -1 - i64::try_from(*v).map_err(|_| "time out of range".to_owned())?
+            -1 - i64::try_from(*v).map_err(|_| ValueError::TimeOutOfRange)?
         }
         Some(Item::Float(f)) if f.is_finite() => f.floor() as i64,
-        Some(_) => return Err("tag 32 time is not an integer".into()),
+        Some(_) => return Err(ValueError::TimeNotInteger),
     };
-    let text = format_utc_time(secs).ok_or_else(|| "time out of range".to_owned())?;
+    let text = format_utc_time(secs).ok_or(ValueError::TimeOutOfRange)?;
     Ok(Value::Text(text.into_bytes()))
 }
 
@@ -608,6 +634,32 @@ mod tests {
         assert_eq!(
             time_wrapper_to_value(&Item::Map(vec![(Item::Unsigned(1), Item::Null)])),
             Ok(Value::Null)
+        );
+    }
+
+    #[test]
+    fn unstorable_values_name_the_column_and_the_reason() {
+        // {"Payload": {"Type": "insert", "TableName": "t", "Row": {"a": 2^63}}}
+        let mut body = hex("a1 67 5061796c6f6164 a3 64 54797065 66 696e73657274");
+        body.extend(hex("69 5461626c654e616d65 61 74 63 526f77 a1 61 61"));
+        body.extend(hex("1b 8000000000000000"));
+        let e = ReplicationEvent::decode(&body).expect_err("2^63 is not an int64");
+        assert_eq!(
+            e.to_string(),
+            "column \"a\": unsigned integer 9223372036854775808 exceeds int64"
+        );
+        assert!(matches!(
+            e,
+            DecodeError::BadValue { ref column, what: ValueError::UnsignedTooLarge(_) } if column == "a"
+        ));
+        assert_eq!(
+            time_wrapper_to_value(&Item::Array(Vec::new())),
+            Err(ValueError::TimeNotMap)
+        );
+        let year_10000 = Item::Map(vec![(Item::Unsigned(1), Item::Unsigned(253_402_300_800))]);
+        assert_eq!(
+            time_wrapper_to_value(&year_10000),
+            Err(ValueError::TimeOutOfRange)
         );
     }
 
