@@ -3,24 +3,13 @@
 
 use std::process::Command;
 
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
 fn run(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     (out.status.success() && !text.is_empty()).then_some(text)
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian. The same algorithm as
-/// `wire::civil_from_days`: a build script cannot use the crate it builds.
-fn civil(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn main() {
@@ -33,22 +22,20 @@ fn main() {
     if let Some(tag) = run("git", &["describe", "--tags", "--exact-match"]) {
         println!("cargo:rustc-env=HARMONYLITE_GIT_TAG={tag}");
     }
-    let secs = std::env::var("SOURCE_DATE_EPOCH")
+    // A reproducible build dates itself from SOURCE_DATE_EPOCH. The crate's clock module is not
+    // available to its own build script, so this is the one other reader of the wall clock.
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
-        .and_then(|s| s.parse::<i64>().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64)
-        });
-    let (y, m, d) = civil(secs.div_euclid(86_400));
-    let t = secs.rem_euclid(86_400);
-    println!(
-        "cargo:rustc-env=HARMONYLITE_BUILD_DATE={y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        t / 3600,
-        t % 3600 / 60,
-        t % 60
-    );
+        .and_then(|s| s.parse::<i64>().ok());
+    let built = match epoch {
+        Some(secs) => OffsetDateTime::from_unix_timestamp(secs).ok(),
+        None => Some(OffsetDateTime::now_utc().truncate_to_second()),
+    };
+    // `2006-01-02T15:04:05Z`, as Go's build stamped it.
+    match built.and_then(|t| t.format(&Rfc3339).ok()) {
+        Some(date) => println!("cargo:rustc-env=HARMONYLITE_BUILD_DATE={date}"),
+        None => println!("cargo:warning=SOURCE_DATE_EPOCH is out of range; no build date"),
+    }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     if let Some(version) = run(&rustc, &["--version"]) {
         println!("cargo:rustc-env=HARMONYLITE_RUSTC={version}");

@@ -12,11 +12,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::clock;
 
 /// Live facts the endpoint reports; cheap to update from any thread.
 pub struct HealthState {
@@ -65,12 +69,6 @@ pub struct Catchup {
     pub schema_waiting_events: usize,
 }
 
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
-
 impl HealthState {
     /// A state for `node_id` with nothing up yet; uptime counts from now.
     pub fn new(node_id: u64) -> Arc<HealthState> {
@@ -87,7 +85,7 @@ impl HealthState {
             pending: AtomicI64::new(0),
             consumers_down: AtomicU64::new(0),
             failed: AtomicBool::new(false),
-            last_pulse_ns: AtomicI64::new(now_ns()),
+            last_pulse_ns: AtomicI64::new(clock::unix_ns()),
             catchup: std::sync::Mutex::new(Catchup::default()),
         })
     }
@@ -107,18 +105,21 @@ impl HealthState {
 
     /// Records an acknowledged publish (now).
     pub fn published_now(&self) {
-        self.last_published_ns.store(now_ns(), Ordering::Relaxed);
+        self.last_published_ns
+            .store(clock::unix_ns(), Ordering::Relaxed);
     }
 
     /// Records activity: a local change consumed or a remote one applied.
     pub fn pulse(&self) {
-        self.last_pulse_ns.store(now_ns(), Ordering::Relaxed);
+        self.last_pulse_ns
+            .store(clock::unix_ns(), Ordering::Relaxed);
     }
 
     /// Resolves once no pulse has been seen for `timeout`.
     pub async fn idle_for(&self, timeout: std::time::Duration) {
         loop {
-            let idle_ns = (now_ns() - self.last_pulse_ns.load(Ordering::Relaxed)).max(0) as u64;
+            let idle_ns =
+                (clock::unix_ns() - self.last_pulse_ns.load(Ordering::Relaxed)).max(0) as u64;
             let idle = std::time::Duration::from_nanos(idle_ns);
             if idle >= timeout {
                 return;
@@ -190,23 +191,16 @@ impl HealthState {
     }
 }
 
-/// Go's `time.Time` JSON form in UTC (RFC 3339 with trailing zeros of the fraction trimmed).
+/// Go's `time.Time` JSON form in UTC: RFC 3339 with the fraction's trailing zeros trimmed (and
+/// no fraction when it is zero), `0001-01-01T00:00:00Z` for the zero time.
 pub(crate) fn rfc3339_nano(ns: i64) -> String {
     if ns <= 0 {
         return "0001-01-01T00:00:00Z".into();
     }
-    let secs = ns.div_euclid(1_000_000_000);
-    let frac = ns.rem_euclid(1_000_000_000);
-    let base = crate::wire::format_utc_time(secs);
-    // "YYYY-MM-DD HH:MM:SS+00:00" → "YYYY-MM-DDTHH:MM:SS"
-    let mut out = base[..19].replacen(' ', "T", 1);
-    if frac > 0 {
-        let f = format!("{frac:09}");
-        out.push('.');
-        out.push_str(f.trim_end_matches('0'));
-    }
-    out.push('Z');
-    out
+    OffsetDateTime::from_unix_timestamp_nanos(ns.into())
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .expect("unix nanoseconds in an i64 fall in the years 1677 to 2262, which RFC 3339 covers")
 }
 
 /// Optional thresholds from the query string.
@@ -321,7 +315,7 @@ mod tests {
         assert!(!evaluate(&s, &Thresholds::default()), "nothing up yet");
         up(&s);
         assert!(evaluate(&s, &Thresholds::default()));
-        s.applied(now_ns(), 2_500_000);
+        s.applied(clock::unix_ns(), 2_500_000);
         s.pending.store(10, Ordering::Relaxed);
         let t = |lag: Option<f64>, pending: Option<i64>| Thresholds {
             max_lag_seconds: lag,

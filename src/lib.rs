@@ -5,6 +5,7 @@
 //! - [`cli`]: Go-style flags, normalised before clap parses them.
 //! - [`config`]: the TOML file layer with Go's defaults, validated into [`config::Settings`].
 //! - [`logging`]: console or JSON lines, `node_id` on every line.
+//! - [`clock`]: the one reader of the wall clock (unix seconds, milliseconds, nanoseconds).
 //! - [`cbor`], [`wire`]: the CBOR event codec, shard hash, stream names, zstd.
 //! - [`seqmap`]: the atomic `{stream: last applied seq}` state file.
 //! - [`db`]: SQLite connection policy, schema discovery and hash, triggers, change log, applier,
@@ -24,6 +25,7 @@
 pub mod app;
 pub mod cbor;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod health;
@@ -44,12 +46,8 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+/// Milliseconds since the Unix epoch; kept for callers not yet switched to [`clock::unix_ms`].
+pub use clock::unix_ms;
 
 /// An error and all its causes, `outer: inner: innermost`, for log lines (a bare `%e` drops the
 /// cause, which is usually the part that says what went wrong).

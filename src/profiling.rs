@@ -33,27 +33,37 @@ enum Output {
     Flamegraph,
 }
 
-fn capture(seconds: u64, output: Output) -> Result<Vec<u8>, String> {
+/// Why a profile could not be taken; the request gets 500 with the whole cause chain.
+#[derive(Debug, thiserror::Error)]
+enum CaptureError {
+    /// The sampling timer could not be set up (for example, no permission for the signal).
+    #[error("cannot start profiler")]
+    Start(#[source] pprof::Error),
+    #[error("cannot build report")]
+    Report(#[source] pprof::Error),
+    #[error("cannot encode profile")]
+    Encode(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot draw flame graph")]
+    Flamegraph(#[source] pprof::Error),
+}
+
+fn capture(seconds: u64, output: Output) -> Result<Vec<u8>, CaptureError> {
     let guard = pprof::ProfilerGuardBuilder::default()
         .frequency(FREQUENCY)
         .blocklist(&["libc", "libgcc", "pthread", "vdso"])
         .build()
-        .map_err(|e| format!("cannot start profiler: {e}"))?;
+        .map_err(CaptureError::Start)?;
     std::thread::sleep(Duration::from_secs(seconds));
-    let report = guard
-        .report()
-        .build()
-        .map_err(|e| format!("cannot build report: {e}"))?;
+    let report = guard.report().build().map_err(CaptureError::Report)?;
     let mut body = Vec::new();
     match output {
         Output::Protobuf => {
             use pprof::protos::Message;
-            let profile = report
-                .pprof()
-                .map_err(|e| format!("cannot encode profile: {e}"))?;
+            let profile = report.pprof().map_err(|e| CaptureError::Encode(e.into()))?;
+            // protobuf's error type is not re-exported by pprof, hence the box.
             profile
                 .write_to_vec(&mut body)
-                .map_err(|e| format!("cannot encode profile: {e}"))?;
+                .map_err(|e| CaptureError::Encode(e.into()))?;
         }
         Output::Flamegraph => {
             if report.data.is_empty() {
@@ -62,7 +72,7 @@ fn capture(seconds: u64, output: Output) -> Result<Vec<u8>, String> {
             } else {
                 report
                     .flamegraph(&mut body)
-                    .map_err(|e| format!("cannot draw flame graph: {e}"))?;
+                    .map_err(CaptureError::Flamegraph)?;
             }
         }
     }
@@ -83,7 +93,11 @@ async fn handle(busy: Arc<Mutex<()>>, params: Params, output: Output) -> Respons
     };
     match tokio::task::spawn_blocking(move || capture(seconds, output)).await {
         Ok(Ok(body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}\n", crate::error_chain(&e)),
+        )
+            .into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("profiler failed: {e}\n"),
@@ -109,4 +123,18 @@ pub fn router() -> axum::Router {
                 handle(Arc::clone(&b2), p, Output::Flamegraph)
             }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_body_reads_as_before() {
+        let e = CaptureError::Start(pprof::Error::CreatingError);
+        assert_eq!(
+            crate::error_chain(&e),
+            "cannot start profiler: create profiler error"
+        );
+    }
 }

@@ -56,7 +56,9 @@ impl NodeSchemaState {
             schema_hash: schema_hash.to_owned(),
             previous_hash: previous_hash.to_owned(),
             harmonylite_version: env!("CARGO_PKG_VERSION").to_owned(),
-            updated_at: crate::health::rfc3339_nano(crate::unix_ms().saturating_mul(1_000_000)),
+            updated_at: crate::health::rfc3339_nano(
+                crate::clock::unix_ms().saturating_mul(1_000_000),
+            ),
         }
     }
 

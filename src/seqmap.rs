@@ -32,8 +32,25 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("sequence map {path} is not a CBOR map of stream name to sequence: {why}")]
-    Corrupt { path: PathBuf, why: String },
+    /// The file holds something else; [`SeqMap::open_tolerant`] starts from an empty map instead.
+    #[error("sequence map {path} is not a CBOR map of stream name to sequence")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        why: Malformed,
+    },
+}
+
+/// Why the file's first item is not a sequence map.
+#[derive(Debug, thiserror::Error)]
+pub enum Malformed {
+    /// Not CBOR at all (or cut short).
+    #[error(transparent)]
+    Cbor(#[from] cbor::Error),
+    #[error("first item is not a map")]
+    NotAMap,
+    #[error("entry is not text → unsigned integer")]
+    BadEntry,
 }
 
 /// The in-memory map and the file it is saved to.
@@ -182,16 +199,16 @@ pub fn encode(map: &BTreeMap<String, u64>) -> Vec<u8> {
     out
 }
 
-fn parse(bytes: &[u8]) -> Result<BTreeMap<String, u64>, String> {
-    let (item, _) = cbor::decode_first(bytes).map_err(|e| e.to_string())?;
+fn parse(bytes: &[u8]) -> Result<BTreeMap<String, u64>, Malformed> {
+    let (item, _) = cbor::decode_first(bytes)?;
     let Item::Map(pairs) = item else {
-        return Err("first item is not a map".into());
+        return Err(Malformed::NotAMap);
     };
     pairs
         .into_iter()
         .map(|(k, v)| match (k.as_str(), v) {
             (Some(k), Item::Unsigned(seq)) => Ok((k.to_owned(), seq)),
-            _ => Err("entry is not text → unsigned integer".into()),
+            _ => Err(Malformed::BadEntry),
         })
         .collect()
 }
@@ -266,6 +283,26 @@ mod tests {
         let path = dir.path().join("seq-map.cbor");
         fs::write(&path, b"not cbor data").expect("write");
         assert!(matches!(SeqMap::open(&path), Err(Error::Corrupt { .. })));
+        fs::write(&path, [0x1c]).expect("write");
+        let e = SeqMap::open(&path).expect_err("corrupt");
+        // Log lines print the chain, which reads as the one message did before.
+        assert_eq!(
+            crate::error_chain(&e),
+            format!(
+                "sequence map {} is not a CBOR map of stream name to sequence: \
+                 malformed CBOR at byte 1: reserved additional information",
+                path.display()
+            )
+        );
+        fs::write(&path, [0x01]).expect("write");
+        assert!(matches!(
+            SeqMap::open(&path),
+            Err(Error::Corrupt {
+                why: Malformed::NotAMap,
+                ..
+            })
+        ));
+        fs::write(&path, b"not cbor data").expect("write");
         let mut m = SeqMap::open_tolerant(&path).expect("tolerant");
         assert!(m.entries().is_empty());
         assert!(m.advance([("s", 3)]).expect("saves"));

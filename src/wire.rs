@@ -14,6 +14,10 @@
 //! - Decoding never panics; anything it cannot represent is a [`DecodeError`], which the applier
 //!   quarantines.
 
+use time::OffsetDateTime;
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+
 use crate::cbor::{self, Item};
 
 /// The Go prefix of every node name (`cfg.NodeNamePrefix`).
@@ -93,7 +97,35 @@ pub enum DecodeError {
     #[error("unknown operation type {0:?}")]
     UnknownOp(String),
     #[error("column {column:?}: {what}")]
-    BadValue { column: String, what: String },
+    BadValue {
+        column: String,
+        #[source]
+        what: ValueError,
+    },
+}
+
+/// Why a decoded row value has no SQLite storage class.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("unsigned integer {0} exceeds int64")]
+    UnsignedTooLarge(u64),
+    #[error("negative integer below int64")]
+    NegativeTooSmall,
+    #[error("unsupported CBOR tag {0}")]
+    UnsupportedTag(u64),
+    #[error("nested arrays and maps cannot be stored")]
+    Nested,
+    #[error("unsupported CBOR simple value {0}")]
+    UnsupportedSimple(u8),
+    /// Go's time wrapper (tag 32) around something other than a map.
+    #[error("tag 32 does not wrap a map")]
+    TimeNotMap,
+    /// A wrapped time whose seconds are not an integer (or a finite float).
+    #[error("tag 32 time is not an integer")]
+    TimeNotInteger,
+    /// A wrapped time outside the years -9999 to 9999 (or outside `i64` seconds).
+    #[error("time out of range")]
+    TimeOutOfRange,
 }
 
 impl ReplicationEvent {
@@ -225,14 +257,14 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
 }
 
 /// Maps a decoded row value onto a storage class, as Go's sqlite driver would bind it.
-fn item_to_value(item: &Item) -> Result<Value, String> {
+fn item_to_value(item: &Item) -> Result<Value, ValueError> {
     Ok(match item {
         Item::Null | Item::Undefined => Value::Null,
-        Item::Unsigned(v) => Value::Integer(
-            i64::try_from(*v).map_err(|_| format!("unsigned integer {v} exceeds int64"))?,
-        ),
+        Item::Unsigned(v) => {
+            Value::Integer(i64::try_from(*v).map_err(|_| ValueError::UnsignedTooLarge(*v))?)
+        }
         Item::Negative(v) => {
-            let n = i64::try_from(*v).map_err(|_| "negative integer below int64".to_owned())?;
+            let n = i64::try_from(*v).map_err(|_| ValueError::NegativeTooSmall)?;
             Value::Integer(-1 - n)
         }
         Item::Float(f) => Value::Real(*f),
@@ -240,18 +272,16 @@ fn item_to_value(item: &Item) -> Result<Value, String> {
         Item::Bytes(b) => Value::Blob(b.clone()),
         Item::Bool(b) => Value::Integer(i64::from(*b)),
         Item::Tag(32, inner) => time_wrapper_to_value(inner)?,
-        Item::Tag(n, _) => return Err(format!("unsupported CBOR tag {n}")),
-        Item::Array(_) | Item::Map(_) => {
-            return Err("nested arrays and maps cannot be stored".into());
-        }
-        Item::Simple(s) => return Err(format!("unsupported CBOR simple value {s}")),
+        Item::Tag(n, _) => return Err(ValueError::UnsupportedTag(*n)),
+        Item::Array(_) | Item::Map(_) => return Err(ValueError::Nested),
+        Item::Simple(s) => return Err(ValueError::UnsupportedSimple(*s)),
     })
 }
 
 /// Go's `sensitiveTypeWrapper`: tag 32 around `{1: unix seconds}`; a missing or null time is NULL.
-fn time_wrapper_to_value(inner: &Item) -> Result<Value, String> {
+fn time_wrapper_to_value(inner: &Item) -> Result<Value, ValueError> {
     let Item::Map(pairs) = inner else {
-        return Err("tag 32 does not wrap a map".into());
+        return Err(ValueError::TimeNotMap);
     };
     let secs = pairs.iter().find_map(|(k, v)| match k {
         Item::Unsigned(1) => Some(v),
@@ -259,52 +289,30 @@ fn time_wrapper_to_value(inner: &Item) -> Result<Value, String> {
     });
     let secs = match secs {
         None | Some(Item::Null) | Some(Item::Undefined) => return Ok(Value::Null),
-        Some(Item::Unsigned(v)) => i64::try_from(*v).map_err(|_| "time out of range".to_owned())?,
+        Some(Item::Unsigned(v)) => i64::try_from(*v).map_err(|_| ValueError::TimeOutOfRange)?,
         Some(Item::Negative(v)) => {
-            -1 - i64::try_from(*v).map_err(|_| "time out of range".to_owned())?
+            -1 - i64::try_from(*v).map_err(|_| ValueError::TimeOutOfRange)?
         }
         Some(Item::Float(f)) if f.is_finite() => f.floor() as i64,
-        Some(_) => return Err("tag 32 time is not an integer".into()),
+        Some(_) => return Err(ValueError::TimeNotInteger),
     };
-    Ok(Value::Text(format_utc_time(secs).into_bytes()))
+    let text = format_utc_time(secs).ok_or(ValueError::TimeOutOfRange)?;
+    Ok(Value::Text(text.into_bytes()))
 }
+
+/// Go's sqlite driver's layout for a UTC `time.Time` without fraction (mattn
+/// `SQLiteTimestampFormats[0]`, `2006-01-02 15:04:05.999999999-07:00`).
+const UTC_TEXT: &[BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day] [hour]:[minute]:[second]+00:00");
 
 /// Formats unix seconds as Go's sqlite driver writes a UTC `time.Time`:
-/// `2006-01-02 15:04:05+00:00` (no fraction: the wrapper carries whole seconds).
-pub fn format_utc_time(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}+00:00",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days → (year, month, day) in the proleptic Gregorian calendar.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// (year, month, day) → days since 1970-01-01.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// `2006-01-02 15:04:05+00:00` (no fraction: the wrapper carries whole seconds). `None` outside
+/// the years -9999 to 9999.
+pub fn format_utc_time(secs: i64) -> Option<String> {
+    OffsetDateTime::from_unix_timestamp(secs)
+        .ok()?
+        .format(UTC_TEXT)
+        .ok()
 }
 
 /// FNV-1 64's starting value (the hash of no bytes).
@@ -372,52 +380,64 @@ fn go_time_key(decl_type: &str, value: &Value) -> Option<Option<i64>> {
     }
 }
 
-/// Parses the layouts Go's sqlite driver tries for time-typed TEXT (upstream §4.11), in UTC.
+/// `2006-01-02 15:04:05.999999999-07:00` and its `T` twin: Go's `15` is an hour of one or two
+/// digits, and its `.999999999` an optional fraction after `.` or `,`.
+const GO_TIME_OFFSET: &[BorrowedFormatItem<'_>] = format_description!(
+    "[year]-[month]-[day][first [ ][T]][hour padding:none]:[minute]:[second][optional [[first [.][,]][subsecond digits:1+]]][offset_hour sign:mandatory]:[offset_minute]"
+);
+/// `2006-01-02 15:04:05.999999999` and `2006-01-02 15:04:05`, with their `T` twins (Go takes a
+/// fraction after the seconds even when the layout has none).
+const GO_TIME: &[BorrowedFormatItem<'_>] = format_description!(
+    "[year]-[month]-[day][first [ ][T]][hour padding:none]:[minute]:[second][optional [[first [.][,]][subsecond digits:1+]]]"
+);
+/// `2006-01-02 15:04` and `2006-01-02T15:04`.
+const GO_TIME_MINUTES: &[BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day][first [ ][T]][hour padding:none]:[minute]");
+/// `2006-01-02`.
+const GO_DATE: &[BorrowedFormatItem<'_>] = format_description!("[year]-[month]-[day]");
+
+/// Fraction digits Go keeps (it reads any number and ignores those past nanoseconds).
+const GO_FRACTION_DIGITS: usize = 9;
+
+/// Parses time-typed TEXT as Go's sqlite driver does (upstream §4.11): cut one trailing `Z`,
+/// then try mattn's `SQLiteTimestampFormats` in UTC. Go's rules kept here: a four-digit year
+/// without sign, a real calendar date (no February 31), seconds and minutes of two digits, and
+/// offsets up to 24 hours.
 fn parse_go_time(text: &[u8]) -> Option<i64> {
+    use time::{Date, PrimitiveDateTime};
     let s = std::str::from_utf8(text).ok()?;
     let s = s.strip_suffix('Z').unwrap_or(s);
-    let num = |part: &str| -> Option<i64> {
-        (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| part.parse().ok())
-            .flatten()
+    // Go's `2006` starts with a digit; the time crate's `[year]` would also take a sign.
+    if !s.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    let s = truncate_fraction(s);
+    if let Ok(t) = OffsetDateTime::parse(&s, GO_TIME_OFFSET) {
+        // Go refuses offsets over 24 hours; the time crate allows 25.
+        return (t.offset().whole_hours().unsigned_abs() <= 24).then(|| t.unix_timestamp());
+    }
+    if let Ok(t) = PrimitiveDateTime::parse(&s, GO_TIME)
+        .or_else(|_| PrimitiveDateTime::parse(&s, GO_TIME_MINUTES))
+    {
+        return Some(t.assume_utc().unix_timestamp());
+    }
+    Date::parse(&s, GO_DATE)
+        .ok()
+        .map(|d| d.midnight().assume_utc().unix_timestamp())
+}
+
+/// Cuts a fraction of more than [`GO_FRACTION_DIGITS`] digits to that many: Go accepts any length
+/// (`time/format.go` `parseNanoseconds`), the time crate at most 32 digits.
+fn truncate_fraction(s: &str) -> std::borrow::Cow<'_, str> {
+    let Some(dot) = s.find(['.', ',']) else {
+        return s.into();
     };
-    let date = s.get(..10)?;
-    let (y, m, d) = (
-        num(date.get(..4)?)?,
-        num(date.get(5..7)?)?,
-        num(date.get(8..10)?)?,
-    );
-    if date.as_bytes()[4] != b'-' || date.as_bytes()[7] != b'-' || !(1..=12).contains(&m) {
-        return None;
+    let digits = s[dot + 1..].bytes().take_while(u8::is_ascii_digit).count();
+    if digits <= GO_FRACTION_DIGITS {
+        return s.into();
     }
-    if !(1..=31).contains(&d) {
-        return None;
-    }
-    let mut secs = days_from_civil(y, m as u32, d as u32) * 86_400;
-    let rest = &s[10..];
-    if rest.is_empty() {
-        return Some(secs);
-    }
-    let rest = rest.strip_prefix([' ', 'T'])?;
-    let (clock, offset) = match rest.find(['+', '-']) {
-        Some(i) => (&rest[..i], Some(&rest[i..])),
-        None => (rest, None),
-    };
-    let clock = clock.split('.').next()?;
-    let mut parts = clock.split(':');
-    let h = num(parts.next()?)?;
-    let mi = num(parts.next()?)?;
-    let sec = parts.next().map(num).unwrap_or(Some(0))?;
-    if parts.next().is_some() || h > 23 || mi > 59 || sec > 59 {
-        return None;
-    }
-    secs += h * 3600 + mi * 60 + sec;
-    if let Some(off) = offset {
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let (oh, om) = off[1..].split_once(':')?;
-        secs -= sign * (num(oh)? * 3600 + num(om)? * 60);
-    }
-    Some(secs)
+    let keep = dot + 1 + GO_FRACTION_DIGITS;
+    format!("{}{}", &s[..keep], &s[dot + 1 + digits..]).into()
 }
 
 /// Stream name of a shard: `<stream_prefix>[-c]-<shard>` (Go `logstream/replicator.go`).
@@ -618,6 +638,32 @@ mod tests {
     }
 
     #[test]
+    fn unstorable_values_name_the_column_and_the_reason() {
+        // {"Payload": {"Type": "insert", "TableName": "t", "Row": {"a": 2^63}}}
+        let mut body = hex("a1 67 5061796c6f6164 a3 64 54797065 66 696e73657274");
+        body.extend(hex("69 5461626c654e616d65 61 74 63 526f77 a1 61 61"));
+        body.extend(hex("1b 8000000000000000"));
+        let e = ReplicationEvent::decode(&body).expect_err("2^63 is not an int64");
+        assert_eq!(
+            e.to_string(),
+            "column \"a\": unsigned integer 9223372036854775808 exceeds int64"
+        );
+        assert!(matches!(
+            e,
+            DecodeError::BadValue { ref column, what: ValueError::UnsignedTooLarge(_) } if column == "a"
+        ));
+        assert_eq!(
+            time_wrapper_to_value(&Item::Array(Vec::new())),
+            Err(ValueError::TimeNotMap)
+        );
+        let year_10000 = Item::Map(vec![(Item::Unsigned(1), Item::Unsigned(253_402_300_800))]);
+        assert_eq!(
+            time_wrapper_to_value(&year_10000),
+            Err(ValueError::TimeOutOfRange)
+        );
+    }
+
+    #[test]
     fn field_names_match_case_insensitively_as_fallback() {
         let mut body = hex("a2 6a 66726f6d6e6f64656964 07 67 7061796c6f6164 a3");
         body.extend(hex(
@@ -725,6 +771,80 @@ mod tests {
     }
 
     #[test]
+    fn go_time_text_rejects_dates_that_do_not_exist() {
+        assert_eq!(parse_go_time(b"2025-02-31"), None);
+        assert_eq!(parse_go_time(b"2025-02-31 12:00:00"), None);
+        assert_eq!(
+            parse_go_time(b"2023-02-29"),
+            None,
+            "2023 is not a leap year"
+        );
+        assert_eq!(
+            parse_go_time(b"2100-02-29"),
+            None,
+            "2100 is not a leap year"
+        );
+        assert_eq!(parse_go_time(b"2024-02-29"), Some(1_709_164_800));
+        assert_eq!(parse_go_time(b"2024-02-29T00:00:01Z"), Some(1_709_164_801));
+        assert_eq!(parse_go_time(b"2000-02-29"), Some(951_782_400));
+    }
+
+    #[test]
+    fn go_time_text_follows_go_layouts() {
+        let noon = Some(1_740_830_400); // 2025-03-01 12:00:00 UTC
+        // Every mattn layout, with ' ' or 'T', and a trailing Z cut first.
+        for ok in [
+            "2025-03-01 12:00:00",
+            "2025-03-01T12:00:00Z",
+            "2025-03-01 12:00",
+            "2025-03-01T12:00",
+            "2025-03-01 13:00:00+01:00",
+            "2025-03-01T11:30:00-00:30",
+            "2025-03-01 12:00:00.5",
+            "2025-03-01 12:00:00,5",
+            "2025-03-01T12:00:00.123456789Z",
+            "2025-03-01T13:00:00.1+01:00",
+            // Go reads any number of fraction digits and keeps nine.
+            "2025-03-01T12:00:00.1234567891234Z",
+            "2025-03-01 13:00:00.1234567890123456789012345678901234567890+01:00",
+        ] {
+            assert_eq!(parse_go_time(ok.as_bytes()), noon, "{ok}");
+        }
+        // Go's `15` takes an hour of one digit.
+        assert_eq!(parse_go_time(b"2025-03-01 2:00:00"), Some(1_740_794_400));
+        // Go allows offsets up to 24 hours.
+        assert_eq!(
+            parse_go_time(b"2025-03-02 12:00:00+24:00"),
+            noon,
+            "offset of 24 hours"
+        );
+        for bad in [
+            "",
+            "garbage",
+            "+2025-03-01",
+            "2025-3-01",
+            "2025-03-1",
+            "25-03-01",
+            "2025-13-01",
+            "2025-03-01 ",
+            "2025-03-01 24:00:00",
+            "2025-03-01 12:60:00",
+            "2025-03-01 12:00:60",
+            "2025-03-01 12:0:00",
+            "2025-03-01 12:00:00.",
+            "2025-03-01 12:00:00.x",
+            "2025-03-01 12:00+01:00",
+            "2025-03-01 12:00:00+0100",
+            "2025-03-01 12:00:00+25:00",
+            "2025-03-01 12:00:00 +01:00",
+            "2025-03-01 12:00:00ZZ",
+            "2025-03-01 12:00:00.5 ",
+        ] {
+            assert_eq!(parse_go_time(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn frames_without_content_size_and_lies_are_handled() {
         let body = b"hello hello hello hello".repeat(50);
         let mut streamed = Vec::new();
@@ -753,9 +873,12 @@ mod tests {
 
     #[test]
     fn utc_time_formatting() {
-        assert_eq!(format_utc_time(0), "1970-01-01 00:00:00+00:00");
-        assert_eq!(format_utc_time(-1), "1969-12-31 23:59:59+00:00");
-        assert_eq!(format_utc_time(951_782_400), "2000-02-29 00:00:00+00:00");
+        let f = |secs| format_utc_time(secs).expect("in range");
+        assert_eq!(f(0), "1970-01-01 00:00:00+00:00");
+        assert_eq!(f(-1), "1969-12-31 23:59:59+00:00");
+        assert_eq!(f(951_782_400), "2000-02-29 00:00:00+00:00");
+        assert_eq!(f(253_402_300_799), "9999-12-31 23:59:59+00:00");
+        assert_eq!(format_utc_time(253_402_300_800), None, "year 10000");
     }
 
     #[test]

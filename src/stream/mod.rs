@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream as js_stream};
+use async_nats::jetstream::{self, consumer, context, stream as js_stream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NatsConfig, Settings};
@@ -35,6 +35,13 @@ pub enum Error {
     Embedded(#[from] embedded::Error),
     #[error(transparent)]
     Discovery(#[from] discovery::Error),
+    /// A stream's state could not be read ([`stream_range`], [`pull_consumer`]); the callers
+    /// retry. The text is JetStream's own, as the callers' log lines always showed it.
+    #[error(transparent)]
+    StreamInfo(#[from] context::GetStreamError),
+    /// An ephemeral consumer could not be created ([`pull_consumer`]); the caller retries.
+    #[error(transparent)]
+    CreateConsumer(#[from] js_stream::ConsumerError),
     #[error("shutdown requested")]
     Cancelled,
 }
@@ -411,17 +418,14 @@ async fn ensure_one(
 /// The server removes the consumer [`CONSUMER_INACTIVE`] after its last fetch.
 ///
 /// # Errors
-/// The JetStream error text, for the caller to retry.
+/// [`Error::StreamInfo`] or [`Error::CreateConsumer`], for the caller to retry.
 pub async fn pull_consumer(
     js: &jetstream::Context,
     stream: &str,
     subject: &str,
     start_seq: u64,
-) -> Result<consumer::PullConsumer, String> {
-    let s = js
-        .get_stream_no_info(stream)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<consumer::PullConsumer, Error> {
+    let s = js.get_stream_no_info(stream).await?;
     let deliver_policy = if start_seq <= 1 {
         consumer::DeliverPolicy::All
     } else {
@@ -439,7 +443,7 @@ pub async fn pull_consumer(
         ..Default::default()
     })
     .await
-    .map_err(|e| e.to_string())
+    .map_err(Error::CreateConsumer)
 }
 
 /// How long the server keeps an ephemeral consumer nobody fetches from.
@@ -592,11 +596,11 @@ pub async fn shard_mismatch(
 /// A stream's retained range: `(first sequence, last sequence)`, or `None` when it does not exist.
 ///
 /// # Errors
-/// The JetStream error text (the caller retries).
+/// [`Error::StreamInfo`] (the caller retries).
 pub async fn stream_range(
     js: &jetstream::Context,
     stream: &str,
-) -> Result<Option<(u64, u64)>, String> {
+) -> Result<Option<(u64, u64)>, Error> {
     use async_nats::jetstream::context::GetStreamErrorKind;
     match js.get_stream(stream).await {
         Ok(s) => {
@@ -609,7 +613,25 @@ pub async fn stream_range(
             {
                 Ok(None)
             }
-            _ => Err(e.to_string()),
+            _ => Err(Error::StreamInfo(e)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_state_errors_read_as_jetstream_wrote_them() {
+        // The appliers log these with `%e`; the text must stay JetStream's own.
+        let inner = context::GetStreamError::with_source(
+            context::GetStreamErrorKind::Request,
+            std::io::Error::other("timed out"),
+        );
+        let text = inner.to_string();
+        let e = Error::from(inner);
+        assert!(matches!(e, Error::StreamInfo(_)));
+        assert_eq!(e.to_string(), text);
     }
 }
