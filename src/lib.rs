@@ -46,9 +46,6 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Milliseconds since the Unix epoch; kept for callers not yet switched to [`clock::unix_ms`].
-pub use clock::unix_ms;
-
 /// An error and all its causes, `outer: inner: innermost`, for log lines (a bare `%e` drops the
 /// cause, which is usually the part that says what went wrong).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

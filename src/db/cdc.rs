@@ -444,9 +444,7 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
             quote(HELD_TABLE)
         ))?;
     }
-    let now_secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now_secs = crate::clock::unix_secs();
     tx.execute(
         &format!(
             "INSERT OR REPLACE INTO {} (id, schema_hash, updated_at, harmonylite_version) \

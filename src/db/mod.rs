@@ -176,7 +176,7 @@ pub fn quote_literal(text: &str) -> String {
 
 /// Unix milliseconds now.
 pub(crate) fn now_ms() -> i64 {
-    crate::unix_ms()
+    crate::clock::unix_ms()
 }
 
 /// Name of a table's change log.

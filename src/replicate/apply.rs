@@ -1,7 +1,7 @@
 //! The applying side: JetStream → SQLite (design §3.2, §3.3, §3.7, §4).
 //!
-//! One ordered consumer per shard reads from the saved sequence + 1 and forwards raw messages into
-//! one bounded channel. One dedicated thread owns the applier connection and the seq map: it takes
+//! One consumer per shard ([`super::consume`]) reads from the saved sequence + 1 and forwards raw
+//! messages into one bounded channel. One dedicated thread owns the applier connection and the seq map: it takes
 //! whatever is waiting (up to [`MAX_BATCH`]), decodes, applies the batch in one transaction,
 //! then advances the seq map once. Per-shard order is preserved because each shard's messages enter
 //! the channel in stream order and are applied in channel order.
@@ -21,9 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream;
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +29,6 @@ use crate::db::apply::{Applier, Incoming, Outcome};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
 use crate::seqmap::SeqMap;
-use crate::stream;
 use crate::wire::{self, ReplicationEvent};
 use prometheus::{IntCounter, IntGauge};
 
@@ -98,270 +95,11 @@ pub enum RestoreError {
     Stopping,
 }
 
-/// A consumer found messages it needed already discarded by the stream.
-#[derive(Debug, Clone, Copy)]
-pub struct Gap {
-    /// Index shard − 1.
-    pub stream: usize,
-    /// The first sequence this node lacks.
-    pub missing_from: u64,
-    /// The stream's first retained sequence.
-    pub first: u64,
-}
-
 /// Where the apply thread reports what it did.
 #[derive(Clone)]
 pub struct ApplyObservers {
     pub metrics: Arc<Metrics>,
     pub health: Arc<HealthState>,
-}
-
-/// What one shard's consumer reads, and from where.
-pub struct ConsumerSpec {
-    pub js: jetstream::Context,
-    pub settings: Arc<crate::config::Settings>,
-    /// 1-based.
-    pub shard: u64,
-    /// First sequence to read (saved position + 1).
-    pub start_seq: u64,
-    pub health: Arc<HealthState>,
-    /// Where a gap is reported (then the consumer stops and waits to be cancelled); `None`:
-    /// log it and go on past it (no snapshots to recover from).
-    pub gaps: Option<mpsc::UnboundedSender<Gap>>,
-}
-
-/// Messages asked for per fetch; a new fetch is sent when one completes.
-const FETCH_BATCH: usize = 1000;
-/// How long one fetch waits for messages before it ends and the next one starts.
-const FETCH_EXPIRES: Duration = Duration::from_secs(5);
-/// How long past FETCH_EXPIRES a fetch may stay silent before it is considered lost.
-const FETCH_GRACE: Duration = Duration::from_secs(5);
-
-/// Reads one shard from `start_seq` on and forwards every message in stream order, reopening
-/// the consumer after any error or gap from just past the last forwarded message. Returns on
-/// shutdown or when the apply thread has gone away.
-///
-/// Why a hand-driven fetch loop: async-nats' ordered consumer stalled silently under bursts in
-/// our benchmark (messages in the stream, none delivered, no error). Here every fetch is explicit,
-/// consumer sequences are checked for gaps, and every failure leads to a visible reopen.
-pub async fn run_consumer(spec: ConsumerSpec, tx: mpsc::Sender<Work>, shutdown: CancellationToken) {
-    let ConsumerSpec {
-        js,
-        settings,
-        shard,
-        start_seq,
-        health,
-        gaps,
-    } = spec;
-    let report_gap = |missing_from: u64, first: u64| {
-        gaps.as_ref().is_some_and(|g| {
-            g.send(Gap {
-                stream: shard as usize - 1,
-                missing_from,
-                first,
-            })
-            .is_ok()
-        })
-    };
-    let stream_idx = shard as usize - 1;
-    let stream_name = settings.stream_name(shard);
-    let subject = settings.subject_name(shard);
-    let mut next = start_seq.max(1);
-    let mut delay = Duration::from_millis(200);
-    // Set when the stream was found missing or recreated: the next message delivered resets
-    // this shard's position instead of advancing it.
-    let mut reset = false;
-    'reopen: loop {
-        // A stream that vanished (JetStream store wiped, stream deleted) is recreated; one whose
-        // end is before our position was recreated meanwhile: read it from its start, or every
-        // message in it would be skipped.
-        match stream::stream_range(&js, &stream_name).await {
-            Ok(None) => {
-                health.set_consumer_down(stream_idx, true);
-                tracing::warn!(stream = %stream_name, "Stream is missing; recreating it and consuming from its start");
-                if let Err(e) = stream::ensure_stream(&js, &settings, shard, &shutdown).await {
-                    if matches!(e, stream::Error::Cancelled) {
-                        return;
-                    }
-                    tracing::error!(stream = %stream_name, error = %crate::error_chain(&e), "Cannot recreate stream");
-                }
-                next = 1;
-                reset = true;
-            }
-            Ok(Some((first, last))) if next > 1 && last < next - 1 => {
-                tracing::warn!(stream = %stream_name, position = next - 1, stream_last = last,
-                    "Stream ends before this node's position (it was recreated); consuming from its start");
-                next = first.max(1);
-                reset = true;
-            }
-            Ok(Some((first, _))) if first > next && !reset && report_gap(next, first) => {
-                tracing::warn!(stream = %stream_name, missing_from = next, stream_first = first,
-                    "Stream gap detected: the stream no longer holds changes this node lacks; recovering from a snapshot");
-                shutdown.cancelled().await;
-                return;
-            }
-            Ok(Some(_)) => {}
-            Err(e) => {
-                health.set_consumer_down(stream_idx, true);
-                tracing::warn!(stream = %stream_name, error = %e, "Cannot read stream state, retrying");
-                if !back_off(&mut delay, &shutdown).await {
-                    return;
-                }
-                continue 'reopen;
-            }
-        }
-        let opened = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            r = stream::pull_consumer(&js, &stream_name, &subject, next) => r,
-        };
-        let consumer = match opened {
-            Ok(c) => c,
-            Err(e) => {
-                health.set_consumer_down(stream_idx, true);
-                tracing::warn!(stream = %stream_name, error = %e, "Cannot open consumer, retrying");
-                if !back_off(&mut delay, &shutdown).await {
-                    return;
-                }
-                continue 'reopen;
-            }
-        };
-        tracing::debug!(stream = %stream_name, from = next, "consumer started");
-        health.set_consumer_down(stream_idx, false);
-        let mut consumer_seq = 0u64;
-        loop {
-            let fetch = consumer
-                .batch()
-                .max_messages(FETCH_BATCH)
-                // No idle heartbeat: async-nats 0.51 answers one with Poll::Pending without
-                // arranging a wake-up, so a fetch that saw a heartbeat slept until it expired
-                // (multi-second stalls after idle). Our own timeout below detects a lost fetch.
-                .expires(FETCH_EXPIRES)
-                .messages();
-            let mut batch = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                b = fetch => match b {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(stream = %stream_name, error = %e, "fetch failed; reopening consumer");
-                        continue 'reopen;
-                    }
-                },
-            };
-            let mut received = 0usize;
-            loop {
-                let item = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return,
-                    // The server ends every fetch by FETCH_EXPIRES; a longer silence means the
-                    // fetch or the consumer was lost (e.g. a stream leader change).
-                    item = tokio::time::timeout(FETCH_EXPIRES + FETCH_GRACE, batch.next()) => match item {
-                        Ok(item) => item,
-                        Err(_) => {
-                            tracing::warn!(stream = %stream_name, "fetch went silent; reopening consumer");
-                            continue 'reopen;
-                        }
-                    },
-                };
-                let msg = match item {
-                    None => {
-                        // Fetch complete or expired. An empty one while the stream holds messages
-                        // we have not seen means the consumer is stranded (it can happen around
-                        // stream leader elections): reopen it.
-                        if received == 0 && stream_is_ahead(&js, &stream_name, next).await {
-                            tracing::warn!(stream = %stream_name, from = next,
-                                "consumer stalled behind the stream; reopening");
-                            continue 'reopen;
-                        }
-                        break;
-                    }
-                    Some(Ok(msg)) => msg,
-                    Some(Err(e)) => {
-                        tracing::warn!(stream = %stream_name, error = %e, "consumer error; reopening");
-                        continue 'reopen;
-                    }
-                };
-                let (seq, cseq, stream_time_ns) = match msg.info() {
-                    Ok(info) => (
-                        info.stream_sequence,
-                        info.consumer_sequence,
-                        info.published.unix_timestamp_nanos() as i64,
-                    ),
-                    Err(e) => {
-                        tracing::warn!(stream = %stream_name, error = %e, "message without JetStream metadata; reopening");
-                        continue 'reopen;
-                    }
-                };
-                if cseq != consumer_seq + 1 {
-                    tracing::warn!(stream = %stream_name, expected = consumer_seq + 1, got = cseq,
-                        "consumer skipped messages; reopening from the last one forwarded");
-                    continue 'reopen;
-                }
-                consumer_seq = cseq;
-                received += 1;
-                if seq < next {
-                    continue; // already forwarded before a reopen
-                }
-                if seq > next && !reset && report_gap(next, seq) {
-                    tracing::warn!(stream = %stream_name, missing_from = next, stream_first = seq,
-                        "Stream gap detected: the stream no longer holds changes this node lacks; recovering from a snapshot");
-                    shutdown.cancelled().await;
-                    return;
-                }
-                if seq > next && !reset {
-                    // Retention (max_entries) dropped messages this node had not applied yet.
-                    tracing::error!(stream = %stream_name, missing_from = next, missing_to = seq - 1,
-                        "Stream gap detected: required messages have been truncated; this node lacks \
-                         those changes until it restores a snapshot (raise replication_log.max_entries)");
-                }
-                let msg_id = msg
-                    .message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                    .map(|v| v.as_str().to_owned());
-                let delivered = Delivered {
-                    stream: stream_idx,
-                    seq,
-                    stream_time_ns,
-                    msg_id,
-                    reset: std::mem::take(&mut reset),
-                    body: msg.message.payload.clone(),
-                };
-                if tx.send(Work::Message(delivered)).await.is_err() {
-                    // The apply thread is gone; it reports why. Wait for the shutdown it causes
-                    // rather than end first and be taken for the failure.
-                    shutdown.cancelled().await;
-                    return;
-                }
-                next = seq + 1;
-                delay = Duration::from_millis(200);
-            }
-        }
-    }
-}
-
-/// Sleeps `delay` and grows it; false if shutdown came first.
-async fn back_off(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => return false,
-        _ = tokio::time::sleep(*delay) => {}
-    }
-    *delay = stream::next_backoff(*delay);
-    true
-}
-
-/// Whether `stream` holds a message at or after `next` (by its last sequence).
-async fn stream_is_ahead(js: &jetstream::Context, stream: &str, next: u64) -> bool {
-    match js.get_stream(stream).await {
-        Ok(s) => s.cached_info().state.last_sequence >= next,
-        Err(e) => {
-            tracing::debug!(stream, error = %e, "stream info failed");
-            false
-        }
-    }
 }
 
 /// Whether a message id names this database as its publisher
@@ -438,268 +176,309 @@ pub enum ApplyError {
 /// Only if the OS refuses to start a thread.
 pub fn spawn_apply_thread(
     work: ApplyThread,
-    mut rx: mpsc::Receiver<Work>,
+    rx: mpsc::Receiver<Work>,
     shutdown: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<Result<(), ApplyError>>> {
     let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("harmonylite-apply".into())
-        .spawn(move || {
-            let ApplyThread {
-                mut applier,
-                mut seqmap,
-                streams,
-                compressed,
-                max_event_bytes,
-                identity,
-                observers,
-                positions,
-                flow,
-                gate,
-                outbox,
-            } = work;
-            let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
-            // Per-shard metric handles, resolved once instead of per event.
-            let shard_label = |i: usize| (i + 1).to_string();
-            let shard_applied: Vec<IntCounter> = (0..streams.len())
-                .map(|i| {
-                    observers
-                        .metrics
-                        .applied
-                        .with_label_values(&[shard_label(i).as_str()])
-                })
-                .collect();
-            let shard_last: Vec<IntGauge> = (0..streams.len())
-                .map(|i| {
-                    observers
-                        .metrics
-                        .last_applied_sequence
-                        .with_label_values(&[shard_label(i).as_str()])
-                })
-                .collect();
-            let mut decompressor = compressed
-                .then(wire::Decompressor::new)
-                .transpose()
-                .map_err(ApplyError::Zstd)?;
-            let report = |applier: &Applier| {
-                let m = &observers.metrics;
-                m.held_events.set(applier.held_len() as i64);
-                m.schema_mismatch_paused
-                    .set(i64::from(applier.waiting_len() > 0));
-                observers.health.update_catchup(|c| {
-                    c.schema_waiting_events = applier.waiting_len();
-                });
-            };
-            report(&applier);
-            let mut last: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
-            // Events that waited for the schema are tried once capture is installed for the
-            // schema of this run (the applier is made anew after every reinstall).
-            let mut retry_waiting = applier.waiting_len() > 0;
-            loop {
-                if shutdown.is_cancelled() {
-                    break;
-                }
-                if retry_waiting {
-                    let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
-                    match applier.retry_waiting() {
-                        Ok(_) => retry_waiting = false,
-                        Err(e) if e.is_fatal() => return Err(ApplyError::Fatal(e)),
-                        Err(crate::db::Error::SchemaChanged) => {}
-                        Err(e) => tracing::warn!(error = %crate::error_chain(&e), "Cannot retry events waiting for the schema"),
-                    }
-                    report(&applier);
-                }
-                // Wake up now and then while events are held: a local write may have freed the
-                // value they wait for.
-                let wait = if applier.held_len() > 0 || retry_waiting {
-                    HELD_RETRY
-                } else {
-                    IDLE_WAKE
-                };
-                let first = runtime.block_on(async {
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => None,
-                        r = tokio::time::timeout(wait, rx.recv()) => Some(r),
-                    }
-                });
-                let first = match first {
-                    None | Some(Ok(None)) => break,
-                    Some(Ok(Some(Work::Restore(job)))) => {
-                        let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
-                        let fatal = restore(&mut applier, &mut seqmap, &streams, &mut last, &positions, &shard_last, job);
-                        if let Some(e) = fatal {
-                            return Err(ApplyError::Fatal(e));
-                        }
-                        report(&applier);
-                        continue;
-                    }
-                    Some(Err(_)) => {
-                        match applier.retry_held() {
-                            Ok(0) => {}
-                            Ok(n) => tracing::info!(applied = n, "Held events applied"),
-                            Err(e) if e.is_fatal() => return Err(ApplyError::Fatal(e)),
-                            Err(e) => tracing::warn!(error = %crate::error_chain(&e), "Cannot retry held events"),
-                        }
-                        report(&applier);
-                        continue;
-                    }
-                    Some(Ok(Some(Work::Message(d)))) => d,
-                };
-                let mut bytes = first.body.len();
-                batch.push(first);
-                // A restore that arrives behind messages runs after their batch.
-                let mut then_restore: Option<RestoreJob> = None;
-                while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(Work::Message(d)) => {
-                            bytes += d.body.len();
-                            batch.push(d);
-                        }
-                        Ok(Work::Restore(job)) => {
-                            then_restore = Some(job);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let held = gate.lock().unwrap_or_else(|p| p.into_inner());
-                match apply_with_retry(
-                    &mut applier,
-                    &streams,
-                    decompressor.as_mut(),
-                    max_event_bytes,
-                    &identity,
-                    &batch,
-                    &observers,
-                    &shard_applied,
-                    &shutdown,
-                ) {
-                    Ok(true) => {}
-                    Ok(false) => break, // shutdown while retrying: redelivered after restart
-                    Err(e) => return Err(ApplyError::Fatal(e)),
-                }
-                tracing::trace!(events = batch.len(), "applied batch");
-                let mut high: HashMap<usize, u64> = HashMap::new();
-                let mut jumped = false;
-                for d in batch.iter().filter(|d| d.reset) {
-                    // The stream was recreated: its sequences start again, and our changes
-                    // published into the old one will never come back.
-                    if let Err(e) = seqmap.reset(&streams[d.stream], d.seq.saturating_sub(1)) {
-                        tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map");
-                    }
-                    last[d.stream] = d.seq.saturating_sub(1);
-                    if let Err(e) = applier.forget_published(d.stream + 1) {
-                        tracing::warn!(error = %crate::error_chain(&e), "Cannot reset published changes of the recreated stream");
-                    }
-                    let shard = d.stream as u64 + 1;
-                    applier.forget_landed(&landed_in(&outbox), |s, _| s == shard);
-                    jumped = true;
-                }
-                for d in &batch {
-                    let e = high.entry(d.stream).or_insert(0);
-                    *e = (*e).max(d.seq);
-                    if d.seq > last[d.stream] + 1 {
-                        jumped = true;
-                    }
-                    last[d.stream] = last[d.stream].max(d.seq);
-                }
-                save_seqmap(&mut seqmap, &streams, &high, &shutdown);
-                for (&i, &seq) in &high {
-                    shard_last[i].set(seq as i64);
-                    applier.set_applied(i + 1, seq);
-                    positions[i].store(seq, Ordering::Relaxed);
-                }
-                if let Some(flow) = &flow {
-                    flow.record_local(&positions);
-                    flow.advanced.notify_one();
-                }
-                if jumped {
-                    // Messages were skipped (retention): our changes among them can no longer come
-                    // back and must stop holding their rows.
-                    if let Err(e) = applier.rebuild_in_flight() {
-                        tracing::warn!(error = %crate::error_chain(&e), "Cannot re-read in-flight changes");
-                    }
-                    applier.forget_landed(&landed_in(&outbox), |shard, seq| {
-                        last.get((shard.max(1) - 1) as usize).is_some_and(|&p| seq <= p)
-                    });
-                }
-                drop(held);
-                report(&applier);
-                batch.clear();
-                if let Some(job) = then_restore {
-                    let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(e) = restore(&mut applier, &mut seqmap, &streams, &mut last, &positions, &shard_last, job) {
-                        return Err(ApplyError::Fatal(e));
-                    }
-                    report(&applier);
-                }
-            }
-            tracing::debug!("apply thread stopped");
-            Ok(())
-        })
+        .spawn(move || Worker::new(work, shutdown)?.run(rx, &runtime))
 }
 
-/// Merges a snapshot and moves every position to the snapshot's; answers the job. Returns the
-/// error when it is fatal (the thread must stop).
-fn restore(
-    applier: &mut Applier,
-    seqmap: &mut SeqMap,
-    streams: &[String],
-    last: &mut [u64],
-    positions: &[AtomicU64],
-    shard_last: &[IntGauge],
-    job: RestoreJob,
-) -> Option<crate::db::Error> {
-    let RestoreJob {
-        file,
-        positions: at,
-        not_kept,
-        replay_all,
-        reply,
-    } = job;
-    // Messages applied since the recovery looked (they were in the channel before the job) may
-    // have taken this node past the snapshot on some stream: restoring would take rows back.
-    if let Some((i, name)) = streams
-        .iter()
-        .enumerate()
-        .find(|(i, _)| !replay_all && at.get(*i).copied().unwrap_or(0) < last[*i])
-    {
-        let _ = reply.send(Err(RestoreError::Passed {
-            stream: name.clone(),
-            snapshot: at.get(i).copied().unwrap_or(0),
-            applied: last[i],
-        }));
-        return None;
+/// The apply thread's state: what [`ApplyThread`] gave it, plus per-shard metric handles
+/// (resolved once instead of per event) and the last applied sequence per stream.
+struct Worker {
+    work: ApplyThread,
+    shutdown: CancellationToken,
+    decompressor: Option<wire::Decompressor>,
+    shard_applied: Vec<IntCounter>,
+    shard_last: Vec<IntGauge>,
+    last: Vec<u64>,
+}
+
+/// What the thread waited for.
+enum Received {
+    Stop,
+    Restore(RestoreJob),
+    /// Nothing came for a while: time to retry held events.
+    Idle,
+    Message(Delivered),
+}
+
+impl Worker {
+    fn new(work: ApplyThread, shutdown: CancellationToken) -> Result<Worker, ApplyError> {
+        let metrics = &work.observers.metrics;
+        let label = |i: usize| (i + 1).to_string();
+        let n = work.streams.len();
+        let decompressor = work
+            .compressed
+            .then(wire::Decompressor::new)
+            .transpose()
+            .map_err(ApplyError::Zstd)?;
+        Ok(Worker {
+            shard_applied: (0..n)
+                .map(|i| metrics.applied.with_label_values(&[label(i).as_str()]))
+                .collect(),
+            shard_last: (0..n)
+                .map(|i| {
+                    metrics
+                        .last_applied_sequence
+                        .with_label_values(&[label(i).as_str()])
+                })
+                .collect(),
+            last: work.streams.iter().map(|s| work.seqmap.get(s)).collect(),
+            decompressor,
+            work,
+            shutdown,
+        })
     }
-    match applier.restore_snapshot(&file, streams, &at, &not_kept) {
-        Ok(restored) => {
-            let at_of = |i: usize| at.get(i).copied().unwrap_or(0);
-            let all = streams
-                .iter()
-                .enumerate()
-                .map(|(i, name)| (name.as_str(), at_of(i)));
-            if let Err(e) = seqmap.reset_all(all) {
+
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Work>,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<(), ApplyError> {
+        let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
+        self.report();
+        // Events that waited for the schema are tried once capture is installed for the
+        // schema of this run (the applier is made anew after every reinstall).
+        let mut retry_waiting = self.work.applier.waiting_len() > 0;
+        while !self.shutdown.is_cancelled() {
+            if retry_waiting {
+                retry_waiting = !self.retry_waiting()?;
+            }
+            // Wake up now and then while events are held: a local write may have freed the
+            // value they wait for.
+            let wait = if self.work.applier.held_len() > 0 || retry_waiting {
+                HELD_RETRY
+            } else {
+                IDLE_WAKE
+            };
+            let first = match self.receive(&mut rx, runtime, wait) {
+                Received::Stop => break,
+                Received::Restore(job) => {
+                    self.restore(job)?;
+                    continue;
+                }
+                Received::Idle => {
+                    self.retry_held()?;
+                    continue;
+                }
+                Received::Message(d) => d,
+            };
+            let then_restore = gather(first, &mut rx, &mut batch);
+            let gate = Arc::clone(&self.work.gate);
+            let held = gate.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.apply_with_retry(&batch).map_err(ApplyError::Fatal)? {
+                break; // shutdown while retrying: redelivered after restart
+            }
+            tracing::trace!(events = batch.len(), "applied batch");
+            self.advance(&batch);
+            drop(held);
+            self.report();
+            batch.clear();
+            if let Some(job) = then_restore {
+                self.restore(job)?;
+            }
+        }
+        tracing::debug!("apply thread stopped");
+        Ok(())
+    }
+
+    fn report(&self) {
+        let (applier, observers) = (&self.work.applier, &self.work.observers);
+        let m = &observers.metrics;
+        m.held_events.set(applier.held_len() as i64);
+        m.schema_mismatch_paused
+            .set(i64::from(applier.waiting_len() > 0));
+        observers.health.update_catchup(|c| {
+            c.schema_waiting_events = applier.waiting_len();
+        });
+    }
+
+    /// Retries the events waiting for the schema; true when that is done with.
+    fn retry_waiting(&mut self) -> Result<bool, ApplyError> {
+        let _held = self.work.gate.lock().unwrap_or_else(|p| p.into_inner());
+        let done = match self.work.applier.retry_waiting() {
+            Ok(_) => true,
+            Err(e) if e.is_fatal() => return Err(ApplyError::Fatal(e)),
+            Err(crate::db::Error::SchemaChanged) => false,
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "Cannot retry events waiting for the schema");
+                false
+            }
+        };
+        self.report();
+        Ok(done)
+    }
+
+    fn retry_held(&mut self) -> Result<(), ApplyError> {
+        match self.work.applier.retry_held() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(applied = n, "Held events applied"),
+            Err(e) if e.is_fatal() => return Err(ApplyError::Fatal(e)),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "Cannot retry held events")
+            }
+        }
+        self.report();
+        Ok(())
+    }
+
+    fn receive(
+        &self,
+        rx: &mut mpsc::Receiver<Work>,
+        runtime: &tokio::runtime::Handle,
+        wait: Duration,
+    ) -> Received {
+        let got = runtime.block_on(async {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => None,
+                r = tokio::time::timeout(wait, rx.recv()) => Some(r),
+            }
+        });
+        match got {
+            None | Some(Ok(None)) => Received::Stop,
+            Some(Ok(Some(Work::Restore(job)))) => Received::Restore(job),
+            Some(Ok(Some(Work::Message(d)))) => Received::Message(d),
+            Some(Err(_)) => Received::Idle,
+        }
+    }
+
+    /// After a batch committed: moves the positions (seq map, metrics, flow control), and lets
+    /// go of our changes that can no longer come back (a stream recreated or messages skipped).
+    fn advance(&mut self, batch: &[Delivered]) {
+        let w = &mut self.work;
+        let mut high: HashMap<usize, u64> = HashMap::new();
+        let mut jumped = false;
+        for d in batch.iter().filter(|d| d.reset) {
+            // The stream was recreated: its sequences start again, and our changes published
+            // into the old one will never come back.
+            if let Err(e) = w
+                .seqmap
+                .reset(&w.streams[d.stream], d.seq.saturating_sub(1))
+            {
                 tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map");
             }
-            for i in 0..streams.len() {
-                let p = at_of(i);
-                last[i] = p;
-                positions[i].store(p, Ordering::SeqCst);
-                shard_last[i].set(p as i64);
+            self.last[d.stream] = d.seq.saturating_sub(1);
+            if let Err(e) = w.applier.forget_published(d.stream + 1) {
+                tracing::warn!(error = %crate::error_chain(&e), "Cannot reset published changes of the recreated stream");
             }
-            let _ = reply.send(Ok(restored));
-            None
+            let shard = d.stream as u64 + 1;
+            w.applier
+                .forget_landed(&landed_in(&w.outbox), |s, _| s == shard);
+            jumped = true;
         }
-        Err(e) if e.is_fatal() => {
-            let _ = reply.send(Err(RestoreError::Stopping));
-            Some(e)
+        for d in batch {
+            let e = high.entry(d.stream).or_insert(0);
+            *e = (*e).max(d.seq);
+            jumped |= d.seq > self.last[d.stream] + 1;
+            self.last[d.stream] = self.last[d.stream].max(d.seq);
         }
-        Err(e) => {
-            let _ = reply.send(Err(RestoreError::Db(e)));
-            None
+        save_seqmap(&mut w.seqmap, &w.streams, &high, &self.shutdown);
+        for (&i, &seq) in &high {
+            self.shard_last[i].set(seq as i64);
+            w.applier.set_applied(i + 1, seq);
+            w.positions[i].store(seq, Ordering::Relaxed);
+        }
+        if let Some(flow) = &w.flow {
+            flow.record_local(&w.positions);
+            flow.advanced.notify_one();
+        }
+        if jumped {
+            // Messages were skipped (retention): our changes among them can no longer come
+            // back and must stop holding their rows.
+            if let Err(e) = w.applier.rebuild_in_flight() {
+                tracing::warn!(error = %crate::error_chain(&e), "Cannot re-read in-flight changes");
+            }
+            let last = &self.last;
+            w.applier
+                .forget_landed(&landed_in(&w.outbox), |shard, seq| {
+                    last.get((shard.max(1) - 1) as usize)
+                        .is_some_and(|&p| seq <= p)
+                });
         }
     }
+
+    /// Merges a snapshot and moves every position to the snapshot's; answers the job. Fails
+    /// only when the database failed for good (the thread must stop).
+    fn restore(&mut self, job: RestoreJob) -> Result<(), ApplyError> {
+        let gate = Arc::clone(&self.work.gate);
+        let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
+        let RestoreJob {
+            file,
+            positions: at,
+            not_kept,
+            replay_all,
+            reply,
+        } = job;
+        let w = &mut self.work;
+        let at_of = |i: usize| at.get(i).copied().unwrap_or(0);
+        // Messages applied since the recovery looked (they were in the channel before the job)
+        // may have taken this node past the snapshot on some stream: restoring would take rows
+        // back.
+        if let Some(i) = (0..w.streams.len()).find(|&i| !replay_all && at_of(i) < self.last[i]) {
+            let _ = reply.send(Err(RestoreError::Passed {
+                stream: w.streams[i].clone(),
+                snapshot: at_of(i),
+                applied: self.last[i],
+            }));
+            return Ok(());
+        }
+        let restored = match w
+            .applier
+            .restore_snapshot(&file, &w.streams, &at, &not_kept)
+        {
+            Ok(restored) => restored,
+            Err(e) if e.is_fatal() => {
+                let _ = reply.send(Err(RestoreError::Stopping));
+                return Err(ApplyError::Fatal(e));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(RestoreError::Db(e)));
+                return Ok(());
+            }
+        };
+        let all = w
+            .streams
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.as_str(), at_of(i)));
+        if let Err(e) = w.seqmap.reset_all(all) {
+            tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map");
+        }
+        for i in 0..w.streams.len() {
+            self.last[i] = at_of(i);
+            w.positions[i].store(at_of(i), Ordering::SeqCst);
+            self.shard_last[i].set(at_of(i) as i64);
+        }
+        let _ = reply.send(Ok(restored));
+        self.report();
+        Ok(())
+    }
+}
+
+/// Takes `first` and whatever else waits (up to [`MAX_BATCH`] events or [`MAX_BATCH_BYTES`])
+/// into `batch`; a restore found behind them is returned, to run after their batch.
+fn gather(
+    first: Delivered,
+    rx: &mut mpsc::Receiver<Work>,
+    batch: &mut Vec<Delivered>,
+) -> Option<RestoreJob> {
+    let mut bytes = first.body.len();
+    batch.push(first);
+    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(Work::Message(d)) => {
+                bytes += d.body.len();
+                batch.push(d);
+            }
+            Ok(Work::Restore(job)) => return Some(job),
+            Err(_) => break,
+        }
+    }
+    None
 }
 
 /// How often held events are retried while the database changes.
@@ -714,84 +493,92 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// # Errors
 /// A failure that retrying cannot fix (disk full, read-only, corrupt, I/O): the node must stop.
 #[allow(clippy::too_many_arguments)]
-fn apply_with_retry(
-    applier: &mut Applier,
-    streams: &[String],
-    mut decompressor: Option<&mut wire::Decompressor>,
-    max_event_bytes: usize,
-    identity: &str,
-    batch: &[Delivered],
+impl Worker {
+    /// Applies a batch, retrying what may pass later; `Ok(false)` on shutdown meanwhile.
+    fn apply_with_retry(&mut self, batch: &[Delivered]) -> Result<bool, crate::db::Error> {
+        let w = &mut self.work;
+        let mut decompressor = self.decompressor.as_mut();
+        let incoming: Vec<Incoming<'_>> = batch
+            .iter()
+            .map(|d| Incoming {
+                stream: &w.streams[d.stream],
+                seq: d.seq,
+                event: decode(&d.body, decompressor.as_deref_mut(), w.max_event_bytes),
+                own: is_own(d.msg_id.as_deref(), &w.identity),
+                raw: &d.body,
+            })
+            .collect();
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        loop {
+            match w.applier.apply_batch(&incoming) {
+                Ok(outcomes) => {
+                    record(
+                        &w.observers,
+                        &self.shard_applied,
+                        batch,
+                        &incoming,
+                        &outcomes,
+                    );
+                    return Ok(true);
+                }
+                Err(e) if e.is_fatal() => return Err(e),
+                // DDL by the application: capture is being reinstalled, the node then starts a
+                // fresh applier; until then, wait without noise.
+                Err(crate::db::Error::SchemaChanged) => {
+                    if sleep_or_cancel(Duration::from_millis(50), &self.shutdown) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => {
+                    attempt += 1;
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        tracing::warn!(error = %crate::error_chain(&e), attempt, events = batch.len(), "Cannot apply batch; retrying");
+                    }
+                    if sleep_or_cancel(delay, &self.shutdown) {
+                        return Ok(false);
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Counts what a batch's events came to, and the lag of those applied.
+fn record(
     observers: &ApplyObservers,
     shard_applied: &[IntCounter],
-    shutdown: &CancellationToken,
-) -> Result<bool, crate::db::Error> {
-    let incoming: Vec<Incoming<'_>> = batch
-        .iter()
-        .map(|d| Incoming {
-            stream: &streams[d.stream],
-            seq: d.seq,
-            event: decode(&d.body, decompressor.as_deref_mut(), max_event_bytes),
-            own: is_own(d.msg_id.as_deref(), identity),
-            raw: &d.body,
-        })
-        .collect();
-    let mut delay = Duration::from_millis(50);
-    let mut attempt = 0u32;
-    loop {
-        match applier.apply_batch(&incoming) {
-            Ok(outcomes) => {
-                let now_ns = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as i64);
-                let m = &observers.metrics;
-                for (i, o) in outcomes.iter().enumerate() {
-                    let d = &batch[i];
-                    match o {
-                        Outcome::Quarantined(why) => {
-                            m.quarantined.inc();
-                            tracing::error!(stream = %incoming[i].stream, seq = incoming[i].seq,
-                                error = %why, "Event quarantined in __harmonylite__dead_letter; replication continues");
-                            continue;
-                        }
-                        Outcome::Held(_) => m.unique_conflicts.inc(),
-                        Outcome::Waiting(_) => {
-                            m.skipped.with_label_values(&["waiting_for_schema"]).inc()
-                        }
-                        Outcome::Discarded(why) => {
-                            m.skipped.with_label_values(&["dropped_table"]).inc();
-                            tracing::debug!(seq = incoming[i].seq, reason = %why, "event discarded");
-                        }
-                        Outcome::Unchanged => m.skipped.with_label_values(&["unchanged"]).inc(),
-                        Outcome::Superseded => m.skipped.with_label_values(&["superseded"]).inc(),
-                        Outcome::Applied => {}
-                    }
-                    shard_applied[d.stream].inc();
-                    if d.stream_time_ns > 0 {
-                        let lag_ns = (now_ns - d.stream_time_ns).max(0);
-                        m.apply_lag_seconds.observe(lag_ns as f64 / 1e9);
-                        observers.health.applied(d.stream_time_ns, lag_ns / 1000);
-                    }
-                }
-                return Ok(true);
+    batch: &[Delivered],
+    incoming: &[Incoming<'_>],
+    outcomes: &[Outcome],
+) {
+    let now_ns = crate::clock::unix_ns();
+    let m = &observers.metrics;
+    for (i, o) in outcomes.iter().enumerate() {
+        let d = &batch[i];
+        match o {
+            Outcome::Quarantined(why) => {
+                m.quarantined.inc();
+                tracing::error!(stream = %incoming[i].stream, seq = incoming[i].seq,
+                    error = %why, "Event quarantined in __harmonylite__dead_letter; replication continues");
+                continue;
             }
-            Err(e) if e.is_fatal() => return Err(e),
-            // DDL by the application: capture is being reinstalled, the node then starts a
-            // fresh applier; until then, wait without noise.
-            Err(crate::db::Error::SchemaChanged) => {
-                if sleep_or_cancel(Duration::from_millis(50), shutdown) {
-                    return Ok(false);
-                }
+            Outcome::Held(_) => m.unique_conflicts.inc(),
+            Outcome::Waiting(_) => m.skipped.with_label_values(&["waiting_for_schema"]).inc(),
+            Outcome::Discarded(why) => {
+                m.skipped.with_label_values(&["dropped_table"]).inc();
+                tracing::debug!(seq = incoming[i].seq, reason = %why, "event discarded");
             }
-            Err(e) => {
-                attempt += 1;
-                if attempt == 1 || attempt.is_power_of_two() {
-                    tracing::warn!(error = %crate::error_chain(&e), attempt, events = batch.len(), "Cannot apply batch; retrying");
-                }
-                if sleep_or_cancel(delay, shutdown) {
-                    return Ok(false);
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+            Outcome::Unchanged => m.skipped.with_label_values(&["unchanged"]).inc(),
+            Outcome::Superseded => m.skipped.with_label_values(&["superseded"]).inc(),
+            Outcome::Applied => {}
+        }
+        shard_applied[d.stream].inc();
+        if d.stream_time_ns > 0 {
+            let lag_ns = (now_ns - d.stream_time_ns).max(0);
+            m.apply_lag_seconds.observe(lag_ns as f64 / 1e9);
+            observers.health.applied(d.stream_time_ns, lag_ns / 1000);
         }
     }
 }

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::apply::{self as applying, Gap, RestoreError, RestoreJob, Work};
+use super::apply::{RestoreError, RestoreJob, Work};
+use super::consume::{self, Gap};
 use crate::node::Node;
 use crate::snapshot::{self, Meta, scheduler::Snapshots};
 use crate::stream;
@@ -92,7 +93,7 @@ pub async fn run(
         for (idx, name) in node.streams().iter().enumerate() {
             let start = positions[idx].load(Ordering::SeqCst) + 1;
             tracing::info!(stream = %name, from_seq = start, "Starting consumer");
-            let spec = applying::ConsumerSpec {
+            let spec = consume::ConsumerSpec {
                 js: node.js.clone(),
                 settings: Arc::clone(&node.settings),
                 shard: idx as u64 + 1,
@@ -100,7 +101,7 @@ pub async fn run(
                 health: Arc::clone(&node.observers.health),
                 gaps: snapshots.as_ref().map(|_| gap_tx.clone()),
             };
-            consumers.spawn(applying::run_consumer(spec, tx.clone(), round.clone()));
+            consumers.spawn(consume::run_consumer(spec, tx.clone(), round.clone()));
         }
         drop(gap_tx);
         let gap = tokio::select! {

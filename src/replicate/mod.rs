@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod catchup;
+pub mod consume;
 pub mod flow;
 pub mod publish;
 pub mod watch;

@@ -386,7 +386,7 @@ impl Publisher {
                 parked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             },
             duplicates: AtomicU64::new(0),
-            started_ms: crate::unix_ms(),
+            started_ms: crate::clock::unix_ms(),
             pacing,
             hold,
         }
@@ -1247,10 +1247,7 @@ pub async fn keep(
                 "change-log cleanup found no quiet moment; committing regardless"
             );
         }
-        let horizon = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64)
-            - period.as_millis() as i64;
+        let horizon = crate::clock::unix_ms() - period.as_millis() as i64;
         let applied: Option<Vec<u64>> = positions
             .as_ref()
             .map(|p| p.iter().map(|a| a.load(Ordering::Relaxed)).collect());

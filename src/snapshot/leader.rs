@@ -167,7 +167,7 @@ pub async fn holder(store: &kv::Store, key: &'static str) -> Option<(u64, i64)> 
 
 /// Unix milliseconds (lease timestamps).
 pub fn now_ms() -> i64 {
-    crate::unix_ms()
+    crate::clock::unix_ms()
 }
 
 #[cfg(test)]

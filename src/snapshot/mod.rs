@@ -508,7 +508,7 @@ pub fn open_store(
 }
 
 fn now_ms() -> i64 {
-    crate::unix_ms()
+    crate::clock::unix_ms()
 }
 
 #[cfg(test)]

@@ -222,12 +222,7 @@ impl NatsStore {
         if let Some(tag) = &meta.fnv_tag {
             headers.insert(TAG_HEADER, tag.as_str());
         }
-        let modified = async_nats::datetime::from_nanos(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as i128),
-        )
-        .ok();
+        let modified = Some(crate::clock::now());
         let info = object_store::ObjectInfo {
             name: OBJECT.to_owned(),
             description: None,
