@@ -50,6 +50,17 @@ pub struct HealthState {
 }
 
 /// What the health body says about snapshots, recovery and peers.
+
+/// One peer as the health endpoint shows it (filled in by `replicate::flow`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerView {
+    pub node_id: u64,
+    pub positions: Vec<u64>,
+    pub last_report_ms_ago: u64,
+    /// Whether it currently holds publishers back when behind.
+    pub counted: bool,
+}
+
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Catchup {
     /// Why the node is recovering from a snapshot (503 while set).
@@ -61,7 +72,7 @@ pub struct Catchup {
     /// The last snapshot failure (save, download or verification), if any since the last success.
     pub last_snapshot_error: Option<String>,
     /// Applied positions of the nodes this node knows (flow control).
-    pub peers: Vec<crate::replicate::flow::PeerView>,
+    pub peers: Vec<PeerView>,
     /// This node's schema hash (what it sends as `sh`).
     pub schema_hash: String,
     /// Events waiting for this node's schema to catch up with their sender's (no restart

@@ -28,6 +28,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod handle;
 pub mod health;
 pub mod logging;
 pub mod metrics;

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 
 use super::apply::{RestoreError, RestoreJob, Work};
 use super::consume::{self, Gap};
-use crate::node::Node;
+use crate::handle::Node;
 use crate::snapshot::{self, Meta, scheduler::Snapshots};
 use crate::stream;
 

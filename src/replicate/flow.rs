@@ -71,15 +71,7 @@ struct Peer {
     advanced: Vec<Instant>,
 }
 
-/// One peer as the health endpoint shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerView {
-    pub node_id: u64,
-    pub positions: Vec<u64>,
-    pub last_report_ms_ago: u64,
-    /// Whether it currently holds publishers back when behind.
-    pub counted: bool,
-}
+pub use crate::health::PeerView;
 
 /// The cluster's applied positions as seen here, and the publishing window.
 pub struct Flow {

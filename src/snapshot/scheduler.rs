@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Error, Meta, Source, Store, leader};
 use crate::config::Settings;
-use crate::node::Observers;
+use crate::handle::Observers;
 
 /// Fewest time between two saves triggered by sequences or requests (and at least three times
 /// the last save's duration, so that big databases are not copied back to back).
@@ -69,7 +69,7 @@ impl Snapshots {
     /// The snapshot side of `node`: its store, where its copies come from (`None` when it does
     /// not apply), its schema hash, and the flag it shares with the publisher while recovering.
     pub fn new(
-        node: &crate::node::Node,
+        node: &crate::handle::Node,
         store: Arc<dyn Store>,
         source: Option<Source>,
         schema_hash: String,
