@@ -49,8 +49,6 @@ pub struct HealthState {
     catchup: std::sync::Mutex<Catchup>,
 }
 
-/// What the health body says about snapshots, recovery and peers.
-
 /// One peer as the health endpoint shows it (filled in by `replicate::flow`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PeerView {
@@ -61,6 +59,7 @@ pub struct PeerView {
     pub counted: bool,
 }
 
+/// What the health body says about snapshots, recovery and peers.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Catchup {
     /// Why the node is recovering from a snapshot (503 while set).
