@@ -557,14 +557,7 @@ impl Decompressor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("test hex"))
-            .collect()
-    }
+    use crate::cbor::tests::hex;
 
     /// upstream-behaviour §5.2 example, byte for byte.
     const GOLDEN_EVENT: &str = "a2 6a 46726f6d4e6f64654964 01 67 5061796c6f6164 a5 62 4964 05 \

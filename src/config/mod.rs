@@ -273,11 +273,11 @@ pub fn default_node_id() -> u64 {
 mod tests {
     use super::*;
 
-    fn parse_str(s: &str) -> Result<Parsed, ConfigError> {
+    pub(super) fn parse_str(s: &str) -> Result<Parsed, ConfigError> {
         parse(s, Path::new("test.toml"))
     }
 
-    fn settings(s: &str) -> Result<Settings, ConfigError> {
+    pub(super) fn settings(s: &str) -> Result<Settings, ConfigError> {
         parse_str(s)?.config.validate(&Overrides::default())
     }
 

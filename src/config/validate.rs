@@ -331,18 +331,8 @@ fn valid_stream_name(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::config::{Parsed, parse};
-
-    fn parse_str(s: &str) -> Result<Parsed, ConfigError> {
-        parse(s, Path::new("test.toml"))
-    }
-
-    fn settings(s: &str) -> Result<Settings, ConfigError> {
-        parse_str(s)?.config.validate(&Overrides::default())
-    }
+    use crate::config::tests::{parse_str, settings};
 
     #[test]
     fn impossible_values_name_the_key() {
