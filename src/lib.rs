@@ -12,13 +12,15 @@
 //!   and following the application's DDL ([`db::ddl`]).
 //! - [`registry`]: the cluster schema registry and the `-schema-status[-cluster]` reports.
 //! - [`stream`]: NATS connection, shard streams, pipelined publish, ordered consumers.
-//! - [`replicate`]: the publisher (change log → JetStream) and the applier (JetStream → SQLite).
+//! - [`replicate`]: the publisher (change log → JetStream), the consumers and the apply thread
+//!   (JetStream → SQLite), catch-up from snapshots, flow control.
 //! - [`snapshot`]: save, verify and store snapshots; leader election; when to save.
 //! - [`metrics`], [`health`]: Prometheus series and the health endpoint, fed from in-memory state.
 //! - [`profiling`]: `-pprof` CPU profiles (protobuf and flame graph).
 //! - [`systemd`]: `Type=notify` readiness.
-//! - [`node`]: the running node — one cheap-clone handle, setup, one `spawn_*` per subsystem,
-//!   supervision (one fatal path) and drain.
+//! - [`handle`]: the cheap-clone [`handle::Node`] every subsystem receives.
+//! - [`node`]: the running node — setup, one `spawn_*` per subsystem, supervision (one fatal
+//!   path) and drain.
 //! - [`app`]: the program's modes (daemon with its HTTP servers, `-cleanup`, `-save-snapshot`,
 //!   `-schema-status[-cluster]`).
 
