@@ -169,13 +169,13 @@ mod tests {
     use super::*;
 
     fn wal_db(path: &Path) -> Connection {
-        let c = Connection::open(path).unwrap();
+        let c = Connection::open(path).expect("test setup");
         c.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-            .unwrap();
+            .expect("test setup");
         c.execute_batch(
             "PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
         )
-        .unwrap();
+        .expect("test setup");
         c
     }
 
@@ -186,52 +186,52 @@ mod tests {
         let writer = wal_db(&path);
         writer
             .execute("INSERT INTO t (v) VALUES ('before')", [])
-            .unwrap();
-        let reader = Connection::open(&path).unwrap();
+            .expect("test setup");
+        let reader = Connection::open(&path).expect("test setup");
         reader
             .execute_batch("BEGIN; SELECT count(*) FROM t;")
-            .unwrap();
+            .expect("test setup");
         (path, writer, reader)
     }
 
     fn rows(path: &Path) -> i64 {
-        let c = Connection::open(path).unwrap();
+        let c = Connection::open(path).expect("test setup");
         c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .unwrap()
+            .expect("test setup")
     }
 
     #[test]
     fn the_copy_is_what_the_reader_saw_while_writers_go_on() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let (path, writer, reader) = writer_and_reader(dir.path());
         assert!(file_holds_read_snapshot(&path), "the WAL was backfilled");
         // Commits and checkpoints after the read began change neither the file nor the copy.
         for i in 0..50 {
             writer
                 .execute("INSERT INTO t (v) VALUES (?1)", [i.to_string()])
-                .unwrap();
+                .expect("test setup");
         }
         writer
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            .unwrap();
+            .expect("test setup");
         let dest = dir.path().join("copy.db");
-        copy_db_file(&path, &dest).unwrap();
-        reader.execute_batch("COMMIT").unwrap();
+        copy_db_file(&path, &dest).expect("test setup");
+        reader.execute_batch("COMMIT").expect("test setup");
         assert_eq!(rows(&dest), 1);
         assert_eq!(rows(&path), 51);
     }
 
     #[test]
     fn a_commit_between_the_read_and_the_check_means_no() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let (path, writer, reader) = writer_and_reader(dir.path());
         // The reader sees the frame of this commit's predecessor only; the checkpoint cannot
         // pass the reader, so the log is not wholly backfilled.
         writer
             .execute("INSERT INTO t (v) VALUES ('b')", [])
-            .unwrap();
+            .expect("test setup");
         assert!(!file_holds_read_snapshot(&path));
-        reader.execute_batch("COMMIT").unwrap();
+        reader.execute_batch("COMMIT").expect("test setup");
         assert!(file_holds_read_snapshot(&path), "nothing reads any more");
     }
 
@@ -248,20 +248,22 @@ mod tests {
             z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             (z ^ (z >> 31)) % n
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let path = dir.path().join("a.db");
         let setup = wal_db(&path);
         setup
             .execute_batch("PRAGMA wal_autocheckpoint = 8; INSERT INTO t (v) VALUES ('x');")
-            .unwrap();
+            .expect("test setup");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
             let (path, stop) = (path.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut rng = 7u64;
-                let c = Connection::open(&path).unwrap();
-                c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
-                c.execute_batch("PRAGMA wal_autocheckpoint = 8").unwrap();
+                let c = Connection::open(&path).expect("test setup");
+                c.busy_timeout(std::time::Duration::from_secs(5))
+                    .expect("test setup");
+                c.execute_batch("PRAGMA wal_autocheckpoint = 8")
+                    .expect("test setup");
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     for _ in 0..1 + below(&mut rng, 20) {
                         let id = 1 + below(&mut rng, 400) as i64;
@@ -272,7 +274,7 @@ mod tests {
                             1 => "UPDATE t SET v = v || 'u' WHERE id = ?1",
                             _ => "DELETE FROM t WHERE id = ?1",
                         };
-                        c.execute(sql, [id]).unwrap();
+                        c.execute(sql, [id]).expect("test setup");
                     }
                     std::thread::sleep(std::time::Duration::from_micros(below(&mut rng, 3000)));
                 }
@@ -286,30 +288,30 @@ mod tests {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
         };
-        let reader = Connection::open(&path).unwrap();
+        let reader = Connection::open(&path).expect("test setup");
         let mut by_file = 0;
         for i in 0..200 {
             // Every fourth copy goes through the buffer, as where the kernel cannot copy.
             let in_kernel = i % 4 != 0;
-            reader.execute_batch("BEGIN").unwrap();
-            let seen = digest(&reader).unwrap();
+            reader.execute_batch("BEGIN").expect("test setup");
+            let seen = digest(&reader).expect("test setup");
             if file_holds_read_snapshot(&path) {
                 let dest = dir.path().join(format!("copy-{i}.db"));
-                copy_db_file_by(&path, &dest, in_kernel).unwrap();
-                let copy = Connection::open(&dest).unwrap();
+                copy_db_file_by(&path, &dest, in_kernel).expect("test setup");
+                let copy = Connection::open(&dest).expect("test setup");
                 assert_eq!(digest(&copy).ok(), Some(seen), "copy {i}");
                 let ok: String = copy
                     .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                    .unwrap();
+                    .expect("test setup");
                 assert_eq!(ok, "ok");
                 drop(copy);
-                std::fs::remove_file(&dest).unwrap();
+                std::fs::remove_file(&dest).expect("test setup");
                 by_file += 1;
             }
-            reader.execute_batch("COMMIT").unwrap();
+            reader.execute_batch("COMMIT").expect("test setup");
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        writer.join().unwrap();
+        writer.join().expect("test setup");
         assert!(
             by_file >= 10,
             "only {by_file} of 200 copies were made by file"
