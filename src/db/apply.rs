@@ -51,11 +51,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use rusqlite::types::{ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 
 use super::changelog::{ChangeLog, value_at};
-use super::{DEAD_LETTER_TABLE, Error, GUARD_TABLE, HELD_TABLE, Table, now_ms, quote};
+use super::sql::{Bind, begin_guarded, commit_guarded};
+use super::{DEAD_LETTER_TABLE, Error, HELD_TABLE, Table, now_ms, quote};
 use crate::wire::{ChangeEvent, Op, ReplicationEvent, Value};
 
 /// Most held events of one table tried pairwise when they wait for each other.
@@ -156,21 +156,6 @@ fn quarantine(
         now_ms()
     ])?;
     Ok(())
-}
-
-pub(super) struct Bind<'a>(pub(super) &'a Value);
-
-impl ToSql for Bind<'_> {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self.0 {
-            Value::Null => ValueRef::Null,
-            Value::Integer(i) => ValueRef::Integer(*i),
-            Value::Real(f) => ValueRef::Real(*f),
-            // Bound with an explicit length: NUL bytes and non-UTF-8 text survive.
-            Value::Text(t) => ValueRef::Text(t),
-            Value::Blob(b) => ValueRef::Blob(b),
-        }))
-    }
 }
 
 /// Why one event failed inside the transaction.
@@ -1855,31 +1840,6 @@ fn describe(row: &[(String, Value)]) -> String {
         })
         .collect();
     format!("{{{}}}", parts.join(", "))
-}
-
-/// Opens our write transaction with the guard row in place, so our writes are not captured.
-pub(super) fn begin_guarded(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    set_guard(&tx)?;
-    Ok(tx)
-}
-
-/// Sets the guard row inside the caller's write transaction: our writes from now until
-/// [`commit_guarded`] are not captured.
-pub(super) fn set_guard(conn: &Connection) -> rusqlite::Result<()> {
-    conn.prepare_cached(&format!(
-        "INSERT OR IGNORE INTO {} (id) VALUES (1)",
-        quote(GUARD_TABLE)
-    ))?
-    .execute([])?;
-    Ok(())
-}
-
-/// Removes the guard row and commits.
-pub(super) fn commit_guarded(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.prepare_cached(&format!("DELETE FROM {}", quote(GUARD_TABLE)))?
-        .execute([])?;
-    tx.commit()
 }
 
 #[cfg(test)]
