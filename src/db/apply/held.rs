@@ -142,6 +142,30 @@ impl Applier {
 }
 
 impl State {
+    /// A newer event of a held row supersedes its held events (of the row under any of `keys`):
+    /// they are dropped. True when that needs a write and `mode` is [`Mode::Read`].
+    pub(super) fn supersede_held(
+        &mut self,
+        conn: &Connection,
+        t: usize,
+        keys: &[&Key],
+        mode: Mode,
+    ) -> Result<bool, EventError> {
+        let held: Vec<i64> = keys
+            .iter()
+            .filter_map(|k| self.held_keys.get(&(t, (*k).clone())).copied())
+            .collect();
+        if !held.is_empty() {
+            if mode == Mode::Read {
+                return Ok(true);
+            }
+            for id in held {
+                self.drop_held(conn, id)?;
+            }
+        }
+        Ok(false)
+    }
+
     /// Holds `event` after a UNIQUE conflict with another row (`why`): records it durably in the
     /// caller's transaction, logs both rows, and makes it the row's held event.
     pub(super) fn hold(

@@ -122,6 +122,31 @@ impl Applier {
 }
 
 impl State {
+    /// Whether a local change of the row (under any of `keys`) still in flight makes this event
+    /// stale: it would roll the row back. Our own event (`own`, change-log `id`) that comes back
+    /// no older than every such change ends their tracking instead.
+    pub(super) fn superseded(&mut self, t: usize, keys: &[&Key], own: bool, id: i64) -> bool {
+        let flying = &self.in_flight[t];
+        let newest = keys.iter().filter_map(|k| flying.get(*k).copied()).max();
+        let unknown = if own {
+            let maybe = &self.unknown[t];
+            keys.iter().filter_map(|k| maybe.get(*k).copied()).max()
+        } else {
+            None
+        };
+        match newest.max(unknown) {
+            Some(newest) if !own || newest > id => true,
+            Some(_) => {
+                for k in keys {
+                    self.in_flight[t].remove(*k);
+                    self.unknown[t].remove(*k);
+                }
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Reads change-log rows captured since the last call into the in-flight set.
     pub(super) fn refresh(&mut self, conn: &Connection) -> Result<(), Error> {
         if !self.track {

@@ -76,6 +76,15 @@ pub(super) enum Step {
     NeedsWrite,
 }
 
+/// An event resolved against its local table `t`: the local index of each of its columns, the
+/// positions of the key columns among them, and its key as it arrived.
+struct Resolved {
+    t: usize,
+    cols: Vec<usize>,
+    key_pos: Vec<usize>,
+    wire_key: Key,
+}
+
 /// How an event is being processed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Mode {
@@ -126,20 +135,61 @@ impl State {
             Err(why) => return Err(EventError::Poison(why.clone())),
         };
         let Some(t) = self.resolve_table(&event.table) else {
-            if self.aliases.dropped(&event.table) {
-                return Ok(Step::Done(Outcome::Discarded(format!(
-                    "table {:?} was dropped here",
-                    event.table
-                ))));
-            }
-            return Err(self.unknown(
-                event,
-                None,
-                format!("no table mapping found for {:?}", event.table),
-            ));
+            return self.no_table(event);
         };
         let renamed = self.renamed(t, event);
         let event = renamed.as_ref().unwrap_or(event);
+        let r = self.resolve(t, event)?;
+        // An earlier event of this row waits for the schema: this one waits behind it.
+        // (Held and waiting events being retried are older than any waiting event of their row.)
+        if matches!(mode, Mode::Read | Mode::Write) {
+            let table = self.tables[t].name.to_lowercase();
+            if self.blocked(&table, Some(&r.wire_key)) {
+                return Err(EventError::Behind(Behind {
+                    why: "an earlier event of its row waits for the schema".into(),
+                    table,
+                    key: Some(r.wire_key),
+                }));
+            }
+        }
+        let found = self.find(conn, t, &r.cols, &r.key_pos, event)?;
+        let local_key = found
+            .first()
+            .map(|f| Key::of(r.key_pos.iter().map(|&i| &f.values[i])))
+            .filter(|k| *k != r.wire_key);
+        let keys: Vec<&Key> = std::iter::once(&r.wire_key).chain(&local_key).collect();
+
+        // A held event for this row is older than this one: this one supersedes it.
+        if !matches!(mode, Mode::Retry(_)) && self.supersede_held(conn, t, &keys, mode)? {
+            return Ok(Step::NeedsWrite);
+        }
+
+        if self.track && self.superseded(t, &keys, incoming.own, event.id) {
+            return Ok(Step::Done(Outcome::Superseded));
+        }
+
+        self.apply_op(conn, incoming, event, mode, r, &found)
+    }
+
+    /// An event naming a table this node does not have: discarded if this node dropped the
+    /// table, otherwise [`Self::unknown`].
+    fn no_table(&self, event: &ChangeEvent) -> Result<Step, EventError> {
+        if self.aliases.dropped(&event.table) {
+            return Ok(Step::Done(Outcome::Discarded(format!(
+                "table {:?} was dropped here",
+                event.table
+            ))));
+        }
+        Err(self.unknown(
+            event,
+            None,
+            format!("no table mapping found for {:?}", event.table),
+        ))
+    }
+
+    /// The local columns of `event` (in table `t`, names already current), where its key
+    /// columns sit among them, and its key as it arrived.
+    fn resolve(&self, t: usize, event: &ChangeEvent) -> Result<Resolved, EventError> {
         let mut cols = Vec::with_capacity(event.row.len());
         for (name, _) in &event.row {
             let idx = self.tables[t].column_index(name).ok_or_else(|| {
@@ -175,64 +225,31 @@ impl State {
             key_pos.push(pos);
         }
         let wire_key = Key::of(key_pos.iter().map(|&i| &event.row[i].1));
-        // An earlier event of this row waits for the schema: this one waits behind it.
-        // (Held and waiting events being retried are older than any waiting event of their row.)
-        if matches!(mode, Mode::Read | Mode::Write) {
-            let table = self.tables[t].name.to_lowercase();
-            if self.blocked(&table, Some(&wire_key)) {
-                return Err(EventError::Behind(Behind {
-                    why: "an earlier event of its row waits for the schema".into(),
-                    table,
-                    key: Some(wire_key),
-                }));
-            }
-        }
-        let found = self.find(conn, t, &cols, &key_pos, event)?;
-        let local_key = found
-            .first()
-            .map(|f| Key::of(key_pos.iter().map(|&i| &f.values[i])))
-            .filter(|k| *k != wire_key);
-        let keys: Vec<&Key> = std::iter::once(&wire_key).chain(&local_key).collect();
+        Ok(Resolved {
+            t,
+            cols,
+            key_pos,
+            wire_key,
+        })
+    }
 
-        // A held event for this row is older than this one: this one supersedes it.
-        if !matches!(mode, Mode::Retry(_)) {
-            let held: Vec<i64> = keys
-                .iter()
-                .filter_map(|k| self.held_keys.get(&(t, (*k).clone())).copied())
-                .collect();
-            if !held.is_empty() {
-                if mode == Mode::Read {
-                    return Ok(Step::NeedsWrite);
-                }
-                for id in held {
-                    self.drop_held(conn, id)?;
-                }
-            }
-        }
-
-        if self.track {
-            let flying = &self.in_flight[t];
-            let newest = keys.iter().filter_map(|k| flying.get(*k).copied()).max();
-            let unknown = if incoming.own {
-                let maybe = &self.unknown[t];
-                keys.iter().filter_map(|k| maybe.get(*k).copied()).max()
-            } else {
-                None
-            };
-            match newest.max(unknown) {
-                Some(newest) if !incoming.own || newest > event.id => {
-                    return Ok(Step::Done(Outcome::Superseded));
-                }
-                Some(_) => {
-                    for k in &keys {
-                        self.in_flight[t].remove(*k);
-                        self.unknown[t].remove(*k);
-                    }
-                }
-                None => {}
-            }
-        }
-
+    /// The event's operation on the rows `found` for it: unchanged when the row already is what
+    /// the event says; otherwise [`Step::NeedsWrite`] in [`Mode::Read`], or the write done.
+    fn apply_op(
+        &mut self,
+        conn: &Connection,
+        incoming: &Incoming<'_>,
+        event: &ChangeEvent,
+        mode: Mode,
+        r: Resolved,
+        found: &[Found],
+    ) -> Result<Step, EventError> {
+        let Resolved {
+            t,
+            cols,
+            key_pos,
+            wire_key,
+        } = r;
         let has_null_key = key_pos.iter().any(|&i| event.row[i].1 == Value::Null);
         let equal = |f: &Found| {
             f.values

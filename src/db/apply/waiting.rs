@@ -15,6 +15,8 @@
 //! - A retried event that still cannot apply blocks every later waiting event of its row (or
 //!   table) in the same pass.
 
+use std::collections::HashSet;
+
 use rusqlite::Connection;
 
 use super::step::{Behind, EventError, Mode, Step, quarantine};
@@ -217,8 +219,8 @@ impl State {
     /// See [`Applier::retry_waiting`].
     pub(super) fn retry_waiting(&mut self, conn: &Connection) -> Result<usize, Error> {
         let mut applied = 0;
-        let mut blocked_tables: std::collections::HashSet<String> = Default::default();
-        let mut blocked_rows: std::collections::HashSet<(String, Key)> = Default::default();
+        let mut blocked_tables: HashSet<String> = Default::default();
+        let mut blocked_rows: HashSet<(String, Key)> = Default::default();
         let ids: Vec<i64> = self.waiting.keys().copied().collect();
         for id in ids {
             let Some(w) = self.waiting.get(&id) else {
@@ -230,17 +232,6 @@ impl State {
                     .is_some_and(|k| blocked_rows.contains(&(w.table.clone(), k.clone())));
             let (stream, seq, own, event) = (w.stream.clone(), w.seq, w.own, w.event.clone());
             let (place_table, place_key) = (w.table.clone(), w.key.clone());
-            let block = |tables: &mut std::collections::HashSet<String>,
-                         rows: &mut std::collections::HashSet<(String, Key)>,
-                         table: String,
-                         key: Option<Key>| match key {
-                Some(k) => {
-                    rows.insert((table, k));
-                }
-                None => {
-                    tables.insert(table);
-                }
-            };
             if is_blocked {
                 block(
                     &mut blocked_tables,
@@ -294,5 +285,23 @@ impl State {
             }
         }
         Ok(applied)
+    }
+}
+
+/// Marks, for the rest of a retry pass, a row blocked (or its whole table, without a key): a
+/// later waiting event there must not overtake an earlier one that still waits.
+fn block(
+    tables: &mut HashSet<String>,
+    rows: &mut HashSet<(String, Key)>,
+    table: String,
+    key: Option<Key>,
+) {
+    match key {
+        Some(k) => {
+            rows.insert((table, k));
+        }
+        None => {
+            tables.insert(table);
+        }
     }
 }
