@@ -539,11 +539,11 @@ fn seen_images(
     ))?;
     let null = crate::wire::Value::Null;
     for e in events {
-        let binds: Vec<super::apply::Bind<'_>> = table
+        let binds: Vec<super::sql::Bind<'_>> = table
             .columns
             .iter()
             .map(|c| {
-                super::apply::Bind(
+                super::sql::Bind(
                     e.row
                         .iter()
                         .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))

@@ -23,6 +23,7 @@ pub mod changelog;
 pub mod ddl;
 pub mod restore;
 pub mod schema;
+mod sql;
 
 /// Prefix of every object we create in the user's database (Go `HarmonyLitePrefix`).
 pub const PREFIX: &str = "__harmonylite__";

@@ -28,8 +28,8 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use super::apply::{Bind, commit_guarded, set_guard};
 use super::changelog::ChangeLog;
+use super::sql::{Bind, commit_guarded, set_guard};
 use super::{Error, Table, on_table, quote};
 
 /// Schema name the snapshot is attached as.

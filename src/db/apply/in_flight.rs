@@ -1,0 +1,189 @@
+//! Local changes in flight: captured here, not yet come back through the stream.
+//!
+//! Events that would only roll a row back are skipped (*superseded*): while this node holds a
+//! captured change of row R that has not yet come back through the stream, every event for R that
+//! arrives is older in stream order (same row, same shard) — another node's, or an older one of
+//! our own. The applier tracks those in-flight changes per row key: it reads newly captured
+//! change-log rows in each transaction (`State::refresh`, so the application's latest commit is
+//! always seen), drops an entry when our own event for it comes back, and rebuilds the set after a
+//! restart from the change log and the seq map.
+//!
+//! Invariants:
+//! - Tracking happens only when this node's own events come back (it publishes).
+//! - A change of unknown publish status, or captured before its table's columns changed,
+//!   supersedes only our own older events, never another node's.
+//! - A change that can never come back (stream recreated, inside a restored snapshot) stops
+//!   counting as in flight, so it cannot hold its row back forever.
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+
+use super::{Applier, Key, State};
+use crate::db::{Error, change_log_name, on_table, quote};
+
+impl Applier {
+    /// Changes up to these change-log ids (per table) were captured before the table's columns
+    /// changed: they stop counting as in flight (see `stale_up_to`).
+    ///
+    /// # Errors
+    /// SQLite errors re-reading the in-flight set.
+    pub fn set_stale_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
+        self.state.stale_up_to = ids;
+        self.rebuild_in_flight()
+    }
+
+    /// Pending changes up to these change-log ids (per table) have an unknown publish status:
+    /// they stop counting as in flight (see [`crate::db::restore::NotKept`]).
+    ///
+    /// # Errors
+    /// SQLite errors re-reading the in-flight set.
+    pub fn set_unknown_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
+        self.state.unknown_up_to = ids;
+        self.rebuild_in_flight()
+    }
+
+    /// Records that `shard` (1-based) has been applied through `seq`.
+    pub fn set_applied(&mut self, shard: usize, seq: u64) {
+        if let Some(slot) = self.state.applied.get_mut(shard.wrapping_sub(1)) {
+            *slot = seq;
+        }
+    }
+
+    /// Forgets and re-reads the in-flight set (at start, and after the stream position jumped:
+    /// changes that can no longer come back must stop holding their rows).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn rebuild_in_flight(&mut self) -> Result<(), Error> {
+        for m in self
+            .state
+            .in_flight
+            .iter_mut()
+            .chain(self.state.unknown.iter_mut())
+        {
+            m.clear();
+        }
+        self.state.cursors.iter_mut().for_each(|c| *c = 0);
+        let tx = self.conn.unchecked_transaction()?;
+        self.state.refresh(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Our changes acknowledged but not yet marked in the database (`landed`: table, change-log
+    /// id, shard, sequence) for which `gone(shard, seq)` holds stop counting as in flight: their
+    /// events will never come back (inside a restored snapshot, skipped by a gap, in a stream
+    /// since recreated), and waiting for them would hold back every later event of their rows.
+    /// Re-reading the in-flight set cannot tell: the database still shows them pending.
+    pub fn forget_landed(
+        &mut self,
+        landed: &[(usize, i64, u64, u64)],
+        gone: impl Fn(u64, u64) -> bool,
+    ) {
+        for &(t, log_id, shard, seq) in landed {
+            if gone(shard, seq)
+                && let Some(map) = self.state.in_flight.get_mut(t)
+            {
+                map.retain(|_, id| *id != log_id);
+            }
+        }
+    }
+
+    /// The stream of `shard` (1-based) was recreated: changes we published into the old one will
+    /// never come back, so they stop counting as in flight (their landing is forgotten), and the
+    /// in-flight set is read again.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn forget_published(&mut self, shard: usize) -> Result<(), Error> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for t in &self.state.tables {
+            tx.execute(
+                &format!(
+                    "UPDATE {} SET pub_seq = NULL WHERE state = 1 AND pub_shard = ?1",
+                    quote(&change_log_name(&t.name))
+                ),
+                [shard as i64],
+            )
+            .map_err(on_table(&t.name))?;
+        }
+        tx.commit()?;
+        self.set_applied(shard, 0);
+        self.rebuild_in_flight()
+    }
+
+    /// Number of captured changes not yet come back (for tests and metrics).
+    pub fn in_flight_len(&self) -> usize {
+        self.state.in_flight.iter().map(HashMap::len).sum()
+    }
+}
+
+impl State {
+    /// Whether a local change of the row (under any of `keys`) still in flight makes this event
+    /// stale: it would roll the row back. Our own event (`own`, change-log `id`) that comes back
+    /// no older than every such change ends their tracking instead.
+    pub(super) fn superseded(&mut self, t: usize, keys: &[&Key], own: bool, id: i64) -> bool {
+        let flying = &self.in_flight[t];
+        let newest = keys.iter().filter_map(|k| flying.get(*k).copied()).max();
+        let unknown = if own {
+            let maybe = &self.unknown[t];
+            keys.iter().filter_map(|k| maybe.get(*k).copied()).max()
+        } else {
+            None
+        };
+        match newest.max(unknown) {
+            Some(newest) if !own || newest > id => true,
+            Some(_) => {
+                for k in keys {
+                    self.in_flight[t].remove(*k);
+                    self.unknown[t].remove(*k);
+                }
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Reads change-log rows captured since the last call into the in-flight set.
+    pub(super) fn refresh(&mut self, conn: &Connection) -> Result<(), Error> {
+        if !self.track {
+            return Ok(());
+        }
+        for t in 0..self.tables.len() {
+            let (rows, highest) = match self.log.in_flight(
+                conn,
+                t,
+                self.cursors[t],
+                Some(&self.applied),
+                self.unknown_up_to.get(t).copied().unwrap_or(0),
+            ) {
+                Ok(r) => r,
+                // The change log was dropped under us (capture removed): nothing to track.
+                Err(Error::Sqlite { source, .. })
+                    if source.sqlite_error_code() == Some(ErrorCode::Unknown) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            self.cursors[t] = highest;
+            let stale = self.stale_up_to.get(t).copied().unwrap_or(0);
+            for (id, key, unknown) in rows {
+                // Captured before the columns changed: like a change of unknown fate, it holds
+                // back only our own older events (which lack the same columns).
+                let unknown = unknown || id <= stale;
+                let map = if unknown {
+                    &mut self.unknown[t]
+                } else {
+                    &mut self.in_flight[t]
+                };
+                let slot = map.entry(Key::of(&key)).or_insert(id);
+                *slot = (*slot).max(id);
+            }
+        }
+        Ok(())
+    }
+}

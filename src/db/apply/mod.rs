@@ -1,0 +1,424 @@
+//! Applying replicated events to the local database (upstream-behaviour §4.12, design §3.2, §3.10).
+//!
+//! An event is applied as an upsert *by primary key* of the columns it carries, never as Go's
+//! whole-row `INSERT OR REPLACE`, and nothing but its row is ever touched. An event in conflict
+//! with *another* row on a UNIQUE value is **held** (`held.rs`); one this node's schema is behind
+//! for **waits for the schema** (`waiting.rs`); one that would only roll a row back past a local
+//! change still in flight is **superseded** (`in_flight.rs`); one that can never apply is
+//! quarantined in `__harmonylite__dead_letter`.
+//!
+//! This file holds the [`Applier`] (the connection plus `State`, everything the submodules work
+//! on) and the batch. A batch is first evaluated in a *read* transaction: superseded events and
+//! events whose image already equals the row (normally every event of our own) need no write, and
+//! if nothing in the batch needs one, no write transaction is opened at all — an application's
+//! deferred read-then-write transaction fails with SQLITE_BUSY when anyone commits between its
+//! read and its write. From the first event that needs a write on, the batch continues in one
+//! `BEGIN IMMEDIATE` transaction: insert the guard row (our writes are not captured), apply each
+//! event in its own savepoint, delete the guard row, commit. An event that cannot ever apply
+//! (unknown table or column, a constraint other than UNIQUE) is rolled back to its savepoint and
+//! quarantined in the same transaction. Any other failure (busy, I/O, disk full) rolls the whole
+//! batch back and is returned, so the caller retries the same batch: nothing is skipped.
+//!
+//! Layout (each file's header states its own invariants):
+//! - `step.rs`: evaluating, and in write modes applying, one event; quarantine.
+//! - `key.rs`: which local table, columns and row an event names (renames followed); [`Key`].
+//! - `row.rs`: the row SQL (find, update, insert, delete, built once per column set) and how
+//!   SQLite errors are classified.
+//! - `in_flight.rs`: captured local changes not yet come back, which supersede older events.
+//! - `held.rs`: events held by a UNIQUE conflict, retried when the database changes.
+//! - `waiting.rs`: events waiting for the local schema, retried in arrival order after DDL.
+//!
+//! Invariants:
+//! - This connection runs `synchronous = FULL`: a batch is durable before the caller records its
+//!   sequence in the seq map, so a power loss cannot leave the seq map ahead of the data.
+//! - After a failed (rolled-back) transaction, the held and waiting events in memory are read
+//!   again from the database, so memory never shows an event the database does not hold.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use rusqlite::Connection;
+
+use super::changelog::ChangeLog;
+use super::sql::{begin_guarded, commit_guarded};
+use super::{Error, Table};
+use crate::wire::ChangeEvent;
+
+mod held;
+mod in_flight;
+mod key;
+mod row;
+mod step;
+mod waiting;
+
+use held::HeldEvent;
+pub use key::Key;
+use row::TableSql;
+use step::{EventError, Mode, Step, quarantine};
+use waiting::WaitingEvent;
+
+/// One event to apply, with where it came from.
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    /// Stream name (for the dead-letter and held records).
+    pub stream: &'a str,
+    pub seq: u64,
+    /// The decoded event, or why it could not be decoded.
+    pub event: Result<ChangeEvent, String>,
+    /// Whether this database published it (its message id carries our identity).
+    pub own: bool,
+    /// The raw message body, kept for quarantine.
+    pub raw: &'a [u8],
+}
+
+/// What happened to one event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The row was inserted, updated or deleted.
+    Applied,
+    /// The row already was what the event says.
+    Unchanged,
+    /// A newer local change of the row has not come back yet; the event would roll it back.
+    Superseded,
+    /// A UNIQUE conflict with another row: the event waits (reason attached).
+    Held(String),
+    /// Recorded in the dead-letter table with this reason.
+    Quarantined(String),
+    /// This node's schema is behind the event's: it waits until the schema catches up.
+    Waiting(String),
+    /// For a table this node dropped: nothing to apply it to.
+    Discarded(String),
+}
+
+/// The local schema's hashes an event's `sh` is checked against (Go keeps one previous hash).
+#[derive(Debug, Clone, Default)]
+pub struct SchemaHashes {
+    pub current: String,
+    pub previous: String,
+}
+
+impl SchemaHashes {
+    fn matches(&self, sh: &str) -> bool {
+        !sh.is_empty() && (sh == self.current || (!self.previous.is_empty() && sh == self.previous))
+    }
+}
+
+/// Everything but the connection (so a transaction on the connection and this can be borrowed
+/// at the same time).
+struct State {
+    tables: Vec<Table>,
+    pks: Vec<Vec<usize>>,
+    by_name: HashMap<String, usize>,
+    /// Lower-cased name → index, for SQLite's case-insensitive table names.
+    folded: HashMap<String, usize>,
+    log: Arc<ChangeLog>,
+    /// Whether own events come back (this node publishes): only then is in-flight tracking
+    /// meaningful.
+    track: bool,
+    /// Per table: key → newest change-log id of a captured change not yet come back.
+    in_flight: Vec<HashMap<Key, i64>>,
+    /// Per table: key → newest change-log id of a pending change of unknown publish status
+    /// (captured before a restart, the stream no longer holding where it may have landed). It
+    /// supersedes our own older events only: had it landed, it would be in the stream after them
+    /// (a node never sends a change after a newer one of the same row), so an own event older
+    /// than it that comes back can only roll the row back. Another node's event may be newer
+    /// than it, so those are not held back.
+    unknown: Vec<HashMap<Key, i64>>,
+    /// Per table: the highest change-log id already read into `in_flight`.
+    cursors: Vec<i64>,
+    /// Per shard (index shard − 1): last applied stream sequence.
+    applied: Vec<u64>,
+    /// Per table: pending changes up to this log id have an unknown publish status and do not
+    /// count as in flight (see [`super::restore::NotKept`]).
+    unknown_up_to: Vec<i64>,
+    /// Per table: changes up to this log id were captured before the table's columns changed
+    /// (DDL); they may lack columns that other nodes' older events carry, so they supersede only
+    /// our own older events (superseding another node's would lose those columns here while
+    /// every other node keeps them).
+    stale_up_to: Vec<i64>,
+    held: BTreeMap<i64, HeldEvent>,
+    held_keys: HashMap<(usize, Key), i64>,
+    /// Events waiting for the schema, by held-table id (arrival order).
+    waiting: BTreeMap<i64, WaitingEvent>,
+    /// How many waiting events each row has, and each table has without a known row.
+    waiting_rows: HashMap<(String, Key), usize>,
+    waiting_tables: HashMap<String, usize>,
+    /// When the first of the current waiting events began to wait.
+    waiting_since: Option<std::time::Instant>,
+    hashes: SchemaHashes,
+    aliases: super::ddl::Aliases,
+    sql: Vec<TableSql>,
+}
+
+/// Applies events; owns its connection.
+pub struct Applier {
+    conn: Connection,
+    state: State,
+    /// `PRAGMA data_version` at the last retry of held events (retry only after a change).
+    held_checked_version: Option<i64>,
+    /// The schema version capture was last confirmed for (see [`super::ddl::drift`]); a
+    /// transaction that sees another one waits ([`Error::SchemaChanged`]) instead of applying
+    /// with stale table information.
+    confirmed: Option<Arc<std::sync::atomic::AtomicI64>>,
+}
+
+impl Applier {
+    /// Wraps an open connection (see [`crate::db::open`]) for the given watched tables.
+    /// `applied` holds, per shard, the last applied sequence (from the seq map); `track` says
+    /// whether this node's own events come back (it publishes).
+    ///
+    /// # Errors
+    /// SQLite errors setting the connection up or reading the change logs and held events.
+    pub fn new(
+        conn: Connection,
+        log: Arc<ChangeLog>,
+        applied: Vec<u64>,
+        track: bool,
+    ) -> Result<Applier, Error> {
+        conn.execute_batch("PRAGMA synchronous = FULL")?;
+        let tables = log.tables().to_vec();
+        let by_name = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let folded = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.to_lowercase(), i))
+            .collect();
+        let n = tables.len();
+        let mut applier = Applier {
+            conn,
+            state: State {
+                pks: tables.iter().map(Table::pk_indexes).collect(),
+                tables,
+                by_name,
+                folded,
+                log,
+                track,
+                in_flight: vec![HashMap::new(); n],
+                unknown: vec![HashMap::new(); n],
+                cursors: vec![0; n],
+                applied,
+                unknown_up_to: Vec::new(),
+                stale_up_to: Vec::new(),
+                held: BTreeMap::new(),
+                held_keys: HashMap::new(),
+                waiting: BTreeMap::new(),
+                waiting_rows: HashMap::new(),
+                waiting_tables: HashMap::new(),
+                waiting_since: None,
+                hashes: SchemaHashes::default(),
+                aliases: super::ddl::Aliases::default(),
+                sql: (0..n).map(|_| TableSql::default()).collect(),
+            },
+            held_checked_version: None,
+            confirmed: None,
+        };
+        applier.state.aliases = super::ddl::Aliases::load(&applier.conn)?;
+        applier.rebuild_in_flight()?;
+        applier.load_held()?;
+        Ok(applier)
+    }
+
+    /// The local schema's hashes, for checking the `sh` of incoming events.
+    pub fn set_schema_hashes(&mut self, hashes: SchemaHashes) {
+        self.state.hashes = hashes;
+    }
+
+    /// The schema version capture is confirmed for, kept current by whoever watches the schema.
+    pub fn set_confirmed_schema(&mut self, confirmed: Arc<std::sync::atomic::AtomicI64>) {
+        self.confirmed = Some(confirmed);
+    }
+
+    /// Fails with [`Error::SchemaChanged`] when the schema `conn` sees (inside a transaction) is
+    /// not the one capture was confirmed for.
+    fn check_schema(
+        confirmed: Option<&Arc<std::sync::atomic::AtomicI64>>,
+        conn: &Connection,
+    ) -> Result<(), Error> {
+        let Some(confirmed) = confirmed else {
+            return Ok(());
+        };
+        let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        if version == confirmed.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(Error::SchemaChanged)
+        }
+    }
+
+    /// Merges the snapshot at `file` (see [`super::restore`]), whose positions are `positions`
+    /// (per shard), and makes them this applier's.
+    ///
+    /// # Errors
+    /// SQLite errors; nothing changed then.
+    pub fn restore_snapshot(
+        &mut self,
+        file: &std::path::Path,
+        streams: &[String],
+        positions: &[u64],
+        not_kept: &super::restore::NotKept,
+    ) -> Result<super::restore::Restored, Error> {
+        // Changes of ours published past the snapshot's positions are in flight again.
+        let confirmed = self.confirmed.clone();
+        let restored = super::restore::restore(
+            &mut self.conn,
+            &self.state.log,
+            file,
+            positions,
+            not_kept,
+            &|c| Self::check_schema(confirmed.as_ref(), c),
+        )?;
+        for (i, &p) in positions.iter().enumerate() {
+            self.set_applied(i + 1, p);
+        }
+        self.rebuild_in_flight()?;
+        // Acknowledged changes of ours inside the snapshot have come back, whatever the database
+        // still says of them (the keeper marks them later).
+        self.forget_landed(&not_kept.landed, |shard, seq| {
+            positions
+                .get((shard.max(1) - 1) as usize)
+                .is_some_and(|&p| seq <= p)
+        });
+        // Held events the snapshot's positions include are part of its rows now (or superseded
+        // by them): retried later they would take rows back.
+        let stale: Vec<i64> = self
+            .state
+            .held
+            .iter()
+            .filter(|(_, h)| {
+                streams
+                    .iter()
+                    .position(|s| *s == h.stream)
+                    .and_then(|i| positions.get(i))
+                    .is_some_and(|&p| h.seq <= p)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        // Events waiting for the schema that the snapshot's positions include go too: replayed
+        // after the migration they would take their rows back past newer events the snapshot
+        // holds (and this node never received).
+        let included = |stream: &str, seq: u64| {
+            streams
+                .iter()
+                .position(|s| s == stream)
+                .and_then(|i| positions.get(i))
+                .is_some_and(|&p| seq <= p)
+        };
+        let stale_waiting: Vec<i64> = self
+            .state
+            .waiting
+            .iter()
+            .filter(|(_, w)| included(&w.stream, w.seq))
+            .map(|(&id, _)| id)
+            .collect();
+        if !stale.is_empty() || !stale_waiting.is_empty() {
+            let tx = self.conn.unchecked_transaction()?;
+            for id in stale {
+                self.state.drop_held(&tx, id)?;
+            }
+            for id in stale_waiting {
+                self.state.drop_waiting(&tx, id)?;
+            }
+            tx.commit()?;
+        }
+        Ok(restored)
+    }
+
+    /// Applies a batch and returns one outcome per event.
+    ///
+    /// # Errors
+    /// A failure that is not the event's fault (busy, I/O, full disk): the whole batch was rolled
+    /// back and should be retried.
+    pub fn apply_batch(&mut self, batch: &[Incoming<'_>]) -> Result<Vec<Outcome>, Error> {
+        let result = self.apply_batch_in(batch);
+        self.resync_on_error(result)
+    }
+
+    /// After a rolled-back transaction the held and waiting events in memory may differ from
+    /// the database (added or dropped inside it): read them again.
+    fn resync_on_error<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
+        if result.is_err() {
+            let s = &mut self.state;
+            s.held.clear();
+            s.held_keys.clear();
+            s.waiting.clear();
+            s.waiting_rows.clear();
+            s.waiting_tables.clear();
+            let since = s.waiting_since.take();
+            if let Err(e) = self.load_held() {
+                tracing::warn!(error = %crate::error_chain(&e), "Cannot re-read held events");
+            }
+            if !self.state.waiting.is_empty() {
+                self.state.waiting_since = since.or(self.state.waiting_since);
+            }
+        }
+        result
+    }
+
+    fn apply_batch_in(&mut self, batch: &[Incoming<'_>]) -> Result<Vec<Outcome>, Error> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut first_write = batch.len();
+        {
+            let tx = self.conn.unchecked_transaction()?;
+            Self::check_schema(self.confirmed.as_ref(), &tx)?;
+            self.state.refresh(&tx)?;
+            for (i, incoming) in batch.iter().enumerate() {
+                match self.state.step(&tx, incoming, Mode::Read) {
+                    Ok(Step::Done(o)) => outcomes.push(o),
+                    Ok(Step::NeedsWrite) | Err(EventError::Poison(_) | EventError::Behind(_)) => {
+                        first_write = i;
+                        break;
+                    }
+                    Err(EventError::Retry(e)) => return Err(e.into()),
+                }
+            }
+            tx.commit()?;
+        }
+        if first_write == batch.len() {
+            return Ok(outcomes);
+        }
+        let tx = begin_guarded(&mut self.conn)?;
+        Self::check_schema(self.confirmed.as_ref(), &tx)?;
+        self.state.refresh(&tx)?;
+        let mut wrote = false;
+        for incoming in &batch[first_write..] {
+            tx.prepare_cached("SAVEPOINT ev")?.execute([])?;
+            let result = self.state.step(&tx, incoming, Mode::Write);
+            if result.is_err() {
+                tx.prepare_cached("ROLLBACK TO ev")?.execute([])?;
+            }
+            tx.prepare_cached("RELEASE ev")?.execute([])?;
+            match result {
+                Ok(Step::Done(o)) => {
+                    wrote |= o == Outcome::Applied;
+                    outcomes.push(o);
+                }
+                Ok(Step::NeedsWrite) => unreachable!("write mode always finishes"),
+                Err(EventError::Retry(e)) => return Err(e.into()),
+                Err(EventError::Behind(behind)) => {
+                    let Ok(event) = &incoming.event else {
+                        unreachable!("only decoded events can wait")
+                    };
+                    let why = behind.why.clone();
+                    self.state.wait(&tx, incoming, event, behind)?;
+                    outcomes.push(Outcome::Waiting(why));
+                }
+                Err(EventError::Poison(why)) => {
+                    quarantine(&tx, incoming.stream, incoming.seq, &why, incoming.raw)?;
+                    outcomes.push(Outcome::Quarantined(why));
+                }
+            }
+        }
+        if wrote && !self.state.held.is_empty() {
+            self.state.retry_held(&tx)?;
+        }
+        commit_guarded(tx)?;
+        Ok(outcomes)
+    }
+}
+
+#[cfg(test)]
+mod tests;

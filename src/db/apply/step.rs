@@ -1,0 +1,339 @@
+//! One event, evaluated and, in the write modes, applied (`State::step`).
+//!
+//! The step resolves the event against the local schema, finds its row, then decides: a later
+//! event of a held row supersedes the held one; an event older than a local change in flight is
+//! superseded; an image equal to the row is unchanged; otherwise the row is updated, inserted or
+//! deleted. A failed write is turned into the event's outcome here ([`State::finish_write`]).
+//!
+//! Invariants:
+//! - In [`Mode::Read`] nothing is written: any event that would write returns [`Step::NeedsWrite`].
+//! - The write modes always finish with a [`Step::Done`] or an [`EventError`].
+//! - An event that names what this node does not know waits if its sender's schema may be ahead
+//!   ([`EventError::Behind`]) and is poison if the sender had our schema; poison is recorded in
+//!   `__harmonylite__dead_letter` ([`quarantine`]) in the caller's transaction.
+//! - While an earlier event of a row waits for the schema, every later one of that row waits
+//!   behind it, so per-row order holds.
+
+use rusqlite::Connection;
+
+use super::key::same_value;
+use super::row::{Found, WriteError};
+use super::{Incoming, Key, Outcome, State};
+use crate::db::{DEAD_LETTER_TABLE, now_ms, quote};
+use crate::wire::{ChangeEvent, Op, Value};
+
+/// Records an event that can never apply in the dead-letter table (in the caller's transaction).
+pub(super) fn quarantine(
+    conn: &Connection,
+    stream: &str,
+    seq: u64,
+    why: &str,
+    payload: &[u8],
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO {} (stream, seq, error, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        quote(DEAD_LETTER_TABLE)
+    ))?
+    .execute(rusqlite::params![
+        stream,
+        seq as i64,
+        why,
+        payload,
+        now_ms()
+    ])?;
+    Ok(())
+}
+
+/// Why one event failed inside the transaction.
+pub(super) enum EventError {
+    /// Will fail the same way every time: quarantine.
+    Poison(String),
+    /// This node's schema does not know what the event names (yet): wait.
+    Behind(Behind),
+    /// Environment trouble: roll the batch back and retry it.
+    Retry(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for EventError {
+    fn from(e: rusqlite::Error) -> Self {
+        EventError::Retry(e)
+    }
+}
+
+/// An event that waits for the local schema: why, and what it blocks.
+pub(super) struct Behind {
+    pub(super) why: String,
+    /// Lower-cased table name (the current one, when the event named an old one).
+    pub(super) table: String,
+    /// The row, when the table is known and the event carries its key; `None` blocks the table.
+    pub(super) key: Option<Key>,
+}
+
+/// What evaluating one event decided.
+pub(super) enum Step {
+    Done(Outcome),
+    /// Only a write transaction can finish this event.
+    NeedsWrite,
+}
+
+/// An event resolved against its local table `t`: the local index of each of its columns, the
+/// positions of the key columns among them, and its key as it arrived.
+struct Resolved {
+    t: usize,
+    cols: Vec<usize>,
+    key_pos: Vec<usize>,
+    wire_key: Key,
+}
+
+/// How an event is being processed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// In the read transaction: decide, never write.
+    Read,
+    /// In the write transaction.
+    Write,
+    /// Retrying the held event with this row id (its record stays unless it applies).
+    Retry(i64),
+    /// Retrying an event that waited for the schema (its caller keeps per-row order).
+    RetryWaiting,
+}
+
+impl State {
+    /// Why `event` cannot apply here: it waits if its sender's schema may be ahead of ours, and
+    /// is poison if the sender had our schema (it names what cannot exist).
+    pub(super) fn unknown(&self, event: &ChangeEvent, t: Option<usize>, why: String) -> EventError {
+        if self.hashes.matches(&event.schema_hash) {
+            return EventError::Poison(why);
+        }
+        let (table, key) = match t {
+            Some(t) => (
+                self.tables[t].name.to_lowercase(),
+                self.renamed(t, event)
+                    .as_ref()
+                    .map_or_else(|| self.wire_key(t, event), |e| self.wire_key(t, e)),
+            ),
+            None => (
+                self.aliases
+                    .table(&event.table)
+                    .unwrap_or(&event.table)
+                    .to_lowercase(),
+                None,
+            ),
+        };
+        EventError::Behind(Behind { why, table, key })
+    }
+
+    /// Evaluates (and in write modes applies) one event.
+    pub(super) fn step(
+        &mut self,
+        conn: &Connection,
+        incoming: &Incoming<'_>,
+        mode: Mode,
+    ) -> Result<Step, EventError> {
+        let event = match &incoming.event {
+            Ok(e) => e,
+            Err(why) => return Err(EventError::Poison(why.clone())),
+        };
+        let Some(t) = self.resolve_table(&event.table) else {
+            return self.no_table(event);
+        };
+        let renamed = self.renamed(t, event);
+        let event = renamed.as_ref().unwrap_or(event);
+        let r = self.resolve(t, event)?;
+        // An earlier event of this row waits for the schema: this one waits behind it.
+        // (Held and waiting events being retried are older than any waiting event of their row.)
+        if matches!(mode, Mode::Read | Mode::Write) {
+            let table = self.tables[t].name.to_lowercase();
+            if self.blocked(&table, Some(&r.wire_key)) {
+                return Err(EventError::Behind(Behind {
+                    why: "an earlier event of its row waits for the schema".into(),
+                    table,
+                    key: Some(r.wire_key),
+                }));
+            }
+        }
+        let found = self.find(conn, t, &r.cols, &r.key_pos, event)?;
+        let local_key = found
+            .first()
+            .map(|f| Key::of(r.key_pos.iter().map(|&i| &f.values[i])))
+            .filter(|k| *k != r.wire_key);
+        let keys: Vec<&Key> = std::iter::once(&r.wire_key).chain(&local_key).collect();
+
+        // A held event for this row is older than this one: this one supersedes it.
+        if !matches!(mode, Mode::Retry(_)) && self.supersede_held(conn, t, &keys, mode)? {
+            return Ok(Step::NeedsWrite);
+        }
+
+        if self.track && self.superseded(t, &keys, incoming.own, event.id) {
+            return Ok(Step::Done(Outcome::Superseded));
+        }
+
+        self.apply_op(conn, incoming, event, mode, r, &found)
+    }
+
+    /// An event naming a table this node does not have: discarded if this node dropped the
+    /// table, otherwise [`Self::unknown`].
+    fn no_table(&self, event: &ChangeEvent) -> Result<Step, EventError> {
+        if self.aliases.dropped(&event.table) {
+            return Ok(Step::Done(Outcome::Discarded(format!(
+                "table {:?} was dropped here",
+                event.table
+            ))));
+        }
+        Err(self.unknown(
+            event,
+            None,
+            format!("no table mapping found for {:?}", event.table),
+        ))
+    }
+
+    /// The local columns of `event` (in table `t`, names already current), where its key
+    /// columns sit among them, and its key as it arrived.
+    fn resolve(&self, t: usize, event: &ChangeEvent) -> Result<Resolved, EventError> {
+        let mut cols = Vec::with_capacity(event.row.len());
+        for (name, _) in &event.row {
+            let idx = self.tables[t].column_index(name).ok_or_else(|| {
+                self.unknown(
+                    event,
+                    Some(t),
+                    format!("table {:?} has no column {name:?}", self.tables[t].name),
+                )
+            })?;
+            if cols.contains(&idx) {
+                return Err(EventError::Poison(format!(
+                    "event for {:?} names column {name:?} twice",
+                    self.tables[t].name
+                )));
+            }
+            cols.push(idx);
+        }
+        // Positions of the key columns within the event's columns.
+        let mut key_pos = Vec::with_capacity(self.pks[t].len());
+        for &p in &self.pks[t] {
+            let pos = cols.iter().position(|&c| c == p).ok_or_else(|| {
+                self.unknown(
+                    event,
+                    Some(t),
+                    format!(
+                        "{} on {:?} lacks primary key column {:?}",
+                        event.op.as_str(),
+                        self.tables[t].name,
+                        self.tables[t].columns[p].name
+                    ),
+                )
+            })?;
+            key_pos.push(pos);
+        }
+        let wire_key = Key::of(key_pos.iter().map(|&i| &event.row[i].1));
+        Ok(Resolved {
+            t,
+            cols,
+            key_pos,
+            wire_key,
+        })
+    }
+
+    /// The event's operation on the rows `found` for it: unchanged when the row already is what
+    /// the event says; otherwise [`Step::NeedsWrite`] in [`Mode::Read`], or the write done.
+    fn apply_op(
+        &mut self,
+        conn: &Connection,
+        incoming: &Incoming<'_>,
+        event: &ChangeEvent,
+        mode: Mode,
+        r: Resolved,
+        found: &[Found],
+    ) -> Result<Step, EventError> {
+        let Resolved {
+            t,
+            cols,
+            key_pos,
+            wire_key,
+        } = r;
+        let has_null_key = key_pos.iter().any(|&i| event.row[i].1 == Value::Null);
+        let equal = |f: &Found| {
+            f.values
+                .iter()
+                .zip(&event.row)
+                .all(|(a, (_, b))| same_value(a, b))
+        };
+        match event.op {
+            Op::Insert | Op::Update => {
+                if found.iter().any(equal) {
+                    return Ok(Step::Done(Outcome::Unchanged));
+                }
+                let non_key: Vec<usize> =
+                    (0..cols.len()).filter(|i| !key_pos.contains(i)).collect();
+                if !found.is_empty() && non_key.is_empty() {
+                    return Ok(Step::Done(Outcome::Unchanged));
+                }
+                if mode == Mode::Read {
+                    return Ok(Step::NeedsWrite);
+                }
+                let result = match found.first() {
+                    Some(target) => self.update(conn, t, &cols, &non_key, &key_pos, target, event),
+                    None => self.insert(conn, t, &cols, event),
+                };
+                self.finish_write(conn, t, wire_key, incoming, mode, result)
+            }
+            Op::Delete => {
+                let target = if has_null_key {
+                    found.iter().find(|f| equal(f))
+                } else {
+                    found.first()
+                };
+                let Some(target) = target else {
+                    return Ok(Step::Done(Outcome::Unchanged));
+                };
+                if mode == Mode::Read {
+                    return Ok(Step::NeedsWrite);
+                }
+                let result = self.delete(conn, t, &key_pos, target, event);
+                self.finish_write(conn, t, wire_key, incoming, mode, result)
+            }
+        }
+    }
+
+    /// Turns a write's result into the event's outcome: applied, held, or an error.
+    pub(super) fn finish_write(
+        &mut self,
+        conn: &Connection,
+        t: usize,
+        key: Key,
+        incoming: &Incoming<'_>,
+        mode: Mode,
+        result: Result<(), WriteError>,
+    ) -> Result<Step, EventError> {
+        match result {
+            Ok(()) => {
+                if let Mode::Retry(id) = mode {
+                    self.drop_held(conn, id)?;
+                }
+                Ok(Step::Done(Outcome::Applied))
+            }
+            // A constraint of ours the sender's (other) schema did not have: it may be that this
+            // node's schema is behind, so the event waits rather than being quarantined.
+            Err(WriteError::Event(EventError::Poison(why)))
+                if incoming.event.as_ref().is_ok_and(|e| {
+                    !e.schema_hash.is_empty() && !self.hashes.matches(&e.schema_hash)
+                }) =>
+            {
+                Err(EventError::Behind(Behind {
+                    why,
+                    table: self.tables[t].name.to_lowercase(),
+                    key: Some(key),
+                }))
+            }
+            Err(WriteError::Event(e)) => Err(e),
+            Err(WriteError::Conflict(why)) => {
+                if let Mode::Retry(_) = mode {
+                    return Ok(Step::Done(Outcome::Held(why)));
+                }
+                let Ok(event) = &incoming.event else {
+                    return Err(EventError::Poison(why));
+                };
+                self.hold(conn, t, key, incoming, event, why)
+            }
+        }
+    }
+}
