@@ -743,10 +743,10 @@ pub fn drift(
         Some("the schema hash changed".to_owned())
     } else {
         let expected: HashMap<String, String> =
-            tables.iter().flat_map(super::cdc::triggers).collect();
+            tables.iter().flat_map(super::triggers::triggers).collect();
         let present = our_triggers(&tx)?;
         let missing = tables.iter().find(|t| {
-            let names = super::cdc::triggers(t);
+            let names = super::triggers::triggers(t);
             !names
                 .iter()
                 .all(|(n, _)| present.iter().any(|(p, ..)| p == n))

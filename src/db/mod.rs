@@ -24,6 +24,7 @@ pub mod ddl;
 pub mod restore;
 pub mod schema;
 mod sql;
+mod triggers;
 
 /// Prefix of every object we create in the user's database (Go `HarmonyLitePrefix`).
 pub const PREFIX: &str = "__harmonylite__";

@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use rusqlite::{Connection, ErrorCode};
 
 use super::State;
-use super::step::EventError;
 use crate::db::changelog::value_at;
 use crate::db::sql::Bind;
 use crate::db::{Table, quote};
@@ -316,4 +315,29 @@ pub(super) fn describe(row: &[(String, Value)]) -> String {
         })
         .collect();
     format!("{{{}}}", parts.join(", "))
+}
+
+/// Why one event failed inside the transaction.
+pub(super) enum EventError {
+    /// Will fail the same way every time: quarantine.
+    Poison(String),
+    /// This node's schema does not know what the event names (yet): wait.
+    Behind(Behind),
+    /// Environment trouble: roll the batch back and retry it.
+    Retry(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for EventError {
+    fn from(e: rusqlite::Error) -> Self {
+        EventError::Retry(e)
+    }
+}
+
+/// An event that waits for the local schema: why, and what it blocks.
+pub(super) struct Behind {
+    pub(super) why: String,
+    /// Lower-cased table name (the current one, when the event named an old one).
+    pub(super) table: String,
+    /// The row, when the table is known and the event carries its key; `None` blocks the table.
+    pub(super) key: Option<super::Key>,
 }

@@ -17,6 +17,7 @@
 use rusqlite::Connection;
 
 use super::key::same_value;
+pub(super) use super::row::{Behind, EventError};
 use super::row::{Found, WriteError};
 use super::{Incoming, Key, Outcome, State};
 use crate::db::{DEAD_LETTER_TABLE, now_ms, quote};
@@ -42,31 +43,6 @@ pub(super) fn quarantine(
         now_ms()
     ])?;
     Ok(())
-}
-
-/// Why one event failed inside the transaction.
-pub(super) enum EventError {
-    /// Will fail the same way every time: quarantine.
-    Poison(String),
-    /// This node's schema does not know what the event names (yet): wait.
-    Behind(Behind),
-    /// Environment trouble: roll the batch back and retry it.
-    Retry(rusqlite::Error),
-}
-
-impl From<rusqlite::Error> for EventError {
-    fn from(e: rusqlite::Error) -> Self {
-        EventError::Retry(e)
-    }
-}
-
-/// An event that waits for the local schema: why, and what it blocks.
-pub(super) struct Behind {
-    pub(super) why: String,
-    /// Lower-cased table name (the current one, when the event named an old one).
-    pub(super) table: String,
-    /// The row, when the table is known and the event carries its key; `None` blocks the table.
-    pub(super) key: Option<Key>,
 }
 
 /// What evaluating one event decided.
