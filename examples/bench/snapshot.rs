@@ -4,9 +4,9 @@
 //! The daemon runs as a child process (this executable re-run with `__node`), so its peak RSS
 //! (`VmHWM`) is its own. Save: `-save-snapshot` (copy, strip, checksum, upload to the NATS object
 //! store). Restore: a brand-new node joins a cluster whose stream (max_entries 16) no longer holds
-//! the history, and restores the snapshot (download, then the merge into its live file with the
-//! checksums and integrity check beside it); timed from its start until it logs
-//! `Restore complete`.
+//! the history, and restores the snapshot (download, checksums and integrity check, then the
+//! merge into its live file); timed from its start until it logs `Restore complete`, with the
+//! download and the checks as the daemon logged them.
 //!
 //! Every measured step (`cp`, save, restore) starts with memory in the same state: on a VM whose
 //! kernel hands freed pages back to the hypervisor (virtio free page reporting), writing into a
@@ -295,6 +295,28 @@ pub fn run(nats_bin: &Path, size_mb: u64) -> Result<()> {
         restore.as_secs_f64() / cp.as_secs_f64(),
         restore_rss / 1_048_576
     );
+    let log = n2.log();
+    if let (Some(fetched), Some(download)) = (
+        logged_ms(&log, "Downloaded snapshot", "elapsed_ms="),
+        logged_ms(&log, "Downloaded snapshot", "download_ms="),
+    ) {
+        println!(
+            "    of which download {:.2}s, checks {:.2}s, the rest (start, merge, commit) {:.2}s",
+            download / 1e3,
+            (fetched - download) / 1e3,
+            restore.as_secs_f64() - fetched / 1e3
+        );
+    }
     println!("  (targets: within 3x cp; peak RSS < 100 MB)");
     Ok(())
+}
+
+/// The number after `key` on the first log line containing `line`.
+fn logged_ms(log: &str, line: &str, key: &str) -> Option<f64> {
+    let at = log.lines().find(|l| l.contains(line))?;
+    let rest = &at[at.find(key)? + key.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
