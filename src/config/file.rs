@@ -104,7 +104,7 @@ impl Default for SnapshotNatsConfig {
 }
 
 /// `[snapshot.s3]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct SnapshotS3Config {
     pub path: String,

@@ -154,19 +154,8 @@ pub struct SftpSettings {
     pub known_hosts: Option<PathBuf>,
 }
 
-/// `[snapshot.s3]`, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3Settings {
-    pub path: String,
-    pub endpoint: String,
-    pub access_key: String,
-    pub secret: String,
-    pub session_token: String,
-    pub bucket: String,
-    pub use_ssl: bool,
-    pub region: String,
-    pub force_path_style: Option<bool>,
-}
+/// `[snapshot.s3]`, as read: every value is usable as it is.
+pub type S3Settings = SnapshotS3Config;
 
 /// `[snapshot]`, validated.
 #[derive(Debug, Clone)]

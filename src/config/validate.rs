@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use super::{
     ClusterSettings, ConfigError, FileConfig, LogFormat, NatsConfig, Overrides, PrometheusConfig,
-    ReplicationLogConfig, ReplicationSettings, S3Settings, Settings, SftpConfig, SftpSettings,
-    SnapshotConfig, SnapshotS3Config, SnapshotSettings, SnapshotStore, data_root_dir,
-    default_node_id, invalid,
+    ReplicationLogConfig, ReplicationSettings, Settings, SftpConfig, SftpSettings, SnapshotConfig,
+    SnapshotSettings, SnapshotStore, data_root_dir, default_node_id, invalid,
 };
 
 /// Splits a comma-separated flag value (Go `RoutesFromStr`: split on `,`, trimmed, empty dropped).
@@ -183,7 +182,7 @@ fn snapshot_settings(
                 snapshot.nats.bucket.clone()
             },
         },
-        "s3" => SnapshotStore::S3(s3_settings(&snapshot.s3)),
+        "s3" => SnapshotStore::S3(snapshot.s3.clone()),
         "webdav" => SnapshotStore::WebDav {
             url: snapshot.webdav.url.clone(),
         },
@@ -204,20 +203,6 @@ fn snapshot_settings(
 }
 
 /// `[snapshot.s3]`, copied as given (the backend checks it when it connects).
-fn s3_settings(s3: &SnapshotS3Config) -> S3Settings {
-    S3Settings {
-        path: s3.path.clone(),
-        endpoint: s3.endpoint.clone(),
-        access_key: s3.access_key.clone(),
-        secret: s3.secret.clone(),
-        session_token: s3.session_token.clone(),
-        bucket: s3.bucket.clone(),
-        use_ssl: s3.use_ssl,
-        region: s3.region.clone(),
-        force_path_style: s3.force_path_style,
-    }
-}
-
 /// `[snapshot.sftp]`: empty strings become `None`.
 fn sftp_settings(c: &SftpConfig) -> SftpSettings {
     let path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));

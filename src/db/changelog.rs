@@ -418,27 +418,6 @@ impl ChangeLog {
         Ok(out)
     }
 
-    /// Per table: the highest change-log id (0 for an empty log).
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn max_ids(&self, conn: &Connection) -> Result<Vec<i64>, Error> {
-        self.tables
-            .iter()
-            .map(|t| {
-                conn.query_row(
-                    &format!(
-                        "SELECT coalesce(max(id), 0) FROM {}",
-                        quote(&change_log_name(&t.name))
-                    ),
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map_err(on_table(&t.name))
-            })
-            .collect()
-    }
-
     /// Per table (index), the highest change-log id of a pending change whose global id is at
     /// most `global` (0 when there is none).
     ///

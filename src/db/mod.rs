@@ -260,12 +260,6 @@ impl ReaderProbe {
         asked.is_ok() && lock.l_type != libc::F_UNLCK as libc::c_short
     }
 
-    /// Waits (polling) until no other process is in a read transaction, at most `limit`.
-    /// Returns false when readers were still there at the deadline.
-    pub fn wait_quiet(&self, limit: Duration) -> bool {
-        self.wait_quiet_for(Duration::ZERO, limit)
-    }
-
     /// Waits (polling) until no other process has been in a read transaction for `sustained`
     /// (a pause in the application's work, not the microseconds between two of its
     /// transactions), at most `limit`. Returns false at the deadline.
