@@ -81,21 +81,7 @@ impl State {
         if self.hashes.matches(&event.schema_hash) {
             return EventError::Poison(why);
         }
-        let (table, key) = match t {
-            Some(t) => (
-                self.tables[t].name.to_lowercase(),
-                self.renamed(t, event)
-                    .as_ref()
-                    .map_or_else(|| self.wire_key(t, event), |e| self.wire_key(t, e)),
-            ),
-            None => (
-                self.aliases
-                    .table(&event.table)
-                    .unwrap_or(&event.table)
-                    .to_lowercase(),
-                None,
-            ),
-        };
+        let (table, key) = self.place(event, t);
         EventError::Behind(Behind { why, table, key })
     }
 

@@ -90,7 +90,12 @@ impl Applier {
 impl State {
     /// Where a waiting event waits: its (lower-cased) table and, if known, its row.
     pub(super) fn waiting_place(&self, event: &ChangeEvent) -> (String, Option<Key>) {
-        match self.resolve_table(&event.table) {
+        self.place(event, self.resolve_table(&event.table))
+    }
+
+    /// The (lower-cased) table and, if known, the row of `event`, whose local table is `t`.
+    pub(super) fn place(&self, event: &ChangeEvent, t: Option<usize>) -> (String, Option<Key>) {
+        match t {
             Some(t) => {
                 let key = self
                     .renamed(t, event)
