@@ -102,6 +102,35 @@ impl Publisher {
         let orphans = scan.orphans.into_iter().map(|o| o.0).collect();
         let changes = scan.changes;
         let shards: Vec<u64> = changes.iter().map(|c| self.shard_of(c)).collect();
+        let landed = self.landed(&changes);
+        let (acks, failure) = if self.settings.publish {
+            self.send(&changes, &shards, &landed).await
+        } else {
+            (Vec::new(), None)
+        };
+        if read > 0 {
+            tracing::debug!(
+                rows = read,
+                scan_us = scanned.as_micros() as u64,
+                send_us = (started.elapsed() - scanned).as_micros() as u64,
+                "publish pass sent"
+            );
+        }
+        Ok(Sent {
+            changes,
+            landed,
+            shards,
+            orphans,
+            acks,
+            failure,
+            read,
+            last_global_id,
+        })
+    }
+
+    /// Per change: where it already is, when it was found in the stream by the last search, or
+    /// where a newer change of its row was found (it is then superseded and not sent).
+    fn landed(&self, changes: &[PendingChange]) -> Vec<Option<(u64, u64)>> {
         let mut superseded = 0usize;
         let landed: Vec<Option<(u64, u64)>> = {
             let found = self
@@ -140,29 +169,7 @@ impl Publisher {
                 "Pending changes superseded by newer changes of the same rows already in the stream; not sending them"
             );
         }
-        let (acks, failure) = if self.settings.publish {
-            self.send(&changes, &shards, &landed).await
-        } else {
-            (Vec::new(), None)
-        };
-        if read > 0 {
-            tracing::debug!(
-                rows = read,
-                scan_us = scanned.as_micros() as u64,
-                send_us = (started.elapsed() - scanned).as_micros() as u64,
-                "publish pass sent"
-            );
-        }
-        Ok(Sent {
-            changes,
-            landed,
-            shards,
-            orphans,
-            acks,
-            failure,
-            read,
-            last_global_id,
-        })
+        landed
     }
 
     /// Awaits a pass's acks in order and hands the acknowledged prefix to the outbox.
@@ -179,54 +186,8 @@ impl Publisher {
         } = sent;
         let mut retired: Vec<Retired> = Vec::with_capacity(changes.len());
         let done = if self.settings.publish {
-            // Highest acknowledged sequence per stream, recorded once per pass.
-            let mut highest: Vec<(u64, u64)> = Vec::new();
-            for (i, ack) in acks.into_iter().enumerate() {
-                let at = match ack {
-                    None => landed[i],
-                    Some(ack) => match self.acked_one(shards[i], ack.await) {
-                        Ok(ack) => {
-                            if ack.duplicate {
-                                self.duplicate(&changes[i]);
-                            }
-                            Some((shards[i], ack.sequence))
-                        }
-                        Err(e) => {
-                            // Later acks may have succeeded, but only a prefix is retired: the
-                            // rest is sent again after a search of the stream.
-                            failure = Some(self.nats_failure(
-                                &changes[i],
-                                e.to_string(),
-                                matches!(e.kind(), PublishErrorKind::StreamNotFound),
-                            ));
-                            break;
-                        }
-                    },
-                };
-                if let Some((shard, seq)) = at {
-                    match highest.iter_mut().find(|(s, _)| *s == shard) {
-                        Some(entry) => entry.1 = entry.1.max(seq),
-                        None => highest.push((shard, seq)),
-                    }
-                }
-                let c = &changes[i];
-                retired.push(Retired {
-                    global_id: c.global_id,
-                    table: c.table,
-                    log_id: c.log_id,
-                    landed: at,
-                });
-            }
-            let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
-            for (shard, sequence) in &highest {
-                let slot = acked.entry(*shard).or_insert(0);
-                *slot = (*slot).max(*sequence);
-                self.metrics
-                    .last_published_sequence
-                    .with_label_values(&[shard.to_string().as_str()])
-                    .set(*sequence as i64);
-            }
-            retired.len()
+            self.await_acks(&changes, &landed, &shards, acks, &mut failure, &mut retired)
+                .await
         } else {
             retired.extend(changes.iter().map(|c| Retired {
                 global_id: c.global_id,
@@ -246,33 +207,108 @@ impl Publisher {
                 self.health.published_now();
             }
         }
-        // Everything below the first change not done with is done with.
-        let stop = match (&failure, &oversize) {
-            (None, _) => None,
-            (Some(Failure::Paced), _) => changes.get(done).map(|c| c.global_id),
-            (Some(_), Some(_)) => changes.get(done + 1).map(|c| c.global_id),
-            (Some(_), None) => changes.get(done).map(|c| c.global_id),
-        };
-        let new_cursor = match stop {
-            None => last_global_id,
-            Some(g) => g - 1,
-        };
-        {
-            let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
-            outbox.published.extend(retired);
-            outbox
-                .orphans
-                .extend(orphans.iter().copied().filter(|&o| o <= new_cursor));
-            if let Some(c) = &oversize {
-                outbox.failed.push(Retired {
-                    global_id: c.global_id,
-                    table: c.table,
-                    log_id: c.log_id,
-                    landed: None,
-                });
-            }
-        }
+        let new_cursor = cursor_after(&changes, done, &failure, &oversize, last_global_id);
+        self.hand_over(retired, &orphans, oversize.as_ref(), new_cursor);
         self.cursor.store(new_cursor, Ordering::Relaxed);
+        self.outcome(failure, &changes)
+    }
+
+    /// Awaits `acks` in order and records in `retired` where each change landed; stops at the
+    /// first failed ack (recorded in `failure`). Returns how many changes are done with.
+    async fn await_acks(
+        &self,
+        changes: &[PendingChange],
+        landed: &[Option<(u64, u64)>],
+        shards: &[u64],
+        acks: Vec<Option<PublishAckFuture>>,
+        failure: &mut Option<Failure>,
+        retired: &mut Vec<Retired>,
+    ) -> usize {
+        // Highest acknowledged sequence per stream, recorded once per pass.
+        let mut highest: Vec<(u64, u64)> = Vec::new();
+        for (i, ack) in acks.into_iter().enumerate() {
+            let at = match ack {
+                None => landed[i],
+                Some(ack) => match self.acked_one(shards[i], ack.await) {
+                    Ok(ack) => {
+                        if ack.duplicate {
+                            self.duplicate(&changes[i]);
+                        }
+                        Some((shards[i], ack.sequence))
+                    }
+                    Err(e) => {
+                        // Later acks may have succeeded, but only a prefix is retired: the
+                        // rest is sent again after a search of the stream.
+                        *failure = Some(self.nats_failure(
+                            &changes[i],
+                            e.to_string(),
+                            matches!(e.kind(), PublishErrorKind::StreamNotFound),
+                        ));
+                        break;
+                    }
+                },
+            };
+            if let Some((shard, seq)) = at {
+                match highest.iter_mut().find(|(s, _)| *s == shard) {
+                    Some(entry) => entry.1 = entry.1.max(seq),
+                    None => highest.push((shard, seq)),
+                }
+            }
+            let c = &changes[i];
+            retired.push(Retired {
+                global_id: c.global_id,
+                table: c.table,
+                log_id: c.log_id,
+                landed: at,
+            });
+        }
+        self.record_acked(&highest);
+        retired.len()
+    }
+
+    /// Records the highest acknowledged sequence of each stream of a pass.
+    fn record_acked(&self, highest: &[(u64, u64)]) {
+        let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        for (shard, sequence) in highest {
+            let slot = acked.entry(*shard).or_insert(0);
+            *slot = (*slot).max(*sequence);
+            self.metrics
+                .last_published_sequence
+                .with_label_values(&[shard.to_string().as_str()])
+                .set(*sequence as i64);
+        }
+    }
+
+    /// Hands what a pass is done with to the outbox, for the keeper to retire.
+    fn hand_over(
+        &self,
+        retired: Vec<Retired>,
+        orphans: &[i64],
+        oversize: Option<&PendingChange>,
+        new_cursor: i64,
+    ) {
+        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        outbox.published.extend(retired);
+        outbox
+            .orphans
+            .extend(orphans.iter().copied().filter(|&o| o <= new_cursor));
+        if let Some(c) = oversize {
+            outbox.failed.push(Retired {
+                global_id: c.global_id,
+                table: c.table,
+                log_id: c.log_id,
+                landed: None,
+            });
+        }
+    }
+
+    /// A pass's result: its publish error, if any; a change the server can never accept is
+    /// logged (it is marked failed, and publishing goes on).
+    fn outcome(
+        &self,
+        failure: Option<Failure>,
+        changes: &[PendingChange],
+    ) -> Result<(), PublishError> {
         match failure {
             Some(Failure::Nats(e)) => Err(e),
             Some(Failure::TooLarge(i)) => {
@@ -413,5 +449,26 @@ impl Publisher {
             message,
             stream_missing,
         })
+    }
+}
+
+/// Where the read cursor goes after a pass of which the first `done` changes are done with.
+fn cursor_after(
+    changes: &[PendingChange],
+    done: usize,
+    failure: &Option<Failure>,
+    oversize: &Option<PendingChange>,
+    last_global_id: i64,
+) -> i64 {
+    // Everything below the first change not done with is done with.
+    let stop = match (failure, oversize) {
+        (None, _) => None,
+        (Some(Failure::Paced), _) => changes.get(done).map(|c| c.global_id),
+        (Some(_), Some(_)) => changes.get(done + 1).map(|c| c.global_id),
+        (Some(_), None) => changes.get(done).map(|c| c.global_id),
+    };
+    match stop {
+        None => last_global_id,
+        Some(g) => g - 1,
     }
 }
