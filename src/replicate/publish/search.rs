@@ -83,79 +83,20 @@ impl Publisher {
         })
         .await
         .map_err(|e| PublishError::Join(e.to_string()))??;
-        let mut found: Found = HashMap::new();
-        if !pending.is_empty() {
-            let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            for shard in 1..=self.settings.replication.shards {
-                let from = acked.get(&shard).copied().unwrap_or(0) + 1;
-                let ids = stream::find_published(
-                    &self.js,
-                    &self.settings.stream_name(shard),
-                    &self.settings.subject_name(shard),
-                    from,
-                    &format!("{}:{}:", self.settings.node_id, self.identity),
-                )
-                .await
-                .map_err(PublishError::Find)?;
-                for (msg_id, seq) in ids {
-                    // <node>:<identity>:<table>:<change id>:<created_at>; tables may hold ':'.
-                    let mut parts = msg_id.rsplitn(3, ':');
-                    let (Some(created), Some(id), Some(rest)) =
-                        (parts.next(), parts.next(), parts.next())
-                    else {
-                        continue;
-                    };
-                    let Some(table_name) = rest.splitn(3, ':').nth(2) else {
-                        continue;
-                    };
-                    let (Ok(created), Ok(id)) = (created.parse::<i64>(), id.parse::<i64>()) else {
-                        continue;
-                    };
-                    if let Some(t) = self.log.table_index(table_name)
-                        && pending.contains_key(&(t, id))
-                    {
-                        found.insert((t, id), (shard, seq, created));
-                    }
-                }
-            }
-        }
-        let mut newest = Newest::new();
-        if !found.is_empty() {
+        let found = if pending.is_empty() {
+            Found::new()
+        } else {
+            self.find_in_streams(&pending).await?
+        };
+        let newest = if found.is_empty() {
+            Newest::new()
+        } else {
             tracing::info!(
                 changes = found.len(),
                 "Pending changes already in the stream (sent before a crash or a lost ack); not sending them again"
             );
-            let mut by_table: HashMap<usize, Vec<(i64, u64, u64)>> = HashMap::new();
-            for (&(t, id), &(shard, seq, _)) in &found {
-                by_table.entry(t).or_default().push((id, shard, seq));
-            }
-            let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
-            newest = tokio::task::spawn_blocking(move || -> Result<Newest, db::Error> {
-                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-                let mut newest = Newest::new();
-                for (t, changes) in by_table {
-                    let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
-                    let at: HashMap<i64, (u64, u64)> = changes
-                        .iter()
-                        .map(|&(id, sh, seq)| (id, (sh, seq)))
-                        .collect();
-                    for (id, key) in log.keys_of(&conn, t, &ids)? {
-                        let Some(&(shard, seq)) = at.get(&id) else {
-                            continue;
-                        };
-                        let slot = newest
-                            .entry((t, crate::db::apply::Key::of(&key)))
-                            .or_insert((id, shard, seq));
-                        if id > slot.0 {
-                            *slot = (id, shard, seq);
-                        }
-                    }
-                }
-                Ok(newest)
-            })
-            .await
-            .map_err(|e| PublishError::Join(e.to_string()))??;
-        }
+            self.newest_of(&found).await?
+        };
         *self
             .unsettled
             .found
@@ -164,6 +105,74 @@ impl Publisher {
         *self.newest.lock().unwrap_or_else(|p| p.into_inner()) = newest;
         self.unsettled.must_search.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The pending changes (of `pending`) whose messages are in the shard streams past the
+    /// newest acknowledged sequence.
+    async fn find_in_streams(
+        &self,
+        pending: &HashMap<(usize, i64), i64>,
+    ) -> Result<Found, PublishError> {
+        let mut found: Found = HashMap::new();
+        let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for shard in 1..=self.settings.replication.shards {
+            let from = acked.get(&shard).copied().unwrap_or(0) + 1;
+            let ids = stream::find_published(
+                &self.js,
+                &self.settings.stream_name(shard),
+                &self.settings.subject_name(shard),
+                from,
+                &format!("{}:{}:", self.settings.node_id, self.identity),
+            )
+            .await
+            .map_err(PublishError::Find)?;
+            for (msg_id, seq) in ids {
+                let Some((table_name, id, created)) = parse_msg_id(&msg_id) else {
+                    continue;
+                };
+                if let Some(t) = self.log.table_index(table_name)
+                    && pending.contains_key(&(t, id))
+                {
+                    found.insert((t, id), (shard, seq, created));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Per row of the changes found, the newest of them (see [`Newest`]).
+    async fn newest_of(&self, found: &Found) -> Result<Newest, PublishError> {
+        let mut by_table: HashMap<usize, Vec<(i64, u64, u64)>> = HashMap::new();
+        for (&(t, id), &(shard, seq, _)) in found {
+            by_table.entry(t).or_default().push((id, shard, seq));
+        }
+        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
+        let newest = tokio::task::spawn_blocking(move || -> Result<Newest, db::Error> {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            let mut newest = Newest::new();
+            for (t, changes) in by_table {
+                let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
+                let at: HashMap<i64, (u64, u64)> = changes
+                    .iter()
+                    .map(|&(id, sh, seq)| (id, (sh, seq)))
+                    .collect();
+                for (id, key) in log.keys_of(&conn, t, &ids)? {
+                    let Some(&(shard, seq)) = at.get(&id) else {
+                        continue;
+                    };
+                    let slot = newest
+                        .entry((t, crate::db::apply::Key::of(&key)))
+                        .or_insert((id, shard, seq));
+                    if id > slot.0 {
+                        *slot = (id, shard, seq);
+                    }
+                }
+            }
+            Ok(newest)
+        })
+        .await
+        .map_err(|e| PublishError::Join(e.to_string()))??;
+        Ok(newest)
     }
 
     /// At start, before anything is applied: finds pending changes that already reached the
@@ -214,4 +223,18 @@ impl Publisher {
         .map_err(|e| PublishError::Join(e.to_string()))??;
         Ok(retired)
     }
+}
+
+/// (table, change id, capture time) of a message id `<node>:<identity>:<table>:<change
+/// id>:<created_at>`; tables may hold ':'.
+fn parse_msg_id(msg_id: &str) -> Option<(&str, i64, i64)> {
+    let mut parts = msg_id.rsplitn(3, ':');
+    let (Some(created), Some(id), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    let table_name = rest.splitn(3, ':').nth(2)?;
+    let (Ok(created), Ok(id)) = (created.parse::<i64>(), id.parse::<i64>()) else {
+        return None;
+    };
+    Some((table_name, id, created))
 }
