@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::db;
+use crate::db::changelog::Retirement;
 
 use super::{LocalLog, Outbox, SharedLog};
 
@@ -87,22 +88,7 @@ pub async fn keep(
         let applied: Option<Vec<u64>> = positions
             .as_ref()
             .map(|p| p.iter().map(|a| a.load(Ordering::Relaxed)).collect());
-        let shared = Arc::clone(&log);
-        let quiet = Arc::clone(&probe);
-        let result = tokio::task::spawn_blocking(move || {
-            let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let LocalLog { conn, log } = &mut *guard;
-            let probe = quiet.as_deref();
-            if !force && !probe.is_none_or(|p| p.wait_quiet_for(QUIET_SUSTAIN, QUIET_WAIT)) {
-                return (batch, Ok(None));
-            }
-            // Asked throughout the transaction: an application reader that appears while it
-            // runs makes it roll back at once (see `ChangeLog::housekeep`).
-            let undisturbed = || force || probe.is_none_or(|p| !p.others_reading());
-            let outcome = log.housekeep(conn, &batch, horizon, applied.as_deref(), &undisturbed);
-            (batch, outcome)
-        })
-        .await;
+        let result = attempt(&log, &probe, batch, force, horizon, applied).await;
         let result = match result {
             Ok((_, Ok(None))) => {
                 // No quiet moment: the batch stays in the outbox; try again shortly.
@@ -121,37 +107,84 @@ pub async fn keep(
             Ok((batch, Err(e))) => Ok((batch, Err(e))),
             Err(e) => Err(e),
         };
-        match result {
-            Ok((_, Ok(count))) => {
-                if failing {
-                    tracing::info!("Change-log cleanup works again");
-                }
-                failing = false;
-                if count > 0 {
-                    tracing::debug!(count, "Cleaned up DB change logs");
-                }
-            }
-            Ok((_, Err(e))) => {
-                // The batch stays in the outbox (and pending in the database, so nothing is lost
-                // even if this never succeeds; a restart finds those changes in the stream).
-                if e.is_fatal() {
-                    return Err(e);
-                }
-                if e.is_busy() && last_done.elapsed() < FORCE_AFTER {
-                    // Another transaction held the lock (a snapshot restore can take seconds):
-                    // the next attempt comes soon enough. Still locked after a minute: warn.
-                    tracing::debug!(error = %crate::error_chain(&e), "change-log cleanup waited too long for the lock; retrying");
-                } else {
-                    if !failing {
-                        tracing::warn!(error = %crate::error_chain(&e), "Unable to cleanup change logs");
-                    }
-                    failing = true;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cleanup task failed"),
-        }
+        report(result, &mut failing, last_done)?;
         if stopping {
             return Ok(());
         }
     }
+}
+
+/// One attempt's batch and outcome: `Ok(None)` when no quiet moment came or an application
+/// reader appeared meanwhile (rolled back, nothing written), else the count the cleanup reports.
+type Attempt = (Retirement, Result<Option<usize>, db::Error>);
+
+/// One attempt, in a blocking thread: waits for a quiet moment (unless `force`d), then retires
+/// `batch` and deletes old rows in one transaction, rolled back if an application reader
+/// appears meanwhile.
+async fn attempt(
+    log: &SharedLog,
+    probe: &Arc<Option<Arc<db::ReaderProbe>>>,
+    batch: Retirement,
+    force: bool,
+    horizon: i64,
+    applied: Option<Vec<u64>>,
+) -> Result<Attempt, tokio::task::JoinError> {
+    let shared = Arc::clone(log);
+    let quiet = Arc::clone(probe);
+    tokio::task::spawn_blocking(move || {
+        let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let LocalLog { conn, log } = &mut *guard;
+        let probe = quiet.as_deref();
+        if !force && !probe.is_none_or(|p| p.wait_quiet_for(QUIET_SUSTAIN, QUIET_WAIT)) {
+            return (batch, Ok(None));
+        }
+        // Asked throughout the transaction: an application reader that appears while it
+        // runs makes it roll back at once (see `ChangeLog::housekeep`).
+        let undisturbed = || force || probe.is_none_or(|p| !p.others_reading());
+        let outcome = log.housekeep(conn, &batch, horizon, applied.as_deref(), &undisturbed);
+        (batch, outcome)
+    })
+    .await
+}
+
+/// Logs how an attempt that wrote (or failed to) went, keeping `failing` for one warning per
+/// episode.
+///
+/// # Errors
+/// A fatal database error.
+fn report(
+    result: Result<(Retirement, Result<usize, db::Error>), tokio::task::JoinError>,
+    failing: &mut bool,
+    last_done: Instant,
+) -> Result<(), db::Error> {
+    match result {
+        Ok((_, Ok(count))) => {
+            if *failing {
+                tracing::info!("Change-log cleanup works again");
+            }
+            *failing = false;
+            if count > 0 {
+                tracing::debug!(count, "Cleaned up DB change logs");
+            }
+        }
+        Ok((_, Err(e))) => {
+            // The batch stays in the outbox (and pending in the database, so nothing is lost
+            // even if this never succeeds; a restart finds those changes in the stream).
+            if e.is_fatal() {
+                return Err(e);
+            }
+            if e.is_busy() && last_done.elapsed() < FORCE_AFTER {
+                // Another transaction held the lock (a snapshot restore can take seconds):
+                // the next attempt comes soon enough. Still locked after a minute: warn.
+                tracing::debug!(error = %crate::error_chain(&e), "change-log cleanup waited too long for the lock; retrying");
+            } else {
+                if !*failing {
+                    tracing::warn!(error = %crate::error_chain(&e), "Unable to cleanup change logs");
+                }
+                *failing = true;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cleanup task failed"),
+    }
+    Ok(())
 }
