@@ -272,24 +272,7 @@ impl Publisher {
                     }
                 }
                 Err(e) => {
-                    if e.is_fatal() {
-                        tracing::error!(error = %crate::error_chain(&e), "Publishing cannot go on");
-                        return Err(e);
-                    }
-                    if matches!(
-                        e,
-                        PublishError::Nats {
-                            stream_missing: true,
-                            ..
-                        }
-                    ) {
-                        self.recreate_streams(&shutdown).await;
-                    }
-                    if failing {
-                        tracing::debug!(error = %crate::error_chain(&e), "publish retry failed");
-                    } else {
-                        tracing::error!(error = %crate::error_chain(&e), "Unable to publish changes; they stay pending and will be retried");
-                    }
+                    self.failed(e, failing, &shutdown).await?;
                     failing = true;
                     let w = retry;
                     retry = stream::next_backoff(retry);
@@ -310,18 +293,52 @@ impl Publisher {
         // Changes committed before the stop request still go out (bounded: with NATS away they
         // stay pending for the next start).
         if !failing {
-            let fresh = CancellationToken::new();
-            let last = self.publish_pending(&fresh);
-            match tokio::time::timeout(FINAL_PASS, last).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %crate::error_chain(&e), "final publish pass failed")
-                }
-                Err(_) => tracing::debug!("final publish pass timed out"),
-            }
+            self.final_pass().await;
         }
         tracing::debug!("publisher stopped");
         Ok(())
+    }
+
+    /// Handles a failed pass: a fatal error is returned; a missing stream is recreated; the
+    /// failure is logged (as an error once per episode: `failing` says one is under way).
+    async fn failed(
+        &self,
+        e: PublishError,
+        failing: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PublishError> {
+        if e.is_fatal() {
+            tracing::error!(error = %crate::error_chain(&e), "Publishing cannot go on");
+            return Err(e);
+        }
+        if matches!(
+            e,
+            PublishError::Nats {
+                stream_missing: true,
+                ..
+            }
+        ) {
+            self.recreate_streams(shutdown).await;
+        }
+        if failing {
+            tracing::debug!(error = %crate::error_chain(&e), "publish retry failed");
+        } else {
+            tracing::error!(error = %crate::error_chain(&e), "Unable to publish changes; they stay pending and will be retried");
+        }
+        Ok(())
+    }
+
+    /// One last pass after a stop request, bounded by [`FINAL_PASS`].
+    async fn final_pass(&self) {
+        let fresh = CancellationToken::new();
+        let last = self.publish_pending(&fresh);
+        match tokio::time::timeout(FINAL_PASS, last).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %crate::error_chain(&e), "final publish pass failed")
+            }
+            Err(_) => tracing::debug!("final publish pass timed out"),
+        }
     }
 
     /// Publishes everything pending, pass after pass, until the log is drained.
