@@ -1,5 +1,6 @@
-//! Flow control for the publisher (see [`super::crate::replicate::flow`]): a message goes to a shard only
-//! while the estimated end of its stream stays within what the slowest live node can still read.
+//! Flow control for the publisher (see [`crate::replicate::flow`]): a message goes to a shard
+//! only while the estimated end of its stream stays within what the slowest live node can still
+//! read.
 //!
 //! Invariant: the stream's end is estimated as what is known for sure (acks, this node's
 //! position) plus the sends whose ack has not been awaited yet; an ack, awaited, stops counting.
