@@ -1,0 +1,467 @@
+//! The publisher: local change log → JetStream (design §3.1, §3.12, §4).
+//!
+//! A pass reads up to `scan_max_changes` pending changes in commit order, encodes each as a Go
+//! event and publishes them all without waiting (pipelined). Passes overlap in two stages: while
+//! pass N+1 is read and sent, pass N's acks are awaited. A pass is started by a file-change
+//! notification, follow-up scans after it, the polling timer, or the retry timer after a failure.
+//!
+//! Acknowledged changes are not marked in the database one pass at a time: they go to an
+//! in-memory [`Outbox`] that the keeper ([`keep`]) retires in one write transaction per cleanup
+//! interval, together with the cleanup of old rows. A crash loses only the outbox, and nothing
+//! is sent twice because of it (see `search`).
+//!
+//! This file holds the publisher loop (`run`, `publish_pending`, the pipelined passes of
+//! `publish_all`) and the types shared by its parts:
+//! - `send`: scan, encode, send a pass and settle its acks.
+//! - `search`: the search of the streams for changes already sent ([`Unsettled`], `recover`).
+//! - `pace`: flow control ([`Pacing`]).
+//! - `mark`: how far this database has handed changes to NATS ([`SentMark`]).
+//! - `keeper`: the change-log keeper ([`keep`]) and its quiet-moment logic.
+//!
+//! Invariants:
+//! - A change is retired only after its PubAck (or after it was found in the stream), and only as
+//!   part of an acknowledged prefix: on any publish error the rest stays pending, the read cursor
+//!   goes back to the oldest unacknowledged change, and everything from there is sent again after
+//!   a backoff, in the original order. Nothing is dropped while NATS is away.
+//! - After any failed pass, nothing is sent until a search of the streams has completed.
+
+mod keeper;
+mod mark;
+mod pace;
+mod search;
+mod send;
+
+pub use keeper::keep;
+pub use mark::SentMark;
+pub use pace::Pacing;
+pub use search::Unsettled;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use rusqlite::Connection;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::db::changelog::{ChangeLog, Retirement};
+use crate::db::{self, Table};
+use crate::health::HealthState;
+use crate::metrics::Metrics;
+use crate::stream;
+use crate::wire;
+
+use search::Newest;
+use send::{Failure, Sent};
+
+/// The writing side of the local log: marking published, marking failed, cleanup. Shared with the
+/// cleanup loop; always used from blocking threads.
+pub struct LocalLog {
+    pub conn: Connection,
+    pub log: Arc<ChangeLog>,
+}
+
+/// A handle to the shared local log.
+pub type SharedLog = Arc<Mutex<LocalLog>>;
+
+/// Changes done with (acknowledged, failed for good, or orphaned) that the keeper has not yet
+/// retired in the database.
+pub type Outbox = Arc<Mutex<Retirement>>;
+
+/// How often a held publisher (see [`Publisher::run`]) looks again.
+const HELD_POLL: Duration = Duration::from_millis(250);
+
+/// Extra scans after a file notification. inotify reports the WAL write, but a commit becomes
+/// visible to readers only after SQLite updates the wal-index in `-shm`, through mmap, which
+/// inotify cannot see; a scan racing that gap finds nothing, so look again shortly after.
+const FOLLOW_UP_SCANS: &[Duration] = &[
+    Duration::from_micros(300),
+    Duration::from_micros(700),
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(25),
+    Duration::from_millis(100),
+];
+
+/// How long the publish pass after a stop request may take.
+const FINAL_PASS: Duration = Duration::from_secs(3);
+
+/// Per-table data the publisher needs for every row.
+struct TableMeta {
+    /// Primary-key column indexes.
+    pks: Vec<usize>,
+    /// Lower-cased declared types (Go hashes time-typed keys specially).
+    decl_lower: Vec<String>,
+}
+
+/// Why a pass stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("database")]
+    Db(#[from] db::Error),
+    #[error("publish of {table} change {id} failed: {message}")]
+    Nats {
+        table: String,
+        id: i64,
+        message: String,
+        /// The server has no stream for the subject.
+        stream_missing: bool,
+    },
+    #[error("database worker failed: {0}")]
+    Join(String),
+    #[error("cannot look for changes already in the stream")]
+    Find(#[source] stream::Error),
+}
+
+impl PublishError {
+    /// Whether publishing cannot go on (the database cannot be read or written any more).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, PublishError::Db(e) if e.is_fatal())
+    }
+}
+
+/// Publishes local changes.
+pub struct Publisher {
+    reader: Arc<Mutex<Connection>>,
+    log: Arc<ChangeLog>,
+    js: jetstream::Context,
+    settings: Arc<Settings>,
+    schema_hash: String,
+    meta: Vec<TableMeta>,
+    /// Reused across messages; only the publisher task uses it (the lock is never contended).
+    compressor: Mutex<Option<wire::Compressor>>,
+    metrics: Arc<Metrics>,
+    health: Arc<HealthState>,
+    /// This database's identity, in every message id.
+    identity: String,
+    outbox: Outbox,
+    /// Global id below which every change is done with (acknowledged or retired).
+    cursor: AtomicI64,
+    /// Per shard: the sequence of the newest acknowledged change (where a search for changes
+    /// already in the stream starts after a failure).
+    acked: Mutex<HashMap<u64, u64>>,
+    /// What the last search found, by row: older changes of those rows are not sent.
+    newest: Mutex<Newest>,
+    /// Whether the streams must be searched before the next send (at start, after a failure),
+    /// and how far this run has sent.
+    unsettled: Unsettled,
+    duplicates: AtomicU64,
+    /// When this publisher was made (unix ms): a change captured before may have been sent by
+    /// the previous run, so a duplicate ack for it is expected.
+    started_ms: i64,
+    /// Highest global id recorded in the sent mark (see [`SentMark`]).
+    sent_mark: SentMark,
+    /// Flow control and what it needs: per shard, this node's applied position and the
+    /// estimated sequence of the last message sent.
+    pacing: Option<Pacing>,
+    /// Set while this node recovers from a snapshot: its changes wait (see
+    /// [`super::catchup`]).
+    hold: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Publisher {
+    /// Builds a publisher that reads through `reader` (`writer` gives it the change log); what it
+    /// is done with goes to `outbox`. `acked` is, per shard, the sequence of the
+    /// last change retired as published (where the first search starts); `sent_floor` is the
+    /// sent mark's floor (see [`SentMark::new`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        writer: SharedLog,
+        reader: Connection,
+        js: jetstream::Context,
+        settings: Arc<Settings>,
+        schema_hash: String,
+        identity: String,
+        outbox: Outbox,
+        acked: HashMap<u64, u64>,
+        metrics: Arc<Metrics>,
+        health: Arc<HealthState>,
+        pacing: Option<Pacing>,
+        hold: Arc<std::sync::atomic::AtomicBool>,
+        sent_floor: i64,
+    ) -> Publisher {
+        let log = Arc::clone(&writer.lock().unwrap_or_else(|p| p.into_inner()).log);
+        let meta = log
+            .tables()
+            .iter()
+            .map(|t| TableMeta {
+                pks: t.pk_indexes(),
+                decl_lower: t
+                    .columns
+                    .iter()
+                    .map(|c| c.decl_type.to_lowercase())
+                    .collect(),
+            })
+            .collect();
+        let sent_mark = SentMark::new(&settings.db_path, &identity, sent_floor);
+        Publisher {
+            sent_mark,
+            reader: Arc::new(Mutex::new(reader)),
+            log,
+            js,
+            settings,
+            schema_hash,
+            meta,
+            compressor: Mutex::new(None),
+            metrics,
+            health,
+            identity,
+            outbox,
+            cursor: AtomicI64::new(0),
+            acked: Mutex::new(acked),
+            newest: Mutex::new(HashMap::new()),
+            unsettled: Unsettled {
+                must_search: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                sent: Arc::new(AtomicI64::new(0)),
+                found: Arc::new(Mutex::new(HashMap::new())),
+                parked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            },
+            duplicates: AtomicU64::new(0),
+            started_ms: crate::clock::unix_ms(),
+            pacing,
+            hold,
+        }
+    }
+
+    fn tables(&self) -> &[Table] {
+        self.log.tables()
+    }
+
+    /// A handle on what this publisher has sent without knowing where it landed.
+    pub fn unsettled(&self) -> Unsettled {
+        self.unsettled.clone()
+    }
+
+    /// Runs until shutdown: a pass on every wake-up, follow-up, poll tick, or retry deadline.
+    ///
+    /// # Errors
+    /// Only when publishing cannot go on (see [`PublishError::is_fatal`]).
+    pub async fn run(
+        self,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Result<(), PublishError> {
+        // A safety-net scan even without polling_interval: cheap (one indexed read) and it bounds
+        // the delay if a file notification is ever missed.
+        let idle = self
+            .settings
+            .polling_interval
+            .unwrap_or(Duration::from_secs(1));
+        let mut retry = Duration::from_millis(100);
+        let mut failing = false;
+        let mut followups: &[Duration] = &[];
+        loop {
+            let wait = match self.publish_pending(&shutdown).await {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("Publishing resumed");
+                    }
+                    failing = false;
+                    retry = Duration::from_millis(100);
+                    match followups.split_first() {
+                        Some((next, rest)) => {
+                            followups = rest;
+                            *next
+                        }
+                        None => idle,
+                    }
+                }
+                Err(e) => {
+                    self.failed(e, failing, &shutdown).await?;
+                    failing = true;
+                    let w = retry;
+                    retry = stream::next_backoff(retry);
+                    w
+                }
+            };
+            // While held (a restore runs), file notifications are ignored: the restore's own
+            // writes would wake us thousands of times a second for a count nobody needs that
+            // often, competing with the restore for the CPU and the database.
+            let held = self.hold.load(Ordering::Relaxed);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified(), if !failing && !held => followups = FOLLOW_UP_SCANS,
+                _ = tokio::time::sleep(if held { HELD_POLL.min(wait) } else { wait }) => {}
+            }
+        }
+        // Changes committed before the stop request still go out (bounded: with NATS away they
+        // stay pending for the next start).
+        if !failing {
+            self.final_pass().await;
+        }
+        tracing::debug!("publisher stopped");
+        Ok(())
+    }
+
+    /// Handles a failed pass: a fatal error is returned; a missing stream is recreated; the
+    /// failure is logged (as an error once per episode: `failing` says one is under way).
+    async fn failed(
+        &self,
+        e: PublishError,
+        failing: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PublishError> {
+        if e.is_fatal() {
+            tracing::error!(error = %crate::error_chain(&e), "Publishing cannot go on");
+            return Err(e);
+        }
+        if matches!(
+            e,
+            PublishError::Nats {
+                stream_missing: true,
+                ..
+            }
+        ) {
+            self.recreate_streams(shutdown).await;
+        }
+        if failing {
+            tracing::debug!(error = %crate::error_chain(&e), "publish retry failed");
+        } else {
+            tracing::error!(error = %crate::error_chain(&e), "Unable to publish changes; they stay pending and will be retried");
+        }
+        Ok(())
+    }
+
+    /// One last pass after a stop request, bounded by [`FINAL_PASS`].
+    async fn final_pass(&self) {
+        let fresh = CancellationToken::new();
+        let last = self.publish_pending(&fresh);
+        match tokio::time::timeout(FINAL_PASS, last).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %crate::error_chain(&e), "final publish pass failed")
+            }
+            Err(_) => tracing::debug!("final publish pass timed out"),
+        }
+    }
+
+    /// Publishes everything pending, pass after pass, until the log is drained.
+    ///
+    /// # Errors
+    /// The first failure; everything from the failing change on stays pending.
+    pub async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
+        // Cleared before the hold is looked at: while it is set, no pass runs.
+        self.unsettled.parked.store(false, Ordering::SeqCst);
+        if self.hold.load(Ordering::SeqCst) {
+            // Nothing is sent while held, but what a failed pass sent is searched for: a restore
+            // waits for that (see [`Unsettled`]). A failed search is retried like a failed pass.
+            let searched = if self.unsettled.pending() {
+                self.search().await
+            } else {
+                Ok(())
+            };
+            self.count_pending().await;
+            self.unsettled.parked.store(true, Ordering::SeqCst);
+            return searched;
+        }
+        let result = async {
+            if self.settings.publish && self.unsettled.must_search.load(Ordering::SeqCst) {
+                self.search().await?;
+            }
+            self.publish_all(shutdown).await
+        }
+        .await;
+        if result.is_err() {
+            self.unsettled.must_search.store(true, Ordering::SeqCst);
+            self.metrics.publish_errors.inc();
+            // Unacknowledged sends are forgotten; the estimate starts again from the acks.
+            if let Some(p) = &self.pacing {
+                p.unacked.iter().for_each(|s| s.store(0, Ordering::Relaxed));
+            }
+        }
+        self.count_pending().await;
+        result
+    }
+
+    /// Refreshes `pending_publish` (and the health endpoint's view) with a timed count.
+    async fn count_pending(&self) {
+        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
+        let started = Instant::now();
+        let after = self.cursor.load(Ordering::Relaxed);
+        let counted = tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            log.pending_count(&conn, after)
+        })
+        .await;
+        self.metrics
+            .count_changes
+            .observe(started.elapsed().as_micros() as f64);
+        if let Ok(Ok(n)) = counted {
+            self.metrics.pending_publish.set(n);
+            self.health
+                .pending
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    async fn publish_all(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
+        let limit = self.settings.scan_max_changes as usize;
+        let mut cursor = self.cursor.load(Ordering::Relaxed);
+        let mut in_flight: Option<Sent> = None;
+        loop {
+            // Recovery began meanwhile: what is sent is settled, the rest waits.
+            if shutdown.is_cancelled() || self.hold.load(Ordering::Relaxed) {
+                return match in_flight {
+                    Some(prev) => self.finish(prev).await,
+                    None => Ok(()),
+                };
+            }
+            let previous = async {
+                match in_flight.take() {
+                    Some(prev) => self.finish(prev).await,
+                    None => Ok(()),
+                }
+            };
+            let (next, previous) = tokio::join!(self.scan_and_send(cursor), previous);
+            // If the previous pass failed, the one just sent is not acknowledged: it is sent
+            // again later, in order, after a search of the stream for what already arrived.
+            previous?;
+            let sent = next?;
+            if sent.read == 0 {
+                return Ok(());
+            }
+            cursor = sent.last_global_id;
+            if matches!(sent.failure, Some(Failure::Paced)) {
+                // Held back: settle what was sent, wait for the slow node to report progress
+                // (or a short while), and go on from the first change not sent.
+                self.finish(sent).await?;
+                cursor = self.cursor.load(Ordering::Relaxed);
+                if !self.wait_for_pace(shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+            if sent.failure.is_some() || sent.read < limit {
+                return self.finish(sent).await;
+            }
+            in_flight = Some(sent);
+        }
+    }
+
+    /// A stream vanished (JetStream store wiped or the stream deleted): recreate the streams,
+    /// and forget acknowledged positions past the end of a recreated one.
+    async fn recreate_streams(&self, shutdown: &CancellationToken) {
+        tracing::warn!("A shard stream is missing; recreating the streams from the configuration");
+        if let Err(e) = stream::ensure_streams(&self.js, &self.settings, shutdown).await {
+            tracing::error!(error = %crate::error_chain(&e), "Cannot recreate streams");
+            return;
+        }
+        for shard in 1..=self.settings.replication.shards {
+            let Ok(Some((_, last))) =
+                stream::stream_range(&self.js, &self.settings.stream_name(shard)).await
+            else {
+                continue;
+            };
+            let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            if acked.get(&shard).is_some_and(|&a| a > last) {
+                acked.insert(shard, 0);
+            }
+        }
+    }
+}
