@@ -8,6 +8,8 @@
 //! - [`run::run`]: one `spawn_*` line per subsystem into one task set; the first subsystem that
 //!   ends on its own — with an error or not — is the node's failure (one fatal path); then drain
 //!   under a deadline and stop the broker.
+//! - `watchdog`: stops the node when its database file is deleted or replaced, and ends a
+//!   generation when the schema drifts.
 //!
 //! Invariants:
 //! - One root [`CancellationToken`]; every subsystem watches it (or a token derived from it).
@@ -25,6 +27,7 @@ use crate::metrics::Metrics;
 
 pub mod run;
 pub mod setup;
+mod watchdog;
 
 /// Start-up refusals that a restart cannot fix (exit code 2).
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,6 @@
 //!   last retirement and the apply thread its batch and seq-map save, all under
 //!   [`DRAIN_TIMEOUT`]; then flush the NATS client (bounded) and stop the broker.
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::setup::{Capture, Ready};
+use super::watchdog::{SchemaDrift, spawn_watchdog};
 use super::{Node, StartError};
 use crate::db::{self, apply::Applier, changelog::ChangeLog};
 use crate::replicate::apply::{self as applying, ApplyObservers};
@@ -41,11 +41,9 @@ use crate::stream;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the snapshot before a `sleep_timeout` exit may take.
 const SLEEP_SAVE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often the database file's identity and the schema version are checked.
-const DB_FILE_CHECK: Duration = Duration::from_millis(250);
 
 /// The running subsystems: each ends with its name and outcome.
-type Subsystems = JoinSet<(&'static str, anyhow::Result<()>)>;
+pub(super) type Subsystems = JoinSet<(&'static str, anyhow::Result<()>)>;
 
 /// Runs a node set up by [`super::setup::setup`] until shutdown or its first failure.
 ///
@@ -160,11 +158,6 @@ enum Ended {
     /// The application changed the schema: capture is reinstalled and a new generation starts.
     SchemaChanged(db::ddl::Drift),
 }
-
-/// The watchdog saw the schema drift from what capture was installed for.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct SchemaDrift(db::ddl::Drift);
 
 /// Runs one generation of the subsystems, for one installed capture (one schema), until
 /// shutdown, a failure, or a schema change.
@@ -615,25 +608,6 @@ fn spawn_registry(tasks: &mut Subsystems, node: &Node, hash: &str, previous: &st
     });
 }
 
-/// Stops the node when its database file is deleted or replaced, and ends the generation when
-/// the schema drifts from what capture was installed for.
-fn spawn_watchdog(
-    tasks: &mut Subsystems,
-    node: &Node,
-    tables: Vec<db::Table>,
-    hash: String,
-    confirmed: Arc<std::sync::atomic::AtomicI64>,
-    poke: Arc<Notify>,
-) {
-    let (path, token) = (node.settings.db_path.clone(), node.root.clone());
-    tasks.spawn(async move {
-        (
-            "database watchdog",
-            watch_database_file(path, tables, hash, confirmed, poke, token).await,
-        )
-    });
-}
-
 /// Waits for shutdown, the idle timeout, the broker's exit, or the first subsystem to end on its
 /// own; returns the failure, if it is one.
 async fn supervise(
@@ -718,85 +692,6 @@ async fn drain(mut tasks: Subsystems) {
     if drained.is_err() {
         tracing::warn!("some tasks did not stop in time; aborting them");
         tasks.abort_all();
-    }
-}
-
-/// Stops the node when the database file it opened is deleted or replaced (SQLite would go on
-/// writing into the unlinked file, and the application, which opens the path, would never see
-/// it). Follows the schema: while it matches what capture was installed for, the version seen
-/// is confirmed (the publisher and the applier go on); when it drifts — DDL by the application,
-/// or capture triggers dropped by someone else — the generation ends with [`SchemaDrift`] and
-/// capture is reinstalled.
-async fn watch_database_file(
-    path: PathBuf,
-    tables: Vec<db::Table>,
-    hash: String,
-    confirmed: Arc<std::sync::atomic::AtomicI64>,
-    poke: Arc<Notify>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let (tables, hash) = (Arc::new(tables), Arc::new(hash));
-    use std::os::unix::fs::MetadataExt;
-    let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
-    let deleted = || {
-        anyhow::anyhow!(
-            "database file {} was deleted; stopping rather than replicating into a file nobody sees",
-            path.display()
-        )
-    };
-    // Deleted between the start-up and this task's first look: the same case.
-    let opened = match std::fs::metadata(&path) {
-        Ok(m) => identity(m),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(deleted()),
-        Err(e) => {
-            return Err(anyhow::Error::new(e)
-                .context(format!("cannot stat database file {}", path.display())));
-        }
-    };
-    let mut tick = tokio::time::interval(DB_FILE_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut schema_seen: Option<i64> = None;
-    let conn = Arc::new(Mutex::new(db::open(&path)?));
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
-            _ = poke.notified() => {}
-        }
-        match std::fs::metadata(&path).map(identity) {
-            Ok(now) if now == opened => {
-                let (c, t, h, seen) = (
-                    Arc::clone(&conn),
-                    Arc::clone(&tables),
-                    Arc::clone(&hash),
-                    schema_seen,
-                );
-                let checked = tokio::task::spawn_blocking(move || {
-                    let conn = c.lock().unwrap_or_else(|p| p.into_inner());
-                    db::ddl::drift(&conn, &t, &h, seen)
-                })
-                .await
-                .context("capture check failed")?;
-                match checked {
-                    Ok((version, drifted)) => {
-                        schema_seen = Some(version);
-                        if let Some(reason) = drifted {
-                            return Err(SchemaDrift(reason).into());
-                        }
-                        confirmed.store(version, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    Err(e) if e.is_fatal() => return Err(e.into()),
-                    Err(_) => {}
-                }
-            }
-            Ok(_) => anyhow::bail!(
-                "database file {} was replaced by another file; stopping (restart to use the new one)",
-                path.display()
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(deleted()),
-            Err(_) => {}
-        }
     }
 }
 
