@@ -8,6 +8,7 @@
 //! - [`run::run`]: one `spawn_*` line per subsystem into one task set; the first subsystem that
 //!   ends on its own — with an error or not — is the node's failure (one fatal path); then drain
 //!   under a deadline and stop the broker.
+//! - `snapshots`: the snapshot store and scheduler, wired for [`run::run`].
 //! - `watchdog`: stops the node when its database file is deleted or replaced, and ends a
 //!   generation when the schema drifts.
 //!
@@ -27,6 +28,7 @@ use crate::metrics::Metrics;
 
 pub mod run;
 pub mod setup;
+mod snapshots;
 mod watchdog;
 
 /// Start-up refusals that a restart cannot fix (exit code 2).
