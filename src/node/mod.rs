@@ -8,6 +8,9 @@
 //! - [`run::run`]: one `spawn_*` line per subsystem into one task set; the first subsystem that
 //!   ends on its own — with an error or not — is the node's failure (one fatal path); then drain
 //!   under a deadline and stop the broker.
+//! - `snapshots`: the snapshot store and scheduler, wired for [`run::run`].
+//! - `watchdog`: stops the node when its database file is deleted or replaced, and ends a
+//!   generation when the schema drifts.
 //!
 //! Invariants:
 //! - One root `CancellationToken`; every subsystem watches it (or a token derived from it).
@@ -16,6 +19,8 @@
 
 pub mod run;
 pub mod setup;
+mod snapshots;
+mod watchdog;
 
 /// Start-up refusals that a restart cannot fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -26,3 +31,6 @@ pub enum StartError {
 }
 
 pub use crate::handle::{Inner, Node, Observers};
+
+/// The running subsystems: each ends with its name and outcome.
+type Subsystems = tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>;

@@ -15,17 +15,18 @@
 //!   last retirement and the apply thread its batch and seq-map save, all under
 //!   [`DRAIN_TIMEOUT`]; then flush the NATS client (bounded) and stop the broker.
 
-use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::Subsystems;
 use super::setup::{Capture, Ready};
+use super::snapshots::{snapshots, spawn_snapshots};
+use super::watchdog::{SchemaDrift, spawn_watchdog};
 use super::{Node, StartError};
 use crate::db::{self, apply::Applier, changelog::ChangeLog};
 use crate::replicate::apply::{self as applying, ApplyObservers};
@@ -34,18 +35,13 @@ use crate::replicate::flow::{self, Flow};
 use crate::replicate::publish::{self, LocalLog, Outbox, Pacing, Publisher, SentMark, SharedLog};
 use crate::replicate::watch;
 use crate::seqmap::SeqMap;
-use crate::snapshot::{self, scheduler::Snapshots};
+use crate::snapshot::scheduler::Snapshots;
 use crate::stream;
 
 /// How long shutdown waits for subsystems to finish their current work.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the snapshot before a `sleep_timeout` exit may take.
 const SLEEP_SAVE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often the database file's identity and the schema version are checked.
-const DB_FILE_CHECK: Duration = Duration::from_millis(250);
-
-/// The running subsystems: each ends with its name and outcome.
-type Subsystems = JoinSet<(&'static str, anyhow::Result<()>)>;
 
 /// Runs a node set up by [`super::setup::setup`] until shutdown or its first failure.
 ///
@@ -161,11 +157,6 @@ enum Ended {
     SchemaChanged(db::ddl::Drift),
 }
 
-/// The watchdog saw the schema drift from what capture was installed for.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct SchemaDrift(db::ddl::Drift);
-
 /// Runs one generation of the subsystems, for one installed capture (one schema), until
 /// shutdown, a failure, or a schema change.
 async fn run_subsystems(
@@ -178,135 +169,60 @@ async fn run_subsystems(
 ) -> anyhow::Result<Ended> {
     let settings = &node.settings;
     let mut tasks = Subsystems::new();
-    let Capture {
-        conn,
-        tables,
-        hash,
-        previous_hash,
-        stale_up_to,
-    } = capture;
-    node.observers
-        .health
-        .update_catchup(|c| c.schema_hash = hash.clone());
-    // The schema version capture is confirmed for: none until the watchdog's first look.
-    let confirmed = Arc::new(std::sync::atomic::AtomicI64::new(-1));
-    let schema_hash = hash.clone();
-    let hashes = db::apply::SchemaHashes {
-        current: hash.clone(),
-        previous: previous_hash,
-    };
-    let hashes_for_registry = hashes.previous.clone();
-    let watched = tables.clone();
-    let poke = Arc::new(Notify::new());
-    let log =
-        Arc::new(ChangeLog::new(tables).with_confirmed(Arc::clone(&confirmed), Arc::clone(&poke)));
-    let seqmap = SeqMap::open_tolerant(&settings.seq_map_path)?;
-    let positions: Arc<[AtomicU64]> = node
-        .streams()
-        .iter()
-        .map(|s| AtomicU64::new(seqmap.get(s)))
-        .collect();
-    let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
-    let last_retired = acked.clone();
-    // The highest global id any run may have handed to NATS: this process's own mark (an
-    // earlier generation's sends), else what was known when it started. Only pending changes
-    // up to it can have an unknown fate; later ones (the application's writes since we took
-    // the database) are certainly in flight.
-    let sent_global = SentMark::read(&settings.db_path, &node.identity)
-        .unwrap_or(0)
-        .max(sent_before_start);
-    let sent_before = log
-        .max_ids_up_to(&conn, sent_global)
-        .context("Unable to read the change logs")?;
-    let flow = Flow::new(node.streams(), settings.node_id);
-    let positions_kv = if settings.publish || settings.replicate {
-        flow::bucket(&node.js, settings).await
-    } else {
-        None
-    };
-    let pacing = (settings.publish && positions_kv.is_some())
-        .then(|| Pacing::new(Arc::clone(&flow), Arc::clone(&positions)));
-    let outbox = Outbox::default();
-    // Set while recovering from a snapshot (the publisher then holds local changes back).
-    let recovering = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if settings.snapshot.enabled
-        && settings.replicate
-        && catchup::gap_at_start(node, &positions).await
-    {
-        recovering.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-    let shared: SharedLog = Arc::new(Mutex::new(LocalLog {
-        conn,
-        log: Arc::clone(&log),
-    }));
-    let publisher = Publisher::new(
-        Arc::clone(&shared),
-        db::open(&settings.db_path)?,
-        node.js.clone(),
-        Arc::clone(settings),
-        hash.clone(),
-        node.identity.clone(),
-        Arc::clone(&outbox),
-        acked,
-        Arc::clone(&node.observers.metrics),
-        Arc::clone(&node.observers.health),
-        pacing,
-        Arc::clone(&recovering),
-        sent_global,
-    );
-    if !recover(node, &publisher, &shared).await? {
+    let (local, conn) = Local::read(node, capture)?;
+    let Some(out) = Outgoing::prepare(node, &local, conn, sent_before_start).await? else {
         return Ok(Ended::Stopped);
-    }
-    // Pending changes from before this start whose possible landing the streams no longer hold:
-    // whether they were published is unknown (a restore must not keep their rows).
-    let unknown_up_to = if search_was_complete(node, &last_retired).await {
-        vec![0; sent_before.len()]
-    } else {
-        sent_before
     };
-    let own = catchup::OwnChanges {
-        unknown_up_to,
-        outbox: Arc::clone(&outbox),
-        sends: publisher.unsettled(),
-    };
-
-    let reported = positions_kv.is_some().then(|| Arc::clone(&flow));
-    if let Some(store) = positions_kv {
-        spawn_flow(&mut tasks, node, &flow, store, &positions);
+    let positions = &local.positions;
+    let reported = out.positions_kv.is_some().then(|| Arc::clone(&out.flow));
+    if let Some(store) = out.positions_kv {
+        spawn_flow(&mut tasks, node, &out.flow, store, positions);
     }
     let gate = Arc::new(Mutex::new(()));
-    let snapshots = snapshots(node, &positions, &gate, schema_hash, recovering)?;
+    let snapshots = snapshots(node, positions, &gate, local.hash.clone(), out.recovering)?;
     if let Some(s) = &snapshots {
         spawn_snapshots(&mut tasks, node, s);
     }
+    let previous_hash = local.hashes.previous.clone();
     if settings.replicate {
         let wiring = ApplyWiring {
-            own,
-            seqmap,
-            positions: Arc::clone(&positions),
+            own: out.own,
+            seqmap: local.seqmap,
+            positions: Arc::clone(positions),
             flow: reported,
             gate,
             snapshots: snapshots.clone(),
-            hashes,
-            confirmed: Arc::clone(&confirmed),
-            stale_up_to,
+            hashes: local.hashes,
+            confirmed: Arc::clone(&local.confirmed),
+            stale_up_to: local.stale_up_to,
         };
-        spawn_apply(&mut tasks, node, &log, wiring)?;
+        spawn_apply(&mut tasks, node, &local.log, wiring)?;
     } else {
         tracing::info!("replicate = false: remote changes will not be applied");
     }
-    let keeper_stop = spawn_publisher(&mut tasks, node, publisher);
-    spawn_keeper(&mut tasks, node, shared, outbox, &positions, keeper_stop);
-    spawn_registry(&mut tasks, node, &hash, &hashes_for_registry);
-    spawn_watchdog(&mut tasks, node, watched, hash, confirmed, poke);
+    let keeper_stop = spawn_publisher(&mut tasks, node, out.publisher);
+    let (shared, outbox) = (out.shared, out.outbox);
+    spawn_keeper(&mut tasks, node, shared, outbox, positions, keeper_stop);
+    spawn_registry(&mut tasks, node, &local.hash, &previous_hash);
+    let (watched, confirmed, poke) = (local.watched, local.confirmed, local.poke);
+    spawn_watchdog(&mut tasks, node, watched, local.hash, confirmed, poke);
     if first {
         tracing::info!(shards = settings.replication.shards, "Replication running");
         crate::systemd::notify("READY=1");
     } else {
         tracing::info!("Capture reinstalled for the new schema; replication resumed");
     }
-
     let failure = supervise(node, &mut tasks, lease, embedded, snapshots.as_deref()).await;
+    conclude(node, tasks, failure).await
+}
+
+/// Ends a generation once [`supervise`] returns: reports a failure (a schema change is not
+/// one), then stops and drains the subsystems.
+async fn conclude(
+    node: &Node,
+    tasks: Subsystems,
+    failure: Option<anyhow::Error>,
+) -> anyhow::Result<Ended> {
     let drift = failure
         .as_ref()
         .and_then(|e| e.downcast_ref::<SchemaDrift>())
@@ -324,6 +240,176 @@ async fn run_subsystems(
         (Some(reason), _) => Ok(Ended::SchemaChanged(reason)),
         (None, Some(e)) => Err(e),
         (None, None) => Ok(Ended::Stopped),
+    }
+}
+
+/// What one generation's subsystems share, read from the installed capture and the seq map.
+struct Local {
+    log: Arc<ChangeLog>,
+    /// The tables capture was installed for (the watchdog checks them).
+    watched: Vec<db::Table>,
+    hash: String,
+    hashes: db::apply::SchemaHashes,
+    /// The schema version capture is confirmed for: none (-1) until the watchdog's first look.
+    confirmed: Arc<AtomicI64>,
+    /// Wakes the watchdog for an early look.
+    poke: Arc<Notify>,
+    stale_up_to: Vec<i64>,
+    seqmap: SeqMap,
+    /// Per shard: the last applied sequence.
+    positions: Arc<[AtomicU64]>,
+}
+
+impl Local {
+    /// Takes `capture` apart; returns the shared state and the capture connection.
+    fn read(node: &Node, capture: Capture) -> anyhow::Result<(Local, rusqlite::Connection)> {
+        let Capture {
+            conn,
+            tables,
+            hash,
+            previous_hash,
+            stale_up_to,
+        } = capture;
+        node.observers
+            .health
+            .update_catchup(|c| c.schema_hash = hash.clone());
+        let confirmed = Arc::new(AtomicI64::new(-1));
+        let hashes = db::apply::SchemaHashes {
+            current: hash.clone(),
+            previous: previous_hash,
+        };
+        let watched = tables.clone();
+        let poke = Arc::new(Notify::new());
+        let log = Arc::new(
+            ChangeLog::new(tables).with_confirmed(Arc::clone(&confirmed), Arc::clone(&poke)),
+        );
+        let seqmap = SeqMap::open_tolerant(&node.settings.seq_map_path)?;
+        let positions: Arc<[AtomicU64]> = node
+            .streams()
+            .iter()
+            .map(|s| AtomicU64::new(seqmap.get(s)))
+            .collect();
+        let local = Local {
+            log,
+            watched,
+            hash,
+            hashes,
+            confirmed,
+            poke,
+            stale_up_to,
+            seqmap,
+            positions,
+        };
+        Ok((local, conn))
+    }
+}
+
+/// The publishing side of a generation, with what it shares with the others.
+struct Outgoing {
+    publisher: Publisher,
+    shared: SharedLog,
+    outbox: Outbox,
+    flow: Arc<Flow>,
+    /// The positions bucket, when flow control can use one.
+    positions_kv: Option<async_nats::jetstream::kv::Store>,
+    /// Set while recovering from a snapshot (the publisher then holds local changes back).
+    recovering: Arc<AtomicBool>,
+    own: catchup::OwnChanges,
+}
+
+impl Outgoing {
+    /// Builds the publisher and retires what reached the stream before a restart; `None` on
+    /// shutdown.
+    async fn prepare(
+        node: &Node,
+        local: &Local,
+        conn: rusqlite::Connection,
+        sent_before_start: i64,
+    ) -> anyhow::Result<Option<Outgoing>> {
+        let settings = &node.settings;
+        let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
+        let last_retired = acked.clone();
+        // The highest global id any run may have handed to NATS: this process's own mark (an
+        // earlier generation's sends), else what was known when it started. Only pending
+        // changes up to it can have an unknown fate; later ones (the application's writes since
+        // we took the database) are certainly in flight.
+        let sent_global = SentMark::read(&settings.db_path, &node.identity)
+            .unwrap_or(0)
+            .max(sent_before_start);
+        let sent_before = local
+            .log
+            .max_ids_up_to(&conn, sent_global)
+            .context("Unable to read the change logs")?;
+        let flow = Flow::new(node.streams(), settings.node_id);
+        let positions_kv = if settings.publish || settings.replicate {
+            flow::bucket(&node.js, settings).await
+        } else {
+            None
+        };
+        let pacing = (settings.publish && positions_kv.is_some())
+            .then(|| Pacing::new(Arc::clone(&flow), Arc::clone(&local.positions)));
+        let outbox = Outbox::default();
+        let recovering = Arc::new(AtomicBool::new(false));
+        if settings.snapshot.enabled
+            && settings.replicate
+            && catchup::gap_at_start(node, &local.positions).await
+        {
+            recovering.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let shared: SharedLog = Arc::new(Mutex::new(LocalLog {
+            conn,
+            log: Arc::clone(&local.log),
+        }));
+        let publisher = Publisher::new(
+            Arc::clone(&shared),
+            db::open(&settings.db_path)?,
+            node.js.clone(),
+            Arc::clone(settings),
+            local.hash.clone(),
+            node.identity.clone(),
+            Arc::clone(&outbox),
+            acked,
+            Arc::clone(&node.observers.metrics),
+            Arc::clone(&node.observers.health),
+            pacing,
+            Arc::clone(&recovering),
+            sent_global,
+        );
+        if !recover(node, &publisher, &shared).await? {
+            return Ok(None);
+        }
+        let own = own_changes(node, &last_retired, sent_before, &outbox, &publisher).await;
+        Ok(Some(Outgoing {
+            publisher,
+            shared,
+            outbox,
+            flow,
+            positions_kv,
+            recovering,
+            own,
+        }))
+    }
+}
+
+/// What a restore must know about this node's own changes. Pending changes from before this
+/// start (up to `sent_before`) whose possible landing the streams no longer hold: whether they
+/// were published is unknown (a restore must not keep their rows).
+async fn own_changes(
+    node: &Node,
+    last_retired: &std::collections::HashMap<u64, u64>,
+    sent_before: Vec<i64>,
+    outbox: &Outbox,
+    publisher: &Publisher,
+) -> catchup::OwnChanges {
+    let unknown_up_to = if search_was_complete(node, last_retired).await {
+        vec![0; sent_before.len()]
+    } else {
+        sent_before
+    };
+    catchup::OwnChanges {
+        unknown_up_to,
+        outbox: Arc::clone(outbox),
+        sends: publisher.unsettled(),
     }
 }
 
@@ -370,7 +456,7 @@ struct ApplyWiring {
     /// The local schema's hashes (incoming `sh` is checked against them).
     hashes: db::apply::SchemaHashes,
     /// The schema version capture is confirmed for (see [`db::ddl::drift`]).
-    confirmed: Arc<std::sync::atomic::AtomicI64>,
+    confirmed: Arc<AtomicI64>,
     /// Per table: changes captured before its columns changed (see [`Applier::set_stale_up_to`]).
     stale_up_to: Vec<i64>,
 }
@@ -415,30 +501,7 @@ fn spawn_apply(
     let settings = &node.settings;
     let streams = node.streams();
     let applied: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
-    // Own events come back (and must be told apart) only when we both publish and apply.
-    let track = settings.publish;
-    let mut applier = Applier::new(
-        db::open(&settings.db_path)?,
-        Arc::clone(log),
-        applied,
-        track,
-    )
-    .context("Unable to start the applier")?;
-    applier.set_schema_hashes(hashes);
-    applier.set_confirmed_schema(confirmed);
-    if stale_up_to.iter().any(|&id| id > 0) {
-        applier
-            .set_stale_up_to(stale_up_to)
-            .context("Unable to start the applier")?;
-    }
-    if own.unknown_up_to.iter().any(|&id| id > 0) {
-        tracing::warn!(
-            "Some pending changes were captured before the restart and the streams no longer hold where they may have landed; they do not hold back other nodes' changes of their rows"
-        );
-        applier
-            .set_unknown_up_to(own.unknown_up_to.clone())
-            .context("Unable to start the applier")?;
-    }
+    let applier = applier(node, log, applied, hashes, confirmed, stale_up_to, &own)?;
     let (tx, rx) = mpsc::channel(applying::CHANNEL_DEPTH);
     let outbox = Arc::clone(&own.outbox);
     let (n, p) = (node.clone(), Arc::clone(positions));
@@ -469,6 +532,53 @@ fn spawn_apply(
         rx,
         node.root.clone(),
     )?;
+    spawn_apply_join(tasks, thread);
+    Ok(())
+}
+
+/// The applier of a generation, at the seq map's positions `applied`, for the local schema.
+fn applier(
+    node: &Node,
+    log: &Arc<ChangeLog>,
+    applied: Vec<u64>,
+    hashes: db::apply::SchemaHashes,
+    confirmed: Arc<AtomicI64>,
+    stale_up_to: Vec<i64>,
+    own: &catchup::OwnChanges,
+) -> anyhow::Result<Applier> {
+    let settings = &node.settings;
+    // Own events come back (and must be told apart) only when we both publish and apply.
+    let track = settings.publish;
+    let mut applier = Applier::new(
+        db::open(&settings.db_path)?,
+        Arc::clone(log),
+        applied,
+        track,
+    )
+    .context("Unable to start the applier")?;
+    applier.set_schema_hashes(hashes);
+    applier.set_confirmed_schema(confirmed);
+    if stale_up_to.iter().any(|&id| id > 0) {
+        applier
+            .set_stale_up_to(stale_up_to)
+            .context("Unable to start the applier")?;
+    }
+    if own.unknown_up_to.iter().any(|&id| id > 0) {
+        tracing::warn!(
+            "Some pending changes were captured before the restart and the streams no longer hold where they may have landed; they do not hold back other nodes' changes of their rows"
+        );
+        applier
+            .set_unknown_up_to(own.unknown_up_to.clone())
+            .context("Unable to start the applier")?;
+    }
+    Ok(applier)
+}
+
+/// Joins the apply thread, off the reactor, as the "apply thread" subsystem.
+fn spawn_apply_join(
+    tasks: &mut Subsystems,
+    thread: std::thread::JoinHandle<Result<(), applying::ApplyError>>,
+) {
     tasks.spawn(async move {
         let joined = tokio::task::spawn_blocking(move || thread.join()).await;
         let result = match joined {
@@ -477,45 +587,6 @@ fn spawn_apply(
             Ok(Err(_)) | Err(_) => Err(anyhow::anyhow!("the apply thread panicked")),
         };
         ("apply thread", result)
-    });
-    Ok(())
-}
-
-/// The snapshot side, when snapshots are enabled.
-fn snapshots(
-    node: &Node,
-    positions: &Arc<[AtomicU64]>,
-    gate: &Arc<Mutex<()>>,
-    schema_hash: String,
-    recovering: Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<Option<Arc<Snapshots>>> {
-    let settings = &node.settings;
-    if !settings.snapshot.enabled {
-        return Ok(None);
-    }
-    let store = snapshot::open_store(settings, &node.js)
-        .context("Unable to initialize snapshot storage")?;
-    let source = settings.replicate.then(|| snapshot::Source {
-        db_path: settings.db_path.clone(),
-        streams: node.streams(),
-        positions: Arc::clone(positions),
-        gate: Arc::clone(gate),
-    });
-    Ok(Some(Snapshots::new(
-        node,
-        store,
-        source,
-        schema_hash,
-        recovering,
-    )))
-}
-
-/// Snapshot leader election and save triggers.
-fn spawn_snapshots(tasks: &mut Subsystems, node: &Node, snapshots: &Arc<Snapshots>) {
-    let (s, token) = (Arc::clone(snapshots), node.root.clone());
-    tasks.spawn(async move {
-        s.run(token).await;
-        ("snapshot scheduler", Ok(()))
     });
 }
 
@@ -615,25 +686,6 @@ fn spawn_registry(tasks: &mut Subsystems, node: &Node, hash: &str, previous: &st
     });
 }
 
-/// Stops the node when its database file is deleted or replaced, and ends the generation when
-/// the schema drifts from what capture was installed for.
-fn spawn_watchdog(
-    tasks: &mut Subsystems,
-    node: &Node,
-    tables: Vec<db::Table>,
-    hash: String,
-    confirmed: Arc<std::sync::atomic::AtomicI64>,
-    poke: Arc<Notify>,
-) {
-    let (path, token) = (node.settings.db_path.clone(), node.root.clone());
-    tasks.spawn(async move {
-        (
-            "database watchdog",
-            watch_database_file(path, tables, hash, confirmed, poke, token).await,
-        )
-    });
-}
-
 /// Waits for shutdown, the idle timeout, the broker's exit, or the first subsystem to end on its
 /// own; returns the failure, if it is one.
 async fn supervise(
@@ -718,85 +770,6 @@ async fn drain(mut tasks: Subsystems) {
     if drained.is_err() {
         tracing::warn!("some tasks did not stop in time; aborting them");
         tasks.abort_all();
-    }
-}
-
-/// Stops the node when the database file it opened is deleted or replaced (SQLite would go on
-/// writing into the unlinked file, and the application, which opens the path, would never see
-/// it). Follows the schema: while it matches what capture was installed for, the version seen
-/// is confirmed (the publisher and the applier go on); when it drifts — DDL by the application,
-/// or capture triggers dropped by someone else — the generation ends with [`SchemaDrift`] and
-/// capture is reinstalled.
-async fn watch_database_file(
-    path: PathBuf,
-    tables: Vec<db::Table>,
-    hash: String,
-    confirmed: Arc<std::sync::atomic::AtomicI64>,
-    poke: Arc<Notify>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let (tables, hash) = (Arc::new(tables), Arc::new(hash));
-    use std::os::unix::fs::MetadataExt;
-    let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
-    let deleted = || {
-        anyhow::anyhow!(
-            "database file {} was deleted; stopping rather than replicating into a file nobody sees",
-            path.display()
-        )
-    };
-    // Deleted between the start-up and this task's first look: the same case.
-    let opened = match std::fs::metadata(&path) {
-        Ok(m) => identity(m),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(deleted()),
-        Err(e) => {
-            return Err(anyhow::Error::new(e)
-                .context(format!("cannot stat database file {}", path.display())));
-        }
-    };
-    let mut tick = tokio::time::interval(DB_FILE_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut schema_seen: Option<i64> = None;
-    let conn = Arc::new(Mutex::new(db::open(&path)?));
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
-            _ = poke.notified() => {}
-        }
-        match std::fs::metadata(&path).map(identity) {
-            Ok(now) if now == opened => {
-                let (c, t, h, seen) = (
-                    Arc::clone(&conn),
-                    Arc::clone(&tables),
-                    Arc::clone(&hash),
-                    schema_seen,
-                );
-                let checked = tokio::task::spawn_blocking(move || {
-                    let conn = c.lock().unwrap_or_else(|p| p.into_inner());
-                    db::ddl::drift(&conn, &t, &h, seen)
-                })
-                .await
-                .context("capture check failed")?;
-                match checked {
-                    Ok((version, drifted)) => {
-                        schema_seen = Some(version);
-                        if let Some(reason) = drifted {
-                            return Err(SchemaDrift(reason).into());
-                        }
-                        confirmed.store(version, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    Err(e) if e.is_fatal() => return Err(e.into()),
-                    Err(_) => {}
-                }
-            }
-            Ok(_) => anyhow::bail!(
-                "database file {} was replaced by another file; stopping (restart to use the new one)",
-                path.display()
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(deleted()),
-            Err(_) => {}
-        }
     }
 }
 

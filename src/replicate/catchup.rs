@@ -20,6 +20,7 @@
 //!   on past it, as before: there is nothing to recover from.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ use tokio::task::JoinSet;
 
 use super::apply::{RestoreError, RestoreJob, Work};
 use super::consume::{self, Gap};
+use crate::db::restore::Restored;
 use crate::handle::Node;
 use crate::snapshot::{self, Meta, scheduler::Snapshots};
 use crate::stream;
@@ -251,6 +253,8 @@ fn covers(have: &[u64], need: &[u64]) -> bool {
     have.iter().zip(need).all(|(h, n)| h >= n)
 }
 
+/// One try at recovering: looks at the store, then downloads the snapshot, hands it to the
+/// apply thread and accounts for it.
 async fn attempt(
     node: &Node,
     tx: &mpsc::Sender<Work>,
@@ -260,37 +264,14 @@ async fn attempt(
     own: &OwnChanges,
     seen: &mut Seen,
 ) -> Result<Attempt, snapshot::Error> {
-    if !settled(node, &own.sends).await? {
-        return Ok(Attempt::Stopping);
-    }
-    let (before_first, need) = needs(node, streams, applied).await?;
-    let Some(meta) = snapshots.store.meta().await? else {
-        ask_for_snapshot(node, &need, streams).await;
-        return Ok(Attempt::Wait("the store holds no snapshot yet".into()));
-    };
-    if let Some((behind, version, why)) = &seen.behind
-        && *behind == meta
-        && schema_version(node).await == Some(*version)
-    {
-        return Ok(Attempt::Wait(why.clone()));
-    }
-    if seen.refused.as_ref() == Some(&meta) {
-        ask_for_snapshot(node, &need, streams).await;
-        return Ok(Attempt::Wait(
-            "the store still holds the snapshot refused before".into(),
-        ));
-    }
-    if !usable(&meta, streams, &need) {
-        ask_for_snapshot(node, &need, streams).await;
-        return Ok(Attempt::Wait(format!(
-            "the newest snapshot (positions {:?}) is older than what the streams still hold (from {:?})",
-            meta.positions,
-            need.iter().map(|n| n + 1).collect::<Vec<_>>()
-        )));
-    }
+    let (before_first, need, listed) =
+        match look(node, snapshots, streams, applied, own, seen).await? {
+            ControlFlow::Continue(found) => found,
+            ControlFlow::Break(attempt) => return Ok(attempt),
+        };
     let fetched = snapshot::fetch_verified(snapshots.store.as_ref(), &node.settings.db_path).await;
     if let Err(snapshot::Error::Refused(_)) = &fetched {
-        seen.refused = Some(meta.clone());
+        seen.refused = Some(listed);
         ask_for_snapshot(node, &need, streams).await;
     }
     let Some((dir, file, meta)) = fetched? else {
@@ -312,20 +293,7 @@ async fn attempt(
             "The snapshot records no stream positions (made by Go HarmonyLite, or its metadata was lost); replaying everything the streams retain over it"
         );
     }
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    tx.send(Work::Restore(RestoreJob {
-        file,
-        positions: at.clone(),
-        not_kept: own.not_kept(),
-        replay_all: positionless,
-        reply,
-    }))
-    .await
-    .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
-    let version = schema_version(node).await;
-    let answer = answer
-        .await
-        .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
+    let (answer, version) = hand_over(node, tx, own, file, &at, positionless).await?;
     let restored = match answer {
         Ok(restored) => restored,
         Err(RestoreError::Db(e @ crate::db::Error::Behind(_))) => {
@@ -343,6 +311,83 @@ async fn attempt(
         }
     };
     drop(dir);
+    account(node, &restored, &meta, &at);
+    Ok(Attempt::Restored(meta))
+}
+
+/// Looks at the store before downloading: `Continue` with, per stream, the sequence before the
+/// first retained one and the position needed, and the snapshot listed; `Break` when there is
+/// nothing worth downloading (shutdown, no snapshot, one seen before, one too old).
+async fn look(
+    node: &Node,
+    snapshots: &Snapshots,
+    streams: &[String],
+    applied: &[AtomicU64],
+    own: &OwnChanges,
+    seen: &Seen,
+) -> Result<ControlFlow<Attempt, (Vec<u64>, Vec<u64>, Meta)>, snapshot::Error> {
+    if !settled(node, &own.sends).await? {
+        return Ok(ControlFlow::Break(Attempt::Stopping));
+    }
+    let (before_first, need) = needs(node, streams, applied).await?;
+    let Some(meta) = snapshots.store.meta().await? else {
+        ask_for_snapshot(node, &need, streams).await;
+        return Ok(ControlFlow::Break(Attempt::Wait(
+            "the store holds no snapshot yet".into(),
+        )));
+    };
+    if let Some((behind, version, why)) = &seen.behind
+        && *behind == meta
+        && schema_version(node).await == Some(*version)
+    {
+        return Ok(ControlFlow::Break(Attempt::Wait(why.clone())));
+    }
+    if seen.refused.as_ref() == Some(&meta) {
+        ask_for_snapshot(node, &need, streams).await;
+        return Ok(ControlFlow::Break(Attempt::Wait(
+            "the store still holds the snapshot refused before".into(),
+        )));
+    }
+    if !usable(&meta, streams, &need) {
+        ask_for_snapshot(node, &need, streams).await;
+        return Ok(ControlFlow::Break(Attempt::Wait(format!(
+            "the newest snapshot (positions {:?}) is older than what the streams still hold (from {:?})",
+            meta.positions,
+            need.iter().map(|n| n + 1).collect::<Vec<_>>()
+        ))));
+    }
+    Ok(ControlFlow::Continue((before_first, need, meta)))
+}
+
+/// Hands the downloaded `file` to the apply thread to restore at `at`; returns its answer and
+/// the database's schema version when it was handed over.
+async fn hand_over(
+    node: &Node,
+    tx: &mpsc::Sender<Work>,
+    own: &OwnChanges,
+    file: std::path::PathBuf,
+    at: &[u64],
+    replay_all: bool,
+) -> Result<(Result<Restored, RestoreError>, Option<i64>), snapshot::Error> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(Work::Restore(RestoreJob {
+        file,
+        positions: at.to_vec(),
+        not_kept: own.not_kept(),
+        replay_all,
+        reply,
+    }))
+    .await
+    .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
+    let version = schema_version(node).await;
+    let answer = answer
+        .await
+        .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
+    Ok((answer, version))
+}
+
+/// Logs, counts and reports a completed restore.
+fn account(node: &Node, restored: &Restored, meta: &Meta, at: &[u64]) {
     for (table, why) in &restored.skipped {
         tracing::warn!(table = %table, reason = %why, "Table not restored from the snapshot");
     }
@@ -355,7 +400,6 @@ async fn attempt(
     });
     tracing::info!(deleted = restored.deleted, updated = restored.updated, inserted = restored.inserted,
         kept_in_flight = restored.kept, positions = ?at, "Restore complete...");
-    Ok(Attempt::Restored(meta))
 }
 
 /// What earlier attempts of one recovery learned of the store's snapshot, so that it is not

@@ -173,11 +173,33 @@ impl NatsStore {
         mut meta: Meta,
         nuid: &str,
     ) -> Result<(object_store::ObjectInfo, Meta), String> {
-        use base64::Engine as _;
-        use tokio::io::AsyncReadExt as _;
         let chunk = chunk_size(self.js.client().server_info().max_payload);
         // One SHA-256 for the object store's digest (base64) and ours (hex), plus Go's tag.
         let mut ours = super::Digester::new(meta.fnv_tag.is_none());
+        let count = self.send_chunks(subject, data, chunk, &mut ours).await?;
+        let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish_raw())
+            .await
+            .map_err(|e| format!("checksum task failed: {e}"))?;
+        let sha256 = crate::hex(&digest);
+        // What the caller gave is stored as given (a test stores a corrupted copy that way).
+        meta.size.get_or_insert(size);
+        meta.sha256.get_or_insert(sha256);
+        meta.fnv_tag.get_or_insert(fnv);
+        let info = self.object_info(&meta, nuid, chunk, count, size, &digest);
+        self.put_info(&info).await?;
+        Ok((info, meta))
+    }
+
+    /// Sends `data` to `subject` in chunks of `chunk` bytes, feeding `ours`, with up to
+    /// [`ACKS_IN_FLIGHT`] unacknowledged; returns how many chunks were sent, all acknowledged.
+    async fn send_chunks(
+        &self,
+        subject: &str,
+        data: &mut (impl tokio::io::AsyncRead + Unpin),
+        chunk: usize,
+        ours: &mut super::Digester,
+    ) -> Result<usize, String> {
+        use tokio::io::AsyncReadExt as _;
         let mut acks = std::collections::VecDeque::new();
         let mut count = 0usize;
         loop {
@@ -210,20 +232,26 @@ impl NatsStore {
             ack.await
                 .map_err(|e| format!("chunk {n} not acknowledged: {e}"))?;
         }
-        let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish_raw())
-            .await
-            .map_err(|e| format!("checksum task failed: {e}"))?;
-        let sha256 = crate::hex(&digest);
-        // What the caller gave is stored as given (a test stores a corrupted copy that way).
-        meta.size.get_or_insert(size);
-        meta.sha256.get_or_insert(sha256);
-        meta.fnv_tag.get_or_insert(fnv);
+        Ok(count)
+    }
+
+    /// The info record of an object whose `count` chunks of at most `chunk` bytes are sent.
+    fn object_info(
+        &self,
+        meta: &Meta,
+        nuid: &str,
+        chunk: usize,
+        count: usize,
+        size: u64,
+        digest: &[u8; 32],
+    ) -> object_store::ObjectInfo {
+        use base64::Engine as _;
         let mut headers = async_nats::HeaderMap::new();
         if let Some(tag) = &meta.fnv_tag {
             headers.insert(TAG_HEADER, tag.as_str());
         }
         let modified = Some(crate::clock::now());
-        let info = object_store::ObjectInfo {
+        object_store::ObjectInfo {
             name: OBJECT.to_owned(),
             description: None,
             metadata: [(META_KEY.to_owned(), meta.to_json())]
@@ -244,8 +272,13 @@ impl NatsStore {
                 base64::engine::general_purpose::URL_SAFE.encode(digest)
             )),
             deleted: false,
-        };
-        let body = serde_json::to_vec(&info).map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// Publishes `info` as a rollup of the object's info subject, replacing the previous one.
+    async fn put_info(&self, info: &object_store::ObjectInfo) -> Result<(), String> {
+        use base64::Engine as _;
+        let body = serde_json::to_vec(info).map_err(|e| e.to_string())?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_ROLLUP, "sub");
         let name = base64::engine::general_purpose::URL_SAFE.encode(&info.name);
@@ -255,7 +288,7 @@ impl NatsStore {
             .map_err(|e| format!("sending the object info: {e}"))?
             .await
             .map_err(|e| format!("object info not acknowledged: {e}"))?;
-        Ok((info, meta))
+        Ok(())
     }
 
     /// Uploads `file` with `meta` (what it lacks of size and checksums is computed on the way).

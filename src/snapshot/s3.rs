@@ -213,56 +213,7 @@ impl S3Store {
                 "the server returned no upload id".into(),
             ));
         };
-        let result = async {
-            let mut parts = Vec::new();
-            let mut offset = 0u64;
-            let mut number = 1i32;
-            while offset < size {
-                let len = PART_SIZE.min(size - offset);
-                let body = ByteStream::read_from()
-                    .path(file)
-                    .offset(offset)
-                    .length(Length::Exact(len))
-                    .build()
-                    .await
-                    .map_err(|e| self.err(op, e))?;
-                let part = self
-                    .client
-                    .upload_part()
-                    .bucket(&self.bucket)
-                    .key(&self.key)
-                    .upload_id(id)
-                    .part_number(number)
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| self.err(op, e))?;
-                parts.push(
-                    CompletedPart::builder()
-                        .part_number(number)
-                        .set_e_tag(part.e_tag().map(str::to_owned))
-                        .build(),
-                );
-                offset += len;
-                number += 1;
-                tracing::info!(sent = offset, total = size, "Uploading snapshot to S3");
-            }
-            self.client
-                .complete_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&self.key)
-                .upload_id(id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts))
-                        .build(),
-                )
-                .send()
-                .await
-                .map_err(|e| self.err(op, e))?;
-            Ok(())
-        }
-        .await;
+        let result = self.send_parts(op, file, size, id).await;
         if result.is_err() {
             let _ = self
                 .client
@@ -274,6 +225,63 @@ impl S3Store {
                 .await;
         }
         result
+    }
+
+    /// Sends `file` as the parts of multipart upload `id`, then completes the upload.
+    async fn send_parts(
+        &self,
+        op: &'static str,
+        file: &Path,
+        size: u64,
+        id: &str,
+    ) -> Result<(), Error> {
+        let mut parts = Vec::new();
+        let mut offset = 0u64;
+        let mut number = 1i32;
+        while offset < size {
+            let len = PART_SIZE.min(size - offset);
+            let body = ByteStream::read_from()
+                .path(file)
+                .offset(offset)
+                .length(Length::Exact(len))
+                .build()
+                .await
+                .map_err(|e| self.err(op, e))?;
+            let part = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(id)
+                .part_number(number)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| self.err(op, e))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(part.e_tag().map(str::to_owned))
+                    .build(),
+            );
+            offset += len;
+            number += 1;
+            tracing::info!(sent = offset, total = size, "Uploading snapshot to S3");
+        }
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.err(op, e))?;
+        Ok(())
     }
 }
 

@@ -65,6 +65,34 @@ pub struct Snapshots {
     newest_ms: AtomicI64,
 }
 
+/// What the save triggers remember between checks (see [`Snapshots::run`]).
+struct Triggers {
+    /// Sequences of the first stream between two sequence-triggered saves.
+    every: u64,
+    /// How many times `every` the first stream's position had reached at the last check.
+    seq_bucket: u64,
+    last_save: Instant,
+    /// A save is wanted, and why.
+    wanted: Option<&'static str>,
+    save_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Triggers {
+    fn new(snapshots: &Snapshots) -> Triggers {
+        let settings = &snapshots.settings;
+        let every = (settings.replication.max_entries.max(1) as u64
+            / settings.replication.shards.max(1))
+        .max(1);
+        Triggers {
+            every,
+            seq_bucket: snapshots.first_position() / every,
+            last_save: Instant::now() - settings.snapshot.interval.unwrap_or_default(),
+            wanted: None,
+            save_task: None,
+        }
+    }
+}
+
 impl Snapshots {
     /// The snapshot side of `node`: its store, where its copies come from (`None` when it does
     /// not apply), its schema hash, and the flag it shares with the publisher while recovering.
@@ -199,18 +227,8 @@ impl Snapshots {
             return;
         }
         let settings = Arc::clone(&self.settings);
-        let meta_kv = loop {
-            match leader::bucket(&self.js, settings.replication.configured_replicas).await {
-                Ok(kv) => break kv,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Cannot open the snapshot leader bucket; retrying");
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    }
-                }
-            }
+        let Some(meta_kv) = self.leader_bucket(&shutdown).await else {
+            return;
         };
         let ttl = settings.snapshot.leader_ttl;
         let heartbeat = (ttl / 3).max(Duration::from_secs(1));
@@ -227,56 +245,14 @@ impl Snapshots {
                 None
             }
         };
-        let every = (settings.replication.max_entries.max(1) as u64
-            / settings.replication.shards.max(1))
-        .max(1);
-        let first = |s: &Snapshots| {
-            s.source
-                .as_ref()
-                .and_then(|src| src.positions.first())
-                .map_or(0, |p| p.load(Ordering::Relaxed))
-        };
-        let mut seq_bucket = first(&self) / every;
-        let mut last_save = Instant::now() - settings.snapshot.interval.unwrap_or_default();
+        let mut triggers = Triggers::new(&self);
         // When the next election round is due.
         let mut next_round = Instant::now();
-        let mut wanted: Option<&'static str> = None;
-        let mut save_task: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             if Instant::now() >= next_round {
                 next_round = Instant::now() + self.elect(&meta_kv, ttl).await.min(heartbeat);
             }
-            // Triggers (only the leader acts on them; the others keep their counters current).
-            let bucket_now = first(&self) / every;
-            if bucket_now > seq_bucket {
-                seq_bucket = bucket_now;
-                wanted.get_or_insert("sequence");
-            }
-            if let Some(interval) = settings.snapshot.interval
-                && last_save.elapsed() >= interval
-            {
-                wanted.get_or_insert("interval");
-            }
-            let busy = save_task.as_ref().is_some_and(|t| !t.is_finished());
-            let gap = MIN_GAP.max(Duration::from_millis(
-                3 * self.last_save_ms.load(Ordering::Relaxed),
-            ));
-            if let Some(why) = wanted
-                && !busy
-            {
-                if self.is_leader() && (why == "interval" || last_save.elapsed() >= gap) {
-                    wanted = None;
-                    last_save = Instant::now();
-                    tracing::info!(reason = why, "Triggering snapshot save");
-                    let (me, kv) = (Arc::clone(&self), meta_kv.clone());
-                    save_task = Some(tokio::spawn(async move { me.save_leased(&kv, why).await }));
-                } else if !self.is_leader() {
-                    if why == "interval" {
-                        last_save = Instant::now();
-                    }
-                    wanted = None;
-                }
-            }
+            self.check_triggers(&meta_kv, &mut triggers);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -286,21 +262,96 @@ impl Snapshots {
                         None => std::future::pending().await,
                     }
                 } => {
-                    if let Ok(req) = serde_json::from_slice::<Request>(&msg.payload)
-                        && self.is_leader()
-                    {
-                        if self.covers(&req) {
-                            tracing::info!(from_node = req.node_id, need = ?req.need, "A node needs a newer snapshot");
-                            wanted = Some("request");
-                        } else {
-                            tracing::warn!(from_node = req.node_id, need = ?req.need,
-                                "A node needs a newer snapshot, but this node has not applied that far either");
-                        }
+                    if self.answers(&msg) {
+                        triggers.wanted = Some("request");
                     }
                 }
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
             }
         }
+        self.stop(&meta_kv, triggers.save_task).await;
+    }
+
+    /// The leader-election bucket, retried until it opens; `None` on shutdown.
+    async fn leader_bucket(&self, shutdown: &CancellationToken) -> Option<kv::Store> {
+        loop {
+            match leader::bucket(&self.js, self.settings.replication.configured_replicas).await {
+                Ok(kv) => return Some(kv),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot open the snapshot leader bucket; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The applied position of the first stream (0 on a node that does not apply).
+    fn first_position(&self) -> u64 {
+        self.source
+            .as_ref()
+            .and_then(|src| src.positions.first())
+            .map_or(0, |p| p.load(Ordering::Relaxed))
+    }
+
+    /// Notes the triggers that fired and, on the leader, starts a save when one is wanted and
+    /// none is running (only the leader acts on them; the others keep their counters current).
+    fn check_triggers(self: &Arc<Self>, meta_kv: &kv::Store, t: &mut Triggers) {
+        let settings = &self.settings;
+        let bucket_now = self.first_position() / t.every;
+        if bucket_now > t.seq_bucket {
+            t.seq_bucket = bucket_now;
+            t.wanted.get_or_insert("sequence");
+        }
+        if let Some(interval) = settings.snapshot.interval
+            && t.last_save.elapsed() >= interval
+        {
+            t.wanted.get_or_insert("interval");
+        }
+        let busy = t.save_task.as_ref().is_some_and(|task| !task.is_finished());
+        let gap = MIN_GAP.max(Duration::from_millis(
+            3 * self.last_save_ms.load(Ordering::Relaxed),
+        ));
+        if let Some(why) = t.wanted
+            && !busy
+        {
+            if self.is_leader() && (why == "interval" || t.last_save.elapsed() >= gap) {
+                t.wanted = None;
+                t.last_save = Instant::now();
+                tracing::info!(reason = why, "Triggering snapshot save");
+                let (me, kv) = (Arc::clone(self), meta_kv.clone());
+                t.save_task = Some(tokio::spawn(async move { me.save_leased(&kv, why).await }));
+            } else if !self.is_leader() {
+                if why == "interval" {
+                    t.last_save = Instant::now();
+                }
+                t.wanted = None;
+            }
+        }
+    }
+
+    /// Whether a recovering node's request `msg` calls for a save by this node: it leads and
+    /// has applied as far as the request needs.
+    fn answers(&self, msg: &async_nats::Message) -> bool {
+        if let Ok(req) = serde_json::from_slice::<Request>(&msg.payload)
+            && self.is_leader()
+        {
+            if self.covers(&req) {
+                tracing::info!(from_node = req.node_id, need = ?req.need, "A node needs a newer snapshot");
+                return true;
+            }
+            tracing::warn!(from_node = req.node_id, need = ?req.need,
+                "A node needs a newer snapshot, but this node has not applied that far either");
+        }
+        false
+    }
+
+    /// On shutdown: lets a save in progress finish within the drain deadline and gives up the
+    /// leadership.
+    async fn stop(&self, meta_kv: &kv::Store, save_task: Option<tokio::task::JoinHandle<()>>) {
         if let Some(task) = save_task {
             // A save in progress finishes if it can within the drain deadline.
             let _ = tokio::time::timeout(Duration::from_secs(8), task).await;
@@ -309,7 +360,7 @@ impl Snapshots {
             tracing::info!("Releasing snapshot leadership on shutdown");
             self.leader.store(false, Ordering::Relaxed);
             // Unlike Go, hand the key over at once: another node leads at its next round.
-            if leader::holder(&meta_kv, leader::LEADER_KEY)
+            if leader::holder(meta_kv, leader::LEADER_KEY)
                 .await
                 .is_some_and(|(id, _)| id == self.settings.node_id)
             {

@@ -68,32 +68,8 @@ pub async fn acquire(
     identity: &str,
     shutdown: &CancellationToken,
 ) -> Result<Option<Lease>, Error> {
-    let store = match js.get_key_value(BUCKET).await {
-        Ok(s) => s,
-        Err(_) => match js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.to_owned(),
-                description: "harmonylite: one live node per node_id".to_owned(),
-                history: 1,
-                max_age: TTL,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: settings.replication.replicas.max(1),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                // Another node may have created it meanwhile.
-                match js.get_key_value(BUCKET).await {
-                    Ok(s) => s,
-                    Err(_) => {
-                        tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
-                        return Ok(None);
-                    }
-                }
-            }
-        },
+    let Some(store) = open_bucket(js, settings).await else {
+        return Ok(None);
     };
     let key = format!("node-{}", settings.node_id);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -103,54 +79,15 @@ pub async fn acquire(
         "identity={identity} host={host} pid={}",
         std::process::id()
     ));
-    // Watch a foreign holder for a little longer than a refresh period: a live one refreshes.
-    let mut seen: Option<(u64, Bytes)> = None;
-    let deadline = tokio::time::Instant::now() + REFRESH * 2 + Duration::from_millis(500);
-    loop {
-        let entry = match store.entry(&key).await {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot read the node-id lease; running without the duplicate node_id check");
-                return Ok(None);
-            }
-        };
-        // Anything but our own value: another database, or this one copied to another machine
-        // (same identity, other host or pid), or our own previous run (killed): only a holder
-        // that keeps refreshing is a conflict.
-        let foreign = entry
-            .as_ref()
-            .filter(|e| matches!(e.operation, kv::Operation::Put) && e.value != value);
-        match foreign {
-            None => break,
-            // Our own previous run on this host (killed): its process is gone, take over now.
-            Some(e) if previous_run_here(&e.value, identity, &host) => {
-                tracing::info!(previous = %describe(&e.value), "Taking over the node-id lease of this database's previous run");
-                break;
-            }
-            Some(e) => {
-                if let Some((revision, _)) = &seen {
-                    if *revision != e.revision {
-                        return Err(Error::Conflict {
-                            node_id: settings.node_id,
-                            holder: describe(&e.value),
-                        });
-                    }
-                } else {
-                    tracing::info!(holder = %describe(&e.value),
-                        "The node-id lease names another database; waiting to see whether that node is alive");
-                    seen = Some((e.revision, e.value.clone()));
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    tracing::warn!(previous = %describe(&e.value), "Taking over the node-id lease of a node that is gone");
-                    break;
-                }
-            }
-        }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Err(Error::Cancelled),
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
+    let holder = Holder {
+        key: &key,
+        value: &value,
+        identity,
+        host: &host,
+        node_id: settings.node_id,
+    };
+    if !wait_until_free(&store, &holder, shutdown).await? {
+        return Ok(None);
     }
     match store.put(&key, value.clone()).await {
         Ok(revision) => Ok(Some(Lease {
@@ -163,6 +100,105 @@ pub async fn acquire(
         Err(e) => {
             tracing::warn!(error = %e, "Cannot write the node-id lease; running without the duplicate node_id check");
             Ok(None)
+        }
+    }
+}
+
+/// The lease bucket, created if missing; `None` when it cannot be used.
+async fn open_bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::Store> {
+    match js.get_key_value(BUCKET).await {
+        Ok(s) => Some(s),
+        Err(_) => match js
+            .create_key_value(kv::Config {
+                bucket: BUCKET.to_owned(),
+                description: "harmonylite: one live node per node_id".to_owned(),
+                history: 1,
+                max_age: TTL,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: settings.replication.replicas.max(1),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                // Another node may have created it meanwhile.
+                match js.get_key_value(BUCKET).await {
+                    Ok(s) => Some(s),
+                    Err(_) => {
+                        tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
+                        None
+                    }
+                }
+            }
+        },
+    }
+}
+
+/// Who is taking the lease: the key, the value this process writes, and what it is made of.
+struct Holder<'a> {
+    key: &'a str,
+    value: &'a Bytes,
+    identity: &'a str,
+    host: &'a str,
+    node_id: u64,
+}
+
+/// Waits until the key is free to take: unheld, ours, our previous run's on this host, or a
+/// foreign holder's that stopped refreshing. `Ok(false)` when the key cannot be read (the node
+/// then runs without the check).
+async fn wait_until_free(
+    store: &kv::Store,
+    me: &Holder<'_>,
+    shutdown: &CancellationToken,
+) -> Result<bool, Error> {
+    // Watch a foreign holder for a little longer than a refresh period: a live one refreshes.
+    let mut seen: Option<(u64, Bytes)> = None;
+    let deadline = tokio::time::Instant::now() + REFRESH * 2 + Duration::from_millis(500);
+    loop {
+        let entry = match store.entry(me.key).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read the node-id lease; running without the duplicate node_id check");
+                return Ok(false);
+            }
+        };
+        // Anything but our own value: another database, or this one copied to another machine
+        // (same identity, other host or pid), or our own previous run (killed): only a holder
+        // that keeps refreshing is a conflict.
+        let foreign = entry
+            .as_ref()
+            .filter(|e| matches!(e.operation, kv::Operation::Put) && e.value != *me.value);
+        match foreign {
+            None => return Ok(true),
+            // Our own previous run on this host (killed): its process is gone, take over now.
+            Some(e) if previous_run_here(&e.value, me.identity, me.host) => {
+                tracing::info!(previous = %describe(&e.value), "Taking over the node-id lease of this database's previous run");
+                return Ok(true);
+            }
+            Some(e) => {
+                if let Some((revision, _)) = &seen {
+                    if *revision != e.revision {
+                        return Err(Error::Conflict {
+                            node_id: me.node_id,
+                            holder: describe(&e.value),
+                        });
+                    }
+                } else {
+                    tracing::info!(holder = %describe(&e.value),
+                        "The node-id lease names another database; waiting to see whether that node is alive");
+                    seen = Some((e.revision, e.value.clone()));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(previous = %describe(&e.value), "Taking over the node-id lease of a node that is gone");
+                    return Ok(true);
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Err(Error::Cancelled),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
 }

@@ -1,0 +1,49 @@
+//! The snapshot side of a node: the store, the source of saves (on a node that applies), and
+//! the scheduler (leader election and save triggers) as one subsystem.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+
+use super::Node;
+use super::Subsystems;
+use crate::snapshot::{self, scheduler::Snapshots};
+
+/// The snapshot side, when snapshots are enabled.
+pub(super) fn snapshots(
+    node: &Node,
+    positions: &Arc<[AtomicU64]>,
+    gate: &Arc<Mutex<()>>,
+    schema_hash: String,
+    recovering: Arc<AtomicBool>,
+) -> anyhow::Result<Option<Arc<Snapshots>>> {
+    let settings = &node.settings;
+    if !settings.snapshot.enabled {
+        return Ok(None);
+    }
+    let store = snapshot::open_store(settings, &node.js)
+        .context("Unable to initialize snapshot storage")?;
+    let source = settings.replicate.then(|| snapshot::Source {
+        db_path: settings.db_path.clone(),
+        streams: node.streams(),
+        positions: Arc::clone(positions),
+        gate: Arc::clone(gate),
+    });
+    Ok(Some(Snapshots::new(
+        node,
+        store,
+        source,
+        schema_hash,
+        recovering,
+    )))
+}
+
+/// Snapshot leader election and save triggers.
+pub(super) fn spawn_snapshots(tasks: &mut Subsystems, node: &Node, snapshots: &Arc<Snapshots>) {
+    let (s, token) = (Arc::clone(snapshots), node.root.clone());
+    tasks.spawn(async move {
+        s.run(token).await;
+        ("snapshot scheduler", Ok(()))
+    });
+}

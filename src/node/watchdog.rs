@@ -1,0 +1,126 @@
+//! The database watchdog: stops the node when its database file is deleted or replaced, and
+//! ends the generation when the schema drifts from what capture was installed for.
+//!
+//! Invariants:
+//! - SQLite would go on writing into an unlinked file that the application, which opens the
+//!   path, never sees: a deleted or replaced file stops the node.
+//! - While the schema matches what capture was installed for, the version seen is confirmed
+//!   (the publisher and the applier go on); a drift ends the generation with [`SchemaDrift`].
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::Node;
+use super::Subsystems;
+use crate::db;
+
+/// How often the database file's identity and the schema version are checked.
+const DB_FILE_CHECK: Duration = Duration::from_millis(250);
+
+/// The watchdog saw the schema drift from what capture was installed for.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct SchemaDrift(pub(super) db::ddl::Drift);
+
+/// Stops the node when its database file is deleted or replaced, and ends the generation when
+/// the schema drifts from what capture was installed for.
+pub(super) fn spawn_watchdog(
+    tasks: &mut Subsystems,
+    node: &Node,
+    tables: Vec<db::Table>,
+    hash: String,
+    confirmed: Arc<std::sync::atomic::AtomicI64>,
+    poke: Arc<Notify>,
+) {
+    let (path, token) = (node.settings.db_path.clone(), node.root.clone());
+    tasks.spawn(async move {
+        (
+            "database watchdog",
+            watch_database_file(path, tables, hash, confirmed, poke, token).await,
+        )
+    });
+}
+
+/// Stops the node when the database file it opened is deleted or replaced (SQLite would go on
+/// writing into the unlinked file, and the application, which opens the path, would never see
+/// it). Follows the schema: while it matches what capture was installed for, the version seen
+/// is confirmed (the publisher and the applier go on); when it drifts — DDL by the application,
+/// or capture triggers dropped by someone else — the generation ends with [`SchemaDrift`] and
+/// capture is reinstalled.
+async fn watch_database_file(
+    path: PathBuf,
+    tables: Vec<db::Table>,
+    hash: String,
+    confirmed: Arc<std::sync::atomic::AtomicI64>,
+    poke: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (tables, hash) = (Arc::new(tables), Arc::new(hash));
+    use std::os::unix::fs::MetadataExt;
+    let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let deleted = || {
+        anyhow::anyhow!(
+            "database file {} was deleted; stopping rather than replicating into a file nobody sees",
+            path.display()
+        )
+    };
+    // Deleted between the start-up and this task's first look: the same case.
+    let opened = match std::fs::metadata(&path) {
+        Ok(m) => identity(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(deleted()),
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("cannot stat database file {}", path.display())));
+        }
+    };
+    let mut tick = tokio::time::interval(DB_FILE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut schema_seen: Option<i64> = None;
+    let conn = Arc::new(Mutex::new(db::open(&path)?));
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+            _ = poke.notified() => {}
+        }
+        match std::fs::metadata(&path).map(identity) {
+            Ok(now) if now == opened => {
+                let (c, t, h, seen) = (
+                    Arc::clone(&conn),
+                    Arc::clone(&tables),
+                    Arc::clone(&hash),
+                    schema_seen,
+                );
+                let checked = tokio::task::spawn_blocking(move || {
+                    let conn = c.lock().unwrap_or_else(|p| p.into_inner());
+                    db::ddl::drift(&conn, &t, &h, seen)
+                })
+                .await
+                .context("capture check failed")?;
+                match checked {
+                    Ok((version, drifted)) => {
+                        schema_seen = Some(version);
+                        if let Some(reason) = drifted {
+                            return Err(SchemaDrift(reason).into());
+                        }
+                        confirmed.store(version, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(e) if e.is_fatal() => return Err(e.into()),
+                    Err(_) => {}
+                }
+            }
+            Ok(_) => anyhow::bail!(
+                "database file {} was replaced by another file; stopping (restart to use the new one)",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(deleted()),
+            Err(_) => {}
+        }
+    }
+}
