@@ -17,7 +17,7 @@
 //!   is not restored: merged, they would be lost for good once the positions moved past the
 //!   changes that made them. The restore fails with [`Error::Behind`], changing nothing, and is
 //!   tried again after this node's own migration (a rolling upgrade migrates every node anyway).
-//! - A database without any application object (a new node, an empty file) is not behind: it
+//! - A database without any application table (a new node, an empty file) is not behind: it
 //!   takes the snapshot whole, schema included ([`take_whole`]), as Go does.
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
 //!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row. Any
@@ -108,7 +108,7 @@ fn merge_all(
     // moment ago is not watched yet, and its rows in the snapshot would be neither merged nor
     // kept aside.
     check(&tx)?;
-    if has_application_objects(&tx)? {
+    if has_application_tables(&tx)? {
         let aliases = super::ddl::Aliases::load(&tx)?;
         let lacking = lacking(&tx, log.tables(), &aliases)?;
         if !lacking.is_empty() {
@@ -318,12 +318,12 @@ fn copy_whole(
     Ok(true)
 }
 
-/// Whether the database has anything of the application's (tables, views, …): one without is
-/// new and takes the snapshot whole.
-fn has_application_objects(conn: &Connection) -> Result<bool, Error> {
+/// Whether the database has a table of the application's (ordinary or virtual): one without
+/// is new and takes the snapshot whole.
+fn has_application_tables(conn: &Connection) -> Result<bool, Error> {
     let n: i64 = conn.query_row(
-        "SELECT count(*) FROM main.sqlite_schema WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
-         AND substr(lower(name), 1, ?1) <> lower(?2)",
+        "SELECT count(*) FROM pragma_table_list WHERE schema = 'main' AND type IN ('table', 'virtual') \
+         AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND substr(lower(name), 1, ?1) <> lower(?2)",
         rusqlite::params![super::PREFIX.len() as i64, super::PREFIX],
         |r| r.get(0),
     )?;
@@ -381,48 +381,59 @@ fn lacking(
     Ok(out)
 }
 
-/// Takes the snapshot's schema and rows into a database without application objects: tables
-/// first, then their rows (shadow tables of virtual ones included, so full-text indexes come
-/// as they are) and AUTOINCREMENT counters, then indexes, views and triggers, so that no
-/// application trigger fires for the copied rows, then capture for the new tables.
+/// Takes the snapshot's schema and rows into a database without application tables: tables
+/// first, then their rows with their rowids (shadow tables of virtual ones included, so
+/// full-text indexes come as they are), AUTOINCREMENT counters and `user_version`, then
+/// indexes, views and triggers (so that no application trigger fires for the copied rows; one
+/// the database already has is kept), then capture for the new tables. A virtual table whose
+/// module this SQLite lacks is left out with a warning (it never replicates anyway).
 fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
-    let objects: Vec<(String, String)> = conn
+    let objects: Vec<(String, String, String)> = conn
         .prepare(&format!(
-            "SELECT type, sql FROM {SNAP}.sqlite_schema WHERE sql IS NOT NULL \
+            "SELECT type, name, sql FROM {SNAP}.sqlite_schema WHERE sql IS NOT NULL \
              AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND substr(lower(name), 1, ?1) <> lower(?2) \
              AND name NOT IN (SELECT name FROM pragma_table_list WHERE schema = '{SNAP}' AND type = 'shadow') \
+             AND name NOT IN (SELECT name FROM main.sqlite_schema) \
              ORDER BY type <> 'table', rowid"
         ))?
         .query_map(
             rusqlite::params![super::PREFIX.len() as i64, super::PREFIX],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?
         .collect::<Result<_, _>>()?;
-    let (tables, rest): (Vec<_>, Vec<_>) = objects.into_iter().partition(|(t, _)| t == "table");
-    for (_, sql) in &tables {
-        conn.execute_batch(sql)?;
+    let (tables, rest): (Vec<_>, Vec<_>) = objects.into_iter().partition(|(t, ..)| t == "table");
+    for (_, name, sql) in &tables {
+        match conn.execute_batch(sql) {
+            Err(e)
+                if sql
+                    .get(..14)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("CREATE VIRTUAL")) =>
+            {
+                tracing::warn!(table = %name, error = %e, "Virtual table of the snapshot left out: this SQLite cannot create it");
+            }
+            done => done?,
+        }
     }
     for name in snapshot_tables(conn, "'table', 'shadow'")? {
-        let q = quote(&name);
-        conn.execute(&format!("DELETE FROM main.{q}"), [])?;
-        let n = conn.execute(
-            &format!("INSERT INTO main.{q} SELECT * FROM {SNAP}.{q}"),
-            [],
-        )?;
-        out.inserted += n as u64;
+        if super::has_table(conn, &name)? {
+            out.inserted += copy_rows(conn, &name)?;
+        }
     }
     let counters = conn
         .prepare(&format!("SELECT 1 FROM {SNAP}.sqlite_sequence LIMIT 0"))
         .is_ok();
     if counters {
         conn.execute_batch(&format!(
-            "INSERT INTO main.sqlite_sequence SELECT * FROM {SNAP}.sqlite_sequence \
+            "DELETE FROM main.sqlite_sequence WHERE name IN (SELECT name FROM {SNAP}.sqlite_sequence); \
+             INSERT INTO main.sqlite_sequence SELECT * FROM {SNAP}.sqlite_sequence \
              WHERE substr(lower(name), 1, {}) <> lower('{}')",
             super::PREFIX.len(),
             super::PREFIX
         ))?;
     }
-    for (_, sql) in &rest {
+    let version: i64 = conn.query_row(&format!("PRAGMA {SNAP}.user_version"), [], |r| r.get(0))?;
+    conn.execute_batch(&format!("PRAGMA main.user_version = {version}"))?;
+    for (_, _, sql) in &rest {
         conn.execute_batch(sql)?;
     }
     // Change logs and capture triggers for the new tables, made after their rows are in: those
@@ -432,6 +443,34 @@ fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
         conn.execute_batch(&super::cdc::table_ddl(&table))?;
     }
     Ok(())
+}
+
+/// Copies a table's rows from the snapshot with their rowids (a plain `INSERT … SELECT *` into
+/// a table without an INTEGER PRIMARY KEY numbers them anew, and the cluster's later changes of
+/// such tables find rows by rowid). Generated columns are computed, not copied.
+fn copy_rows(conn: &Connection, name: &str) -> Result<u64, Error> {
+    let q = quote(name);
+    let columns: Vec<String> = conn
+        .prepare(&format!(
+            "SELECT name FROM pragma_table_xinfo(?1, '{SNAP}') WHERE hidden NOT IN (2, 3)"
+        ))?
+        .query_map([name], |r| r.get::<_, String>(0))?
+        .map(|c| c.map(|c| quote(&c)))
+        .collect::<Result<_, _>>()?;
+    let has_rowid = conn
+        .prepare(&format!("SELECT rowid FROM {SNAP}.{q} LIMIT 0"))
+        .is_ok();
+    let list = if has_rowid {
+        format!("rowid, {}", columns.join(", "))
+    } else {
+        columns.join(", ")
+    };
+    conn.execute(&format!("DELETE FROM main.{q}"), [])?;
+    let n = conn.execute(
+        &format!("INSERT INTO main.{q} ({list}) SELECT {list} FROM {SNAP}.{q}"),
+        [],
+    )?;
+    Ok(n as u64)
 }
 
 /// Column names of a table in the snapshot (empty when it has no such table).

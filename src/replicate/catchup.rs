@@ -35,6 +35,10 @@ use crate::handle::Node;
 use crate::snapshot::{self, Meta, scheduler::Snapshots};
 use crate::stream;
 
+/// How long a node behind on a migration waits before downloading a newer snapshot although
+/// its own schema did not change.
+const BEHIND_RECHECK: Duration = Duration::from_secs(600);
+
 /// Longest wait between two recovery attempts (an attempt that finds no new snapshot costs one
 /// metadata read).
 const MAX_RETRY: Duration = Duration::from_secs(5);
@@ -151,12 +155,17 @@ async fn recover(
     let started = Instant::now();
     let mut delay = Duration::from_secs(1);
     let mut seen = Seen::default();
+    let mut logged: Option<String> = None;
     let outcome = loop {
         match attempt(node, tx, snapshots, &streams, positions, own, &mut seen).await {
             Ok(Attempt::Restored(meta)) => break Ok(Some(meta)),
             Ok(Attempt::Stopping) => break Ok(None),
             Ok(Attempt::Wait(why)) => {
-                tracing::warn!(store = snapshots.store.kind(), "{why}; waiting");
+                // Said once per reason: a node waiting for its migration may wait for days.
+                if logged.as_ref() != Some(&why) {
+                    tracing::warn!(store = snapshots.store.kind(), "{why}; waiting");
+                    logged = Some(why.clone());
+                }
                 health.update_catchup(|c| c.recovering = Some(format!("{reason}: {why}")));
             }
             Err(e) => {
@@ -299,15 +308,12 @@ async fn attempt(
         Err(RestoreError::Db(e @ crate::db::Error::Behind(_))) => {
             let why = e.to_string();
             if let Some(version) = version {
-                seen.behind = Some((meta, version, why.clone()));
+                seen.behind = Some((Instant::now(), version, why.clone()));
             }
             return Ok(Attempt::Wait(why));
         }
         Err(e) => {
-            return Err(snapshot::Error::Unusable(format!(
-                "cannot merge the snapshot: {}",
-                crate::error_chain(&e)
-            )));
+            return Err(snapshot::Error::Unusable(crate::error_chain(&e)));
         }
     };
     drop(dir);
@@ -336,8 +342,8 @@ async fn look(
             "the store holds no snapshot yet".into(),
         )));
     };
-    if let Some((behind, version, why)) = &seen.behind
-        && *behind == meta
+    if let Some((when, version, why)) = &seen.behind
+        && when.elapsed() < BEHIND_RECHECK
         && schema_version(node).await == Some(*version)
     {
         return Ok(ControlFlow::Break(Attempt::Wait(why.clone())));
@@ -369,6 +375,9 @@ async fn hand_over(
     at: &[u64],
     replay_all: bool,
 ) -> Result<(Result<Restored, RestoreError>, Option<i64>), snapshot::Error> {
+    // Read before the restore looks at the schema: a migration committed in between is then
+    // seen as a change, and the next attempt tries again.
+    let version = schema_version(node).await;
     let (reply, answer) = tokio::sync::oneshot::channel();
     tx.send(Work::Restore(RestoreJob {
         file,
@@ -379,7 +388,6 @@ async fn hand_over(
     }))
     .await
     .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
-    let version = schema_version(node).await;
     let answer = answer
         .await
         .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
@@ -408,9 +416,10 @@ fn account(node: &Node, restored: &Restored, meta: &Meta, at: &[u64]) {
 struct Seen {
     /// A snapshot that failed its checks.
     refused: Option<Meta>,
-    /// A snapshot this node is behind on a migration for, the database's schema version then,
-    /// and what it waits for: tried again once the schema changed.
-    behind: Option<(Meta, i64, String)>,
+    /// When a snapshot was refused because this node is behind on a migration, the database's
+    /// schema version then, and what it waits for: no snapshot is downloaded again until the
+    /// schema changed (or [`BEHIND_RECHECK`] passed: the cluster may have gone back).
+    behind: Option<(Instant, i64, String)>,
 }
 
 /// The database's `PRAGMA schema_version` (it changes with every schema change).

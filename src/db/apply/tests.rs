@@ -1011,14 +1011,19 @@ fn restore_while_behind_on_a_migration_waits_for_it_and_loses_nothing() {
 /// a migration: it takes the snapshot whole, schema included, and captures none of it.
 #[test]
 fn restore_into_a_database_without_tables_takes_the_schema_too() {
-    let (d, path, mut a) = setup("");
+    // A view of its own does not make a database one with tables; it is kept.
+    let (d, path, mut a) = setup("CREATE VIEW vt AS SELECT 'mine' AS v");
     let snap = d.path().join("snapshot.db");
     Connection::open(&snap)
         .expect("snapshot")
         .execute_batch(
             "CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT UNIQUE);
-                 INSERT INTO t (v) VALUES ('a'), ('b');
+                 INSERT INTO t (v) VALUES ('a'), ('b'), ('c'); DELETE FROM t WHERE v = 'c';
                  CREATE INDEX t_v ON t(v);
+                 CREATE TABLE bare (k TEXT, g AS (upper(k)));
+                 INSERT INTO bare (k) VALUES ('r1'), ('r2'), ('r3'), ('r4');
+                 DELETE FROM bare WHERE k IN ('r1', 'r2');
+                 PRAGMA user_version = 7;
                  CREATE TABLE log (msg TEXT);
                  CREATE TRIGGER t_log AFTER INSERT ON t BEGIN INSERT INTO log VALUES (new.v); END;
                  CREATE VIEW vt AS SELECT v FROM t;",
@@ -1027,7 +1032,24 @@ fn restore_into_a_database_without_tables_takes_the_schema_too() {
     let out = a
         .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
         .expect("restore");
-    assert_eq!(out.inserted, 2, "{out:?}");
+    assert_eq!(out.inserted, 4, "{out:?}");
+    // Rowids kept (the cluster's later changes of `bare` find rows by rowid), deleted
+    // AUTOINCREMENT ids not handed out again, the application's schema version carried.
+    assert_eq!(
+        rows(&path, "SELECT rowid, k, g FROM bare ORDER BY rowid"),
+        [
+            vec![Value::Integer(3), text("r3"), text("R3")],
+            vec![Value::Integer(4), text("r4"), text("R4")],
+        ]
+    );
+    assert_eq!(
+        count(
+            &path,
+            "SELECT count(*) FROM sqlite_sequence WHERE name = 't' AND seq = 3"
+        ),
+        1
+    );
+    assert_eq!(count(&path, "PRAGMA user_version"), 7);
     assert_eq!(
         rows(&path, "SELECT id, v FROM t ORDER BY id"),
         [
@@ -1040,10 +1062,10 @@ fn restore_into_a_database_without_tables_takes_the_schema_too() {
         0,
         "no trigger fired"
     );
-    assert_eq!(count(&path, "SELECT count(*) FROM vt"), 2);
+    assert_eq!(count(&path, "SELECT count(*) FROM vt WHERE v = 'mine'"), 1);
     assert_eq!(
         count(&path, "SELECT seq FROM sqlite_sequence WHERE name = 't'"),
-        2
+        3
     );
     assert!(captured(&path).is_empty());
     assert_eq!(a.state.applied[0], 10);
