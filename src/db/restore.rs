@@ -154,26 +154,10 @@ fn merge_tables(
         .iter()
         .map(|&(t, id, shard, seq)| ((t, id), (shard, seq)))
         .collect();
-    // A snapshot of a node that has not run this node's renames yet has the old names. The
-    // current name wins where the snapshot has it (an old name may since name another table or
-    // column there).
+    // A snapshot of a node that has not run this node's renames yet has the old names: local
+    // names are followed back (`snapshot_table`, `snap_of`).
     for (i, table) in log.tables().iter().enumerate() {
-        let mut snap_table = table.name.clone();
-        let mut snap_cols = snapshot_columns(tx, &table.name)?;
-        if snap_cols.is_empty() {
-            // An old name now used by another local table means that table's rows.
-            for old in aliases
-                .old_tables(&table.name)
-                .into_iter()
-                .filter(|o| !log.tables().iter().any(|t| t.name.eq_ignore_ascii_case(o)))
-            {
-                let cols = snapshot_columns(tx, &old)?;
-                if !cols.is_empty() {
-                    (snap_table, snap_cols) = (old, cols);
-                    break;
-                }
-            }
-        }
+        let (snap_table, snap_cols) = snapshot_table(tx, log, aliases, table)?;
         if snap_cols.is_empty() {
             out.skipped
                 .push((table.name.clone(), "the snapshot has no such table".into()));
@@ -212,23 +196,7 @@ fn merge_tables(
             ));
             continue;
         }
-        let unknown_up_to = not_kept.unknown_up_to.get(i).copied().unwrap_or(0);
-        let (flying, _) = log.in_flight(tx, i, 0, Some(positions), unknown_up_to)?;
-        // Where the change landed, when that is known and not marked yet: inside the snapshot
-        // it is not in flight; past it, it is, whatever else is said of it.
-        let landed_inside = |id: i64| {
-            landed.get(&(i, id)).map(|&(shard, seq)| {
-                positions
-                    .get((shard.max(1) - 1) as usize)
-                    .is_some_and(|&p| seq <= p)
-            })
-        };
-        // Changes of unknown status may be inside the snapshot already: its rows win.
-        let flying: Vec<(i64, Vec<crate::wire::Value>)> = flying
-            .into_iter()
-            .filter(|&(id, _, unknown)| landed_inside(id).map_or(!unknown, |inside| !inside))
-            .map(|(id, key, _)| (id, key))
-            .collect();
+        let flying = in_flight(tx, log, i, positions, not_kept, &landed)?;
         keep_table(tx, &keys, &flying)?;
         out.kept += flying.len() as u64;
         let started = std::time::Instant::now();
@@ -238,6 +206,61 @@ fn merge_tables(
         tx.execute_batch("DROP TABLE temp.hl_keep")?;
     }
     Ok(())
+}
+
+/// The snapshot's name and columns of local `table` (no columns: the snapshot lacks it). A
+/// snapshot of a node that has not run this node's renames yet has the old names; the current
+/// name wins where the snapshot has it, and an old name now used by another local table means
+/// that table's rows.
+fn snapshot_table(
+    tx: &Connection,
+    log: &ChangeLog,
+    aliases: &super::ddl::Aliases,
+    table: &Table,
+) -> Result<(String, Vec<String>), Error> {
+    let cols = snapshot_columns(tx, &table.name)?;
+    if !cols.is_empty() {
+        return Ok((table.name.clone(), cols));
+    }
+    for old in aliases
+        .old_tables(&table.name)
+        .into_iter()
+        .filter(|o| !log.tables().iter().any(|t| t.name.eq_ignore_ascii_case(o)))
+    {
+        let cols = snapshot_columns(tx, &old)?;
+        if !cols.is_empty() {
+            return Ok((old, cols));
+        }
+    }
+    Ok((table.name.clone(), Vec::new()))
+}
+
+/// The local changes of table `i` whose rows the restore keeps: (change-log id, key).
+fn in_flight(
+    tx: &Connection,
+    log: &ChangeLog,
+    i: usize,
+    positions: &[u64],
+    not_kept: &NotKept,
+    landed: &std::collections::HashMap<(usize, i64), (u64, u64)>,
+) -> Result<Vec<(i64, Vec<crate::wire::Value>)>, Error> {
+    let unknown_up_to = not_kept.unknown_up_to.get(i).copied().unwrap_or(0);
+    let (flying, _) = log.in_flight(tx, i, 0, Some(positions), unknown_up_to)?;
+    // Where the change landed, when that is known and not marked yet: inside the snapshot it
+    // is not in flight; past it, it is, whatever else is said of it.
+    let landed_inside = |id: i64| {
+        landed.get(&(i, id)).map(|&(shard, seq)| {
+            positions
+                .get((shard.max(1) - 1) as usize)
+                .is_some_and(|&p| seq <= p)
+        })
+    };
+    // Changes of unknown status may be inside the snapshot already: its rows win.
+    Ok(flying
+        .into_iter()
+        .filter(|&(id, _, unknown)| landed_inside(id).map_or(!unknown, |inside| !inside))
+        .map(|(id, key, _)| (id, key))
+        .collect())
 }
 
 /// Checkpoints the WAL into the database file from a connection and thread of our own, right
