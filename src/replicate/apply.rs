@@ -115,19 +115,15 @@ fn decode(
     body: &[u8],
     decompressor: Option<&mut wire::Decompressor>,
     limit: usize,
-) -> Result<wire::ChangeEvent, String> {
+) -> Result<wire::ChangeEvent, wire::DecodeError> {
     let plain;
     let bytes = if let Some(d) = decompressor {
-        plain = d
-            .decompress_limited(body, limit)
-            .map_err(|e| e.to_string())?;
+        plain = d.decompress_limited(body, limit)?;
         &plain[..]
     } else {
         body
     };
-    ReplicationEvent::decode(bytes)
-        .map(|e| e.event)
-        .map_err(|e| format!("undecodable event: {e}"))
+    ReplicationEvent::decode(bytes).map(|e| e.event)
 }
 
 /// What the apply thread needs besides its channel.

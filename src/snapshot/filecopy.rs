@@ -24,16 +24,11 @@
 //! so the one this module reads through is opened once and kept.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read as _, Seek as _};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Instant;
 
 use rusqlite::{Connection, OpenFlags};
-
-/// Bytes per `copy_file_range` call: small enough to log progress and never hold the kernel
-/// long.
-const STEP: usize = 64 << 20;
 
 /// Whether the database file by itself holds what a read transaction begun just before on
 /// another connection sees (see the module header). Any error or doubt says no.
@@ -78,90 +73,25 @@ fn db_file(db_path: &Path) -> io::Result<&'static File> {
 }
 
 /// Copies the database file's bytes into a new file at `dest`. Only call it while
-/// [`file_holds_read_snapshot`] holds (a read transaction keeps the file still).
+/// [`file_holds_read_snapshot`] holds (a read transaction keeps the file still). The standard
+/// library copies file to file in the kernel (`copy_file_range`, else `sendfile`, else a buffer).
 ///
 /// # Errors
-/// I/O errors, as a message naming both files.
-pub fn copy_db_file(db_path: &Path, dest: &Path) -> Result<u64, String> {
-    copy_db_file_by(db_path, dest, true)
-}
-
-/// [`copy_db_file`]; `in_kernel` false copies through a buffer from the start.
-fn copy_db_file_by(db_path: &Path, dest: &Path, mut in_kernel: bool) -> Result<u64, String> {
-    let fail = |what: &str, e: io::Error| {
-        format!("{what} ({} to {}): {e}", db_path.display(), dest.display())
-    };
-    let src = db_file(db_path).map_err(|e| fail("cannot open the database file", e))?;
-    let len = src
-        .metadata()
-        .map_err(|e| fail("cannot stat the database file", e))?
-        .len();
-    let out = File::create(dest).map_err(|e| fail("cannot create the copy", e))?;
-    let mut done: u64 = 0;
-    let mut logged = Instant::now();
-    while done < len {
-        let want = usize::try_from(len - done).unwrap_or(STEP).min(STEP);
-        let copied = if in_kernel {
-            let mut off_in = done as i64;
-            let mut off_out = done as i64;
-            let n =
-                nix::fcntl::copy_file_range(src, Some(&mut off_in), &out, Some(&mut off_out), want);
-            match n {
-                Ok(n) if n > 0 => n as u64,
-                // Nothing copied where bytes remain: some file systems answer so instead of an
-                // error. Copy through a buffer from here on.
-                Ok(_) => {
-                    in_kernel = false;
-                    continue;
-                }
-                Err(errno) => {
-                    let e = io::Error::from(errno);
-                    match e.raw_os_error() {
-                        Some(libc::EINTR) => 0,
-                        Some(
-                            libc::EXDEV
-                            | libc::ENOSYS
-                            | libc::EINVAL
-                            | libc::EOPNOTSUPP
-                            | libc::EPERM
-                            | libc::EBADF,
-                        ) => {
-                            in_kernel = false;
-                            continue;
-                        }
-                        _ => return Err(fail("cannot copy the database file", e)),
-                    }
-                }
-            }
-        } else {
-            copy_through_buffer(src, &out, done, want)
-                .map_err(|e| fail("cannot copy the database file", e))?
-        };
-        done += copied;
-        if logged.elapsed().as_secs() >= 5 {
-            tracing::info!(
-                copied_bytes = done,
-                total_bytes = len,
-                "Copying the database for a snapshot"
-            );
-            logged = Instant::now();
-        }
-    }
-    Ok(done)
-}
-
-fn copy_through_buffer(src: &File, out: &File, at: u64, len: usize) -> io::Result<u64> {
-    use std::os::unix::fs::FileExt as _;
-    let mut buf = vec![0u8; len.min(1 << 20)];
-    let n = src.read_at(&mut buf, at)?;
-    if n == 0 {
+/// I/O errors; the caller then copies with the backup API.
+pub fn copy_db_file(db_path: &Path, dest: &Path) -> io::Result<u64> {
+    let mut src = db_file(db_path)?;
+    let len = src.metadata()?.len();
+    // The descriptor is shared by every save of this file; saves run one at a time.
+    src.seek(io::SeekFrom::Start(0))?;
+    let mut out = File::create(dest)?;
+    let copied = io::copy(&mut src.take(len), &mut out)?;
+    if copied < len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the database file is shorter than it was",
         ));
     }
-    out.write_all_at(&buf[..n], at)?;
-    Ok(n as u64)
+    Ok(copied)
 }
 
 #[cfg(test)]
@@ -291,13 +221,11 @@ mod tests {
         let reader = Connection::open(&path).expect("test setup");
         let mut by_file = 0;
         for i in 0..200 {
-            // Every fourth copy goes through the buffer, as where the kernel cannot copy.
-            let in_kernel = i % 4 != 0;
             reader.execute_batch("BEGIN").expect("test setup");
             let seen = digest(&reader).expect("test setup");
             if file_holds_read_snapshot(&path) {
                 let dest = dir.path().join(format!("copy-{i}.db"));
-                copy_db_file_by(&path, &dest, in_kernel).expect("test setup");
+                copy_db_file(&path, &dest).expect("test setup");
                 let copy = Connection::open(&dest).expect("test setup");
                 assert_eq!(digest(&copy).ok(), Some(seen), "copy {i}");
                 let ok: String = copy

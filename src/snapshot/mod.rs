@@ -153,7 +153,8 @@ pub fn copy_database(
     let mut by_file = filecopy::file_holds_read_snapshot(&source.db_path);
     if by_file && let Err(e) = filecopy::copy_db_file(&source.db_path, &path) {
         // Still inside the read transaction: the backup API copies the same snapshot.
-        tracing::warn!(error = %e, "Cannot copy the database file for a snapshot; using SQLite's backup API");
+        tracing::warn!(error = %e, db = %source.db_path.display(), copy = %path.display(),
+            "Cannot copy the database file for a snapshot; using SQLite's backup API");
         let _ = std::fs::remove_file(&path);
         by_file = false;
     }

@@ -53,14 +53,14 @@ impl NatsStore {
         &self,
         info: &object_store::ObjectInfo,
         out: &mut tokio::fs::File,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
         let stream = self
             .js
             .get_stream(format!("OBJ_{}", self.bucket))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed("download", e))?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::Config {
                 filter_subject: format!("$O.{}.C.{}", self.bucket, info.nuid),
@@ -71,7 +71,7 @@ impl NatsStore {
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed("download", e))?;
         let mut progress = Progress::new(KIND, "Downloading", Some(info.size as u64));
         let per_chunk = info.size.div_ceil(info.chunks.max(1)).max(1);
         // Pipelined: the next batch is asked for while this one is written out, and no more
@@ -82,43 +82,43 @@ impl NatsStore {
             .expires(CHUNK_WAIT)
             .messages()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed("download", e))?;
         let (mut got, mut bytes) = (0usize, 0u64);
         while got < info.chunks {
             let msg = match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
                 Err(_) => {
-                    return Err(format!(
+                    return Err(self.failed("download", format!(
                         "no chunk arrived within {CHUNK_WAIT:?} ({got} of {} read)",
                         info.chunks
-                    ));
+                    )));
                 }
                 Ok(None) => {
-                    return Err(format!("the chunks ended after {got} of {}", info.chunks));
+                    return Err(self.failed("download", format!("the chunks ended after {got} of {}", info.chunks)));
                 }
-                Ok(Some(msg)) => msg.map_err(|e| e.to_string())?,
+                Ok(Some(msg)) => msg.map_err(|e| self.failed("download", e))?,
             };
-            let seq = msg.info().map_err(|e| e.to_string())?.consumer_sequence;
+            let seq = msg.info().map_err(|e| self.failed("download", e))?.consumer_sequence;
             if seq != got as u64 + 1 {
-                return Err(format!(
+                return Err(self.failed("download", format!(
                     "chunk {} of {} arrived as number {seq}: a chunk was lost",
                     got + 1,
                     info.chunks
-                ));
+                )));
             }
             out.write_all(&msg.payload)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| self.failed("download", e))?;
             got += 1;
             bytes += msg.payload.len() as u64;
             progress.add(msg.payload.len());
         }
         if bytes != info.size as u64 {
-            return Err(format!(
+            return Err(self.failed("download", format!(
                 "read {bytes} bytes, the object's info says {}",
                 info.size
-            ));
+            )));
         }
-        out.flush().await.map_err(|e| e.to_string())
+        out.flush().await.map_err(|e| self.failed("download", e))
     }
 
     /// Puts `data` as the object [`OBJECT`] with our `meta` (see the module header: the object
@@ -130,22 +130,18 @@ impl NatsStore {
         bucket: &object_store::ObjectStore,
         data: &mut (impl tokio::io::AsyncRead + Unpin),
         meta: Meta,
-    ) -> Result<(object_store::ObjectInfo, Meta), String> {
+    ) -> Result<(object_store::ObjectInfo, Meta), Error> {
         let previous = bucket.info(OBJECT).await.ok();
         let nuid = uuid::Uuid::new_v4().simple().to_string();
         let chunks = format!("$O.{}.C.{nuid}", self.bucket);
         let sent = self.put_chunks(&chunks, data, meta, &nuid).await;
         let stream = format!("OBJ_{}", self.bucket);
         let purge = |subject: String| async move {
-            match self.js.get_stream(&stream).await {
-                Ok(s) => s
-                    .purge()
-                    .filter(subject.clone())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            }
+            let fail = |e: &(dyn std::error::Error + 'static)| {
+                self.failed("upload", format!("purging chunks: {}", crate::error_chain(e)))
+            };
+            let s = self.js.get_stream(&stream).await.map_err(|e| fail(&e))?;
+            s.purge().filter(subject).await.map(|_| ()).map_err(|e| fail(&e))
         };
         let (info, meta) = match sent {
             Ok(done) => done,
@@ -157,9 +153,7 @@ impl NatsStore {
             }
         };
         if let Some(old) = previous.filter(|o| o.nuid != info.nuid && !o.nuid.is_empty()) {
-            purge(format!("$O.{}.C.{}", self.bucket, old.nuid))
-                .await
-                .map_err(|e| format!("purging the previous snapshot's chunks: {e}"))?;
+            purge(format!("$O.{}.C.{}", self.bucket, old.nuid)).await?;
         }
         Ok((info, meta))
     }
@@ -172,14 +166,14 @@ impl NatsStore {
         data: &mut (impl tokio::io::AsyncRead + Unpin),
         mut meta: Meta,
         nuid: &str,
-    ) -> Result<(object_store::ObjectInfo, Meta), String> {
+    ) -> Result<(object_store::ObjectInfo, Meta), Error> {
         let chunk = chunk_size(self.js.client().server_info().max_payload);
         // One SHA-256 for the object store's digest (base64) and ours (hex), plus Go's tag.
         let mut ours = super::Digester::new(meta.fnv_tag.is_none());
         let count = self.send_chunks(subject, data, chunk, &mut ours).await?;
         let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish_raw())
             .await
-            .map_err(|e| format!("checksum task failed: {e}"))?;
+            .map_err(|e| self.failed("upload", format!("checksum task failed: {e}")))?;
         let sha256 = crate::hex(&digest);
         // What the caller gave is stored as given (a test stores a corrupted copy that way).
         meta.size.get_or_insert(size);
@@ -198,14 +192,14 @@ impl NatsStore {
         data: &mut (impl tokio::io::AsyncRead + Unpin),
         chunk: usize,
         ours: &mut super::Digester,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, Error> {
         use tokio::io::AsyncReadExt as _;
         let mut acks = std::collections::VecDeque::new();
         let mut count = 0usize;
         loop {
             let mut buf = bytes::BytesMut::with_capacity(chunk);
             while buf.len() < chunk {
-                if data.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                if data.read_buf(&mut buf).await.map_err(|e| self.failed("upload", e))? == 0 {
                     break;
                 }
             }
@@ -219,18 +213,18 @@ impl NatsStore {
                 .js
                 .publish(subject.to_owned(), payload)
                 .await
-                .map_err(|e| format!("sending chunk {count}: {e}"))?;
+                .map_err(|e| self.failed("upload", format!("sending chunk {count}: {e}")))?;
             acks.push_back((count, ack));
             if acks.len() >= ACKS_IN_FLIGHT
                 && let Some((n, ack)) = acks.pop_front()
             {
                 ack.await
-                    .map_err(|e| format!("chunk {n} not acknowledged: {e}"))?;
+                    .map_err(|e| self.failed("upload", format!("chunk {n} not acknowledged: {e}")))?;
             }
         }
         for (n, ack) in acks {
             ack.await
-                .map_err(|e| format!("chunk {n} not acknowledged: {e}"))?;
+                .map_err(|e| self.failed("upload", format!("chunk {n} not acknowledged: {e}")))?;
         }
         Ok(count)
     }
@@ -276,18 +270,18 @@ impl NatsStore {
     }
 
     /// Publishes `info` as a rollup of the object's info subject, replacing the previous one.
-    async fn put_info(&self, info: &object_store::ObjectInfo) -> Result<(), String> {
+    async fn put_info(&self, info: &object_store::ObjectInfo) -> Result<(), Error> {
         use base64::Engine as _;
-        let body = serde_json::to_vec(info).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(info).map_err(|e| self.failed("upload", e))?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_ROLLUP, "sub");
         let name = base64::engine::general_purpose::URL_SAFE.encode(&info.name);
         self.js
             .publish_with_headers(format!("$O.{}.M.{name}", self.bucket), headers, body.into())
             .await
-            .map_err(|e| format!("sending the object info: {e}"))?
+            .map_err(|e| self.failed("upload", format!("sending the object info: {e}")))?
             .await
-            .map_err(|e| format!("object info not acknowledged: {e}"))?;
+            .map_err(|e| self.failed("upload", format!("object info not acknowledged: {e}")))?;
         Ok(())
     }
 
@@ -299,10 +293,7 @@ impl NatsStore {
             .map_err(|e| Error::new(KIND, "upload", &self.object(), &e))?;
         let total = f.metadata().await.ok().map(|m| m.len());
         let mut f = ProgressReader::new(f, Progress::new(KIND, "Uploading", total));
-        let (put, meta) = self
-            .put(&bucket, &mut f, meta)
-            .await
-            .map_err(|e| Error::msg(KIND, "upload", &self.object(), e))?;
+        let (put, meta) = self.put(&bucket, &mut f, meta).await?;
         tracing::info!(
             file_name = OBJECT,
             size = put.size,
@@ -345,6 +336,11 @@ impl NatsStore {
                     .map_err(|_| Error::new(KIND, op, &self.object(), &e)),
             },
         }
+    }
+
+    /// An `op` failure described by `message`.
+    fn failed(&self, op: &'static str, message: impl std::fmt::Display) -> Error {
+        Error::msg(KIND, op, &self.object(), message.to_string())
     }
 
     fn object(&self) -> String {
@@ -413,7 +409,7 @@ impl Store for NatsStore {
             }
             let meta = NatsStore::meta_of(&info);
             let mut out = tokio::fs::File::create(dest).await.map_err(|e| fail(&e))?;
-            self.read_chunks(&info, &mut out).await.map_err(said)?;
+            self.read_chunks(&info, &mut out).await?;
             Ok(Some(meta))
         })
     }

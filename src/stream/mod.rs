@@ -44,6 +44,24 @@ pub enum Error {
     CreateConsumer(#[from] js_stream::ConsumerError),
     #[error("shutdown requested")]
     Cancelled,
+    #[error(transparent)]
+    Credentials(#[from] Credentials),
+}
+
+/// A configured credential or certificate file that cannot be used (fatal: no retry helps).
+#[derive(Debug, thiserror::Error)]
+pub enum Credentials {
+    #[error("cannot read {key} {path}")]
+    Unreadable {
+        key: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nats.seed_file {0} holds no user seed (SU…)")]
+    NoSeed(String),
+    #[error("{key} {path} is not a readable file")]
+    NotAFile { key: &'static str, path: String },
 }
 
 /// How long to wait between attempts while NATS is unavailable (grows to the cap).
@@ -88,7 +106,7 @@ pub async fn connect(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let opts = connect_options(settings, on_state.clone()).map_err(connect_err)?;
+        let opts = connect_options(settings, on_state.clone())?;
         match opts.connect(addrs.clone()).await {
             Ok(client) => {
                 on_state(true);
@@ -147,7 +165,7 @@ fn is_certificate_error(text: &str) -> bool {
 fn connect_options(
     settings: &Settings,
     on_state: impl Fn(bool) + Send + Sync + 'static,
-) -> Result<async_nats::ConnectOptions, String> {
+) -> Result<async_nats::ConnectOptions, Credentials> {
     let on_state = Arc::new(on_state);
     let nats = &settings.nats;
     let wait = Duration::from_secs(u64::from(nats.reconnect_wait_seconds.max(1)));
@@ -208,18 +226,22 @@ fn report_event(
 fn with_auth(
     mut opts: async_nats::ConnectOptions,
     nats: &NatsConfig,
-) -> Result<async_nats::ConnectOptions, String> {
+) -> Result<async_nats::ConnectOptions, Credentials> {
     if !nats.user_name.is_empty() {
         opts = opts.user_and_password(nats.user_name.clone(), nats.user_password.clone());
     }
     if !nats.seed_file.is_empty() {
         let text = std::fs::read_to_string(&nats.seed_file)
-            .map_err(|e| format!("cannot read nats.seed_file {}: {e}", nats.seed_file))?;
+            .map_err(|source| Credentials::Unreadable {
+                key: "nats.seed_file",
+                path: nats.seed_file.clone(),
+                source,
+            })?;
         let seed = text
             .lines()
             .map(str::trim)
             .find(|l| l.starts_with("SU"))
-            .ok_or_else(|| format!("nats.seed_file {} holds no user seed (SU…)", nats.seed_file))?;
+            .ok_or_else(|| Credentials::NoSeed(nats.seed_file.clone()))?;
         opts = opts.nkey(seed.to_owned());
     }
     Ok(opts)
@@ -229,14 +251,17 @@ fn with_auth(
 fn with_tls(
     mut opts: async_nats::ConnectOptions,
     nats: &NatsConfig,
-) -> Result<async_nats::ConnectOptions, String> {
+) -> Result<async_nats::ConnectOptions, Credentials> {
     for (key, path) in [
         ("nats.ca_file", &nats.ca_file),
         ("nats.cert_file", &nats.cert_file),
         ("nats.key_file", &nats.key_file),
     ] {
         if !path.is_empty() && !Path::new(path).is_file() {
-            return Err(format!("{key} {path} is not a readable file"));
+            return Err(Credentials::NotAFile {
+                key,
+                path: path.clone(),
+            });
         }
     }
     if !nats.ca_file.is_empty() {

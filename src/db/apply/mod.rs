@@ -64,7 +64,7 @@ pub struct Incoming<'a> {
     pub stream: &'a str,
     pub seq: u64,
     /// The decoded event, or why it could not be decoded.
-    pub event: Result<ChangeEvent, String>,
+    pub event: Result<ChangeEvent, crate::wire::DecodeError>,
     /// Whether this database published it (its message id carries our identity).
     pub own: bool,
     /// The raw message body, kept for quarantine.

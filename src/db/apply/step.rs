@@ -94,7 +94,7 @@ impl State {
     ) -> Result<Step, EventError> {
         let event = match &incoming.event {
             Ok(e) => e,
-            Err(why) => return Err(EventError::Poison(why.clone())),
+            Err(why) => return Err(EventError::Poison(format!("undecodable event: {why}"))),
         };
         let Some(t) = self.resolve_table(&event.table) else {
             return self.no_table(event);

@@ -583,7 +583,7 @@ fn poison_is_quarantined_and_the_rest_applies() {
         Incoming {
             stream: "s",
             seq: 9,
-            event: Err("invalid CBOR".into()),
+            event: Err(crate::wire::DecodeError::MissingField("Payload")),
             own: false,
             raw: b"\xff",
         },

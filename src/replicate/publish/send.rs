@@ -357,8 +357,8 @@ impl Publisher {
         )
     }
 
-    /// Encodes one change for `shard`: (body, subject, message id).
-    fn encode(&self, c: &PendingChange, shard: u64) -> Result<(Bytes, String, String), String> {
+    /// Encodes one change for `shard`: (body, subject, message id). Fails only when zstd does.
+    fn encode(&self, c: &PendingChange, shard: u64) -> std::io::Result<(Bytes, String, String)> {
         let table = &self.tables()[c.table];
         let row = table
             .columns
@@ -385,13 +385,9 @@ impl Publisher {
             let mut slot = self.compressor.lock().unwrap_or_else(|p| p.into_inner());
             let compressor = match slot.as_mut() {
                 Some(c) => c,
-                None => {
-                    slot.insert(wire::Compressor::new().map_err(|e| format!("zstd context: {e}"))?)
-                }
+                None => slot.insert(wire::Compressor::new()?),
             };
-            compressor
-                .compress(&body)
-                .map_err(|e| format!("zstd compression failed: {e}"))?
+            compressor.compress(&body)?
         } else {
             body
         };
@@ -422,7 +418,10 @@ impl Publisher {
             }
             let (body, subject, msg_id) = match self.encode(c, shards[i]) {
                 Ok(encoded) => encoded,
-                Err(message) => return (acks, Some(self.nats_failure(c, message, false))),
+                Err(e) => {
+                    let message = format!("zstd compression failed: {e}");
+                    return (acks, Some(self.nats_failure(c, message, false)));
+                }
             };
             self.unsettled.sent.fetch_max(c.global_id, Ordering::SeqCst);
             let publish = jetstream::message::PublishMessage::build()
