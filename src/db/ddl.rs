@@ -213,6 +213,8 @@ fn rename_in_global_log(conn: &Connection, old: &str, new: &str) -> Result<(), E
     Ok(())
 }
 
+/// Follows what `ALTER TABLE … RENAME` did to the watched tables since our capture triggers
+/// were made: renamed tables and columns take their change logs (and pending changes) along.
 fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     let mut done = Followed::default();
     let watched: HashMap<String, &Table> =
@@ -236,6 +238,17 @@ fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error
     for (name, ..) in &triggers {
         conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(name)))?;
     }
+    follow_table_renames(conn, renames, &mut done)?;
+    follow_column_renames(conn, insert_sql, &watched, &mut done)?;
+    Ok(done)
+}
+
+/// Moves the change log of each `(old, new)` renamed table to its new name.
+fn follow_table_renames(
+    conn: &Connection,
+    renames: Vec<(String, String)>,
+    done: &mut Followed,
+) -> Result<(), Error> {
     let sources: HashSet<String> = renames.iter().map(|(o, _)| o.to_lowercase()).collect();
     // Two phases (every source log to a temporary name, then to its target), so that swaps and
     // chains (t→u while u→v) never collide.
@@ -254,7 +267,7 @@ fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error
         // The target's own log is left from a table that was dropped and replaced by this one
         // (a table rebuild: create new, copy, drop old, rename new): the copy carries its rows.
         if exists(conn, &new_log)? && !sources.contains(&new.to_lowercase()) {
-            retire_log(conn, &new, &mut done)?;
+            retire_log(conn, &new, done)?;
         }
         let tmp = format!("{PREFIX}renaming_{i}_change_log");
         conn.execute_batch(&format!(
@@ -288,6 +301,17 @@ fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error
         record(conn, "table", "", &old, &new)?;
         done.renamed_tables.push((old, new));
     }
+    Ok(())
+}
+
+/// Renames the change-log columns of columns renamed since the insert trigger (`sql`, per
+/// table) was made.
+fn follow_column_renames(
+    conn: &Connection,
+    insert_sql: Vec<(String, String)>,
+    watched: &HashMap<String, &Table>,
+    done: &mut Followed,
+) -> Result<(), Error> {
     // Column renames: the insert trigger copies `val_a` from `NEW."b"`. The trigger is the
     // authority, even when a column named `a` exists again (renamed away, then re-added).
     for (on, sql) in insert_sql {
@@ -336,7 +360,7 @@ fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error
                 .push((table.name.clone(), old.clone(), column.clone()));
         }
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Drops the change log of `table` (gone, or replaced), its global-log rows and index, counting

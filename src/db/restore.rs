@@ -527,8 +527,104 @@ pub(super) fn keep_table(
     Ok(())
 }
 
-/// `snap_of`: the snapshot's name of a local column (None: the snapshot lacks it). The caller
-/// checked that it has every key column.
+/// The statements of one table's merge, spelled with the local names and the snapshot's.
+struct MergeSql {
+    /// Deletes live rows the snapshot lacks (kept rows excepted).
+    delete_missing: String,
+    /// Updates live rows whose values differ from the snapshot's (kept rows excepted).
+    update: Option<String>,
+    /// Inserts the snapshot's rows missing live (it ends with a WHERE clause, so an upsert
+    /// clause may follow).
+    insert: String,
+    /// Copies every snapshot row (into an empty table).
+    insert_all: String,
+    /// Deletes every live row not kept (the UNIQUE fallback).
+    delete_unkept: String,
+}
+
+impl MergeSql {
+    /// `snap_of`: the snapshot's name of a local column (None: the snapshot lacks it); the
+    /// caller checked that it has every key column. `m` is the live table, `s` the snapshot's.
+    fn new(
+        table: &Table,
+        snap_table: &str,
+        keys: &[&str],
+        snap_of: &dyn Fn(&str) -> Option<String>,
+    ) -> MergeSql {
+        let name = quote(&table.name);
+        let sname = quote(snap_table);
+        let sq = |c: &str| quote(&snap_of(c).unwrap_or_else(|| c.to_string()));
+        let key_is = keys
+            .iter()
+            .map(|k| format!("m.{} IS s.{}", quote(k), sq(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let kept = |x: &str, snapshot_side: bool| {
+            let cond = keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    let col = if snapshot_side { sq(k) } else { quote(k) };
+                    format!("hk.k{i} IS {x}.{col}")
+                })
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            format!("EXISTS (SELECT 1 FROM temp.hl_keep AS hk WHERE {cond})")
+        };
+        // Real columns present in both (the synthetic rowid key is not a column).
+        let common: Vec<&str> = table
+            .columns
+            .iter()
+            .filter(|c| !(table.rowid_key && c.name == "rowid"))
+            .map(|c| c.name.as_str())
+            .filter(|c| snap_of(c).is_some())
+            .collect();
+        let values: Vec<&str> = common
+            .iter()
+            .copied()
+            .filter(|c| !keys.iter().any(|k| k.eq_ignore_ascii_case(c)))
+            .collect();
+        let mut insert_cols: Vec<String> = common.iter().map(|c| quote(c)).collect();
+        let mut select_cols: Vec<String> = common.iter().map(|c| format!("s.{}", sq(c))).collect();
+        if table.rowid_key {
+            insert_cols.insert(0, "rowid".into());
+            select_cols.insert(0, "s.rowid".into());
+        }
+        let (insert_cols, select_cols) = (insert_cols.join(", "), select_cols.join(", "));
+        let set = |f: &dyn Fn(&str) -> String, sep: &str| {
+            values.iter().map(|c| f(c)).collect::<Vec<_>>().join(sep)
+        };
+        let differs = |c: &str| {
+            let (q, r) = (quote(c), sq(c));
+            format!("m.{q} IS NOT s.{r} COLLATE BINARY OR typeof(m.{q}) IS NOT typeof(s.{r})")
+        };
+        MergeSql {
+            delete_missing: format!(
+                "DELETE FROM main.{name} AS m WHERE NOT EXISTS (SELECT 1 FROM {SNAP}.{sname} AS s WHERE {key_is}) AND NOT {}",
+                kept("m", false)
+            ),
+            update: (!values.is_empty()).then(|| {
+                format!(
+                    "UPDATE main.{name} AS m SET {} FROM {SNAP}.{sname} AS s WHERE {key_is} AND ({}) AND NOT {}",
+                    set(&|c| format!("{} = s.{}", quote(c), sq(c)), ", "),
+                    set(&differs, " OR "),
+                    kept("m", false)
+                )
+            }),
+            insert: format!(
+                "INSERT INTO main.{name} ({insert_cols}) SELECT {select_cols} FROM {SNAP}.{sname} AS s \
+                 WHERE NOT EXISTS (SELECT 1 FROM main.{name} AS m WHERE {key_is}) AND NOT {}",
+                kept("s", true)
+            ),
+            insert_all: format!(
+                "INSERT INTO main.{name} ({insert_cols}) SELECT {select_cols} FROM {SNAP}.{sname} AS s"
+            ),
+            delete_unkept: format!("DELETE FROM main.{name} AS m WHERE NOT {}", kept("m", false)),
+        }
+    }
+}
+
+/// Merges the snapshot's rows of `table` into the live table; see [`MergeSql::new`].
 fn merge_table(
     conn: &Connection,
     table: &Table,
@@ -539,86 +635,7 @@ fn merge_table(
     out: &mut Restored,
 ) -> rusqlite::Result<()> {
     let name = quote(&table.name);
-    let sname = quote(snap_table);
-    // A local column as the snapshot calls it.
-    let sq = |c: &str| quote(&snap_of(c).unwrap_or_else(|| c.to_string()));
-    // `m`: the live table, `s`: the snapshot's.
-    let key_is = |m: &str, s: &str| {
-        keys.iter()
-            .map(|k| format!("{m}.{} IS {s}.{}", quote(k), sq(k)))
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
-    let kept = |x: &str, snapshot_side: bool| {
-        let cond = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let col = if snapshot_side { sq(k) } else { quote(k) };
-                format!("hk.k{i} IS {x}.{col}")
-            })
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        format!("EXISTS (SELECT 1 FROM temp.hl_keep AS hk WHERE {cond})")
-    };
-    // Real columns present in both (the synthetic rowid key is not a column).
-    let common: Vec<&str> = table
-        .columns
-        .iter()
-        .filter(|c| !(table.rowid_key && c.name == "rowid"))
-        .map(|c| c.name.as_str())
-        .filter(|c| snap_of(c).is_some())
-        .collect();
-    let values: Vec<&str> = common
-        .iter()
-        .copied()
-        .filter(|c| !keys.iter().any(|k| k.eq_ignore_ascii_case(c)))
-        .collect();
-    let mut insert_cols: Vec<String> = common.iter().map(|c| quote(c)).collect();
-    let mut select_cols: Vec<String> = common.iter().map(|c| format!("s.{}", sq(c))).collect();
-    if table.rowid_key {
-        insert_cols.insert(0, "rowid".into());
-        select_cols.insert(0, "s.rowid".into());
-    }
-    let delete_missing = format!(
-        "DELETE FROM main.{name} AS m WHERE NOT EXISTS (SELECT 1 FROM {SNAP}.{sname} AS s WHERE {}) AND NOT {}",
-        key_is("m", "s"),
-        kept("m", false)
-    );
-    let update = (!values.is_empty()).then(|| {
-        format!(
-            "UPDATE main.{name} AS m SET {} FROM {SNAP}.{sname} AS s WHERE {} AND ({}) AND NOT {}",
-            values
-                .iter()
-                .map(|c| format!("{} = s.{}", quote(c), sq(c)))
-                .collect::<Vec<_>>()
-                .join(", "),
-            key_is("m", "s"),
-            values
-                .iter()
-                .map(|c| format!(
-                    "m.{q} IS NOT s.{r} COLLATE BINARY OR typeof(m.{q}) IS NOT typeof(s.{r})",
-                    q = quote(c),
-                    r = sq(c)
-                ))
-                .collect::<Vec<_>>()
-                .join(" OR "),
-            kept("m", false)
-        )
-    });
-    // `upsert` is an upsert clause for the UNIQUE fallback below: `ON CONFLICT DO NOTHING` skips
-    // only rows that clash with a kept row, where `INSERT OR IGNORE` would also drop rows failing
-    // NOT NULL or CHECK — silently, while the positions move past them.
-    let insert = |upsert: &str| {
-        format!(
-            "INSERT INTO main.{name} ({}) SELECT {} FROM {SNAP}.{sname} AS s \
-             WHERE NOT EXISTS (SELECT 1 FROM main.{name} AS m WHERE {}) AND NOT {} {upsert}",
-            insert_cols.join(", "),
-            select_cols.join(", "),
-            key_is("m", "s"),
-            kept("s", true)
-        )
-    };
+    let sql = MergeSql::new(table, snap_table, keys, snap_of);
     // An empty table with nothing kept (a new node): a plain copy in the snapshot's order,
     // without probing the live table for every row. Checked inside our write transaction, so
     // nobody adds a row in between. (A kept key in an empty table is a local delete in flight:
@@ -634,23 +651,16 @@ fn merge_table(
     // Every write below fires the capture triggers.
     set_guard(conn)?;
     if empty {
-        out.inserted += conn.execute(
-            &format!(
-                "INSERT INTO main.{name} ({}) SELECT {} FROM {SNAP}.{sname} AS s",
-                insert_cols.join(", "),
-                select_cols.join(", ")
-            ),
-            [],
-        )? as u64;
+        out.inserted += conn.execute(&sql.insert_all, [])? as u64;
         return Ok(());
     }
-    out.deleted += conn.execute(&delete_missing, [])? as u64;
+    out.deleted += conn.execute(&sql.delete_missing, [])? as u64;
     let merged = (|| -> rusqlite::Result<(u64, u64)> {
-        let updated = match &update {
-            Some(sql) => conn.execute(sql, [])? as u64,
+        let updated = match &sql.update {
+            Some(update) => conn.execute(update, [])? as u64,
             None => 0,
         };
-        let inserted = conn.execute(&insert(""), [])? as u64;
+        let inserted = conn.execute(&sql.insert, [])? as u64;
         Ok((updated, inserted))
     })();
     match merged {
@@ -662,16 +672,14 @@ fn merge_table(
             if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
                 || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
         {
-            // Rows swapped UNIQUE values: replace every row that is not kept.
+            // Rows swapped UNIQUE values: replace every row that is not kept. `ON CONFLICT DO
+            // NOTHING` skips only rows that clash with a kept row, where `INSERT OR IGNORE`
+            // would also drop rows failing NOT NULL or CHECK — silently, while the positions
+            // move past them.
             tracing::debug!(table = %table.name, "restore merge hit a UNIQUE conflict; replacing the table's rows");
-            out.deleted += conn.execute(
-                &format!(
-                    "DELETE FROM main.{name} AS m WHERE NOT {}",
-                    kept("m", false)
-                ),
-                [],
-            )? as u64;
-            out.inserted += conn.execute(&insert("ON CONFLICT DO NOTHING"), [])? as u64;
+            out.deleted += conn.execute(&sql.delete_unkept, [])? as u64;
+            let insert = format!("{} ON CONFLICT DO NOTHING", sql.insert);
+            out.inserted += conn.execute(&insert, [])? as u64;
         }
         Err(e) => return Err(e),
     }

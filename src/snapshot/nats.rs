@@ -87,23 +87,35 @@ impl NatsStore {
         while got < info.chunks {
             let msg = match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
                 Err(_) => {
-                    return Err(self.failed("download", format!(
-                        "no chunk arrived within {CHUNK_WAIT:?} ({got} of {} read)",
-                        info.chunks
-                    )));
+                    return Err(self.failed(
+                        "download",
+                        format!(
+                            "no chunk arrived within {CHUNK_WAIT:?} ({got} of {} read)",
+                            info.chunks
+                        ),
+                    ));
                 }
                 Ok(None) => {
-                    return Err(self.failed("download", format!("the chunks ended after {got} of {}", info.chunks)));
+                    return Err(self.failed(
+                        "download",
+                        format!("the chunks ended after {got} of {}", info.chunks),
+                    ));
                 }
                 Ok(Some(msg)) => msg.map_err(|e| self.failed("download", e))?,
             };
-            let seq = msg.info().map_err(|e| self.failed("download", e))?.consumer_sequence;
+            let seq = msg
+                .info()
+                .map_err(|e| self.failed("download", e))?
+                .consumer_sequence;
             if seq != got as u64 + 1 {
-                return Err(self.failed("download", format!(
-                    "chunk {} of {} arrived as number {seq}: a chunk was lost",
-                    got + 1,
-                    info.chunks
-                )));
+                return Err(self.failed(
+                    "download",
+                    format!(
+                        "chunk {} of {} arrived as number {seq}: a chunk was lost",
+                        got + 1,
+                        info.chunks
+                    ),
+                ));
             }
             out.write_all(&msg.payload)
                 .await
@@ -113,10 +125,10 @@ impl NatsStore {
             progress.add(msg.payload.len());
         }
         if bytes != info.size as u64 {
-            return Err(self.failed("download", format!(
-                "read {bytes} bytes, the object's info says {}",
-                info.size
-            )));
+            return Err(self.failed(
+                "download",
+                format!("read {bytes} bytes, the object's info says {}", info.size),
+            ));
         }
         out.flush().await.map_err(|e| self.failed("download", e))
     }
@@ -138,10 +150,17 @@ impl NatsStore {
         let stream = format!("OBJ_{}", self.bucket);
         let purge = |subject: String| async move {
             let fail = |e: &(dyn std::error::Error + 'static)| {
-                self.failed("upload", format!("purging chunks: {}", crate::error_chain(e)))
+                self.failed(
+                    "upload",
+                    format!("purging chunks: {}", crate::error_chain(e)),
+                )
             };
             let s = self.js.get_stream(&stream).await.map_err(|e| fail(&e))?;
-            s.purge().filter(subject).await.map(|_| ()).map_err(|e| fail(&e))
+            s.purge()
+                .filter(subject)
+                .await
+                .map(|_| ())
+                .map_err(|e| fail(&e))
         };
         let (info, meta) = match sent {
             Ok(done) => done,
@@ -199,7 +218,12 @@ impl NatsStore {
         loop {
             let mut buf = bytes::BytesMut::with_capacity(chunk);
             while buf.len() < chunk {
-                if data.read_buf(&mut buf).await.map_err(|e| self.failed("upload", e))? == 0 {
+                if data
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| self.failed("upload", e))?
+                    == 0
+                {
                     break;
                 }
             }
@@ -218,8 +242,9 @@ impl NatsStore {
             if acks.len() >= ACKS_IN_FLIGHT
                 && let Some((n, ack)) = acks.pop_front()
             {
-                ack.await
-                    .map_err(|e| self.failed("upload", format!("chunk {n} not acknowledged: {e}")))?;
+                ack.await.map_err(|e| {
+                    self.failed("upload", format!("chunk {n} not acknowledged: {e}"))
+                })?;
             }
         }
         for (n, ack) in acks {

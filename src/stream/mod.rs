@@ -231,8 +231,8 @@ fn with_auth(
         opts = opts.user_and_password(nats.user_name.clone(), nats.user_password.clone());
     }
     if !nats.seed_file.is_empty() {
-        let text = std::fs::read_to_string(&nats.seed_file)
-            .map_err(|source| Credentials::Unreadable {
+        let text =
+            std::fs::read_to_string(&nats.seed_file).map_err(|source| Credentials::Unreadable {
                 key: "nats.seed_file",
                 path: nats.seed_file.clone(),
                 source,

@@ -145,13 +145,7 @@ pub(super) fn table_ddl(table: &Table) -> String {
 /// can skip its write transaction (every commit of ours can fail an application transaction
 /// that is open at that moment).
 fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<bool, Error> {
-    let exists = |name: &str| -> Result<bool, Error> {
-        Ok(conn.query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE name = ?1",
-            [name],
-            |r| r.get::<_, i64>(0),
-        )? == 1)
-    };
+    let exists = |name: &str| schema_has(conn, name);
     for base in [
         GUARD_TABLE,
         GLOBAL_LOG,
@@ -209,33 +203,50 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
         return Ok(false);
     }
     for table in tables {
-        let log = change_log_name(&table.name);
-        let columns = log_columns(conn, table)?;
-        let has = |col: &str| columns.iter().any(|(n, _)| n == col);
-        let layout_ok = table
-            .columns
-            .iter()
-            .all(|c| has(&format!("val_{}", c.name)))
-            && PUB_COLUMNS.iter().all(|c| has(c))
-            && columns
-                .iter()
-                .all(|(n, ty)| !n.starts_with("val_") || ty.is_empty());
-        if !layout_ok || !exists(&format!("{log}_state_index"))? {
-            tracing::debug!(table = %table.name, "change log layout differs; reinstalling");
+        if !table_up_to_date(conn, table)? {
             return Ok(false);
         }
-        for (name, create) in triggers(table) {
-            let stored: Option<String> = conn
-                .query_row(
-                    "SELECT sql FROM sqlite_schema WHERE type = 'trigger' AND name = ?1",
-                    [&name],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if stored.as_deref() != Some(create.as_str()) {
-                tracing::debug!(trigger = %name, "capture trigger differs; reinstalling");
-                return Ok(false);
-            }
+    }
+    Ok(true)
+}
+
+/// Whether `sqlite_schema` holds an object named `name`.
+fn schema_has(conn: &Connection, name: &str) -> Result<bool, Error> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )? == 1)
+}
+
+/// Whether `table`'s change log and capture triggers are exactly what [`install`] makes.
+fn table_up_to_date(conn: &Connection, table: &Table) -> Result<bool, Error> {
+    let log = change_log_name(&table.name);
+    let columns = log_columns(conn, table)?;
+    let has = |col: &str| columns.iter().any(|(n, _)| n == col);
+    let layout_ok = table
+        .columns
+        .iter()
+        .all(|c| has(&format!("val_{}", c.name)))
+        && PUB_COLUMNS.iter().all(|c| has(c))
+        && columns
+            .iter()
+            .all(|(n, ty)| !n.starts_with("val_") || ty.is_empty());
+    if !layout_ok || !schema_has(conn, &format!("{log}_state_index"))? {
+        tracing::debug!(table = %table.name, "change log layout differs; reinstalling");
+        return Ok(false);
+    }
+    for (name, create) in triggers(table) {
+        let stored: Option<String> = conn
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'trigger' AND name = ?1",
+                [&name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if stored.as_deref() != Some(create.as_str()) {
+            tracing::debug!(trigger = %name, "capture trigger differs; reinstalling");
+            return Ok(false);
         }
     }
     Ok(true)

@@ -178,71 +178,83 @@ impl ChangeLog {
             })?
             .collect::<Result<_, _>>()?;
         for (global_id, log_id, table_name) in globals {
-            let Some(&table) = self.by_name.get(&table_name) else {
-                scan.orphans
-                    .push((global_id, format!("table {table_name:?} is not watched")));
-                continue;
-            };
-            let width = self.tables[table].columns.len();
-            let mut stmt = match tx.prepare_cached(&self.select_sql[table]) {
-                Ok(stmt) => stmt,
-                // The change log (or a column of it) was dropped while we run: nothing can ever
-                // read this change, and retrying would block every later one.
-                Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::Unknown) => {
-                    scan.orphans.push((
-                        global_id,
-                        format!("cannot read change log of {table_name:?}: {e}"),
-                    ));
-                    continue;
-                }
-                Err(e) => return Err(on_table(&table_name)(e)),
-            };
-            let found = stmt
-                .query_row([log_id], |r| {
-                    let op_text = r
-                        .get_ref(0)?
-                        .as_bytes_or_null()?
-                        .unwrap_or_default()
-                        .to_vec();
-                    let created_at: Option<i64> = r.get(1)?;
-                    let mut values = Vec::with_capacity(width);
-                    for i in 0..width {
-                        values.push(value_at(r, i + 2)?);
-                    }
-                    Ok((op_text, created_at.unwrap_or(0), values))
-                })
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(e),
-                })
-                .map_err(on_table(&table_name))?;
-            match found {
-                None => scan.orphans.push((
-                    global_id,
-                    format!("change log row {log_id} of table {table_name:?} is missing"),
-                )),
-                Some((op_text, created_at, values)) => match Op::parse(&op_text) {
-                    Some(op) => scan.changes.push(PendingChange {
-                        global_id,
-                        table,
-                        log_id,
-                        created_at,
-                        op,
-                        values,
-                    }),
-                    None => scan.orphans.push((
-                        global_id,
-                        format!(
-                            "change log row {log_id} of table {table_name:?} has type {:?}",
-                            String::from_utf8_lossy(&op_text)
-                        ),
-                    )),
-                },
-            }
+            self.read_change(&tx, (global_id, log_id, &table_name), &mut scan)?;
         }
         tx.commit()?;
         Ok(scan)
+    }
+
+    /// Reads the change `(global id, change-log id, table)` into `scan`: a pending change, or an
+    /// orphan (unwatched table, unreadable log, missing row or unknown type) with why.
+    fn read_change(
+        &self,
+        tx: &Connection,
+        (global_id, log_id, table_name): (i64, i64, &str),
+        scan: &mut Scan,
+    ) -> Result<(), Error> {
+        let Some(&table) = self.by_name.get(table_name) else {
+            scan.orphans
+                .push((global_id, format!("table {table_name:?} is not watched")));
+            return Ok(());
+        };
+        let width = self.tables[table].columns.len();
+        let mut stmt = match tx.prepare_cached(&self.select_sql[table]) {
+            Ok(stmt) => stmt,
+            // The change log (or a column of it) was dropped while we run: nothing can ever
+            // read this change, and retrying would block every later one.
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::Unknown) => {
+                scan.orphans.push((
+                    global_id,
+                    format!("cannot read change log of {table_name:?}: {e}"),
+                ));
+                return Ok(());
+            }
+            Err(e) => return Err(on_table(&table_name)(e)),
+        };
+        let found = stmt
+            .query_row([log_id], |r| {
+                let op_text = r
+                    .get_ref(0)?
+                    .as_bytes_or_null()?
+                    .unwrap_or_default()
+                    .to_vec();
+                let created_at: Option<i64> = r.get(1)?;
+                let mut values = Vec::with_capacity(width);
+                for i in 0..width {
+                    values.push(value_at(r, i + 2)?);
+                }
+                Ok((op_text, created_at.unwrap_or(0), values))
+            })
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })
+            .map_err(on_table(&table_name))?;
+        match found {
+            None => scan.orphans.push((
+                global_id,
+                format!("change log row {log_id} of table {table_name:?} is missing"),
+            )),
+            Some((op_text, created_at, values)) => match Op::parse(&op_text) {
+                Some(op) => scan.changes.push(PendingChange {
+                    global_id,
+                    table,
+                    log_id,
+                    created_at,
+                    op,
+                    values,
+                }),
+                None => scan.orphans.push((
+                    global_id,
+                    format!(
+                        "change log row {log_id} of table {table_name:?} has type {:?}",
+                        String::from_utf8_lossy(&op_text)
+                    ),
+                )),
+            },
+        }
+        Ok(())
     }
 
     /// Retires changes in one write transaction: `published` ones get `state = 1` and where they
