@@ -209,7 +209,7 @@ impl ChangeLog {
                 ));
                 return Ok(());
             }
-            Err(e) => return Err(on_table(&table_name)(e)),
+            Err(e) => return Err(on_table(table_name)(e)),
         };
         let found = stmt
             .query_row([log_id], |r| {
@@ -230,7 +230,7 @@ impl ChangeLog {
                 rusqlite::Error::QueryReturnedNoRows => Ok(None),
                 e => Err(e),
             })
-            .map_err(on_table(&table_name))?;
+            .map_err(on_table(table_name))?;
         match found {
             None => scan.orphans.push((
                 global_id,
