@@ -3,9 +3,9 @@
 //! a node that lacks changes the streams no longer hold (a new node, a long-stopped one, one that
 //! fell behind) restores it and replays only the tail.
 //!
-//! - [`save`]: copy (from a read transaction that began between two apply batches, so the rows
-//!   and the recorded positions match exactly: the file's bytes when the file alone holds what
-//!   it sees, see `filecopy`, else SQLite's backup API), strip, checksum, upload.
+//! - [`save`]: copy with SQLite's backup API (from a read transaction that began between two
+//!   apply batches, so the rows and the recorded positions match exactly), strip, checksum,
+//!   upload.
 //! - [`fetch_verified`]: download, then check size, SHA-256, Go's FNV tag and
 //!   `PRAGMA integrity_check` before anything is restored.
 //! - The restore itself is [`crate::db::restore`], run by the apply thread.
@@ -30,7 +30,6 @@ use sha2::{Digest, Sha256};
 
 use crate::db;
 
-mod filecopy;
 pub mod leader;
 pub mod nats;
 pub mod s3;
@@ -150,19 +149,7 @@ pub fn copy_database(
             .map(|p| p.load(Ordering::SeqCst))
             .collect()
     };
-    let mut by_file = filecopy::file_holds_read_snapshot(&source.db_path);
-    if by_file && let Err(e) = filecopy::copy_db_file(&source.db_path, &path) {
-        // Still inside the read transaction: the backup API copies the same snapshot.
-        tracing::warn!(error = %e, db = %source.db_path.display(), copy = %path.display(),
-            "Cannot copy the database file for a snapshot; using SQLite's backup API");
-        let _ = std::fs::remove_file(&path);
-        by_file = false;
-    }
-    let copied = if by_file {
-        Ok(())
-    } else {
-        backup_copy(&conn, &path).map_err(Error::Copy)
-    };
+    let copied = backup_copy(&conn, &path).map_err(Error::Copy);
     let _ = conn.execute_batch("COMMIT");
     drop(conn);
     copied?;
@@ -189,7 +176,7 @@ pub fn copy_database(
         created_ms: Some(now_ms()),
         ..Meta::default()
     };
-    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, copy_ms, strip_ms, by_file,
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, copy_ms, strip_ms,
         positions = ?meta.positions, "snapshot copy ready");
     Ok((path, meta))
 }
