@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+mod aliases;
 pub mod apply;
 pub mod cdc;
 pub mod changelog;

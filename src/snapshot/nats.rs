@@ -56,11 +56,57 @@ impl NatsStore {
     ) -> Result<(), Error> {
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
+        let fail = |e: &dyn std::fmt::Display| self.failed("download", e);
+        let mut messages = self.chunk_messages(info).await?;
+        let mut progress = Progress::new(KIND, "Downloading", Some(info.size as u64));
+        let (mut got, mut bytes) = (0usize, 0u64);
+        while got < info.chunks {
+            let msg = match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
+                Err(_) => {
+                    let n = info.chunks;
+                    return Err(fail(&format!(
+                        "no chunk arrived within {CHUNK_WAIT:?} ({got} of {n} read)"
+                    )));
+                }
+                Ok(None) => {
+                    let n = info.chunks;
+                    return Err(fail(&format!("the chunks ended after {got} of {n}")));
+                }
+                Ok(Some(msg)) => msg.map_err(|e| fail(&e))?,
+            };
+            let seq = msg.info().map_err(|e| fail(&e))?.consumer_sequence;
+            if seq != got as u64 + 1 {
+                let (n, of) = (got + 1, info.chunks);
+                return Err(fail(&format!(
+                    "chunk {n} of {of} arrived as number {seq}: a chunk was lost"
+                )));
+            }
+            out.write_all(&msg.payload).await.map_err(|e| fail(&e))?;
+            got += 1;
+            bytes += msg.payload.len() as u64;
+            progress.add(msg.payload.len());
+        }
+        if bytes != info.size as u64 {
+            let want = info.size;
+            return Err(fail(&format!(
+                "read {bytes} bytes, the object's info says {want}"
+            )));
+        }
+        out.flush().await.map_err(|e| fail(&e))
+    }
+
+    /// The chunks of `info`, from an ephemeral pull consumer. Pipelined: the next batch is asked
+    /// for while this one is written out, and no more than about two batches are on their way.
+    async fn chunk_messages(
+        &self,
+        info: &object_store::ObjectInfo,
+    ) -> Result<jetstream::consumer::pull::Stream, Error> {
+        let fail = |e: &dyn std::fmt::Display| self.failed("download", e);
         let stream = self
             .js
             .get_stream(format!("OBJ_{}", self.bucket))
             .await
-            .map_err(|e| self.failed("download", e))?;
+            .map_err(|e| fail(&e))?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::Config {
                 filter_subject: format!("$O.{}.C.{}", self.bucket, info.nuid),
@@ -71,66 +117,15 @@ impl NatsStore {
                 ..Default::default()
             })
             .await
-            .map_err(|e| self.failed("download", e))?;
-        let mut progress = Progress::new(KIND, "Downloading", Some(info.size as u64));
+            .map_err(|e| fail(&e))?;
         let per_chunk = info.size.div_ceil(info.chunks.max(1)).max(1);
-        // Pipelined: the next batch is asked for while this one is written out, and no more
-        // than about two batches are ever on their way.
-        let mut messages = consumer
+        consumer
             .stream()
             .max_messages_per_batch((FETCH_BYTES / per_chunk).max(1))
             .expires(CHUNK_WAIT)
             .messages()
             .await
-            .map_err(|e| self.failed("download", e))?;
-        let (mut got, mut bytes) = (0usize, 0u64);
-        while got < info.chunks {
-            let msg = match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
-                Err(_) => {
-                    return Err(self.failed(
-                        "download",
-                        format!(
-                            "no chunk arrived within {CHUNK_WAIT:?} ({got} of {} read)",
-                            info.chunks
-                        ),
-                    ));
-                }
-                Ok(None) => {
-                    return Err(self.failed(
-                        "download",
-                        format!("the chunks ended after {got} of {}", info.chunks),
-                    ));
-                }
-                Ok(Some(msg)) => msg.map_err(|e| self.failed("download", e))?,
-            };
-            let seq = msg
-                .info()
-                .map_err(|e| self.failed("download", e))?
-                .consumer_sequence;
-            if seq != got as u64 + 1 {
-                return Err(self.failed(
-                    "download",
-                    format!(
-                        "chunk {} of {} arrived as number {seq}: a chunk was lost",
-                        got + 1,
-                        info.chunks
-                    ),
-                ));
-            }
-            out.write_all(&msg.payload)
-                .await
-                .map_err(|e| self.failed("download", e))?;
-            got += 1;
-            bytes += msg.payload.len() as u64;
-            progress.add(msg.payload.len());
-        }
-        if bytes != info.size as u64 {
-            return Err(self.failed(
-                "download",
-                format!("read {bytes} bytes, the object's info says {}", info.size),
-            ));
-        }
-        out.flush().await.map_err(|e| self.failed("download", e))
+            .map_err(|e| fail(&e))
     }
 
     /// Puts `data` as the object [`OBJECT`] with our `meta` (see the module header: the object
@@ -152,7 +147,7 @@ impl NatsStore {
             let fail = |e: &(dyn std::error::Error + 'static)| {
                 self.failed(
                     "upload",
-                    format!("purging chunks: {}", crate::error_chain(e)),
+                    &format!("purging chunks: {}", crate::error_chain(e)),
                 )
             };
             let s = self.js.get_stream(&stream).await.map_err(|e| fail(&e))?;
@@ -192,7 +187,7 @@ impl NatsStore {
         let count = self.send_chunks(subject, data, chunk, &mut ours).await?;
         let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish_raw())
             .await
-            .map_err(|e| self.failed("upload", format!("checksum task failed: {e}")))?;
+            .map_err(|e| self.failed("upload", &format!("checksum task failed: {e}")))?;
         let sha256 = crate::hex(&digest);
         // What the caller gave is stored as given (a test stores a corrupted copy that way).
         meta.size.get_or_insert(size);
@@ -221,7 +216,7 @@ impl NatsStore {
                 if data
                     .read_buf(&mut buf)
                     .await
-                    .map_err(|e| self.failed("upload", e))?
+                    .map_err(|e| self.failed("upload", &e))?
                     == 0
                 {
                     break;
@@ -237,19 +232,19 @@ impl NatsStore {
                 .js
                 .publish(subject.to_owned(), payload)
                 .await
-                .map_err(|e| self.failed("upload", format!("sending chunk {count}: {e}")))?;
+                .map_err(|e| self.failed("upload", &format!("sending chunk {count}: {e}")))?;
             acks.push_back((count, ack));
             if acks.len() >= ACKS_IN_FLIGHT
                 && let Some((n, ack)) = acks.pop_front()
             {
                 ack.await.map_err(|e| {
-                    self.failed("upload", format!("chunk {n} not acknowledged: {e}"))
+                    self.failed("upload", &format!("chunk {n} not acknowledged: {e}"))
                 })?;
             }
         }
         for (n, ack) in acks {
             ack.await
-                .map_err(|e| self.failed("upload", format!("chunk {n} not acknowledged: {e}")))?;
+                .map_err(|e| self.failed("upload", &format!("chunk {n} not acknowledged: {e}")))?;
         }
         Ok(count)
     }
@@ -297,16 +292,16 @@ impl NatsStore {
     /// Publishes `info` as a rollup of the object's info subject, replacing the previous one.
     async fn put_info(&self, info: &object_store::ObjectInfo) -> Result<(), Error> {
         use base64::Engine as _;
-        let body = serde_json::to_vec(info).map_err(|e| self.failed("upload", e))?;
+        let body = serde_json::to_vec(info).map_err(|e| self.failed("upload", &e))?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_ROLLUP, "sub");
         let name = base64::engine::general_purpose::URL_SAFE.encode(&info.name);
         self.js
             .publish_with_headers(format!("$O.{}.M.{name}", self.bucket), headers, body.into())
             .await
-            .map_err(|e| self.failed("upload", format!("sending the object info: {e}")))?
+            .map_err(|e| self.failed("upload", &format!("sending the object info: {e}")))?
             .await
-            .map_err(|e| self.failed("upload", format!("object info not acknowledged: {e}")))?;
+            .map_err(|e| self.failed("upload", &format!("object info not acknowledged: {e}")))?;
         Ok(())
     }
 
@@ -364,7 +359,7 @@ impl NatsStore {
     }
 
     /// An `op` failure described by `message`.
-    fn failed(&self, op: &'static str, message: impl std::fmt::Display) -> Error {
+    fn failed(&self, op: &'static str, message: &dyn std::fmt::Display) -> Error {
         Error::msg(KIND, op, &self.object(), message.to_string())
     }
 
