@@ -389,6 +389,9 @@ fn lacking(
             }
             continue;
         };
+        if let Some(keys) = other_key(conn, table, &name, aliases)? {
+            out.push(format!("table {name:?} keyed by ({keys})"));
+        }
         for column in snapshot_columns(conn, &name)? {
             let here = table.column_index(&column).or_else(|| {
                 aliases
@@ -503,6 +506,37 @@ fn snapshot_columns(conn: &Connection, table: &str) -> Result<Vec<String>, Error
         .query_map([table], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(names)
+}
+
+/// The snapshot's key of its table `name` (comma-separated) when it is not the key of local
+/// `table` (a rowid table here, a WITHOUT ROWID one there, or other key columns): rows cannot be
+/// matched, so the node waits for its migration as for a missing column.
+fn other_key(
+    conn: &Connection,
+    table: &Table,
+    name: &str,
+    aliases: &super::ddl::Aliases,
+) -> Result<Option<String>, Error> {
+    let mut keys: Vec<String> = conn
+        .prepare(&format!(
+            "SELECT name FROM pragma_table_info(?1, '{SNAP}') WHERE pk > 0 ORDER BY pk"
+        ))?
+        .query_map([name], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if keys.is_empty() {
+        keys.push("rowid".into());
+    }
+    let local = table.pk_indexes();
+    let same = local.len() == keys.len()
+        && local.iter().zip(&keys).all(|(&i, snap)| {
+            let here = &table.columns[i].name;
+            here.eq_ignore_ascii_case(snap)
+                || aliases
+                    .old_columns(&table.name, here)
+                    .iter()
+                    .any(|o| o.eq_ignore_ascii_case(snap))
+        });
+    Ok((!same).then(|| keys.join(", ")))
 }
 
 /// `temp.hl_keep(k0, k1, …)`: the keys of rows not to touch.

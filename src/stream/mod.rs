@@ -155,6 +155,8 @@ fn is_certificate_error(text: &str) -> bool {
         "unknownissuer",
         "received fatal alert",
         "handshake",
+        // A TLS client answered by a server that does not speak TLS.
+        "corrupt message",
     ]
     .iter()
     .any(|needle| t.contains(needle))

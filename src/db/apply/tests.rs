@@ -1007,6 +1007,36 @@ fn restore_while_behind_on_a_migration_waits_for_it_and_loses_nothing() {
     assert_eq!(count(&path, "SELECT count(*) FROM notes"), 2);
 }
 
+/// A table of the same name keyed otherwise in the snapshot (rowid here, WITHOUT ROWID there)
+/// cannot be merged row by row: the node waits for its migration instead of failing inside
+/// the merge on every attempt; once its table has the cluster's key, the snapshot restores.
+#[test]
+fn restore_of_a_table_keyed_otherwise_waits_for_the_migration() {
+    let (d, path, mut a) = setup("CREATE TABLE wr (k TEXT, v INT)");
+    let snap = d.path().join("snapshot.db");
+    Connection::open(&snap)
+        .expect("snapshot")
+        .execute_batch(
+            "CREATE TABLE wr (k TEXT PRIMARY KEY, v INT) WITHOUT ROWID;
+                 INSERT INTO wr VALUES ('a', 1), ('b', 2);",
+        )
+        .expect("snapshot rows");
+    match a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default()) {
+        Err(Error::Behind(parts)) => assert_eq!(parts, ["table \"wr\" keyed by (k)"]),
+        other => panic!("expected a wait for the migration, got {other:?}"),
+    }
+    assert_eq!(a.state.applied[0], 0, "the positions did not move");
+    drop(a);
+    Connection::open(&path)
+        .expect("app")
+        .execute_batch("DROP TABLE wr; CREATE TABLE wr (k TEXT PRIMARY KEY, v INT) WITHOUT ROWID;")
+        .expect("migration");
+    let mut a = reinstalled(&path, "h2", "h");
+    a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+        .expect("restore after the migration");
+    assert_eq!(count(&path, "SELECT count(*) FROM wr"), 2);
+}
+
 /// A database without any application table (a new node, an empty file) is not behind on
 /// a migration: it takes the snapshot whole, schema included, and captures none of it.
 #[test]
