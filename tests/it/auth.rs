@@ -156,3 +156,19 @@ fn mutual_tls_with_client_certificate() {
         &["nats.ca_file", "not a readable file"],
     );
 }
+
+/// TLS configured against a server that does not speak it fails start-up at once, naming the
+/// TLS keys, instead of retrying forever on "corrupt message".
+#[test]
+fn tls_against_a_plain_text_server_is_refused() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let dir = tempfile::tempdir().expect("test setup");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate\n").expect("test setup");
+    assert_rejected(
+        &nats.url,
+        &format!("ca_file = {ca:?}"),
+        &["TLS failed", "nats.ca_file"],
+    );
+}
