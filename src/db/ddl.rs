@@ -451,9 +451,6 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
 }
 
 /// The events waiting for the schema (see [`super::apply`]), in arrival order.
-///
-/// # Errors
-/// SQLite errors.
 pub fn waiting_events(conn: &Connection) -> Result<Vec<crate::wire::ChangeEvent>, Error> {
     let mut stmt = conn.prepare(&format!(
         "SELECT payload FROM {} WHERE schema_wait = 1 ORDER BY id",
@@ -483,9 +480,6 @@ pub fn waiting_tables(events: &[crate::wire::ChangeEvent]) -> HashSet<String> {
 /// not published: published now, it would land after that node's later changes and undo them;
 /// the waiting events set it here instead. Any other row
 /// is this node's own write between the DDL and its triggers, which nothing else carries.
-///
-/// # Errors
-/// SQLite errors.
 pub fn backfill(
     conn: &Connection,
     table: &Table,
@@ -584,9 +578,6 @@ fn seen_images(
 /// After `ALTER TABLE … ADD COLUMN`: pending changes captured without the new columns get them
 /// from the row as it is now, so that what is published ends where the row is (a write between
 /// the DDL and the reinstall of its triggers would otherwise replicate without its new value).
-///
-/// # Errors
-/// SQLite errors.
 pub fn fill_added(conn: &Connection, table: &Table, added: &[String]) -> Result<(), Error> {
     let pks = table.pk_indexes();
     let added: Vec<&String> = added
@@ -641,9 +632,6 @@ impl std::fmt::Display for Drift {
 /// Whether the live schema still matches the capture installed for `tables` with `hash`: `None`
 /// if so, else what changed. With `seen` equal to the current `PRAGMA schema_version` only that
 /// is read. Returns the schema version it looked at.
-///
-/// # Errors
-/// SQLite errors.
 pub fn drift(
     conn: &Connection,
     tables: &[Table],

@@ -126,9 +126,6 @@ impl Error {
 
 /// Whether the main database has a table of that name (case-insensitive, as SQLite resolves
 /// names).
-///
-/// # Errors
-/// SQLite errors.
 pub fn has_table(conn: &Connection, name: &str) -> Result<bool, Error> {
     use rusqlite::OptionalExtension;
     Ok(conn

@@ -52,9 +52,6 @@ impl Applier {
 
     /// Forgets and re-reads the in-flight set (at start, and after the stream position jumped:
     /// changes that can no longer come back must stop holding their rows).
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn rebuild_in_flight(&mut self) -> Result<(), Error> {
         for m in self
             .state
@@ -93,9 +90,6 @@ impl Applier {
     /// The stream of `shard` (1-based) was recreated: changes we published into the old one will
     /// never come back, so they stop counting as in flight (their landing is forgotten), and the
     /// in-flight set is read again.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn forget_published(&mut self, shard: usize) -> Result<(), Error> {
         let tx = self
             .conn

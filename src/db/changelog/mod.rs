@@ -135,9 +135,6 @@ impl ChangeLog {
 
     /// Number of changes in the global log above `after` (the publisher's done-with cursor;
     /// 0 counts everything).
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn pending_count(&self, conn: &Connection, after: i64) -> Result<i64, Error> {
         // A range of the rowid, not a full count: rows up to `after` are done with and wait
         // only for their retirement, and there can be many of them.
@@ -387,9 +384,6 @@ impl ChangeLog {
 
     /// The highest global change id ever captured here (0 before capture was first installed):
     /// the global log's ids are never reused, so a change captured later has a higher one.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn highest_global_id(conn: &Connection) -> Result<i64, Error> {
         if !super::has_table(conn, GLOBAL_LOG)? {
             return Ok(0);
@@ -413,9 +407,6 @@ impl ChangeLog {
     }
 
     /// Per shard, the stream sequence of the newest change retired as published.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn last_landed(conn: &Connection) -> Result<HashMap<u64, u64>, Error> {
         let mut stmt = conn.prepare(&format!(
             "SELECT shard, seq FROM {}",
@@ -432,9 +423,6 @@ impl ChangeLog {
 
     /// Per table (index), the highest change-log id of a pending change whose global id is at
     /// most `global` (0 when there is none).
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn max_ids_up_to(&self, conn: &Connection, global: i64) -> Result<Vec<i64>, Error> {
         let mut stmt = conn.prepare(&format!(
             "SELECT coalesce(max(change_table_id), 0) FROM {} WHERE table_name = ?1 AND id <= ?2",
@@ -453,9 +441,6 @@ impl ChangeLog {
     /// needed; returns the count. With `applied` (this node applies its own events: per shard,
     /// index shard − 1, the last applied sequence) a row is kept until its event has come back,
     /// because it is what tells an older event for the same row from a newer one after a restart.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn cleanup(
         &self,
         conn: &mut Connection,
@@ -515,9 +500,6 @@ impl ChangeLog {
     /// [`crate::db::restore::NotKept`]) are returned too, flagged: they may have landed in a part
     /// of the stream that is gone, so only our own events older than them are known to be older.
     /// Returns `(id, key values, unknown)` in id order, plus the highest id in the log.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn in_flight(
         &self,
         conn: &Connection,
@@ -569,9 +551,6 @@ impl ChangeLog {
 
     /// The primary-key values of the changes `ids` of table `table` (index), as `(id, key)`;
     /// ids that no longer exist are left out.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn keys_of(
         &self,
         conn: &Connection,
@@ -602,9 +581,6 @@ impl ChangeLog {
 
     /// Every pending change, as (table index, change-log id) → global id, for matching changes
     /// found in the stream after a crash.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn pending_ids(&self, conn: &Connection) -> Result<HashMap<(usize, i64), i64>, Error> {
         let mut stmt = conn.prepare(&format!(
             "SELECT id, change_table_id, table_name FROM {}",
@@ -628,9 +604,6 @@ impl ChangeLog {
     }
 
     /// The capture time of change `log_id` of table `table` (index), if the row exists.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn created_at(
         &self,
         conn: &Connection,
