@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::Connection;
 
 pub use super::aliases::Aliases;
-use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, quote};
+use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, has_table, quote};
 
 /// The suffixes of our three trigger names (after `<prefix><table>_change_log`).
 const TRIGGER_SUFFIXES: [&str; 3] = ["_on_delete", "_on_insert", "_on_update"];
@@ -157,14 +157,6 @@ pub fn capture_pairs(sql: &str) -> Option<Vec<(String, String)>> {
     Some(pairs)
 }
 
-fn exists(conn: &Connection, name: &str) -> Result<bool, Error> {
-    Ok(conn.query_row(
-        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
-        [name],
-        |r| r.get::<_, i64>(0),
-    )? > 0)
-}
-
 fn record(conn: &Connection, kind: &str, scope: &str, old: &str, new: &str) -> Result<(), Error> {
     conn.execute(
         &format!(
@@ -256,7 +248,7 @@ fn follow_table_renames(
     let mut moved: Vec<(String, String, String)> = Vec::new();
     for (i, (old, new)) in renames.into_iter().enumerate() {
         let (old_log, new_log) = (change_log_name(&old), change_log_name(&new));
-        if !exists(conn, &old_log)? {
+        if !has_table(conn, &old_log)? {
             continue;
         }
         if old.eq_ignore_ascii_case(&new) {
@@ -267,7 +259,7 @@ fn follow_table_renames(
         }
         // The target's own log is left from a table that was dropped and replaced by this one
         // (a table rebuild: create new, copy, drop old, rename new): the copy carries its rows.
-        if exists(conn, &new_log)? && !sources.contains(&new.to_lowercase()) {
+        if has_table(conn, &new_log)? && !sources.contains(&new.to_lowercase()) {
             retire_log(conn, &new, done)?;
         }
         let tmp = format!("{PREFIX}renaming_{i}_change_log");
@@ -409,7 +401,7 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
         let Some(table) = log_table(&log) else {
             continue;
         };
-        if watched.contains(&table.to_lowercase()) || exists(conn, table)? {
+        if watched.contains(&table.to_lowercase()) || has_table(conn, table)? {
             continue;
         }
         retire_log(conn, table, done)?;
@@ -497,23 +489,19 @@ pub fn backfill(
         .map(|c| quote(&format!("val_{}", c.name)))
         .collect();
     let sources: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
-    let mut unseen = Vec::new();
-    if !seen.is_empty() {
+    let unseen = if seen.is_empty() {
+        String::new()
+    } else {
         seen_images(conn, table, seen)?;
         let same: Vec<String> = table
             .pk_indexes()
             .iter()
             .map(|&i| format!("s.c{i} IS t.{}", sources[i]))
             .collect();
-        unseen.push(format!(
-            "NOT EXISTS (SELECT 1 FROM temp.hl_seen AS s WHERE {})",
+        format!(
+            " WHERE NOT EXISTS (SELECT 1 FROM temp.hl_seen AS s WHERE {})",
             same.join(" AND ")
-        ));
-    }
-    let unseen = if unseen.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", unseen.join(" AND "))
+        )
     };
     let n = conn.execute(
         &format!(
@@ -646,7 +634,7 @@ pub fn drift(
     let version: i64 = tx.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
     let now = super::schema::watched_tables(&tx)?;
     let names = |ts: &[Table]| -> Vec<String> { ts.iter().map(|t| t.name.clone()).collect() };
-    let mut missing_triggers = false;
+    let mut capture_lost = false;
     let reason = if names(&now) != names(tables) {
         Some(format!(
             "watched tables changed from {:?} to {:?}",
@@ -668,7 +656,7 @@ pub fn drift(
                 .all(|(n, _)| present.iter().any(|(p, ..)| p == n))
         });
         if let Some(t) = missing {
-            missing_triggers = true;
+            capture_lost = true;
             Some(format!(
                 "the capture triggers of table {:?} were dropped by something other than harmonylite \
                  (writes made while they were missing are not replicated)",
@@ -688,14 +676,7 @@ pub fn drift(
         }
     };
     tx.commit()?;
-    let lost = missing_triggers;
-    Ok((
-        version,
-        reason.map(|what| Drift {
-            what,
-            capture_lost: lost,
-        }),
-    ))
+    Ok((version, reason.map(|what| Drift { what, capture_lost })))
 }
 
 #[cfg(test)]

@@ -93,8 +93,7 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         use rusqlite::ErrorCode as C;
         let source = match self {
-            Error::Missing(_) => return true,
-            Error::Open { .. } => return true,
+            Error::Missing(_) | Error::Open { .. } => return true,
             Error::Sqlite { source, .. } => source,
             Error::Unwatchable(..)
             | Error::Locked(..)
@@ -157,16 +156,7 @@ pub(crate) fn on_table(table: &str) -> impl FnOnce(rusqlite::Error) -> Error + '
 
 /// Quotes an identifier for SQL text: `"name"` with embedded quotes doubled.
 pub fn quote(ident: &str) -> String {
-    let mut s = String::with_capacity(ident.len() + 2);
-    s.push('"');
-    for c in ident.chars() {
-        if c == '"' {
-            s.push('"');
-        }
-        s.push(c);
-    }
-    s.push('"');
-    s
+    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 /// Quotes a string literal: `'text'` with embedded quotes doubled.
@@ -219,9 +209,7 @@ impl ReaderProbe {
         use std::os::unix::fs::MetadataExt;
         static OPEN: std::sync::Mutex<Vec<(PathBuf, std::sync::Arc<ReaderProbe>)>> =
             std::sync::Mutex::new(Vec::new());
-        let mut name = db_path.as_os_str().to_owned();
-        name.push("-shm");
-        let name = PathBuf::from(name);
+        let name = beside(db_path, "-shm");
         let now = std::fs::metadata(&name).ok()?;
         let same = |p: &ReaderProbe| {
             p.shm
@@ -284,15 +272,13 @@ impl ReaderProbe {
 /// The file where the publisher records how far it has handed changes to NATS:
 /// `<db>-harmonylite.sent` (see [`crate::replicate::publish`]).
 pub fn sent_mark_path(db_path: &Path) -> PathBuf {
-    let mut name = db_path.as_os_str().to_owned();
-    name.push("-harmonylite.sent");
-    PathBuf::from(name)
+    beside(db_path, "-harmonylite.sent")
 }
 
-/// The lock file of a database: `<db>-harmonylite.lock`.
-pub fn lock_path(db_path: &Path) -> PathBuf {
+/// The file `<db><suffix>` (the lock file is `<db>-harmonylite.lock`).
+fn beside(db_path: &Path, suffix: &str) -> PathBuf {
     let mut name = db_path.as_os_str().to_owned();
-    name.push("-harmonylite.lock");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
@@ -302,7 +288,7 @@ pub fn lock_path(db_path: &Path) -> PathBuf {
 /// [`Error::Locked`] when another process holds it; [`Error::LockFile`] when the file cannot be
 /// created (a read-only directory).
 pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
-    let path = lock_path(db_path);
+    let path = beside(db_path, "-harmonylite.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
