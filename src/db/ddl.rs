@@ -164,7 +164,7 @@ fn record(conn: &Connection, kind: &str, scope: &str, old: &str, new: &str) -> R
              VALUES (?1, ?2, ?3, ?4, ?5)",
             quote(ALIAS_TABLE)
         ),
-        rusqlite::params![kind, scope, old, new, super::now_ms()],
+        rusqlite::params![kind, scope, old, new, crate::clock::unix_ms()],
     )?;
     Ok(())
 }
@@ -186,7 +186,6 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     Ok(done)
 }
 
-/// A change log's columns (names only).
 fn log_column_names(conn: &Connection, log: &str) -> Result<Vec<String>, Error> {
     Ok(conn
         .prepare("SELECT name FROM pragma_table_info(?1)")?
@@ -515,7 +514,7 @@ pub fn backfill(
                 .join(", "),
             quote(&table.name)
         ),
-        [super::now_ms()],
+        [crate::clock::unix_ms()],
     )?;
     if !seen.is_empty() {
         conn.execute_batch("DROP TABLE temp.hl_seen")?;

@@ -31,7 +31,6 @@ mod triggers;
 pub const PREFIX: &str = "__harmonylite__";
 /// The global change log (three underscores: prefix + `_change_log_global`).
 pub const GLOBAL_LOG: &str = "__harmonylite___change_log_global";
-/// The schema version table.
 pub const SCHEMA_VERSION_TABLE: &str = "__harmonylite__schema_version";
 /// The loop-prevention guard table (design §3.4).
 pub const GUARD_TABLE: &str = "__harmonylite__apply_guard";
@@ -146,7 +145,6 @@ impl From<rusqlite::Error> for Error {
     }
 }
 
-/// Adds the table name to an SQLite error.
 pub(crate) fn on_table(table: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
     move |source| Error::Sqlite {
         table: Some(table.to_owned()),
@@ -164,12 +162,6 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// Unix milliseconds now.
-pub(crate) fn now_ms() -> i64 {
-    crate::clock::unix_ms()
-}
-
-/// Name of a table's change log.
 pub fn change_log_name(table: &str) -> String {
     format!("{PREFIX}{table}_change_log")
 }
