@@ -27,9 +27,6 @@ pub struct Aliases {
 
 impl Aliases {
     /// Reads the recorded aliases (none if the table does not exist yet).
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn load(conn: &Connection) -> Result<Aliases, Error> {
         let mut aliases = Aliases::default();
         if !super::has_table(conn, ALIAS_TABLE)? {

@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::Connection;
 
 pub use super::aliases::Aliases;
-use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, quote};
+use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, has_table, quote};
 
 /// The suffixes of our three trigger names (after `<prefix><table>_change_log`).
 const TRIGGER_SUFFIXES: [&str; 3] = ["_on_delete", "_on_insert", "_on_update"];
@@ -157,14 +157,6 @@ pub fn capture_pairs(sql: &str) -> Option<Vec<(String, String)>> {
     Some(pairs)
 }
 
-fn exists(conn: &Connection, name: &str) -> Result<bool, Error> {
-    Ok(conn.query_row(
-        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
-        [name],
-        |r| r.get::<_, i64>(0),
-    )? > 0)
-}
-
 fn record(conn: &Connection, kind: &str, scope: &str, old: &str, new: &str) -> Result<(), Error> {
     conn.execute(
         &format!(
@@ -172,7 +164,7 @@ fn record(conn: &Connection, kind: &str, scope: &str, old: &str, new: &str) -> R
              VALUES (?1, ?2, ?3, ?4, ?5)",
             quote(ALIAS_TABLE)
         ),
-        rusqlite::params![kind, scope, old, new, super::now_ms()],
+        rusqlite::params![kind, scope, old, new, crate::clock::unix_ms()],
     )?;
     Ok(())
 }
@@ -194,7 +186,6 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     Ok(done)
 }
 
-/// A change log's columns (names only).
 fn log_column_names(conn: &Connection, log: &str) -> Result<Vec<String>, Error> {
     Ok(conn
         .prepare("SELECT name FROM pragma_table_info(?1)")?
@@ -256,7 +247,7 @@ fn follow_table_renames(
     let mut moved: Vec<(String, String, String)> = Vec::new();
     for (i, (old, new)) in renames.into_iter().enumerate() {
         let (old_log, new_log) = (change_log_name(&old), change_log_name(&new));
-        if !exists(conn, &old_log)? {
+        if !has_table(conn, &old_log)? {
             continue;
         }
         if old.eq_ignore_ascii_case(&new) {
@@ -267,7 +258,7 @@ fn follow_table_renames(
         }
         // The target's own log is left from a table that was dropped and replaced by this one
         // (a table rebuild: create new, copy, drop old, rename new): the copy carries its rows.
-        if exists(conn, &new_log)? && !sources.contains(&new.to_lowercase()) {
+        if has_table(conn, &new_log)? && !sources.contains(&new.to_lowercase()) {
             retire_log(conn, &new, done)?;
         }
         let tmp = format!("{PREFIX}renaming_{i}_change_log");
@@ -409,7 +400,7 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
         let Some(table) = log_table(&log) else {
             continue;
         };
-        if watched.contains(&table.to_lowercase()) || exists(conn, table)? {
+        if watched.contains(&table.to_lowercase()) || has_table(conn, table)? {
             continue;
         }
         retire_log(conn, table, done)?;
@@ -451,9 +442,6 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
 }
 
 /// The events waiting for the schema (see [`super::apply`]), in arrival order.
-///
-/// # Errors
-/// SQLite errors.
 pub fn waiting_events(conn: &Connection) -> Result<Vec<crate::wire::ChangeEvent>, Error> {
     let mut stmt = conn.prepare(&format!(
         "SELECT payload FROM {} WHERE schema_wait = 1 ORDER BY id",
@@ -483,9 +471,6 @@ pub fn waiting_tables(events: &[crate::wire::ChangeEvent]) -> HashSet<String> {
 /// not published: published now, it would land after that node's later changes and undo them;
 /// the waiting events set it here instead. Any other row
 /// is this node's own write between the DDL and its triggers, which nothing else carries.
-///
-/// # Errors
-/// SQLite errors.
 pub fn backfill(
     conn: &Connection,
     table: &Table,
@@ -503,23 +488,19 @@ pub fn backfill(
         .map(|c| quote(&format!("val_{}", c.name)))
         .collect();
     let sources: Vec<String> = table.columns.iter().map(|c| quote(&c.name)).collect();
-    let mut unseen = Vec::new();
-    if !seen.is_empty() {
+    let unseen = if seen.is_empty() {
+        String::new()
+    } else {
         seen_images(conn, table, seen)?;
         let same: Vec<String> = table
             .pk_indexes()
             .iter()
             .map(|&i| format!("s.c{i} IS t.{}", sources[i]))
             .collect();
-        unseen.push(format!(
-            "NOT EXISTS (SELECT 1 FROM temp.hl_seen AS s WHERE {})",
+        format!(
+            " WHERE NOT EXISTS (SELECT 1 FROM temp.hl_seen AS s WHERE {})",
             same.join(" AND ")
-        ));
-    }
-    let unseen = if unseen.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", unseen.join(" AND "))
+        )
     };
     let n = conn.execute(
         &format!(
@@ -533,7 +514,7 @@ pub fn backfill(
                 .join(", "),
             quote(&table.name)
         ),
-        [super::now_ms()],
+        [crate::clock::unix_ms()],
     )?;
     if !seen.is_empty() {
         conn.execute_batch("DROP TABLE temp.hl_seen")?;
@@ -584,9 +565,6 @@ fn seen_images(
 /// After `ALTER TABLE … ADD COLUMN`: pending changes captured without the new columns get them
 /// from the row as it is now, so that what is published ends where the row is (a write between
 /// the DDL and the reinstall of its triggers would otherwise replicate without its new value).
-///
-/// # Errors
-/// SQLite errors.
 pub fn fill_added(conn: &Connection, table: &Table, added: &[String]) -> Result<(), Error> {
     let pks = table.pk_indexes();
     let added: Vec<&String> = added
@@ -641,9 +619,6 @@ impl std::fmt::Display for Drift {
 /// Whether the live schema still matches the capture installed for `tables` with `hash`: `None`
 /// if so, else what changed. With `seen` equal to the current `PRAGMA schema_version` only that
 /// is read. Returns the schema version it looked at.
-///
-/// # Errors
-/// SQLite errors.
 pub fn drift(
     conn: &Connection,
     tables: &[Table],
@@ -658,7 +633,7 @@ pub fn drift(
     let version: i64 = tx.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
     let now = super::schema::watched_tables(&tx)?;
     let names = |ts: &[Table]| -> Vec<String> { ts.iter().map(|t| t.name.clone()).collect() };
-    let mut missing_triggers = false;
+    let mut capture_lost = false;
     let reason = if names(&now) != names(tables) {
         Some(format!(
             "watched tables changed from {:?} to {:?}",
@@ -680,7 +655,7 @@ pub fn drift(
                 .all(|(n, _)| present.iter().any(|(p, ..)| p == n))
         });
         if let Some(t) = missing {
-            missing_triggers = true;
+            capture_lost = true;
             Some(format!(
                 "the capture triggers of table {:?} were dropped by something other than harmonylite \
                  (writes made while they were missing are not replicated)",
@@ -700,14 +675,7 @@ pub fn drift(
         }
     };
     tx.commit()?;
-    let lost = missing_triggers;
-    Ok((
-        version,
-        reason.map(|what| Drift {
-            what,
-            capture_lost: lost,
-        }),
-    ))
+    Ok((version, reason.map(|what| Drift { what, capture_lost })))
 }
 
 #[cfg(test)]

@@ -31,7 +31,6 @@ mod triggers;
 pub const PREFIX: &str = "__harmonylite__";
 /// The global change log (three underscores: prefix + `_change_log_global`).
 pub const GLOBAL_LOG: &str = "__harmonylite___change_log_global";
-/// The schema version table.
 pub const SCHEMA_VERSION_TABLE: &str = "__harmonylite__schema_version";
 /// The loop-prevention guard table (design §3.4).
 pub const GUARD_TABLE: &str = "__harmonylite__apply_guard";
@@ -93,8 +92,7 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         use rusqlite::ErrorCode as C;
         let source = match self {
-            Error::Missing(_) => return true,
-            Error::Open { .. } => return true,
+            Error::Missing(_) | Error::Open { .. } => return true,
             Error::Sqlite { source, .. } => source,
             Error::Unwatchable(..)
             | Error::Locked(..)
@@ -126,9 +124,6 @@ impl Error {
 
 /// Whether the main database has a table of that name (case-insensitive, as SQLite resolves
 /// names).
-///
-/// # Errors
-/// SQLite errors.
 pub fn has_table(conn: &Connection, name: &str) -> Result<bool, Error> {
     use rusqlite::OptionalExtension;
     Ok(conn
@@ -150,7 +145,6 @@ impl From<rusqlite::Error> for Error {
     }
 }
 
-/// Adds the table name to an SQLite error.
 pub(crate) fn on_table(table: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
     move |source| Error::Sqlite {
         table: Some(table.to_owned()),
@@ -160,16 +154,7 @@ pub(crate) fn on_table(table: &str) -> impl FnOnce(rusqlite::Error) -> Error + '
 
 /// Quotes an identifier for SQL text: `"name"` with embedded quotes doubled.
 pub fn quote(ident: &str) -> String {
-    let mut s = String::with_capacity(ident.len() + 2);
-    s.push('"');
-    for c in ident.chars() {
-        if c == '"' {
-            s.push('"');
-        }
-        s.push(c);
-    }
-    s.push('"');
-    s
+    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 /// Quotes a string literal: `'text'` with embedded quotes doubled.
@@ -177,12 +162,6 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// Unix milliseconds now.
-pub(crate) fn now_ms() -> i64 {
-    crate::clock::unix_ms()
-}
-
-/// Name of a table's change log.
 pub fn change_log_name(table: &str) -> String {
     format!("{PREFIX}{table}_change_log")
 }
@@ -222,9 +201,7 @@ impl ReaderProbe {
         use std::os::unix::fs::MetadataExt;
         static OPEN: std::sync::Mutex<Vec<(PathBuf, std::sync::Arc<ReaderProbe>)>> =
             std::sync::Mutex::new(Vec::new());
-        let mut name = db_path.as_os_str().to_owned();
-        name.push("-shm");
-        let name = PathBuf::from(name);
+        let name = beside(db_path, "-shm");
         let now = std::fs::metadata(&name).ok()?;
         let same = |p: &ReaderProbe| {
             p.shm
@@ -287,15 +264,13 @@ impl ReaderProbe {
 /// The file where the publisher records how far it has handed changes to NATS:
 /// `<db>-harmonylite.sent` (see [`crate::replicate::publish`]).
 pub fn sent_mark_path(db_path: &Path) -> PathBuf {
-    let mut name = db_path.as_os_str().to_owned();
-    name.push("-harmonylite.sent");
-    PathBuf::from(name)
+    beside(db_path, "-harmonylite.sent")
 }
 
-/// The lock file of a database: `<db>-harmonylite.lock`.
-pub fn lock_path(db_path: &Path) -> PathBuf {
+/// The file `<db><suffix>` (the lock file is `<db>-harmonylite.lock`).
+fn beside(db_path: &Path, suffix: &str) -> PathBuf {
     let mut name = db_path.as_os_str().to_owned();
-    name.push("-harmonylite.lock");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
@@ -305,7 +280,7 @@ pub fn lock_path(db_path: &Path) -> PathBuf {
 /// [`Error::Locked`] when another process holds it; [`Error::LockFile`] when the file cannot be
 /// created (a read-only directory).
 pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
-    let path = lock_path(db_path);
+    let path = beside(db_path, "-harmonylite.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -20,9 +20,7 @@ use crate::cbor::{self, Item};
 
 /// The bucket (Go's `EmbeddedClusterName`).
 pub const BUCKET: &str = "e-harmonylite";
-/// The leader lease key.
 pub const LEADER_KEY: &str = "snapshot-leader";
-/// The save lease key.
 pub const SAVE_KEY: &str = "snapshot";
 /// How long the save lease lives (Go's `SnapshotLeaseTTL`).
 pub const SAVE_TTL: Duration = Duration::from_secs(10);
@@ -124,7 +122,7 @@ pub async fn try_acquire(
     node_id: u64,
     ttl: Duration,
 ) -> Result<Acquired, Error> {
-    let now = now_ms();
+    let now = crate::clock::unix_ms();
     let payload = Bytes::from(encode_holder(node_id, now));
     let lease = |message: String| Error::Lease { key, message };
     match store.entry(key).await.map_err(|e| lease(e.to_string()))? {
@@ -163,11 +161,6 @@ pub async fn holder(store: &kv::Store, key: &'static str) -> Option<(u64, i64)> 
         return None;
     }
     decode_holder(&entry.value)
-}
-
-/// Unix milliseconds (lease timestamps).
-pub fn now_ms() -> i64 {
-    crate::clock::unix_ms()
 }
 
 #[cfg(test)]

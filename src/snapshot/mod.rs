@@ -173,7 +173,7 @@ pub fn copy_database(
         ),
         schema_hash: Some(schema_hash.to_owned()),
         node_id: Some(node_id),
-        created_ms: Some(now_ms()),
+        created_ms: Some(crate::clock::unix_ms()),
         ..Meta::default()
     };
     tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, copy_ms, strip_ms,
@@ -255,11 +255,8 @@ fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
     // fresh copy to disk (half a second per GB) for a file that is uploaded and deleted.
     conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA journal_mode = DELETE; BEGIN;")?;
     for (kind, name) in &objects {
-        let what = if kind == "trigger" {
-            "TRIGGER"
-        } else {
-            "TABLE"
-        };
+        // `kind` is 'trigger' or 'table' (the query above).
+        let what = kind.to_ascii_uppercase();
         conn.execute_batch(&format!("DROP {what} IF EXISTS {}", db::quote(name)))?;
     }
     conn.execute_batch(
@@ -477,26 +474,19 @@ pub fn open_store(
     js: &async_nats::jetstream::Context,
 ) -> Result<Arc<dyn Store>, Error> {
     use crate::config::SnapshotStore;
-    match &settings.snapshot.store {
-        SnapshotStore::Nats { replicas, bucket } => Ok(Arc::new(nats::NatsStore::new(
-            js.clone(),
-            bucket.clone(),
-            *replicas,
-        ))),
-        SnapshotStore::S3(s3) => Ok(Arc::new(s3::S3Store::new(s3)?)),
-        SnapshotStore::WebDav { url } => Ok(Arc::new(webdav::WebDavStore::new(
-            url,
-            settings.node_name(),
-        )?)),
-        SnapshotStore::Sftp(sftp) => Ok(Arc::new(Arc::new(sftp::SftpStore::new(
-            sftp,
-            settings.node_name(),
-        )?))),
-    }
-}
-
-fn now_ms() -> i64 {
-    crate::clock::unix_ms()
+    let store: Arc<dyn Store> = match &settings.snapshot.store {
+        SnapshotStore::Nats { replicas, bucket } => {
+            Arc::new(nats::NatsStore::new(js.clone(), bucket.clone(), *replicas))
+        }
+        SnapshotStore::S3(s3) => Arc::new(s3::S3Store::new(s3)?),
+        SnapshotStore::WebDav { url } => {
+            Arc::new(webdav::WebDavStore::new(url, settings.node_name())?)
+        }
+        SnapshotStore::Sftp(sftp) => {
+            Arc::new(Arc::new(sftp::SftpStore::new(sftp, settings.node_name())?))
+        }
+    };
+    Ok(store)
 }
 
 #[cfg(test)]

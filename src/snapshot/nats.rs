@@ -36,7 +36,6 @@ const ACKS_IN_FLIGHT: usize = 16;
 /// How long a download waits for the next chunks before it fails.
 const CHUNK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The NATS object store backend.
 pub struct NatsStore {
     js: jetstream::Context,
     bucket: String,

@@ -31,10 +31,8 @@ const KIND: &str = "s3";
 const META_KEY: &str = "harmonylite-meta";
 /// Largest file sent in one PUT.
 const SINGLE_PUT_MAX: u64 = 256 * 1024 * 1024;
-/// Multipart part size.
 const PART_SIZE: u64 = 64 * 1024 * 1024;
 
-/// The S3 backend.
 pub struct S3Store {
     client: Client,
     bucket: String,
@@ -66,20 +64,22 @@ fn credentials(s: &S3Settings) -> Option<(String, String, Option<String>)> {
     ))
 }
 
+/// Our [`Meta`] from an object's user metadata (none for Go's objects).
+fn meta_of(metadata: Option<&std::collections::HashMap<String, String>>) -> Meta {
+    let json = metadata.and_then(|m| m.get(META_KEY));
+    json.and_then(|j| Meta::from_json(j.as_bytes()))
+        .unwrap_or_default()
+}
+
 impl S3Store {
     /// Builds the client (no request is made yet).
     ///
     /// # Errors
     /// A configuration the client cannot use (the message names the key).
     pub fn new(s: &S3Settings) -> Result<S3Store, Error> {
+        let bad = |why: String| Error::msg(KIND, "configure", OBJECT, why).config();
         if s.bucket.is_empty() {
-            return Err(Error::msg(
-                KIND,
-                "configure",
-                OBJECT,
-                "snapshot.s3.bucket is empty".into(),
-            )
-            .config());
+            return Err(bad("snapshot.s3.bucket is empty".into()));
         }
         let region = if s.region.is_empty() {
             std::env::var("AWS_REGION")
@@ -102,16 +102,10 @@ impl S3Store {
             .timeout_config(timeouts);
         if !s.endpoint.is_empty() {
             if s.endpoint.contains("://") {
-                return Err(Error::msg(
-                    KIND,
-                    "configure",
-                    OBJECT,
-                    format!(
-                        "snapshot.s3.endpoint {:?} must be host[:port] without a scheme (use_ssl picks https)",
-                        s.endpoint
-                    ),
-                )
-                .config());
+                return Err(bad(format!(
+                    "snapshot.s3.endpoint {:?} must be host[:port] without a scheme (use_ssl picks https)",
+                    s.endpoint
+                )));
             }
             let scheme = if s.use_ssl { "https" } else { "http" };
             b = b
@@ -335,11 +329,7 @@ impl Store for S3Store {
                 }
                 Err(e) => return Err(self.err("download", e)),
             };
-            let meta = got
-                .metadata()
-                .and_then(|m| m.get(META_KEY))
-                .and_then(|j| Meta::from_json(j.as_bytes()))
-                .unwrap_or_default();
+            let meta = meta_of(got.metadata());
             let mut out = tokio::fs::File::create(dest)
                 .await
                 .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
@@ -375,12 +365,7 @@ impl Store for S3Store {
                 .send()
                 .await
             {
-                Ok(h) => Ok(Some(
-                    h.metadata()
-                        .and_then(|m| m.get(META_KEY))
-                        .and_then(|j| Meta::from_json(j.as_bytes()))
-                        .unwrap_or_default(),
-                )),
+                Ok(h) => Ok(Some(meta_of(h.metadata()))),
                 Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
                 Err(e) => Err(self.err("read metadata of", e)),
             }

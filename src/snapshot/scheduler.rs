@@ -168,7 +168,7 @@ impl Snapshots {
                     .observe(started.elapsed().as_secs_f64());
                 m.snapshots.with_label_values(&["save", "ok"]).inc();
                 m.snapshot_size_bytes.set(meta.size.unwrap_or(0) as i64);
-                let created = meta.created_ms.unwrap_or_else(leader::now_ms);
+                let created = meta.created_ms.unwrap_or_else(crate::clock::unix_ms);
                 self.newest_ms.fetch_max(created, Ordering::Relaxed);
                 self.observers.health.update_catchup(|c| {
                     c.last_snapshot_saved_ms = created;
@@ -447,7 +447,7 @@ impl Snapshots {
             }
             Ok(leader::Acquired::Held) => true,
             Ok(leader::Acquired::Other { expires_ms }) => {
-                let left = (expires_ms - leader::now_ms()).max(0) as u64;
+                let left = (expires_ms - crate::clock::unix_ms()).max(0) as u64;
                 next = Duration::from_millis(left + 20);
                 false
             }
@@ -496,7 +496,7 @@ impl Snapshots {
                     me.observers
                         .metrics
                         .snapshot_age_seconds
-                        .set(((leader::now_ms() - newest) / 1000).max(0));
+                        .set(((crate::clock::unix_ms() - newest) / 1000).max(0));
                 }
                 tokio::select! {
                     biased;

@@ -15,6 +15,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -28,7 +29,6 @@ const KIND: &str = "sftp";
 const NO_SUCH_FILE: i32 = 2;
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The SFTP backend.
 pub struct SftpStore {
     host: String,
     port: u16,
@@ -182,32 +182,18 @@ impl SftpStore {
         let Some((key, _)) = sess.host_key() else {
             return Err(self.err(op, "the server sent no host key"));
         };
-        match known.check_port(&self.host, self.port, key) {
-            ssh2::CheckResult::Match => Ok(()),
-            ssh2::CheckResult::Mismatch => Err(self
-                .err(
-                    op,
-                    format!(
-                        "HOST KEY MISMATCH for {}:{} (known_hosts {})",
-                        self.host,
-                        self.port,
-                        file.display()
-                    ),
-                )
-                .config()),
-            ssh2::CheckResult::NotFound => Err(self
-                .err(
-                    op,
-                    format!(
-                        "host {}:{} is not in known_hosts {}",
-                        self.host,
-                        self.port,
-                        file.display()
-                    ),
-                )
-                .config()),
-            ssh2::CheckResult::Failure => Err(self.err(op, "host key check failed")),
-        }
+        let (host, port, file) = (&self.host, self.port, file.display());
+        let why = match known.check_port(host, port, key) {
+            ssh2::CheckResult::Match => return Ok(()),
+            ssh2::CheckResult::Failure => return Err(self.err(op, "host key check failed")),
+            ssh2::CheckResult::Mismatch => {
+                format!("HOST KEY MISMATCH for {host}:{port} (known_hosts {file})")
+            }
+            ssh2::CheckResult::NotFound => {
+                format!("host {host}:{port} is not in known_hosts {file}")
+            }
+        };
+        Err(self.err(op, why).config())
     }
 
     fn mkdir_all(&self, sftp: &Sftp, op: &'static str) -> Result<(), Error> {
@@ -234,7 +220,7 @@ impl SftpStore {
         let temp = self.path_of(&format!(
             "{}-{}-temp-{name}",
             self.node_name,
-            super::leader::now_ms()
+            crate::clock::unix_ms()
         ));
         let dest = self.path_of(name);
         let written = (|| -> Result<u64, Error> {
@@ -364,27 +350,23 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-impl Store for std::sync::Arc<SftpStore> {
+impl Store for Arc<SftpStore> {
     fn kind(&self) -> &'static str {
         KIND
     }
 
     fn upload<'a>(&'a self, file: &'a Path, meta: &'a Meta) -> BoxFuture<'a, Result<(), Error>> {
-        let (me, file, meta) = (
-            std::sync::Arc::clone(self),
-            file.to_path_buf(),
-            meta.clone(),
-        );
+        let (me, file, meta) = (Arc::clone(self), file.to_path_buf(), meta.clone());
         Box::pin(blocking(move || me.upload_blocking(&file, &meta)))
     }
 
     fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
-        let (me, dest) = (std::sync::Arc::clone(self), dest.to_path_buf());
+        let (me, dest) = (Arc::clone(self), dest.to_path_buf());
         Box::pin(blocking(move || me.download_blocking(&dest)))
     }
 
     fn meta(&self) -> BoxFuture<'_, Result<Option<Meta>, Error>> {
-        let me = std::sync::Arc::clone(self);
+        let me = Arc::clone(self);
         Box::pin(blocking(move || me.meta_blocking()))
     }
 }

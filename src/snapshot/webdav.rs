@@ -21,7 +21,6 @@ use super::store::{Error, Meta, OBJECT, Progress, ProgressReader, SIDECAR, Store
 
 const KIND: &str = "webdav";
 
-/// The WebDAV backend.
 pub struct WebDavStore {
     http: reqwest::Client,
     root: Url,
@@ -47,24 +46,15 @@ impl WebDavStore {
             )));
         }
         let (mut dir, mut login, mut secret) = ("/".to_owned(), None, None);
-        let rest: Vec<(String, String)> = parsed
-            .query_pairs()
-            .filter_map(|(k, v)| match k.as_ref() {
-                "dir" => {
-                    dir = v.into_owned();
-                    None
-                }
-                "login" => {
-                    login = Some(v.into_owned());
-                    None
-                }
-                "secret" => {
-                    secret = Some(v.into_owned());
-                    None
-                }
-                _ => Some((k.into_owned(), v.into_owned())),
-            })
-            .collect();
+        let mut rest: Vec<(String, String)> = Vec::new();
+        for (k, v) in parsed.query_pairs() {
+            match k.as_ref() {
+                "dir" => dir = v.into_owned(),
+                "login" => login = Some(v.into_owned()),
+                "secret" => secret = Some(v.into_owned()),
+                _ => rest.push((k.into_owned(), v.into_owned())),
+            }
+        }
         let (Some(login), Some(secret)) = (login, secret) else {
             return Err(bad(
                 "required parameter missing: snapshot.webdav.url needs login= and secret= query parameters".into(),
@@ -136,6 +126,15 @@ impl WebDavStore {
         Error::new(KIND, op, &self.object(), &e)
     }
 
+    /// Sends `request`; a transport failure is an `op` error.
+    async fn send(
+        &self,
+        op: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, Error> {
+        request.send().await.map_err(|e| self.http_error(op, e))
+    }
+
     /// MKCOL every level of the directory (existing ones are fine).
     async fn make_dirs(&self) -> Result<(), Error> {
         let mkcol = Method::from_bytes(b"MKCOL").unwrap_or(Method::PUT);
@@ -146,10 +145,8 @@ impl WebDavStore {
                 p.push("");
             }
             let status = self
-                .request(mkcol.clone(), url)
-                .send()
-                .await
-                .map_err(|e| self.http_error("upload", e))?
+                .send("upload", self.request(mkcol.clone(), url))
+                .await?
                 .status();
             if !(status.is_success()
                 || status == StatusCode::METHOD_NOT_ALLOWED
@@ -164,10 +161,8 @@ impl WebDavStore {
     /// The sidecar's metadata, if there is one.
     async fn sidecar(&self, op: &'static str) -> Result<Option<Meta>, Error> {
         let resp = self
-            .request(Method::GET, self.in_dir(SIDECAR))
-            .send()
-            .await
-            .map_err(|e| self.http_error(op, e))?;
+            .send(op, self.request(Method::GET, self.in_dir(SIDECAR)))
+            .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => {
@@ -208,21 +203,18 @@ impl Store for WebDavStore {
             let temp = format!(
                 "{}-{}-temp-snapshot.db",
                 self.node_name,
-                super::leader::now_ms()
+                crate::clock::unix_ms()
             );
             let temp_url = self.in_dir(&temp);
             let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
                 ProgressReader::new(f, Progress::new(KIND, "Uploading", Some(size))),
                 1 << 20,
             ));
-            let status = self
+            let put = self
                 .request(Method::PUT, temp_url.clone())
                 .header(reqwest::header::CONTENT_LENGTH, size)
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| self.http_error(op, e))?
-                .status();
+                .body(body);
+            let status = self.send(op, put).await?.status();
             if !status.is_success() {
                 let _ = self.request(Method::DELETE, temp_url).send().await;
                 return Err(self.status_error(op, "PUT", status));
@@ -233,22 +225,14 @@ impl Store for WebDavStore {
                     temp_url.clone(),
                 )
                 .header("Destination", self.in_dir(OBJECT).as_str())
-                .header("Overwrite", "T")
-                .send()
-                .await
-                .map_err(|e| self.http_error(op, e))?
-                .status();
+                .header("Overwrite", "T");
+            let moved = self.send(op, moved).await?.status();
             if !moved.is_success() {
                 let _ = self.request(Method::DELETE, temp_url).send().await;
                 return Err(self.status_error(op, "MOVE", moved));
             }
-            let status = self
-                .request(Method::PUT, self.in_dir(SIDECAR))
-                .body(meta.to_json())
-                .send()
-                .await
-                .map_err(|e| self.http_error(op, e))?
-                .status();
+            let sidecar = self.request(Method::PUT, self.in_dir(SIDECAR));
+            let status = self.send(op, sidecar.body(meta.to_json())).await?.status();
             if !status.is_success() {
                 return Err(self.status_error(op, "PUT metadata", status));
             }
@@ -262,10 +246,8 @@ impl Store for WebDavStore {
             let op = "download";
             let sidecar = self.sidecar(op).await?;
             let mut resp = self
-                .request(Method::GET, self.in_dir(OBJECT))
-                .send()
-                .await
-                .map_err(|e| self.http_error(op, e))?;
+                .send(op, self.request(Method::GET, self.in_dir(OBJECT)))
+                .await?;
             match resp.status() {
                 StatusCode::NOT_FOUND => return Ok(None),
                 s if s.is_success() => {}
@@ -297,10 +279,8 @@ impl Store for WebDavStore {
         Box::pin(async move {
             let op = "read metadata of";
             let head = self
-                .request(Method::HEAD, self.in_dir(OBJECT))
-                .send()
-                .await
-                .map_err(|e| self.http_error(op, e))?;
+                .send(op, self.request(Method::HEAD, self.in_dir(OBJECT)))
+                .await?;
             match head.status() {
                 StatusCode::NOT_FOUND => return Ok(None),
                 s if s.is_success() => {}

@@ -23,7 +23,7 @@ use super::step::{EventError, Mode, Step};
 use super::waiting::WaitingEvent;
 use super::{Applier, Incoming, Key, Outcome, State};
 use crate::db::sql::{begin_guarded, commit_guarded};
-use crate::db::{Error, HELD_TABLE, now_ms, quote};
+use crate::db::{Error, HELD_TABLE, quote};
 use crate::wire::{ChangeEvent, Op, ReplicationEvent};
 
 /// Most held events of one table tried pairwise when they wait for each other.
@@ -40,7 +40,6 @@ pub(super) struct HeldEvent {
 }
 
 impl Applier {
-    /// Number of held events.
     pub fn held_len(&self) -> usize {
         self.state.held.len()
     }
@@ -193,7 +192,7 @@ impl State {
             incoming.own.then_some("own"),
             payload,
             why,
-            now_ms()
+            crate::clock::unix_ms()
         ])?;
         let id = conn.last_insert_rowid();
         let conflicting = self.conflicting_row(conn, t, event, &why);
@@ -347,7 +346,7 @@ impl State {
                 };
                 let found = self.find(conn, t, &layout.0, &layout.1, e)?;
                 if let Some(target) = found.first() {
-                    match self.delete(conn, t, &layout.1, target, e) {
+                    match self.delete(conn, t, &layout.1, target) {
                         Ok(()) => {}
                         Err(WriteError::Conflict(_)) => return Ok(false),
                         Err(WriteError::Event(e)) => return Err(e),

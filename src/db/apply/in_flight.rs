@@ -15,8 +15,6 @@
 //! - A change that can never come back (stream recreated, inside a restored snapshot) stops
 //!   counting as in flight, so it cannot hold its row back forever.
 
-use std::collections::HashMap;
-
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 
 use super::{Applier, Key, State};
@@ -25,9 +23,6 @@ use crate::db::{Error, change_log_name, on_table, quote};
 impl Applier {
     /// Changes up to these change-log ids (per table) were captured before the table's columns
     /// changed: they stop counting as in flight (see `stale_up_to`).
-    ///
-    /// # Errors
-    /// SQLite errors re-reading the in-flight set.
     pub fn set_stale_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
         self.state.stale_up_to = ids;
         self.rebuild_in_flight()
@@ -35,9 +30,6 @@ impl Applier {
 
     /// Pending changes up to these change-log ids (per table) have an unknown publish status:
     /// they stop counting as in flight (see [`crate::db::restore::NotKept`]).
-    ///
-    /// # Errors
-    /// SQLite errors re-reading the in-flight set.
     pub fn set_unknown_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
         self.state.unknown_up_to = ids;
         self.rebuild_in_flight()
@@ -52,9 +44,6 @@ impl Applier {
 
     /// Forgets and re-reads the in-flight set (at start, and after the stream position jumped:
     /// changes that can no longer come back must stop holding their rows).
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn rebuild_in_flight(&mut self) -> Result<(), Error> {
         for m in self
             .state
@@ -93,9 +82,6 @@ impl Applier {
     /// The stream of `shard` (1-based) was recreated: changes we published into the old one will
     /// never come back, so they stop counting as in flight (their landing is forgotten), and the
     /// in-flight set is read again.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn forget_published(&mut self, shard: usize) -> Result<(), Error> {
         let tx = self
             .conn
@@ -115,9 +101,14 @@ impl Applier {
         self.rebuild_in_flight()
     }
 
-    /// Number of captured changes not yet come back (for tests and metrics).
+    /// Number of captured changes not yet come back.
+    #[cfg(test)]
     pub fn in_flight_len(&self) -> usize {
-        self.state.in_flight.iter().map(HashMap::len).sum()
+        self.state
+            .in_flight
+            .iter()
+            .map(std::collections::HashMap::len)
+            .sum()
     }
 }
 

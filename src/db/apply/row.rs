@@ -63,6 +63,15 @@ pub(super) fn classify_write(e: rusqlite::Error) -> WriteError {
     WriteError::Event(classify(e))
 }
 
+/// Runs the write statement `sql` with `binds`.
+fn execute(conn: &Connection, sql: &str, binds: &[Bind<'_>]) -> Result<(), WriteError> {
+    conn.prepare_cached(sql)
+        .map_err(|e| WriteError::Event(classify(e)))?
+        .execute(rusqlite::params_from_iter(binds.iter()))
+        .map_err(classify_write)?;
+    Ok(())
+}
+
 /// Per table: SQL built once per set of event columns.
 #[derive(Default)]
 pub(super) struct TableSql {
@@ -165,11 +174,7 @@ impl State {
             }
             None => binds.extend(key_pos.iter().map(|&i| Bind(&target.values[i]))),
         }
-        conn.prepare_cached(sql)
-            .map_err(|e| WriteError::Event(classify(e)))?
-            .execute(rusqlite::params_from_iter(binds.iter()))
-            .map_err(classify_write)?;
-        Ok(())
+        execute(conn, sql, &binds)
     }
 
     pub(super) fn insert(
@@ -194,11 +199,7 @@ impl State {
             )
         });
         let binds: Vec<Bind<'_>> = event.row.iter().map(|(_, v)| Bind(v)).collect();
-        conn.prepare_cached(sql)
-            .map_err(|e| WriteError::Event(classify(e)))?
-            .execute(rusqlite::params_from_iter(binds.iter()))
-            .map_err(classify_write)?;
-        Ok(())
+        execute(conn, sql, &binds)
     }
 
     pub(super) fn delete(
@@ -207,7 +208,6 @@ impl State {
         t: usize,
         key_pos: &[usize],
         target: &Found,
-        event: &ChangeEvent,
     ) -> Result<(), WriteError> {
         let table = &self.tables[t];
         let pks = &self.pks[t];
@@ -232,12 +232,7 @@ impl State {
             }
             None => key_pos.iter().map(|&i| Bind(&target.values[i])).collect(),
         };
-        let _ = event;
-        conn.prepare_cached(sql)
-            .map_err(|e| WriteError::Event(classify(e)))?
-            .execute(rusqlite::params_from_iter(binds.iter()))
-            .map_err(classify_write)?;
-        Ok(())
+        execute(conn, sql, &binds)
     }
 
     /// The local row that holds the value a UNIQUE conflict is about, for the log.

@@ -20,7 +20,7 @@ use super::key::same_value;
 pub(super) use super::row::{Behind, EventError};
 use super::row::{Found, WriteError};
 use super::{Incoming, Key, Outcome, State};
-use crate::db::{DEAD_LETTER_TABLE, now_ms, quote};
+use crate::db::{DEAD_LETTER_TABLE, quote};
 use crate::wire::{ChangeEvent, Op, Value};
 
 /// Records an event that can never apply in the dead-letter table (in the caller's transaction).
@@ -40,7 +40,7 @@ pub(super) fn quarantine(
         seq as i64,
         why,
         payload,
-        now_ms()
+        crate::clock::unix_ms()
     ])?;
     Ok(())
 }
@@ -250,7 +250,7 @@ impl State {
                 if mode == Mode::Read {
                     return Ok(Step::NeedsWrite);
                 }
-                let result = self.delete(conn, t, &key_pos, target, event);
+                let result = self.delete(conn, t, &key_pos, target);
                 self.finish_write(conn, t, wire_key, incoming, mode, result)
             }
         }

@@ -22,7 +22,7 @@ use rusqlite::Connection;
 use super::step::{Behind, EventError, Mode, Step, quarantine};
 use super::{Applier, Incoming, Key, Outcome, State};
 use crate::db::sql::{begin_guarded, commit_guarded};
-use crate::db::{Error, HELD_TABLE, now_ms, quote};
+use crate::db::{Error, HELD_TABLE, quote};
 use crate::wire::{ChangeEvent, ReplicationEvent};
 
 /// An event waiting for the local schema to catch up.
@@ -195,7 +195,7 @@ impl State {
             incoming.own.then_some("own"),
             payload,
             behind.why,
-            now_ms()
+            crate::clock::unix_ms()
         ])?;
         let id = conn.last_insert_rowid();
         if self.waiting.is_empty() {

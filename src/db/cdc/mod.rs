@@ -373,11 +373,7 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
         return Err(Error::SchemaChanged);
     }
     // Capture existed before: tables without a change log are new to it.
-    let installed_before: i64 = tx.query_row(
-        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-        [GLOBAL_LOG],
-        |r| r.get(0),
-    )?;
+    let installed_before = super::has_table(&tx, GLOBAL_LOG)?;
     tracing::info!("Creating global change log table");
     tx.execute_batch(&base_ddl())?;
     if !has_column(&tx, HELD_TABLE, HELD_SCHEMA_COLUMN)? {
@@ -417,7 +413,7 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
         if !added.is_empty() {
             super::ddl::fill_added(&tx, table, &added)?;
         }
-        if new && installed_before > 0 {
+        if new && installed_before {
             if waited_for.contains(&table.name.to_lowercase()) {
                 let seen: Vec<_> = waiting
                     .iter()
@@ -440,12 +436,7 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
 /// # Errors
 /// SQLite errors other than the table missing.
 pub fn recorded_hash(conn: &Connection) -> Result<Option<String>, Error> {
-    let present: i64 = conn.query_row(
-        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-        [SCHEMA_VERSION_TABLE],
-        |r| r.get(0),
-    )?;
-    if present == 0 {
+    if !super::has_table(conn, SCHEMA_VERSION_TABLE)? {
         return Ok(None);
     }
     Ok(conn

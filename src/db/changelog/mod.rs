@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use super::{Error, GLOBAL_LOG, PUBLISHED_TABLE, Table, change_log_name, on_table, quote};
 use crate::wire::{Op, Value};
@@ -135,9 +135,6 @@ impl ChangeLog {
 
     /// Number of changes in the global log above `after` (the publisher's done-with cursor;
     /// 0 counts everything).
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn pending_count(&self, conn: &Connection, after: i64) -> Result<i64, Error> {
         // A range of the rowid, not a full count: rows up to `after` are done with and wait
         // only for their retirement, and there can be many of them.
@@ -219,17 +216,12 @@ impl ChangeLog {
                     .unwrap_or_default()
                     .to_vec();
                 let created_at: Option<i64> = r.get(1)?;
-                let mut values = Vec::with_capacity(width);
-                for i in 0..width {
-                    values.push(value_at(r, i + 2)?);
-                }
+                let values = (0..width)
+                    .map(|i| value_at(r, i + 2))
+                    .collect::<Result<_, _>>()?;
                 Ok((op_text, created_at.unwrap_or(0), values))
             })
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })
+            .optional()
             .map_err(on_table(table_name))?;
         match found {
             None => scan.orphans.push((
@@ -331,65 +323,58 @@ impl ChangeLog {
             statements += 1;
             !statements.is_multiple_of(CHECK_EVERY) || undisturbed()
         };
-        {
-            let mut delete_global =
-                tx.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(GLOBAL_LOG)))?;
-            let mut newest: Vec<(u64, u64)> = Vec::new();
-            for change in &batch.published {
-                let (shard, seq) = match change.landed {
-                    Some((shard, seq)) => (Some(shard as i64), Some(seq as i64)),
-                    None => (None, None),
-                };
-                tx.prepare_cached(&self.mark_sql[change.table])?
-                    .execute(rusqlite::params![change.log_id, shard, seq])
-                    .map_err(on_table(&self.tables[change.table].name))?;
-                delete_global.execute([change.global_id])?;
-                if !go_on() {
-                    return Ok(false);
-                }
-                if let Some((shard, seq)) = change.landed {
-                    match newest.iter_mut().find(|(s, _)| *s == shard) {
-                        Some(entry) => entry.1 = entry.1.max(seq),
-                        None => newest.push((shard, seq)),
-                    }
-                }
-            }
-            for change in &batch.failed {
-                tx.execute(
-                    &format!(
-                        "UPDATE {} SET state = -1 WHERE id = ?1",
-                        quote(&change_log_name(&self.tables[change.table].name))
-                    ),
-                    [change.log_id],
-                )
+        let mut delete_global =
+            tx.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(GLOBAL_LOG)))?;
+        let mut newest: Vec<(u64, u64)> = Vec::new();
+        for change in &batch.published {
+            let shard = change.landed.map(|(shard, _)| shard as i64);
+            let seq = change.landed.map(|(_, seq)| seq as i64);
+            tx.prepare_cached(&self.mark_sql[change.table])?
+                .execute(rusqlite::params![change.log_id, shard, seq])
                 .map_err(on_table(&self.tables[change.table].name))?;
-                delete_global.execute([change.global_id])?;
-                if !go_on() {
-                    return Ok(false);
+            delete_global.execute([change.global_id])?;
+            if !go_on() {
+                return Ok(false);
+            }
+            if let Some((shard, seq)) = change.landed {
+                match newest.iter_mut().find(|(s, _)| *s == shard) {
+                    Some(entry) => entry.1 = entry.1.max(seq),
+                    None => newest.push((shard, seq)),
                 }
             }
-            for id in &batch.orphans {
-                delete_global.execute([id])?;
-                if !go_on() {
-                    return Ok(false);
-                }
+        }
+        for change in &batch.failed {
+            tx.execute(
+                &format!(
+                    "UPDATE {} SET state = -1 WHERE id = ?1",
+                    quote(&change_log_name(&self.tables[change.table].name))
+                ),
+                [change.log_id],
+            )
+            .map_err(on_table(&self.tables[change.table].name))?;
+            delete_global.execute([change.global_id])?;
+            if !go_on() {
+                return Ok(false);
             }
-            let mut landed = tx.prepare_cached(&format!(
-                "INSERT OR REPLACE INTO {} (shard, seq) VALUES (?1, ?2)",
-                quote(PUBLISHED_TABLE)
-            ))?;
-            for (shard, seq) in newest {
-                landed.execute(rusqlite::params![shard as i64, seq as i64])?;
+        }
+        for id in &batch.orphans {
+            delete_global.execute([id])?;
+            if !go_on() {
+                return Ok(false);
             }
+        }
+        let mut landed = tx.prepare_cached(&format!(
+            "INSERT OR REPLACE INTO {} (shard, seq) VALUES (?1, ?2)",
+            quote(PUBLISHED_TABLE)
+        ))?;
+        for (shard, seq) in newest {
+            landed.execute(rusqlite::params![shard as i64, seq as i64])?;
         }
         Ok(true)
     }
 
     /// The highest global change id ever captured here (0 before capture was first installed):
     /// the global log's ids are never reused, so a change captured later has a higher one.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn highest_global_id(conn: &Connection) -> Result<i64, Error> {
         if !super::has_table(conn, GLOBAL_LOG)? {
             return Ok(0);
@@ -413,28 +398,22 @@ impl ChangeLog {
     }
 
     /// Per shard, the stream sequence of the newest change retired as published.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn last_landed(conn: &Connection) -> Result<HashMap<u64, u64>, Error> {
         let mut stmt = conn.prepare(&format!(
             "SELECT shard, seq FROM {}",
             quote(PUBLISHED_TABLE)
         ))?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
-        let mut out = HashMap::new();
-        for row in rows {
-            let (shard, seq) = row?;
-            out.insert(shard.max(0) as u64, seq.max(0) as u64);
-        }
-        Ok(out)
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?.max(0) as u64,
+                r.get::<_, i64>(1)?.max(0) as u64,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Per table (index), the highest change-log id of a pending change whose global id is at
     /// most `global` (0 when there is none).
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn max_ids_up_to(&self, conn: &Connection, global: i64) -> Result<Vec<i64>, Error> {
         let mut stmt = conn.prepare(&format!(
             "SELECT coalesce(max(change_table_id), 0) FROM {} WHERE table_name = ?1 AND id <= ?2",
@@ -453,9 +432,6 @@ impl ChangeLog {
     /// needed; returns the count. With `applied` (this node applies its own events: per shard,
     /// index shard − 1, the last applied sequence) a row is kept until its event has come back,
     /// because it is what tells an older event for the same row from a newer one after a restart.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn cleanup(
         &self,
         conn: &mut Connection,
@@ -515,9 +491,6 @@ impl ChangeLog {
     /// [`crate::db::restore::NotKept`]) are returned too, flagged: they may have landed in a part
     /// of the stream that is gone, so only our own events older than them are known to be older.
     /// Returns `(id, key values, unknown)` in id order, plus the highest id in the log.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn in_flight(
         &self,
         conn: &Connection,
@@ -558,20 +531,16 @@ impl ChangeLog {
             if !flying {
                 continue;
             }
-            let mut key = Vec::with_capacity(pks.len());
-            for n in 0..pks.len() {
-                key.push(value_at(row, n + 4).map_err(on_table(&t.name))?);
-            }
-            out.push((id, key, unknown));
+            let key = (0..pks.len())
+                .map(|n| value_at(row, n + 4))
+                .collect::<Result<_, _>>();
+            out.push((id, key.map_err(on_table(&t.name))?, unknown));
         }
         Ok((out, highest))
     }
 
     /// The primary-key values of the changes `ids` of table `table` (index), as `(id, key)`;
     /// ids that no longer exist are left out.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn keys_of(
         &self,
         conn: &Connection,
@@ -602,9 +571,6 @@ impl ChangeLog {
 
     /// Every pending change, as (table index, change-log id) → global id, for matching changes
     /// found in the stream after a crash.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn pending_ids(&self, conn: &Connection) -> Result<HashMap<(usize, i64), i64>, Error> {
         let mut stmt = conn.prepare(&format!(
             "SELECT id, change_table_id, table_name FROM {}",
@@ -628,16 +594,12 @@ impl ChangeLog {
     }
 
     /// The capture time of change `log_id` of table `table` (index), if the row exists.
-    ///
-    /// # Errors
-    /// SQLite errors.
     pub fn created_at(
         &self,
         conn: &Connection,
         table: usize,
         log_id: i64,
     ) -> Result<Option<i64>, Error> {
-        use rusqlite::OptionalExtension;
         let t = &self.tables[table];
         Ok(conn
             .prepare_cached(&format!(
@@ -651,7 +613,6 @@ impl ChangeLog {
             .flatten())
     }
 
-    /// Index of a watched table by name.
     pub fn table_index(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).copied()
     }
@@ -694,7 +655,6 @@ pub struct Retirement {
 }
 
 impl Retirement {
-    /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
         self.published.is_empty() && self.failed.is_empty() && self.orphans.is_empty()
     }
