@@ -32,6 +32,7 @@ use super::apply::{RestoreError, RestoreJob, Work};
 use super::consume::{self, Gap};
 use crate::db::restore::Restored;
 use crate::handle::Node;
+use crate::replicate::lock;
 use crate::snapshot::{self, Meta, scheduler::Snapshots};
 use crate::stream;
 
@@ -76,7 +77,7 @@ pub struct OwnChanges {
 
 impl OwnChanges {
     fn not_kept(&self) -> crate::db::restore::NotKept {
-        let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let outbox = lock(&self.outbox);
         crate::db::restore::NotKept {
             unknown_up_to: self.unknown_up_to.clone(),
             landed: outbox.landed().chain(self.sends.found()).collect(),

@@ -37,6 +37,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::replicate::lock;
 
 /// KV bucket of applied positions (ours; Go HarmonyLite has none).
 pub const BUCKET: &str = "harmonylite-positions";
@@ -102,7 +103,7 @@ impl Flow {
 
     /// How many messages a stream may run ahead of its slowest counting peer (0: unlimited).
     pub fn window(&self, stream: usize) -> u64 {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = lock(&self.peers);
         self.window_among(stream, &peers, Instant::now())
     }
 
@@ -152,7 +153,7 @@ impl Flow {
     /// The lowest position among the peers that count for `stream` (see the module header) and
     /// the window, read under one lock (asked before every send).
     fn slowest_and_window(&self, stream: usize, end: u64, now: Instant) -> (Option<u64>, u64) {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = lock(&self.peers);
         let window = self.window_among(stream, &peers, now);
         // This node always counts: when every node's consumer stalls at once (after a server
         // restart, or on a starved machine) no peer counts, and publishers ran free until the
@@ -192,7 +193,7 @@ impl Flow {
 
     fn record_positions(&self, node_id: u64, positions: Vec<u64>) {
         let now = Instant::now();
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = lock(&self.peers);
         match peers.get_mut(&node_id) {
             Some(peer) => {
                 for (i, &pos) in positions.iter().enumerate() {
@@ -219,10 +220,7 @@ impl Flow {
     }
 
     fn forget(&self, node_id: u64) {
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&node_id);
+        lock(&self.peers).remove(&node_id);
         self.changed.notify_waiters();
     }
 
@@ -230,7 +228,7 @@ impl Flow {
     /// stream's end as known here.
     pub fn view(&self, ends: &[u64]) -> Vec<PeerView> {
         let now = Instant::now();
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = lock(&self.peers);
         let windows: Vec<u64> = (0..self.streams.len())
             .map(|s| self.window_among(s, &peers, now))
             .collect();
@@ -422,7 +420,7 @@ pub async fn observe(
 ) {
     loop {
         let ends: Vec<u64> = {
-            let peers = flow.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let peers = lock(&flow.peers);
             (0..flow.streams.len())
                 .map(|s| {
                     peers

@@ -9,3 +9,8 @@ pub mod consume;
 pub mod flow;
 pub mod publish;
 pub mod watch;
+
+/// Locks `m`, taking the value as it is when a panicking holder poisoned the lock.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::db;
 use crate::db::changelog::Retirement;
+use crate::replicate::lock;
 
 use super::{LocalLog, Outbox, SharedLog};
 
@@ -74,7 +75,7 @@ pub async fn keep(
         // prepared meanwhile reads the outbox to know which of our changes have landed (taken
         // out while waiting for a quiet moment, they would look pending, and the restore would
         // keep their rows over the snapshot's newer values).
-        let batch = outbox.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let batch = lock(&outbox).clone();
         let force = stopping || last_done.elapsed() >= FORCE_AFTER || batch.len() >= FORCE_BACKLOG;
         if force && !stopping {
             // The one commit of ours that may fail an application transaction: worth a line.
@@ -96,10 +97,7 @@ pub async fn keep(
                 continue;
             }
             Ok((batch, Ok(Some(count)))) => {
-                outbox
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove_front(&batch);
+                lock(&outbox).remove_front(&batch);
                 last_done = Instant::now();
                 overdue = false;
                 Ok((batch, Ok(count)))
@@ -132,7 +130,7 @@ async fn attempt(
     let shared = Arc::clone(log);
     let quiet = Arc::clone(probe);
     tokio::task::spawn_blocking(move || {
-        let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock(&shared);
         let LocalLog { conn, log } = &mut *guard;
         let probe = quiet.as_deref();
         if !force && !probe.is_none_or(|p| p.wait_quiet_for(QUIET_SUSTAIN, QUIET_WAIT)) {

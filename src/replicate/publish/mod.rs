@@ -51,6 +51,7 @@ use crate::db::changelog::{ChangeLog, Retirement};
 use crate::db::{self, Table};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
+use crate::replicate::lock;
 use crate::stream;
 use crate::wire;
 
@@ -185,7 +186,7 @@ impl Publisher {
         hold: Arc<std::sync::atomic::AtomicBool>,
         sent_floor: i64,
     ) -> Publisher {
-        let log = Arc::clone(&writer.lock().unwrap_or_else(|p| p.into_inner()).log);
+        let log = Arc::clone(&lock(&writer).log);
         let meta = log
             .tables()
             .iter()
@@ -385,7 +386,7 @@ impl Publisher {
         let started = Instant::now();
         let after = self.cursor.load(Ordering::Relaxed);
         let counted = tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            let conn = lock(&reader);
             log.pending_count(&conn, after)
         })
         .await;
@@ -458,7 +459,7 @@ impl Publisher {
             else {
                 continue;
             };
-            let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            let mut acked = lock(&self.acked);
             if acked.get(&shard).is_some_and(|&a| a > last) {
                 acked.insert(shard, 0);
             }

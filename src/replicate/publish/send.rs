@@ -28,6 +28,7 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use bytes::Bytes;
 
 use crate::db::changelog::{PendingChange, Retired};
+use crate::replicate::lock;
 use crate::wire::{self, ChangeEvent, PkColumn, ReplicationEvent};
 
 use super::{PublishError, Publisher};
@@ -73,7 +74,7 @@ impl Publisher {
         let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
         let limit = self.settings.scan_max_changes;
         let scan = tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            let conn = lock(&reader);
             log.scan(&conn, cursor, limit)
         })
         .await
@@ -133,12 +134,8 @@ impl Publisher {
     fn landed(&self, changes: &[PendingChange]) -> Vec<Option<(u64, u64)>> {
         let mut superseded = 0usize;
         let landed: Vec<Option<(u64, u64)>> = {
-            let found = self
-                .unsettled
-                .found
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+            let found = lock(&self.unsettled.found);
+            let newest = lock(&self.newest);
             changes
                 .iter()
                 .map(|c| {
@@ -268,7 +265,7 @@ impl Publisher {
 
     /// Records the highest acknowledged sequence of each stream of a pass.
     fn record_acked(&self, highest: &[(u64, u64)]) {
-        let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut acked = lock(&self.acked);
         for (shard, sequence) in highest {
             let slot = acked.entry(*shard).or_insert(0);
             *slot = (*slot).max(*sequence);
@@ -287,7 +284,7 @@ impl Publisher {
         oversize: Option<&PendingChange>,
         new_cursor: i64,
     ) {
-        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut outbox = lock(&self.outbox);
         outbox.published.extend(retired);
         outbox
             .orphans
@@ -382,7 +379,7 @@ impl Publisher {
         );
         let body = event.encode();
         let body = if self.settings.replication.compress {
-            let mut slot = self.compressor.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = lock(&self.compressor);
             let compressor = match slot.as_mut() {
                 Some(c) => c,
                 None => slot.insert(wire::Compressor::new()?),
