@@ -229,6 +229,18 @@ impl Publisher {
         }
     }
 
+    /// Runs `read` on a blocking thread with the reader connection and the change log.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Connection, &ChangeLog) -> Result<T, db::Error> + Send + 'static,
+    ) -> Result<T, PublishError> {
+        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
+        tokio::task::spawn_blocking(move || read(&lock(&reader), &log))
+            .await
+            .map_err(|e| PublishError::Join(e.to_string()))?
+            .map_err(PublishError::Db)
+    }
+
     fn tables(&self) -> &[Table] {
         self.log.tables()
     }
@@ -312,13 +324,11 @@ impl Publisher {
             tracing::error!(error = %crate::error_chain(&e), "Publishing cannot go on");
             return Err(e);
         }
-        if matches!(
-            e,
-            PublishError::Nats {
-                stream_missing: true,
-                ..
-            }
-        ) {
+        if let PublishError::Nats {
+            stream_missing: true,
+            ..
+        } = e
+        {
             self.recreate_streams(shutdown).await;
         }
         if failing {
@@ -382,22 +392,17 @@ impl Publisher {
 
     /// Refreshes `pending_publish` (and the health endpoint's view) with a timed count.
     async fn count_pending(&self) {
-        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
         let started = Instant::now();
         let after = self.cursor.load(Ordering::Relaxed);
-        let counted = tokio::task::spawn_blocking(move || {
-            let conn = lock(&reader);
-            log.pending_count(&conn, after)
-        })
-        .await;
+        let counted = self
+            .read(move |conn, log| log.pending_count(conn, after))
+            .await;
         self.metrics
             .count_changes
             .observe(started.elapsed().as_micros() as f64);
-        if let Ok(Ok(n)) = counted {
+        if let Ok(n) = counted {
             self.metrics.pending_publish.set(n);
-            self.health
-                .pending
-                .store(n, std::sync::atomic::Ordering::Relaxed);
+            self.health.pending.store(n, Ordering::Relaxed);
         }
     }
 
@@ -408,17 +413,9 @@ impl Publisher {
         loop {
             // Recovery began meanwhile: what is sent is settled, the rest waits.
             if shutdown.is_cancelled() || self.hold.load(Ordering::Relaxed) {
-                return match in_flight {
-                    Some(prev) => self.finish(prev).await,
-                    None => Ok(()),
-                };
+                return self.finish_any(in_flight).await;
             }
-            let previous = async {
-                match in_flight.take() {
-                    Some(prev) => self.finish(prev).await,
-                    None => Ok(()),
-                }
-            };
+            let previous = self.finish_any(in_flight.take());
             let (next, previous) = tokio::join!(self.scan_and_send(cursor), previous);
             // If the previous pass failed, the one just sent is not acknowledged: it is sent
             // again later, in order, after a search of the stream for what already arrived.
@@ -442,6 +439,13 @@ impl Publisher {
                 return self.finish(sent).await;
             }
             in_flight = Some(sent);
+        }
+    }
+
+    async fn finish_any(&self, sent: Option<Sent>) -> Result<(), PublishError> {
+        match sent {
+            Some(sent) => self.finish(sent).await,
+            None => Ok(()),
         }
     }
 

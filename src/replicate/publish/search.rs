@@ -77,13 +77,7 @@ impl Publisher {
     /// storing them and us hearing of it). Those are not sent again: sending them after
     /// JetStream's duplicate window (2 minutes) would replay old changes over newer ones.
     pub(super) async fn search(&self) -> Result<(), PublishError> {
-        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
-        let pending = tokio::task::spawn_blocking(move || {
-            let conn = lock(&reader);
-            log.pending_ids(&conn)
-        })
-        .await
-        .map_err(|e| PublishError::Join(e.to_string()))??;
+        let pending = self.read(|conn, log| log.pending_ids(conn)).await?;
         let found = if pending.is_empty() {
             Found::new()
         } else {
@@ -143,9 +137,7 @@ impl Publisher {
         for (&(t, id), &(shard, seq, _)) in found {
             by_table.entry(t).or_default().push((id, shard, seq));
         }
-        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
-        let newest = tokio::task::spawn_blocking(move || -> Result<Newest, db::Error> {
-            let conn = lock(&reader);
+        self.read(move |conn, log| {
             let mut newest = Newest::new();
             for (t, changes) in by_table {
                 let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
@@ -153,7 +145,7 @@ impl Publisher {
                     .iter()
                     .map(|&(id, sh, seq)| (id, (sh, seq)))
                     .collect();
-                for (id, key) in log.keys_of(&conn, t, &ids)? {
+                for (id, key) in log.keys_of(conn, t, &ids)? {
                     let Some(&(shard, seq)) = at.get(&id) else {
                         continue;
                     };
@@ -168,8 +160,6 @@ impl Publisher {
             Ok(newest)
         })
         .await
-        .map_err(|e| PublishError::Join(e.to_string()))??;
-        Ok(newest)
     }
 
     /// At start, before anything is applied: finds pending changes that already reached the

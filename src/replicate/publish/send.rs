@@ -19,7 +19,6 @@
 //! - A change too large for the server to ever accept is marked failed (`state = -1`) and logged,
 //!   instead of blocking every later change forever.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -71,14 +70,10 @@ impl Publisher {
     /// Reads the next pass after `cursor` and sends it.
     pub(super) async fn scan_and_send(&self, cursor: i64) -> Result<Sent, PublishError> {
         let started = Instant::now();
-        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
         let limit = self.settings.scan_max_changes;
-        let scan = tokio::task::spawn_blocking(move || {
-            let conn = lock(&reader);
-            log.scan(&conn, cursor, limit)
-        })
-        .await
-        .map_err(|e| PublishError::Join(e.to_string()))??;
+        let scan = self
+            .read(move |conn, log| log.scan(conn, cursor, limit))
+            .await?;
         let scanned = started.elapsed();
         self.metrics
             .scan_changes
@@ -186,12 +181,7 @@ impl Publisher {
             self.await_acks(&changes, &landed, &shards, acks, &mut failure, &mut retired)
                 .await
         } else {
-            retired.extend(changes.iter().map(|c| Retired {
-                global_id: c.global_id,
-                table: c.table,
-                log_id: c.log_id,
-                landed: None,
-            }));
+            retired.extend(changes.iter().map(|c| retired_at(c, None)));
             changes.len()
         };
         let oversize = match &failure {
@@ -251,13 +241,7 @@ impl Publisher {
                     None => highest.push((shard, seq)),
                 }
             }
-            let c = &changes[i];
-            retired.push(Retired {
-                global_id: c.global_id,
-                table: c.table,
-                log_id: c.log_id,
-                landed: at,
-            });
+            retired.push(retired_at(&changes[i], at));
         }
         self.record_acked(&highest);
         retired.len()
@@ -289,14 +273,7 @@ impl Publisher {
         outbox
             .orphans
             .extend(orphans.iter().copied().filter(|&o| o <= new_cursor));
-        if let Some(c) = oversize {
-            outbox.failed.push(Retired {
-                global_id: c.global_id,
-                table: c.table,
-                log_id: c.log_id,
-                landed: None,
-            });
-        }
+        outbox.failed.extend(oversize.map(|c| retired_at(c, None)));
     }
 
     /// A pass's result: its publish error, if any; a change the server can never accept is
@@ -463,8 +440,15 @@ fn cursor_after(
         (Some(_), Some(_)) => changes.get(done + 1).map(|c| c.global_id),
         (Some(_), None) => changes.get(done).map(|c| c.global_id),
     };
-    match stop {
-        None => last_global_id,
-        Some(g) => g - 1,
+    stop.map_or(last_global_id, |g| g - 1)
+}
+
+/// `c` as done with, landed at (shard, sequence) when that is known.
+fn retired_at(c: &PendingChange, landed: Option<(u64, u64)>) -> Retired {
+    Retired {
+        global_id: c.global_id,
+        table: c.table,
+        log_id: c.log_id,
+        landed,
     }
 }
