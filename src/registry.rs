@@ -73,27 +73,33 @@ impl NodeSchemaState {
 /// # Errors
 /// [`Error::Bucket`] when it can neither be opened nor created.
 pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
-    if let Ok(store) = js.get_key_value(BUCKET).await {
+    let config = kv::Config {
+        bucket: BUCKET.to_owned(),
+        description: "HarmonyLite schema registry for cluster-wide schema visibility".to_owned(),
+        max_age: TTL,
+        num_replicas: 1,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    open_or_create(js, config)
+        .await
+        .map_err(|e| Error::Bucket(e.to_string()))
+}
+
+/// Opens the KV bucket `config` names, creating it when it does not exist; the error is the
+/// creation's.
+pub(crate) async fn open_or_create(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
         return Ok(store);
     }
-    match js
-        .create_key_value(kv::Config {
-            bucket: BUCKET.to_owned(),
-            description: "HarmonyLite schema registry for cluster-wide schema visibility"
-                .to_owned(),
-            max_age: TTL,
-            num_replicas: 1,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-    {
+    let bucket = config.bucket.clone();
+    match js.create_key_value(config).await {
         Ok(store) => Ok(store),
         // Another node may have created it meanwhile.
-        Err(e) => js
-            .get_key_value(BUCKET)
-            .await
-            .map_err(|_| Error::Bucket(e.to_string())),
+        Err(e) => js.get_key_value(bucket).await.map_err(|_| e),
     }
 }
 
@@ -136,7 +142,7 @@ pub async fn keep_published(
         if let Some(s) = &store {
             match publish(s, &NodeSchemaState::now(node_id, &hash, &previous)).await {
                 Ok(()) if first => {
-                    tracing::info!(schema_hash = %format!("{}...", hash.get(..16).unwrap_or(&hash)),
+                    tracing::info!(schema_hash = %format!("{}...", short(&hash)),
                         "Published schema state to cluster registry");
                 }
                 Ok(()) => {}

@@ -59,10 +59,6 @@ pub async fn gap_at_start(node: &Node, positions: &[AtomicU64]) -> bool {
     false
 }
 
-/// Runs the consumers (and recoveries) until shutdown.
-///
-/// # Errors
-/// Only when the apply thread is gone (it reports why).
 /// What a restore must know about this node's own changes (see
 /// [`crate::db::restore::NotKept`]).
 #[derive(Clone)]
@@ -85,6 +81,10 @@ impl OwnChanges {
     }
 }
 
+/// Runs the consumers (and recoveries) until shutdown.
+///
+/// # Errors
+/// Only when the apply thread is gone (it reports why).
 pub async fn run(
     node: Node,
     tx: mpsc::Sender<Work>,
@@ -197,19 +197,16 @@ async fn recover(
     };
     health.update_catchup(|c| c.recovering = None);
     snapshots.set_recovering(false).await;
-    match outcome {
-        Ok(Some(meta)) => {
-            metrics.recoveries.inc();
-            metrics
-                .snapshot_seconds
-                .with_label_values(&["restore"])
-                .observe(started.elapsed().as_secs_f64());
-            snapshots.saw(&meta);
-            Ok(true)
-        }
-        Ok(None) => Ok(false),
-        Err(e) => Err(e),
-    }
+    let Some(meta) = outcome? else {
+        return Ok(false);
+    };
+    metrics.recoveries.inc();
+    metrics
+        .snapshot_seconds
+        .with_label_values(&["restore"])
+        .observe(started.elapsed().as_secs_f64());
+    snapshots.saw(&meta);
+    Ok(true)
 }
 
 enum Attempt {
@@ -313,9 +310,7 @@ async fn attempt(
             }
             return Ok(Attempt::Wait(why));
         }
-        Err(e) => {
-            return Err(snapshot::Error::Unusable(crate::error_chain(&e)));
-        }
+        Err(e) => return Err(snapshot::Error::Unusable(crate::error_chain(&e))),
     };
     drop(dir);
     account(node, &restored, &meta, &at);
@@ -389,10 +384,8 @@ async fn hand_over(
     }))
     .await
     .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
-    let answer = answer
-        .await
-        .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
-    Ok((answer, version))
+    let gone = |_| snapshot::Error::Unusable("the apply thread is gone".into());
+    Ok((answer.await.map_err(gone)?, version))
 }
 
 /// Logs, counts and reports a completed restore.

@@ -194,27 +194,18 @@ impl Flow {
     fn record_positions(&self, node_id: u64, positions: Vec<u64>) {
         let now = Instant::now();
         let mut peers = lock(&self.peers);
-        match peers.get_mut(&node_id) {
-            Some(peer) => {
-                for (i, &pos) in positions.iter().enumerate() {
-                    if pos > peer.positions.get(i).copied().unwrap_or(0) {
-                        peer.advanced[i] = now;
-                    }
-                }
-                peer.positions = positions;
-                peer.seen = now;
-            }
-            None => {
-                peers.insert(
-                    node_id,
-                    Peer {
-                        advanced: vec![now; positions.len()],
-                        positions,
-                        seen: now,
-                    },
-                );
+        let peer = peers.entry(node_id).or_insert_with(|| Peer {
+            positions: Vec::new(),
+            seen: now,
+            advanced: vec![now; positions.len()],
+        });
+        for (i, &pos) in positions.iter().enumerate() {
+            if pos > peer.positions.get(i).copied().unwrap_or(0) {
+                peer.advanced[i] = now;
             }
         }
+        peer.positions = positions;
+        peer.seen = now;
         drop(peers);
         self.changed.notify_waiters();
     }
@@ -263,34 +254,19 @@ fn counts(peer: &Peer, stream: usize, end: u64, window: u64, now: Instant) -> bo
 
 /// Opens (or creates) the positions bucket. `None` when the server cannot provide it.
 pub async fn bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::Store> {
-    match js.get_key_value(BUCKET).await {
-        Ok(s) => Some(s),
-        Err(_) => match js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.to_owned(),
-                description: "harmonylite: applied stream positions per node (flow control)"
-                    .to_owned(),
-                history: 1,
-                max_age: ENTRY_MAX_AGE,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: settings.replication.replicas.max(1),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                // Another node may have created it meanwhile.
-                match js.get_key_value(BUCKET).await {
-                    Ok(s) => Some(s),
-                    Err(_) => {
-                        tracing::warn!(error = %e, "Cannot create the positions bucket; publishing is not paced to the slowest node");
-                        None
-                    }
-                }
-            }
-        },
-    }
+    let config = kv::Config {
+        bucket: BUCKET.to_owned(),
+        description: "harmonylite: applied stream positions per node (flow control)".to_owned(),
+        history: 1,
+        max_age: ENTRY_MAX_AGE,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: settings.replication.replicas.max(1),
+        ..Default::default()
+    };
+    crate::registry::open_or_create(js, config)
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "Cannot create the positions bucket; publishing is not paced to the slowest node"))
+        .ok()
 }
 
 /// Reports this node's applied positions until shutdown (module header).
