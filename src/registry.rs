@@ -24,7 +24,6 @@ const TTL: Duration = Duration::from_secs(300);
 /// How often a running node rewrites its entry.
 const REFRESH: Duration = Duration::from_secs(60);
 
-/// What went wrong with the registry.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open or create the schema registry bucket {BUCKET}: {0}")]
@@ -150,10 +149,8 @@ pub async fn keep_published(
             }
         }
         first = false;
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(REFRESH) => {}
+        if !crate::replicate::sleep_or_stop(REFRESH, &shutdown).await {
+            return;
         }
     }
 }
@@ -227,14 +224,11 @@ pub fn render_cluster(states: &BTreeMap<u64, NodeSchemaState>) -> String {
         .map(|(h, _)| *h)
         .unwrap_or_default();
     let consistent = groups.len() <= 1;
-    let mut out = String::new();
-    out.push_str("Cluster Schema Status\n=====================\n");
-    out.push_str(&format!("Total Nodes: {}\n", states.len()));
-    out.push_str(&format!(
-        "Consistent: {}\n\n",
+    let mut out = format!(
+        "Cluster Schema Status\n=====================\nTotal Nodes: {}\nConsistent: {}\n\nHash Groups:\n",
+        states.len(),
         if consistent { "Yes" } else { "No" }
-    ));
-    out.push_str("Hash Groups:\n");
+    );
     for (hash, nodes) in &groups {
         let list: Vec<String> = nodes.iter().map(|n| format!("Node {n}")).collect();
         out.push_str(&format!("  {}: {}\n", short(hash), list.join(", ")));

@@ -188,10 +188,8 @@ async fn recover(
                 }
             }
         }
-        tokio::select! {
-            biased;
-            _ = node.root.cancelled() => break Ok(None),
-            _ = tokio::time::sleep(delay) => {}
+        if !crate::replicate::sleep_or_stop(delay, &node.root).await {
+            break Ok(None);
         }
         delay = (delay * 2).min(MAX_RETRY);
     };
@@ -445,10 +443,8 @@ async fn settled(node: &Node, sends: &super::publish::Unsettled) -> Result<bool,
                     .into(),
             ));
         }
-        tokio::select! {
-            biased;
-            _ = node.root.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        if !crate::replicate::sleep_or_stop(Duration::from_millis(50), &node.root).await {
+            return Ok(false);
         }
     }
     Ok(true)

@@ -320,10 +320,8 @@ impl Consumer {
 
 /// Sleeps `delay` and grows it; false if shutdown came first.
 async fn back_off(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => return false,
-        _ = tokio::time::sleep(*delay) => {}
+    if !crate::replicate::sleep_or_stop(*delay, shutdown).await {
+        return false;
     }
     *delay = stream::next_backoff(*delay);
     true

@@ -320,10 +320,8 @@ pub async fn report(
             _ = flow.advanced.notified() => {}
             _ = tokio::time::sleep(REPORT_EVERY) => {}
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(REPORT_MIN_GAP) => {}
+        if !crate::replicate::sleep_or_stop(REPORT_MIN_GAP, &shutdown).await {
+            break;
         }
     }
     // A node that stops on purpose stops holding others back at once.
@@ -377,10 +375,8 @@ pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToke
             },
             Err(e) => tracing::debug!(error = %e, "cannot watch positions; retrying"),
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !crate::replicate::sleep_or_stop(delay, &shutdown).await {
+            return;
         }
         delay = crate::stream::next_backoff(delay);
     }
@@ -421,10 +417,8 @@ pub async fn observe(
             }
         }
         health.update_catchup(|c| c.peers = view);
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        if !crate::replicate::sleep_or_stop(Duration::from_secs(1), &shutdown).await {
+            return;
         }
     }
 }
@@ -453,10 +447,8 @@ pub async fn follow_limits(
                 }
             }
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        if !crate::replicate::sleep_or_stop(Duration::from_secs(10), &shutdown).await {
+            return;
         }
     }
 }
