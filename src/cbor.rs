@@ -264,7 +264,6 @@ pub fn put_text(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-/// Appends a byte string.
 pub fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     put_head(out, 2, b.len() as u64);
     out.extend_from_slice(b);
@@ -276,7 +275,6 @@ pub fn put_f64(out: &mut Vec<u8>, v: f64) {
     out.extend_from_slice(&v.to_bits().to_be_bytes());
 }
 
-/// Appends `null`.
 pub fn put_null(out: &mut Vec<u8>) {
     out.push(0xf6);
 }

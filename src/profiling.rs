@@ -22,7 +22,6 @@ const NO_SAMPLES_SVG: &str = "<?xml version=\"1.0\" standalone=\"no\"?>\n\
 <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"600\" height=\"40\">\
 <text x=\"10\" y=\"25\">No CPU samples: the process was idle while profiled.</text></svg>\n";
 
-/// Query parameters of both endpoints.
 #[derive(Debug, serde::Deserialize)]
 pub struct Params {
     pub seconds: Option<u64>,
@@ -106,7 +105,6 @@ async fn handle(busy: Arc<Mutex<()>>, params: Params, output: Output) -> Respons
     }
 }
 
-/// The profiler's routes.
 pub fn router() -> axum::Router {
     let busy = Arc::new(Mutex::new(()));
     let b2 = Arc::clone(&busy);

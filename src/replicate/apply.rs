@@ -150,8 +150,7 @@ pub struct ApplyThread {
 
 /// (table, change-log id, shard, sequence) of the outbox's acknowledged changes.
 fn landed_in(outbox: &super::publish::Outbox) -> Vec<(usize, i64, u64, u64)> {
-    let outbox = lock(&outbox);
-    outbox.landed().collect()
+    lock(outbox).landed().collect()
 }
 
 /// Why the apply thread stopped on its own.
@@ -396,19 +395,13 @@ impl Worker {
     fn restore(&mut self, job: RestoreJob) -> Result<(), ApplyError> {
         let gate = Arc::clone(&self.work.gate);
         let _held = lock(&gate);
-        let RestoreJob {
-            file,
-            positions: at,
-            not_kept,
-            replay_all,
-            reply,
-        } = job;
-        let w = &mut self.work;
+        let (w, at, reply) = (&mut self.work, &job.positions, job.reply);
         let at_of = |i: usize| at.get(i).copied().unwrap_or(0);
         // Messages applied since the recovery looked (they were in the channel before the job)
         // may have taken this node past the snapshot on some stream: restoring would take rows
         // back.
-        if let Some(i) = (0..w.streams.len()).find(|&i| !replay_all && at_of(i) < self.last[i]) {
+        if let Some(i) = (0..w.streams.len()).find(|&i| !job.replay_all && at_of(i) < self.last[i])
+        {
             let _ = reply.send(Err(RestoreError::Passed {
                 stream: w.streams[i].clone(),
                 snapshot: at_of(i),
@@ -418,7 +411,7 @@ impl Worker {
         }
         let restored = match w
             .applier
-            .restore_snapshot(&file, &w.streams, &at, &not_kept)
+            .restore_snapshot(&job.file, &w.streams, at, &job.not_kept)
         {
             Ok(restored) => restored,
             Err(e) if e.is_fatal() => {

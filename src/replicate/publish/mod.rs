@@ -65,7 +65,6 @@ pub struct LocalLog {
     pub log: Arc<ChangeLog>,
 }
 
-/// A handle to the shared local log.
 pub type SharedLog = Arc<Mutex<LocalLog>>;
 
 /// Changes done with (acknowledged, failed for good, or orphaned) that the keeper has not yet
@@ -126,7 +125,6 @@ impl PublishError {
     }
 }
 
-/// Publishes local changes.
 pub struct Publisher {
     reader: Arc<Mutex<Connection>>,
     log: Arc<ChangeLog>,
