@@ -164,26 +164,23 @@ impl ReplicationEvent {
     /// Anything but a well-formed event whose values fit SQLite's storage classes.
     pub fn decode(body: &[u8]) -> Result<ReplicationEvent, DecodeError> {
         let (item, _) = cbor::decode_first(body)?;
+        let wrong = |field| DecodeError::WrongType { field };
         let from_node_id = match field(&item, "FromNodeId") {
             None | Some(Item::Null) => 0,
             Some(Item::Unsigned(v)) => *v,
-            Some(_) => {
-                return Err(DecodeError::WrongType {
-                    field: "FromNodeId",
-                });
-            }
+            Some(_) => return Err(wrong("FromNodeId")),
         };
         let payload = field(&item, "Payload").ok_or(DecodeError::MissingField("Payload"))?;
         let id = match field(payload, "Id") {
             None | Some(Item::Null) => 0,
             Some(Item::Unsigned(v)) if *v <= i64::MAX as u64 => *v as i64,
             Some(Item::Negative(v)) if *v <= i64::MAX as u64 => -1 - *v as i64,
-            Some(_) => return Err(DecodeError::WrongType { field: "Id" }),
+            Some(_) => return Err(wrong("Id")),
         };
         let op_bytes = match field(payload, "Type") {
             Some(Item::Text(t)) => t.as_slice(),
             None | Some(Item::Null) => b"".as_slice(),
-            Some(_) => return Err(DecodeError::WrongType { field: "Type" }),
+            Some(_) => return Err(wrong("Type")),
         };
         let op = Op::parse(op_bytes)
             .ok_or_else(|| DecodeError::UnknownOp(String::from_utf8_lossy(op_bytes).into()))?;
@@ -194,7 +191,7 @@ impl ReplicationEvent {
             Some(Item::Map(pairs)) => pairs
                 .iter()
                 .map(|(k, v)| {
-                    let name = k.as_str().ok_or(DecodeError::WrongType { field: "Row" })?;
+                    let name = k.as_str().ok_or(wrong("Row"))?;
                     let value = item_to_value(v).map_err(|what| DecodeError::BadValue {
                         column: name.to_owned(),
                         what,
@@ -203,7 +200,7 @@ impl ReplicationEvent {
                 })
                 .collect::<Result<_, DecodeError>>()?,
             None | Some(Item::Null) => Vec::new(),
-            Some(_) => return Err(DecodeError::WrongType { field: "Row" }),
+            Some(_) => return Err(wrong("Row")),
         };
         Ok(ReplicationEvent {
             from_node_id,

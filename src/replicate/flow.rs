@@ -101,12 +101,6 @@ impl Flow {
         })
     }
 
-    /// How many messages a stream may run ahead of its slowest counting peer (0: unlimited).
-    pub fn window(&self, stream: usize) -> u64 {
-        let peers = lock(&self.peers);
-        self.window_among(stream, &peers, Instant::now())
-    }
-
     /// The stream's `max_messages` shared among the live nodes, plus one share of margin: each
     /// publisher knows only its own unacknowledged messages, so when all of them burst at once
     /// (a backlog after an outage or a migration) each adds a window. With half the stream for
@@ -456,6 +450,14 @@ pub async fn follow_limits(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Flow {
+        /// How many messages a stream may run ahead of its slowest counting peer (0: unlimited).
+        fn window(&self, stream: usize) -> u64 {
+            let peers = lock(&self.peers);
+            self.window_among(stream, &peers, Instant::now())
+        }
+    }
 
     fn report(node: u64, pos: u64) -> Report {
         Report {

@@ -165,26 +165,24 @@ impl Publisher {
     }
 
     /// Awaits a pass's acks in order and hands the acknowledged prefix to the outbox.
-    pub(super) async fn finish(&self, sent: Sent) -> Result<(), PublishError> {
-        let Sent {
-            changes,
-            landed,
-            shards,
-            orphans,
-            acks,
-            mut failure,
-            last_global_id,
-            ..
-        } = sent;
+    pub(super) async fn finish(&self, mut sent: Sent) -> Result<(), PublishError> {
+        let (changes, failure) = (&sent.changes, &mut sent.failure);
         let mut retired: Vec<Retired> = Vec::with_capacity(changes.len());
         let done = if self.settings.publish {
-            self.await_acks(&changes, &landed, &shards, acks, &mut failure, &mut retired)
-                .await
+            self.await_acks(
+                changes,
+                &sent.landed,
+                &sent.shards,
+                sent.acks,
+                failure,
+                &mut retired,
+            )
+            .await
         } else {
             retired.extend(changes.iter().map(|c| retired_at(c, None)));
             changes.len()
         };
-        let oversize = match &failure {
+        let oversize = match failure {
             Some(Failure::TooLarge(i)) if *i == done => Some(changes[*i].clone()),
             _ => None,
         };
@@ -194,10 +192,10 @@ impl Publisher {
                 self.health.published_now();
             }
         }
-        let new_cursor = cursor_after(&changes, done, &failure, &oversize, last_global_id);
-        self.hand_over(retired, &orphans, oversize.as_ref(), new_cursor);
+        let new_cursor = cursor_after(changes, done, failure, &oversize, sent.last_global_id);
+        self.hand_over(retired, &sent.orphans, oversize.as_ref(), new_cursor);
         self.cursor.store(new_cursor, Ordering::Relaxed);
-        self.outcome(failure, &changes)
+        self.outcome(sent.failure, &sent.changes)
     }
 
     /// Awaits `acks` in order and records in `retired` where each change landed; stops at the
