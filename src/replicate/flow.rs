@@ -403,10 +403,7 @@ pub async fn observe(
             for (s, &pos) in peer.positions.iter().enumerate() {
                 metrics
                     .peer_lag
-                    .with_label_values(&[
-                        peer.node_id.to_string().as_str(),
-                        (s + 1).to_string().as_str(),
-                    ])
+                    .with_label_values(&[peer.node_id.to_string(), (s + 1).to_string()])
                     .set(ends.get(s).copied().unwrap_or(0).saturating_sub(pos) as i64);
             }
         }

@@ -89,8 +89,7 @@ pub async fn keep(
         let applied: Option<Vec<u64>> = positions
             .as_ref()
             .map(|p| p.iter().map(|a| a.load(Ordering::Relaxed)).collect());
-        let result = attempt(&log, &probe, batch, force, horizon, applied).await;
-        let result = match result {
+        let outcome = match attempt(&log, &probe, batch, force, horizon, applied).await {
             Ok((_, Ok(None))) => {
                 // No quiet moment: the batch stays in the outbox; try again shortly.
                 overdue = true;
@@ -100,12 +99,12 @@ pub async fn keep(
                 lock(&outbox).remove_front(&batch);
                 last_done = Instant::now();
                 overdue = false;
-                Ok((batch, Ok(count)))
+                Ok(Ok(count))
             }
-            Ok((batch, Err(e))) => Ok((batch, Err(e))),
+            Ok((_, Err(e))) => Ok(Err(e)),
             Err(e) => Err(e),
         };
-        report(result, &mut failing, last_done)?;
+        report(outcome, &mut failing, last_done)?;
         if stopping {
             return Ok(());
         }
@@ -151,12 +150,12 @@ async fn attempt(
 /// # Errors
 /// A fatal database error.
 fn report(
-    result: Result<(Retirement, Result<usize, db::Error>), tokio::task::JoinError>,
+    outcome: Result<Result<usize, db::Error>, tokio::task::JoinError>,
     failing: &mut bool,
     last_done: Instant,
 ) -> Result<(), db::Error> {
-    match result {
-        Ok((_, Ok(count))) => {
+    match outcome {
+        Ok(Ok(count)) => {
             if *failing {
                 tracing::info!("Change-log cleanup works again");
             }
@@ -165,7 +164,7 @@ fn report(
                 tracing::debug!(count, "Cleaned up DB change logs");
             }
         }
-        Ok((_, Err(e))) => {
+        Ok(Err(e)) => {
             // The batch stays in the outbox (and pending in the database, so nothing is lost
             // even if this never succeeds; a restart finds those changes in the stream).
             if e.is_fatal() {

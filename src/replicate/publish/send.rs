@@ -253,7 +253,7 @@ impl Publisher {
             *slot = (*slot).max(*sequence);
             self.metrics
                 .last_published_sequence
-                .with_label_values(&[shard.to_string().as_str()])
+                .with_label_values(&[shard.to_string()])
                 .set(*sequence as i64);
         }
     }
