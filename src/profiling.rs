@@ -90,19 +90,12 @@ async fn handle(busy: Arc<Mutex<()>>, params: Params, output: Output) -> Respons
         Output::Protobuf => "application/octet-stream",
         Output::Flamegraph => "image/svg+xml",
     };
-    match tokio::task::spawn_blocking(move || capture(seconds, output)).await {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
-        Ok(Err(e)) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{}\n", crate::error_chain(&e)),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("profiler failed: {e}\n"),
-        )
-            .into_response(),
-    }
+    let failure = match tokio::task::spawn_blocking(move || capture(seconds, output)).await {
+        Ok(Ok(body)) => return ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        Ok(Err(e)) => crate::error_chain(&e),
+        Err(e) => format!("profiler failed: {e}"),
+    };
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{failure}\n")).into_response()
 }
 
 pub fn router() -> axum::Router {
