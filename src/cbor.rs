@@ -152,6 +152,31 @@ impl Decoder<'_> {
         }
     }
 
+    /// The elements of an array (or the pairs of a map), definite or indefinite, each read by
+    /// `one`.
+    fn sequence<T>(
+        &mut self,
+        info: u8,
+        mut one: impl FnMut(&mut Self) -> Result<T, Error>,
+    ) -> Result<Vec<T>, Error> {
+        let mut out = Vec::new();
+        match self.arg(info)? {
+            Arg::Value(n) => {
+                out.reserve(self.capacity(n));
+                for _ in 0..n {
+                    out.push(one(self)?);
+                }
+            }
+            Arg::Indefinite => {
+                while !self.is_break() {
+                    out.push(one(self)?);
+                }
+                self.pos += 1;
+            }
+        }
+        Ok(out)
+    }
+
     fn item(&mut self, depth: usize) -> Result<Item, Error> {
         if depth > MAX_DEPTH {
             return Err(Error::TooDeep);
@@ -175,44 +200,10 @@ impl Decoder<'_> {
             }
             2 => Ok(Item::Bytes(self.string(2, info)?)),
             3 => Ok(Item::Text(self.string(3, info)?)),
-            4 => {
-                let mut items = Vec::new();
-                match self.arg(info)? {
-                    Arg::Value(n) => {
-                        items.reserve(self.capacity(n));
-                        for _ in 0..n {
-                            items.push(self.item(depth + 1)?);
-                        }
-                    }
-                    Arg::Indefinite => {
-                        while !self.is_break() {
-                            items.push(self.item(depth + 1)?);
-                        }
-                        self.pos += 1;
-                    }
-                }
-                Ok(Item::Array(items))
-            }
-            5 => {
-                let mut pairs = Vec::new();
-                match self.arg(info)? {
-                    Arg::Value(n) => {
-                        pairs.reserve(self.capacity(n));
-                        for _ in 0..n {
-                            let k = self.item(depth + 1)?;
-                            pairs.push((k, self.item(depth + 1)?));
-                        }
-                    }
-                    Arg::Indefinite => {
-                        while !self.is_break() {
-                            let k = self.item(depth + 1)?;
-                            pairs.push((k, self.item(depth + 1)?));
-                        }
-                        self.pos += 1;
-                    }
-                }
-                Ok(Item::Map(pairs))
-            }
+            4 => Ok(Item::Array(self.sequence(info, |d| d.item(depth + 1))?)),
+            5 => Ok(Item::Map(self.sequence(info, |d| {
+                Ok((d.item(depth + 1)?, d.item(depth + 1)?))
+            })?)),
             _ => match info {
                 20 => Ok(Item::Bool(false)),
                 21 => Ok(Item::Bool(true)),
@@ -246,23 +237,15 @@ fn f16_to_f64(h: u16) -> f64 {
 
 /// Appends a head with the shortest encoding of `value`, as Go's encoder does.
 pub fn put_head(out: &mut Vec<u8>, major: u8, value: u64) {
-    let m = major << 5;
-    match value {
-        0..=23 => out.push(m | value as u8),
-        24..=0xff => out.extend_from_slice(&[m | 24, value as u8]),
-        0x100..=0xffff => {
-            out.push(m | 25);
-            out.extend_from_slice(&(value as u16).to_be_bytes());
-        }
-        0x1_0000..=0xffff_ffff => {
-            out.push(m | 26);
-            out.extend_from_slice(&(value as u32).to_be_bytes());
-        }
-        _ => {
-            out.push(m | 27);
-            out.extend_from_slice(&value.to_be_bytes());
-        }
-    }
+    let (info, len) = match value {
+        0..=23 => (value as u8, 0),
+        24..=0xff => (24, 1),
+        0x100..=0xffff => (25, 2),
+        0x1_0000..=0xffff_ffff => (26, 4),
+        _ => (27, 8),
+    };
+    out.push((major << 5) | info);
+    out.extend_from_slice(&value.to_be_bytes()[8 - len..]);
 }
 
 /// Appends a signed integer (major type 0 or 1).
@@ -281,7 +264,6 @@ pub fn put_text(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-/// Appends a byte string.
 pub fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     put_head(out, 2, b.len() as u64);
     out.extend_from_slice(b);
@@ -293,7 +275,6 @@ pub fn put_f64(out: &mut Vec<u8>, v: f64) {
     out.extend_from_slice(&v.to_bits().to_be_bytes());
 }
 
-/// Appends `null`.
 pub fn put_null(out: &mut Vec<u8>) {
     out.push(0xf6);
 }

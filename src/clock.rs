@@ -10,7 +10,6 @@
 
 use time::OffsetDateTime;
 
-/// The current time in UTC.
 pub fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }

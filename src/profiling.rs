@@ -22,7 +22,6 @@ const NO_SAMPLES_SVG: &str = "<?xml version=\"1.0\" standalone=\"no\"?>\n\
 <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"600\" height=\"40\">\
 <text x=\"10\" y=\"25\">No CPU samples: the process was idle while profiled.</text></svg>\n";
 
-/// Query parameters of both endpoints.
 #[derive(Debug, serde::Deserialize)]
 pub struct Params {
     pub seconds: Option<u64>,
@@ -91,22 +90,14 @@ async fn handle(busy: Arc<Mutex<()>>, params: Params, output: Output) -> Respons
         Output::Protobuf => "application/octet-stream",
         Output::Flamegraph => "image/svg+xml",
     };
-    match tokio::task::spawn_blocking(move || capture(seconds, output)).await {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
-        Ok(Err(e)) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{}\n", crate::error_chain(&e)),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("profiler failed: {e}\n"),
-        )
-            .into_response(),
-    }
+    let failure = match tokio::task::spawn_blocking(move || capture(seconds, output)).await {
+        Ok(Ok(body)) => return ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        Ok(Err(e)) => crate::error_chain(&e),
+        Err(e) => format!("profiler failed: {e}"),
+    };
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{failure}\n")).into_response()
 }
 
-/// The profiler's routes.
 pub fn router() -> axum::Router {
     let busy = Arc::new(Mutex::new(()));
     let b2 = Arc::clone(&busy);

@@ -24,7 +24,6 @@ const TTL: Duration = Duration::from_secs(300);
 /// How often a running node rewrites its entry.
 const REFRESH: Duration = Duration::from_secs(60);
 
-/// What went wrong with the registry.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open or create the schema registry bucket {BUCKET}: {0}")]
@@ -73,27 +72,33 @@ impl NodeSchemaState {
 /// # Errors
 /// [`Error::Bucket`] when it can neither be opened nor created.
 pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
-    if let Ok(store) = js.get_key_value(BUCKET).await {
+    let config = kv::Config {
+        bucket: BUCKET.to_owned(),
+        description: "HarmonyLite schema registry for cluster-wide schema visibility".to_owned(),
+        max_age: TTL,
+        num_replicas: 1,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    open_or_create(js, config)
+        .await
+        .map_err(|e| Error::Bucket(e.to_string()))
+}
+
+/// Opens the KV bucket `config` names, creating it when it does not exist; the error is the
+/// creation's.
+pub(crate) async fn open_or_create(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
         return Ok(store);
     }
-    match js
-        .create_key_value(kv::Config {
-            bucket: BUCKET.to_owned(),
-            description: "HarmonyLite schema registry for cluster-wide schema visibility"
-                .to_owned(),
-            max_age: TTL,
-            num_replicas: 1,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-    {
+    let bucket = config.bucket.clone();
+    match js.create_key_value(config).await {
         Ok(store) => Ok(store),
         // Another node may have created it meanwhile.
-        Err(e) => js
-            .get_key_value(BUCKET)
-            .await
-            .map_err(|_| Error::Bucket(e.to_string())),
+        Err(e) => js.get_key_value(bucket).await.map_err(|_| e),
     }
 }
 
@@ -136,7 +141,7 @@ pub async fn keep_published(
         if let Some(s) = &store {
             match publish(s, &NodeSchemaState::now(node_id, &hash, &previous)).await {
                 Ok(()) if first => {
-                    tracing::info!(schema_hash = %format!("{}...", hash.get(..16).unwrap_or(&hash)),
+                    tracing::info!(schema_hash = %format!("{}...", short(&hash)),
                         "Published schema state to cluster registry");
                 }
                 Ok(()) => {}
@@ -144,10 +149,8 @@ pub async fn keep_published(
             }
         }
         first = false;
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(REFRESH) => {}
+        if !crate::replicate::sleep_or_stop(REFRESH, &shutdown).await {
+            return;
         }
     }
 }
@@ -221,14 +224,11 @@ pub fn render_cluster(states: &BTreeMap<u64, NodeSchemaState>) -> String {
         .map(|(h, _)| *h)
         .unwrap_or_default();
     let consistent = groups.len() <= 1;
-    let mut out = String::new();
-    out.push_str("Cluster Schema Status\n=====================\n");
-    out.push_str(&format!("Total Nodes: {}\n", states.len()));
-    out.push_str(&format!(
-        "Consistent: {}\n\n",
+    let mut out = format!(
+        "Cluster Schema Status\n=====================\nTotal Nodes: {}\nConsistent: {}\n\nHash Groups:\n",
+        states.len(),
         if consistent { "Yes" } else { "No" }
-    ));
-    out.push_str("Hash Groups:\n");
+    );
     for (hash, nodes) in &groups {
         let list: Vec<String> = nodes.iter().map(|n| format!("Node {n}")).collect();
         out.push_str(&format!("  {}: {}\n", short(hash), list.join(", ")));

@@ -151,10 +151,7 @@ impl SeqMap {
         for (stream, seq) in updates {
             self.map.insert(stream.to_owned(), seq);
         }
-        write_atomic(&self.path, &encode(&self.map)).map_err(|source| Error::Write {
-            path: self.path.clone(),
-            source,
-        })
+        self.save(&self.map)
     }
 
     /// Raises the recorded sequences to the given ones (lower values are ignored) and, if anything
@@ -179,12 +176,16 @@ impl SeqMap {
         if !changed {
             return Ok(false);
         }
-        write_atomic(&self.path, &encode(&next)).map_err(|source| Error::Write {
-            path: self.path.clone(),
-            source,
-        })?;
+        self.save(&next)?;
         self.map = next;
         Ok(true)
+    }
+
+    fn save(&self, map: &BTreeMap<String, u64>) -> Result<(), Error> {
+        write_atomic(&self.path, &encode(map)).map_err(|source| Error::Write {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 

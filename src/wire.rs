@@ -164,26 +164,23 @@ impl ReplicationEvent {
     /// Anything but a well-formed event whose values fit SQLite's storage classes.
     pub fn decode(body: &[u8]) -> Result<ReplicationEvent, DecodeError> {
         let (item, _) = cbor::decode_first(body)?;
+        let wrong = |field| DecodeError::WrongType { field };
         let from_node_id = match field(&item, "FromNodeId") {
             None | Some(Item::Null) => 0,
             Some(Item::Unsigned(v)) => *v,
-            Some(_) => {
-                return Err(DecodeError::WrongType {
-                    field: "FromNodeId",
-                });
-            }
+            Some(_) => return Err(wrong("FromNodeId")),
         };
         let payload = field(&item, "Payload").ok_or(DecodeError::MissingField("Payload"))?;
         let id = match field(payload, "Id") {
             None | Some(Item::Null) => 0,
             Some(Item::Unsigned(v)) if *v <= i64::MAX as u64 => *v as i64,
             Some(Item::Negative(v)) if *v <= i64::MAX as u64 => -1 - *v as i64,
-            Some(_) => return Err(DecodeError::WrongType { field: "Id" }),
+            Some(_) => return Err(wrong("Id")),
         };
         let op_bytes = match field(payload, "Type") {
             Some(Item::Text(t)) => t.as_slice(),
             None | Some(Item::Null) => b"".as_slice(),
-            Some(_) => return Err(DecodeError::WrongType { field: "Type" }),
+            Some(_) => return Err(wrong("Type")),
         };
         let op = Op::parse(op_bytes)
             .ok_or_else(|| DecodeError::UnknownOp(String::from_utf8_lossy(op_bytes).into()))?;
@@ -191,23 +188,19 @@ impl ReplicationEvent {
             text_field(payload, "TableName")?.ok_or(DecodeError::MissingField("TableName"))?;
         let schema_hash = text_field(payload, "sh")?.unwrap_or_default();
         let row = match field(payload, "Row") {
-            Some(Item::Map(pairs)) => {
-                let mut row = Vec::with_capacity(pairs.len());
-                for (k, v) in pairs {
-                    let name = k
-                        .as_str()
-                        .ok_or(DecodeError::WrongType { field: "Row" })?
-                        .to_owned();
+            Some(Item::Map(pairs)) => pairs
+                .iter()
+                .map(|(k, v)| {
+                    let name = k.as_str().ok_or(wrong("Row"))?;
                     let value = item_to_value(v).map_err(|what| DecodeError::BadValue {
-                        column: name.clone(),
+                        column: name.to_owned(),
                         what,
                     })?;
-                    row.push((name, value));
-                }
-                row
-            }
+                    Ok((name.to_owned(), value))
+                })
+                .collect::<Result<_, DecodeError>>()?,
             None | Some(Item::Null) => Vec::new(),
-            Some(_) => return Err(DecodeError::WrongType { field: "Row" }),
+            Some(_) => return Err(wrong("Row")),
         };
         Ok(ReplicationEvent {
             from_node_id,
@@ -442,11 +435,8 @@ fn truncate_fraction(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// Stream name of a shard: `<stream_prefix>[-c]-<shard>` (Go `logstream/replicator.go`).
 pub fn stream_name(stream_prefix: &str, compressed: bool, shard: u64) -> String {
-    if compressed {
-        format!("{stream_prefix}-c-{shard}")
-    } else {
-        format!("{stream_prefix}-{shard}")
-    }
+    let c = if compressed { "-c" } else { "" };
+    format!("{stream_prefix}{c}-{shard}")
 }
 
 /// Subject of a shard: `<subject_prefix>-<shard>`; compression does not change it.
@@ -463,11 +453,6 @@ pub const MAX_DECOMPRESSED: usize = 256 * 1024 * 1024;
 /// Compresses a body as one standard zstd frame (what Go's klauspost encoder produces).
 pub fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
     Compressor::new()?.compress(body)
-}
-
-/// Decompresses one zstd frame.
-pub fn decompress(body: &[u8]) -> Result<Vec<u8>, DecodeError> {
-    Decompressor::new()?.decompress(body)
 }
 
 /// A reusable compression context: creating one per message costs more than compressing it.
@@ -503,14 +488,6 @@ impl Decompressor {
         Ok(Decompressor(
             zstd::bulk::Decompressor::new().map_err(DecodeError::Zstd)?,
         ))
-    }
-
-    /// Decompresses one frame, bounded by [`MAX_DECOMPRESSED`].
-    ///
-    /// # Errors
-    /// Not a valid zstd frame, or larger than [`MAX_DECOMPRESSED`].
-    pub fn decompress(&mut self, body: &[u8]) -> Result<Vec<u8>, DecodeError> {
-        self.decompress_limited(body, MAX_DECOMPRESSED)
     }
 
     /// Decompresses one frame of at most `limit` bytes. Frames that declare their size (ours, and
@@ -558,6 +535,17 @@ impl Decompressor {
 mod tests {
     use super::*;
     use crate::cbor::tests::hex;
+
+    /// Decompresses one zstd frame, bounded by [`MAX_DECOMPRESSED`].
+    fn decompress(body: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        Decompressor::new()?.decompress(body)
+    }
+
+    impl Decompressor {
+        fn decompress(&mut self, body: &[u8]) -> Result<Vec<u8>, DecodeError> {
+            self.decompress_limited(body, MAX_DECOMPRESSED)
+        }
+    }
 
     /// upstream-behaviour §5.2 example, byte for byte.
     const GOLDEN_EVENT: &str = "a2 6a 46726f6d4e6f64654964 01 67 5061796c6f6164 a5 62 4964 05 \

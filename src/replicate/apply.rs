@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::apply::{Applier, Incoming, Outcome};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
+use crate::replicate::lock;
 use crate::seqmap::SeqMap;
 use crate::wire::{self, ReplicationEvent};
 use prometheus::{IntCounter, IntGauge};
@@ -116,14 +117,11 @@ fn decode(
     decompressor: Option<&mut wire::Decompressor>,
     limit: usize,
 ) -> Result<wire::ChangeEvent, wire::DecodeError> {
-    let plain;
-    let bytes = if let Some(d) = decompressor {
-        plain = d.decompress_limited(body, limit)?;
-        &plain[..]
-    } else {
-        body
-    };
-    ReplicationEvent::decode(bytes).map(|e| e.event)
+    match decompressor {
+        Some(d) => ReplicationEvent::decode(&d.decompress_limited(body, limit)?),
+        None => ReplicationEvent::decode(body),
+    }
+    .map(|e| e.event)
 }
 
 /// What the apply thread needs besides its channel.
@@ -152,8 +150,7 @@ pub struct ApplyThread {
 
 /// (table, change-log id, shard, sequence) of the outbox's acknowledged changes.
 fn landed_in(outbox: &super::publish::Outbox) -> Vec<(usize, i64, u64, u64)> {
-    let outbox = outbox.lock().unwrap_or_else(|p| p.into_inner());
-    outbox.landed().collect()
+    lock(outbox).landed().collect()
 }
 
 /// Why the apply thread stopped on its own.
@@ -213,14 +210,10 @@ impl Worker {
             .map_err(ApplyError::Zstd)?;
         Ok(Worker {
             shard_applied: (0..n)
-                .map(|i| metrics.applied.with_label_values(&[label(i).as_str()]))
+                .map(|i| metrics.applied.with_label_values(&[label(i)]))
                 .collect(),
             shard_last: (0..n)
-                .map(|i| {
-                    metrics
-                        .last_applied_sequence
-                        .with_label_values(&[label(i).as_str()])
-                })
+                .map(|i| metrics.last_applied_sequence.with_label_values(&[label(i)]))
                 .collect(),
             last: work.streams.iter().map(|s| work.seqmap.get(s)).collect(),
             decompressor,
@@ -264,7 +257,7 @@ impl Worker {
             };
             let then_restore = gather(first, &mut rx, &mut batch);
             let gate = Arc::clone(&self.work.gate);
-            let held = gate.lock().unwrap_or_else(|p| p.into_inner());
+            let held = lock(&gate);
             if !self.apply_with_retry(&batch).map_err(ApplyError::Fatal)? {
                 break; // shutdown while retrying: redelivered after restart
             }
@@ -294,7 +287,7 @@ impl Worker {
 
     /// Retries the events waiting for the schema; true when that is done with.
     fn retry_waiting(&mut self) -> Result<bool, ApplyError> {
-        let _held = self.work.gate.lock().unwrap_or_else(|p| p.into_inner());
+        let _held = lock(&self.work.gate);
         let done = match self.work.applier.retry_waiting() {
             Ok(_) => true,
             Err(e) if e.is_fatal() => return Err(ApplyError::Fatal(e)),
@@ -401,20 +394,14 @@ impl Worker {
     /// only when the database failed for good (the thread must stop).
     fn restore(&mut self, job: RestoreJob) -> Result<(), ApplyError> {
         let gate = Arc::clone(&self.work.gate);
-        let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
-        let RestoreJob {
-            file,
-            positions: at,
-            not_kept,
-            replay_all,
-            reply,
-        } = job;
-        let w = &mut self.work;
+        let _held = lock(&gate);
+        let (w, at, reply) = (&mut self.work, &job.positions, job.reply);
         let at_of = |i: usize| at.get(i).copied().unwrap_or(0);
         // Messages applied since the recovery looked (they were in the channel before the job)
         // may have taken this node past the snapshot on some stream: restoring would take rows
         // back.
-        if let Some(i) = (0..w.streams.len()).find(|&i| !replay_all && at_of(i) < self.last[i]) {
+        if let Some(i) = (0..w.streams.len()).find(|&i| !job.replay_all && at_of(i) < self.last[i])
+        {
             let _ = reply.send(Err(RestoreError::Passed {
                 stream: w.streams[i].clone(),
                 snapshot: at_of(i),
@@ -424,7 +411,7 @@ impl Worker {
         }
         let restored = match w
             .applier
-            .restore_snapshot(&file, &w.streams, &at, &not_kept)
+            .restore_snapshot(&job.file, &w.streams, at, &job.not_kept)
         {
             Ok(restored) => restored,
             Err(e) if e.is_fatal() => {
@@ -453,44 +440,9 @@ impl Worker {
         self.report();
         Ok(())
     }
-}
 
-/// Takes `first` and whatever else waits (up to [`MAX_BATCH`] events or [`MAX_BATCH_BYTES`])
-/// into `batch`; a restore found behind them is returned, to run after their batch.
-fn gather(
-    first: Delivered,
-    rx: &mut mpsc::Receiver<Work>,
-    batch: &mut Vec<Delivered>,
-) -> Option<RestoreJob> {
-    let mut bytes = first.body.len();
-    batch.push(first);
-    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-        match rx.try_recv() {
-            Ok(Work::Message(d)) => {
-                bytes += d.body.len();
-                batch.push(d);
-            }
-            Ok(Work::Restore(job)) => return Some(job),
-            Err(_) => break,
-        }
-    }
-    None
-}
-
-/// How often held events are retried while the database changes.
-const HELD_RETRY: Duration = Duration::from_secs(1);
-/// How long the thread waits for work before looking at shutdown again.
-const IDLE_WAKE: Duration = Duration::from_secs(5);
-/// Bytes of message bodies taken into one batch (bounds memory with large events).
-const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
-
-/// Applies a batch, retrying environmental failures. `Ok(false)` if shutdown interrupted it.
-///
-/// # Errors
-/// A failure that retrying cannot fix (disk full, read-only, corrupt, I/O): the node must stop.
-#[allow(clippy::too_many_arguments)]
-impl Worker {
-    /// Applies a batch, retrying what may pass later; `Ok(false)` on shutdown meanwhile.
+    /// Applies a batch, retrying what may pass later; `Ok(false)` on shutdown meanwhile. Fails on
+    /// what retrying cannot fix (disk full, read-only, corrupt, I/O): the node must stop.
     fn apply_with_retry(&mut self, batch: &[Delivered]) -> Result<bool, crate::db::Error> {
         let w = &mut self.work;
         let mut decompressor = self.decompressor.as_mut();
@@ -540,6 +492,35 @@ impl Worker {
         }
     }
 }
+
+/// Takes `first` and whatever else waits (up to [`MAX_BATCH`] events or [`MAX_BATCH_BYTES`])
+/// into `batch`; a restore found behind them is returned, to run after their batch.
+fn gather(
+    first: Delivered,
+    rx: &mut mpsc::Receiver<Work>,
+    batch: &mut Vec<Delivered>,
+) -> Option<RestoreJob> {
+    let mut bytes = first.body.len();
+    batch.push(first);
+    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(Work::Message(d)) => {
+                bytes += d.body.len();
+                batch.push(d);
+            }
+            Ok(Work::Restore(job)) => return Some(job),
+            Err(_) => break,
+        }
+    }
+    None
+}
+
+/// How often held events are retried while the database changes.
+const HELD_RETRY: Duration = Duration::from_secs(1);
+/// How long the thread waits for work before looking at shutdown again.
+const IDLE_WAKE: Duration = Duration::from_secs(5);
+/// Bytes of message bodies taken into one batch (bounds memory with large events).
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Counts what a batch's events came to, and the lag of those applied.
 fn record(

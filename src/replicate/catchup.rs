@@ -32,6 +32,7 @@ use super::apply::{RestoreError, RestoreJob, Work};
 use super::consume::{self, Gap};
 use crate::db::restore::Restored;
 use crate::handle::Node;
+use crate::replicate::lock;
 use crate::snapshot::{self, Meta, scheduler::Snapshots};
 use crate::stream;
 
@@ -58,10 +59,6 @@ pub async fn gap_at_start(node: &Node, positions: &[AtomicU64]) -> bool {
     false
 }
 
-/// Runs the consumers (and recoveries) until shutdown.
-///
-/// # Errors
-/// Only when the apply thread is gone (it reports why).
 /// What a restore must know about this node's own changes (see
 /// [`crate::db::restore::NotKept`]).
 #[derive(Clone)]
@@ -76,7 +73,7 @@ pub struct OwnChanges {
 
 impl OwnChanges {
     fn not_kept(&self) -> crate::db::restore::NotKept {
-        let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let outbox = lock(&self.outbox);
         crate::db::restore::NotKept {
             unknown_up_to: self.unknown_up_to.clone(),
             landed: outbox.landed().chain(self.sends.found()).collect(),
@@ -84,6 +81,10 @@ impl OwnChanges {
     }
 }
 
+/// Runs the consumers (and recoveries) until shutdown.
+///
+/// # Errors
+/// Only when the apply thread is gone (it reports why).
 pub async fn run(
     node: Node,
     tx: mpsc::Sender<Work>,
@@ -187,28 +188,23 @@ async fn recover(
                 }
             }
         }
-        tokio::select! {
-            biased;
-            _ = node.root.cancelled() => break Ok(None),
-            _ = tokio::time::sleep(delay) => {}
+        if !crate::replicate::sleep_or_stop(delay, &node.root).await {
+            break Ok(None);
         }
         delay = (delay * 2).min(MAX_RETRY);
     };
     health.update_catchup(|c| c.recovering = None);
     snapshots.set_recovering(false).await;
-    match outcome {
-        Ok(Some(meta)) => {
-            metrics.recoveries.inc();
-            metrics
-                .snapshot_seconds
-                .with_label_values(&["restore"])
-                .observe(started.elapsed().as_secs_f64());
-            snapshots.saw(&meta);
-            Ok(true)
-        }
-        Ok(None) => Ok(false),
-        Err(e) => Err(e),
-    }
+    let Some(meta) = outcome? else {
+        return Ok(false);
+    };
+    metrics.recoveries.inc();
+    metrics
+        .snapshot_seconds
+        .with_label_values(&["restore"])
+        .observe(started.elapsed().as_secs_f64());
+    snapshots.saw(&meta);
+    Ok(true)
 }
 
 enum Attempt {
@@ -312,9 +308,7 @@ async fn attempt(
             }
             return Ok(Attempt::Wait(why));
         }
-        Err(e) => {
-            return Err(snapshot::Error::Unusable(crate::error_chain(&e)));
-        }
+        Err(e) => return Err(snapshot::Error::Unusable(crate::error_chain(&e))),
     };
     drop(dir);
     account(node, &restored, &meta, &at);
@@ -388,10 +382,8 @@ async fn hand_over(
     }))
     .await
     .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
-    let answer = answer
-        .await
-        .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
-    Ok((answer, version))
+    let gone = |_| snapshot::Error::Unusable("the apply thread is gone".into());
+    Ok((answer.await.map_err(gone)?, version))
 }
 
 /// Logs, counts and reports a completed restore.
@@ -451,10 +443,8 @@ async fn settled(node: &Node, sends: &super::publish::Unsettled) -> Result<bool,
                     .into(),
             ));
         }
-        tokio::select! {
-            biased;
-            _ = node.root.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        if !crate::replicate::sleep_or_stop(Duration::from_millis(50), &node.root).await {
+            return Ok(false);
         }
     }
     Ok(true)

@@ -263,17 +263,12 @@ impl Consumer {
         consumer_seq: &mut u64,
     ) -> Result<(), Stop> {
         let name = &self.stream_name;
-        let (seq, cseq, stream_time_ns) = match msg.info() {
-            Ok(info) => (
-                info.stream_sequence,
-                info.consumer_sequence,
-                info.published.unix_timestamp_nanos() as i64,
-            ),
-            Err(e) => {
-                tracing::warn!(stream = %name, error = %e, "message without JetStream metadata; reopening");
-                return Err(Stop::Reopen);
-            }
-        };
+        let info = msg.info().map_err(|e| {
+            tracing::warn!(stream = %name, error = %e, "message without JetStream metadata; reopening");
+            Stop::Reopen
+        })?;
+        let (seq, cseq) = (info.stream_sequence, info.consumer_sequence);
+        let stream_time_ns = info.published.unix_timestamp_nanos() as i64;
         if cseq != *consumer_seq + 1 {
             tracing::warn!(stream = %name, expected = *consumer_seq + 1, got = cseq,
                 "consumer skipped messages; reopening from the last one forwarded");
@@ -320,10 +315,8 @@ impl Consumer {
 
 /// Sleeps `delay` and grows it; false if shutdown came first.
 async fn back_off(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => return false,
-        _ = tokio::time::sleep(*delay) => {}
+    if !crate::replicate::sleep_or_stop(*delay, shutdown).await {
+        return false;
     }
     *delay = stream::next_backoff(*delay);
     true

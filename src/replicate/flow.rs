@@ -37,6 +37,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::replicate::lock;
 
 /// KV bucket of applied positions (ours; Go HarmonyLite has none).
 pub const BUCKET: &str = "harmonylite-positions";
@@ -100,12 +101,6 @@ impl Flow {
         })
     }
 
-    /// How many messages a stream may run ahead of its slowest counting peer (0: unlimited).
-    pub fn window(&self, stream: usize) -> u64 {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        self.window_among(stream, &peers, Instant::now())
-    }
-
     /// The stream's `max_messages` shared among the live nodes, plus one share of margin: each
     /// publisher knows only its own unacknowledged messages, so when all of them burst at once
     /// (a backlog after an outage or a migration) each adds a window. With half the stream for
@@ -152,7 +147,7 @@ impl Flow {
     /// The lowest position among the peers that count for `stream` (see the module header) and
     /// the window, read under one lock (asked before every send).
     fn slowest_and_window(&self, stream: usize, end: u64, now: Instant) -> (Option<u64>, u64) {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = lock(&self.peers);
         let window = self.window_among(stream, &peers, now);
         // This node always counts: when every node's consumer stalls at once (after a server
         // restart, or on a starved machine) no peer counts, and publishers ran free until the
@@ -192,37 +187,25 @@ impl Flow {
 
     fn record_positions(&self, node_id: u64, positions: Vec<u64>) {
         let now = Instant::now();
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        match peers.get_mut(&node_id) {
-            Some(peer) => {
-                for (i, &pos) in positions.iter().enumerate() {
-                    if pos > peer.positions.get(i).copied().unwrap_or(0) {
-                        peer.advanced[i] = now;
-                    }
-                }
-                peer.positions = positions;
-                peer.seen = now;
-            }
-            None => {
-                peers.insert(
-                    node_id,
-                    Peer {
-                        advanced: vec![now; positions.len()],
-                        positions,
-                        seen: now,
-                    },
-                );
+        let mut peers = lock(&self.peers);
+        let peer = peers.entry(node_id).or_insert_with(|| Peer {
+            positions: Vec::new(),
+            seen: now,
+            advanced: vec![now; positions.len()],
+        });
+        for (i, &pos) in positions.iter().enumerate() {
+            if pos > peer.positions.get(i).copied().unwrap_or(0) {
+                peer.advanced[i] = now;
             }
         }
+        peer.positions = positions;
+        peer.seen = now;
         drop(peers);
         self.changed.notify_waiters();
     }
 
     fn forget(&self, node_id: u64) {
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&node_id);
+        lock(&self.peers).remove(&node_id);
         self.changed.notify_waiters();
     }
 
@@ -230,7 +213,7 @@ impl Flow {
     /// stream's end as known here.
     pub fn view(&self, ends: &[u64]) -> Vec<PeerView> {
         let now = Instant::now();
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = lock(&self.peers);
         let windows: Vec<u64> = (0..self.streams.len())
             .map(|s| self.window_among(s, &peers, now))
             .collect();
@@ -265,34 +248,19 @@ fn counts(peer: &Peer, stream: usize, end: u64, window: u64, now: Instant) -> bo
 
 /// Opens (or creates) the positions bucket. `None` when the server cannot provide it.
 pub async fn bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::Store> {
-    match js.get_key_value(BUCKET).await {
-        Ok(s) => Some(s),
-        Err(_) => match js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.to_owned(),
-                description: "harmonylite: applied stream positions per node (flow control)"
-                    .to_owned(),
-                history: 1,
-                max_age: ENTRY_MAX_AGE,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: settings.replication.replicas.max(1),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                // Another node may have created it meanwhile.
-                match js.get_key_value(BUCKET).await {
-                    Ok(s) => Some(s),
-                    Err(_) => {
-                        tracing::warn!(error = %e, "Cannot create the positions bucket; publishing is not paced to the slowest node");
-                        None
-                    }
-                }
-            }
-        },
-    }
+    let config = kv::Config {
+        bucket: BUCKET.to_owned(),
+        description: "harmonylite: applied stream positions per node (flow control)".to_owned(),
+        history: 1,
+        max_age: ENTRY_MAX_AGE,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: settings.replication.replicas.max(1),
+        ..Default::default()
+    };
+    crate::registry::open_or_create(js, config)
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "Cannot create the positions bucket; publishing is not paced to the slowest node"))
+        .ok()
 }
 
 /// Reports this node's applied positions until shutdown (module header).
@@ -346,10 +314,8 @@ pub async fn report(
             _ = flow.advanced.notified() => {}
             _ = tokio::time::sleep(REPORT_EVERY) => {}
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(REPORT_MIN_GAP) => {}
+        if !crate::replicate::sleep_or_stop(REPORT_MIN_GAP, &shutdown).await {
+            break;
         }
     }
     // A node that stops on purpose stops holding others back at once.
@@ -403,10 +369,8 @@ pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToke
             },
             Err(e) => tracing::debug!(error = %e, "cannot watch positions; retrying"),
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !crate::replicate::sleep_or_stop(delay, &shutdown).await {
+            return;
         }
         delay = crate::stream::next_backoff(delay);
     }
@@ -422,7 +386,7 @@ pub async fn observe(
 ) {
     loop {
         let ends: Vec<u64> = {
-            let peers = flow.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let peers = lock(&flow.peers);
             (0..flow.streams.len())
                 .map(|s| {
                     peers
@@ -439,18 +403,13 @@ pub async fn observe(
             for (s, &pos) in peer.positions.iter().enumerate() {
                 metrics
                     .peer_lag
-                    .with_label_values(&[
-                        peer.node_id.to_string().as_str(),
-                        (s + 1).to_string().as_str(),
-                    ])
+                    .with_label_values(&[peer.node_id.to_string(), (s + 1).to_string()])
                     .set(ends.get(s).copied().unwrap_or(0).saturating_sub(pos) as i64);
             }
         }
         health.update_catchup(|c| c.peers = view);
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        if !crate::replicate::sleep_or_stop(Duration::from_secs(1), &shutdown).await {
+            return;
         }
     }
 }
@@ -479,10 +438,8 @@ pub async fn follow_limits(
                 }
             }
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        if !crate::replicate::sleep_or_stop(Duration::from_secs(10), &shutdown).await {
+            return;
         }
     }
 }
@@ -490,6 +447,14 @@ pub async fn follow_limits(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Flow {
+        /// How many messages a stream may run ahead of its slowest counting peer (0: unlimited).
+        fn window(&self, stream: usize) -> u64 {
+            let peers = lock(&self.peers);
+            self.window_among(stream, &peers, Instant::now())
+        }
+    }
 
     fn report(node: u64, pos: u64) -> Report {
         Report {

@@ -9,3 +9,20 @@ pub mod consume;
 pub mod flow;
 pub mod publish;
 pub mod watch;
+
+/// Locks `m`, taking the value as it is when a panicking holder poisoned the lock.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Sleeps `d`; false when `shutdown` came first (looked at first, like every wait here).
+pub(crate) async fn sleep_or_stop(
+    d: std::time::Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}

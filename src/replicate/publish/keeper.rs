@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::db;
 use crate::db::changelog::Retirement;
+use crate::replicate::lock;
 
 use super::{LocalLog, Outbox, SharedLog};
 
@@ -74,7 +75,7 @@ pub async fn keep(
         // prepared meanwhile reads the outbox to know which of our changes have landed (taken
         // out while waiting for a quiet moment, they would look pending, and the restore would
         // keep their rows over the snapshot's newer values).
-        let batch = outbox.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let batch = lock(&outbox).clone();
         let force = stopping || last_done.elapsed() >= FORCE_AFTER || batch.len() >= FORCE_BACKLOG;
         if force && !stopping {
             // The one commit of ours that may fail an application transaction: worth a line.
@@ -88,26 +89,22 @@ pub async fn keep(
         let applied: Option<Vec<u64>> = positions
             .as_ref()
             .map(|p| p.iter().map(|a| a.load(Ordering::Relaxed)).collect());
-        let result = attempt(&log, &probe, batch, force, horizon, applied).await;
-        let result = match result {
+        let outcome = match attempt(&log, &probe, batch, force, horizon, applied).await {
             Ok((_, Ok(None))) => {
                 // No quiet moment: the batch stays in the outbox; try again shortly.
                 overdue = true;
                 continue;
             }
             Ok((batch, Ok(Some(count)))) => {
-                outbox
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove_front(&batch);
+                lock(&outbox).remove_front(&batch);
                 last_done = Instant::now();
                 overdue = false;
-                Ok((batch, Ok(count)))
+                Ok(Ok(count))
             }
-            Ok((batch, Err(e))) => Ok((batch, Err(e))),
+            Ok((_, Err(e))) => Ok(Err(e)),
             Err(e) => Err(e),
         };
-        report(result, &mut failing, last_done)?;
+        report(outcome, &mut failing, last_done)?;
         if stopping {
             return Ok(());
         }
@@ -132,7 +129,7 @@ async fn attempt(
     let shared = Arc::clone(log);
     let quiet = Arc::clone(probe);
     tokio::task::spawn_blocking(move || {
-        let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock(&shared);
         let LocalLog { conn, log } = &mut *guard;
         let probe = quiet.as_deref();
         if !force && !probe.is_none_or(|p| p.wait_quiet_for(QUIET_SUSTAIN, QUIET_WAIT)) {
@@ -153,12 +150,12 @@ async fn attempt(
 /// # Errors
 /// A fatal database error.
 fn report(
-    result: Result<(Retirement, Result<usize, db::Error>), tokio::task::JoinError>,
+    outcome: Result<Result<usize, db::Error>, tokio::task::JoinError>,
     failing: &mut bool,
     last_done: Instant,
 ) -> Result<(), db::Error> {
-    match result {
-        Ok((_, Ok(count))) => {
+    match outcome {
+        Ok(Ok(count)) => {
             if *failing {
                 tracing::info!("Change-log cleanup works again");
             }
@@ -167,7 +164,7 @@ fn report(
                 tracing::debug!(count, "Cleaned up DB change logs");
             }
         }
-        Ok((_, Err(e))) => {
+        Ok(Err(e)) => {
             // The batch stays in the outbox (and pending in the database, so nothing is lost
             // even if this never succeeds; a restart finds those changes in the stream).
             if e.is_fatal() {

@@ -51,6 +51,7 @@ use crate::db::changelog::{ChangeLog, Retirement};
 use crate::db::{self, Table};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
+use crate::replicate::lock;
 use crate::stream;
 use crate::wire;
 
@@ -64,7 +65,6 @@ pub struct LocalLog {
     pub log: Arc<ChangeLog>,
 }
 
-/// A handle to the shared local log.
 pub type SharedLog = Arc<Mutex<LocalLog>>;
 
 /// Changes done with (acknowledged, failed for good, or orphaned) that the keeper has not yet
@@ -125,7 +125,6 @@ impl PublishError {
     }
 }
 
-/// Publishes local changes.
 pub struct Publisher {
     reader: Arc<Mutex<Connection>>,
     log: Arc<ChangeLog>,
@@ -185,7 +184,7 @@ impl Publisher {
         hold: Arc<std::sync::atomic::AtomicBool>,
         sent_floor: i64,
     ) -> Publisher {
-        let log = Arc::clone(&writer.lock().unwrap_or_else(|p| p.into_inner()).log);
+        let log = Arc::clone(&lock(&writer).log);
         let meta = log
             .tables()
             .iter()
@@ -226,6 +225,18 @@ impl Publisher {
             pacing,
             hold,
         }
+    }
+
+    /// Runs `read` on a blocking thread with the reader connection and the change log.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Connection, &ChangeLog) -> Result<T, db::Error> + Send + 'static,
+    ) -> Result<T, PublishError> {
+        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
+        tokio::task::spawn_blocking(move || read(&lock(&reader), &log))
+            .await
+            .map_err(|e| PublishError::Join(e.to_string()))?
+            .map_err(PublishError::Db)
     }
 
     fn tables(&self) -> &[Table] {
@@ -311,13 +322,11 @@ impl Publisher {
             tracing::error!(error = %crate::error_chain(&e), "Publishing cannot go on");
             return Err(e);
         }
-        if matches!(
-            e,
-            PublishError::Nats {
-                stream_missing: true,
-                ..
-            }
-        ) {
+        if let PublishError::Nats {
+            stream_missing: true,
+            ..
+        } = e
+        {
             self.recreate_streams(shutdown).await;
         }
         if failing {
@@ -381,22 +390,17 @@ impl Publisher {
 
     /// Refreshes `pending_publish` (and the health endpoint's view) with a timed count.
     async fn count_pending(&self) {
-        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
         let started = Instant::now();
         let after = self.cursor.load(Ordering::Relaxed);
-        let counted = tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            log.pending_count(&conn, after)
-        })
-        .await;
+        let counted = self
+            .read(move |conn, log| log.pending_count(conn, after))
+            .await;
         self.metrics
             .count_changes
             .observe(started.elapsed().as_micros() as f64);
-        if let Ok(Ok(n)) = counted {
+        if let Ok(n) = counted {
             self.metrics.pending_publish.set(n);
-            self.health
-                .pending
-                .store(n, std::sync::atomic::Ordering::Relaxed);
+            self.health.pending.store(n, Ordering::Relaxed);
         }
     }
 
@@ -407,17 +411,9 @@ impl Publisher {
         loop {
             // Recovery began meanwhile: what is sent is settled, the rest waits.
             if shutdown.is_cancelled() || self.hold.load(Ordering::Relaxed) {
-                return match in_flight {
-                    Some(prev) => self.finish(prev).await,
-                    None => Ok(()),
-                };
+                return self.finish_any(in_flight).await;
             }
-            let previous = async {
-                match in_flight.take() {
-                    Some(prev) => self.finish(prev).await,
-                    None => Ok(()),
-                }
-            };
+            let previous = self.finish_any(in_flight.take());
             let (next, previous) = tokio::join!(self.scan_and_send(cursor), previous);
             // If the previous pass failed, the one just sent is not acknowledged: it is sent
             // again later, in order, after a search of the stream for what already arrived.
@@ -444,6 +440,13 @@ impl Publisher {
         }
     }
 
+    async fn finish_any(&self, sent: Option<Sent>) -> Result<(), PublishError> {
+        match sent {
+            Some(sent) => self.finish(sent).await,
+            None => Ok(()),
+        }
+    }
+
     /// A stream vanished (JetStream store wiped or the stream deleted): recreate the streams,
     /// and forget acknowledged positions past the end of a recreated one.
     async fn recreate_streams(&self, shutdown: &CancellationToken) {
@@ -458,7 +461,7 @@ impl Publisher {
             else {
                 continue;
             };
-            let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            let mut acked = lock(&self.acked);
             if acked.get(&shard).is_some_and(|&a| a > last) {
                 acked.insert(shard, 0);
             }

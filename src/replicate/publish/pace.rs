@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Publisher;
+use crate::replicate::lock;
 
 /// What the publisher needs to pace itself (see [`crate::replicate::flow`]).
 pub struct Pacing {
@@ -47,7 +48,7 @@ impl Publisher {
         };
         self.metrics.publish_paced.inc();
         {
-            let mut since = p.held_since.lock().unwrap_or_else(|e| e.into_inner());
+            let mut since = lock(&p.held_since);
             match *since {
                 None => *since = Some(Instant::now()),
                 Some(t) if t.elapsed() >= Duration::from_secs(2) => {
@@ -79,7 +80,7 @@ impl Publisher {
         let Some(p) = &self.pacing else {
             return Vec::new();
         };
-        let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let acked = lock(&self.acked);
         (0..p.unacked.len())
             .map(|i| {
                 let shard = i as u64 + 1;
@@ -106,7 +107,7 @@ impl Publisher {
             return false;
         }
         p.unacked[i].fetch_add(1, Ordering::Relaxed);
-        *p.held_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *lock(&p.held_since) = None;
         true
     }
 

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::db;
 use crate::db::changelog::{Retired, Retirement};
+use crate::replicate::lock;
 use crate::stream;
 
 use super::{LocalLog, PublishError, Publisher, SharedLog};
@@ -62,7 +63,7 @@ impl Unsettled {
 
     /// (table, change-log id, shard, sequence) of the changes the last search found.
     pub fn found(&self) -> Vec<(usize, i64, u64, u64)> {
-        let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        let found = lock(&self.found);
         found
             .iter()
             .map(|(&(t, id), &(shard, seq, _))| (t, id, shard, seq))
@@ -76,13 +77,7 @@ impl Publisher {
     /// storing them and us hearing of it). Those are not sent again: sending them after
     /// JetStream's duplicate window (2 minutes) would replay old changes over newer ones.
     pub(super) async fn search(&self) -> Result<(), PublishError> {
-        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
-        let pending = tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            log.pending_ids(&conn)
-        })
-        .await
-        .map_err(|e| PublishError::Join(e.to_string()))??;
+        let pending = self.read(|conn, log| log.pending_ids(conn)).await?;
         let found = if pending.is_empty() {
             Found::new()
         } else {
@@ -97,12 +92,8 @@ impl Publisher {
             );
             self.newest_of(&found).await?
         };
-        *self
-            .unsettled
-            .found
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = found;
-        *self.newest.lock().unwrap_or_else(|p| p.into_inner()) = newest;
+        *lock(&self.unsettled.found) = found;
+        *lock(&self.newest) = newest;
         self.unsettled.must_search.store(false, Ordering::SeqCst);
         Ok(())
     }
@@ -114,7 +105,7 @@ impl Publisher {
         pending: &HashMap<(usize, i64), i64>,
     ) -> Result<Found, PublishError> {
         let mut found: Found = HashMap::new();
-        let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let acked = lock(&self.acked).clone();
         for shard in 1..=self.settings.replication.shards {
             let from = acked.get(&shard).copied().unwrap_or(0) + 1;
             let ids = stream::find_published(
@@ -146,9 +137,7 @@ impl Publisher {
         for (&(t, id), &(shard, seq, _)) in found {
             by_table.entry(t).or_default().push((id, shard, seq));
         }
-        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
-        let newest = tokio::task::spawn_blocking(move || -> Result<Newest, db::Error> {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+        self.read(move |conn, log| {
             let mut newest = Newest::new();
             for (t, changes) in by_table {
                 let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
@@ -156,7 +145,7 @@ impl Publisher {
                     .iter()
                     .map(|&(id, sh, seq)| (id, (sh, seq)))
                     .collect();
-                for (id, key) in log.keys_of(&conn, t, &ids)? {
+                for (id, key) in log.keys_of(conn, t, &ids)? {
                     let Some(&(shard, seq)) = at.get(&id) else {
                         continue;
                     };
@@ -171,8 +160,6 @@ impl Publisher {
             Ok(newest)
         })
         .await
-        .map_err(|e| PublishError::Join(e.to_string()))??;
-        Ok(newest)
     }
 
     /// At start, before anything is applied: finds pending changes that already reached the
@@ -186,19 +173,13 @@ impl Publisher {
             return Ok(0);
         }
         self.search().await?;
-        let found = std::mem::take(
-            &mut *self
-                .unsettled
-                .found
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let found = std::mem::take(&mut *lock(&self.unsettled.found));
         if found.is_empty() {
             return Ok(0);
         }
         let (writer, log) = (Arc::clone(writer), Arc::clone(&self.log));
         let retired = tokio::task::spawn_blocking(move || -> Result<usize, db::Error> {
-            let mut guard = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = lock(&writer);
             let LocalLog { conn, .. } = &mut *guard;
             let pending = log.pending_ids(conn)?;
             let mut batch = Retirement::default();

@@ -19,7 +19,6 @@
 //! - A change too large for the server to ever accept is marked failed (`state = -1`) and logged,
 //!   instead of blocking every later change forever.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -28,6 +27,7 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use bytes::Bytes;
 
 use crate::db::changelog::{PendingChange, Retired};
+use crate::replicate::lock;
 use crate::wire::{self, ChangeEvent, PkColumn, ReplicationEvent};
 
 use super::{PublishError, Publisher};
@@ -70,14 +70,10 @@ impl Publisher {
     /// Reads the next pass after `cursor` and sends it.
     pub(super) async fn scan_and_send(&self, cursor: i64) -> Result<Sent, PublishError> {
         let started = Instant::now();
-        let (reader, log) = (Arc::clone(&self.reader), Arc::clone(&self.log));
         let limit = self.settings.scan_max_changes;
-        let scan = tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            log.scan(&conn, cursor, limit)
-        })
-        .await
-        .map_err(|e| PublishError::Join(e.to_string()))??;
+        let scan = self
+            .read(move |conn, log| log.scan(conn, cursor, limit))
+            .await?;
         let scanned = started.elapsed();
         self.metrics
             .scan_changes
@@ -133,12 +129,8 @@ impl Publisher {
     fn landed(&self, changes: &[PendingChange]) -> Vec<Option<(u64, u64)>> {
         let mut superseded = 0usize;
         let landed: Vec<Option<(u64, u64)>> = {
-            let found = self
-                .unsettled
-                .found
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+            let found = lock(&self.unsettled.found);
+            let newest = lock(&self.newest);
             changes
                 .iter()
                 .map(|c| {
@@ -173,31 +165,24 @@ impl Publisher {
     }
 
     /// Awaits a pass's acks in order and hands the acknowledged prefix to the outbox.
-    pub(super) async fn finish(&self, sent: Sent) -> Result<(), PublishError> {
-        let Sent {
-            changes,
-            landed,
-            shards,
-            orphans,
-            acks,
-            mut failure,
-            last_global_id,
-            ..
-        } = sent;
+    pub(super) async fn finish(&self, mut sent: Sent) -> Result<(), PublishError> {
+        let (changes, failure) = (&sent.changes, &mut sent.failure);
         let mut retired: Vec<Retired> = Vec::with_capacity(changes.len());
         let done = if self.settings.publish {
-            self.await_acks(&changes, &landed, &shards, acks, &mut failure, &mut retired)
-                .await
+            self.await_acks(
+                changes,
+                &sent.landed,
+                &sent.shards,
+                sent.acks,
+                failure,
+                &mut retired,
+            )
+            .await
         } else {
-            retired.extend(changes.iter().map(|c| Retired {
-                global_id: c.global_id,
-                table: c.table,
-                log_id: c.log_id,
-                landed: None,
-            }));
+            retired.extend(changes.iter().map(|c| retired_at(c, None)));
             changes.len()
         };
-        let oversize = match &failure {
+        let oversize = match failure {
             Some(Failure::TooLarge(i)) if *i == done => Some(changes[*i].clone()),
             _ => None,
         };
@@ -207,10 +192,10 @@ impl Publisher {
                 self.health.published_now();
             }
         }
-        let new_cursor = cursor_after(&changes, done, &failure, &oversize, last_global_id);
-        self.hand_over(retired, &orphans, oversize.as_ref(), new_cursor);
+        let new_cursor = cursor_after(changes, done, failure, &oversize, sent.last_global_id);
+        self.hand_over(retired, &sent.orphans, oversize.as_ref(), new_cursor);
         self.cursor.store(new_cursor, Ordering::Relaxed);
-        self.outcome(failure, &changes)
+        self.outcome(sent.failure, &sent.changes)
     }
 
     /// Awaits `acks` in order and records in `retired` where each change landed; stops at the
@@ -254,13 +239,7 @@ impl Publisher {
                     None => highest.push((shard, seq)),
                 }
             }
-            let c = &changes[i];
-            retired.push(Retired {
-                global_id: c.global_id,
-                table: c.table,
-                log_id: c.log_id,
-                landed: at,
-            });
+            retired.push(retired_at(&changes[i], at));
         }
         self.record_acked(&highest);
         retired.len()
@@ -268,13 +247,13 @@ impl Publisher {
 
     /// Records the highest acknowledged sequence of each stream of a pass.
     fn record_acked(&self, highest: &[(u64, u64)]) {
-        let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut acked = lock(&self.acked);
         for (shard, sequence) in highest {
             let slot = acked.entry(*shard).or_insert(0);
             *slot = (*slot).max(*sequence);
             self.metrics
                 .last_published_sequence
-                .with_label_values(&[shard.to_string().as_str()])
+                .with_label_values(&[shard.to_string()])
                 .set(*sequence as i64);
         }
     }
@@ -287,19 +266,12 @@ impl Publisher {
         oversize: Option<&PendingChange>,
         new_cursor: i64,
     ) {
-        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut outbox = lock(&self.outbox);
         outbox.published.extend(retired);
         outbox
             .orphans
             .extend(orphans.iter().copied().filter(|&o| o <= new_cursor));
-        if let Some(c) = oversize {
-            outbox.failed.push(Retired {
-                global_id: c.global_id,
-                table: c.table,
-                log_id: c.log_id,
-                landed: None,
-            });
-        }
+        outbox.failed.extend(oversize.map(|c| retired_at(c, None)));
     }
 
     /// A pass's result: its publish error, if any; a change the server can never accept is
@@ -382,7 +354,7 @@ impl Publisher {
         );
         let body = event.encode();
         let body = if self.settings.replication.compress {
-            let mut slot = self.compressor.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = lock(&self.compressor);
             let compressor = match slot.as_mut() {
                 Some(c) => c,
                 None => slot.insert(wire::Compressor::new()?),
@@ -466,8 +438,15 @@ fn cursor_after(
         (Some(_), Some(_)) => changes.get(done + 1).map(|c| c.global_id),
         (Some(_), None) => changes.get(done).map(|c| c.global_id),
     };
-    match stop {
-        None => last_global_id,
-        Some(g) => g - 1,
+    stop.map_or(last_global_id, |g| g - 1)
+}
+
+/// `c` as done with, landed at (shard, sequence) when that is known.
+fn retired_at(c: &PendingChange, landed: Option<(u64, u64)>) -> Retired {
+    Retired {
+        global_id: c.global_id,
+        table: c.table,
+        log_id: c.log_id,
+        landed,
     }
 }
