@@ -65,24 +65,15 @@ pub fn decode_holder(bytes: &[u8]) -> Option<(u64, i64)> {
 
 /// The `e-harmonylite` bucket, created when missing (Go's settings).
 pub async fn bucket(js: &jetstream::Context, replicas: i64) -> Result<kv::Store, Error> {
-    match js.get_key_value(BUCKET).await {
-        Ok(s) => Ok(s),
-        Err(_) => match js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.to_owned(),
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas.max(0) as usize,
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(s) => Ok(s),
-            Err(e) => js
-                .get_key_value(BUCKET)
-                .await
-                .map_err(|_| Error::Bucket(e.to_string())),
-        },
-    }
+    let config = kv::Config {
+        bucket: BUCKET.to_owned(),
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(0) as usize,
+        ..Default::default()
+    };
+    crate::registry::open_or_create(js, config)
+        .await
+        .map_err(|e| Error::Bucket(e.to_string()))
 }
 
 /// Go's `AcquireLease`: true when this node holds `key` for `ttl` from now.
