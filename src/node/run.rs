@@ -340,7 +340,15 @@ impl Outgoing {
             .log
             .max_ids_up_to(&conn, sent_global)
             .context("Unable to read the change logs")?;
-        let flow = Flow::new(node.streams(), settings.node_id);
+        let flow = Flow::new(
+            node.streams(),
+            settings.node_id,
+            settings.replication.max_entries,
+        );
+        if settings.replicate {
+            // A publisher counts its own node from the start (see `Flow::new`).
+            flow.record_local(&local.positions);
+        }
         let positions_kv = if settings.publish || settings.replicate {
             flow::bucket(&node.js, settings).await
         } else {

@@ -89,8 +89,15 @@ pub struct Flow {
 }
 
 impl Flow {
-    pub fn new(streams: Vec<String>, self_id: u64) -> Arc<Flow> {
-        let limits = streams.iter().map(|_| AtomicU64::new(0)).collect();
+    /// `max_messages`: the configured stream limit, in force until [`Flow::set_limit`] reports
+    /// the streams' own. Right after a start nothing else is known yet, and a publisher free
+    /// to send its whole backlog at once ran a 16-message stream past every node, which all
+    /// then waited for a snapshot nobody could save.
+    pub fn new(streams: Vec<String>, self_id: u64, max_messages: i64) -> Arc<Flow> {
+        let limits = streams
+            .iter()
+            .map(|_| AtomicU64::new(max_messages.max(0) as u64))
+            .collect();
         Arc::new(Flow {
             streams,
             self_id,
@@ -466,7 +473,7 @@ mod tests {
 
     #[test]
     fn window_is_shared_among_live_nodes_and_follows_the_slowest_peer() {
-        let flow = Flow::new(vec!["s-1".into()], 99);
+        let flow = Flow::new(vec!["s-1".into()], 99, 0);
         assert!(flow.allows(0, 10_000, 0), "no limit known: unthrottled");
         flow.set_limit(0, 1200);
         assert_eq!(flow.window(0), 600, "alone: half the stream");
@@ -494,7 +501,7 @@ mod tests {
     fn every_live_publisher_bursting_at_once_fits_in_the_stream() {
         let limit = 24u64;
         let flows: Vec<Arc<Flow>> = (1..=3)
-            .map(|id| Flow::new(vec!["s-1".into()], id))
+            .map(|id| Flow::new(vec!["s-1".into()], id, 0))
             .collect();
         for (i, flow) in flows.iter().enumerate() {
             flow.set_limit(0, limit as i64);
@@ -520,9 +527,22 @@ mod tests {
         );
     }
 
+    /// Right after a start, before the streams' limits are read or any peer reported: the
+    /// configured limit and this node's own position already hold a backlog back.
+    #[test]
+    fn a_fresh_publisher_is_paced_before_it_hears_anything() {
+        let flow = Flow::new(vec!["s-1".into()], 3, 16);
+        flow.record_local(&[AtomicU64::new(40)]);
+        // Alone it may use half the stream past its own position, no more.
+        assert!(flow.allows(0, 48, 47));
+        assert!(!flow.allows(0, 49, 48));
+        // The stream moved on while this node was down: nothing goes until it has caught up.
+        assert!(!flow.allows(0, 701, 700));
+    }
+
     #[test]
     fn a_peer_that_is_gone_or_stuck_stops_counting() {
-        let flow = Flow::new(vec!["s-1".into()], 99);
+        let flow = Flow::new(vec!["s-1".into()], 99, 0);
         flow.set_limit(0, 16);
         flow.record(&report(1, 10));
         let now = Instant::now();
@@ -538,7 +558,7 @@ mod tests {
     /// When every consumer stalls at once, the publisher still paces to its own position.
     #[test]
     fn this_node_always_counts() {
-        let flow = Flow::new(vec!["s-1".into()], 99);
+        let flow = Flow::new(vec!["s-1".into()], 99, 0);
         flow.set_limit(0, 16);
         flow.record(&report(1, 10));
         flow.record_local(&[AtomicU64::new(12)]);
