@@ -9,6 +9,7 @@
 //! Invariants:
 //! - One save at a time per node (a trigger during a save is coalesced into one more save).
 //! - Saves run beside the election heartbeat, so a long save does not cost the leadership.
+//! - A trigger whose save could not take the save lease is kept until a save runs.
 //! - A failed save is logged (`Unable to save snapshot`), counted and retried at the next
 //!   trigger; it never stops replication.
 
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -74,7 +75,7 @@ struct Triggers {
     last_save: Instant,
     /// A save is wanted, and why.
     wanted: Option<&'static str>,
-    save_task: Option<tokio::task::JoinHandle<()>>,
+    save_task: Option<tokio::task::JoinHandle<bool>>,
 }
 
 impl Triggers {
@@ -189,17 +190,18 @@ impl Snapshots {
     }
 
     /// A save as the leader does it: under Go's `snapshot` lease, refreshed while it runs.
-    async fn save_leased(&self, meta_kv: &kv::Store, why: &str) {
+    /// False when the lease could not be taken (the save did not run).
+    async fn save_leased(&self, meta_kv: &kv::Store, why: &str) -> bool {
         let id = self.settings.node_id;
         match leader::acquire(meta_kv, leader::SAVE_KEY, id, leader::SAVE_TTL).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!("Snapshot saving already locked, skipping");
-                return;
+                return false;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Error acquiring snapshot lock");
-                return;
+                return false;
             }
         }
         let refresh = {
@@ -217,6 +219,7 @@ impl Snapshots {
         };
         let _ = self.save_now(why).await;
         refresh.abort();
+        true
     }
 
     /// Runs the election and the triggers until shutdown.
@@ -312,6 +315,11 @@ impl Snapshots {
             t.wanted.get_or_insert("interval");
         }
         let busy = t.save_task.as_ref().is_some_and(|task| !task.is_finished());
+        if !busy && let Some(Some(Ok(false))) = t.save_task.take().map(|task| task.now_or_never()) {
+            // The save lease was held (by a leader that just died, until it expires): the
+            // trigger waits for the lease instead of being dropped.
+            t.wanted.get_or_insert("retry after the save lease");
+        }
         let gap = MIN_GAP.max(Duration::from_millis(
             3 * self.last_save_ms.load(Ordering::Relaxed),
         ));
@@ -351,7 +359,7 @@ impl Snapshots {
 
     /// On shutdown: lets a save in progress finish within the drain deadline and gives up the
     /// leadership.
-    async fn stop(&self, meta_kv: &kv::Store, save_task: Option<tokio::task::JoinHandle<()>>) {
+    async fn stop(&self, meta_kv: &kv::Store, save_task: Option<tokio::task::JoinHandle<bool>>) {
         if let Some(task) = save_task {
             // A save in progress finishes if it can within the drain deadline.
             let _ = tokio::time::timeout(Duration::from_secs(8), task).await;

@@ -624,3 +624,42 @@ fn resent_duplicates_do_not_hold_publishing_back() {
         a.checksum("Books") == want
     });
 }
+
+/// A save trigger that meets another node's save lease (a leader that just died holds it until
+/// it expires) is kept, and the snapshot is saved once the lease frees, with no further write.
+/// Regression: the trigger was dropped ("Snapshot saving already locked, skipping").
+#[test]
+fn a_trigger_that_meets_a_held_save_lease_saves_once_it_frees() {
+    use harmonylite::snapshot::leader;
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let kv = rt.block_on(async {
+        let client = async_nats::connect(&nats.url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        leader::bucket(&js, 1).await.expect("lease bucket")
+    });
+    let hold = || {
+        rt.block_on(leader::acquire(&kv, leader::SAVE_KEY, 99, leader::SAVE_TTL))
+            .expect("lease")
+    };
+    assert!(hold(), "node 99 holds the save lease");
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    a.set_max_entries(16);
+    a.start();
+    bulk_insert(&a, 40);
+    // Node 99 keeps its lease until a's trigger has met it, then dies.
+    wait_until(
+        Duration::from_secs(60),
+        "a's save met the held lease",
+        || {
+            assert!(hold(), "node 99 keeps the save lease");
+            a.log().contains("Snapshot saving already locked")
+        },
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "a saved once the lease expired",
+        || a.log().contains("Snapshot saved "),
+    );
+}
