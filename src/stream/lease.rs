@@ -106,33 +106,28 @@ pub async fn acquire(
 
 /// The lease bucket, created if missing; `None` when it cannot be used.
 async fn open_bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::Store> {
-    match js.get_key_value(BUCKET).await {
-        Ok(s) => Some(s),
-        Err(_) => match js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.to_owned(),
-                description: "harmonylite: one live node per node_id".to_owned(),
-                history: 1,
-                max_age: TTL,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: settings.replication.replicas.max(1),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                // Another node may have created it meanwhile.
-                match js.get_key_value(BUCKET).await {
-                    Ok(s) => Some(s),
-                    Err(_) => {
-                        tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
-                        None
-                    }
-                }
-            }
-        },
+    if let Ok(s) = js.get_key_value(BUCKET).await {
+        return Some(s);
     }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: BUCKET.to_owned(),
+            description: "harmonylite: one live node per node_id".to_owned(),
+            history: 1,
+            max_age: TTL,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: settings.replication.replicas.max(1),
+            ..Default::default()
+        })
+        .await;
+    let e = match created {
+        Ok(s) => return Some(s),
+        Err(e) => e,
+    };
+    // Another node may have created it meanwhile.
+    js.get_key_value(BUCKET).await.map_err(|_| {
+        tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
+    }).ok()
 }
 
 /// Who is taking the lease: the key, the value this process writes, and what it is made of.
