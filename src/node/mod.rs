@@ -34,3 +34,15 @@ pub use crate::handle::{Inner, Node, Observers};
 
 /// The running subsystems: each ends with its name and outcome.
 type Subsystems = tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>;
+
+/// Spawns subsystem `name`, whose work ends only on shutdown (ending earlier fails the node).
+fn spawn_forever(
+    tasks: &mut Subsystems,
+    name: &'static str,
+    work: impl Future<Output = ()> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        work.await;
+        (name, Ok(()))
+    });
+}
