@@ -267,14 +267,6 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
     })
 }
 
-/// Turns Go's `:3010` style bind address into something `TcpListener` accepts.
-pub fn listen_addr(bind: &str) -> String {
-    match bind.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => bind.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,11 +348,5 @@ mod tests {
             ..PrometheusConfig::default()
         };
         assert!(Metrics::new(&bad, 1).is_err());
-    }
-
-    #[test]
-    fn bind_addresses() {
-        assert_eq!(listen_addr(":3010"), "0.0.0.0:3010");
-        assert_eq!(listen_addr("127.0.0.1:9"), "127.0.0.1:9");
     }
 }

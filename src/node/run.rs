@@ -269,11 +269,6 @@ impl Local {
         let log = ChangeLog::new(capture.tables.clone())
             .with_confirmed(Arc::clone(&confirmed), Arc::clone(&poke));
         let seqmap = SeqMap::open_tolerant(&node.settings.seq_map_path)?;
-        let positions: Arc<[AtomicU64]> = node
-            .streams()
-            .iter()
-            .map(|s| AtomicU64::new(seqmap.get(s)))
-            .collect();
         let local = Local {
             log: Arc::new(log),
             watched: capture.tables,
@@ -285,8 +280,8 @@ impl Local {
             confirmed,
             poke,
             stale_up_to: capture.stale_up_to,
+            positions: node.positions(&seqmap),
             seqmap,
-            positions,
         };
         Ok((local, capture.conn))
     }
