@@ -190,10 +190,8 @@ async fn wait_until_free(
                 }
             }
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Err(Error::Cancelled),
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        if !super::sleep_unless(shutdown, Duration::from_millis(250)).await {
+            return Err(Error::Cancelled);
         }
     }
 }
