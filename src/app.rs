@@ -194,27 +194,35 @@ async fn spawn_http_servers(
     shutdown: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut servers = Vec::new();
-    let mut plan: Vec<(&'static str, String, axum::Router)> = Vec::new();
+    // Each server's name, address and router, and Go's log message when it cannot bind.
+    let mut plan: Vec<(&'static str, String, axum::Router, &str)> = Vec::new();
     if settings.prometheus.enable {
+        let router = crate::metrics::router(Arc::clone(&observers.metrics));
+        let addr = crate::config::listen_addr(&settings.prometheus.bind);
         plan.push((
             "metrics",
-            crate::config::listen_addr(&settings.prometheus.bind),
-            crate::metrics::router(Arc::clone(&observers.metrics)),
+            addr,
+            router,
+            "Unable to start controller listener",
         ));
     }
     if let Some(addr) = &settings.pprof {
-        plan.push(("pprof", addr.clone(), crate::profiling::router()));
+        let router = crate::profiling::router();
+        plan.push((
+            "pprof",
+            addr.clone(),
+            router,
+            "unable to bind profiler server",
+        ));
     }
     let hc = &settings.health_check;
     if hc.enable {
         tracing::info!(bind = %hc.bind, path = %hc.path, "Starting health check server");
-        plan.push((
-            "health",
-            crate::config::listen_addr(&hc.bind),
-            crate::health::router(Arc::clone(&observers.health), &hc.path, hc.detailed),
-        ));
+        let router = crate::health::router(Arc::clone(&observers.health), &hc.path, hc.detailed);
+        let addr = crate::config::listen_addr(&hc.bind);
+        plan.push(("health", addr, router, "Health check server error"));
     }
-    for (name, addr, router) in plan {
+    for (name, addr, router, unbound) in plan {
         match tokio::net::TcpListener::bind(&addr).await {
             Ok(listener) => {
                 tracing::info!(server = name, addr = %listener.local_addr().map_or(addr.clone(), |a| a.to_string()), "HTTP server listening");
@@ -227,13 +235,7 @@ async fn spawn_http_servers(
                     }
                 }));
             }
-            Err(e) => match name {
-                "metrics" => {
-                    tracing::error!(addr, error = %e, "Unable to start controller listener")
-                }
-                "pprof" => tracing::error!(addr, error = %e, "unable to bind profiler server"),
-                _ => tracing::error!(addr, error = %e, "Health check server error"),
-            },
+            Err(e) => tracing::error!(addr, error = %e, "{unbound}"),
         }
     }
     servers

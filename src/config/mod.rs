@@ -51,7 +51,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 /// A parsed file plus the keys it had that we do not know (to warn about once logging is up).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Parsed {
     pub config: FileConfig,
     pub unknown_keys: Vec<String>,
@@ -98,10 +98,7 @@ fn one_line(msg: &str) -> String {
 /// [`ConfigError::Read`] or [`ConfigError::Parse`].
 pub fn load(path: Option<&Path>) -> Result<Parsed, ConfigError> {
     let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else {
-        return Ok(Parsed {
-            config: FileConfig::default(),
-            unknown_keys: Vec::new(),
-        });
+        return Ok(Parsed::default());
     };
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),

@@ -76,27 +76,25 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
         )
         .await;
         first = false;
-        match ran {
-            Ok(Ended::Stopped) => break Ok(()),
-            Ok(Ended::SchemaChanged(reason)) => {
-                if reason.capture_lost {
-                    tracing::warn!(change = %reason, "Capture damaged; reinstalling it");
-                } else {
-                    tracing::info!(change = %reason, "Schema changed; reinstalling capture");
-                }
-                match reinstall(&node, tables, stale).await {
-                    Some(Ok(next)) => {
-                        node.observers.health.tables_tracked.store(
-                            next.tables.len() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        capture = next;
-                    }
-                    Some(Err(e)) => break Err(e),
-                    None => break Ok(()),
-                }
+        let reason = match ran {
+            Ok(Ended::SchemaChanged(reason)) => reason,
+            other => break other.map(|_| ()),
+        };
+        if reason.capture_lost {
+            tracing::warn!(change = %reason, "Capture damaged; reinstalling it");
+        } else {
+            tracing::info!(change = %reason, "Schema changed; reinstalling capture");
+        }
+        match reinstall(&node, tables, stale).await {
+            Some(Ok(next)) => {
+                node.observers.health.tables_tracked.store(
+                    next.tables.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                capture = next;
             }
-            Err(e) => break Err(e),
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
         }
     };
     node.root.cancel();
@@ -332,13 +330,11 @@ impl Outgoing {
         let pacing = (settings.publish && positions_kv.is_some())
             .then(|| Pacing::new(Arc::clone(&flow), Arc::clone(&local.positions)));
         let outbox = Outbox::default();
-        let recovering = Arc::new(AtomicBool::new(false));
-        if settings.snapshot.enabled
-            && settings.replicate
-            && catchup::gap_at_start(node, &local.positions).await
-        {
-            recovering.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
+        let recovering = Arc::new(AtomicBool::new(
+            settings.snapshot.enabled
+                && settings.replicate
+                && catchup::gap_at_start(node, &local.positions).await,
+        ));
         let shared: SharedLog = Arc::new(Mutex::new(LocalLog {
             conn,
             log: Arc::clone(&local.log),

@@ -208,12 +208,13 @@ fn report_event(
     was_connected: &AtomicBool,
     on_state: &(impl Fn(bool) + ?Sized),
 ) {
+    use async_nats::Event;
     match event {
-        async_nats::Event::Disconnected => {
+        Event::Disconnected => {
             on_state(false);
             tracing::warn!("NATS client disconnected")
         }
-        async_nats::Event::Connected => {
+        Event::Connected => {
             on_state(true);
             if was_connected.swap(true, Ordering::Relaxed) {
                 tracing::info!("NATS client reconnected");
@@ -221,16 +222,12 @@ fn report_event(
                 tracing::info!("NATS client connected");
             }
         }
-        async_nats::Event::Closed => {
+        Event::Closed => {
             on_state(false);
             tracing::warn!("NATS client exiting")
         }
-        async_nats::Event::ServerError(e) => {
-            tracing::error!(error = %e, "NATS server error")
-        }
-        async_nats::Event::ClientError(e) => {
-            tracing::warn!(error = %e, "NATS client error")
-        }
+        Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
+        Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
         other => tracing::debug!(event = %other, "NATS event"),
     }
 }
