@@ -148,11 +148,7 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
             Some(harmonylite::app::StartError::Conflict(_))
         )
     });
-    if conflict {
-        ExitCode::from(2)
-    } else {
-        ExitCode::FAILURE
-    }
+    ExitCode::from(if conflict { 2 } else { 1 })
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -27,7 +27,7 @@ use super::setup::{Capture, Ready};
 use super::snapshots::{snapshots, spawn_snapshots};
 use super::watchdog::{SchemaDrift, spawn_watchdog};
 use super::{Node, StartError};
-use super::{Subsystems, spawn_forever};
+use super::{Subsystems, spawn, spawn_forever};
 use crate::db::{self, apply::Applier, changelog::ChangeLog};
 use crate::replicate::apply::{self as applying, ApplyObservers};
 use crate::replicate::catchup;
@@ -470,10 +470,7 @@ fn spawn_apply(
     let (tx, rx) = mpsc::channel(applying::CHANNEL_DEPTH);
     let outbox = Arc::clone(&w.own.outbox);
     let (n, p, snapshots, own) = (node.clone(), Arc::clone(&w.positions), w.snapshots, w.own);
-    tasks.spawn(async move {
-        let result = catchup::run(n, tx, p, snapshots, own).await;
-        ("consumers", result)
-    });
+    spawn(tasks, "consumers", catchup::run(n, tx, p, snapshots, own));
     let thread = applying::spawn_apply_thread(
         applying::ApplyThread {
             applier,
@@ -541,14 +538,12 @@ fn spawn_apply_join(
     tasks: &mut Subsystems,
     thread: std::thread::JoinHandle<Result<(), applying::ApplyError>>,
 ) {
-    tasks.spawn(async move {
-        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
-        let result = match joined {
+    spawn(tasks, "apply thread", async move {
+        match tokio::task::spawn_blocking(move || thread.join()).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(anyhow::Error::new(e)),
             Ok(Err(_)) | Err(_) => Err(anyhow::anyhow!("the apply thread panicked")),
-        };
-        ("apply thread", result)
+        }
     });
 }
 
@@ -593,20 +588,18 @@ fn spawn_flow(
 /// publisher has finished (the keeper outlives it by one final retirement).
 fn spawn_publisher(tasks: &mut Subsystems, node: &Node, publisher: Publisher) -> CancellationToken {
     let wake = Arc::new(Notify::new());
-    let watcher = match watch::watch(&node.settings.db_path, Arc::clone(&wake)) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %crate::error_chain(&e), "Cannot watch database files; relying on periodic scans");
-            None
-        }
-    };
+    let watcher = watch::watch(&node.settings.db_path, Arc::clone(&wake))
+        .inspect_err(|e| {
+            tracing::warn!(error = %crate::error_chain(e), "Cannot watch database files; relying on periodic scans");
+        })
+        .ok();
     let done = CancellationToken::new();
     let (finished, token) = (done.clone(), node.root.clone());
-    tasks.spawn(async move {
+    spawn(tasks, "publisher", async move {
         let _watcher = watcher;
         let result = publisher.run(wake, token).await;
         finished.cancel();
-        ("publisher", result.map_err(anyhow::Error::new))
+        result.map_err(anyhow::Error::new)
     });
     done
 }
@@ -622,9 +615,9 @@ fn spawn_keeper(
 ) {
     let settings = Arc::clone(&node.settings);
     let tracked = (settings.publish && settings.replicate).then(|| Arc::clone(positions));
-    tasks.spawn(async move {
-        let result = publish::keep(shared, outbox, settings, tracked, stop).await;
-        ("change-log keeper", result.map_err(anyhow::Error::new))
+    let keep = publish::keep(shared, outbox, settings, tracked, stop);
+    spawn(tasks, "change-log keeper", async move {
+        keep.await.map_err(anyhow::Error::new)
     });
 }
 

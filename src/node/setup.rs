@@ -188,16 +188,15 @@ fn max_log_id(conn: &rusqlite::Connection, table: &db::Table) -> anyhow::Result<
 /// Lists the tables, computes the schema hash and installs capture (again, when the
 /// application changes the schema in between).
 fn install_capture(settings: &Settings) -> anyhow::Result<Capture> {
-    let mut tries = 0;
-    loop {
-        tries += 1;
+    for _ in 1..20 {
         match install_once(settings) {
-            Err(e) if tries < 20 && is_schema_change(&e) => {
+            Err(e) if is_schema_change(&e) => {
                 tracing::debug!("schema changed while installing capture; again");
             }
             other => return other,
         }
     }
+    install_once(settings)
 }
 
 fn is_schema_change(e: &anyhow::Error) -> bool {

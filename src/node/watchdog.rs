@@ -37,12 +37,8 @@ pub(super) fn spawn_watchdog(
     poke: Arc<Notify>,
 ) {
     let (path, token) = (node.settings.db_path.clone(), node.root.clone());
-    tasks.spawn(async move {
-        (
-            "database watchdog",
-            watch_database_file(path, tables, hash, confirmed, poke, token).await,
-        )
-    });
+    let watch = watch_database_file(path, tables, hash, confirmed, poke, token);
+    super::spawn(tasks, "database watchdog", watch);
 }
 
 /// Checks the database file's identity and the schema every [`DB_FILE_CHECK`] (or when poked).
