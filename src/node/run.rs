@@ -174,7 +174,8 @@ async fn run_subsystems(
         spawn_flow(&mut tasks, node, &out.flow, store, positions);
     }
     let gate = Arc::new(Mutex::new(()));
-    let snapshots = snapshots(node, positions, &gate, local.hash.clone(), out.recovering)?;
+    let hash = local.hashes.current.clone();
+    let snapshots = snapshots(node, positions, &gate, hash.clone(), out.recovering)?;
     if let Some(s) = &snapshots {
         spawn_snapshots(&mut tasks, node, s);
     }
@@ -198,9 +199,9 @@ async fn run_subsystems(
     let keeper_stop = spawn_publisher(&mut tasks, node, out.publisher);
     let (shared, outbox) = (out.shared, out.outbox);
     spawn_keeper(&mut tasks, node, shared, outbox, positions, keeper_stop);
-    spawn_registry(&mut tasks, node, &local.hash, &previous_hash);
+    spawn_registry(&mut tasks, node, &hash, &previous_hash);
     let (watched, confirmed, poke) = (local.watched, local.confirmed, local.poke);
-    spawn_watchdog(&mut tasks, node, watched, local.hash, confirmed, poke);
+    spawn_watchdog(&mut tasks, node, watched, hash, confirmed, poke);
     if first {
         tracing::info!(shards = settings.replication.shards, "Replication running");
         crate::systemd::notify("READY=1");
@@ -243,7 +244,7 @@ struct Local {
     log: Arc<ChangeLog>,
     /// The tables capture was installed for (the watchdog checks them).
     watched: Vec<db::Table>,
-    hash: String,
+    /// The local schema's hashes (`current` is what this node sends as `sh`).
     hashes: db::apply::SchemaHashes,
     /// The schema version capture is confirmed for: none (-1) until the watchdog's first look.
     confirmed: Arc<AtomicI64>,
@@ -258,10 +259,9 @@ struct Local {
 impl Local {
     /// Takes `capture` apart; returns the shared state and the capture connection.
     fn read(node: &Node, capture: Capture) -> anyhow::Result<(Local, rusqlite::Connection)> {
-        let hash = capture.hash;
         node.observers
             .health
-            .update_catchup(|c| c.schema_hash = hash.clone());
+            .update_catchup(|c| c.schema_hash = capture.hash.clone());
         let confirmed = Arc::new(AtomicI64::new(-1));
         let poke = Arc::new(Notify::new());
         let log = ChangeLog::new(capture.tables.clone())
@@ -271,10 +271,9 @@ impl Local {
             log: Arc::new(log),
             watched: capture.tables,
             hashes: db::apply::SchemaHashes {
-                current: hash.clone(),
+                current: capture.hash,
                 previous: capture.previous_hash,
             },
-            hash,
             confirmed,
             poke,
             stale_up_to: capture.stale_up_to,
@@ -344,7 +343,7 @@ impl Outgoing {
             db::open(&settings.db_path)?,
             node.js.clone(),
             Arc::clone(settings),
-            local.hash.clone(),
+            local.hashes.current.clone(),
             node.identity.clone(),
             Arc::clone(&outbox),
             acked,
