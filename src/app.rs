@@ -45,7 +45,6 @@ pub async fn save_snapshot(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<crate::snapshot::Meta> {
-    use std::sync::atomic::AtomicU64;
     if !settings.snapshot.enabled {
         anyhow::bail!("snapshot.enabled = false: there is no snapshot store to save to");
     }
@@ -71,15 +70,10 @@ pub async fn save_snapshot(
     } = ready;
     let result = async {
         let seqmap = crate::seqmap::SeqMap::open_tolerant(&node.settings.seq_map_path)?;
-        let streams = node.streams();
-        let positions: Arc<[AtomicU64]> = streams
-            .iter()
-            .map(|s| AtomicU64::new(seqmap.get(s)))
-            .collect();
         let source = crate::snapshot::Source {
             db_path: node.settings.db_path.clone(),
-            streams,
-            positions,
+            streams: node.streams(),
+            positions: node.positions(&seqmap),
             gate: Arc::new(std::sync::Mutex::new(())),
         };
         let store = crate::snapshot::open_store(&node.settings, &node.js)
@@ -179,7 +173,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     };
     let root = shutdown.child_token();
     let servers = spawn_http_servers(&settings, &observers, &root).await;
-    let result = run_observed(settings, root.clone(), observers).await;
+    // The node's own token: its failure stops the node, not yet the HTTP servers.
+    let ready = node::setup::setup(Arc::new(settings), observers, root.child_token()).await;
+    let result = match ready {
+        Ok(Some(ready)) => node::run::run(ready).await,
+        other => other.map(|_| ()),
+    };
     root.cancel();
     for server in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
@@ -195,27 +194,35 @@ async fn spawn_http_servers(
     shutdown: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut servers = Vec::new();
-    let mut plan: Vec<(&'static str, String, axum::Router)> = Vec::new();
+    // Each server's name, address and router, and Go's log message when it cannot bind.
+    let mut plan: Vec<(&'static str, String, axum::Router, &str)> = Vec::new();
     if settings.prometheus.enable {
+        let router = crate::metrics::router(Arc::clone(&observers.metrics));
+        let addr = crate::config::listen_addr(&settings.prometheus.bind);
         plan.push((
             "metrics",
-            crate::metrics::listen_addr(&settings.prometheus.bind),
-            crate::metrics::router(Arc::clone(&observers.metrics)),
+            addr,
+            router,
+            "Unable to start controller listener",
         ));
     }
     if let Some(addr) = &settings.pprof {
-        plan.push(("pprof", addr.clone(), crate::profiling::router()));
+        let router = crate::profiling::router();
+        plan.push((
+            "pprof",
+            addr.clone(),
+            router,
+            "unable to bind profiler server",
+        ));
     }
     let hc = &settings.health_check;
     if hc.enable {
         tracing::info!(bind = %hc.bind, path = %hc.path, "Starting health check server");
-        plan.push((
-            "health",
-            crate::metrics::listen_addr(&hc.bind),
-            crate::health::router(Arc::clone(&observers.health), &hc.path, hc.detailed),
-        ));
+        let router = crate::health::router(Arc::clone(&observers.health), &hc.path, hc.detailed);
+        let addr = crate::config::listen_addr(&hc.bind);
+        plan.push(("health", addr, router, "Health check server error"));
     }
-    for (name, addr, router) in plan {
+    for (name, addr, router, unbound) in plan {
         match tokio::net::TcpListener::bind(&addr).await {
             Ok(listener) => {
                 tracing::info!(server = name, addr = %listener.local_addr().map_or(addr.clone(), |a| a.to_string()), "HTTP server listening");
@@ -228,30 +235,8 @@ async fn spawn_http_servers(
                     }
                 }));
             }
-            Err(e) => match name {
-                "metrics" => {
-                    tracing::error!(addr, error = %e, "Unable to start controller listener")
-                }
-                "pprof" => tracing::error!(addr, error = %e, "unable to bind profiler server"),
-                _ => tracing::error!(addr, error = %e, "Health check server error"),
-            },
+            Err(e) => tracing::error!(addr, error = %e, "{unbound}"),
         }
     }
     servers
-}
-
-/// [`run`] with the observers and shutdown token already set up.
-///
-/// # Errors
-/// As [`run`].
-pub async fn run_observed(
-    settings: Settings,
-    shutdown: CancellationToken,
-    observers: Observers,
-) -> anyhow::Result<()> {
-    let root = shutdown.child_token();
-    match node::setup::setup(Arc::new(settings), observers, root).await? {
-        Some(ready) => node::run::run(ready).await,
-        None => Ok(()),
-    }
 }

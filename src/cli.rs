@@ -74,26 +74,16 @@ pub struct Args {
 
 /// Rewrites Go-style `-name[=value]` arguments to `--name[=value]`.
 pub fn normalise<I: IntoIterator<Item = OsString>>(argv: I) -> Vec<OsString> {
-    let mut out = Vec::new();
     let mut passthrough = false;
-    for (i, arg) in argv.into_iter().enumerate() {
-        if i == 0 || passthrough {
-            out.push(arg);
-            continue;
-        }
-        let rewritten = arg.to_str().and_then(|s| {
-            if s == "--" {
-                passthrough = true;
-                None
-            } else if s.len() > 2 && s.starts_with('-') && !s.starts_with("--") {
-                Some(OsString::from(format!("-{s}")))
-            } else {
-                None
-            }
-        });
-        out.push(rewritten.unwrap_or(arg));
-    }
-    out
+    let mut rewrite = |s: &str| {
+        passthrough |= s == "--";
+        (!passthrough && s.len() > 2 && s.starts_with('-') && !s.starts_with("--"))
+            .then(|| OsString::from(format!("-{s}")))
+    };
+    let mut argv = argv.into_iter();
+    let program = argv.next();
+    let rest = argv.map(|arg| arg.to_str().and_then(&mut rewrite).unwrap_or(arg));
+    program.into_iter().chain(rest).collect()
 }
 
 /// Parses argv (including the program name).

@@ -3,6 +3,7 @@
 //! they import it without reaching up into [`crate::node`], which builds and runs them.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::health::HealthState;
 use crate::metrics::Metrics;
+use crate::seqmap::SeqMap;
 
 /// What a running node reports to the outside: metrics and the health endpoint's state.
 #[derive(Clone)]
@@ -23,6 +25,7 @@ pub struct Observers {
 pub struct Node(Arc<Inner>);
 
 /// What [`Node`] holds.
+#[derive(Clone)]
 pub struct Inner {
     pub settings: Arc<Settings>,
     /// This database's identity (in every message id we publish).
@@ -51,12 +54,8 @@ impl Node {
     /// token of its own that the node's root token cancels too.
     pub fn generation(&self) -> Node {
         Node::new(Inner {
-            settings: Arc::clone(&self.settings),
-            identity: self.identity.clone(),
-            client: self.client.clone(),
-            js: self.js.clone(),
-            observers: self.observers.clone(),
             root: self.root.child_token(),
+            ..Inner::clone(self)
         })
     }
 
@@ -64,6 +63,15 @@ impl Node {
     pub fn streams(&self) -> Vec<String> {
         (1..=self.settings.replication.shards)
             .map(|shard| self.settings.stream_name(shard))
+            .collect()
+    }
+
+    /// Per shard: the last applied sequence, as `seqmap` records it.
+    pub fn positions(&self, seqmap: &SeqMap) -> Arc<[AtomicU64]> {
+        let streams = self.streams();
+        streams
+            .iter()
+            .map(|s| AtomicU64::new(seqmap.get(s)))
             .collect()
     }
 }

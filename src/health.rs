@@ -233,30 +233,21 @@ pub fn evaluate(state: &HealthState, t: &Thresholds) -> bool {
 
 /// An axum router serving the endpoint at `path` (other paths: 404).
 pub fn router(state: Arc<HealthState>, path: &str, detailed: bool) -> axum::Router {
+    let answer = move |State(s): State<Arc<HealthState>>, Query(t): Query<Thresholds>| async move {
+        let ok = evaluate(&s, &t);
+        let code = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+        match detailed {
+            true => (code, json, s.body(ok)).into_response(),
+            false => code.into_response(),
+        }
+    };
     axum::Router::new()
-        .route(
-            path,
-            axum::routing::any(
-                move |State(s): State<Arc<HealthState>>, Query(t): Query<Thresholds>| async move {
-                    let ok = evaluate(&s, &t);
-                    let code = if ok {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    if detailed {
-                        (
-                            code,
-                            [(axum::http::header::CONTENT_TYPE, "application/json")],
-                            s.body(ok),
-                        )
-                            .into_response()
-                    } else {
-                        code.into_response()
-                    }
-                },
-            ),
-        )
+        .route(path, axum::routing::any(answer))
         .with_state(state)
 }
 

@@ -58,7 +58,8 @@ pub fn init(format: LogFormat, verbose: bool, node_id: u64) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
-    let result = match format {
+    // Already initialised (tests start several nodes in one process): keep the first.
+    let _ = match format {
         LogFormat::Json => builder
             .json()
             .event_format(WithNodeId {
@@ -78,6 +79,4 @@ pub fn init(format: LogFormat, verbose: bool, node_id: u64) {
             })
             .try_init(),
     };
-    // Already initialised (tests start several nodes in one process): keep the first.
-    let _ = result;
 }

@@ -2,6 +2,8 @@
 //! exit code. Exit codes: 0 normal stop, 1 runtime failure, 2 bad usage or configuration.
 
 use std::process::ExitCode;
+
+use anyhow::Context as _;
 use std::time::Duration;
 
 use harmonylite::{app, cli, config, logging};
@@ -26,10 +28,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     if args.cleanup {
-        return cleanup(&settings);
+        return finish(app::cleanup(&settings).context("Unable to clean up..."));
     }
     if args.schema_status {
-        return schema_status(&settings);
+        return print_report(app::schema_status(&settings), false);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -42,9 +44,14 @@ fn main() -> ExitCode {
         }
     };
     if args.schema_status_cluster {
-        schema_status_cluster(runtime, &settings)
+        let report = block_on_then_stop(runtime, app::schema_status_cluster(&settings));
+        print_report(report, true)
     } else if args.save_snapshot {
-        save_snapshot(runtime, settings)
+        let shutdown = CancellationToken::new();
+        finish(block_on_then_stop(
+            runtime,
+            app::save_snapshot(settings, shutdown),
+        ))
     } else {
         run_daemon(runtime, settings)
     }
@@ -79,49 +86,23 @@ fn load_settings(args: &cli::Args) -> Result<config::Settings, ExitCode> {
     }
 }
 
-/// `-cleanup`: removes capture triggers and tables.
-fn cleanup(settings: &config::Settings) -> ExitCode {
-    match app::cleanup(settings) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("Unable to clean up...: {e:#}");
-            exit_code(&e)
-        }
-    }
-}
-
-/// `-schema-status`: this node's schema report on stdout.
-fn schema_status(settings: &config::Settings) -> ExitCode {
-    match app::schema_status(settings) {
+/// `-schema-status[-cluster]`: the report on stdout; an error on stderr, or for the cluster's
+/// report on stdout too.
+fn print_report(report: anyhow::Result<String>, error_to_stdout: bool) -> ExitCode {
+    match report {
         Ok(report) => {
             print!("{report}");
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
-        Err(e) => {
-            eprintln!("harmonylite: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) if error_to_stdout => println!("{e:#}"),
+        Err(e) => eprintln!("harmonylite: {e:#}"),
     }
+    ExitCode::FAILURE
 }
 
-/// `-schema-status-cluster`: the cluster's schema report on stdout, an error there too.
-fn schema_status_cluster(runtime: Runtime, settings: &config::Settings) -> ExitCode {
-    match block_on_then_stop(runtime, app::schema_status_cluster(settings)) {
-        Ok(report) => {
-            print!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            println!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `-save-snapshot`: takes one snapshot and exits.
-fn save_snapshot(runtime: Runtime, settings: config::Settings) -> ExitCode {
-    let shutdown = CancellationToken::new();
-    match block_on_then_stop(runtime, app::save_snapshot(settings, shutdown)) {
+/// Logs a mode's failure; its exit code (see [`exit_code`]).
+fn finish<T>(result: anyhow::Result<T>) -> ExitCode {
+    match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -142,13 +123,7 @@ fn run_daemon(runtime: Runtime, settings: config::Settings) -> ExitCode {
         });
         app::run(settings, shutdown).await
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            exit_code(&e)
-        }
-    }
+    finish(result)
 }
 
 /// Runs `work` to completion, then gives leftover tasks [`RUNTIME_STOP_TIMEOUT`] to finish.
@@ -173,11 +148,7 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
             Some(harmonylite::app::StartError::Conflict(_))
         )
     });
-    if conflict {
-        ExitCode::from(2)
-    } else {
-        ExitCode::FAILURE
-    }
+    ExitCode::from(if conflict { 2 } else { 1 })
 }
 
 /// Resolves on SIGINT or SIGTERM.

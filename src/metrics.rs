@@ -28,140 +28,109 @@ pub enum Error {
     Prometheus(#[from] prometheus::Error),
 }
 
-/// Every metric this program exports.
+/// Every metric this program exports: each field is the series of the same name, whose help
+/// text is below (the `Def` constants).
 pub struct Metrics {
     registry: Registry,
-    /// `published`: rows published (Go: "number of rows published").
     pub published: IntCounter,
-    /// `pending_publish`: captured changes not yet published.
     pub pending_publish: IntGauge,
-    /// `count_changes`: µs spent counting pending changes per scan.
     pub count_changes: Histogram,
-    /// `scan_changes`: µs spent reading pending changes per scan.
     pub scan_changes: Histogram,
-    /// `schema_mismatch_paused`: 1 while replication is paused on a schema mismatch.
     pub schema_mismatch_paused: IntGauge,
-    /// `applied`: events applied, per shard (this node's own included).
     pub applied: IntCounterVec,
-    /// `apply_lag_seconds`: stream timestamp of a message to its apply.
     pub apply_lag_seconds: Histogram,
-    /// `last_published_sequence`: stream sequence of this node's last acknowledged publish.
     pub last_published_sequence: IntGaugeVec,
-    /// `last_applied_sequence`: stream sequence of the last event applied, per shard.
     pub last_applied_sequence: IntGaugeVec,
-    /// `quarantined`: events recorded in the dead-letter table instead of being applied.
     pub quarantined: IntCounter,
-    /// `publish_errors`: failed publish passes (each is retried with backoff).
     pub publish_errors: IntCounter,
-    /// `skipped`: events not written, by reason (`unchanged`: the row already matched;
-    /// `superseded`: a newer local change of the row had not come back yet).
     pub skipped: IntCounterVec,
-    /// `unique_conflicts`: events held because they conflicted with another row on a UNIQUE
-    /// constraint.
     pub unique_conflicts: IntCounter,
-    /// `held_events`: events currently waiting for a UNIQUE conflict to clear.
     pub held_events: IntGauge,
-    /// `publish_paced`: times publishing waited for the slowest live node (flow control).
     pub publish_paced: IntCounter,
-    /// `peer_lag`: sequences a peer's applied position is behind the stream's end, per peer and
-    /// shard.
     pub peer_lag: IntGaugeVec,
-    /// `snapshots`: snapshot saves and restores, by operation and result (`ok`, `failed`,
-    /// `refused`).
     pub snapshots: IntCounterVec,
-    /// `snapshot_seconds`: duration of snapshot saves and restores (download, check, merge).
     pub snapshot_seconds: HistogramVec,
-    /// `snapshot_size_bytes`: size of the last snapshot saved or restored here.
     pub snapshot_size_bytes: IntGauge,
-    /// `snapshot_age_seconds`: age of the newest snapshot known to this node.
     pub snapshot_age_seconds: IntGauge,
-    /// `recoveries`: times this node recovered from a snapshot (at start or while running).
     pub recoveries: IntCounter,
 }
 
 /// A metric's name (joined after the namespace and subsystem) and help text.
-struct Def {
-    name: &'static str,
-    help: &'static str,
-}
-
-const fn def(name: &'static str, help: &'static str) -> Def {
-    Def { name, help }
-}
+type Def = (&'static str, &'static str);
 
 // Go's five series, with Go's help texts (upstream-behaviour §11).
-const PUBLISHED: Def = def("published", "number of rows published");
-const PENDING_PUBLISH: Def = def("pending_publish", "rows pending publishing");
-const COUNT_CHANGES: Def = def("count_changes", "latency counting changes in microseconds");
-const SCAN_CHANGES: Def = def("scan_changes", "latency scanning change rows in DB");
-const SCHEMA_MISMATCH_PAUSED: Def = def(
+const PUBLISHED: Def = ("published", "number of rows published");
+const PENDING_PUBLISH: Def = ("pending_publish", "rows pending publishing");
+const COUNT_CHANGES: Def = ("count_changes", "latency counting changes in microseconds");
+const SCAN_CHANGES: Def = ("scan_changes", "latency scanning change rows in DB");
+const SCHEMA_MISMATCH_PAUSED: Def = (
     "schema_mismatch_paused",
     "Replication paused due to schema mismatch (1=paused, 0=normal)",
 );
 // Ours: publishing.
-const PUBLISH_ERRORS: Def = def(
+const PUBLISH_ERRORS: Def = (
     "publish_errors",
     "publish passes that failed and were retried",
 );
-const PUBLISH_PACED: Def = def(
+const PUBLISH_PACED: Def = (
     "publish_paced",
     "times publishing waited for the slowest live node to read the stream",
 );
-const LAST_PUBLISHED_SEQUENCE: Def = def(
+const LAST_PUBLISHED_SEQUENCE: Def = (
     "last_published_sequence",
     "stream sequence of this node's last acknowledged publish, per shard",
 );
 // Ours: applying.
-const APPLIED: Def = def(
+const APPLIED: Def = (
     "applied",
     "replicated events applied to the local database, per shard",
 );
-const APPLY_LAG_SECONDS: Def = def(
+const APPLY_LAG_SECONDS: Def = (
     "apply_lag_seconds",
     "seconds from a change entering its stream to its apply on this node",
 );
-const LAST_APPLIED_SEQUENCE: Def = def(
+const LAST_APPLIED_SEQUENCE: Def = (
     "last_applied_sequence",
     "stream sequence of the last event applied, per shard",
 );
-const QUARANTINED: Def = def(
+const QUARANTINED: Def = (
     "quarantined",
     "events that could not be applied and were recorded in __harmonylite__dead_letter",
 );
-const SKIPPED: Def = def(
+const SKIPPED: Def = (
     "skipped",
     "events not written because the row already matched (unchanged) or a newer local change was in flight (superseded)",
 );
-const UNIQUE_CONFLICTS: Def = def(
+const UNIQUE_CONFLICTS: Def = (
     "unique_conflicts",
     "events held because they conflicted with another row on a UNIQUE constraint",
 );
-const HELD_EVENTS: Def = def(
+const HELD_EVENTS: Def = (
     "held_events",
     "events waiting for a UNIQUE conflict with another row to clear",
 );
-const PEER_LAG: Def = def(
+const PEER_LAG: Def = (
     "peer_lag",
     "stream sequences a node's applied position is behind the stream's end, per peer and shard",
 );
-// Ours: snapshots and recovery.
-const SNAPSHOTS: Def = def(
+// Ours: snapshots and recovery (`result`: `ok`, `failed` or `refused`).
+const SNAPSHOTS: Def = (
     "snapshots",
     "snapshot saves and restores by operation and result",
 );
-const SNAPSHOT_SECONDS: Def = def(
+const SNAPSHOT_SECONDS: Def = (
     "snapshot_seconds",
     "seconds a snapshot save or restore took",
 );
-const SNAPSHOT_SIZE_BYTES: Def = def(
+const SNAPSHOT_SIZE_BYTES: Def = (
     "snapshot_size_bytes",
     "size of the last snapshot saved or restored on this node",
 );
-const SNAPSHOT_AGE_SECONDS: Def = def(
+const SNAPSHOT_AGE_SECONDS: Def = (
     "snapshot_age_seconds",
     "age of the newest snapshot known to this node",
 );
-const RECOVERIES: Def = def(
+const RECOVERIES: Def = (
     "recoveries",
     "times this node restored a snapshot because the streams no longer held changes it lacked",
 );
@@ -182,7 +151,7 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn opts(&self, d: &Def) -> Opts {
-        Opts::new(d.name, d.help)
+        Opts::new(d.0, d.1)
             .namespace(self.cfg.namespace.clone())
             .subsystem(self.cfg.subsystem.clone())
             .const_label("node_id", self.node_id.to_string())
@@ -298,14 +267,6 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
     })
 }
 
-/// Turns Go's `:3010` style bind address into something `TcpListener` accepts.
-pub fn listen_addr(bind: &str) -> String {
-    match bind.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => bind.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,11 +348,5 @@ mod tests {
             ..PrometheusConfig::default()
         };
         assert!(Metrics::new(&bad, 1).is_err());
-    }
-
-    #[test]
-    fn bind_addresses() {
-        assert_eq!(listen_addr(":3010"), "0.0.0.0:3010");
-        assert_eq!(listen_addr("127.0.0.1:9"), "127.0.0.1:9");
     }
 }

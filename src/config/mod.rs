@@ -51,7 +51,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 /// A parsed file plus the keys it had that we do not know (to warn about once logging is up).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Parsed {
     pub config: FileConfig,
     pub unknown_keys: Vec<String>,
@@ -98,10 +98,7 @@ fn one_line(msg: &str) -> String {
 /// [`ConfigError::Read`] or [`ConfigError::Parse`].
 pub fn load(path: Option<&Path>) -> Result<Parsed, ConfigError> {
     let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else {
-        return Ok(Parsed {
-            config: FileConfig::default(),
-            unknown_keys: Vec::new(),
-        });
+        return Ok(Parsed::default());
     };
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
@@ -240,6 +237,14 @@ pub fn data_root_dir(db_path: &Path) -> PathBuf {
     std::path::absolute(&dir).unwrap_or(dir)
 }
 
+/// Turns Go's `:3010` style bind address into something `TcpListener` accepts.
+pub fn listen_addr(bind: &str) -> String {
+    match bind.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => bind.to_owned(),
+    }
+}
+
 /// Go's default node id: FNV-1 64 of the machine id (dbus first, then systemd), or of a random
 /// UUID with a warning when neither can be read.
 pub fn default_node_id() -> u64 {
@@ -361,6 +366,12 @@ mod tests {
         let err = parse_str("node_id = -1").expect_err("negative");
         assert!(err.to_string().contains("node_id"), "{err}");
         assert!(parse_str("[nats\n").is_err());
+    }
+
+    #[test]
+    fn bind_addresses() {
+        assert_eq!(listen_addr(":3010"), "0.0.0.0:3010");
+        assert_eq!(listen_addr("127.0.0.1:9"), "127.0.0.1:9");
     }
 
     #[test]

@@ -202,7 +202,6 @@ fn snapshot_settings(
     })
 }
 
-/// `[snapshot.s3]`, copied as given (the backend checks it when it connects).
 /// `[snapshot.sftp]`: empty strings become `None`.
 fn sftp_settings(c: &SftpConfig) -> SftpSettings {
     let path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));

@@ -34,3 +34,24 @@ pub use crate::handle::{Inner, Node, Observers};
 
 /// The running subsystems: each ends with its name and outcome.
 type Subsystems = tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>;
+
+/// Spawns subsystem `name`; ending before shutdown, even without an error, fails the node.
+fn spawn(
+    tasks: &mut Subsystems,
+    name: &'static str,
+    work: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+) {
+    tasks.spawn(async move { (name, work.await) });
+}
+
+/// Spawns subsystem `name`, whose work ends only on shutdown.
+fn spawn_forever(
+    tasks: &mut Subsystems,
+    name: &'static str,
+    work: impl Future<Output = ()> + Send + 'static,
+) {
+    spawn(tasks, name, async move {
+        work.await;
+        Ok(())
+    });
+}

@@ -23,11 +23,11 @@ use anyhow::Context as _;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::Subsystems;
 use super::setup::{Capture, Ready};
 use super::snapshots::{snapshots, spawn_snapshots};
 use super::watchdog::{SchemaDrift, spawn_watchdog};
 use super::{Node, StartError};
+use super::{Subsystems, spawn, spawn_forever};
 use crate::db::{self, apply::Applier, changelog::ChangeLog};
 use crate::replicate::apply::{self as applying, ApplyObservers};
 use crate::replicate::catchup;
@@ -50,7 +50,7 @@ const SLEEP_SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 pub async fn run(ready: Ready) -> anyhow::Result<()> {
     let Ready {
         node,
-        capture,
+        mut capture,
         embedded,
         lease,
         lock,
@@ -62,7 +62,6 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
         let token = node.root.clone();
         tokio::spawn(async move { lease.run(token).await })
     });
-    let mut capture = capture;
     let mut first = true;
     let result = loop {
         let generation = node.generation();
@@ -77,27 +76,25 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
         )
         .await;
         first = false;
-        match ran {
-            Ok(Ended::Stopped) => break Ok(()),
-            Ok(Ended::SchemaChanged(reason)) => {
-                if reason.capture_lost {
-                    tracing::warn!(change = %reason, "Capture damaged; reinstalling it");
-                } else {
-                    tracing::info!(change = %reason, "Schema changed; reinstalling capture");
-                }
-                match reinstall(&node, tables, stale).await {
-                    Some(Ok(next)) => {
-                        node.observers.health.tables_tracked.store(
-                            next.tables.len() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                        capture = next;
-                    }
-                    Some(Err(e)) => break Err(e),
-                    None => break Ok(()),
-                }
+        let reason = match ran {
+            Ok(Ended::SchemaChanged(reason)) => reason,
+            other => break other.map(|_| ()),
+        };
+        if reason.capture_lost {
+            tracing::warn!(change = %reason, "Capture damaged; reinstalling it");
+        } else {
+            tracing::info!(change = %reason, "Schema changed; reinstalling capture");
+        }
+        match reinstall(&node, tables, stale).await {
+            Some(Ok(next)) => {
+                node.observers.health.tables_tracked.store(
+                    next.tables.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                capture = next;
             }
-            Err(e) => break Err(e),
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
         }
     };
     node.root.cancel();
@@ -140,10 +137,8 @@ async fn reinstall(
                 tracing::warn!(error = %format!("{e:#}"), "Cannot reinstall capture yet; retrying");
             }
         }
-        tokio::select! {
-            biased;
-            _ = node.root.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
+        if !stream::sleep_unless(&node.root, delay).await {
+            return None;
         }
         delay = stream::next_backoff(delay);
     }
@@ -179,7 +174,8 @@ async fn run_subsystems(
         spawn_flow(&mut tasks, node, &out.flow, store, positions);
     }
     let gate = Arc::new(Mutex::new(()));
-    let snapshots = snapshots(node, positions, &gate, local.hash.clone(), out.recovering)?;
+    let hash = local.hashes.current.clone();
+    let snapshots = snapshots(node, positions, &gate, hash.clone(), out.recovering)?;
     if let Some(s) = &snapshots {
         spawn_snapshots(&mut tasks, node, s);
     }
@@ -203,9 +199,9 @@ async fn run_subsystems(
     let keeper_stop = spawn_publisher(&mut tasks, node, out.publisher);
     let (shared, outbox) = (out.shared, out.outbox);
     spawn_keeper(&mut tasks, node, shared, outbox, positions, keeper_stop);
-    spawn_registry(&mut tasks, node, &local.hash, &previous_hash);
+    spawn_registry(&mut tasks, node, &hash, &previous_hash);
     let (watched, confirmed, poke) = (local.watched, local.confirmed, local.poke);
-    spawn_watchdog(&mut tasks, node, watched, local.hash, confirmed, poke);
+    spawn_watchdog(&mut tasks, node, watched, hash, confirmed, poke);
     if first {
         tracing::info!(shards = settings.replication.shards, "Replication running");
         crate::systemd::notify("READY=1");
@@ -248,7 +244,7 @@ struct Local {
     log: Arc<ChangeLog>,
     /// The tables capture was installed for (the watchdog checks them).
     watched: Vec<db::Table>,
-    hash: String,
+    /// The local schema's hashes (`current` is what this node sends as `sh`).
     hashes: db::apply::SchemaHashes,
     /// The schema version capture is confirmed for: none (-1) until the watchdog's first look.
     confirmed: Arc<AtomicI64>,
@@ -263,44 +259,28 @@ struct Local {
 impl Local {
     /// Takes `capture` apart; returns the shared state and the capture connection.
     fn read(node: &Node, capture: Capture) -> anyhow::Result<(Local, rusqlite::Connection)> {
-        let Capture {
-            conn,
-            tables,
-            hash,
-            previous_hash,
-            stale_up_to,
-        } = capture;
         node.observers
             .health
-            .update_catchup(|c| c.schema_hash = hash.clone());
+            .update_catchup(|c| c.schema_hash = capture.hash.clone());
         let confirmed = Arc::new(AtomicI64::new(-1));
-        let hashes = db::apply::SchemaHashes {
-            current: hash.clone(),
-            previous: previous_hash,
-        };
-        let watched = tables.clone();
         let poke = Arc::new(Notify::new());
-        let log = Arc::new(
-            ChangeLog::new(tables).with_confirmed(Arc::clone(&confirmed), Arc::clone(&poke)),
-        );
+        let log = ChangeLog::new(capture.tables.clone())
+            .with_confirmed(Arc::clone(&confirmed), Arc::clone(&poke));
         let seqmap = SeqMap::open_tolerant(&node.settings.seq_map_path)?;
-        let positions: Arc<[AtomicU64]> = node
-            .streams()
-            .iter()
-            .map(|s| AtomicU64::new(seqmap.get(s)))
-            .collect();
         let local = Local {
-            log,
-            watched,
-            hash,
-            hashes,
+            log: Arc::new(log),
+            watched: capture.tables,
+            hashes: db::apply::SchemaHashes {
+                current: capture.hash,
+                previous: capture.previous_hash,
+            },
             confirmed,
             poke,
-            stale_up_to,
+            stale_up_to: capture.stale_up_to,
+            positions: node.positions(&seqmap),
             seqmap,
-            positions,
         };
-        Ok((local, conn))
+        Ok((local, capture.conn))
     }
 }
 
@@ -357,13 +337,11 @@ impl Outgoing {
         let pacing = (settings.publish && positions_kv.is_some())
             .then(|| Pacing::new(Arc::clone(&flow), Arc::clone(&local.positions)));
         let outbox = Outbox::default();
-        let recovering = Arc::new(AtomicBool::new(false));
-        if settings.snapshot.enabled
-            && settings.replicate
-            && catchup::gap_at_start(node, &local.positions).await
-        {
-            recovering.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
+        let recovering = Arc::new(AtomicBool::new(
+            settings.snapshot.enabled
+                && settings.replicate
+                && catchup::gap_at_start(node, &local.positions).await,
+        ));
         let shared: SharedLog = Arc::new(Mutex::new(LocalLog {
             conn,
             log: Arc::clone(&local.log),
@@ -373,7 +351,7 @@ impl Outgoing {
             db::open(&settings.db_path)?,
             node.js.clone(),
             Arc::clone(settings),
-            local.hash.clone(),
+            local.hashes.current.clone(),
             node.identity.clone(),
             Arc::clone(&outbox),
             acked,
@@ -437,10 +415,8 @@ async fn recover(node: &Node, publisher: &Publisher, shared: &SharedLog) -> anyh
             }
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "Cannot check the streams for changes sent before the restart; retrying");
-                tokio::select! {
-                    biased;
-                    _ = node.root.cancelled() => return Ok(false),
-                    _ = tokio::time::sleep(delay) => {}
+                if !stream::sleep_unless(&node.root, delay).await {
+                    return Ok(false);
                 }
                 delay = stream::next_backoff(delay);
             }
@@ -492,35 +468,20 @@ fn spawn_apply(
     tasks: &mut Subsystems,
     node: &Node,
     log: &Arc<ChangeLog>,
-    wiring: ApplyWiring,
+    w: ApplyWiring,
 ) -> anyhow::Result<()> {
-    let ApplyWiring {
-        own,
-        seqmap,
-        positions,
-        flow,
-        gate,
-        snapshots,
-        hashes,
-        confirmed,
-        stale_up_to,
-    } = wiring;
-    let positions = &positions;
     let settings = &node.settings;
     let streams = node.streams();
-    let applied: Vec<u64> = streams.iter().map(|s| seqmap.get(s)).collect();
-    let applier = applier(node, log, applied, hashes, confirmed, stale_up_to, &own)?;
+    let applied: Vec<u64> = streams.iter().map(|s| w.seqmap.get(s)).collect();
+    let applier = applier(node, log, applied, &w)?;
     let (tx, rx) = mpsc::channel(applying::CHANNEL_DEPTH);
-    let outbox = Arc::clone(&own.outbox);
-    let (n, p) = (node.clone(), Arc::clone(positions));
-    tasks.spawn(async move {
-        let result = catchup::run(n, tx, p, snapshots, own).await;
-        ("consumers", result)
-    });
+    let outbox = Arc::clone(&w.own.outbox);
+    let (n, p, snapshots, own) = (node.clone(), Arc::clone(&w.positions), w.snapshots, w.own);
+    spawn(tasks, "consumers", catchup::run(n, tx, p, snapshots, own));
     let thread = applying::spawn_apply_thread(
         applying::ApplyThread {
             applier,
-            seqmap,
+            seqmap: w.seqmap,
             streams,
             compressed: settings.replication.compress,
             max_event_bytes: settings
@@ -532,9 +493,9 @@ fn spawn_apply(
                 metrics: Arc::clone(&node.observers.metrics),
                 health: Arc::clone(&node.observers.health),
             },
-            positions: Arc::clone(positions),
-            flow,
-            gate,
+            positions: w.positions,
+            flow: w.flow,
+            gate: w.gate,
             outbox,
         },
         rx,
@@ -544,15 +505,12 @@ fn spawn_apply(
     Ok(())
 }
 
-/// The applier of a generation, at the seq map's positions `applied`, for the local schema.
+/// The applier of a generation, at the seq map's positions `applied`, wired as `w` says.
 fn applier(
     node: &Node,
     log: &Arc<ChangeLog>,
     applied: Vec<u64>,
-    hashes: db::apply::SchemaHashes,
-    confirmed: Arc<AtomicI64>,
-    stale_up_to: Vec<i64>,
-    own: &catchup::OwnChanges,
+    w: &ApplyWiring,
 ) -> anyhow::Result<Applier> {
     let settings = &node.settings;
     // Own events come back (and must be told apart) only when we both publish and apply.
@@ -564,19 +522,19 @@ fn applier(
         track,
     )
     .context("Unable to start the applier")?;
-    applier.set_schema_hashes(hashes);
-    applier.set_confirmed_schema(confirmed);
-    if stale_up_to.iter().any(|&id| id > 0) {
+    applier.set_schema_hashes(w.hashes.clone());
+    applier.set_confirmed_schema(Arc::clone(&w.confirmed));
+    if w.stale_up_to.iter().any(|&id| id > 0) {
         applier
-            .set_stale_up_to(stale_up_to)
+            .set_stale_up_to(w.stale_up_to.clone())
             .context("Unable to start the applier")?;
     }
-    if own.unknown_up_to.iter().any(|&id| id > 0) {
+    if w.own.unknown_up_to.iter().any(|&id| id > 0) {
         tracing::warn!(
             "Some pending changes were captured before the restart and the streams no longer hold where they may have landed; they do not hold back other nodes' changes of their rows"
         );
         applier
-            .set_unknown_up_to(own.unknown_up_to.clone())
+            .set_unknown_up_to(w.own.unknown_up_to.clone())
             .context("Unable to start the applier")?;
     }
     Ok(applier)
@@ -587,14 +545,12 @@ fn spawn_apply_join(
     tasks: &mut Subsystems,
     thread: std::thread::JoinHandle<Result<(), applying::ApplyError>>,
 ) {
-    tasks.spawn(async move {
-        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
-        let result = match joined {
+    spawn(tasks, "apply thread", async move {
+        match tokio::task::spawn_blocking(move || thread.join()).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(anyhow::Error::new(e)),
             Ok(Err(_)) | Err(_) => Err(anyhow::anyhow!("the apply thread panicked")),
-        };
-        ("apply thread", result)
+        }
     });
 }
 
@@ -607,41 +563,31 @@ fn spawn_flow(
     store: async_nats::jetstream::kv::Store,
     positions: &Arc<[AtomicU64]>,
 ) {
-    let settings = &node.settings;
-    let (f, metrics, health, token) = (
+    let (settings, observers, token) = (&node.settings, &node.observers, &node.root);
+    let observe = flow::observe(
         Arc::clone(flow),
-        Arc::clone(&node.observers.metrics),
-        Arc::clone(&node.observers.health),
-        node.root.clone(),
+        Arc::clone(&observers.metrics),
+        Arc::clone(&observers.health),
+        token.clone(),
     );
-    tasks.spawn(async move {
-        flow::observe(f, metrics, health, token).await;
-        ("peer view", Ok(()))
-    });
+    spawn_forever(tasks, "peer view", observe);
     if settings.replicate {
-        let (store, flow, positions) = (store.clone(), Arc::clone(flow), Arc::clone(positions));
-        let (id, token) = (settings.node_id, node.root.clone());
-        tasks.spawn(async move {
-            flow::report(store, flow, id, positions, token).await;
-            ("position reporter", Ok(()))
-        });
+        let (id, positions) = (settings.node_id, Arc::clone(positions));
+        let report = flow::report(
+            store.clone(),
+            Arc::clone(flow),
+            id,
+            positions,
+            token.clone(),
+        );
+        spawn_forever(tasks, "position reporter", report);
     }
     if settings.publish {
-        let (flow_w, token) = (Arc::clone(flow), node.root.clone());
-        tasks.spawn(async move {
-            flow::watch(store, flow_w, token).await;
-            ("position watcher", Ok(()))
-        });
-        let (js, flow_l, s, token) = (
-            node.js.clone(),
-            Arc::clone(flow),
-            Arc::clone(settings),
-            node.root.clone(),
-        );
-        tasks.spawn(async move {
-            flow::follow_limits(js, flow_l, s, token).await;
-            ("stream limits", Ok(()))
-        });
+        let watch = flow::watch(store, Arc::clone(flow), token.clone());
+        spawn_forever(tasks, "position watcher", watch);
+        let (js, s) = (node.js.clone(), Arc::clone(settings));
+        let limits = flow::follow_limits(js, Arc::clone(flow), s, token.clone());
+        spawn_forever(tasks, "stream limits", limits);
     }
 }
 
@@ -649,20 +595,18 @@ fn spawn_flow(
 /// publisher has finished (the keeper outlives it by one final retirement).
 fn spawn_publisher(tasks: &mut Subsystems, node: &Node, publisher: Publisher) -> CancellationToken {
     let wake = Arc::new(Notify::new());
-    let watcher = match watch::watch(&node.settings.db_path, Arc::clone(&wake)) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %crate::error_chain(&e), "Cannot watch database files; relying on periodic scans");
-            None
-        }
-    };
+    let watcher = watch::watch(&node.settings.db_path, Arc::clone(&wake))
+        .inspect_err(|e| {
+            tracing::warn!(error = %crate::error_chain(e), "Cannot watch database files; relying on periodic scans");
+        })
+        .ok();
     let done = CancellationToken::new();
     let (finished, token) = (done.clone(), node.root.clone());
-    tasks.spawn(async move {
+    spawn(tasks, "publisher", async move {
         let _watcher = watcher;
         let result = publisher.run(wake, token).await;
         finished.cancel();
-        ("publisher", result.map_err(anyhow::Error::new))
+        result.map_err(anyhow::Error::new)
     });
     done
 }
@@ -678,9 +622,9 @@ fn spawn_keeper(
 ) {
     let settings = Arc::clone(&node.settings);
     let tracked = (settings.publish && settings.replicate).then(|| Arc::clone(positions));
-    tasks.spawn(async move {
-        let result = publish::keep(shared, outbox, settings, tracked, stop).await;
-        ("change-log keeper", result.map_err(anyhow::Error::new))
+    let keep = publish::keep(shared, outbox, settings, tracked, stop);
+    spawn(tasks, "change-log keeper", async move {
+        keep.await.map_err(anyhow::Error::new)
     });
 }
 
@@ -688,10 +632,8 @@ fn spawn_keeper(
 fn spawn_registry(tasks: &mut Subsystems, node: &Node, hash: &str, previous: &str) {
     let (js, id, token) = (node.js.clone(), node.settings.node_id, node.root.clone());
     let (hash, previous) = (hash.to_owned(), previous.to_owned());
-    tasks.spawn(async move {
-        crate::registry::keep_published(js, id, hash, previous, token).await;
-        ("schema registry", Ok(()))
-    });
+    let keep = crate::registry::keep_published(js, id, hash, previous, token);
+    spawn_forever(tasks, "schema registry", keep);
 }
 
 /// Waits for shutdown, the idle timeout, the broker's exit, or the first subsystem to end on its
@@ -703,24 +645,10 @@ async fn supervise(
     embedded: Option<&stream::embedded::EmbeddedNats>,
     snapshots: Option<&Snapshots>,
 ) -> Option<anyhow::Error> {
-    let lease_ended = async {
-        match lease.as_mut() {
-            Some(task) => task.await,
-            None => std::future::pending().await,
-        }
-    };
-    let broker_exit = async {
-        match embedded {
-            Some(server) => server.exited().await,
-            None => std::future::pending().await,
-        }
-    };
-    let idle = async {
-        match node.settings.sleep_timeout {
-            Some(timeout) => node.observers.health.idle_for(timeout).await,
-            None => std::future::pending().await,
-        }
-    };
+    let lease_ended = or_pending(lease.as_mut());
+    let broker_exit = or_pending(embedded.map(|server| server.exited()));
+    let health = &node.observers.health;
+    let idle = or_pending(node.settings.sleep_timeout.map(|t| health.idle_for(t)));
     tokio::select! {
         biased;
         _ = node.root.cancelled() => None,
@@ -762,6 +690,14 @@ async fn supervise(
                 })
             }
         }
+    }
+}
+
+/// Awaits `future`, or never when there is none.
+async fn or_pending<F: std::future::Future>(future: Option<F>) -> F::Output {
+    match future {
+        Some(future) => future.await,
+        None => std::future::pending().await,
     }
 }
 

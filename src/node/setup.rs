@@ -70,11 +70,10 @@ pub async fn setup(
 
     // NATS: the configured servers, or our own supervised nats-server.
     let embedded = if settings.nats.urls.is_empty() {
-        match start_embedded(&settings, &root).await {
-            Ok(server) => Some(server),
-            Err(stream::Error::Cancelled) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
+        let Some(server) = unless_cancelled(start_embedded(&settings, &root).await)? else {
+            return Ok(None);
+        };
+        Some(server)
     } else {
         None
     };
@@ -189,16 +188,15 @@ fn max_log_id(conn: &rusqlite::Connection, table: &db::Table) -> anyhow::Result<
 /// Lists the tables, computes the schema hash and installs capture (again, when the
 /// application changes the schema in between).
 fn install_capture(settings: &Settings) -> anyhow::Result<Capture> {
-    let mut tries = 0;
-    loop {
-        tries += 1;
+    for _ in 1..20 {
         match install_once(settings) {
-            Err(e) if tries < 20 && is_schema_change(&e) => {
+            Err(e) if is_schema_change(&e) => {
                 tracing::debug!("schema changed while installing capture; again");
             }
             other => return other,
         }
     }
+    install_once(settings)
 }
 
 fn is_schema_change(e: &anyhow::Error) -> bool {
@@ -257,16 +255,13 @@ async fn reach_cluster(
         None => settings.nats.urls.clone(),
     };
     let connected = Arc::clone(&observers.health);
-    let client = match stream::connect(settings, &urls, root, move |up| {
+    let connecting = stream::connect(settings, &urls, root, move |up| {
         connected
             .nats_connected
             .store(up, std::sync::atomic::Ordering::Relaxed);
-    })
-    .await
-    {
-        Ok(c) => c,
-        Err(stream::Error::Cancelled) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    });
+    let Some(client) = unless_cancelled(connecting.await)? else {
+        return Ok(None);
     };
     // Go's JetStream request timeout; the client default (10 s) slows cluster bootstrap.
     let js = async_nats::jetstream::ContextBuilder::new()
@@ -279,10 +274,8 @@ async fn reach_cluster(
             tracing::warn!(error = %crate::error_chain(&e), "Cannot list streams to check the shard count")
         }
     }
-    match stream::ensure_streams(&js, settings, root).await {
-        Ok(()) => {}
-        Err(stream::Error::Cancelled) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    if unless_cancelled(stream::ensure_streams(&js, settings, root).await)?.is_none() {
+        return Ok(None);
     }
     tracing::info!("Streaming ready...");
     let lease = match stream::lease::acquire(&js, settings, identity, root).await {
@@ -291,6 +284,15 @@ async fn reach_cluster(
         Err(e) => return Err(StartError::Conflict(e.to_string()).into()),
     };
     Ok(Some((client, js, lease)))
+}
+
+/// `None` when `result` is a shutdown request.
+fn unless_cancelled<T>(result: Result<T, stream::Error>) -> anyhow::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(stream::Error::Cancelled) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Starts the embedded server as Go HarmonyLite configures its in-process one.
@@ -304,14 +306,10 @@ async fn start_embedded(
     let leaf_remotes =
         stream::discovery::resolve_all(&settings.cluster.leaf_servers, shutdown).await?;
     let data_dir = crate::config::data_root_dir(&settings.db_path).join("nats");
-    let listen = match settings.nats.bind_address.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => settings.nats.bind_address.clone(),
-    };
     let cfg = EmbeddedConfig {
         binary,
         server_name: settings.node_name(),
-        listen,
+        listen: crate::config::listen_addr(&settings.nats.bind_address),
         store_dir: data_dir.join(settings.node_name()),
         run_dir: data_dir,
         cluster_listen: settings.cluster.listen.clone(),

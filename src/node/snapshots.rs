@@ -41,9 +41,6 @@ pub(super) fn snapshots(
 
 /// Snapshot leader election and save triggers.
 pub(super) fn spawn_snapshots(tasks: &mut Subsystems, node: &Node, snapshots: &Arc<Snapshots>) {
-    let (s, token) = (Arc::clone(snapshots), node.root.clone());
-    tasks.spawn(async move {
-        s.run(token).await;
-        ("snapshot scheduler", Ok(()))
-    });
+    let run = Arc::clone(snapshots).run(node.root.clone());
+    super::spawn_forever(tasks, "snapshot scheduler", run);
 }

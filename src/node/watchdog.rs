@@ -27,8 +27,7 @@ const DB_FILE_CHECK: Duration = Duration::from_millis(250);
 #[error("{0}")]
 pub(super) struct SchemaDrift(pub(super) db::ddl::Drift);
 
-/// Stops the node when its database file is deleted or replaced, and ends the generation when
-/// the schema drifts from what capture was installed for.
+/// The watchdog as the "database watchdog" subsystem (see the module header).
 pub(super) fn spawn_watchdog(
     tasks: &mut Subsystems,
     node: &Node,
@@ -38,20 +37,13 @@ pub(super) fn spawn_watchdog(
     poke: Arc<Notify>,
 ) {
     let (path, token) = (node.settings.db_path.clone(), node.root.clone());
-    tasks.spawn(async move {
-        (
-            "database watchdog",
-            watch_database_file(path, tables, hash, confirmed, poke, token).await,
-        )
-    });
+    let watch = watch_database_file(path, tables, hash, confirmed, poke, token);
+    super::spawn(tasks, "database watchdog", watch);
 }
 
-/// Stops the node when the database file it opened is deleted or replaced (SQLite would go on
-/// writing into the unlinked file, and the application, which opens the path, would never see
-/// it). Follows the schema: while it matches what capture was installed for, the version seen
-/// is confirmed (the publisher and the applier go on); when it drifts — DDL by the application,
-/// or capture triggers dropped by someone else — the generation ends with [`SchemaDrift`] and
-/// capture is reinstalled.
+/// Checks the database file's identity and the schema every [`DB_FILE_CHECK`] (or when poked).
+/// A drift — DDL by the application, or capture triggers dropped by someone else — ends the
+/// generation with [`SchemaDrift`], and capture is reinstalled.
 async fn watch_database_file(
     path: PathBuf,
     tables: Vec<db::Table>,
@@ -60,7 +52,6 @@ async fn watch_database_file(
     poke: Arc<Notify>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (tables, hash) = (Arc::new(tables), Arc::new(hash));
     use std::os::unix::fs::MetadataExt;
     let identity = |m: std::fs::Metadata| (m.dev(), m.ino());
     let deleted = || {
@@ -81,7 +72,8 @@ async fn watch_database_file(
     let mut tick = tokio::time::interval(DB_FILE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut schema_seen: Option<i64> = None;
-    let conn = Arc::new(Mutex::new(db::open(&path)?));
+    // The connection and what capture was installed for, shared with each blocking check.
+    let checked = Arc::new(Mutex::new((db::open(&path)?, tables, hash)));
     loop {
         tokio::select! {
             biased;
@@ -91,19 +83,15 @@ async fn watch_database_file(
         }
         match std::fs::metadata(&path).map(identity) {
             Ok(now) if now == opened => {
-                let (c, t, h, seen) = (
-                    Arc::clone(&conn),
-                    Arc::clone(&tables),
-                    Arc::clone(&hash),
-                    schema_seen,
-                );
-                let checked = tokio::task::spawn_blocking(move || {
-                    let conn = c.lock().unwrap_or_else(|p| p.into_inner());
-                    db::ddl::drift(&conn, &t, &h, seen)
+                let (c, seen) = (Arc::clone(&checked), schema_seen);
+                let drift = tokio::task::spawn_blocking(move || {
+                    let guard = c.lock().unwrap_or_else(|p| p.into_inner());
+                    let (conn, tables, hash) = &*guard;
+                    db::ddl::drift(conn, tables, hash, seen)
                 })
                 .await
                 .context("capture check failed")?;
-                match checked {
+                match drift {
                     Ok((version, drifted)) => {
                         schema_seen = Some(version);
                         if let Some(reason) = drifted {

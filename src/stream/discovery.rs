@@ -106,12 +106,8 @@ pub async fn resolve_all(
         };
         tracing::info!(host = %peer.host, port = peer.port, min = peer.min, "Starting DNS A/AAAA peer discovery");
         loop {
-            let found: BTreeSet<IpAddr> = match tokio::net::lookup_host((
-                peer.host.as_str(),
-                peer.port,
-            ))
-            .await
-            {
+            let lookup = tokio::net::lookup_host((peer.host.as_str(), peer.port));
+            let found: BTreeSet<IpAddr> = match lookup.await {
                 Ok(addrs) => addrs.map(|a| a.ip()).collect(),
                 Err(e) => {
                     tracing::error!(host = %peer.host, error = %e, "Unable to discover peer URLs");
@@ -128,10 +124,8 @@ pub async fn resolve_all(
                 break;
             }
             tracing::info!(host = %peer.host, found = found.len(), min = peer.min, "Waiting for more peers in DNS");
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Err(Error::Cancelled),
-                _ = tokio::time::sleep(peer.interval) => {}
+            if !super::sleep_unless(shutdown, peer.interval).await {
+                return Err(Error::Cancelled);
             }
         }
     }

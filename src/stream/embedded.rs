@@ -141,18 +141,11 @@ pub fn find_binary(configured: &str) -> Result<PathBuf, Error> {
 
 /// Quotes a string for the nats-server config syntax.
 fn q(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    let escaped = s
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("\"{escaped}\"")
 }
 
 /// `path` relative to `base` (both absolute). nats-server resolves `include` relative to the
@@ -161,14 +154,9 @@ fn relative_to(path: &Path, base: &Path) -> PathBuf {
     let p: Vec<Component<'_>> = path.components().collect();
     let b: Vec<Component<'_>> = base.components().collect();
     let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut out = PathBuf::new();
-    for _ in common..b.len() {
-        out.push("..");
-    }
-    for c in &p[common..] {
-        out.push(c.as_os_str());
-    }
-    out
+    std::iter::repeat_n(Component::ParentDir, b.len() - common)
+        .chain(p[common..].iter().copied())
+        .collect()
 }
 
 /// Whether the user's config sets the JetStream store directory itself (then we leave it alone).
@@ -307,11 +295,6 @@ impl EmbeddedNats {
         &self.client_url
     }
 
-    /// The server's process id.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// Resolves when the server process has exited, with a description of its status.
     pub async fn exited(&self) -> String {
         let mut rx = self.exit.clone();
@@ -385,11 +368,8 @@ fn supervise(
         let forwarder = std::thread::Builder::new()
             .name("nats-log".into())
             .spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    match line {
-                        Ok(line) => forward_log_line(&line),
-                        Err(_) => break,
-                    }
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    forward_log_line(&line);
                 }
             });
         if let Err(e) = forwarder {

@@ -79,24 +79,21 @@ pub async fn acquire(
         "identity={identity} host={host} pid={}",
         std::process::id()
     ));
-    let holder = Holder {
-        key: &key,
-        value: &value,
-        identity,
-        host: &host,
+    let mut lease = Lease {
+        store,
+        key,
+        value,
+        revision: 0,
         node_id: settings.node_id,
     };
-    if !wait_until_free(&store, &holder, shutdown).await? {
+    if !wait_until_free(&lease, identity, &host, shutdown).await? {
         return Ok(None);
     }
-    match store.put(&key, value.clone()).await {
-        Ok(revision) => Ok(Some(Lease {
-            store,
-            key,
-            value,
-            revision,
-            node_id: settings.node_id,
-        })),
+    match lease.store.put(&lease.key, lease.value.clone()).await {
+        Ok(revision) => {
+            lease.revision = revision;
+            Ok(Some(lease))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "Cannot write the node-id lease; running without the duplicate node_id check");
             Ok(None)
@@ -106,57 +103,44 @@ pub async fn acquire(
 
 /// The lease bucket, created if missing; `None` when it cannot be used.
 async fn open_bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::Store> {
-    match js.get_key_value(BUCKET).await {
-        Ok(s) => Some(s),
-        Err(_) => match js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.to_owned(),
-                description: "harmonylite: one live node per node_id".to_owned(),
-                history: 1,
-                max_age: TTL,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: settings.replication.replicas.max(1),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                // Another node may have created it meanwhile.
-                match js.get_key_value(BUCKET).await {
-                    Ok(s) => Some(s),
-                    Err(_) => {
-                        tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
-                        None
-                    }
-                }
-            }
-        },
+    if let Ok(s) = js.get_key_value(BUCKET).await {
+        return Some(s);
     }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: BUCKET.to_owned(),
+            description: "harmonylite: one live node per node_id".to_owned(),
+            history: 1,
+            max_age: TTL,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: settings.replication.replicas.max(1),
+            ..Default::default()
+        })
+        .await;
+    let e = match created {
+        Ok(s) => return Some(s),
+        Err(e) => e,
+    };
+    // Another node may have created it meanwhile.
+    js.get_key_value(BUCKET).await.map_err(|_| {
+        tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
+    }).ok()
 }
 
-/// Who is taking the lease: the key, the value this process writes, and what it is made of.
-struct Holder<'a> {
-    key: &'a str,
-    value: &'a Bytes,
-    identity: &'a str,
-    host: &'a str,
-    node_id: u64,
-}
-
-/// Waits until the key is free to take: unheld, ours, our previous run's on this host, or a
-/// foreign holder's that stopped refreshing. `Ok(false)` when the key cannot be read (the node
-/// then runs without the check).
+/// Waits until the key of `me` (not yet written; its value names `identity` and `host`) is free
+/// to take: unheld, ours, our previous run's on this host, or a foreign holder's that stopped
+/// refreshing. `Ok(false)` when the key cannot be read (the node then runs without the check).
 async fn wait_until_free(
-    store: &kv::Store,
-    me: &Holder<'_>,
+    me: &Lease,
+    identity: &str,
+    host: &str,
     shutdown: &CancellationToken,
 ) -> Result<bool, Error> {
     // Watch a foreign holder for a little longer than a refresh period: a live one refreshes.
     let mut seen: Option<(u64, Bytes)> = None;
     let deadline = tokio::time::Instant::now() + REFRESH * 2 + Duration::from_millis(500);
     loop {
-        let entry = match store.entry(me.key).await {
+        let entry = match me.store.entry(&me.key).await {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot read the node-id lease; running without the duplicate node_id check");
@@ -168,11 +152,11 @@ async fn wait_until_free(
         // that keeps refreshing is a conflict.
         let foreign = entry
             .as_ref()
-            .filter(|e| matches!(e.operation, kv::Operation::Put) && e.value != *me.value);
+            .filter(|e| matches!(e.operation, kv::Operation::Put) && e.value != me.value);
         match foreign {
             None => return Ok(true),
             // Our own previous run on this host (killed): its process is gone, take over now.
-            Some(e) if previous_run_here(&e.value, me.identity, me.host) => {
+            Some(e) if previous_run_here(&e.value, identity, host) => {
                 tracing::info!(previous = %describe(&e.value), "Taking over the node-id lease of this database's previous run");
                 return Ok(true);
             }
@@ -195,10 +179,8 @@ async fn wait_until_free(
                 }
             }
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Err(Error::Cancelled),
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        if !super::sleep_unless(shutdown, Duration::from_millis(250)).await {
+            return Err(Error::Cancelled);
         }
     }
 }

@@ -73,6 +73,21 @@ pub fn next_backoff(delay: Duration) -> Duration {
     (delay * 2).min(RETRY_CAP)
 }
 
+/// Sleeps for `delay`; `false` when `shutdown` is cancelled first.
+pub async fn sleep_unless(shutdown: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Whether JetStream answered that the stream does not exist.
+fn not_found(e: &context::GetStreamError) -> bool {
+    matches!(e.kind(), context::GetStreamErrorKind::JetStream(je)
+        if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
 /// Connects to `urls` with the configured authentication. The first connection is retried with
 /// backoff while the servers are unreachable (logging `NATS connection failed`); after that the
 /// client reconnects on its own after outages, forever.
@@ -135,10 +150,8 @@ pub async fn connect(
                     if attempt == 1 || attempt.is_power_of_two() {
                         tracing::warn!(attempt, error = %e, urls = %joined, "NATS connection failed");
                     }
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return Err(Error::Cancelled),
-                        _ = tokio::time::sleep(delay) => {}
+                    if !sleep_unless(shutdown, delay).await {
+                        return Err(Error::Cancelled);
                     }
                     delay = next_backoff(delay);
                 }
@@ -197,12 +210,13 @@ fn report_event(
     was_connected: &AtomicBool,
     on_state: &(impl Fn(bool) + ?Sized),
 ) {
+    use async_nats::Event;
     match event {
-        async_nats::Event::Disconnected => {
+        Event::Disconnected => {
             on_state(false);
             tracing::warn!("NATS client disconnected")
         }
-        async_nats::Event::Connected => {
+        Event::Connected => {
             on_state(true);
             if was_connected.swap(true, Ordering::Relaxed) {
                 tracing::info!("NATS client reconnected");
@@ -210,16 +224,12 @@ fn report_event(
                 tracing::info!("NATS client connected");
             }
         }
-        async_nats::Event::Closed => {
+        Event::Closed => {
             on_state(false);
             tracing::warn!("NATS client exiting")
         }
-        async_nats::Event::ServerError(e) => {
-            tracing::error!(error = %e, "NATS server error")
-        }
-        async_nats::Event::ClientError(e) => {
-            tracing::warn!(error = %e, "NATS client error")
-        }
+        Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
+        Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
         other => tracing::debug!(event = %other, "NATS event"),
     }
 }
@@ -336,36 +346,30 @@ pub async fn ensure_stream(
     shard: u64,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
-    {
-        let want = stream_config(settings, shard);
-        let mut delay = RETRY_START;
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            match ensure_one(js, settings, &want).await {
-                Ok(()) => break,
-                Err(EnsureError::Fatal(message)) => {
-                    return Err(Error::Stream {
-                        stream: want.name.clone(),
-                        message,
-                    });
+    let want = stream_config(settings, shard);
+    let mut delay = RETRY_START;
+    for attempt in 1u32.. {
+        match ensure_one(js, settings, &want).await {
+            Ok(()) => break,
+            Err(EnsureError::Fatal(message)) => {
+                return Err(Error::Stream {
+                    stream: want.name.clone(),
+                    message,
+                });
+            }
+            Err(EnsureError::Retry(message)) => {
+                if attempt == 1 || attempt.is_power_of_two() {
+                    tracing::warn!(stream = %want.name, attempt, error = %message,
+                        "Failed to get stream info, retrying...");
                 }
-                Err(EnsureError::Retry(message)) => {
-                    if attempt == 1 || attempt.is_power_of_two() {
-                        tracing::warn!(stream = %want.name, attempt, error = %message,
-                            "Failed to get stream info, retrying...");
-                    }
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return Err(Error::Cancelled),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = next_backoff(delay);
+                if !sleep_unless(shutdown, delay).await {
+                    return Err(Error::Cancelled);
                 }
+                delay = next_backoff(delay);
             }
         }
-        tracing::debug!(shard, name = %want.name, replicas = want.num_replicas, "Stream ready...");
     }
+    tracing::debug!(shard, name = %want.name, replicas = want.num_replicas, "Stream ready...");
     Ok(())
 }
 
@@ -374,70 +378,63 @@ enum EnsureError {
     Fatal(String),
 }
 
+/// Creates the stream when missing, else updates it when asked to and it differs.
 async fn ensure_one(
     js: &jetstream::Context,
     settings: &Settings,
     want: &js_stream::Config,
 ) -> Result<(), EnsureError> {
     use async_nats::jetstream::context::CreateStreamErrorKind;
-    use async_nats::jetstream::context::GetStreamErrorKind;
-    match js.get_stream(&want.name).await {
-        Ok(mut stream) => {
-            if settings.replication.update_existing {
-                let have = stream
-                    .info()
-                    .await
-                    .map_err(|e| EnsureError::Retry(e.to_string()))?
-                    .config
-                    .clone();
-                if differs(&have, want) {
-                    tracing::warn!(
-                        "Stream configuration not same for {}, updating...",
-                        want.name
-                    );
-                    js.update_stream(want.clone())
-                        .await
-                        .map_err(|e| EnsureError::Fatal(format!("update failed: {e}")))?;
-                }
-            }
-            Ok(())
+    let mut stream = match js.get_stream(&want.name).await {
+        Ok(stream) => stream,
+        Err(e) if not_found(&e) => {
+            tracing::debug!(name = %want.name, "Creating stream");
+            let Err(ce) = js.create_stream(want.clone()).await else {
+                return Ok(());
+            };
+            let code = match ce.kind() {
+                CreateStreamErrorKind::JetStream(je) => Some(je.error_code()),
+                _ => None,
+            };
+            return Err(
+                if code == Some(jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP) {
+                    EnsureError::Fatal(format!(
+                        "its subject {:?} belongs to another stream; every node of a cluster \
+                     must use the same replication_log.compress and nats.stream_prefix ({ce})",
+                        want.subjects
+                            .first()
+                            .map(String::as_str)
+                            .unwrap_or_default()
+                    ))
+                } else if code == Some(jetstream::ErrorCode::STREAM_INVALID_CONFIG) {
+                    EnsureError::Fatal(format!("JetStream rejected its configuration: {ce}"))
+                } else {
+                    // Another node created it first (possibly with other settings), or the
+                    // cluster is still forming: look again.
+                    EnsureError::Retry(ce.to_string())
+                },
+            );
         }
-        Err(e) => match e.kind() {
-            GetStreamErrorKind::JetStream(je)
-                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-            {
-                tracing::debug!(name = %want.name, "Creating stream");
-                match js.create_stream(want.clone()).await {
-                    Ok(_) => Ok(()),
-                    Err(ce) => match ce.kind() {
-                        CreateStreamErrorKind::JetStream(je)
-                            if je.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP =>
-                        {
-                            Err(EnsureError::Fatal(format!(
-                                "its subject {:?} belongs to another stream; every node of a cluster \
-                                 must use the same replication_log.compress and nats.stream_prefix ({ce})",
-                                want.subjects
-                                    .first()
-                                    .map(String::as_str)
-                                    .unwrap_or_default()
-                            )))
-                        }
-                        CreateStreamErrorKind::JetStream(je)
-                            if je.error_code() == jetstream::ErrorCode::STREAM_INVALID_CONFIG =>
-                        {
-                            Err(EnsureError::Fatal(format!(
-                                "JetStream rejected its configuration: {ce}"
-                            )))
-                        }
-                        // Another node created it first (possibly with other settings), or the
-                        // cluster is still forming: look again.
-                        _ => Err(EnsureError::Retry(ce.to_string())),
-                    },
-                }
-            }
-            _ => Err(EnsureError::Retry(e.to_string())),
-        },
+        Err(e) => return Err(EnsureError::Retry(e.to_string())),
+    };
+    if settings.replication.update_existing {
+        let have = stream
+            .info()
+            .await
+            .map_err(|e| EnsureError::Retry(e.to_string()))?
+            .config
+            .clone();
+        if differs(&have, want) {
+            tracing::warn!(
+                "Stream configuration not same for {}, updating...",
+                want.name
+            );
+            js.update_stream(want.clone())
+                .await
+                .map_err(|e| EnsureError::Fatal(format!("update failed: {e}")))?;
+        }
     }
+    Ok(())
 }
 
 /// Opens an ephemeral pull consumer on `stream` delivering from `start_seq` (≥ 1), without acks:
@@ -495,15 +492,8 @@ pub async fn find_published(
     };
     let mut s = match js.get_stream(stream).await {
         Ok(s) => s,
-        Err(e) => {
-            use async_nats::jetstream::context::GetStreamErrorKind;
-            if let GetStreamErrorKind::JetStream(je) = e.kind()
-                && je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            {
-                return Ok(Vec::new());
-            }
-            return Err(err(e.to_string()));
-        }
+        Err(e) if not_found(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(err(e.to_string())),
     };
     let state = s
         .info()
@@ -628,20 +618,13 @@ pub async fn stream_range(
     js: &jetstream::Context,
     stream: &str,
 ) -> Result<Option<(u64, u64)>, Error> {
-    use async_nats::jetstream::context::GetStreamErrorKind;
     match js.get_stream(stream).await {
         Ok(s) => {
             let st = &s.cached_info().state;
             Ok(Some((st.first_sequence, st.last_sequence)))
         }
-        Err(e) => match e.kind() {
-            GetStreamErrorKind::JetStream(je)
-                if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-            {
-                Ok(None)
-            }
-            _ => Err(Error::StreamInfo(e)),
-        },
+        Err(e) if not_found(&e) => Ok(None),
+        Err(e) => Err(Error::StreamInfo(e)),
     }
 }
 
