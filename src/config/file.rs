@@ -5,25 +5,46 @@
 
 use serde::Deserialize;
 
-/// The TOML file, key for key. Field names are the TOML keys.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct FileConfig {
-    pub db_path: String,
-    pub node_id: Option<u64>,
-    pub seq_map_path: String,
-    pub publish: bool,
-    pub replicate: bool,
-    pub scan_max_changes: u32,
-    pub cleanup_interval: u32,
-    pub sleep_timeout: u32,
-    pub polling_interval: u32,
-    pub snapshot: SnapshotConfig,
-    pub replication_log: ReplicationLogConfig,
-    pub nats: NatsConfig,
-    pub logging: LoggingConfig,
-    pub prometheus: PrometheusConfig,
-    pub health_check: HealthCheckConfig,
+/// A `#[serde(default)]` section of the file whose fields carry their defaults (Go's:
+/// cfg/config.go `var Config = &Configuration{…}`), written `name: Type = default`.
+macro_rules! section {
+    ($(#[$m:meta])* pub struct $name:ident {
+        $($(#[$fm:meta])* $field:ident: $ty:ty = $default:expr,)*
+    }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(default)]
+        pub struct $name {
+            $($(#[$fm])* pub $field: $ty,)*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { $($field: $default,)* }
+            }
+        }
+    };
+}
+
+section! {
+    /// The TOML file, key for key. Field names are the TOML keys.
+    pub struct FileConfig {
+        db_path: String = temp_dir_path("harmonylite.db"),
+        node_id: Option<u64> = None,
+        seq_map_path: String = temp_dir_path("seq-map.cbor"),
+        publish: bool = true,
+        replicate: bool = true,
+        scan_max_changes: u32 = 512,
+        cleanup_interval: u32 = 5000,
+        sleep_timeout: u32 = 0,
+        polling_interval: u32 = 0,
+        snapshot: SnapshotConfig = SnapshotConfig::default(),
+        replication_log: ReplicationLogConfig = ReplicationLogConfig::default(),
+        nats: NatsConfig = NatsConfig::default(),
+        logging: LoggingConfig = LoggingConfig::default(),
+        prometheus: PrometheusConfig = PrometheusConfig::default(),
+        health_check: HealthCheckConfig = HealthCheckConfig::default(),
+    }
 }
 
 /// Go computes default paths from `os.TempDir()` at process start (honours `$TMPDIR`).
@@ -34,72 +55,25 @@ fn temp_dir_path(name: &str) -> String {
         .into_owned()
 }
 
-impl Default for FileConfig {
-    // Go: cfg/config.go `var Config = &Configuration{…}`.
-    fn default() -> Self {
-        FileConfig {
-            db_path: temp_dir_path("harmonylite.db"),
-            node_id: None,
-            seq_map_path: temp_dir_path("seq-map.cbor"),
-            publish: true,
-            replicate: true,
-            scan_max_changes: 512,
-            cleanup_interval: 5000,
-            sleep_timeout: 0,
-            polling_interval: 0,
-            snapshot: SnapshotConfig::default(),
-            replication_log: ReplicationLogConfig::default(),
-            nats: NatsConfig::default(),
-            logging: LoggingConfig::default(),
-            prometheus: PrometheusConfig::default(),
-            health_check: HealthCheckConfig::default(),
-        }
+section! {
+    /// `[snapshot]`.
+    pub struct SnapshotConfig {
+        enabled: bool = true,
+        interval: u32 = 0,
+        leader_ttl: u32 = 0,
+        store: String = "nats".into(),
+        nats: SnapshotNatsConfig = SnapshotNatsConfig::default(),
+        s3: SnapshotS3Config = SnapshotS3Config::default(),
+        webdav: UrlConfig = UrlConfig::default(),
+        sftp: SftpConfig = SftpConfig::default(),
     }
 }
 
-/// `[snapshot]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct SnapshotConfig {
-    pub enabled: bool,
-    pub interval: u32,
-    pub leader_ttl: u32,
-    pub store: String,
-    pub nats: SnapshotNatsConfig,
-    pub s3: SnapshotS3Config,
-    pub webdav: UrlConfig,
-    pub sftp: SftpConfig,
-}
-
-impl Default for SnapshotConfig {
-    fn default() -> Self {
-        SnapshotConfig {
-            enabled: true,
-            interval: 0,
-            leader_ttl: 0,
-            store: "nats".into(),
-            nats: SnapshotNatsConfig::default(),
-            s3: SnapshotS3Config::default(),
-            webdav: UrlConfig::default(),
-            sftp: SftpConfig::default(),
-        }
-    }
-}
-
-/// `[snapshot.nats]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct SnapshotNatsConfig {
-    pub replicas: i64,
-    pub bucket: String,
-}
-
-impl Default for SnapshotNatsConfig {
-    fn default() -> Self {
-        SnapshotNatsConfig {
-            replicas: 1,
-            bucket: String::new(),
-        }
+section! {
+    /// `[snapshot.nats]`.
+    pub struct SnapshotNatsConfig {
+        replicas: i64 = 1,
+        bucket: String = String::new(),
     }
 }
 
@@ -140,131 +114,66 @@ pub struct SftpConfig {
     pub known_hosts: String,
 }
 
-/// `[replication_log]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct ReplicationLogConfig {
-    pub shards: u64,
-    pub max_entries: i64,
-    pub replicas: i64,
-    pub compress: bool,
-    pub update_existing: bool,
-    /// Ours (not in Go): largest decompressed event accepted, bytes; 0 = 16 × the server's
-    /// `max_payload`, at least 16 MiB.
-    pub max_event_bytes: u64,
-}
-
-impl Default for ReplicationLogConfig {
-    fn default() -> Self {
-        ReplicationLogConfig {
-            shards: 1,
-            max_entries: 1024,
-            replicas: 1,
-            compress: true,
-            update_existing: false,
-            max_event_bytes: 0,
-        }
+section! {
+    /// `[replication_log]`.
+    pub struct ReplicationLogConfig {
+        shards: u64 = 1,
+        max_entries: i64 = 1024,
+        replicas: i64 = 1,
+        compress: bool = true,
+        update_existing: bool = false,
+        /// Ours (not in Go): largest decompressed event accepted, bytes; 0 = 16 × the server's
+        /// `max_payload`, at least 16 MiB.
+        max_event_bytes: u64 = 0,
     }
 }
 
-/// `[nats]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct NatsConfig {
-    pub urls: Vec<String>,
-    pub subject_prefix: String,
-    pub stream_prefix: String,
-    pub server_config: String,
-    /// Rust-only: path of the `nats-server` executable for embedded mode (else `PATH`).
-    pub server_binary: String,
-    pub seed_file: String,
-    pub user_name: String,
-    pub user_password: String,
-    pub ca_file: String,
-    pub cert_file: String,
-    pub key_file: String,
-    pub bind_address: String,
-    pub connect_retries: u32,
-    pub reconnect_wait_seconds: u32,
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        NatsConfig {
-            urls: Vec::new(),
-            subject_prefix: "harmonylite-change-log".into(),
-            stream_prefix: "harmonylite-changes".into(),
-            server_config: String::new(),
-            server_binary: String::new(),
-            seed_file: String::new(),
-            user_name: String::new(),
-            user_password: String::new(),
-            ca_file: String::new(),
-            cert_file: String::new(),
-            key_file: String::new(),
-            bind_address: ":-1".into(),
-            connect_retries: 5,
-            reconnect_wait_seconds: 2,
-        }
+section! {
+    /// `[nats]`.
+    pub struct NatsConfig {
+        urls: Vec<String> = Vec::new(),
+        subject_prefix: String = "harmonylite-change-log".into(),
+        stream_prefix: String = "harmonylite-changes".into(),
+        server_config: String = String::new(),
+        /// Rust-only: path of the `nats-server` executable for embedded mode (else `PATH`).
+        server_binary: String = String::new(),
+        seed_file: String = String::new(),
+        user_name: String = String::new(),
+        user_password: String = String::new(),
+        ca_file: String = String::new(),
+        cert_file: String = String::new(),
+        key_file: String = String::new(),
+        bind_address: String = ":-1".into(),
+        connect_retries: u32 = 5,
+        reconnect_wait_seconds: u32 = 2,
     }
 }
 
-/// `[logging]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct LoggingConfig {
-    pub verbose: bool,
-    pub format: String,
-}
-
-impl Default for LoggingConfig {
-    fn default() -> Self {
-        LoggingConfig {
-            verbose: false,
-            format: "console".into(),
-        }
+section! {
+    /// `[logging]`.
+    pub struct LoggingConfig {
+        verbose: bool = false,
+        format: String = "console".into(),
     }
 }
 
-/// `[prometheus]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct PrometheusConfig {
-    pub enable: bool,
-    pub bind: String,
-    pub namespace: String,
-    pub subsystem: String,
-}
-
-impl Default for PrometheusConfig {
-    fn default() -> Self {
-        PrometheusConfig {
-            enable: false,
-            bind: ":3010".into(),
-            namespace: "harmonylite".into(),
-            subsystem: String::new(),
-        }
+section! {
+    /// `[prometheus]`.
+    pub struct PrometheusConfig {
+        enable: bool = false,
+        bind: String = ":3010".into(),
+        namespace: String = "harmonylite".into(),
+        subsystem: String = String::new(),
     }
 }
 
-/// `[health_check]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct HealthCheckConfig {
-    pub enable: bool,
-    pub bind: String,
-    pub path: String,
-    pub detailed: bool,
-}
-
-impl Default for HealthCheckConfig {
-    fn default() -> Self {
-        HealthCheckConfig {
-            enable: false,
-            bind: "0.0.0.0:8090".into(),
-            path: "/health".into(),
-            detailed: true,
-        }
+section! {
+    /// `[health_check]`.
+    pub struct HealthCheckConfig {
+        enable: bool = false,
+        bind: String = "0.0.0.0:8090".into(),
+        path: String = "/health".into(),
+        detailed: bool = true,
     }
 }
 
