@@ -80,26 +80,9 @@ pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
         storage: jetstream::stream::StorageType::File,
         ..Default::default()
     };
-    open_or_create(js, config)
+    crate::stream::open_or_create(js, config)
         .await
         .map_err(|e| Error::Bucket(e.to_string()))
-}
-
-/// Opens the KV bucket `config` names, creating it when it does not exist; the error is the
-/// creation's.
-pub(crate) async fn open_or_create(
-    js: &jetstream::Context,
-    config: kv::Config,
-) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
-    if let Ok(store) = js.get_key_value(&config.bucket).await {
-        return Ok(store);
-    }
-    let bucket = config.bucket.clone();
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        // Another node may have created it meanwhile.
-        Err(e) => js.get_key_value(bucket).await.map_err(|_| e),
-    }
 }
 
 /// Writes this node's entry.

@@ -264,7 +264,7 @@ pub async fn bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::
         num_replicas: settings.replication.replicas.max(1),
         ..Default::default()
     };
-    crate::registry::open_or_create(js, config)
+    crate::stream::open_or_create(js, config)
         .await
         .inspect_err(|e| tracing::warn!(error = %e, "Cannot create the positions bucket; publishing is not paced to the slowest node"))
         .ok()

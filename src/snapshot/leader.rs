@@ -71,7 +71,7 @@ pub async fn bucket(js: &jetstream::Context, replicas: i64) -> Result<kv::Store,
         num_replicas: replicas.max(0) as usize,
         ..Default::default()
     };
-    crate::registry::open_or_create(js, config)
+    crate::stream::open_or_create(js, config)
         .await
         .map_err(|e| Error::Bucket(e.to_string()))
 }

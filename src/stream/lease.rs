@@ -103,26 +103,16 @@ pub async fn acquire(
 
 /// The lease bucket, created if missing; `None` when it cannot be used.
 async fn open_bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::Store> {
-    if let Ok(s) = js.get_key_value(BUCKET).await {
-        return Some(s);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: BUCKET.to_owned(),
-            description: "harmonylite: one live node per node_id".to_owned(),
-            history: 1,
-            max_age: TTL,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: settings.replication.replicas.max(1),
-            ..Default::default()
-        })
-        .await;
-    let e = match created {
-        Ok(s) => return Some(s),
-        Err(e) => e,
+    let config = kv::Config {
+        bucket: BUCKET.to_owned(),
+        description: "harmonylite: one live node per node_id".to_owned(),
+        history: 1,
+        max_age: TTL,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: settings.replication.replicas.max(1),
+        ..Default::default()
     };
-    // Another node may have created it meanwhile.
-    js.get_key_value(BUCKET).await.map_err(|_| {
+    super::open_or_create(js, config).await.map_err(|e| {
         tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
     }).ok()
 }

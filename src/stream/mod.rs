@@ -628,6 +628,23 @@ pub async fn stream_range(
     }
 }
 
+/// Opens the KV bucket `config` names, creating it when it does not exist; the error is the
+/// creation's.
+pub async fn open_or_create(
+    js: &jetstream::Context,
+    config: jetstream::kv::Config,
+) -> Result<jetstream::kv::Store, jetstream::context::CreateKeyValueError> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    let bucket = config.bucket.clone();
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another node may have created it meanwhile.
+        Err(e) => js.get_key_value(bucket).await.map_err(|_| e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
