@@ -38,6 +38,7 @@ pub mod node;
 pub mod profiling;
 pub mod registry;
 pub mod replicate;
+pub mod retry;
 pub mod seqmap;
 pub mod snapshot;
 pub mod stream;

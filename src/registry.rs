@@ -132,7 +132,7 @@ pub async fn keep_published(
             }
         }
         first = false;
-        if !crate::replicate::sleep_or_stop(REFRESH, &shutdown).await {
+        if !crate::retry::pause(&shutdown, REFRESH).await {
             return;
         }
     }

@@ -122,7 +122,7 @@ async fn reinstall(
     tables: Vec<db::Table>,
     stale: Vec<i64>,
 ) -> Option<anyhow::Result<Capture>> {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = crate::retry::Backoff::starting_at(Duration::from_millis(100));
     loop {
         match super::setup::reinstall(&node.settings, tables.clone(), stale.clone()).await {
             Ok(capture) => return Some(Ok(capture)),
@@ -137,10 +137,9 @@ async fn reinstall(
                 tracing::warn!(error = %format!("{e:#}"), "Cannot reinstall capture yet; retrying");
             }
         }
-        if !stream::sleep_unless(&node.root, delay).await {
+        if !backoff.wait(&node.root).await {
             return None;
         }
-        delay = stream::next_backoff(delay);
     }
 }
 
@@ -402,7 +401,7 @@ async fn own_changes(
 /// Retires changes that reached the stream before a restart; retries while NATS is flaky.
 /// `Ok(false)` on shutdown.
 async fn recover(node: &Node, publisher: &Publisher, shared: &SharedLog) -> anyhow::Result<bool> {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = crate::retry::Backoff::default();
     loop {
         match publisher.recover(shared).await {
             Ok(0) => return Ok(true),
@@ -415,10 +414,9 @@ async fn recover(node: &Node, publisher: &Publisher, shared: &SharedLog) -> anyh
             }
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "Cannot check the streams for changes sent before the restart; retrying");
-                if !stream::sleep_unless(&node.root, delay).await {
+                if !backoff.wait(&node.root).await {
                     return Ok(false);
                 }
-                delay = stream::next_backoff(delay);
             }
         }
     }

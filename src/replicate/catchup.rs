@@ -154,7 +154,7 @@ async fn recover(
     snapshots.set_recovering(true).await;
     tracing::warn!("{reason}");
     let started = Instant::now();
-    let mut delay = Duration::from_secs(1);
+    let mut backoff = crate::retry::Backoff::between(Duration::from_secs(1), MAX_RETRY);
     let mut seen = Seen::default();
     let mut logged: Option<String> = None;
     let outcome = loop {
@@ -188,10 +188,9 @@ async fn recover(
                 }
             }
         }
-        if !crate::replicate::sleep_or_stop(delay, &node.root).await {
+        if !backoff.wait(&node.root).await {
             break Ok(None);
         }
-        delay = (delay * 2).min(MAX_RETRY);
     };
     health.update_catchup(|c| c.recovering = None);
     snapshots.set_recovering(false).await;
@@ -443,7 +442,7 @@ async fn settled(node: &Node, sends: &super::publish::Unsettled) -> Result<bool,
                     .into(),
             ));
         }
-        if !crate::replicate::sleep_or_stop(Duration::from_millis(50), &node.root).await {
+        if !crate::retry::pause(&node.root, Duration::from_millis(50)).await {
             return Ok(false);
         }
     }

@@ -57,8 +57,6 @@ const FETCH_BATCH: usize = 1000;
 const FETCH_EXPIRES: Duration = Duration::from_secs(5);
 /// How long past FETCH_EXPIRES a fetch may stay silent before it is considered lost.
 const FETCH_GRACE: Duration = Duration::from_secs(5);
-/// First wait before reopening after an error (it grows, see [`stream::next_backoff`]).
-const FIRST_DELAY: Duration = Duration::from_millis(200);
 
 /// Why reading stopped.
 enum Stop {
@@ -77,7 +75,7 @@ pub async fn run_consumer(spec: ConsumerSpec, tx: mpsc::Sender<Work>, shutdown: 
         stream_name: spec.settings.stream_name(spec.shard),
         subject: spec.settings.subject_name(spec.shard),
         next: spec.start_seq.max(1),
-        delay: FIRST_DELAY,
+        backoff: crate::retry::Backoff::default(),
         reset: false,
         spec,
         tx,
@@ -96,7 +94,8 @@ struct Consumer {
     subject: String,
     /// The next sequence to forward.
     next: u64,
-    delay: Duration,
+    /// The wait before the next reopen after an error.
+    backoff: crate::retry::Backoff,
     /// Set when the stream was found missing or recreated: the next message delivered resets
     /// this shard's position instead of advancing it.
     reset: bool,
@@ -133,7 +132,7 @@ impl Consumer {
     /// Marks the consumer down and waits before the next reopen.
     async fn retry(&mut self) -> Stop {
         self.spec.health.set_consumer_down(self.stream_idx, true);
-        if back_off(&mut self.delay, &self.shutdown).await {
+        if self.backoff.wait(&self.shutdown).await {
             Stop::Reopen
         } else {
             Stop::Done
@@ -308,18 +307,9 @@ impl Consumer {
             return Err(Stop::Done);
         }
         self.next = seq + 1;
-        self.delay = FIRST_DELAY;
+        self.backoff.reset();
         Ok(())
     }
-}
-
-/// Sleeps `delay` and grows it; false if shutdown came first.
-async fn back_off(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
-    if !crate::replicate::sleep_or_stop(*delay, shutdown).await {
-        return false;
-    }
-    *delay = stream::next_backoff(*delay);
-    true
 }
 
 /// Whether `stream` holds a message at or after `next` (by its last sequence).

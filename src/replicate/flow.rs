@@ -321,7 +321,7 @@ pub async fn report(
             _ = flow.advanced.notified() => {}
             _ = tokio::time::sleep(REPORT_EVERY) => {}
         }
-        if !crate::replicate::sleep_or_stop(REPORT_MIN_GAP, &shutdown).await {
+        if !crate::retry::pause(&shutdown, REPORT_MIN_GAP).await {
             break;
         }
     }
@@ -331,7 +331,7 @@ pub async fn report(
 
 /// Follows the bucket until shutdown, recreating the watch after errors.
 pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToken) {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = crate::retry::Backoff::default();
     loop {
         let watched = tokio::select! {
             biased;
@@ -347,7 +347,7 @@ pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToke
                 };
                 match next {
                     Some(Ok(entry)) => {
-                        delay = Duration::from_millis(200);
+                        backoff.reset();
                         let Some(id) = entry
                             .key
                             .strip_prefix("node-")
@@ -376,10 +376,9 @@ pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToke
             },
             Err(e) => tracing::debug!(error = %e, "cannot watch positions; retrying"),
         }
-        if !crate::replicate::sleep_or_stop(delay, &shutdown).await {
+        if !backoff.wait(&shutdown).await {
             return;
         }
-        delay = crate::stream::next_backoff(delay);
     }
 }
 
@@ -415,7 +414,7 @@ pub async fn observe(
             }
         }
         health.update_catchup(|c| c.peers = view);
-        if !crate::replicate::sleep_or_stop(Duration::from_secs(1), &shutdown).await {
+        if !crate::retry::pause(&shutdown, Duration::from_secs(1)).await {
             return;
         }
     }
@@ -445,7 +444,7 @@ pub async fn follow_limits(
                 }
             }
         }
-        if !crate::replicate::sleep_or_stop(Duration::from_secs(10), &shutdown).await {
+        if !crate::retry::pause(&shutdown, Duration::from_secs(10)).await {
             return;
         }
     }

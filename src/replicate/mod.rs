@@ -14,15 +14,3 @@ pub mod watch;
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-
-/// Sleeps `d`; false when `shutdown` came first (looked at first, like every wait here).
-pub(crate) async fn sleep_or_stop(
-    d: std::time::Duration,
-    shutdown: &tokio_util::sync::CancellationToken,
-) -> bool {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(d) => true,
-    }
-}

@@ -124,7 +124,7 @@ pub async fn resolve_all(
                 break;
             }
             tracing::info!(host = %peer.host, found = found.len(), min = peer.min, "Waiting for more peers in DNS");
-            if !super::sleep_unless(shutdown, peer.interval).await {
+            if !crate::retry::pause(shutdown, peer.interval).await {
                 return Err(Error::Cancelled);
             }
         }

@@ -169,7 +169,7 @@ async fn wait_until_free(
                 }
             }
         }
-        if !super::sleep_unless(shutdown, Duration::from_millis(250)).await {
+        if !crate::retry::pause(shutdown, Duration::from_millis(250)).await {
             return Err(Error::Cancelled);
         }
     }

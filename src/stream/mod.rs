@@ -64,24 +64,6 @@ pub enum Credentials {
     NotAFile { key: &'static str, path: String },
 }
 
-/// How long to wait between attempts while NATS is unavailable (grows to the cap).
-const RETRY_START: Duration = Duration::from_millis(200);
-const RETRY_CAP: Duration = Duration::from_secs(5);
-
-/// Doubles `delay` up to [`RETRY_CAP`].
-pub fn next_backoff(delay: Duration) -> Duration {
-    (delay * 2).min(RETRY_CAP)
-}
-
-/// Sleeps for `delay`; `false` when `shutdown` is cancelled first.
-pub async fn sleep_unless(shutdown: &CancellationToken, delay: Duration) -> bool {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
-}
-
 /// Whether JetStream answered that the stream does not exist.
 fn not_found(e: &context::GetStreamError) -> bool {
     matches!(e.kind(), context::GetStreamErrorKind::JetStream(je)
@@ -117,7 +99,7 @@ pub async fn connect(
         .map(|u| u.trim().parse())
         .collect::<Result<_, _>>()
         .map_err(|e| connect_err(format!("invalid URL in nats.urls: {e}")))?;
-    let mut delay = RETRY_START;
+    let mut backoff = crate::retry::Backoff::default();
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -150,10 +132,9 @@ pub async fn connect(
                     if attempt == 1 || attempt.is_power_of_two() {
                         tracing::warn!(attempt, error = %e, urls = %joined, "NATS connection failed");
                     }
-                    if !sleep_unless(shutdown, delay).await {
+                    if !backoff.wait(shutdown).await {
                         return Err(Error::Cancelled);
                     }
-                    delay = next_backoff(delay);
                 }
             },
         }
@@ -347,7 +328,7 @@ pub async fn ensure_stream(
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let want = stream_config(settings, shard);
-    let mut delay = RETRY_START;
+    let mut backoff = crate::retry::Backoff::default();
     for attempt in 1u32.. {
         match ensure_one(js, settings, &want).await {
             Ok(()) => break,
@@ -362,10 +343,9 @@ pub async fn ensure_stream(
                     tracing::warn!(stream = %want.name, attempt, error = %message,
                         "Failed to get stream info, retrying...");
                 }
-                if !sleep_unless(shutdown, delay).await {
+                if !backoff.wait(shutdown).await {
                     return Err(Error::Cancelled);
                 }
-                delay = next_backoff(delay);
             }
         }
     }

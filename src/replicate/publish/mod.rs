@@ -263,7 +263,7 @@ impl Publisher {
             .settings
             .polling_interval
             .unwrap_or(Duration::from_secs(1));
-        let mut retry = Duration::from_millis(100);
+        let mut retry = crate::retry::Backoff::starting_at(Duration::from_millis(100));
         let mut failing = false;
         let mut followups: &[Duration] = &[];
         loop {
@@ -273,7 +273,7 @@ impl Publisher {
                         tracing::info!("Publishing resumed");
                     }
                     failing = false;
-                    retry = Duration::from_millis(100);
+                    retry.reset();
                     match followups.split_first() {
                         Some((next, rest)) => {
                             followups = rest;
@@ -285,9 +285,7 @@ impl Publisher {
                 Err(e) => {
                     self.failed(e, failing, &shutdown).await?;
                     failing = true;
-                    let w = retry;
-                    retry = stream::next_backoff(retry);
-                    w
+                    retry.next_delay()
                 }
             };
             // While held (a restore runs), file notifications are ignored: the restore's own
