@@ -69,7 +69,8 @@ fn load_settings(args: &cli::Args) -> Result<config::Settings, ExitCode> {
             pprof: args.pprof.clone(),
         };
         let unknown = parsed.unknown_keys.clone();
-        parsed.config.validate(&overrides).map(|s| (s, unknown))
+        let settings = parsed.config.validate(&overrides)?;
+        settings.check_paths().map(|()| (settings, unknown))
     });
     match loaded {
         Ok((settings, unknown)) => {

@@ -3,7 +3,7 @@
 //! checks a value. [`FileConfig::validate`] (in `validate.rs`) turns it into
 //! [`Settings`](super::Settings).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A `#[serde(default)]` section of the file whose fields carry their defaults (Go's:
 /// cfg/config.go `var Config = &Configuration{…}`), written `name: Type = default`.
@@ -12,7 +12,7 @@ macro_rules! section {
         $($(#[$fm:meta])* $field:ident: $ty:ty = $default:expr,)*
     }) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Deserialize)]
+        #[derive(Debug, Clone, Deserialize, Serialize)]
         #[serde(default)]
         pub struct $name {
             $($(#[$fm])* pub $field: $ty,)*
@@ -78,7 +78,7 @@ section! {
 }
 
 /// `[snapshot.s3]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct SnapshotS3Config {
     pub path: String,
@@ -95,14 +95,14 @@ pub struct SnapshotS3Config {
 }
 
 /// `[snapshot.webdav]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UrlConfig {
     pub url: String,
 }
 
 /// `[snapshot.sftp]`: Go's `url`, plus (ours) key authentication and host-key checking.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct SftpConfig {
     pub url: String,
@@ -177,11 +177,67 @@ section! {
     }
 }
 
+/// The known key nearest to `unknown` (same section, at most two edits away): a misspelt key
+/// silently keeps its default (`db_pth` meant the database in `/tmp`), so such a key is an
+/// error naming the likely one. Other unknown keys (Go-only ones) are only warned about.
+pub fn near_miss(unknown: &str) -> Option<String> {
+    let (section, name) = unknown.rsplit_once('.').unwrap_or(("", unknown));
+    let mut value = serde_json::to_value(FileConfig::default()).ok()?;
+    for part in section.split('.').filter(|p| !p.is_empty()) {
+        value = value.get(part)?.clone();
+    }
+    let (distance, known) = value
+        .as_object()?
+        .keys()
+        .map(|k| (edit_distance(name, k), k))
+        .min()?;
+    let full = if section.is_empty() {
+        known.clone()
+    } else {
+        format!("{section}.{known}")
+    };
+    (distance <= 2 && name.len() > 2).then_some(full)
+}
+
+/// Levenshtein distance (ASCII case-insensitive: TOML keys are case-sensitive, so `DB_PATH` is
+/// a miss too).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let here = (diagonal + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = here;
+        }
+    }
+    row[b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn a_misspelt_key_names_the_likely_one() {
+        assert_eq!(near_miss("db_pth").as_deref(), Some("db_path"));
+        assert_eq!(near_miss("nats.url").as_deref(), Some("nats.urls"));
+        assert_eq!(
+            near_miss("snapshot.s3.bukcet").as_deref(),
+            Some("snapshot.s3.bucket")
+        );
+        assert_eq!(near_miss("NODE_ID").as_deref(), Some("node_id"));
+        assert_eq!(near_miss("bogus"), None);
+        assert_eq!(near_miss("nats.tls_ca_file"), None);
+        assert_eq!(near_miss("sharding.ignore_tables"), None);
+    }
 
     #[test]
     fn example_config_documents_exactly_the_defaults() {

@@ -76,6 +76,17 @@ pub fn parse(text: &str, origin: &Path) -> Result<Parsed, ConfigError> {
             message: format!("key `{key}`: {}", one_line(&e.into_inner().to_string())),
         }
     })?;
+    if let Some((key, near)) = unknown_keys
+        .iter()
+        .find_map(|k| file::near_miss(k).map(|n| (k, n)))
+    {
+        return Err(ConfigError::Parse {
+            path: origin.to_owned(),
+            message: format!(
+                "unknown key `{key}` (did you mean `{near}`? a misspelt key would silently keep its default)"
+            ),
+        });
+    }
     Ok(Parsed {
         config,
         unknown_keys,
@@ -212,6 +223,33 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The directories of `db_path` and `seq_map_path` exist and can be written (the database's
+    /// WAL, lock and sent-mark files and the seq map are created there): otherwise every write
+    /// fails after start-up. Checked at start rather than in `validate`, which only reads text.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("db_path", &self.db_path),
+            ("seq_map_path", &self.seq_map_path),
+        ] {
+            let dir = data_root_dir(path);
+            let problem = if !dir.is_dir() {
+                "does not exist"
+            } else if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_err() {
+                "is not writable"
+            } else {
+                continue;
+            };
+            return Err(invalid(
+                key,
+                format!("directory {} {problem}", dir.display()),
+            ));
+        }
+        Ok(())
+    }
+
     /// `harmonylite-node-<id>`: the NATS client and server name.
     pub fn node_name(&self) -> String {
         format!("{}-{}", wire::NODE_NAME_PREFIX, self.node_id)

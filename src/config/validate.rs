@@ -64,6 +64,13 @@ impl FileConfig {
     pub fn validate(self, overrides: &Overrides) -> Result<Settings, ConfigError> {
         // The order of these checks decides which key is named when several are wrong.
         let db_path = self.check_top_level()?;
+        if self.node_id == Some(0) {
+            // Go's "unset": a node id of 0 would be this node's name and key in every bucket.
+            return Err(invalid(
+                "node_id",
+                "must be at least 1 (leave it out to derive one from the machine id)",
+            ));
+        }
         let replication = replication_settings(&self.replication_log)?;
         let snapshot = snapshot_settings(&self.snapshot, &self.nats.stream_prefix)?;
         check_nats(&self.nats)?;
@@ -230,6 +237,26 @@ fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {
     if nats.urls.iter().any(|u| u.trim().is_empty()) {
         return Err(invalid("nats.urls", "contains an empty URL"));
     }
+    // A URL the client cannot use would be retried as a host name forever (`nats//h:4222`) or
+    // fail only at connect time (`http://`).
+    for u in nats.urls.iter().map(|u| u.trim()) {
+        let usable = match u.split_once("://") {
+            Some((scheme, rest)) => {
+                ["nats", "tls", "ws", "wss"].contains(&scheme) && !rest.is_empty()
+            }
+            None => {
+                !u.contains('/')
+                    && u.rsplit_once(':')
+                        .is_none_or(|(_, p)| p.parse::<u16>().is_ok())
+            }
+        };
+        if !usable {
+            return Err(invalid(
+                "nats.urls",
+                format!("{u:?} is not a NATS server URL (nats://host:port, tls://, ws://, wss://)"),
+            ));
+        }
+    }
     if nats.cert_file.is_empty() != nats.key_file.is_empty() {
         return Err(invalid(
             if nats.cert_file.is_empty() {
@@ -390,6 +417,19 @@ mod tests {
         assert_eq!(s.replication.replicas, 3);
         let s = settings("[replication_log]\nshards = 20\nreplicas = -1").expect("valid");
         assert_eq!(s.replication.replicas, 5);
+    }
+
+    #[test]
+    fn node_id_zero_and_unusable_nats_urls_are_refused() {
+        let err = settings("node_id = 0").expect_err("node_id 0");
+        assert!(err.to_string().contains("node_id"), "{err}");
+        for bad in ["nats//h:4222", "http://h:4222", "h:port", "nats://"] {
+            let err = settings(&format!("[nats]\nurls = [{bad:?}]")).expect_err(bad);
+            assert!(err.to_string().contains("nats.urls"), "{err}");
+        }
+        for good in ["nats://u:p@h:4222", "tls://h:4222", "h:4222", "localhost"] {
+            settings(&format!("[nats]\nurls = [{good:?}]")).expect(good);
+        }
     }
 
     #[test]

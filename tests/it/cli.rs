@@ -77,6 +77,15 @@ fn config_errors_exit_2_naming_the_key() {
             "replication_log.shards",
         ),
         ("publish = \n", "config file"),
+        ("node_id = 0\n", "node_id"),
+        ("db_pth = \"/tmp/x.db\"\n", "did you mean `db_path`"),
+        ("[nats]\nurls = [\"nats//h:4222\"]\n", "nats.urls"),
+        ("[nats]\nurls = [\"http://h:4222\"]\n", "nats.urls"),
+        ("db_path = \"/nonexistent-dir/x.db\"\n", "db_path"),
+        (
+            "seq_map_path = \"/nonexistent-dir/s.cbor\"\n",
+            "seq_map_path",
+        ),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, body).expect("write");
