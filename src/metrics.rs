@@ -205,15 +205,18 @@ impl Metrics {
             node_id,
             registry: Registry::new(),
         };
-        // Go's histograms use the default buckets while being fed microseconds; kept for
-        // compatibility of dashboards built on them.
-        let go_buckets = prometheus::DEFAULT_BUCKETS;
+        // Fed microseconds, as Go's are; Go gave them the default buckets (5 ms … 10 s read as
+        // µs), so every sample landed in `+Inf` and no quantile could be read. 10 µs … 1 s here.
+        let micros = &[
+            10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5,
+            1e6,
+        ];
         let shard = &["shard"];
         Ok(Arc::new(Metrics {
             published: b.counter(&PUBLISHED)?,
             pending_publish: b.gauge(&PENDING_PUBLISH)?,
-            count_changes: b.histogram(&COUNT_CHANGES, go_buckets)?,
-            scan_changes: b.histogram(&SCAN_CHANGES, go_buckets)?,
+            count_changes: b.histogram(&COUNT_CHANGES, micros)?,
+            scan_changes: b.histogram(&SCAN_CHANGES, micros)?,
             schema_mismatch_paused: b.gauge(&SCHEMA_MISMATCH_PAUSED)?,
             applied: b.counter_vec(&APPLIED, shard)?,
             apply_lag_seconds: b.histogram(&APPLY_LAG_SECONDS, APPLY_LAG_BUCKETS)?,
@@ -322,6 +325,19 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("_total"), "Go names have no _total suffix");
+    }
+
+    /// The scan latencies are microseconds: a typical 300 µs scan lands in a finite bucket.
+    #[test]
+    fn microsecond_histograms_have_microsecond_buckets() {
+        let m = Metrics::new(&PrometheusConfig::default(), 1).expect("valid");
+        m.scan_changes.observe(300.0);
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("harmonylite_scan_changes_bucket{") && l.contains("le=\"500\""))
+            .unwrap_or_else(|| panic!("a 500 µs bucket: {text}"));
+        assert!(line.ends_with(" 1"), "{line}");
     }
 
     #[test]
