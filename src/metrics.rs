@@ -28,112 +28,82 @@ pub enum Error {
     Prometheus(#[from] prometheus::Error),
 }
 
-/// Every metric this program exports: each field is the series of the same name, whose help
-/// text is below (the `Def` constants).
-pub struct Metrics {
-    registry: Registry,
-    pub published: IntCounter,
-    pub pending_publish: IntGauge,
-    pub count_changes: Histogram,
-    pub scan_changes: Histogram,
-    pub schema_mismatch_paused: IntGauge,
-    pub applied: IntCounterVec,
-    pub apply_lag_seconds: Histogram,
-    pub last_published_sequence: IntGaugeVec,
-    pub last_applied_sequence: IntGaugeVec,
-    pub quarantined: IntCounter,
-    pub publish_errors: IntCounter,
-    pub skipped: IntCounterVec,
-    pub unique_conflicts: IntCounter,
-    pub held_events: IntGauge,
-    pub publish_paced: IntCounter,
-    pub peer_lag: IntGaugeVec,
-    pub snapshots: IntCounterVec,
-    pub snapshot_seconds: HistogramVec,
-    pub snapshot_size_bytes: IntGauge,
-    pub snapshot_age_seconds: IntGauge,
-    pub recoveries: IntCounter,
-}
-
 /// A metric's name (joined after the namespace and subsystem) and help text.
 type Def = (&'static str, &'static str);
 
-// Go's five series, with Go's help texts (upstream-behaviour §11).
-const PUBLISHED: Def = ("published", "number of rows published");
-const PENDING_PUBLISH: Def = ("pending_publish", "rows pending publishing");
-const COUNT_CHANGES: Def = ("count_changes", "latency counting changes in microseconds");
-const SCAN_CHANGES: Def = ("scan_changes", "latency scanning change rows in DB");
-const SCHEMA_MISMATCH_PAUSED: Def = (
-    "schema_mismatch_paused",
-    "Replication paused due to schema mismatch (1=paused, 0=normal)",
-);
-// Ours: publishing.
-const PUBLISH_ERRORS: Def = (
-    "publish_errors",
-    "publish passes that failed and were retried",
-);
-const PUBLISH_PACED: Def = (
-    "publish_paced",
-    "times publishing waited for the slowest live node to read the stream",
-);
-const LAST_PUBLISHED_SEQUENCE: Def = (
-    "last_published_sequence",
-    "stream sequence of this node's last acknowledged publish, per shard",
-);
-// Ours: applying.
-const APPLIED: Def = (
-    "applied",
-    "replicated events applied to the local database, per shard",
-);
-const APPLY_LAG_SECONDS: Def = (
-    "apply_lag_seconds",
-    "seconds from a change entering its stream to its apply on this node",
-);
-const LAST_APPLIED_SEQUENCE: Def = (
-    "last_applied_sequence",
-    "stream sequence of the last event applied, per shard",
-);
-const QUARANTINED: Def = (
-    "quarantined",
-    "events that could not be applied and were recorded in __harmonylite__dead_letter",
-);
-const SKIPPED: Def = (
-    "skipped",
-    "events not written because the row already matched (unchanged) or a newer local change was in flight (superseded)",
-);
-const UNIQUE_CONFLICTS: Def = (
-    "unique_conflicts",
-    "events held because they conflicted with another row on a UNIQUE constraint",
-);
-const HELD_EVENTS: Def = (
-    "held_events",
-    "events waiting for a UNIQUE conflict with another row to clear",
-);
-const PEER_LAG: Def = (
-    "peer_lag",
-    "stream sequences a node's applied position is behind the stream's end, per peer and shard",
-);
-// Ours: snapshots and recovery (`result`: `ok`, `failed` or `refused`).
-const SNAPSHOTS: Def = (
-    "snapshots",
-    "snapshot saves and restores by operation and result",
-);
-const SNAPSHOT_SECONDS: Def = (
-    "snapshot_seconds",
-    "seconds a snapshot save or restore took",
-);
-const SNAPSHOT_SIZE_BYTES: Def = (
-    "snapshot_size_bytes",
-    "size of the last snapshot saved or restored on this node",
-);
-const SNAPSHOT_AGE_SECONDS: Def = (
-    "snapshot_age_seconds",
-    "age of the newest snapshot known to this node",
-);
-const RECOVERIES: Def = (
-    "recoveries",
-    "times this node restored a snapshot because the streams no longer held changes it lacked",
-);
+/// Declares [`Metrics`]: each field is the series of the same name, made by the named [`Builder`]
+/// method from its help text (and buckets or labels), registered in the order listed.
+macro_rules! metrics {
+    ($($name:ident: $ty:ty = $make:ident($help:literal $(, $arg:expr)*);)*) => {
+        /// Every metric this program exports.
+        pub struct Metrics {
+            registry: Registry,
+            $(pub $name: $ty,)*
+        }
+
+        impl Builder<'_> {
+            fn build(self) -> Result<Metrics, Error> {
+                Ok(Metrics {
+                    $($name: self.$make(&(stringify!($name), $help) $(, $arg)*)?,)*
+                    registry: self.registry,
+                })
+            }
+        }
+    };
+}
+
+/// Buckets of the microsecond histograms: 10 µs … 1 s.
+const MICROS: &[f64] = &[
+    10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 1e6,
+];
+
+metrics! {
+    // Go's five series, with Go's help texts (upstream-behaviour §11). The two histograms are
+    // fed microseconds, as Go's; Go gave them the default buckets (5 ms … 10 s read as µs), so
+    // every sample landed in `+Inf` and no quantile could be read.
+    published: IntCounter = counter("number of rows published");
+    pending_publish: IntGauge = gauge("rows pending publishing");
+    count_changes: Histogram = histogram(
+        "latency counting changes in microseconds", MICROS);
+    scan_changes: Histogram = histogram(
+        "latency scanning change rows in DB", MICROS);
+    schema_mismatch_paused: IntGauge = gauge(
+        "Replication paused due to schema mismatch (1=paused, 0=normal)");
+    // Ours: replication.
+    applied: IntCounterVec = counter_vec(
+        "replicated events applied to the local database, per shard", &["shard"]);
+    apply_lag_seconds: Histogram = histogram(
+        "seconds from a change entering its stream to its apply on this node", APPLY_LAG_BUCKETS);
+    last_published_sequence: IntGaugeVec = gauge_vec(
+        "stream sequence of this node's last acknowledged publish, per shard", &["shard"]);
+    last_applied_sequence: IntGaugeVec = gauge_vec(
+        "stream sequence of the last event applied, per shard", &["shard"]);
+    quarantined: IntCounter = counter(
+        "events that could not be applied and were recorded in __harmonylite__dead_letter");
+    publish_errors: IntCounter = counter("publish passes that failed and were retried");
+    skipped: IntCounterVec = counter_vec(
+        "events not written because the row already matched (unchanged) or a newer local change was in flight (superseded)",
+        &["reason"]);
+    unique_conflicts: IntCounter = counter(
+        "events held because they conflicted with another row on a UNIQUE constraint");
+    held_events: IntGauge = gauge(
+        "events waiting for a UNIQUE conflict with another row to clear");
+    publish_paced: IntCounter = counter(
+        "times publishing waited for the slowest live node to read the stream");
+    peer_lag: IntGaugeVec = gauge_vec(
+        "stream sequences a node's applied position is behind the stream's end, per peer and shard",
+        &["peer", "shard"]);
+    // Ours: snapshots and recovery (`result`: `ok`, `failed` or `refused`).
+    snapshots: IntCounterVec = counter_vec(
+        "snapshot saves and restores by operation and result", &["op", "result"]);
+    snapshot_seconds: HistogramVec = histogram_vec(
+        "seconds a snapshot save or restore took", SNAPSHOT_BUCKETS, &["op"]);
+    snapshot_size_bytes: IntGauge = gauge(
+        "size of the last snapshot saved or restored on this node");
+    snapshot_age_seconds: IntGauge = gauge("age of the newest snapshot known to this node");
+    recoveries: IntCounter = counter(
+        "times this node restored a snapshot because the streams no longer held changes it lacked");
+}
 
 /// Buckets of `apply_lag_seconds`.
 const APPLY_LAG_BUCKETS: &[f64] = &[
@@ -205,37 +175,7 @@ impl Metrics {
             node_id,
             registry: Registry::new(),
         };
-        // Fed microseconds, as Go's are; Go gave them the default buckets (5 ms … 10 s read as
-        // µs), so every sample landed in `+Inf` and no quantile could be read. 10 µs … 1 s here.
-        let micros = &[
-            10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5,
-            1e6,
-        ];
-        let shard = &["shard"];
-        Ok(Arc::new(Metrics {
-            published: b.counter(&PUBLISHED)?,
-            pending_publish: b.gauge(&PENDING_PUBLISH)?,
-            count_changes: b.histogram(&COUNT_CHANGES, micros)?,
-            scan_changes: b.histogram(&SCAN_CHANGES, micros)?,
-            schema_mismatch_paused: b.gauge(&SCHEMA_MISMATCH_PAUSED)?,
-            applied: b.counter_vec(&APPLIED, shard)?,
-            apply_lag_seconds: b.histogram(&APPLY_LAG_SECONDS, APPLY_LAG_BUCKETS)?,
-            last_published_sequence: b.gauge_vec(&LAST_PUBLISHED_SEQUENCE, shard)?,
-            last_applied_sequence: b.gauge_vec(&LAST_APPLIED_SEQUENCE, shard)?,
-            quarantined: b.counter(&QUARANTINED)?,
-            publish_errors: b.counter(&PUBLISH_ERRORS)?,
-            skipped: b.counter_vec(&SKIPPED, &["reason"])?,
-            unique_conflicts: b.counter(&UNIQUE_CONFLICTS)?,
-            held_events: b.gauge(&HELD_EVENTS)?,
-            publish_paced: b.counter(&PUBLISH_PACED)?,
-            peer_lag: b.gauge_vec(&PEER_LAG, &["peer", "shard"])?,
-            snapshots: b.counter_vec(&SNAPSHOTS, &["op", "result"])?,
-            snapshot_seconds: b.histogram_vec(&SNAPSHOT_SECONDS, SNAPSHOT_BUCKETS, &["op"])?,
-            snapshot_size_bytes: b.gauge(&SNAPSHOT_SIZE_BYTES)?,
-            snapshot_age_seconds: b.gauge(&SNAPSHOT_AGE_SECONDS)?,
-            recoveries: b.counter(&RECOVERIES)?,
-            registry: b.registry,
-        }))
+        b.build().map(Arc::new)
     }
 
     /// Metrics with default names, for tests and embedders that do not serve them.
