@@ -271,7 +271,7 @@ pub fn digest(path: &Path) -> Result<(u64, String, String), Error> {
     digest_with(path, true)
 }
 
-/// [`digest`]; without `fnv` the tag is left empty.
+/// [`digest`]; without `fnv` the tag is left empty (and its thread is not started).
 fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
     let mut digester = Digester::new(fnv);
@@ -288,28 +288,43 @@ fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
 }
 
 /// Size, hex SHA-256 and (optionally) Go's FNV-1 64 tag of bytes fed in order, for a file read
-/// once for another purpose too (an upload).
+/// once for another purpose too (an upload). FNV-1 is a serial byte loop slower than SHA-256
+/// (with the CPU's SHA instructions), so it runs on a thread of its own over the same buffers;
+/// at most a few buffers wait for it.
 pub struct Digester {
     sha: Sha256,
     size: u64,
-    fnv: Option<u64>,
+    fnv: Option<(
+        std::sync::mpsc::SyncSender<bytes::Bytes>,
+        std::thread::JoinHandle<u64>,
+    )>,
 }
 
 impl Digester {
     pub fn new(fnv: bool) -> Digester {
+        let fnv = fnv.then(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
+            let thread = std::thread::spawn(move || {
+                rx.iter().fold(crate::wire::FNV1_64_OFFSET, |h, buf| {
+                    crate::wire::fnv1_64_update(h, &buf)
+                })
+            });
+            (tx, thread)
+        });
         Digester {
             sha: Sha256::new(),
             size: 0,
-            fnv: fnv.then_some(crate::wire::FNV1_64_OFFSET),
+            fnv,
         }
     }
 
-    /// Adds the next bytes.
+    /// Adds the next bytes (cheap: `Bytes` is shared, not copied).
     pub fn update(&mut self, buf: bytes::Bytes) {
         self.sha.update(&buf);
         self.size += buf.len() as u64;
-        if let Some(h) = &mut self.fnv {
-            *h = crate::wire::fnv1_64_update(*h, &buf);
+        if let Some((tx, _)) = &self.fnv {
+            // The thread only ends when the sender is dropped, so this cannot fail.
+            let _ = tx.send(buf);
         }
     }
 
@@ -321,8 +336,15 @@ impl Digester {
 
     /// `(size, SHA-256 bytes, hex FNV tag or "")`.
     pub fn finish_raw(self) -> (u64, [u8; 32], String) {
-        let tag = self.fnv.map(|t| format!("{t:x}")).unwrap_or_default();
-        (self.size, self.sha.finalize().into(), tag)
+        let tag = self.fnv.map(|(tx, thread)| {
+            drop(tx);
+            thread.join().unwrap_or(0)
+        });
+        (
+            self.size,
+            self.sha.finalize().into(),
+            tag.map(|t| format!("{t:x}")).unwrap_or_default(),
+        )
     }
 }
 
