@@ -306,10 +306,23 @@ async fn start_embedded(
     let leaf_remotes =
         stream::discovery::resolve_all(&settings.cluster.leaf_servers, shutdown).await?;
     let data_dir = crate::config::data_root_dir(&settings.db_path).join("nats");
+    let listen = crate::config::listen_addr(&settings.nats.bind_address);
+    let loopback = listen
+        .rsplit_once(':')
+        .and_then(|(host, _)| {
+            host.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .ok()
+        })
+        .is_some_and(|ip| ip.is_loopback());
+    if !loopback && settings.nats.server_config.is_empty() {
+        tracing::warn!(listen = %listen,
+            "The embedded nats-server accepts clients on this address without authorization: whoever reaches it can read and write the replicated changes. Set nats.bind_address = \"127.0.0.1:-1\", or add authorization through nats.server_config");
+    }
     let cfg = EmbeddedConfig {
         binary,
         server_name: settings.node_name(),
-        listen: crate::config::listen_addr(&settings.nats.bind_address),
+        listen,
         store_dir: data_dir.join(settings.node_name()),
         run_dir: data_dir,
         cluster_listen: settings.cluster.listen.clone(),

@@ -355,6 +355,15 @@ async fn look(
             need.iter().map(|n| n + 1).collect::<Vec<_>>()
         ))));
     }
+    if let Some(size) = meta.size
+        && let Some(room) = snapshot::lacks_room_to_restore(&node.settings.db_path, size)
+    {
+        return Ok(ControlFlow::Break(Attempt::Wait(format!(
+            "not enough free disk space next to the database to restore: the snapshot is {} MB and needs {} MB free (its download and the merge)",
+            size >> 20,
+            room >> 20
+        ))));
+    }
     Ok(ControlFlow::Continue((before_first, need, meta)))
 }
 

@@ -121,6 +121,21 @@ pub fn work_dir(db_path: &Path) -> Result<tempfile::TempDir, Error> {
         .map_err(io(&parent))
 }
 
+/// Free space a restore of a `size`-byte snapshot leaves the application: the download and the
+/// merge's WAL (up to the snapshot's size each) must fit with [`RESTORE_RESERVE`] to spare.
+const RESTORE_RESERVE: u64 = 64 << 20;
+
+/// `Some(bytes needed)` when the file system of `db_path` lacks room to restore a snapshot of
+/// `size` bytes (an unreadable file system counts as room: the download reports the error).
+/// Otherwise a node retrying every few seconds fills the application's disk again each time.
+pub fn lacks_room_to_restore(db_path: &Path, size: u64) -> Option<u64> {
+    let dir = crate::config::data_root_dir(db_path);
+    let stat = nix::sys::statvfs::statvfs(&dir).ok()?;
+    let free = u64::from(stat.blocks_available()) * u64::from(stat.fragment_size());
+    let need = size.saturating_mul(2).saturating_add(RESTORE_RESERVE);
+    (free < need).then_some(need)
+}
+
 /// Copies the database into `dir` as a plain SQLite file without our tables and triggers, and
 /// returns its path and metadata: positions, schema, node and time; the size and checksums are
 /// left to the upload, which computes them from the bytes it sends (see
@@ -492,6 +507,19 @@ pub fn open_store(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_needs_room_for_the_download_and_the_merge() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let db = dir.path().join("a.db");
+        assert_eq!(
+            lacks_room_to_restore(&db, 1 << 20),
+            None,
+            "a small snapshot fits"
+        );
+        let need = lacks_room_to_restore(&db, u64::MAX / 4).expect("no disk is that big");
+        assert!(need > u64::MAX / 2, "{need}");
+    }
 
     /// A copy keeps every rowid (tables without an INTEGER PRIMARY KEY replicate by rowid; a
     /// VACUUM would renumber them) and none of our tables; the positions are the source's.

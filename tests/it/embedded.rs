@@ -165,3 +165,19 @@ fn embedded_server_dying_stops_the_node_with_failure() {
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", node.log());
     assert!(node.log().contains("exited unexpectedly"), "{}", node.log());
 }
+
+/// An embedded server listening beyond the loopback interface without authorization is warned
+/// about at start (loopback, as every other test binds, is not).
+#[test]
+fn an_open_embedded_server_is_warned_about() {
+    let bin = require_nats!();
+    let mut node = Node::embedded(1, &bin, 1, 1, "");
+    node.edit_config(
+        "bind_address = \"127.0.0.1:-1\"",
+        "bind_address = \"0.0.0.0:-1\"",
+    );
+    node.start();
+    wait_until(Duration::from_secs(30), "the warning", || {
+        node.log().contains("without authorization")
+    });
+}
