@@ -131,7 +131,7 @@ const RESTORE_RESERVE: u64 = 64 << 20;
 pub fn lacks_room_to_restore(db_path: &Path, size: u64) -> Option<u64> {
     let dir = crate::config::data_root_dir(db_path);
     let stat = nix::sys::statvfs::statvfs(&dir).ok()?;
-    let free = u64::from(stat.blocks_available()) * u64::from(stat.fragment_size());
+    let free = stat.blocks_available() * stat.fragment_size();
     let need = size.saturating_mul(2).saturating_add(RESTORE_RESERVE);
     (free < need).then_some(need)
 }
