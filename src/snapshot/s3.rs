@@ -16,8 +16,9 @@
 use std::path::Path;
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::future::BoxFuture;
@@ -148,8 +149,29 @@ impl S3Store {
         format!("{}/{}", self.bucket, self.key)
     }
 
-    fn err(&self, op: &'static str, e: impl std::error::Error) -> Error {
-        Error::msg(KIND, op, &self.object(), DisplayErrorContext(e).to_string())
+    /// An SDK error as one line: S3's error code and message (or the HTTP status), with a
+    /// hint for credentials; the SDK's own text is a debug dump of the whole response.
+    fn err<E>(&self, op: &'static str, e: SdkError<E, HttpResponse>) -> Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        let (code, text) = (e.code(), e.message());
+        let mut message = match (code, status) {
+            (Some(code), _) => format!("{code}: {}", text.unwrap_or("(no message)")),
+            (None, Some(status)) => format!("HTTP {status}"),
+            (None, None) => DisplayErrorContext(&e).to_string(),
+        };
+        let denied = [
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+        ];
+        if status == Some(403) || code.is_some_and(|c| denied.contains(&c)) {
+            message
+                .push_str(" (access denied: check snapshot.s3.access_key and snapshot.s3.secret)");
+        }
+        Error::msg(KIND, op, &self.object(), message)
     }
 
     /// Creates the bucket when it is missing (once per process).
@@ -240,7 +262,7 @@ impl S3Store {
                 .length(Length::Exact(len))
                 .build()
                 .await
-                .map_err(|e| self.err(op, e))?;
+                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
             let part = self
                 .client
                 .upload_part()
@@ -296,7 +318,7 @@ impl Store for S3Store {
             } else {
                 let body = ByteStream::from_path(file)
                     .await
-                    .map_err(|e| self.err("upload", e))?;
+                    .map_err(|e| Error::new(KIND, "upload", &self.object(), &e))?;
                 self.client
                     .put_object()
                     .bucket(&self.bucket)
@@ -339,7 +361,11 @@ impl Store for S3Store {
                 got.content_length().map(|l| l.max(0) as u64),
             );
             let mut body = got.body;
-            while let Some(chunk) = body.try_next().await.map_err(|e| self.err("download", e))? {
+            while let Some(chunk) = body
+                .try_next()
+                .await
+                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?
+            {
                 out.write_all(&chunk)
                     .await
                     .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
