@@ -5,7 +5,7 @@
 //! password. The server's host key is checked against `known_hosts` (ours) when set; without one
 //! any key is accepted, as Go does, with a warning — set it in production.
 //!
-//! An upload writes `<path>/<node name>-<unix ms>-temp-snapshot.db` (streamed in 1 MiB writes,
+//! An upload writes `<path>/<node name>-temp-snapshot.db` (streamed in 1 MiB writes,
 //! fsynced where the server supports it) and renames it over `snapshot.db`. OpenSSH's SFTP
 //! (protocol 3) does not rename over an existing file, so when the overwriting rename is refused
 //! the old object is moved aside first (and back if the new one cannot take its place): readers
@@ -217,11 +217,9 @@ impl SftpStore {
         from: &mut dyn Read,
         op: &'static str,
     ) -> Result<u64, Error> {
-        let temp = self.path_of(&format!(
-            "{}-{}-temp-{name}",
-            self.node_name,
-            crate::clock::unix_ms()
-        ));
+        // One temporary name per node and file: an upload cut short (a killed process) leaves
+        // at most this file, which the node's next upload replaces.
+        let temp = self.path_of(&format!("{}-temp-{name}", self.node_name));
         let dest = self.path_of(name);
         let written = (|| -> Result<u64, Error> {
             let mut f = sftp

@@ -5,7 +5,8 @@
 //! rest is the server root. Authentication is HTTP Basic (Go negotiated Basic or Digest).
 //!
 //! An upload MKCOLs the directory, PUTs the file (streamed from disk) to a temporary name
-//! `<node name>-<unix ms>-temp-snapshot.db`, then MOVEs it over `snapshot.db` (overwrite): the
+//! `<node name>-temp-snapshot.db` (one per node: a cut-short upload's leftover is replaced by the
+//! next), then MOVEs it over `snapshot.db` (overwrite): the
 //! previous snapshot stays whole until the new one is. WebDAV has no object metadata, so the
 //! [`Meta`] goes to the sidecar `snapshot.db.meta.json` afterwards; a sidecar whose recorded size
 //! is not the object's (a Go node replaced the object, or the sidecar is being replaced) is not
@@ -200,11 +201,9 @@ impl Store for WebDavStore {
                 .await
                 .map_err(|e| Error::new(KIND, op, &self.object(), &e))?
                 .len();
-            let temp = format!(
-                "{}-{}-temp-snapshot.db",
-                self.node_name,
-                crate::clock::unix_ms()
-            );
+            // One temporary name per node: an upload cut short (a killed process) leaves at
+            // most this file, which the node's next upload replaces.
+            let temp = format!("{}-temp-snapshot.db", self.node_name);
             let temp_url = self.in_dir(&temp);
             let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
                 ProgressReader::new(f, Progress::new(KIND, "Uploading", Some(size))),

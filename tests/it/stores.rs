@@ -219,6 +219,23 @@ fn webdav_store_conforms_and_names_the_object_on_errors() {
     )
     .expect("webdav store");
     conformance(&store);
+    // An upload cut short leaves the node's temporary file; its next upload replaces it.
+    let served = server.dir.path().join("data/snaps/a");
+    std::fs::write(
+        served.join("harmonylite-node-1-temp-snapshot.db"),
+        b"cut short",
+    )
+    .expect("test setup");
+    let (file, meta) = sample(served.parent().expect("dir"), "again.db", 1000, 9);
+    runtime()
+        .block_on(store.upload(&file, &meta))
+        .expect("upload");
+    let mut left: Vec<String> = std::fs::read_dir(&served)
+        .expect("served dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["snapshot.db", "snapshot.db.meta.json"]);
     let wrong = WebDavStore::new(&webdav_url(&server, "nope"), "n".into()).expect("webdav store");
     let e = runtime()
         .block_on(wrong.meta())
