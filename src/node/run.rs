@@ -451,10 +451,9 @@ async fn search_was_complete(
 ) -> bool {
     for (i, name) in node.streams().iter().enumerate() {
         let from = last_retired.get(&(i as u64 + 1)).copied().unwrap_or(0) + 1;
-        match stream::stream_range(&node.js, name).await {
-            Ok(Some((first, _))) if first > from => return false,
-            Ok(_) => {}
-            Err(_) => return false,
+        let range = stream::stream_range(&node.js, name).await;
+        if !matches!(range, Ok(r) if r.is_none_or(|(first, _)| first <= from)) {
+            return false;
         }
     }
     true
@@ -499,7 +498,14 @@ fn spawn_apply(
         rx,
         node.root.clone(),
     )?;
-    spawn_apply_join(tasks, thread);
+    // Joined off the reactor.
+    spawn(tasks, "apply thread", async move {
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(anyhow::Error::new(e)),
+            Ok(Err(_)) | Err(_) => Err(anyhow::anyhow!("the apply thread panicked")),
+        }
+    });
     Ok(())
 }
 
@@ -536,20 +542,6 @@ fn applier(
             .context("Unable to start the applier")?;
     }
     Ok(applier)
-}
-
-/// Joins the apply thread, off the reactor, as the "apply thread" subsystem.
-fn spawn_apply_join(
-    tasks: &mut Subsystems,
-    thread: std::thread::JoinHandle<Result<(), applying::ApplyError>>,
-) {
-    spawn(tasks, "apply thread", async move {
-        match tokio::task::spawn_blocking(move || thread.join()).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(anyhow::Error::new(e)),
-            Ok(Err(_)) | Err(_) => Err(anyhow::anyhow!("the apply thread panicked")),
-        }
-    });
 }
 
 /// Flow control: reports this node's applied positions (when it applies), follows everyone's
