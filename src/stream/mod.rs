@@ -466,21 +466,13 @@ pub async fn find_published(
     prefix: &str,
 ) -> Result<Vec<(String, u64)>, Error> {
     use futures::StreamExt;
-    let err = |message: String| Error::Stream {
-        stream: stream.to_owned(),
-        message,
-    };
+    let err = stream_err(stream);
     let mut s = match js.get_stream(stream).await {
         Ok(s) => s,
         Err(e) if not_found(&e) => return Ok(Vec::new()),
-        Err(e) => return Err(err(e.to_string())),
+        Err(e) => return Err(err(&e)),
     };
-    let state = s
-        .info()
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .state
-        .clone();
+    let state = s.info().await.map_err(|e| err(&e))?.state.clone();
     let from = from_seq.max(state.first_sequence).max(1);
     if state.messages == 0 || from > state.last_sequence {
         return Ok(Vec::new());
@@ -498,7 +490,7 @@ pub async fn find_published(
             ..Default::default()
         })
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(&e))?;
     let mut found = Vec::new();
     let mut seen = from.saturating_sub(1);
     while seen < state.last_sequence {
@@ -508,11 +500,11 @@ pub async fn find_published(
             .expires(Duration::from_secs(2))
             .messages()
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(&e))?;
         let mut got = 0;
         while let Some(msg) = batch.next().await {
-            let msg = msg.map_err(|e| err(e.to_string()))?;
-            let seq = msg.info().map_err(|e| err(e.to_string()))?.stream_sequence;
+            let msg = msg.map_err(|e| err(&e))?;
+            let seq = msg.info().map_err(|e| err(&e))?.stream_sequence;
             got += 1;
             seen = seen.max(seq);
             if let Some(id) = msg
@@ -544,17 +536,13 @@ pub async fn shard_mismatch(
     settings: &Settings,
 ) -> Result<Option<String>, Error> {
     use futures::TryStreamExt;
-    let err = |message: String| Error::Stream {
-        stream: settings.stream_name(1),
-        message,
-    };
     let base = settings.stream_name(1);
     let prefix = &base[..base.len() - 1];
     let names: Vec<String> = js
         .stream_names()
         .try_collect()
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| stream_err(&base)(&e))?;
     let mut present: Vec<u64> = names
         .iter()
         .filter_map(|n| n.strip_prefix(prefix)?.parse::<u64>().ok())
@@ -588,6 +576,14 @@ pub async fn shard_mismatch(
         }
     }
     Ok(None)
+}
+
+/// Makes [`Error::Stream`]s for `stream` from any error.
+fn stream_err(stream: &str) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
+    move |e| Error::Stream {
+        stream: stream.to_owned(),
+        message: e.to_string(),
+    }
 }
 
 /// A stream's retained range: `(first sequence, last sequence)`, or `None` when it does not exist.
