@@ -42,8 +42,7 @@ pub(super) fn column<T: FromSql>(
     params: impl Params,
 ) -> rusqlite::Result<Vec<T>> {
     let mut stmt = conn.prepare(sql)?;
-    let rows = stmt.query_map(params, |r| r.get(0))?.collect();
-    rows
+    stmt.query_map(params, |r| r.get(0))?.collect()
 }
 
 /// Opens our write transaction with the guard row in place, so our writes are not captured.
