@@ -24,6 +24,7 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::Connection;
 
 pub use super::aliases::Aliases;
+use super::sql::column;
 use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, has_table, quote};
 
 /// The suffixes of our three trigger names (after `<prefix><table>_change_log`).
@@ -187,10 +188,11 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
 }
 
 fn log_column_names(conn: &Connection, log: &str) -> Result<Vec<String>, Error> {
-    Ok(conn
-        .prepare("SELECT name FROM pragma_table_info(?1)")?
-        .query_map([log], |r| r.get(0))?
-        .collect::<Result<_, _>>()?)
+    Ok(column(
+        conn,
+        "SELECT name FROM pragma_table_info(?1)",
+        [log],
+    )?)
 }
 
 /// Pending changes of `old` are published as changes of `new` from now on.
@@ -390,12 +392,11 @@ fn retire_log(conn: &Connection, table: &str, done: &mut Followed) -> Result<(),
 fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> Result<(), Error> {
     let watched: HashSet<String> = tables.iter().map(|t| t.name.to_lowercase()).collect();
     // Change logs whose table is gone.
-    let logs: Vec<String> = conn
-        .prepare(
-            "SELECT name FROM sqlite_schema WHERE type = 'table' AND substr(name, 1, ?1) = ?2",
-        )?
-        .query_map(rusqlite::params![PREFIX.len() as i64, PREFIX], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    let logs: Vec<String> = column(
+        conn,
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND substr(name, 1, ?1) = ?2",
+        rusqlite::params![PREFIX.len() as i64, PREFIX],
+    )?;
     for log in logs {
         let Some(table) = log_table(&log) else {
             continue;
@@ -443,13 +444,11 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
 
 /// The events waiting for the schema (see [`super::apply`]), in arrival order.
 pub fn waiting_events(conn: &Connection) -> Result<Vec<crate::wire::ChangeEvent>, Error> {
-    let mut stmt = conn.prepare(&format!(
+    let sql = format!(
         "SELECT payload FROM {} WHERE schema_wait = 1 ORDER BY id",
         quote(super::HELD_TABLE)
-    ))?;
-    let payloads: Vec<Vec<u8>> = stmt
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    );
+    let payloads: Vec<Vec<u8>> = column(conn, &sql, [])?;
     Ok(payloads
         .iter()
         .filter_map(|p| crate::wire::ReplicationEvent::decode(p).ok())

@@ -29,7 +29,7 @@ use std::path::Path;
 use rusqlite::Connection;
 
 use super::changelog::ChangeLog;
-use super::sql::{Bind, commit_guarded, set_guard};
+use super::sql::{Bind, column, commit_guarded, set_guard};
 use super::{Error, Table, on_table, quote};
 
 /// Schema name the snapshot is attached as.
@@ -218,18 +218,14 @@ fn snapshot_table(
     aliases: &super::ddl::Aliases,
     table: &Table,
 ) -> Result<(String, Vec<String>), Error> {
-    let cols = snapshot_columns(tx, &table.name)?;
-    if !cols.is_empty() {
-        return Ok((table.name.clone(), cols));
-    }
-    for old in aliases
+    let olds = aliases
         .old_tables(&table.name)
         .into_iter()
-        .filter(|o| !log.tables().iter().any(|t| t.name.eq_ignore_ascii_case(o)))
-    {
-        let cols = snapshot_columns(tx, &old)?;
+        .filter(|o| !log.tables().iter().any(|t| t.name.eq_ignore_ascii_case(o)));
+    for name in std::iter::once(table.name.clone()).chain(olds) {
+        let cols = snapshot_columns(tx, &name)?;
         if !cols.is_empty() {
-            return Ok((old, cols));
+            return Ok((name, cols));
         }
     }
     Ok((table.name.clone(), Vec::new()))
@@ -344,28 +340,17 @@ fn copy_whole(
 /// Whether the database has a table of the application's (ordinary or virtual): one without
 /// is new and takes the snapshot whole.
 fn has_application_tables(conn: &Connection) -> Result<bool, Error> {
-    let n: i64 = conn.query_row(
-        "SELECT count(*) FROM pragma_table_list WHERE schema = 'main' AND type IN ('table', 'virtual') \
-         AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND substr(lower(name), 1, ?1) <> lower(?2)",
-        rusqlite::params![super::PREFIX.len() as i64, super::PREFIX],
-        |r| r.get(0),
-    )?;
-    Ok(n > 0)
+    Ok(!app_tables(conn, "main", "'table', 'virtual'")?.is_empty())
 }
 
-/// The snapshot's ordinary tables of the application (`kinds`: `pragma_table_list` types).
-fn snapshot_tables(conn: &Connection, kinds: &str) -> Result<Vec<String>, Error> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT name FROM pragma_table_list WHERE schema = '{SNAP}' AND type IN ({kinds}) \
+/// The application's tables in `schema` (`kinds`: `pragma_table_list` types).
+fn app_tables(conn: &Connection, schema: &str, kinds: &str) -> Result<Vec<String>, Error> {
+    let sql = format!(
+        "SELECT name FROM pragma_table_list WHERE schema = '{schema}' AND type IN ({kinds}) \
          AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND substr(lower(name), 1, ?1) <> lower(?2)"
-    ))?;
-    let names = stmt
-        .query_map(
-            rusqlite::params![super::PREFIX.len() as i64, super::PREFIX],
-            |r| r.get(0),
-        )?
-        .collect::<Result<_, _>>()?;
-    Ok(names)
+    );
+    let params = rusqlite::params![super::PREFIX.len() as i64, super::PREFIX];
+    Ok(column(conn, &sql, params)?)
 }
 
 /// What the snapshot has that this node's schema lacks: ordinary tables (virtual and shadow
@@ -377,7 +362,7 @@ fn lacking(
     aliases: &super::ddl::Aliases,
 ) -> Result<Vec<String>, Error> {
     let mut out = Vec::new();
-    for name in snapshot_tables(conn, "'table'")? {
+    for name in app_tables(conn, SNAP, "'table'")? {
         let current = aliases.table(&name).unwrap_or(&name);
         let found = local
             .iter()
@@ -440,7 +425,7 @@ fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
             done => done?,
         }
     }
-    for name in snapshot_tables(conn, "'table', 'shadow'")? {
+    for name in app_tables(conn, SNAP, "'table', 'shadow'")? {
         if super::has_table(conn, &name)? {
             out.inserted += copy_rows(conn, &name)?;
         }
@@ -476,13 +461,12 @@ fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
 /// such tables find rows by rowid). Generated columns are computed, not copied.
 fn copy_rows(conn: &Connection, name: &str) -> Result<u64, Error> {
     let q = quote(name);
-    let columns: Vec<String> = conn
-        .prepare(&format!(
-            "SELECT name FROM pragma_table_xinfo(?1, '{SNAP}') WHERE hidden NOT IN (2, 3)"
-        ))?
-        .query_map([name], |r| r.get::<_, String>(0))?
-        .map(|c| c.map(|c| quote(&c)))
-        .collect::<Result<_, _>>()?;
+    let sql =
+        format!("SELECT name FROM pragma_table_xinfo(?1, '{SNAP}') WHERE hidden NOT IN (2, 3)");
+    let columns: Vec<String> = column::<String>(conn, &sql, [name])?
+        .iter()
+        .map(|c| quote(c))
+        .collect();
     let has_rowid = conn
         .prepare(&format!("SELECT rowid FROM {SNAP}.{q} LIMIT 0"))
         .is_ok();
@@ -501,11 +485,8 @@ fn copy_rows(conn: &Connection, name: &str) -> Result<u64, Error> {
 
 /// Column names of a table in the snapshot (empty when it has no such table).
 fn snapshot_columns(conn: &Connection, table: &str) -> Result<Vec<String>, Error> {
-    let mut stmt = conn.prepare(&format!("SELECT name FROM pragma_table_info(?1, '{SNAP}')"))?;
-    let names = stmt
-        .query_map([table], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(names)
+    let sql = format!("SELECT name FROM pragma_table_info(?1, '{SNAP}')");
+    Ok(column(conn, &sql, [table])?)
 }
 
 /// The snapshot's key of its table `name` (comma-separated) when it is not the key of local
@@ -517,12 +498,8 @@ fn other_key(
     name: &str,
     aliases: &super::ddl::Aliases,
 ) -> Result<Option<String>, Error> {
-    let mut keys: Vec<String> = conn
-        .prepare(&format!(
-            "SELECT name FROM pragma_table_info(?1, '{SNAP}') WHERE pk > 0 ORDER BY pk"
-        ))?
-        .query_map([name], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    let sql = format!("SELECT name FROM pragma_table_info(?1, '{SNAP}') WHERE pk > 0 ORDER BY pk");
+    let mut keys: Vec<String> = column(conn, &sql, [name])?;
     if keys.is_empty() {
         keys.push("rowid".into());
     }

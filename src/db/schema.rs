@@ -32,15 +32,14 @@ fn is_internal(name: &str) -> bool {
 /// SQLite errors while reading the schema.
 pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
     // pragma_table_list (SQLite ≥ 3.37) tells ordinary tables from virtual and shadow ones.
-    let mut stmt = conn.prepare(
+    let names: Vec<String> = super::sql::column(
+        conn,
         "SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'table' \
          AND name NOT IN (SELECT name FROM sqlite_schema WHERE type = 'table' \
                           AND sql LIKE 'CREATE VIRTUAL TABLE%') \
          ORDER BY name",
+        [],
     )?;
-    let names: Vec<String> = stmt
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
     let mut tables = Vec::new();
     for name in names.into_iter().filter(|n| !is_internal(n)) {
         match table_info(conn, &name) {

@@ -1,6 +1,6 @@
 //! SQL helpers shared by the modules that write to the database on the applier's behalf
-//! ([`super::apply`], [`super::restore`], [`super::ddl`]): binding wire values, and the guarded
-//! write transaction.
+//! ([`super::apply`], [`super::restore`], [`super::ddl`]): binding wire values, the guarded
+//! write transaction, and reading one column of a query.
 //!
 //! This is a leaf: it imports only [`super`]'s shared names and [`crate::wire`], never another
 //! module of `db`, so the modules that use it do not import each other for it.
@@ -13,8 +13,8 @@
 //!   do not fire (design §3.4), and it is removed in the same transaction, so no application
 //!   write ever sees it.
 
-use rusqlite::types::{ToSql, ToSqlOutput, ValueRef};
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::types::{FromSql, ToSql, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, Params, TransactionBehavior};
 
 use super::{GUARD_TABLE, quote};
 use crate::wire::Value;
@@ -33,6 +33,16 @@ impl ToSql for Bind<'_> {
             Value::Blob(b) => ValueRef::Blob(b),
         }))
     }
+}
+
+/// The first column of every row `sql` returns (names, mostly).
+pub(super) fn column<T: FromSql>(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+) -> rusqlite::Result<Vec<T>> {
+    let mut stmt = conn.prepare(sql)?;
+    stmt.query_map(params, |r| r.get(0))?.collect()
 }
 
 /// Opens our write transaction with the guard row in place, so our writes are not captured.

@@ -123,7 +123,7 @@ impl WebDavStore {
         }
     }
 
-    fn http_error(&self, op: &'static str, e: reqwest::Error) -> Error {
+    fn fail(&self, op: &'static str, e: impl std::error::Error + 'static) -> Error {
         Error::new(KIND, op, &self.object(), &e)
     }
 
@@ -133,7 +133,7 @@ impl WebDavStore {
         op: &'static str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, Error> {
-        request.send().await.map_err(|e| self.http_error(op, e))
+        request.send().await.map_err(|e| self.fail(op, e))
     }
 
     /// MKCOL every level of the directory (existing ones are fine).
@@ -167,7 +167,7 @@ impl WebDavStore {
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => {
-                let body = resp.bytes().await.map_err(|e| self.http_error(op, e))?;
+                let body = resp.bytes().await.map_err(|e| self.fail(op, e))?;
                 Ok(Meta::from_json(&body))
             }
             s => Err(self.status_error(op, "GET metadata", s)),
@@ -195,12 +195,8 @@ impl Store for WebDavStore {
             self.make_dirs().await?;
             let f = tokio::fs::File::open(file)
                 .await
-                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
-            let size = f
-                .metadata()
-                .await
-                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?
-                .len();
+                .map_err(|e| self.fail(op, e))?;
+            let size = f.metadata().await.map_err(|e| self.fail(op, e))?.len();
             // One temporary name per node: an upload cut short (a killed process) leaves at
             // most this file, which the node's next upload replaces.
             let temp = format!("{}-temp-snapshot.db", self.node_name);
@@ -254,21 +250,17 @@ impl Store for WebDavStore {
             }
             let mut out = tokio::fs::File::create(dest)
                 .await
-                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
+                .map_err(|e| self.fail(op, e))?;
             let mut size = 0u64;
             let mut progress = Progress::new(KIND, "Downloading", resp.content_length());
-            while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_error(op, e))? {
+            while let Some(chunk) = resp.chunk().await.map_err(|e| self.fail(op, e))? {
                 size += chunk.len() as u64;
                 progress.add(chunk.len());
-                out.write_all(&chunk)
-                    .await
-                    .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
+                out.write_all(&chunk).await.map_err(|e| self.fail(op, e))?;
             }
             // Completes tokio's last write; no fsync: a work file, verified and merged at once
             // (after a crash the next start removes it).
-            out.flush()
-                .await
-                .map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
+            out.flush().await.map_err(|e| self.fail(op, e))?;
             tracing::info!(path = %self.object(), size, "Snapshot downloaded from WebDAV");
             Ok(Some(trusted(sidecar, Some(size))))
         })

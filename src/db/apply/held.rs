@@ -140,6 +140,37 @@ impl Applier {
     }
 }
 
+/// Records `event` durably in the held-events table, in the caller's transaction, as held
+/// after a UNIQUE conflict or (`schema_wait`) waiting for the schema; returns its id.
+pub(super) fn record(
+    conn: &Connection,
+    incoming: &Incoming<'_>,
+    event: &ChangeEvent,
+    why: &str,
+    schema_wait: bool,
+) -> rusqlite::Result<i64> {
+    let payload = ReplicationEvent {
+        from_node_id: 0,
+        event: event.clone(),
+    }
+    .encode();
+    conn.prepare_cached(&format!(
+        "INSERT INTO {} (stream, seq, origin, payload, reason, created_at, schema_wait) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        quote(HELD_TABLE)
+    ))?
+    .execute(rusqlite::params![
+        incoming.stream,
+        incoming.seq as i64,
+        incoming.own.then_some("own"),
+        payload,
+        why,
+        crate::clock::unix_ms(),
+        schema_wait,
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
 impl State {
     /// A newer event of a held row supersedes its held events (of the row under any of `keys`):
     /// they are dropped. True when that needs a write and `mode` is [`Mode::Read`].
@@ -176,25 +207,7 @@ impl State {
         event: &ChangeEvent,
         why: String,
     ) -> Result<Step, EventError> {
-        let payload = ReplicationEvent {
-            from_node_id: 0,
-            event: event.clone(),
-        }
-        .encode();
-        conn.prepare_cached(&format!(
-            "INSERT INTO {} (stream, seq, origin, payload, reason, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            quote(HELD_TABLE)
-        ))?
-        .execute(rusqlite::params![
-            incoming.stream,
-            incoming.seq as i64,
-            incoming.own.then_some("own"),
-            payload,
-            why,
-            crate::clock::unix_ms()
-        ])?;
-        let id = conn.last_insert_rowid();
+        let id = record(conn, incoming, event, &why, false)?;
         let conflicting = self.conflicting_row(conn, t, event, &why);
         tracing::warn!(table = %self.tables[t].name, stream = incoming.stream, seq = incoming.seq,
             event_row = %describe(&event.row), conflicting_row = %conflicting, error = %why,

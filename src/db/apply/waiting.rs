@@ -179,25 +179,7 @@ impl State {
         event: &ChangeEvent,
         behind: Behind,
     ) -> rusqlite::Result<()> {
-        let payload = ReplicationEvent {
-            from_node_id: 0,
-            event: event.clone(),
-        }
-        .encode();
-        conn.prepare_cached(&format!(
-            "INSERT INTO {} (stream, seq, origin, payload, reason, created_at, schema_wait) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)",
-            quote(HELD_TABLE)
-        ))?
-        .execute(rusqlite::params![
-            incoming.stream,
-            incoming.seq as i64,
-            incoming.own.then_some("own"),
-            payload,
-            behind.why,
-            crate::clock::unix_ms()
-        ])?;
-        let id = conn.last_insert_rowid();
+        let id = super::held::record(conn, incoming, event, &behind.why, true)?;
         if self.waiting.is_empty() {
             let short = |h: &str| h.get(..8).unwrap_or(h).to_owned();
             tracing::warn!(table = %event.table, stream = incoming.stream, seq = incoming.seq,

@@ -473,12 +473,11 @@ pub fn remove(conn: &mut Connection) -> Result<usize, Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut dropped = 0;
     for kind in ["trigger", "index", "table"] {
-        let names: Vec<String> = tx
-            .prepare("SELECT name FROM sqlite_schema WHERE type = ?1 AND substr(name, 1, ?2) = ?3")?
-            .query_map(rusqlite::params![kind, PREFIX.len() as i64, PREFIX], |r| {
-                r.get(0)
-            })?
-            .collect::<Result<_, _>>()?;
+        let names: Vec<String> = super::sql::column(
+            &tx,
+            "SELECT name FROM sqlite_schema WHERE type = ?1 AND substr(name, 1, ?2) = ?3",
+            rusqlite::params![kind, PREFIX.len() as i64, PREFIX],
+        )?;
         for name in names {
             let sql = format!("DROP {} IF EXISTS {}", kind.to_uppercase(), quote(&name));
             tx.execute_batch(&sql)?;
