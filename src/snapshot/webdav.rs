@@ -138,7 +138,7 @@ impl WebDavStore {
 
     /// MKCOL every level of the directory (existing ones are fine).
     async fn make_dirs(&self) -> Result<(), Error> {
-        let mkcol = Method::from_bytes(b"MKCOL").unwrap_or(Method::PUT);
+        let mkcol = webdav_method(b"MKCOL")?;
         for depth in 1..=self.dir.len() {
             let segs: Vec<&str> = self.dir[..depth].iter().map(String::as_str).collect();
             let mut url = self.url(&segs);
@@ -215,10 +215,7 @@ impl Store for WebDavStore {
                 return Err(self.status_error(op, "PUT", status));
             }
             let moved = self
-                .request(
-                    Method::from_bytes(b"MOVE").unwrap_or(Method::PUT),
-                    temp_url.clone(),
-                )
+                .request(webdav_method(b"MOVE")?, temp_url.clone())
                 .header("Destination", self.in_dir(OBJECT).as_str())
                 .header("Overwrite", "T");
             let moved = self.send(op, moved).await?.status();
@@ -285,4 +282,9 @@ impl Store for WebDavStore {
             Ok(Some(trusted(self.sidecar(op).await?, size)))
         })
     }
+}
+
+/// A WebDAV method by name (never another method in its place).
+fn webdav_method(name: &'static [u8]) -> Result<Method, Error> {
+    Method::from_bytes(name).map_err(|e| Error::new(KIND, "upload", OBJECT, &e))
 }
