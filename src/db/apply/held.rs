@@ -12,7 +12,7 @@
 //!   transaction; at most one held event per row (the newest).
 //! - Held events are retried only after the database changed (`PRAGMA data_version`).
 //! - The same table stores the events waiting for the schema (`schema_wait = 1`, see
-//!   `waiting.rs`); [`Applier::load_held`] reads both.
+//!   `waiting.rs`), as the same [`Parked`] record; [`Applier::load_held`] reads both.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +20,6 @@ use rusqlite::Connection;
 
 use super::row::{WriteError, describe};
 use super::step::{EventError, Mode, Step};
-use super::waiting::WaitingEvent;
 use super::{Applier, Incoming, Key, Outcome, State};
 use crate::db::sql::{begin_guarded, commit_guarded};
 use crate::db::{Error, HELD_TABLE, quote};
@@ -29,14 +28,31 @@ use crate::wire::{ChangeEvent, Op, ReplicationEvent};
 /// Most held events of one table tried pairwise when they wait for each other.
 pub(super) const MAX_PAIRED_HELD: usize = 20;
 
-/// An event waiting for a UNIQUE conflict to clear.
-pub(super) struct HeldEvent {
-    pub(super) table: usize,
-    pub(super) key: Key,
+/// An event parked in the held-events table, with where it waits: `(local table, row)` when held
+/// after a UNIQUE conflict, a [`super::waiting::Place`] when waiting for the schema.
+#[derive(Clone)]
+pub(super) struct Parked<P> {
     pub(super) stream: String,
     pub(super) seq: u64,
     pub(super) own: bool,
     pub(super) event: ChangeEvent,
+    pub(super) place: P,
+}
+
+/// An event held by a UNIQUE conflict: its local table and row.
+pub(super) type HeldEvent = Parked<(usize, Key)>;
+
+impl<P> Parked<P> {
+    /// The event as it arrived (`raw`: its payload, for the dead-letter table).
+    pub(super) fn incoming<'a>(&'a self, raw: &'a [u8]) -> Incoming<'a> {
+        Incoming {
+            stream: &self.stream,
+            seq: self.seq,
+            event: Ok(self.event.clone()),
+            own: self.own,
+            raw,
+        }
+    }
 }
 
 impl Applier {
@@ -68,40 +84,34 @@ impl Applier {
                 tracing::warn!(id, "Held event cannot be decoded; dropping it");
                 continue;
             };
-            let event = decoded.event;
-            if schema_wait != 0 {
-                let (table, key) = self.state.waiting_place(&event);
-                self.state.add_waiting(
-                    id,
-                    WaitingEvent {
-                        stream,
-                        seq: seq.max(0) as u64,
-                        own: origin.as_deref() == Some("own"),
-                        event,
-                        table,
-                        key,
-                    },
-                );
-                continue;
-            }
-            let Some(t) = self.state.table_of(&event.table) else {
-                continue;
-            };
-            let Some(key) = self.state.wire_key(t, &event) else {
-                continue;
-            };
-            self.state.held_keys.insert((t, key.clone()), id);
-            self.state.held.insert(
-                id,
-                HeldEvent {
-                    table: t,
-                    key,
-                    stream,
-                    seq: seq.max(0) as u64,
-                    own: origin.as_deref() == Some("own"),
-                    event,
-                },
+            let (seq, own, event) = (
+                seq.max(0) as u64,
+                origin.as_deref() == Some("own"),
+                decoded.event,
             );
+            if schema_wait != 0 {
+                let place = self.state.waiting_place(&event);
+                let parked = Parked {
+                    stream,
+                    seq,
+                    own,
+                    event,
+                    place,
+                };
+                self.state.add_waiting(id, parked);
+            } else if let Some(t) = self.state.table_of(&event.table)
+                && let Some(key) = self.state.wire_key(t, &event)
+            {
+                self.state.held_keys.insert((t, key.clone()), id);
+                let parked = Parked {
+                    stream,
+                    seq,
+                    own,
+                    event,
+                    place: (t, key),
+                };
+                self.state.held.insert(id, parked);
+            }
         }
         Ok(())
     }
@@ -138,6 +148,43 @@ impl Applier {
         );
         Ok(applied)
     }
+}
+
+/// The parked form of `event`, which arrived as `incoming`, waiting at `place`.
+pub(super) fn parked<P>(incoming: &Incoming<'_>, event: &ChangeEvent, place: P) -> Parked<P> {
+    Parked {
+        stream: incoming.stream.to_owned(),
+        seq: incoming.seq,
+        own: incoming.own,
+        event: event.clone(),
+        place,
+    }
+}
+
+/// The ids of the events of `parked` that a snapshot at `positions` (per stream of `streams`)
+/// includes.
+pub(super) fn included<P>(
+    parked: &BTreeMap<i64, Parked<P>>,
+    streams: &[String],
+    positions: &[u64],
+) -> Vec<i64> {
+    let position = |stream: &str| streams.iter().position(|s| s == stream);
+    parked
+        .iter()
+        .filter(|(_, p)| {
+            position(&p.stream)
+                .and_then(|i| positions.get(i))
+                .is_some_and(|&at| p.seq <= at)
+        })
+        .map(|(&id, _)| id)
+        .collect()
+}
+
+/// Deletes the held-events record `id` (in the caller's transaction).
+pub(super) fn forget(conn: &Connection, id: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(HELD_TABLE)))?
+        .execute([id])?;
+    Ok(())
 }
 
 /// Records `event` durably in the held-events table, in the caller's transaction, as held
@@ -213,27 +260,32 @@ impl State {
             event_row = %describe(&event.row), conflicting_row = %conflicting, error = %why,
             "UNIQUE conflict with another row: event held until either row changes");
         self.held_keys.insert((t, key.clone()), id);
-        self.held.insert(
-            id,
-            HeldEvent {
-                table: t,
-                key,
-                stream: incoming.stream.to_owned(),
-                seq: incoming.seq,
-                own: incoming.own,
-                event: event.clone(),
-            },
-        );
+        self.held.insert(id, parked(incoming, event, (t, key)));
         Ok(Step::Done(Outcome::Held(why)))
     }
 
     pub(super) fn drop_held(&mut self, conn: &Connection, id: i64) -> rusqlite::Result<()> {
-        conn.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(HELD_TABLE)))?
-            .execute([id])?;
+        forget(conn, id)?;
         if let Some(h) = self.held.remove(&id) {
-            self.held_keys.remove(&(h.table, h.key));
+            self.held_keys.remove(&h.place);
         }
         Ok(())
+    }
+
+    /// Steps `incoming` in a savepoint of its own, rolled back if the step fails.
+    pub(super) fn step_or_undo(
+        &mut self,
+        conn: &Connection,
+        incoming: &Incoming<'_>,
+        mode: Mode,
+    ) -> rusqlite::Result<Result<Step, EventError>> {
+        conn.prepare_cached("SAVEPOINT step")?.execute([])?;
+        let result = self.step(conn, incoming, mode);
+        if result.is_err() {
+            conn.prepare_cached("ROLLBACK TO step")?.execute([])?;
+        }
+        conn.prepare_cached("RELEASE step")?.execute([])?;
+        Ok(result)
     }
 
     /// Applies whatever held events can apply now, until a pass makes no progress.
@@ -243,24 +295,11 @@ impl State {
             let ids: Vec<i64> = self.held.keys().copied().collect();
             let mut progress = false;
             for id in ids {
-                let Some(h) = self.held.get(&id) else {
+                let Some(h) = self.held.get(&id).cloned() else {
                     continue;
                 };
-                let (stream, seq, own, event) = (h.stream.clone(), h.seq, h.own, h.event.clone());
-                let incoming = Incoming {
-                    stream: &stream,
-                    seq,
-                    event: Ok(event),
-                    own,
-                    raw: &[],
-                };
-                conn.prepare_cached("SAVEPOINT held")?.execute([])?;
-                let result = self.step(conn, &incoming, Mode::Retry(id));
-                if result.is_err() {
-                    conn.prepare_cached("ROLLBACK TO held")?.execute([])?;
-                }
-                conn.prepare_cached("RELEASE held")?.execute([])?;
-                match result {
+                let (stream, seq) = (&h.stream, h.seq);
+                match self.step_or_undo(conn, &h.incoming(&[]), Mode::Retry(id))? {
                     Ok(Step::Done(Outcome::Held(_))) => {}
                     Ok(Step::Done(outcome)) => {
                         // Applied, or no longer needed (superseded, unchanged).
@@ -304,9 +343,9 @@ impl State {
     pub(super) fn apply_held_together(&mut self, conn: &Connection) -> Result<usize, Error> {
         let mut by_table: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
         for (&id, h) in &self.held {
-            let whole = h.event.row.len() == self.tables[h.table].columns.len();
+            let whole = h.event.row.len() == self.tables[h.place.0].columns.len();
             if whole && matches!(h.event.op, Op::Insert | Op::Update) {
-                by_table.entry(h.table).or_default().push(id);
+                by_table.entry(h.place.0).or_default().push(id);
             }
         }
         let mut applied = 0;

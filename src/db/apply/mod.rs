@@ -140,9 +140,8 @@ struct State {
     held_keys: HashMap<(usize, Key), i64>,
     /// Events waiting for the schema, by held-table id (arrival order).
     waiting: BTreeMap<i64, WaitingEvent>,
-    /// How many waiting events each row has, and each table has without a known row.
-    waiting_rows: HashMap<(String, Key), usize>,
-    waiting_tables: HashMap<String, usize>,
+    /// How many waiting events each place (row, or table without a known row) has.
+    waiting_places: HashMap<waiting::Place, usize>,
     /// When the first of the current waiting events began to wait.
     waiting_since: Option<std::time::Instant>,
     hashes: SchemaHashes,
@@ -206,8 +205,7 @@ impl Applier {
                 held: BTreeMap::new(),
                 held_keys: HashMap::new(),
                 waiting: BTreeMap::new(),
-                waiting_rows: HashMap::new(),
-                waiting_tables: HashMap::new(),
+                waiting_places: HashMap::new(),
                 waiting_since: None,
                 hashes: SchemaHashes::default(),
                 aliases: super::ddl::Aliases::default(),
@@ -283,43 +281,17 @@ impl Applier {
                 .is_some_and(|&p| seq <= p)
         });
         // Held events the snapshot's positions include are part of its rows now (or superseded
-        // by them): retried later they would take rows back.
-        let stale: Vec<i64> = self
-            .state
-            .held
-            .iter()
-            .filter(|(_, h)| {
-                streams
-                    .iter()
-                    .position(|s| *s == h.stream)
-                    .and_then(|i| positions.get(i))
-                    .is_some_and(|&p| h.seq <= p)
-            })
-            .map(|(&id, _)| id)
-            .collect();
-        // Events waiting for the schema that the snapshot's positions include go too: replayed
-        // after the migration they would take their rows back past newer events the snapshot
-        // holds (and this node never received).
-        let included = |stream: &str, seq: u64| {
-            streams
-                .iter()
-                .position(|s| s == stream)
-                .and_then(|i| positions.get(i))
-                .is_some_and(|&p| seq <= p)
-        };
-        let stale_waiting: Vec<i64> = self
-            .state
-            .waiting
-            .iter()
-            .filter(|(_, w)| included(&w.stream, w.seq))
-            .map(|(&id, _)| id)
-            .collect();
-        if !stale.is_empty() || !stale_waiting.is_empty() {
+        // by them): retried later they would take rows back. Events waiting for the schema that
+        // it includes go too: replayed after the migration they would take their rows back past
+        // newer events the snapshot holds (and this node never received).
+        let held = held::included(&self.state.held, streams, positions);
+        let waiting = held::included(&self.state.waiting, streams, positions);
+        if !held.is_empty() || !waiting.is_empty() {
             let tx = self.conn.unchecked_transaction()?;
-            for id in stale {
+            for id in held {
                 self.state.drop_held(&tx, id)?;
             }
-            for id in stale_waiting {
+            for id in waiting {
                 self.state.drop_waiting(&tx, id)?;
             }
             tx.commit()?;
@@ -345,8 +317,7 @@ impl Applier {
             s.held.clear();
             s.held_keys.clear();
             s.waiting.clear();
-            s.waiting_rows.clear();
-            s.waiting_tables.clear();
+            s.waiting_places.clear();
             let since = s.waiting_since.take();
             if let Err(e) = self.load_held() {
                 tracing::warn!(error = %crate::error_chain(&e), "Cannot re-read held events");
@@ -385,13 +356,7 @@ impl Applier {
         self.state.refresh(&tx)?;
         let mut wrote = false;
         for incoming in &batch[first_write..] {
-            tx.prepare_cached("SAVEPOINT ev")?.execute([])?;
-            let result = self.state.step(&tx, incoming, Mode::Write);
-            if result.is_err() {
-                tx.prepare_cached("ROLLBACK TO ev")?.execute([])?;
-            }
-            tx.prepare_cached("RELEASE ev")?.execute([])?;
-            match result {
+            match self.state.step_or_undo(&tx, incoming, Mode::Write)? {
                 Ok(Step::Done(o)) => {
                     wrote |= o == Outcome::Applied;
                     outcomes.push(o);

@@ -10,8 +10,8 @@
 //! dropped are discarded.
 //!
 //! Invariants:
-//! - `waiting_rows` and `waiting_tables` count exactly the events in `waiting`, which mirrors the
-//!   table's `schema_wait` rows.
+//! - `waiting_places` counts exactly the events in `waiting` per place, and `waiting` mirrors
+//!   the table's `schema_wait` rows.
 //! - A retried event that still cannot apply blocks every later waiting event of its row (or
 //!   table) in the same pass.
 
@@ -19,21 +19,19 @@ use std::collections::HashSet;
 
 use rusqlite::Connection;
 
+use super::held::{Parked, forget, parked};
 use super::step::{Behind, EventError, Mode, Step, quarantine};
 use super::{Applier, Incoming, Key, Outcome, State};
+use crate::db::Error;
 use crate::db::sql::{begin_guarded, commit_guarded};
-use crate::db::{Error, HELD_TABLE, quote};
 use crate::wire::{ChangeEvent, ReplicationEvent};
 
+/// Where an event waits: its lower-cased table and, when known, its row (without one, the whole
+/// table waits).
+pub(super) type Place = (String, Option<Key>);
+
 /// An event waiting for the local schema to catch up.
-pub(super) struct WaitingEvent {
-    pub(super) stream: String,
-    pub(super) seq: u64,
-    pub(super) own: bool,
-    pub(super) event: ChangeEvent,
-    pub(super) table: String,
-    pub(super) key: Option<Key>,
-}
+pub(super) type WaitingEvent = Parked<Place>;
 
 impl Applier {
     /// Number of events waiting for the local schema to catch up.
@@ -88,13 +86,13 @@ impl Applier {
 }
 
 impl State {
-    /// Where a waiting event waits: its (lower-cased) table and, if known, its row.
-    pub(super) fn waiting_place(&self, event: &ChangeEvent) -> (String, Option<Key>) {
+    /// Where a waiting event waits.
+    pub(super) fn waiting_place(&self, event: &ChangeEvent) -> Place {
         self.place(event, self.resolve_table(&event.table))
     }
 
-    /// The (lower-cased) table and, if known, the row of `event`, whose local table is `t`.
-    pub(super) fn place(&self, event: &ChangeEvent, t: Option<usize>) -> (String, Option<Key>) {
+    /// Where `event`, whose local table is `t`, waits.
+    pub(super) fn place(&self, event: &ChangeEvent, t: Option<usize>) -> Place {
         match t {
             Some(t) => {
                 let key = self
@@ -115,54 +113,24 @@ impl State {
 
     /// Whether an earlier event of this row (or of its table) waits for the schema.
     pub(super) fn blocked(&self, table: &str, key: Option<&Key>) -> bool {
-        if self.waiting.is_empty() {
-            return false;
-        }
-        self.waiting_tables.contains_key(table)
-            || key.is_some_and(|k| {
-                self.waiting_rows
-                    .contains_key(&(table.to_owned(), k.clone()))
-            })
+        !self.waiting.is_empty() && behind(|p| self.waiting_places.contains_key(p), table, key)
     }
 
     pub(super) fn add_waiting(&mut self, id: i64, w: WaitingEvent) {
-        match &w.key {
-            Some(k) => {
-                *self
-                    .waiting_rows
-                    .entry((w.table.clone(), k.clone()))
-                    .or_default() += 1
-            }
-            None => *self.waiting_tables.entry(w.table.clone()).or_default() += 1,
-        }
+        *self.waiting_places.entry(w.place.clone()).or_default() += 1;
         self.waiting_since
             .get_or_insert_with(std::time::Instant::now);
         self.waiting.insert(id, w);
     }
 
     pub(super) fn drop_waiting(&mut self, conn: &Connection, id: i64) -> rusqlite::Result<()> {
-        conn.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(HELD_TABLE)))?
-            .execute([id])?;
-        if let Some(w) = self.waiting.remove(&id) {
-            let slot = match w.key {
-                Some(k) => self
-                    .waiting_rows
-                    .get_mut(&(w.table.clone(), k.clone()))
-                    .map(|n| (n, Some(k))),
-                None => self.waiting_tables.get_mut(&w.table).map(|n| (n, None)),
-            };
-            if let Some((n, key)) = slot {
-                *n -= 1;
-                if *n == 0 {
-                    match key {
-                        Some(k) => {
-                            self.waiting_rows.remove(&(w.table, k));
-                        }
-                        None => {
-                            self.waiting_tables.remove(&w.table);
-                        }
-                    }
-                }
+        forget(conn, id)?;
+        if let Some(w) = self.waiting.remove(&id)
+            && let Some(n) = self.waiting_places.get_mut(&w.place)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.waiting_places.remove(&w.place);
             }
         }
         if self.waiting.is_empty() {
@@ -189,84 +157,45 @@ impl State {
         } else {
             tracing::debug!(table = %event.table, seq = incoming.seq, reason = %behind.why, "event waits for the schema");
         }
-        self.add_waiting(
-            id,
-            WaitingEvent {
-                stream: incoming.stream.to_owned(),
-                seq: incoming.seq,
-                own: incoming.own,
-                event: event.clone(),
-                table: behind.table,
-                key: behind.key,
-            },
-        );
+        self.add_waiting(id, parked(incoming, event, (behind.table, behind.key)));
         Ok(())
     }
 
     /// See [`Applier::retry_waiting`].
     pub(super) fn retry_waiting(&mut self, conn: &Connection) -> Result<usize, Error> {
         let mut applied = 0;
-        let mut blocked_tables: HashSet<String> = Default::default();
-        let mut blocked_rows: HashSet<(String, Key)> = Default::default();
+        // Places where an event still waits: a later event there must not overtake it.
+        let mut blocked: HashSet<Place> = HashSet::new();
         let ids: Vec<i64> = self.waiting.keys().copied().collect();
         for id in ids {
-            let Some(w) = self.waiting.get(&id) else {
+            let Some(w) = self.waiting.get(&id).cloned() else {
                 continue;
             };
-            let is_blocked = blocked_tables.contains(&w.table)
-                || w.key
-                    .as_ref()
-                    .is_some_and(|k| blocked_rows.contains(&(w.table.clone(), k.clone())));
-            let (stream, seq, own, event) = (w.stream.clone(), w.seq, w.own, w.event.clone());
-            let (place_table, place_key) = (w.table.clone(), w.key.clone());
-            if is_blocked {
-                block(
-                    &mut blocked_tables,
-                    &mut blocked_rows,
-                    place_table,
-                    place_key,
-                );
+            if behind(|p| blocked.contains(p), &w.place.0, w.place.1.as_ref()) {
+                blocked.insert(w.place);
                 continue;
             }
             let payload = ReplicationEvent {
                 from_node_id: 0,
-                event: event.clone(),
+                event: w.event.clone(),
             }
             .encode();
-            let incoming = Incoming {
-                stream: &stream,
-                seq,
-                event: Ok(event),
-                own,
-                raw: &payload,
-            };
-            conn.prepare_cached("SAVEPOINT waiting")?.execute([])?;
-            let result = self.step(conn, &incoming, Mode::RetryWaiting);
-            if result.is_err() {
-                conn.prepare_cached("ROLLBACK TO waiting")?.execute([])?;
-            }
-            conn.prepare_cached("RELEASE waiting")?.execute([])?;
-            match result {
+            match self.step_or_undo(conn, &w.incoming(&payload), Mode::RetryWaiting)? {
                 Ok(Step::Done(outcome)) => {
                     self.drop_waiting(conn, id)?;
                     applied += usize::from(outcome == Outcome::Applied);
                 }
                 Ok(Step::NeedsWrite) => unreachable!("write modes always finish"),
                 Err(EventError::Behind(b)) => {
-                    block(
-                        &mut blocked_tables,
-                        &mut blocked_rows,
-                        place_table.clone(),
-                        place_key,
-                    );
+                    blocked.insert(w.place);
                     // Its place may be known better now (its table exists).
-                    block(&mut blocked_tables, &mut blocked_rows, b.table, b.key);
+                    blocked.insert((b.table, b.key));
                 }
                 Err(EventError::Retry(e)) => return Err(e.into()),
                 Err(EventError::Poison(why)) => {
-                    tracing::error!(stream = %stream, seq, error = %why,
+                    tracing::error!(stream = %w.stream, seq = w.seq, error = %why,
                         "Event that waited for the schema cannot apply; quarantined in __harmonylite__dead_letter");
-                    quarantine(conn, &stream, seq, &why, &payload)?;
+                    quarantine(conn, &w.stream, w.seq, &why, &payload)?;
                     self.drop_waiting(conn, id)?;
                 }
             }
@@ -275,20 +204,9 @@ impl State {
     }
 }
 
-/// Marks, for the rest of a retry pass, a row blocked (or its whole table, without a key): a
-/// later waiting event there must not overtake an earlier one that still waits.
-fn block(
-    tables: &mut HashSet<String>,
-    rows: &mut HashSet<(String, Key)>,
-    table: String,
-    key: Option<Key>,
-) {
-    match key {
-        Some(k) => {
-            rows.insert((table, k));
-        }
-        None => {
-            tables.insert(table);
-        }
-    }
+/// Whether a place of `table` and `key` is behind one of the places `waits` holds: its row's,
+/// or its whole table's.
+fn behind(waits: impl Fn(&Place) -> bool, table: &str, key: Option<&Key>) -> bool {
+    waits(&(table.to_owned(), None))
+        || key.is_some_and(|k| waits(&(table.to_owned(), Some(k.clone()))))
 }
