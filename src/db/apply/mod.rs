@@ -57,6 +57,32 @@ use row::TableSql;
 use step::{EventError, Mode, Step, quarantine};
 use waiting::WaitingEvent;
 
+/// Makes the application's triggers skip, on this connection, their inserts into and updates of
+/// replicated tables: what they wrote on the origin was captured there and arrives as events of
+/// its own, so writing it again here would double it (an audit row twice, a `version + 1`
+/// applied twice). Their other writes run, so state derived locally and never replicated (an FTS
+/// index, a virtual table, an unwatched table) follows the applied rows. SQLite's authorizer is
+/// consulted when a statement (with the trigger programs it fires) is compiled; it cannot skip a
+/// DELETE, so a trigger's deletes run here too and delete what the origin's deleted.
+fn mute_replicated_writes_of_triggers(conn: &Connection, tables: &[Table]) {
+    use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+    let replicated: std::collections::HashSet<String> =
+        tables.iter().map(|t| t.name.to_lowercase()).collect();
+    conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+        let table = match ctx.action {
+            AuthAction::Insert { table_name } => table_name,
+            AuthAction::Update { table_name, .. } => table_name,
+            _ => return Authorization::Allow,
+        };
+        let main = ctx.database_name.is_none_or(|d| d == "main");
+        if ctx.accessor.is_some() && main && replicated.contains(&table.to_lowercase()) {
+            Authorization::Ignore
+        } else {
+            Authorization::Allow
+        }
+    }));
+}
+
 /// One event to apply, with where it came from.
 #[derive(Debug)]
 pub struct Incoming<'a> {
@@ -176,6 +202,7 @@ impl Applier {
     ) -> Result<Applier, Error> {
         conn.execute_batch("PRAGMA synchronous = FULL")?;
         let tables = log.tables().to_vec();
+        mute_replicated_writes_of_triggers(&conn, &tables);
         let by_name = tables
             .iter()
             .enumerate()

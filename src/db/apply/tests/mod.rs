@@ -721,3 +721,4 @@ fn busy_database_rolls_back_the_whole_batch() {
 
 mod restore;
 mod schema;
+mod triggers;
