@@ -15,7 +15,7 @@
 //! - A change that can never come back (stream recreated, inside a restored snapshot) stops
 //!   counting as in flight, so it cannot hold its row back forever.
 
-use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::{Applier, Key, State};
 use crate::db::{Error, change_log_name, on_table, quote};
@@ -116,16 +116,34 @@ impl State {
     /// Whether a local change of the row (under any of `keys`) still in flight makes this event
     /// stale: it would roll the row back. Our own event (`own`, change-log `id`) that comes back
     /// no older than every such change ends their tracking instead.
-    pub(super) fn superseded(&mut self, t: usize, keys: &[&Key], own: bool, id: i64) -> bool {
+    ///
+    /// A change marked failed (too large to ever publish) does not come back: found as the
+    /// newest of its row, it stops counting, so other nodes' later changes of the row apply.
+    pub(super) fn superseded(
+        &mut self,
+        conn: &Connection,
+        t: usize,
+        keys: &[&Key],
+        own: bool,
+        id: i64,
+    ) -> rusqlite::Result<bool> {
         let flying = &self.in_flight[t];
-        let newest = keys.iter().filter_map(|k| flying.get(*k).copied()).max();
+        let mut newest = keys.iter().filter_map(|k| flying.get(*k).copied()).max();
+        if let Some(newest_id) = newest
+            && self.failed(conn, t, newest_id)?
+        {
+            for k in keys {
+                self.in_flight[t].remove(*k);
+            }
+            newest = None;
+        }
         let unknown = if own {
             let maybe = &self.unknown[t];
             keys.iter().filter_map(|k| maybe.get(*k).copied()).max()
         } else {
             None
         };
-        match newest.max(unknown) {
+        Ok(match newest.max(unknown) {
             Some(newest) if !own || newest > id => true,
             Some(_) => {
                 for k in keys {
@@ -135,7 +153,20 @@ impl State {
                 false
             }
             None => false,
-        }
+        })
+    }
+
+    /// Whether the change-log row `id` of table `t` is marked failed (`state = -1`).
+    fn failed(&self, conn: &Connection, t: usize, id: i64) -> rusqlite::Result<bool> {
+        let sql = format!(
+            "SELECT state = -1 FROM {} WHERE id = ?1",
+            quote(&change_log_name(&self.tables[t].name))
+        );
+        let failed = conn
+            .prepare_cached(&sql)?
+            .query_row([id], |r| r.get::<_, bool>(0))
+            .optional()?;
+        Ok(failed == Some(true))
     }
 
     /// Reads change-log rows captured since the last call into the in-flight set.

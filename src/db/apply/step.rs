@@ -126,7 +126,7 @@ impl State {
             return Ok(Step::NeedsWrite);
         }
 
-        if self.track && self.superseded(t, &keys, incoming.own, event.id) {
+        if self.track && self.superseded(conn, t, &keys, incoming.own, event.id)? {
             return Ok(Step::Done(Outcome::Superseded));
         }
 

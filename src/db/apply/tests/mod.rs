@@ -414,6 +414,33 @@ fn events_older_than_a_local_change_in_flight_are_skipped() {
     assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("later")]]);
 }
 
+/// Issue 24, finding 10: a change marked failed (too large to publish) never comes back, so
+/// once marked it no longer holds its row: another node's later change applies.
+#[test]
+fn a_failed_change_releases_its_row() {
+    let (_d, origin, mut a, _) = row_written_twice();
+    let other = |v: &str| {
+        incoming(ev(
+            Op::Update,
+            "t",
+            vec![("id", Value::Integer(1)), ("v", text(v))],
+        ))
+    };
+    assert_eq!(
+        a.apply_batch(&[other("early")]).expect("apply"),
+        [Outcome::Superseded]
+    );
+    Connection::open(&origin)
+        .expect("publisher")
+        .execute_batch("UPDATE __harmonylite__t_change_log SET state = -1 WHERE id = 2")
+        .expect("mark failed");
+    assert_eq!(
+        a.apply_batch(&[other("later")]).expect("apply"),
+        [Outcome::Applied]
+    );
+    assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("later")]]);
+}
+
 /// Two rows that swapped UNIQUE values, the intermediate step missing here: each event alone
 /// conflicts with the other row's old value, so both are held; together they apply.
 #[test]
