@@ -90,6 +90,9 @@ pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
             pk: 1,
         });
     }
+    if let Some(why) = needs_the_application(conn, name, &columns)? {
+        return Err(Error::Unwatchable(name.to_owned(), why));
+    }
     let without_rowid: bool = conn
         .query_row(
             "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
@@ -103,6 +106,37 @@ pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
         rowid_key,
         without_rowid,
     })
+}
+
+/// Why writes to table `name` cannot be compiled on our connection — a collation of a key or
+/// index or a function a trigger calls that only the application's connections define, a
+/// trigger naming a table that is gone — or `None` when they can. Events for such a table
+/// would all fail here.
+fn needs_the_application(
+    conn: &Connection,
+    name: &str,
+    columns: &[Column],
+) -> Result<Option<String>, Error> {
+    let (table, first) = (super::quote(name), super::quote(&columns[0].name));
+    let writes = [
+        format!("INSERT INTO main.{table} DEFAULT VALUES"),
+        format!("UPDATE main.{table} SET {first} = {first}"),
+        format!("DELETE FROM main.{table}"),
+    ];
+    for sql in writes {
+        match conn.prepare(&sql) {
+            Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
+                if e.code == rusqlite::ErrorCode::Unknown =>
+            {
+                return Ok(Some(format!(
+                    "writes to it fail here with \"{msg}\" (a collation or function only the application defines?)"
+                )));
+            }
+            Err(e) => return Err(on_table(name)(e)),
+            Ok(_) => {}
+        }
+    }
+    Ok(None)
 }
 
 /// Computes Go HarmonyLite's schema hash over the watched tables.
@@ -174,6 +208,39 @@ mod tests {
             schema_hash(&conn, &[]).expect("hash"),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    /// Issue 24, finding 11: a table whose writes need the application's collation or function
+    /// is left out with a warning naming it, instead of quarantining every event.
+    #[test]
+    fn tables_needing_the_applications_collations_or_functions_are_not_watched() {
+        let (_d, path) = temp_db(
+            "CREATE TABLE coll (k TEXT PRIMARY KEY COLLATE NOCASE, v);
+             CREATE TABLE idx (id INTEGER PRIMARY KEY, v TEXT);
+             CREATE INDEX idx_v ON idx (v COLLATE NOCASE);
+             CREATE TABLE trig (id INTEGER PRIMARY KEY, v TEXT);
+             CREATE TRIGGER trig_au AFTER UPDATE ON trig BEGIN SELECT app_hook(new.v); END;
+             CREATE TABLE fine (id INTEGER PRIMARY KEY, v TEXT COLLATE RTRIM);",
+        );
+        let conn = Connection::open(&path).expect("open");
+        // Stand-in for a collation the application registers on its own connections.
+        conn.execute_batch(
+            "PRAGMA writable_schema = ON;
+             UPDATE sqlite_schema SET sql = replace(sql, 'NOCASE', 'app_order');
+             PRAGMA writable_schema = OFF;",
+        )
+        .expect("schema");
+        let conn = Connection::open(&path).expect("reopen");
+        let names: Vec<String> = watched_tables(&conn)
+            .expect("tables")
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["fine"]);
+        match table_info(&conn, "coll") {
+            Err(Error::Unwatchable(_, why)) => assert!(why.contains("app_order"), "{why}"),
+            other => panic!("expected unwatchable, got {other:?}"),
+        }
     }
 
     #[test]
