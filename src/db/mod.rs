@@ -157,6 +157,19 @@ pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// SQL that is true when values `a` and `b` are identical (for keys: the same identity): equal bytes of the same
+/// type (design §13), never merely equal through a collation (`NOCASE`: 'k1' and 'K1') or a
+/// numeric comparison (1 and 1.0). The plain `a IS b` comes first so that an index with the
+/// column's collation still finds the candidates.
+pub fn same_value(a: &str, b: &str) -> String {
+    format!("{a} IS {b} AND {a} IS {b} COLLATE BINARY AND typeof({a}) IS typeof({b})")
+}
+
+/// The negation of [`same_value`] (without its index-finding term).
+pub fn differs(a: &str, b: &str) -> String {
+    format!("({a} IS NOT {b} COLLATE BINARY OR typeof({a}) IS NOT typeof({b}))")
+}
+
 /// Quotes a string literal: `'text'` with embedded quotes doubled.
 pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))

@@ -30,7 +30,7 @@ use rusqlite::Connection;
 
 use super::changelog::ChangeLog;
 use super::sql::{Bind, column, commit_guarded, set_guard};
-use super::{Error, Table, on_table, quote};
+use super::{Error, Table, on_table, quote, same_value};
 
 /// Schema name the snapshot is attached as.
 const SNAP: &str = "hl_snapshot";
@@ -567,7 +567,7 @@ impl MergeSql {
         let sq = |c: &str| quote(&snap_of(c).unwrap_or_else(|| c.to_string()));
         let key_is = keys
             .iter()
-            .map(|k| format!("m.{} IS s.{}", quote(k), sq(k)))
+            .map(|k| same_value(&format!("m.{}", quote(k)), &format!("s.{}", sq(k))))
             .collect::<Vec<_>>()
             .join(" AND ");
         let kept = |x: &str, snapshot_side: bool| {
@@ -576,7 +576,7 @@ impl MergeSql {
                 .enumerate()
                 .map(|(i, k)| {
                     let col = if snapshot_side { sq(k) } else { quote(k) };
-                    format!("hk.k{i} IS {x}.{col}")
+                    same_value(&format!("hk.k{i}"), &format!("{x}.{col}"))
                 })
                 .collect::<Vec<_>>()
                 .join(" AND ");
@@ -605,10 +605,7 @@ impl MergeSql {
         let set = |f: &dyn Fn(&str) -> String, sep: &str| {
             values.iter().map(|c| f(c)).collect::<Vec<_>>().join(sep)
         };
-        let differs = |c: &str| {
-            let (q, r) = (quote(c), sq(c));
-            format!("m.{q} IS NOT s.{r} COLLATE BINARY OR typeof(m.{q}) IS NOT typeof(s.{r})")
-        };
+        let differs = |c: &str| super::differs(&format!("m.{}", quote(c)), &format!("s.{}", sq(c)));
         MergeSql {
             delete_missing: format!(
                 "DELETE FROM main.{name} AS m WHERE NOT EXISTS (SELECT 1 FROM {SNAP}.{sname} AS s WHERE {key_is}) AND NOT {}",

@@ -7,9 +7,10 @@
 //! - A trigger fires only while the guard table is empty (the applier's writes are never
 //!   captured).
 //! - An update that changes the key is captured as a delete of the old key and an update of the
-//!   new one, so that every replica drops the old row.
+//!   new one, so that every replica drops the old row. A key changes when its bytes or type do
+//!   ([`super::differs`]): 'u0' → 'U0' under `NOCASE`, 1.0 → 1 in an untyped column.
 
-use super::{GLOBAL_LOG, GUARD_TABLE, Table, change_log_name, quote, quote_literal};
+use super::{GLOBAL_LOG, GUARD_TABLE, Table, change_log_name, differs, quote, quote_literal};
 
 /// Unix milliseconds in trigger SQL, exactly as Go computes `created_at`.
 const NOW_MS_SQL: &str = "CAST((strftime('%s','now') || substr(strftime('%f','now'),4)) AS INT)";
@@ -54,7 +55,7 @@ pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
         .iter()
         .map(|&i| {
             let c = quote(&table.columns[i].name);
-            format!("OLD.{c} IS NOT NEW.{c}")
+            differs(&format!("OLD.{c}"), &format!("NEW.{c}"))
         })
         .collect();
     let key_filter = format!(" WHERE {}", key_changed.join(" OR "));

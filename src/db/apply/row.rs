@@ -1,6 +1,7 @@
 //! The SQL that reads and writes one row, and how its errors are classified.
 //!
-//! An existing row (matched null-safely by primary key, `IS`) is updated in place, keeping its
+//! An existing row (matched by primary key: null-safely, as bytes and type, see
+//! [`crate::db::same_value`]) is updated in place, keeping its
 //! rowid and every column the event lacks; a missing row is inserted; a delete removes the
 //! matching row. Statements are built once per table and set of event columns (`TableSql`).
 //!
@@ -21,7 +22,7 @@ use rusqlite::{Connection, ErrorCode};
 use super::State;
 use crate::db::changelog::value_at;
 use crate::db::sql::Bind;
-use crate::db::{Table, quote};
+use crate::db::{Table, quote, same_value};
 use crate::wire::{ChangeEvent, Value};
 
 /// SQLite's extended codes for a UNIQUE or PRIMARY KEY conflict.
@@ -108,7 +109,12 @@ impl State {
             let conds: Vec<String> = key_pos
                 .iter()
                 .enumerate()
-                .map(|(n, &pos)| format!("{} IS ?{}", quote(&table.columns[cols[pos]].name), n + 1))
+                .map(|(n, &pos)| {
+                    same_value(
+                        &quote(&table.columns[cols[pos]].name),
+                        &format!("?{}", n + 1),
+                    )
+                })
                 .collect();
             format!(
                 "SELECT {} FROM {} WHERE {}{} LIMIT 16",

@@ -746,6 +746,7 @@ fn busy_database_rolls_back_the_whole_batch() {
     );
 }
 
+mod keys;
 mod restore;
 mod schema;
 mod triggers;

@@ -1,0 +1,147 @@
+//! Keys are identities (design §13, issue 24 findings 1 and 2): key values compare as bytes and
+//! type in capture, apply and restore, never through a collation or numeric equality.
+
+use super::*;
+
+const NOCASE: &str = "CREATE TABLE t (k TEXT PRIMARY KEY COLLATE NOCASE, v TEXT)";
+const UNTYPED: &str = "CREATE TABLE t (k PRIMARY KEY, v TEXT)";
+
+fn write(path: &std::path::Path, sql: &str) {
+    Connection::open(path)
+        .expect("app")
+        .execute_batch(sql)
+        .expect(sql);
+}
+
+/// The events captured after the first `skip`.
+fn captured_after(path: &std::path::Path, skip: usize) -> Vec<ChangeEvent> {
+    captured(path).into_iter().skip(skip).collect()
+}
+
+/// Finding 1, origin side: re-spelling a key in one transaction (delete 'k1', insert 'K1'; or
+/// 1.0 and 1) must not lose the row when the two events come back in the other order (they
+/// travel on different shards).
+#[test]
+fn a_respelled_key_survives_its_own_events_in_any_order() {
+    for (schema, old, new) in [(NOCASE, "'k1'", "'K1'"), (UNTYPED, "1.0", "1")] {
+        let (_d, origin, mut a) = setup(schema);
+        write(&origin, &format!("INSERT INTO t VALUES ({old}, 'a')"));
+        let first = captured(&origin);
+        a.apply_batch(&first.into_iter().map(own).collect::<Vec<_>>())
+            .expect("own insert");
+        write(
+            &origin,
+            &format!(
+                "BEGIN; DELETE FROM t WHERE k = {old}; INSERT INTO t VALUES ({new}, 'b'); COMMIT"
+            ),
+        );
+        let events = captured_after(&origin, 1);
+        assert_eq!(
+            events.iter().map(|e| e.op).collect::<Vec<_>>(),
+            [Op::Delete, Op::Insert]
+        );
+        let reversed: Vec<_> = events.into_iter().rev().map(own).collect();
+        a.apply_batch(&reversed).expect("apply");
+        let want = rows(&origin, &format!("SELECT {new}, 'b'"));
+        assert_eq!(rows(&origin, "SELECT k, v FROM t"), want, "{schema}");
+    }
+}
+
+/// Finding 1, receiver side: the new spelling arrives before the old one's delete; it waits
+/// for it (the two rows collide under the column's collation) and then applies.
+#[test]
+fn a_respelled_key_replaces_the_old_spelling_on_replicas() {
+    for (schema, old, new) in [(NOCASE, "'k1'", "'K1'"), (UNTYPED, "1.0", "1")] {
+        let (_o, origin, _) = setup(schema);
+        let (_r, replica, mut b) = setup(schema);
+        write(&origin, &format!("INSERT INTO t VALUES ({old}, 'a')"));
+        b.apply_batch(
+            &captured(&origin)
+                .into_iter()
+                .map(incoming)
+                .collect::<Vec<_>>(),
+        )
+        .expect("first");
+        write(
+            &origin,
+            &format!(
+                "BEGIN; DELETE FROM t WHERE k = {old}; INSERT INTO t VALUES ({new}, 'b'); COMMIT"
+            ),
+        );
+        for event in captured_after(&origin, 1).into_iter().rev() {
+            b.apply_batch(&[incoming(event)]).expect("apply");
+        }
+        b.retry_held().expect("retry");
+        let want = rows(&origin, "SELECT k, v, typeof(k) FROM t");
+        assert_eq!(
+            rows(&replica, "SELECT k, v, typeof(k) FROM t"),
+            want,
+            "{schema}"
+        );
+        assert_eq!(b.held_len(), 0);
+    }
+}
+
+/// Finding 2: a key changed only in case or numeric type is a key change everywhere.
+#[test]
+fn a_key_changed_in_case_or_type_reaches_replicas() {
+    for (schema, old, new) in [(NOCASE, "'u0'", "'U0'"), (UNTYPED, "1.0", "1")] {
+        let (_o, origin, _) = setup(schema);
+        let (_r, replica, mut b) = setup(schema);
+        write(&origin, &format!("INSERT INTO t VALUES ({old}, 'a')"));
+        b.apply_batch(
+            &captured(&origin)
+                .into_iter()
+                .map(incoming)
+                .collect::<Vec<_>>(),
+        )
+        .expect("first");
+        write(&origin, &format!("UPDATE t SET k = {new} WHERE k = {old}"));
+        let events = captured_after(&origin, 1);
+        assert_eq!(
+            events.iter().map(|e| e.op).collect::<Vec<_>>(),
+            [Op::Delete, Op::Update]
+        );
+        for event in events.into_iter().rev() {
+            b.apply_batch(&[incoming(event)]).expect("apply");
+        }
+        b.retry_held().expect("retry");
+        let want = rows(&origin, "SELECT k, v, typeof(k) FROM t");
+        assert_eq!(
+            rows(&replica, "SELECT k, v, typeof(k) FROM t"),
+            want,
+            "{schema}"
+        );
+    }
+}
+
+/// A restore matches rows by key bytes too: a local 'k1' the snapshot has as 'K1' takes the
+/// snapshot's spelling.
+#[test]
+fn a_restore_takes_the_snapshots_spelling_of_a_key() {
+    for (schema, old, new) in [(NOCASE, "'k1'", "'K1'"), (UNTYPED, "1.0", "1")] {
+        let (d, path, mut a) = setup(schema);
+        a.apply_batch(&[incoming(ev(
+            Op::Insert,
+            "t",
+            vec![
+                ("k", rows(&path, &format!("SELECT {old}"))[0][0].clone()),
+                ("v", text("a")),
+            ],
+        ))])
+        .expect("a row from another node");
+        let snap = d.path().join("snapshot.db");
+        write(
+            &snap,
+            &format!("{schema}; INSERT INTO t VALUES ({new}, 'b')"),
+        );
+        a.restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+            .expect("restore");
+        let want = rows(&snap, "SELECT k, v, typeof(k) FROM t");
+        assert_eq!(
+            rows(&path, "SELECT k, v, typeof(k) FROM t"),
+            want,
+            "{schema}"
+        );
+    }
+}
