@@ -28,7 +28,13 @@ use super::sql::column;
 use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, has_table, quote};
 
 /// The suffixes of our three trigger names (after `<prefix><table>_change_log`).
-const TRIGGER_SUFFIXES: [&str; 3] = ["_on_delete", "_on_insert", "_on_update"];
+const TRIGGER_SUFFIXES: [&str; 5] = [
+    "_on_delete",
+    "_on_insert",
+    "_on_update",
+    "_before_insert",
+    "_before_update",
+];
 
 /// What [`follow`] found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -119,9 +125,15 @@ fn identifier(s: &str) -> Option<(String, &str)> {
 /// shape (`INSERT INTO log(val_…) SELECT NEW.…`) and Go's (`… VALUES (NEW.…)`).
 pub fn capture_pairs(sql: &str) -> Option<Vec<(String, String)>> {
     let upper = sql.to_ascii_uppercase();
-    let begin = upper.find("BEGIN")?;
-    let insert = begin + upper[begin..].find("INSERT INTO")? + "INSERT INTO".len();
-    let (_, rest) = identifier(&sql[insert..])?;
+    // The first insert into a change log (ours may insert into the global log first).
+    let mut from = upper.find("BEGIN")?;
+    let rest = loop {
+        from += upper[from..].find("INSERT INTO")? + "INSERT INTO".len();
+        let (target, rest) = identifier(&sql[from..])?;
+        if target != GLOBAL_LOG {
+            break rest;
+        }
+    };
     let mut rest = rest.trim_start().strip_prefix('(')?;
     let mut targets = Vec::new();
     loop {

@@ -363,6 +363,9 @@ pub struct Table {
     pub rowid_key: bool,
     /// True for `WITHOUT ROWID` tables (rows are addressed by their primary key only).
     pub without_rowid: bool,
+    /// The UNIQUE indexes other than the primary key, as (column, collation) lists (indexes on
+    /// expressions left out): an `INSERT/UPDATE OR REPLACE` may delete rows through them.
+    pub unique: Vec<Vec<(String, String)>>,
 }
 
 impl Table {

@@ -105,7 +105,35 @@ pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
         columns,
         rowid_key,
         without_rowid,
+        unique: unique_indexes(conn, name)?,
     })
+}
+
+/// See [`Table::unique`]. An index on an expression is left out: a trigger cannot tell which
+/// rows share its value.
+fn unique_indexes(conn: &Connection, name: &str) -> Result<Vec<Vec<(String, String)>>, Error> {
+    let indexes: Vec<String> = super::sql::column(
+        conn,
+        "SELECT name FROM pragma_index_list(?1) WHERE \"unique\" AND origin <> 'pk' ORDER BY name",
+        [name],
+    )
+    .map_err(on_table(name))?;
+    let mut stmt = conn
+        .prepare("SELECT name, coll FROM pragma_index_xinfo(?1) WHERE key ORDER BY seqno")
+        .map_err(on_table(name))?;
+    let mut out = Vec::new();
+    for index in indexes {
+        let columns: Vec<(Option<String>, String)> = stmt
+            .query_map([&index], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(on_table(name))?;
+        let plain: Option<Vec<(String, String)>> = columns
+            .into_iter()
+            .map(|(c, coll)| Some((c?, coll)))
+            .collect();
+        out.extend(plain);
+    }
+    Ok(out)
 }
 
 /// Why writes to table `name` cannot be compiled on our connection — a collation of a key or

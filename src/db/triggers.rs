@@ -10,18 +10,28 @@
 //!   new one, so that every replica drops the old row. A key changes when its bytes or type do
 //!   ([`super::differs`]): 'u0' → 'U0' under `NOCASE`, 1.0 → 1 in an untyped column.
 
-use super::{GLOBAL_LOG, GUARD_TABLE, Table, change_log_name, differs, quote, quote_literal};
+use super::{
+    GLOBAL_LOG, GUARD_TABLE, Table, change_log_name, differs, quote, quote_literal, same_value,
+};
 
 /// Unix milliseconds in trigger SQL, exactly as Go computes `created_at`.
 const NOW_MS_SQL: &str = "CAST((strftime('%s','now') || substr(strftime('%f','now'),4)) AS INT)";
 
-/// The three trigger names of a table.
-pub(super) fn trigger_names(table: &str) -> [String; 3] {
+/// Every trigger name of a table: the three AFTER triggers Go also has, then the two BEFORE
+/// triggers of tables with UNIQUE indexes.
+pub(super) fn trigger_names(table: &str) -> [String; 5] {
     let log = change_log_name(table);
-    ["delete", "insert", "update"].map(|op| format!("{log}_on_{op}"))
+    [
+        "on_delete",
+        "on_insert",
+        "on_update",
+        "before_insert",
+        "before_update",
+    ]
+    .map(|op| format!("{log}_{op}"))
 }
 
-/// The three capture triggers of a table: (name, `CREATE TRIGGER` statement as SQLite stores it).
+/// The capture triggers of a table: (name, `CREATE TRIGGER` statement as SQLite stores it).
 pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
     let log = change_log_name(&table.name);
     let qlog = quote(&log);
@@ -59,24 +69,164 @@ pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
         })
         .collect();
     let key_filter = format!(" WHERE {}", key_changed.join(" OR "));
+    let replaced = Replaced::new(table);
     // Go renders the triggers in sorted key order: delete, insert, update.
-    let [on_delete, on_insert, on_update] = trigger_names(&table.name);
-    [
-        (on_delete, "delete", capture("OLD", "delete", "")),
-        (on_insert, "insert", capture("NEW", "insert", "")),
+    let [
+        on_delete,
+        on_insert,
+        on_update,
+        before_insert,
+        before_update,
+    ] = trigger_names(&table.name);
+    let mut all = vec![
+        (on_delete, "AFTER delete", capture("OLD", "delete", "")),
+        // The replaced rows' deletes go first: replicas delete them before the new image arrives.
+        (
+            on_insert,
+            "AFTER insert",
+            replaced.confirm.clone() + &capture("NEW", "insert", ""),
+        ),
         (
             on_update,
-            "update",
-            capture("OLD", "delete", &key_filter) + &capture("NEW", "update", ""),
+            "AFTER update",
+            replaced.confirm.clone()
+                + &capture("OLD", "delete", &key_filter)
+                + &capture("NEW", "update", ""),
         ),
-    ]
-    .into_iter()
-    .map(|(name, op, body)| {
-        let create = format!(
-            "CREATE TRIGGER {}\nAFTER {op} ON {qtable}\nWHEN {guard}\nBEGIN\n{body}END",
-            quote(&name)
+    ];
+    if !table.unique.is_empty() {
+        all.push((before_insert, "BEFORE insert", replaced.candidates(None)));
+        all.push((
+            before_update,
+            "BEFORE update",
+            replaced.candidates(Some("OLD")),
+        ));
+    }
+    all.into_iter()
+        .map(|(name, when, body)| {
+            let create = format!(
+                "CREATE TRIGGER {}\n{when} ON {qtable}\nWHEN {guard}\nBEGIN\n{body}END",
+                quote(&name)
+            );
+            (name, create)
+        })
+        .collect()
+}
+
+/// Capture of the rows an `INSERT OR REPLACE` or `UPDATE OR REPLACE` deletes through a UNIQUE
+/// index: SQLite fires no delete trigger for them (unless the writer enabled recursive
+/// triggers), so without this replicas would keep them and hold the new row forever. A BEFORE
+/// trigger records the delete of every row that shares a UNIQUE value with the new image, as
+/// `state = -2` (invisible to the publisher and to Go: no global-log entry); the AFTER trigger
+/// publishes those whose row is really gone and drops the others (the write did not replace:
+/// a plain conflict aborts the statement, `OR IGNORE` skipped the row, or the value was not
+/// shared after all under the index's own rules). The next BEFORE trigger drops what an ignored
+/// write left.
+struct Replaced {
+    log: String,
+    table: String,
+    /// The AFTER triggers' part (empty for a table without UNIQUE indexes).
+    confirm: String,
+    /// Per UNIQUE index: the condition that row `u` shares its value with `NEW`.
+    shares: Vec<String>,
+    columns: Vec<String>,
+    keys: Vec<String>,
+}
+
+impl Replaced {
+    fn new(table: &Table) -> Replaced {
+        let (log, qtable) = (quote(&change_log_name(&table.name)), quote(&table.name));
+        let keys: Vec<String> = table
+            .pk_indexes()
+            .iter()
+            .map(|&i| table.columns[i].name.clone())
+            .collect();
+        // Whether the change-log row's key still exists in the table.
+        let exists = format!(
+            "EXISTS (SELECT 1 FROM {qtable} AS u WHERE {})",
+            same_key(&keys, "u.", &format!("{log}.val_"))
         );
-        (name, create)
-    })
-    .collect()
+        let confirm = if table.unique.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "INSERT INTO {global} (change_table_id, table_name)\n\
+                 SELECT id, {literal} FROM {log} WHERE state = -2 AND NOT {exists} ORDER BY id;\n\
+                 DELETE FROM {log} WHERE state = -2 AND {exists};\n\
+                 UPDATE {log} SET state = 0 WHERE state = -2;\n",
+                global = quote(GLOBAL_LOG),
+                literal = quote_literal(&table.name),
+            )
+        };
+        let shares = table
+            .unique
+            .iter()
+            .map(|index| {
+                let parts: Vec<String> = index
+                    .iter()
+                    .map(|(c, coll)| format!("u.{0} = NEW.{0} COLLATE {1}", quote(c), quote(coll)))
+                    .collect();
+                parts.join(" AND ")
+            })
+            .collect();
+        Replaced {
+            log,
+            table: qtable,
+            confirm,
+            shares,
+            columns: table.columns.iter().map(|c| c.name.clone()).collect(),
+            keys,
+        }
+    }
+
+    /// The BEFORE trigger's body: rows sharing a UNIQUE value with `NEW` (other than the row
+    /// being updated, `OLD`), recorded as deletes pending confirmation.
+    fn candidates(&self, old: Option<&str>) -> String {
+        let cols: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| quote(&format!("val_{c}")))
+            .collect();
+        let values: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("u.{}", quote(c)))
+            .collect();
+        let not_old = old.map_or(String::new(), |old| {
+            format!(
+                " AND NOT ({})",
+                same_key(&self.keys, "u.", &format!("{old}."))
+            )
+        });
+        let mut body = format!("DELETE FROM {} WHERE state = -2;\n", self.log);
+        for shares in &self.shares {
+            body.push_str(&format!(
+                "INSERT INTO {log}({cols}, type, created_at, state)\n\
+                 SELECT {values}, 'delete', {NOW_MS_SQL}, -2 FROM {table} AS u WHERE {shares}{not_old};\n",
+                log = self.log,
+                cols = cols.join(", "),
+                values = values.join(", "),
+                table = self.table,
+            ));
+        }
+        body
+    }
+}
+
+/// SQL true when the key `columns` of row `a` equal those of `b` (each a prefix: `u.`, or
+/// `"<log>".val_` for a change-log row) as bytes and type.
+fn same_key(columns: &[String], a: &str, b: &str) -> String {
+    let parts: Vec<String> = columns
+        .iter()
+        .map(|c| same_value(&format!("{a}{}", quote(c)), &quote_prefixed(b, c)))
+        .collect();
+    parts.join(" AND ")
+}
+
+/// `prefix` + quoted `column`, where a prefix ending in `val_` belongs inside the quotes.
+fn quote_prefixed(prefix: &str, column: &str) -> String {
+    match prefix.strip_suffix("val_") {
+        Some(row) => format!("{row}{}", quote(&format!("val_{column}"))),
+        None => format!("{prefix}{}", quote(column)),
+    }
 }

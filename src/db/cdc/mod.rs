@@ -23,7 +23,7 @@
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
-use super::triggers::triggers;
+use super::triggers::{trigger_names, triggers};
 use super::{
     ALIAS_TABLE, DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE, HELD_TABLE, IDENTITY_TABLE,
     PREFIX, PUBLISHED_TABLE, SCHEMA_VERSION_TABLE, Table, change_log_name, on_table, quote,
@@ -132,11 +132,11 @@ pub(super) fn table_ddl(table: &Table) -> String {
         index = quote(&format!("{log}_state_index")),
         qlog = quote(&log),
     ));
-    for (name, create) in triggers(table) {
-        sql.push_str(&format!(
-            "DROP TRIGGER IF EXISTS {};\n{create};\n",
-            quote(&name)
-        ));
+    for name in trigger_names(&table.name) {
+        sql.push_str(&format!("DROP TRIGGER IF EXISTS {};\n", quote(&name)));
+    }
+    for (_, create) in triggers(table) {
+        sql.push_str(&format!("{create};\n"));
     }
     sql
 }

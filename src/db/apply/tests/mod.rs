@@ -747,6 +747,7 @@ fn busy_database_rolls_back_the_whole_batch() {
 }
 
 mod keys;
+mod replace;
 mod restore;
 mod schema;
 mod triggers;

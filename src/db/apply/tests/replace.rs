@@ -1,0 +1,92 @@
+//! `INSERT OR REPLACE` / `UPDATE OR REPLACE` over a UNIQUE column (issue 24, finding 3): the
+//! rows SQLite deletes for them (without delete triggers) are captured as deletes, and writes
+//! that did not replace capture nothing extra.
+
+use super::*;
+
+const SCHEMA: &str = "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT UNIQUE, \
+    handle TEXT, org INTEGER, UNIQUE (org, handle COLLATE NOCASE))";
+
+const SEED: &str = "INSERT INTO users VALUES (0, 'u0@x', 'a', 1), (1, 'u1@x', 'b', 1), \
+    (2, 'u2@x', 'c', 1), (3, 'u3@x', 'd', 1), (4, 'u4@x', 'e', 1)";
+
+fn replica_of(origin: &std::path::Path) -> (tempfile::TempDir, std::path::PathBuf, Applier) {
+    let (d, path, mut b) = setup(SCHEMA);
+    b.apply_batch(
+        &captured(origin)
+            .into_iter()
+            .map(incoming)
+            .collect::<Vec<_>>(),
+    )
+    .expect("seed");
+    (d, path, b)
+}
+
+const ALL: &str = "SELECT id, email, handle, org FROM users ORDER BY id";
+
+#[test]
+fn rows_replaced_through_unique_indexes_are_deleted_on_replicas() {
+    let (_o, origin, _) = setup(SCHEMA);
+    let app = Connection::open(&origin).expect("app");
+    app.execute_batch(SEED).expect("seed");
+    let (_r, replica, mut b) = replica_of(&origin);
+    let seeded = captured(&origin).len();
+    app.execute_batch(
+        "INSERT OR REPLACE INTO users VALUES (100, 'u0@x', 'z', 2);
+         UPDATE OR REPLACE users SET email = 'u1@x' WHERE id = 2;
+         REPLACE INTO users VALUES (101, 'new@x', 'D', 1);
+         INSERT OR IGNORE INTO users VALUES (102, 'u4@x', 'y', 3);
+         INSERT INTO users VALUES (103, 'u4@x', 'x', 3) ON CONFLICT (email) DO NOTHING;
+         INSERT INTO users VALUES (104, 'other@x', 'w', 3)
+             ON CONFLICT (email) DO UPDATE SET handle = 'never';",
+    )
+    .expect("writes");
+    assert!(
+        app.execute("INSERT INTO users VALUES (105, 'u4@x', 'v', 3)", [])
+            .is_err(),
+        "a plain conflicting insert fails"
+    );
+    let events: Vec<ChangeEvent> = captured(&origin).into_iter().skip(seeded).collect();
+    let ops: Vec<(Op, Value)> = events.iter().map(|e| (e.op, e.row[0].1.clone())).collect();
+    use Value::Integer as I;
+    assert_eq!(
+        ops,
+        [
+            (Op::Delete, I(0)),
+            (Op::Insert, I(100)),
+            (Op::Delete, I(1)),
+            (Op::Update, I(2)),
+            (Op::Delete, I(3)),
+            (Op::Insert, I(101)),
+            (Op::Insert, I(104)),
+        ],
+        "one delete per replaced row, nothing for writes that did not replace"
+    );
+    // The shards may deliver them in any order: the replica converges either way.
+    for event in events.into_iter().rev() {
+        b.apply_batch(&[incoming(event)]).expect("apply");
+    }
+    b.retry_held().expect("retry");
+    assert_eq!(rows(&replica, ALL), rows(&origin, ALL));
+    assert_eq!(b.held_len(), 0);
+    let left = "SELECT count(*) FROM __harmonylite__users_change_log WHERE state = -2";
+    assert_eq!(count(&origin, left), 0);
+    app.execute(
+        "INSERT OR IGNORE INTO users VALUES (106, 'u4@x', 'u', 4)",
+        [],
+    )
+    .expect("ignored write");
+    assert_eq!(
+        count(&origin, left),
+        1,
+        "an ignored write leaves its candidate"
+    );
+    assert_eq!(captured(&origin).len(), seeded + 7, "unpublished");
+    app.execute("INSERT INTO users VALUES (107, 'last@x', 'u', 4)", [])
+        .expect("write");
+    assert_eq!(
+        count(&origin, left),
+        0,
+        "the next write to the table drops it"
+    );
+}
