@@ -77,6 +77,9 @@ pub struct Catchup {
     /// Events waiting for this node's schema to catch up with their sender's (no restart
     /// needed: they apply once the same migration runs here).
     pub schema_waiting_events: usize,
+    /// Other nodes' changes kept in `__harmonylite__conflicts` since start (they lost to a
+    /// concurrent change made here).
+    pub conflicts: u64,
 }
 
 impl HealthState {

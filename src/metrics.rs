@@ -86,6 +86,9 @@ metrics! {
         &["reason"]);
     unique_conflicts: IntCounter = counter(
         "events held because they conflicted with another row on a UNIQUE constraint");
+    conflicts: IntCounterVec = counter_vec(
+        "other nodes' changes that lost to a concurrent local change of their row, kept in __harmonylite__conflicts",
+        &["table", "kind"]);
     held_events: IntGauge = gauge(
         "events waiting for a UNIQUE conflict with another row to clear");
     publish_paced: IntCounter = counter(

@@ -36,6 +36,8 @@ pub const SCHEMA_VERSION_TABLE: &str = "__harmonylite__schema_version";
 pub const GUARD_TABLE: &str = "__harmonylite__apply_guard";
 /// Events that could not be applied (design §3.2).
 pub const DEAD_LETTER_TABLE: &str = "__harmonylite__dead_letter";
+/// Other nodes' row images that lost to a concurrent local change (see `apply/conflict.rs`).
+pub const CONFLICTS_TABLE: &str = "__harmonylite__conflicts";
 /// This database's random identity (tells its own events from a clone's with the same node id).
 pub const IDENTITY_TABLE: &str = "__harmonylite__node_identity";
 /// Events waiting for a UNIQUE conflict with another row to go away (see [`apply`]).

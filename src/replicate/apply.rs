@@ -549,6 +549,10 @@ fn record(
             }
             Outcome::Unchanged => m.skipped.with_label_values(&["unchanged"]).inc(),
             Outcome::Superseded => m.skipped.with_label_values(&["superseded"]).inc(),
+            Outcome::Overruled { table, kind } => {
+                m.conflicts.with_label_values(&[table, kind]).inc();
+                observers.health.update_catchup(|c| c.conflicts += 1);
+            }
             Outcome::Applied => {}
         }
         shard_applied[d.stream].inc();

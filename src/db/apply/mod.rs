@@ -44,6 +44,7 @@ use super::sql::{begin_guarded, commit_guarded};
 use super::{Error, Table};
 use crate::wire::ChangeEvent;
 
+mod conflict;
 mod held;
 mod in_flight;
 mod key;
@@ -114,6 +115,9 @@ pub enum Outcome {
     Waiting(String),
     /// For a table this node dropped: nothing to apply it to.
     Discarded(String),
+    /// Another node's change that lost to a concurrent local change of its row (still in
+    /// flight): kept in `__harmonylite__conflicts`. `kind` is its operation.
+    Overruled { table: String, kind: String },
 }
 
 /// The local schema's hashes an event's `sh` is checked against (Go keeps one previous hash).
@@ -168,6 +172,8 @@ struct State {
     waiting: BTreeMap<i64, WaitingEvent>,
     /// How many waiting events each place (row, or table without a known row) has.
     waiting_places: HashMap<waiting::Place, usize>,
+    /// Rows whose lost image was logged already (one warning per row).
+    overruled: std::collections::HashSet<(usize, Key)>,
     /// When the first of the current waiting events began to wait.
     waiting_since: Option<std::time::Instant>,
     hashes: SchemaHashes,
@@ -233,6 +239,7 @@ impl Applier {
                 held_keys: HashMap::new(),
                 waiting: BTreeMap::new(),
                 waiting_places: HashMap::new(),
+                overruled: Default::default(),
                 waiting_since: None,
                 hashes: SchemaHashes::default(),
                 aliases: super::ddl::Aliases::default(),

@@ -127,7 +127,10 @@ impl State {
         }
 
         if self.track && self.superseded(conn, t, &keys, incoming.own, event.id)? {
-            return Ok(Step::Done(Outcome::Superseded));
+            if incoming.own {
+                return Ok(Step::Done(Outcome::Superseded));
+            }
+            return self.overrule(conn, r.t, &r.wire_key, incoming, event, mode);
         }
 
         self.apply_op(conn, incoming, event, mode, r, &found)

@@ -25,8 +25,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use super::triggers::{trigger_names, triggers};
 use super::{
-    ALIAS_TABLE, DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE, HELD_TABLE, IDENTITY_TABLE,
-    PREFIX, PUBLISHED_TABLE, SCHEMA_VERSION_TABLE, Table, change_log_name, on_table, quote,
+    ALIAS_TABLE, CONFLICTS_TABLE, DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE, HELD_TABLE,
+    IDENTITY_TABLE, PREFIX, PUBLISHED_TABLE, SCHEMA_VERSION_TABLE, Table, change_log_name,
+    on_table, quote,
 };
 
 /// The version string Go writes into `__harmonylite__schema_version` (hard-coded `"dev"` there).
@@ -56,6 +57,17 @@ fn base_ddl() -> String {
              stream TEXT NOT NULL,
              seq INTEGER NOT NULL,
              error TEXT NOT NULL,
+             payload BLOB,
+             created_at INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS {conflicts} (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             table_name TEXT NOT NULL,
+             kind TEXT NOT NULL,
+             lost_row TEXT NOT NULL,
+             from_node INTEGER,
+             stream TEXT NOT NULL,
+             seq INTEGER NOT NULL,
              payload BLOB,
              created_at INTEGER NOT NULL
          );
@@ -89,6 +101,7 @@ fn base_ddl() -> String {
         global = quote(GLOBAL_LOG),
         schema_version = quote(SCHEMA_VERSION_TABLE),
         dead = quote(DEAD_LETTER_TABLE),
+        conflicts = quote(CONFLICTS_TABLE),
         identity = quote(IDENTITY_TABLE),
         held = quote(HELD_TABLE),
         published = quote(PUBLISHED_TABLE),
@@ -151,6 +164,7 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
         GLOBAL_LOG,
         SCHEMA_VERSION_TABLE,
         DEAD_LETTER_TABLE,
+        CONFLICTS_TABLE,
         IDENTITY_TABLE,
         HELD_TABLE,
         PUBLISHED_TABLE,

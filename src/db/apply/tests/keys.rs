@@ -145,3 +145,48 @@ fn a_restore_takes_the_snapshots_spelling_of_a_key() {
         );
     }
 }
+
+/// Finding 5: two nodes take the same auto id at once. The stream orders B's insert first, so
+/// A's (later) wins everywhere; B's row is not gone without a trace: A, whose change was in
+/// flight when B's arrived, keeps it in `__harmonylite__conflicts`.
+#[test]
+fn two_nodes_taking_one_auto_id_keep_the_losing_row() {
+    let schema = "CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT)";
+    let (_a, node_a, mut a) = setup(schema);
+    let (_b, node_b, mut b) = setup(schema);
+    write(&node_a, "INSERT INTO people (email) VALUES ('a@x')");
+    write(&node_b, "INSERT INTO people (email) VALUES ('b@x')");
+    let (from_a, from_b) = (captured(&node_a), captured(&node_b));
+    assert_eq!(from_a[0].row[0].1, from_b[0].row[0].1, "both took id 1");
+    // Stream order: B's insert, then A's.
+    let at_a = a
+        .apply_batch(&[incoming(from_b[0].clone()), own(from_a[0].clone())])
+        .expect("apply at A");
+    assert_eq!(
+        at_a,
+        [
+            Outcome::Overruled {
+                table: "people".into(),
+                kind: "insert".into()
+            },
+            Outcome::Unchanged
+        ]
+    );
+    let at_b = b
+        .apply_batch(&[own(from_b[0].clone()), incoming(from_a[0].clone())])
+        .expect("apply at B");
+    assert_eq!(at_b, [Outcome::Unchanged, Outcome::Applied]);
+    let all = "SELECT id, email FROM people";
+    assert_eq!(rows(&node_a, all), rows(&node_b, all));
+    assert_eq!(
+        rows(
+            &node_a,
+            "SELECT table_name, kind, lost_row FROM __harmonylite__conflicts"
+        ),
+        [vec![
+            text("people"),
+            text("insert"),
+            text(r#"{"email":"b@x","id":1}"#)
+        ]]
+    );
+}

@@ -82,6 +82,14 @@ fn rows(path: &std::path::Path, sql: &str) -> Vec<Vec<Value>> {
         .expect(sql)
 }
 
+/// Another node's event of table `t` lost to a local change in flight.
+fn overruled(kind: &str) -> Outcome {
+    Outcome::Overruled {
+        table: "t".into(),
+        kind: kind.into(),
+    }
+}
+
 fn text(s: &str) -> Value {
     Value::Text(s.as_bytes().to_vec())
 }
@@ -368,13 +376,13 @@ fn forgotten_landings_stop_holding_their_rows() {
     };
     assert_eq!(
         a.apply_batch(&[newer()]).expect("apply"),
-        [Outcome::Superseded]
+        [overruled("update")]
     );
     // Landed at sequence 20 of shard 1: not gone while the node is at 10, gone past it.
     a.forget_landed(&[(0, log_id, 1, 20)], |_, seq| seq <= 10);
     assert_eq!(
         a.apply_batch(&[newer()]).expect("apply"),
-        [Outcome::Superseded]
+        [overruled("update")]
     );
     a.forget_landed(&[(0, log_id, 1, 20)], |_, seq| seq <= 20);
     assert_eq!(
@@ -399,7 +407,19 @@ fn events_older_than_a_local_change_in_flight_are_skipped() {
             )),
         ])
         .expect("apply");
-    assert_eq!(out, [Outcome::Superseded, Outcome::Superseded]);
+    assert_eq!(out, [Outcome::Superseded, overruled("update")]);
+    assert_eq!(
+        rows(
+            &origin,
+            "SELECT table_name, kind, lost_row FROM __harmonylite__conflicts"
+        ),
+        [vec![
+            text("t"),
+            text("update"),
+            text(r#"{"id":1,"v":"other"}"#)
+        ]],
+        "the other node's image is kept; our own older event is not a conflict"
+    );
     assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("b")]]);
     // Our newer change comes back: the row is free for later events again.
     let all = captured(&origin);
@@ -428,7 +448,7 @@ fn a_failed_change_releases_its_row() {
     };
     assert_eq!(
         a.apply_batch(&[other("early")]).expect("apply"),
-        [Outcome::Superseded]
+        [overruled("update")]
     );
     Connection::open(&origin)
         .expect("publisher")

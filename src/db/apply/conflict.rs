@@ -1,0 +1,91 @@
+//! Conflicts never vanish (design §15): another node's event for a row with a local change
+//! still in flight lost to that change — ours is later in the stream and will overwrite the row
+//! on every node — so its image is about to disappear from the whole cluster. Two nodes taking
+//! the same auto id, or editing one row at the same moment, end here.
+//!
+//! The losing image is kept in `__harmonylite__conflicts` (table, kind = the lost event's
+//! operation, the row as JSON, the node it came from, where it was in the stream, its raw
+//! payload), in the apply transaction, and reported as [`Outcome::Overruled`] (counted by the
+//! caller as `harmonylite_conflicts`); the first loss of each row is logged as a warning. The
+//! winner is the node holding the record.
+//!
+//! Invariants:
+//! - Recorded only on the node whose change wins, so each loss is recorded once in the cluster.
+//! - Our own older events are not conflicts (they are superseded quietly).
+
+use rusqlite::Connection;
+
+use super::row::describe;
+use super::step::{EventError, Mode, Step};
+use super::{Incoming, Key, Outcome, State};
+use crate::db::{CONFLICTS_TABLE, quote};
+use crate::wire::{ChangeEvent, Op, ReplicationEvent, Value};
+
+impl State {
+    /// Keeps `event` (another node's, for row `key` of table `t`) as lost to a local change in
+    /// flight; needs a write transaction.
+    pub(super) fn overrule(
+        &mut self,
+        conn: &Connection,
+        t: usize,
+        key: &Key,
+        incoming: &Incoming<'_>,
+        event: &ChangeEvent,
+        mode: Mode,
+    ) -> Result<Step, EventError> {
+        if mode == Mode::Read {
+            return Ok(Step::NeedsWrite);
+        }
+        let table = self.tables[t].name.clone();
+        let kind = match event.op {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        };
+        let from = ReplicationEvent::decode(incoming.raw)
+            .ok()
+            .map(|e| e.from_node_id as i64);
+        conn.prepare_cached(&format!(
+            "INSERT INTO {} (table_name, kind, lost_row, from_node, stream, seq, payload, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            quote(CONFLICTS_TABLE)
+        ))?
+        .execute(rusqlite::params![
+            table,
+            kind,
+            json(&event.row),
+            from,
+            incoming.stream,
+            incoming.seq as i64,
+            incoming.raw,
+            crate::clock::unix_ms(),
+        ])?;
+        if self.overruled.insert((t, key.clone())) {
+            tracing::warn!(table = %table, kind, from_node = ?from, stream = incoming.stream,
+                seq = incoming.seq, lost_row = %describe(&event.row),
+                "Another node's change lost to a concurrent change made here; its row is kept in __harmonylite__conflicts");
+        }
+        Ok(Step::Done(Outcome::Overruled {
+            table,
+            kind: kind.to_owned(),
+        }))
+    }
+}
+
+/// A row as a JSON object, keys sorted (text as text, blobs as `x'…'` hex, so any value survives).
+fn json(row: &[(String, Value)]) -> String {
+    let object: serde_json::Map<String, serde_json::Value> = row
+        .iter()
+        .map(|(name, v)| {
+            let v = match v {
+                Value::Null => serde_json::Value::Null,
+                Value::Integer(i) => (*i).into(),
+                Value::Real(f) => (*f).into(),
+                Value::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+                Value::Blob(b) => format!("x'{}'", crate::hex(b)).into(),
+            };
+            (name.clone(), v)
+        })
+        .collect();
+    serde_json::Value::Object(object).to_string()
+}
