@@ -46,6 +46,9 @@ pub const HELD_TABLE: &str = "__harmonylite__held_events";
 pub const ALIAS_TABLE: &str = "__harmonylite__schema_aliases";
 /// Per shard, the stream sequence of the last change marked published.
 pub const PUBLISHED_TABLE: &str = "__harmonylite__published";
+/// Per stream: the last sequence applied to this database, written in the transactions that
+/// apply (design §14: positions live with the data; the seq map follows them).
+pub const APPLIED_TABLE: &str = "__harmonylite__applied";
 /// How long a statement waits for a lock before failing with SQLITE_BUSY (Go: 5000 ms).
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
@@ -170,6 +173,36 @@ pub fn same_value(a: &str, b: &str) -> String {
 /// The negation of [`same_value`] (without its index-finding term).
 pub fn differs(a: &str, b: &str) -> String {
     format!("({a} IS NOT {b} COLLATE BINARY OR typeof({a}) IS NOT typeof({b}))")
+}
+
+/// Records, in the caller's write transaction, that this database has applied `stream` through
+/// `seq` (never moving back).
+pub(crate) fn record_applied(conn: &Connection, stream: &str, seq: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO {} (stream, seq) VALUES (?1, ?2) \
+         ON CONFLICT (stream) DO UPDATE SET seq = max(seq, excluded.seq)",
+        quote(APPLIED_TABLE)
+    ))?
+    .execute(rusqlite::params![stream, seq as i64])?;
+    Ok(())
+}
+
+/// What this database records it has applied, per stream (empty before the first apply, or
+/// for a database capture was never installed in).
+///
+/// # Errors
+/// SQLite errors.
+pub fn applied_positions(
+    conn: &Connection,
+) -> Result<std::collections::BTreeMap<String, u64>, Error> {
+    if !has_table(conn, APPLIED_TABLE)? {
+        return Ok(Default::default());
+    }
+    let mut stmt = conn.prepare(&format!("SELECT stream, seq FROM {}", quote(APPLIED_TABLE)))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Quotes a string literal: `'text'` with embedded quotes doubled.

@@ -127,10 +127,43 @@ async fn open_database(
         }
         let identity =
             cdc::identity(&capture.conn).context("Unable to read the database identity")?;
+        adopt_positions(&capture.conn, &s)?;
         Ok((capture, identity, lock, captured_before))
     })
     .await
     .context("start-up task failed")?
+}
+
+/// Positions live with the data (design §14): where the database records what it has applied,
+/// that is where this run starts, whatever the seq map says — a database restored from an older
+/// backup replays (or restores) from its own positions instead of skipping what it lacks, and a
+/// lost seq map costs nothing. The seq map (Go's file) is rewritten to match.
+fn adopt_positions(conn: &rusqlite::Connection, s: &Settings) -> anyhow::Result<()> {
+    let recorded = db::applied_positions(conn).context("Unable to read the applied positions")?;
+    let mut seqmap = crate::seqmap::SeqMap::open_tolerant(&s.seq_map_path)?;
+    let streams: Vec<String> = (1..=s.replication.shards)
+        .map(|shard| s.stream_name(shard))
+        .collect();
+    let moved: Vec<(&str, u64)> = streams
+        .iter()
+        .filter_map(|stream| Some((stream.as_str(), *recorded.get(stream)?)))
+        .filter(|&(stream, seq)| seqmap.get(stream) != seq)
+        .collect();
+    if moved.is_empty() {
+        return Ok(());
+    }
+    for &(stream, seq) in &moved {
+        tracing::info!(
+            stream,
+            from_seq_map = seqmap.get(stream),
+            from_database = seq,
+            "Starting from the position the database records"
+        );
+    }
+    seqmap
+        .reset_all(moved)
+        .context("Unable to save the sequence map")?;
+    Ok(())
 }
 
 /// Installs capture again for the schema as it is now (after the application's DDL), on a

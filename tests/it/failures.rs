@@ -294,3 +294,58 @@ fn older_change_is_not_sent_after_a_newer_one_of_the_row_landed() {
         nodes[0].log()
     );
 }
+
+/// Positions live with the data (issue 24, findings 7 and 8): a node whose database is put back
+/// to an older backup of itself catches up (its seq map is ahead of the file), and a node that
+/// lost its seq map starts where its database says, not at the start of the stream.
+#[test]
+fn positions_follow_the_database_not_the_seq_map() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut nodes = cluster(&nats, 2, 1);
+    let count = "SELECT count(*) FROM Books";
+    nodes[0].exec("INSERT INTO Books (title, author) VALUES ('first', 'x')");
+    wait_until(REPLICATION_TIMEOUT, "first row on node 2", || {
+        nodes[1].query_i64(count) == 1
+    });
+    assert!(nodes[1].terminate().success());
+    let backup = nodes[1].dir.path().join("backup.db");
+    nodes[1]
+        .conn()
+        .backup(rusqlite::MAIN_DB, &backup, None)
+        .expect("backup");
+    nodes[1].start();
+    nodes[0].exec(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100)
+         INSERT INTO Books (title, author) SELECT 'row ' || i, 'x' FROM n",
+    );
+    wait_until(REPLICATION_TIMEOUT, "101 rows on node 2", || {
+        nodes[1].query_i64(count) == 101
+    });
+    // The operator puts the older file back (the seq map stays at 101).
+    assert!(nodes[1].terminate().success());
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", nodes[1].db.display()));
+    }
+    std::fs::copy(&backup, &nodes[1].db).expect("restore the backup");
+    nodes[1].start();
+    wait_until(REPLICATION_TIMEOUT, "node 2 catches up from its file's position", || {
+        nodes[1].query_i64(count) == 101
+    });
+    assert!(
+        nodes[1].log().contains("Starting from the position the database records"),
+        "{}",
+        nodes[1].log()
+    );
+    // The seq map is lost: the database's position is where it starts (not sequence 1).
+    assert!(nodes[1].terminate().success());
+    std::fs::remove_file(nodes[1].seq_map()).expect("remove the seq map");
+    let before = nodes[1].log().len();
+    nodes[1].start();
+    nodes[0].exec("INSERT INTO Books (title, author) VALUES ('last', 'x')");
+    wait_until(REPLICATION_TIMEOUT, "the last row on node 2", || {
+        nodes[1].query_i64(count) == 102
+    });
+    let log = nodes[1].log();
+    assert!(log[before..].contains("from_seq=102"), "{}", &log[before..]);
+}

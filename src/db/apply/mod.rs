@@ -301,7 +301,13 @@ impl Applier {
             file,
             positions,
             not_kept,
-            &|c| Self::check_schema(confirmed.as_ref(), c),
+            &|c| {
+                Self::check_schema(confirmed.as_ref(), c)?;
+                for (stream, &seq) in streams.iter().zip(positions) {
+                    super::record_applied(c, stream, seq)?;
+                }
+                Ok(())
+            },
         )?;
         for (i, &p) in positions.iter().enumerate() {
             self.set_applied(i + 1, p);
@@ -413,6 +419,16 @@ impl Applier {
         }
         if wrote && !self.state.held.is_empty() {
             self.state.retry_held(&tx)?;
+        }
+        // Where this batch ends, with its rows (events read without writing, before it, are
+        // covered: a stream's sequences only grow).
+        let mut ends: HashMap<&str, u64> = HashMap::new();
+        for incoming in batch {
+            let end = ends.entry(incoming.stream).or_default();
+            *end = (*end).max(incoming.seq);
+        }
+        for (stream, seq) in ends {
+            super::record_applied(&tx, stream, seq)?;
         }
         commit_guarded(tx)?;
         Ok(outcomes)

@@ -25,9 +25,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use super::triggers::{trigger_names, triggers};
 use super::{
-    ALIAS_TABLE, CONFLICTS_TABLE, DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE, HELD_TABLE,
-    IDENTITY_TABLE, PREFIX, PUBLISHED_TABLE, SCHEMA_VERSION_TABLE, Table, change_log_name,
-    on_table, quote,
+    ALIAS_TABLE, APPLIED_TABLE, CONFLICTS_TABLE, DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE,
+    HELD_TABLE, IDENTITY_TABLE, PREFIX, PUBLISHED_TABLE, SCHEMA_VERSION_TABLE, Table,
+    change_log_name, on_table, quote,
 };
 
 /// The version string Go writes into `__harmonylite__schema_version` (hard-coded `"dev"` there).
@@ -85,6 +85,10 @@ fn base_ddl() -> String {
              reason TEXT NOT NULL,
              created_at INTEGER NOT NULL
          );
+         CREATE TABLE IF NOT EXISTS {applied} (
+             stream TEXT PRIMARY KEY,
+             seq INTEGER NOT NULL
+         );
          CREATE TABLE IF NOT EXISTS {published} (
              shard INTEGER PRIMARY KEY,
              seq INTEGER NOT NULL
@@ -105,6 +109,7 @@ fn base_ddl() -> String {
         identity = quote(IDENTITY_TABLE),
         held = quote(HELD_TABLE),
         published = quote(PUBLISHED_TABLE),
+        applied = quote(APPLIED_TABLE),
         aliases = quote(ALIAS_TABLE),
     )
 }
@@ -168,6 +173,7 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
         IDENTITY_TABLE,
         HELD_TABLE,
         PUBLISHED_TABLE,
+        APPLIED_TABLE,
         ALIAS_TABLE,
     ] {
         if !exists(base)? {
