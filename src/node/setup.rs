@@ -125,6 +125,19 @@ async fn open_database(
                 .map(|t| max_log_id(&capture.conn, t))
                 .collect::<anyhow::Result<_>>()?;
         }
+        let file = file_identity(&s.db_path);
+        let binding = cdc::bind_identity(&mut capture.conn, &capture.tables, s.node_id, &file)
+            .context("Unable to bind the database identity")?;
+        match binding {
+            cdc::Binding::Own => {}
+            cdc::Binding::Renumbered { from } => {
+                tracing::info!(from, to = s.node_id, "The database was bound to another node id; it now belongs to this one");
+            }
+            cdc::Binding::CopyOf { node_id, dropped } => {
+                tracing::warn!(copy_of = node_id, not_sent = dropped,
+                    "This database is a copy of another node's: its unpublished changes are that node's to publish and are not sent from here");
+            }
+        }
         let identity =
             cdc::identity(&capture.conn).context("Unable to read the database identity")?;
         adopt_positions(&capture.conn, &s)?;
@@ -132,6 +145,21 @@ async fn open_database(
     })
     .await
     .context("start-up task failed")?
+}
+
+/// Where the database file lives: the machine (`/etc/machine-id`, else the host name), the
+/// device and the inode. A copy of the file differs in at least one of them.
+fn file_identity(path: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let machine = ["/etc/machine-id", "/proc/sys/kernel/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let (dev, ino) = std::fs::metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .unwrap_or_default();
+    format!("{machine}:{dev}:{ino}")
 }
 
 /// Positions live with the data (design §14): where the database records what it has applied,

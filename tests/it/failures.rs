@@ -329,11 +329,15 @@ fn positions_follow_the_database_not_the_seq_map() {
     }
     std::fs::copy(&backup, &nodes[1].db).expect("restore the backup");
     nodes[1].start();
-    wait_until(REPLICATION_TIMEOUT, "node 2 catches up from its file's position", || {
-        nodes[1].query_i64(count) == 101
-    });
+    wait_until(
+        REPLICATION_TIMEOUT,
+        "node 2 catches up from its file's position",
+        || nodes[1].query_i64(count) == 101,
+    );
     assert!(
-        nodes[1].log().contains("Starting from the position the database records"),
+        nodes[1]
+            .log()
+            .contains("Starting from the position the database records"),
         "{}",
         nodes[1].log()
     );
@@ -348,4 +352,57 @@ fn positions_follow_the_database_not_the_seq_map() {
     });
     let log = nodes[1].log();
     assert!(log[before..].contains("from_seq=102"), "{}", &log[before..]);
+}
+
+/// Issue 24, finding 6: a copy of a node's database (with changes that node has not published
+/// yet) started as another node does not resend them as its own: they would land after the
+/// source's later changes of the same rows and undo them everywhere.
+#[test]
+fn a_cloned_database_does_not_resend_its_sources_changes() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let mut nodes = cluster(&nats, 3, 1);
+    assert!(nodes[2].terminate().success());
+    assert!(nodes[0].terminate().success());
+    // Node 1's application writes while its daemon is down: 20 pending changes.
+    nodes[0].exec(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20)
+         INSERT INTO Books (id, title, author) SELECT i, 'old', 'x' FROM n",
+    );
+    // The file is copied to node 3's machine (with its own node_id), as the docs advise.
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", nodes[2].db.display()));
+    }
+    let _ = std::fs::remove_file(nodes[2].seq_map());
+    nodes[0]
+        .conn()
+        .backup(rusqlite::MAIN_DB, &nodes[2].db, None)
+        .expect("copy");
+    nodes[0].start();
+    let new = "SELECT count(*) FROM Books WHERE title = 'new'";
+    wait_until(REPLICATION_TIMEOUT, "the old rows on node 2", || {
+        nodes[1].query_i64("SELECT count(*) FROM Books WHERE title = 'old'") == 20
+    });
+    nodes[0].exec("UPDATE Books SET title = 'new'");
+    wait_until(REPLICATION_TIMEOUT, "the new titles on node 2", || {
+        nodes[1].query_i64(new) == 20
+    });
+    nodes[2].start();
+    wait_until(REPLICATION_TIMEOUT, "the new titles on the copy", || {
+        nodes[2].query_i64(new) == 20
+    });
+    assert!(
+        nodes[2].log().contains("This database is a copy of another node's"),
+        "{}",
+        nodes[2].log()
+    );
+    // Whatever node 3 sends from now on comes after this row; once it is everywhere, anything
+    // the copy resent has landed too.
+    nodes[2].exec("INSERT INTO Books (id, title, author) VALUES (99, 'marker', 'x')");
+    for n in &nodes {
+        wait_until(REPLICATION_TIMEOUT, "the marker everywhere", || {
+            n.query_i64("SELECT count(*) FROM Books WHERE id = 99") == 1
+        });
+        assert_eq!(n.query_i64(new), 20, "node {} rolled back", n.id);
+    }
 }

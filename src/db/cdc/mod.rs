@@ -483,6 +483,83 @@ pub fn identity(conn: &Connection) -> Result<String, Error> {
     )?)
 }
 
+/// How a database's identity relates to the node starting on it (see [`bind_identity`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// This node's own database (or one not bound yet).
+    Own,
+    /// The same file, started under another node id: the operator renumbered the node.
+    Renumbered { from: u64 },
+    /// Another node's database copied here: its unpublished changes (`dropped`) were that
+    /// node's to publish and are not sent from here; the database has a new identity.
+    CopyOf { node_id: u64, dropped: usize },
+}
+
+/// Binds this database's identity to `node_id` and `file` (where the file lives: machine, device,
+/// inode), and tells a copy of another node's database from this node's own: a copy was bound
+/// to another node id *and* another file. Its pending changes belong to that node, which still
+/// has and publishes them; resent from here they would land after that node's later changes of
+/// the same rows and undo them everywhere. So they are marked published, and the copy gets an
+/// identity of its own (message ids, sent marks). Writes only when something changed.
+///
+/// # Errors
+/// SQLite errors (rolled back).
+pub fn bind_identity(
+    conn: &mut Connection,
+    tables: &[Table],
+    node_id: u64,
+    file: &str,
+) -> Result<Binding, Error> {
+    let ident = quote(IDENTITY_TABLE);
+    let bound: (Option<i64>, Option<String>) = if has_column(conn, IDENTITY_TABLE, "file")? {
+        conn.query_row(
+            &format!("SELECT node_id, file FROM {ident} WHERE id = 1"),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+    } else {
+        (None, None)
+    };
+    if bound == (Some(node_id as i64), Some(file.to_owned())) {
+        return Ok(Binding::Own);
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for column in ["node_id INTEGER", "file TEXT"] {
+        let name = column.split(' ').next().unwrap_or(column);
+        if !has_column(&tx, IDENTITY_TABLE, name)? {
+            tx.execute_batch(&format!("ALTER TABLE {ident} ADD COLUMN {column}"))?;
+        }
+    }
+    let binding = match bound {
+        (Some(was), Some(was_file)) if was as u64 != node_id && was_file != file => {
+            let mut dropped = 0;
+            for t in tables {
+                let log = quote(&change_log_name(&t.name));
+                dropped += tx
+                    .execute(&format!("UPDATE {log} SET state = 1 WHERE state = 0"), [])
+                    .map_err(on_table(&t.name))?;
+            }
+            tx.execute(&format!("DELETE FROM {}", quote(GLOBAL_LOG)), [])?;
+            tx.execute(
+                &format!("UPDATE {ident} SET uuid = ?1 WHERE id = 1"),
+                [uuid::Uuid::new_v4().simple().to_string()],
+            )?;
+            Binding::CopyOf {
+                node_id: was as u64,
+                dropped,
+            }
+        }
+        (Some(was), _) if was as u64 != node_id => Binding::Renumbered { from: was as u64 },
+        _ => Binding::Own,
+    };
+    tx.execute(
+        &format!("UPDATE {ident} SET node_id = ?1, file = ?2 WHERE id = 1"),
+        rusqlite::params![node_id as i64, file],
+    )?;
+    tx.commit()?;
+    Ok(binding)
+}
+
 /// Drops every trigger and table whose name starts with `__harmonylite__` (Go `RemoveCDC`),
 /// returning how many objects were dropped.
 ///
