@@ -392,7 +392,9 @@ fn a_cloned_database_does_not_resend_its_sources_changes() {
         nodes[2].query_i64(new) == 20
     });
     assert!(
-        nodes[2].log().contains("This database is a copy of another node's"),
+        nodes[2]
+            .log()
+            .contains("This database is a copy of another node's"),
         "{}",
         nodes[2].log()
     );
