@@ -299,7 +299,8 @@ fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
         buf.truncate(n);
         digester.update(bytes::Bytes::from(buf));
     }
-    Ok(digester.finish())
+    let (size, sha, tag) = digester.finish();
+    Ok((size, crate::hex(&sha), tag))
 }
 
 /// Size, hex SHA-256 and (optionally) Go's FNV-1 64 tag of bytes fed in order, for a file read
@@ -343,14 +344,8 @@ impl Digester {
         }
     }
 
-    /// `(size, hex SHA-256, hex FNV tag or "")`.
-    pub fn finish(self) -> (u64, String, String) {
-        let (size, sha, tag) = self.finish_raw();
-        (size, crate::hex(&sha), tag)
-    }
-
     /// `(size, SHA-256 bytes, hex FNV tag or "")`.
-    pub fn finish_raw(self) -> (u64, [u8; 32], String) {
+    pub fn finish(self) -> (u64, [u8; 32], String) {
         let tag = self.fnv.map(|(tx, thread)| {
             drop(tx);
             thread.join().unwrap_or(0)

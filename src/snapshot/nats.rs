@@ -184,7 +184,7 @@ impl NatsStore {
         // One SHA-256 for the object store's digest (base64) and ours (hex), plus Go's tag.
         let mut ours = super::Digester::new(meta.fnv_tag.is_none());
         let count = self.send_chunks(subject, data, chunk, &mut ours).await?;
-        let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish_raw())
+        let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish())
             .await
             .map_err(|e| self.failed("upload", &format!("checksum task failed: {e}")))?;
         let sha256 = crate::hex(&digest);
