@@ -177,15 +177,9 @@ pub fn copy_database(
         strip(&snap).map_err(Error::Copy)?;
     }
     let strip_ms = started.elapsed().as_millis() as u64 - copy_ms;
+    let positions: BTreeMap<_, _> = source.streams.iter().cloned().zip(positions).collect();
     let meta = Meta {
-        positions: Some(
-            source
-                .streams
-                .iter()
-                .cloned()
-                .zip(positions.iter().copied())
-                .collect::<BTreeMap<_, _>>(),
-        ),
+        positions: Some(positions),
         schema_hash: Some(schema_hash.to_owned()),
         node_id: Some(node_id),
         created_ms: Some(crate::clock::unix_ms()),
