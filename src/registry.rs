@@ -177,13 +177,11 @@ pub async fn cluster_state(
 
 /// `RFC3339Nano` → RFC 3339 to the second, as Go prints `Updated At`.
 fn to_seconds(t: &str) -> String {
-    match t.find('.') {
-        Some(dot) => {
-            let zone = t[dot..].find(['Z', '+', '-']).map_or(t.len(), |i| dot + i);
-            format!("{}{}", &t[..dot], &t[zone..])
-        }
-        None => t.to_owned(),
-    }
+    let Some(dot) = t.find('.') else {
+        return t.to_owned();
+    };
+    let zone = t[dot..].find(['Z', '+', '-']).map_or(t.len(), |i| dot + i);
+    format!("{}{}", &t[..dot], &t[zone..])
 }
 
 fn short(hash: &str) -> &str {

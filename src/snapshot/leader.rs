@@ -116,42 +116,38 @@ pub async fn try_acquire(
     let now = crate::clock::unix_ms();
     let payload = Bytes::from(encode_holder(node_id, now));
     let lease = |message: String| Error::Lease { key, message };
-    match store.entry(key).await.map_err(|e| lease(e.to_string()))? {
-        None => match store.create(key, payload).await {
-            Ok(_) => Ok(Acquired::Held),
-            Err(e) => Err(lease(e.to_string())),
-        },
-        Some(entry) if matches!(entry.operation, kv::Operation::Put) => {
-            if let Some((holder, ts)) = decode_holder(&entry.value)
-                && holder != node_id
-                && ts.saturating_add(ttl.as_millis() as i64) > now
-            {
-                return Ok(Acquired::Other {
-                    expires_ms: ts.saturating_add(ttl.as_millis() as i64),
-                });
-            }
-            store
-                .update(key, payload, entry.revision)
-                .await
-                .map(|_| Acquired::Held)
-                .map_err(|e| lease(e.to_string()))
-        }
-        // A deleted or purged key: take it with a compare-and-set on the tombstone.
-        Some(entry) => store
-            .update(key, payload, entry.revision)
+    let Some(entry) = store.entry(key).await.map_err(|e| lease(e.to_string()))? else {
+        return store
+            .create(key, payload)
             .await
             .map(|_| Acquired::Held)
-            .map_err(|e| lease(e.to_string())),
+            .map_err(|e| lease(e.to_string()));
+    };
+    // A deleted or purged key is taken like an expired one: compare-and-set on its revision.
+    if matches!(entry.operation, kv::Operation::Put)
+        && let Some((holder, ts)) = decode_holder(&entry.value)
+        && holder != node_id
+    {
+        let expires_ms = ts.saturating_add(ttl.as_millis() as i64);
+        if expires_ms > now {
+            return Ok(Acquired::Other { expires_ms });
+        }
     }
+    store
+        .update(key, payload, entry.revision)
+        .await
+        .map(|_| Acquired::Held)
+        .map_err(|e| lease(e.to_string()))
 }
 
-/// The current holder of `key`, if any: (node id, timestamp ms).
-pub async fn holder(store: &kv::Store, key: &'static str) -> Option<(u64, i64)> {
-    let entry = store.entry(key).await.ok()??;
-    if !matches!(entry.operation, kv::Operation::Put) {
-        return None;
+/// Deletes `key` when `node_id` holds it, so that another node can take it at once.
+pub async fn release(store: &kv::Store, key: &'static str, node_id: u64) {
+    if let Ok(Some(entry)) = store.entry(key).await
+        && matches!(entry.operation, kv::Operation::Put)
+        && decode_holder(&entry.value).is_some_and(|(holder, _)| holder == node_id)
+    {
+        let _ = store.delete(key).await;
     }
-    decode_holder(&entry.value)
 }
 
 #[cfg(test)]

@@ -177,15 +177,9 @@ pub fn copy_database(
         strip(&snap).map_err(Error::Copy)?;
     }
     let strip_ms = started.elapsed().as_millis() as u64 - copy_ms;
+    let positions: BTreeMap<_, _> = source.streams.iter().cloned().zip(positions).collect();
     let meta = Meta {
-        positions: Some(
-            source
-                .streams
-                .iter()
-                .cloned()
-                .zip(positions.iter().copied())
-                .collect::<BTreeMap<_, _>>(),
-        ),
+        positions: Some(positions),
         schema_hash: Some(schema_hash.to_owned()),
         node_id: Some(node_id),
         created_ms: Some(crate::clock::unix_ms()),
@@ -299,7 +293,8 @@ fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
         buf.truncate(n);
         digester.update(bytes::Bytes::from(buf));
     }
-    Ok(digester.finish())
+    let (size, sha, tag) = digester.finish();
+    Ok((size, crate::hex(&sha), tag))
 }
 
 /// Size, hex SHA-256 and (optionally) Go's FNV-1 64 tag of bytes fed in order, for a file read
@@ -343,14 +338,8 @@ impl Digester {
         }
     }
 
-    /// `(size, hex SHA-256, hex FNV tag or "")`.
-    pub fn finish(self) -> (u64, String, String) {
-        let (size, sha, tag) = self.finish_raw();
-        (size, crate::hex(&sha), tag)
-    }
-
     /// `(size, SHA-256 bytes, hex FNV tag or "")`.
-    pub fn finish_raw(self) -> (u64, [u8; 32], String) {
+    pub fn finish(self) -> (u64, [u8; 32], String) {
         let tag = self.fnv.map(|(tx, thread)| {
             drop(tx);
             thread.join().unwrap_or(0)

@@ -60,25 +60,20 @@ impl NatsStore {
         let mut progress = Progress::new(KIND, "Downloading", Some(info.size as u64));
         let (mut got, mut bytes) = (0usize, 0u64);
         while got < info.chunks {
+            let n = info.chunks;
             let msg = match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
                 Err(_) => {
-                    let n = info.chunks;
-                    return Err(fail(&format!(
-                        "no chunk arrived within {CHUNK_WAIT:?} ({got} of {n} read)"
-                    )));
+                    let why = format!("no chunk arrived within {CHUNK_WAIT:?} ({got} of {n} read)");
+                    return Err(fail(&why));
                 }
-                Ok(None) => {
-                    let n = info.chunks;
-                    return Err(fail(&format!("the chunks ended after {got} of {n}")));
-                }
+                Ok(None) => return Err(fail(&format!("the chunks ended after {got} of {n}"))),
                 Ok(Some(msg)) => msg.map_err(|e| fail(&e))?,
             };
             let seq = msg.info().map_err(|e| fail(&e))?.consumer_sequence;
             if seq != got as u64 + 1 {
-                let (n, of) = (got + 1, info.chunks);
-                return Err(fail(&format!(
-                    "chunk {n} of {of} arrived as number {seq}: a chunk was lost"
-                )));
+                let next = got + 1;
+                let why = format!("chunk {next} of {n} arrived as number {seq}: a chunk was lost");
+                return Err(fail(&why));
             }
             out.write_all(&msg.payload).await.map_err(|e| fail(&e))?;
             got += 1;
@@ -184,7 +179,7 @@ impl NatsStore {
         // One SHA-256 for the object store's digest (base64) and ours (hex), plus Go's tag.
         let mut ours = super::Digester::new(meta.fnv_tag.is_none());
         let count = self.send_chunks(subject, data, chunk, &mut ours).await?;
-        let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish_raw())
+        let (size, digest, fnv) = tokio::task::spawn_blocking(move || ours.finish())
             .await
             .map_err(|e| self.failed("upload", &format!("checksum task failed: {e}")))?;
         let sha256 = crate::hex(&digest);
@@ -207,6 +202,7 @@ impl NatsStore {
         ours: &mut super::Digester,
     ) -> Result<usize, Error> {
         use tokio::io::AsyncReadExt as _;
+        let unacked = |n, e| self.failed("upload", &format!("chunk {n} not acknowledged: {e}"));
         let mut acks = std::collections::VecDeque::new();
         let mut count = 0usize;
         loop {
@@ -236,14 +232,11 @@ impl NatsStore {
             if acks.len() >= ACKS_IN_FLIGHT
                 && let Some((n, ack)) = acks.pop_front()
             {
-                ack.await.map_err(|e| {
-                    self.failed("upload", &format!("chunk {n} not acknowledged: {e}"))
-                })?;
+                ack.await.map_err(|e| unacked(n, e))?;
             }
         }
         for (n, ack) in acks {
-            ack.await
-                .map_err(|e| self.failed("upload", &format!("chunk {n} not acknowledged: {e}")))?;
+            ack.await.map_err(|e| unacked(n, e))?;
         }
         Ok(count)
     }
@@ -333,27 +326,24 @@ impl NatsStore {
 
     /// The bucket, created when missing (Go's settings).
     async fn bucket(&self, op: &'static str) -> Result<object_store::ObjectStore, Error> {
-        match self.js.get_object_store(&self.bucket).await {
+        if let Ok(b) = self.js.get_object_store(&self.bucket).await {
+            return Ok(b);
+        }
+        let config = object_store::Config {
+            bucket: self.bucket.clone(),
+            description: Some("Bucket to store snapshot".to_owned()),
+            num_replicas: self.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        match self.js.create_object_store(config).await {
             Ok(b) => Ok(b),
-            Err(_) => match self
+            // Another node may have created it meanwhile.
+            Err(e) => self
                 .js
-                .create_object_store(object_store::Config {
-                    bucket: self.bucket.clone(),
-                    description: Some("Bucket to store snapshot".to_owned()),
-                    num_replicas: self.replicas,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
+                .get_object_store(&self.bucket)
                 .await
-            {
-                Ok(b) => Ok(b),
-                // Another node may have created it meanwhile.
-                Err(e) => self
-                    .js
-                    .get_object_store(&self.bucket)
-                    .await
-                    .map_err(|_| Error::new(KIND, op, &self.object(), &e)),
-            },
+                .map_err(|_| Error::new(KIND, op, &self.object(), &e)),
         }
     }
 

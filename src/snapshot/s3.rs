@@ -176,38 +176,28 @@ impl S3Store {
 
     /// Creates the bucket when it is missing (once per process).
     async fn ensure_bucket(&self, op: &'static str) -> Result<(), Error> {
-        self.ensured
-            .get_or_try_init(|| async {
-                match self.client.head_bucket().bucket(&self.bucket).send().await {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
-                        match self
-                            .client
-                            .create_bucket()
-                            .bucket(&self.bucket)
-                            .send()
-                            .await
-                        {
-                            Ok(_) => {
-                                tracing::info!(bucket = %self.bucket, "Created snapshot bucket");
-                                Ok(())
-                            }
-                            Err(e)
-                                if e.as_service_error().is_some_and(|s| {
-                                    s.is_bucket_already_owned_by_you()
-                                        || s.is_bucket_already_exists()
-                                }) =>
-                            {
-                                Ok(())
-                            }
-                            Err(e) => Err(self.err(op, e)),
-                        }
-                    }
-                    Err(e) => Err(self.err(op, e)),
-                }
-            })
-            .await
-            .map(|_| ())
+        let create = || async {
+            match self.client.head_bucket().bucket(&self.bucket).send().await {
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {}
+                found => return found.map(|_| ()).map_err(|e| self.err(op, e)),
+            }
+            match self
+                .client
+                .create_bucket()
+                .bucket(&self.bucket)
+                .send()
+                .await
+            {
+                Ok(_) => tracing::info!(bucket = %self.bucket, "Created snapshot bucket"),
+                Err(e)
+                    if e.as_service_error().is_some_and(|s| {
+                        s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists()
+                    }) => {}
+                Err(e) => return Err(self.err(op, e)),
+            }
+            Ok(())
+        };
+        self.ensured.get_or_try_init(create).await.map(|_| ())
     }
 
     async fn put_multipart(&self, file: &Path, size: u64, meta: &Meta) -> Result<(), Error> {
@@ -337,6 +327,9 @@ impl Store for S3Store {
     fn download<'a>(&'a self, dest: &'a Path) -> BoxFuture<'a, Result<Option<Meta>, Error>> {
         Box::pin(async move {
             self.ensure_bucket("download").await?;
+            let fail = |e: &(dyn std::error::Error + 'static)| {
+                Error::new(KIND, "download", &self.object(), e)
+            };
             let got = match self
                 .client
                 .get_object()
@@ -352,30 +345,20 @@ impl Store for S3Store {
                 Err(e) => return Err(self.err("download", e)),
             };
             let meta = meta_of(got.metadata());
-            let mut out = tokio::fs::File::create(dest)
-                .await
-                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+            let mut out = tokio::fs::File::create(dest).await.map_err(|e| fail(&e))?;
             let mut progress = Progress::new(
                 KIND,
                 "Downloading",
                 got.content_length().map(|l| l.max(0) as u64),
             );
             let mut body = got.body;
-            while let Some(chunk) = body
-                .try_next()
-                .await
-                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?
-            {
-                out.write_all(&chunk)
-                    .await
-                    .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+            while let Some(chunk) = body.try_next().await.map_err(|e| fail(&e))? {
+                out.write_all(&chunk).await.map_err(|e| fail(&e))?;
                 progress.add(chunk.len());
             }
             // Completes tokio's last write; no fsync: a work file, verified and merged at once
             // (after a crash the next start removes it).
-            out.flush()
-                .await
-                .map_err(|e| Error::new(KIND, "download", &self.object(), &e))?;
+            out.flush().await.map_err(|e| fail(&e))?;
             Ok(Some(meta))
         })
     }

@@ -241,13 +241,12 @@ impl Snapshots {
             heartbeat_ms = heartbeat.as_millis() as u64,
             "Snapshot leader election started"
         );
-        let mut requests = match self.client.subscribe(request_subject(&settings)).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot listen for snapshot requests");
-                None
-            }
-        };
+        let mut requests = self
+            .client
+            .subscribe(request_subject(&settings))
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "Cannot listen for snapshot requests"))
+            .ok();
         let mut triggers = Triggers::new(&self);
         // When the next election round is due.
         let mut next_round = Instant::now();
@@ -368,12 +367,7 @@ impl Snapshots {
             tracing::info!("Releasing snapshot leadership on shutdown");
             self.leader.store(false, Ordering::Relaxed);
             // Unlike Go, hand the key over at once: another node leads at its next round.
-            if leader::holder(meta_kv, leader::LEADER_KEY)
-                .await
-                .is_some_and(|(id, _)| id == self.settings.node_id)
-            {
-                let _ = meta_kv.delete(leader::LEADER_KEY).await;
-            }
+            leader::release(meta_kv, leader::LEADER_KEY, self.settings.node_id).await;
         }
         tracing::info!("Snapshot leader election stopped");
     }
@@ -403,13 +397,9 @@ impl Snapshots {
             self.observers
                 .health
                 .update_catchup(|c| c.snapshot_leader = false);
-            if let Ok(kv) =
-                leader::bucket(&self.js, self.settings.replication.configured_replicas).await
-                && leader::holder(&kv, leader::LEADER_KEY)
-                    .await
-                    .is_some_and(|(id, _)| id == self.settings.node_id)
-            {
-                let _ = kv.delete(leader::LEADER_KEY).await;
+            let replicas = self.settings.replication.configured_replicas;
+            if let Ok(kv) = leader::bucket(&self.js, replicas).await {
+                leader::release(&kv, leader::LEADER_KEY, self.settings.node_id).await;
             }
         }
     }
@@ -417,8 +407,7 @@ impl Snapshots {
     /// Whether events wait here for a migration this node has not run: its snapshots would lack
     /// them (and be pinned before them).
     fn behind_on_schema(&self) -> bool {
-        let c = self.observers.health.catchup();
-        c.schema_waiting_events > 0
+        self.observers.health.catchup().schema_waiting_events > 0
     }
 
     /// One election round (Go's `tryAcquireLeadership`); returns how soon the next is worth
@@ -435,12 +424,7 @@ impl Snapshots {
                     .health
                     .update_catchup(|c| c.snapshot_leader = false);
                 tracing::info!("Lost snapshot leadership: this node waits for a schema migration");
-                if leader::holder(meta_kv, leader::LEADER_KEY)
-                    .await
-                    .is_some_and(|(id, _)| id == self.settings.node_id)
-                {
-                    let _ = meta_kv.delete(leader::LEADER_KEY).await;
-                }
+                leader::release(meta_kv, leader::LEADER_KEY, self.settings.node_id).await;
             }
             return ttl.min(Duration::from_secs(1));
         }

@@ -242,13 +242,9 @@ impl SftpStore {
             f.close().map_err(|e| self.err(op, e))?;
             Ok(total)
         })();
-        let total = match written {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = sftp.unlink(&temp);
-                return Err(e);
-            }
-        };
+        let total = written.inspect_err(|_| {
+            let _ = sftp.unlink(&temp);
+        })?;
         let flags = RenameFlags::OVERWRITE | RenameFlags::ATOMIC | RenameFlags::NATIVE;
         if sftp.rename(&temp, &dest, Some(flags)).is_err() {
             // Protocol 3 will not rename over a file: move the old one aside first, and back if

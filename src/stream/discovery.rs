@@ -79,14 +79,11 @@ pub fn parse(url: &str) -> Result<Option<DnsPeer>, Error> {
 
 /// Formats one resolved address as a NATS URL (IPv6 in brackets), keeping extra parameters.
 fn url_for(ip: IpAddr, port: u16, extra_query: &str) -> String {
-    let host = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("[{v6}]"),
-    };
+    let addr = std::net::SocketAddr::new(ip, port);
     if extra_query.is_empty() {
-        format!("nats://{host}:{port}/")
+        format!("nats://{addr}/")
     } else {
-        format!("nats://{host}:{port}/?{extra_query}")
+        format!("nats://{addr}/?{extra_query}")
     }
 }
 

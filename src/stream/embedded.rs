@@ -334,21 +334,20 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
-/// Picks the client URL from a ports file, preferring loopback.
+/// Picks the client URL from a ports file (JSON: `{"nats": [URLs], …}`), preferring loopback.
 fn read_client_url(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let start = text.find("\"nats\"")?;
-    let list = &text[start..];
-    let list = &list[list.find('[')? + 1..list.find(']')?];
-    let urls: Vec<&str> = list
-        .split(',')
-        .map(|u| u.trim().trim_matches('"'))
-        .filter(|u| !u.is_empty())
-        .collect();
-    urls.iter()
-        .find(|u| u.contains("127.0.0.1") || u.contains("localhost"))
-        .or_else(|| urls.first())
-        .map(|u| (*u).to_owned())
+    #[derive(serde::Deserialize)]
+    struct Ports {
+        nats: Vec<String>,
+    }
+    let ports: Ports = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let loopback = |u: &&String| u.contains("127.0.0.1") || u.contains("localhost");
+    ports
+        .nats
+        .iter()
+        .find(loopback)
+        .or(ports.nats.first())
+        .cloned()
 }
 
 /// The supervisor thread: spawns the child, forwards its log, reports its pid and its exit.

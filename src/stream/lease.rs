@@ -127,7 +127,7 @@ async fn wait_until_free(
     shutdown: &CancellationToken,
 ) -> Result<bool, Error> {
     // Watch a foreign holder for a little longer than a refresh period: a live one refreshes.
-    let mut seen: Option<(u64, Bytes)> = None;
+    let mut seen_revision: Option<u64> = None;
     let deadline = tokio::time::Instant::now() + REFRESH * 2 + Duration::from_millis(500);
     loop {
         let entry = match me.store.entry(&me.key).await {
@@ -151,17 +151,16 @@ async fn wait_until_free(
                 return Ok(true);
             }
             Some(e) => {
-                if let Some((revision, _)) = &seen {
-                    if *revision != e.revision {
-                        return Err(Error::Conflict {
-                            node_id: me.node_id,
-                            holder: describe(&e.value),
-                        });
-                    }
-                } else {
+                if seen_revision.is_some_and(|revision| revision != e.revision) {
+                    return Err(Error::Conflict {
+                        node_id: me.node_id,
+                        holder: describe(&e.value),
+                    });
+                }
+                if seen_revision.is_none() {
                     tracing::info!(holder = %describe(&e.value),
                         "The node-id lease names another database; waiting to see whether that node is alive");
-                    seen = Some((e.revision, e.value.clone()));
+                    seen_revision = Some(e.revision);
                 }
                 if tokio::time::Instant::now() >= deadline {
                     tracing::warn!(previous = %describe(&e.value), "Taking over the node-id lease of a node that is gone");
@@ -217,25 +216,23 @@ impl Lease {
                 .await
             {
                 Ok(revision) => self.revision = revision,
-                Err(e) => {
-                    // Someone wrote it, or it expired while NATS was away, or NATS is down.
-                    match self.store.entry(&self.key).await {
-                        Ok(Some(entry))
-                            if matches!(entry.operation, kv::Operation::Put)
-                                && entry.value != self.value =>
-                        {
-                            return Err(Error::Conflict {
-                                node_id: self.node_id,
-                                holder: describe(&entry.value),
-                            });
-                        }
-                        Ok(_) => match self.store.put(&self.key, self.value.clone()).await {
-                            Ok(revision) => self.revision = revision,
-                            Err(e) => tracing::debug!(error = %e, "node-id lease refresh failed"),
-                        },
-                        Err(_) => tracing::debug!(error = %e, "node-id lease refresh failed"),
+                // Someone wrote it, or it expired while NATS was away, or NATS is down.
+                Err(e) => match self.store.entry(&self.key).await {
+                    Ok(Some(entry))
+                        if matches!(entry.operation, kv::Operation::Put)
+                            && entry.value != self.value =>
+                    {
+                        return Err(Error::Conflict {
+                            node_id: self.node_id,
+                            holder: describe(&entry.value),
+                        });
                     }
-                }
+                    Ok(_) => match self.store.put(&self.key, self.value.clone()).await {
+                        Ok(revision) => self.revision = revision,
+                        Err(e) => tracing::debug!(error = %e, "node-id lease refresh failed"),
+                    },
+                    Err(_) => tracing::debug!(error = %e, "node-id lease refresh failed"),
+                },
             }
         }
     }

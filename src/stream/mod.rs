@@ -376,24 +376,22 @@ async fn ensure_one(
                 CreateStreamErrorKind::JetStream(je) => Some(je.error_code()),
                 _ => None,
             };
-            return Err(
-                if code == Some(jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP) {
-                    EnsureError::Fatal(format!(
-                        "its subject {:?} belongs to another stream; every node of a cluster \
+            return Err(match code {
+                Some(jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP) => EnsureError::Fatal(format!(
+                    "its subject {:?} belongs to another stream; every node of a cluster \
                      must use the same replication_log.compress and nats.stream_prefix ({ce})",
-                        want.subjects
-                            .first()
-                            .map(String::as_str)
-                            .unwrap_or_default()
-                    ))
-                } else if code == Some(jetstream::ErrorCode::STREAM_INVALID_CONFIG) {
+                    want.subjects
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or_default()
+                )),
+                Some(jetstream::ErrorCode::STREAM_INVALID_CONFIG) => {
                     EnsureError::Fatal(format!("JetStream rejected its configuration: {ce}"))
-                } else {
-                    // Another node created it first (possibly with other settings), or the
-                    // cluster is still forming: look again.
-                    EnsureError::Retry(ce.to_string())
-                },
-            );
+                }
+                // Another node created it first (possibly with other settings), or the
+                // cluster is still forming: look again.
+                _ => EnsureError::Retry(ce.to_string()),
+            });
         }
         Err(e) => return Err(EnsureError::Retry(e.to_string())),
     };
