@@ -26,8 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::apply::{Applier, Incoming, Outcome};
-use crate::health::HealthState;
-use crate::metrics::Metrics;
+use crate::handle::Observers;
 use crate::replicate::lock;
 use crate::seqmap::SeqMap;
 use crate::wire::{self, ReplicationEvent};
@@ -96,13 +95,6 @@ pub enum RestoreError {
     Stopping,
 }
 
-/// Where the apply thread reports what it did.
-#[derive(Clone)]
-pub struct ApplyObservers {
-    pub metrics: Arc<Metrics>,
-    pub health: Arc<HealthState>,
-}
-
 /// Whether a message id names this database as its publisher
 /// (`<node_id>:<database identity>:<table>:<change id>:<created_at>`).
 pub fn is_own(msg_id: Option<&str>, identity: &str) -> bool {
@@ -134,7 +126,8 @@ pub struct ApplyThread {
     pub max_event_bytes: usize,
     /// This database's identity (tells own events apart).
     pub identity: String,
-    pub observers: ApplyObservers,
+    /// Where the apply thread reports what it did.
+    pub observers: Observers,
     /// Per shard (index shard − 1): last applied sequence, for the change-log cleanup and the
     /// position reports.
     pub positions: Arc<[AtomicU64]>,
@@ -524,7 +517,7 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Counts what a batch's events came to, and the lag of those applied.
 fn record(
-    observers: &ApplyObservers,
+    observers: &Observers,
     shard_applied: &[IntCounter],
     batch: &[Delivered],
     incoming: &[Incoming<'_>],

@@ -386,10 +386,10 @@ pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToke
 /// cluster view of the health endpoint.
 pub async fn observe(
     flow: Arc<Flow>,
-    metrics: Arc<crate::metrics::Metrics>,
-    health: Arc<crate::health::HealthState>,
+    observers: crate::handle::Observers,
     shutdown: CancellationToken,
 ) {
+    let peer_lag = &observers.metrics.peer_lag;
     loop {
         let ends: Vec<u64> = {
             let peers = lock(&flow.peers);
@@ -404,16 +404,15 @@ pub async fn observe(
                 .collect()
         };
         let view = flow.view(&ends);
-        metrics.peer_lag.reset();
+        peer_lag.reset();
         for peer in &view {
             for (s, &pos) in peer.positions.iter().enumerate() {
-                metrics
-                    .peer_lag
+                peer_lag
                     .with_label_values(&[peer.node_id.to_string(), (s + 1).to_string()])
                     .set(ends.get(s).copied().unwrap_or(0).saturating_sub(pos) as i64);
             }
         }
-        health.update_catchup(|c| c.peers = view);
+        observers.health.update_catchup(|c| c.peers = view);
         if !crate::retry::pause(&shutdown, Duration::from_secs(1)).await {
             return;
         }
