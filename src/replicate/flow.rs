@@ -301,20 +301,15 @@ pub async fn report(
                 return;
             }
         };
-        match store.put(&key, body.into()).await {
-            Ok(_) => {
-                if failing {
-                    tracing::info!("Position reports work again");
-                }
-                failing = false;
+        let put = store.put(&key, body.into()).await;
+        match &put {
+            Ok(_) if failing => tracing::info!("Position reports work again"),
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "Cannot report applied positions; retrying")
             }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "Cannot report applied positions; retrying");
-                }
-                failing = true;
-            }
+            _ => {}
         }
+        failing = put.is_err();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,

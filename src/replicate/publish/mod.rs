@@ -265,10 +265,9 @@ impl Publisher {
         loop {
             let wait = match self.publish_pending(&shutdown).await {
                 Ok(()) => {
-                    if failing {
+                    if std::mem::take(&mut failing) {
                         tracing::info!("Publishing resumed");
                     }
-                    failing = false;
                     retry.reset();
                     match followups.split_first() {
                         Some((next, rest)) => {
