@@ -127,11 +127,9 @@ async fn reinstall(
         match super::setup::reinstall(&node.settings, tables.clone(), stale.clone()).await {
             Ok(capture) => return Some(Ok(capture)),
             Err(e) => {
-                let fatal = e.chain().any(|c| {
-                    c.downcast_ref::<db::Error>()
-                        .is_some_and(db::Error::is_fatal)
-                });
-                if fatal {
+                if e.chain()
+                    .any(|c| c.downcast_ref().is_some_and(db::Error::is_fatal))
+                {
                     return Some(Err(e));
                 }
                 tracing::warn!(error = %format!("{e:#}"), "Cannot reinstall capture yet; retrying");
