@@ -199,17 +199,10 @@ impl Metrics {
 
 /// An axum router answering every path with the metrics (Go served them on every path).
 pub fn router(metrics: Arc<Metrics>) -> axum::Router {
+    const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
     axum::Router::new().fallback(move || {
-        let m = Arc::clone(&metrics);
-        async move {
-            (
-                [(
-                    axum::http::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )],
-                m.render(),
-            )
-        }
+        let body = metrics.render();
+        async move { ([(axum::http::header::CONTENT_TYPE, TEXT)], body) }
     })
 }
 

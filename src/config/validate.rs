@@ -36,17 +36,8 @@ fn check_urls(key: &'static str, urls: &[String], schemes: &[&str]) -> Result<()
     for u in urls {
         let scheme = u.split_once("://").map(|(s, _)| s);
         if !scheme.is_some_and(|s| schemes.contains(&s)) {
-            return Err(invalid(
-                key,
-                format!(
-                    "{u:?} must start with {}",
-                    schemes
-                        .iter()
-                        .map(|s| format!("{s}://"))
-                        .collect::<Vec<_>>()
-                        .join(" or ")
-                ),
-            ));
+            let starts = schemes.join(":// or ");
+            return Err(invalid(key, format!("{u:?} must start with {starts}://")));
         }
     }
     Ok(())

@@ -29,7 +29,7 @@ use super::watchdog::{SchemaDrift, spawn_watchdog};
 use super::{Node, StartError};
 use super::{Subsystems, spawn, spawn_forever};
 use crate::db::{self, apply::Applier, changelog::ChangeLog};
-use crate::replicate::apply::{self as applying, ApplyObservers};
+use crate::replicate::apply as applying;
 use crate::replicate::catchup;
 use crate::replicate::flow::{self, Flow};
 use crate::replicate::publish::{self, LocalLog, Outbox, Pacing, Publisher, SentMark, SharedLog};
@@ -127,11 +127,9 @@ async fn reinstall(
         match super::setup::reinstall(&node.settings, tables.clone(), stale.clone()).await {
             Ok(capture) => return Some(Ok(capture)),
             Err(e) => {
-                let fatal = e.chain().any(|c| {
-                    c.downcast_ref::<db::Error>()
-                        .is_some_and(db::Error::is_fatal)
-                });
-                if fatal {
+                if e.chain()
+                    .any(|c| c.downcast_ref().is_some_and(db::Error::is_fatal))
+                {
                     return Some(Err(e));
                 }
                 tracing::warn!(error = %format!("{e:#}"), "Cannot reinstall capture yet; retrying");
@@ -346,16 +344,12 @@ impl Outgoing {
             log: Arc::clone(&local.log),
         }));
         let publisher = Publisher::new(
+            node,
             Arc::clone(&shared),
             db::open(&settings.db_path)?,
-            node.js.clone(),
-            Arc::clone(settings),
             local.hashes.current.clone(),
-            node.identity.clone(),
             Arc::clone(&outbox),
             acked,
-            Arc::clone(&node.observers.metrics),
-            Arc::clone(&node.observers.health),
             pacing,
             Arc::clone(&recovering),
             sent_global,
@@ -486,10 +480,7 @@ fn spawn_apply(
                 .max_event_bytes
                 .unwrap_or_else(|| max_event_bytes(&node.client)),
             identity: node.identity.clone(),
-            observers: ApplyObservers {
-                metrics: Arc::clone(&node.observers.metrics),
-                health: Arc::clone(&node.observers.health),
-            },
+            observers: node.observers.clone(),
             positions: w.positions,
             flow: w.flow,
             gate: w.gate,
@@ -554,12 +545,7 @@ fn spawn_flow(
     positions: &Arc<[AtomicU64]>,
 ) {
     let (settings, observers, token) = (&node.settings, &node.observers, &node.root);
-    let observe = flow::observe(
-        Arc::clone(flow),
-        Arc::clone(&observers.metrics),
-        Arc::clone(&observers.health),
-        token.clone(),
-    );
+    let observe = flow::observe(Arc::clone(flow), observers.clone(), token.clone());
     spawn_forever(tasks, "peer view", observe);
     if settings.replicate {
         let (id, positions) = (settings.node_id, Arc::clone(positions));

@@ -26,8 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::apply::{Applier, Incoming, Outcome};
-use crate::health::HealthState;
-use crate::metrics::Metrics;
+use crate::handle::Observers;
 use crate::replicate::lock;
 use crate::seqmap::SeqMap;
 use crate::wire::{self, ReplicationEvent};
@@ -96,13 +95,6 @@ pub enum RestoreError {
     Stopping,
 }
 
-/// Where the apply thread reports what it did.
-#[derive(Clone)]
-pub struct ApplyObservers {
-    pub metrics: Arc<Metrics>,
-    pub health: Arc<HealthState>,
-}
-
 /// Whether a message id names this database as its publisher
 /// (`<node_id>:<database identity>:<table>:<change id>:<created_at>`).
 pub fn is_own(msg_id: Option<&str>, identity: &str) -> bool {
@@ -134,7 +126,8 @@ pub struct ApplyThread {
     pub max_event_bytes: usize,
     /// This database's identity (tells own events apart).
     pub identity: String,
-    pub observers: ApplyObservers,
+    /// Where the apply thread reports what it did.
+    pub observers: Observers,
     /// Per shard (index shard − 1): last applied sequence, for the change-log cleanup and the
     /// position reports.
     pub positions: Arc<[AtomicU64]>,
@@ -175,7 +168,7 @@ pub fn spawn_apply_thread(
     let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("harmonylite-apply".into())
-        .spawn(move || Worker::new(work, shutdown)?.run(rx, &runtime))
+        .spawn(move || Worker::new(work, shutdown, runtime)?.run(rx))
 }
 
 /// The apply thread's state: what [`ApplyThread`] gave it, plus per-shard metric handles
@@ -183,6 +176,8 @@ pub fn spawn_apply_thread(
 struct Worker {
     work: ApplyThread,
     shutdown: CancellationToken,
+    /// The node's runtime, for waiting on this thread.
+    runtime: tokio::runtime::Handle,
     decompressor: Option<wire::Decompressor>,
     shard_applied: Vec<IntCounter>,
     shard_last: Vec<IntGauge>,
@@ -199,7 +194,11 @@ enum Received {
 }
 
 impl Worker {
-    fn new(work: ApplyThread, shutdown: CancellationToken) -> Result<Worker, ApplyError> {
+    fn new(
+        work: ApplyThread,
+        shutdown: CancellationToken,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Worker, ApplyError> {
         let metrics = &work.observers.metrics;
         let label = |i: usize| (i + 1).to_string();
         let n = work.streams.len();
@@ -219,14 +218,11 @@ impl Worker {
             decompressor,
             work,
             shutdown,
+            runtime,
         })
     }
 
-    fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Work>,
-        runtime: &tokio::runtime::Handle,
-    ) -> Result<(), ApplyError> {
+    fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Result<(), ApplyError> {
         let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
         self.report();
         // Events that waited for the schema are tried once capture is installed for the
@@ -243,7 +239,7 @@ impl Worker {
             } else {
                 IDLE_WAKE
             };
-            let first = match self.receive(&mut rx, runtime, wait) {
+            let first = match self.receive(&mut rx, wait) {
                 Received::Stop => break,
                 Received::Restore(job) => {
                     self.restore(job)?;
@@ -314,13 +310,8 @@ impl Worker {
         Ok(())
     }
 
-    fn receive(
-        &self,
-        rx: &mut mpsc::Receiver<Work>,
-        runtime: &tokio::runtime::Handle,
-        wait: Duration,
-    ) -> Received {
-        let got = runtime.block_on(async {
+    fn receive(&self, rx: &mut mpsc::Receiver<Work>, wait: Duration) -> Received {
+        let got = self.runtime.block_on(async {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => None,
@@ -365,7 +356,8 @@ impl Worker {
             jumped |= d.seq > self.last[d.stream] + 1;
             self.last[d.stream] = self.last[d.stream].max(d.seq);
         }
-        save_seqmap(&mut w.seqmap, &w.streams, &high, &self.shutdown);
+        self.save_seqmap(&high);
+        let w = &mut self.work;
         for (&i, &seq) in &high {
             self.shard_last[i].set(seq as i64);
             w.applier.set_applied(i + 1, seq);
@@ -441,6 +433,21 @@ impl Worker {
         Ok(())
     }
 
+    /// Records the highest applied sequence per stream; retries until it sticks (a seq map that
+    /// cannot be written means replays after restart, never loss, so keep trying rather than stop
+    /// applying).
+    fn save_seqmap(&mut self, high: &HashMap<usize, u64>) {
+        let mut backoff = crate::retry::Backoff::starting_at(Duration::from_millis(50));
+        let w = &mut self.work;
+        let updates = || high.iter().map(|(&i, &s)| (w.streams[i].as_str(), s));
+        while let Err(e) = w.seqmap.advance(updates()) {
+            tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map; retrying");
+            if !pause(&self.runtime, &self.shutdown, backoff.next_delay()) {
+                return;
+            }
+        }
+    }
+
     /// Applies a batch, retrying what may pass later; `Ok(false)` on shutdown meanwhile. Fails on
     /// what retrying cannot fix (disk full, read-only, corrupt, I/O): the node must stop.
     fn apply_with_retry(&mut self, batch: &[Delivered]) -> Result<bool, crate::db::Error> {
@@ -456,7 +463,7 @@ impl Worker {
                 raw: &d.body,
             })
             .collect();
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = crate::retry::Backoff::starting_at(Duration::from_millis(50));
         let mut attempt = 0u32;
         loop {
             match w.applier.apply_batch(&incoming) {
@@ -474,7 +481,7 @@ impl Worker {
                 // DDL by the application: capture is being reinstalled, the node then starts a
                 // fresh applier; until then, wait without noise.
                 Err(crate::db::Error::SchemaChanged) => {
-                    if sleep_or_cancel(Duration::from_millis(50), &self.shutdown) {
+                    if !pause(&self.runtime, &self.shutdown, Duration::from_millis(50)) {
                         return Ok(false);
                     }
                 }
@@ -483,10 +490,9 @@ impl Worker {
                     if attempt == 1 || attempt.is_power_of_two() {
                         tracing::warn!(error = %crate::error_chain(&e), attempt, events = batch.len(), "Cannot apply batch; retrying");
                     }
-                    if sleep_or_cancel(delay, &self.shutdown) {
+                    if !pause(&self.runtime, &self.shutdown, backoff.next_delay()) {
                         return Ok(false);
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -524,7 +530,7 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Counts what a batch's events came to, and the lag of those applied.
 fn record(
-    observers: &ApplyObservers,
+    observers: &Observers,
     shard_applied: &[IntCounter],
     batch: &[Delivered],
     incoming: &[Incoming<'_>],
@@ -564,41 +570,7 @@ fn record(
     }
 }
 
-/// Records the highest applied sequence per stream; retries until it sticks (a seq map that cannot
-/// be written means replays after restart, never loss, so keep trying rather than stop applying).
-fn save_seqmap(
-    seqmap: &mut SeqMap,
-    streams: &[String],
-    high: &HashMap<usize, u64>,
-    shutdown: &CancellationToken,
-) {
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let updates = high.iter().map(|(&i, &s)| (streams[i].as_str(), s));
-        match seqmap.advance(updates) {
-            Ok(_) => return,
-            Err(e) => {
-                tracing::error!(error = %crate::error_chain(&e), "Cannot save sequence map; retrying");
-                if sleep_or_cancel(delay, shutdown) {
-                    return;
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Sleeps on this blocking thread; returns true if shutdown was requested meanwhile.
-fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool {
-    let step = Duration::from_millis(20);
-    let mut left = d;
-    while !left.is_zero() {
-        if shutdown.is_cancelled() {
-            return true;
-        }
-        let s = left.min(step);
-        std::thread::sleep(s);
-        left -= s;
-    }
-    shutdown.is_cancelled()
+/// Sleeps `d` on this blocking thread; false when shutdown came first.
+fn pause(runtime: &tokio::runtime::Handle, shutdown: &CancellationToken, d: Duration) -> bool {
+    runtime.block_on(crate::retry::pause(shutdown, d))
 }

@@ -19,7 +19,6 @@
 //! - Without snapshots (`snapshot.enabled = false`) a gap is logged as an error and consuming goes
 //!   on past it, as before: there is nothing to recover from.
 
-use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -381,17 +380,16 @@ async fn hand_over(
     // seen as a change, and the next attempt tries again.
     let version = schema_version(node).await;
     let (reply, answer) = tokio::sync::oneshot::channel();
-    tx.send(Work::Restore(RestoreJob {
+    let job = RestoreJob {
         file,
         positions: at.to_vec(),
         not_kept: own.not_kept(),
         replay_all,
         reply,
-    }))
-    .await
-    .map_err(|_| snapshot::Error::Unusable("the apply thread is gone".into()))?;
-    let gone = |_| snapshot::Error::Unusable("the apply thread is gone".into());
-    Ok((answer.await.map_err(gone)?, version))
+    };
+    let gone = || snapshot::Error::Unusable("the apply thread is gone".into());
+    tx.send(Work::Restore(job)).await.map_err(|_| gone())?;
+    Ok((answer.await.map_err(|_| gone())?, version))
 }
 
 /// Logs, counts and reports a completed restore.
@@ -462,11 +460,7 @@ async fn settled(node: &Node, sends: &super::publish::Unsettled) -> Result<bool,
 async fn ask_for_snapshot(node: &Node, need: &[u64], streams: &[String]) {
     let request = snapshot::scheduler::Request {
         node_id: node.settings.node_id,
-        need: streams
-            .iter()
-            .cloned()
-            .zip(need.iter().copied())
-            .collect::<BTreeMap<_, _>>(),
+        need: streams.iter().cloned().zip(need.iter().copied()).collect(),
     };
     let Ok(body) = serde_json::to_vec(&request) else {
         return;

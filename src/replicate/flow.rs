@@ -301,20 +301,15 @@ pub async fn report(
                 return;
             }
         };
-        match store.put(&key, body.into()).await {
-            Ok(_) => {
-                if failing {
-                    tracing::info!("Position reports work again");
-                }
-                failing = false;
+        let put = store.put(&key, body.into()).await;
+        match &put {
+            Ok(_) if failing => tracing::info!("Position reports work again"),
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "Cannot report applied positions; retrying")
             }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "Cannot report applied positions; retrying");
-                }
-                failing = true;
-            }
+            _ => {}
         }
+        failing = put.is_err();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -386,10 +381,10 @@ pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToke
 /// cluster view of the health endpoint.
 pub async fn observe(
     flow: Arc<Flow>,
-    metrics: Arc<crate::metrics::Metrics>,
-    health: Arc<crate::health::HealthState>,
+    observers: crate::handle::Observers,
     shutdown: CancellationToken,
 ) {
+    let peer_lag = &observers.metrics.peer_lag;
     loop {
         let ends: Vec<u64> = {
             let peers = lock(&flow.peers);
@@ -404,16 +399,15 @@ pub async fn observe(
                 .collect()
         };
         let view = flow.view(&ends);
-        metrics.peer_lag.reset();
+        peer_lag.reset();
         for peer in &view {
             for (s, &pos) in peer.positions.iter().enumerate() {
-                metrics
-                    .peer_lag
+                peer_lag
                     .with_label_values(&[peer.node_id.to_string(), (s + 1).to_string()])
                     .set(ends.get(s).copied().unwrap_or(0).saturating_sub(pos) as i64);
             }
         }
-        health.update_catchup(|c| c.peers = view);
+        observers.health.update_catchup(|c| c.peers = view);
         if !crate::retry::pause(&shutdown, Duration::from_secs(1)).await {
             return;
         }

@@ -156,10 +156,9 @@ fn report(
 ) -> Result<(), db::Error> {
     match outcome {
         Ok(Ok(count)) => {
-            if *failing {
+            if std::mem::take(failing) {
                 tracing::info!("Change-log cleanup works again");
             }
-            *failing = false;
             if count > 0 {
                 tracing::debug!(count, "Cleaned up DB change logs");
             }

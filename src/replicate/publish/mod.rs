@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::db::changelog::{ChangeLog, Retirement};
 use crate::db::{self, Table};
+use crate::handle::Node;
 use crate::health::HealthState;
 use crate::metrics::Metrics;
 use crate::replicate::lock;
@@ -164,22 +165,18 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Builds a publisher that reads through `reader` (`writer` gives it the change log); what it
-    /// is done with goes to `outbox`. `acked` is, per shard, the sequence of the
+    /// Builds `node`'s publisher, reading through `reader` (`writer` gives it the change log); what
+    /// it is done with goes to `outbox`. `acked` is, per shard, the sequence of the
     /// last change retired as published (where the first search starts); `sent_floor` is the
     /// sent mark's floor (see [`SentMark::new`]).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        node: &Node,
         writer: SharedLog,
         reader: Connection,
-        js: jetstream::Context,
-        settings: Arc<Settings>,
         schema_hash: String,
-        identity: String,
         outbox: Outbox,
         acked: HashMap<u64, u64>,
-        metrics: Arc<Metrics>,
-        health: Arc<HealthState>,
         pacing: Option<Pacing>,
         hold: Arc<std::sync::atomic::AtomicBool>,
         sent_floor: i64,
@@ -197,19 +194,18 @@ impl Publisher {
                     .collect(),
             })
             .collect();
-        let sent_mark = SentMark::new(&settings.db_path, &identity, sent_floor);
         Publisher {
-            sent_mark,
+            sent_mark: SentMark::new(&node.settings.db_path, &node.identity, sent_floor),
             reader: Arc::new(Mutex::new(reader)),
             log,
-            js,
-            settings,
+            js: node.js.clone(),
+            settings: Arc::clone(&node.settings),
             schema_hash,
             meta,
             compressor: Mutex::new(None),
-            metrics,
-            health,
-            identity,
+            metrics: Arc::clone(&node.observers.metrics),
+            health: Arc::clone(&node.observers.health),
+            identity: node.identity.clone(),
             outbox,
             cursor: AtomicI64::new(0),
             acked: Mutex::new(acked),
@@ -269,10 +265,9 @@ impl Publisher {
         loop {
             let wait = match self.publish_pending(&shutdown).await {
                 Ok(()) => {
-                    if failing {
+                    if std::mem::take(&mut failing) {
                         tracing::info!("Publishing resumed");
                     }
-                    failing = false;
                     retry.reset();
                     match followups.split_first() {
                         Some((next, rest)) => {

@@ -63,8 +63,7 @@ impl Unsettled {
 
     /// (table, change-log id, shard, sequence) of the changes the last search found.
     pub fn found(&self) -> Vec<(usize, i64, u64, u64)> {
-        let found = lock(&self.found);
-        found
+        lock(&self.found)
             .iter()
             .map(|(&(t, id), &(shard, seq, _))| (t, id, shard, seq))
             .collect()
@@ -209,13 +208,8 @@ impl Publisher {
 /// (table, change id, capture time) of a message id `<node>:<identity>:<table>:<change
 /// id>:<created_at>`; tables may hold ':'.
 fn parse_msg_id(msg_id: &str) -> Option<(&str, i64, i64)> {
-    let mut parts = msg_id.rsplitn(3, ':');
-    let (Some(created), Some(id), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
-        return None;
-    };
+    let (rest, created) = msg_id.rsplit_once(':')?;
+    let (rest, id) = rest.rsplit_once(':')?;
     let table_name = rest.splitn(3, ':').nth(2)?;
-    let (Ok(created), Ok(id)) = (created.parse::<i64>(), id.parse::<i64>()) else {
-        return None;
-    };
-    Some((table_name, id, created))
+    Some((table_name, id.parse().ok()?, created.parse().ok()?))
 }

@@ -19,6 +19,7 @@
 //! - A change too large for the server to ever accept is marked failed (`state = -1`) and logged,
 //!   instead of blocking every later change forever.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -210,7 +211,7 @@ impl Publisher {
         retired: &mut Vec<Retired>,
     ) -> usize {
         // Highest acknowledged sequence per stream, recorded once per pass.
-        let mut highest: Vec<(u64, u64)> = Vec::new();
+        let mut highest: HashMap<u64, u64> = HashMap::new();
         for (i, ack) in acks.into_iter().enumerate() {
             let at = match ack {
                 None => landed[i],
@@ -234,10 +235,8 @@ impl Publisher {
                 },
             };
             if let Some((shard, seq)) = at {
-                match highest.iter_mut().find(|(s, _)| *s == shard) {
-                    Some(entry) => entry.1 = entry.1.max(seq),
-                    None => highest.push((shard, seq)),
-                }
+                let high = highest.entry(shard).or_insert(seq);
+                *high = (*high).max(seq);
             }
             retired.push(retired_at(&changes[i], at));
         }
@@ -246,7 +245,7 @@ impl Publisher {
     }
 
     /// Records the highest acknowledged sequence of each stream of a pass.
-    fn record_acked(&self, highest: &[(u64, u64)]) {
+    fn record_acked(&self, highest: &HashMap<u64, u64>) {
         let mut acked = lock(&self.acked);
         for (shard, sequence) in highest {
             let slot = acked.entry(*shard).or_insert(0);
