@@ -286,16 +286,22 @@ impl ChangeLog {
         conn: &mut Connection,
         batch: &Retirement,
         horizon_ms: i64,
-        applied: Option<&[u64]>,
+        applied: Option<&[(String, u64)]>,
         undisturbed: &dyn Fn() -> bool,
     ) -> Result<Option<usize>, Error> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if !undisturbed() || !self.retire_in(&tx, batch, undisturbed)? {
             return Ok(None);
         }
-        let Some(cleaned) = self.cleanup_in(&tx, horizon_ms, applied, undisturbed)? else {
+        let seqs: Option<Vec<u64>> = applied.map(|a| a.iter().map(|(_, seq)| *seq).collect());
+        let Some(cleaned) = self.cleanup_in(&tx, horizon_ms, seqs.as_deref(), undisturbed)? else {
             return Ok(None);
         };
+        // The positions the rows were deleted for go with them (design §14): a restart from
+        // the database's positions never meets a change whose row went as come back.
+        for (stream, seq) in applied.unwrap_or_default() {
+            super::record_applied(&tx, stream, *seq)?;
+        }
         // Write the transaction's pages to the WAL now (invisible until the commit), so that the
         // commit after the last check only appends its commit frame, whatever the cleanup deleted.
         tx.cache_flush()?;

@@ -86,9 +86,17 @@ pub async fn keep(
             );
         }
         let horizon = crate::clock::unix_ms() - period.as_millis() as i64;
-        let applied: Option<Vec<u64>> = positions
-            .as_ref()
-            .map(|p| p.iter().map(|a| a.load(Ordering::Relaxed)).collect());
+        let applied: Option<Vec<(String, u64)>> = positions.as_ref().map(|p| {
+            p.iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    (
+                        settings.stream_name(i as u64 + 1),
+                        a.load(Ordering::Relaxed),
+                    )
+                })
+                .collect()
+        });
         let outcome = match attempt(&log, &probe, batch, force, horizon, applied).await {
             Ok((_, Ok(None))) => {
                 // No quiet moment: the batch stays in the outbox; try again shortly.
@@ -124,7 +132,7 @@ async fn attempt(
     batch: Retirement,
     force: bool,
     horizon: i64,
-    applied: Option<Vec<u64>>,
+    applied: Option<Vec<(String, u64)>>,
 ) -> Result<Attempt, tokio::task::JoinError> {
     let shared = Arc::clone(log);
     let quiet = Arc::clone(probe);
