@@ -176,11 +176,12 @@ pub fn differs(a: &str, b: &str) -> String {
 }
 
 /// Records, in the caller's write transaction, that this database has applied `stream` through
-/// `seq` (never moving back).
+/// `seq`. It may move back: a recreated stream starts its sequences again (an older position
+/// only replays, which the in-flight rules make safe).
 pub(crate) fn record_applied(conn: &Connection, stream: &str, seq: u64) -> rusqlite::Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO {} (stream, seq) VALUES (?1, ?2) \
-         ON CONFLICT (stream) DO UPDATE SET seq = max(seq, excluded.seq)",
+         ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq",
         quote(APPLIED_TABLE)
     ))?
     .execute(rusqlite::params![stream, seq as i64])?;
