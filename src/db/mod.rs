@@ -8,9 +8,10 @@
 //!   `INSERT OR REPLACE` must not cascade).
 //! - Every identifier that reaches SQL text is quoted with [`quote`]; names that arrive over the
 //!   wire are only used after they matched the local schema.
-//! - Loop prevention is the guard table (design §3.4): triggers fire only when
-//!   `__harmonylite__apply_guard` is empty, and only the applier writes to it, inside its own write
-//!   transaction, so no application write can ever see a row in it.
+//! - Loop prevention: what triggers write to our tables is skipped on the applier's connection
+//!   (SQLite's authorizer, see [`apply`]), so the applier's writes are never captured, while the
+//!   capture triggers have no condition and every application connection is captured, whatever
+//!   its `trusted_schema`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,7 +33,7 @@ pub const PREFIX: &str = "__harmonylite__";
 /// The global change log (three underscores: prefix + `_change_log_global`).
 pub const GLOBAL_LOG: &str = "__harmonylite___change_log_global";
 pub const SCHEMA_VERSION_TABLE: &str = "__harmonylite__schema_version";
-/// The loop-prevention guard table (design §3.4).
+/// The loop-prevention guard table of earlier versions (design §3.4), dropped at install.
 pub const GUARD_TABLE: &str = "__harmonylite__apply_guard";
 /// Events that could not be applied (design §3.2).
 pub const DEAD_LETTER_TABLE: &str = "__harmonylite__dead_letter";

@@ -1,8 +1,8 @@
 //! Restoring a snapshot into the live database, online (design §3.8, §3.11).
 //!
 //! The snapshot is attached read-only and its rows are merged into the live tables in one write
-//! transaction of ours (the apply guard set before its first write that fires capture triggers,
-//! so nothing is captured): rows the snapshot lacks are deleted, rows that differ are updated in
+//! transaction on the applier's connection (where capture is muted, so nothing is captured):
+//! rows the snapshot lacks are deleted, rows that differ are updated in
 //! place, missing rows are inserted. Application
 //! connections stay open and valid throughout — nothing copies files under them; they wait on
 //! SQLite's lock like for any other writer and then see the restored rows.
@@ -29,7 +29,7 @@ use std::path::Path;
 use rusqlite::Connection;
 
 use super::changelog::ChangeLog;
-use super::sql::{Bind, column, commit_guarded, set_guard};
+use super::sql::{Bind, column};
 use super::{Error, Table, on_table, quote, same_value};
 
 /// Schema name the snapshot is attached as.
@@ -98,11 +98,6 @@ fn merge_all(
     check: &dyn Fn(&Connection) -> Result<(), Error>,
 ) -> Result<Restored, Error> {
     let mut out = Restored::default();
-    // The guard row is set only before the first write that fires capture triggers (see
-    // `merge_table`), not here: a page written this early and again at the commit (where the
-    // guard row goes) makes SQLite re-checksum every WAL frame written in between — two seconds
-    // of commit per restored GB — while a copy into an empty table drops the triggers and needs
-    // no guard.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // Capture must be installed for the schema merged into: a table the application created a
     // moment ago is not watched yet, and its rows in the snapshot would be neither merged nor
@@ -125,7 +120,7 @@ fn merge_all(
     let every: i64 = tx.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?;
     tx.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
     let started = std::time::Instant::now();
-    let committed = commit_guarded(tx);
+    let committed = tx.commit();
     conn.execute_batch(&format!("PRAGMA wal_autocheckpoint = {every}"))?;
     committed?;
     tracing::debug!(
@@ -656,8 +651,6 @@ fn merge_table(
     if empty && copy_whole(conn, table, snap_table, snap_cols, out)? {
         return Ok(());
     }
-    // Every write below fires the capture triggers.
-    set_guard(conn)?;
     if empty {
         out.inserted += conn.execute(&sql.insert_all, [])? as u64;
         return Ok(());

@@ -1,6 +1,6 @@
 //! SQL helpers shared by the modules that write to the database on the applier's behalf
-//! ([`super::apply`], [`super::restore`], [`super::ddl`]): binding wire values, the guarded
-//! write transaction, and reading one column of a query.
+//! ([`super::apply`], [`super::restore`], [`super::ddl`]): binding wire values and reading
+//! one column of a query.
 //!
 //! This is a leaf: it imports only [`super`]'s shared names and [`crate::wire`], never another
 //! module of `db`, so the modules that use it do not import each other for it.
@@ -8,15 +8,10 @@
 //! Invariants:
 //! - A [`Bind`] binds a value exactly as it arrived: same storage class, same bytes (text with an
 //!   explicit length, so NUL bytes and non-UTF-8 text survive).
-//! - Our writes happen only between [`begin_guarded`] (or [`set_guard`] inside the caller's own
-//!   write transaction) and [`commit_guarded`]: while the guard row exists the capture triggers
-//!   do not fire (design §3.4), and it is removed in the same transaction, so no application
-//!   write ever sees it.
 
 use rusqlite::types::{FromSql, ToSql, ToSqlOutput, ValueRef};
-use rusqlite::{Connection, Params, TransactionBehavior};
+use rusqlite::{Connection, Params};
 
-use super::{GUARD_TABLE, quote};
 use crate::wire::Value;
 
 /// A wire value bound as a statement parameter, unchanged.
@@ -43,29 +38,4 @@ pub(super) fn column<T: FromSql>(
 ) -> rusqlite::Result<Vec<T>> {
     let mut stmt = conn.prepare(sql)?;
     stmt.query_map(params, |r| r.get(0))?.collect()
-}
-
-/// Opens our write transaction with the guard row in place, so our writes are not captured.
-pub(super) fn begin_guarded(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    set_guard(&tx)?;
-    Ok(tx)
-}
-
-/// Sets the guard row inside the caller's write transaction: our writes from now until
-/// [`commit_guarded`] are not captured.
-pub(super) fn set_guard(conn: &Connection) -> rusqlite::Result<()> {
-    conn.prepare_cached(&format!(
-        "INSERT OR IGNORE INTO {} (id) VALUES (1)",
-        quote(GUARD_TABLE)
-    ))?
-    .execute([])?;
-    Ok(())
-}
-
-/// Removes the guard row and commits.
-pub(super) fn commit_guarded(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.prepare_cached(&format!("DELETE FROM {}", quote(GUARD_TABLE)))?
-        .execute([])?;
-    tx.commit()
 }

@@ -4,15 +4,13 @@
 //! other.
 //!
 //! Invariants:
-//! - A trigger fires only while the guard table is empty (the applier's writes are never
-//!   captured).
+//! - Our own writes are not captured: the applier's connection mutes what triggers write to
+//!   our tables ([`super::apply`]); the triggers themselves have no condition.
 //! - An update that changes the key is captured as a delete of the old key and an update of the
 //!   new one, so that every replica drops the old row. A key changes when its bytes or type do
 //!   ([`super::differs`]): 'u0' → 'U0' under `NOCASE`, 1.0 → 1 in an untyped column.
 
-use super::{
-    GLOBAL_LOG, GUARD_TABLE, Table, change_log_name, differs, quote, quote_literal, same_value,
-};
+use super::{GLOBAL_LOG, Table, change_log_name, differs, quote, quote_literal, same_value};
 
 /// Unix milliseconds in trigger SQL, exactly as Go computes `created_at`.
 const NOW_MS_SQL: &str = "CAST((strftime('%s','now') || substr(strftime('%f','now'),4)) AS INT)";
@@ -41,7 +39,6 @@ pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
         .iter()
         .map(|c| quote(&format!("val_{}", c.name)))
         .collect();
-    let guard = format!("NOT EXISTS (SELECT 1 FROM {})", quote(GUARD_TABLE));
     let capture = |row: &str, op: &str, filter: &str| -> String {
         let values: Vec<String> = table
             .columns
@@ -105,7 +102,7 @@ pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
     all.into_iter()
         .map(|(name, when, body)| {
             let create = format!(
-                "CREATE TRIGGER {}\n{when} ON {qtable}\nWHEN {guard}\nBEGIN\n{body}END",
+                "CREATE TRIGGER {}\n{when} ON {qtable}\nBEGIN\n{body}END",
                 quote(&name)
             );
             (name, create)

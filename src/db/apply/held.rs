@@ -21,7 +21,6 @@ use rusqlite::Connection;
 use super::row::{WriteError, describe};
 use super::step::{EventError, Mode, Step};
 use super::{Applier, Incoming, Key, Outcome, State};
-use crate::db::sql::{begin_guarded, commit_guarded};
 use crate::db::{Error, HELD_TABLE, quote};
 use crate::wire::{ChangeEvent, Op, ReplicationEvent};
 
@@ -136,11 +135,13 @@ impl Applier {
         if self.held_checked_version == Some(version) {
             return Ok(0);
         }
-        let tx = begin_guarded(&mut self.conn)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         Self::check_schema(self.confirmed.as_ref(), &tx)?;
         self.state.refresh(&tx)?;
         let applied = self.state.retry_held(&tx)?;
-        commit_guarded(tx)?;
+        tx.commit()?;
         // Our own commit changes nothing for data_version on this connection.
         self.held_checked_version = Some(
             self.conn

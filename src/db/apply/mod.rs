@@ -13,8 +13,7 @@
 //! if nothing in the batch needs one, no write transaction is opened at all — an application's
 //! deferred read-then-write transaction fails with SQLITE_BUSY when anyone commits between its
 //! read and its write. From the first event that needs a write on, the batch continues in one
-//! `BEGIN IMMEDIATE` transaction: insert the guard row (our writes are not captured), apply each
-//! event in its own savepoint, delete the guard row, commit. An event that cannot ever apply
+//! `BEGIN IMMEDIATE` transaction, each event in its own savepoint. An event that cannot ever apply
 //! (unknown table or column, a constraint other than UNIQUE) is rolled back to its savepoint and
 //! quarantined in the same transaction. Any other failure (busy, I/O, disk full) rolls the whole
 //! batch back and is returned, so the caller retries the same batch: nothing is skipped.
@@ -40,7 +39,6 @@ use std::sync::Arc;
 use rusqlite::Connection;
 
 use super::changelog::ChangeLog;
-use super::sql::{begin_guarded, commit_guarded};
 use super::{Error, Table};
 use crate::wire::ChangeEvent;
 
@@ -58,14 +56,16 @@ use row::TableSql;
 use step::{EventError, Mode, Step, quarantine};
 use waiting::WaitingEvent;
 
-/// Makes the application's triggers skip, on this connection, their inserts into and updates of
-/// replicated tables: what they wrote on the origin was captured there and arrives as events of
-/// its own, so writing it again here would double it (an audit row twice, a `version + 1`
-/// applied twice). Their other writes run, so state derived locally and never replicated (an FTS
-/// index, a virtual table, an unwatched table) follows the applied rows. SQLite's authorizer is
-/// consulted when a statement (with the trigger programs it fires) is compiled; it cannot skip a
-/// DELETE, so a trigger's deletes run here too and delete what the origin's deleted.
-fn mute_replicated_writes_of_triggers(conn: &Connection, tables: &[Table]) {
+/// Makes every trigger skip, on this connection, its inserts into and updates of replicated
+/// tables and of our own: so nothing written here is captured (our capture triggers' writes to
+/// the change logs are skipped), and the application's triggers do not write again what they
+/// wrote on the origin — that was captured there and arrives as events of its own (an audit
+/// row twice, a `version + 1` applied twice). Their other writes run, so state derived locally
+/// and never replicated (an FTS index, a virtual table, an unwatched table) follows the applied
+/// rows. SQLite's authorizer is consulted when a statement (with the trigger programs it fires)
+/// is compiled; it cannot skip a DELETE, so a trigger's deletes run here too (ours delete only
+/// rows of their own statement, the application's delete what the origin's deleted).
+fn mute_trigger_writes(conn: &Connection, tables: &[Table]) {
     use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
     let replicated: std::collections::HashSet<String> =
         tables.iter().map(|t| t.name.to_lowercase()).collect();
@@ -76,7 +76,10 @@ fn mute_replicated_writes_of_triggers(conn: &Connection, tables: &[Table]) {
             _ => return Authorization::Allow,
         };
         let main = ctx.database_name.is_none_or(|d| d == "main");
-        if ctx.accessor.is_some() && main && replicated.contains(&table.to_lowercase()) {
+        let ours = table
+            .get(..super::PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(super::PREFIX));
+        if ctx.accessor.is_some() && main && (ours || replicated.contains(&table.to_lowercase())) {
             Authorization::Ignore
         } else {
             Authorization::Allow
@@ -208,7 +211,7 @@ impl Applier {
     ) -> Result<Applier, Error> {
         conn.execute_batch("PRAGMA synchronous = FULL")?;
         let tables = log.tables().to_vec();
-        mute_replicated_writes_of_triggers(&conn, &tables);
+        mute_trigger_writes(&conn, &tables);
         let by_name = tables
             .iter()
             .enumerate()
@@ -391,7 +394,9 @@ impl Applier {
         if first_write == batch.len() {
             return Ok(outcomes);
         }
-        let tx = begin_guarded(&mut self.conn)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         Self::check_schema(self.confirmed.as_ref(), &tx)?;
         self.state.refresh(&tx)?;
         let mut wrote = false;
@@ -430,7 +435,7 @@ impl Applier {
         for (stream, seq) in ends {
             super::record_applied(&tx, stream, seq)?;
         }
-        commit_guarded(tx)?;
+        tx.commit()?;
         Ok(outcomes)
     }
 }

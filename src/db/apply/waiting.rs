@@ -23,7 +23,6 @@ use super::held::{Parked, forget, parked};
 use super::step::{Behind, EventError, Mode, Step, quarantine};
 use super::{Applier, Incoming, Key, Outcome, State};
 use crate::db::Error;
-use crate::db::sql::{begin_guarded, commit_guarded};
 use crate::wire::{ChangeEvent, ReplicationEvent};
 
 /// Where an event waits: its lower-cased table and, when known, its row (without one, the whole
@@ -54,13 +53,15 @@ impl Applier {
         if self.state.waiting.is_empty() {
             return Ok(0);
         }
-        let tx = begin_guarded(&mut self.conn)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         Self::check_schema(self.confirmed.as_ref(), &tx)?;
         self.state.refresh(&tx)?;
         let before = self.state.waiting.len();
         let since = self.state.waiting_since;
         let applied = self.state.retry_waiting(&tx)?;
-        commit_guarded(tx)?;
+        tx.commit()?;
         let left = self.state.waiting.len();
         if left == 0 {
             let paused_for = since

@@ -14,9 +14,10 @@
 //!   (a STRICT table's `ANY` column keeps `'00123'` as text; Go's typed copy turned it into 123).
 //! - An UPDATE that changes the primary key (or the row id of a table without one) is captured as
 //!   a `delete` of the old key followed by an `update` of the new one, so replicas drop the old row.
-//! - Trigger condition: `NOT EXISTS (SELECT 1 FROM __harmonylite__apply_guard)` — a plain table
-//!   read, so application connections with `PRAGMA trusted_schema = OFF` can still write
-//!   (Go's `pragma_function_list` guard made those writes fail).
+//! - Capture triggers have no condition (the applier's connection mutes them instead, see
+//!   [`super::apply`]), so application connections with `PRAGMA trusted_schema = OFF` can write
+//!   (Go's `pragma_function_list` guard made those writes fail). The guard table of earlier
+//!   versions is dropped.
 //! - The database gets a random identity at first install (`__harmonylite__node_identity`); it
 //!   tells this database's own events from those of another database that shares its node id
 //!   (cloned machines), and it changes after `-cleanup`, when change-log ids restart.
@@ -39,8 +40,7 @@ const PUB_COLUMNS: [&str; 2] = ["pub_shard", "pub_seq"];
 
 fn base_ddl() -> String {
     format!(
-        "CREATE TABLE IF NOT EXISTS {guard} (id INTEGER PRIMARY KEY);
-         DELETE FROM {guard};
+        "DROP TABLE IF EXISTS {guard};
          CREATE TABLE IF NOT EXISTS {global} (
              id INTEGER PRIMARY KEY AUTOINCREMENT,
              change_table_id INTEGER,
@@ -165,7 +165,6 @@ pub(super) fn table_ddl(table: &Table) -> String {
 fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<bool, Error> {
     let exists = |name: &str| schema_has(conn, name);
     for base in [
-        GUARD_TABLE,
         GLOBAL_LOG,
         SCHEMA_VERSION_TABLE,
         DEAD_LETTER_TABLE,
@@ -191,22 +190,16 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
             |r| r.get(0),
         )
         .optional()?;
-    let guarded: i64 = conn.query_row(
-        &format!("SELECT count(*) FROM {}", quote(GUARD_TABLE)),
-        [],
-        |r| r.get(0),
-    )?;
     let identified: i64 = conn.query_row(
         &format!("SELECT count(*) FROM {}", quote(IDENTITY_TABLE)),
         [],
         |r| r.get(0),
     )?;
     if recorded.as_deref() != Some(schema_hash)
-        || guarded != 0
         || identified != 1
         || !has_column(conn, HELD_TABLE, HELD_SCHEMA_COLUMN)?
     {
-        tracing::debug!("schema hash, guard, identity or layout changed; reinstalling");
+        tracing::debug!("schema hash, identity or layout changed; reinstalling");
         return Ok(false);
     }
     // Exactly our triggers and change logs: stale ones (renamed or dropped tables) go.

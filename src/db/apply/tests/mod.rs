@@ -589,7 +589,10 @@ fn applies_without_recapturing() {
         0
     );
     assert_eq!(
-        count(&path, "SELECT count(*) FROM __harmonylite__apply_guard"),
+        count(
+            &path,
+            "SELECT count(*) FROM __harmonylite___change_log_global"
+        ),
         0
     );
 }
