@@ -71,7 +71,7 @@ async fn watch_database_file(
     };
     let mut tick = tokio::time::interval(DB_FILE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut schema_seen: Option<i64> = None;
+    let mut schema_seen: Option<db::ddl::Seen> = None;
     // The connection and what capture was installed for, shared with each blocking check.
     let checked = Arc::new(Mutex::new((db::open(&path)?, tables, hash)));
     loop {
@@ -83,17 +83,18 @@ async fn watch_database_file(
         }
         match std::fs::metadata(&path).map(identity) {
             Ok(now) if now == opened => {
-                let (c, seen) = (Arc::clone(&checked), schema_seen);
+                let (c, seen) = (Arc::clone(&checked), schema_seen.take());
                 let drift = tokio::task::spawn_blocking(move || {
                     let guard = c.lock().unwrap_or_else(|p| p.into_inner());
                     let (conn, tables, hash) = &*guard;
-                    db::ddl::drift(conn, tables, hash, seen)
+                    db::ddl::drift(conn, tables, hash, seen.as_ref())
                 })
                 .await
                 .context("capture check failed")?;
                 match drift {
-                    Ok((version, drifted)) => {
-                        schema_seen = Some(version);
+                    Ok((look, drifted)) => {
+                        let version = look.0;
+                        schema_seen = Some(look);
                         if let Some(reason) = drifted {
                             return Err(SchemaDrift(reason).into());
                         }

@@ -408,3 +408,24 @@ fn a_cloned_database_does_not_resend_its_sources_changes() {
         assert_eq!(n.query_i64(new), 20, "node {} rolled back", n.id);
     }
 }
+
+/// Issue 24, finding 9: VACUUM renumbers the rowids of tables without a primary key, which are
+/// their rows' identity in replication. It cannot be undone, so it is never silent.
+#[test]
+fn vacuum_with_rowid_keyed_tables_is_reported() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let schema = "CREATE TABLE notes (body TEXT); CREATE TABLE keyed (id INTEGER PRIMARY KEY);";
+    let mut node = crate::support::Node::new(1, &nats.url, schema, 1, "");
+    node.start();
+    node.exec("INSERT INTO notes VALUES ('a'), ('b'), ('c'); DELETE FROM notes WHERE body = 'a'");
+    // An index of the application's changes the schema's text: not a VACUUM.
+    node.exec("CREATE INDEX notes_body ON notes (body)");
+    node.exec("VACUUM");
+    wait_until(REPLICATION_TIMEOUT, "the VACUUM reported", || {
+        node.log().contains("The database was VACUUMed")
+    });
+    let log = node.log();
+    assert_eq!(log.matches("The database was VACUUMed").count(), 1, "{log}");
+    assert!(log.contains("notes") && !log.contains("tables=[\"keyed\""), "{log}");
+}
