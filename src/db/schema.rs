@@ -153,9 +153,10 @@ fn needs_the_application(
     ];
     for sql in writes {
         match conn.prepare(&sql) {
-            Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
-                if e.code == rusqlite::ErrorCode::Unknown =>
-            {
+            Err(
+                rusqlite::Error::SqlInputError { error, msg, .. }
+                | rusqlite::Error::SqliteFailure(error, Some(msg)),
+            ) if error.code == rusqlite::ErrorCode::Unknown => {
                 return Ok(Some(format!(
                     "writes to it fail here with \"{msg}\" (a collation or function only the application defines?)"
                 )));
@@ -248,13 +249,17 @@ mod tests {
              CREATE INDEX idx_v ON idx (v COLLATE NOCASE);
              CREATE TABLE trig (id INTEGER PRIMARY KEY, v TEXT);
              CREATE TRIGGER trig_au AFTER UPDATE ON trig BEGIN SELECT app_hook(new.v); END;
+             CREATE TABLE chk (id INTEGER PRIMARY KEY, v TEXT CHECK (length(v) > 0));
+             CREATE TABLE expr (id INTEGER PRIMARY KEY, v TEXT);
+             CREATE INDEX expr_v ON expr (lower(v));
              CREATE TABLE fine (id INTEGER PRIMARY KEY, v TEXT COLLATE RTRIM);",
         );
         let conn = Connection::open(&path).expect("open");
         // Stand-in for a collation the application registers on its own connections.
         conn.execute_batch(
             "PRAGMA writable_schema = ON;
-             UPDATE sqlite_schema SET sql = replace(sql, 'NOCASE', 'app_order');
+             UPDATE sqlite_schema SET sql = replace(replace(replace(sql, 'NOCASE', 'app_order'),
+                 'length(', 'app_valid('), 'lower(', 'app_fn(');
              PRAGMA writable_schema = OFF;",
         )
         .expect("schema");

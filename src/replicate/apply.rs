@@ -103,17 +103,23 @@ pub fn is_own(msg_id: Option<&str>, identity: &str) -> bool {
         .is_some_and(|origin| !identity.is_empty() && origin == identity)
 }
 
-/// Decodes a body into an event for the applier; errors become quarantine reasons.
+/// Decodes a body into an event for the applier (errors become quarantine reasons) and the
+/// node that sent it.
 fn decode(
     body: &[u8],
     decompressor: Option<&mut wire::Decompressor>,
     limit: usize,
-) -> Result<wire::ChangeEvent, wire::DecodeError> {
-    match decompressor {
-        Some(d) => ReplicationEvent::decode(&d.decompress_limited(body, limit)?),
+) -> (Result<wire::ChangeEvent, wire::DecodeError>, Option<u64>) {
+    let decoded = match decompressor {
+        Some(d) => d
+            .decompress_limited(body, limit)
+            .and_then(|plain| ReplicationEvent::decode(&plain)),
         None => ReplicationEvent::decode(body),
+    };
+    match decoded {
+        Ok(e) => (Ok(e.event), Some(e.from_node_id)),
+        Err(e) => (Err(e), None),
     }
-    .map(|e| e.event)
 }
 
 /// What the apply thread needs besides its channel.
@@ -455,12 +461,17 @@ impl Worker {
         let mut decompressor = self.decompressor.as_mut();
         let incoming: Vec<Incoming<'_>> = batch
             .iter()
-            .map(|d| Incoming {
-                stream: &w.streams[d.stream],
-                seq: d.seq,
-                event: decode(&d.body, decompressor.as_deref_mut(), w.max_event_bytes),
-                own: is_own(d.msg_id.as_deref(), &w.identity),
-                raw: &d.body,
+            .map(|d| {
+                let (event, from_node) =
+                    decode(&d.body, decompressor.as_deref_mut(), w.max_event_bytes);
+                Incoming {
+                    stream: &w.streams[d.stream],
+                    seq: d.seq,
+                    event,
+                    own: is_own(d.msg_id.as_deref(), &w.identity),
+                    from_node,
+                    raw: &d.body,
+                }
             })
             .collect();
         let mut backoff = crate::retry::Backoff::starting_at(Duration::from_millis(50));

@@ -427,5 +427,8 @@ fn vacuum_with_rowid_keyed_tables_is_reported() {
     });
     let log = node.log();
     assert_eq!(log.matches("The database was VACUUMed").count(), 1, "{log}");
-    assert!(log.contains("notes") && !log.contains("tables=[\"keyed\""), "{log}");
+    assert!(
+        log.contains("notes") && !log.contains("tables=[\"keyed\""),
+        "{log}"
+    );
 }

@@ -19,7 +19,7 @@ use super::row::describe;
 use super::step::{EventError, Mode, Step};
 use super::{Incoming, Key, Outcome, State};
 use crate::db::{CONFLICTS_TABLE, quote};
-use crate::wire::{ChangeEvent, Op, ReplicationEvent, Value};
+use crate::wire::{ChangeEvent, Op, Value};
 
 impl State {
     /// Keeps `event` (another node's, for row `key` of table `t`) as lost to a local change in
@@ -42,9 +42,7 @@ impl State {
             Op::Update => "update",
             Op::Delete => "delete",
         };
-        let from = ReplicationEvent::decode(incoming.raw)
-            .ok()
-            .map(|e| e.from_node_id as i64);
+        let from = incoming.from_node.map(|n| n as i64);
         conn.prepare_cached(&format!(
             "INSERT INTO {} (table_name, kind, lost_row, from_node, stream, seq, payload, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",

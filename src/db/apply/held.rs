@@ -49,6 +49,7 @@ impl<P> Parked<P> {
             seq: self.seq,
             event: Ok(self.event.clone()),
             own: self.own,
+            from_node: None,
             raw,
         }
     }

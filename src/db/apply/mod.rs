@@ -97,6 +97,8 @@ pub struct Incoming<'a> {
     pub event: Result<ChangeEvent, crate::wire::DecodeError>,
     /// Whether this database published it (its message id carries our identity).
     pub own: bool,
+    /// The node that sent it, when decoded.
+    pub from_node: Option<u64>,
     /// The raw message body, kept for quarantine.
     pub raw: &'a [u8],
 }

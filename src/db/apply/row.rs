@@ -12,7 +12,8 @@
 //!   never moves a row to another rowid.
 //! - Limit (documented): of several rows sharing a primary key that contains NULL, an update goes
 //!   to the lowest rowid, a delete to a row equal to the deleted image.
-//! - A UNIQUE or PRIMARY KEY conflict is a [`WriteError::Conflict`] (the event is held); errors
+//! - A UNIQUE or PRIMARY KEY conflict, or a trigger's `RAISE(ABORT)`, is a
+//!   [`WriteError::Conflict`] (the event is held until the database changes); errors
 //!   that repeat on every attempt are poison; busy, I/O and the like are retried.
 
 use std::collections::HashMap;
@@ -25,9 +26,12 @@ use crate::db::sql::Bind;
 use crate::db::{Table, quote, same_value};
 use crate::wire::{ChangeEvent, Value};
 
-/// SQLite's extended codes for a UNIQUE or PRIMARY KEY conflict.
+/// SQLite's extended codes for a UNIQUE or PRIMARY KEY conflict, and for a trigger's
+/// `RAISE(ABORT)` (a validation trigger that looks at other rows, which may still be on their
+/// way on another shard).
 pub(super) const SQLITE_CONSTRAINT_UNIQUE: i32 = 2067;
 pub(super) const SQLITE_CONSTRAINT_PRIMARYKEY: i32 = 1555;
+pub(super) const SQLITE_CONSTRAINT_TRIGGER: i32 = 1811;
 
 /// How a failed write is handled.
 pub(super) enum WriteError {
@@ -56,7 +60,7 @@ pub(super) fn classify_write(e: rusqlite::Error) -> WriteError {
     if let rusqlite::Error::SqliteFailure(f, _) = &e
         && matches!(
             f.extended_code,
-            SQLITE_CONSTRAINT_UNIQUE | SQLITE_CONSTRAINT_PRIMARYKEY
+            SQLITE_CONSTRAINT_UNIQUE | SQLITE_CONSTRAINT_PRIMARYKEY | SQLITE_CONSTRAINT_TRIGGER
         )
     {
         return WriteError::Conflict(e.to_string());
@@ -308,7 +312,7 @@ pub(super) fn describe(row: &[(String, Value)]) -> String {
             let text = match v {
                 Value::Null => "NULL".to_owned(),
                 Value::Integer(i) => i.to_string(),
-                Value::Real(f) => f.to_string(),
+                Value::Real(f) => format!("{f:?}"),
                 Value::Text(t) => format!("{:?}", String::from_utf8_lossy(&t[..t.len().min(64)])),
                 Value::Blob(b) => format!("x'{}'", crate::hex(&b[..b.len().min(32)])),
             };

@@ -181,12 +181,13 @@ fn two_nodes_taking_one_auto_id_keep_the_losing_row() {
     assert_eq!(
         rows(
             &node_a,
-            "SELECT table_name, kind, lost_row FROM __harmonylite__conflicts"
+            "SELECT table_name, kind, lost_row, from_node FROM __harmonylite__conflicts"
         ),
         [vec![
             text("people"),
             text("insert"),
-            text(r#"{"email":"b@x","id":1}"#)
+            text(r#"{"email":"b@x","id":1}"#),
+            Value::Integer(2)
         ]]
     );
 }

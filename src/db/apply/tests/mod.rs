@@ -23,6 +23,7 @@ fn incoming(event: ChangeEvent) -> Incoming<'static> {
         seq: 1,
         event: Ok(event),
         own: false,
+        from_node: Some(2),
         raw: b"raw",
     }
 }
@@ -635,6 +636,7 @@ fn poison_is_quarantined_and_the_rest_applies() {
             seq: 9,
             event: Err(crate::wire::DecodeError::MissingField("Payload")),
             own: false,
+            from_node: None,
             raw: b"\xff",
         },
         incoming(ev(Op::Delete, "t", vec![("v", Value::Null)])),

@@ -90,3 +90,47 @@ fn rows_replaced_through_unique_indexes_are_deleted_on_replicas() {
         "the next write to the table drops it"
     );
 }
+
+/// A validation trigger that looks at other rows (`RAISE(ABORT)` when the parent is missing, or
+/// when children remain) holds the event until the database changes, instead of quarantining it:
+/// a transaction's rows may arrive on different shards in any order.
+#[test]
+fn validation_triggers_hold_events_until_the_rows_they_need_arrive() {
+    let schema = "CREATE TABLE parent (id INTEGER PRIMARY KEY);
+        CREATE TABLE child (id INTEGER PRIMARY KEY, parent INTEGER);
+        CREATE TRIGGER child_chk BEFORE INSERT ON child
+            WHEN NOT EXISTS (SELECT 1 FROM parent WHERE id = new.parent)
+            BEGIN SELECT RAISE(ABORT, 'no parent'); END;
+        CREATE TRIGGER parent_chk BEFORE DELETE ON parent
+            WHEN EXISTS (SELECT 1 FROM child WHERE parent = old.id)
+            BEGIN SELECT RAISE(ABORT, 'has children'); END;";
+    let (_o, origin, _) = setup(schema);
+    let (_r, replica, mut b) = setup(schema);
+    let app = Connection::open(&origin).expect("app");
+    app.execute_batch("INSERT INTO parent VALUES (1); INSERT INTO child VALUES (10, 1);")
+        .expect("insert");
+    let inserts = captured(&origin);
+    app.execute_batch("DELETE FROM child WHERE id = 10; DELETE FROM parent WHERE id = 1;")
+        .expect("delete");
+    let deletes: Vec<ChangeEvent> = captured(&origin).into_iter().skip(2).collect();
+    // Each pair arrives child-first and parent-first respectively (other shards).
+    for event in inserts.into_iter().rev() {
+        b.apply_batch(&[incoming(event)]).expect("apply");
+    }
+    assert_eq!(count(&replica, "SELECT count(*) FROM child"), 1);
+    for event in deletes.into_iter().rev() {
+        b.apply_batch(&[incoming(event)]).expect("apply");
+    }
+    b.retry_held().expect("retry");
+    let all = "SELECT (SELECT count(*) FROM parent), (SELECT count(*) FROM child), \
+               (SELECT count(*) FROM __harmonylite__dead_letter)";
+    assert_eq!(
+        rows(&replica, all),
+        [vec![
+            Value::Integer(0),
+            Value::Integer(0),
+            Value::Integer(0)
+        ]]
+    );
+    assert_eq!(b.held_len(), 0);
+}
