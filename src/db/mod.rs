@@ -400,8 +400,10 @@ pub struct Table {
     pub rowid_key: bool,
     /// True for `WITHOUT ROWID` tables (rows are addressed by their primary key only).
     pub without_rowid: bool,
-    /// The UNIQUE indexes other than the primary key, as (column, collation) lists (indexes on
-    /// expressions left out): an `INSERT/UPDATE OR REPLACE` may delete rows through them.
+    /// The UNIQUE indexes, the primary key's own included (not an INTEGER PRIMARY KEY, which has
+    /// none), as (column, collation) lists (indexes on expressions left out): an `INSERT/UPDATE
+    /// OR REPLACE` may delete rows through them — through the key too, when the new key differs
+    /// in bytes only ('K1' replacing 'k1' under NOCASE, 1.0 replacing 1).
     pub unique: Vec<Vec<(String, String)>>,
 }
 

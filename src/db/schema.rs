@@ -114,7 +114,7 @@ pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
 fn unique_indexes(conn: &Connection, name: &str) -> Result<Vec<Vec<(String, String)>>, Error> {
     let indexes: Vec<String> = super::sql::column(
         conn,
-        "SELECT name FROM pragma_index_list(?1) WHERE \"unique\" AND origin <> 'pk' ORDER BY name",
+        "SELECT name FROM pragma_index_list(?1) WHERE \"unique\" ORDER BY name",
         [name],
     )
     .map_err(on_table(name))?;
