@@ -492,8 +492,10 @@ pub enum Binding {
 /// inode), and tells a copy of another node's database from this node's own: a copy was bound
 /// to another node id *and* another file. Its pending changes belong to that node, which still
 /// has and publishes them; resent from here they would land after that node's later changes of
-/// the same rows and undo them everywhere. So they are marked published, and the copy gets an
-/// identity of its own (message ids, sent marks). Writes only when something changed.
+/// the same rows and undo them everywhere; its published ones would count as this node's
+/// changes in flight and hold back every later change of their rows. So the copy's change log
+/// is emptied, and it gets an identity of its own (message ids, sent marks). Writes only when
+/// something changed.
 ///
 /// # Errors
 /// SQLite errors (rolled back).
@@ -525,14 +527,17 @@ pub fn bind_identity(
     }
     let binding = match bound {
         (Some(was), Some(was_file)) if was as u64 != node_id && was_file != file => {
-            let mut dropped = 0;
+            // The whole change log is the source's: pending changes it sends itself, and
+            // published ones would count as this node's in flight (holding their rows back).
+            let dropped = tx.execute(&format!("DELETE FROM {}", quote(GLOBAL_LOG)), [])?;
             for t in tables {
-                let log = quote(&change_log_name(&t.name));
-                dropped += tx
-                    .execute(&format!("UPDATE {log} SET state = 1 WHERE state = 0"), [])
-                    .map_err(on_table(&t.name))?;
+                tx.execute(
+                    &format!("DELETE FROM {}", quote(&change_log_name(&t.name))),
+                    [],
+                )
+                .map_err(on_table(&t.name))?;
             }
-            tx.execute(&format!("DELETE FROM {}", quote(GLOBAL_LOG)), [])?;
+            tx.execute(&format!("DELETE FROM {}", quote(PUBLISHED_TABLE)), [])?;
             tx.execute(
                 &format!("UPDATE {ident} SET uuid = ?1 WHERE id = 1"),
                 [uuid::Uuid::new_v4().simple().to_string()],
