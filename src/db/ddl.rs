@@ -627,6 +627,17 @@ impl std::fmt::Display for Drift {
     }
 }
 
+/// The first of `tables` with an application trigger newer than ours (see
+/// [`super::triggers::outrun`]).
+fn first_outrun(conn: &Connection, tables: &[Table]) -> Result<Option<String>, Error> {
+    for t in tables {
+        if super::triggers::outrun(conn, &t.name)? {
+            return Ok(Some(t.name.clone()));
+        }
+    }
+    Ok(None)
+}
+
 /// A look at the schema: `PRAGMA schema_version` and the text of `sqlite_schema`.
 pub type Seen = (i64, String);
 
@@ -675,6 +686,10 @@ pub fn drift(
         ))
     } else if let Some(t) = now.iter().zip(tables).find(|(a, b)| a != b) {
         Some(format!("the columns of table {:?} changed", t.0.name))
+    } else if let Some(t) = first_outrun(&tx, tables)? {
+        Some(format!(
+            "an application trigger on table {t:?} was created after the capture triggers"
+        ))
     } else if super::schema::schema_hash(&tx, &now)? != hash {
         Some("the schema hash changed".to_owned())
     } else {

@@ -227,3 +227,26 @@ fn quote_prefixed(prefix: &str, column: &str) -> String {
         None => format!("{prefix}{}", quote(column)),
     }
 }
+
+/// Whether an application trigger on `table` was created after our capture triggers. SQLite
+/// fires the newest trigger first: such a trigger's own writes to the row (a `updated_at`
+/// touch) would be captured before the statement that fired it, and replicas would end with the
+/// statement's image instead of the trigger's. Ours must be the newest; recreating them makes
+/// them so.
+pub(super) fn outrun(conn: &rusqlite::Connection, table: &str) -> rusqlite::Result<bool> {
+    let rowid = |agg: &str, ours: bool| {
+        format!(
+            "(SELECT {agg}(rowid) FROM sqlite_schema WHERE type = 'trigger' \
+             AND tbl_name = ?1 COLLATE NOCASE AND (substr(name, 1, ?2) = ?3) = {ours})"
+        )
+    };
+    conn.query_row(
+        &format!(
+            "SELECT coalesce({} > {}, 0)",
+            rowid("max", false),
+            rowid("min", true)
+        ),
+        rusqlite::params![table, super::PREFIX.len() as i64, super::PREFIX],
+        |r| r.get(0),
+    )
+}

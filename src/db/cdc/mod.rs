@@ -249,6 +249,10 @@ fn table_up_to_date(conn: &Connection, table: &Table) -> Result<bool, Error> {
         tracing::debug!(table = %table.name, "change log layout differs; reinstalling");
         return Ok(false);
     }
+    if super::triggers::outrun(conn, &table.name)? {
+        tracing::debug!(table = %table.name, "application trigger newer than capture; reinstalling");
+        return Ok(false);
+    }
     for (name, create) in triggers(table) {
         let stored: Option<String> = conn
             .query_row(

@@ -441,3 +441,42 @@ fn remove_drops_every_artifact() {
     );
     assert_eq!(remove(&mut conn).expect("second remove"), 0);
 }
+
+/// An application trigger created after capture fires first (SQLite fires the newest first):
+/// its touch of the row would be captured before the update that fired it. The schema check
+/// notices, and the reinstall makes capture the newest again, so the touch is captured last.
+#[test]
+fn an_application_trigger_newer_than_capture_gets_capture_reinstalled() {
+    let (_d, path) = temp_db("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, seen TEXT)");
+    let mut conn = crate::db::open(&path).expect("open");
+    let tables = install_all(&mut conn);
+    let hash = schema_hash(&conn, &tables).expect("hash");
+    conn.execute_batch(
+        "CREATE TRIGGER items_touch AFTER UPDATE OF name ON items
+         BEGIN UPDATE items SET seen = 'touched' WHERE id = new.id; END;
+         INSERT INTO items VALUES (1, 'x', 'never');",
+    )
+    .expect("app trigger");
+    let (_, drifted) = super::super::ddl::drift(&conn, &tables, &hash, None).expect("drift");
+    assert!(
+        drifted.is_some_and(|d| d.what.contains("created after the capture triggers")),
+        "the newer trigger is noticed"
+    );
+    install_all(&mut conn);
+    assert_eq!(
+        super::super::ddl::drift(&conn, &tables, &hash, None)
+            .expect("drift")
+            .1,
+        None
+    );
+    conn.execute_batch("UPDATE items SET name = 'y' WHERE id = 1")
+        .expect("update");
+    let last: String = conn
+        .query_row(
+            "SELECT val_seen FROM __harmonylite__items_change_log ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("last capture");
+    assert_eq!(last, "touched", "the trigger's write is captured last");
+}
