@@ -24,6 +24,11 @@ fn is_internal(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
 }
 
+/// Tables reported as skipped, with why: the list is read several times at start and after
+/// every schema change, and each is worth one warning.
+static SKIPPED: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 /// Lists the tables to watch, sorted by name, with their columns. A table that cannot be watched
 /// (no usable key) is left out with a warning naming it and why: one odd table must not stop
 /// replication of all the others (a restart loop under systemd).
@@ -45,7 +50,12 @@ pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
         match table_info(conn, &name) {
             Ok(t) => tables.push(t),
             Err(Error::Unwatchable(table, why)) => {
-                tracing::warn!(table = %table, reason = %why, "Table skipped: it cannot be replicated");
+                let first = SKIPPED
+                    .lock()
+                    .map_or(true, |mut seen| seen.insert((table.clone(), why.clone())));
+                if first {
+                    tracing::warn!(table = %table, reason = %why, "Table skipped: it cannot be replicated");
+                }
             }
             Err(e) => return Err(e),
         }

@@ -336,6 +336,8 @@ fn an_unwatchable_table_is_skipped_with_a_warning() {
     assert!(a.log().contains("odd"), "{}", a.log());
     a.exec("INSERT INTO t VALUES (1)");
     converge(&a, &b, "SELECT id FROM t", |r| r.len() == 1);
+    // Once per table, although the start-up reads the table list several times.
+    assert_eq!(a.log().matches("Table skipped").count(), 1, "{}", a.log());
 }
 
 /// Finding 13: `-cleanup` under a running daemon broke capture silently. It is refused, and so
