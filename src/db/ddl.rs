@@ -638,43 +638,21 @@ fn first_outrun(conn: &Connection, tables: &[Table]) -> Result<Option<String>, E
     Ok(None)
 }
 
-/// A look at the schema: `PRAGMA schema_version` and the text of `sqlite_schema`.
-pub type Seen = (i64, String);
-
 /// Whether the live schema still matches the capture installed for `tables` with `hash`: `None`
-/// if so, else what changed. With `seen` at the current `PRAGMA schema_version` only that is
-/// read. Returns what it looked at.
-///
-/// A version that moved while the schema's text did not is a VACUUM, which renumbers the rowids
-/// of tables without a primary key — their rows' identity here: that cannot be undone, so it is
-/// said loudly, naming them.
+/// if so, else what changed. With `seen` at the current `PRAGMA schema_version` nothing else is
+/// read. Returns the version it looked at.
 pub fn drift(
     conn: &Connection,
     tables: &[Table],
     hash: &str,
-    seen: Option<&Seen>,
-) -> Result<(Seen, Option<Drift>), Error> {
+    seen: Option<i64>,
+) -> Result<(i64, Option<Drift>), Error> {
     let version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
-    if let Some(seen) = seen.filter(|s| s.0 == version) {
-        return Ok((seen.clone(), None));
+    if seen == Some(version) {
+        return Ok((version, None));
     }
     let tx = conn.unchecked_transaction()?;
     let version: i64 = tx.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
-    let text: String = tx.query_row(
-        "SELECT coalesce(group_concat(name || ':' || coalesce(sql, ''), char(10)), '') \
-         FROM (SELECT name, sql FROM sqlite_schema ORDER BY name)",
-        [],
-        |r| r.get(0),
-    )?;
-    let by_rowid: Vec<&str> = tables
-        .iter()
-        .filter(|t| t.rowid_key)
-        .map(|t| t.name.as_str())
-        .collect();
-    if seen.is_some_and(|s| s.1 == text) && !by_rowid.is_empty() {
-        tracing::error!(tables = ?by_rowid,
-            "The database was VACUUMed: tables without a primary key are replicated by rowid, which VACUUM renumbers, so their rows may no longer match other nodes'; give them a primary key");
-    }
     let now = super::schema::watched_tables(&tx)?;
     let names = |ts: &[Table]| -> Vec<String> { ts.iter().map(|t| t.name.clone()).collect() };
     let mut capture_lost = false;
@@ -723,10 +701,7 @@ pub fn drift(
         }
     };
     tx.commit()?;
-    Ok((
-        (version, text),
-        reason.map(|what| Drift { what, capture_lost }),
-    ))
+    Ok((version, reason.map(|what| Drift { what, capture_lost })))
 }
 
 #[cfg(test)]

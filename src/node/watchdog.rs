@@ -71,7 +71,7 @@ async fn watch_database_file(
     };
     let mut tick = tokio::time::interval(DB_FILE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut schema_seen: Option<db::ddl::Seen> = None;
+    let mut schema_seen: Option<i64> = None;
     // The connection and what capture was installed for, shared with each blocking check.
     let checked = Arc::new(Mutex::new((db::open(&path)?, tables, hash)));
     loop {
@@ -87,14 +87,13 @@ async fn watch_database_file(
                 let drift = tokio::task::spawn_blocking(move || {
                     let guard = c.lock().unwrap_or_else(|p| p.into_inner());
                     let (conn, tables, hash) = &*guard;
-                    db::ddl::drift(conn, tables, hash, seen.as_ref())
+                    db::ddl::drift(conn, tables, hash, seen)
                 })
                 .await
                 .context("capture check failed")?;
                 match drift {
-                    Ok((look, drifted)) => {
-                        let version = look.0;
-                        schema_seen = Some(look);
+                    Ok((version, drifted)) => {
+                        schema_seen = Some(version);
                         if let Some(reason) = drifted {
                             return Err(SchemaDrift(reason).into());
                         }

@@ -248,9 +248,11 @@ fn lower_for_held(
 
 /// Drops every `__harmonylite__` trigger and table and leaves rollback-journal mode.
 ///
-/// No VACUUM (Go does one): it may renumber the rowids of tables without an INTEGER PRIMARY KEY,
-/// and those rowids are the keys such tables replicate by — a restore would then delete and
-/// re-insert every row under another rowid. The pages our tables used stay free in the file.
+/// No VACUUM (Go does one): it may renumber the rowids of tables without a primary key, and
+/// those rowids are the keys such tables replicate by — a restore would then delete and
+/// re-insert every row under another rowid. (Our index that keeps them through a VACUUM stays
+/// in the snapshot, so that a Go node's VACUUM of it keeps them too.) The pages our tables used
+/// stay free in the file.
 fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
     let objects: Vec<(String, String)> = {
         let mut stmt = conn.prepare(

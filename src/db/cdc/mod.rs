@@ -141,7 +141,19 @@ fn change_log_create(name: &str, table: &Table) -> String {
     )
 }
 
+/// The index that keeps a rowid-keyed table's rowids through VACUUM (see [`table_ddl`]).
+fn rowids_index(table: &Table) -> Option<String> {
+    table
+        .rowid_key
+        .then(|| format!("{}_rowids", change_log_name(&table.name)))
+}
+
 /// DDL for one table's change log, index and triggers.
+///
+/// A table without a primary key is replicated by rowid, and VACUUM renumbers the rowids of a
+/// table that has no index at all (SQLite copies such tables with fresh rowids). So such a table
+/// gets an index — partial, `WHERE 0`, so it holds no entry and costs writes nothing: its mere
+/// existence makes VACUUM keep every rowid, which keeps the rows' identity on every node.
 pub(super) fn table_ddl(table: &Table) -> String {
     let log = change_log_name(&table.name);
     let mut sql = change_log_create(&log, table);
@@ -150,6 +162,13 @@ pub(super) fn table_ddl(table: &Table) -> String {
         index = quote(&format!("{log}_state_index")),
         qlog = quote(&log),
     ));
+    if let Some(index) = rowids_index(table) {
+        sql.push_str(&format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {} (1) WHERE 0;\n",
+            quote(&index),
+            quote(&table.name)
+        ));
+    }
     for name in trigger_names(&table.name) {
         sql.push_str(&format!("DROP TRIGGER IF EXISTS {};\n", quote(&name)));
     }
@@ -245,7 +264,11 @@ fn table_up_to_date(conn: &Connection, table: &Table) -> Result<bool, Error> {
         && columns
             .iter()
             .all(|(n, ty)| !n.starts_with("val_") || ty.is_empty());
-    if !layout_ok || !schema_has(conn, &format!("{log}_state_index"))? {
+    let indexed = match rowids_index(table) {
+        Some(index) => schema_has(conn, &index)?,
+        None => true,
+    };
+    if !layout_ok || !indexed || !schema_has(conn, &format!("{log}_state_index"))? {
         tracing::debug!(table = %table.name, "change log layout differs; reinstalling");
         return Ok(false);
     }

@@ -1,6 +1,6 @@
 //! One writer of the convergence test: the application on one node, its random statements
-//! (every key kind, re-spelled keys, `OR REPLACE`, UNIQUE swaps, bulk inserts) and the I1 check
-//! it makes before touching its own rows again.
+//! (every key kind, re-spelled keys, `OR REPLACE`, UNIQUE swaps, bulk inserts, VACUUM) and the
+//! I1 check it makes before touching its own rows again.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -393,6 +393,14 @@ impl Writer {
                 let mut model = self.model.lock().expect("model");
                 for (k, row) in pending {
                     model.set(&k, row);
+                }
+                drop(model);
+                // Now and then the application compacts its file: rowid-keyed rows (`norow`)
+                // must keep their identity through it.
+                if self.rng.chance(4) {
+                    self.conn
+                        .execute_batch("VACUUM")
+                        .map_err(|e| format!("VACUUM: {e}"))?;
                 }
                 Ok(())
             }
