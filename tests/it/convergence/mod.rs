@@ -18,6 +18,10 @@
 //!   to each node in turn, at moments drawn from the seed, and the new column and table are
 //!   written on migrated nodes; afterwards the shared and the new tables are equal everywhere.
 //!
+//! - Files handled by operators: a node's file restored from an older backup, and a copy of a
+//!   stopped node's file (with changes pending) started as a new node, both must converge
+//!   without resending old changes (phase 1c, [`file_phase`]).
+//!
 //! A second test runs the same workload on streams that keep only a few dozen messages, so that
 //! nodes killed or stopped by the faults — and one node stopped on purpose — must recover from
 //! snapshots (checked: it logged a restore).
@@ -366,6 +370,68 @@ fn settle(cluster: &Cluster, seed: u64) {
     assert!(ok, "seed {seed}: the cluster did not settle between phases");
 }
 
+/// Node `id` of a seed's cluster (`max_entries`: see [`run_seed`]).
+fn new_node(id: u64, url: &str, schema: &str, shards: u64, max_entries: Option<u64>) -> Node {
+    let n = Node::new(id, url, schema, shards, "");
+    if let Some(m) = max_entries {
+        n.set_max_entries(m);
+        // A dead leader is replaced in seconds, so recoveries do not wait 30 s for it.
+        n.append_config("[snapshot]\nleader_ttl = 3000");
+    }
+    n
+}
+
+/// Phase 1c: what operators do with database files.
+/// - Node 2's file is restored from a backup taken a few transactions earlier, with changes
+///   still pending in it; it must catch up (positions live in the database) without sending
+///   those old changes again over newer ones.
+/// - Node 1 is stopped, its application writes, its file is copied to a new node 4 (its own
+///   `node_id`), node 1 restarts and its application writes on; the copy must not resend node
+///   1's pending changes as its own (which would roll node 1's later writes back).
+fn file_phase(
+    cluster: &mut Cluster,
+    writers: &mut [Writer],
+    seed: u64,
+    shards: u64,
+    max_entries: Option<u64>,
+) {
+    let write = |w: &mut Writer, what: &str| {
+        if let Err(e) = w.transaction(seed, 20) {
+            panic!("seed {seed}: I6 violated {what}: {e}");
+        }
+    };
+    settle(cluster, seed);
+    let dir = crate::support::tempdir();
+    let backup = dir.path().join("node-2-backup.db");
+    write(&mut writers[1], "before the backup");
+    writers[1].copy_to(&backup);
+    for _ in 0..3 {
+        write(&mut writers[1], "after the backup");
+    }
+    settle(cluster, seed);
+    cluster.nodes[1].terminate();
+    writers[1].restore_from(&backup);
+    cluster.nodes[1].start();
+    settle(cluster, seed);
+    eprintln!("seed {seed}: node 2 restored from a backup and caught up");
+
+    cluster.nodes[0].terminate();
+    for _ in 0..3 {
+        write(&mut writers[0], "while node 1 was stopped");
+    }
+    let mut copy = new_node(4, &cluster.nats.url, "", shards, max_entries);
+    writers[0].copy_to(&copy.db);
+    cluster.nodes[0].start();
+    for _ in 0..3 {
+        write(&mut writers[0], "after node 1's file was copied");
+    }
+    copy.start();
+    cluster.nodes.push(copy);
+    cluster.stopped.push(None);
+    settle(cluster, seed);
+    eprintln!("seed {seed}: a copy of node 1's file joined as node 4");
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
@@ -379,15 +445,7 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
     eprintln!("convergence: seed {seed}, shards {shards}, {rounds} rounds per phase");
     let nats = NatsServer::start(bin);
     let mut nodes: Vec<Node> = (1..=3)
-        .map(|id| {
-            let n = Node::new(id, &nats.url, SCHEMA, shards, "");
-            if let Some(m) = max_entries {
-                n.set_max_entries(m);
-                // A dead leader is replaced in seconds, so recoveries do not wait 30 s for it.
-                n.append_config("[snapshot]\nleader_ttl = 3000");
-            }
-            n
-        })
+        .map(|id| new_node(id, &nats.url, SCHEMA, shards, max_entries))
         .collect();
     for n in &mut nodes {
         n.start();
@@ -481,6 +539,8 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
             cluster.nodes[2].log()
         );
     }
+
+    file_phase(&mut cluster, &mut writers, seed, shards, max_entries);
 
     // Phase 2: every node's application writes its own rows at the same time (I1 checked live;
     // a transaction may fail on SQLITE_BUSY here, since foreign changes arrive — it is retried),

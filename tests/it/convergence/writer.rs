@@ -414,6 +414,25 @@ impl Writer {
         }
     }
 
+    /// Copies this node's database to `path` the way a backup does (SQLite's backup API, live).
+    pub(super) fn copy_to(&self, path: &std::path::Path) {
+        self.conn
+            .backup(rusqlite::DatabaseName::Main, path, None)
+            .expect("backup");
+    }
+
+    /// Overwrites this node's database with the copy at `path` (the operator restores a backup
+    /// while the daemon is stopped).
+    pub(super) fn restore_from(&mut self, path: &std::path::Path) {
+        self.conn
+            .restore(
+                rusqlite::DatabaseName::Main,
+                path,
+                None::<fn(rusqlite::backup::Progress)>,
+            )
+            .expect("restore");
+    }
+
     /// An auto-id insert into `people`; in phase 2 every node does it at once, so two nodes
     /// take the same id and one row loses (it must be found in `__harmonylite__conflicts`).
     pub(super) fn person(&mut self) {
