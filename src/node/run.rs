@@ -519,11 +519,6 @@ fn applier(
     .context("Unable to start the applier")?;
     applier.set_schema_hashes(w.hashes.clone());
     applier.set_confirmed_schema(Arc::clone(&w.confirmed));
-    // A quarter of what a stream keeps: a restart from the recorded positions finds the
-    // stream still holding what lies past them (unless it moved on while this node was down).
-    if let Ok(kept) = u64::try_from(settings.replication.max_entries) {
-        applier.set_record_every(kept / 4);
-    }
     if w.stale_up_to.iter().any(|&id| id > 0) {
         applier
             .set_stale_up_to(w.stale_up_to.clone())

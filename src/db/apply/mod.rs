@@ -12,10 +12,7 @@
 //! events whose image already equals the row (normally every event of our own) need no write, and
 //! if nothing in the batch needs one, no write transaction is opened at all — an application's
 //! deferred read-then-write transaction fails with SQLITE_BUSY when anyone commits between its
-//! read and its write. The exception: after `record_every` events applied so, a write records
-//! their positions, so that the database's positions (where a restart begins, design §14) never
-//! lag far enough behind for the stream to have dropped what lies between — a restart would
-//! then restore a snapshot it does not need. From the first event that needs a write on, the batch continues in one
+//! read and its write. From the first event that needs a write on, the batch continues in one
 //! `BEGIN IMMEDIATE` transaction, each event in its own savepoint. An event that cannot ever apply
 //! (unknown table or column, a constraint other than UNIQUE) is rolled back to its savepoint and
 //! quarantined in the same transaction. Any other failure (busy, I/O, disk full) rolls the whole
@@ -199,10 +196,6 @@ pub struct Applier {
     /// transaction that sees another one waits ([`Error::SchemaChanged`]) instead of applying
     /// with stale table information.
     confirmed: Option<Arc<std::sync::atomic::AtomicI64>>,
-    /// Events applied without a write (ours come back, superseded ones) since positions were
-    /// last recorded in the database, and how many may pass before a write records them.
-    unrecorded: u64,
-    record_every: u64,
 }
 
 impl Applier {
@@ -259,8 +252,6 @@ impl Applier {
             },
             held_checked_version: None,
             confirmed: None,
-            unrecorded: 0,
-            record_every: 256,
         };
         applier.state.aliases = super::ddl::Aliases::load(&applier.conn)?;
         applier.rebuild_in_flight()?;
@@ -276,11 +267,6 @@ impl Applier {
     /// The schema version capture is confirmed for, kept current by whoever watches the schema.
     pub fn set_confirmed_schema(&mut self, confirmed: Arc<std::sync::atomic::AtomicI64>) {
         self.confirmed = Some(confirmed);
-    }
-
-    /// Events applied without a write after which a write records their positions (at least 1).
-    pub fn set_record_every(&mut self, events: u64) {
-        self.record_every = events.max(1);
     }
 
     /// Fails with [`Error::SchemaChanged`] when the schema `conn` sees (inside a transaction) is
@@ -408,12 +394,8 @@ impl Applier {
             tx.commit()?;
         }
         if first_write == batch.len() {
-            self.unrecorded += batch.len() as u64;
-            if self.unrecorded < self.record_every {
-                return Ok(outcomes);
-            }
+            return Ok(outcomes);
         }
-        self.unrecorded = 0;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;

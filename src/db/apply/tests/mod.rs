@@ -546,32 +546,6 @@ fn own_events_do_not_break_deferred_application_transactions() {
         .expect("the application's upgrade to writer must not fail");
 }
 
-/// Events applied without a write still reach the database's positions every `record_every`
-/// events: a restart begins there, and must not find the stream has dropped what lies between.
-#[test]
-fn positions_of_events_applied_without_a_write_are_recorded_now_and_then() {
-    let (_d, origin, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
-    a.set_record_every(3);
-    let app = Connection::open(&origin).expect("app");
-    app.execute_batch("INSERT INTO t VALUES (1, 'a'); INSERT INTO t VALUES (2, 'b');")
-        .expect("app");
-    let recorded = || {
-        let conn = Connection::open(&origin).expect("open");
-        crate::db::applied_positions(&conn)
-            .expect("positions")
-            .get("s")
-            .copied()
-    };
-    for (seq, event) in (1..).zip(captured(&origin).into_iter().cycle().take(4)) {
-        let out = a
-            .apply_batch(&[Incoming { seq, ..own(event) }])
-            .expect("apply");
-        assert_eq!(out, [Outcome::Unchanged]);
-        let want = if seq < 3 { None } else { Some(3) };
-        assert_eq!(recorded(), want, "after event {seq}");
-    }
-}
-
 fn count(path: &std::path::Path, sql: &str) -> i64 {
     Connection::open(path)
         .expect("open")
