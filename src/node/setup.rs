@@ -114,16 +114,26 @@ async fn open_database(
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let lock = db::lock(&s.db_path)?;
         crate::snapshot::sweep_work_dirs(&s.db_path);
-        let captured_before = db::changelog::ChangeLog::highest_global_id(&db::open(&s.db_path)?)
+        let before = db::open(&s.db_path)?;
+        let captured_before = db::changelog::ChangeLog::highest_global_id(&before)
             .context("Unable to read the change logs")?;
+        let logged = logged_columns(&before)?;
+        drop(before);
         let mut capture = install_capture(&s)?;
-        // The schema changed while we were stopped: changes captured before may lack columns.
+        // The schema changed while we were stopped: changes captured before of a table whose
+        // columns changed may lack some. Only those tables: the others' pending changes must
+        // still hold back (and overrule) other nodes' older events.
         if !capture.previous_hash.is_empty() {
-            capture.stale_up_to = capture
-                .tables
-                .iter()
-                .map(|t| max_log_id(&capture.conn, t))
-                .collect::<anyhow::Result<_>>()?;
+            for (i, t) in capture.tables.iter().enumerate() {
+                let same = logged.get(&db::change_log_name(&t.name)).is_some_and(|l| {
+                    l.iter()
+                        .map(String::as_str)
+                        .eq(t.columns.iter().map(|c| c.name.as_str()))
+                });
+                if !same {
+                    capture.stale_up_to[i] = max_log_id(&capture.conn, t)?;
+                }
+            }
         }
         let file = file_identity(&s.db_path);
         let binding = cdc::bind_identity(&mut capture.conn, &capture.tables, s.node_id, &file)
@@ -234,6 +244,29 @@ pub async fn reinstall(
 }
 
 /// The highest change id in a table's change log (0 when empty).
+/// The columns each change log records (by change log name, `val_` prefix removed), as capture
+/// left them: read before capture is installed again.
+fn logged_columns(
+    conn: &rusqlite::Connection,
+) -> anyhow::Result<std::collections::HashMap<String, Vec<String>>> {
+    let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut stmt = conn
+        .prepare(
+            "SELECT m.name, substr(p.name, 5) FROM sqlite_schema AS m, pragma_table_info(m.name) AS p \
+             WHERE m.type = 'table' AND m.name LIKE '\\_\\_harmonylite\\_\\_%\\_change\\_log' ESCAPE '\\' \
+             AND p.name LIKE 'val\\_%' ESCAPE '\\' ORDER BY m.name, p.cid",
+        )
+        .context("Unable to read the change logs")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .context("Unable to read the change logs")?;
+    for row in rows {
+        let (log, column) = row.context("Unable to read the change logs")?;
+        out.entry(log).or_default().push(column);
+    }
+    Ok(out)
+}
+
 fn max_log_id(conn: &rusqlite::Connection, table: &db::Table) -> anyhow::Result<i64> {
     conn.query_row(
         &format!(

@@ -455,3 +455,47 @@ fn vacuum_keeps_the_rows_of_tables_without_a_primary_key_lined_up() {
         nodes[1].query_text(by_rowid) == nodes[0].query_text(by_rowid)
     });
 }
+
+/// Issue 24: a node restarted after its schema changed while it was down took the pending
+/// changes of every table for changes captured before the change; they then no longer overruled
+/// other nodes' older events, so a row another node took the same auto id for vanished with no
+/// record in `__harmonylite__conflicts`. Only tables whose columns changed are affected now.
+#[test]
+fn a_migration_while_stopped_leaves_other_tables_conflicts_recorded() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let schema = "CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT); \
+                  CREATE TABLE other (id INTEGER PRIMARY KEY);";
+    let mut nodes: Vec<Node> = (1..=2)
+        .map(|id| Node::new(id, &nats.url, schema, 1, ""))
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    nodes[0].terminate();
+    nodes[0]
+        .exec("INSERT INTO people (email) VALUES ('one'); ALTER TABLE other ADD COLUMN note TEXT");
+    nodes[1].exec("INSERT INTO people (email) VALUES ('two')");
+    let pending = "SELECT count(*) FROM __harmonylite___change_log_global";
+    wait_until(REPLICATION_TIMEOUT, "node 2's insert published", || {
+        nodes[1].query_i64(pending) == 0
+    });
+    nodes[0].start();
+    // Node 1's insert lands after node 2's: it wins on every node, and node 1 keeps the other.
+    for n in &nodes {
+        wait_until(REPLICATION_TIMEOUT, "node 1's row everywhere", || {
+            n.query_i64(pending) == 0
+                && n.query_text("SELECT email FROM people WHERE id = 1")
+                    .as_deref()
+                    == Some("one")
+        });
+    }
+    let lost = "SELECT group_concat(lost_row ->> 'email') FROM __harmonylite__conflicts \
+                WHERE table_name = 'people'";
+    assert_eq!(
+        nodes[0].query_text(lost).as_deref(),
+        Some("two"),
+        "{}",
+        nodes[0].log()
+    );
+}

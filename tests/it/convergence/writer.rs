@@ -417,7 +417,7 @@ impl Writer {
     /// Copies this node's database to `path` the way a backup does (SQLite's backup API, live).
     pub(super) fn copy_to(&self, path: &std::path::Path) {
         self.conn
-            .backup(rusqlite::DatabaseName::Main, path, None)
+            .backup(rusqlite::MAIN_DB, path, None)
             .expect("backup");
     }
 
@@ -426,7 +426,7 @@ impl Writer {
     pub(super) fn restore_from(&mut self, path: &std::path::Path) {
         self.conn
             .restore(
-                rusqlite::DatabaseName::Main,
+                rusqlite::MAIN_DB,
                 path,
                 None::<fn(rusqlite::backup::Progress)>,
             )
