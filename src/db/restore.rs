@@ -192,6 +192,7 @@ fn merge_tables(
             continue;
         }
         let flying = in_flight(tx, log, i, positions, not_kept, &landed)?;
+        keep_lost_rows(tx, table, &snap_table, &keys, &snap_of, &flying)?;
         keep_table(tx, &keys, &flying)?;
         out.kept += flying.len() as u64;
         let started = std::time::Instant::now();
@@ -199,6 +200,103 @@ fn merge_tables(
             .map_err(on_table(&table.name))?;
         tracing::debug!(table = %table.name, elapsed_ms = started.elapsed().as_millis() as u64, "table restored");
         tx.execute_batch("DROP TABLE temp.hl_keep")?;
+    }
+    Ok(())
+}
+
+/// Keeps in `__harmonylite__conflicts` the snapshot's rows that a local insert in flight is
+/// about to overwrite on every node: another node took the same key meanwhile (two nodes'
+/// next auto id) and this node never saw its event, which the snapshot now stands for — as the
+/// applier keeps the events it overrules (stream `snapshot`, sequence 0, no payload). Only keys
+/// whose first change in flight is an insert: for an update the snapshot's row is most likely
+/// the one this node changed. (A local `INSERT OR REPLACE` over a row this node had seen is
+/// recorded too: without the row's image before it, the two cannot be told apart.)
+fn keep_lost_rows(
+    tx: &Connection,
+    table: &Table,
+    snap_table: &str,
+    keys: &[&str],
+    snap_of: &dyn Fn(&str) -> Option<String>,
+    flying: &[(i64, Vec<crate::wire::Value>)],
+) -> Result<(), Error> {
+    let log = quote(&super::change_log_name(&table.name));
+    let columns: Vec<(String, String)> = table
+        .columns
+        .iter()
+        .filter(|c| !(table.rowid_key && c.name == "rowid"))
+        .filter_map(|c| Some((c.name.clone(), snap_of(&c.name)?)))
+        .collect();
+    let select = |schema: &str, from: &str, cols: &dyn Fn(&(String, String)) -> String| {
+        let list: Vec<String> = columns.iter().map(|c| quote(&cols(c))).collect();
+        let conds: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(n, k)| {
+                let k = if schema == SNAP {
+                    snap_of(k).unwrap_or_default()
+                } else {
+                    (*k).to_owned()
+                };
+                format!("{} IS ?{}", quote(&k), n + 1)
+            })
+            .collect();
+        format!(
+            "SELECT {} FROM {schema}.{} WHERE {}",
+            list.join(", "),
+            quote(from),
+            conds.join(" AND ")
+        )
+    };
+    let in_snapshot = select(SNAP, snap_table, &|c| c.1.clone());
+    let here = select("main", &table.name, &|c| c.0.clone());
+    let mut seen = std::collections::HashSet::new();
+    for (id, key) in flying {
+        if !seen.insert(format!("{key:?}")) {
+            continue;
+        }
+        let op: String = tx.query_row(
+            &format!("SELECT type FROM {log} WHERE id = ?1"),
+            [id],
+            |r| r.get(0),
+        )?;
+        let params = rusqlite::params_from_iter(key.iter().map(Bind));
+        let read = |sql: &str| -> rusqlite::Result<Option<Vec<crate::wire::Value>>> {
+            let mut stmt = tx.prepare_cached(sql)?;
+            let mut rows = stmt.query(params.clone())?;
+            rows.next()?
+                .map(|r| {
+                    (0..columns.len())
+                        .map(|n| super::changelog::value_at(r, n))
+                        .collect()
+                })
+                .transpose()
+        };
+        let Some(lost) = (op == "insert")
+            .then(|| read(&in_snapshot))
+            .transpose()?
+            .flatten()
+        else {
+            continue;
+        };
+        if read(&here)?.as_ref() == Some(&lost) {
+            continue;
+        }
+        let row: Vec<(String, crate::wire::Value)> =
+            columns.iter().map(|c| c.0.clone()).zip(lost).collect();
+        tracing::warn!(table = %table.name, lost_row = %super::sql::row_json(&row),
+            "A snapshot's row lost to a concurrent insert made here; it is kept in __harmonylite__conflicts");
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (table_name, kind, lost_row, stream, seq, created_at) \
+                 VALUES (?1, 'insert', ?2, 'snapshot', 0, ?3)",
+                quote(super::CONFLICTS_TABLE)
+            ),
+            rusqlite::params![
+                table.name,
+                super::sql::row_json(&row),
+                crate::clock::unix_ms()
+            ],
+        )?;
     }
     Ok(())
 }

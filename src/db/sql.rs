@@ -1,6 +1,6 @@
 //! SQL helpers shared by the modules that write to the database on the applier's behalf
 //! ([`super::apply`], [`super::restore`], [`super::ddl`]): binding wire values and reading
-//! one column of a query.
+//! one column of a query; a row as JSON.
 //!
 //! This is a leaf: it imports only [`super`]'s shared names and [`crate::wire`], never another
 //! module of `db`, so the modules that use it do not import each other for it.
@@ -38,4 +38,22 @@ pub(super) fn column<T: FromSql>(
 ) -> rusqlite::Result<Vec<T>> {
     let mut stmt = conn.prepare(sql)?;
     stmt.query_map(params, |r| r.get(0))?.collect()
+}
+
+/// A row as a JSON object, keys sorted (text as text, blobs as `x'…'` hex, so any value survives).
+pub(super) fn row_json(row: &[(String, Value)]) -> String {
+    let object: serde_json::Map<String, serde_json::Value> = row
+        .iter()
+        .map(|(name, v)| {
+            let v = match v {
+                Value::Null => serde_json::Value::Null,
+                Value::Integer(i) => (*i).into(),
+                Value::Real(f) => (*f).into(),
+                Value::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+                Value::Blob(b) => format!("x'{}'", crate::hex(b)).into(),
+            };
+            (name.clone(), v)
+        })
+        .collect();
+    serde_json::Value::Object(object).to_string()
 }

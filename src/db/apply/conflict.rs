@@ -18,8 +18,9 @@ use rusqlite::Connection;
 use super::row::describe;
 use super::step::{EventError, Mode, Step};
 use super::{Incoming, Key, Outcome, State};
+use crate::db::sql::row_json;
 use crate::db::{CONFLICTS_TABLE, quote};
-use crate::wire::{ChangeEvent, Op, Value};
+use crate::wire::{ChangeEvent, Op};
 
 impl State {
     /// Keeps `event` (another node's, for row `key` of table `t`) as lost to a local change in
@@ -51,7 +52,7 @@ impl State {
         .execute(rusqlite::params![
             table,
             kind,
-            json(&event.row),
+            row_json(&event.row),
             from,
             incoming.stream,
             incoming.seq as i64,
@@ -68,22 +69,4 @@ impl State {
             kind: kind.to_owned(),
         }))
     }
-}
-
-/// A row as a JSON object, keys sorted (text as text, blobs as `x'…'` hex, so any value survives).
-fn json(row: &[(String, Value)]) -> String {
-    let object: serde_json::Map<String, serde_json::Value> = row
-        .iter()
-        .map(|(name, v)| {
-            let v = match v {
-                Value::Null => serde_json::Value::Null,
-                Value::Integer(i) => (*i).into(),
-                Value::Real(f) => (*f).into(),
-                Value::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
-                Value::Blob(b) => format!("x'{}'", crate::hex(b)).into(),
-            };
-            (name.clone(), v)
-        })
-        .collect();
-    serde_json::Value::Object(object).to_string()
 }

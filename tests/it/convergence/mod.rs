@@ -679,7 +679,11 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
         }
         panic!("seed {seed}: nodes did not converge to the model (I1-I3):\n{report}");
     }
-    check_derived_state(&cluster, &emails, seed);
+    // Known gap (issue 24): with snapshot recoveries a lost auto-id row is still, rarely,
+    // recorded nowhere (1 row in 4 seeds); `HARMONYLITE_CHECK_CONFLICTS=1` checks it there too.
+    let conflicts_checked =
+        max_entries.is_none() || env_u64("HARMONYLITE_CHECK_CONFLICTS") == Some(1);
+    check_derived_state(&cluster, conflicts_checked.then_some(&emails[..]), seed);
     for (i, n) in cluster.nodes.iter().enumerate() {
         let dead = n.query_i64("SELECT count(*) FROM __harmonylite__dead_letter");
         let held = n.query_i64("SELECT count(*) FROM __harmonylite__held_events");
@@ -696,7 +700,7 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
 /// (kept by application triggers that must run on replicas), and every person inserted with an
 /// auto id is either there or, having lost its id to another node's, kept in some node's
 /// `__harmonylite__conflicts`.
-fn check_derived_state(cluster: &Cluster, emails: &[String], seed: u64) {
+fn check_derived_state(cluster: &Cluster, emails: Option<&[String]>, seed: u64) {
     for (i, n) in cluster.nodes.iter().enumerate() {
         if let Err(e) = n
             .conn()
@@ -734,12 +738,7 @@ fn check_derived_state(cluster: &Cluster, emails: &[String], seed: u64) {
             rows
         })
         .collect();
-    // Known gap (issue 24): a loss is recorded only when the winning node sees the losing
-    // event while its own change is in flight; losses through a snapshot restore or after a
-    // restart are not yet. `HARMONYLITE_CHECK_CONFLICTS=1` checks it (seed 11 fails).
-    if env_u64("HARMONYLITE_CHECK_CONFLICTS") != Some(1) {
-        return;
-    }
+    let Some(emails) = emails else { return };
     let vanished: Vec<&String> = emails
         .iter()
         .filter(|e| !present.contains(*e) && !lost.contains(*e))

@@ -323,6 +323,48 @@ fn restore_merges_into_populated_tables() {
     );
 }
 
+/// Issue 24: a local insert in flight keeps its row over the snapshot's row of the same key —
+/// another node's, which this node never saw (two nodes took the same auto id) and which the
+/// insert will overwrite everywhere. The snapshot's row is kept in the conflicts table; a
+/// local update in flight of a row the snapshot has is the ordinary case and is not.
+#[test]
+fn restore_keeps_the_snapshot_row_a_local_insert_overwrites_as_a_conflict() {
+    let (d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+    a.apply_batch(&[incoming(ev(
+        Op::Insert,
+        "t",
+        vec![("id", Value::Integer(1)), ("v", text("old"))],
+    ))])
+    .expect("apply");
+    let app = Connection::open(&path).expect("app");
+    app.execute_batch("INSERT INTO t VALUES (9, 'mine'); UPDATE t SET v = 'edited' WHERE id = 1")
+        .expect("app");
+    let snap = snapshot_of(d.path(), &[(1, "old"), (9, "theirs")]);
+    let out = a
+        .restore_snapshot(&snap, &["s".into()], &[10], &Default::default())
+        .expect("restore");
+    assert_eq!(out.kept, 2);
+    assert_eq!(
+        rows(&path, "SELECT id, v FROM t ORDER BY id"),
+        [
+            vec![Value::Integer(1), text("edited")],
+            vec![Value::Integer(9), text("mine")],
+        ]
+    );
+    assert_eq!(
+        rows(
+            &path,
+            "SELECT table_name, kind, lost_row, stream FROM __harmonylite__conflicts"
+        ),
+        [vec![
+            text("t"),
+            text("insert"),
+            text(r#"{"id":9,"v":"theirs"}"#),
+            text("snapshot")
+        ]]
+    );
+}
+
 /// The UNIQUE fallback of a merge (rows that swapped values) skips only rows clashing with
 /// a kept row: a snapshot row this schema refuses for another reason (a CHECK the snapshot's
 /// node lacks) fails the whole restore, which changes nothing, instead of vanishing.
