@@ -220,35 +220,19 @@ fn keep_lost_rows(
     flying: &[(i64, Vec<crate::wire::Value>)],
 ) -> Result<(), Error> {
     let log = quote(&super::change_log_name(&table.name));
-    let columns: Vec<(String, String)> = table
+    let (here, there): (Vec<String>, Vec<String>) = table
         .columns
         .iter()
         .filter(|c| !(table.rowid_key && c.name == "rowid"))
         .filter_map(|c| Some((c.name.clone(), snap_of(&c.name)?)))
+        .unzip();
+    let snap_keys: Vec<String> = keys
+        .iter()
+        .map(|k| snap_of(k).unwrap_or_default())
         .collect();
-    let select = |schema: &str, from: &str, cols: &dyn Fn(&(String, String)) -> String| {
-        let list: Vec<String> = columns.iter().map(|c| quote(&cols(c))).collect();
-        let conds: Vec<String> = keys
-            .iter()
-            .enumerate()
-            .map(|(n, k)| {
-                let k = if schema == SNAP {
-                    snap_of(k).unwrap_or_default()
-                } else {
-                    (*k).to_owned()
-                };
-                format!("{} IS ?{}", quote(&k), n + 1)
-            })
-            .collect();
-        format!(
-            "SELECT {} FROM {schema}.{} WHERE {}",
-            list.join(", "),
-            quote(from),
-            conds.join(" AND ")
-        )
-    };
-    let in_snapshot = select(SNAP, snap_table, &|c| c.1.clone());
-    let here = select("main", &table.name, &|c| c.0.clone());
+    let local_keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+    let in_snapshot = row_select(SNAP, snap_table, &there, &snap_keys);
+    let in_main = row_select("main", &table.name, &here, &local_keys);
     let mut seen = std::collections::HashSet::new();
     for (id, key) in flying {
         if !seen.insert(format!("{key:?}")) {
@@ -259,45 +243,62 @@ fn keep_lost_rows(
             [id],
             |r| r.get(0),
         )?;
-        let params = rusqlite::params_from_iter(key.iter().map(Bind));
         let read = |sql: &str| -> rusqlite::Result<Option<Vec<crate::wire::Value>>> {
             let mut stmt = tx.prepare_cached(sql)?;
-            let mut rows = stmt.query(params.clone())?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(key.iter().map(Bind)))?;
             rows.next()?
                 .map(|r| {
-                    (0..columns.len())
+                    (0..here.len())
                         .map(|n| super::changelog::value_at(r, n))
                         .collect()
                 })
                 .transpose()
         };
-        let Some(lost) = (op == "insert")
-            .then(|| read(&in_snapshot))
-            .transpose()?
-            .flatten()
-        else {
-            continue;
-        };
-        if read(&here)?.as_ref() == Some(&lost) {
+        if op != "insert" {
             continue;
         }
-        let row: Vec<(String, crate::wire::Value)> =
-            columns.iter().map(|c| c.0.clone()).zip(lost).collect();
-        tracing::warn!(table = %table.name, lost_row = %super::sql::row_json(&row),
-            "A snapshot's row lost to a concurrent insert made here; it is kept in __harmonylite__conflicts");
-        tx.execute(
-            &format!(
-                "INSERT INTO {} (table_name, kind, lost_row, stream, seq, created_at) \
-                 VALUES (?1, 'insert', ?2, 'snapshot', 0, ?3)",
-                quote(super::CONFLICTS_TABLE)
-            ),
-            rusqlite::params![
-                table.name,
-                super::sql::row_json(&row),
-                crate::clock::unix_ms()
-            ],
-        )?;
+        let Some(lost) = read(&in_snapshot)? else {
+            continue;
+        };
+        if read(&in_main)?.as_ref() != Some(&lost) {
+            let row: Vec<_> = here.iter().cloned().zip(lost).collect();
+            record_snapshot_loss(tx, &table.name, &super::sql::row_json(&row))?;
+        }
     }
+    Ok(())
+}
+
+/// `SELECT columns FROM schema.from WHERE key₁ IS ?1 AND …`.
+fn row_select(schema: &str, from: &str, columns: &[String], keys: &[String]) -> String {
+    let list: Vec<String> = columns.iter().map(|c| quote(c)).collect();
+    let conds: Vec<String> = keys
+        .iter()
+        .enumerate()
+        .map(|(n, k)| format!("{} IS ?{}", quote(k), n + 1))
+        .collect();
+    format!(
+        "SELECT {} FROM {schema}.{} WHERE {}",
+        list.join(", "),
+        quote(from),
+        conds.join(" AND ")
+    )
+}
+
+/// Keeps a snapshot's row lost to a local insert (see [`keep_lost_rows`]).
+fn record_snapshot_loss(tx: &Connection, table: &str, lost_row: &str) -> Result<(), Error> {
+    tracing::warn!(
+        table,
+        lost_row,
+        "A snapshot's row lost to a concurrent insert made here; it is kept in __harmonylite__conflicts"
+    );
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (table_name, kind, lost_row, stream, seq, created_at) \
+             VALUES (?1, 'insert', ?2, 'snapshot', 0, ?3)",
+            quote(super::CONFLICTS_TABLE)
+        ),
+        rusqlite::params![table, lost_row, crate::clock::unix_ms()],
+    )?;
     Ok(())
 }
 
