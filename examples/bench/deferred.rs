@@ -273,16 +273,7 @@ fn transactions(db: &Connection, immediate: bool, length: Duration) -> Result<(u
     while start.elapsed() < length {
         let read = 1 + (n as i64 * 7919) % SEED_ROWS;
         let target = 1 + n as i64 % T2_ROWS;
-        let result = (|| -> rusqlite::Result<()> {
-            db.execute_batch(begin)?;
-            let v: i64 = db.query_row("SELECT v FROM t WHERE id = ?1", [read], |r| r.get(0))?;
-            std::thread::sleep(APP_LOGIC);
-            db.execute(
-                "UPDATE t2 SET n = n + ?1 WHERE id = ?2",
-                [v % 3 + 1, target],
-            )?;
-            db.execute_batch("COMMIT")
-        })();
+        let result = read_then_write(db, begin, read, target);
         n += 1;
         std::thread::sleep(BETWEEN);
         match result {
@@ -295,6 +286,18 @@ fn transactions(db: &Connection, immediate: bool, length: Duration) -> Result<(u
         }
     }
     Ok((n, failed))
+}
+
+/// One transaction: read a row of `t`, think, update a row of `t2`.
+fn read_then_write(db: &Connection, begin: &str, read: i64, target: i64) -> rusqlite::Result<()> {
+    db.execute_batch(begin)?;
+    let v: i64 = db.query_row("SELECT v FROM t WHERE id = ?1", [read], |r| r.get(0))?;
+    std::thread::sleep(APP_LOGIC);
+    db.execute(
+        "UPDATE t2 SET n = n + ?1 WHERE id = ?2",
+        [v % 3 + 1, target],
+    )?;
+    db.execute_batch("COMMIT")
 }
 
 /// `harmonylite_apply_commits` of the node serving metrics on `port`.
