@@ -10,6 +10,9 @@
 //!
 //! `-- snapshot [SIZE_MB]` instead measures snapshot save and restore of a SIZE_MB (default
 //! 1024) database against `cp`, with the daemon's peak RSS (see `bench/snapshot.rs`).
+//! `-- deferred RATES INTERVALS SECS [immediate]` instead measures how often deferred
+//! read-then-write transactions fail on a node receiving changes, per `apply_interval_ms`
+//! (see `bench/deferred.rs`).
 //!
 //! Run: `cargo run --release --example bench` (after `scripts/install-test-servers.sh`, or with
 //! `nats-server` on `PATH`, or `HARMONYLITE_NATS_SERVER=/path/to/nats-server`).
@@ -139,6 +142,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[path = "bench/snapshot.rs"]
 mod snapshot;
 
+#[path = "bench/deferred.rs"]
+mod deferred;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -150,6 +156,7 @@ fn main() -> Result<()> {
                 .context("SIZE_MB")?;
             return snapshot::run(&find_nats_server()?, mb);
         }
+        Some("deferred") => return deferred::run(&find_nats_server()?, &args[1..]),
         _ => {}
     }
     if std::env::var_os("RUST_LOG").is_some() {

@@ -72,6 +72,8 @@ metrics! {
     // Ours: replication.
     applied: IntCounterVec = counter_vec(
         "replicated events applied to the local database, per shard", &["shard"]);
+    apply_commits: IntCounter = counter(
+        "transactions the apply thread committed with other nodes' events (each can fail a local deferred read-then-write transaction)");
     apply_lag_seconds: Histogram = histogram(
         "seconds from a change entering its stream to its apply on this node", APPLY_LAG_BUCKETS);
     last_published_sequence: IntGaugeVec = gauge_vec(
@@ -224,6 +226,7 @@ mod tests {
             types,
             [
                 "# TYPE harmonylite_applied counter",
+                "# TYPE harmonylite_apply_commits counter",
                 "# TYPE harmonylite_apply_lag_seconds histogram",
                 "# TYPE harmonylite_count_changes histogram",
                 "# TYPE harmonylite_held_events gauge",

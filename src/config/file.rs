@@ -125,8 +125,15 @@ section! {
         /// Ours (not in Go): largest decompressed event accepted, bytes; 0 = 16 × the server's
         /// `max_payload`, at least 16 MiB.
         max_event_bytes: u64 = 0,
+        /// Ours (not in Go): least milliseconds between two apply commits while remote events
+        /// keep arriving (the first after a quiet spell is applied at once); 0 = commit every
+        /// batch as soon as it arrives. See `replicate::apply`.
+        apply_interval_ms: u32 = DEFAULT_APPLY_INTERVAL_MS,
     }
 }
+
+/// Default of `replication_log.apply_interval_ms`; measured in `replicate::apply`'s header.
+pub const DEFAULT_APPLY_INTERVAL_MS: u32 = 20;
 
 section! {
     /// `[nats]`.

@@ -188,6 +188,8 @@ pub struct ReplicationSettings {
     /// Largest decompressed event accepted, bytes; `None` = derived from the server's
     /// `max_payload`.
     pub max_event_bytes: Option<usize>,
+    /// Least time between two apply commits while events keep arriving (zero: no pacing).
+    pub apply_interval: Duration,
 }
 
 /// Log output format.
@@ -325,6 +327,10 @@ mod tests {
         assert_eq!(s.replication.shards, 1);
         assert_eq!(s.replication.max_entries, 1024);
         assert!(s.replication.compress);
+        assert_eq!(
+            s.replication.apply_interval,
+            Duration::from_millis(file::DEFAULT_APPLY_INTERVAL_MS.into())
+        );
         assert_eq!(s.stream_name(1), "harmonylite-changes-c-1");
         assert_eq!(s.subject_name(1), "harmonylite-change-log-1");
         assert_eq!(s.nats.bind_address, ":-1");

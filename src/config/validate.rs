@@ -154,6 +154,12 @@ fn replication_settings(rl: &ReplicationLogConfig) -> Result<ReplicationSettings
     } else {
         rl.replicas as usize
     };
+    if rl.apply_interval_ms > MAX_APPLY_INTERVAL_MS {
+        return Err(invalid(
+            "replication_log.apply_interval_ms",
+            format!("must be at most {MAX_APPLY_INTERVAL_MS} (milliseconds)"),
+        ));
+    }
     Ok(ReplicationSettings {
         shards: rl.shards,
         max_entries: rl.max_entries,
@@ -163,8 +169,13 @@ fn replication_settings(rl: &ReplicationLogConfig) -> Result<ReplicationSettings
         update_existing: rl.update_existing,
         max_event_bytes: (rl.max_event_bytes > 0)
             .then(|| usize::try_from(rl.max_event_bytes).unwrap_or(usize::MAX)),
+        apply_interval: Duration::from_millis(rl.apply_interval_ms.into()),
     })
 }
+
+/// Largest `replication_log.apply_interval_ms`: every remote change may wait this long on a busy
+/// node, so seconds would make replication lag by design.
+const MAX_APPLY_INTERVAL_MS: u32 = 1000;
 
 /// `[snapshot]`; the default NATS bucket is named after `nats.stream_prefix`.
 fn snapshot_settings(
@@ -340,6 +351,14 @@ mod tests {
     fn impossible_values_name_the_key() {
         for (text, key) in [
             ("[replication_log]\nshards = 0", "replication_log.shards"),
+            (
+                "[replication_log]\napply_interval_ms = 1001",
+                "replication_log.apply_interval_ms",
+            ),
+            (
+                "[replication_log]\napply_interval_ms = -1",
+                "replication_log.apply_interval_ms",
+            ),
             ("cleanup_interval = 0", "cleanup_interval"),
             ("scan_max_changes = 0", "scan_max_changes"),
             ("[snapshot]\nstore = \"ftp\"", "snapshot.store"),

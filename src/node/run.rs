@@ -481,6 +481,7 @@ fn spawn_apply(
                 .unwrap_or_else(|| max_event_bytes(&node.client)),
             identity: node.identity.clone(),
             observers: node.observers.clone(),
+            apply_interval: settings.replication.apply_interval,
             positions: w.positions,
             flow: w.flow,
             gate: w.gate,

@@ -176,3 +176,43 @@ fn get_bytes(port: u16, path: &str) -> (u16, Vec<u8>) {
         .unwrap_or(0);
     (code, raw[split..].to_vec())
 }
+
+/// `replication_log.apply_interval_ms` paces the apply thread: single-row transactions arriving
+/// one by one within the interval are applied in a few commits, not one each (what breaks
+/// deferred read-then-write transactions on the receiving node is the number of commits).
+/// Without pacing node 2 commits about once per arriving row; `apply_interval_ms = 0` is the
+/// unit test of `replicate::apply::pace`.
+#[test]
+fn apply_commits_are_paced_by_the_apply_interval() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let (mut a, _, _) = observed_node(1, &nats.url);
+    let (mut b, b_metrics, _) = observed_node(2, &nats.url);
+    b.edit_config(
+        "max_entries = 100000\n",
+        "max_entries = 100000\napply_interval_ms = 1000\n",
+    );
+    a.start();
+    b.start();
+    let commits = || {
+        let text = get(b_metrics, "/metrics").1;
+        assert!(text.contains("harmonylite_apply_commits"), "{text}");
+        sample(&text, "harmonylite_apply_commits{node_id=\"2\"}")
+    };
+    let before = commits();
+    let rows = 20;
+    for i in 0..rows {
+        a.exec(&format!(
+            "INSERT INTO Books (title, author) VALUES ('p{i}', 'x')"
+        ));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_until(REPLICATION_TIMEOUT, "rows on node 2", || {
+        b.query_i64("SELECT count(*) FROM Books") == rows
+    });
+    let paced = commits() - before;
+    assert!(
+        (1.0..=(rows / 2) as f64).contains(&paced),
+        "{rows} transactions arriving within about a second took {paced} apply commits"
+    );
+}
