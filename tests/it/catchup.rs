@@ -180,6 +180,34 @@ fn stopped_node_restarts_and_converges() {
     );
 }
 
+/// A node that never sent anything stops; its application changes rows; the stream moves past
+/// it. At restart those changes were certainly never sent, so the restore keeps their rows:
+/// before, with no sent mark yet, they counted as "maybe sent", the snapshot's older rows
+/// replaced them until they came back (a deleted row reappeared meanwhile), and a conflict with
+/// them went unrecorded.
+#[test]
+fn changes_made_while_a_node_that_never_sent_was_down_keep_their_rows_over_a_restore() {
+    let bin = require_nats!();
+    let (_nats, a, mut b) = small_pair(&bin);
+    assert!(b.terminate().success());
+    b.exec("UPDATE Books SET title = 'mine' WHERE id IN (1, 2); DELETE FROM Books WHERE id = 3");
+    insert_range(&a, 11, 111);
+    b.start();
+    let mine = "SELECT count(*) FROM Books WHERE title = 'mine'";
+    wait_until(Duration::from_secs(30), "b's changes on a", || {
+        a.query_i64(mine) == 2 && a.query_i64("SELECT count(*) FROM Books WHERE id = 3") == 0
+    });
+    wait_until(Duration::from_secs(10), "b restored", || {
+        b.log().contains("Restore complete")
+    });
+    let log = b.log();
+    assert!(log.contains("kept_in_flight=3"), "{log}");
+    assert!(
+        !log.contains("Some pending changes were captured before"),
+        "{log}"
+    );
+}
+
 /// `max_entries = 16`: a running node forced behind (SIGSTOP for 10 s during writes) recovers
 /// online, without a restart.
 #[test]

@@ -26,13 +26,22 @@ impl SentMark {
     /// found, or what existed at start when there is no mark). The mark never goes below it: a
     /// crash after a send of older pending changes must not hide that newer ones went out in an
     /// earlier run.
+    ///
+    /// Without a mark of this database, the floor is written at once: a later start then knows
+    /// that changes captured after this one were never sent — without it, a node that stopped
+    /// before its first send took every change its application made while it was down for
+    /// "maybe sent", and a restore let the snapshot's older rows replace them.
     pub fn new(db_path: &std::path::Path, identity: &str, floor: i64) -> SentMark {
-        SentMark {
+        let mark = SentMark {
             path: db::sent_mark_path(db_path),
             identity: identity.to_owned(),
             written: AtomicI64::new(floor),
             warned: std::sync::atomic::AtomicBool::new(false),
+        };
+        if Self::read(db_path, identity).is_none() {
+            mark.write(floor);
         }
+        mark
     }
 
     /// The highest global id recorded so far by this run.
@@ -42,9 +51,12 @@ impl SentMark {
 
     /// Records that changes up to global id `last` are about to be sent.
     pub(super) fn advance(&self, last: i64) {
-        if last <= self.written.load(Ordering::Relaxed) {
-            return;
+        if last > self.written.load(Ordering::Relaxed) {
+            self.write(last);
         }
+    }
+
+    fn write(&self, last: i64) {
         let mut tmp = self.path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = std::path::PathBuf::from(tmp);
@@ -80,11 +92,12 @@ mod tests {
         let db = dir.path().join("app.db");
         assert_eq!(SentMark::read(&db, "abc"), None, "no mark yet");
         let mark = SentMark::new(&db, "abc", 10);
+        assert_eq!(SentMark::read(&db, "abc"), Some(10), "the floor, at once");
         mark.advance(9);
         assert_eq!(
             SentMark::read(&db, "abc"),
-            None,
-            "at or below the floor: no write"
+            Some(10),
+            "never below the floor"
         );
         mark.advance(41);
         mark.advance(7); // never goes back
