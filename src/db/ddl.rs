@@ -638,6 +638,16 @@ fn first_outrun(conn: &Connection, tables: &[Table]) -> Result<Option<String>, E
     Ok(None)
 }
 
+/// Whether index `name` exists.
+fn present_index(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
 /// Whether the live schema still matches the capture installed for `tables` with `hash`: `None`
 /// if so, else what changed. With `seen` at the current `PRAGMA schema_version` nothing else is
 /// read. Returns the version it looked at.
@@ -680,12 +690,21 @@ pub fn drift(
                 .iter()
                 .all(|(n, _)| present.iter().any(|(p, ..)| p == n))
         });
+        let unindexed = tables.iter().find_map(|t| {
+            super::triggers::rowids_index(t)
+                .filter(|i| !present_index(&tx, i).unwrap_or(true))
+                .map(|_| t.name.clone())
+        });
         if let Some(t) = missing {
             capture_lost = true;
             Some(format!(
                 "the capture triggers of table {:?} were dropped by something other than harmonylite \
                  (writes made while they were missing are not replicated)",
                 t.name
+            ))
+        } else if let Some(t) = unindexed {
+            Some(format!(
+                "the index that keeps the rowids of table {t:?} through VACUUM was dropped"
             ))
         } else if present.len() != expected.len() {
             Some(format!(

@@ -29,6 +29,14 @@ pub(super) fn trigger_names(table: &str) -> [String; 5] {
     .map(|op| format!("{log}_{op}"))
 }
 
+/// The index that keeps a rowid-keyed table's rowids through VACUUM (see
+/// [`super::cdc::table_ddl`]).
+pub(super) fn rowids_index(table: &Table) -> Option<String> {
+    table
+        .rowid_key
+        .then(|| format!("{}_rowids", change_log_name(&table.name)))
+}
+
 /// The capture triggers of a table: (name, `CREATE TRIGGER` statement as SQLite stores it).
 pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
     let log = change_log_name(&table.name);

@@ -24,7 +24,7 @@
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
-use super::triggers::{trigger_names, triggers};
+use super::triggers::{rowids_index, trigger_names, triggers};
 use super::{
     ALIAS_TABLE, APPLIED_TABLE, CONFLICTS_TABLE, DEAD_LETTER_TABLE, Error, GLOBAL_LOG, GUARD_TABLE,
     HELD_TABLE, IDENTITY_TABLE, PREFIX, PUBLISHED_TABLE, SCHEMA_VERSION_TABLE, Table,
@@ -139,13 +139,6 @@ fn change_log_create(name: &str, table: &Table) -> String {
          pub_shard INTEGER,\n    pub_seq INTEGER\n);\n",
         quote(name)
     )
-}
-
-/// The index that keeps a rowid-keyed table's rowids through VACUUM (see [`table_ddl`]).
-fn rowids_index(table: &Table) -> Option<String> {
-    table
-        .rowid_key
-        .then(|| format!("{}_rowids", change_log_name(&table.name)))
 }
 
 /// DDL for one table's change log, index and triggers.
