@@ -130,6 +130,18 @@ impl State {
             if incoming.own {
                 return Ok(Step::Done(Outcome::Superseded));
             }
+            // Nothing is lost when the event would leave the row as it is: both nodes deleted
+            // it, or wrote the same values.
+            let unchanged = match event.op {
+                Op::Delete => found.is_empty(),
+                Op::Insert | Op::Update => found.first().is_some_and(|f| {
+                    f.values.len() == event.row.len()
+                        && f.values.iter().zip(&event.row).all(|(a, (_, b))| a == b)
+                }),
+            };
+            if unchanged {
+                return Ok(Step::Done(Outcome::Superseded));
+            }
             return self.overrule(conn, r.t, &r.wire_key, incoming, event, mode);
         }
 

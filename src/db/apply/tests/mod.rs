@@ -435,6 +435,39 @@ fn events_older_than_a_local_change_in_flight_are_skipped() {
     assert_eq!(rows(&origin, "SELECT v FROM t"), [vec![text("later")]]);
 }
 
+/// Two nodes doing the same thing to a row at once lose nothing: another node's event that
+/// would leave the row as this node's change in flight has it (the same values, or both
+/// deleted) is superseded without a conflict record.
+#[test]
+fn concurrent_identical_changes_are_not_conflicts() {
+    let (_d, origin, mut a, _) = row_written_twice();
+    let same = ev(
+        Op::Update,
+        "t",
+        vec![("id", Value::Integer(1)), ("v", text("b"))],
+    );
+    assert_eq!(
+        a.apply_batch(&[incoming(same)]).expect("apply"),
+        [Outcome::Superseded]
+    );
+    let app = Connection::open(&origin).expect("app");
+    app.execute("DELETE FROM t WHERE id = 1", [])
+        .expect("delete");
+    let gone = ev(
+        Op::Delete,
+        "t",
+        vec![("id", Value::Integer(1)), ("v", text("b"))],
+    );
+    assert_eq!(
+        a.apply_batch(&[incoming(gone)]).expect("apply"),
+        [Outcome::Superseded]
+    );
+    assert_eq!(
+        count(&origin, "SELECT count(*) FROM __harmonylite__conflicts"),
+        0
+    );
+}
+
 /// Issue 24, finding 10: a change marked failed (too large to publish) never comes back, so
 /// once marked it no longer holds its row: another node's later change applies.
 #[test]
