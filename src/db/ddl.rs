@@ -468,12 +468,6 @@ pub fn waiting_events(conn: &Connection) -> Result<Vec<crate::wire::ChangeEvent>
         .collect())
 }
 
-/// Lower-cased names of the tables that events waiting for the schema are for: such a table
-/// exists on another node, whose changes of it are on their way.
-pub fn waiting_tables(events: &[crate::wire::ChangeEvent]) -> HashSet<String> {
-    events.iter().map(|e| e.table.to_lowercase()).collect()
-}
-
 /// Publishes a newly watched table's existing rows once, as inserts (rows written before its
 /// triggers existed were never captured). Returns how many.
 ///
@@ -638,16 +632,6 @@ fn first_outrun(conn: &Connection, tables: &[Table]) -> Result<Option<String>, E
     Ok(None)
 }
 
-/// Whether index `name` exists.
-fn present_index(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = ?1",
-        [name],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n > 0)
-}
-
 /// Whether the live schema still matches the capture installed for `tables` with `hash`: `None`
 /// if so, else what changed. With `seen` at the current `PRAGMA schema_version` nothing else is
 /// read. Returns the version it looked at.
@@ -692,7 +676,7 @@ pub fn drift(
         });
         let unindexed = tables.iter().find_map(|t| {
             super::triggers::rowids_index(t)
-                .filter(|i| !present_index(&tx, i).unwrap_or(true))
+                .filter(|i| !super::has_object(&tx, i).unwrap_or(true))
                 .map(|_| t.name.clone())
         });
         if let Some(t) = missing {

@@ -142,6 +142,15 @@ pub fn has_table(conn: &Connection, name: &str) -> Result<bool, Error> {
         .is_some())
 }
 
+/// Whether `sqlite_schema` holds an object (table, index, trigger) named exactly `name`.
+pub(crate) fn has_object(conn: &Connection, name: &str) -> Result<bool, Error> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )? == 1)
+}
+
 impl From<rusqlite::Error> for Error {
     fn from(source: rusqlite::Error) -> Self {
         Error::Sqlite {

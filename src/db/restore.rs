@@ -48,6 +48,13 @@ pub struct NotKept {
     pub landed: Vec<(usize, i64, u64, u64)>,
 }
 
+/// Whether `positions` (per shard, index shard − 1) reach sequence `seq` of `shard`.
+pub fn reaches(positions: &[u64], shard: u64, seq: u64) -> bool {
+    positions
+        .get((shard.max(1) - 1) as usize)
+        .is_some_and(|&p| seq <= p)
+}
+
 /// What a restore did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Restored {
@@ -339,11 +346,9 @@ fn in_flight(
     // Where the change landed, when that is known and not marked yet: inside the snapshot it
     // is not in flight; past it, it is, whatever else is said of it.
     let landed_inside = |id: i64| {
-        landed.get(&(i, id)).map(|&(shard, seq)| {
-            positions
-                .get((shard.max(1) - 1) as usize)
-                .is_some_and(|&p| seq <= p)
-        })
+        landed
+            .get(&(i, id))
+            .map(|&(shard, seq)| reaches(positions, shard, seq))
     };
     // Changes of unknown status may be inside the snapshot already: its rows win.
     Ok(flying

@@ -412,8 +412,7 @@ impl Worker {
             let last = &self.last;
             w.applier
                 .forget_landed(&landed_in(&w.outbox), |shard, seq| {
-                    last.get((shard.max(1) - 1) as usize)
-                        .is_some_and(|&p| seq <= p)
+                    crate::db::restore::reaches(last, shard, seq)
                 });
         }
     }

@@ -237,7 +237,9 @@ impl Consumer {
                 // have not seen means the consumer is stranded (it can happen around stream
                 // leader elections): reopen it.
                 None if received == 0
-                    && stream_is_ahead(&self.spec.js, &self.stream_name, self.next).await =>
+                    && crate::stream::stream_range(&self.spec.js, &self.stream_name)
+                        .await
+                        .is_ok_and(|r| r.is_some_and(|(_, last)| last >= self.next)) =>
                 {
                     tracing::warn!(stream = %self.stream_name, from = self.next,
                         "consumer stalled behind the stream; reopening");
@@ -309,16 +311,5 @@ impl Consumer {
         self.next = seq + 1;
         self.backoff.reset();
         Ok(())
-    }
-}
-
-/// Whether `stream` holds a message at or after `next` (by its last sequence).
-async fn stream_is_ahead(js: &jetstream::Context, stream: &str, next: u64) -> bool {
-    match js.get_stream(stream).await {
-        Ok(s) => s.cached_info().state.last_sequence >= next,
-        Err(e) => {
-            tracing::debug!(stream, error = %e, "stream info failed");
-            false
-        }
     }
 }

@@ -281,10 +281,8 @@ impl Snapshots {
                 Ok(kv) => return Some(kv),
                 Err(e) => {
                     tracing::warn!(error = %e, "Cannot open the snapshot leader bucket; retrying");
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    if !crate::retry::pause(shutdown, Duration::from_secs(2)).await {
+                        return None;
                     }
                 }
             }
@@ -363,12 +361,8 @@ impl Snapshots {
             // A save in progress finishes if it can within the drain deadline.
             let _ = tokio::time::timeout(Duration::from_secs(8), task).await;
         }
-        if self.is_leader() {
-            tracing::info!("Releasing snapshot leadership on shutdown");
-            self.leader.store(false, Ordering::Relaxed);
-            // Unlike Go, hand the key over at once: another node leads at its next round.
-            leader::release(meta_kv, leader::LEADER_KEY, self.settings.node_id).await;
-        }
+        // Unlike Go, hand the key over at once: another node leads at its next round.
+        self.resign(meta_kv, "on shutdown").await;
         tracing::info!("Snapshot leader election stopped");
     }
 
@@ -392,16 +386,31 @@ impl Snapshots {
     /// (its snapshots could not help anyone) and does not take it again until it is done.
     pub async fn set_recovering(&self, on: bool) {
         self.recovering.store(on, Ordering::Relaxed);
-        if on && self.leader.swap(false, Ordering::Relaxed) {
-            tracing::info!("Lost snapshot leadership: this node is recovering");
-            self.observers
-                .health
-                .update_catchup(|c| c.snapshot_leader = false);
+        if on && self.resign_here("this node is recovering") {
             let replicas = self.settings.replication.configured_replicas;
             if let Ok(kv) = leader::bucket(&self.js, replicas).await {
                 leader::release(&kv, leader::LEADER_KEY, self.settings.node_id).await;
             }
         }
+    }
+
+    /// Gives up the leadership, if held, and its key.
+    async fn resign(&self, meta_kv: &kv::Store, why: &str) {
+        if self.resign_here(why) {
+            leader::release(meta_kv, leader::LEADER_KEY, self.settings.node_id).await;
+        }
+    }
+
+    /// Gives up the leadership in this process; true if it was held.
+    fn resign_here(&self, why: &str) -> bool {
+        let was = self.leader.swap(false, Ordering::Relaxed);
+        if was {
+            tracing::info!("Lost snapshot leadership: {why}");
+            self.observers
+                .health
+                .update_catchup(|c| c.snapshot_leader = false);
+        }
+        was
     }
 
     /// Whether events wait here for a migration this node has not run: its snapshots would lack
@@ -418,14 +427,8 @@ impl Snapshots {
             return ttl;
         }
         if self.behind_on_schema() {
-            if was {
-                self.leader.store(false, Ordering::Relaxed);
-                self.observers
-                    .health
-                    .update_catchup(|c| c.snapshot_leader = false);
-                tracing::info!("Lost snapshot leadership: this node waits for a schema migration");
-                leader::release(meta_kv, leader::LEADER_KEY, self.settings.node_id).await;
-            }
+            self.resign(meta_kv, "this node waits for a schema migration")
+                .await;
             return ttl.min(Duration::from_secs(1));
         }
         let mut next = ttl;
@@ -490,10 +493,8 @@ impl Snapshots {
                         .snapshot_age_seconds
                         .set(((crate::clock::unix_ms() - newest) / 1000).max(0));
                 }
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                if !crate::retry::pause(&shutdown, Duration::from_secs(5)).await {
+                    return;
                 }
             }
         });

@@ -321,9 +321,7 @@ impl Applier {
         // Acknowledged changes of ours inside the snapshot have come back, whatever the database
         // still says of them (the keeper marks them later).
         self.forget_landed(&not_kept.landed, |shard, seq| {
-            positions
-                .get((shard.max(1) - 1) as usize)
-                .is_some_and(|&p| seq <= p)
+            crate::db::restore::reaches(positions, shard, seq)
         });
         // Held events the snapshot's positions include are part of its rows now (or superseded
         // by them): retried later they would take rows back. Events waiting for the schema that

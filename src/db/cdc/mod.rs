@@ -175,7 +175,7 @@ pub(super) fn table_ddl(table: &Table) -> String {
 /// can skip its write transaction (every commit of ours can fail an application transaction
 /// that is open at that moment).
 fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<bool, Error> {
-    let exists = |name: &str| schema_has(conn, name);
+    let exists = |name: &str| super::has_object(conn, name);
     for base in [
         GLOBAL_LOG,
         SCHEMA_VERSION_TABLE,
@@ -192,16 +192,7 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
             return Ok(false);
         }
     }
-    let recorded: Option<String> = conn
-        .query_row(
-            &format!(
-                "SELECT schema_hash FROM {} WHERE id = 1",
-                quote(SCHEMA_VERSION_TABLE)
-            ),
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let recorded = recorded_hash(conn)?;
     let identified: i64 = conn.query_row(
         &format!("SELECT count(*) FROM {}", quote(IDENTITY_TABLE)),
         [],
@@ -235,15 +226,6 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
     Ok(true)
 }
 
-/// Whether `sqlite_schema` holds an object named `name`.
-fn schema_has(conn: &Connection, name: &str) -> Result<bool, Error> {
-    Ok(conn.query_row(
-        "SELECT count(*) FROM sqlite_schema WHERE name = ?1",
-        [name],
-        |r| r.get::<_, i64>(0),
-    )? == 1)
-}
-
 /// Whether `table`'s change log and capture triggers are exactly what [`install`] makes.
 fn table_up_to_date(conn: &Connection, table: &Table) -> Result<bool, Error> {
     let log = change_log_name(&table.name);
@@ -258,10 +240,10 @@ fn table_up_to_date(conn: &Connection, table: &Table) -> Result<bool, Error> {
             .iter()
             .all(|(n, ty)| !n.starts_with("val_") || ty.is_empty());
     let indexed = match rowids_index(table) {
-        Some(index) => schema_has(conn, &index)?,
+        Some(index) => super::has_object(conn, &index)?,
         None => true,
     };
-    if !layout_ok || !indexed || !schema_has(conn, &format!("{log}_state_index"))? {
+    if !layout_ok || !indexed || !super::has_object(conn, &format!("{log}_state_index"))? {
         tracing::debug!(table = %table.name, "change log layout differs; reinstalling");
         return Ok(false);
     }
@@ -436,7 +418,6 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
     // Another node's changes of these tables wait here: it has them, and its rows are on their
     // way; ours, published now, would land after its later changes and undo them.
     let waiting = super::ddl::waiting_events(&tx)?;
-    let waited_for = super::ddl::waiting_tables(&waiting);
     for table in tables {
         tracing::info!("Creating trigger for {}", table.name);
         let new = log_columns(&tx, table)?.is_empty();
@@ -447,16 +428,15 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
             super::ddl::fill_added(&tx, table, &added)?;
         }
         if new && installed_before {
-            if waited_for.contains(&table.name.to_lowercase()) {
-                let seen: Vec<_> = waiting
-                    .iter()
-                    .filter(|e| e.table.eq_ignore_ascii_case(&table.name))
-                    .collect();
-                let rows = super::ddl::backfill(&tx, table, &seen)?;
-                tracing::info!(table = %table.name, rows, "New table watched; its rows come from the nodes that had it first, except local writes, published now");
-            } else {
-                let rows = super::ddl::backfill(&tx, table, &[])?;
+            let seen: Vec<_> = waiting
+                .iter()
+                .filter(|e| e.table.eq_ignore_ascii_case(&table.name))
+                .collect();
+            let rows = super::ddl::backfill(&tx, table, &seen)?;
+            if seen.is_empty() {
                 tracing::info!(table = %table.name, rows, "New table watched; publishing its existing rows once");
+            } else {
+                tracing::info!(table = %table.name, rows, "New table watched; its rows come from the nodes that had it first, except local writes, published now");
             }
         }
     }

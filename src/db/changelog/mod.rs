@@ -438,6 +438,7 @@ impl ChangeLog {
     /// needed; returns the count. With `applied` (this node applies its own events: per shard,
     /// index shard − 1, the last applied sequence) a row is kept until its event has come back,
     /// because it is what tells an older event for the same row from a newer one after a restart.
+    #[cfg(test)]
     pub fn cleanup(
         &self,
         conn: &mut Connection,
