@@ -1,6 +1,6 @@
 //! The program's modes at the top level: the daemon ([`run`]: observers and HTTP servers around
-//! a [`crate::node`]), `-cleanup` and `-save-snapshot`. The node itself — setup, subsystems, supervision, drain —
-//! lives in [`crate::node`].
+//! a [`crate::node`], which holds setup, subsystems, supervision and drain), `-cleanup`,
+//! `-save-snapshot` and `-schema-status[-cluster]`.
 //!
 //! Invariants:
 //! - The HTTP servers (metrics, health, pprof) start first, so health reports start-up, and stop
@@ -24,9 +24,6 @@ use crate::node;
 pub use crate::node::{Observers, StartError};
 
 /// Removes every HarmonyLite artifact from the database (`-cleanup`).
-///
-/// # Errors
-/// The database is missing or SQLite refuses.
 pub fn cleanup(settings: &Settings) -> anyhow::Result<usize> {
     let _lock = db::lock(&settings.db_path)?;
     let mut conn = db::open(&settings.db_path)?;
@@ -35,12 +32,9 @@ pub fn cleanup(settings: &Settings) -> anyhow::Result<usize> {
     Ok(dropped)
 }
 
-/// Saves one snapshot of the database and exits (`-save-snapshot`): the same start-up as the
-/// daemon (capture, broker, streams), then a copy at the positions of the seq map (no daemon runs,
-/// so the database holds everything they name), uploaded to the configured store.
-///
-/// # Errors
-/// Start-up failures, `replicate = false` or `snapshot.enabled = false`, copy or upload errors.
+/// Saves one snapshot of the database and exits (`-save-snapshot`): the daemon's start-up (capture,
+/// broker, streams), then a copy at the seq map's positions (no daemon runs, so the database holds
+/// everything they name), uploaded. Refused with `replicate = false` or `snapshot.enabled = false`.
 pub async fn save_snapshot(
     settings: Settings,
     shutdown: CancellationToken,
@@ -100,9 +94,6 @@ pub async fn save_snapshot(
 }
 
 /// `-schema-status`: this database's schema hash and watched tables (read only; no NATS).
-///
-/// # Errors
-/// The database cannot be opened or its schema read.
 pub fn schema_status(settings: &Settings) -> anyhow::Result<String> {
     let conn = crate::db::open(&settings.db_path)?;
     let tables = crate::db::schema::watched_tables(&conn).context("Unable to list tables")?;
@@ -116,12 +107,8 @@ pub fn schema_status(settings: &Settings) -> anyhow::Result<String> {
     ))
 }
 
-/// `-schema-status-cluster`: every node's entry in the schema registry. Connects to
-/// `nats.urls`, or to the local embedded server's address when none are configured; gives up
-/// after [`STATUS_CONNECT_TIMEOUT`].
-///
-/// # Errors
-/// NATS unreachable, or the registry unreadable.
+/// `-schema-status-cluster`: every node's registry entry, read through `nats.urls` or else the
+/// local embedded server's address; gives up after [`STATUS_CONNECT_TIMEOUT`].
 pub async fn schema_status_cluster(settings: &Settings) -> anyhow::Result<String> {
     let urls = if settings.nats.urls.is_empty() {
         let bind = &settings.nats.bind_address;
@@ -160,11 +147,7 @@ pub async fn schema_status_cluster(settings: &Settings) -> anyhow::Result<String
 /// How long `-schema-status-cluster` tries to reach NATS.
 const STATUS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs the daemon until `shutdown` is cancelled or a subsystem fails.
-///
-/// # Errors
-/// Start-up failures (database, capture install, NATS configuration, streams) and any subsystem
-/// failure while running, with context.
+/// Runs the daemon until `shutdown` is cancelled, a start-up step fails or a subsystem fails.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let observers = Observers {
         metrics: Metrics::new(&settings.prometheus, settings.node_id)

@@ -152,8 +152,7 @@ impl Decoder<'_> {
         }
     }
 
-    /// The elements of an array (or the pairs of a map), definite or indefinite, each read by
-    /// `one`.
+    /// The elements of an array (or pairs of a map), definite or indefinite, each read by `one`.
     fn sequence<T>(
         &mut self,
         info: u8,

@@ -86,11 +86,8 @@ pub fn normalise<I: IntoIterator<Item = OsString>>(argv: I) -> Vec<OsString> {
     program.into_iter().chain(rest).collect()
 }
 
-/// Parses argv (including the program name).
-///
-/// # Errors
-/// clap's error, which knows how to print itself and which exit code to use (2 for bad usage,
-/// 0 for help).
+/// Parses argv (including the program name); clap's error knows how to print itself and its exit
+/// code (2 for bad usage, 0 for help).
 pub fn parse<I: IntoIterator<Item = OsString>>(argv: I) -> Result<Args, clap::Error> {
     Args::try_parse_from(normalise(argv))
 }

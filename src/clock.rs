@@ -5,8 +5,7 @@
 //! - Only [`now`] calls the system clock, so a test seam or a clock policy has one place to go.
 //! - The unix helpers never go below 0: a clock set before 1970 reads as the epoch, as the
 //!   `SystemTime::duration_since(UNIX_EPOCH)` code they replace did.
-//! - Durations and deadlines use the monotonic `Instant`, not this clock: the wall clock can
-//!   jump.
+//! - Durations and deadlines use the monotonic `Instant`, not this clock: the wall clock can jump.
 
 use time::OffsetDateTime;
 

@@ -1,6 +1,5 @@
-//! The cheap-clone [`Node`] handle every subsystem receives (corrosion's `Agent`): settings,
-//! identity, NATS, observers and the root token. It lives here, below every subsystem, so that
-//! they import it without reaching up into [`crate::node`], which builds and runs them.
+//! The cheap-clone [`Node`] handle (corrosion's `Agent`). It lives here, below every subsystem,
+//! so that they import it without reaching up into [`crate::node`], which builds and runs them.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -45,7 +44,6 @@ impl std::ops::Deref for Node {
 }
 
 impl Node {
-    /// Builds the handle.
     pub fn new(inner: Inner) -> Node {
         Node(Arc::new(inner))
     }

@@ -1,11 +1,10 @@
 //! The health endpoint (`[health_check]`): Go HarmonyLite's JSON body, keys in Go's order, 200 when
-//! healthy and 503 otherwise (upstream-behaviour §10), plus optional thresholds in the style of
-//! Corrosion: `?max_lag_seconds=N` (last observed apply lag) and `?max_pending=N` (local changes
-//! not yet published) turn a healthy answer into 503 when exceeded.
+//! healthy and 503 otherwise (upstream-behaviour §10), plus Corrosion-style thresholds:
+//! `?max_lag_seconds=N` (last observed apply lag) and `?max_pending=N` (local changes not yet
+//! published) turn a healthy answer into 503 when exceeded.
 //!
-//! Invariants: a request never touches NATS or SQLite. It reads [`HealthState`], which the other
-//! subsystems update as they work (database opened, capture installed, NATS connection state,
-//! last publish and last apply), so the endpoint answers instantly even when they are stuck.
+//! Invariants: a request never touches NATS or SQLite; it reads [`HealthState`], which the
+//! subsystems update as they work, so the endpoint answers instantly even when they are stuck.
 //! Go derived both timestamps from shard 1's stream with a NATS request per call; here
 //! `last_published_event_timestamp` is this node's last acknowledged publish and
 //! `last_replicated_event_timestamp` the stream time of the last event it applied.
@@ -77,8 +76,7 @@ pub struct Catchup {
     /// Events waiting for this node's schema to catch up with their sender's (no restart
     /// needed: they apply once the same migration runs here).
     pub schema_waiting_events: usize,
-    /// Other nodes' changes kept in `__harmonylite__conflicts` since start (they lost to a
-    /// concurrent change made here).
+    /// Other nodes' changes kept in `__harmonylite__conflicts` since start (lost to local ones).
     pub conflicts: u64,
 }
 
@@ -103,12 +101,10 @@ impl HealthState {
         })
     }
 
-    /// Changes the catch-up facts.
     pub fn update_catchup(&self, f: impl FnOnce(&mut Catchup)) {
         f(&mut self.catchup.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// A copy of the catch-up facts.
     pub fn catchup(&self) -> Catchup {
         self.catchup
             .lock()
@@ -165,7 +161,7 @@ impl HealthState {
     }
 
     /// Whether the node is healthy: Go's rule (database, NATS and capture all up), every
-    /// consumer reading its stream, and no subsystem failed.
+    /// consumer reading its stream, no subsystem failed, and not recovering from a snapshot.
     pub fn healthy(&self) -> bool {
         !self.failed.load(Ordering::Relaxed)
             && self.db_connected.load(Ordering::Relaxed)

@@ -1,28 +1,11 @@
 //! harmonylite: leaderless SQLite replication over NATS JetStream, a drop-in Rust port of Go
 //! HarmonyLite (wire, config and file formats are byte-compatible; see `design.md`).
 //!
-//! # Layout
-//! - [`cli`]: Go-style flags, normalised before clap parses them.
-//! - [`config`]: the TOML file layer with Go's defaults, validated into [`config::Settings`].
-//! - [`logging`]: console or JSON lines, `node_id` on every line.
-//! - [`clock`]: the one reader of the wall clock (unix seconds, milliseconds, nanoseconds).
-//! - [`cbor`], [`wire`]: the CBOR event codec, shard hash, stream names, zstd.
-//! - [`seqmap`]: the atomic `{stream: last applied seq}` state file.
-//! - [`db`]: SQLite connection policy, schema discovery and hash, triggers, change log, applier,
-//!   and following the application's DDL ([`db::ddl`]).
-//! - [`registry`]: the cluster schema registry and the `-schema-status[-cluster]` reports.
-//! - [`stream`]: NATS connection, shard streams, pipelined publish, ordered consumers.
-//! - [`replicate`]: the publisher (change log → JetStream), the consumers and the apply thread
-//!   (JetStream → SQLite), catch-up from snapshots, flow control.
-//! - [`snapshot`]: save, verify and store snapshots; leader election; when to save.
-//! - [`metrics`], [`health`]: Prometheus series and the health endpoint, fed from in-memory state.
-//! - [`profiling`]: `-pprof` CPU profiles (protobuf and flame graph).
-//! - [`systemd`]: `Type=notify` readiness.
-//! - [`handle`]: the cheap-clone [`handle::Node`] every subsystem receives.
-//! - [`node`]: the running node — setup, one `spawn_*` per subsystem, supervision (one fatal
-//!   path) and drain.
-//! - [`app`]: the program's modes (daemon with its HTTP servers, `-cleanup`, `-save-snapshot`,
-//!   `-schema-status[-cluster]`).
+//! Layout (each module's header says more): front end [`cli`], [`config`], [`app`] (the modes);
+//! formats [`cbor`], [`wire`], [`seqmap`]; SQLite [`db`]; NATS [`stream`]; [`replicate`]
+//! (publish, apply, catch-up, flow control); [`snapshot`]; [`registry`]; the running node
+//! [`handle`], [`node`]; observability [`logging`], [`metrics`], [`health`], [`profiling`],
+//! [`systemd`]; helpers [`clock`] (the one wall-clock reader), [`retry`].
 
 pub mod app;
 pub mod cbor;

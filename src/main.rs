@@ -87,8 +87,7 @@ fn load_settings(args: &cli::Args) -> Result<config::Settings, ExitCode> {
     }
 }
 
-/// `-schema-status[-cluster]`: the report on stdout; an error on stderr, or for the cluster's
-/// report on stdout too.
+/// `-schema-status[-cluster]`: the report on stdout; an error on stderr (cluster: stdout too).
 fn print_report(report: anyhow::Result<String>, error_to_stdout: bool) -> ExitCode {
     match report {
         Ok(report) => {

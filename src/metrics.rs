@@ -1,6 +1,5 @@
 //! Prometheus metrics: Go HarmonyLite's five series with their exact names, types and help texts
-//! (upstream-behaviour §11), plus the replication signals Go lacks (applied events, apply lag,
-//! per-shard sequences, quarantined events, publish errors).
+//! (upstream-behaviour §11), plus the replication, flow-control and snapshot signals Go lacks.
 //!
 //! Invariants:
 //! - Names are `<namespace>_<subsystem>_<name>` with empty parts skipped, and every series carries
@@ -21,7 +20,6 @@ use prometheus::{
 
 use crate::config::PrometheusConfig;
 
-/// What went wrong creating the metrics.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("metric registration failed: {0}")]
@@ -110,11 +108,9 @@ metrics! {
         "times this node restored a snapshot because the streams no longer held changes it lacked");
 }
 
-/// Buckets of `apply_lag_seconds`.
 const APPLY_LAG_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
-/// Buckets of `snapshot_seconds`.
 const SNAPSHOT_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
 
 /// Builds each metric with the configured name parts and `node_id` label, and registers it.
@@ -170,10 +166,7 @@ impl Builder<'_> {
 }
 
 impl Metrics {
-    /// Builds and registers every metric.
-    ///
-    /// # Errors
-    /// Invalid names (e.g. a namespace with spaces).
+    /// Builds and registers every metric (fails on invalid names, e.g. a namespace with spaces).
     pub fn new(cfg: &PrometheusConfig, node_id: u64) -> Result<Arc<Metrics>, Error> {
         let b = Builder {
             cfg,

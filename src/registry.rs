@@ -68,9 +68,6 @@ impl NodeSchemaState {
 }
 
 /// Opens the bucket, creating it as Go does when it does not exist.
-///
-/// # Errors
-/// [`Error::Bucket`] when it can neither be opened nor created.
 pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
     let config = kv::Config {
         bucket: BUCKET.to_owned(),
@@ -86,9 +83,6 @@ pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, Error> {
 }
 
 /// Writes this node's entry.
-///
-/// # Errors
-/// [`Error::Put`].
 pub async fn publish(store: &kv::Store, state: &NodeSchemaState) -> Result<(), Error> {
     let key = format!("node-{}", state.node_id);
     store
@@ -138,11 +132,7 @@ pub async fn keep_published(
     }
 }
 
-/// Every node's entry, by node id (Go `GetClusterSchemaState`; unreadable entries are skipped
-/// with a warning).
-///
-/// # Errors
-/// [`Error::Read`] when the bucket cannot be opened or listed.
+/// Every node's entry by node id (Go `GetClusterSchemaState`); unreadable ones are skipped, warned.
 pub async fn cluster_state(
     js: &jetstream::Context,
 ) -> Result<BTreeMap<u64, NodeSchemaState>, Error> {
@@ -238,8 +228,7 @@ pub fn render_cluster(states: &BTreeMap<u64, NodeSchemaState>) -> String {
     out
 }
 
-/// `-schema-status`'s report: Go's format (the branch Go never reached, it always printed
-/// "Not initialized").
+/// `-schema-status`'s report in Go's format (Go never got there: it printed "Not initialized").
 pub fn render_local(node_id: u64, hash: &str, tables: &[String]) -> String {
     let mut out = format!(
         "Local Schema Status\n===================\nSchema Hash: {hash}\nNode ID: {node_id}\n\

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// First pause of [`Backoff::new`]: short, since most outages are brief.
+/// First pause of [`Backoff::default`]: short, since most outages are brief.
 const START: Duration = Duration::from_millis(200);
 /// Longest pause: a recovered server is noticed within this.
 const CAP: Duration = Duration::from_secs(5);

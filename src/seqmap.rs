@@ -3,12 +3,13 @@
 //!
 //! Invariants (design.md §3.3):
 //! - It records only what this node has *applied*; publishing never advances it.
-//! - Values only grow: saving a lower sequence for a stream is a no-op.
+//! - Values only grow through [`SeqMap::advance`] (a lower sequence is ignored); only a recreated
+//!   stream or a restore lowers them ([`SeqMap::reset_all`]).
 //! - Every save is atomic: write `<file>.tmp`, fsync, rename over the file, fsync the directory.
 //!   A crash leaves either the old or the new map, never a torn one.
-//! - Loading is tolerant: only the first CBOR item is read (Go rewrote the file in place and could
-//!   leave a stale tail), and an unreadable file is reported and treated as empty, which replays the
-//!   retained stream (idempotent) instead of refusing to start.
+//! - Loading is tolerant: only the first CBOR item is read (Go rewrote the file in place and
+//!   could leave a stale tail), and an unreadable file is reported and treated as empty, which
+//!   replays the retained stream (idempotent) instead of refusing to start.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -17,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use crate::cbor::{self, Item};
 
-/// What went wrong reading or writing the sequence map.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read sequence map {path}")]
@@ -61,12 +61,8 @@ pub struct SeqMap {
 }
 
 impl SeqMap {
-    /// Loads the map at `path`. A missing or empty file is an empty map.
-    ///
-    /// # Errors
-    /// [`Error::Read`] when the file exists but cannot be read; [`Error::Corrupt`] when its first
-    /// item is not a map of text to unsigned integers. Callers that prefer to start anyway use
-    /// [`SeqMap::open_tolerant`].
+    /// Loads the map at `path`; a missing or empty file is an empty map. [`Error::Corrupt`] when
+    /// its first item is not a map of text to unsigned integers (see [`SeqMap::open_tolerant`]).
     pub fn open(path: &Path) -> Result<SeqMap, Error> {
         let bytes = match fs::read(path) {
             Ok(b) => b,
@@ -94,9 +90,6 @@ impl SeqMap {
 
     /// Like [`SeqMap::open`], but a corrupt file is logged and treated as empty (design §3.3):
     /// the node then replays the retained streams, which is idempotent.
-    ///
-    /// # Errors
-    /// Only when the file exists and cannot be read at all.
     pub fn open_tolerant(path: &Path) -> Result<SeqMap, Error> {
         match SeqMap::open(path) {
             Err(Error::Corrupt { path, why }) => {
@@ -119,31 +112,22 @@ impl SeqMap {
         self.map.get(stream).copied().unwrap_or(0)
     }
 
-    /// A copy of the whole map.
     pub fn entries(&self) -> BTreeMap<String, u64> {
         self.map.clone()
     }
 
-    /// The file this map is saved to.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Sets `stream`'s sequence to `seq` even if lower (the stream was recreated and its
-    /// sequences start again), and saves.
-    ///
-    /// # Errors
-    /// [`Error::Write`] when the file cannot be written (the map in memory is updated anyway).
+    /// Sets `stream`'s sequence to `seq` even if lower (the stream was recreated), and saves.
     pub fn reset(&mut self, stream: &str, seq: u64) -> Result<(), Error> {
         self.reset_all([(stream, seq)])
     }
 
-    /// Sets every given stream's sequence (even if lower), in one atomic save: after a restore
-    /// the positions of all streams move together, and a crash between two saves would leave
-    /// some streams at the snapshot's positions and others at older ones.
-    ///
-    /// # Errors
-    /// [`Error::Write`] when the file cannot be written (the map in memory is updated anyway).
+    /// Sets every given stream's sequence (even if lower) in one atomic save: after a restore all
+    /// positions move together (two saves and a crash between would mix snapshot and older
+    /// positions). On [`Error::Write`] the map in memory is updated anyway.
     pub fn reset_all<'a>(
         &mut self,
         updates: impl IntoIterator<Item = (&'a str, u64)>,
@@ -155,11 +139,8 @@ impl SeqMap {
     }
 
     /// Raises the recorded sequences to the given ones (lower values are ignored) and, if anything
-    /// changed, saves the file atomically. Returns whether the file was written.
-    ///
-    /// # Errors
-    /// [`Error::Write`] if the file could not be written durably; the in-memory map is then left
-    /// unchanged so the next save retries.
+    /// changed, saves atomically; returns whether it wrote. On [`Error::Write`] the map in memory
+    /// is left unchanged, so the next save retries.
     pub fn advance<'a>(
         &mut self,
         updates: impl IntoIterator<Item = (&'a str, u64)>,

@@ -1,18 +1,17 @@
 //! The replication event as it travels through JetStream, byte-compatible with Go HarmonyLite.
 //!
-//! A message body is the CBOR map `{FromNodeId, Payload: {Id, Type, TableName, Row, sh}}` with Go's
-//! field names as keys (upstream-behaviour §5.2), optionally compressed as one zstd frame. The shard
-//! of a row is FNV-1 64 over a hand-built CBOR array of the table name and its sorted primary-key
-//! pairs (§5.3), so that Go and Rust publishers route the same row to the same stream.
+//! A message body is the CBOR map `{FromNodeId, Payload: {Id, Type, TableName, Row, sh}}` keyed
+//! by Go's field names (upstream-behaviour §5.2), optionally one zstd frame. A row's shard is
+//! FNV-1 64 over a hand-built CBOR array of the table name and its sorted primary-key pairs
+//! (§5.3), so Go and Rust publishers route the same row to the same stream.
 //!
 //! Invariants:
-//! - Encoding sends each value exactly as SQLite stores it (integer, real, text, blob, null). We do
-//!   not copy Go's lossy DATETIME/BOOLEAN conversion; Go receivers accept plain values.
+//! - Encoding sends each value exactly as SQLite stores it, not Go's lossy DATETIME/BOOLEAN
+//!   conversion; Go receivers accept plain values.
 //! - Decoding accepts everything a Go node sends: unsigned and negative integers, floats of any
-//!   width, booleans (written as 1/0), and the private tag-32 `{1: unix seconds}` time wrapper
-//!   (written as text `YYYY-MM-DD HH:MM:SS+00:00`, as Go's sqlite driver would in UTC).
-//! - Decoding never panics; anything it cannot represent is a [`DecodeError`], which the applier
-//!   quarantines.
+//!   width, booleans (as 1/0), and the private tag-32 `{1: unix seconds}` time wrapper (as text
+//!   `YYYY-MM-DD HH:MM:SS+00:00`, as Go's sqlite driver writes UTC).
+//! - Decoding never panics; what it cannot represent is a [`DecodeError`], quarantined.
 
 use time::OffsetDateTime;
 use time::format_description::BorrowedFormatItem;
@@ -117,7 +116,6 @@ pub enum ValueError {
     Nested,
     #[error("unsupported CBOR simple value {0}")]
     UnsupportedSimple(u8),
-    /// Go's time wrapper (tag 32) around something other than a map.
     #[error("tag 32 does not wrap a map")]
     TimeNotMap,
     /// A wrapped time whose seconds are not an integer (or a finite float).
@@ -158,10 +156,8 @@ impl ReplicationEvent {
         out
     }
 
-    /// Decodes a message body (already decompressed).
-    ///
-    /// # Errors
-    /// Anything but a well-formed event whose values fit SQLite's storage classes.
+    /// Decodes a decompressed body; an error for anything but a well-formed event whose values
+    /// fit SQLite's storage classes.
     pub fn decode(body: &[u8]) -> Result<ReplicationEvent, DecodeError> {
         let (item, _) = cbor::decode_first(body)?;
         let wrong = |field| DecodeError::WrongType { field };
@@ -293,14 +289,12 @@ fn time_wrapper_to_value(inner: &Item) -> Result<Value, ValueError> {
     Ok(Value::Text(text.into_bytes()))
 }
 
-/// Go's sqlite driver's layout for a UTC `time.Time` without fraction (mattn
-/// `SQLiteTimestampFormats[0]`, `2006-01-02 15:04:05.999999999-07:00`).
+/// mattn `SQLiteTimestampFormats[0]` (`2006-01-02 15:04:05.999999999-07:00`) for UTC, no fraction.
 const UTC_TEXT: &[BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day] [hour]:[minute]:[second]+00:00");
 
-/// Formats unix seconds as Go's sqlite driver writes a UTC `time.Time`:
-/// `2006-01-02 15:04:05+00:00` (no fraction: the wrapper carries whole seconds). `None` outside
-/// the years -9999 to 9999.
+/// Unix seconds as Go's sqlite driver writes a UTC `time.Time`, `2006-01-02 15:04:05+00:00` (the
+/// wrapper carries whole seconds); `None` outside the years -9999 to 9999.
 pub fn format_utc_time(secs: i64) -> Option<String> {
     OffsetDateTime::from_unix_timestamp(secs)
         .ok()?
@@ -311,8 +305,7 @@ pub fn format_utc_time(secs: i64) -> Option<String> {
 /// FNV-1 64's starting value (the hash of no bytes).
 pub const FNV1_64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// FNV-1 64 (Go `hash/fnv.New64`, not FNV-1a): used for the shard hash, the default node id and
-/// the snapshot tag.
+/// FNV-1 64 (Go `hash/fnv.New64`, not FNV-1a): the shard hash, default node id and snapshot tag.
 pub fn fnv1_64(bytes: &[u8]) -> u64 {
     fnv1_64_update(FNV1_64_OFFSET, bytes)
 }
@@ -392,10 +385,9 @@ const GO_DATE: &[BorrowedFormatItem<'_>] = format_description!("[year]-[month]-[
 /// Fraction digits Go keeps (it reads any number and ignores those past nanoseconds).
 const GO_FRACTION_DIGITS: usize = 9;
 
-/// Parses time-typed TEXT as Go's sqlite driver does (upstream §4.11): cut one trailing `Z`,
-/// then try mattn's `SQLiteTimestampFormats` in UTC. Go's rules kept here: a four-digit year
-/// without sign, a real calendar date (no February 31), seconds and minutes of two digits, and
-/// offsets up to 24 hours.
+/// Parses time-typed TEXT as Go's sqlite driver does (upstream §4.11): cut one trailing `Z`, try
+/// mattn's `SQLiteTimestampFormats` in UTC. Go's rules: an unsigned four-digit year, a real date
+/// (no February 31), two-digit minutes and seconds, offsets up to 24 hours.
 fn parse_go_time(text: &[u8]) -> Option<i64> {
     use time::{Date, PrimitiveDateTime};
     let s = std::str::from_utf8(text).ok()?;
@@ -459,8 +451,7 @@ pub fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
 pub struct Compressor(zstd::bulk::Compressor<'static>);
 
 impl Compressor {
-    /// # Errors
-    /// zstd could not allocate its context.
+    /// Fails only if zstd cannot allocate its context.
     pub fn new() -> std::io::Result<Compressor> {
         let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
         // Record the content size in the frame header: receivers size their buffer from it.
@@ -469,34 +460,26 @@ impl Compressor {
         Ok(Compressor(c))
     }
 
-    /// Compresses one body into a single frame.
-    ///
-    /// # Errors
-    /// zstd failed (allocation).
+    /// Compresses one body into a single frame (fails only if zstd cannot allocate).
     pub fn compress(&mut self, body: &[u8]) -> std::io::Result<Vec<u8>> {
         self.0.compress(body)
     }
 }
 
-/// A reusable decompression context.
 pub struct Decompressor(zstd::bulk::Decompressor<'static>);
 
 impl Decompressor {
-    /// # Errors
-    /// zstd could not allocate its context.
+    /// Fails only if zstd cannot allocate its context.
     pub fn new() -> Result<Decompressor, DecodeError> {
         Ok(Decompressor(
             zstd::bulk::Decompressor::new().map_err(DecodeError::Zstd)?,
         ))
     }
 
-    /// Decompresses one frame of at most `limit` bytes. Frames that declare their size (ours, and
-    /// Go's `EncodeAll`) are refused before any memory is allocated when the size is over the
-    /// limit, then decoded in one call; others are streamed and cut at the limit. A tiny hostile
-    /// frame therefore never costs more than `limit` bytes.
-    ///
-    /// # Errors
-    /// Not a valid zstd frame, or larger than `limit`.
+    /// Decompresses one frame of at most `limit` bytes (else an error, as for a bad frame). Frames
+    /// declaring their size (ours, Go's `EncodeAll`) are refused before allocating when over the
+    /// limit, else decoded in one call; others are streamed and cut at the limit. A tiny hostile
+    /// frame never costs more than `limit` bytes.
     pub fn decompress_limited(
         &mut self,
         body: &[u8],

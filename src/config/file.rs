@@ -1,7 +1,6 @@
-//! The file layer: the TOML file as read, key for key, with Go's defaults. Field names are the TOML
-//! keys and units are Go's (integer milliseconds, seconds where Go used seconds); nothing here
-//! checks a value. [`FileConfig::validate`] (in `validate.rs`) turns it into
-//! [`Settings`](super::Settings).
+//! The file layer: the TOML file as read, field names the keys, with Go's defaults and units
+//! (integer milliseconds, seconds where Go used seconds). Nothing here checks a value:
+//! [`FileConfig::validate`] (in `validate.rs`) builds [`Settings`](super::Settings).
 
 use serde::{Deserialize, Serialize};
 
@@ -27,7 +26,6 @@ macro_rules! section {
 }
 
 section! {
-    /// The TOML file, key for key. Field names are the TOML keys.
     pub struct FileConfig {
         db_path: String = temp_dir_path("harmonylite.db"),
         node_id: Option<u64> = None,
@@ -109,8 +107,7 @@ pub struct SftpConfig {
     /// Private key file for public-key authentication (tried before the URL's password).
     pub key_file: String,
     pub key_passphrase: String,
-    /// OpenSSH known_hosts file the server's host key must be in; empty = accept any key (Go's
-    /// behaviour), with a warning.
+    /// OpenSSH known_hosts file the host key must be in; empty = any key (as Go), with a warning.
     pub known_hosts: String,
 }
 
@@ -126,13 +123,12 @@ section! {
         /// `max_payload`, at least 16 MiB.
         max_event_bytes: u64 = 0,
         /// Ours (not in Go): least milliseconds between two apply commits while remote events
-        /// keep arriving (the first after a quiet spell is applied at once); 0 = commit every
-        /// batch as soon as it arrives. See `replicate::apply`.
+        /// keep arriving; 0 = commit every batch at once. See `replicate::apply`.
         apply_interval_ms: u32 = DEFAULT_APPLY_INTERVAL_MS,
     }
 }
 
-/// Default of `replication_log.apply_interval_ms`; measured in `replicate::apply`'s header.
+/// Default `replication_log.apply_interval_ms` (figures: docs/performance.md#commits-and-readers).
 pub const DEFAULT_APPLY_INTERVAL_MS: u32 = 20;
 
 section! {
@@ -206,8 +202,7 @@ pub fn near_miss(unknown: &str) -> Option<String> {
     (distance <= 2 && name.len() > 2).then_some(full)
 }
 
-/// Levenshtein distance (ASCII case-insensitive: TOML keys are case-sensitive, so `DB_PATH` is
-/// a miss too).
+/// Levenshtein distance, ASCII case-insensitive (keys are case-sensitive: `DB_PATH` misses too).
 fn edit_distance(a: &str, b: &str) -> usize {
     let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
     let b: Vec<char> = b.chars().collect();

@@ -9,10 +9,8 @@
 //!   panics on input.
 //! - CLI overrides (`-node-id`) are applied in one place, [`FileConfig::validate`].
 //!
-//! Layout: [`file`] holds the TOML structs as read and their defaults; `validate` checks them
-//! section by section and builds [`Settings`]; this module holds the typed settings, the error
-//! type, and parsing and loading. The file-layer types are re-exported here, so
-//! `crate::config::NatsConfig` and `crate::config::file::NatsConfig` name the same type.
+//! [`file`]: the TOML structs and their defaults (re-exported here); `validate`: checks them
+//! section by section into [`Settings`]; here: the typed settings, errors, parsing and loading.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,7 +26,6 @@ pub use file::{
     UrlConfig,
 };
 
-/// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -57,10 +54,7 @@ pub struct Parsed {
     pub unknown_keys: Vec<String>,
 }
 
-/// Parses TOML text. `origin` names the source in messages.
-///
-/// # Errors
-/// [`ConfigError::Parse`] for TOML syntax and type errors, naming the key path.
+/// Parses TOML text (`origin` names the source in messages); errors name the key path.
 pub fn parse(text: &str, origin: &Path) -> Result<Parsed, ConfigError> {
     let mut unknown_keys = Vec::new();
     let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
@@ -104,9 +98,6 @@ fn one_line(msg: &str) -> String {
 
 /// Loads a config file. An empty path means built-in defaults (as Go does); a path that does not
 /// exist is an error (Go silently used defaults, which hid typos in `-config`).
-///
-/// # Errors
-/// [`ConfigError::Read`] or [`ConfigError::Parse`].
 pub fn load(path: Option<&Path>) -> Result<Parsed, ConfigError> {
     let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else {
         return Ok(Parsed::default());
@@ -144,7 +135,6 @@ pub struct ClusterSettings {
     pub leaf_servers: Vec<String>,
 }
 
-/// Where snapshots are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotStore {
     Nats { replicas: i64, bucket: String },
@@ -185,14 +175,12 @@ pub struct ReplicationSettings {
     pub configured_replicas: i64,
     pub compress: bool,
     pub update_existing: bool,
-    /// Largest decompressed event accepted, bytes; `None` = derived from the server's
-    /// `max_payload`.
+    /// Largest decompressed event accepted, bytes; `None`: from the server's `max_payload`.
     pub max_event_bytes: Option<usize>,
     /// Least time between two apply commits while events keep arriving (zero: no pacing).
     pub apply_interval: Duration,
 }
 
-/// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Console,
@@ -214,7 +202,6 @@ pub struct Settings {
     pub snapshot: SnapshotSettings,
     pub replication: ReplicationSettings,
     pub nats: NatsConfig,
-    /// Embedded-server clustering from `-cluster-addr`, `-cluster-peers`, `-leaf-servers`.
     pub cluster: ClusterSettings,
     /// `-pprof` listen address, if profiling was asked for.
     pub pprof: Option<String>,
@@ -225,12 +212,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The directories of `db_path` and `seq_map_path` exist and can be written (the database's
-    /// WAL, lock and sent-mark files and the seq map are created there): otherwise every write
-    /// fails after start-up. Checked at start rather than in `validate`, which only reads text.
-    ///
-    /// # Errors
-    /// [`ConfigError::Invalid`] naming the key.
+    /// Checks the directories of `db_path` and `seq_map_path` exist and are writable (the WAL,
+    /// lock, sent-mark and seq-map files go there), else every write fails after start-up. Done
+    /// at start, not in `validate`, which only reads text.
     pub fn check_paths(&self) -> Result<(), ConfigError> {
         for (key, path) in [
             ("db_path", &self.db_path),

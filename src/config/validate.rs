@@ -57,10 +57,7 @@ fn ms(v: u32) -> Option<Duration> {
 }
 
 impl FileConfig {
-    /// Checks every value and applies CLI overrides.
-    ///
-    /// # Errors
-    /// [`ConfigError::Invalid`] naming the first key whose value cannot work.
+    /// Checks every value and applies CLI overrides; the error names the first bad key.
     pub fn validate(self, overrides: &Overrides) -> Result<Settings, ConfigError> {
         // The order of these checks decides which key is named when several are wrong.
         let db_path = self.check_top_level()?;

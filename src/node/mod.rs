@@ -1,18 +1,10 @@
 //! The running node: one cheap-clone [`Node`] handle that every subsystem receives, built by
-//! [`setup`] and run by [`run`] (design §5.1, corrosion's shape).
+//! [`setup`] and run by [`run`] (design §5.1, corrosion's shape). Setup failures are start-up
+//! errors: exit 1, or exit 2 for conflicts an operator must resolve ([`StartError`]). `snapshots`
+//! wires the snapshot store and scheduler; `watchdog` stops the node when its database file is
+//! deleted or replaced, and ends a generation when the schema drifts.
 //!
-//! - [`setup::setup`]: lock and open the database, install capture, start or reach the broker,
-//!   connect, check the streams and the node-id lease → a [`Node`] plus what its subsystems own.
-//!   Failures here are start-up errors: exit 1, or exit 2 for conflicts an operator must resolve
-//!   ([`StartError`]).
-//! - [`run::run`]: one `spawn_*` line per subsystem into one task set; the first subsystem that
-//!   ends on its own — with an error or not — is the node's failure (one fatal path); then drain
-//!   under a deadline and stop the broker.
-//! - `snapshots`: the snapshot store and scheduler, wired for [`run::run`].
-//! - `watchdog`: stops the node when its database file is deleted or replaced, and ends a
-//!   generation when the schema drifts.
-//!
-//! Invariants:
+//! Invariants (the one fatal path and the drain: [`run`]):
 //! - One root `CancellationToken`; every subsystem watches it (or a token derived from it).
 //! - Nothing outlives [`run::run`]: tasks are joined or aborted, the apply thread joined, the
 //!   embedded broker stopped, the database lock released last.
@@ -32,7 +24,7 @@ pub enum StartError {
 
 pub use crate::handle::{Inner, Node, Observers};
 
-/// The running subsystems: each ends with its name and outcome.
+/// The running subsystems, each ending with its name and outcome.
 type Subsystems = tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>;
 
 /// Spawns subsystem `name`; ending before shutdown, even without an error, fails the node.

@@ -1,19 +1,15 @@
-//! Running a node: one `spawn_*` line per subsystem, then supervise and drain.
-//!
-//! Subsystems: the publisher (change log → JetStream), the change-log keeper (retires published
-//! changes, deletes old rows), one consumer per shard plus the apply thread (JetStream → SQLite),
-//! the node-id lease, the database-file watchdog, and — outside the task set — the embedded
-//! broker, whose exit is watched too.
+//! Running a node: one `spawn_*` line per subsystem (below), then supervise and drain. The
+//! embedded broker runs outside the task set; its exit is watched too.
 //!
 //! Invariants:
 //! - One fatal path: the first subsystem to end on its own, with an error or without, stops the
-//!   node; its name and the whole cause chain are logged, and [`run`] returns it (exit 1, or 2
-//!   for conflicts).
+//!   node; its name and cause chain are logged, and [`run`] returns it (exit 1, or 2 for
+//!   conflicts).
 //! - Before anything is applied, changes that reached the stream before a crash are retired with
 //!   where they landed, so the applier knows which of ours have come back.
-//! - Shutdown (design §3.9): stop intake, let the publisher make its last pass, the keeper its
-//!   last retirement and the apply thread its batch and seq-map save, all under
-//!   [`DRAIN_TIMEOUT`]; then flush the NATS client (bounded) and stop the broker.
+//! - Shutdown (design §3.9): stop intake; the publisher makes its last pass, the keeper its last
+//!   retirement, the apply thread its batch and seq-map save, all under [`DRAIN_TIMEOUT`]; then
+//!   the NATS client is flushed (bounded) and the broker stopped.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex};
@@ -44,9 +40,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const SLEEP_SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs a node set up by [`super::setup::setup`] until shutdown or its first failure.
-///
-/// # Errors
-/// The first subsystem failure, with context.
 pub async fn run(ready: Ready) -> anyhow::Result<()> {
     let Ready {
         node,
@@ -149,8 +142,7 @@ enum Ended {
     SchemaChanged(db::ddl::Drift),
 }
 
-/// Runs one generation of the subsystems, for one installed capture (one schema), until
-/// shutdown, a failure, or a schema change.
+/// Runs one generation (one installed capture: one schema) until shutdown, failure or drift.
 async fn run_subsystems(
     node: &Node,
     capture: Capture,
@@ -249,7 +241,6 @@ struct Local {
     poke: Arc<Notify>,
     stale_up_to: Vec<i64>,
     seqmap: SeqMap,
-    /// Per shard: the last applied sequence.
     positions: Arc<[AtomicU64]>,
 }
 
@@ -295,8 +286,7 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    /// Builds the publisher and retires what reached the stream before a restart; `None` on
-    /// shutdown.
+    /// Builds the publisher, retiring what reached the stream before a restart; `None` on shutdown.
     async fn prepare(
         node: &Node,
         local: &Local,
@@ -306,10 +296,9 @@ impl Outgoing {
         let settings = &node.settings;
         let acked = ChangeLog::last_landed(&conn).context("Unable to read publish state")?;
         let last_retired = acked.clone();
-        // The highest global id any run may have handed to NATS: this process's own mark (an
-        // earlier generation's sends), else what was known when it started. Only pending
-        // changes up to it can have an unknown fate; later ones (the application's writes since
-        // we took the database) are certainly in flight.
+        // The highest global id any run may have handed to NATS: this process's mark (an earlier
+        // generation's sends), else what was known at start. Only pending changes up to it can
+        // have an unknown fate; later ones are certainly in flight.
         let sent_global = SentMark::read(&settings.db_path, &node.identity)
             .unwrap_or(0)
             .max(sent_before_start);
@@ -418,7 +407,6 @@ async fn recover(node: &Node, publisher: &Publisher, shared: &SharedLog) -> anyh
 
 /// What the applying side shares with the other subsystems.
 struct ApplyWiring {
-    /// What a restore must know about this node's own changes.
     own: catchup::OwnChanges,
     seqmap: SeqMap,
     /// Per shard: the last applied sequence (the keeper, flow control and snapshots read it).

@@ -1,5 +1,7 @@
-//! Start-up: everything before the subsystems run (upstream-behaviour §1 order where it matters:
-//! capture is installed before anything is published, streams exist before consumers start).
+//! Start-up: everything before the subsystems run — lock and open the database, install capture,
+//! start or reach the broker, connect, check the streams, take the node-id lease
+//! (upstream-behaviour §1 order where it matters: capture before publishing, streams before
+//! consumers).
 //!
 //! Invariants:
 //! - The database lock is taken before anything touches the file, and handed to the caller, who
@@ -47,11 +49,8 @@ pub struct Ready {
     pub sent_before_start: i64,
 }
 
-/// Runs start-up. `Ok(None)` when shutdown was requested meanwhile.
-///
-/// # Errors
-/// Database, capture, broker, NATS or stream failures, with context; conflicts as
-/// [`StartError::Conflict`].
+/// Runs start-up; `Ok(None)` when shutdown was requested meanwhile. Errors carry context;
+/// conflicts are [`StartError::Conflict`].
 pub async fn setup(
     settings: Arc<Settings>,
     observers: Observers,
@@ -204,11 +203,7 @@ fn adopt_positions(conn: &rusqlite::Connection, s: &Settings) -> anyhow::Result<
     Ok(())
 }
 
-/// Installs capture again for the schema as it is now (after the application's DDL), on a
-/// running node.
-///
-/// # Errors
-/// SQLite errors installing capture.
+/// Installs capture again on a running node, for the schema after the application's DDL.
 pub async fn reinstall(
     settings: &Arc<Settings>,
     before: Vec<db::Table>,
@@ -226,8 +221,7 @@ pub async fn reinstall(
                         .table(&b.name)
                         .is_some_and(|n| n.eq_ignore_ascii_case(&t.name))
             });
-            // New tables too: their backfilled rows are older than what other nodes may
-            // already have sent of them.
+            // New tables too: their backfilled rows are older than what others may have sent.
             let changed = old.is_none_or(|o| before[o].columns != t.columns);
             let carried = old.and_then(|o| before_stale.get(o).copied()).unwrap_or(0);
             let now = if changed {
@@ -243,7 +237,6 @@ pub async fn reinstall(
     .context("reinstall task failed")?
 }
 
-/// The highest change id in a table's change log (0 when empty).
 /// The columns each change log records (by change log name, `val_` prefix removed), as capture
 /// left them: read before capture is installed again.
 fn logged_columns(
@@ -267,6 +260,7 @@ fn logged_columns(
     Ok(out)
 }
 
+/// The highest change id in a table's change log (0 when empty).
 fn max_log_id(conn: &rusqlite::Connection, table: &db::Table) -> anyhow::Result<i64> {
     conn.query_row(
         &format!(

@@ -41,9 +41,8 @@ pub(super) fn spawn_watchdog(
     super::spawn(tasks, "database watchdog", watch);
 }
 
-/// Checks the database file's identity and the schema every [`DB_FILE_CHECK`] (or when poked).
-/// A drift — DDL by the application, or capture triggers dropped by someone else — ends the
-/// generation with [`SchemaDrift`], and capture is reinstalled.
+/// Checks the file's identity and the schema every [`DB_FILE_CHECK`] (or when poked); a drift
+/// (the application's DDL, capture triggers dropped by someone else) ends the generation.
 async fn watch_database_file(
     path: PathBuf,
     tables: Vec<db::Table>,

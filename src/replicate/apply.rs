@@ -1,37 +1,27 @@
 //! The applying side: JetStream → SQLite (design §3.2, §3.3, §3.7, §4).
 //!
-//! One consumer per shard ([`super::consume`]) reads from the saved sequence + 1 and forwards raw
-//! messages into one bounded channel. One dedicated thread owns the applier connection and the seq map: it takes
-//! whatever is waiting (up to [`MAX_BATCH`]), decodes, applies the batch in one transaction,
-//! then advances the seq map once. Per-shard order is preserved because each shard's messages enter
-//! the channel in stream order and are applied in channel order.
+//! One consumer per shard ([`super::consume`]) forwards raw messages from the saved sequence + 1
+//! into one bounded channel. One thread owns the applier connection and the seq map: it takes what
+//! is waiting (up to [`MAX_BATCH`]), applies it in one transaction, then advances the seq map
+//! once. A shard's messages enter the channel in stream order, so per-shard order holds.
 //!
 //! Invariants:
-//! - The seq map is advanced only after the batch committed durably; a crash in between replays
-//!   the batch, which is idempotent (whole-row upserts and deletes by key).
-//! - Every node applies every event, its own included: that is what makes the last message of a
-//!   shard win on every node.
-//! - A batch that fails for environmental reasons is retried, with backoff, until it commits or
-//!   shutdown is requested; poison events are quarantined by [`crate::db::apply`].
-//! - On shutdown the thread finishes the batch in hand, saves the seq map and exits; messages still
-//!   in the channel are delivered again after restart.
+//! - The seq map advances only after the batch committed durably; a crash in between replays the
+//!   batch, which is idempotent (whole-row upserts and deletes by key).
+//! - Every node applies every event, its own included: that makes a shard's last message win on
+//!   every node.
+//! - A batch failing for environmental reasons is retried with backoff until it commits or
+//!   shutdown; poison events are quarantined by [`crate::db::apply`].
+//! - On shutdown the thread finishes the batch in hand, saves the seq map and exits; messages
+//!   still in the channel are redelivered after restart.
 //!
 //! Commit pacing (`replication_log.apply_interval_ms`, default 20): while events keep arriving,
-//! batches that write commit at most once per interval; the first event after a quiet spell is
-//! applied at once, later ones wait until the interval has passed since the last commit and go
-//! in together. Why: every apply commit fails an application's *deferred* read-then-write
-//! transaction on this node if it lands between that transaction's first read and its first
-//! write (WAL: the snapshot is stale, SQLITE_BUSY at once, no busy handler helps), so the
-//! failure rate follows the commit rate (P ≈ 1 − exp(−commits/s × read-to-write gap)), not the
-//! row rate. Measured with `examples/bench.rs deferred` (2 nodes, 2-core VM, a 2 ms gap, 200
-//! remote rows/s in single-row transactions): 0 ms → 186 commits/s, 66 % failed, p50 latency
-//! 4.5 ms; 10 ms → 78/s, 20 %, 11.5 ms; 20 ms → 46/s, 14 %, 15 ms; 50 ms → 19/s, 6 %, 30 ms;
-//! 100 ms → 9/s, 3 %, 58 ms. Each doubling halves the failures and doubles the added latency;
-//! 20 ms takes most of the gain (×4.7 fewer failures) for ~10 ms of p50 latency under load, and
-//! costs nothing at low rates (5 rows/s: ~2 % failures and ~4 ms p50 at every interval). No
-//! interval makes deferred read-then-write safe; `BEGIN IMMEDIATE` does (docs/schema.md). A full
-//! batch already waiting never waits (catch-up throughput is unchanged), and batches that write
-//! nothing (own events coming back) neither wait nor count.
+//! writing batches commit at most once per interval; the first event after a quiet spell, or a
+//! full batch already waiting (catch-up), goes in at once; batches writing nothing (own events
+//! coming back) neither wait nor count. Why: an apply commit landing between the first read and
+//! first write of an application's deferred transaction fails it (WAL: stale snapshot, BUSY at
+//! once, no busy handler helps), so failures follow commits/s, not rows/s; only `BEGIN IMMEDIATE`
+//! makes them safe (figures: docs/performance.md#commits-and-readers).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,8 +59,7 @@ pub struct Delivered {
     pub body: Bytes,
 }
 
-/// What the apply thread is given: messages in stream order, or a snapshot to restore once the
-/// messages before it are applied.
+/// Work for the apply thread: messages in stream order, or a snapshot to restore after them.
 #[derive(Debug)]
 pub enum Work {
     Message(Delivered),
@@ -94,8 +83,7 @@ pub struct RestoreJob {
 /// Why the apply thread did not restore a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    /// Messages applied since the recovery looked took this node past the snapshot: restoring
-    /// would take rows back.
+    /// Messages applied since recovery looked passed the snapshot: restoring takes rows back.
     #[error(
         "the snapshot reaches {stream} sequence {snapshot}, but this node has applied up to {applied}"
     )]
@@ -120,8 +108,7 @@ pub fn is_own(msg_id: Option<&str>, identity: &str) -> bool {
         .is_some_and(|origin| !identity.is_empty() && origin == identity)
 }
 
-/// Decodes a body into an event for the applier (errors become quarantine reasons) and the
-/// node that sent it.
+/// Decodes a body into an event (errors become quarantine reasons) and its sender's node id.
 fn decode(
     body: &[u8],
     decompressor: Option<&mut wire::Decompressor>,
@@ -149,18 +136,14 @@ pub struct ApplyThread {
     pub max_event_bytes: usize,
     /// This database's identity (tells own events apart).
     pub identity: String,
-    /// Where the apply thread reports what it did.
     pub observers: Observers,
-    /// Least time between two batch commits while events keep arriving (zero: none); see
-    /// [`pace`].
+    /// Least time between batch commits while events keep arriving (zero: none); see [`pace`].
     pub apply_interval: Duration,
-    /// Per shard (index shard − 1): last applied sequence, for the change-log cleanup and the
-    /// position reports.
+    /// Per shard (index shard − 1): last applied sequence (change-log cleanup, position reports).
     pub positions: Arc<[AtomicU64]>,
     /// Told after every advance (the position reporter sends a report at once).
     pub flow: Option<Arc<super::flow::Flow>>,
-    /// Held while a batch is applied and its positions published (a snapshot copy begins only
-    /// between batches).
+    /// Held while a batch is applied and its positions published (snapshots copy between).
     pub gate: Arc<std::sync::Mutex<()>>,
     /// Our acknowledged changes not yet marked in the database: those whose events can no
     /// longer come back (a gap skipped, a stream recreated) must stop holding their rows.
@@ -181,11 +164,8 @@ pub enum ApplyError {
     Fatal(#[source] crate::db::Error),
 }
 
-/// Starts the apply thread. It runs until the channel closes or `shutdown` is cancelled; it
-/// returns an error only when it cannot go on (the node must stop).
-///
-/// # Errors
-/// Only if the OS refuses to start a thread.
+/// Starts the apply thread (fails only if the OS refuses a thread). It runs until the channel
+/// closes or `shutdown` is cancelled, and returns an error only when the node must stop.
 pub fn spawn_apply_thread(
     work: ApplyThread,
     rx: mpsc::Receiver<Work>,
@@ -197,8 +177,7 @@ pub fn spawn_apply_thread(
         .spawn(move || Worker::new(work, shutdown, runtime)?.run(rx))
 }
 
-/// The apply thread's state: what [`ApplyThread`] gave it, plus per-shard metric handles
-/// (resolved once instead of per event) and the last applied sequence per stream.
+/// The apply thread's state: [`ApplyThread`], per-shard metric handles and applied sequences.
 struct Worker {
     work: ApplyThread,
     shutdown: CancellationToken,
@@ -208,8 +187,7 @@ struct Worker {
     shard_applied: Vec<IntCounter>,
     shard_last: Vec<IntGauge>,
     last: Vec<u64>,
-    /// When a batch last committed a write (batches of own, unchanged events write nothing and
-    /// disturb no reader).
+    /// When a batch last committed a write (own unchanged events write nothing, disturb no one).
     last_write: Option<Instant>,
 }
 
@@ -255,15 +233,13 @@ impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Result<(), ApplyError> {
         let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
         self.report();
-        // Events that waited for the schema are tried once capture is installed for the
-        // schema of this run (the applier is made anew after every reinstall).
+        // The applier is made anew after every reinstall: retry what waited for the schema.
         let mut retry_waiting = self.work.applier.waiting_len() > 0;
         while !self.shutdown.is_cancelled() {
             if retry_waiting {
                 retry_waiting = !self.retry_waiting()?;
             }
-            // Wake up now and then while events are held: a local write may have freed the
-            // value they wait for.
+            // Wake now and then while events are held: a local write may have freed their value.
             let wait = if self.work.applier.held_len() > 0 || retry_waiting {
                 HELD_RETRY
             } else {
@@ -369,8 +345,7 @@ impl Worker {
         let mut high: HashMap<usize, u64> = HashMap::new();
         let mut jumped = false;
         for d in batch.iter().filter(|d| d.reset) {
-            // The stream was recreated: its sequences start again, and our changes published
-            // into the old one will never come back.
+            // Recreated stream: sequences start again; ours published into the old one are gone.
             if let Err(e) = w
                 .seqmap
                 .reset(&w.streams[d.stream], d.seq.saturating_sub(1))
@@ -404,8 +379,7 @@ impl Worker {
             flow.advanced.notify_one();
         }
         if jumped {
-            // Messages were skipped (retention): our changes among them can no longer come
-            // back and must stop holding their rows.
+            // Messages skipped (retention): our changes among them stop holding their rows.
             if let Err(e) = w.applier.rebuild_in_flight() {
                 tracing::warn!(error = %crate::error_chain(&e), "Cannot re-read in-flight changes");
             }
@@ -424,9 +398,7 @@ impl Worker {
         let _held = lock(&gate);
         let (w, at, reply) = (&mut self.work, &job.positions, job.reply);
         let at_of = |i: usize| at.get(i).copied().unwrap_or(0);
-        // Messages applied since the recovery looked (they were in the channel before the job)
-        // may have taken this node past the snapshot on some stream: restoring would take rows
-        // back.
+        // Messages queued before the job may have passed the snapshot ([`RestoreError::Passed`]).
         if let Some(i) = (0..w.streams.len()).find(|&i| !job.replay_all && at_of(i) < self.last[i])
         {
             let _ = reply.send(Err(RestoreError::Passed {
@@ -468,9 +440,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Records the highest applied sequence per stream; retries until it sticks (a seq map that
-    /// cannot be written means replays after restart, never loss, so keep trying rather than stop
-    /// applying).
+    /// Records the highest applied sequence per stream, retrying until it sticks (an unwritable
+    /// seq map means replays after restart, never loss: keep applying).
     fn save_seqmap(&mut self, high: &HashMap<usize, u64>) {
         let mut backoff = crate::retry::Backoff::starting_at(Duration::from_millis(50));
         let w = &mut self.work;
@@ -565,8 +536,7 @@ fn gather(
     None
 }
 
-/// Whether an outcome can come from the applier's read-only pass (a batch of only these commits
-/// no write).
+/// Whether an outcome can come from the applier's read-only pass (such batches commit no write).
 fn read_only(o: &Outcome) -> bool {
     matches!(
         o,
@@ -574,9 +544,8 @@ fn read_only(o: &Outcome) -> bool {
     )
 }
 
-/// Commit pacing: how long the next batch waits so that commits are at least `interval` apart.
-/// Zero when the last commit is that old already (the first event after a quiet spell goes in at
-/// once) and always with a zero interval (a batch per arrival, as before pacing).
+/// Commit pacing: how long the next batch waits so commits are at least `interval` apart; zero
+/// when the last commit is that old (a quiet spell) or the interval is zero.
 fn pace(interval: Duration, last_commit: Option<Instant>, now: Instant) -> Duration {
     last_commit.map_or(Duration::ZERO, |at| {
         (at + interval).saturating_duration_since(now)

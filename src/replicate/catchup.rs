@@ -1,23 +1,21 @@
-//! The consumers and recovery: runs one consumer per shard, and when one finds that the stream no
-//! longer holds changes this node lacks (a gap: new node, long stop, fell behind), stops them all,
-//! restores a verified snapshot through the apply thread, and starts them again from the
-//! snapshot's positions (design §3.11; Go restores only at start, and only when it happens to).
+//! The consumers and recovery: one consumer per shard; when one finds the stream no longer holds
+//! changes this node lacks (a gap: new node, long stop, fell behind), all stop, a verified
+//! snapshot is restored through the apply thread, and they start again from its positions
+//! (design §3.11; Go restores only at start, and only when it happens to).
 //!
 //! Invariants:
-//! - Consumers are restarted only after the apply thread has taken the restore, which it runs
-//!   after every message forwarded before it: no message is applied twice across a restore, none
-//!   is skipped.
+//! - Consumers restart only after the apply thread has taken the restore, which it runs after
+//!   every message forwarded before it: no message is applied twice across a restore, none skipped.
 //! - A snapshot is used only if it contains, for every stream, everything up to the stream's first
 //!   retained sequence (else the node asks the leader for a newer one and waits). A snapshot made
 //!   by Go HarmonyLite (no positions) is used with a replay of everything retained.
 //! - While recovering, health is 503 with the reason; a node that cannot recover says why and
 //!   keeps trying, it never crash-loops and never goes on silently with a gap.
-//! - While a node recovers, its publisher holds its own new changes back (they stay pending and
-//!   go out once it has restored). Otherwise, after a cluster-wide outage, the first nodes back
-//!   would publish their backlogs past the position of the node that holds everything, and every
-//!   node would end up lacking something no other node could give it.
+//! - While recovering, the publisher holds this node's new changes back (pending until restored):
+//!   else after a cluster-wide outage the first nodes back would publish their backlogs past the
+//!   node holding everything, and every node would lack something no other could give it.
 //! - Without snapshots (`snapshot.enabled = false`) a gap is logged as an error and consuming goes
-//!   on past it, as before: there is nothing to recover from.
+//!   on past it: there is nothing to recover from.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -35,12 +33,10 @@ use crate::replicate::lock;
 use crate::snapshot::{self, Meta, scheduler::Snapshots};
 use crate::stream;
 
-/// How long a node behind on a migration waits before downloading a newer snapshot although
-/// its own schema did not change.
+/// How long a node behind on a migration waits to download a newer snapshot, schema unchanged.
 const BEHIND_RECHECK: Duration = Duration::from_secs(600);
 
-/// Longest wait between two recovery attempts (an attempt that finds no new snapshot costs one
-/// metadata read).
+/// Longest wait between recovery attempts (one finding no new snapshot costs a metadata read).
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
 /// Whether a stream has already discarded messages after this node's position (checked before
@@ -58,8 +54,7 @@ pub async fn gap_at_start(node: &Node, positions: &[AtomicU64]) -> bool {
     false
 }
 
-/// What a restore must know about this node's own changes (see
-/// [`crate::db::restore::NotKept`]).
+/// What a restore must know about this node's own changes ([`crate::db::restore::NotKept`]).
 #[derive(Clone)]
 pub struct OwnChanges {
     /// Per table: pending changes up to this change-log id have an unknown publish status.
@@ -80,10 +75,7 @@ impl OwnChanges {
     }
 }
 
-/// Runs the consumers (and recoveries) until shutdown.
-///
-/// # Errors
-/// Only when the apply thread is gone (it reports why).
+/// Runs the consumers (and recoveries) until shutdown; fails only when the apply thread is gone.
 pub async fn run(
     node: Node,
     tx: mpsc::Sender<Work>,
@@ -408,8 +400,7 @@ fn account(node: &Node, restored: &Restored, meta: &Meta, at: &[u64]) {
         kept_in_flight = restored.kept, positions = ?at, "Restore complete...");
 }
 
-/// What earlier attempts of one recovery learned of the store's snapshot, so that it is not
-/// downloaded again for nothing.
+/// What a recovery's earlier attempts learned of the store's snapshot (not to refetch it).
 #[derive(Default)]
 struct Seen {
     /// A snapshot that failed its checks.
@@ -436,10 +427,9 @@ async fn schema_version(node: &Node) -> Option<i64> {
 /// How long a restore waits for the publisher to settle what a failed pass sent.
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
-/// Waits until the held publisher has no pass running and knows where everything it sent
-/// landed (after a failed pass it searches the streams, held or not): a restore must count those
-/// changes as landed, not keep their rows as in flight (see [`super::publish::Unsettled`]).
-/// `Ok(false)` on shutdown.
+/// Waits until the held publisher has no pass running and knows where all it sent landed (after a
+/// failed pass it searches the streams, held or not): a restore must count those changes as
+/// landed, not keep their rows in flight ([`super::publish::Unsettled`]). `Ok(false)` on shutdown.
 async fn settled(node: &Node, sends: &super::publish::Unsettled) -> Result<bool, snapshot::Error> {
     let started = Instant::now();
     while !sends.settled() {

@@ -2,9 +2,8 @@
 //! every message in stream order into the apply thread's channel ([`super::apply`]).
 //!
 //! Why a hand-driven fetch loop: async-nats' ordered consumer stalled silently under bursts in
-//! our benchmark (messages in the stream, none delivered, no error). Here every fetch is
-//! explicit, consumer sequences are checked for gaps, and every failure leads to a visible
-//! reopen.
+//! our benchmark (messages in the stream, none delivered, no error). Here every fetch is explicit,
+//! consumer sequences are checked for gaps, and every failure leads to a visible reopen.
 //!
 //! Invariants:
 //! - Messages are forwarded in stream order, each once per consumer run: after any error the
@@ -66,9 +65,8 @@ enum Stop {
     Done,
 }
 
-/// Reads one shard from `start_seq` on and forwards every message in stream order, reopening
-/// the consumer after any error or gap from just past the last forwarded message. Returns on
-/// shutdown or when the apply thread has gone away.
+/// Reads one shard from `start_seq` on, forwarding every message in stream order (see the module
+/// header); returns on shutdown or when the apply thread has gone away.
 pub async fn run_consumer(spec: ConsumerSpec, tx: mpsc::Sender<Work>, shutdown: CancellationToken) {
     let mut consumer = Consumer {
         stream_idx: spec.shard as usize - 1,
@@ -94,7 +92,6 @@ struct Consumer {
     subject: String,
     /// The next sequence to forward.
     next: u64,
-    /// The wait before the next reopen after an error.
     backoff: crate::retry::Backoff,
     /// Set when the stream was found missing or recreated: the next message delivered resets
     /// this shard's position instead of advancing it.
@@ -139,10 +136,9 @@ impl Consumer {
         }
     }
 
-    /// Looks at the stream before opening: a stream that vanished (JetStream store wiped,
-    /// stream deleted) is recreated; one whose end is before our position was recreated
-    /// meanwhile: read it from its start, or every message in it would be skipped. `None`: go
-    /// on and open.
+    /// Looks at the stream before opening (`None`: go on): a vanished one (store wiped, stream
+    /// deleted) is recreated; one ending before our position was recreated meanwhile and is read
+    /// from its start, or every message in it would be skipped.
     async fn check_stream(&mut self) -> Option<Stop> {
         let (js, settings, name) = (&self.spec.js, &self.spec.settings, &self.stream_name);
         match stream::stream_range(js, name).await {
@@ -225,17 +221,15 @@ impl Consumer {
             let item = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Err(Stop::Done),
-                // The server ends every fetch by FETCH_EXPIRES; a longer silence means the
-                // fetch or the consumer was lost (e.g. a stream leader change).
+                // Fetches end by FETCH_EXPIRES; a longer silence: fetch or consumer lost.
                 item = tokio::time::timeout(FETCH_EXPIRES + FETCH_GRACE, batch.next()) => item.map_err(|_| {
                     tracing::warn!(stream = %self.stream_name, "fetch went silent; reopening consumer");
                     Stop::Reopen
                 })?,
             };
             let msg = match item {
-                // Fetch complete or expired. An empty one while the stream holds messages we
-                // have not seen means the consumer is stranded (it can happen around stream
-                // leader elections): reopen it.
+                // Fetch complete or expired. Empty while the stream holds unseen messages: the
+                // consumer is stranded (it happens around stream leader elections); reopen it.
                 None if received == 0
                     && crate::stream::stream_range(&self.spec.js, &self.stream_name)
                         .await

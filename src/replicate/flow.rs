@@ -2,28 +2,23 @@
 //! hold (design §3.11; Go HarmonyLite has none, and its nodes silently lose what the stream
 //! discards before they read it).
 //!
-//! Every applying node reports its applied position per stream in KV bucket [`BUCKET`] (key
-//! `node-<id>`, JSON), at once after it advanced (at most every [`REPORT_MIN_GAP`]) and at least
-//! every [`REPORT_EVERY`]. Every publishing node watches the bucket. Before it sends a message to a
-//! stream, the publisher asks [`Flow::allows`] whether the message's sequence would stay within
-//! [`Flow::window`] (the stream's `max_messages` shared among the live nodes plus one) of every
-//! *counting* peer.
+//! Every applying node reports its applied positions in KV bucket [`BUCKET`] (key `node-<id>`,
+//! JSON) right after it advanced (at most every [`REPORT_MIN_GAP`]) and at least every
+//! [`REPORT_EVERY`]. Publishers watch the bucket and, before each send, ask [`Flow::allows`]
+//! whether the message's sequence stays within the window of every *counting* peer.
 //!
 //! Invariants:
-//! - A peer counts only while it is alive (a report seen within [`STALE`]) and either keeps up
-//!   (within the window of the stream's end) or keeps advancing (within [`STALLED`]). A stopped,
-//!   hung or stuck node therefore holds publishers back for a few seconds at most; it recovers by
-//!   snapshot (`crate::snapshot`), and no writer is blocked forever by one bad node.
-//! - A publisher always counts itself (when it applies): it never runs a stream further ahead of
-//!   its own position than the window, so at least one node — the one whose changes they are —
-//!   still reads everything even when every other node has stopped counting.
-//! - Staleness is judged by when *this* node saw a report change, never by clocks of other
-//!   machines.
+//! - A peer counts only while alive (a report seen within [`STALE`]) and either keeping up (within
+//!   the window of the stream's end) or advancing (within [`STALLED`]): a stopped, hung or stuck
+//!   node holds publishers back for seconds at most and recovers by snapshot; no writer is
+//!   blocked forever by one bad node.
+//! - A publisher always counts itself (when it applies): at least one node — the one whose changes
+//!   they are — still reads everything even when no other node counts.
+//! - Staleness is judged by when *this* node saw a report change, never by other machines' clocks.
 //! - Without the bucket (an old server) nothing is throttled: flow control is a safety margin, the
 //!   snapshot recovery is the guarantee.
-//! - With several publishers bursting at once each knows only its own unacknowledged messages, so
-//!   together they can overshoot the window: n live nodes get a window of `max_messages / (n + 1)`
-//!   each, so that all of them bursting together still fit.
+//! - Each of n live nodes gets a window of `max_messages / (n + 1)`, so that all of them bursting
+//!   at once (each knows only its own unacknowledged messages) still fit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,10 +84,10 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// `max_messages`: the configured stream limit, in force until [`Flow::set_limit`] reports
-    /// the streams' own. Right after a start nothing else is known yet, and a publisher free
-    /// to send its whole backlog at once ran a 16-message stream past every node, which all
-    /// then waited for a snapshot nobody could save.
+    /// `max_messages`: the configured stream limit, in force until [`Flow::set_limit`] reports the
+    /// streams' own. Right after a start nothing else is known, and a publisher free to send its
+    /// whole backlog ran a 16-message stream past every node, all waiting for a snapshot nobody
+    /// could save.
     pub fn new(streams: Vec<String>, self_id: u64, max_messages: i64) -> Arc<Flow> {
         let limits = streams
             .iter()
@@ -108,11 +103,10 @@ impl Flow {
         })
     }
 
-    /// The stream's `max_messages` shared among the live nodes, plus one share of margin: each
-    /// publisher knows only its own unacknowledged messages, so when all of them burst at once
-    /// (a backlog after an outage or a migration) each adds a window. With half the stream for
-    /// everyone, three publishers overshot it by half and every node lost the same messages —
-    /// and with them the snapshot leader, since a node that recovers does not save.
+    /// The window: the stream's `max_messages` shared among the live nodes plus one share of
+    /// margin, for all bursting at once (a backlog after an outage or a migration). With half the
+    /// stream for everyone, three publishers overshot it by half and every node lost the same
+    /// messages — the snapshot leader too (a recovering node does not save).
     fn window_among(&self, stream: usize, peers: &HashMap<u64, Peer>, now: Instant) -> u64 {
         let limit = self
             .limits
@@ -136,8 +130,7 @@ impl Flow {
         }
     }
 
-    /// Whether a message that would get sequence `seq` in `stream` may be sent now, given that
-    /// the stream ends at about `end`.
+    /// Whether a message that would get sequence `seq` in `stream` (ending near `end`) may go now.
     pub fn allows(&self, stream: usize, seq: u64, end: u64) -> bool {
         match self.slowest_and_window(stream, end, Instant::now()) {
             (_, 0) | (None, _) => true,
@@ -156,10 +149,8 @@ impl Flow {
     fn slowest_and_window(&self, stream: usize, end: u64, now: Instant) -> (Option<u64>, u64) {
         let peers = lock(&self.peers);
         let window = self.window_among(stream, &peers, now);
-        // This node always counts: when every node's consumer stalls at once (after a server
-        // restart, or on a starved machine) no peer counts, and publishers ran free until the
-        // stream had discarded what nobody had read — every node then waited for a snapshot
-        // nobody could make.
+        // This node always counts: when every consumer stalled at once (server restart, starved
+        // machine), publishers ran past what anyone had read; all waited for a snapshot in vain.
         let slowest = peers
             .iter()
             .filter(|(id, p)| **id == self.self_id || counts(p, stream, end, window, now))
@@ -168,8 +159,7 @@ impl Flow {
         (slowest, window)
     }
 
-    /// Takes a report in (from the watcher); this node's own reports are ignored (see
-    /// [`Flow::record_local`]).
+    /// Takes a report in (from the watcher); our own are ignored ([`Flow::record_local`]).
     fn record(&self, report: &Report) {
         if report.node_id == self.self_id {
             return;
@@ -216,8 +206,7 @@ impl Flow {
         self.changed.notify_waiters();
     }
 
-    /// Every known peer, for the health endpoint and the lag metrics; `ends` is, per stream, the
-    /// stream's end as known here.
+    /// Every known peer (health endpoint, lag metrics); `ends`: per stream, its end as known here.
     pub fn view(&self, ends: &[u64]) -> Vec<PeerView> {
         let now = Instant::now();
         let peers = lock(&self.peers);
@@ -414,9 +403,8 @@ pub async fn observe(
     }
 }
 
-/// Keeps the streams' `max_messages` up to date, and says once when a stream's limit differs from
-/// the configured `max_entries` (an existing stream keeps the limit it was created with unless
-/// `update_existing = true`).
+/// Keeps the streams' `max_messages` current and says once when one differs from `max_entries`
+/// (an existing stream keeps its creation limit unless `update_existing = true`).
 pub async fn follow_limits(
     js: jetstream::Context,
     flow: Arc<Flow>,

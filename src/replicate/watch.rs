@@ -22,9 +22,6 @@ pub struct DbWatcher {
 }
 
 /// Starts watching `db_path`; every relevant change calls `wake.notify_one()`.
-///
-/// # Errors
-/// The watcher could not be created or the directory could not be watched.
 pub fn watch(db_path: &Path, wake: Arc<Notify>) -> notify::Result<DbWatcher> {
     let dir = crate::config::data_root_dir(db_path);
     let base = db_path.file_name().map(OsString::from).unwrap_or_default();
@@ -47,10 +44,9 @@ pub fn watch(db_path: &Path, wake: Arc<Notify>) -> notify::Result<DbWatcher> {
             .any(|p| p.file_name().is_some_and(|f| names.iter().any(|n| n == f)));
         if relevant {
             wake.notify_one();
-            // Pause this watcher thread: while nobody reads the inotify queue, the kernel merges
-            // each new event into an identical last one and wakes no one. Without the pause a
-            // large write (a restore writes the WAL a page at a time) costs a queued event, a
-            // wake-up and a pass through here per page: a fifth of the writer's time.
+            // Pause this thread: while nobody reads the inotify queue, the kernel merges each new
+            // event into an identical last one. Without the pause a large write (a restore writes
+            // the WAL page by page) costs an event and a wake-up per page: a fifth of its time.
             std::thread::sleep(COALESCE);
         }
     })?;

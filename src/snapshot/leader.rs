@@ -25,7 +25,6 @@ pub const SAVE_KEY: &str = "snapshot";
 /// How long the save lease lives (Go's `SnapshotLeaseTTL`).
 pub const SAVE_TTL: Duration = Duration::from_secs(10);
 
-/// Why a lease operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open KV bucket {BUCKET}: {0}")]
@@ -76,10 +75,8 @@ pub async fn bucket(js: &jetstream::Context, replicas: i64) -> Result<kv::Store,
         .map_err(|e| Error::Bucket(e.to_string()))
 }
 
-/// Go's `AcquireLease`: true when this node holds `key` for `ttl` from now.
-///
-/// # Errors
-/// KV errors, and a lost create or compare-and-set race.
+/// Go's `AcquireLease`: true when this node holds `key` for `ttl` from now (a lost create or
+/// compare-and-set race is an error).
 pub async fn acquire(
     store: &kv::Store,
     key: &'static str,
@@ -92,7 +89,6 @@ pub async fn acquire(
     ))
 }
 
-/// The outcome of a lease attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acquired {
     Held,
@@ -104,9 +100,6 @@ pub enum Acquired {
 
 /// [`acquire`], telling when another holder's lease runs out (so a candidate can look again
 /// right then instead of a heartbeat later).
-///
-/// # Errors
-/// As [`acquire`].
 pub async fn try_acquire(
     store: &kv::Store,
     key: &'static str,

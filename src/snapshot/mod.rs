@@ -1,20 +1,15 @@
 //! Snapshots (upstream-behaviour §6, design §3.8 and §3.11): a consistent copy of the database
 //! without any `__harmonylite__` artifact, stored with the stream positions it contains, so that
-//! a node that lacks changes the streams no longer hold (a new node, a long-stopped one, one that
-//! fell behind) restores it and replays only the tail.
-//!
-//! - [`save`]: copy with SQLite's backup API (from a read transaction that began between two
-//!   apply batches, so the rows and the recorded positions match exactly), strip, checksum,
-//!   upload.
-//! - [`fetch_verified`]: download, then check size, SHA-256, Go's FNV tag and
-//!   `PRAGMA integrity_check` before anything is restored.
-//! - The restore itself is [`crate::db::restore`], run by the apply thread.
-//! - [`leader`]: Go's snapshot-leader election and save lease; [`scheduler`]: when to save.
+//! a node lacking changes the streams no longer hold (new, long stopped, fallen behind) restores
+//! it and replays only the tail. [`save`] copies (SQLite's backup API), strips and uploads;
+//! [`fetch_verified`] downloads and checks; [`crate::db::restore`], run by the apply thread,
+//! merges; [`leader`] is Go's leader election and save lease, [`scheduler`] decides when.
 //!
 //! Invariants:
-//! - Application writers are never blocked by a save: the copy is read from a WAL snapshot.
-//! - A snapshot is never restored unverified; a refused one is logged and counted, and the node
-//!   keeps trying.
+//! - Application writers are never blocked by a save: the copy is read from a WAL snapshot that
+//!   began between two apply batches, so the rows and the recorded positions match exactly.
+//! - A snapshot is never restored unverified (size, SHA-256, Go's FNV tag, `integrity_check`); a
+//!   refused one is logged and counted, and the node keeps trying.
 //! - Work files live next to the database (same file system, not a small `/tmp`) in a temp dir
 //!   removed on every path.
 
@@ -45,7 +40,6 @@ const PROGRESS_BYTES: u64 = 8 * 1024 * 1024;
 /// Pages copied per backup step (4 MiB with 4 KiB pages).
 const PAGES_PER_STEP: i32 = 1024;
 
-/// Why a snapshot could not be saved or used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot copy the database")]
@@ -136,13 +130,9 @@ pub fn lacks_room_to_restore(db_path: &Path, size: u64) -> Option<u64> {
     (free < need).then_some(need)
 }
 
-/// Copies the database into `dir` as a plain SQLite file without our tables and triggers, and
-/// returns its path and metadata: positions, schema, node and time; the size and checksums are
-/// left to the upload, which computes them from the bytes it sends (see
-/// [`Store::upload_filling`]). Blocking.
-///
-/// # Errors
-/// SQLite or file errors.
+/// Copies the database into `dir` as a plain SQLite file without our tables and triggers
+/// (blocking); returns its path and metadata (positions, schema, node, time). Size and checksums
+/// are left to the upload, which computes them from the bytes it sends ([`Store::upload_filling`]).
 pub fn copy_database(
     source: &Source,
     dir: &Path,
@@ -190,12 +180,10 @@ pub fn copy_database(
     Ok((path, meta))
 }
 
-/// Copies the database `conn` reads (in its open read transaction) into a new file at `path`
-/// with SQLite's backup API.
+/// Copies the database `conn` reads (in its open read transaction) to `path` (backup API).
 fn backup_copy(conn: &Connection, path: &Path) -> Result<(), rusqlite::Error> {
     let mut dest = Connection::open(path)?;
-    // A work file, uploaded and deleted: no journal and no fsync (a crash leaves a file the
-    // next start sweeps away).
+    // A work file, uploaded and deleted: no journal, no fsync (the next start sweeps it away).
     dest.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
     let backup = rusqlite::backup::Backup::new(conn, &mut dest)?;
     let mut logged = Instant::now();
@@ -246,13 +234,11 @@ fn lower_for_held(
     Ok(())
 }
 
-/// Drops every `__harmonylite__` trigger and table and leaves rollback-journal mode.
-///
-/// No VACUUM (Go does one): it may renumber the rowids of tables without a primary key, and
-/// those rowids are the keys such tables replicate by — a restore would then delete and
-/// re-insert every row under another rowid. (Our index that keeps them through a VACUUM stays
-/// in the snapshot, so that a Go node's VACUUM of it keeps them too.) The pages our tables used
-/// stay free in the file.
+/// Drops every `__harmonylite__` trigger and table and leaves rollback-journal mode. No VACUUM
+/// (Go does one): it may renumber the rowids that tables without a primary key replicate by, and
+/// a restore would then delete and re-insert every row under another rowid. (Our index keeping
+/// them through a VACUUM stays in the snapshot, so a Go node's VACUUM of it keeps them too.) The
+/// pages our tables used stay free in the file.
 fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
     let objects: Vec<(String, String)> = {
         let mut stmt = conn.prepare(
@@ -299,10 +285,9 @@ fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
     Ok((size, crate::hex(&sha), tag))
 }
 
-/// Size, hex SHA-256 and (optionally) Go's FNV-1 64 tag of bytes fed in order, for a file read
-/// once for another purpose too (an upload). FNV-1 is a serial byte loop slower than SHA-256
-/// (with the CPU's SHA instructions), so it runs on a thread of its own over the same buffers;
-/// at most a few buffers wait for it.
+/// Size, hex SHA-256 and optionally Go's FNV-1 64 tag of bytes fed in order (a file read once
+/// for an upload too). FNV-1, a serial byte loop, is slower than SHA-256 with the CPU's SHA
+/// instructions, so it runs on its own thread over the same buffers (a few wait at most).
 pub struct Digester {
     sha: Sha256,
     size: u64,
@@ -354,10 +339,8 @@ impl Digester {
     }
 }
 
-/// Checks a downloaded file against its metadata and SQLite's own integrity check.
-///
-/// # Errors
-/// [`Error::Refused`] naming what does not match.
+/// Checks a downloaded file against its metadata and SQLite's own integrity check;
+/// [`Error::Refused`] names what does not match.
 pub fn verify(path: &Path, meta: &Meta) -> Result<(), Error> {
     // SQLite's check and the checksums run side by side (each is CPU-bound); Go's FNV tag is
     // only computed when there is no SHA-256 to check.
@@ -416,9 +399,6 @@ fn integrity(path: &Path) -> Result<(), Error> {
 }
 
 /// Saves a snapshot: copy, upload, remove the work files.
-///
-/// # Errors
-/// Copy, file or store errors.
 pub async fn save(
     source: &Source,
     store: &dyn Store,
@@ -447,10 +427,8 @@ pub async fn save(
     Ok(meta)
 }
 
-/// Downloads the snapshot into a new work dir and verifies it. `Ok(None)` when the store is empty.
-///
-/// # Errors
-/// Store errors, or [`Error::Refused`] for a snapshot that fails verification.
+/// Downloads the snapshot into a new work dir and verifies it ([`Error::Refused`] if it fails);
+/// `Ok(None)` when the store is empty.
 pub async fn fetch_verified(
     store: &dyn Store,
     db_path: &Path,
@@ -471,10 +449,8 @@ pub async fn fetch_verified(
     Ok(Some((dir, path, meta)))
 }
 
-/// Builds the configured store (no request is made yet). NATS needs the JetStream context.
-///
-/// # Errors
-/// A store configuration that cannot work (the message names the key).
+/// Builds the configured store (no request yet; NATS needs the JetStream context). A store
+/// configuration that cannot work fails, naming the key.
 pub fn open_store(
     settings: &crate::config::Settings,
     js: &async_nats::jetstream::Context,

@@ -2,16 +2,15 @@
 //! `<stream_prefix>-snapshot-store`), object `snapshot.db` with Go's `harmonylite-snapshot-tag`
 //! header, our [`Meta`] as object metadata key [`META_KEY`] (Go ignores it).
 //!
-//! An object-store put writes the new chunks under a fresh id and only then replaces the object's
-//! info, so the previous snapshot stays readable until the new one is complete. Chunks (half the
-//! server's `max_payload`, at most 1 MiB) are read from the file as they are sent, and a
-//! download asks for about 8 MB at a time from a pull consumer: memory does not grow with the
-//! snapshot either way.
+//! A put writes the new chunks under a fresh id and only then replaces the object's info, so the
+//! previous snapshot stays readable until the new one is complete. Chunks (half the server's
+//! `max_payload`, at most 1 MiB) are read from the file as they are sent, and a download asks a
+//! pull consumer for about 8 MB at a time: memory does not grow with the snapshot.
 //!
 //! The put is ours, not the client library's (same subjects, info record and digest, so Go and
-//! the library read it): the library sends one chunk and waits for its ack before the next,
-//! which made the upload most of a save's time. Ours keeps [`ACKS_IN_FLIGHT`] chunks
-//! unacknowledged, and removes the chunks of a put that failed.
+//! the library read it): the library awaits each chunk's ack before the next, which made the
+//! upload most of a save's time. Ours keeps [`ACKS_IN_FLIGHT`] chunks unacknowledged, and removes
+//! the chunks of a put that failed.
 
 use std::path::Path;
 
@@ -26,8 +25,7 @@ pub const META_KEY: &str = "harmonylite-meta";
 /// Bytes asked for at once while downloading (whole chunks, at least one).
 const FETCH_BYTES: usize = 8 << 20;
 
-/// The chunk size of an upload: half the server's `max_payload` (so a chunk always fits), at
-/// most 1 MiB.
+/// Upload chunk size: half the server's `max_payload` (so a chunk always fits), at most 1 MiB.
 fn chunk_size(max_payload: usize) -> usize {
     (max_payload / 2).clamp(4 << 10, 1 << 20)
 }
@@ -43,11 +41,10 @@ pub struct NatsStore {
 }
 
 impl NatsStore {
-    /// Writes the chunks of `info` to `out`, [`FETCH_BYTES`] at a time from a pull consumer:
-    /// memory stays bounded by one batch whatever the object's size (the client library's
-    /// reader uses a push consumer whose delivery buffer grew to tens of MB). A chunk lost in
-    /// transit shows as a gap in the consumer's sequence and fails the download, as does a size
-    /// that does not match.
+    /// Writes the chunks of `info` to `out`, [`FETCH_BYTES`] at a time from a pull consumer, so
+    /// memory stays bounded by one batch (the library's reader uses a push consumer whose buffer
+    /// grew to tens of MB). A chunk lost in transit (a gap in the consumer's sequence) or a size
+    /// mismatch fails the download.
     async fn read_chunks(
         &self,
         info: &object_store::ObjectInfo,
@@ -122,10 +119,9 @@ impl NatsStore {
             .map_err(|e| fail(&e))
     }
 
-    /// Puts `data` as the object [`OBJECT`] with our `meta` (see the module header: the object
-    /// store's format, with acks pipelined), the size and checksums it lacks computed while
-    /// sending. The previous object's chunks are purged once the new info is in place; a put
-    /// that fails purges its own.
+    /// Puts `data` as the object [`OBJECT`] with our `meta` (module header), computing the size
+    /// and checksums it lacks while sending. The previous object's chunks are purged once the new
+    /// info is in place; a put that fails purges its own.
     async fn put(
         &self,
         bucket: &object_store::ObjectStore,
@@ -347,7 +343,6 @@ impl NatsStore {
         }
     }
 
-    /// An `op` failure described by `message`.
     fn failed(&self, op: &'static str, message: &dyn std::fmt::Display) -> Error {
         Error::msg(KIND, op, &self.object(), message.to_string())
     }

@@ -1,17 +1,17 @@
 //! The `s3` snapshot store (upstream-behaviour §6.3) with aws-sdk-s3: any S3-compatible server
 //! (`endpoint` host[:port], `use_ssl`, path-style addressing) or AWS itself (empty endpoint).
 //!
-//! Object key `<path>/snapshot.db` as Go builds it, except that an empty path gives
-//! `snapshot.db`: Go's `/snapshot.db` (a key starting with a slash) is refused or renamed by many
-//! S3-compatible servers. Our [`Meta`] travels as user metadata `x-amz-meta-harmonylite-meta`. Credentials as Go's chain: the
+//! Object key `<path>/snapshot.db` as Go builds it, except that an empty path gives `snapshot.db`
+//! (Go's `/snapshot.db` is refused or renamed by many S3-compatible servers). Our [`Meta`] travels
+//! as user metadata `x-amz-meta-harmonylite-meta`. Credentials as Go's chain: the
 //! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN` environment, then MinIO's
 //! (`MINIO_ROOT_USER`/`MINIO_ROOT_PASSWORD`, `MINIO_ACCESS_KEY`/`MINIO_SECRET_KEY`), then the
 //! config's `access_key`/`secret`/`session_token`; none at all means unsigned requests.
 //!
 //! A PUT replaces the object only when it completes, so the previous snapshot stays readable.
-//! Files up to [`SINGLE_PUT_MAX`] go in one streamed PUT; larger ones as a multipart upload of
-//! [`PART_SIZE`] parts read from the file one at a time (memory stays bounded), aborted on error.
-//! The bucket is created when missing.
+//! Files up to [`SINGLE_PUT_MAX`] go in one streamed PUT, larger ones as a multipart upload of
+//! [`PART_SIZE`] parts read one at a time (bounded memory), aborted on error. The bucket is
+//! created when missing.
 
 use std::path::Path;
 
@@ -73,10 +73,7 @@ fn meta_of(metadata: Option<&std::collections::HashMap<String, String>>) -> Meta
 }
 
 impl S3Store {
-    /// Builds the client (no request is made yet).
-    ///
-    /// # Errors
-    /// A configuration the client cannot use (the message names the key).
+    /// Builds the client (no request yet); a configuration it cannot use fails, naming the key.
     pub fn new(s: &S3Settings) -> Result<S3Store, Error> {
         let bad = |why: String| Error::msg(KIND, "configure", OBJECT, why).config();
         if s.bucket.is_empty() {
@@ -90,9 +87,9 @@ impl S3Store {
         } else {
             s.region.clone()
         };
-        // A server that accepts the connection and then says nothing must not hang a save or a
-        // recovery forever. The read timeout runs from the start of a request to the first byte
-        // of its response, so it covers sending one part: generous enough for a slow link.
+        // A server that accepts the connection and says nothing must not hang a save or recovery
+        // forever. The read timeout runs from a request's start to its response's first byte
+        // (sending one part included): generous enough for a slow link.
         let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .read_timeout(std::time::Duration::from_secs(300))
@@ -356,8 +353,7 @@ impl Store for S3Store {
                 out.write_all(&chunk).await.map_err(|e| fail(&e))?;
                 progress.add(chunk.len());
             }
-            // Completes tokio's last write; no fsync: a work file, verified and merged at once
-            // (after a crash the next start removes it).
+            // Completes tokio's last write; no fsync: a work file, verified and merged at once.
             out.flush().await.map_err(|e| fail(&e))?;
             Ok(Some(meta))
         })

@@ -95,8 +95,7 @@ impl Triggers {
 }
 
 impl Snapshots {
-    /// The snapshot side of `node`: its store, where its copies come from (`None` when it does
-    /// not apply), its schema hash, and the flag it shares with the publisher while recovering.
+    /// The snapshot side of `node`; `recovering` is the flag it shares with the publisher.
     pub fn new(
         node: &crate::handle::Node,
         store: Arc<dyn Store>,
@@ -129,10 +128,8 @@ impl Snapshots {
         self.leader.load(Ordering::Relaxed)
     }
 
-    /// Saves a snapshot now (no leader check, no lease: `-save-snapshot` and the sleep exit).
-    ///
-    /// # Errors
-    /// [`Error::Busy`] while another save runs; copy, file or store errors.
+    /// Saves a snapshot now (no leader check, no lease: `-save-snapshot` and the sleep exit);
+    /// [`Error::Busy`] while another save runs.
     pub async fn save_now(&self, why: &str) -> Result<Meta, Error> {
         let Some(source) = &self.source else {
             return Err(Error::Unusable(
@@ -313,8 +310,7 @@ impl Snapshots {
         }
         let busy = t.save_task.as_ref().is_some_and(|task| !task.is_finished());
         if !busy && let Some(Some(Ok(false))) = t.save_task.take().map(|task| task.now_or_never()) {
-            // The save lease was held (by a leader that just died, until it expires): the
-            // trigger waits for the lease instead of being dropped.
+            // The save lease was held (a just-dead leader's, until it expires): keep the trigger.
             t.wanted.get_or_insert("retry after the save lease");
         }
         let gap = MIN_GAP.max(Duration::from_millis(
@@ -338,8 +334,7 @@ impl Snapshots {
         }
     }
 
-    /// Whether a recovering node's request `msg` calls for a save by this node: it leads and
-    /// has applied as far as the request needs.
+    /// Whether a recovering node's request `msg` calls for a save here: we lead and cover it.
     fn answers(&self, msg: &async_nats::Message) -> bool {
         if let Ok(req) = serde_json::from_slice::<Request>(&msg.payload)
             && self.is_leader()
@@ -354,11 +349,9 @@ impl Snapshots {
         false
     }
 
-    /// On shutdown: lets a save in progress finish within the drain deadline and gives up the
-    /// leadership.
+    /// On shutdown: lets a running save finish within the drain deadline, gives up the leadership.
     async fn stop(&self, meta_kv: &kv::Store, save_task: Option<tokio::task::JoinHandle<bool>>) {
         if let Some(task) = save_task {
-            // A save in progress finishes if it can within the drain deadline.
             let _ = tokio::time::timeout(Duration::from_secs(8), task).await;
         }
         // Unlike Go, hand the key over at once: another node leads at its next round.

@@ -5,12 +5,12 @@
 //! password. The server's host key is checked against `known_hosts` (ours) when set; without one
 //! any key is accepted, as Go does, with a warning — set it in production.
 //!
-//! An upload writes `<path>/<node name>-temp-snapshot.db` (streamed in 1 MiB writes,
+//! An upload writes `<path>/<node name>-temp-snapshot.db` (one per node, streamed in 1 MiB writes,
 //! fsynced where the server supports it) and renames it over `snapshot.db`. OpenSSH's SFTP
-//! (protocol 3) does not rename over an existing file, so when the overwriting rename is refused
-//! the old object is moved aside first (and back if the new one cannot take its place): readers
-//! may find no snapshot for that instant, never half of one, and a failure leaves the old one. The [`Meta`] goes to the sidecar `snapshot.db.meta.json` the same way (see
-//! [`super::webdav::trusted`] for when it is believed).
+//! (protocol 3) does not rename over an existing file, so when that is refused the old object is
+//! moved aside first (and back if the new one cannot take its place): readers may find no snapshot
+//! for that instant, never half of one, and a failure leaves the old one. The [`Meta`] goes to the
+//! sidecar `snapshot.db.meta.json` the same way (believed as [`super::webdav::trusted`] says).
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -50,10 +50,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 impl SftpStore {
-    /// Parses the URL (no connection is made yet).
-    ///
-    /// # Errors
-    /// A URL that is not `sftp://user@host…`, or unusable key settings.
+    /// Parses the URL (no connection yet); fails unless `sftp://user@host…` with usable keys.
     pub fn new(s: &SftpSettings, node_name: String) -> Result<SftpStore, Error> {
         let bad = |why: String| Error::msg(KIND, "configure", OBJECT, why).config();
         let url = reqwest::Url::parse(&s.url)
@@ -202,8 +199,7 @@ impl SftpStore {
         from: &mut dyn Read,
         op: &'static str,
     ) -> Result<u64, Error> {
-        // One temporary name per node and file: an upload cut short (a killed process) leaves
-        // at most this file, which the node's next upload replaces.
+        // One temporary name per node and file: the next upload replaces a cut-short one's.
         let temp = self.path_of(&format!("{}-temp-{name}", self.node_name));
         let dest = self.path_of(name);
         let written = (|| -> Result<u64, Error> {
@@ -232,8 +228,7 @@ impl SftpStore {
         })?;
         let flags = RenameFlags::OVERWRITE | RenameFlags::ATOMIC | RenameFlags::NATIVE;
         if sftp.rename(&temp, &dest, Some(flags)).is_err() {
-            // Protocol 3 will not rename over a file: move the old one aside first, and back if
-            // the new one cannot take its place, so a failure never leaves the store empty.
+            // Protocol 3 will not rename over a file (module header).
             let aside = self.path_of(&format!("{name}.old-{}", self.node_name));
             let _ = sftp.unlink(&aside);
             let moved_aside = sftp.rename(&dest, &aside, None).is_ok();

@@ -2,10 +2,9 @@
 //! (`nats`, `s3`, `webdav`, `sftp`), all exercised by one conformance suite in the tests.
 //!
 //! A store holds one snapshot: the object [`OBJECT`] (Go HarmonyLite's name, so Go nodes restore
-//! ours and we restore theirs) plus its [`Meta`]. Where the backend has object metadata the meta
-//! travels with the object; elsewhere it is a small sidecar object [`SIDECAR`] written after the
-//! data (a reader that sees new data with an old sidecar refuses the pair on its checksum and
-//! tries again later).
+//! ours and we restore theirs) plus its [`Meta`], as object metadata or else as a sidecar object
+//! [`SIDECAR`] written after the data (a reader seeing new data with an old sidecar refuses the
+//! pair on its checksum and tries again later).
 //!
 //! Invariants:
 //! - An upload never destroys the previous snapshot before the new one is complete (unlike Go,
@@ -62,7 +61,6 @@ impl Meta {
     }
 }
 
-/// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[error("snapshot store {store}: cannot {op} {object}: {message}")]
 pub struct Error {
@@ -85,7 +83,6 @@ impl Error {
         Error::msg(store, op, object, crate::error_chain(e))
     }
 
-    /// An error described by `message`.
     pub fn msg(store: &'static str, op: &'static str, object: &str, message: String) -> Error {
         Error {
             store,
@@ -96,7 +93,6 @@ impl Error {
         }
     }
 
-    /// Marks the error as the configuration's fault.
     pub fn config(mut self) -> Error {
         self.config = true;
         self
@@ -108,7 +104,6 @@ impl Error {
     }
 }
 
-/// A snapshot store.
 pub trait Store: Send + Sync {
     /// The backend's name (`nats`, `s3`, …) for logs and errors.
     fn kind(&self) -> &'static str;
@@ -173,7 +168,6 @@ impl Progress {
         }
     }
 
-    /// Counts `n` more bytes.
     pub fn add(&mut self, n: usize) {
         self.done += n as u64;
         if self.done >= Self::QUIET_BELOW && self.last.elapsed() >= Self::EVERY {

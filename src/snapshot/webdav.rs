@@ -5,12 +5,12 @@
 //! rest is the server root. Authentication is HTTP Basic (Go negotiated Basic or Digest).
 //!
 //! An upload MKCOLs the directory, PUTs the file (streamed from disk) to a temporary name
-//! `<node name>-temp-snapshot.db` (one per node: a cut-short upload's leftover is replaced by the
-//! next), then MOVEs it over `snapshot.db` (overwrite): the
-//! previous snapshot stays whole until the new one is. WebDAV has no object metadata, so the
-//! [`Meta`] goes to the sidecar `snapshot.db.meta.json` afterwards; a sidecar whose recorded size
-//! is not the object's (a Go node replaced the object, or the sidecar is being replaced) is not
-//! trusted, and the object is treated like one of Go's (integrity check, full replay).
+//! `<node name>-temp-snapshot.db` (one per node: the next upload replaces a cut-short one's
+//! leftover), then MOVEs it over `snapshot.db`: the previous snapshot stays whole until the new
+//! one is. WebDAV has no object metadata: the [`Meta`] goes to the sidecar
+//! `snapshot.db.meta.json` afterwards; one whose recorded size is not the object's (a Go node
+//! replaced the object, or the sidecar is being replaced) is not trusted, and the object is
+//! treated like one of Go's (integrity check, full replay).
 
 use std::path::Path;
 
@@ -32,10 +32,7 @@ pub struct WebDavStore {
 }
 
 impl WebDavStore {
-    /// Parses Go's URL form (module header).
-    ///
-    /// # Errors
-    /// A URL that does not parse, or lacks `login` or `secret`.
+    /// Parses Go's URL form (module header); fails without `login` or `secret`.
     pub fn new(url: &str, node_name: String) -> Result<WebDavStore, Error> {
         let bad = |why: String| Error::msg(KIND, "configure", OBJECT, why).config();
         let mut parsed = Url::parse(url)
@@ -159,7 +156,6 @@ impl WebDavStore {
         Ok(())
     }
 
-    /// The sidecar's metadata, if there is one.
     async fn sidecar(&self, op: &'static str) -> Result<Option<Meta>, Error> {
         let resp = self
             .send(op, self.request(Method::GET, self.in_dir(SIDECAR)))
@@ -175,8 +171,7 @@ impl WebDavStore {
     }
 }
 
-/// The sidecar's meta when it describes an object of `size` bytes; else none (Go's snapshot, or
-/// a sidecar being replaced).
+/// The sidecar's meta if it describes an object of `size` bytes; else none (Go's, or stale).
 pub(super) fn trusted(sidecar: Option<Meta>, size: Option<u64>) -> Meta {
     match (sidecar, size) {
         (Some(m), Some(size)) if m.size == Some(size) => m,
@@ -197,8 +192,7 @@ impl Store for WebDavStore {
                 .await
                 .map_err(|e| self.fail(op, e))?;
             let size = f.metadata().await.map_err(|e| self.fail(op, e))?.len();
-            // One temporary name per node: an upload cut short (a killed process) leaves at
-            // most this file, which the node's next upload replaces.
+            // One temporary name per node (module header).
             let temp = format!("{}-temp-snapshot.db", self.node_name);
             let temp_url = self.in_dir(&temp);
             let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
@@ -255,8 +249,7 @@ impl Store for WebDavStore {
                 progress.add(chunk.len());
                 out.write_all(&chunk).await.map_err(|e| self.fail(op, e))?;
             }
-            // Completes tokio's last write; no fsync: a work file, verified and merged at once
-            // (after a crash the next start removes it).
+            // Completes tokio's last write; no fsync: a work file, verified and merged at once.
             out.flush().await.map_err(|e| self.fail(op, e))?;
             tracing::info!(path = %self.object(), size, "Snapshot downloaded from WebDAV");
             Ok(Some(trusted(sidecar, Some(size))))

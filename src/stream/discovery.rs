@@ -23,7 +23,6 @@ pub struct DnsPeer {
     pub extra_query: String,
 }
 
-/// Why a peer URL cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     #[error("peer URL {url:?}: {why}")]
@@ -32,10 +31,8 @@ pub enum Error {
     Cancelled,
 }
 
-/// Parses `dns://host:port?min=N&interval_ms=M`; `None` when `url` is not a `dns://` URL.
-///
-/// # Errors
-/// [`Error::Invalid`] for a `dns://` URL without a usable host, port or parameters.
+/// Parses `dns://host:port?min=N&interval_ms=M`; `None` when `url` is not a `dns://` URL,
+/// [`Error::Invalid`] without a usable host, port or parameters.
 pub fn parse(url: &str) -> Result<Option<DnsPeer>, Error> {
     let Some(rest) = url.strip_prefix("dns://") else {
         return Ok(None);
@@ -88,9 +85,6 @@ fn url_for(ip: IpAddr, port: u16, extra_query: &str) -> String {
 }
 
 /// Expands every `dns://` URL in `urls`, waiting until each has at least `min` addresses.
-///
-/// # Errors
-/// [`Error::Invalid`] for malformed URLs, [`Error::Cancelled`] on shutdown.
 pub async fn resolve_all(
     urls: &[String],
     shutdown: &CancellationToken,

@@ -1,16 +1,16 @@
 //! The node-id lease: one live node per `node_id` in a cluster.
 //!
-//! Two machines cloned from one image share the machine id that `node_id` defaults to, and so
-//! their node names, metric labels and KV keys; before database identities were added they also
-//! shared message ids and the server dropped one node's changes as duplicates. Each node holds
-//! key `node-<id>` in KV bucket [`BUCKET`], whose value names the database identity (plus host
-//! and pid, for the message), and refreshes it every [`REFRESH`]; entries expire after [`TTL`].
+//! Two machines cloned from one image share the machine id `node_id` defaults to, and so node
+//! names, metric labels and KV keys (before database identities, also message ids: the server
+//! dropped one node's changes as duplicates). Each node holds key `node-<id>` in KV bucket
+//! [`BUCKET`], valued with its database identity (plus host and pid, for the message), refreshed
+//! every [`REFRESH`]; entries expire after [`TTL`].
 //!
 //! Invariants:
 //! - At start, a key held by anyone else (another database, or a copy of this one on another
 //!   host) that is still being refreshed — a live node — is a conflict: the node refuses to start
-//!   (exit 2). A key that stops changing for longer than a refresh period belonged to a node that
-//!   is gone (a killed previous run, this database before `-cleanup`) and is taken over.
+//!   (exit 2). A key that stops changing for two refresh periods belonged to a node that is gone
+//!   (a killed previous run, this database before `-cleanup`) and is taken over.
 //! - While running, the key is updated with compare-and-set: if another identity wrote it, that
 //!   is a conflict too and the node stops.
 //! - A lease that cannot be kept because NATS is down is not a conflict: it is retried.
@@ -57,11 +57,9 @@ fn describe(value: &[u8]) -> String {
     String::from_utf8_lossy(value).into_owned()
 }
 
-/// Takes the lease for this node. Returns `Ok(None)` when the lease bucket cannot be used (an
-/// old server, no JetStream KV): the node runs without the check, with a warning.
-///
-/// # Errors
-/// [`Error::Conflict`] when another live node holds the node id; [`Error::Cancelled`].
+/// Takes the lease for this node ([`Error::Conflict`] when another live node holds the node id);
+/// `Ok(None)` when the bucket cannot be used (an old server, no JetStream KV): the node runs
+/// without the check, with a warning.
 pub async fn acquire(
     js: &jetstream::Context,
     settings: &Settings,
@@ -126,7 +124,7 @@ async fn wait_until_free(
     host: &str,
     shutdown: &CancellationToken,
 ) -> Result<bool, Error> {
-    // Watch a foreign holder for a little longer than a refresh period: a live one refreshes.
+    // Watch a foreign holder for two refresh periods and a bit: a live one refreshes meanwhile.
     let mut seen_revision: Option<u64> = None;
     let deadline = tokio::time::Instant::now() + REFRESH * 2 + Duration::from_millis(500);
     loop {
@@ -137,9 +135,8 @@ async fn wait_until_free(
                 return Ok(false);
             }
         };
-        // Anything but our own value: another database, or this one copied to another machine
-        // (same identity, other host or pid), or our own previous run (killed): only a holder
-        // that keeps refreshing is a conflict.
+        // Any value but ours is foreign (another database, a copy elsewhere, our killed previous
+        // run); only a holder that keeps refreshing is a conflict.
         let foreign = entry
             .as_ref()
             .filter(|e| matches!(e.operation, kv::Operation::Put) && e.value != me.value);
@@ -193,10 +190,7 @@ impl Lease {
         let _ = self.store.delete(&self.key).await;
     }
 
-    /// Refreshes the lease until shutdown.
-    ///
-    /// # Errors
-    /// [`Error::Conflict`] when another node wrote our key.
+    /// Refreshes the lease until shutdown; [`Error::Conflict`] when another node wrote our key.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
         let mut tick = tokio::time::interval(REFRESH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

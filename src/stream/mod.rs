@@ -1,12 +1,11 @@
-//! NATS and JetStream: the client connection, the per-shard streams, and the consumers that feed
-//! the applier. This module knows NATS and [`crate::wire`] names, and nothing about SQLite.
+//! NATS and JetStream: the client connection, the per-shard streams, and the pull consumers the
+//! applying side reads through. This module knows NATS and [`crate::wire`] names, not SQLite.
 //!
 //! Invariants:
 //! - Shard streams are created with Go HarmonyLite's exact configuration (upstream-behaviour §5.4)
-//!   when missing; an existing stream is only updated when `update_existing` is set and its
-//!   configuration really differs.
-//! - Consumers are ordered (flow-controlled, no acks needed) and start at the saved sequence + 1,
-//!   never re-reading what this node already applied (design §3.7).
+//!   when missing; an existing one is updated only with `update_existing` and a real difference.
+//! - Consumers are ephemeral pull consumers without acks ([`pull_consumer`]) starting at the saved
+//!   sequence + 1, never re-reading what this node already applied (design §3.7).
 //! - Nothing here gives up on a broker that is down: connecting and stream set-up retry with
 //!   backoff until they succeed or shutdown is requested.
 
@@ -24,7 +23,6 @@ pub mod discovery;
 pub mod embedded;
 pub mod lease;
 
-/// What went wrong talking to NATS.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot connect to NATS at {urls}: {message}")]
@@ -70,13 +68,10 @@ fn not_found(e: &context::GetStreamError) -> bool {
         if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
-/// Connects to `urls` with the configured authentication. The first connection is retried with
-/// backoff while the servers are unreachable (logging `NATS connection failed`); after that the
-/// client reconnects on its own after outages, forever.
-///
-/// # Errors
-/// [`Error::Connect`] for problems retrying cannot fix: rejected credentials, a TLS failure, an
-/// unreadable seed file, a malformed URL. [`Error::Cancelled`] on shutdown.
+/// Connects to `urls` with the configured authentication, retrying the first connection with
+/// backoff while the servers are unreachable (logging `NATS connection failed`); afterwards the
+/// client reconnects on its own, forever. [`Error::Connect`] only for what retrying cannot fix
+/// (rejected credentials, TLS, an unreadable seed file, a malformed URL).
 pub async fn connect(
     settings: &Settings,
     urls: &[String],
@@ -120,8 +115,7 @@ pub async fn connect(
                     };
                     return Err(connect_err(format!("authorization failed ({e}); {hint}")));
                 }
-                // async-nats reports certificate verification failures as I/O errors; no retry
-                // can fix a certificate, so they are TLS failures too.
+                // async-nats reports certificate failures as I/O errors; no retry fixes them.
                 _ if e.kind() == Kind::Tls || is_certificate_error(&e.to_string()) => {
                     return Err(connect_err(format!(
                         "TLS failed ({e}); check nats.ca_file, nats.cert_file and nats.key_file"
@@ -302,10 +296,7 @@ fn differs(have: &js_stream::Config, want: &js_stream::Config) -> bool {
 }
 
 /// Makes sure every shard stream exists, creating missing ones; retries while NATS is unavailable.
-///
-/// # Errors
-/// [`Error::Stream`] when JetStream rejects the configuration (for example a subject that another
-/// stream already owns); [`Error::Cancelled`] on shutdown.
+/// [`Error::Stream`] when JetStream rejects the configuration (e.g. a subject another stream owns).
 pub async fn ensure_streams(
     js: &jetstream::Context,
     settings: &Settings,
@@ -318,9 +309,6 @@ pub async fn ensure_streams(
 }
 
 /// Makes sure one shard's stream exists (see [`ensure_streams`]).
-///
-/// # Errors
-/// As [`ensure_streams`].
 pub async fn ensure_stream(
     js: &jetstream::Context,
     settings: &Settings,
@@ -388,8 +376,7 @@ async fn ensure_one(
                 Some(jetstream::ErrorCode::STREAM_INVALID_CONFIG) => {
                     EnsureError::Fatal(format!("JetStream rejected its configuration: {ce}"))
                 }
-                // Another node created it first (possibly with other settings), or the
-                // cluster is still forming: look again.
+                // Another node created it first, or the cluster is still forming: look again.
                 _ => EnsureError::Retry(ce.to_string()),
             });
         }
@@ -416,11 +403,8 @@ async fn ensure_one(
 }
 
 /// Opens an ephemeral pull consumer on `stream` delivering from `start_seq` (≥ 1), without acks:
-/// the caller drives fetches itself and tracks sequences, so nothing depends on redelivery.
-/// The server removes the consumer [`CONSUMER_INACTIVE`] after its last fetch.
-///
-/// # Errors
-/// [`Error::StreamInfo`] or [`Error::CreateConsumer`], for the caller to retry.
+/// the caller drives fetches and tracks sequences, so nothing depends on redelivery. The server
+/// removes it [`CONSUMER_INACTIVE`] after its last fetch. Errors are for the caller to retry.
 pub async fn pull_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -452,10 +436,7 @@ pub async fn pull_consumer(
 pub const CONSUMER_INACTIVE: Duration = Duration::from_secs(120);
 
 /// Message ids starting with `prefix` in `stream` from `from_seq` to the stream's current end,
-/// with their sequences. Reads headers only, so it is cheap even for large messages.
-///
-/// # Errors
-/// [`Error::Stream`] when the stream cannot be read (the caller retries later).
+/// with their sequences; reads headers only (cheap even for large messages).
 pub async fn find_published(
     js: &jetstream::Context,
     stream: &str,
@@ -522,13 +503,10 @@ pub async fn find_published(
     Ok(found)
 }
 
-/// Checks that the shard streams present agree with `replication_log.shards`: a stream for a
-/// shard above the configured count, or missing configured shards next to streams that already
-/// hold messages, means nodes disagree on the shard count — rows of the shards some node does not
-/// consume would never reach it. Returns the mismatch, described for the operator.
-///
-/// # Errors
-/// [`Error::Stream`] when the stream list cannot be read.
+/// The mismatch, described for the operator, when the shard streams present disagree with
+/// `replication_log.shards`: a stream above the configured count, or configured shards missing
+/// next to streams that hold messages, means nodes disagree on the shard count (rows of shards
+/// some node does not consume would never reach it).
 pub async fn shard_mismatch(
     js: &jetstream::Context,
     settings: &Settings,
@@ -584,10 +562,7 @@ fn stream_err(stream: &str) -> impl Fn(&dyn std::fmt::Display) -> Error + '_ {
     }
 }
 
-/// A stream's retained range: `(first sequence, last sequence)`, or `None` when it does not exist.
-///
-/// # Errors
-/// [`Error::StreamInfo`] (the caller retries).
+/// A stream's retained range `(first sequence, last sequence)`, `None` when it does not exist.
 pub async fn stream_range(
     js: &jetstream::Context,
     stream: &str,
@@ -602,8 +577,7 @@ pub async fn stream_range(
     }
 }
 
-/// Opens the KV bucket `config` names, creating it when it does not exist; the error is the
-/// creation's.
+/// Opens the KV bucket `config` names, creating it if missing (the error is the creation's).
 pub async fn open_or_create(
     js: &jetstream::Context,
     config: jetstream::kv::Config,

@@ -1,14 +1,17 @@
 //! The change-log keeper: retires what the publisher is done with (the [`super::Outbox`]) and
 //! deletes old change-log rows, in one write transaction per cleanup interval.
 //!
-//! Every commit of ours can make an application's deferred read-then-write transaction fail with
-//! SQLITE_BUSY, so we commit rarely, and only at a quiet moment.
+//! Every commit of ours fails an application's deferred transaction that has read and not yet
+//! written (SQLITE_BUSY), and so does every such transaction trying to write while ours holds the
+//! write lock. So the keeper commits rarely and only at a quiet moment: no other process in a read
+//! transaction before it starts, none beginning while it runs (it looks every few statements,
+//! rolls back at once and tries again shortly).
 //!
 //! Invariants:
 //! - A batch stays in the outbox until it is committed (a restore reads the outbox).
 //! - Without a quiet moment for [`FORCE_AFTER`], or with [`FORCE_BACKLOG`] changes waiting, the
 //!   keeper commits regardless; on shutdown it always does.
-//! - Only a fatal database error stops it.
+//! - Only a fatal database error (disk full, read-only, corrupt, I/O) stops it, and the node.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,20 +39,9 @@ const FORCE_AFTER: Duration = Duration::from_secs(60);
 /// ... or when this many changes wait to be retired (bounds memory).
 const FORCE_BACKLOG: usize = 100_000;
 
-/// Retires what the publisher is done with and deletes old change-log rows, in one write
-/// transaction every `cleanup_interval` (and once more on shutdown). `positions` (per shard, the
-/// last applied sequence) is given when this node applies its own events: rows are then kept
-/// until their event has come back.
-///
-/// Every commit of ours makes an application's deferred transaction that has read and not yet
-/// written fail with SQLITE_BUSY — and so does every such transaction that tries to write while
-/// ours holds the write lock, committed or not. So the keeper writes only at a quiet moment: no
-/// other process in a read transaction before it starts, and none beginning while it runs (it
-/// looks every few statements, rolls back at once and tries again shortly). Only when no quiet moment came for [`FORCE_AFTER`], or
-/// [`FORCE_BACKLOG`] changes wait, does it commit regardless.
-///
-/// # Errors
-/// Only a fatal database error (disk full, read-only, corrupt, I/O): the node must stop.
+/// Runs the keeper (module header) every `cleanup_interval` and once more on shutdown.
+/// `positions` (per shard, the last applied sequence) is given when this node applies its own
+/// events: rows are then kept until their event has come back.
 pub async fn keep(
     log: SharedLog,
     outbox: Outbox,
@@ -71,10 +63,8 @@ pub async fn keep(
             _ = tick.tick() => false,
             _ = tokio::time::sleep(QUIET_RETRY), if overdue => false,
         };
-        // A copy: the batch stays in the outbox until it is committed, because a restore
-        // prepared meanwhile reads the outbox to know which of our changes have landed (taken
-        // out while waiting for a quiet moment, they would look pending, and the restore would
-        // keep their rows over the snapshot's newer values).
+        // A copy: the batch stays in the outbox until committed, for a restore prepared meanwhile
+        // (taken out, they would look pending, and it would keep their rows over newer values).
         let batch = lock(&outbox).clone();
         let force = stopping || last_done.elapsed() >= FORCE_AFTER || batch.len() >= FORCE_BACKLOG;
         if force && !stopping {
@@ -143,8 +133,7 @@ async fn attempt(
         if !force && !probe.is_none_or(|p| p.wait_quiet_for(QUIET_SUSTAIN, QUIET_WAIT)) {
             return (batch, Ok(None));
         }
-        // Asked throughout the transaction: an application reader that appears while it
-        // runs makes it roll back at once (see `ChangeLog::housekeep`).
+        // Asked throughout: an application reader appearing meanwhile rolls it back at once.
         let undisturbed = || force || probe.is_none_or(|p| !p.others_reading());
         let outcome = log.housekeep(conn, &batch, horizon, applied.as_deref(), &undisturbed);
         (batch, outcome)
@@ -153,10 +142,7 @@ async fn attempt(
 }
 
 /// Logs how an attempt that wrote (or failed to) went, keeping `failing` for one warning per
-/// episode.
-///
-/// # Errors
-/// A fatal database error.
+/// episode; returns only a fatal database error.
 fn report(
     outcome: Result<Result<usize, db::Error>, tokio::task::JoinError>,
     failing: &mut bool,
@@ -172,8 +158,7 @@ fn report(
             }
         }
         Ok(Err(e)) => {
-            // The batch stays in the outbox (and pending in the database, so nothing is lost
-            // even if this never succeeds; a restart finds those changes in the stream).
+            // The batch stays queued, pending in the database (a restart finds it in the stream).
             if e.is_fatal() {
                 return Err(e);
             }

@@ -8,12 +8,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::db;
 
-/// How far this database has handed changes to NATS: file `<db>-harmonylite.sent`, holding the
-/// database identity and the highest global change id of any send, written (then renamed into
-/// place) before the send. After a crash, a pending change above it was never sent, so it is
-/// certainly still in flight; only those at or below it that the streams no longer show have an
-/// unknown fate (see [`crate::db::restore::NotKept`]). Outside the database on purpose: every
-/// commit of ours can fail an application's deferred transaction.
+/// The sent mark: the database identity and the highest global change id of any send. After a crash
+/// a pending change above it was never sent (certainly in flight); only those at or below it that
+/// the streams no longer show have an unknown fate ([`crate::db::restore::NotKept`]). Outside the
+/// database on purpose: every commit of ours can fail an application's deferred transaction.
 pub struct SentMark {
     path: std::path::PathBuf,
     identity: String,
@@ -23,14 +21,12 @@ pub struct SentMark {
 
 impl SentMark {
     /// `floor`: the highest global id that may have been sent before (what [`SentMark::read`]
-    /// found, or what existed at start when there is no mark). The mark never goes below it: a
-    /// crash after a send of older pending changes must not hide that newer ones went out in an
-    /// earlier run.
-    ///
-    /// Without a mark of this database, the floor is written at once: a later start then knows
-    /// that changes captured after this one were never sent — without it, a node that stopped
-    /// before its first send took every change its application made while it was down for
-    /// "maybe sent", and a restore let the snapshot's older rows replace them.
+    /// found, or what existed at start without a mark). The mark never goes below it: a crash
+    /// after sending older pending changes must not hide that newer ones went out earlier.
+    /// Without a mark of this database the floor is written at once, so a later start knows that
+    /// changes captured after this one were never sent (else a node stopped before its first
+    /// send took its application's changes made while down for "maybe sent", and a restore let
+    /// the snapshot's older rows replace them).
     pub fn new(db_path: &std::path::Path, identity: &str, floor: i64) -> SentMark {
         let mark = SentMark {
             path: db::sent_mark_path(db_path),
@@ -73,8 +69,7 @@ impl SentMark {
         }
     }
 
-    /// The highest global id the previous run of this database recorded as sent, if it left a
-    /// readable mark.
+    /// The highest global id the previous run of this database recorded as sent (if readable).
     pub fn read(db_path: &std::path::Path, identity: &str) -> Option<i64> {
         let text = std::fs::read_to_string(db::sent_mark_path(db_path)).ok()?;
         let (who, last) = text.trim().split_once(' ')?;

@@ -1,28 +1,20 @@
 //! The publisher: local change log → JetStream (design §3.1, §3.12, §4).
 //!
 //! A pass reads up to `scan_max_changes` pending changes in commit order, encodes each as a Go
-//! event and publishes them all without waiting (pipelined). Passes overlap in two stages: while
-//! pass N+1 is read and sent, pass N's acks are awaited. A pass is started by a file-change
-//! notification, follow-up scans after it, the polling timer, or the retry timer after a failure.
+//! event and publishes them pipelined; while pass N+1 is read and sent, pass N's acks are
+//! awaited. Passes start on a file notification (and follow-up scans), the polling timer, or the
+//! retry timer after a failure.
 //!
-//! Acknowledged changes are not marked in the database one pass at a time: they go to an
-//! in-memory [`Outbox`] that the keeper ([`keep`]) retires in one write transaction per cleanup
-//! interval, together with the cleanup of old rows. A crash loses only the outbox, and nothing
-//! is sent twice because of it (see `search`).
+//! Acknowledged changes go to an in-memory [`Outbox`] that the keeper ([`keep`]) retires, with the
+//! cleanup of old rows, in one write transaction per cleanup interval. A crash loses only the
+//! outbox, and nothing is sent twice because of it (see `search`).
 //!
-//! This file holds the publisher loop (`run`, `publish_pending`, the pipelined passes of
-//! `publish_all`) and the types shared by its parts:
-//! - `send`: scan, encode, send a pass and settle its acks.
-//! - `search`: the search of the streams for changes already sent ([`Unsettled`], `recover`).
-//! - `pace`: flow control ([`Pacing`]).
-//! - `mark`: how far this database has handed changes to NATS ([`SentMark`]).
-//! - `keeper`: the change-log keeper ([`keep`]) and its quiet-moment logic.
+//! Here: the publisher loop and shared types. `send`: one pass; `search`: changes already sent
+//! ([`Unsettled`], `recover`); `pace`: flow control; `mark`: [`SentMark`]; `keeper`: [`keep`].
 //!
 //! Invariants:
-//! - A change is retired only after its PubAck (or after it was found in the stream), and only as
-//!   part of an acknowledged prefix: on any publish error the rest stays pending, the read cursor
-//!   goes back to the oldest unacknowledged change, and everything from there is sent again after
-//!   a backoff, in the original order. Nothing is dropped while NATS is away.
+//! - Only an acknowledged prefix is retired; after an error the rest is sent again, in order
+//!   (see `send`). Nothing is dropped while NATS is away.
 //! - After any failed pass, nothing is sent until a search of the streams has completed.
 
 mod keeper;
@@ -68,8 +60,7 @@ pub struct LocalLog {
 
 pub type SharedLog = Arc<Mutex<LocalLog>>;
 
-/// Changes done with (acknowledged, failed for good, or orphaned) that the keeper has not yet
-/// retired in the database.
+/// Changes done with (acknowledged, failed for good, or orphaned), not yet retired by the keeper.
 pub type Outbox = Arc<Mutex<Retirement>>;
 
 /// How often a held publisher (see [`Publisher::run`]) looks again.
@@ -94,7 +85,6 @@ const FINAL_PASS: Duration = Duration::from_secs(3);
 
 /// Per-table data the publisher needs for every row.
 struct TableMeta {
-    /// Primary-key column indexes.
     pks: Vec<usize>,
     /// Lower-cased declared types (Go hashes time-typed keys specially).
     decl_lower: Vec<String>,
@@ -142,8 +132,7 @@ pub struct Publisher {
     outbox: Outbox,
     /// Global id below which every change is done with (acknowledged or retired).
     cursor: AtomicI64,
-    /// Per shard: the sequence of the newest acknowledged change (where a search for changes
-    /// already in the stream starts after a failure).
+    /// Per shard: the newest acknowledged sequence (where a search after a failure starts).
     acked: Mutex<HashMap<u64, u64>>,
     /// What the last search found, by row: older changes of those rows are not sent.
     newest: Mutex<Newest>,
@@ -156,19 +145,16 @@ pub struct Publisher {
     started_ms: i64,
     /// Highest global id recorded in the sent mark (see [`SentMark`]).
     sent_mark: SentMark,
-    /// Flow control and what it needs: per shard, this node's applied position and the
-    /// estimated sequence of the last message sent.
+    /// Flow control: per shard, this node's applied position and the estimated last sequence sent.
     pacing: Option<Pacing>,
-    /// Set while this node recovers from a snapshot: its changes wait (see
-    /// [`super::catchup`]).
+    /// Set while this node recovers from a snapshot: its changes wait (see [`super::catchup`]).
     hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Publisher {
-    /// Builds `node`'s publisher, reading through `reader` (`writer` gives it the change log); what
-    /// it is done with goes to `outbox`. `acked` is, per shard, the sequence of the
-    /// last change retired as published (where the first search starts); `sent_floor` is the
-    /// sent mark's floor (see [`SentMark::new`]).
+    /// Builds `node`'s publisher, reading through `reader` (`writer` gives it the change log);
+    /// finished changes go to `outbox`. `acked`: per shard, the sequence of the last change
+    /// retired as published (where the first search starts); `sent_floor`: [`SentMark::new`].
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         node: &Node,
@@ -245,9 +231,7 @@ impl Publisher {
     }
 
     /// Runs until shutdown: a pass on every wake-up, follow-up, poll tick, or retry deadline.
-    ///
-    /// # Errors
-    /// Only when publishing cannot go on (see [`PublishError::is_fatal`]).
+    /// Fails only when publishing cannot go on ([`PublishError::is_fatal`]).
     pub async fn run(
         self,
         wake: Arc<Notify>,
@@ -283,9 +267,8 @@ impl Publisher {
                     retry.next_delay()
                 }
             };
-            // While held (a restore runs), file notifications are ignored: the restore's own
-            // writes would wake us thousands of times a second for a count nobody needs that
-            // often, competing with the restore for the CPU and the database.
+            // While held (a restore runs), file notifications are ignored: the restore's writes
+            // would wake us thousands of times a second, competing with it for CPU and database.
             let held = self.hold.load(Ordering::Relaxed);
             tokio::select! {
                 biased;
@@ -343,10 +326,8 @@ impl Publisher {
         }
     }
 
-    /// Publishes everything pending, pass after pass, until the log is drained.
-    ///
-    /// # Errors
-    /// The first failure; everything from the failing change on stays pending.
+    /// Publishes everything pending, pass after pass, until the log is drained; on the first
+    /// failure, everything from the failing change on stays pending.
     pub async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
         // Cleared before the hold is looked at: while it is set, no pass runs.
         self.unsettled.parked.store(false, Ordering::SeqCst);
@@ -408,8 +389,7 @@ impl Publisher {
             }
             let previous = self.finish_any(in_flight.take());
             let (next, previous) = tokio::join!(self.scan_and_send(cursor), previous);
-            // If the previous pass failed, the one just sent is not acknowledged: it is sent
-            // again later, in order, after a search of the stream for what already arrived.
+            // A failed previous pass leaves this one unacknowledged: resent, in order, later.
             previous?;
             let sent = next?;
             if sent.read == 0 {
@@ -417,8 +397,7 @@ impl Publisher {
             }
             cursor = sent.last_global_id;
             if matches!(sent.failure, Some(Failure::Paced)) {
-                // Held back: settle what was sent, wait for the slow node to report progress
-                // (or a short while), and go on from the first change not sent.
+                // Held back: settle what was sent, wait for the slow node (or a while), go on.
                 self.finish(sent).await?;
                 cursor = self.cursor.load(Ordering::Relaxed);
                 if !self.wait_for_pace(shutdown).await {

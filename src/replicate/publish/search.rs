@@ -21,22 +21,19 @@ use crate::stream;
 
 use super::{LocalLog, PublishError, Publisher, SharedLog};
 
-/// Changes found in the streams before sending: (table, change id) → (shard, stream sequence,
-/// capture time).
+/// Changes found in the streams: (table, change id) → (shard, stream sequence, capture time).
 pub(super) type Found = HashMap<(usize, i64), (u64, u64, i64)>;
 
 /// Per row (table, primary key), the newest of its pending changes found in the streams: (change
-/// id, shard, stream sequence). An older pending change of the row that is not there must never be
-/// sent: it would land after the newer one and every node would roll the row back to it. That
-/// happens when a connection drops under a pipeline — the messages in the dying socket are lost
-/// while the ones queued behind them go out after the reconnect.
+/// id, shard, stream sequence). An older pending change of the row not found there must never be
+/// sent: landing after the newer one, it would roll the row back on every node. (A connection
+/// dropping under a pipeline loses the dying socket's messages; those queued behind go out.)
 pub(super) type Newest = HashMap<(usize, crate::db::apply::Key), (i64, u64, u64)>;
 
 /// What this publisher knows of where its sends landed, shared with the recovery. After a failed
-/// pass, changes sent past the acknowledged prefix stay pending until a search of the streams
-/// settles them; a restore must wait for that search and count what it found as landed: taken
-/// for changes in flight, they would keep their rows over a snapshot that holds them already
-/// (under newer values), for good.
+/// pass, changes sent past the acknowledged prefix stay pending until a search settles them; a
+/// restore must wait for it and count what it found as landed: taken for changes in flight, they
+/// would keep their rows, for good, over a snapshot that holds them already (under newer values).
 #[derive(Clone)]
 pub struct Unsettled {
     /// Set after a failure, cleared by a completed search.
@@ -71,10 +68,8 @@ impl Unsettled {
 }
 
 impl Publisher {
-    /// Looks in every shard stream, past the newest acknowledged sequence, for messages this
-    /// database sent whose changes are still pending (a crash or a lost ack between the stream
-    /// storing them and us hearing of it). Those are not sent again: sending them after
-    /// JetStream's duplicate window (2 minutes) would replay old changes over newer ones.
+    /// The search (module header): pending changes whose messages reached a stream past its
+    /// newest acknowledged sequence (a crash or a lost ack in between) are not sent again.
     pub(super) async fn search(&self) -> Result<(), PublishError> {
         let pending = self.read(|conn, log| log.pending_ids(conn)).await?;
         let found = if pending.is_empty() {
@@ -97,8 +92,7 @@ impl Publisher {
         Ok(())
     }
 
-    /// The pending changes (of `pending`) whose messages are in the shard streams past the
-    /// newest acknowledged sequence.
+    /// The `pending` changes whose messages are in the streams past the newest acked sequence.
     async fn find_in_streams(
         &self,
         pending: &HashMap<(usize, i64), i64>,
@@ -163,10 +157,8 @@ impl Publisher {
 
     /// At start, before anything is applied: finds pending changes that already reached the
     /// streams (a crash between the ack and their retirement) and retires them at once with where
-    /// they landed, so that the applier knows which of them have come back.
-    ///
-    /// # Errors
-    /// NATS or database errors (the caller stops: start-up cannot go on safely without it).
+    /// they landed, so the applier knows which have come back. Start-up cannot go on without it:
+    /// the caller retries all but fatal errors.
     pub async fn recover(&self, writer: &SharedLog) -> Result<usize, PublishError> {
         if !self.settings.publish {
             return Ok(0);

@@ -1,20 +1,19 @@
 //! One publish pass: scan the change log after the cursor, encode each change as a Go event,
-//! send the pass pipelined, then await its acks in order and hand the acknowledged prefix to the
-//! outbox.
+//! send the pass pipelined, await its acks in order, hand the acknowledged prefix to the outbox.
 //!
 //! Invariants:
 //! - A change is retired only after its PubAck (or after it was found in the stream), and only as
-//!   part of an acknowledged prefix: on any publish error the rest stays pending and the read
-//!   cursor goes back to the oldest unacknowledged change.
+//!   part of an acknowledged prefix: on any publish error the rest stays pending, the read cursor
+//!   goes back to the oldest unacknowledged change, and everything from there is sent again after
+//!   a backoff, in order.
 //! - A pending change found in the stream, or superseded by a newer change of its row found
 //!   there, is not sent again.
 //! - The sent mark is written before the send it covers.
-//! - Each message carries `Nats-Msg-Id: <node_id>:<database identity>:<table>:<change id>:<created_at
-//!   ms>`: unique per database even when two databases share a node id (cloned machines), and per
-//!   capture even after `-cleanup` restarts change ids. Receivers use the identity to recognise
-//!   their own events.
-//! - A PubAck flagged `duplicate` for a message we had not sent before means another database
-//!   publishes with our identity: it is logged as an error.
+//! - `Nats-Msg-Id: <node_id>:<database identity>:<table>:<change id>:<created_at ms>` is unique
+//!   per database even when two share a node id (cloned machines), and per capture even after
+//!   `-cleanup` restarts change ids; receivers recognise their own events by the identity.
+//! - A PubAck flagged `duplicate` for a message not sent before means another database publishes
+//!   with our identity: logged as an error.
 //! - With `publish = false` changes are captured and retired without being sent.
 //! - A change too large for the server to ever accept is marked failed (`state = -1`) and logged,
 //!   instead of blocking every later change forever.
@@ -223,8 +222,7 @@ impl Publisher {
                         Some((shards[i], ack.sequence))
                     }
                     Err(e) => {
-                        // Later acks may have succeeded, but only a prefix is retired: the
-                        // rest is sent again after a search of the stream.
+                        // Later acks may have succeeded; only the prefix is retired (header).
                         *failure = Some(self.nats_failure(
                             &changes[i],
                             e.to_string(),
