@@ -76,6 +76,8 @@ pub struct Catchup {
     /// Events waiting for this node's schema to catch up with their sender's (no restart
     /// needed: they apply once the same migration runs here).
     pub schema_waiting_events: usize,
+    /// Why applying is paused (503 while set): too many events wait for this node's schema.
+    pub apply_paused: Option<String>,
     /// Other nodes' changes kept in `__harmonylite__conflicts` since start (lost to local ones).
     pub conflicts: u64,
 }
@@ -161,14 +163,17 @@ impl HealthState {
     }
 
     /// Whether the node is healthy: Go's rule (database, NATS and capture all up), every
-    /// consumer reading its stream, no subsystem failed, and not recovering from a snapshot.
+    /// consumer reading its stream, no subsystem failed, not recovering from a snapshot and not
+    /// paused.
     pub fn healthy(&self) -> bool {
+        let catchup = self.catchup();
         !self.failed.load(Ordering::Relaxed)
             && self.db_connected.load(Ordering::Relaxed)
             && self.nats_connected.load(Ordering::Relaxed)
             && self.cdc_installed.load(Ordering::Relaxed)
             && self.consumers_down.load(Ordering::Relaxed) == 0
-            && self.catchup().recovering.is_none()
+            && catchup.recovering.is_none()
+            && catchup.apply_paused.is_none()
     }
 
     /// The body Go sends, keys in its order; `0001-01-01T00:00:00Z` for a time never seen.

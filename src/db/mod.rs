@@ -89,6 +89,13 @@ pub enum Error {
     /// restoring it would drop them, so it waits until this node has migrated.
     #[error("waiting for this node's migration to restore: snapshot has {}", .0.join(", "))]
     Behind(Vec<String>),
+    /// As many events as are kept wait for this node's schema already: applying pauses (nothing
+    /// is lost: the rest stay in the stream) until a migration here lets them apply.
+    #[error(
+        "{0} events wait for this node's schema, the most kept: applying pauses until this node \
+         runs the migration they need"
+    )]
+    WaitingFull(usize),
 }
 
 impl Error {
@@ -104,7 +111,8 @@ impl Error {
             | Error::Locked(..)
             | Error::LockFile(..)
             | Error::SchemaChanged
-            | Error::Behind(_) => return false,
+            | Error::Behind(_)
+            | Error::WaitingFull(_) => return false,
         };
         matches!(
             source.sqlite_error_code(),

@@ -477,7 +477,17 @@ impl Worker {
         let mut backoff = crate::retry::Backoff::starting_at(Duration::from_millis(50));
         let mut attempt = 0u32;
         loop {
-            match w.applier.apply_batch(&incoming) {
+            let result = w.applier.apply_batch(&incoming);
+            let paused = match &result {
+                Err(e @ crate::db::Error::WaitingFull(_)) => Some(e.to_string()),
+                _ => None,
+            };
+            if paused.is_some() || attempt > 0 {
+                w.observers
+                    .health
+                    .update_catchup(|c| c.apply_paused = paused);
+            }
+            match result {
                 Ok(outcomes) => {
                     if outcomes.iter().any(|o| !read_only(o)) {
                         self.last_write = Some(Instant::now());

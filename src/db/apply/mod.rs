@@ -196,7 +196,13 @@ pub struct Applier {
     /// transaction that sees another one waits ([`Error::SchemaChanged`]) instead of applying
     /// with stale table information.
     confirmed: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// Most events kept waiting for the schema ([`MAX_WAITING`]): anyone who can publish to the
+    /// subjects could otherwise grow the held-events table without bound.
+    waiting_cap: usize,
 }
+
+/// Most events kept waiting for this node's schema; past it, applying pauses.
+pub const MAX_WAITING: usize = 100_000;
 
 impl Applier {
     /// Wraps an open connection (see [`crate::db::open`]) for the given watched tables.
@@ -252,11 +258,17 @@ impl Applier {
             },
             held_checked_version: None,
             confirmed: None,
+            waiting_cap: MAX_WAITING,
         };
         applier.state.aliases = super::ddl::Aliases::load(&applier.conn)?;
         applier.rebuild_in_flight()?;
         applier.load_held()?;
         Ok(applier)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_waiting_cap(&mut self, cap: usize) {
+        self.waiting_cap = cap;
     }
 
     /// The local schema's hashes, for checking the `sh` of incoming events.
@@ -408,6 +420,9 @@ impl Applier {
                 }
                 Ok(Step::NeedsWrite) => unreachable!("write mode always finishes"),
                 Err(EventError::Retry(e)) => return Err(e.into()),
+                Err(EventError::Behind(_)) if self.state.waiting.len() >= self.waiting_cap => {
+                    return Err(Error::WaitingFull(self.state.waiting.len()));
+                }
                 Err(EventError::Behind(behind)) => {
                     let Ok(event) = &incoming.event else {
                         unreachable!("only decoded events can wait")

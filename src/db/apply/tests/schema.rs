@@ -195,3 +195,46 @@ fn events_under_names_this_node_renamed_or_dropped() {
         .expect("row");
     assert_eq!(b, "x");
 }
+
+/// Events for tables this node lacks wait only up to the cap: past it the batch fails
+/// (nothing applied, nothing recorded, so the stream keeps the rest) until a migration here
+/// lets the waiting ones apply.
+#[test]
+fn events_waiting_for_the_schema_are_capped() {
+    let (_d, path, mut a) = setup("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)");
+    a.set_schema_hashes(SchemaHashes {
+        current: "h".into(),
+        previous: String::new(),
+    });
+    a.set_waiting_cap(2);
+    let unknown = |k: i64| {
+        incoming(ChangeEvent {
+            schema_hash: "h2".into(),
+            ..ev(Op::Insert, "n", vec![("k", Value::Integer(k))])
+        })
+    };
+    let known = incoming(ev(Op::Insert, "t", vec![("id", Value::Integer(1))]));
+    let out = a.apply_batch(&[unknown(1), unknown(2)]).expect("two may wait");
+    assert!(out.iter().all(|o| matches!(o, Outcome::Waiting(_))), "{out:?}");
+    let err = a
+        .apply_batch(&[known.clone(), unknown(3)])
+        .expect_err("a third may not");
+    assert!(matches!(err, Error::WaitingFull(2)), "{err}");
+    assert!(!err.is_fatal());
+    assert_eq!(a.waiting_len(), 2);
+    assert_eq!(count(&path, "SELECT count(*) FROM t"), 0, "the batch rolled back");
+    assert_eq!(
+        count(&path, "SELECT count(*) FROM __harmonylite__held_events"),
+        2
+    );
+    // The migration: the waiting events apply, and so does the batch.
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    conn.execute_batch("CREATE TABLE n (k INTEGER PRIMARY KEY)")
+        .expect("migrate");
+    let mut a = reinstalled(&path, "h2", "h");
+    a.set_waiting_cap(2);
+    assert_eq!(a.retry_waiting().expect("retry"), 2);
+    let out = a.apply_batch(&[known, unknown(3)]).expect("batch");
+    assert_eq!(out, [Outcome::Applied, Outcome::Applied]);
+    assert_eq!(count(&path, "SELECT count(*) FROM n"), 3);
+}
