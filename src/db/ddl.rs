@@ -9,10 +9,10 @@
 //! from root pages or column positions — and [`follow`] reads them before capture is reinstalled.
 //!
 //! Invariants:
-//! - Pending changes survive every rename: the change log is renamed with its table (or gets its
-//!   value column renamed), and the global log's rows follow, so they are published under the
-//!   current names. Nothing captured is dropped, except the pending changes of a table the
-//!   application dropped (there is no table left to describe them); that is logged with a count.
+//! - Pending changes survive every rename: the change log (or its value column) is renamed with
+//!   its table (column), and the global log's rows follow, so they go out under the current
+//!   names. Only a dropped table's pending changes are discarded (nothing describes them any
+//!   more), logged with a count.
 //! - Every rename and drop is recorded in `__harmonylite__schema_aliases`, so that events other
 //!   nodes made under the old names still apply here ([`Aliases`]), and events for a table this
 //!   node dropped are discarded instead of waiting forever.
@@ -27,7 +27,7 @@ pub use super::aliases::Aliases;
 use super::sql::column;
 use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, has_table, quote};
 
-/// The suffixes of our three trigger names (after `<prefix><table>_change_log`).
+/// The suffixes of our trigger names (after `<prefix><table>_change_log`).
 const TRIGGER_SUFFIXES: [&str; 5] = [
     "_on_delete",
     "_on_insert",
@@ -85,8 +85,7 @@ fn log_table(name: &str) -> Option<&str> {
     name.strip_prefix(PREFIX)?.strip_suffix("_change_log")
 }
 
-/// Reads one SQL identifier at the start of `s` (double-quoted, backquoted, bracketed or bare);
-/// returns it and the rest.
+/// Reads one SQL identifier (double-quoted, backquoted, bracketed or bare) off `s`: (it, rest).
 fn identifier(s: &str) -> Option<(String, &str)> {
     let s = s.trim_start();
     let mut chars = s.char_indices();
@@ -185,9 +184,6 @@ fn record(conn: &Connection, kind: &str, scope: &str, old: &str, new: &str) -> R
 /// Inside capture's install transaction, before triggers are recreated: follows table and column
 /// renames (from our rewritten triggers), drops every trigger of ours (install recreates the
 /// right ones: stale ones would capture twice), and retires the change logs of dropped tables.
-///
-/// # Errors
-/// SQLite errors (the caller's transaction is rolled back).
 pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     // Our own renames must not re-check the application's views and triggers (a view naming a
     // dropped table would make every rename fail, and capture could never be reinstalled).
@@ -256,8 +252,7 @@ fn follow_table_renames(
     done: &mut Followed,
 ) -> Result<(), Error> {
     let sources: HashSet<String> = renames.iter().map(|(o, _)| o.to_lowercase()).collect();
-    // Two phases (every source log to a temporary name, then to its target), so that swaps and
-    // chains (t→u while u→v) never collide.
+    // Two phases (all sources to temporary names, then to targets): swaps and chains never collide.
     let mut moved: Vec<(String, String, String)> = Vec::new();
     for (i, (old, new)) in renames.into_iter().enumerate() {
         let (old_log, new_log) = (change_log_name(&old), change_log_name(&new));
@@ -265,8 +260,7 @@ fn follow_table_renames(
             continue;
         }
         if old.eq_ignore_ascii_case(&new) {
-            // Only the case changed (through another name): the log is the same table for
-            // SQLite; pending changes go out under the new spelling.
+            // Only the case changed: the same table for SQLite; pending changes take the new name.
             rename_in_global_log(conn, &old, &new)?;
             continue;
         }
@@ -310,8 +304,7 @@ fn follow_table_renames(
     Ok(())
 }
 
-/// Renames the change-log columns of columns renamed since the insert trigger (`sql`, per
-/// table) was made.
+/// Renames the change-log columns of columns renamed since the insert trigger (`sql`) was made.
 fn follow_column_renames(
     conn: &Connection,
     insert_sql: Vec<(String, String)>,
@@ -474,14 +467,11 @@ pub fn waiting_tables(events: &[crate::wire::ChangeEvent]) -> HashSet<String> {
     events.iter().map(|e| e.table.to_lowercase()).collect()
 }
 
-/// Publishes a newly watched table's existing rows once, as inserts (rows written before its
-/// triggers existed were never captured). Returns how many.
-///
-/// `seen`: events of other nodes for this table that wait here. A row whose key is among theirs
-/// is the cluster's row (a data migration every node ran, or a row another node wrote) and is
-/// not published: published now, it would land after that node's later changes and undo them;
-/// the waiting events set it here instead. Any other row
-/// is this node's own write between the DDL and its triggers, which nothing else carries.
+/// Publishes a newly watched table's existing rows once, as inserts (written before its triggers,
+/// they were never captured); returns how many. Not rows keyed as in `seen`, other nodes' events
+/// for the table waiting here: such a row is the cluster's (a migration every node ran, or another
+/// node's write), which those events set here; published, it would undo that node's later changes.
+/// Other rows are this node's writes between the DDL and its triggers, which nothing else carries.
 pub fn backfill(
     conn: &Connection,
     table: &Table,
@@ -573,9 +563,8 @@ fn seen_images(
     Ok(())
 }
 
-/// After `ALTER TABLE … ADD COLUMN`: pending changes captured without the new columns get them
-/// from the row as it is now, so that what is published ends where the row is (a write between
-/// the DDL and the reinstall of its triggers would otherwise replicate without its new value).
+/// After `ALTER TABLE … ADD COLUMN`, pending changes captured without the new columns take them
+/// from the row now, or a write between the DDL and the trigger reinstall replicates without them.
 pub fn fill_added(conn: &Connection, table: &Table, added: &[String]) -> Result<(), Error> {
     let pks = table.pk_indexes();
     let added: Vec<&String> = added
@@ -627,8 +616,7 @@ impl std::fmt::Display for Drift {
     }
 }
 
-/// The first of `tables` with an application trigger newer than ours (see
-/// [`super::triggers::outrun`]).
+/// The first of `tables` with an application trigger newer than ours ([`super::triggers::outrun`]).
 fn first_outrun(conn: &Connection, tables: &[Table]) -> Result<Option<String>, Error> {
     for t in tables {
         if super::triggers::outrun(conn, &t.name)? {
@@ -638,7 +626,6 @@ fn first_outrun(conn: &Connection, tables: &[Table]) -> Result<Option<String>, E
     Ok(None)
 }
 
-/// Whether index `name` exists.
 fn present_index(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.query_row(
         "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = ?1",
@@ -648,9 +635,8 @@ fn present_index(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     .map(|n| n > 0)
 }
 
-/// Whether the live schema still matches the capture installed for `tables` with `hash`: `None`
-/// if so, else what changed. With `seen` at the current `PRAGMA schema_version` nothing else is
-/// read. Returns the version it looked at.
+/// The `PRAGMA schema_version` looked at, and what changed since capture was installed for
+/// `tables` with `hash` (`None`: nothing); with `seen` at that version nothing else is read.
 pub fn drift(
     conn: &Connection,
     tables: &[Table],

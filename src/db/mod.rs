@@ -1,17 +1,14 @@
-//! Everything that touches the SQLite file: the connection policy, table discovery, the change-data
-//! capture triggers and change-log tables, reading pending changes, and applying remote ones.
-//! This module knows SQLite and [`crate::wire`], and nothing about NATS.
+//! Everything that touches the SQLite file: connection policy, table discovery, change-data
+//! capture triggers and change logs, reading pending changes, applying remote ones. Knows SQLite
+//! and [`crate::wire`], nothing about NATS.
 //!
 //! Invariants:
-//! - Every connection we open uses WAL, `busy_timeout = 5000`, `synchronous = NORMAL` and
-//!   `foreign_keys = OFF` (rusqlite's bundled SQLite turns foreign keys on by default; an
-//!   `INSERT OR REPLACE` must not cascade).
-//! - Every identifier that reaches SQL text is quoted with [`quote`]; names that arrive over the
-//!   wire are only used after they matched the local schema.
-//! - Loop prevention: what triggers write to our tables is skipped on the applier's connection
-//!   (SQLite's authorizer, see [`apply`]), so the applier's writes are never captured, while the
-//!   capture triggers have no condition and every application connection is captured, whatever
-//!   its `trusted_schema`.
+//! - Every connection uses WAL, `busy_timeout = 5000`, `synchronous = NORMAL`, `foreign_keys =
+//!   OFF` (rusqlite's bundled SQLite turns them on; an `INSERT OR REPLACE` must not cascade).
+//! - Every identifier in SQL text is [`quote`]d; names from the wire are used only after they
+//!   matched the local schema.
+//! - Loop prevention: the applier's connection mutes trigger writes to our tables (SQLite's
+//!   authorizer, see [`apply`]); the capture triggers themselves have no condition.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,7 +50,6 @@ pub const APPLIED_TABLE: &str = "__harmonylite__applied";
 /// How long a statement waits for a lock before failing with SQLITE_BUSY (Go: 5000 ms).
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
-/// What went wrong in the database layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -81,20 +77,17 @@ pub enum Error {
     Locked(PathBuf, PathBuf),
     #[error("cannot create the lock file {0}")]
     LockFile(PathBuf, #[source] std::io::Error),
-    /// The application changed the schema and capture has not been reinstalled for it yet:
-    /// retry once it has (the node reinstalls capture within a second).
+    /// The schema changed and capture is not yet reinstalled (done within a second): retry.
     #[error("the database schema changed; waiting for capture to be reinstalled")]
     SchemaChanged,
-    /// A snapshot has tables or columns this node's schema lacks (it is behind on a migration):
-    /// restoring it would drop them, so it waits until this node has migrated.
+    /// A snapshot has tables or columns this node lacks: it waits for the migration ([`restore`]).
     #[error("waiting for this node's migration to restore: snapshot has {}", .0.join(", "))]
     Behind(Vec<String>),
 }
 
 impl Error {
-    /// Whether the database cannot be used any more, so retrying is pointless and the node must
-    /// stop: disk full, read-only (or the file moved away under us), corrupt, I/O failure, cannot
-    /// open, permission denied.
+    /// Whether the database is unusable, so the node must stop rather than retry: disk full,
+    /// read-only (or the file moved away), corrupt, I/O failure, cannot open, permission denied.
     pub fn is_fatal(&self) -> bool {
         use rusqlite::ErrorCode as C;
         let source = match self {
@@ -128,8 +121,7 @@ impl Error {
     }
 }
 
-/// Whether the main database has a table of that name (case-insensitive, as SQLite resolves
-/// names).
+/// Whether the main database has a table `name` (case-insensitive, as SQLite resolves names).
 pub fn has_table(conn: &Connection, name: &str) -> Result<bool, Error> {
     use rusqlite::OptionalExtension;
     Ok(conn
@@ -163,10 +155,9 @@ pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// SQL that is true when values `a` and `b` are identical (for keys: the same identity): equal bytes of the same
-/// type (design §13), never merely equal through a collation (`NOCASE`: 'k1' and 'K1') or a
-/// numeric comparison (1 and 1.0). The plain `a IS b` comes first so that an index with the
-/// column's collation still finds the candidates.
+/// SQL true when `a` and `b` are identical (keys: the same identity): equal bytes of the same type
+/// (design §13), not merely equal by collation (`NOCASE`: 'k1', 'K1') or number (1 and 1.0). The
+/// plain `a IS b` comes first so an index with the column's collation still finds candidates.
 pub fn same_value(a: &str, b: &str) -> String {
     format!("{a} IS {b} AND {a} IS {b} COLLATE BINARY AND typeof({a}) IS typeof({b})")
 }
@@ -189,11 +180,7 @@ pub(crate) fn record_applied(conn: &Connection, stream: &str, seq: u64) -> rusql
     Ok(())
 }
 
-/// What this database records it has applied, per stream (empty before the first apply, or
-/// for a database capture was never installed in).
-///
-/// # Errors
-/// SQLite errors.
+/// What this database records it has applied, per stream (empty before any apply or capture).
 pub fn applied_positions(
     conn: &Connection,
 ) -> Result<std::collections::BTreeMap<String, u64>, Error> {
@@ -216,25 +203,21 @@ pub fn change_log_name(table: &str) -> String {
     format!("{PREFIX}{table}_change_log")
 }
 
-/// An exclusive advisory lock on a file beside the database, held for the life of the daemon
-/// (and of `-cleanup`), so that a second daemon or a cleanup under a running one refuses to start.
-/// The kernel releases it when the process ends, however it ends.
+/// An exclusive advisory lock beside the database, held for the life of the daemon (or `-cleanup`)
+/// so another daemon, or a cleanup under a running one, refuses to start (freed at any exit).
 #[derive(Debug)]
 pub struct DbLock {
     _file: nix::fcntl::Flock<std::fs::File>,
 }
 
-/// Tells whether another process has a read transaction open on the database, from the WAL
-/// read-mark locks in `<db>-shm` (SQLite's unix VFS: shared `fcntl` locks on bytes 123..=127,
-/// one per reader slot, held for the duration of each read transaction).
+/// Tells whether another process has a read transaction open on the database (so housekeeping
+/// commits can wait for none: see [`changelog::ChangeLog::housekeep`]), from the WAL read-mark
+/// locks in `<db>-shm` (SQLite's unix VFS: shared `fcntl` locks on bytes 123..=127, one per reader
+/// slot, held for each read transaction).
 ///
-/// Why: an application's deferred transaction that has read and then wants to write fails at
-/// once with SQLITE_BUSY when anyone commits in between. Our housekeeping commits can wait until
-/// no application transaction is open.
-///
-/// The file descriptor is never closed: closing any descriptor of a file drops every POSIX lock
-/// this process holds on it, including SQLite's own. So there is one probe per `-shm` file in
-/// the process ([`ReaderProbe::open`] hands out the same one), replaced only when the file was.
+/// The descriptor is never closed: closing any descriptor of a file drops every POSIX lock this
+/// process holds on it, SQLite's included. So there is one probe per `-shm` file in the process
+/// ([`ReaderProbe::open`] hands out the same one), replaced only when the file was.
 pub struct ReaderProbe {
     shm: std::mem::ManuallyDrop<std::fs::File>,
 }
@@ -288,9 +271,8 @@ impl ReaderProbe {
         asked.is_ok() && lock.l_type != libc::F_UNLCK as libc::c_short
     }
 
-    /// Waits (polling) until no other process has been in a read transaction for `sustained`
-    /// (a pause in the application's work, not the microseconds between two of its
-    /// transactions), at most `limit`. Returns false at the deadline.
+    /// Polls until no other process has been in a read transaction for `sustained` (a pause in
+    /// the application's work, not the gap between two of its transactions); false after `limit`.
     pub fn wait_quiet_for(&self, sustained: Duration, limit: Duration) -> bool {
         let start = std::time::Instant::now();
         let mut quiet_since: Option<std::time::Instant> = None;
@@ -311,8 +293,7 @@ impl ReaderProbe {
     }
 }
 
-/// The file where the publisher records how far it has handed changes to NATS:
-/// `<db>-harmonylite.sent` (see [`crate::replicate::publish`]).
+/// `<db>-harmonylite.sent`: how far [`crate::replicate::publish`] handed changes to NATS.
 pub fn sent_mark_path(db_path: &Path) -> PathBuf {
     beside(db_path, "-harmonylite.sent")
 }
@@ -324,11 +305,8 @@ fn beside(db_path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Takes the database's advisory lock without waiting.
-///
-/// # Errors
-/// [`Error::Locked`] when another process holds it; [`Error::LockFile`] when the file cannot be
-/// created (a read-only directory).
+/// Takes the database's advisory lock without waiting: [`Error::Locked`] when another process
+/// holds it, [`Error::LockFile`] when the file cannot be created (a read-only directory).
 pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
     let path = beside(db_path, "-harmonylite.lock");
     let file = std::fs::OpenOptions::new()
@@ -344,10 +322,8 @@ pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
     }
 }
 
-/// Opens a connection with the policy in the module header. The file must already exist.
-///
-/// # Errors
-/// [`Error::Missing`] when there is no such file, [`Error::Open`] when SQLite cannot open it.
+/// Opens an existing file with the policy in the module header ([`Error::Missing`] when there is
+/// no such file, [`Error::Open`] when SQLite cannot open it).
 pub fn open(path: &Path) -> Result<Connection, Error> {
     if !path.exists() {
         return Err(Error::Missing(path.to_owned()));
@@ -371,9 +347,8 @@ pub fn open(path: &Path) -> Result<Connection, Error> {
     }
     conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF;")
         .map_err(open_err)?;
-    // SQLite reads an unknown "double-quoted" name in a statement as a string literal: a column
-    // missing from a change log would silently replicate its own name as the value. Make it an
-    // error instead (our SQL quotes identifiers and never uses double quotes for strings).
+    // SQLite reads an unknown "double-quoted" name as a string: a column missing from a change log
+    // would replicate its name as the value. Make it an error (we never double-quote strings).
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DQS_DML, false)
         .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(256);
@@ -402,8 +377,7 @@ pub struct Table {
     pub without_rowid: bool,
     /// The UNIQUE indexes, the primary key's own included (not an INTEGER PRIMARY KEY, which has
     /// none), as (column, collation) lists (indexes on expressions left out): an `INSERT/UPDATE
-    /// OR REPLACE` may delete rows through them — through the key too, when the new key differs
-    /// in bytes only ('K1' replacing 'k1' under NOCASE, 1.0 replacing 1).
+    /// OR REPLACE` may delete rows through them, the key's too when only bytes differ ('K1'/'k1').
     pub unique: Vec<Vec<(String, String)>>,
 }
 

@@ -1,28 +1,24 @@
 //! Restoring a snapshot into the live database, online (design §3.8, §3.11).
 //!
-//! The snapshot is attached read-only and its rows are merged into the live tables in one write
-//! transaction on the applier's connection (where capture is muted, so nothing is captured):
-//! rows the snapshot lacks are deleted, rows that differ are updated in
-//! place, missing rows are inserted. Application
-//! connections stay open and valid throughout — nothing copies files under them; they wait on
-//! SQLite's lock like for any other writer and then see the restored rows.
+//! The snapshot is attached read-only and merged into the live tables in one write transaction on
+//! the applier's connection (capture muted): rows it lacks are deleted, rows that differ updated
+//! in place, missing ones inserted. Application connections stay open and valid — no file is
+//! copied under them; they wait on SQLite's lock as for any writer, then see the restored rows.
 //!
 //! Invariants:
-//! - A row with a local change that has not come back from the stream yet (pending, or published
-//!   past the snapshot's position) is left as it is: the snapshot never overwrites a committed
-//!   local write, and the change still replicates (the change logs are not touched).
+//! - A row with a local change not yet back from the stream (pending, or published past the
+//!   snapshot's position) is left as it is: the snapshot never overwrites a committed local
+//!   write, and the change still replicates (the change logs are not touched).
 //! - Our own tables (change logs, held events, identity) are never read from the snapshot.
 //! - A table the snapshot lacks, or lacks a key column of, is left alone and reported.
-//! - A snapshot with tables or columns this node's schema lacks (it is behind on a migration)
-//!   is not restored: merged, they would be lost for good once the positions moved past the
-//!   changes that made them. The restore fails with [`Error::Behind`], changing nothing, and is
-//!   tried again after this node's own migration (a rolling upgrade migrates every node anyway).
-//! - A database without any application table (a new node, an empty file) is not behind: it
-//!   takes the snapshot whole, schema included ([`take_whole`]), as Go does.
+//! - A snapshot with tables or columns this node lacks (behind on a migration) is not restored:
+//!   merged, they would be lost for good once the positions moved past the changes that made
+//!   them. It fails ([`Error::Behind`], unchanged) until this node migrated (as upgrades do).
+//! - A database without application tables (a new node, an empty file) is not behind: it takes
+//!   the snapshot whole, schema included ([`take_whole`]), as Go does.
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
-//!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row. Any
-//!   other constraint failure (NOT NULL, CHECK: the schemas differ) fails the whole restore,
-//!   which changes nothing and is retried.
+//!   table's unkept rows (a clash with a kept row skips the snapshot's); any other constraint
+//!   failure (NOT NULL, CHECK: the schemas differ) fails the restore unchanged, to be retried.
 
 use std::path::Path;
 
@@ -39,16 +35,14 @@ const SNAP: &str = "hl_snapshot";
 /// be kept (the snapshot's value wins; the change still goes out and, if it is new, wins later).
 #[derive(Debug, Default, Clone)]
 pub struct NotKept {
-    /// Per table: pending changes with a change-log id up to this were captured before this
-    /// process started while the stream no longer held the range where they could have landed:
-    /// whether they were published is unknown.
+    /// Per table: pending changes up to this log id, captured before this process started when the
+    /// stream no longer held where they could have landed: whether they were published is unknown.
     pub unknown_up_to: Vec<i64>,
     /// (table, change-log id, shard, sequence) of changes acknowledged (or found in the streams)
     /// but not yet marked in the database.
     pub landed: Vec<(usize, i64, u64, u64)>,
 }
 
-/// What a restore did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Restored {
     pub deleted: u64,
@@ -60,12 +54,9 @@ pub struct Restored {
     pub skipped: Vec<(String, String)>,
 }
 
-/// Merges the snapshot at `snapshot` into the database of `conn`. `positions` (per shard, index
-/// shard − 1) are the snapshot's: changes of ours published past them are kept. `check` runs
-/// first inside the write transaction (the schema is still the one capture was installed for).
-///
-/// # Errors
-/// SQLite errors; nothing is changed then.
+/// Merges the snapshot at `snapshot` into the database of `conn`; on an error nothing changes.
+/// Changes of ours published past its `positions` (per shard, index shard − 1) are kept. `check`
+/// runs first in the write transaction (the schema is still the one capture was installed for).
 pub fn restore(
     conn: &mut Connection,
     log: &ChangeLog,
@@ -99,9 +90,8 @@ fn merge_all(
 ) -> Result<Restored, Error> {
     let mut out = Restored::default();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // Capture must be installed for the schema merged into: a table the application created a
-    // moment ago is not watched yet, and its rows in the snapshot would be neither merged nor
-    // kept aside.
+    // Capture must be installed for the schema merged into: a table the application just created
+    // is not watched yet, and its snapshot rows would be neither merged nor kept aside.
     check(&tx)?;
     if has_application_tables(&tx)? {
         let aliases = super::ddl::Aliases::load(&tx)?;
@@ -114,9 +104,8 @@ fn merge_all(
         take_whole(&tx, &mut out)?;
     }
     // The commit syncs the WAL (the restore is durable before the positions move); copying the
-    // restored pages from the WAL into the database file — writing them a second time, seconds
-    // per GB — is left to a thread of its own (see `checkpoint_behind`), so replication resumes
-    // meanwhile.
+    // pages into the database file — writing them again, seconds per GB — is left to a thread of
+    // its own (`checkpoint_behind`), so replication resumes meanwhile.
     let every: i64 = tx.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?;
     tx.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
     let started = std::time::Instant::now();
@@ -135,7 +124,6 @@ fn merge_all(
     Ok(out)
 }
 
-/// Merges every watched table (see the module header).
 fn merge_tables(
     tx: &Connection,
     log: &ChangeLog,
@@ -149,8 +137,7 @@ fn merge_tables(
         .iter()
         .map(|&(t, id, shard, seq)| ((t, id), (shard, seq)))
         .collect();
-    // A snapshot of a node that has not run this node's renames yet has the old names: local
-    // names are followed back (`snapshot_table`, `snap_of`).
+    // A snapshot may predate this node's renames: names are followed back (`snapshot_table`).
     for (i, table) in log.tables().iter().enumerate() {
         let (snap_table, snap_cols) = snapshot_table(tx, log, aliases, table)?;
         if snap_cols.is_empty() {
@@ -204,13 +191,12 @@ fn merge_tables(
     Ok(())
 }
 
-/// Keeps in `__harmonylite__conflicts` the snapshot's rows that a local insert in flight is
-/// about to overwrite on every node: another node took the same key meanwhile (two nodes'
-/// next auto id) and this node never saw its event, which the snapshot now stands for — as the
-/// applier keeps the events it overrules (stream `snapshot`, sequence 0, no payload). Only keys
-/// whose first change in flight is an insert: for an update the snapshot's row is most likely
-/// the one this node changed. (A local `INSERT OR REPLACE` over a row this node had seen is
-/// recorded too: without the row's image before it, the two cannot be told apart.)
+/// Keeps in `__harmonylite__conflicts` (stream `snapshot`, sequence 0, no payload, as the applier
+/// keeps events it overrules) the snapshot's rows a local insert in flight is about to overwrite on
+/// every node: another node took the key meanwhile (both nodes' next auto id) and this node never
+/// saw its event, which the snapshot stands for. Only keys whose first change in flight is an
+/// insert: after an update the snapshot's row is likely the one changed here. (A local `INSERT OR
+/// REPLACE` over a seen row is recorded too: without its prior image the two look the same.)
 fn keep_lost_rows(
     tx: &Connection,
     table: &Table,
@@ -302,10 +288,9 @@ fn record_snapshot_loss(tx: &Connection, table: &str, lost_row: &str) -> Result<
     Ok(())
 }
 
-/// The snapshot's name and columns of local `table` (no columns: the snapshot lacks it). A
-/// snapshot of a node that has not run this node's renames yet has the old names; the current
-/// name wins where the snapshot has it, and an old name now used by another local table means
-/// that table's rows.
+/// The snapshot's name and columns of local `table` (no columns: it lacks it). A snapshot of a
+/// node that has not run this node's renames has the old names; the current name wins where it
+/// exists, and an old name now used by another local table means that table's rows.
 fn snapshot_table(
     tx: &Connection,
     log: &ChangeLog,
@@ -353,10 +338,9 @@ fn in_flight(
         .collect())
 }
 
-/// Checkpoints the WAL into the database file from a connection and thread of our own, right
-/// after a restore committed. While it runs it holds SQLite's checkpoint lock, so the automatic
-/// checkpoints of other commits (the application's among them) skip instead of doing this work
-/// in their own commit. A failure only leaves the work to SQLite's next automatic checkpoint.
+/// Checkpoints the WAL into the database file on a connection and thread of our own right after a
+/// restore committed: holding SQLite's checkpoint lock, it makes the automatic checkpoints of other
+/// commits (the application's) skip this work. A failure leaves it to the next automatic one.
 fn checkpoint_behind(path: std::path::PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("hl-checkpoint".into())
@@ -384,13 +368,11 @@ fn checkpoint_behind(path: std::path::PathBuf) {
     }
 }
 
-/// Copies a table the snapshot has with exactly the local columns into the empty local table
-/// with SQLite's transfer optimization (`INSERT INTO t SELECT * FROM s.t` copies records
-/// without decoding them, about three times faster than row by row), which only runs when the
-/// table has no triggers: our capture triggers are dropped and recreated around it, inside our
-/// transaction, so no application write ever sees the table without them. Returns false (nothing
-/// done) when the case does not fit: other columns or order, other triggers, or a table keyed
-/// by bare rowid (the transfer may renumber those rowids).
+/// Copies a snapshot table with exactly the local columns into the empty local table through
+/// SQLite's transfer optimization (`INSERT … SELECT *` copies records undecoded, ~3× faster),
+/// which needs a table without triggers: ours are dropped and recreated inside our transaction,
+/// so no application write sees the table without them. False (nothing done) when that does not
+/// fit (other columns or order, other triggers, or a bare-rowid key the transfer may renumber).
 fn copy_whole(
     conn: &Connection,
     table: &Table,
@@ -431,8 +413,7 @@ fn copy_whole(
     Ok(true)
 }
 
-/// Whether the database has a table of the application's (ordinary or virtual): one without
-/// is new and takes the snapshot whole.
+/// Whether the database has an application table (ordinary or virtual); if not, it is new.
 fn has_application_tables(conn: &Connection) -> Result<bool, Error> {
     Ok(!app_tables(conn, "main", "'table', 'virtual'")?.is_empty())
 }
@@ -486,12 +467,11 @@ fn lacking(
     Ok(out)
 }
 
-/// Takes the snapshot's schema and rows into a database without application tables: tables
-/// first, then their rows with their rowids (shadow tables of virtual ones included, so
-/// full-text indexes come as they are), AUTOINCREMENT counters and `user_version`, then
-/// indexes, views and triggers (so that no application trigger fires for the copied rows; one
-/// the database already has is kept), then capture for the new tables. A virtual table whose
-/// module this SQLite lacks is left out with a warning (it never replicates anyway).
+/// Takes the snapshot's schema and rows into a database without application tables: tables, then
+/// their rows with rowids (virtual tables' shadow tables included, so full-text indexes come as
+/// they are), AUTOINCREMENT counters and `user_version`, then indexes, views and triggers (so no
+/// application trigger fires for the copied rows; one the database has is kept), then capture. A
+/// virtual table whose module this SQLite lacks is left out with a warning (it never replicates).
 fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
     let objects: Vec<(String, String, String)> = conn
         .prepare(&format!(
@@ -541,9 +521,8 @@ fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
     for (_, _, sql) in &rest {
         conn.execute_batch(sql)?;
     }
-    // Change logs and capture triggers for the new tables, made after their rows are in: those
-    // rows are the cluster's, and a table that already has its change log is not new to the
-    // next capture install, which would publish its rows as this node's writes.
+    // Capture for the new tables after their rows are in: those rows are the cluster's, and the
+    // next install would publish the rows of a table without a change log as this node's writes.
     for table in super::schema::watched_tables(conn)? {
         conn.execute_batch(&super::cdc::table_ddl(&table))?;
     }
@@ -638,8 +617,7 @@ struct MergeSql {
     delete_missing: String,
     /// Updates live rows whose values differ from the snapshot's (kept rows excepted).
     update: Option<String>,
-    /// Inserts the snapshot's rows missing live (it ends with a WHERE clause, so an upsert
-    /// clause may follow).
+    /// Inserts the snapshot's rows missing live (ends in a WHERE: an upsert clause may follow).
     insert: String,
     /// Copies every snapshot row (into an empty table).
     insert_all: String,
@@ -738,10 +716,9 @@ fn merge_table(
 ) -> rusqlite::Result<()> {
     let name = quote(&table.name);
     let sql = MergeSql::new(table, snap_table, keys, snap_of);
-    // An empty table with nothing kept (a new node): a plain copy in the snapshot's order,
-    // without probing the live table for every row. Checked inside our write transaction, so
-    // nobody adds a row in between. (A kept key in an empty table is a local delete in flight:
-    // the snapshot's row must not come back, so that case takes the general path.)
+    // An empty table with nothing kept (a new node): a plain copy, no probe of the live table per
+    // row (checked inside our write transaction: nobody adds a row in between). A kept key in an
+    // empty table is a local delete in flight whose row must not come back: the general path.
     let empty = conn
         .prepare_cached(&format!(
             "SELECT NOT EXISTS (SELECT 1 FROM main.{name}) AND NOT EXISTS (SELECT 1 FROM temp.hl_keep)"
@@ -772,10 +749,8 @@ fn merge_table(
             if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
                 || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
         {
-            // Rows swapped UNIQUE values: replace every row that is not kept. `ON CONFLICT DO
-            // NOTHING` skips only rows that clash with a kept row, where `INSERT OR IGNORE`
-            // would also drop rows failing NOT NULL or CHECK — silently, while the positions
-            // move past them.
+            // Rows swapped UNIQUE values: replace every unkept row. Not `INSERT OR IGNORE`: it
+            // would drop rows failing NOT NULL or CHECK silently, while the positions move on.
             tracing::debug!(table = %table.name, "restore merge hit a UNIQUE conflict; replacing the table's rows");
             out.deleted += conn.execute(&sql.delete_unkept, [])? as u64;
             let insert = format!("{} ON CONFLICT DO NOTHING", sql.insert);

@@ -32,9 +32,6 @@ static SKIPPED: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> =
 /// Lists the tables to watch, sorted by name, with their columns. A table that cannot be watched
 /// (no usable key) is left out with a warning naming it and why: one odd table must not stop
 /// replication of all the others (a restart loop under systemd).
-///
-/// # Errors
-/// SQLite errors while reading the schema.
 pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
     // pragma_table_list (SQLite ≥ 3.37) tells ordinary tables from virtual and shadow ones.
     let names: Vec<String> = super::sql::column(
@@ -64,10 +61,8 @@ pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
 }
 
 /// Reads one table's columns (`pragma_table_info`: generated and hidden columns excluded, as in
-/// Go) and appends the synthetic `rowid` key when no column is part of a primary key.
-///
-/// # Errors
-/// SQLite errors, or [`Error::Unwatchable`] when the table has no columns or no usable key.
+/// Go) and appends the synthetic `rowid` key when no column is part of a primary key;
+/// [`Error::Unwatchable`] when the table has no columns or no usable key.
 pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
     let mut stmt = conn
         .prepare("SELECT name, type, pk FROM pragma_table_info(?1) ORDER BY cid")
@@ -146,10 +141,9 @@ fn unique_indexes(conn: &Connection, name: &str) -> Result<Vec<Vec<(String, Stri
     Ok(out)
 }
 
-/// Why writes to table `name` cannot be compiled on our connection — a collation of a key or
-/// index or a function a trigger calls that only the application's connections define, a
-/// trigger naming a table that is gone — or `None` when they can. Events for such a table
-/// would all fail here.
+/// Why writes to table `name` cannot be compiled on our connection (a collation of a key or index,
+/// or a function a trigger calls, that only the application's connections define; a trigger naming
+/// a table that is gone), or `None`. Events for such a table would all fail here.
 fn needs_the_application(
     conn: &Connection,
     name: &str,
@@ -179,9 +173,6 @@ fn needs_the_application(
 }
 
 /// Computes Go HarmonyLite's schema hash over the watched tables.
-///
-/// # Errors
-/// SQLite errors while reading `pragma_table_xinfo`.
 pub fn schema_hash(conn: &Connection, tables: &[Table]) -> Result<String, Error> {
     let mut names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
     names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));

@@ -1,13 +1,11 @@
-//! The capture triggers of a watched table: their names and their SQL, as Go HarmonyLite renders
-//! them (design §3.4). Used to install capture ([`super::cdc`]) and to tell whether installed
-//! triggers still match the table ([`super::ddl`]); a leaf, so that the two need not import each
-//! other.
+//! The capture triggers of a watched table: their names and SQL, as Go HarmonyLite renders them
+//! (design §3.4). Used to install capture ([`super::cdc`]) and to check installed triggers still
+//! match ([`super::ddl`]); a leaf, so those two need not import each other.
 //!
 //! Invariants:
-//! - Our own writes are not captured: the applier's connection mutes what triggers write to
-//!   our tables ([`super::apply`]); the triggers themselves have no condition.
+//! - The triggers have no condition: the applier's connection mutes them ([`super::apply`]).
 //! - An update that changes the key is captured as a delete of the old key and an update of the
-//!   new one, so that every replica drops the old row. A key changes when its bytes or type do
+//!   new one, so every replica drops the old row. A key changes when its bytes or type do
 //!   ([`super::differs`]): 'u0' → 'U0' under `NOCASE`, 1.0 → 1 in an untyped column.
 
 use super::{GLOBAL_LOG, Table, change_log_name, differs, quote, quote_literal, same_value};
@@ -29,8 +27,7 @@ pub(super) fn trigger_names(table: &str) -> [String; 5] {
     .map(|op| format!("{log}_{op}"))
 }
 
-/// The index that keeps a rowid-keyed table's rowids through VACUUM (see
-/// [`super::cdc::table_ddl`]).
+/// The index keeping a rowid-keyed table's rowids through VACUUM ([`super::cdc::table_ddl`]).
 pub(super) fn rowids_index(table: &Table) -> Option<String> {
     table
         .rowid_key
@@ -119,14 +116,12 @@ pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
 }
 
 /// Capture of the rows an `INSERT OR REPLACE` or `UPDATE OR REPLACE` deletes through a UNIQUE
-/// index: SQLite fires no delete trigger for them (unless the writer enabled recursive
-/// triggers), so without this replicas would keep them and hold the new row forever. A BEFORE
-/// trigger records the delete of every row that shares a UNIQUE value with the new image, as
-/// `state = -2` (invisible to the publisher and to Go: no global-log entry); the AFTER trigger
-/// publishes those whose row is really gone and drops the others (the write did not replace:
-/// a plain conflict aborts the statement, `OR IGNORE` skipped the row, or the value was not
-/// shared after all under the index's own rules). The next BEFORE trigger drops what an ignored
-/// write left.
+/// index: SQLite fires no delete trigger for them (unless the writer enabled recursive triggers),
+/// so replicas would keep them and hold the new row forever. A BEFORE trigger records, as `state =
+/// -2` (no global-log entry: invisible to the publisher and Go), the delete of every row sharing a
+/// UNIQUE value with the new image; the AFTER trigger publishes those whose row is really gone and
+/// drops the others (no replacement: a plain conflict aborts, `OR IGNORE` skipped the row, or the
+/// index's rules say not shared); the next BEFORE trigger drops what an ignored write left.
 struct Replaced {
     log: String,
     table: String,
@@ -236,11 +231,10 @@ fn quote_prefixed(prefix: &str, column: &str) -> String {
     }
 }
 
-/// Whether an application trigger on `table` was created after our capture triggers. SQLite
-/// fires the newest trigger first: such a trigger's own writes to the row (a `updated_at`
-/// touch) would be captured before the statement that fired it, and replicas would end with the
-/// statement's image instead of the trigger's. Ours must be the newest; recreating them makes
-/// them so.
+/// Whether an application trigger on `table` was created after our capture triggers. SQLite fires
+/// the newest trigger first, so such a trigger's writes to the row (an `updated_at` touch) would be
+/// captured before the statement that fired it, and replicas would end with the statement's image,
+/// not the trigger's. Ours must be the newest; recreating them makes them so.
 pub(super) fn outrun(conn: &rusqlite::Connection, table: &str) -> rusqlite::Result<bool> {
     let rowid = |agg: &str, ours: bool| {
         format!(

@@ -21,15 +21,13 @@ use super::{Applier, Key, State};
 use crate::db::{Error, change_log_name, on_table, quote};
 
 impl Applier {
-    /// Changes up to these change-log ids (per table) were captured before the table's columns
-    /// changed: they stop counting as in flight (see `stale_up_to`).
+    /// Per table: changes up to these change-log ids were captured before a column change (DDL).
     pub fn set_stale_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
         self.state.stale_up_to = ids;
         self.rebuild_in_flight()
     }
 
-    /// Pending changes up to these change-log ids (per table) have an unknown publish status:
-    /// they stop counting as in flight (see [`crate::db::restore::NotKept`]).
+    /// Per table: pending changes up to these ids have unknown publish status (`State::unknown`).
     pub fn set_unknown_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
         self.state.unknown_up_to = ids;
         self.rebuild_in_flight()
@@ -79,9 +77,8 @@ impl Applier {
         }
     }
 
-    /// The stream of `shard` (1-based) was recreated: changes we published into the old one will
-    /// never come back, so they stop counting as in flight (their landing is forgotten), and the
-    /// in-flight set is read again.
+    /// The stream of `shard` (1-based) was recreated: changes published into the old one never
+    /// come back, so their landing is forgotten and the in-flight set read again.
     pub fn forget_published(&mut self, shard: usize) -> Result<(), Error> {
         let tx = self
             .conn
@@ -101,7 +98,6 @@ impl Applier {
         self.rebuild_in_flight()
     }
 
-    /// Number of captured changes not yet come back.
     #[cfg(test)]
     pub fn in_flight_len(&self) -> usize {
         self.state
@@ -114,11 +110,10 @@ impl Applier {
 
 impl State {
     /// Whether a local change of the row (under any of `keys`) still in flight makes this event
-    /// stale: it would roll the row back. Our own event (`own`, change-log `id`) that comes back
-    /// no older than every such change ends their tracking instead.
-    ///
-    /// A change marked failed (too large to ever publish) does not come back: found as the
-    /// newest of its row, it stops counting, so other nodes' later changes of the row apply.
+    /// stale (it would roll the row back). Our own event (`own`, change-log `id`) coming back no
+    /// older than every such change ends their tracking instead. A change marked failed (too large
+    /// to ever publish) never comes back: found as the newest of its row, it stops counting, so
+    /// other nodes' later changes of the row apply.
     pub(super) fn superseded(
         &mut self,
         conn: &Connection,
@@ -194,8 +189,7 @@ impl State {
             self.cursors[t] = highest;
             let stale = self.stale_up_to.get(t).copied().unwrap_or(0);
             for (id, key, unknown) in rows {
-                // Captured before the columns changed: like a change of unknown fate, it holds
-                // back only our own older events (which lack the same columns).
+                // Captured before the columns changed: holds back only our own older events.
                 let unknown = unknown || id <= stale;
                 let map = if unknown {
                     &mut self.unknown[t]

@@ -7,25 +7,15 @@
 //! change still in flight is **superseded** (`in_flight.rs`); one that can never apply is
 //! quarantined in `__harmonylite__dead_letter`.
 //!
-//! This file holds the [`Applier`] (the connection plus `State`, everything the submodules work
-//! on) and the batch. A batch is first evaluated in a *read* transaction: superseded events and
-//! events whose image already equals the row (normally every event of our own) need no write, and
-//! if nothing in the batch needs one, no write transaction is opened at all — an application's
-//! deferred read-then-write transaction fails with SQLITE_BUSY when anyone commits between its
-//! read and its write. From the first event that needs a write on, the batch continues in one
-//! `BEGIN IMMEDIATE` transaction, each event in its own savepoint. An event that cannot ever apply
-//! (unknown table or column, a constraint other than UNIQUE) is rolled back to its savepoint and
-//! quarantined in the same transaction. Any other failure (busy, I/O, disk full) rolls the whole
-//! batch back and is returned, so the caller retries the same batch: nothing is skipped.
-//!
-//! Layout (each file's header states its own invariants):
-//! - `step.rs`: evaluating, and in write modes applying, one event; quarantine.
-//! - `key.rs`: which local table, columns and row an event names (renames followed); [`Key`].
-//! - `row.rs`: the row SQL (find, update, insert, delete, built once per column set) and how
-//!   SQLite errors are classified.
-//! - `in_flight.rs`: captured local changes not yet come back, which supersede older events.
-//! - `held.rs`: events held by a UNIQUE conflict, retried when the database changes.
-//! - `waiting.rs`: events waiting for the local schema, retried in arrival order after DDL.
+//! This file holds the [`Applier`] (connection plus `State`, which the submodules work on) and the
+//! batch, evaluated first in a *read* transaction: superseded events and images already equal to
+//! the row (normally all our own) need no write, and if none does, no write transaction is opened
+//! — an application's deferred read-then-write transaction fails with SQLITE_BUSY when anyone
+//! commits between its read and its write. From the first event needing a write on, the batch
+//! goes on in one `BEGIN IMMEDIATE` transaction, each event in a savepoint. An event that can
+//! never apply (unknown table or column, a constraint other than UNIQUE) is rolled back to its
+//! savepoint and quarantined in the same transaction. Any other failure (busy, I/O, disk full)
+//! rolls the batch back and is returned for the caller to retry: nothing is skipped.
 //!
 //! Invariants:
 //! - This connection runs `synchronous = FULL`: a batch is durable before the caller records its
@@ -56,15 +46,13 @@ use row::TableSql;
 use step::{EventError, Mode, Step, quarantine};
 use waiting::WaitingEvent;
 
-/// Makes every trigger skip, on this connection, its inserts into and updates of replicated
-/// tables and of our own: so nothing written here is captured (our capture triggers' writes to
-/// the change logs are skipped), and the application's triggers do not write again what they
-/// wrote on the origin — that was captured there and arrives as events of its own (an audit
-/// row twice, a `version + 1` applied twice). Their other writes run, so state derived locally
-/// and never replicated (an FTS index, a virtual table, an unwatched table) follows the applied
-/// rows. SQLite's authorizer is consulted when a statement (with the trigger programs it fires)
-/// is compiled; it cannot skip a DELETE, so a trigger's deletes run here too (ours delete only
-/// rows of their own statement, the application's delete what the origin's deleted).
+/// Makes every trigger skip, on this connection, its inserts into and updates of replicated tables
+/// and of our own: nothing written here is captured, and the application's triggers do not redo
+/// what they wrote on the origin — captured there, it arrives as events of its own (an audit row
+/// twice, a `version + 1` applied twice). Their other writes run, so locally derived state (an FTS
+/// index, a virtual or unwatched table) follows the applied rows. SQLite asks the authorizer when
+/// compiling a statement and the triggers it fires; it cannot skip a DELETE, so trigger deletes
+/// run (ours delete only their own statement's rows; the application's, what the origin's did).
 fn mute_trigger_writes(conn: &Connection, tables: &[Table]) {
     use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
     let replicated: std::collections::HashSet<String> =
@@ -93,7 +81,6 @@ pub struct Incoming<'a> {
     /// Stream name (for the dead-letter and held records).
     pub stream: &'a str,
     pub seq: u64,
-    /// The decoded event, or why it could not be decoded.
     pub event: Result<ChangeEvent, crate::wire::DecodeError>,
     /// Whether this database published it (its message id carries our identity).
     pub own: bool,
@@ -138,8 +125,7 @@ impl SchemaHashes {
     }
 }
 
-/// Everything but the connection (so a transaction on the connection and this can be borrowed
-/// at the same time).
+/// Everything but the connection, so a transaction on it and this can be borrowed together.
 struct State {
     tables: Vec<Table>,
     pks: Vec<Vec<usize>>,
@@ -147,29 +133,24 @@ struct State {
     /// Lower-cased name → index, for SQLite's case-insensitive table names.
     folded: HashMap<String, usize>,
     log: Arc<ChangeLog>,
-    /// Whether own events come back (this node publishes): only then is in-flight tracking
-    /// meaningful.
+    /// Whether own events come back (this node publishes); in-flight tracking needs it.
     track: bool,
     /// Per table: key → newest change-log id of a captured change not yet come back.
     in_flight: Vec<HashMap<Key, i64>>,
     /// Per table: key → newest change-log id of a pending change of unknown publish status
     /// (captured before a restart, the stream no longer holding where it may have landed). It
-    /// supersedes our own older events only: had it landed, it would be in the stream after them
-    /// (a node never sends a change after a newer one of the same row), so an own event older
-    /// than it that comes back can only roll the row back. Another node's event may be newer
-    /// than it, so those are not held back.
+    /// supersedes only our own older events: had it landed, it would follow them in the stream (a
+    /// node never sends a change after a newer one of the same row). Another node's may be newer.
     unknown: Vec<HashMap<Key, i64>>,
     /// Per table: the highest change-log id already read into `in_flight`.
     cursors: Vec<i64>,
     /// Per shard (index shard − 1): last applied stream sequence.
     applied: Vec<u64>,
-    /// Per table: pending changes up to this log id have an unknown publish status and do not
-    /// count as in flight (see [`super::restore::NotKept`]).
+    /// Per table: pending changes up to this log id have an unknown publish status (see `unknown`).
     unknown_up_to: Vec<i64>,
     /// Per table: changes up to this log id were captured before the table's columns changed
-    /// (DDL); they may lack columns that other nodes' older events carry, so they supersede only
-    /// our own older events (superseding another node's would lose those columns here while
-    /// every other node keeps them).
+    /// (DDL) and may lack columns other nodes' older events carry, so they supersede only our own
+    /// older events (superseding another node's would lose those columns here alone).
     stale_up_to: Vec<i64>,
     held: BTreeMap<i64, HeldEvent>,
     held_keys: HashMap<(usize, Key), i64>,
@@ -192,19 +173,14 @@ pub struct Applier {
     state: State,
     /// `PRAGMA data_version` at the last retry of held events (retry only after a change).
     held_checked_version: Option<i64>,
-    /// The schema version capture was last confirmed for (see [`super::ddl::drift`]); a
-    /// transaction that sees another one waits ([`Error::SchemaChanged`]) instead of applying
-    /// with stale table information.
+    /// The schema version capture was last confirmed for ([`super::ddl::drift`]): a transaction
+    /// seeing another waits ([`Error::SchemaChanged`]) rather than use stale table information.
     confirmed: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 impl Applier {
-    /// Wraps an open connection (see [`crate::db::open`]) for the given watched tables.
-    /// `applied` holds, per shard, the last applied sequence (from the seq map); `track` says
-    /// whether this node's own events come back (it publishes).
-    ///
-    /// # Errors
-    /// SQLite errors setting the connection up or reading the change logs and held events.
+    /// Wraps an open connection ([`crate::db::open`]); `applied`: per shard, the last applied
+    /// sequence (from the seq map); `track`: whether this node's own events come back (publishing).
     pub fn new(
         conn: Connection,
         log: Arc<ChangeLog>,
@@ -259,7 +235,6 @@ impl Applier {
         Ok(applier)
     }
 
-    /// The local schema's hashes, for checking the `sh` of incoming events.
     pub fn set_schema_hashes(&mut self, hashes: SchemaHashes) {
         self.state.hashes = hashes;
     }
@@ -269,8 +244,7 @@ impl Applier {
         self.confirmed = Some(confirmed);
     }
 
-    /// Fails with [`Error::SchemaChanged`] when the schema `conn` sees (inside a transaction) is
-    /// not the one capture was confirmed for.
+    /// [`Error::SchemaChanged`] unless `conn` (in a transaction) sees the confirmed schema version.
     fn check_schema(
         confirmed: Option<&Arc<std::sync::atomic::AtomicI64>>,
         conn: &Connection,
@@ -286,11 +260,8 @@ impl Applier {
         }
     }
 
-    /// Merges the snapshot at `file` (see [`super::restore`]), whose positions are `positions`
-    /// (per shard), and makes them this applier's.
-    ///
-    /// # Errors
-    /// SQLite errors; nothing changed then.
+    /// Merges the snapshot at `file` (see [`super::restore`]) and makes its `positions` (per
+    /// shard) this applier's; on an error nothing changed.
     pub fn restore_snapshot(
         &mut self,
         file: &std::path::Path,
@@ -325,10 +296,9 @@ impl Applier {
                 .get((shard.max(1) - 1) as usize)
                 .is_some_and(|&p| seq <= p)
         });
-        // Held events the snapshot's positions include are part of its rows now (or superseded
-        // by them): retried later they would take rows back. Events waiting for the schema that
-        // it includes go too: replayed after the migration they would take their rows back past
-        // newer events the snapshot holds (and this node never received).
+        // Held events within the snapshot's positions are part of its rows now (or superseded by
+        // them): retried later they would take rows back. Waiting ones go too: replayed after the
+        // migration they would undo newer events the snapshot holds (this node never received).
         let held = held::included(&self.state.held, streams, positions);
         let waiting = held::included(&self.state.waiting, streams, positions);
         if !held.is_empty() || !waiting.is_empty() {
@@ -344,18 +314,14 @@ impl Applier {
         Ok(restored)
     }
 
-    /// Applies a batch and returns one outcome per event.
-    ///
-    /// # Errors
-    /// A failure that is not the event's fault (busy, I/O, full disk): the whole batch was rolled
-    /// back and should be retried.
+    /// Applies a batch, one outcome per event. An error is not the events' fault (busy, I/O, full
+    /// disk): the whole batch was rolled back and should be retried.
     pub fn apply_batch(&mut self, batch: &[Incoming<'_>]) -> Result<Vec<Outcome>, Error> {
         let result = self.apply_batch_in(batch);
         self.resync_on_error(result)
     }
 
-    /// After a rolled-back transaction the held and waiting events in memory may differ from
-    /// the database (added or dropped inside it): read them again.
+    /// Re-reads the held and waiting events after a rolled-back transaction (module invariant).
     fn resync_on_error<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
         if result.is_err() {
             let s = &mut self.state;
@@ -427,8 +393,7 @@ impl Applier {
         if wrote && !self.state.held.is_empty() {
             self.state.retry_held(&tx)?;
         }
-        // Where this batch ends, with its rows (events read without writing, before it, are
-        // covered: a stream's sequences only grow).
+        // Where the batch ends, with its rows; read-only events before it are covered (seqs grow).
         let mut ends: HashMap<&str, u64> = HashMap::new();
         for incoming in batch {
             let end = ends.entry(incoming.stream).or_default();

@@ -1,9 +1,9 @@
 //! One event, evaluated and, in the write modes, applied (`State::step`).
 //!
-//! The step resolves the event against the local schema, finds its row, then decides: a later
-//! event of a held row supersedes the held one; an event older than a local change in flight is
-//! superseded; an image equal to the row is unchanged; otherwise the row is updated, inserted or
-//! deleted. A failed write is turned into the event's outcome here ([`State::finish_write`]).
+//! Resolved against the local schema and its row found, a later event of a held row supersedes
+//! the held one; one older than a local change in flight is superseded; an image equal to the row
+//! is unchanged; else the row is updated, inserted or deleted. A failed write becomes the event's
+//! outcome here ([`State::finish_write`]).
 //!
 //! Invariants:
 //! - In [`Mode::Read`] nothing is written: any event that would write returns [`Step::NeedsWrite`].
@@ -66,7 +66,6 @@ struct Resolved {
 pub(super) enum Mode {
     /// In the read transaction: decide, never write.
     Read,
-    /// In the write transaction.
     Write,
     /// Retrying the held event with this row id (its record stays unless it applies).
     Retry(i64),
@@ -85,7 +84,6 @@ impl State {
         EventError::Behind(Behind { why, table, key })
     }
 
-    /// Evaluates (and in write modes applies) one event.
     pub(super) fn step(
         &mut self,
         conn: &Connection,
@@ -130,8 +128,7 @@ impl State {
             if incoming.own {
                 return Ok(Step::Done(Outcome::Superseded));
             }
-            // Nothing is lost when the event would leave the row as it is: both nodes deleted
-            // it, or wrote the same values.
+            // Nothing is lost if the row stays as it is: both nodes deleted it, or wrote it alike.
             let unchanged = match event.op {
                 Op::Delete => found.is_empty(),
                 Op::Insert | Op::Update => found.first().is_some_and(|f| {
@@ -148,8 +145,7 @@ impl State {
         self.apply_op(conn, incoming, event, mode, r, &found)
     }
 
-    /// An event naming a table this node does not have: discarded if this node dropped the
-    /// table, otherwise [`Self::unknown`].
+    /// For a table this node lacks: discarded if this node dropped it, else [`Self::unknown`].
     fn no_table(&self, event: &ChangeEvent) -> Result<Step, EventError> {
         if self.aliases.dropped(&event.table) {
             return Ok(Step::Done(Outcome::Discarded(format!(
