@@ -1,7 +1,6 @@
 //! The names this node's schema had before: tables and columns the application renamed or
-//! dropped, as [`crate::db::ddl::follow`] recorded them in `__harmonylite__schema_aliases`, so
-//! other nodes' events under old names still apply here and those for what this node dropped
-//! are discarded instead of waiting forever.
+//! dropped, as [`crate::db::ddl::follow`] recorded them in `__harmonylite__schema_aliases` (why:
+//! see [`crate::db::ddl`]).
 //!
 //! Invariant: names compare as SQLite compares identifiers (ASCII case-insensitive), so every
 //! key is lower-cased.

@@ -1,23 +1,18 @@
-//! Following the application's DDL: what changed in the schema since capture was installed, and
-//! what that means for the change logs and for events that name old tables or columns
-//! (issue "schema changes", upstream-behaviour §4.5).
+//! Following the application's DDL since capture was installed, for the change logs and for events
+//! naming old tables or columns (issue "schema changes", upstream-behaviour §4.5).
 //!
 //! SQLite rewrites our triggers when the application renames things: `ALTER TABLE t RENAME TO u`
-//! moves `__harmonylite__t_change_log_on_*` onto `u` (the trigger keeps its name), and `RENAME
-//! COLUMN a TO b` turns `NEW."a"` into `NEW."b"` in their bodies while the change log keeps
-//! `val_a`. Those rewritten triggers are therefore an exact record of the renames — no guessing
-//! from root pages or column positions — and [`follow`] reads them before capture is reinstalled.
+//! moves `__harmonylite__t_change_log_on_*` onto `u` (keeping its name), and `RENAME COLUMN a TO b`
+//! turns `NEW."a"` into `NEW."b"` while the change log keeps `val_a`. So they record the renames
+//! exactly (no guessing from root pages or column positions); [`follow`] reads them on reinstall.
 //!
 //! Invariants:
-//! - Pending changes survive every rename: the change log (or its value column) is renamed with
-//!   its table (column), and the global log's rows follow, so they go out under the current
-//!   names. Only a dropped table's pending changes are discarded (nothing describes them any
-//!   more), logged with a count.
-//! - Every rename and drop is recorded in `__harmonylite__schema_aliases`, so that events other
-//!   nodes made under the old names still apply here ([`Aliases`]), and events for a table this
-//!   node dropped are discarded instead of waiting forever.
-//! - [`drift`] tells whether the live schema still matches what capture was installed for; it is
-//!   cheap (one pragma) when nothing changed.
+//! - Pending changes survive every rename: the change log (or value column) is renamed with its
+//!   table (column) and the global log's rows follow. Only a dropped table's pending changes are
+//!   discarded (nothing describes them any more), logged with a count.
+//! - Renames and drops are recorded in `__harmonylite__schema_aliases` ([`Aliases`]): other nodes'
+//!   events under old names still apply, and those for a dropped table are discarded, not waiting.
+//! - [`drift`] checks the live schema against what capture was installed for (one pragma if same).
 
 use std::collections::{HashMap, HashSet};
 
@@ -362,8 +357,7 @@ fn follow_column_renames(
     Ok(())
 }
 
-/// Drops the change log of `table` (gone, or replaced), its global-log rows and index, counting
-/// the unpublished changes discarded with it.
+/// Drops `table`'s change log, index and global-log rows (gone or replaced), counting lost changes.
 fn retire_log(conn: &Connection, table: &str, done: &mut Followed) -> Result<(), Error> {
     let log = change_log_name(table);
     let pending: i64 = conn.query_row(
@@ -396,7 +390,6 @@ fn retire_log(conn: &Connection, table: &str, done: &mut Followed) -> Result<(),
 /// Retires the change logs of tables that are gone, and forgets aliases of names in use again.
 fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> Result<(), Error> {
     let watched: HashSet<String> = tables.iter().map(|t| t.name.to_lowercase()).collect();
-    // Change logs whose table is gone.
     let logs: Vec<String> = column(
         conn,
         "SELECT name FROM sqlite_schema WHERE type = 'table' AND substr(name, 1, ?1) = ?2",
@@ -531,8 +524,7 @@ pub fn backfill(
     Ok(n as i64)
 }
 
-/// `temp.hl_seen(c0, c1, …)`: the row images of `events`, one column per column of `table`
-/// (a column an event lacks is NULL there).
+/// `temp.hl_seen(c0, c1, …)`: the row images of `events` by column of `table` (lacking: NULL).
 fn seen_images(
     conn: &Connection,
     table: &Table,

@@ -167,9 +167,8 @@ pub fn differs(a: &str, b: &str) -> String {
     format!("({a} IS NOT {b} COLLATE BINARY OR typeof({a}) IS NOT typeof({b}))")
 }
 
-/// Records, in the caller's write transaction, that this database has applied `stream` through
-/// `seq`. It may move back: a recreated stream starts its sequences again (an older position
-/// only replays, which the in-flight rules make safe).
+/// Records, in the caller's write transaction, that this database applied `stream` through `seq`;
+/// it may move back (a recreated stream restarts sequences; in-flight rules make replays safe).
 pub(crate) fn record_applied(conn: &Connection, stream: &str, seq: u64) -> rusqlite::Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO {} (stream, seq) VALUES (?1, ?2) \
@@ -211,13 +210,11 @@ pub struct DbLock {
 }
 
 /// Tells whether another process has a read transaction open on the database (so housekeeping
-/// commits can wait for none: see [`changelog::ChangeLog::housekeep`]), from the WAL read-mark
-/// locks in `<db>-shm` (SQLite's unix VFS: shared `fcntl` locks on bytes 123..=127, one per reader
-/// slot, held for each read transaction).
+/// commits can wait for none: [`changelog::ChangeLog::housekeep`]), from the WAL read-mark locks in
+/// `<db>-shm` (SQLite's unix VFS: shared `fcntl` locks on bytes 123..=127, one per reader slot).
 ///
-/// The descriptor is never closed: closing any descriptor of a file drops every POSIX lock this
-/// process holds on it, SQLite's included. So there is one probe per `-shm` file in the process
-/// ([`ReaderProbe::open`] hands out the same one), replaced only when the file was.
+/// The descriptor is never closed (that drops every POSIX lock the process holds on the file,
+/// SQLite's too): [`ReaderProbe::open`] shares one probe per `-shm` file, renewed with the file.
 pub struct ReaderProbe {
     shm: std::mem::ManuallyDrop<std::fs::File>,
 }
@@ -322,8 +319,7 @@ pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
     }
 }
 
-/// Opens an existing file with the policy in the module header ([`Error::Missing`] when there is
-/// no such file, [`Error::Open`] when SQLite cannot open it).
+/// Opens an existing file with the module header's policy ([`Error::Missing`], [`Error::Open`]).
 pub fn open(path: &Path) -> Result<Connection, Error> {
     if !path.exists() {
         return Err(Error::Missing(path.to_owned()));

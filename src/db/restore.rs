@@ -103,9 +103,8 @@ fn merge_all(
     } else {
         take_whole(&tx, &mut out)?;
     }
-    // The commit syncs the WAL (the restore is durable before the positions move); copying the
-    // pages into the database file — writing them again, seconds per GB — is left to a thread of
-    // its own (`checkpoint_behind`), so replication resumes meanwhile.
+    // The commit syncs the WAL (durable before the positions move); copying the pages into the
+    // file (a second write, seconds per GB) is left to `checkpoint_behind`, so replication resumes.
     let every: i64 = tx.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?;
     tx.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
     let started = std::time::Instant::now();
@@ -151,7 +150,6 @@ fn merge_tables(
                 .find(|c| c.eq_ignore_ascii_case(name))
                 .cloned()
         };
-        // The snapshot's name of a local column.
         let snap_of = |name: &str| -> Option<String> {
             if name.eq_ignore_ascii_case("rowid") {
                 return Some("rowid".into());
@@ -191,12 +189,11 @@ fn merge_tables(
     Ok(())
 }
 
-/// Keeps in `__harmonylite__conflicts` (stream `snapshot`, sequence 0, no payload, as the applier
-/// keeps events it overrules) the snapshot's rows a local insert in flight is about to overwrite on
-/// every node: another node took the key meanwhile (both nodes' next auto id) and this node never
-/// saw its event, which the snapshot stands for. Only keys whose first change in flight is an
-/// insert: after an update the snapshot's row is likely the one changed here. (A local `INSERT OR
-/// REPLACE` over a seen row is recorded too: without its prior image the two look the same.)
+/// Keeps in `__harmonylite__conflicts` (stream `snapshot`, seq 0, no payload, as overruled events)
+/// the snapshot's rows a local insert in flight is about to overwrite everywhere: another node took
+/// the key meanwhile (both nodes' next auto id), unseen here but in the snapshot. Only keys whose
+/// first change in flight is an insert (after an update the snapshot's row is likely ours); a local
+/// `INSERT OR REPLACE` over a seen row is recorded too (without its prior image they look alike).
 fn keep_lost_rows(
     tx: &Connection,
     table: &Table,
@@ -288,9 +285,8 @@ fn record_snapshot_loss(tx: &Connection, table: &str, lost_row: &str) -> Result<
     Ok(())
 }
 
-/// The snapshot's name and columns of local `table` (no columns: it lacks it). A snapshot of a
-/// node that has not run this node's renames has the old names; the current name wins where it
-/// exists, and an old name now used by another local table means that table's rows.
+/// The snapshot's name and columns of local `table` (none: it lacks it), following this node's
+/// renames back (the current name first; an old name another local table now has is not this one).
 fn snapshot_table(
     tx: &Connection,
     log: &ChangeLog,
@@ -321,8 +317,7 @@ fn in_flight(
 ) -> Result<Vec<(i64, Vec<crate::wire::Value>)>, Error> {
     let unknown_up_to = not_kept.unknown_up_to.get(i).copied().unwrap_or(0);
     let (flying, _) = log.in_flight(tx, i, 0, Some(positions), unknown_up_to)?;
-    // Where the change landed, when that is known and not marked yet: inside the snapshot it
-    // is not in flight; past it, it is, whatever else is said of it.
+    // A known but unmarked landing decides: inside the snapshot not in flight, past it in flight.
     let landed_inside = |id: i64| {
         landed.get(&(i, id)).map(|&(shard, seq)| {
             positions
@@ -368,11 +363,10 @@ fn checkpoint_behind(path: std::path::PathBuf) {
     }
 }
 
-/// Copies a snapshot table with exactly the local columns into the empty local table through
-/// SQLite's transfer optimization (`INSERT … SELECT *` copies records undecoded, ~3× faster),
-/// which needs a table without triggers: ours are dropped and recreated inside our transaction,
-/// so no application write sees the table without them. False (nothing done) when that does not
-/// fit (other columns or order, other triggers, or a bare-rowid key the transfer may renumber).
+/// Copies a snapshot table with exactly the local columns into the empty local table by SQLite's
+/// transfer optimization (`INSERT … SELECT *`: records copied undecoded, ~3× faster), which needs a
+/// trigger-free table: ours are dropped and recreated in our transaction, unseen by any writer.
+/// False (nothing done) if that does not fit: other columns or order or triggers, a rowid key.
 fn copy_whole(
     conn: &Connection,
     table: &Table,
@@ -428,9 +422,8 @@ fn app_tables(conn: &Connection, schema: &str, kinds: &str) -> Result<Vec<String
     Ok(column(conn, &sql, params)?)
 }
 
-/// What the snapshot has that this node's schema lacks: ordinary tables (virtual and shadow
-/// tables never replicate; one this node has unwatched is not lacking) and columns of its
-/// tables, following renames made here and leaving out what this node dropped.
+/// What the snapshot has that this node lacks (renames here followed, drops left out): ordinary
+/// tables (virtual and shadow ones never replicate; one unwatched here is not lacking) and columns.
 fn lacking(
     conn: &Connection,
     local: &[Table],
@@ -467,11 +460,10 @@ fn lacking(
     Ok(out)
 }
 
-/// Takes the snapshot's schema and rows into a database without application tables: tables, then
-/// their rows with rowids (virtual tables' shadow tables included, so full-text indexes come as
-/// they are), AUTOINCREMENT counters and `user_version`, then indexes, views and triggers (so no
-/// application trigger fires for the copied rows; one the database has is kept), then capture. A
-/// virtual table whose module this SQLite lacks is left out with a warning (it never replicates).
+/// Takes the snapshot's schema and rows into a database without application tables: tables, their
+/// rows with rowids (shadow tables too: full-text indexes come as they are), AUTOINCREMENT
+/// counters, `user_version`, then indexes, views and triggers (none fires for copied rows; existing
+/// ones kept), then capture. Virtual tables whose module this SQLite lacks are left out (warned).
 fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
     let objects: Vec<(String, String, String)> = conn
         .prepare(&format!(
@@ -529,9 +521,8 @@ fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
     Ok(())
 }
 
-/// Copies a table's rows from the snapshot with their rowids (a plain `INSERT … SELECT *` into
-/// a table without an INTEGER PRIMARY KEY numbers them anew, and the cluster's later changes of
-/// such tables find rows by rowid). Generated columns are computed, not copied.
+/// Copies a table's rows from the snapshot with rowids (`INSERT … SELECT *` would renumber a table
+/// without INTEGER PRIMARY KEY, whose later changes find rows by rowid), not generated columns.
 fn copy_rows(conn: &Connection, name: &str) -> Result<u64, Error> {
     let q = quote(name);
     let sql =
@@ -562,9 +553,8 @@ fn snapshot_columns(conn: &Connection, table: &str) -> Result<Vec<String>, Error
     Ok(column(conn, &sql, [table])?)
 }
 
-/// The snapshot's key of its table `name` (comma-separated) when it is not the key of local
-/// `table` (a rowid table here, a WITHOUT ROWID one there, or other key columns): rows cannot be
-/// matched, so the node waits for its migration as for a missing column.
+/// The snapshot's key of its table `name` (comma-separated) when not that of local `table` (rowid
+/// vs WITHOUT ROWID, or other columns): rows cannot match, so the node waits for its migration.
 fn other_key(
     conn: &Connection,
     table: &Table,
@@ -716,9 +706,8 @@ fn merge_table(
 ) -> rusqlite::Result<()> {
     let name = quote(&table.name);
     let sql = MergeSql::new(table, snap_table, keys, snap_of);
-    // An empty table with nothing kept (a new node): a plain copy, no probe of the live table per
-    // row (checked inside our write transaction: nobody adds a row in between). A kept key in an
-    // empty table is a local delete in flight whose row must not come back: the general path.
+    // Empty with nothing kept (a new node; checked in our write transaction, so nobody adds a row):
+    // a plain copy, no per-row probe. A kept key here is a local delete in flight: general path.
     let empty = conn
         .prepare_cached(&format!(
             "SELECT NOT EXISTS (SELECT 1 FROM main.{name}) AND NOT EXISTS (SELECT 1 FROM temp.hl_keep)"

@@ -24,8 +24,7 @@ fn is_internal(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
 }
 
-/// Tables reported as skipped, with why: the list is read several times at start and after
-/// every schema change, and each is worth one warning.
+/// Tables reported as skipped (with why): the list is re-read often; each is worth one warning.
 static SKIPPED: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
@@ -60,9 +59,8 @@ pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
     Ok(tables)
 }
 
-/// Reads one table's columns (`pragma_table_info`: generated and hidden columns excluded, as in
-/// Go) and appends the synthetic `rowid` key when no column is part of a primary key;
-/// [`Error::Unwatchable`] when the table has no columns or no usable key.
+/// Reads one table's columns (`pragma_table_info`: no generated or hidden ones, as in Go), plus a
+/// synthetic `rowid` key if none is in a primary key; [`Error::Unwatchable`] without a usable key.
 pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
     let mut stmt = conn
         .prepare("SELECT name, type, pk FROM pragma_table_info(?1) ORDER BY cid")
@@ -114,8 +112,7 @@ pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
     })
 }
 
-/// See [`Table::unique`]. An index on an expression is left out: a trigger cannot tell which
-/// rows share its value.
+/// See [`Table::unique`]; expression indexes are left out (a trigger cannot tell who shares them).
 fn unique_indexes(conn: &Connection, name: &str) -> Result<Vec<Vec<(String, String)>>, Error> {
     let indexes: Vec<String> = super::sql::column(
         conn,

@@ -13,8 +13,7 @@ use super::{GLOBAL_LOG, Table, change_log_name, differs, quote, quote_literal, s
 /// Unix milliseconds in trigger SQL, exactly as Go computes `created_at`.
 const NOW_MS_SQL: &str = "CAST((strftime('%s','now') || substr(strftime('%f','now'),4)) AS INT)";
 
-/// Every trigger name of a table: the three AFTER triggers Go also has, then the two BEFORE
-/// triggers of tables with UNIQUE indexes.
+/// Every trigger name of a table: Go's three AFTER triggers, then two BEFORE ones (UNIQUE indexes).
 pub(super) fn trigger_names(table: &str) -> [String; 5] {
     let log = change_log_name(table);
     [
@@ -231,10 +230,9 @@ fn quote_prefixed(prefix: &str, column: &str) -> String {
     }
 }
 
-/// Whether an application trigger on `table` was created after our capture triggers. SQLite fires
-/// the newest trigger first, so such a trigger's writes to the row (an `updated_at` touch) would be
-/// captured before the statement that fired it, and replicas would end with the statement's image,
-/// not the trigger's. Ours must be the newest; recreating them makes them so.
+/// Whether an application trigger on `table` is newer than our capture triggers. SQLite fires the
+/// newest first, so its writes to the row (an `updated_at` touch) would be captured before the
+/// statement's, and replicas end with the statement's image; recreating ours makes them newest.
 pub(super) fn outrun(conn: &rusqlite::Connection, table: &str) -> rusqlite::Result<bool> {
     let rowid = |agg: &str, ours: bool| {
         format!(

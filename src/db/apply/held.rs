@@ -115,8 +115,7 @@ impl Applier {
         Ok(())
     }
 
-    /// Tries the held events again if the database changed since the last try (another row may
-    /// have given up the conflicting value); returns how many applied (on an error, none).
+    /// Retries held events if the database changed (a row may free the value); counts applied.
     pub fn retry_held(&mut self) -> Result<usize, Error> {
         let result = self.retry_held_in();
         self.resync_on_error(result)
@@ -183,8 +182,7 @@ pub(super) fn forget(conn: &Connection, id: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Records `event` durably in the held-events table, in the caller's transaction, as held
-/// after a UNIQUE conflict or (`schema_wait`) waiting for the schema; returns its id.
+/// Records `event` durably (caller's transaction) as held or, with `schema_wait`, waiting; its id.
 pub(super) fn record(
     conn: &Connection,
     incoming: &Incoming<'_>,
@@ -239,8 +237,7 @@ impl State {
         Ok(false)
     }
 
-    /// Holds `event` after a UNIQUE conflict with another row (`why`): records it durably in the
-    /// caller's transaction, logs both rows, and makes it the row's held event.
+    /// Holds `event` after a UNIQUE conflict with another row (`why`), durably; logs both rows.
     pub(super) fn hold(
         &mut self,
         conn: &Connection,
@@ -331,10 +328,9 @@ impl State {
     }
 
     /// Held events waiting for each other (rows that swapped UNIQUE values, each new image
-    /// conflicting with the other's old one: the swap's intermediate step never reached this node)
-    /// are tried together per table, all at once, then in pairs: target rows deleted and images
-    /// inserted in one savepoint, kept only if all apply. Only events carrying every column
-    /// qualify (an insert must not lose columns the event lacks).
+    /// conflicting with the other's old one: the swap's middle step never reached this node) are
+    /// tried together per table, all then pairs: target rows deleted and images inserted in one
+    /// savepoint, kept if all apply. Only whole-row events qualify (inserts must not lose columns).
     pub(super) fn apply_held_together(&mut self, conn: &Connection) -> Result<usize, Error> {
         let mut by_table: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
         for (&id, h) in &self.held {

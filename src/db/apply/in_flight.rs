@@ -1,12 +1,11 @@
 //! Local changes in flight: captured here, not yet come back through the stream.
 //!
-//! Events that would only roll a row back are skipped (*superseded*): while this node holds a
-//! captured change of row R that has not yet come back through the stream, every event for R that
-//! arrives is older in stream order (same row, same shard) — another node's, or an older one of
-//! our own. The applier tracks those in-flight changes per row key: it reads newly captured
-//! change-log rows in each transaction (`State::refresh`, so the application's latest commit is
-//! always seen), drops an entry when our own event for it comes back, and rebuilds the set after a
-//! restart from the change log and the seq map.
+//! While this node holds a captured change of row R not yet come back through the stream, every
+//! event for R that arrives is older in stream order (same row, same shard) — another node's or an
+//! older one of ours — and would only roll R back: it is skipped (*superseded*). They are tracked
+//! per row key: new change-log rows are read in each transaction (`State::refresh`, so the latest
+//! commit is seen), an entry goes when our own event for it comes back, and the set is rebuilt
+//! after a restart from the change log and the seq map.
 //!
 //! Invariants:
 //! - Tracking happens only when this node's own events come back (it publishes).
@@ -58,11 +57,10 @@ impl Applier {
         Ok(())
     }
 
-    /// Our changes acknowledged but not yet marked in the database (`landed`: table, change-log
-    /// id, shard, sequence) for which `gone(shard, seq)` holds stop counting as in flight: their
-    /// events will never come back (inside a restored snapshot, skipped by a gap, in a stream
-    /// since recreated), and waiting for them would hold back every later event of their rows.
-    /// Re-reading the in-flight set cannot tell: the database still shows them pending.
+    /// Stops counting as in flight our changes acknowledged but not yet marked (`landed`: table,
+    /// change-log id, shard, sequence) for which `gone(shard, seq)`: their events never come back
+    /// (inside a restored snapshot, skipped by a gap, in a recreated stream) and would hold back
+    /// their rows' later events; re-reading cannot tell, as the database still shows them pending.
     pub fn forget_landed(
         &mut self,
         landed: &[(usize, i64, u64, u64)],
@@ -112,8 +110,7 @@ impl State {
     /// Whether a local change of the row (under any of `keys`) still in flight makes this event
     /// stale (it would roll the row back). Our own event (`own`, change-log `id`) coming back no
     /// older than every such change ends their tracking instead. A change marked failed (too large
-    /// to ever publish) never comes back: found as the newest of its row, it stops counting, so
-    /// other nodes' later changes of the row apply.
+    /// to publish) never comes back: as the newest of its row it stops counting, so others apply.
     pub(super) fn superseded(
         &mut self,
         conn: &Connection,

@@ -1,11 +1,8 @@
 //! Applying replicated events to the local database (upstream-behaviour §4.12, design §3.2, §3.10).
 //!
 //! An event is applied as an upsert *by primary key* of the columns it carries, never as Go's
-//! whole-row `INSERT OR REPLACE`, and nothing but its row is ever touched. An event in conflict
-//! with *another* row on a UNIQUE value is **held** (`held.rs`); one this node's schema is behind
-//! for **waits for the schema** (`waiting.rs`); one that would only roll a row back past a local
-//! change still in flight is **superseded** (`in_flight.rs`); one that can never apply is
-//! quarantined in `__harmonylite__dead_letter`.
+//! whole-row `INSERT OR REPLACE`, touching nothing but its row; else it is held (`held.rs`), waits
+//! for the schema (`waiting.rs`), is superseded (`in_flight.rs`) or quarantined (dead letter).
 //!
 //! This file holds the [`Applier`] (connection plus `State`, which the submodules work on) and the
 //! batch, evaluated first in a *read* transaction: superseded events and images already equal to
@@ -47,12 +44,11 @@ use step::{EventError, Mode, Step, quarantine};
 use waiting::WaitingEvent;
 
 /// Makes every trigger skip, on this connection, its inserts into and updates of replicated tables
-/// and of our own: nothing written here is captured, and the application's triggers do not redo
-/// what they wrote on the origin — captured there, it arrives as events of its own (an audit row
-/// twice, a `version + 1` applied twice). Their other writes run, so locally derived state (an FTS
-/// index, a virtual or unwatched table) follows the applied rows. SQLite asks the authorizer when
-/// compiling a statement and the triggers it fires; it cannot skip a DELETE, so trigger deletes
-/// run (ours delete only their own statement's rows; the application's, what the origin's did).
+/// and of ours: nothing written here is captured, and the application's triggers do not redo what
+/// they did on the origin, captured there as events of their own (an audit row twice, `version + 1`
+/// twice). Their other writes run, so derived state (an FTS index, a virtual or unwatched table)
+/// follows. The authorizer, asked when a statement and its triggers compile, cannot skip a DELETE:
+/// trigger deletes run (ours delete only their statement's rows; the application's, the origin's).
 fn mute_trigger_writes(conn: &Connection, tables: &[Table]) {
     use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
     let replicated: std::collections::HashSet<String> =
@@ -107,8 +103,7 @@ pub enum Outcome {
     Waiting(String),
     /// For a table this node dropped: nothing to apply it to.
     Discarded(String),
-    /// Another node's change that lost to a concurrent local change of its row (still in
-    /// flight): kept in `__harmonylite__conflicts`. `kind` is its operation.
+    /// Another node's change lost to a local change of its row still in flight (`kind`: its op).
     Overruled { table: String, kind: String },
 }
 
@@ -148,9 +143,8 @@ struct State {
     applied: Vec<u64>,
     /// Per table: pending changes up to this log id have an unknown publish status (see `unknown`).
     unknown_up_to: Vec<i64>,
-    /// Per table: changes up to this log id were captured before the table's columns changed
-    /// (DDL) and may lack columns other nodes' older events carry, so they supersede only our own
-    /// older events (superseding another node's would lose those columns here alone).
+    /// Per table: changes up to this log id predate a column change (DDL) and may lack columns that
+    /// other nodes' older events carry, so they supersede only ours (others' would lose columns).
     stale_up_to: Vec<i64>,
     held: BTreeMap<i64, HeldEvent>,
     held_keys: HashMap<(usize, Key), i64>,
@@ -260,8 +254,7 @@ impl Applier {
         }
     }
 
-    /// Merges the snapshot at `file` (see [`super::restore`]) and makes its `positions` (per
-    /// shard) this applier's; on an error nothing changed.
+    /// Merges the snapshot at `file` ([`super::restore`]), taking its per-shard `positions`.
     pub fn restore_snapshot(
         &mut self,
         file: &std::path::Path,
@@ -289,16 +282,14 @@ impl Applier {
             self.set_applied(i + 1, p);
         }
         self.rebuild_in_flight()?;
-        // Acknowledged changes of ours inside the snapshot have come back, whatever the database
-        // still says of them (the keeper marks them later).
+        // Our acknowledged changes inside the snapshot came back, whatever the database says yet.
         self.forget_landed(&not_kept.landed, |shard, seq| {
             positions
                 .get((shard.max(1) - 1) as usize)
                 .is_some_and(|&p| seq <= p)
         });
-        // Held events within the snapshot's positions are part of its rows now (or superseded by
-        // them): retried later they would take rows back. Waiting ones go too: replayed after the
-        // migration they would undo newer events the snapshot holds (this node never received).
+        // Held and waiting events the snapshot's positions include are in its rows (or superseded):
+        // retried, or replayed after a migration, they would take rows back past newer events.
         let held = held::included(&self.state.held, streams, positions);
         let waiting = held::included(&self.state.waiting, streams, positions);
         if !held.is_empty() || !waiting.is_empty() {
@@ -314,8 +305,7 @@ impl Applier {
         Ok(restored)
     }
 
-    /// Applies a batch, one outcome per event. An error is not the events' fault (busy, I/O, full
-    /// disk): the whole batch was rolled back and should be retried.
+    /// Applies a batch, one outcome per event; on an error (busy, I/O…) it was rolled back: retry.
     pub fn apply_batch(&mut self, batch: &[Incoming<'_>]) -> Result<Vec<Outcome>, Error> {
         let result = self.apply_batch_in(batch);
         self.resync_on_error(result)

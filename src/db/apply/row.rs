@@ -29,7 +29,6 @@ pub(super) const SQLITE_CONSTRAINT_UNIQUE: i32 = 2067;
 pub(super) const SQLITE_CONSTRAINT_PRIMARYKEY: i32 = 1555;
 pub(super) const SQLITE_CONSTRAINT_TRIGGER: i32 = 1811;
 
-/// How a failed write is handled.
 pub(super) enum WriteError {
     /// A UNIQUE conflict with another row: hold the event.
     Conflict(String),

@@ -61,7 +61,6 @@ struct Resolved {
     wire_key: Key,
 }
 
-/// How an event is being processed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Mode {
     /// In the read transaction: decide, never write.
@@ -74,8 +73,7 @@ pub(super) enum Mode {
 }
 
 impl State {
-    /// Why `event` cannot apply here: it waits if its sender's schema may be ahead of ours, and
-    /// is poison if the sender had our schema (it names what cannot exist).
+    /// Why `event` cannot apply here: [`EventError::Behind`] or poison (see the module header).
     pub(super) fn unknown(&self, event: &ChangeEvent, t: Option<usize>, why: String) -> EventError {
         if self.hashes.matches(&event.schema_hash) {
             return EventError::Poison(why);
@@ -100,8 +98,7 @@ impl State {
         let renamed = self.renamed(t, event);
         let event = renamed.as_ref().unwrap_or(event);
         let r = self.resolve(t, event)?;
-        // An earlier event of this row waits for the schema: this one waits behind it.
-        // (Held and waiting events being retried are older than any waiting event of their row.)
+        // Behind an earlier waiting event of this row (retried events are older than any such).
         if matches!(mode, Mode::Read | Mode::Write) {
             let table = self.tables[t].name.to_lowercase();
             if self.blocked(&table, Some(&r.wire_key)) {
@@ -160,8 +157,7 @@ impl State {
         ))
     }
 
-    /// The local columns of `event` (in table `t`, names already current), where its key
-    /// columns sit among them, and its key as it arrived.
+    /// Resolves `event` (in table `t`, names already current): see [`Resolved`].
     fn resolve(&self, t: usize, event: &ChangeEvent) -> Result<Resolved, EventError> {
         let mut cols = Vec::with_capacity(event.row.len());
         for (name, _) in &event.row {
@@ -180,7 +176,6 @@ impl State {
             }
             cols.push(idx);
         }
-        // Positions of the key columns within the event's columns.
         let mut key_pos = Vec::with_capacity(self.pks[t].len());
         for &p in &self.pks[t] {
             let pos = cols.iter().position(|&c| c == p).ok_or_else(|| {
@@ -284,8 +279,7 @@ impl State {
                 }
                 Ok(Step::Done(Outcome::Applied))
             }
-            // A constraint of ours the sender's (other) schema did not have: it may be that this
-            // node's schema is behind, so the event waits rather than being quarantined.
+            // A constraint the sender's (other) schema lacked: ours may be behind, so wait.
             Err(WriteError::Event(EventError::Poison(why)))
                 if incoming.event.as_ref().is_ok_and(|e| {
                     !e.schema_hash.is_empty() && !self.hashes.matches(&e.schema_hash)

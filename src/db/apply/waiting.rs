@@ -34,8 +34,7 @@ impl Applier {
         self.state.waiting.len()
     }
 
-    /// Tries the events waiting for the schema again, in arrival order (after capture was
-    /// reinstalled for a changed schema); returns how many applied (on an error, none).
+    /// Retries the waiting events in arrival order (after capture was reinstalled); counts applied.
     pub fn retry_waiting(&mut self) -> Result<usize, Error> {
         let result = self.retry_waiting_in();
         self.resync_on_error(result)
@@ -83,7 +82,6 @@ impl State {
         self.place(event, self.resolve_table(&event.table))
     }
 
-    /// Where `event`, whose local table is `t`, waits.
     pub(super) fn place(&self, event: &ChangeEvent, t: Option<usize>) -> Place {
         match t {
             Some(t) => {

@@ -5,11 +5,10 @@
 //! - Names match Go HarmonyLite (`__harmonylite__<t>_change_log`, `…_state_index`,
 //!   `…_on_insert|update|delete`, `__harmonylite___change_log_global`), so a Go node's `-cleanup`
 //!   removes our artifacts and vice versa.
-//! - Installing is one idempotent transaction (run at every start). Triggers are recreated;
-//!   change logs are created if missing and migrated in place, pending rows kept: missing
-//!   `val_<col>` columns are added (Go never altered them, so after `ALTER TABLE … ADD COLUMN`
-//!   every application write failed), and typed value columns (Go copied the declared types) are
-//!   rebuilt untyped.
+//! - Installing is one idempotent transaction (run at every start). Triggers are recreated; change
+//!   logs created if missing and migrated in place, pending rows kept: missing `val_<col>` columns
+//!   are added (Go never altered them: after `ALTER TABLE … ADD COLUMN` every application write
+//!   failed), and typed value columns (Go copied the declared types) are rebuilt untyped.
 //! - Value columns are untyped, so without affinity: the log holds exactly what the row held (a
 //!   STRICT table's `ANY` column keeps `'00123'` as text; Go's typed copy made it 123).
 //! - An UPDATE changing the key is captured as a delete and an update (see `triggers.rs`).
@@ -111,8 +110,7 @@ fn base_ddl() -> String {
     )
 }
 
-/// Column of the held-events table added after its first release: 1 for events waiting for the
-/// local schema to catch up (see [`super::apply`]), 0 for UNIQUE conflicts.
+/// Held-table column (added after the first release): 1 waits for the schema, 0 a UNIQUE conflict.
 const HELD_SCHEMA_COLUMN: &str = "schema_wait";
 
 fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, Error> {
@@ -138,10 +136,9 @@ fn change_log_create(name: &str, table: &Table) -> String {
     )
 }
 
-/// DDL for one table's change log, index and triggers. A table without a primary key is
-/// replicated by rowid, and VACUUM renumbers the rowids of a table with no index at all; so it
-/// gets a partial index `WHERE 0`, holding no entry and costing writes nothing, whose mere
-/// existence makes VACUUM keep every rowid, and so the rows' identity on every node.
+/// DDL for one table's change log, index and triggers. A table without a primary key is replicated
+/// by rowid, which VACUUM renumbers in a table with no index; so it gets an empty partial index
+/// (`WHERE 0`: no write cost) whose mere existence makes VACUUM keep rowids, the rows' identity.
 pub(super) fn table_ddl(table: &Table) -> String {
     let log = change_log_name(&table.name);
     let mut sql = change_log_create(&log, table);
@@ -293,8 +290,7 @@ fn log_columns(conn: &Connection, table: &Table) -> Result<Vec<(String, String)>
         .map_err(on_table(&table.name))
 }
 
-/// Brings an existing change log to the current layout (see the module header), keeping its rows
-/// and AUTOINCREMENT counter (change ids never repeat).
+/// Migrates an existing change log in place, keeping its rows and id counter (ids never repeat).
 fn migrate_change_log(conn: &Connection, table: &Table) -> Result<Vec<String>, Error> {
     let log = change_log_name(&table.name);
     let existing = log_columns(conn, table)?;
@@ -486,13 +482,11 @@ pub enum Binding {
     CopyOf { node_id: u64, dropped: usize },
 }
 
-/// Binds this database's identity to `node_id` and `file` (machine, device, inode), telling a copy
-/// of another node's database from this node's own: a copy was bound to another node id *and*
-/// another file. Its pending changes belong to that node, which still publishes them; resent from
-/// here they would land after that node's later changes of the same rows and undo them
-/// everywhere, and its published ones would count as this node's changes in flight, holding back
-/// every later change of their rows. So the copy's change log is emptied and it gets an identity
-/// of its own (message ids, sent marks). Writes only when something changed.
+/// Binds this database's identity to `node_id` and `file` (machine, device, inode). One bound to
+/// another node id *and* file is a copy of that node's: its pending changes are that node's to
+/// publish (resent from here they would land after its later changes and undo them everywhere), and
+/// its published ones would count as in flight here, holding back their rows. So the copy's change
+/// log is emptied and it gets its own identity (message ids, sent marks). Writes only on a change.
 pub fn bind_identity(
     conn: &mut Connection,
     tables: &[Table],

@@ -75,7 +75,6 @@ pub fn value_at(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Value> 
 }
 
 impl ChangeLog {
-    /// Prepares the SQL for the given watched tables.
     pub fn new(tables: Vec<Table>) -> ChangeLog {
         let by_name = tables
             .iter()
@@ -190,8 +189,7 @@ impl ChangeLog {
         let width = self.tables[table].columns.len();
         let mut stmt = match tx.prepare_cached(&self.select_sql[table]) {
             Ok(stmt) => stmt,
-            // The change log (or a column of it) was dropped while we run: nothing can ever
-            // read this change, and retrying would block every later one.
+            // The change log (or a column) is gone: nothing can read it; retrying blocks the rest.
             Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::Unknown) => {
                 scan.orphans.push((
                     global_id,
@@ -242,11 +240,10 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// Retires changes in one write transaction (on an error nothing changes; they stay pending):
-    /// `published` ones get `state = 1` and where they landed, `failed` ones `state = -1` (Go's
-    /// declared but unused "Failed" state; the row stays for inspection), and their global-log
-    /// rows go, as do `orphans`. The newest landing per shard goes to `__harmonylite__published`,
-    /// where a restart starts looking for changes that reached the stream but were never retired.
+    /// Retires changes in one write transaction (on an error none: they stay pending): `published`
+    /// ones get `state = 1` and where they landed, `failed` ones `state = -1` (Go's unused "Failed"
+    /// state; the row stays for inspection); theirs and `orphans`' global-log rows go. The newest
+    /// landing per shard goes to `__harmonylite__published`, where a restart seeks unretired ones.
     pub fn retire(&self, conn: &mut Connection, batch: &Retirement) -> Result<(), Error> {
         if batch.is_empty() {
             return Ok(());
@@ -258,12 +255,11 @@ impl ChangeLog {
     }
 
     /// [`ChangeLog::retire`] and [`ChangeLog::cleanup`] in one transaction, rolled back
-    /// (`Ok(None)`) as soon as `undisturbed()` says no — asked after the write lock is taken, every
-    /// few statements, and right before the commit. Why so often: SQLite fails an application's
-    /// deferred read-then-write transaction with SQLITE_BUSY at once, without its busy timeout,
-    /// whenever another connection holds the write lock, committing or not; rolling back at the
-    /// next check, microseconds after such a reader began, frees the lock long before a typical
-    /// read-then-write writes (one beginning between the last check and the commit still fails).
+    /// (`Ok(None)`) once `undisturbed()` says no — asked after the write lock is taken, every few
+    /// statements and before the commit. Why so often: SQLite fails an application's deferred
+    /// read-then-write transaction with SQLITE_BUSY at once (no busy timeout) whenever another
+    /// connection holds the write lock, committing or not; rolling back microseconds after such a
+    /// reader began frees the lock long before it writes (unless it began after the last check).
     pub fn housekeep(
         &self,
         conn: &mut Connection,
@@ -288,8 +284,7 @@ impl ChangeLog {
         // Write the transaction's pages to the WAL now (invisible until the commit), so that the
         // commit after the last check only appends its commit frame, whatever the cleanup deleted.
         tx.cache_flush()?;
-        // Yield first, so the last check and the commit start a fresh time slice: on a loaded
-        // machine a preemption there would widen the remaining window from µs to ms.
+        // Yield, so the last check and commit start a fresh time slice (preempted, the window: ms).
         std::thread::yield_now();
         if !undisturbed() {
             return Ok(None);
