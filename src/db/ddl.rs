@@ -114,9 +114,8 @@ fn identifier(s: &str) -> Option<(String, &str)> {
     }
 }
 
-/// From the SQL of one of our insert triggers: pairs (change-log column, row column it copies),
-/// e.g. `("val_a", "b")` once the application renamed column `a` to `b`. Understands our trigger
-/// shape (`INSERT INTO log(val_…) SELECT NEW.…`) and Go's (`… VALUES (NEW.…)`).
+/// From an insert trigger's SQL (ours: `… SELECT NEW.…`, Go's: `… VALUES (NEW.…)`): pairs
+/// (change-log column, row column it copies), e.g. `("val_a", "b")` after `a` was renamed `b`.
 pub fn capture_pairs(sql: &str) -> Option<Vec<(String, String)>> {
     let upper = sql.to_ascii_uppercase();
     // The first insert into a change log (ours may insert into the global log first).
@@ -210,8 +209,7 @@ fn rename_in_global_log(conn: &Connection, old: &str, new: &str) -> Result<(), E
     Ok(())
 }
 
-/// Follows what `ALTER TABLE … RENAME` did to the watched tables since our capture triggers
-/// were made: renamed tables and columns take their change logs (and pending changes) along.
+/// Follows `ALTER TABLE … RENAME`s since our triggers were made: change logs move with tables.
 fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     let mut done = Followed::default();
     let watched: HashMap<String, &Table> =
@@ -240,7 +238,6 @@ fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error
     Ok(done)
 }
 
-/// Moves the change log of each `(old, new)` renamed table to its new name.
 fn follow_table_renames(
     conn: &Connection,
     renames: Vec<(String, String)>,
@@ -357,7 +354,7 @@ fn follow_column_renames(
     Ok(())
 }
 
-/// Drops `table`'s change log, index and global-log rows (gone or replaced), counting lost changes.
+/// Drops the change log, index and global-log rows of `table` (gone or replaced), counting losses.
 fn retire_log(conn: &Connection, table: &str, done: &mut Followed) -> Result<(), Error> {
     let log = change_log_name(table);
     let pending: i64 = conn.query_row(
@@ -405,8 +402,7 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
         retire_log(conn, table, done)?;
         record(conn, "dropped", "", table, "")?;
     }
-    // Columns gone from a table (rebuilt without them) while its change log still has them:
-    // other nodes' older events may carry them; they are ignored here, not waited for.
+    // Columns its change log has but a rebuilt table lost: ignored in older events, not waited for.
     for t in tables {
         let log = change_log_name(&t.name);
         for name in log_column_names(conn, &log)? {
@@ -454,8 +450,7 @@ pub fn waiting_events(conn: &Connection) -> Result<Vec<crate::wire::ChangeEvent>
         .collect())
 }
 
-/// Lower-cased names of the tables that events waiting for the schema are for: such a table
-/// exists on another node, whose changes of it are on their way.
+/// Lower-cased tables of waiting events: each exists on another node, its rows on their way.
 pub fn waiting_tables(events: &[crate::wire::ChangeEvent]) -> HashSet<String> {
     events.iter().map(|e| e.table.to_lowercase()).collect()
 }
@@ -597,8 +592,7 @@ pub fn fill_added(conn: &Connection, table: &Table, added: &[String]) -> Result<
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drift {
     pub what: String,
-    /// Capture triggers of a watched table are gone (dropped by someone else, or the table was
-    /// rebuilt): writes made since were not captured.
+    /// A watched table lost its capture triggers (dropped, or table rebuilt): later writes missed.
     pub capture_lost: bool,
 }
 

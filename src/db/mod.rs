@@ -1,14 +1,11 @@
-//! Everything that touches the SQLite file: connection policy, table discovery, change-data
-//! capture triggers and change logs, reading pending changes, applying remote ones. Knows SQLite
-//! and [`crate::wire`], nothing about NATS.
+//! Everything touching the SQLite file: connection policy, table discovery, capture triggers and
+//! change logs, reading pending and applying remote changes; SQLite and [`crate::wire`], not NATS.
 //!
 //! Invariants:
-//! - Every connection uses WAL, `busy_timeout = 5000`, `synchronous = NORMAL`, `foreign_keys =
-//!   OFF` (rusqlite's bundled SQLite turns them on; an `INSERT OR REPLACE` must not cascade).
-//! - Every identifier in SQL text is [`quote`]d; names from the wire are used only after they
-//!   matched the local schema.
-//! - Loop prevention: the applier's connection mutes trigger writes to our tables (SQLite's
-//!   authorizer, see [`apply`]); the capture triggers themselves have no condition.
+//! - Every connection uses WAL, `busy_timeout = 5000`, `synchronous = NORMAL`, and
+//!   `foreign_keys = OFF` (rusqlite's bundled SQLite turns them on; REPLACE must not cascade).
+//! - SQL identifiers are [`quote`]d; wire names are used only after matching the local schema.
+//! - Loop prevention: the applier's connection mutes trigger writes to our tables ([`apply`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,8 +41,7 @@ pub const HELD_TABLE: &str = "__harmonylite__held_events";
 pub const ALIAS_TABLE: &str = "__harmonylite__schema_aliases";
 /// Per shard, the stream sequence of the last change marked published.
 pub const PUBLISHED_TABLE: &str = "__harmonylite__published";
-/// Per stream: the last sequence applied to this database, written in the transactions that
-/// apply (design §14: positions live with the data; the seq map follows them).
+/// Per stream: the last sequence applied here, committed with the rows (design §14).
 pub const APPLIED_TABLE: &str = "__harmonylite__applied";
 /// How long a statement waits for a lock before failing with SQLITE_BUSY (Go: 5000 ms).
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
@@ -113,8 +109,7 @@ impl Error {
         )
     }
 
-    /// Whether another connection held the database lock past our busy timeout (a long
-    /// transaction elsewhere, such as a snapshot restore): worth retrying, not worth a warning.
+    /// Whether another connection (a restore, say) held the lock past our timeout: retry quietly.
     pub fn is_busy(&self) -> bool {
         matches!(self, Error::Sqlite { source, .. }
             if matches!(source.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)))
@@ -225,8 +220,7 @@ const SHM_READ_LOCK_FIRST: i64 = 120 + 3;
 const SHM_READ_LOCKS: i64 = 5;
 
 impl ReaderProbe {
-    /// The probe on `<db>-shm`, opened on first use and shared after that (a `-shm` file
-    /// created anew gets a new one); `None` when there is no such file (not in WAL mode).
+    /// The shared probe on `<db>-shm` (new with a new file); `None` without such a file (not WAL).
     pub fn open(db_path: &Path) -> Option<std::sync::Arc<ReaderProbe>> {
         use std::os::unix::fs::MetadataExt;
         static OPEN: std::sync::Mutex<Vec<(PathBuf, std::sync::Arc<ReaderProbe>)>> =
@@ -255,7 +249,6 @@ impl ReaderProbe {
         Some(probe)
     }
 
-    /// Whether another process holds a WAL read lock right now.
     pub fn others_reading(&self) -> bool {
         let mut lock = libc::flock {
             l_type: libc::F_WRLCK as libc::c_short,
@@ -302,8 +295,7 @@ fn beside(db_path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Takes the database's advisory lock without waiting: [`Error::Locked`] when another process
-/// holds it, [`Error::LockFile`] when the file cannot be created (a read-only directory).
+/// Takes the advisory lock without waiting ([`Error::Locked`] if held, else [`Error::LockFile`]).
 pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
     let path = beside(db_path, "-harmonylite.lock");
     let file = std::fs::OpenOptions::new()
@@ -361,8 +353,7 @@ pub struct Column {
     pub pk: u32,
 }
 
-/// A watched table: its columns in `cid` order, plus the synthetic `rowid` key when the table has
-/// no declared primary key (Go appends `rowid INT`).
+/// A watched table: columns in `cid` order, plus a synthetic `rowid` key if no primary key (as Go).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     pub name: String,

@@ -1,19 +1,17 @@
 //! Restoring a snapshot into the live database, online (design §3.8, §3.11).
 //!
 //! The snapshot is attached read-only and merged into the live tables in one write transaction on
-//! the applier's connection (capture muted): rows it lacks are deleted, rows that differ updated
-//! in place, missing ones inserted. Application connections stay open and valid — no file is
-//! copied under them; they wait on SQLite's lock as for any writer, then see the restored rows.
+//! the applier's connection (capture muted). Application connections stay open and valid: no file
+//! is copied under them; they wait on SQLite's lock as for any writer, then see the rows.
 //!
 //! Invariants:
 //! - A row with a local change not yet back from the stream (pending, or published past the
-//!   snapshot's position) is left as it is: the snapshot never overwrites a committed local
-//!   write, and the change still replicates (the change logs are not touched).
+//!   snapshot's position) is kept: no committed local write is overwritten; it still replicates.
 //! - Our own tables (change logs, held events, identity) are never read from the snapshot.
 //! - A table the snapshot lacks, or lacks a key column of, is left alone and reported.
 //! - A snapshot with tables or columns this node lacks (behind on a migration) is not restored:
 //!   merged, they would be lost for good once the positions moved past the changes that made
-//!   them. It fails ([`Error::Behind`], unchanged) until this node migrated (as upgrades do).
+//!   them. It fails ([`Error::Behind`], changing nothing) until this node migrates (all nodes do).
 //! - A database without application tables (a new node, an empty file) is not behind: it takes
 //!   the snapshot whole, schema included ([`take_whole`]), as Go does.
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
@@ -38,8 +36,7 @@ pub struct NotKept {
     /// Per table: pending changes up to this log id, captured before this process started when the
     /// stream no longer held where they could have landed: whether they were published is unknown.
     pub unknown_up_to: Vec<i64>,
-    /// (table, change-log id, shard, sequence) of changes acknowledged (or found in the streams)
-    /// but not yet marked in the database.
+    /// (table, change-log id, shard, sequence) of changes acknowledged (or found) but not marked.
     pub landed: Vec<(usize, i64, u64, u64)>,
 }
 
@@ -90,8 +87,7 @@ fn merge_all(
 ) -> Result<Restored, Error> {
     let mut out = Restored::default();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // Capture must be installed for the schema merged into: a table the application just created
-    // is not watched yet, and its snapshot rows would be neither merged nor kept aside.
+    // Capture must cover this schema: a just-created table's rows would be neither merged nor kept.
     check(&tx)?;
     if has_application_tables(&tx)? {
         let aliases = super::ddl::Aliases::load(&tx)?;
@@ -189,11 +185,10 @@ fn merge_tables(
     Ok(())
 }
 
-/// Keeps in `__harmonylite__conflicts` (stream `snapshot`, seq 0, no payload, as overruled events)
-/// the snapshot's rows a local insert in flight is about to overwrite everywhere: another node took
-/// the key meanwhile (both nodes' next auto id), unseen here but in the snapshot. Only keys whose
-/// first change in flight is an insert (after an update the snapshot's row is likely ours); a local
-/// `INSERT OR REPLACE` over a seen row is recorded too (without its prior image they look alike).
+/// Keeps in `__harmonylite__conflicts` (stream `snapshot`, seq 0, no payload) the snapshot's rows a
+/// local insert in flight is about to overwrite everywhere: another node took the key meanwhile
+/// (both nodes' next auto id). Only keys whose first change in flight is an insert (after an update
+/// the row is likely ours); a local `INSERT OR REPLACE` of a seen row counts too (no prior image).
 fn keep_lost_rows(
     tx: &Connection,
     table: &Table,
@@ -366,7 +361,7 @@ fn checkpoint_behind(path: std::path::PathBuf) {
 /// Copies a snapshot table with exactly the local columns into the empty local table by SQLite's
 /// transfer optimization (`INSERT … SELECT *`: records copied undecoded, ~3× faster), which needs a
 /// trigger-free table: ours are dropped and recreated in our transaction, unseen by any writer.
-/// False (nothing done) if that does not fit: other columns or order or triggers, a rowid key.
+/// False (nothing done) if not: other columns, order or triggers, a rowid key (may be renumbered).
 fn copy_whole(
     conn: &Connection,
     table: &Table,

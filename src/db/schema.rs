@@ -2,20 +2,17 @@
 //! that travels in each event as `sh` (upstream-behaviour §4.4, §9.1).
 //!
 //! Invariants:
-//! - Watched = every ordinary table of `main` except `sqlite_*`, our own `__harmonylite__*`
-//!   tables, virtual tables and their shadow tables (triggers cannot be created on those, and FTS
-//!   shadow tables change underneath their virtual table).
-//! - The schema hash reproduces Go's string exactly (`table|col:type:notnull:pk…\n`, tables and
-//!   columns sorted byte-wise, `*schema.BinaryType` for an empty type, SHA-256 hex), so that mixed
-//!   Go/Rust clusters agree.
+//! - Watched: every ordinary table of `main` but `sqlite_*`, ours, and virtual and shadow tables
+//!   (no triggers on those; FTS shadow tables change underneath their virtual table).
+//! - The hash reproduces Go's exactly (`table|col:type:notnull:pk…\n`, tables and columns sorted
+//!   byte-wise, `*schema.BinaryType` for an empty type, SHA-256 hex): mixed clusters agree.
 
 use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 
 use super::{Column, Error, PREFIX, Table, on_table};
 
-/// True for names we never watch, by the same rules as Go's `LIKE` filters but without their
-/// wildcard accidents (`_` matching any character).
+/// Names we never watch, by the rules of Go's `LIKE` filters minus their wildcard accidents (`_`).
 fn is_internal(name: &str) -> bool {
     name.get(..7)
         .is_some_and(|p| p.eq_ignore_ascii_case("sqlite_"))

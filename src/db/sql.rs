@@ -1,6 +1,5 @@
-//! SQL helpers shared by the `db` modules: binding wire values, reading one column of a query, a
-//! row as JSON. A leaf (it imports only [`super`]'s shared names and [`crate::wire`]), so the
-//! modules that use it need not import each other for it.
+//! SQL helpers for the `db` modules: binding wire values, one column of a query, a row as JSON. A
+//! leaf (imports only [`super`] and [`crate::wire`]), so its users need not import each other.
 //!
 //! Invariant: a [`Bind`] binds a value exactly as it arrived: same storage class, same bytes (text
 //! with an explicit length, so NUL bytes and non-UTF-8 text survive).

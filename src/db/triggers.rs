@@ -116,11 +116,11 @@ pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
 
 /// Capture of the rows an `INSERT OR REPLACE` or `UPDATE OR REPLACE` deletes through a UNIQUE
 /// index: SQLite fires no delete trigger for them (unless the writer enabled recursive triggers),
-/// so replicas would keep them and hold the new row forever. A BEFORE trigger records, as `state =
-/// -2` (no global-log entry: invisible to the publisher and Go), the delete of every row sharing a
-/// UNIQUE value with the new image; the AFTER trigger publishes those whose row is really gone and
-/// drops the others (no replacement: a plain conflict aborts, `OR IGNORE` skipped the row, or the
-/// index's rules say not shared); the next BEFORE trigger drops what an ignored write left.
+/// so replicas would keep them and hold the new row forever. A BEFORE trigger records, as
+/// `state = -2` (no global-log entry: invisible to the publisher and Go), the delete of every row
+/// sharing a UNIQUE value with the new image; the AFTER trigger publishes those whose row is really
+/// gone and drops the others (no replacement: a plain conflict aborts, `OR IGNORE` skipped the row,
+/// or the index's rules say not shared); the next BEFORE trigger drops what an ignored write left.
 struct Replaced {
     log: String,
     table: String,
@@ -178,8 +178,7 @@ impl Replaced {
         }
     }
 
-    /// The BEFORE trigger's body: rows sharing a UNIQUE value with `NEW` (other than the row
-    /// being updated, `OLD`), recorded as deletes pending confirmation.
+    /// The BEFORE trigger's body: rows sharing a UNIQUE value with `NEW` (not `OLD`): `-2` deletes.
     fn candidates(&self, old: Option<&str>) -> String {
         let cols: Vec<String> = self
             .columns

@@ -5,8 +5,7 @@
 //!
 //! The losing image is kept in `__harmonylite__conflicts` (as JSON, with its operation, origin,
 //! stream position and payload) in the apply transaction, and reported as [`Outcome::Overruled`]
-//! (the caller counts `harmonylite_conflicts`); each row's first loss is logged as a warning. The
-//! winner is the node holding the record.
+//! (the caller counts `harmonylite_conflicts`); each row's first loss is logged as a warning.
 //!
 //! Invariants:
 //! - Recorded only on the node whose change wins, so each loss is recorded once in the cluster.

@@ -20,7 +20,7 @@ use super::{Applier, Key, State};
 use crate::db::{Error, change_log_name, on_table, quote};
 
 impl Applier {
-    /// Per table: changes up to these change-log ids were captured before a column change (DDL).
+    /// Per table: changes up to these log ids predate a column change (see `State::stale_up_to`).
     pub fn set_stale_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
         self.state.stale_up_to = ids;
         self.rebuild_in_flight()
@@ -39,8 +39,7 @@ impl Applier {
         }
     }
 
-    /// Forgets and re-reads the in-flight set (at start, and after the stream position jumped:
-    /// changes that can no longer come back must stop holding their rows).
+    /// Re-reads the in-flight set (at start; after a position jump, so lost changes stop blocking).
     pub fn rebuild_in_flight(&mut self) -> Result<(), Error> {
         for m in self
             .state
@@ -57,10 +56,9 @@ impl Applier {
         Ok(())
     }
 
-    /// Stops counting as in flight our changes acknowledged but not yet marked (`landed`: table,
-    /// change-log id, shard, sequence) for which `gone(shard, seq)`: their events never come back
-    /// (inside a restored snapshot, skipped by a gap, in a recreated stream) and would hold back
-    /// their rows' later events; re-reading cannot tell, as the database still shows them pending.
+    /// Stops counting as in flight our acknowledged, unmarked changes (`landed`: table, log id,
+    /// shard, seq) where `gone(shard, seq)`: they never come back (restored snapshot, gap, stream
+    /// recreated) and would block their rows; re-reading can't tell (they still look pending).
     pub fn forget_landed(
         &mut self,
         landed: &[(usize, i64, u64, u64)],
@@ -75,8 +73,7 @@ impl Applier {
         }
     }
 
-    /// The stream of `shard` (1-based) was recreated: changes published into the old one never
-    /// come back, so their landing is forgotten and the in-flight set read again.
+    /// Stream `shard` (1-based) was recreated: our changes in it never come back, so forget them.
     pub fn forget_published(&mut self, shard: usize) -> Result<(), Error> {
         let tx = self
             .conn

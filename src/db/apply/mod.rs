@@ -7,12 +7,11 @@
 //! This file holds the [`Applier`] (connection plus `State`, which the submodules work on) and the
 //! batch, evaluated first in a *read* transaction: superseded events and images already equal to
 //! the row (normally all our own) need no write, and if none does, no write transaction is opened
-//! — an application's deferred read-then-write transaction fails with SQLITE_BUSY when anyone
-//! commits between its read and its write. From the first event needing a write on, the batch
-//! goes on in one `BEGIN IMMEDIATE` transaction, each event in a savepoint. An event that can
-//! never apply (unknown table or column, a constraint other than UNIQUE) is rolled back to its
-//! savepoint and quarantined in the same transaction. Any other failure (busy, I/O, disk full)
-//! rolls the batch back and is returned for the caller to retry: nothing is skipped.
+//! (an application's deferred read-then-write transaction fails with SQLITE_BUSY when anyone
+//! commits in between). From the first event needing a write on, the batch goes on in one
+//! `BEGIN IMMEDIATE` transaction, each event in a savepoint; one that can never apply (unknown
+//! table or column, a constraint other than UNIQUE) is rolled back to it and quarantined. Any other
+//! failure (busy, I/O, disk full) rolls the batch back for the caller to retry: nothing is skipped.
 //!
 //! Invariants:
 //! - This connection runs `synchronous = FULL`: a batch is durable before the caller records its
@@ -132,10 +131,9 @@ struct State {
     track: bool,
     /// Per table: key → newest change-log id of a captured change not yet come back.
     in_flight: Vec<HashMap<Key, i64>>,
-    /// Per table: key → newest change-log id of a pending change of unknown publish status
-    /// (captured before a restart, the stream no longer holding where it may have landed). It
-    /// supersedes only our own older events: had it landed, it would follow them in the stream (a
-    /// node never sends a change after a newer one of the same row). Another node's may be newer.
+    /// Per table: key → newest change-log id of a pending change of unknown publish status (from
+    /// before a restart, its possible landing no longer in the stream). It supersedes only our
+    /// older events (had it landed, it would follow them: a node sends a row's changes in order).
     unknown: Vec<HashMap<Key, i64>>,
     /// Per table: the highest change-log id already read into `in_flight`.
     cursors: Vec<i64>,
@@ -154,7 +152,6 @@ struct State {
     waiting_places: HashMap<waiting::Place, usize>,
     /// Rows whose lost image was logged already (one warning per row).
     overruled: std::collections::HashSet<(usize, Key)>,
-    /// When the first of the current waiting events began to wait.
     waiting_since: Option<std::time::Instant>,
     hashes: SchemaHashes,
     aliases: super::ddl::Aliases,
@@ -167,8 +164,7 @@ pub struct Applier {
     state: State,
     /// `PRAGMA data_version` at the last retry of held events (retry only after a change).
     held_checked_version: Option<i64>,
-    /// The schema version capture was last confirmed for ([`super::ddl::drift`]): a transaction
-    /// seeing another waits ([`Error::SchemaChanged`]) rather than use stale table information.
+    /// The schema version capture was last confirmed for; another waits ([`Error::SchemaChanged`]).
     confirmed: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
@@ -288,8 +284,7 @@ impl Applier {
                 .get((shard.max(1) - 1) as usize)
                 .is_some_and(|&p| seq <= p)
         });
-        // Held and waiting events the snapshot's positions include are in its rows (or superseded):
-        // retried, or replayed after a migration, they would take rows back past newer events.
+        // Held and waiting events the snapshot includes are in its rows: retried, they undo it.
         let held = held::included(&self.state.held, streams, positions);
         let waiting = held::included(&self.state.waiting, streams, positions);
         if !held.is_empty() || !waiting.is_empty() {

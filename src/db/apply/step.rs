@@ -8,9 +8,8 @@
 //! Invariants:
 //! - In [`Mode::Read`] nothing is written: any event that would write returns [`Step::NeedsWrite`].
 //! - The write modes always finish with a [`Step::Done`] or an [`EventError`].
-//! - An event that names what this node does not know waits if its sender's schema may be ahead
-//!   ([`EventError::Behind`]) and is poison if the sender had our schema; poison is recorded in
-//!   `__harmonylite__dead_letter` ([`quarantine`]) in the caller's transaction.
+//! - An event naming what this node lacks waits if its sender's schema may be ahead
+//!   ([`EventError::Behind`]), else it is poison: dead-lettered ([`quarantine`]) in-transaction.
 //! - While an earlier event of a row waits for the schema, every later one of that row waits
 //!   behind it, so per-row order holds.
 
@@ -52,8 +51,7 @@ pub(super) enum Step {
     NeedsWrite,
 }
 
-/// An event resolved against its local table `t`: the local index of each of its columns, the
-/// positions of the key columns among them, and its key as it arrived.
+/// An event resolved against local table `t`: its columns' local indexes, key positions, wire key.
 struct Resolved {
     t: usize,
     cols: Vec<usize>,
@@ -201,8 +199,7 @@ impl State {
         })
     }
 
-    /// The event's operation on the rows `found` for it: unchanged when the row already is what
-    /// the event says; otherwise [`Step::NeedsWrite`] in [`Mode::Read`], or the write done.
+    /// The event's op on rows `found`: unchanged, [`Step::NeedsWrite`] in [`Mode::Read`], or done.
     fn apply_op(
         &mut self,
         conn: &Connection,

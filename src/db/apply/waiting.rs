@@ -1,12 +1,11 @@
 //! Events waiting for the local schema to catch up.
 //!
-//! An event this node's schema is behind for (a table or column it does not know yet, from a node
-//! whose schema hash `sh` is neither this node's current nor previous one) is not quarantined: it
-//! **waits for the schema**, durably in `__harmonylite__held_events` (`schema_wait = 1`), and so
-//! does every later event of its row (of its table, when the table is unknown), so per-row order
-//! holds while the rest of the stream goes on and the seq map advances. They are retried in
-//! arrival order whenever capture is reinstalled after DDL ([`Applier::retry_waiting`]). Names
-//! this node renamed are followed; events for a table it dropped are discarded.
+//! An event this node's schema is behind for (naming a table or column unknown here, from a node
+//! whose schema hash `sh` is neither our current nor previous one) is not quarantined: it **waits
+//! for the schema**, durably in `__harmonylite__held_events` (`schema_wait = 1`), and so does every
+//! later event of its row (its table, if unknown): per-row order holds while the stream goes on and
+//! the seq map advances. They are retried in arrival order on each capture reinstall after DDL
+//! ([`Applier::retry_waiting`]); renamed names are followed, dropped tables' events discarded.
 //!
 //! Invariants:
 //! - `waiting_places` counts exactly the events in `waiting` per place, and `waiting` mirrors

@@ -2,9 +2,8 @@
 //! `AFTER INSERT/UPDATE/DELETE` triggers that fill them (upstream-behaviour §4.3, §4.5, §4.7).
 //!
 //! Invariants:
-//! - Names match Go HarmonyLite (`__harmonylite__<t>_change_log`, `…_state_index`,
-//!   `…_on_insert|update|delete`, `__harmonylite___change_log_global`), so a Go node's `-cleanup`
-//!   removes our artifacts and vice versa.
+//! - Names match Go's (`__harmonylite__<t>_change_log`, `…_state_index`, `…_on_<op>`,
+//!   `__harmonylite___change_log_global`): each one's `-cleanup` removes the other's objects.
 //! - Installing is one idempotent transaction (run at every start). Triggers are recreated; change
 //!   logs created if missing and migrated in place, pending rows kept: missing `val_<col>` columns
 //!   are added (Go never altered them: after `ALTER TABLE … ADD COLUMN` every application write
@@ -12,12 +11,10 @@
 //! - Value columns are untyped, so without affinity: the log holds exactly what the row held (a
 //!   STRICT table's `ANY` column keeps `'00123'` as text; Go's typed copy made it 123).
 //! - An UPDATE changing the key is captured as a delete and an update (see `triggers.rs`).
-//! - Capture triggers have no condition (the applier's connection mutes them, see
-//!   [`super::apply`]), so connections with `PRAGMA trusted_schema = OFF` can write (Go's
-//!   `pragma_function_list` guard made those writes fail); the old guard table is dropped.
-//! - The database gets a random identity at first install (`__harmonylite__node_identity`): it
-//!   tells its own events from those of another database sharing its node id (cloned machines),
-//!   and changes after `-cleanup`, when change-log ids restart.
+//! - Capture triggers have no condition (the applier mutes them: [`super::apply`]), so connections
+//!   with `trusted_schema = OFF` can write (Go's `pragma_function_list` guard failed them).
+//! - A random identity made at first install (`__harmonylite__node_identity`) tells our events
+//!   from a clone's with our node id; it changes after `-cleanup` (change-log ids restart).
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
@@ -381,8 +378,7 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // The tables were listed before this transaction: DDL in between would make triggers for
-    // columns that no longer exist (and every application write to the table fail).
+    // DDL since the tables were listed would give triggers on gone columns (failing every write).
     if super::schema::watched_tables(&tx)? != tables {
         return Err(Error::SchemaChanged);
     }

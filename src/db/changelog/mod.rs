@@ -173,8 +173,7 @@ impl ChangeLog {
         Ok(scan)
     }
 
-    /// Reads the change `(global id, change-log id, table)` into `scan`: a pending change, or an
-    /// orphan (unwatched table, unreadable log, missing row or unknown type) with why.
+    /// Reads change `(global id, change-log id, table)` into `scan`: pending, or orphan with why.
     fn read_change(
         &self,
         tx: &Connection,
@@ -240,10 +239,10 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// Retires changes in one write transaction (on an error none: they stay pending): `published`
-    /// ones get `state = 1` and where they landed, `failed` ones `state = -1` (Go's unused "Failed"
-    /// state; the row stays for inspection); theirs and `orphans`' global-log rows go. The newest
-    /// landing per shard goes to `__harmonylite__published`, where a restart seeks unretired ones.
+    /// Retires changes in one write transaction (an error changes nothing): `published` ones get
+    /// `state = 1` and where they landed, `failed` ones `state = -1` (Go's unused "Failed" state;
+    /// the row stays for inspection); theirs and `orphans`' global-log rows go. The newest landing
+    /// per shard goes to `__harmonylite__published`, where a restart seeks unretired ones.
     pub fn retire(&self, conn: &mut Connection, batch: &Retirement) -> Result<(), Error> {
         if batch.is_empty() {
             return Ok(());
@@ -281,10 +280,9 @@ impl ChangeLog {
         for (stream, seq) in applied.unwrap_or_default() {
             super::record_applied(&tx, stream, *seq)?;
         }
-        // Write the transaction's pages to the WAL now (invisible until the commit), so that the
-        // commit after the last check only appends its commit frame, whatever the cleanup deleted.
+        // Flush pages to the WAL now (unseen until the commit), so the commit only appends a frame.
         tx.cache_flush()?;
-        // Yield, so the last check and commit start a fresh time slice (preempted, the window: ms).
+        // Yield, so the last check and commit get a fresh time slice (a preemption there costs ms).
         std::thread::yield_now();
         if !undisturbed() {
             return Ok(None);
@@ -567,7 +565,6 @@ impl ChangeLog {
         Ok(out)
     }
 
-    /// The capture time of change `log_id` of table `table` (index), if the row exists.
     pub fn created_at(
         &self,
         conn: &Connection,
@@ -604,8 +601,7 @@ fn key_columns(t: &Table) -> String {
 /// What [`ChangeLog::in_flight`] returns.
 pub type InFlight = (Vec<(i64, Vec<Value>, bool)>, i64);
 
-/// Statements between two checks for an application reader while retiring (each check is one
-/// `fcntl` call; a statement takes microseconds).
+/// Statements between reader checks while retiring (a check is one `fcntl` call; a statement, µs).
 const CHECK_EVERY: usize = 16;
 
 /// A change leaving the global log.
@@ -631,8 +627,7 @@ impl Retirement {
         self.published.is_empty() && self.failed.is_empty() && self.orphans.is_empty()
     }
 
-    /// Removes what `done` (a copy of this one's front, taken earlier) retired: entries are only
-    /// ever appended behind it meanwhile.
+    /// Removes what `done` (an earlier copy of this one's front) retired; new ones only append.
     pub fn remove_front(&mut self, done: &Retirement) {
         let front = |n: usize, len: usize| ..n.min(len);
         self.published
