@@ -1,7 +1,6 @@
 //! The names this node's schema had before: tables and columns the application renamed or
-//! dropped, as [`crate::db::ddl::follow`] recorded them in `__harmonylite__schema_aliases`, so
-//! that events other nodes made under the old names still apply here, and events for what this
-//! node dropped are discarded instead of waiting forever.
+//! dropped, as [`crate::db::ddl::follow`] recorded them in `__harmonylite__schema_aliases` (why:
+//! see [`crate::db::ddl`]).
 //!
 //! Invariant: names compare as SQLite compares identifiers (ASCII case-insensitive), so every
 //! key is lower-cased.
@@ -12,7 +11,6 @@ use rusqlite::Connection;
 
 use super::{ALIAS_TABLE, Error, quote};
 
-/// Renames and drops recorded by [`crate::db::ddl::follow`], for applying events made under old names.
 #[derive(Debug, Default, Clone)]
 pub struct Aliases {
     /// Lower-cased old table name → current name.
@@ -100,7 +98,6 @@ impl Aliases {
             .contains(&(table.to_lowercase(), name.to_lowercase()))
     }
 
-    /// Whether this node dropped a table of that name.
     pub fn dropped(&self, name: &str) -> bool {
         self.dropped.contains(&name.to_lowercase())
     }

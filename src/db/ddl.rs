@@ -1,23 +1,18 @@
-//! Following the application's DDL: what changed in the schema since capture was installed, and
-//! what that means for the change logs and for events that name old tables or columns
-//! (issue "schema changes", upstream-behaviour §4.5).
+//! Following the application's DDL since capture was installed, for the change logs and for events
+//! naming old tables or columns (issue "schema changes", upstream-behaviour §4.5).
 //!
 //! SQLite rewrites our triggers when the application renames things: `ALTER TABLE t RENAME TO u`
-//! moves `__harmonylite__t_change_log_on_*` onto `u` (the trigger keeps its name), and `RENAME
-//! COLUMN a TO b` turns `NEW."a"` into `NEW."b"` in their bodies while the change log keeps
-//! `val_a`. Those rewritten triggers are therefore an exact record of the renames — no guessing
-//! from root pages or column positions — and [`follow`] reads them before capture is reinstalled.
+//! moves `__harmonylite__t_change_log_on_*` onto `u` (keeping its name), and `RENAME COLUMN a TO b`
+//! turns `NEW."a"` into `NEW."b"` while the change log keeps `val_a`. So they record the renames
+//! exactly (no guessing from root pages or column positions); [`follow`] reads them on reinstall.
 //!
 //! Invariants:
-//! - Pending changes survive every rename: the change log is renamed with its table (or gets its
-//!   value column renamed), and the global log's rows follow, so they are published under the
-//!   current names. Nothing captured is dropped, except the pending changes of a table the
-//!   application dropped (there is no table left to describe them); that is logged with a count.
-//! - Every rename and drop is recorded in `__harmonylite__schema_aliases`, so that events other
-//!   nodes made under the old names still apply here ([`Aliases`]), and events for a table this
-//!   node dropped are discarded instead of waiting forever.
-//! - [`drift`] tells whether the live schema still matches what capture was installed for; it is
-//!   cheap (one pragma) when nothing changed.
+//! - Pending changes survive every rename: the change log (or value column) is renamed with its
+//!   table (column) and the global log's rows follow. Only a dropped table's pending changes are
+//!   discarded (nothing describes them any more), logged with a count.
+//! - Renames and drops are recorded in `__harmonylite__schema_aliases` ([`Aliases`]): other nodes'
+//!   events under old names still apply, and those for a dropped table are discarded, not waiting.
+//! - [`drift`] checks the live schema against what capture was installed for (one pragma if same).
 
 use std::collections::{HashMap, HashSet};
 
@@ -27,7 +22,7 @@ pub use super::aliases::Aliases;
 use super::sql::column;
 use super::{ALIAS_TABLE, Error, GLOBAL_LOG, PREFIX, Table, change_log_name, has_table, quote};
 
-/// The suffixes of our three trigger names (after `<prefix><table>_change_log`).
+/// The suffixes of our trigger names (after `<prefix><table>_change_log`).
 const TRIGGER_SUFFIXES: [&str; 5] = [
     "_on_delete",
     "_on_insert",
@@ -85,8 +80,7 @@ fn log_table(name: &str) -> Option<&str> {
     name.strip_prefix(PREFIX)?.strip_suffix("_change_log")
 }
 
-/// Reads one SQL identifier at the start of `s` (double-quoted, backquoted, bracketed or bare);
-/// returns it and the rest.
+/// Reads one SQL identifier (double-quoted, backquoted, bracketed or bare) off `s`: (it, rest).
 fn identifier(s: &str) -> Option<(String, &str)> {
     let s = s.trim_start();
     let mut chars = s.char_indices();
@@ -120,9 +114,8 @@ fn identifier(s: &str) -> Option<(String, &str)> {
     }
 }
 
-/// From the SQL of one of our insert triggers: pairs (change-log column, row column it copies),
-/// e.g. `("val_a", "b")` once the application renamed column `a` to `b`. Understands our trigger
-/// shape (`INSERT INTO log(val_…) SELECT NEW.…`) and Go's (`… VALUES (NEW.…)`).
+/// From an insert trigger's SQL (ours: `… SELECT NEW.…`, Go's: `… VALUES (NEW.…)`): pairs
+/// (change-log column, row column it copies), e.g. `("val_a", "b")` after `a` was renamed `b`.
 pub fn capture_pairs(sql: &str) -> Option<Vec<(String, String)>> {
     let upper = sql.to_ascii_uppercase();
     // The first insert into a change log (ours may insert into the global log first).
@@ -185,9 +178,6 @@ fn record(conn: &Connection, kind: &str, scope: &str, old: &str, new: &str) -> R
 /// Inside capture's install transaction, before triggers are recreated: follows table and column
 /// renames (from our rewritten triggers), drops every trigger of ours (install recreates the
 /// right ones: stale ones would capture twice), and retires the change logs of dropped tables.
-///
-/// # Errors
-/// SQLite errors (the caller's transaction is rolled back).
 pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     // Our own renames must not re-check the application's views and triggers (a view naming a
     // dropped table would make every rename fail, and capture could never be reinstalled).
@@ -219,8 +209,7 @@ fn rename_in_global_log(conn: &Connection, old: &str, new: &str) -> Result<(), E
     Ok(())
 }
 
-/// Follows what `ALTER TABLE … RENAME` did to the watched tables since our capture triggers
-/// were made: renamed tables and columns take their change logs (and pending changes) along.
+/// Follows `ALTER TABLE … RENAME`s since our triggers were made: change logs move with tables.
 fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
     let mut done = Followed::default();
     let watched: HashMap<String, &Table> =
@@ -249,15 +238,13 @@ fn follow_renames(conn: &Connection, tables: &[Table]) -> Result<Followed, Error
     Ok(done)
 }
 
-/// Moves the change log of each `(old, new)` renamed table to its new name.
 fn follow_table_renames(
     conn: &Connection,
     renames: Vec<(String, String)>,
     done: &mut Followed,
 ) -> Result<(), Error> {
     let sources: HashSet<String> = renames.iter().map(|(o, _)| o.to_lowercase()).collect();
-    // Two phases (every source log to a temporary name, then to its target), so that swaps and
-    // chains (t→u while u→v) never collide.
+    // Two phases (all sources to temporary names, then to targets): swaps and chains never collide.
     let mut moved: Vec<(String, String, String)> = Vec::new();
     for (i, (old, new)) in renames.into_iter().enumerate() {
         let (old_log, new_log) = (change_log_name(&old), change_log_name(&new));
@@ -265,8 +252,7 @@ fn follow_table_renames(
             continue;
         }
         if old.eq_ignore_ascii_case(&new) {
-            // Only the case changed (through another name): the log is the same table for
-            // SQLite; pending changes go out under the new spelling.
+            // Only the case changed: the same table for SQLite; pending changes take the new name.
             rename_in_global_log(conn, &old, &new)?;
             continue;
         }
@@ -310,8 +296,7 @@ fn follow_table_renames(
     Ok(())
 }
 
-/// Renames the change-log columns of columns renamed since the insert trigger (`sql`, per
-/// table) was made.
+/// Renames the change-log columns of columns renamed since the insert trigger (`sql`) was made.
 fn follow_column_renames(
     conn: &Connection,
     insert_sql: Vec<(String, String)>,
@@ -369,8 +354,7 @@ fn follow_column_renames(
     Ok(())
 }
 
-/// Drops the change log of `table` (gone, or replaced), its global-log rows and index, counting
-/// the unpublished changes discarded with it.
+/// Drops the change log, index and global-log rows of `table` (gone or replaced), counting losses.
 fn retire_log(conn: &Connection, table: &str, done: &mut Followed) -> Result<(), Error> {
     let log = change_log_name(table);
     let pending: i64 = conn.query_row(
@@ -403,7 +387,6 @@ fn retire_log(conn: &Connection, table: &str, done: &mut Followed) -> Result<(),
 /// Retires the change logs of tables that are gone, and forgets aliases of names in use again.
 fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> Result<(), Error> {
     let watched: HashSet<String> = tables.iter().map(|t| t.name.to_lowercase()).collect();
-    // Change logs whose table is gone.
     let logs: Vec<String> = column(
         conn,
         "SELECT name FROM sqlite_schema WHERE type = 'table' AND substr(name, 1, ?1) = ?2",
@@ -419,8 +402,7 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
         retire_log(conn, table, done)?;
         record(conn, "dropped", "", table, "")?;
     }
-    // Columns gone from a table (rebuilt without them) while its change log still has them:
-    // other nodes' older events may carry them; they are ignored here, not waited for.
+    // Columns its change log has but a rebuilt table lost: ignored in older events, not waited for.
     for t in tables {
         let log = change_log_name(&t.name);
         for name in log_column_names(conn, &log)? {
@@ -468,14 +450,11 @@ pub fn waiting_events(conn: &Connection) -> Result<Vec<crate::wire::ChangeEvent>
         .collect())
 }
 
-/// Publishes a newly watched table's existing rows once, as inserts (rows written before its
-/// triggers existed were never captured). Returns how many.
-///
-/// `seen`: events of other nodes for this table that wait here. A row whose key is among theirs
-/// is the cluster's row (a data migration every node ran, or a row another node wrote) and is
-/// not published: published now, it would land after that node's later changes and undo them;
-/// the waiting events set it here instead. Any other row
-/// is this node's own write between the DDL and its triggers, which nothing else carries.
+/// Publishes a newly watched table's existing rows once, as inserts (written before its triggers,
+/// they were never captured); returns how many. Not rows keyed as in `seen`, other nodes' events
+/// for the table waiting here: such a row is the cluster's (a migration every node ran, or another
+/// node's write), which those events set here; published, it would undo that node's later changes.
+/// Other rows are this node's writes between the DDL and its triggers, which nothing else carries.
 pub fn backfill(
     conn: &Connection,
     table: &Table,
@@ -535,8 +514,7 @@ pub fn backfill(
     Ok(n as i64)
 }
 
-/// `temp.hl_seen(c0, c1, …)`: the row images of `events`, one column per column of `table`
-/// (a column an event lacks is NULL there).
+/// `temp.hl_seen(c0, c1, …)`: the row images of `events` by column of `table` (lacking: NULL).
 fn seen_images(
     conn: &Connection,
     table: &Table,
@@ -567,9 +545,8 @@ fn seen_images(
     Ok(())
 }
 
-/// After `ALTER TABLE … ADD COLUMN`: pending changes captured without the new columns get them
-/// from the row as it is now, so that what is published ends where the row is (a write between
-/// the DDL and the reinstall of its triggers would otherwise replicate without its new value).
+/// After `ALTER TABLE … ADD COLUMN`, pending changes captured without the new columns take them
+/// from the row now, or a write between the DDL and the trigger reinstall replicates without them.
 pub fn fill_added(conn: &Connection, table: &Table, added: &[String]) -> Result<(), Error> {
     let pks = table.pk_indexes();
     let added: Vec<&String> = added
@@ -610,8 +587,7 @@ pub fn fill_added(conn: &Connection, table: &Table, added: &[String]) -> Result<
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drift {
     pub what: String,
-    /// Capture triggers of a watched table are gone (dropped by someone else, or the table was
-    /// rebuilt): writes made since were not captured.
+    /// A watched table lost its capture triggers (dropped, or table rebuilt): later writes missed.
     pub capture_lost: bool,
 }
 
@@ -621,8 +597,7 @@ impl std::fmt::Display for Drift {
     }
 }
 
-/// The first of `tables` with an application trigger newer than ours (see
-/// [`super::triggers::outrun`]).
+/// The first of `tables` with an application trigger newer than ours ([`super::triggers::outrun`]).
 fn first_outrun(conn: &Connection, tables: &[Table]) -> Result<Option<String>, Error> {
     for t in tables {
         if super::triggers::outrun(conn, &t.name)? {
@@ -632,9 +607,8 @@ fn first_outrun(conn: &Connection, tables: &[Table]) -> Result<Option<String>, E
     Ok(None)
 }
 
-/// Whether the live schema still matches the capture installed for `tables` with `hash`: `None`
-/// if so, else what changed. With `seen` at the current `PRAGMA schema_version` nothing else is
-/// read. Returns the version it looked at.
+/// The `PRAGMA schema_version` looked at, and what changed since capture was installed for
+/// `tables` with `hash` (`None`: nothing); with `seen` at that version nothing else is read.
 pub fn drift(
     conn: &Connection,
     tables: &[Table],

@@ -1,17 +1,11 @@
-//! Everything that touches the SQLite file: the connection policy, table discovery, the change-data
-//! capture triggers and change-log tables, reading pending changes, and applying remote ones.
-//! This module knows SQLite and [`crate::wire`], and nothing about NATS.
+//! Everything touching the SQLite file: connection policy, table discovery, capture triggers and
+//! change logs, reading pending and applying remote changes; SQLite and [`crate::wire`], not NATS.
 //!
 //! Invariants:
-//! - Every connection we open uses WAL, `busy_timeout = 5000`, `synchronous = NORMAL` and
-//!   `foreign_keys = OFF` (rusqlite's bundled SQLite turns foreign keys on by default; an
-//!   `INSERT OR REPLACE` must not cascade).
-//! - Every identifier that reaches SQL text is quoted with [`quote`]; names that arrive over the
-//!   wire are only used after they matched the local schema.
-//! - Loop prevention: what triggers write to our tables is skipped on the applier's connection
-//!   (SQLite's authorizer, see [`apply`]), so the applier's writes are never captured, while the
-//!   capture triggers have no condition and every application connection is captured, whatever
-//!   its `trusted_schema`.
+//! - Every connection uses WAL, `busy_timeout = 5000`, `synchronous = NORMAL`, and
+//!   `foreign_keys = OFF` (rusqlite's bundled SQLite turns them on; REPLACE must not cascade).
+//! - SQL identifiers are [`quote`]d; wire names are used only after matching the local schema.
+//! - Loop prevention: the applier's connection mutes trigger writes to our tables ([`apply`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,13 +41,11 @@ pub const HELD_TABLE: &str = "__harmonylite__held_events";
 pub const ALIAS_TABLE: &str = "__harmonylite__schema_aliases";
 /// Per shard, the stream sequence of the last change marked published.
 pub const PUBLISHED_TABLE: &str = "__harmonylite__published";
-/// Per stream: the last sequence applied to this database, written in the transactions that
-/// apply (design §14: positions live with the data; the seq map follows them).
+/// Per stream: the last sequence applied here, committed with the rows (design §14).
 pub const APPLIED_TABLE: &str = "__harmonylite__applied";
 /// How long a statement waits for a lock before failing with SQLITE_BUSY (Go: 5000 ms).
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
-/// What went wrong in the database layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -81,12 +73,10 @@ pub enum Error {
     Locked(PathBuf, PathBuf),
     #[error("cannot create the lock file {0}")]
     LockFile(PathBuf, #[source] std::io::Error),
-    /// The application changed the schema and capture has not been reinstalled for it yet:
-    /// retry once it has (the node reinstalls capture within a second).
+    /// The schema changed and capture is not yet reinstalled (done within a second): retry.
     #[error("the database schema changed; waiting for capture to be reinstalled")]
     SchemaChanged,
-    /// A snapshot has tables or columns this node's schema lacks (it is behind on a migration):
-    /// restoring it would drop them, so it waits until this node has migrated.
+    /// A snapshot has tables or columns this node lacks: it waits for the migration ([`restore`]).
     #[error("waiting for this node's migration to restore: snapshot has {}", .0.join(", "))]
     Behind(Vec<String>),
     /// As many events as are kept wait for this node's schema already: applying pauses (nothing
@@ -99,9 +89,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the database cannot be used any more, so retrying is pointless and the node must
-    /// stop: disk full, read-only (or the file moved away under us), corrupt, I/O failure, cannot
-    /// open, permission denied.
+    /// Whether the database is unusable, so the node must stop rather than retry: disk full,
+    /// read-only (or the file moved away), corrupt, I/O failure, cannot open, permission denied.
     pub fn is_fatal(&self) -> bool {
         use rusqlite::ErrorCode as C;
         let source = match self {
@@ -128,16 +117,14 @@ impl Error {
         )
     }
 
-    /// Whether another connection held the database lock past our busy timeout (a long
-    /// transaction elsewhere, such as a snapshot restore): worth retrying, not worth a warning.
+    /// Whether another connection (a restore, say) held the lock past our timeout: retry quietly.
     pub fn is_busy(&self) -> bool {
         matches!(self, Error::Sqlite { source, .. }
             if matches!(source.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)))
     }
 }
 
-/// Whether the main database has a table of that name (case-insensitive, as SQLite resolves
-/// names).
+/// Whether the main database has a table `name` (case-insensitive, as SQLite resolves names).
 pub fn has_table(conn: &Connection, name: &str) -> Result<bool, Error> {
     use rusqlite::OptionalExtension;
     Ok(conn
@@ -180,10 +167,9 @@ pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// SQL that is true when values `a` and `b` are identical (for keys: the same identity): equal bytes of the same
-/// type (design §13), never merely equal through a collation (`NOCASE`: 'k1' and 'K1') or a
-/// numeric comparison (1 and 1.0). The plain `a IS b` comes first so that an index with the
-/// column's collation still finds the candidates.
+/// SQL true when `a` and `b` are identical (keys: the same identity): equal bytes of the same type
+/// (design §13), not merely equal by collation (`NOCASE`: 'k1', 'K1') or number (1 and 1.0). The
+/// plain `a IS b` comes first so an index with the column's collation still finds candidates.
 pub fn same_value(a: &str, b: &str) -> String {
     format!("{a} IS {b} AND {a} IS {b} COLLATE BINARY AND typeof({a}) IS typeof({b})")
 }
@@ -193,9 +179,8 @@ pub fn differs(a: &str, b: &str) -> String {
     format!("({a} IS NOT {b} COLLATE BINARY OR typeof({a}) IS NOT typeof({b}))")
 }
 
-/// Records, in the caller's write transaction, that this database has applied `stream` through
-/// `seq`. It may move back: a recreated stream starts its sequences again (an older position
-/// only replays, which the in-flight rules make safe).
+/// Records, in the caller's write transaction, that this database applied `stream` through `seq`;
+/// it may move back (a recreated stream restarts sequences; in-flight rules make replays safe).
 pub(crate) fn record_applied(conn: &Connection, stream: &str, seq: u64) -> rusqlite::Result<()> {
     conn.prepare_cached(&format!(
         "INSERT INTO {} (stream, seq) VALUES (?1, ?2) \
@@ -206,11 +191,7 @@ pub(crate) fn record_applied(conn: &Connection, stream: &str, seq: u64) -> rusql
     Ok(())
 }
 
-/// What this database records it has applied, per stream (empty before the first apply, or
-/// for a database capture was never installed in).
-///
-/// # Errors
-/// SQLite errors.
+/// What this database records it has applied, per stream (empty before any apply or capture).
 pub fn applied_positions(
     conn: &Connection,
 ) -> Result<std::collections::BTreeMap<String, u64>, Error> {
@@ -233,25 +214,19 @@ pub fn change_log_name(table: &str) -> String {
     format!("{PREFIX}{table}_change_log")
 }
 
-/// An exclusive advisory lock on a file beside the database, held for the life of the daemon
-/// (and of `-cleanup`), so that a second daemon or a cleanup under a running one refuses to start.
-/// The kernel releases it when the process ends, however it ends.
+/// An exclusive advisory lock beside the database, held for the life of the daemon (or `-cleanup`)
+/// so another daemon, or a cleanup under a running one, refuses to start (freed at any exit).
 #[derive(Debug)]
 pub struct DbLock {
     _file: nix::fcntl::Flock<std::fs::File>,
 }
 
-/// Tells whether another process has a read transaction open on the database, from the WAL
-/// read-mark locks in `<db>-shm` (SQLite's unix VFS: shared `fcntl` locks on bytes 123..=127,
-/// one per reader slot, held for the duration of each read transaction).
+/// Tells whether another process has a read transaction open on the database (so housekeeping
+/// commits can wait for none: [`changelog::ChangeLog::housekeep`]), from the WAL read-mark locks in
+/// `<db>-shm` (SQLite's unix VFS: shared `fcntl` locks on bytes 123..=127, one per reader slot).
 ///
-/// Why: an application's deferred transaction that has read and then wants to write fails at
-/// once with SQLITE_BUSY when anyone commits in between. Our housekeeping commits can wait until
-/// no application transaction is open.
-///
-/// The file descriptor is never closed: closing any descriptor of a file drops every POSIX lock
-/// this process holds on it, including SQLite's own. So there is one probe per `-shm` file in
-/// the process ([`ReaderProbe::open`] hands out the same one), replaced only when the file was.
+/// The descriptor is never closed (that drops every POSIX lock the process holds on the file,
+/// SQLite's too): [`ReaderProbe::open`] shares one probe per `-shm` file, renewed with the file.
 pub struct ReaderProbe {
     shm: std::mem::ManuallyDrop<std::fs::File>,
 }
@@ -262,8 +237,7 @@ const SHM_READ_LOCK_FIRST: i64 = 120 + 3;
 const SHM_READ_LOCKS: i64 = 5;
 
 impl ReaderProbe {
-    /// The probe on `<db>-shm`, opened on first use and shared after that (a `-shm` file
-    /// created anew gets a new one); `None` when there is no such file (not in WAL mode).
+    /// The shared probe on `<db>-shm` (new with a new file); `None` without such a file (not WAL).
     pub fn open(db_path: &Path) -> Option<std::sync::Arc<ReaderProbe>> {
         use std::os::unix::fs::MetadataExt;
         static OPEN: std::sync::Mutex<Vec<(PathBuf, std::sync::Arc<ReaderProbe>)>> =
@@ -292,7 +266,6 @@ impl ReaderProbe {
         Some(probe)
     }
 
-    /// Whether another process holds a WAL read lock right now.
     pub fn others_reading(&self) -> bool {
         let mut lock = libc::flock {
             l_type: libc::F_WRLCK as libc::c_short,
@@ -305,9 +278,8 @@ impl ReaderProbe {
         asked.is_ok() && lock.l_type != libc::F_UNLCK as libc::c_short
     }
 
-    /// Waits (polling) until no other process has been in a read transaction for `sustained`
-    /// (a pause in the application's work, not the microseconds between two of its
-    /// transactions), at most `limit`. Returns false at the deadline.
+    /// Polls until no other process has been in a read transaction for `sustained` (a pause in
+    /// the application's work, not the gap between two of its transactions); false after `limit`.
     pub fn wait_quiet_for(&self, sustained: Duration, limit: Duration) -> bool {
         let start = std::time::Instant::now();
         let mut quiet_since: Option<std::time::Instant> = None;
@@ -328,8 +300,7 @@ impl ReaderProbe {
     }
 }
 
-/// The file where the publisher records how far it has handed changes to NATS:
-/// `<db>-harmonylite.sent` (see [`crate::replicate::publish`]).
+/// `<db>-harmonylite.sent`: how far [`crate::replicate::publish`] handed changes to NATS.
 pub fn sent_mark_path(db_path: &Path) -> PathBuf {
     beside(db_path, "-harmonylite.sent")
 }
@@ -341,11 +312,7 @@ fn beside(db_path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Takes the database's advisory lock without waiting.
-///
-/// # Errors
-/// [`Error::Locked`] when another process holds it; [`Error::LockFile`] when the file cannot be
-/// created (a read-only directory).
+/// Takes the advisory lock without waiting ([`Error::Locked`] if held, else [`Error::LockFile`]).
 pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
     let path = beside(db_path, "-harmonylite.lock");
     let file = std::fs::OpenOptions::new()
@@ -361,10 +328,7 @@ pub fn lock(db_path: &Path) -> Result<DbLock, Error> {
     }
 }
 
-/// Opens a connection with the policy in the module header. The file must already exist.
-///
-/// # Errors
-/// [`Error::Missing`] when there is no such file, [`Error::Open`] when SQLite cannot open it.
+/// Opens an existing file with the module header's policy ([`Error::Missing`], [`Error::Open`]).
 pub fn open(path: &Path) -> Result<Connection, Error> {
     if !path.exists() {
         return Err(Error::Missing(path.to_owned()));
@@ -388,9 +352,8 @@ pub fn open(path: &Path) -> Result<Connection, Error> {
     }
     conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF;")
         .map_err(open_err)?;
-    // SQLite reads an unknown "double-quoted" name in a statement as a string literal: a column
-    // missing from a change log would silently replicate its own name as the value. Make it an
-    // error instead (our SQL quotes identifiers and never uses double quotes for strings).
+    // SQLite reads an unknown "double-quoted" name as a string: a column missing from a change log
+    // would replicate its name as the value. Make it an error (we never double-quote strings).
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DQS_DML, false)
         .map_err(open_err)?;
     conn.set_prepared_statement_cache_capacity(256);
@@ -407,8 +370,7 @@ pub struct Column {
     pub pk: u32,
 }
 
-/// A watched table: its columns in `cid` order, plus the synthetic `rowid` key when the table has
-/// no declared primary key (Go appends `rowid INT`).
+/// A watched table: columns in `cid` order, plus a synthetic `rowid` key if no primary key (as Go).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     pub name: String,
@@ -419,8 +381,7 @@ pub struct Table {
     pub without_rowid: bool,
     /// The UNIQUE indexes, the primary key's own included (not an INTEGER PRIMARY KEY, which has
     /// none), as (column, collation) lists (indexes on expressions left out): an `INSERT/UPDATE
-    /// OR REPLACE` may delete rows through them — through the key too, when the new key differs
-    /// in bytes only ('K1' replacing 'k1' under NOCASE, 1.0 replacing 1).
+    /// OR REPLACE` may delete rows through them, the key's too when only bytes differ ('K1'/'k1').
     pub unique: Vec<Vec<(String, String)>>,
 }
 

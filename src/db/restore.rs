@@ -1,28 +1,22 @@
 //! Restoring a snapshot into the live database, online (design §3.8, §3.11).
 //!
-//! The snapshot is attached read-only and its rows are merged into the live tables in one write
-//! transaction on the applier's connection (where capture is muted, so nothing is captured):
-//! rows the snapshot lacks are deleted, rows that differ are updated in
-//! place, missing rows are inserted. Application
-//! connections stay open and valid throughout — nothing copies files under them; they wait on
-//! SQLite's lock like for any other writer and then see the restored rows.
+//! The snapshot is attached read-only and merged into the live tables in one write transaction on
+//! the applier's connection (capture muted). Application connections stay open and valid: no file
+//! is copied under them; they wait on SQLite's lock as for any writer, then see the rows.
 //!
 //! Invariants:
-//! - A row with a local change that has not come back from the stream yet (pending, or published
-//!   past the snapshot's position) is left as it is: the snapshot never overwrites a committed
-//!   local write, and the change still replicates (the change logs are not touched).
+//! - A row with a local change not yet back from the stream (pending, or published past the
+//!   snapshot's position) is kept: no committed local write is overwritten; it still replicates.
 //! - Our own tables (change logs, held events, identity) are never read from the snapshot.
 //! - A table the snapshot lacks, or lacks a key column of, is left alone and reported.
-//! - A snapshot with tables or columns this node's schema lacks (it is behind on a migration)
-//!   is not restored: merged, they would be lost for good once the positions moved past the
-//!   changes that made them. The restore fails with [`Error::Behind`], changing nothing, and is
-//!   tried again after this node's own migration (a rolling upgrade migrates every node anyway).
-//! - A database without any application table (a new node, an empty file) is not behind: it
-//!   takes the snapshot whole, schema included ([`take_whole`]), as Go does.
+//! - A snapshot with tables or columns this node lacks (behind on a migration) is not restored:
+//!   merged, they would be lost for good once the positions moved past the changes that made
+//!   them. It fails ([`Error::Behind`], changing nothing) until this node migrates (all nodes do).
+//! - A database without application tables (a new node, an empty file) is not behind: it takes
+//!   the snapshot whole, schema included ([`take_whole`]), as Go does.
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
-//!   table's rows that are not kept; a conflict with a kept row skips the snapshot's row. Any
-//!   other constraint failure (NOT NULL, CHECK: the schemas differ) fails the whole restore,
-//!   which changes nothing and is retried.
+//!   table's unkept rows (a clash with a kept row skips the snapshot's); any other constraint
+//!   failure (NOT NULL, CHECK: the schemas differ) fails the restore unchanged, to be retried.
 
 use std::path::Path;
 
@@ -39,12 +33,10 @@ const SNAP: &str = "hl_snapshot";
 /// be kept (the snapshot's value wins; the change still goes out and, if it is new, wins later).
 #[derive(Debug, Default, Clone)]
 pub struct NotKept {
-    /// Per table: pending changes with a change-log id up to this were captured before this
-    /// process started while the stream no longer held the range where they could have landed:
-    /// whether they were published is unknown.
+    /// Per table: pending changes up to this log id, captured before this process started when the
+    /// stream no longer held where they could have landed: whether they were published is unknown.
     pub unknown_up_to: Vec<i64>,
-    /// (table, change-log id, shard, sequence) of changes acknowledged (or found in the streams)
-    /// but not yet marked in the database.
+    /// (table, change-log id, shard, sequence) of changes acknowledged (or found) but not marked.
     pub landed: Vec<(usize, i64, u64, u64)>,
 }
 
@@ -55,7 +47,6 @@ pub fn reaches(positions: &[u64], shard: u64, seq: u64) -> bool {
         .is_some_and(|&p| seq <= p)
 }
 
-/// What a restore did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Restored {
     pub deleted: u64,
@@ -67,12 +58,9 @@ pub struct Restored {
     pub skipped: Vec<(String, String)>,
 }
 
-/// Merges the snapshot at `snapshot` into the database of `conn`. `positions` (per shard, index
-/// shard − 1) are the snapshot's: changes of ours published past them are kept. `check` runs
-/// first inside the write transaction (the schema is still the one capture was installed for).
-///
-/// # Errors
-/// SQLite errors; nothing is changed then.
+/// Merges the snapshot at `snapshot` into the database of `conn`; on an error nothing changes.
+/// Changes of ours published past its `positions` (per shard, index shard − 1) are kept. `check`
+/// runs first in the write transaction (the schema is still the one capture was installed for).
 pub fn restore(
     conn: &mut Connection,
     log: &ChangeLog,
@@ -106,9 +94,7 @@ fn merge_all(
 ) -> Result<Restored, Error> {
     let mut out = Restored::default();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // Capture must be installed for the schema merged into: a table the application created a
-    // moment ago is not watched yet, and its rows in the snapshot would be neither merged nor
-    // kept aside.
+    // Capture must cover this schema: a just-created table's rows would be neither merged nor kept.
     check(&tx)?;
     if has_application_tables(&tx)? {
         let aliases = super::ddl::Aliases::load(&tx)?;
@@ -120,10 +106,8 @@ fn merge_all(
     } else {
         take_whole(&tx, &mut out)?;
     }
-    // The commit syncs the WAL (the restore is durable before the positions move); copying the
-    // restored pages from the WAL into the database file — writing them a second time, seconds
-    // per GB — is left to a thread of its own (see `checkpoint_behind`), so replication resumes
-    // meanwhile.
+    // The commit syncs the WAL (durable before the positions move); copying the pages into the
+    // file (a second write, seconds per GB) is left to `checkpoint_behind`, so replication resumes.
     let every: i64 = tx.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?;
     tx.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
     let started = std::time::Instant::now();
@@ -142,7 +126,6 @@ fn merge_all(
     Ok(out)
 }
 
-/// Merges every watched table (see the module header).
 fn merge_tables(
     tx: &Connection,
     log: &ChangeLog,
@@ -156,8 +139,7 @@ fn merge_tables(
         .iter()
         .map(|&(t, id, shard, seq)| ((t, id), (shard, seq)))
         .collect();
-    // A snapshot of a node that has not run this node's renames yet has the old names: local
-    // names are followed back (`snapshot_table`, `snap_of`).
+    // A snapshot may predate this node's renames: names are followed back (`snapshot_table`).
     for (i, table) in log.tables().iter().enumerate() {
         let (snap_table, snap_cols) = snapshot_table(tx, log, aliases, table)?;
         if snap_cols.is_empty() {
@@ -171,7 +153,6 @@ fn merge_tables(
                 .find(|c| c.eq_ignore_ascii_case(name))
                 .cloned()
         };
-        // The snapshot's name of a local column.
         let snap_of = |name: &str| -> Option<String> {
             if name.eq_ignore_ascii_case("rowid") {
                 return Some("rowid".into());
@@ -211,13 +192,10 @@ fn merge_tables(
     Ok(())
 }
 
-/// Keeps in `__harmonylite__conflicts` the snapshot's rows that a local insert in flight is
-/// about to overwrite on every node: another node took the same key meanwhile (two nodes'
-/// next auto id) and this node never saw its event, which the snapshot now stands for — as the
-/// applier keeps the events it overrules (stream `snapshot`, sequence 0, no payload). Only keys
-/// whose first change in flight is an insert: for an update the snapshot's row is most likely
-/// the one this node changed. (A local `INSERT OR REPLACE` over a row this node had seen is
-/// recorded too: without the row's image before it, the two cannot be told apart.)
+/// Keeps in `__harmonylite__conflicts` (stream `snapshot`, seq 0, no payload) the snapshot's rows a
+/// local insert in flight is about to overwrite everywhere: another node took the key meanwhile
+/// (both nodes' next auto id). Only keys whose first change in flight is an insert (after an update
+/// the row is likely ours); a local `INSERT OR REPLACE` of a seen row counts too (no prior image).
 fn keep_lost_rows(
     tx: &Connection,
     table: &Table,
@@ -309,10 +287,8 @@ fn record_snapshot_loss(tx: &Connection, table: &str, lost_row: &str) -> Result<
     Ok(())
 }
 
-/// The snapshot's name and columns of local `table` (no columns: the snapshot lacks it). A
-/// snapshot of a node that has not run this node's renames yet has the old names; the current
-/// name wins where the snapshot has it, and an old name now used by another local table means
-/// that table's rows.
+/// The snapshot's name and columns of local `table` (none: it lacks it), following this node's
+/// renames back (the current name first; an old name another local table now has is not this one).
 fn snapshot_table(
     tx: &Connection,
     log: &ChangeLog,
@@ -343,8 +319,7 @@ fn in_flight(
 ) -> Result<Vec<(i64, Vec<crate::wire::Value>)>, Error> {
     let unknown_up_to = not_kept.unknown_up_to.get(i).copied().unwrap_or(0);
     let (flying, _) = log.in_flight(tx, i, 0, Some(positions), unknown_up_to)?;
-    // Where the change landed, when that is known and not marked yet: inside the snapshot it
-    // is not in flight; past it, it is, whatever else is said of it.
+    // A known but unmarked landing decides: inside the snapshot not in flight, past it in flight.
     let landed_inside = |id: i64| {
         landed
             .get(&(i, id))
@@ -358,10 +333,9 @@ fn in_flight(
         .collect())
 }
 
-/// Checkpoints the WAL into the database file from a connection and thread of our own, right
-/// after a restore committed. While it runs it holds SQLite's checkpoint lock, so the automatic
-/// checkpoints of other commits (the application's among them) skip instead of doing this work
-/// in their own commit. A failure only leaves the work to SQLite's next automatic checkpoint.
+/// Checkpoints the WAL into the database file on a connection and thread of our own right after a
+/// restore committed: holding SQLite's checkpoint lock, it makes the automatic checkpoints of other
+/// commits (the application's) skip this work. A failure leaves it to the next automatic one.
 fn checkpoint_behind(path: std::path::PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("hl-checkpoint".into())
@@ -389,13 +363,10 @@ fn checkpoint_behind(path: std::path::PathBuf) {
     }
 }
 
-/// Copies a table the snapshot has with exactly the local columns into the empty local table
-/// with SQLite's transfer optimization (`INSERT INTO t SELECT * FROM s.t` copies records
-/// without decoding them, about three times faster than row by row), which only runs when the
-/// table has no triggers: our capture triggers are dropped and recreated around it, inside our
-/// transaction, so no application write ever sees the table without them. Returns false (nothing
-/// done) when the case does not fit: other columns or order, other triggers, or a table keyed
-/// by bare rowid (the transfer may renumber those rowids).
+/// Copies a snapshot table with exactly the local columns into the empty local table by SQLite's
+/// transfer optimization (`INSERT … SELECT *`: records copied undecoded, ~3× faster), which needs a
+/// trigger-free table: ours are dropped and recreated in our transaction, unseen by any writer.
+/// False (nothing done) if not: other columns, order or triggers, a rowid key (may be renumbered).
 fn copy_whole(
     conn: &Connection,
     table: &Table,
@@ -436,8 +407,7 @@ fn copy_whole(
     Ok(true)
 }
 
-/// Whether the database has a table of the application's (ordinary or virtual): one without
-/// is new and takes the snapshot whole.
+/// Whether the database has an application table (ordinary or virtual); if not, it is new.
 fn has_application_tables(conn: &Connection) -> Result<bool, Error> {
     Ok(!app_tables(conn, "main", "'table', 'virtual'")?.is_empty())
 }
@@ -452,9 +422,8 @@ fn app_tables(conn: &Connection, schema: &str, kinds: &str) -> Result<Vec<String
     Ok(column(conn, &sql, params)?)
 }
 
-/// What the snapshot has that this node's schema lacks: ordinary tables (virtual and shadow
-/// tables never replicate; one this node has unwatched is not lacking) and columns of its
-/// tables, following renames made here and leaving out what this node dropped.
+/// What the snapshot has that this node lacks (renames here followed, drops left out): ordinary
+/// tables (virtual and shadow ones never replicate; one unwatched here is not lacking) and columns.
 fn lacking(
     conn: &Connection,
     local: &[Table],
@@ -491,12 +460,10 @@ fn lacking(
     Ok(out)
 }
 
-/// Takes the snapshot's schema and rows into a database without application tables: tables
-/// first, then their rows with their rowids (shadow tables of virtual ones included, so
-/// full-text indexes come as they are), AUTOINCREMENT counters and `user_version`, then
-/// indexes, views and triggers (so that no application trigger fires for the copied rows; one
-/// the database already has is kept), then capture for the new tables. A virtual table whose
-/// module this SQLite lacks is left out with a warning (it never replicates anyway).
+/// Takes the snapshot's schema and rows into a database without application tables: tables, their
+/// rows with rowids (shadow tables too: full-text indexes come as they are), AUTOINCREMENT
+/// counters, `user_version`, then indexes, views and triggers (none fires for copied rows; existing
+/// ones kept), then capture. Virtual tables whose module this SQLite lacks are left out (warned).
 fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
     let objects: Vec<(String, String, String)> = conn
         .prepare(&format!(
@@ -546,18 +513,16 @@ fn take_whole(conn: &Connection, out: &mut Restored) -> Result<(), Error> {
     for (_, _, sql) in &rest {
         conn.execute_batch(sql)?;
     }
-    // Change logs and capture triggers for the new tables, made after their rows are in: those
-    // rows are the cluster's, and a table that already has its change log is not new to the
-    // next capture install, which would publish its rows as this node's writes.
+    // Capture for the new tables after their rows are in: those rows are the cluster's, and the
+    // next install would publish the rows of a table without a change log as this node's writes.
     for table in super::schema::watched_tables(conn)? {
         conn.execute_batch(&super::cdc::table_ddl(&table))?;
     }
     Ok(())
 }
 
-/// Copies a table's rows from the snapshot with their rowids (a plain `INSERT … SELECT *` into
-/// a table without an INTEGER PRIMARY KEY numbers them anew, and the cluster's later changes of
-/// such tables find rows by rowid). Generated columns are computed, not copied.
+/// Copies a table's rows from the snapshot with rowids (`INSERT … SELECT *` would renumber a table
+/// without INTEGER PRIMARY KEY, whose later changes find rows by rowid), not generated columns.
 fn copy_rows(conn: &Connection, name: &str) -> Result<u64, Error> {
     let q = quote(name);
     let sql =
@@ -588,9 +553,8 @@ fn snapshot_columns(conn: &Connection, table: &str) -> Result<Vec<String>, Error
     Ok(column(conn, &sql, [table])?)
 }
 
-/// The snapshot's key of its table `name` (comma-separated) when it is not the key of local
-/// `table` (a rowid table here, a WITHOUT ROWID one there, or other key columns): rows cannot be
-/// matched, so the node waits for its migration as for a missing column.
+/// The snapshot's key of its table `name` (comma-separated) when not that of local `table` (rowid
+/// vs WITHOUT ROWID, or other columns): rows cannot match, so the node waits for its migration.
 fn other_key(
     conn: &Connection,
     table: &Table,
@@ -643,8 +607,7 @@ struct MergeSql {
     delete_missing: String,
     /// Updates live rows whose values differ from the snapshot's (kept rows excepted).
     update: Option<String>,
-    /// Inserts the snapshot's rows missing live (it ends with a WHERE clause, so an upsert
-    /// clause may follow).
+    /// Inserts the snapshot's rows missing live (ends in a WHERE: an upsert clause may follow).
     insert: String,
     /// Copies every snapshot row (into an empty table).
     insert_all: String,
@@ -743,10 +706,8 @@ fn merge_table(
 ) -> rusqlite::Result<()> {
     let name = quote(&table.name);
     let sql = MergeSql::new(table, snap_table, keys, snap_of);
-    // An empty table with nothing kept (a new node): a plain copy in the snapshot's order,
-    // without probing the live table for every row. Checked inside our write transaction, so
-    // nobody adds a row in between. (A kept key in an empty table is a local delete in flight:
-    // the snapshot's row must not come back, so that case takes the general path.)
+    // Empty with nothing kept (a new node; checked in our write transaction, so nobody adds a row):
+    // a plain copy, no per-row probe. A kept key here is a local delete in flight: general path.
     let empty = conn
         .prepare_cached(&format!(
             "SELECT NOT EXISTS (SELECT 1 FROM main.{name}) AND NOT EXISTS (SELECT 1 FROM temp.hl_keep)"
@@ -777,10 +738,8 @@ fn merge_table(
             if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
                 || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
         {
-            // Rows swapped UNIQUE values: replace every row that is not kept. `ON CONFLICT DO
-            // NOTHING` skips only rows that clash with a kept row, where `INSERT OR IGNORE`
-            // would also drop rows failing NOT NULL or CHECK — silently, while the positions
-            // move past them.
+            // Rows swapped UNIQUE values: replace every unkept row. Not `INSERT OR IGNORE`: it
+            // would drop rows failing NOT NULL or CHECK silently, while the positions move on.
             tracing::debug!(table = %table.name, "restore merge hit a UNIQUE conflict; replacing the table's rows");
             out.deleted += conn.execute(&sql.delete_unkept, [])? as u64;
             let insert = format!("{} ON CONFLICT DO NOTHING", sql.insert);

@@ -2,20 +2,17 @@
 //! that travels in each event as `sh` (upstream-behaviour §4.4, §9.1).
 //!
 //! Invariants:
-//! - Watched = every ordinary table of `main` except `sqlite_*`, our own `__harmonylite__*`
-//!   tables, virtual tables and their shadow tables (triggers cannot be created on those, and FTS
-//!   shadow tables change underneath their virtual table).
-//! - The schema hash reproduces Go's string exactly (`table|col:type:notnull:pk…\n`, tables and
-//!   columns sorted byte-wise, `*schema.BinaryType` for an empty type, SHA-256 hex), so that mixed
-//!   Go/Rust clusters agree.
+//! - Watched: every ordinary table of `main` but `sqlite_*`, ours, and virtual and shadow tables
+//!   (no triggers on those; FTS shadow tables change underneath their virtual table).
+//! - The hash reproduces Go's exactly (`table|col:type:notnull:pk…\n`, tables and columns sorted
+//!   byte-wise, `*schema.BinaryType` for an empty type, SHA-256 hex): mixed clusters agree.
 
 use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 
 use super::{Column, Error, PREFIX, Table, on_table};
 
-/// True for names we never watch, by the same rules as Go's `LIKE` filters but without their
-/// wildcard accidents (`_` matching any character).
+/// Names we never watch, by the rules of Go's `LIKE` filters minus their wildcard accidents (`_`).
 fn is_internal(name: &str) -> bool {
     name.get(..7)
         .is_some_and(|p| p.eq_ignore_ascii_case("sqlite_"))
@@ -24,17 +21,13 @@ fn is_internal(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
 }
 
-/// Tables reported as skipped, with why: the list is read several times at start and after
-/// every schema change, and each is worth one warning.
+/// Tables reported as skipped (with why): the list is re-read often; each is worth one warning.
 static SKIPPED: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 /// Lists the tables to watch, sorted by name, with their columns. A table that cannot be watched
 /// (no usable key) is left out with a warning naming it and why: one odd table must not stop
 /// replication of all the others (a restart loop under systemd).
-///
-/// # Errors
-/// SQLite errors while reading the schema.
 pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
     // pragma_table_list (SQLite ≥ 3.37) tells ordinary tables from virtual and shadow ones.
     let names: Vec<String> = super::sql::column(
@@ -63,11 +56,8 @@ pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
     Ok(tables)
 }
 
-/// Reads one table's columns (`pragma_table_info`: generated and hidden columns excluded, as in
-/// Go) and appends the synthetic `rowid` key when no column is part of a primary key.
-///
-/// # Errors
-/// SQLite errors, or [`Error::Unwatchable`] when the table has no columns or no usable key.
+/// Reads one table's columns (`pragma_table_info`: no generated or hidden ones, as in Go), plus a
+/// synthetic `rowid` key if none is in a primary key; [`Error::Unwatchable`] without a usable key.
 pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
     let mut stmt = conn
         .prepare("SELECT name, type, pk FROM pragma_table_info(?1) ORDER BY cid")
@@ -119,8 +109,7 @@ pub fn table_info(conn: &Connection, name: &str) -> Result<Table, Error> {
     })
 }
 
-/// See [`Table::unique`]. An index on an expression is left out: a trigger cannot tell which
-/// rows share its value.
+/// See [`Table::unique`]; expression indexes are left out (a trigger cannot tell who shares them).
 fn unique_indexes(conn: &Connection, name: &str) -> Result<Vec<Vec<(String, String)>>, Error> {
     let indexes: Vec<String> = super::sql::column(
         conn,
@@ -146,10 +135,9 @@ fn unique_indexes(conn: &Connection, name: &str) -> Result<Vec<Vec<(String, Stri
     Ok(out)
 }
 
-/// Why writes to table `name` cannot be compiled on our connection — a collation of a key or
-/// index or a function a trigger calls that only the application's connections define, a
-/// trigger naming a table that is gone — or `None` when they can. Events for such a table
-/// would all fail here.
+/// Why writes to table `name` cannot be compiled on our connection (a collation of a key or index,
+/// or a function a trigger calls, that only the application's connections define; a trigger naming
+/// a table that is gone), or `None`. Events for such a table would all fail here.
 fn needs_the_application(
     conn: &Connection,
     name: &str,
@@ -179,9 +167,6 @@ fn needs_the_application(
 }
 
 /// Computes Go HarmonyLite's schema hash over the watched tables.
-///
-/// # Errors
-/// SQLite errors while reading `pragma_table_xinfo`.
 pub fn schema_hash(conn: &Connection, tables: &[Table]) -> Result<String, Error> {
     let mut names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
     names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));

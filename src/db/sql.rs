@@ -1,13 +1,8 @@
-//! SQL helpers shared by the modules that write to the database on the applier's behalf
-//! ([`super::apply`], [`super::restore`], [`super::ddl`]): binding wire values and reading
-//! one column of a query; a row as JSON.
+//! SQL helpers for the `db` modules: binding wire values, one column of a query, a row as JSON. A
+//! leaf (imports only [`super`] and [`crate::wire`]), so its users need not import each other.
 //!
-//! This is a leaf: it imports only [`super`]'s shared names and [`crate::wire`], never another
-//! module of `db`, so the modules that use it do not import each other for it.
-//!
-//! Invariants:
-//! - A [`Bind`] binds a value exactly as it arrived: same storage class, same bytes (text with an
-//!   explicit length, so NUL bytes and non-UTF-8 text survive).
+//! Invariant: a [`Bind`] binds a value exactly as it arrived: same storage class, same bytes (text
+//! with an explicit length, so NUL bytes and non-UTF-8 text survive).
 
 use rusqlite::types::{FromSql, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, Params};
@@ -23,7 +18,6 @@ impl ToSql for Bind<'_> {
             Value::Null => ValueRef::Null,
             Value::Integer(i) => ValueRef::Integer(*i),
             Value::Real(f) => ValueRef::Real(*f),
-            // Bound with an explicit length: NUL bytes and non-UTF-8 text survive.
             Value::Text(t) => ValueRef::Text(t),
             Value::Blob(b) => ValueRef::Blob(b),
         }))

@@ -1,13 +1,11 @@
-//! The capture triggers of a watched table: their names and their SQL, as Go HarmonyLite renders
-//! them (design §3.4). Used to install capture ([`super::cdc`]) and to tell whether installed
-//! triggers still match the table ([`super::ddl`]); a leaf, so that the two need not import each
-//! other.
+//! The capture triggers of a watched table: their names and SQL, as Go HarmonyLite renders them
+//! (design §3.4). Used to install capture ([`super::cdc`]) and to check installed triggers still
+//! match ([`super::ddl`]); a leaf, so those two need not import each other.
 //!
 //! Invariants:
-//! - Our own writes are not captured: the applier's connection mutes what triggers write to
-//!   our tables ([`super::apply`]); the triggers themselves have no condition.
+//! - The triggers have no condition: the applier's connection mutes them ([`super::apply`]).
 //! - An update that changes the key is captured as a delete of the old key and an update of the
-//!   new one, so that every replica drops the old row. A key changes when its bytes or type do
+//!   new one, so every replica drops the old row. A key changes when its bytes or type do
 //!   ([`super::differs`]): 'u0' → 'U0' under `NOCASE`, 1.0 → 1 in an untyped column.
 
 use super::{GLOBAL_LOG, Table, change_log_name, differs, quote, quote_literal, same_value};
@@ -15,8 +13,7 @@ use super::{GLOBAL_LOG, Table, change_log_name, differs, quote, quote_literal, s
 /// Unix milliseconds in trigger SQL, exactly as Go computes `created_at`.
 const NOW_MS_SQL: &str = "CAST((strftime('%s','now') || substr(strftime('%f','now'),4)) AS INT)";
 
-/// Every trigger name of a table: the three AFTER triggers Go also has, then the two BEFORE
-/// triggers of tables with UNIQUE indexes.
+/// Every trigger name of a table: Go's three AFTER triggers, then two BEFORE ones (UNIQUE indexes).
 pub(super) fn trigger_names(table: &str) -> [String; 5] {
     let log = change_log_name(table);
     [
@@ -29,8 +26,7 @@ pub(super) fn trigger_names(table: &str) -> [String; 5] {
     .map(|op| format!("{log}_{op}"))
 }
 
-/// The index that keeps a rowid-keyed table's rowids through VACUUM (see
-/// [`super::cdc::table_ddl`]).
+/// The index keeping a rowid-keyed table's rowids through VACUUM ([`super::cdc::table_ddl`]).
 pub(super) fn rowids_index(table: &Table) -> Option<String> {
     table
         .rowid_key
@@ -119,14 +115,12 @@ pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
 }
 
 /// Capture of the rows an `INSERT OR REPLACE` or `UPDATE OR REPLACE` deletes through a UNIQUE
-/// index: SQLite fires no delete trigger for them (unless the writer enabled recursive
-/// triggers), so without this replicas would keep them and hold the new row forever. A BEFORE
-/// trigger records the delete of every row that shares a UNIQUE value with the new image, as
-/// `state = -2` (invisible to the publisher and to Go: no global-log entry); the AFTER trigger
-/// publishes those whose row is really gone and drops the others (the write did not replace:
-/// a plain conflict aborts the statement, `OR IGNORE` skipped the row, or the value was not
-/// shared after all under the index's own rules). The next BEFORE trigger drops what an ignored
-/// write left.
+/// index: SQLite fires no delete trigger for them (unless the writer enabled recursive triggers),
+/// so replicas would keep them and hold the new row forever. A BEFORE trigger records, as
+/// `state = -2` (no global-log entry: invisible to the publisher and Go), the delete of every row
+/// sharing a UNIQUE value with the new image; the AFTER trigger publishes those whose row is really
+/// gone and drops the others (no replacement: a plain conflict aborts, `OR IGNORE` skipped the row,
+/// or the index's rules say not shared); the next BEFORE trigger drops what an ignored write left.
 struct Replaced {
     log: String,
     table: String,
@@ -184,8 +178,7 @@ impl Replaced {
         }
     }
 
-    /// The BEFORE trigger's body: rows sharing a UNIQUE value with `NEW` (other than the row
-    /// being updated, `OLD`), recorded as deletes pending confirmation.
+    /// The BEFORE trigger's body: rows sharing a UNIQUE value with `NEW` (not `OLD`): `-2` deletes.
     fn candidates(&self, old: Option<&str>) -> String {
         let cols: Vec<String> = self
             .columns
@@ -236,11 +229,9 @@ fn quote_prefixed(prefix: &str, column: &str) -> String {
     }
 }
 
-/// Whether an application trigger on `table` was created after our capture triggers. SQLite
-/// fires the newest trigger first: such a trigger's own writes to the row (a `updated_at`
-/// touch) would be captured before the statement that fired it, and replicas would end with the
-/// statement's image instead of the trigger's. Ours must be the newest; recreating them makes
-/// them so.
+/// Whether an application trigger on `table` is newer than our capture triggers. SQLite fires the
+/// newest first, so its writes to the row (an `updated_at` touch) would be captured before the
+/// statement's, and replicas end with the statement's image; recreating ours makes them newest.
 pub(super) fn outrun(conn: &rusqlite::Connection, table: &str) -> rusqlite::Result<bool> {
     let rowid = |agg: &str, ours: bool| {
         format!(

@@ -1,13 +1,11 @@
-//! Conflicts never vanish (design §15): another node's event for a row with a local change
-//! still in flight lost to that change — ours is later in the stream and will overwrite the row
-//! on every node — so its image is about to disappear from the whole cluster. Two nodes taking
-//! the same auto id, or editing one row at the same moment, end here.
+//! Conflicts never vanish (design §15): another node's event for a row with a local change still
+//! in flight lost to that change — ours is later in the stream and will overwrite the row on every
+//! node — so its image is about to disappear from the whole cluster (two nodes taking the same
+//! auto id, or editing one row at once).
 //!
-//! The losing image is kept in `__harmonylite__conflicts` (table, kind = the lost event's
-//! operation, the row as JSON, the node it came from, where it was in the stream, its raw
-//! payload), in the apply transaction, and reported as [`Outcome::Overruled`] (counted by the
-//! caller as `harmonylite_conflicts`); the first loss of each row is logged as a warning. The
-//! winner is the node holding the record.
+//! The losing image is kept in `__harmonylite__conflicts` (as JSON, with its operation, origin,
+//! stream position and payload) in the apply transaction, and reported as [`Outcome::Overruled`]
+//! (the caller counts `harmonylite_conflicts`); each row's first loss is logged as a warning.
 //!
 //! Invariants:
 //! - Recorded only on the node whose change wins, so each loss is recorded once in the cluster.
@@ -23,8 +21,7 @@ use crate::db::{CONFLICTS_TABLE, quote};
 use crate::wire::{ChangeEvent, Op};
 
 impl State {
-    /// Keeps `event` (another node's, for row `key` of table `t`) as lost to a local change in
-    /// flight; needs a write transaction.
+    /// Keeps another node's `event` for row `key` of table `t` as lost to a local change in flight.
     pub(super) fn overrule(
         &mut self,
         conn: &Connection,

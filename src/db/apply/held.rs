@@ -1,11 +1,10 @@
 //! Events held by a UNIQUE conflict with another row.
 //!
-//! A UNIQUE conflict with *another* row is not resolved by deleting that row (Go's REPLACE did,
-//! on the origin too) but **held**: the event waits, durably, in `__harmonylite__held_events`
-//! until either row changes, then applies; a later event for the same row supersedes it. A
-//! conflict that never resolves (two nodes claiming one UNIQUE value on different rows at once)
-//! stays held, counted and logged with both rows. Held events that wait for each other (rows that
-//! swapped values) are tried together.
+//! Such a conflict is not resolved by deleting that row (Go's REPLACE did, on the origin too) but
+//! **held**: the event waits, durably, in `__harmonylite__held_events` until either row changes,
+//! then applies; a later event for the same row supersedes it. A conflict that never resolves
+//! (two nodes claiming one UNIQUE value on different rows at once) stays held, counted and logged
+//! with both rows. Held events waiting for each other (swapped values) are tried together.
 //!
 //! Invariants:
 //! - The held table and the in-memory `held`/`held_keys` change together, in the caller's
@@ -116,11 +115,7 @@ impl Applier {
         Ok(())
     }
 
-    /// Tries the held events again if the database changed since the last try (another row may
-    /// have given up the conflicting value); returns how many applied.
-    ///
-    /// # Errors
-    /// SQLite errors (rolled back; held events stay held).
+    /// Retries held events if the database changed (a row may free the value); counts applied.
     pub fn retry_held(&mut self) -> Result<usize, Error> {
         let result = self.retry_held_in();
         self.resync_on_error(result)
@@ -152,7 +147,6 @@ impl Applier {
     }
 }
 
-/// The parked form of `event`, which arrived as `incoming`, waiting at `place`.
 pub(super) fn parked<P>(incoming: &Incoming<'_>, event: &ChangeEvent, place: P) -> Parked<P> {
     Parked {
         stream: incoming.stream.to_owned(),
@@ -163,8 +157,7 @@ pub(super) fn parked<P>(incoming: &Incoming<'_>, event: &ChangeEvent, place: P) 
     }
 }
 
-/// The ids of the events of `parked` that a snapshot at `positions` (per stream of `streams`)
-/// includes.
+/// The ids of `parked` events a snapshot at `positions` (per stream of `streams`) includes.
 pub(super) fn included<P>(
     parked: &BTreeMap<i64, Parked<P>>,
     streams: &[String],
@@ -189,8 +182,7 @@ pub(super) fn forget(conn: &Connection, id: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Records `event` durably in the held-events table, in the caller's transaction, as held
-/// after a UNIQUE conflict or (`schema_wait`) waiting for the schema; returns its id.
+/// Records `event` durably (caller's transaction) as held or, with `schema_wait`, waiting; its id.
 pub(super) fn record(
     conn: &Connection,
     incoming: &Incoming<'_>,
@@ -245,8 +237,7 @@ impl State {
         Ok(false)
     }
 
-    /// Holds `event` after a UNIQUE conflict with another row (`why`): records it durably in the
-    /// caller's transaction, logs both rows, and makes it the row's held event.
+    /// Holds `event` after a UNIQUE conflict with another row (`why`), durably; logs both rows.
     pub(super) fn hold(
         &mut self,
         conn: &Connection,
@@ -336,12 +327,10 @@ impl State {
         }
     }
 
-    /// Held events that wait for each other never apply one at a time: rows that swapped
-    /// UNIQUE values, whose new images each conflict with the other row's old one (a swap whose
-    /// intermediate step never reached this node). They are tried together, per table: the rows
-    /// they target are deleted and their images inserted in one savepoint, kept only if every
-    /// one applies — all the held events of the table first, then pairs. Only events that carry
-    /// every column qualify (an insert must not lose columns the event lacks).
+    /// Held events waiting for each other (rows that swapped UNIQUE values, each new image
+    /// conflicting with the other's old one: the swap's middle step never reached this node) are
+    /// tried together per table, all then pairs: target rows deleted and images inserted in one
+    /// savepoint, kept if all apply. Only whole-row events qualify (inserts must not lose columns).
     pub(super) fn apply_held_together(&mut self, conn: &Connection) -> Result<usize, Error> {
         let mut by_table: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
         for (&id, h) in &self.held {

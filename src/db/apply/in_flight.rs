@@ -1,12 +1,11 @@
 //! Local changes in flight: captured here, not yet come back through the stream.
 //!
-//! Events that would only roll a row back are skipped (*superseded*): while this node holds a
-//! captured change of row R that has not yet come back through the stream, every event for R that
-//! arrives is older in stream order (same row, same shard) — another node's, or an older one of
-//! our own. The applier tracks those in-flight changes per row key: it reads newly captured
-//! change-log rows in each transaction (`State::refresh`, so the application's latest commit is
-//! always seen), drops an entry when our own event for it comes back, and rebuilds the set after a
-//! restart from the change log and the seq map.
+//! While this node holds a captured change of row R not yet come back through the stream, every
+//! event for R that arrives is older in stream order (same row, same shard) — another node's or an
+//! older one of ours — and would only roll R back: it is skipped (*superseded*). They are tracked
+//! per row key: new change-log rows are read in each transaction (`State::refresh`, so the latest
+//! commit is seen), an entry goes when our own event for it comes back, and the set is rebuilt
+//! after a restart from the change log and the seq map.
 //!
 //! Invariants:
 //! - Tracking happens only when this node's own events come back (it publishes).
@@ -21,15 +20,13 @@ use super::{Applier, Key, State};
 use crate::db::{Error, change_log_name, on_table, quote};
 
 impl Applier {
-    /// Changes up to these change-log ids (per table) were captured before the table's columns
-    /// changed: they stop counting as in flight (see `stale_up_to`).
+    /// Per table: changes up to these log ids predate a column change (see `State::stale_up_to`).
     pub fn set_stale_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
         self.state.stale_up_to = ids;
         self.rebuild_in_flight()
     }
 
-    /// Pending changes up to these change-log ids (per table) have an unknown publish status:
-    /// they stop counting as in flight (see [`crate::db::restore::NotKept`]).
+    /// Per table: pending changes up to these ids have unknown publish status (`State::unknown`).
     pub fn set_unknown_up_to(&mut self, ids: Vec<i64>) -> Result<(), Error> {
         self.state.unknown_up_to = ids;
         self.rebuild_in_flight()
@@ -42,8 +39,7 @@ impl Applier {
         }
     }
 
-    /// Forgets and re-reads the in-flight set (at start, and after the stream position jumped:
-    /// changes that can no longer come back must stop holding their rows).
+    /// Re-reads the in-flight set (at start; after a position jump, so lost changes stop blocking).
     pub fn rebuild_in_flight(&mut self) -> Result<(), Error> {
         for m in self
             .state
@@ -60,11 +56,9 @@ impl Applier {
         Ok(())
     }
 
-    /// Our changes acknowledged but not yet marked in the database (`landed`: table, change-log
-    /// id, shard, sequence) for which `gone(shard, seq)` holds stop counting as in flight: their
-    /// events will never come back (inside a restored snapshot, skipped by a gap, in a stream
-    /// since recreated), and waiting for them would hold back every later event of their rows.
-    /// Re-reading the in-flight set cannot tell: the database still shows them pending.
+    /// Stops counting as in flight our acknowledged, unmarked changes (`landed`: table, log id,
+    /// shard, seq) where `gone(shard, seq)`: they never come back (restored snapshot, gap, stream
+    /// recreated) and would block their rows; re-reading can't tell (they still look pending).
     pub fn forget_landed(
         &mut self,
         landed: &[(usize, i64, u64, u64)],
@@ -79,9 +73,7 @@ impl Applier {
         }
     }
 
-    /// The stream of `shard` (1-based) was recreated: changes we published into the old one will
-    /// never come back, so they stop counting as in flight (their landing is forgotten), and the
-    /// in-flight set is read again.
+    /// Stream `shard` (1-based) was recreated: our changes in it never come back, so forget them.
     pub fn forget_published(&mut self, shard: usize) -> Result<(), Error> {
         let tx = self
             .conn
@@ -101,7 +93,6 @@ impl Applier {
         self.rebuild_in_flight()
     }
 
-    /// Number of captured changes not yet come back.
     #[cfg(test)]
     pub fn in_flight_len(&self) -> usize {
         self.state
@@ -114,11 +105,9 @@ impl Applier {
 
 impl State {
     /// Whether a local change of the row (under any of `keys`) still in flight makes this event
-    /// stale: it would roll the row back. Our own event (`own`, change-log `id`) that comes back
-    /// no older than every such change ends their tracking instead.
-    ///
-    /// A change marked failed (too large to ever publish) does not come back: found as the
-    /// newest of its row, it stops counting, so other nodes' later changes of the row apply.
+    /// stale (it would roll the row back). Our own event (`own`, change-log `id`) coming back no
+    /// older than every such change ends their tracking instead. A change marked failed (too large
+    /// to publish) never comes back: as the newest of its row it stops counting, so others apply.
     pub(super) fn superseded(
         &mut self,
         conn: &Connection,
@@ -194,8 +183,7 @@ impl State {
             self.cursors[t] = highest;
             let stale = self.stale_up_to.get(t).copied().unwrap_or(0);
             for (id, key, unknown) in rows {
-                // Captured before the columns changed: like a change of unknown fate, it holds
-                // back only our own older events (which lack the same columns).
+                // Captured before the columns changed: holds back only our own older events.
                 let unknown = unknown || id <= stale;
                 let map = if unknown {
                     &mut self.unknown[t]

@@ -49,7 +49,7 @@ impl Key {
     }
 }
 
-/// Exact equality of two stored values: same storage class, same bytes.
+/// Exact equality of two stored values: same storage class and bytes (reals: same bits, or equal).
 pub(super) fn same_value(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Real(x), Value::Real(y)) => x.to_bits() == y.to_bits() || x == y,
@@ -120,8 +120,7 @@ impl State {
         Some(Key::of(values))
     }
 
-    /// The event's columns (local indexes) and the positions of the key columns among them;
-    /// `None` when the local table lacks one.
+    /// The event's columns (local indexes) and its key columns' positions among them, if all exist.
     pub(super) fn layout(&self, t: usize, event: &ChangeEvent) -> Option<(Vec<usize>, Vec<usize>)> {
         let cols: Vec<usize> = event
             .row

@@ -1,31 +1,17 @@
 //! Applying replicated events to the local database (upstream-behaviour §4.12, design §3.2, §3.10).
 //!
 //! An event is applied as an upsert *by primary key* of the columns it carries, never as Go's
-//! whole-row `INSERT OR REPLACE`, and nothing but its row is ever touched. An event in conflict
-//! with *another* row on a UNIQUE value is **held** (`held.rs`); one this node's schema is behind
-//! for **waits for the schema** (`waiting.rs`); one that would only roll a row back past a local
-//! change still in flight is **superseded** (`in_flight.rs`); one that can never apply is
-//! quarantined in `__harmonylite__dead_letter`.
+//! whole-row `INSERT OR REPLACE`, touching nothing but its row; else it is held (`held.rs`), waits
+//! for the schema (`waiting.rs`), is superseded (`in_flight.rs`) or quarantined (dead letter).
 //!
-//! This file holds the [`Applier`] (the connection plus `State`, everything the submodules work
-//! on) and the batch. A batch is first evaluated in a *read* transaction: superseded events and
-//! events whose image already equals the row (normally every event of our own) need no write, and
-//! if nothing in the batch needs one, no write transaction is opened at all — an application's
-//! deferred read-then-write transaction fails with SQLITE_BUSY when anyone commits between its
-//! read and its write. From the first event that needs a write on, the batch continues in one
-//! `BEGIN IMMEDIATE` transaction, each event in its own savepoint. An event that cannot ever apply
-//! (unknown table or column, a constraint other than UNIQUE) is rolled back to its savepoint and
-//! quarantined in the same transaction. Any other failure (busy, I/O, disk full) rolls the whole
-//! batch back and is returned, so the caller retries the same batch: nothing is skipped.
-//!
-//! Layout (each file's header states its own invariants):
-//! - `step.rs`: evaluating, and in write modes applying, one event; quarantine.
-//! - `key.rs`: which local table, columns and row an event names (renames followed); [`Key`].
-//! - `row.rs`: the row SQL (find, update, insert, delete, built once per column set) and how
-//!   SQLite errors are classified.
-//! - `in_flight.rs`: captured local changes not yet come back, which supersede older events.
-//! - `held.rs`: events held by a UNIQUE conflict, retried when the database changes.
-//! - `waiting.rs`: events waiting for the local schema, retried in arrival order after DDL.
+//! This file holds the [`Applier`] (connection plus `State`, which the submodules work on) and the
+//! batch, evaluated first in a *read* transaction: superseded events and images already equal to
+//! the row (normally all our own) need no write, and if none does, no write transaction is opened
+//! (an application's deferred read-then-write transaction fails with SQLITE_BUSY when anyone
+//! commits in between). From the first event needing a write on, the batch goes on in one
+//! `BEGIN IMMEDIATE` transaction, each event in a savepoint; one that can never apply (unknown
+//! table or column, a constraint other than UNIQUE) is rolled back to it and quarantined. Any other
+//! failure (busy, I/O, disk full) rolls the batch back for the caller to retry: nothing is skipped.
 //!
 //! Invariants:
 //! - This connection runs `synchronous = FULL`: a batch is durable before the caller records its
@@ -56,15 +42,12 @@ use row::TableSql;
 use step::{EventError, Mode, Step, quarantine};
 use waiting::WaitingEvent;
 
-/// Makes every trigger skip, on this connection, its inserts into and updates of replicated
-/// tables and of our own: so nothing written here is captured (our capture triggers' writes to
-/// the change logs are skipped), and the application's triggers do not write again what they
-/// wrote on the origin — that was captured there and arrives as events of its own (an audit
-/// row twice, a `version + 1` applied twice). Their other writes run, so state derived locally
-/// and never replicated (an FTS index, a virtual table, an unwatched table) follows the applied
-/// rows. SQLite's authorizer is consulted when a statement (with the trigger programs it fires)
-/// is compiled; it cannot skip a DELETE, so a trigger's deletes run here too (ours delete only
-/// rows of their own statement, the application's delete what the origin's deleted).
+/// Makes every trigger skip, on this connection, its inserts into and updates of replicated tables
+/// and of ours: nothing written here is captured, and the application's triggers do not redo what
+/// they did on the origin, captured there as events of their own (an audit row twice, `version + 1`
+/// twice). Their other writes run, so derived state (an FTS index, a virtual or unwatched table)
+/// follows. The authorizer, asked when a statement and its triggers compile, cannot skip a DELETE:
+/// trigger deletes run (ours delete only their statement's rows; the application's, the origin's).
 fn mute_trigger_writes(conn: &Connection, tables: &[Table]) {
     use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
     let replicated: std::collections::HashSet<String> =
@@ -93,7 +76,6 @@ pub struct Incoming<'a> {
     /// Stream name (for the dead-letter and held records).
     pub stream: &'a str,
     pub seq: u64,
-    /// The decoded event, or why it could not be decoded.
     pub event: Result<ChangeEvent, crate::wire::DecodeError>,
     /// Whether this database published it (its message id carries our identity).
     pub own: bool,
@@ -120,8 +102,7 @@ pub enum Outcome {
     Waiting(String),
     /// For a table this node dropped: nothing to apply it to.
     Discarded(String),
-    /// Another node's change that lost to a concurrent local change of its row (still in
-    /// flight): kept in `__harmonylite__conflicts`. `kind` is its operation.
+    /// Another node's change lost to a local change of its row still in flight (`kind`: its op).
     Overruled { table: String, kind: String },
 }
 
@@ -138,8 +119,7 @@ impl SchemaHashes {
     }
 }
 
-/// Everything but the connection (so a transaction on the connection and this can be borrowed
-/// at the same time).
+/// Everything but the connection, so a transaction on it and this can be borrowed together.
 struct State {
     tables: Vec<Table>,
     pks: Vec<Vec<usize>>,
@@ -147,29 +127,22 @@ struct State {
     /// Lower-cased name → index, for SQLite's case-insensitive table names.
     folded: HashMap<String, usize>,
     log: Arc<ChangeLog>,
-    /// Whether own events come back (this node publishes): only then is in-flight tracking
-    /// meaningful.
+    /// Whether own events come back (this node publishes); in-flight tracking needs it.
     track: bool,
     /// Per table: key → newest change-log id of a captured change not yet come back.
     in_flight: Vec<HashMap<Key, i64>>,
-    /// Per table: key → newest change-log id of a pending change of unknown publish status
-    /// (captured before a restart, the stream no longer holding where it may have landed). It
-    /// supersedes our own older events only: had it landed, it would be in the stream after them
-    /// (a node never sends a change after a newer one of the same row), so an own event older
-    /// than it that comes back can only roll the row back. Another node's event may be newer
-    /// than it, so those are not held back.
+    /// Per table: key → newest change-log id of a pending change of unknown publish status (from
+    /// before a restart, its possible landing no longer in the stream). It supersedes only our
+    /// older events (had it landed, it would follow them: a node sends a row's changes in order).
     unknown: Vec<HashMap<Key, i64>>,
     /// Per table: the highest change-log id already read into `in_flight`.
     cursors: Vec<i64>,
     /// Per shard (index shard − 1): last applied stream sequence.
     applied: Vec<u64>,
-    /// Per table: pending changes up to this log id have an unknown publish status and do not
-    /// count as in flight (see [`super::restore::NotKept`]).
+    /// Per table: pending changes up to this log id have an unknown publish status (see `unknown`).
     unknown_up_to: Vec<i64>,
-    /// Per table: changes up to this log id were captured before the table's columns changed
-    /// (DDL); they may lack columns that other nodes' older events carry, so they supersede only
-    /// our own older events (superseding another node's would lose those columns here while
-    /// every other node keeps them).
+    /// Per table: changes up to this log id predate a column change (DDL) and may lack columns that
+    /// other nodes' older events carry, so they supersede only ours (others' would lose columns).
     stale_up_to: Vec<i64>,
     held: BTreeMap<i64, HeldEvent>,
     held_keys: HashMap<(usize, Key), i64>,
@@ -179,7 +152,6 @@ struct State {
     waiting_places: HashMap<waiting::Place, usize>,
     /// Rows whose lost image was logged already (one warning per row).
     overruled: std::collections::HashSet<(usize, Key)>,
-    /// When the first of the current waiting events began to wait.
     waiting_since: Option<std::time::Instant>,
     hashes: SchemaHashes,
     aliases: super::ddl::Aliases,
@@ -192,9 +164,7 @@ pub struct Applier {
     state: State,
     /// `PRAGMA data_version` at the last retry of held events (retry only after a change).
     held_checked_version: Option<i64>,
-    /// The schema version capture was last confirmed for (see [`super::ddl::drift`]); a
-    /// transaction that sees another one waits ([`Error::SchemaChanged`]) instead of applying
-    /// with stale table information.
+    /// The schema version capture was last confirmed for; another waits ([`Error::SchemaChanged`]).
     confirmed: Option<Arc<std::sync::atomic::AtomicI64>>,
     /// Most events kept waiting for the schema ([`MAX_WAITING`]): anyone who can publish to the
     /// subjects could otherwise grow the held-events table without bound.
@@ -205,12 +175,8 @@ pub struct Applier {
 pub const MAX_WAITING: usize = 100_000;
 
 impl Applier {
-    /// Wraps an open connection (see [`crate::db::open`]) for the given watched tables.
-    /// `applied` holds, per shard, the last applied sequence (from the seq map); `track` says
-    /// whether this node's own events come back (it publishes).
-    ///
-    /// # Errors
-    /// SQLite errors setting the connection up or reading the change logs and held events.
+    /// Wraps an open connection ([`crate::db::open`]); `applied`: per shard, the last applied
+    /// sequence (from the seq map); `track`: whether this node's own events come back (publishing).
     pub fn new(
         conn: Connection,
         log: Arc<ChangeLog>,
@@ -271,7 +237,6 @@ impl Applier {
         self.waiting_cap = cap;
     }
 
-    /// The local schema's hashes, for checking the `sh` of incoming events.
     pub fn set_schema_hashes(&mut self, hashes: SchemaHashes) {
         self.state.hashes = hashes;
     }
@@ -281,8 +246,7 @@ impl Applier {
         self.confirmed = Some(confirmed);
     }
 
-    /// Fails with [`Error::SchemaChanged`] when the schema `conn` sees (inside a transaction) is
-    /// not the one capture was confirmed for.
+    /// [`Error::SchemaChanged`] unless `conn` (in a transaction) sees the confirmed schema version.
     fn check_schema(
         confirmed: Option<&Arc<std::sync::atomic::AtomicI64>>,
         conn: &Connection,
@@ -298,11 +262,7 @@ impl Applier {
         }
     }
 
-    /// Merges the snapshot at `file` (see [`super::restore`]), whose positions are `positions`
-    /// (per shard), and makes them this applier's.
-    ///
-    /// # Errors
-    /// SQLite errors; nothing changed then.
+    /// Merges the snapshot at `file` ([`super::restore`]), taking its per-shard `positions`.
     pub fn restore_snapshot(
         &mut self,
         file: &std::path::Path,
@@ -330,15 +290,11 @@ impl Applier {
             self.set_applied(i + 1, p);
         }
         self.rebuild_in_flight()?;
-        // Acknowledged changes of ours inside the snapshot have come back, whatever the database
-        // still says of them (the keeper marks them later).
+        // Our acknowledged changes inside the snapshot came back, whatever the database says yet.
         self.forget_landed(&not_kept.landed, |shard, seq| {
             crate::db::restore::reaches(positions, shard, seq)
         });
-        // Held events the snapshot's positions include are part of its rows now (or superseded
-        // by them): retried later they would take rows back. Events waiting for the schema that
-        // it includes go too: replayed after the migration they would take their rows back past
-        // newer events the snapshot holds (and this node never received).
+        // Held and waiting events the snapshot includes are in its rows: retried, they undo it.
         let held = held::included(&self.state.held, streams, positions);
         let waiting = held::included(&self.state.waiting, streams, positions);
         if !held.is_empty() || !waiting.is_empty() {
@@ -354,18 +310,13 @@ impl Applier {
         Ok(restored)
     }
 
-    /// Applies a batch and returns one outcome per event.
-    ///
-    /// # Errors
-    /// A failure that is not the event's fault (busy, I/O, full disk): the whole batch was rolled
-    /// back and should be retried.
+    /// Applies a batch, one outcome per event; on an error (busy, I/O…) it was rolled back: retry.
     pub fn apply_batch(&mut self, batch: &[Incoming<'_>]) -> Result<Vec<Outcome>, Error> {
         let result = self.apply_batch_in(batch);
         self.resync_on_error(result)
     }
 
-    /// After a rolled-back transaction the held and waiting events in memory may differ from
-    /// the database (added or dropped inside it): read them again.
+    /// Re-reads the held and waiting events after a rolled-back transaction (module invariant).
     fn resync_on_error<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
         if result.is_err() {
             let s = &mut self.state;
@@ -440,8 +391,7 @@ impl Applier {
         if wrote && !self.state.held.is_empty() {
             self.state.retry_held(&tx)?;
         }
-        // Where this batch ends, with its rows (events read without writing, before it, are
-        // covered: a stream's sequences only grow).
+        // Where the batch ends, with its rows; read-only events before it are covered (seqs grow).
         let mut ends: HashMap<&str, u64> = HashMap::new();
         for incoming in batch {
             let end = ends.entry(incoming.stream).or_default();

@@ -1,20 +1,17 @@
 //! The SQL that reads and writes one row, and how its errors are classified.
 //!
-//! An existing row (matched by primary key: null-safely, as bytes and type, see
-//! [`crate::db::same_value`]) is updated in place, keeping its
-//! rowid and every column the event lacks; a missing row is inserted; a delete removes the
-//! matching row. Statements are built once per table and set of event columns (`TableSql`).
+//! An existing row (matched by key null-safely, as bytes and type: [`crate::db::same_value`]) is
+//! updated in place, keeping its rowid and the columns the event lacks; a missing row is inserted;
+//! a delete removes the matching row. Statements are built once per table and event column set.
 //!
 //! Invariants:
-//! - Only local, quoted names reach SQL text; values are bound exactly as they arrived (type and
-//!   bytes), through [`crate::db::sql`]'s `Bind`.
+//! - Only local, quoted names reach SQL text; values are bound exactly as they arrived (`Bind`).
 //! - A row is addressed by rowid (rowid tables) or by primary key (WITHOUT ROWID), so an update
 //!   never moves a row to another rowid.
 //! - Limit (documented): of several rows sharing a primary key that contains NULL, an update goes
 //!   to the lowest rowid, a delete to a row equal to the deleted image.
-//! - A UNIQUE or PRIMARY KEY conflict, or a trigger's `RAISE(ABORT)`, is a
-//!   [`WriteError::Conflict`] (the event is held until the database changes); errors
-//!   that repeat on every attempt are poison; busy, I/O and the like are retried.
+//! - A UNIQUE or PRIMARY KEY conflict, or a trigger's `RAISE(ABORT)`, is a [`WriteError::Conflict`]
+//!   (held until the database changes); repeating errors are poison; busy, I/O and such, retried.
 
 use std::collections::HashMap;
 
@@ -26,23 +23,20 @@ use crate::db::sql::Bind;
 use crate::db::{Table, quote, same_value};
 use crate::wire::{ChangeEvent, Value};
 
-/// SQLite's extended codes for a UNIQUE or PRIMARY KEY conflict, and for a trigger's
-/// `RAISE(ABORT)` (a validation trigger that looks at other rows, which may still be on their
-/// way on another shard).
+/// SQLite's extended codes for a UNIQUE or PRIMARY KEY conflict and a trigger's `RAISE(ABORT)`
+/// (a validation trigger looking at other rows, which may still be on their way on another shard).
 pub(super) const SQLITE_CONSTRAINT_UNIQUE: i32 = 2067;
 pub(super) const SQLITE_CONSTRAINT_PRIMARYKEY: i32 = 1555;
 pub(super) const SQLITE_CONSTRAINT_TRIGGER: i32 = 1811;
 
-/// How a failed write is handled.
 pub(super) enum WriteError {
     /// A UNIQUE conflict with another row: hold the event.
     Conflict(String),
     Event(EventError),
 }
 
-/// Errors tied to the event or to the local schema (a table or column dropped while running:
-/// plain `SQLITE_ERROR`) repeat on every attempt, so they are poison. Busy, locked, I/O, full
-/// disk and the like depend on the environment and are retried.
+/// Errors tied to the event or the local schema (a table or column dropped meanwhile: plain
+/// `SQLITE_ERROR`) repeat on every attempt: poison. Busy, locked, I/O, full disk…: retried.
 pub(super) fn classify(e: rusqlite::Error) -> EventError {
     match e.sqlite_error_code() {
         Some(
@@ -68,7 +62,6 @@ pub(super) fn classify_write(e: rusqlite::Error) -> WriteError {
     WriteError::Event(classify(e))
 }
 
-/// Runs the write statement `sql` with `binds`.
 fn execute(conn: &Connection, sql: &str, binds: &[Bind<'_>]) -> Result<(), WriteError> {
     conn.prepare_cached(sql)
         .map_err(|e| WriteError::Event(classify(e)))?
@@ -289,8 +282,7 @@ impl State {
     }
 }
 
-/// The WHERE clause addressing one row for an UPDATE whose SET uses `?1..?n`: by rowid, or by
-/// primary key for WITHOUT ROWID tables.
+/// The WHERE clause for an UPDATE whose SET uses `?1..?n`: by rowid, or by key (WITHOUT ROWID).
 pub(super) fn address(table: &Table, cols: &[usize], key_pos: &[usize], n: usize) -> String {
     if table.without_rowid {
         let conds: Vec<String> = key_pos

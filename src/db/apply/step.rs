@@ -1,16 +1,15 @@
 //! One event, evaluated and, in the write modes, applied (`State::step`).
 //!
-//! The step resolves the event against the local schema, finds its row, then decides: a later
-//! event of a held row supersedes the held one; an event older than a local change in flight is
-//! superseded; an image equal to the row is unchanged; otherwise the row is updated, inserted or
-//! deleted. A failed write is turned into the event's outcome here ([`State::finish_write`]).
+//! Resolved against the local schema and its row found, a later event of a held row supersedes
+//! the held one; one older than a local change in flight is superseded; an image equal to the row
+//! is unchanged; else the row is updated, inserted or deleted. A failed write becomes the event's
+//! outcome here ([`State::finish_write`]).
 //!
 //! Invariants:
 //! - In [`Mode::Read`] nothing is written: any event that would write returns [`Step::NeedsWrite`].
 //! - The write modes always finish with a [`Step::Done`] or an [`EventError`].
-//! - An event that names what this node does not know waits if its sender's schema may be ahead
-//!   ([`EventError::Behind`]) and is poison if the sender had our schema; poison is recorded in
-//!   `__harmonylite__dead_letter` ([`quarantine`]) in the caller's transaction.
+//! - An event naming what this node lacks waits if its sender's schema may be ahead
+//!   ([`EventError::Behind`]), else it is poison: dead-lettered ([`quarantine`]) in-transaction.
 //! - While an earlier event of a row waits for the schema, every later one of that row waits
 //!   behind it, so per-row order holds.
 
@@ -52,8 +51,7 @@ pub(super) enum Step {
     NeedsWrite,
 }
 
-/// An event resolved against its local table `t`: the local index of each of its columns, the
-/// positions of the key columns among them, and its key as it arrived.
+/// An event resolved against local table `t`: its columns' local indexes, key positions, wire key.
 struct Resolved {
     t: usize,
     cols: Vec<usize>,
@@ -61,12 +59,10 @@ struct Resolved {
     wire_key: Key,
 }
 
-/// How an event is being processed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Mode {
     /// In the read transaction: decide, never write.
     Read,
-    /// In the write transaction.
     Write,
     /// Retrying the held event with this row id (its record stays unless it applies).
     Retry(i64),
@@ -75,8 +71,7 @@ pub(super) enum Mode {
 }
 
 impl State {
-    /// Why `event` cannot apply here: it waits if its sender's schema may be ahead of ours, and
-    /// is poison if the sender had our schema (it names what cannot exist).
+    /// Why `event` cannot apply here: [`EventError::Behind`] or poison (see the module header).
     pub(super) fn unknown(&self, event: &ChangeEvent, t: Option<usize>, why: String) -> EventError {
         if self.hashes.matches(&event.schema_hash) {
             return EventError::Poison(why);
@@ -85,7 +80,6 @@ impl State {
         EventError::Behind(Behind { why, table, key })
     }
 
-    /// Evaluates (and in write modes applies) one event.
     pub(super) fn step(
         &mut self,
         conn: &Connection,
@@ -102,8 +96,7 @@ impl State {
         let renamed = self.renamed(t, event);
         let event = renamed.as_ref().unwrap_or(event);
         let r = self.resolve(t, event)?;
-        // An earlier event of this row waits for the schema: this one waits behind it.
-        // (Held and waiting events being retried are older than any waiting event of their row.)
+        // Behind an earlier waiting event of this row (retried events are older than any such).
         if matches!(mode, Mode::Read | Mode::Write) {
             let table = self.tables[t].name.to_lowercase();
             if self.blocked(&table, Some(&r.wire_key)) {
@@ -130,8 +123,7 @@ impl State {
             if incoming.own {
                 return Ok(Step::Done(Outcome::Superseded));
             }
-            // Nothing is lost when the event would leave the row as it is: both nodes deleted
-            // it, or wrote the same values.
+            // Nothing is lost if the row stays as it is: both nodes deleted it, or wrote it alike.
             let unchanged = match event.op {
                 Op::Delete => found.is_empty(),
                 Op::Insert | Op::Update => found.first().is_some_and(|f| {
@@ -148,8 +140,7 @@ impl State {
         self.apply_op(conn, incoming, event, mode, r, &found)
     }
 
-    /// An event naming a table this node does not have: discarded if this node dropped the
-    /// table, otherwise [`Self::unknown`].
+    /// For a table this node lacks: discarded if this node dropped it, else [`Self::unknown`].
     fn no_table(&self, event: &ChangeEvent) -> Result<Step, EventError> {
         if self.aliases.dropped(&event.table) {
             return Ok(Step::Done(Outcome::Discarded(format!(
@@ -164,8 +155,7 @@ impl State {
         ))
     }
 
-    /// The local columns of `event` (in table `t`, names already current), where its key
-    /// columns sit among them, and its key as it arrived.
+    /// Resolves `event` (in table `t`, names already current): see [`Resolved`].
     fn resolve(&self, t: usize, event: &ChangeEvent) -> Result<Resolved, EventError> {
         let mut cols = Vec::with_capacity(event.row.len());
         for (name, _) in &event.row {
@@ -184,7 +174,6 @@ impl State {
             }
             cols.push(idx);
         }
-        // Positions of the key columns within the event's columns.
         let mut key_pos = Vec::with_capacity(self.pks[t].len());
         for &p in &self.pks[t] {
             let pos = cols.iter().position(|&c| c == p).ok_or_else(|| {
@@ -210,8 +199,7 @@ impl State {
         })
     }
 
-    /// The event's operation on the rows `found` for it: unchanged when the row already is what
-    /// the event says; otherwise [`Step::NeedsWrite`] in [`Mode::Read`], or the write done.
+    /// The event's op on rows `found`: unchanged, [`Step::NeedsWrite`] in [`Mode::Read`], or done.
     fn apply_op(
         &mut self,
         conn: &Connection,
@@ -288,8 +276,7 @@ impl State {
                 }
                 Ok(Step::Done(Outcome::Applied))
             }
-            // A constraint of ours the sender's (other) schema did not have: it may be that this
-            // node's schema is behind, so the event waits rather than being quarantined.
+            // A constraint the sender's (other) schema lacked: ours may be behind, so wait.
             Err(WriteError::Event(EventError::Poison(why)))
                 if incoming.event.as_ref().is_ok_and(|e| {
                     !e.schema_hash.is_empty() && !self.hashes.matches(&e.schema_hash)

@@ -1,13 +1,11 @@
 //! Events waiting for the local schema to catch up.
 //!
-//! An event this node's schema is behind for — a table or column it does not know (yet), from a
-//! node whose schema hash (`sh`) is neither this node's current nor previous one — is not
-//! quarantined: it **waits for the schema**, durably in `__harmonylite__held_events`
-//! (`schema_wait = 1`), and so does every later event of its row (of its table, when the table
-//! is unknown), so per-row order holds while the rest of the stream goes on and the seq map
-//! advances. They are tried again, in arrival order, whenever capture is reinstalled after DDL
-//! ([`Applier::retry_waiting`]). Names this node renamed are followed; events for a table it
-//! dropped are discarded.
+//! An event this node's schema is behind for (naming a table or column unknown here, from a node
+//! whose schema hash `sh` is neither our current nor previous one) is not quarantined: it **waits
+//! for the schema**, durably in `__harmonylite__held_events` (`schema_wait = 1`), and so does every
+//! later event of its row (its table, if unknown): per-row order holds while the stream goes on and
+//! the seq map advances. They are retried in arrival order on each capture reinstall after DDL
+//! ([`Applier::retry_waiting`]); renamed names are followed, dropped tables' events discarded.
 //!
 //! Invariants:
 //! - `waiting_places` counts exactly the events in `waiting` per place, and `waiting` mirrors
@@ -25,25 +23,17 @@ use super::{Applier, Incoming, Key, Outcome, State};
 use crate::db::Error;
 use crate::wire::{ChangeEvent, ReplicationEvent};
 
-/// Where an event waits: its lower-cased table and, when known, its row (without one, the whole
-/// table waits).
+/// Where an event waits: its lower-cased table and, when known, its row (else the whole table).
 pub(super) type Place = (String, Option<Key>);
 
-/// An event waiting for the local schema to catch up.
 pub(super) type WaitingEvent = Parked<Place>;
 
 impl Applier {
-    /// Number of events waiting for the local schema to catch up.
     pub fn waiting_len(&self) -> usize {
         self.state.waiting.len()
     }
 
-    /// Tries the events waiting for the schema again, in arrival order (after capture was
-    /// reinstalled for a changed schema); returns how many applied. An event that still cannot
-    /// apply keeps every later one of its row (or table) waiting.
-    ///
-    /// # Errors
-    /// SQLite errors (rolled back; the events keep waiting).
+    /// Retries the waiting events in arrival order (after capture was reinstalled); counts applied.
     pub fn retry_waiting(&mut self) -> Result<usize, Error> {
         let result = self.retry_waiting_in();
         self.resync_on_error(result)
@@ -87,12 +77,10 @@ impl Applier {
 }
 
 impl State {
-    /// Where a waiting event waits.
     pub(super) fn waiting_place(&self, event: &ChangeEvent) -> Place {
         self.place(event, self.resolve_table(&event.table))
     }
 
-    /// Where `event`, whose local table is `t`, waits.
     pub(super) fn place(&self, event: &ChangeEvent, t: Option<usize>) -> Place {
         match t {
             Some(t) => {
@@ -205,8 +193,7 @@ impl State {
     }
 }
 
-/// Whether a place of `table` and `key` is behind one of the places `waits` holds: its row's,
-/// or its whole table's.
+/// Whether `table`'s place, or its row `key`'s, is among the places `waits` holds.
 fn behind(waits: impl Fn(&Place) -> bool, table: &str, key: Option<&Key>) -> bool {
     waits(&(table.to_owned(), None))
         || key.is_some_and(|k| waits(&(table.to_owned(), Some(k.clone()))))

@@ -2,25 +2,19 @@
 //! `AFTER INSERT/UPDATE/DELETE` triggers that fill them (upstream-behaviour §4.3, §4.5, §4.7).
 //!
 //! Invariants:
-//! - Names match Go HarmonyLite (`__harmonylite__<t>_change_log`, `…_state_index`,
-//!   `…_on_insert|update|delete`, `__harmonylite___change_log_global`), so a Go node's `-cleanup`
-//!   removes our artifacts and vice versa.
-//! - Installation is one transaction and idempotent: running it again (every start) leaves the same
-//!   schema. Triggers are recreated; change logs are created if missing and migrated in place,
-//!   pending rows kept: missing `val_<col>` columns are added (Go never altered them, so after
-//!   `ALTER TABLE … ADD COLUMN` every application write failed), and typed value columns (Go's
-//!   copy of the table's declared types) are rebuilt untyped.
-//! - Value columns have no declared type, so no affinity: the log holds exactly what the row held
-//!   (a STRICT table's `ANY` column keeps `'00123'` as text; Go's typed copy turned it into 123).
-//! - An UPDATE that changes the primary key (or the row id of a table without one) is captured as
-//!   a `delete` of the old key followed by an `update` of the new one, so replicas drop the old row.
-//! - Capture triggers have no condition (the applier's connection mutes them instead, see
-//!   [`super::apply`]), so application connections with `PRAGMA trusted_schema = OFF` can write
-//!   (Go's `pragma_function_list` guard made those writes fail). The guard table of earlier
-//!   versions is dropped.
-//! - The database gets a random identity at first install (`__harmonylite__node_identity`); it
-//!   tells this database's own events from those of another database that shares its node id
-//!   (cloned machines), and it changes after `-cleanup`, when change-log ids restart.
+//! - Names match Go's (`__harmonylite__<t>_change_log`, `…_state_index`, `…_on_<op>`,
+//!   `__harmonylite___change_log_global`): each one's `-cleanup` removes the other's objects.
+//! - Installing is one idempotent transaction (run at every start). Triggers are recreated; change
+//!   logs created if missing and migrated in place, pending rows kept: missing `val_<col>` columns
+//!   are added (Go never altered them: after `ALTER TABLE … ADD COLUMN` every application write
+//!   failed), and typed value columns (Go copied the declared types) are rebuilt untyped.
+//! - Value columns are untyped, so without affinity: the log holds exactly what the row held (a
+//!   STRICT table's `ANY` column keeps `'00123'` as text; Go's typed copy made it 123).
+//! - An UPDATE changing the key is captured as a delete and an update (see `triggers.rs`).
+//! - Capture triggers have no condition (the applier mutes them: [`super::apply`]), so connections
+//!   with `trusted_schema = OFF` can write (Go's `pragma_function_list` guard failed them).
+//! - A random identity made at first install (`__harmonylite__node_identity`) tells our events
+//!   from a clone's with our node id; it changes after `-cleanup` (change-log ids restart).
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
@@ -34,8 +28,7 @@ use super::{
 /// The version string Go writes into `__harmonylite__schema_version` (hard-coded `"dev"` there).
 const SCHEMA_VERSION_TAG: &str = "dev";
 
-/// Columns we add to Go's change-log layout: where a published change landed (shard, stream
-/// sequence), so that after a restart we know which of our changes have come back.
+/// Where a change landed (shard, stream seq; beyond Go's layout): a restart knows what came back.
 const PUB_COLUMNS: [&str; 2] = ["pub_shard", "pub_seq"];
 
 fn base_ddl() -> String {
@@ -114,8 +107,7 @@ fn base_ddl() -> String {
     )
 }
 
-/// Column of the held-events table added after its first release: 1 for events waiting for the
-/// local schema to catch up (see [`super::apply`]), 0 for UNIQUE conflicts.
+/// Held-table column (added after the first release): 1 waits for the schema, 0 a UNIQUE conflict.
 const HELD_SCHEMA_COLUMN: &str = "schema_wait";
 
 fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, Error> {
@@ -141,12 +133,9 @@ fn change_log_create(name: &str, table: &Table) -> String {
     )
 }
 
-/// DDL for one table's change log, index and triggers.
-///
-/// A table without a primary key is replicated by rowid, and VACUUM renumbers the rowids of a
-/// table that has no index at all (SQLite copies such tables with fresh rowids). So such a table
-/// gets an index — partial, `WHERE 0`, so it holds no entry and costs writes nothing: its mere
-/// existence makes VACUUM keep every rowid, which keeps the rows' identity on every node.
+/// DDL for one table's change log, index and triggers. A table without a primary key is replicated
+/// by rowid, which VACUUM renumbers in a table with no index; so it gets an empty partial index
+/// (`WHERE 0`: no write cost) whose mere existence makes VACUUM keep rowids, the rows' identity.
 pub(super) fn table_ddl(table: &Table) -> String {
     let log = change_log_name(&table.name);
     let mut sql = change_log_create(&log, table);
@@ -171,9 +160,8 @@ pub(super) fn table_ddl(table: &Table) -> String {
     sql
 }
 
-/// Whether capture is already installed exactly as [`install`] would leave it, so that a start
-/// can skip its write transaction (every commit of ours can fail an application transaction
-/// that is open at that moment).
+/// Whether capture is already installed exactly as [`install`] would leave it, so a start can
+/// skip its write transaction (any commit of ours can fail an open application transaction).
 fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<bool, Error> {
     let exists = |name: &str| super::has_object(conn, name);
     for base in [
@@ -282,10 +270,7 @@ fn log_columns(conn: &Connection, table: &Table) -> Result<Vec<(String, String)>
         .map_err(on_table(&table.name))
 }
 
-/// Brings an existing change log to the current layout, keeping its rows: adds missing value and
-/// publish columns, and rebuilds it when value columns carry a declared type (affinity would
-/// convert what the triggers copy). The AUTOINCREMENT counter is carried over, so change ids
-/// never repeat.
+/// Migrates an existing change log in place, keeping its rows and id counter (ids never repeat).
 fn migrate_change_log(conn: &Connection, table: &Table) -> Result<Vec<String>, Error> {
     let log = change_log_name(&table.name);
     let existing = log_columns(conn, table)?;
@@ -367,23 +352,16 @@ fn migrate_change_log(conn: &Connection, table: &Table) -> Result<Vec<String>, E
     Ok(added)
 }
 
-/// Installs capture for `tables` and records `schema_hash` in the schema version table.
-///
-/// Also follows the application's DDL since the last install (see [`super::ddl`]): renamed
-/// tables and columns take their change logs along, stale triggers go, change logs of dropped
-/// tables are retired, pending changes get the values of added columns, and a table watched for
-/// the first time (when capture existed before) has its existing rows published once.
-///
-/// # Errors
-/// SQLite errors (the transaction is rolled back, leaving the previous state).
+/// Installs capture for `tables` and records `schema_hash` in the schema version table, in one
+/// transaction, following the application's DDL since the last install ([`super::ddl`]); a table
+/// watched for the first time (when capture existed before) has its existing rows published once.
 pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Result<(), Error> {
     if up_to_date(conn, tables, schema_hash)? {
         tracing::info!("Change data capture already installed and up to date");
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // The tables were listed before this transaction: DDL in between would make triggers for
-    // columns that no longer exist (and every application write to the table fail).
+    // DDL since the tables were listed would give triggers on gone columns (failing every write).
     if super::schema::watched_tables(&tx)? != tables {
         return Err(Error::SchemaChanged);
     }
@@ -445,9 +423,6 @@ pub fn install(conn: &mut Connection, tables: &[Table], schema_hash: &str) -> Re
 }
 
 /// The schema hash recorded by the last install, if any (Go's too).
-///
-/// # Errors
-/// SQLite errors other than the table missing.
 pub fn recorded_hash(conn: &Connection) -> Result<Option<String>, Error> {
     if !super::has_table(conn, SCHEMA_VERSION_TABLE)? {
         return Ok(None);
@@ -464,10 +439,7 @@ pub fn recorded_hash(conn: &Connection) -> Result<Option<String>, Error> {
         .optional()?)
 }
 
-/// This database's identity (created by [`install`]).
-///
-/// # Errors
-/// SQLite errors, or the identity table missing (capture was removed under us).
+/// This database's identity (made by [`install`]; an error if capture was removed under us).
 pub fn identity(conn: &Connection) -> Result<String, Error> {
     Ok(conn.query_row(
         &format!("SELECT uuid FROM {} WHERE id = 1", quote(IDENTITY_TABLE)),
@@ -483,22 +455,15 @@ pub enum Binding {
     Own,
     /// The same file, started under another node id: the operator renumbered the node.
     Renumbered { from: u64 },
-    /// Another node's database copied here: its unpublished changes (`dropped`) were that
-    /// node's to publish and are not sent from here; the database has a new identity.
+    /// Another node's database copied here: its unpublished changes (`dropped`) are not sent.
     CopyOf { node_id: u64, dropped: usize },
 }
 
-/// Binds this database's identity to `node_id` and `file` (where the file lives: machine, device,
-/// inode), and tells a copy of another node's database from this node's own: a copy was bound
-/// to another node id *and* another file. Its pending changes belong to that node, which still
-/// has and publishes them; resent from here they would land after that node's later changes of
-/// the same rows and undo them everywhere; its published ones would count as this node's
-/// changes in flight and hold back every later change of their rows. So the copy's change log
-/// is emptied, and it gets an identity of its own (message ids, sent marks). Writes only when
-/// something changed.
-///
-/// # Errors
-/// SQLite errors (rolled back).
+/// Binds this database's identity to `node_id` and `file` (machine, device, inode). One bound to
+/// another node id *and* file is a copy of that node's: its pending changes are that node's to
+/// publish (resent from here they would land after its later changes and undo them everywhere), and
+/// its published ones would count as in flight here, holding back their rows. So the copy's change
+/// log is emptied and it gets its own identity (message ids, sent marks). Writes only on a change.
 pub fn bind_identity(
     conn: &mut Connection,
     tables: &[Table],
@@ -527,8 +492,6 @@ pub fn bind_identity(
     }
     let binding = match bound {
         (Some(was), Some(was_file)) if was as u64 != node_id && was_file != file => {
-            // The whole change log is the source's: pending changes it sends itself, and
-            // published ones would count as this node's in flight (holding their rows back).
             let dropped = tx.execute(&format!("DELETE FROM {}", quote(GLOBAL_LOG)), [])?;
             for t in tables {
                 tx.execute(
@@ -558,11 +521,7 @@ pub fn bind_identity(
     Ok(binding)
 }
 
-/// Drops every trigger and table whose name starts with `__harmonylite__` (Go `RemoveCDC`),
-/// returning how many objects were dropped.
-///
-/// # Errors
-/// SQLite errors (rolled back).
+/// Drops every trigger, index and table named `__harmonylite__*` (Go `RemoveCDC`); how many.
 pub fn remove(conn: &mut Connection) -> Result<usize, Error> {
     tracing::info!("Uninstalling all CDC triggers...");
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -1,4 +1,4 @@
-//! Reading captured local changes and retiring them once published (upstream-behaviour §4.8, §4.10).
+//! Reading captured local changes, retiring them once published (upstream-behaviour §4.8, §4.10).
 //!
 //! Invariants:
 //! - Changes are read in global-log id order, which is local commit order across tables.
@@ -35,7 +35,6 @@ pub struct PendingChange {
     pub values: Vec<Value>,
 }
 
-/// The result of one scan.
 #[derive(Debug, Default)]
 pub struct Scan {
     pub changes: Vec<PendingChange>,
@@ -76,7 +75,6 @@ pub fn value_at(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Value> 
 }
 
 impl ChangeLog {
-    /// Prepares the SQL for the given watched tables.
     pub fn new(tables: Vec<Table>) -> ChangeLog {
         let by_name = tables
             .iter()
@@ -133,11 +131,9 @@ impl ChangeLog {
         &self.tables
     }
 
-    /// Number of changes in the global log above `after` (the publisher's done-with cursor;
-    /// 0 counts everything).
+    /// Number of changes in the global log above `after` (the publisher's done-with cursor, or 0).
     pub fn pending_count(&self, conn: &Connection, after: i64) -> Result<i64, Error> {
-        // A range of the rowid, not a full count: rows up to `after` are done with and wait
-        // only for their retirement, and there can be many of them.
+        // A rowid range, not a full count: rows up to `after` (maybe many) only await retirement.
         Ok(conn
             .prepare_cached(&format!(
                 "SELECT count(*) FROM {} WHERE id > ?1",
@@ -146,12 +142,8 @@ impl ChangeLog {
             .query_row([after], |r| r.get(0))?)
     }
 
-    /// Reads up to `limit` pending changes with a global id above `after`, in commit order, in
-    /// one read transaction. `after` lets a publisher read the next batch while the previous one
-    /// is still being acknowledged; pass 0 to start from the oldest pending change.
-    ///
-    /// # Errors
-    /// SQLite errors (the scan is then simply retried later).
+    /// Reads up to `limit` pending changes above global id `after` (0: all) in commit order, in one
+    /// read transaction; `after` lets a publisher read ahead while a batch is being acknowledged.
     pub fn scan(&self, conn: &Connection, after: i64, limit: u32) -> Result<Scan, Error> {
         let tx = conn.unchecked_transaction()?;
         let mut scan = Scan::default();
@@ -181,8 +173,7 @@ impl ChangeLog {
         Ok(scan)
     }
 
-    /// Reads the change `(global id, change-log id, table)` into `scan`: a pending change, or an
-    /// orphan (unwatched table, unreadable log, missing row or unknown type) with why.
+    /// Reads change `(global id, change-log id, table)` into `scan`: pending, or orphan with why.
     fn read_change(
         &self,
         tx: &Connection,
@@ -197,8 +188,7 @@ impl ChangeLog {
         let width = self.tables[table].columns.len();
         let mut stmt = match tx.prepare_cached(&self.select_sql[table]) {
             Ok(stmt) => stmt,
-            // The change log (or a column of it) was dropped while we run: nothing can ever
-            // read this change, and retrying would block every later one.
+            // The change log (or a column) is gone: nothing can read it; retrying blocks the rest.
             Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::Unknown) => {
                 scan.orphans.push((
                     global_id,
@@ -249,14 +239,10 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// Retires changes in one write transaction: `published` ones get `state = 1` and where they
-    /// landed, `failed` ones `state = -1` (Go's declared but unused "Failed" state; the row stays
-    /// for inspection), and their global-log rows go, as do `orphans`. The newest landing per
-    /// shard is recorded in `__harmonylite__published`, where a restart starts looking for
-    /// changes that reached the stream but were never retired.
-    ///
-    /// # Errors
-    /// SQLite errors; nothing is changed then, and the changes stay pending.
+    /// Retires changes in one write transaction (an error changes nothing): `published` ones get
+    /// `state = 1` and where they landed, `failed` ones `state = -1` (Go's unused "Failed" state;
+    /// the row stays for inspection); theirs and `orphans`' global-log rows go. The newest landing
+    /// per shard goes to `__harmonylite__published`, where a restart seeks unretired ones.
     pub fn retire(&self, conn: &mut Connection, batch: &Retirement) -> Result<(), Error> {
         if batch.is_empty() {
             return Ok(());
@@ -267,20 +253,12 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// [`ChangeLog::retire`] and [`ChangeLog::cleanup`] in one transaction, given up (rolled
-    /// back: `Ok(None)`) as soon as `undisturbed()` says no — it is asked after the write lock is
-    /// taken, every few statements, and right before the commit.
-    ///
-    /// Why so often: SQLite answers an application's deferred transaction that has read and now
-    /// writes with SQLITE_BUSY at once, without its busy timeout, whenever another connection
-    /// holds the write lock — whether that connection commits or not. So an application reader
-    /// that begins while this transaction runs fails its write unless the lock is gone by then:
-    /// rolling back at the next check, microseconds after the reader appeared, releases it long
-    /// before a typical read-then-write gets to its write. (A reader that begins between the last
-    /// check and the end of the commit still fails: that window is what remains.)
-    ///
-    /// # Errors
-    /// SQLite errors (rolled back).
+    /// [`ChangeLog::retire`] and [`ChangeLog::cleanup`] in one transaction, rolled back
+    /// (`Ok(None)`) once `undisturbed()` says no — asked after the write lock is taken, every few
+    /// statements and before the commit. Why so often: SQLite fails an application's deferred
+    /// read-then-write transaction with SQLITE_BUSY at once (no busy timeout) whenever another
+    /// connection holds the write lock, committing or not; rolling back microseconds after such a
+    /// reader began frees the lock long before it writes (unless it began after the last check).
     pub fn housekeep(
         &self,
         conn: &mut Connection,
@@ -302,12 +280,9 @@ impl ChangeLog {
         for (stream, seq) in applied.unwrap_or_default() {
             super::record_applied(&tx, stream, *seq)?;
         }
-        // Write the transaction's pages to the WAL now (invisible until the commit), so that the
-        // commit after the last check only appends its commit frame, whatever the cleanup deleted.
+        // Flush pages to the WAL now (unseen until the commit), so the commit only appends a frame.
         tx.cache_flush()?;
-        // Give up the CPU first, so that the last check and the commit run at the start of a
-        // fresh time slice: on a loaded machine a preemption there would widen the remaining
-        // window from microseconds to milliseconds.
+        // Yield, so the last check and commit get a fresh time slice (a preemption there costs ms).
         std::thread::yield_now();
         if !undisturbed() {
             return Ok(None);
@@ -316,8 +291,7 @@ impl ChangeLog {
         Ok(Some(cleaned))
     }
 
-    /// Writes `batch`; `Ok(false)` as soon as `undisturbed()` says no (asked every
-    /// [`CHECK_EVERY`] statements; the caller rolls back).
+    /// Writes `batch`; `Ok(false)` once `undisturbed()` (asked per [`CHECK_EVERY`] writes) says no.
     fn retire_in(
         &self,
         tx: &Connection,
@@ -418,8 +392,7 @@ impl ChangeLog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Per table (index), the highest change-log id of a pending change whose global id is at
-    /// most `global` (0 when there is none).
+    /// Per table, the highest change-log id of a pending change with a global id ≤ `global` (or 0).
     pub fn max_ids_up_to(&self, conn: &Connection, global: i64) -> Result<Vec<i64>, Error> {
         let mut stmt = conn.prepare(&format!(
             "SELECT coalesce(max(change_table_id), 0) FROM {} WHERE table_name = ?1 AND id <= ?2",
@@ -434,10 +407,9 @@ impl ChangeLog {
             .collect()
     }
 
-    /// Deletes published change-log rows captured at or before `horizon_ms` that are no longer
-    /// needed; returns the count. With `applied` (this node applies its own events: per shard,
-    /// index shard − 1, the last applied sequence) a row is kept until its event has come back,
-    /// because it is what tells an older event for the same row from a newer one after a restart.
+    /// Deletes published change-log rows captured by `horizon_ms`; returns the count. With
+    /// `applied` (own events applied here: per shard, index shard − 1, the last applied sequence)
+    /// a row stays until its event came back: after a restart it tells older events from newer.
     #[cfg(test)]
     pub fn cleanup(
         &self,
@@ -453,8 +425,7 @@ impl ChangeLog {
         Ok(total)
     }
 
-    /// Deletes what [`ChangeLog::cleanup`] does; `Ok(None)` as soon as `undisturbed()` says no
-    /// (asked after each table; the caller rolls back).
+    /// [`ChangeLog::cleanup`]'s deletes; `Ok(None)` once `undisturbed()` (asked per table) says no.
     fn cleanup_in(
         &self,
         tx: &Connection,
@@ -492,12 +463,9 @@ impl ChangeLog {
     }
 
     /// Captured changes of table `table` (index) with a change-log id above `after` that may not
-    /// have come back through the stream: pending ones, and published ones whose sequence is
-    /// past `applied` for their shard (`None`: every published one counts as come back).
-    /// Pending changes with an id up to `unknown_up_to` (publish status unknown, see
-    /// [`crate::db::restore::NotKept`]) are returned too, flagged: they may have landed in a part
-    /// of the stream that is gone, so only our own events older than them are known to be older.
-    /// Returns `(id, key values, unknown)` in id order, plus the highest id in the log.
+    /// have come back through the stream: pending ones, and published ones past `applied` for their
+    /// shard (`None`: all came back); pending ones up to `unknown_up_to` are flagged unknown (see
+    /// [`crate::db::restore::NotKept`]). `(id, key, unknown)` in id order, and the highest id read.
     pub fn in_flight(
         &self,
         conn: &Connection,
@@ -546,8 +514,7 @@ impl ChangeLog {
         Ok((out, highest))
     }
 
-    /// The primary-key values of the changes `ids` of table `table` (index), as `(id, key)`;
-    /// ids that no longer exist are left out.
+    /// The keys of the changes `ids` of table `table` (index) that still exist, as `(id, key)`.
     pub fn keys_of(
         &self,
         conn: &Connection,
@@ -576,8 +543,7 @@ impl ChangeLog {
         Ok(out)
     }
 
-    /// Every pending change, as (table index, change-log id) → global id, for matching changes
-    /// found in the stream after a crash.
+    /// Pending changes as (table, change-log id) → global id, to match ones found after a crash.
     pub fn pending_ids(&self, conn: &Connection) -> Result<HashMap<(usize, i64), i64>, Error> {
         let mut stmt = conn.prepare(&format!(
             "SELECT id, change_table_id, table_name FROM {}",
@@ -600,7 +566,6 @@ impl ChangeLog {
         Ok(out)
     }
 
-    /// The capture time of change `log_id` of table `table` (index), if the row exists.
     pub fn created_at(
         &self,
         conn: &Connection,
@@ -634,12 +599,10 @@ fn key_columns(t: &Table) -> String {
         .join(", ")
 }
 
-/// Changes not yet come back, `(change-log id, key values, unknown fate)` in id order, and the
-/// highest id read.
+/// What [`ChangeLog::in_flight`] returns.
 pub type InFlight = (Vec<(i64, Vec<Value>, bool)>, i64);
 
-/// Statements between two checks for an application reader while retiring (each check is one
-/// `fcntl` call; a statement takes microseconds).
+/// Statements between reader checks while retiring (a check is one `fcntl` call; a statement, µs).
 const CHECK_EVERY: usize = 16;
 
 /// A change leaving the global log.
@@ -648,8 +611,7 @@ pub struct Retired {
     pub global_id: i64,
     pub table: usize,
     pub log_id: i64,
-    /// (shard, stream sequence) where it was stored; `None` when it was not sent
-    /// (`publish = false`).
+    /// (shard, stream sequence) where it was stored; `None` when not sent (`publish = false`).
     pub landed: Option<(u64, u64)>,
 }
 
@@ -666,8 +628,7 @@ impl Retirement {
         self.published.is_empty() && self.failed.is_empty() && self.orphans.is_empty()
     }
 
-    /// Removes what `done` (a copy of this one's front, taken earlier) retired: entries are only
-    /// ever appended behind it meanwhile.
+    /// Removes what `done` (an earlier copy of this one's front) retired; new ones only append.
     pub fn remove_front(&mut self, done: &Retirement) {
         let front = |n: usize, len: usize| ..n.min(len);
         self.published

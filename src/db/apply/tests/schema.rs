@@ -213,16 +213,25 @@ fn events_waiting_for_the_schema_are_capped() {
             ..ev(Op::Insert, "n", vec![("k", Value::Integer(k))])
         })
     };
-    let known = incoming(ev(Op::Insert, "t", vec![("id", Value::Integer(1))]));
-    let out = a.apply_batch(&[unknown(1), unknown(2)]).expect("two may wait");
-    assert!(out.iter().all(|o| matches!(o, Outcome::Waiting(_))), "{out:?}");
+    let known = || incoming(ev(Op::Insert, "t", vec![("id", Value::Integer(1))]));
+    let out = a
+        .apply_batch(&[unknown(1), unknown(2)])
+        .expect("two may wait");
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Waiting(_))),
+        "{out:?}"
+    );
     let err = a
-        .apply_batch(&[known.clone(), unknown(3)])
+        .apply_batch(&[known(), unknown(3)])
         .expect_err("a third may not");
     assert!(matches!(err, Error::WaitingFull(2)), "{err}");
     assert!(!err.is_fatal());
     assert_eq!(a.waiting_len(), 2);
-    assert_eq!(count(&path, "SELECT count(*) FROM t"), 0, "the batch rolled back");
+    assert_eq!(
+        count(&path, "SELECT count(*) FROM t"),
+        0,
+        "the batch rolled back"
+    );
     assert_eq!(
         count(&path, "SELECT count(*) FROM __harmonylite__held_events"),
         2
@@ -234,7 +243,7 @@ fn events_waiting_for_the_schema_are_capped() {
     let mut a = reinstalled(&path, "h2", "h");
     a.set_waiting_cap(2);
     assert_eq!(a.retry_waiting().expect("retry"), 2);
-    let out = a.apply_batch(&[known, unknown(3)]).expect("batch");
+    let out = a.apply_batch(&[known(), unknown(3)]).expect("batch");
     assert_eq!(out, [Outcome::Applied, Outcome::Applied]);
     assert_eq!(count(&path, "SELECT count(*) FROM n"), 3);
 }
