@@ -202,7 +202,11 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
             |r| r.get(0),
         )?)
     };
-    if ours("trigger")? != 3 * tables.len() as i64 || ours("table")? != tables.len() as i64 {
+    let triggers: usize = tables
+        .iter()
+        .map(|t| super::triggers::triggers(t).len())
+        .sum();
+    if ours("trigger")? != triggers as i64 || ours("table")? != tables.len() as i64 {
         tracing::debug!("capture triggers or change logs of other tables found; reinstalling");
         return Ok(false);
     }
