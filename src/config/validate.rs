@@ -43,15 +43,6 @@ fn check_urls(key: &'static str, urls: &[String], schemes: &[&str]) -> Result<()
     Ok(())
 }
 
-/// `Err` naming `key` unless `ok`.
-fn ensure(ok: bool, key: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(key, message))
-    }
-}
-
 fn ms(v: u32) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(u64::from(v)))
 }
@@ -61,21 +52,20 @@ impl FileConfig {
     pub fn validate(self, overrides: &Overrides) -> Result<Settings, ConfigError> {
         // The order of these checks decides which key is named when several are wrong.
         let db_path = self.check_top_level()?;
-        // Go's "unset": a node id of 0 would be this node's name and key in every bucket.
-        ensure(
-            self.node_id != Some(0),
-            "node_id",
-            "must be at least 1 (leave it out to derive one from the machine id)",
-        )?;
+        if self.node_id == Some(0) {
+            // Go's "unset": a node id of 0 would be this node's name and key in every bucket.
+            return Err(invalid(
+                "node_id",
+                "must be at least 1 (leave it out to derive one from the machine id)",
+            ));
+        }
         let replication = replication_settings(&self.replication_log)?;
         let snapshot = snapshot_settings(&self.snapshot, &self.nats.stream_prefix)?;
         check_nats(&self.nats)?;
         let cluster = cluster_settings(overrides)?;
-        ensure(
-            !self.health_check.enable || self.health_check.path.starts_with('/'),
-            "health_check.path",
-            "must start with '/'",
-        )?;
+        if self.health_check.enable && !self.health_check.path.starts_with('/') {
+            return Err(invalid("health_check.path", "must start with '/'"));
+        }
         check_prometheus(&self.prometheus)?;
         let log_format = match self.logging.format.as_str() {
             "json" => LogFormat::Json,
@@ -117,42 +107,39 @@ impl FileConfig {
 
     /// `db_path`, `scan_max_changes`, `cleanup_interval`; returns the database path.
     fn check_top_level(&self) -> Result<PathBuf, ConfigError> {
-        ensure(
-            !self.db_path.trim().is_empty(),
-            "db_path",
-            "must name the SQLite file to replicate",
-        )?;
-        ensure(
-            self.scan_max_changes > 0,
-            "scan_max_changes",
-            "must be at least 1 (0 would never publish anything)",
-        )?;
-        ensure(
-            self.cleanup_interval > 0,
-            "cleanup_interval",
-            "must be at least 1 (milliseconds)",
-        )?;
+        if self.db_path.trim().is_empty() {
+            return Err(invalid("db_path", "must name the SQLite file to replicate"));
+        }
+        if self.scan_max_changes == 0 {
+            return Err(invalid(
+                "scan_max_changes",
+                "must be at least 1 (0 would never publish anything)",
+            ));
+        }
+        if self.cleanup_interval == 0 {
+            return Err(invalid(
+                "cleanup_interval",
+                "must be at least 1 (milliseconds)",
+            ));
+        }
         Ok(PathBuf::from(&self.db_path))
     }
 }
 
 /// `[replication_log]`.
 fn replication_settings(rl: &ReplicationLogConfig) -> Result<ReplicationSettings, ConfigError> {
-    ensure(
-        rl.shards > 0,
-        "replication_log.shards",
-        "must be at least 1",
-    )?;
-    ensure(
-        rl.shards <= 1024,
-        "replication_log.shards",
-        "must be at most 1024",
-    )?;
-    ensure(
-        rl.max_entries > 0 || rl.max_entries == -1,
-        "replication_log.max_entries",
-        "must be a positive number of messages per stream (or -1 for unlimited)",
-    )?;
+    if rl.shards == 0 {
+        return Err(invalid("replication_log.shards", "must be at least 1"));
+    }
+    if rl.shards > 1024 {
+        return Err(invalid("replication_log.shards", "must be at most 1024"));
+    }
+    if rl.max_entries == 0 || rl.max_entries < -1 {
+        return Err(invalid(
+            "replication_log.max_entries",
+            "must be a positive number of messages per stream (or -1 for unlimited)",
+        ));
+    }
     // Go: logstream/replicator.go — replicas < 1 → shards/2+1, capped at 5.
     let replicas = if rl.replicas < 1 {
         (rl.shards / 2 + 1).min(5) as usize
@@ -164,11 +151,12 @@ fn replication_settings(rl: &ReplicationLogConfig) -> Result<ReplicationSettings
     } else {
         rl.replicas as usize
     };
-    ensure(
-        rl.apply_interval_ms <= MAX_APPLY_INTERVAL_MS,
-        "replication_log.apply_interval_ms",
-        format!("must be at most {MAX_APPLY_INTERVAL_MS} (milliseconds)"),
-    )?;
+    if rl.apply_interval_ms > MAX_APPLY_INTERVAL_MS {
+        return Err(invalid(
+            "replication_log.apply_interval_ms",
+            format!("must be at most {MAX_APPLY_INTERVAL_MS} (milliseconds)"),
+        ));
+    }
     Ok(ReplicationSettings {
         shards: rl.shards,
         max_entries: rl.max_entries,
@@ -233,21 +221,21 @@ fn sftp_settings(c: &SftpConfig) -> SftpSettings {
 
 /// `[nats]`: names, URLs, TLS pairing and (embedded mode only) the bind address.
 fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {
-    ensure(
-        !nats.subject_prefix.is_empty() && valid_nats_token(&nats.subject_prefix),
-        "nats.subject_prefix",
-        "must be a non-empty NATS subject token (no spaces, '*', '>')",
-    )?;
-    ensure(
-        !nats.stream_prefix.is_empty() && valid_stream_name(&nats.stream_prefix),
-        "nats.stream_prefix",
-        "must be a non-empty JetStream name (no spaces, '.', '*', '>', '/', '\\')",
-    )?;
-    ensure(
-        nats.urls.iter().all(|u| !u.trim().is_empty()),
-        "nats.urls",
-        "contains an empty URL",
-    )?;
+    if nats.subject_prefix.is_empty() || !valid_nats_token(&nats.subject_prefix) {
+        return Err(invalid(
+            "nats.subject_prefix",
+            "must be a non-empty NATS subject token (no spaces, '*', '>')",
+        ));
+    }
+    if nats.stream_prefix.is_empty() || !valid_stream_name(&nats.stream_prefix) {
+        return Err(invalid(
+            "nats.stream_prefix",
+            "must be a non-empty JetStream name (no spaces, '.', '*', '>', '/', '\\')",
+        ));
+    }
+    if nats.urls.iter().any(|u| u.trim().is_empty()) {
+        return Err(invalid("nats.urls", "contains an empty URL"));
+    }
     // A URL the client cannot use would be retried as a host name forever (`nats//h:4222`) or
     // fail only at connect time (`http://`).
     for u in nats.urls.iter().map(|u| u.trim()) {
@@ -261,11 +249,12 @@ fn check_nats(nats: &NatsConfig) -> Result<(), ConfigError> {
                         .is_none_or(|(_, p)| p.parse::<u16>().is_ok())
             }
         };
-        ensure(
-            usable,
-            "nats.urls",
-            format!("{u:?} is not a NATS server URL (nats://host:port, tls://, ws://, wss://)"),
-        )?;
+        if !usable {
+            return Err(invalid(
+                "nats.urls",
+                format!("{u:?} is not a NATS server URL (nats://host:port, tls://, ws://, wss://)"),
+            ));
+        }
     }
     if nats.cert_file.is_empty() != nats.key_file.is_empty() {
         return Err(invalid(
@@ -312,21 +301,24 @@ fn cluster_settings(overrides: &Overrides) -> Result<ClusterSettings, ConfigErro
 /// Checked even when `enable` is false: the metrics are built either way.
 fn check_prometheus(p: &PrometheusConfig) -> Result<(), ConfigError> {
     const RULE: &str = "Prometheus metric names match [a-zA-Z_:][a-zA-Z0-9_:]*";
-    ensure(
-        p.namespace.is_empty() || valid_metric_name(&p.namespace),
-        "prometheus.namespace",
-        format!("{:?} cannot start a metric name ({RULE})", p.namespace),
-    )?;
+    if !p.namespace.is_empty() && !valid_metric_name(&p.namespace) {
+        return Err(invalid(
+            "prometheus.namespace",
+            format!("{:?} cannot start a metric name ({RULE})", p.namespace),
+        ));
+    }
     let prefix = [p.namespace.as_str(), p.subsystem.as_str()]
         .into_iter()
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join("_");
-    ensure(
-        p.subsystem.is_empty() || valid_metric_name(&prefix),
-        "prometheus.subsystem",
-        format!("{:?} cannot be part of a metric name ({RULE})", p.subsystem),
-    )
+    if !p.subsystem.is_empty() && !valid_metric_name(&prefix) {
+        return Err(invalid(
+            "prometheus.subsystem",
+            format!("{:?} cannot be part of a metric name ({RULE})", p.subsystem),
+        ));
+    }
+    Ok(())
 }
 
 /// Prometheus's metric name rule (as the `prometheus` crate checks it when a metric is built).
