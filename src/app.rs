@@ -5,8 +5,9 @@
 //! Invariants:
 //! - The HTTP servers (metrics, health, pprof) start first, so health reports start-up, and stop
 //!   last, after the node has drained.
-//! - `-cleanup` and `-save-snapshot` take the database lock: they refuse while a daemon runs on
-//!   the database (the daemon saves snapshots itself).
+//! - `-cleanup` takes the database lock: it refuses while a daemon runs on the database.
+//!   `-save-snapshot` asks a running daemon to save (it holds the positions its database is
+//!   consistent with), else takes the lock and saves itself.
 //! - `-save-snapshot` succeeds (exit 0) only when the upload succeeded (Go exits 0 either way).
 
 use std::sync::Arc;
@@ -32,9 +33,10 @@ pub fn cleanup(settings: &Settings) -> anyhow::Result<usize> {
     Ok(dropped)
 }
 
-/// Saves one snapshot of the database and exits (`-save-snapshot`): the daemon's start-up (capture,
-/// broker, streams), then a copy at the seq map's positions (no daemon runs, so the database holds
-/// everything they name), uploaded. Refused with `replicate = false` or `snapshot.enabled = false`.
+/// Saves one snapshot of the database and exits (`-save-snapshot`): asks the daemon running on
+/// it, if any; else the daemon's start-up (capture, broker, streams), then a copy at the seq
+/// map's positions (no daemon runs, so the database holds everything they name), uploaded.
+/// Refused with `replicate = false` or `snapshot.enabled = false`.
 pub async fn save_snapshot(
     settings: Settings,
     shutdown: CancellationToken,
@@ -46,6 +48,10 @@ pub async fn save_snapshot(
         anyhow::bail!(
             "replicate = false: this node does not apply the cluster's changes, so its database is not a snapshot of the cluster"
         );
+    }
+    match db::lock(&settings.db_path) {
+        Err(db::Error::Locked(..)) => return ask_daemon_to_save(&settings, &shutdown).await,
+        locked => drop(locked?),
     }
     let observers = Observers {
         metrics: Metrics::unserved(settings.node_id),
@@ -91,6 +97,55 @@ pub async fn save_snapshot(
     }
     drop(lock);
     result
+}
+
+/// How long `-save-snapshot` waits for a running daemon to reach NATS, and to save.
+const DAEMON_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const DAEMON_SAVE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// `-save-snapshot` beside a running daemon: asks it to save now ([`save_subject`]) and waits
+/// for the outcome.
+///
+/// [`save_subject`]: crate::snapshot::scheduler::save_subject
+async fn ask_daemon_to_save(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<crate::snapshot::Meta> {
+    let urls = if settings.nats.urls.is_empty() {
+        let run_dir = crate::config::data_root_dir(&settings.db_path).join("nats");
+        let url = crate::stream::embedded::running_client_url(&run_dir).with_context(|| {
+            format!(
+                "A daemon runs on this database, but no live embedded nats-server was found in {}",
+                run_dir.display()
+            )
+        })?;
+        vec![url]
+    } else {
+        settings.nats.urls.clone()
+    };
+    let connecting = crate::stream::connect(settings, &urls, shutdown, |_| {});
+    let client = tokio::time::timeout(DAEMON_CONNECT_TIMEOUT, connecting)
+        .await
+        .context("Cannot reach NATS to ask the running daemon to save a snapshot")??;
+    tracing::info!("A daemon runs on this database; asking it to save a snapshot");
+    let subject = crate::snapshot::scheduler::save_subject(settings);
+    let request = async_nats::Request::new().timeout(Some(DAEMON_SAVE_TIMEOUT));
+    let reply = client
+        .send_request(subject, request)
+        .await
+        .context("The running daemon did not answer the save request (snapshots disabled there, or an older version)")?;
+    let answer: serde_json::Value =
+        serde_json::from_slice(&reply.payload).context("Unreadable answer from the daemon")?;
+    if let Some(error) = answer.get("error") {
+        anyhow::bail!(
+            "The running daemon could not save a snapshot: {}",
+            error.as_str().unwrap_or_default()
+        );
+    }
+    let meta = serde_json::from_value::<crate::snapshot::Meta>(answer)
+        .context("Unreadable answer from the daemon")?;
+    tracing::info!(size = meta.size, positions = ?meta.positions, "Snapshot saved by the running daemon");
+    Ok(meta)
 }
 
 /// `-schema-status`: this database's schema hash and watched tables (read only; no NATS).

@@ -43,4 +43,6 @@ pub(super) fn snapshots(
 pub(super) fn spawn_snapshots(tasks: &mut Subsystems, node: &Node, snapshots: &Arc<Snapshots>) {
     let run = Arc::clone(snapshots).run(node.root.clone());
     super::spawn_forever(tasks, "snapshot scheduler", run);
+    let saves = Arc::clone(snapshots).serve_saves(node.root.clone());
+    super::spawn_forever(tasks, "snapshot save requests", saves);
 }

@@ -37,6 +37,12 @@ pub fn request_subject(settings: &Settings) -> String {
     format!("{}.snapshot.request", settings.nats.stream_prefix)
 }
 
+/// Subject where `-save-snapshot`, run beside this node's daemon, asks it to save now.
+pub fn save_subject(settings: &Settings) -> String {
+    let (prefix, id) = (&settings.nats.stream_prefix, settings.node_id);
+    format!("{prefix}.snapshot.save.{id}")
+}
+
 /// A recovering node's request: it needs, per stream, a snapshot containing at least the
 /// sequence before the stream's first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,6 +223,31 @@ impl Snapshots {
         let _ = self.save_now(why).await;
         refresh.abort();
         true
+    }
+
+    /// Answers `-save-snapshot` on [`save_subject`] until shutdown: saves now, whoever leads (the
+    /// daemon holds the positions its database is consistent with), and replies with the
+    /// snapshot's metadata or `{"error": …}`.
+    pub async fn serve_saves(self: Arc<Self>, shutdown: CancellationToken) {
+        let subscribed = self.client.subscribe(save_subject(&self.settings)).await;
+        let mut saves = match subscribed {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot listen for -save-snapshot requests");
+                return shutdown.cancelled().await;
+            }
+        };
+        while let Some(Some(msg)) = shutdown.run_until_cancelled(saves.next()).await {
+            let Some(reply) = msg.reply else { continue };
+            let answer = match self.save_now("requested by -save-snapshot").await {
+                Ok(meta) => meta.to_json(),
+                Err(e) => serde_json::json!({ "error": crate::error_chain(&e) }).to_string(),
+            };
+            if let Err(e) = self.client.publish(reply, answer.into()).await {
+                tracing::warn!(error = %e, "Cannot answer a -save-snapshot request");
+            }
+        }
+        shutdown.cancelled().await;
     }
 
     /// Runs the election and the triggers until shutdown.

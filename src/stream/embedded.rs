@@ -319,6 +319,29 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
+/// The client URL of a live embedded server started with `run_dir` (another process's: the
+/// newest ports file whose server still runs).
+pub fn running_client_url(run_dir: &Path) -> Option<String> {
+    let mut live: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(run_dir.join("ports"))
+        .ok()?
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let name = path.file_name()?.to_str()?;
+            let pid: i32 = name
+                .strip_prefix("nats-server_")?
+                .strip_suffix(".ports")?
+                .parse()
+                .ok()?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok()?;
+            Some((std::fs::metadata(&path).ok()?.modified().ok()?, path))
+        })
+        .collect();
+    live.sort();
+    live.iter()
+        .rev()
+        .find_map(|(_, path)| read_client_url(path))
+}
+
 /// Picks the client URL from a ports file (JSON: `{"nats": [URLs], …}`), preferring loopback.
 fn read_client_url(path: &Path) -> Option<String> {
     #[derive(serde::Deserialize)]

@@ -434,8 +434,9 @@ fn nats_store(
     (rt, store)
 }
 
-/// `-save-snapshot` uploads a snapshot with its positions and checksum and exits 0; it exits
-/// non-zero with a clear message when it cannot (here: snapshots disabled, a daemon running).
+/// `-save-snapshot` uploads a snapshot with its positions and checksum and exits 0 — beside a
+/// running daemon by asking it, else by itself; it exits non-zero with a clear message when it
+/// cannot (here: snapshots disabled).
 #[test]
 fn save_snapshot_flag_uploads_and_reports_failures() {
     use harmonylite::snapshot::Store as _;
@@ -449,23 +450,37 @@ fn save_snapshot_flag_uploads_and_reports_failures() {
             && a.query_i64("SELECT count(*) FROM __harmonylite__Books_change_log WHERE state = 0")
                 == 0
     });
-    // Refused while the daemon holds the database.
+    let (rt, store) = nats_store(&nats);
+    let stored = |least: u64| {
+        let meta = rt
+            .block_on(store.meta())
+            .expect("meta")
+            .expect("a snapshot is stored");
+        let positions = meta.positions.clone().expect("positions recorded");
+        assert!(positions.values().all(|&p| p >= least), "{positions:?}");
+        assert!(meta.sha256.is_some() && meta.size.is_some() && meta.fnv_tag.is_some());
+    };
+    // Beside the running daemon: it saves, at the positions it has applied.
     let (code, out) =
-        crate::support::run_to_exit(&a.config, &["-save-snapshot"], Duration::from_secs(30));
-    assert_eq!(code, Some(2), "{out}");
+        crate::support::run_to_exit(&a.config, &["-save-snapshot"], Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("Snapshot saved by the running daemon"),
+        "{out}"
+    );
+    stored(50);
+    assert!(a.log().contains("requested by -save-snapshot"));
+    insert_range(&a, 51, 61);
+    wait_until(Duration::from_secs(30), "a applied its new rows", || {
+        a.query_i64("SELECT count(*) FROM __harmonylite__Books_change_log WHERE state = 0") == 0
+    });
     assert!(a.terminate().success());
+    // Without a daemon it saves by itself.
     let (code, out) =
         crate::support::run_to_exit(&a.config, &["-save-snapshot"], Duration::from_secs(60));
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("Snapshot saved"), "{out}");
-    let (rt, store) = nats_store(&nats);
-    let meta = rt
-        .block_on(store.meta())
-        .expect("meta")
-        .expect("a snapshot is stored");
-    let positions = meta.positions.clone().expect("positions recorded");
-    assert!(positions.values().all(|&p| p >= 50), "{positions:?}");
-    assert!(meta.sha256.is_some() && meta.size.is_some() && meta.fnv_tag.is_some());
+    stored(60);
     // Snapshots disabled: nothing to save to, a clear error, non-zero.
     a.append_config("[snapshot]\nenabled = false");
     let (code, out) =

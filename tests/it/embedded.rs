@@ -119,6 +119,18 @@ fn embedded_three_node_cluster_survives_a_killed_node() {
             n.checksum("Books") == nodes[0].checksum("Books")
         });
     }
+    // `-save-snapshot` beside node 3's daemon finds its embedded server (the killed one's ports
+    // file lies beside it) and asks the daemon to save.
+    let (code, out) = crate::support::run_to_exit(
+        &nodes[2].config,
+        &["-save-snapshot"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("Snapshot saved by the running daemon"),
+        "{out}"
+    );
 
     // A graceful stop takes the child down too.
     assert!(nodes[0].terminate().success());

@@ -484,7 +484,22 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
             if rng.chance(15) {
                 cluster.heal();
             }
-            if let Err(e) = writer.transaction(seed, 40) {
+            let mut result = writer.transaction(seed, 40);
+            if result
+                .as_ref()
+                .is_err_and(|e| e.contains("database is locked"))
+                && cluster.stopped[w].is_some()
+            {
+                // The fault froze this node's daemon (SIGSTOP) inside one of its short write
+                // transactions: the lock is the frozen process's, not something the daemon did.
+                eprintln!(
+                    "seed {seed}: node {}'s daemon was frozen holding the lock",
+                    w + 1
+                );
+                cluster.heal();
+                result = writer.transaction(seed, 40);
+            }
+            if let Err(e) = result {
                 let log = cluster.nodes[w].log();
                 let tail: Vec<&str> = log.lines().rev().take(60).collect();
                 panic!(
