@@ -371,3 +371,16 @@ fn new_node_joins_through_each_store() {
         ),
     );
 }
+
+/// A snapshot store configuration that cannot work stops the daemon at start with exit 2 (an
+/// operator's fix, so `RestartPreventExitStatus=2` does not loop it), naming the key.
+#[test]
+fn an_unusable_store_configuration_exits_2_naming_the_key() {
+    let bin = require_nats!();
+    let nats = NatsServer::start(&bin);
+    let store = "[snapshot]\nstore = \"webdav\"\n[snapshot.webdav]\nurl = \"ftp://h/x\"\n";
+    let a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, store);
+    let (code, out) = crate::support::run_to_exit(&a.config, &[], Duration::from_secs(60));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("snapshot.webdav.url"), "{out}");
+}
