@@ -1,9 +1,8 @@
 //! The replication event as it travels through JetStream, byte-compatible with Go HarmonyLite.
 //!
 //! A message body is the CBOR map `{FromNodeId, Payload: {Id, Type, TableName, Row, sh}}` keyed
-//! by Go's field names (upstream-behaviour §5.2), optionally one zstd frame. A row's shard is
-//! FNV-1 64 over a hand-built CBOR array of the table name and its sorted primary-key pairs
-//! (§5.3), so Go and Rust publishers route the same row to the same stream.
+//! by Go's field names (upstream-behaviour §5.2), optionally one zstd frame. [`shard_hash`] (§5.3)
+//! routes a row to the same stream from Go and Rust publishers.
 //!
 //! Invariants:
 //! - Encoding sends each value exactly as SQLite stores it, not Go's lossy DATETIME/BOOLEAN
@@ -156,8 +155,7 @@ impl ReplicationEvent {
         out
     }
 
-    /// Decodes a decompressed body; an error for anything but a well-formed event whose values
-    /// fit SQLite's storage classes.
+    /// Decodes a decompressed body: a well-formed event whose values fit SQLite's storage classes.
     pub fn decode(body: &[u8]) -> Result<ReplicationEvent, DecodeError> {
         let (item, _) = cbor::decode_first(body)?;
         let wrong = |field| DecodeError::WrongType { field };
@@ -351,9 +349,8 @@ pub fn shard_for(hash: u64, shards: u64) -> u64 {
     hash % shards.max(1) + 1
 }
 
-/// How Go's driver would present a key of a date/datetime/timestamp column when hashing it:
-/// `Some(Some(unix secs))`, `Some(None)` for the zero time (unparseable text; encoded as null),
-/// or `None` when the column is not time-typed or the value is kept as is.
+/// A date/datetime/timestamp key as Go's driver presents it for hashing: `Some(Some(unix secs))`,
+/// `Some(None)` for the zero time (unparseable text; encoded as null), or `None`: hashed as is.
 fn go_time_key(decl_type: &str, value: &Value) -> Option<Option<i64>> {
     if !matches!(decl_type, "date" | "datetime" | "timestamp") {
         return None;
@@ -476,10 +473,9 @@ impl Decompressor {
         ))
     }
 
-    /// Decompresses one frame of at most `limit` bytes (else an error, as for a bad frame). Frames
-    /// declaring their size (ours, Go's `EncodeAll`) are refused before allocating when over the
-    /// limit, else decoded in one call; others are streamed and cut at the limit. A tiny hostile
-    /// frame never costs more than `limit` bytes.
+    /// Decompresses one frame of at most `limit` bytes (else an error). Frames declaring their size
+    /// (ours, Go's `EncodeAll`) are refused before allocating when over it, else decoded in one
+    /// call; others are streamed and cut at the limit: a hostile frame costs at most `limit`.
     pub fn decompress_limited(
         &mut self,
         body: &[u8],

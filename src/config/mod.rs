@@ -1,16 +1,12 @@
-//! Configuration in two layers: [`FileConfig`] mirrors Go HarmonyLite's TOML exactly (same keys,
-//! same units, Go's defaults from `cfg/config.go`), and [`Settings`] is the validated, typed view
-//! the rest of the program uses.
+//! Configuration in two layers: [`FileConfig`] ([`file`], re-exported here) mirrors Go
+//! HarmonyLite's TOML exactly (same keys, same units, Go's defaults from `cfg/config.go`);
+//! `validate` checks it section by section into [`Settings`], the typed view the rest of the
+//! program uses. Here: the settings, errors, parsing and loading.
 //!
 //! Invariants:
-//! - Any config file the Go binary accepts loads unchanged. Keys we do not know are warned about
-//!   by path (Go ignored them silently), never fatal.
-//! - Every rejection is a [`ConfigError`] whose message names the offending key; nothing here
-//!   panics on input.
+//! - Any config Go accepts loads unchanged; unknown keys get a warning by path (Go ignored them).
+//! - Every rejection is a [`ConfigError`] naming the offending key; nothing here panics on input.
 //! - CLI overrides (`-node-id`) are applied in one place, [`FileConfig::validate`].
-//!
-//! [`file`]: the TOML structs and their defaults (re-exported here); `validate`: checks them
-//! section by section into [`Settings`]; here: the typed settings, errors, parsing and loading.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -269,8 +265,7 @@ pub fn listen_addr(bind: &str) -> String {
     }
 }
 
-/// Go's default node id: FNV-1 64 of the machine id (dbus first, then systemd), or of a random
-/// UUID with a warning when neither can be read.
+/// Go's default node id: FNV-1 64 of the machine id (dbus, then systemd) or, warned, a random UUID.
 pub fn default_node_id() -> u64 {
     let id = ["/var/lib/dbus/machine-id", "/etc/machine-id"]
         .iter()

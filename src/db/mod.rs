@@ -79,8 +79,7 @@ pub enum Error {
     /// A snapshot has tables or columns this node lacks: it waits for the migration ([`restore`]).
     #[error("waiting for this node's migration to restore: snapshot has {}", .0.join(", "))]
     Behind(Vec<String>),
-    /// As many events as are kept wait for this node's schema already: applying pauses (nothing
-    /// is lost: the rest stay in the stream) until a migration here lets them apply.
+    /// Nothing is lost: the rest stay in the stream until a migration here lets them apply.
     #[error(
         "{0} events wait for this node's schema, the most kept: applying pauses until this node \
          runs the migration they need"
@@ -221,12 +220,10 @@ pub struct DbLock {
     _file: nix::fcntl::Flock<std::fs::File>,
 }
 
-/// Tells whether another process has a read transaction open on the database (so housekeeping
-/// commits can wait for none: [`changelog::ChangeLog::housekeep`]), from the WAL read-mark locks in
-/// `<db>-shm` (SQLite's unix VFS: shared `fcntl` locks on bytes 123..=127, one per reader slot).
-///
-/// The descriptor is never closed (that drops every POSIX lock the process holds on the file,
-/// SQLite's too): [`ReaderProbe::open`] shares one probe per `-shm` file, renewed with the file.
+/// Tells whether another process has a read transaction open (housekeeping commits wait for none:
+/// [`changelog::ChangeLog::housekeep`]), from the WAL read-mark locks in `<db>-shm` (shared `fcntl`
+/// locks, one per reader slot). The descriptor is never closed (closing drops every POSIX lock the
+/// process holds on the file, SQLite's too): [`ReaderProbe::open`] shares one per `-shm` file.
 pub struct ReaderProbe {
     shm: std::mem::ManuallyDrop<std::fs::File>,
 }

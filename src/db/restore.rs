@@ -9,9 +9,8 @@
 //!   snapshot's position) is kept: no committed local write is overwritten; it still replicates.
 //! - Our own tables (change logs, held events, identity) are never read from the snapshot.
 //! - A table the snapshot lacks, or lacks a key column of, is left alone and reported.
-//! - A snapshot with tables or columns this node lacks (behind on a migration) is not restored:
-//!   merged, they would be lost for good once the positions moved past the changes that made
-//!   them. It fails ([`Error::Behind`], changing nothing) until this node migrates (all nodes do).
+//! - A snapshot with tables or columns this node lacks fails ([`Error::Behind`], nothing changed)
+//!   until this node migrates: merged, they would be lost once positions passed their changes.
 //! - A database without application tables (a new node, an empty file) is not behind: it takes
 //!   the snapshot whole, schema included ([`take_whole`]), as Go does.
 //! - A UNIQUE conflict while merging (rows that swapped values) falls back to replacing the
@@ -58,9 +57,8 @@ pub struct Restored {
     pub skipped: Vec<(String, String)>,
 }
 
-/// Merges the snapshot at `snapshot` into the database of `conn`; on an error nothing changes.
-/// Changes of ours published past its `positions` (per shard, index shard − 1) are kept. `check`
-/// runs first in the write transaction (the schema is still the one capture was installed for).
+/// Merges the snapshot at `snapshot` into `conn`'s database (on an error nothing changes), keeping
+/// our changes published past its `positions` (per shard); `check` runs first, in the transaction.
 pub fn restore(
     conn: &mut Connection,
     log: &ChangeLog,
@@ -333,9 +331,8 @@ fn in_flight(
         .collect())
 }
 
-/// Checkpoints the WAL into the database file on a connection and thread of our own right after a
-/// restore committed: holding SQLite's checkpoint lock, it makes the automatic checkpoints of other
-/// commits (the application's) skip this work. A failure leaves it to the next automatic one.
+/// Checkpoints the WAL after a restore, on a thread and connection of our own, so the application's
+/// automatic checkpoints skip the work (we hold the checkpoint lock); if it fails, they do it.
 fn checkpoint_behind(path: std::path::PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("hl-checkpoint".into())

@@ -1,14 +1,11 @@
-//! Start-up: everything before the subsystems run — lock and open the database, install capture,
-//! start or reach the broker, connect, check the streams, take the node-id lease
-//! (upstream-behaviour §1 order where it matters: capture before publishing, streams before
-//! consumers).
+//! Start-up, before the subsystems run: lock and open the database, install capture, start or reach
+//! the broker, connect, check the streams, take the node-id lease (upstream-behaviour §1 order
+//! where it matters: capture before publishing, streams before consumers).
 //!
 //! Invariants:
-//! - The database lock is taken before anything touches the file, and handed to the caller, who
-//!   holds it until the very end.
+//! - The database lock is taken before anything touches the file; the caller holds it to the end.
 //! - A failure after the embedded broker started stops it before returning.
-//! - Conflicts an operator must resolve (shard count, a second live node id) are
-//!   [`StartError::Conflict`] (exit 2); retrying cannot fix them.
+//! - Operator-only conflicts (shard count, second live node id): [`StartError::Conflict`], exit 2.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,14 +40,12 @@ pub struct Ready {
     pub lease: Option<stream::lease::Lease>,
     /// Held until the node has stopped.
     pub lock: db::DbLock,
-    /// The highest global change id that a run before this process may have handed to NATS:
-    /// the previous run's sent mark, or without one every change captured before this process
-    /// took the database lock. Changes captured later were certainly not sent before.
+    /// The highest global change id an earlier run may have handed to NATS: its sent mark, else
+    /// every change captured before we took the database lock (later ones cannot have been sent).
     pub sent_before_start: i64,
 }
 
-/// Runs start-up; `Ok(None)` when shutdown was requested meanwhile. Errors carry context;
-/// conflicts are [`StartError::Conflict`].
+/// Runs start-up; `Ok(None)` on shutdown meanwhile; conflicts are [`StartError::Conflict`].
 pub async fn setup(
     settings: Arc<Settings>,
     observers: Observers,
@@ -103,9 +98,8 @@ pub async fn setup(
     }))
 }
 
-/// Locks the database, lists its tables and installs capture (blocking work, off the reactor).
-/// Also returns the highest global change id captured before (with the lock held, no other run
-/// of ours can send after it).
+/// Locks the database, lists its tables and installs capture (off the reactor), and returns the
+/// highest global change id captured before (under the lock no other run of ours sends more).
 async fn open_database(
     settings: &Arc<Settings>,
 ) -> anyhow::Result<(Capture, String, db::DbLock, i64)> {
@@ -119,9 +113,8 @@ async fn open_database(
         let logged = logged_columns(&before)?;
         drop(before);
         let mut capture = install_capture(&s)?;
-        // The schema changed while we were stopped: changes captured before of a table whose
-        // columns changed may lack some. Only those tables: the others' pending changes must
-        // still hold back (and overrule) other nodes' older events.
+        // Columns changed while stopped: those tables' earlier changes may lack some. Only those:
+        // other tables' pending changes must still hold back (and overrule) older remote events.
         if !capture.previous_hash.is_empty() {
             for (i, t) in capture.tables.iter().enumerate() {
                 let same = logged.get(&db::change_log_name(&t.name)).is_some_and(|l| {
@@ -156,8 +149,7 @@ async fn open_database(
     .context("start-up task failed")?
 }
 
-/// Where the database file lives: the machine (`/etc/machine-id`, else the host name), the
-/// device and the inode. A copy of the file differs in at least one of them.
+/// `machine:device:inode` of the file (machine: `/etc/machine-id` or host name): a copy differs.
 fn file_identity(path: &std::path::Path) -> String {
     use std::os::unix::fs::MetadataExt;
     let machine = ["/etc/machine-id", "/proc/sys/kernel/hostname"]
@@ -171,10 +163,9 @@ fn file_identity(path: &std::path::Path) -> String {
     format!("{machine}:{dev}:{ino}")
 }
 
-/// Positions live with the data (design §14): where the database records what it has applied,
-/// that is where this run starts, whatever the seq map says — a database restored from an older
-/// backup replays (or restores) from its own positions instead of skipping what it lacks, and a
-/// lost seq map costs nothing. The seq map (Go's file) is rewritten to match.
+/// Positions live with the data (design §14): a run starts where the database records it applied,
+/// whatever the seq map (Go's file; rewritten to match) says. A database restored from an old
+/// backup thus replays what it lacks instead of skipping it; a lost seq map costs nothing.
 fn adopt_positions(conn: &rusqlite::Connection, s: &Settings) -> anyhow::Result<()> {
     let recorded = db::applied_positions(conn).context("Unable to read the applied positions")?;
     let mut seqmap = crate::seqmap::SeqMap::open_tolerant(&s.seq_map_path)?;
@@ -237,8 +228,7 @@ pub async fn reinstall(
     .context("reinstall task failed")?
 }
 
-/// The columns each change log records (by change log name, `val_` prefix removed), as capture
-/// left them: read before capture is installed again.
+/// Per change log, the columns it records (no `val_` prefix), read before capture is reinstalled.
 fn logged_columns(
     conn: &rusqlite::Connection,
 ) -> anyhow::Result<std::collections::HashMap<String, Vec<String>>> {
@@ -273,8 +263,7 @@ fn max_log_id(conn: &rusqlite::Connection, table: &db::Table) -> anyhow::Result<
     .context("Unable to read the change logs")
 }
 
-/// Lists the tables, computes the schema hash and installs capture (again, when the
-/// application changes the schema in between).
+/// Lists tables, hashes the schema, installs capture; retried while the schema changes meanwhile.
 fn install_capture(settings: &Settings) -> anyhow::Result<Capture> {
     for _ in 1..20 {
         match install_once(settings) {

@@ -1,27 +1,24 @@
 //! The applying side: JetStream → SQLite (design §3.2, §3.3, §3.7, §4).
 //!
 //! One consumer per shard ([`super::consume`]) forwards raw messages from the saved sequence + 1
-//! into one bounded channel. One thread owns the applier connection and the seq map: it takes what
-//! is waiting (up to [`MAX_BATCH`]), applies it in one transaction, then advances the seq map
-//! once. A shard's messages enter the channel in stream order, so per-shard order holds.
+//! into one bounded channel, in stream order (so per-shard order holds). One thread owns the
+//! applier connection and the seq map: it applies what is waiting (up to [`MAX_BATCH`]) in one
+//! transaction, then advances the seq map once.
 //!
 //! Invariants:
 //! - The seq map advances only after the batch committed durably; a crash in between replays the
 //!   batch, which is idempotent (whole-row upserts and deletes by key).
-//! - Every node applies every event, its own included: that makes a shard's last message win on
-//!   every node.
-//! - A batch failing for environmental reasons is retried with backoff until it commits or
-//!   shutdown; poison events are quarantined by [`crate::db::apply`].
-//! - On shutdown the thread finishes the batch in hand, saves the seq map and exits; messages
-//!   still in the channel are redelivered after restart.
+//! - Every node applies every event, its own included, so a shard's last message wins everywhere.
+//! - Failed batches are retried with backoff; poison events are quarantined ([`crate::db::apply`]).
+//! - On shutdown the batch in hand still commits unless failing; queued messages are redelivered.
 //!
 //! Commit pacing (`replication_log.apply_interval_ms`, default 20): while events keep arriving,
-//! writing batches commit at most once per interval; the first event after a quiet spell, or a
-//! full batch already waiting (catch-up), goes in at once; batches writing nothing (own events
-//! coming back) neither wait nor count. Why: an apply commit landing between the first read and
-//! first write of an application's deferred transaction fails it (WAL: stale snapshot, BUSY at
-//! once, no busy handler helps), so failures follow commits/s, not rows/s; only `BEGIN IMMEDIATE`
-//! makes them safe (figures: docs/performance.md#commits-and-readers).
+//! writing batches commit at most once per interval; the first event after a quiet spell, or a full
+//! batch waiting (catch-up), goes at once; batches writing nothing (own events back) neither wait
+//! nor count. Why: an apply commit between the first read and first write of an application's
+//! deferred transaction fails it (WAL: stale snapshot, BUSY at once, no busy handler helps), so
+//! failures follow commits/s, not rows/s; only `BEGIN IMMEDIATE` is safe (figures:
+//! docs/performance.md#commits-and-readers).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -100,8 +97,7 @@ pub enum RestoreError {
     Stopping,
 }
 
-/// Whether a message id names this database as its publisher
-/// (`<node_id>:<database identity>:<table>:<change id>:<created_at>`).
+/// Whether a message id (`<node_id>:<identity>:<table>:<change id>:<created_at>`) is ours.
 pub fn is_own(msg_id: Option<&str>, identity: &str) -> bool {
     msg_id
         .and_then(|id| id.split(':').nth(1))
@@ -164,8 +160,7 @@ pub enum ApplyError {
     Fatal(#[source] crate::db::Error),
 }
 
-/// Starts the apply thread (fails only if the OS refuses a thread). It runs until the channel
-/// closes or `shutdown` is cancelled, and returns an error only when the node must stop.
+/// Starts the apply thread (fails only if the OS refuses); it errs only when the node must stop.
 pub fn spawn_apply_thread(
     work: ApplyThread,
     rx: mpsc::Receiver<Work>,
@@ -258,8 +253,7 @@ impl Worker {
                 Received::Message(d) => d,
             };
             let wait = pace(self.work.apply_interval, self.last_write, Instant::now());
-            // A full batch already waiting (catching up) gains nothing from waiting. Shutdown
-            // meanwhile: the batch in hand is still applied.
+            // Catch-up (a full batch waiting) goes at once; on shutdown the batch is still applied.
             if !wait.is_zero() && rx.len() < MAX_BATCH {
                 pause(&self.runtime, &self.shutdown, wait);
             }
@@ -391,8 +385,7 @@ impl Worker {
         }
     }
 
-    /// Merges a snapshot and moves every position to the snapshot's; answers the job. Fails
-    /// only when the database failed for good (the thread must stop).
+    /// Merges a snapshot, moves every position to its own and answers the job; `Err` when fatal.
     fn restore(&mut self, job: RestoreJob) -> Result<(), ApplyError> {
         let gate = Arc::clone(&self.work.gate);
         let _held = lock(&gate);
@@ -454,8 +447,7 @@ impl Worker {
         }
     }
 
-    /// Applies a batch, retrying what may pass later; `Ok(false)` on shutdown meanwhile. Fails on
-    /// what retrying cannot fix (disk full, read-only, corrupt, I/O): the node must stop.
+    /// Applies a batch with retries (module header); `Ok(false)` on shutdown, `Err` when fatal.
     fn apply_with_retry(&mut self, batch: &[Delivered]) -> Result<bool, crate::db::Error> {
         let w = &mut self.work;
         let mut decompressor = self.decompressor.as_mut();
@@ -503,8 +495,7 @@ impl Worker {
                     return Ok(true);
                 }
                 Err(e) if e.is_fatal() => return Err(e),
-                // DDL by the application: capture is being reinstalled, the node then starts a
-                // fresh applier; until then, wait without noise.
+                // Application DDL: capture is reinstalled, then a new applier starts; wait quietly.
                 Err(crate::db::Error::SchemaChanged) => {
                     if !pause(&self.runtime, &self.shutdown, Duration::from_millis(50)) {
                         return Ok(false);
@@ -554,8 +545,7 @@ fn read_only(o: &Outcome) -> bool {
     )
 }
 
-/// Commit pacing: how long the next batch waits so commits are at least `interval` apart; zero
-/// when the last commit is that old (a quiet spell) or the interval is zero.
+/// Commit pacing: the next batch's wait so commits are ≥ `interval` apart (0 after a quiet spell).
 fn pace(interval: Duration, last_commit: Option<Instant>, now: Instant) -> Duration {
     last_commit.map_or(Duration::ZERO, |at| {
         (at + interval).saturating_duration_since(now)

@@ -1,7 +1,6 @@
-//! The consumers and recovery: one consumer per shard; when one finds the stream no longer holds
-//! changes this node lacks (a gap: new node, long stop, fell behind), all stop, a verified
-//! snapshot is restored through the apply thread, and they start again from its positions
-//! (design §3.11; Go restores only at start, and only when it happens to).
+//! Consumers and recovery (design §3.11; Go restores only at start): one consumer per shard; when
+//! one finds a gap (the stream dropped changes this node lacks: new node, long stop, fell behind),
+//! all stop, the apply thread restores a verified snapshot and they restart from its positions.
 //!
 //! Invariants:
 //! - Consumers restart only after the apply thread has taken the restore, which it runs after
@@ -14,8 +13,7 @@
 //! - While recovering, the publisher holds this node's new changes back (pending until restored):
 //!   else after a cluster-wide outage the first nodes back would publish their backlogs past the
 //!   node holding everything, and every node would lack something no other could give it.
-//! - Without snapshots (`snapshot.enabled = false`) a gap is logged as an error and consuming goes
-//!   on past it: there is nothing to recover from.
+//! - Without snapshots (`snapshot.enabled = false`) a gap is logged as an error and skipped.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -105,8 +103,7 @@ pub async fn run(
         let gap = tokio::select! {
             biased;
             _ = shutdown.cancelled() => None,
-            // Without snapshots no consumer reports gaps (they go on past them): the channel is
-            // closed from the start and must not end the round.
+            // Without snapshots no consumer reports gaps: the closed channel must not end a round.
             Some(g) = gaps.recv(), if snapshots.is_some() => Some(g),
         };
         round.cancel();
@@ -201,13 +198,11 @@ enum Attempt {
     Restored(Meta),
     /// No usable snapshot yet (why).
     Wait(String),
-    /// Shutdown began.
     Stopping,
 }
 
-/// Per stream: the sequence before the stream's first retained one, and the position a snapshot
-/// must reach — that, and never less than what this node applied already (a snapshot behind us
-/// on some stream would take rows back to older values until the replay caught up).
+/// Per stream: the sequence before the first retained one, and what a snapshot must reach: that, or
+/// this node's position if higher (an older one would take rows back until the replay caught up).
 async fn needs(
     node: &Node,
     streams: &[String],
@@ -226,9 +221,7 @@ async fn needs(
     Ok((before_first, need))
 }
 
-/// The positions a snapshot contains, per stream, or `None` for one without recorded positions
-/// (made by Go, or its metadata was lost): such a snapshot is restored as Go does, followed by a
-/// replay of everything the streams retain.
+/// The positions a snapshot contains, per stream; `None` for one without (Go's, or metadata lost).
 fn positions_of(meta: &Meta, streams: &[String]) -> Option<Vec<u64>> {
     meta.positions.as_ref().map(|p| {
         streams
@@ -238,8 +231,7 @@ fn positions_of(meta: &Meta, streams: &[String]) -> Option<Vec<u64>> {
     })
 }
 
-/// Whether a snapshot with `meta` may be restored now: its positions reach `need`, or it has
-/// none (replayed from the streams' start).
+/// Whether a snapshot may be restored now: its positions reach `need`, or it has none.
 fn usable(meta: &Meta, streams: &[String], need: &[u64]) -> bool {
     positions_of(meta, streams).is_none_or(|have| covers(&have, need))
 }
@@ -248,8 +240,7 @@ fn covers(have: &[u64], need: &[u64]) -> bool {
     have.iter().zip(need).all(|(h, n)| h >= n)
 }
 
-/// One try at recovering: looks at the store, then downloads the snapshot, hands it to the
-/// apply thread and accounts for it.
+/// One recovery try: look at the store, download, hand to the apply thread, account for it.
 async fn attempt(
     node: &Node,
     tx: &mpsc::Sender<Work>,
@@ -305,9 +296,8 @@ async fn attempt(
     Ok(Attempt::Restored(meta))
 }
 
-/// Looks at the store before downloading: `Continue` with, per stream, the sequence before the
-/// first retained one and the position needed, and the snapshot listed; `Break` when there is
-/// nothing worth downloading (shutdown, no snapshot, one seen before, one too old).
+/// Looks at the store before downloading: `Continue` with [`needs`] and the snapshot listed, or
+/// `Break` when nothing is worth downloading (shutdown, no snapshot, one seen or too old, no room).
 async fn look(
     node: &Node,
     snapshots: &Snapshots,
@@ -358,8 +348,7 @@ async fn look(
     Ok(ControlFlow::Continue((before_first, need, meta)))
 }
 
-/// Hands the downloaded `file` to the apply thread to restore at `at`; returns its answer and
-/// the database's schema version when it was handed over.
+/// Hands `file` to the apply thread to restore at `at`; its answer and the schema version then.
 async fn hand_over(
     node: &Node,
     tx: &mpsc::Sender<Work>,
@@ -368,8 +357,7 @@ async fn hand_over(
     at: &[u64],
     replay_all: bool,
 ) -> Result<(Result<Restored, RestoreError>, Option<i64>), snapshot::Error> {
-    // Read before the restore looks at the schema: a migration committed in between is then
-    // seen as a change, and the next attempt tries again.
+    // Read before the restore looks at the schema, so a migration in between counts as a change.
     let version = schema_version(node).await;
     let (reply, answer) = tokio::sync::oneshot::channel();
     let job = RestoreJob {
@@ -403,11 +391,9 @@ fn account(node: &Node, restored: &Restored, meta: &Meta, at: &[u64]) {
 /// What a recovery's earlier attempts learned of the store's snapshot (not to refetch it).
 #[derive(Default)]
 struct Seen {
-    /// A snapshot that failed its checks.
     refused: Option<Meta>,
-    /// When a snapshot was refused because this node is behind on a migration, the database's
-    /// schema version then, and what it waits for: no snapshot is downloaded again until the
-    /// schema changed (or [`BEHIND_RECHECK`] passed: the cluster may have gone back).
+    /// Refused for being behind on a migration: when, the schema version then, and why; no download
+    /// again until the schema changes or [`BEHIND_RECHECK`] passes (the cluster may go back).
     behind: Option<(Instant, i64, String)>,
 }
 
@@ -427,9 +413,8 @@ async fn schema_version(node: &Node) -> Option<i64> {
 /// How long a restore waits for the publisher to settle what a failed pass sent.
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
-/// Waits until the held publisher has no pass running and knows where all it sent landed (after a
-/// failed pass it searches the streams, held or not): a restore must count those changes as
-/// landed, not keep their rows in flight ([`super::publish::Unsettled`]). `Ok(false)` on shutdown.
+/// Waits until the held publisher knows where all it sent landed ([`super::publish::Unsettled`]): a
+/// restore counts those as landed, not in flight. `Ok(false)` on shutdown.
 async fn settled(node: &Node, sends: &super::publish::Unsettled) -> Result<bool, snapshot::Error> {
     let started = Instant::now();
     while !sends.settled() {

@@ -1,24 +1,21 @@
-//! Flow control: publishers never run a stream further ahead of the slowest live node than it can
-//! hold (design §3.11; Go HarmonyLite has none, and its nodes silently lose what the stream
-//! discards before they read it).
+//! Flow control (design §3.11): publishers never run a stream further ahead of the slowest live
+//! node than it holds; Go has none, so its nodes silently lose what the stream discards unread.
 //!
-//! Every applying node reports its applied positions in KV bucket [`BUCKET`] (key `node-<id>`,
-//! JSON) right after it advanced (at most every [`REPORT_MIN_GAP`]) and at least every
-//! [`REPORT_EVERY`]. Publishers watch the bucket and, before each send, ask [`Flow::allows`]
-//! whether the message's sequence stays within the window of every *counting* peer.
+//! Every applying node reports its applied positions in KV bucket [`BUCKET`] (key `node-<id>`)
+//! after each advance (at most every [`REPORT_MIN_GAP`]), at least every [`REPORT_EVERY`];
+//! publishers watch it, and [`Flow::allows`] keeps each send within every *counting* peer's window.
 //!
 //! Invariants:
 //! - A peer counts only while alive (a report seen within [`STALE`]) and either keeping up (within
 //!   the window of the stream's end) or advancing (within [`STALLED`]): a stopped, hung or stuck
-//!   node holds publishers back for seconds at most and recovers by snapshot; no writer is
-//!   blocked forever by one bad node.
-//! - A publisher always counts itself (when it applies): at least one node — the one whose changes
-//!   they are — still reads everything even when no other node counts.
+//!   node holds publishers back for seconds at most, then recovers by snapshot.
+//! - A publisher always counts itself (when it applies), so its node reads everything even when no
+//!   other counts: when every consumer stalled at once (server restart, starved machine),
+//!   publishers ran past what anyone had read, all waiting for a snapshot in vain.
 //! - Staleness is judged by when *this* node saw a report change, never by other machines' clocks.
-//! - Without the bucket (an old server) nothing is throttled: flow control is a safety margin, the
-//!   snapshot recovery is the guarantee.
-//! - Each of n live nodes gets a window of `max_messages / (n + 1)`, so that all of them bursting
-//!   at once (each knows only its own unacknowledged messages) still fit.
+//! - Without the bucket (old server) nothing is throttled: snapshot recovery is the guarantee.
+//! - Each of n live nodes gets a window of `max_messages / (n + 1)`, so that all bursting at once
+//!   (backlogs after an outage; each knows only its own unacknowledged messages) still fit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,7 +44,6 @@ pub const STALLED: Duration = Duration::from_secs(3);
 /// Entries of nodes that stopped reporting disappear after this.
 const ENTRY_MAX_AGE: Duration = Duration::from_secs(120);
 
-/// What a node reports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Report {
     pub node_id: u64,
@@ -84,10 +80,8 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// `max_messages`: the configured stream limit, in force until [`Flow::set_limit`] reports the
-    /// streams' own. Right after a start nothing else is known, and a publisher free to send its
-    /// whole backlog ran a 16-message stream past every node, all waiting for a snapshot nobody
-    /// could save.
+    /// `max_messages`: the configured limit, until [`Flow::set_limit`] has the streams' own
+    /// (unpaced at start, one backlog overran a 16-message stream and every node waited in vain).
     pub fn new(streams: Vec<String>, self_id: u64, max_messages: i64) -> Arc<Flow> {
         let limits = streams
             .iter()
@@ -103,10 +97,8 @@ impl Flow {
         })
     }
 
-    /// The window: the stream's `max_messages` shared among the live nodes plus one share of
-    /// margin, for all bursting at once (a backlog after an outage or a migration). With half the
-    /// stream for everyone, three publishers overshot it by half and every node lost the same
-    /// messages — the snapshot leader too (a recovering node does not save).
+    /// The window (module header). Half the stream each let three publishers overshoot it by half:
+    /// all nodes lost the same messages, the snapshot leader too (recovering, it saves none).
     fn window_among(&self, stream: usize, peers: &HashMap<u64, Peer>, now: Instant) -> u64 {
         let limit = self
             .limits
@@ -149,8 +141,6 @@ impl Flow {
     fn slowest_and_window(&self, stream: usize, end: u64, now: Instant) -> (Option<u64>, u64) {
         let peers = lock(&self.peers);
         let window = self.window_among(stream, &peers, now);
-        // This node always counts: when every consumer stalled at once (server restart, starved
-        // machine), publishers ran past what anyone had read; all waited for a snapshot in vain.
         let slowest = peers
             .iter()
             .filter(|(id, p)| **id == self.self_id || counts(p, stream, end, window, now))
@@ -172,8 +162,7 @@ impl Flow {
         self.record_positions(report.node_id, positions);
     }
 
-    /// Records this node's own applied positions (per stream), as its apply thread advances:
-    /// its publisher is paced to it without a round trip through the bucket.
+    /// Records this node's applied positions as they advance (no round trip through the bucket).
     pub fn record_local(&self, positions: &[AtomicU64]) {
         let positions = positions
             .iter()
@@ -366,8 +355,7 @@ pub async fn watch(store: kv::Store, flow: Arc<Flow>, shutdown: CancellationToke
     }
 }
 
-/// Every second: the peers' lag behind the furthest known position (`peer_lag` metric) and the
-/// cluster view of the health endpoint.
+/// Every second: `peer_lag` (behind the furthest known position) and the health endpoint's peers.
 pub async fn observe(
     flow: Arc<Flow>,
     observers: crate::handle::Observers,

@@ -1,17 +1,15 @@
-//! Snapshots (upstream-behaviour §6, design §3.8 and §3.11): a consistent copy of the database
-//! without any `__harmonylite__` artifact, stored with the stream positions it contains, so that
-//! a node lacking changes the streams no longer hold (new, long stopped, fallen behind) restores
-//! it and replays only the tail. [`save`] copies (SQLite's backup API), strips and uploads;
-//! [`fetch_verified`] downloads and checks; [`crate::db::restore`], run by the apply thread,
-//! merges; [`leader`] is Go's leader election and save lease, [`scheduler`] decides when.
+//! Snapshots (upstream-behaviour §6, design §3.8, §3.11): a consistent copy of the database without
+//! `__harmonylite__` artifacts, stored with the stream positions it contains, so a node lacking
+//! changes the streams dropped restores it and replays only the tail. [`save`] copies, strips and
+//! uploads; [`fetch_verified`] downloads and checks; the apply thread merges
+//! ([`crate::db::restore`]); [`scheduler`] decides when, [`leader`] who.
 //!
 //! Invariants:
 //! - Application writers are never blocked by a save: the copy is read from a WAL snapshot that
 //!   began between two apply batches, so the rows and the recorded positions match exactly.
 //! - A snapshot is never restored unverified (size, SHA-256, Go's FNV tag, `integrity_check`); a
 //!   refused one is logged and counted, and the node keeps trying.
-//! - Work files live next to the database (same file system, not a small `/tmp`) in a temp dir
-//!   removed on every path.
+//! - Work files: a temp dir by the database (same file system, not a small `/tmp`), always removed.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -119,9 +117,8 @@ pub fn work_dir(db_path: &Path) -> Result<tempfile::TempDir, Error> {
 /// merge's WAL (up to the snapshot's size each) must fit with [`RESTORE_RESERVE`] to spare.
 const RESTORE_RESERVE: u64 = 64 << 20;
 
-/// `Some(bytes needed)` when the file system of `db_path` lacks room to restore a snapshot of
-/// `size` bytes (an unreadable file system counts as room: the download reports the error).
-/// Otherwise a node retrying every few seconds fills the application's disk again each time.
+/// `Some(bytes needed)` when `db_path`'s file system lacks room to restore a `size`-byte snapshot:
+/// a node retrying every few seconds would fill it each time. Unreadable counts as room.
 pub fn lacks_room_to_restore(db_path: &Path, size: u64) -> Option<u64> {
     let dir = crate::config::data_root_dir(db_path);
     let stat = nix::sys::statvfs::statvfs(&dir).ok()?;
@@ -130,9 +127,8 @@ pub fn lacks_room_to_restore(db_path: &Path, size: u64) -> Option<u64> {
     (free < need).then_some(need)
 }
 
-/// Copies the database into `dir` as a plain SQLite file without our tables and triggers
-/// (blocking); returns its path and metadata (positions, schema, node, time). Size and checksums
-/// are left to the upload, which computes them from the bytes it sends ([`Store::upload_filling`]).
+/// Copies the database (blocking) into `dir` without our tables and triggers: path and metadata
+/// (positions, schema, node, time); the upload adds size and checksums ([`Store::upload_filling`]).
 pub fn copy_database(
     source: &Source,
     dir: &Path,
@@ -142,8 +138,7 @@ pub fn copy_database(
     let started = Instant::now();
     let path = dir.join(store::OBJECT);
     let conn = db::open(&source.db_path).map_err(|e| Error::Unusable(e.to_string()))?;
-    // Begin the read transaction between two apply batches: what it sees is exactly what the
-    // positions say (plus local writes, which replicate on their own).
+    // Begin between two apply batches: it sees what the positions say (plus local writes).
     let mut positions: Vec<u64> = {
         let _gate = source.gate.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")
@@ -159,8 +154,7 @@ pub fn copy_database(
     drop(conn);
     copied?;
     let copy_ms = started.elapsed().as_millis() as u64;
-    // Strip our artifacts; events held for a UNIQUE conflict are part of the positions but not of
-    // the rows, so the positions go back to just before the oldest of them.
+    // Strip our objects; held events are in the positions, not the rows: go back before the oldest.
     {
         let snap = Connection::open(&path).map_err(Error::Copy)?;
         lower_for_held(&snap, &source.streams, &mut positions).map_err(Error::Copy)?;
@@ -234,11 +228,10 @@ fn lower_for_held(
     Ok(())
 }
 
-/// Drops every `__harmonylite__` trigger and table and leaves rollback-journal mode. No VACUUM
-/// (Go does one): it may renumber the rowids that tables without a primary key replicate by, and
-/// a restore would then delete and re-insert every row under another rowid. (Our index keeping
-/// them through a VACUUM stays in the snapshot, so a Go node's VACUUM of it keeps them too.) The
-/// pages our tables used stay free in the file.
+/// Drops every `__harmonylite__` trigger and table (their pages stay free) and leaves
+/// rollback-journal mode. No VACUUM (Go does one): it may renumber the rowids that tables without a
+/// primary key replicate by, and a restore would then delete and re-insert every row. Our index
+/// keeping rowids through VACUUM stays, so a Go node's VACUUM of the snapshot keeps them too.
 fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
     let objects: Vec<(String, String)> = {
         let mut stmt = conn.prepare(
@@ -248,8 +241,7 @@ fn strip(conn: &Connection) -> Result<(), rusqlite::Error> {
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?
     };
-    // synchronous first: leaving WAL mode syncs the file otherwise, which forces the whole
-    // fresh copy to disk (half a second per GB) for a file that is uploaded and deleted.
+    // synchronous first, else leaving WAL syncs the whole fresh copy (0.5 s/GB) for nothing.
     conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA journal_mode = DELETE; BEGIN;")?;
     for (kind, name) in &objects {
         // `kind` is 'trigger' or 'table' (the query above).
@@ -285,9 +277,8 @@ fn digest_with(path: &Path, fnv: bool) -> Result<(u64, String, String), Error> {
     Ok((size, crate::hex(&sha), tag))
 }
 
-/// Size, hex SHA-256 and optionally Go's FNV-1 64 tag of bytes fed in order (a file read once
-/// for an upload too). FNV-1, a serial byte loop, is slower than SHA-256 with the CPU's SHA
-/// instructions, so it runs on its own thread over the same buffers (a few wait at most).
+/// Size, hex SHA-256 and optionally Go's FNV-1 64 tag of bytes fed in order; FNV-1, a serial byte
+/// loop slower than hardware SHA-256, runs on its own thread over the same buffers.
 pub struct Digester {
     sha: Sha256,
     size: u64,
@@ -339,11 +330,9 @@ impl Digester {
     }
 }
 
-/// Checks a downloaded file against its metadata and SQLite's own integrity check;
-/// [`Error::Refused`] names what does not match.
+/// Checks a download against its metadata and `integrity_check` ([`Error::Refused`]: what fails).
 pub fn verify(path: &Path, meta: &Meta) -> Result<(), Error> {
-    // SQLite's check and the checksums run side by side (each is CPU-bound); Go's FNV tag is
-    // only computed when there is no SHA-256 to check.
+    // Integrity check and checksums run side by side (each CPU-bound); FNV only without SHA-256.
     std::thread::scope(|scope| {
         let check = scope.spawn(|| integrity(path));
         let sums = check_sums(path, meta);
@@ -427,8 +416,7 @@ pub async fn save(
     Ok(meta)
 }
 
-/// Downloads the snapshot into a new work dir and verifies it ([`Error::Refused`] if it fails);
-/// `Ok(None)` when the store is empty.
+/// Downloads and verifies the snapshot in a new work dir; `Ok(None)` when the store is empty.
 pub async fn fetch_verified(
     store: &dyn Store,
     db_path: &Path,
@@ -449,8 +437,7 @@ pub async fn fetch_verified(
     Ok(Some((dir, path, meta)))
 }
 
-/// Builds the configured store (no request yet; NATS needs the JetStream context). A store
-/// configuration that cannot work fails, naming the key.
+/// Builds the configured store (no request yet); an unworkable config fails, naming the key.
 pub fn open_store(
     settings: &crate::config::Settings,
     js: &async_nats::jetstream::Context,

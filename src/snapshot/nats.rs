@@ -2,15 +2,13 @@
 //! `<stream_prefix>-snapshot-store`), object `snapshot.db` with Go's `harmonylite-snapshot-tag`
 //! header, our [`Meta`] as object metadata key [`META_KEY`] (Go ignores it).
 //!
-//! A put writes the new chunks under a fresh id and only then replaces the object's info, so the
-//! previous snapshot stays readable until the new one is complete. Chunks (half the server's
-//! `max_payload`, at most 1 MiB) are read from the file as they are sent, and a download asks a
-//! pull consumer for about 8 MB at a time: memory does not grow with the snapshot.
+//! A put writes the new chunks under a fresh id, then replaces the object's info: the previous
+//! snapshot stays readable until the new one is complete. Uploads read chunks from the file as
+//! sent, downloads fetch about 8 MB at a time: memory does not grow with the snapshot.
 //!
-//! The put is ours, not the client library's (same subjects, info record and digest, so Go and
-//! the library read it): the library awaits each chunk's ack before the next, which made the
-//! upload most of a save's time. Ours keeps [`ACKS_IN_FLIGHT`] chunks unacknowledged, and removes
-//! the chunks of a put that failed.
+//! The put is ours, not the client library's, which awaits each chunk's ack before the next (most
+//! of a save's time); ours keeps [`ACKS_IN_FLIGHT`] chunks unacknowledged and removes a failed
+//! put's chunks. Same subjects, info record and digest: Go and the library read it.
 
 use std::path::Path;
 
@@ -41,10 +39,8 @@ pub struct NatsStore {
 }
 
 impl NatsStore {
-    /// Writes the chunks of `info` to `out`, [`FETCH_BYTES`] at a time from a pull consumer, so
-    /// memory stays bounded by one batch (the library's reader uses a push consumer whose buffer
-    /// grew to tens of MB). A chunk lost in transit (a gap in the consumer's sequence) or a size
-    /// mismatch fails the download.
+    /// Writes the chunks of `info` to `out` (module header; the library's push consumer buffered
+    /// tens of MB); a lost chunk (a gap in the consumer's sequence) or a size mismatch fails.
     async fn read_chunks(
         &self,
         info: &object_store::ObjectInfo,
@@ -86,8 +82,7 @@ impl NatsStore {
         out.flush().await.map_err(|e| fail(&e))
     }
 
-    /// The chunks of `info`, from an ephemeral pull consumer. Pipelined: the next batch is asked
-    /// for while this one is written out, and no more than about two batches are on their way.
+    /// The chunks of `info` from an ephemeral pull consumer, pipelined: ~two batches in flight.
     async fn chunk_messages(
         &self,
         info: &object_store::ObjectInfo,
@@ -119,9 +114,8 @@ impl NatsStore {
             .map_err(|e| fail(&e))
     }
 
-    /// Puts `data` as the object [`OBJECT`] with our `meta` (module header), computing the size
-    /// and checksums it lacks while sending. The previous object's chunks are purged once the new
-    /// info is in place; a put that fails purges its own.
+    /// Puts `data` as object [`OBJECT`] with our `meta`, filling in size and checksums while
+    /// sending; the old object's chunks are purged once the new info is in place (module header).
     async fn put(
         &self,
         bucket: &object_store::ObjectStore,

@@ -1,17 +1,15 @@
 //! When snapshots are saved, and by whom (upstream-behaviour §6.6 plus design §3.11).
 //!
-//! Only a node that both publishes and applies takes part (a node that does not apply lacks the
-//! other nodes' rows; Go let it save anyway). Among those, the snapshot leader saves: every
-//! `max_entries / shards` sequences of shard 1 (as Go), every `snapshot.interval`, before the
-//! `sleep_timeout` exit, and when a recovering node asks for a newer snapshot on
-//! [`request_subject`]. Each save also takes Go's `snapshot` save lease.
+//! Only nodes that publish and apply take part (one that does not apply lacks the other nodes'
+//! rows; Go let it save anyway). Of those, the snapshot leader saves, under Go's `snapshot` save
+//! lease: every `max_entries / shards` sequences of shard 1 (as Go), every `snapshot.interval`,
+//! before the `sleep_timeout` exit, and when a recovering node asks ([`request_subject`]).
 //!
 //! Invariants:
 //! - One save at a time per node (a trigger during a save is coalesced into one more save).
 //! - Saves run beside the election heartbeat, so a long save does not cost the leadership.
 //! - A trigger whose save could not take the save lease is kept until a save runs.
-//! - A failed save is logged (`Unable to save snapshot`), counted and retried at the next
-//!   trigger; it never stops replication.
+//! - A failed save (logged, counted) is retried at the next trigger; replication goes on.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -43,15 +41,13 @@ pub fn save_subject(settings: &Settings) -> String {
     format!("{prefix}.snapshot.save.{id}")
 }
 
-/// A recovering node's request: it needs, per stream, a snapshot containing at least the
-/// sequence before the stream's first.
+/// A recovering node's need: per stream, a snapshot holding the sequence before the stream's first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Request {
     pub node_id: u64,
     pub need: std::collections::BTreeMap<String, u64>,
 }
 
-/// The snapshot side of a node.
 pub struct Snapshots {
     pub settings: Arc<Settings>,
     pub client: async_nats::Client,
@@ -66,7 +62,6 @@ pub struct Snapshots {
     /// Set while this node recovers: it lacks changes, so it must neither lead nor save (and its
     /// publisher holds its own changes back, see [`crate::replicate::catchup`]).
     recovering: Arc<AtomicBool>,
-    /// Milliseconds the last save took.
     last_save_ms: std::sync::atomic::AtomicU64,
     /// Unix ms of the newest snapshot known to exist (for the age metric).
     newest_ms: AtomicI64,
@@ -125,7 +120,6 @@ impl Snapshots {
         })
     }
 
-    /// Whether this node may save snapshots at all.
     pub fn eligible(&self) -> bool {
         self.settings.snapshot.enabled && self.settings.publish && self.source.is_some()
     }
@@ -134,8 +128,7 @@ impl Snapshots {
         self.leader.load(Ordering::Relaxed)
     }
 
-    /// Saves a snapshot now (no leader check, no lease: `-save-snapshot` and the sleep exit);
-    /// [`Error::Busy`] while another save runs.
+    /// Saves now, unleased (`-save-snapshot`, the sleep exit); [`Error::Busy`] while a save runs.
     pub async fn save_now(&self, why: &str) -> Result<Meta, Error> {
         let Some(source) = &self.source else {
             return Err(Error::Unusable(
@@ -192,8 +185,7 @@ impl Snapshots {
         }
     }
 
-    /// A save as the leader does it: under Go's `snapshot` lease, refreshed while it runs.
-    /// False when the lease could not be taken (the save did not run).
+    /// A leader's save, under Go's `snapshot` lease (refreshed meanwhile); false if not taken.
     async fn save_leased(&self, meta_kv: &kv::Store, why: &str) -> bool {
         let id = self.settings.node_id;
         match leader::acquire(meta_kv, leader::SAVE_KEY, id, leader::SAVE_TTL).await {
@@ -276,7 +268,6 @@ impl Snapshots {
             .inspect_err(|e| tracing::warn!(error = %e, "Cannot listen for snapshot requests"))
             .ok();
         let mut triggers = Triggers::new(&self);
-        // When the next election round is due.
         let mut next_round = Instant::now();
         loop {
             if Instant::now() >= next_round {
@@ -325,8 +316,7 @@ impl Snapshots {
             .map_or(0, |p| p.load(Ordering::Relaxed))
     }
 
-    /// Notes the triggers that fired and, on the leader, starts a save when one is wanted and
-    /// none is running (only the leader acts on them; the others keep their counters current).
+    /// Notes fired triggers (every node keeps counters current); the leader starts a wanted save.
     fn check_triggers(self: &Arc<Self>, meta_kv: &kv::Store, t: &mut Triggers) {
         let settings = &self.settings;
         let bucket_now = self.first_position() / t.every;
@@ -406,8 +396,7 @@ impl Snapshots {
             })
     }
 
-    /// Marks this node as recovering (or done): a recovering node gives up the leadership at once
-    /// (its snapshots could not help anyone) and does not take it again until it is done.
+    /// Sets `recovering` (field doc); turning it on gives up the leadership at once.
     pub async fn set_recovering(&self, on: bool) {
         self.recovering.store(on, Ordering::Relaxed);
         if on && self.resign_here("this node is recovering") {
@@ -437,8 +426,7 @@ impl Snapshots {
         was
     }
 
-    /// Whether events wait here for a migration this node has not run: its snapshots would lack
-    /// them (and be pinned before them).
+    /// Whether events here wait for a migration not yet run (its snapshots would lack them).
     fn behind_on_schema(&self) -> bool {
         self.observers.health.catchup().schema_waiting_events > 0
     }

@@ -6,8 +6,7 @@
 //!   when missing; an existing one is updated only with `update_existing` and a real difference.
 //! - Consumers are ephemeral pull consumers without acks ([`pull_consumer`]) starting at the saved
 //!   sequence + 1, never re-reading what this node already applied (design §3.7).
-//! - Nothing here gives up on a broker that is down: connecting and stream set-up retry with
-//!   backoff until they succeed or shutdown is requested.
+//! - Nothing gives up on a down broker: connecting and stream set-up retry until done or shutdown.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,8 +32,7 @@ pub enum Error {
     Embedded(#[from] embedded::Error),
     #[error(transparent)]
     Discovery(#[from] discovery::Error),
-    /// A stream's state could not be read ([`stream_range`], [`pull_consumer`]); the callers
-    /// retry. The text is JetStream's own, as the callers' log lines always showed it.
+    /// A stream's state could not be read ([`stream_range`], [`pull_consumer`]; callers retry).
     #[error(transparent)]
     StreamInfo(#[from] context::GetStreamError),
     /// An ephemeral consumer could not be created ([`pull_consumer`]); the caller retries.
@@ -68,10 +66,9 @@ fn not_found(e: &context::GetStreamError) -> bool {
         if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
-/// Connects to `urls` with the configured authentication, retrying the first connection with
-/// backoff while the servers are unreachable (logging `NATS connection failed`); afterwards the
-/// client reconnects on its own, forever. [`Error::Connect`] only for what retrying cannot fix
-/// (rejected credentials, TLS, an unreadable seed file, a malformed URL).
+/// Connects to `urls` with the configured authentication, retrying the first connection while the
+/// servers are unreachable (logs `NATS connection failed`); later the client reconnects by itself.
+/// [`Error::Connect`] only for what retries cannot fix: rejected credentials, TLS, bad seed or URL.
 pub async fn connect(
     settings: &Settings,
     urls: &[String],
@@ -150,8 +147,7 @@ fn is_certificate_error(text: &str) -> bool {
     .any(|needle| t.contains(needle))
 }
 
-/// Client options: name, reconnect behaviour, event logging, authentication and TLS.
-/// `on_state` hears whether the connection is up (the health endpoint reads it).
+/// Client options (name, reconnects, logging, auth, TLS); `on_state` learns if it is connected.
 fn connect_options(
     settings: &Settings,
     on_state: impl Fn(bool) + Send + Sync + 'static,
@@ -295,8 +291,7 @@ fn differs(have: &js_stream::Config, want: &js_stream::Config) -> bool {
         || have.deny_delete != want.deny_delete
 }
 
-/// Makes sure every shard stream exists, creating missing ones; retries while NATS is unavailable.
-/// [`Error::Stream`] when JetStream rejects the configuration (e.g. a subject another stream owns).
+/// Ensures every shard stream (module header); [`Error::Stream`] if JetStream rejects one.
 pub async fn ensure_streams(
     js: &jetstream::Context,
     settings: &Settings,
@@ -403,8 +398,8 @@ async fn ensure_one(
 }
 
 /// Opens an ephemeral pull consumer on `stream` delivering from `start_seq` (≥ 1), without acks:
-/// the caller drives fetches and tracks sequences, so nothing depends on redelivery. The server
-/// removes it [`CONSUMER_INACTIVE`] after its last fetch. Errors are for the caller to retry.
+/// the caller drives fetches and tracks sequences, so nothing depends on redelivery; the server
+/// removes it [`CONSUMER_INACTIVE`] after its last fetch.
 pub async fn pull_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -435,8 +430,7 @@ pub async fn pull_consumer(
 /// How long the server keeps an ephemeral consumer nobody fetches from.
 pub const CONSUMER_INACTIVE: Duration = Duration::from_secs(120);
 
-/// Message ids starting with `prefix` in `stream` from `from_seq` to the stream's current end,
-/// with their sequences; reads headers only (cheap even for large messages).
+/// `(id, seq)` of messages from `from_seq` on whose id starts with `prefix` (reads headers only).
 pub async fn find_published(
     js: &jetstream::Context,
     stream: &str,
@@ -503,10 +497,9 @@ pub async fn find_published(
     Ok(found)
 }
 
-/// The mismatch, described for the operator, when the shard streams present disagree with
-/// `replication_log.shards`: a stream above the configured count, or configured shards missing
-/// next to streams that hold messages, means nodes disagree on the shard count (rows of shards
-/// some node does not consume would never reach it).
+/// Describes, for the operator, shard streams that disagree with `replication_log.shards`: a stream
+/// above the configured count, or configured shards missing beside streams holding messages, means
+/// nodes disagree on the shard count (rows of shards a node does not consume never reach it).
 pub async fn shard_mismatch(
     js: &jetstream::Context,
     settings: &Settings,

@@ -5,8 +5,7 @@
 //! - A change is marked published (`state = 1`, where it landed, global row deleted) only by
 //!   [`ChangeLog::retire`], with changes JetStream acknowledged (or found in the stream after a
 //!   crash); everything else stays pending. Nothing is ever dropped on error.
-//! - Retiring is batched by the caller into few, rare write transactions: every commit of ours
-//!   can make an application's deferred read-then-write transaction fail with SQLITE_BUSY.
+//! - The caller batches retiring into few, rare write transactions ([`ChangeLog::housekeep`]).
 //! - A global row whose change-log row or table no longer exists cannot be published by anyone; it
 //!   is reported as an orphan and removed (Go panicked or stalled forever on these).
 //! - Only published rows older than the cleanup horizon are deleted, and, while this node applies
@@ -22,7 +21,6 @@ use crate::wire::{Op, Value};
 /// One captured change waiting to be published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingChange {
-    /// Id in the global log.
     pub global_id: i64,
     /// Index of the table in the watched-table list.
     pub table: usize,
@@ -126,7 +124,6 @@ impl ChangeLog {
         self
     }
 
-    /// The watched tables, in index order.
     pub fn tables(&self) -> &[Table] {
         &self.tables
     }
@@ -253,12 +250,11 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// [`ChangeLog::retire`] and [`ChangeLog::cleanup`] in one transaction, rolled back
-    /// (`Ok(None)`) once `undisturbed()` says no — asked after the write lock is taken, every few
-    /// statements and before the commit. Why so often: SQLite fails an application's deferred
-    /// read-then-write transaction with SQLITE_BUSY at once (no busy timeout) whenever another
-    /// connection holds the write lock, committing or not; rolling back microseconds after such a
-    /// reader began frees the lock long before it writes (unless it began after the last check).
+    /// [`ChangeLog::retire`] and [`ChangeLog::cleanup`] in one transaction; `Ok(None)`, rolled
+    /// back, once `undisturbed()` says no (asked on taking the write lock, every few statements,
+    /// before the commit): SQLite fails an application's deferred read-then-write transaction with
+    /// SQLITE_BUSY at once (no busy timeout) while we hold the write lock, committing or not;
+    /// rolling back frees it before such a reader writes (if it began before the last check).
     pub fn housekeep(
         &self,
         conn: &mut Connection,
@@ -275,8 +271,7 @@ impl ChangeLog {
         let Some(cleaned) = self.cleanup_in(&tx, horizon_ms, seqs.as_deref(), undisturbed)? else {
             return Ok(None);
         };
-        // The positions the rows were deleted for go with them (design §14): a restart from
-        // the database's positions never meets a change whose row went as come back.
+        // Commit the positions these deletes assumed (design §14): restarts start past them.
         for (stream, seq) in applied.unwrap_or_default() {
             super::record_applied(&tx, stream, *seq)?;
         }
@@ -353,8 +348,7 @@ impl ChangeLog {
         Ok(true)
     }
 
-    /// The highest global change id ever captured here (0 before capture was first installed):
-    /// the global log's ids are never reused, so a change captured later has a higher one.
+    /// The highest global change id ever captured here (never reused; 0 before any install).
     pub fn highest_global_id(conn: &Connection) -> Result<i64, Error> {
         if !super::has_table(conn, GLOBAL_LOG)? {
             return Ok(0);
@@ -599,7 +593,6 @@ fn key_columns(t: &Table) -> String {
         .join(", ")
 }
 
-/// What [`ChangeLog::in_flight`] returns.
 pub type InFlight = (Vec<(i64, Vec<Value>, bool)>, i64);
 
 /// Statements between reader checks while retiring (a check is one `fcntl` call; a statement, µs).

@@ -1,11 +1,10 @@
 //! The change-log keeper: retires what the publisher is done with (the [`super::Outbox`]) and
 //! deletes old change-log rows, in one write transaction per cleanup interval.
 //!
-//! Every commit of ours fails an application's deferred transaction that has read and not yet
-//! written (SQLITE_BUSY), and so does every such transaction trying to write while ours holds the
-//! write lock. So the keeper commits rarely and only at a quiet moment: no other process in a read
-//! transaction before it starts, none beginning while it runs (it looks every few statements,
-//! rolls back at once and tries again shortly).
+//! Every commit of ours fails (SQLITE_BUSY) an application's deferred transaction that has read but
+//! not yet written, and so does its first write while we hold the write lock. So the keeper commits
+//! rarely, at a quiet moment: no other process in a read transaction before it starts or while it
+//! runs (it looks every few statements, rolls back at once and retries shortly).
 //!
 //! Invariants:
 //! - A batch stays in the outbox until it is committed (a restore reads the outbox).
@@ -33,8 +32,7 @@ const QUIET_WAIT: Duration = Duration::from_millis(250);
 const QUIET_SUSTAIN: Duration = Duration::from_millis(20);
 /// How soon an attempt that found no quiet moment is tried again.
 const QUIET_RETRY: Duration = Duration::from_millis(100);
-/// Housekeeping is forced (committed even while an application transaction is open) when it
-/// has not succeeded for this long...
+/// Housekeeping commits regardless of application readers after no success for this long...
 const FORCE_AFTER: Duration = Duration::from_secs(60);
 /// ... or when this many changes wait to be retired (bounds memory).
 const FORCE_BACKLOG: usize = 100_000;
@@ -114,8 +112,7 @@ pub async fn keep(
 type Attempt = (Retirement, Result<Option<usize>, db::Error>);
 
 /// One attempt, in a blocking thread: waits for a quiet moment (unless `force`d), then retires
-/// `batch` and deletes old rows in one transaction, rolled back if an application reader
-/// appears meanwhile.
+/// `batch` and deletes old rows in one transaction ([`Attempt`]).
 async fn attempt(
     log: &SharedLog,
     probe: &Arc<Option<Arc<db::ReaderProbe>>>,
@@ -141,8 +138,7 @@ async fn attempt(
     .await
 }
 
-/// Logs how an attempt that wrote (or failed to) went, keeping `failing` for one warning per
-/// episode; returns only a fatal database error.
+/// Logs a writing attempt's outcome (one warning per failing episode); returns only fatal errors.
 fn report(
     outcome: Result<Result<usize, db::Error>, tokio::task::JoinError>,
     failing: &mut bool,

@@ -1,9 +1,8 @@
 //! The publisher: local change log → JetStream (design §3.1, §3.12, §4).
 //!
-//! A pass reads up to `scan_max_changes` pending changes in commit order, encodes each as a Go
-//! event and publishes them pipelined; while pass N+1 is read and sent, pass N's acks are
-//! awaited. Passes start on a file notification (and follow-up scans), the polling timer, or the
-//! retry timer after a failure.
+//! A pass reads up to `scan_max_changes` pending changes in commit order, encodes them as Go events
+//! and sends them pipelined, awaiting pass N's acks while pass N+1 is read and sent. Passes start
+//! on a file notification (and follow-up scans), the polling timer or the retry timer.
 //!
 //! Acknowledged changes go to an in-memory [`Outbox`] that the keeper ([`keep`]) retires, with the
 //! cleanup of old rows, in one write transaction per cleanup interval. A crash loses only the
@@ -13,8 +12,7 @@
 //! ([`Unsettled`], `recover`); `pace`: flow control; `mark`: [`SentMark`]; `keeper`: [`keep`].
 //!
 //! Invariants:
-//! - Only an acknowledged prefix is retired; after an error the rest is sent again, in order
-//!   (see `send`). Nothing is dropped while NATS is away.
+//! - Only an acknowledged prefix is retired; the rest is resent in order (`send`), never dropped.
 //! - After any failed pass, nothing is sent until a search of the streams has completed.
 
 mod keeper;
@@ -51,8 +49,7 @@ use crate::wire;
 use search::Newest;
 use send::{Failure, Sent};
 
-/// The writing side of the local log: marking published, marking failed, cleanup. Shared with the
-/// cleanup loop; always used from blocking threads.
+/// The writing side of the local log (marking published or failed, cleanup), for blocking threads.
 pub struct LocalLog {
     pub conn: Connection,
     pub log: Arc<ChangeLog>,
@@ -136,8 +133,7 @@ pub struct Publisher {
     acked: Mutex<HashMap<u64, u64>>,
     /// What the last search found, by row: older changes of those rows are not sent.
     newest: Mutex<Newest>,
-    /// Whether the streams must be searched before the next send (at start, after a failure),
-    /// and how far this run has sent.
+    /// Whether a search must precede the next send (at start, after a failure); how far we sent.
     unsettled: Unsettled,
     duplicates: AtomicU64,
     /// When this publisher was made (unix ms): a change captured before may have been sent by
@@ -230,15 +226,13 @@ impl Publisher {
         self.unsettled.clone()
     }
 
-    /// Runs until shutdown: a pass on every wake-up, follow-up, poll tick, or retry deadline.
-    /// Fails only when publishing cannot go on ([`PublishError::is_fatal`]).
+    /// Runs passes (module header) until shutdown; fails only on a fatal [`PublishError`].
     pub async fn run(
         self,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Result<(), PublishError> {
-        // A safety-net scan even without polling_interval: cheap (one indexed read) and it bounds
-        // the delay if a file notification is ever missed.
+        // Even without polling_interval, a safety-net scan (one indexed read) bounds lost wake-ups.
         let idle = self
             .settings
             .polling_interval
@@ -277,8 +271,7 @@ impl Publisher {
                 _ = tokio::time::sleep(if held { HELD_POLL.min(wait) } else { wait }) => {}
             }
         }
-        // Changes committed before the stop request still go out (bounded: with NATS away they
-        // stay pending for the next start).
+        // Changes committed before the stop still go out (bounded: NATS away, they stay pending).
         if !failing {
             self.final_pass().await;
         }
@@ -326,8 +319,7 @@ impl Publisher {
         }
     }
 
-    /// Publishes everything pending, pass after pass, until the log is drained; on the first
-    /// failure, everything from the failing change on stays pending.
+    /// Publishes everything pending, pass after pass, until drained or the first failure (header).
     pub async fn publish_pending(&self, shutdown: &CancellationToken) -> Result<(), PublishError> {
         // Cleared before the hold is looked at: while it is set, no pass runs.
         self.unsettled.parked.store(false, Ordering::SeqCst);
@@ -419,8 +411,7 @@ impl Publisher {
         }
     }
 
-    /// A stream vanished (JetStream store wiped or the stream deleted): recreate the streams,
-    /// and forget acknowledged positions past the end of a recreated one.
+    /// A stream vanished: recreate the streams, forgetting acknowledged positions past a new end.
     async fn recreate_streams(&self, shutdown: &CancellationToken) {
         tracing::warn!("A shard stream is missing; recreating the streams from the configuration");
         if let Err(e) = stream::ensure_streams(&self.js, &self.settings, shutdown).await {

@@ -2,12 +2,10 @@
 //! send the pass pipelined, await its acks in order, hand the acknowledged prefix to the outbox.
 //!
 //! Invariants:
-//! - A change is retired only after its PubAck (or after it was found in the stream), and only as
-//!   part of an acknowledged prefix: on any publish error the rest stays pending, the read cursor
-//!   goes back to the oldest unacknowledged change, and everything from there is sent again after
-//!   a backoff, in order.
-//! - A pending change found in the stream, or superseded by a newer change of its row found
-//!   there, is not sent again.
+//! - A change is retired only after its PubAck (or being found in the stream), and only within an
+//!   acknowledged prefix: on any publish error the rest stays pending and the read cursor goes back
+//!   to the oldest unacknowledged change, all resent from there in order after a backoff.
+//! - A pending change in the stream, or superseded there by a newer one of its row, is not resent.
 //! - The sent mark is written before the send it covers.
 //! - `Nats-Msg-Id: <node_id>:<database identity>:<table>:<change id>:<created_at ms>` is unique
 //!   per database even when two share a node id (cloned machines), and per capture even after
@@ -15,8 +13,7 @@
 //! - A PubAck flagged `duplicate` for a message not sent before means another database publishes
 //!   with our identity: logged as an error.
 //! - With `publish = false` changes are captured and retired without being sent.
-//! - A change too large for the server to ever accept is marked failed (`state = -1`) and logged,
-//!   instead of blocking every later change forever.
+//! - A change too large to publish is logged and marked failed (`state = -1`), blocking nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -53,11 +50,9 @@ pub(super) struct Sent {
     pub(super) changes: Vec<PendingChange>,
     /// Per change: where it already is, when it was found in the stream (not sent again).
     pub(super) landed: Vec<Option<(u64, u64)>>,
-    /// Per change: its shard.
     pub(super) shards: Vec<u64>,
     pub(super) orphans: Vec<i64>,
-    /// Ack futures for the changes of `changes[..acks.len()]` that were sent (`None`: found in
-    /// the stream, nothing to wait for).
+    /// Per change of `changes[..acks.len()]`: its ack (`None`: found in the stream, not sent).
     pub(super) acks: Vec<Option<PublishAckFuture>>,
     pub(super) failure: Option<Failure>,
     /// Rows read by the scan (changes and orphans).
@@ -67,7 +62,6 @@ pub(super) struct Sent {
 }
 
 impl Publisher {
-    /// Reads the next pass after `cursor` and sends it.
     pub(super) async fn scan_and_send(&self, cursor: i64) -> Result<Sent, PublishError> {
         let started = Instant::now();
         let limit = self.settings.scan_max_changes;
@@ -141,8 +135,7 @@ impl Publisher {
                     if here.is_some() || newest.is_empty() {
                         return here;
                     }
-                    // A newer change of this row is in the stream: this one is done with, and
-                    // counts as having landed where that one did.
+                    // A newer change of this row is in the stream: count this one as landed there.
                     let key = crate::db::apply::Key::of(
                         self.meta[c.table].pks.iter().map(|&i| &c.values[i]),
                     );
@@ -242,7 +235,6 @@ impl Publisher {
         retired.len()
     }
 
-    /// Records the highest acknowledged sequence of each stream of a pass.
     fn record_acked(&self, highest: &HashMap<u64, u64>) {
         let mut acked = lock(&self.acked);
         for (shard, sequence) in highest {
@@ -271,8 +263,7 @@ impl Publisher {
         outbox.failed.extend(oversize.map(|c| retired_at(c, None)));
     }
 
-    /// A pass's result: its publish error, if any; a change the server can never accept is
-    /// logged (it is marked failed, and publishing goes on).
+    /// A pass's publish error, if any; a change the server can never accept is only logged.
     fn outcome(
         &self,
         failure: Option<Failure>,
@@ -307,7 +298,6 @@ impl Publisher {
         }
     }
 
-    /// The shard a change is routed to.
     fn shard_of(&self, c: &PendingChange) -> u64 {
         let table = &self.tables()[c.table];
         let meta = &self.meta[c.table];
@@ -363,8 +353,7 @@ impl Publisher {
         Ok((Bytes::from(body), self.settings.subject_name(shard), msg_id))
     }
 
-    /// Sends `changes` in order without waiting for acks (changes already found in the stream
-    /// are not sent); stops at the first that cannot be sent.
+    /// Sends `changes` in order without awaiting acks (found ones are skipped); stops at a failure.
     async fn send(
         &self,
         changes: &[PendingChange],
