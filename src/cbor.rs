@@ -1,12 +1,10 @@
 //! A minimal CBOR (RFC 8949) encoder and decoder for the two formats we must share byte for byte
 //! with Go HarmonyLite: the replication event and the sequence map.
 //!
-//! Why not a general crate: we need exact control over the encoding (Go's fxamacker encoder writes
-//! every float64 as an 8-byte `0xfb` item, uses the shortest integer head, and definite lengths),
-//! and the decoder must treat its input as hostile: it never trusts a declared length to
-//! pre-allocate, limits nesting depth, and keeps text strings as raw bytes so that a TEXT value
-//! holding invalid UTF-8 still round-trips between Rust nodes instead of becoming poison.
-//!
+//! Why not a general crate: exact control of the encoding (Go's fxamacker encoder writes every
+//! float64 as an 8-byte `0xfb` item, shortest integer heads, definite lengths), and a decoder for
+//! hostile input: it never pre-allocates on a declared length, limits nesting depth, and keeps text
+//! as raw bytes so a TEXT value holding invalid UTF-8 round-trips between Rust nodes, not poison.
 //! Invariants: `decode` never panics and never allocates more than a small multiple of its input;
 //! every encoder function appends exactly one well-formed item.
 

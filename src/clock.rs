@@ -1,11 +1,6 @@
-//! The wall clock: [`now`] is the one place the program reads the time of day; everything that
-//! needs unix seconds, milliseconds or nanoseconds derives them here.
-//!
-//! Invariants:
-//! - Only [`now`] calls the system clock, so a test seam or a clock policy has one place to go.
-//! - The unix helpers never go below 0: a clock set before 1970 reads as the epoch, as the
-//!   `SystemTime::duration_since(UNIX_EPOCH)` code they replace did.
-//! - Durations and deadlines use the monotonic `Instant`, not this clock: the wall clock can jump.
+//! The wall clock: only [`now`] reads the system clock (one place for a test seam or clock policy);
+//! the unix seconds, ms and ns derived from it never go below 0 (a clock before 1970 reads as the
+//! epoch). Durations and deadlines use the monotonic `Instant`: the wall clock can jump.
 
 use time::OffsetDateTime;
 

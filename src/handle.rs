@@ -23,7 +23,6 @@ pub struct Observers {
 #[derive(Clone)]
 pub struct Node(Arc<Inner>);
 
-/// What [`Node`] holds.
 #[derive(Clone)]
 pub struct Inner {
     pub settings: Arc<Settings>,
@@ -48,8 +47,7 @@ impl Node {
         Node(Arc::new(inner))
     }
 
-    /// A handle for one generation of subsystems (see `node::run`): the same node, with a
-    /// token of its own that the node's root token cancels too.
+    /// One generation's handle (see `node::run`): the same node with a child of the root token.
     pub fn generation(&self) -> Node {
         Node::new(Inner {
             root: self.root.child_token(),

@@ -1,13 +1,10 @@
-//! The health endpoint (`[health_check]`): Go HarmonyLite's JSON body, keys in Go's order, 200 when
-//! healthy and 503 otherwise (upstream-behaviour §10), plus Corrosion-style thresholds:
-//! `?max_lag_seconds=N` (last observed apply lag) and `?max_pending=N` (local changes not yet
-//! published) turn a healthy answer into 503 when exceeded.
-//!
-//! Invariants: a request never touches NATS or SQLite; it reads [`HealthState`], which the
-//! subsystems update as they work, so the endpoint answers instantly even when they are stuck.
-//! Go derived both timestamps from shard 1's stream with a NATS request per call; here
-//! `last_published_event_timestamp` is this node's last acknowledged publish and
-//! `last_replicated_event_timestamp` the stream time of the last event it applied.
+//! The health endpoint (`[health_check]`): Go HarmonyLite's JSON body, keys in Go's order, 200 if
+//! healthy else 503 (upstream-behaviour §10); Corrosion-style thresholds also give 503 when
+//! exceeded: `?max_lag_seconds=N` (last apply lag seen), `?max_pending=N` (unpublished changes).
+//! Invariant: a request never touches NATS or SQLite, only [`HealthState`], which subsystems update
+//! as they work: it answers instantly even when they are stuck. (Go derived both timestamps from
+//! shard 1's stream, a NATS request per call; `last_published_event_timestamp` is here our last
+//! acked publish, `last_replicated_event_timestamp` the stream time of the last event applied.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -41,8 +38,7 @@ pub struct HealthState {
     consumers_down: AtomicU64,
     /// Set once a subsystem failed and the node is stopping.
     failed: AtomicBool,
-    /// Unix ns of the last "pulse" (a local change consumed or a remote one applied), for
-    /// `sleep_timeout` (upstream-behaviour §13).
+    /// Unix ns of the last [`HealthState::pulse`], for `sleep_timeout` (upstream-behaviour §13).
     last_pulse_ns: AtomicI64,
     /// Catch-up facts (ours, appended after Go's keys).
     catchup: std::sync::Mutex<Catchup>,
@@ -73,8 +69,7 @@ pub struct Catchup {
     pub peers: Vec<PeerView>,
     /// This node's schema hash (what it sends as `sh`).
     pub schema_hash: String,
-    /// Events waiting for this node's schema to catch up with their sender's (no restart
-    /// needed: they apply once the same migration runs here).
+    /// Events waiting for this node's schema (they apply once the same migration runs here).
     pub schema_waiting_events: usize,
     /// Why applying is paused (503 while set): too many events wait for this node's schema.
     pub apply_paused: Option<String>,
@@ -162,9 +157,8 @@ impl HealthState {
         self.failed.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the node is healthy: Go's rule (database, NATS and capture all up), every
-    /// consumer reading its stream, no subsystem failed, not recovering from a snapshot and not
-    /// paused.
+    /// Healthy: Go's rule (database, NATS and capture all up), every consumer reading its stream,
+    /// no subsystem failed, not recovering from a snapshot, not paused.
     pub fn healthy(&self) -> bool {
         let catchup = self.catchup();
         !self.failed.load(Ordering::Relaxed)

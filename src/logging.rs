@@ -1,8 +1,6 @@
-//! Logging with `tracing`: human-readable console lines or JSON lines on stdout (Go wrote both to
-//! stdout), `debug` when `logging.verbose`, else `info`, unless `RUST_LOG` says otherwise.
-//!
-//! Invariant: every line carries `node_id`, as Go's zerolog logger did — console lines end with
-//! `node_id=<id>`, JSON objects have a top-level `"node_id":<id>` key.
+//! Logging with `tracing`: console or JSON lines on stdout (as Go), `debug` with `logging.verbose`,
+//! else `info`, unless `RUST_LOG` says otherwise. Every line carries `node_id`, as Go's zerolog
+//! logger did: console lines end with `node_id=<id>`, JSON objects have a top-level `"node_id"`.
 
 use std::fmt;
 

@@ -136,8 +136,8 @@ fn block_on_then_stop<F: Future>(runtime: Runtime, work: F) -> F::Output {
 /// How long leftover tasks get once the mode's work is done.
 const RUNTIME_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// 2 for what an operator must resolve before a restart can help (another daemon holds the
-/// database, a snapshot store configuration that cannot work), 1 for everything else.
+/// 2 for what an operator must resolve first (another daemon holds the database, a snapshot
+/// store configuration that cannot work), else 1.
 fn exit_code(e: &anyhow::Error) -> ExitCode {
     let conflict = e.chain().any(|c| {
         matches!(

@@ -1,14 +1,10 @@
 //! Prometheus metrics: Go HarmonyLite's five series with their exact names, types and help texts
 //! (upstream-behaviour §11), plus the replication, flow-control and snapshot signals Go lacks.
-//!
-//! Invariants:
-//! - Names are `<namespace>_<subsystem>_<name>` with empty parts skipped, and every series carries
-//!   the const label `node_id`, as Go's client builds them. Counters get no `_total` suffix (the
-//!   tikv `prometheus` crate, like Go's client, renders the name as given).
-//! - Handles are created once and passed by `Arc`; updating one never blocks. When
-//!   `prometheus.enable` is false the handles still work, nothing is served.
-//! - The exporter answers on every path (Go used one handler for all paths); `/metrics` is the
-//!   documented one.
+//! Invariants: names are `<namespace>_<subsystem>_<name>`, empty parts skipped, every series with
+//! the const label `node_id`, as Go's client builds them; counters get no `_total` suffix (the tikv
+//! `prometheus` crate, like Go's client, renders names as given). Handles are made once, shared by
+//! `Arc`, never block; with `prometheus.enable` false they still work, nothing is served. The
+//! exporter answers on every path, as Go's did (`/metrics` is the documented one).
 
 use std::sync::Arc;
 
@@ -56,9 +52,8 @@ const MICROS: &[f64] = &[
 ];
 
 metrics! {
-    // Go's five series, with Go's help texts (upstream-behaviour §11). The two histograms are
-    // fed microseconds, as Go's; Go gave them the default buckets (5 ms … 10 s read as µs), so
-    // every sample landed in `+Inf` and no quantile could be read.
+    // Go's five series and help texts (upstream-behaviour §11). Histograms take µs, as Go's, with
+    // real buckets: Go's defaults (5 ms … 10 s, read as µs) put every sample in `+Inf`.
     published: IntCounter = counter("number of rows published");
     pending_publish: IntGauge = gauge("rows pending publishing");
     count_changes: Histogram = histogram(

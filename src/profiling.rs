@@ -1,10 +1,8 @@
-//! `-pprof ADDR`: on-demand CPU profiles, as Go HarmonyLite's pprof endpoint offered.
-//! `GET /debug/pprof/profile?seconds=N` returns a protobuf profile that `go tool pprof` reads;
-//! `GET /debug/pprof/flamegraph?seconds=N` returns the same samples as an SVG flame graph.
-//!
-//! Invariants: one profile at a time (a second request gets 409 while one runs); `seconds` is
-//! bounded (default 30, at most 300); sampling runs on a blocking thread at 99 Hz, so the
-//! profiler costs nothing while nobody asks.
+//! `-pprof ADDR`: on-demand CPU profiles, as Go HarmonyLite's pprof endpoint offered. `GET
+//! /debug/pprof/profile?seconds=N` returns a protobuf profile that `go tool pprof` reads; `GET
+//! /debug/pprof/flamegraph?seconds=N` returns the same samples as an SVG flame graph. Invariants:
+//! one profile at a time (409 while one runs); `seconds` is bounded (default 30, at most 300);
+//! sampling (99 Hz, on a blocking thread) runs only during a request: no cost otherwise.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,14 +1,10 @@
-//! The cluster schema registry (upstream-behaviour §9.6, §9.7): every node keeps its schema hash
-//! in the KV bucket `harmonylite-schema-registry` under `node-<id>`, and `-schema-status-cluster`
-//! reports which nodes agree.
-//!
-//! Invariants:
-//! - The value is byte-compatible with Go's JSON: fields in Go's order, `previous_hash` omitted
-//!   when empty, `updated_at` in RFC 3339 with nanoseconds (UTC, trailing zeros trimmed).
-//! - Entries expire after the bucket's 5-minute TTL (Go's setting); a running node rewrites its
-//!   entry every minute and after every schema change, so it never disappears while the node
-//!   runs (Go wrote it once at start).
-//! - The registry is for visibility only: failing to reach it is logged, never fatal.
+//! The cluster schema registry (upstream §9.6, §9.7): each node keeps its schema hash in KV bucket
+//! `harmonylite-schema-registry` under `node-<id>`; `-schema-status-cluster` reports who agrees.
+//! Invariants: the value is byte-compatible with Go's JSON (Go's field order, `previous_hash`
+//! omitted when empty, `updated_at` RFC 3339 with nanoseconds, UTC, trailing zeros trimmed).
+//! Entries expire after the bucket's 5-minute TTL (Go's setting); a running node rewrites its own
+//! every minute and after every schema change, so it never disappears while the node runs (Go wrote
+//! it once at start). Visibility only: failing to reach the registry is logged, never fatal.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -178,9 +174,8 @@ fn short(hash: &str) -> &str {
     hash.get(..16).unwrap_or(hash)
 }
 
-/// `-schema-status-cluster`'s report (upstream §9.7). Groups and nodes are listed in a stable
-/// order (Go's was random), and the expected hash is the one most nodes have (Go took whichever
-/// node its map yielded first).
+/// `-schema-status-cluster`'s report (upstream §9.7): groups and nodes in a stable order (Go's was
+/// random); the expected hash is most nodes' (Go took whichever node its map yielded first).
 pub fn render_cluster(states: &BTreeMap<u64, NodeSchemaState>) -> String {
     if states.is_empty() {
         return "No schema state information available from cluster\n".to_owned();

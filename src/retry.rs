@@ -1,6 +1,5 @@
-//! Waiting between attempts at something that may work later (NATS down, a bucket missing, a
-//! database busy): one pause that shutdown cuts short, and one backoff that grows it. Every
-//! retry loop of the daemon waits through these, so every one of them stops at once on shutdown.
+//! Waiting between attempts (NATS down, bucket missing, database busy): a pause shutdown cuts short
+//! and a growing backoff. Every retry loop waits through these, so all stop at once on shutdown.
 
 use std::time::Duration;
 

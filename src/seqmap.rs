@@ -1,15 +1,11 @@
 //! The sequence map: `{stream name: last applied stream sequence}` as one CBOR map in a file,
-//! byte-compatible with Go HarmonyLite's `seq-map.cbor` (upstream-behaviour §7).
-//!
-//! Invariants (design.md §3.3):
-//! - It records only what this node has *applied*; publishing never advances it.
-//! - Values only grow through [`SeqMap::advance`] (a lower sequence is ignored); only a recreated
-//!   stream or a restore lowers them ([`SeqMap::reset_all`]).
-//! - Every save is atomic: write `<file>.tmp`, fsync, rename over the file, fsync the directory.
-//!   A crash leaves either the old or the new map, never a torn one.
-//! - Loading is tolerant: only the first CBOR item is read (Go rewrote the file in place and
-//!   could leave a stale tail), and an unreadable file is reported and treated as empty, which
-//!   replays the retained stream (idempotent) instead of refusing to start.
+//! byte-compatible with Go HarmonyLite's `seq-map.cbor` (upstream-behaviour §7). Invariants
+//! (design.md §3.3): only what this node has *applied* is recorded (publishing never advances it);
+//! values only grow ([`SeqMap::advance`]) but for a recreated stream or a restore
+//! ([`SeqMap::reset_all`]). Saves are atomic (temp file, fsync, rename, directory fsync): a crash
+//! leaves the old or the new map. Loading is tolerant: only the first CBOR item is read (Go rewrote
+//! the file in place, possibly leaving a stale tail); an unreadable file is reported and treated as
+//! empty, replaying the retained stream (idempotent) rather than refusing to start.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -88,8 +84,7 @@ impl SeqMap {
         })
     }
 
-    /// Like [`SeqMap::open`], but a corrupt file is logged and treated as empty (design §3.3):
-    /// the node then replays the retained streams, which is idempotent.
+    /// Like [`SeqMap::open`], but a corrupt file is logged and treated as empty (module header).
     pub fn open_tolerant(path: &Path) -> Result<SeqMap, Error> {
         match SeqMap::open(path) {
             Err(Error::Corrupt { path, why }) => {
@@ -138,9 +133,8 @@ impl SeqMap {
         self.save(&self.map)
     }
 
-    /// Raises the recorded sequences to the given ones (lower values are ignored) and, if anything
-    /// changed, saves atomically; returns whether it wrote. On [`Error::Write`] the map in memory
-    /// is left unchanged, so the next save retries.
+    /// Raises recorded sequences to the given ones (lower ones ignored), saving atomically if any
+    /// changed; whether it wrote. On [`Error::Write`] memory is unchanged: the next save retries.
     pub fn advance<'a>(
         &mut self,
         updates: impl IntoIterator<Item = (&'a str, u64)>,

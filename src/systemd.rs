@@ -1,7 +1,6 @@
-//! systemd integration: `Type=notify` readiness. When started by systemd with `Type=notify`,
-//! `$NOTIFY_SOCKET` names a datagram socket; we send `READY=1` once capture is installed and the
-//! consumers and publisher run, and `STOPPING=1` when shutdown begins. Without the variable this
-//! does nothing. Failures are logged, never fatal: readiness is advisory.
+//! systemd `Type=notify` readiness: `$NOTIFY_SOCKET` names a datagram socket; we send `READY=1`
+//! once capture is installed and the consumers and publisher run, `STOPPING=1` when shutdown
+//! begins. Without the variable, nothing; failures are logged, never fatal (readiness is advisory).
 
 use std::os::unix::net::UnixDatagram;
 

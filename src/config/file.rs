@@ -119,8 +119,7 @@ section! {
         replicas: i64 = 1,
         compress: bool = true,
         update_existing: bool = false,
-        /// Ours (not in Go): largest decompressed event accepted, bytes; 0 = 16 × the server's
-        /// `max_payload`, at least 16 MiB.
+        /// Ours: largest decompressed event (bytes); 0 = 16 × the server's `max_payload`, ≥ 16 MiB.
         max_event_bytes: u64 = 0,
         /// Ours (not in Go): least milliseconds between two apply commits while remote events
         /// keep arriving; 0 = commit every batch at once. See `replicate::apply`.

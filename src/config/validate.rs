@@ -1,7 +1,6 @@
-//! The validation layer: checks every value of a [`FileConfig`], applies the CLI [`Overrides`] and
-//! builds the typed [`Settings`]. One function per section; each rejection is a
-//! [`ConfigError::Invalid`] naming the key, and sections are checked in a fixed order so the first
-//! bad key reported stays the same.
+//! The validation layer: checks every value of a [`FileConfig`], applies the CLI [`Overrides`],
+//! builds the typed [`Settings`]. One function per section, checked in a fixed order so the first
+//! bad key reported stays the same; each rejection is a [`ConfigError::Invalid`] naming the key.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,7 +49,6 @@ fn ms(v: u32) -> Option<Duration> {
 impl FileConfig {
     /// Checks every value and applies CLI overrides; the error names the first bad key.
     pub fn validate(self, overrides: &Overrides) -> Result<Settings, ConfigError> {
-        // The order of these checks decides which key is named when several are wrong.
         let db_path = self.check_top_level()?;
         if self.node_id == Some(0) {
             // Go's "unset": a node id of 0 would be this node's name and key in every bucket.
@@ -296,9 +294,8 @@ fn cluster_settings(overrides: &Overrides) -> Result<ClusterSettings, ConfigErro
     Ok(cluster)
 }
 
-/// `[prometheus]`: every metric is named `<namespace>_<subsystem>_<name>` (empty parts skipped),
-/// so the prefix they make must itself be a Prometheus metric name, `[a-zA-Z_:][a-zA-Z0-9_:]*`.
-/// Checked even when `enable` is false: the metrics are built either way.
+/// `[prometheus]`: the prefix `<namespace>_<subsystem>` (empty parts skipped) of every metric name
+/// must be a valid name, `[a-zA-Z_:][a-zA-Z0-9_:]*`, even if `enable` is false (built either way).
 fn check_prometheus(p: &PrometheusConfig) -> Result<(), ConfigError> {
     const RULE: &str = "Prometheus metric names match [a-zA-Z_:][a-zA-Z0-9_:]*";
     if !p.namespace.is_empty() && !valid_metric_name(&p.namespace) {

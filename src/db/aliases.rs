@@ -1,9 +1,6 @@
-//! The names this node's schema had before: tables and columns the application renamed or
-//! dropped, as [`crate::db::ddl::follow`] recorded them in `__harmonylite__schema_aliases` (why:
-//! see [`crate::db::ddl`]).
-//!
-//! Invariant: names compare as SQLite compares identifiers (ASCII case-insensitive), so every
-//! key is lower-cased.
+//! The names this node's schema had before: tables and columns the application renamed or dropped,
+//! as [`crate::db::ddl::follow`] recorded them in `__harmonylite__schema_aliases` (why:
+//! [`crate::db::ddl`]). Keys are lower-cased: SQLite compares names ASCII case-insensitively.
 
 use std::collections::{HashMap, HashSet};
 

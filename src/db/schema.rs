@@ -1,11 +1,9 @@
-//! Schema introspection: which tables are watched, their columns and keys, and the schema hash
-//! that travels in each event as `sh` (upstream-behaviour §4.4, §9.1).
-//!
-//! Invariants:
-//! - Watched: every ordinary table of `main` but `sqlite_*`, ours, and virtual and shadow tables
-//!   (no triggers on those; FTS shadow tables change underneath their virtual table).
-//! - The hash reproduces Go's exactly (`table|col:type:notnull:pk…\n`, tables and columns sorted
-//!   byte-wise, `*schema.BinaryType` for an empty type, SHA-256 hex): mixed clusters agree.
+//! Schema introspection: which tables are watched, their columns and keys, and the schema hash that
+//! travels in each event as `sh` (upstream-behaviour §4.4, §9.1). Invariants: watched is every
+//! ordinary table of `main` but `sqlite_*`, ours, and virtual and shadow tables (no triggers on
+//! those; FTS shadow tables change underneath their virtual table). The hash reproduces Go's
+//! exactly (`table|col:type:notnull:pk…\n`, tables and columns sorted byte-wise,
+//! `*schema.BinaryType` for an empty type, SHA-256 hex): mixed clusters agree.
 
 use rusqlite::Connection;
 use sha2::{Digest, Sha256};
@@ -25,9 +23,8 @@ fn is_internal(name: &str) -> bool {
 static SKIPPED: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
-/// Lists the tables to watch, sorted by name, with their columns. A table that cannot be watched
-/// (no usable key) is left out with a warning naming it and why: one odd table must not stop
-/// replication of all the others (a restart loop under systemd).
+/// The tables to watch, sorted by name, with their columns. One without a usable key is left out
+/// with a warning saying why: one odd table must not stop all replication (a systemd restart loop).
 pub fn watched_tables(conn: &Connection) -> Result<Vec<Table>, Error> {
     // pragma_table_list (SQLite ≥ 3.37) tells ordinary tables from virtual and shadow ones.
     let names: Vec<String> = super::sql::column(

@@ -1,8 +1,6 @@
 //! SQL helpers for the `db` modules: binding wire values, one column of a query, a row as JSON. A
 //! leaf (imports only [`super`] and [`crate::wire`]), so its users need not import each other.
-//!
-//! Invariant: a [`Bind`] binds a value exactly as it arrived: same storage class, same bytes (text
-//! with an explicit length, so NUL bytes and non-UTF-8 text survive).
+//! [`Bind`] keeps a value's storage class and bytes (text by length: NUL bytes, non-UTF-8 survive).
 
 use rusqlite::types::{FromSql, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, Params};

@@ -1,12 +1,10 @@
 //! The capture triggers of a watched table: their names and SQL, as Go HarmonyLite renders them
 //! (design §3.4). Used to install capture ([`super::cdc`]) and to check installed triggers still
-//! match ([`super::ddl`]); a leaf, so those two need not import each other.
-//!
-//! Invariants:
-//! - The triggers have no condition: the applier's connection mutes them ([`super::apply`]).
-//! - An update that changes the key is captured as a delete of the old key and an update of the
-//!   new one, so every replica drops the old row. A key changes when its bytes or type do
-//!   ([`super::differs`]): 'u0' → 'U0' under `NOCASE`, 1.0 → 1 in an untyped column.
+//! match ([`super::ddl`]); a leaf, so those two need not import each other. Invariants: the
+//! triggers have no condition (the applier's connection mutes them: [`super::apply`]). A
+//! key-changing update is captured as a delete of the old key and an update of the new one, so
+//! every replica drops the old row; a key changes when its bytes or type do ([`super::differs`]):
+//! 'u0' → 'U0' under `NOCASE`, 1.0 → 1 in an untyped column.
 
 use super::{GLOBAL_LOG, Table, change_log_name, differs, quote, quote_literal, same_value};
 
@@ -114,13 +112,12 @@ pub(super) fn triggers(table: &Table) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Capture of the rows an `INSERT OR REPLACE` or `UPDATE OR REPLACE` deletes through a UNIQUE
-/// index: SQLite fires no delete trigger for them (unless the writer enabled recursive triggers),
-/// so replicas would keep them and hold the new row forever. A BEFORE trigger records, as
-/// `state = -2` (no global-log entry: invisible to the publisher and Go), the delete of every row
-/// sharing a UNIQUE value with the new image; the AFTER trigger publishes those whose row is really
-/// gone and drops the others (no replacement: a plain conflict aborts, `OR IGNORE` skipped the row,
-/// or the index's rules say not shared); the next BEFORE trigger drops what an ignored write left.
+/// Rows an `INSERT OR REPLACE`/`UPDATE OR REPLACE` deletes via a UNIQUE index fire no delete
+/// trigger (unless recursive triggers are on): replicas would keep them and hold the new row
+/// forever. A BEFORE trigger records a `state = -2` delete (no global-log entry: invisible to the
+/// publisher and Go) of each row sharing a UNIQUE value with the new image; the AFTER trigger
+/// publishes those really gone and drops the rest (plain conflict aborted, `OR IGNORE` skipped,
+/// index rules say not shared); the next BEFORE trigger drops what an ignored write left.
 struct Replaced {
     log: String,
     table: String,

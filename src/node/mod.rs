@@ -1,13 +1,10 @@
-//! The running node: one cheap-clone [`Node`] handle that every subsystem receives, built by
-//! [`setup`] and run by [`run`] (design §5.1, corrosion's shape). Setup failures are start-up
-//! errors: exit 1, or exit 2 for conflicts an operator must resolve ([`StartError`]). `snapshots`
-//! wires the snapshot store and scheduler; `watchdog` stops the node when its database file is
-//! deleted or replaced, and ends a generation when the schema drifts.
-//!
-//! Invariants (the one fatal path and the drain: [`run`]):
-//! - One root `CancellationToken`; every subsystem watches it (or a token derived from it).
-//! - Nothing outlives [`run::run`]: tasks are joined or aborted, the apply thread joined, the
-//!   embedded broker stopped, the database lock released last.
+//! The running node: the [`Node`] handle every subsystem receives, built by [`setup`], run by
+//! [`run`] (design §5.1, corrosion's shape). Setup failures are start-up errors: exit 1, or 2 for
+//! conflicts an operator must resolve ([`StartError`]). Subsystems wired here: `snapshots` (store
+//! and scheduler), `watchdog` (database file and schema drift). Invariants (the one fatal path and
+//! the drain: [`run`]): one root `CancellationToken`, watched by every subsystem (or through a
+//! token derived from it); nothing outlives [`run::run`]: tasks are joined or aborted, the apply
+//! thread joined, the embedded broker stopped, the database lock released last.
 
 pub mod run;
 pub mod setup;

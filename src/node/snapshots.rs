@@ -1,5 +1,4 @@
-//! The snapshot side of a node: the store, the source of saves (on a node that applies), and
-//! the scheduler (leader election and save triggers) as one subsystem.
+//! The snapshot side of a node as one subsystem: store, save source (if it applies), scheduler.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};

@@ -1,11 +1,7 @@
-//! The database watchdog: stops the node when its database file is deleted or replaced, and
-//! ends the generation when the schema drifts from what capture was installed for.
-//!
-//! Invariants:
-//! - SQLite would go on writing into an unlinked file that the application, which opens the
-//!   path, never sees: a deleted or replaced file stops the node.
-//! - While the schema matches what capture was installed for, the version seen is confirmed
-//!   (the publisher and the applier go on); a drift ends the generation with [`SchemaDrift`].
+//! The database watchdog. SQLite would go on writing into an unlinked file that the application
+//! (which opens the path) never sees, so a deleted or replaced database file stops the node. While
+//! the schema matches what capture was installed for, the version seen is confirmed (publisher and
+//! applier go on); a drift ends the generation with [`SchemaDrift`].
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -1,17 +1,12 @@
 //! The consumers: one per shard, reading its stream from the saved position + 1 and forwarding
-//! every message in stream order into the apply thread's channel ([`super::apply`]).
-//!
-//! Why a hand-driven fetch loop: async-nats' ordered consumer stalled silently under bursts in
-//! our benchmark (messages in the stream, none delivered, no error). Here every fetch is explicit,
+//! every message in stream order into the apply thread's channel ([`super::apply`]). Why a
+//! hand-driven fetch loop: async-nats' ordered consumer stalled silently under bursts in our
+//! benchmark (messages in the stream, none delivered, no error). Here every fetch is explicit,
 //! consumer sequences are checked for gaps, and every failure leads to a visible reopen.
-//!
-//! Invariants:
-//! - Messages are forwarded in stream order, each once per consumer run: after any error the
-//!   consumer reopens from just past the last message forwarded.
-//! - A gap (the stream no longer holds messages this node lacks) is reported and the consumer
-//!   stops; without snapshots (no one to report to) it is logged and consuming goes on past it.
-//! - A stream that vanished is recreated and read from its start; the first message delivered
-//!   then resets the shard's position instead of advancing it.
+//! Invariants: messages are forwarded in stream order, once per consumer run (an error reopens just
+//! past the last one forwarded). A gap (the stream lost messages we lack) is reported and the
+//! consumer stops; without snapshots (no one to report to) it is logged and skipped. A vanished
+//! stream is recreated and read from its start, its first message resetting the shard's position.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +40,7 @@ pub struct ConsumerSpec {
     /// First sequence to read (saved position + 1).
     pub start_seq: u64,
     pub health: Arc<HealthState>,
-    /// Where a gap is reported (then the consumer stops and waits to be cancelled); `None`:
-    /// log it and go on past it (no snapshots to recover from).
+    /// Where gaps are reported (module header); `None`: log and go on (no snapshots to recover).
     pub gaps: Option<mpsc::UnboundedSender<Gap>>,
 }
 
@@ -65,8 +59,7 @@ enum Stop {
     Done,
 }
 
-/// Reads one shard from `start_seq` on, forwarding every message in stream order (see the module
-/// header); returns on shutdown or when the apply thread has gone away.
+/// Reads one shard from `start_seq` on (module header) until shutdown or the apply thread is gone.
 pub async fn run_consumer(spec: ConsumerSpec, tx: mpsc::Sender<Work>, shutdown: CancellationToken) {
     let mut consumer = Consumer {
         stream_idx: spec.shard as usize - 1,
@@ -93,8 +86,7 @@ struct Consumer {
     /// The next sequence to forward.
     next: u64,
     backoff: crate::retry::Backoff,
-    /// Set when the stream was found missing or recreated: the next message delivered resets
-    /// this shard's position instead of advancing it.
+    /// The stream was found missing or recreated: the next message resets the shard's position.
     reset: bool,
 }
 

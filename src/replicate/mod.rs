@@ -1,7 +1,6 @@
-//! Replication: the only module that joins [`crate::db`], [`crate::stream`] and
-//! [`crate::seqmap`]. [`publish`] moves local changes to JetStream, [`apply`] moves every node's
-//! changes (this node's included) from JetStream into SQLite, [`flow`] paces publishers to the
-//! slowest live node, and [`watch`] notices local commits.
+//! Replication, the only module joining [`crate::db`], [`crate::stream`] and [`crate::seqmap`]:
+//! [`publish`] moves local changes to JetStream, [`apply`] every node's (ours included) into
+//! SQLite; [`flow`] paces publishers to the slowest live node; [`watch`] notices local commits.
 
 pub mod apply;
 pub mod catchup;

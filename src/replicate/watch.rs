@@ -1,9 +1,7 @@
 //! Noticing local commits within milliseconds: inotify (via `notify`) on the database directory,
 //! filtered to the database file and its `-wal` and `-shm` companions (upstream-behaviour §4.9).
-//!
-//! Why the directory and not the files: `-wal` and `-shm` can be deleted and recreated by SQLite;
-//! a watch on a file dies with it, a watch on the directory sees the new file. The publisher also
-//! scans on a timer, so a missed notification delays a change, never loses it.
+//! Why the directory: SQLite may recreate `-wal` and `-shm`, and a file's watch dies with it. The
+//! publisher also scans on a timer: a missed notification delays a change, never loses it.
 
 use std::ffi::OsString;
 use std::path::Path;

@@ -1,15 +1,11 @@
-//! Snapshot leader election and the save lease, as Go HarmonyLite does them
-//! (upstream-behaviour §5.7, §6.6), so that Go and Rust nodes of one cluster elect one saver.
-//!
-//! KV bucket `e-harmonylite` (file storage, replicas = `replication_log.replicas` as configured),
-//! keys [`LEADER_KEY`] and [`SAVE_KEY`], value CBOR `{"NodeID": uint, "Timestamp": unix ms}`.
-//! A lease is taken when the key is missing (create), held by us, or expired (its timestamp plus
-//! the TTL is past); updates are compare-and-set on the entry's revision.
-//!
-//! Invariants:
-//! - At most one node believes it leads at a time, up to clock skew between machines (Go's design;
-//!   the timestamps are the holders' clocks). The save lease guards the save itself.
-//! - A node that cannot reach the bucket is not leader (it never saves on a guess).
+//! Snapshot leader election and the save lease, as Go HarmonyLite does them (upstream-behaviour
+//! §5.7, §6.6), so that Go and Rust nodes of one cluster elect one saver. KV bucket `e-harmonylite`
+//! (file storage, replicas = `replication_log.replicas`), keys [`LEADER_KEY`] and [`SAVE_KEY`],
+//! value CBOR `{"NodeID": uint, "Timestamp": unix ms}`. A lease is taken when the key is missing
+//! (create), ours, or expired (timestamp + TTL past); updates are compare-and-set on the entry's
+//! revision. Invariants: at most one node believes it leads at a time, up to clock skew between
+//! machines (Go's design: the timestamps are the holders' clocks); the save lease guards the save
+//! itself. A node that cannot reach the bucket is not leader (it never saves on a guess).
 
 use std::time::Duration;
 
@@ -75,8 +71,7 @@ pub async fn bucket(js: &jetstream::Context, replicas: i64) -> Result<kv::Store,
         .map_err(|e| Error::Bucket(e.to_string()))
 }
 
-/// Go's `AcquireLease`: true when this node holds `key` for `ttl` from now (a lost create or
-/// compare-and-set race is an error).
+/// Go's `AcquireLease`: true when this node holds `key` for `ttl` from now (a lost race: error).
 pub async fn acquire(
     store: &kv::Store,
     key: &'static str,
@@ -98,8 +93,7 @@ pub enum Acquired {
     },
 }
 
-/// [`acquire`], telling when another holder's lease runs out (so a candidate can look again
-/// right then instead of a heartbeat later).
+/// [`acquire`], plus when another holder's lease ends (to look again then, not a heartbeat later).
 pub async fn try_acquire(
     store: &kv::Store,
     key: &'static str,

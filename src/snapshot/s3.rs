@@ -1,17 +1,14 @@
 //! The `s3` snapshot store (upstream-behaviour §6.3) with aws-sdk-s3: any S3-compatible server
 //! (`endpoint` host[:port], `use_ssl`, path-style addressing) or AWS itself (empty endpoint).
 //!
-//! Object key `<path>/snapshot.db` as Go builds it, except that an empty path gives `snapshot.db`
-//! (Go's `/snapshot.db` is refused or renamed by many S3-compatible servers). Our [`Meta`] travels
-//! as user metadata `x-amz-meta-harmonylite-meta`. Credentials as Go's chain: the
+//! Object key `<path>/snapshot.db` as Go builds it, but an empty path gives `snapshot.db` (many
+//! S3-compatible servers refuse or rename Go's `/snapshot.db`). Credentials follow Go's chain: the
 //! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN` environment, then MinIO's
 //! (`MINIO_ROOT_USER`/`MINIO_ROOT_PASSWORD`, `MINIO_ACCESS_KEY`/`MINIO_SECRET_KEY`), then the
-//! config's `access_key`/`secret`/`session_token`; none at all means unsigned requests.
-//!
-//! A PUT replaces the object only when it completes, so the previous snapshot stays readable.
-//! Files up to [`SINGLE_PUT_MAX`] go in one streamed PUT, larger ones as a multipart upload of
-//! [`PART_SIZE`] parts read one at a time (bounded memory), aborted on error. The bucket is
-//! created when missing.
+//! config's `access_key`/`secret`/`session_token` (none: unsigned requests). A PUT replaces the
+//! object only once complete: the previous snapshot stays readable. Files up to [`SINGLE_PUT_MAX`]
+//! go in one streamed PUT, larger ones as a multipart upload of [`PART_SIZE`] parts read one at a
+//! time (bounded memory), aborted on error; a missing bucket is created.
 
 use std::path::Path;
 
@@ -87,9 +84,8 @@ impl S3Store {
         } else {
             s.region.clone()
         };
-        // A server that accepts the connection and says nothing must not hang a save or recovery
-        // forever. The read timeout runs from a request's start to its response's first byte
-        // (sending one part included): generous enough for a slow link.
+        // A silent server must not hang a save or recovery forever. The read timeout runs from a
+        // request's start to its response's first byte (sending a part included): generous.
         let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .read_timeout(std::time::Duration::from_secs(300))

@@ -2,15 +2,12 @@
 //!
 //! `snapshot.webdav.url` is Go's: `http[s]://host[:port]/root?dir=/snapshots&login=U&secret=P`;
 //! `dir` (default `/`), `login` and `secret` (both required) are taken out of the query and the
-//! rest is the server root. Authentication is HTTP Basic (Go negotiated Basic or Digest).
-//!
-//! An upload MKCOLs the directory, PUTs the file (streamed from disk) to a temporary name
-//! `<node name>-temp-snapshot.db` (one per node: the next upload replaces a cut-short one's
-//! leftover), then MOVEs it over `snapshot.db`: the previous snapshot stays whole until the new
-//! one is. WebDAV has no object metadata: the [`Meta`] goes to the sidecar
-//! `snapshot.db.meta.json` afterwards; one whose recorded size is not the object's (a Go node
-//! replaced the object, or the sidecar is being replaced) is not trusted, and the object is
-//! treated like one of Go's (integrity check, full replay).
+//! rest is the server root. Authentication is HTTP Basic (Go negotiated Basic or Digest). An upload
+//! MKCOLs the directory, PUTs the file to `<node name>-temp-snapshot.db` (per node: the next upload
+//! replaces a cut-short one's leftover), then MOVEs it over `snapshot.db`, so the previous snapshot
+//! stays whole until the new one is. WebDAV has no object metadata: [`Meta`] goes to sidecar
+//! `snapshot.db.meta.json` afterwards, trusted only if its size is the object's (else a Go node
+//! replaced the object, or the sidecar is being replaced: integrity check, replay).
 
 use std::path::Path;
 

@@ -1,10 +1,7 @@
-//! `dns://` peer discovery for `-cluster-peers` and `-leaf-servers` (upstream-behaviour §12):
-//! `dns://host:port?min=N&interval_ms=M` expands to one `nats://<ip>:<port>/` URL per A/AAAA
-//! record of `host`. Other URLs pass through unchanged.
-//!
-//! Invariant: a `dns://` URL resolves to at least `min` addresses (default 2) before start-up goes
-//! on; lookups are retried every `interval_ms` (default 1000) until then, or until shutdown. (Go
-//! forced `min` to 0 by accident and so accepted the first answer, even an empty one.)
+//! `dns://` peer discovery (upstream §12): in `-cluster-peers` and `-leaf-servers`,
+//! `dns://host:port?min=N&interval_ms=M` expands to one `nats://<ip>:<port>/` URL per A/AAAA record
+//! of `host`; other URLs pass through. Start-up waits for each to have `min` addresses (default 2;
+//! Go's accidental 0 took even an empty first answer), retrying every `interval_ms` (default 1000).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;

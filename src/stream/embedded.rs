@@ -1,19 +1,14 @@
 //! The embedded NATS server: with no `nats.urls`, harmonylite runs `nats-server` as a supervised
 //! child process, configured as Go HarmonyLite configures its in-process server (upstream §12).
 //!
-//! Generated configuration: `server_name = harmonylite-node-<id>`, client `listen` from
-//! `nats.bind_address` (port `-1` = random, learnt from `--ports_file_dir`), JetStream with store
-//! dir `<db dir>/nats/<server name>`, cluster `e-harmonylite` listening on `-cluster-addr` with
-//! `-cluster-peers` as routes, `-leaf-servers` as leaf remotes (`?hub=true` marks a hub), and last
-//! an `include` of the user's `nats.server_config`, so that file can override any of it.
-//!
-//! Invariants:
-//! - The child never outlives us: it gets `PR_SET_PDEATHSIG(SIGKILL)` ([`die_with_parent`]) and
-//!   is spawned from a supervisor thread living exactly as long as the child (the signal fires
-//!   when the *spawning thread* exits: a pooled runtime thread would be wrong).
-//! - Its log lines are forwarded to our log with `from = "nats"`.
-//! - An unexpected exit is reported through [`EmbeddedNats::exited`]; the daemon then stops with a
-//!   failure instead of running without a broker.
+//! Config: `server_name = harmonylite-node-<id>`, client `listen` from `nats.bind_address` (port
+//! `-1`: random, read from the ports file), JetStream store `<db dir>/nats/<server name>`, cluster
+//! `e-harmonylite` on `-cluster-addr` with `-cluster-peers` as routes, `-leaf-servers` as leaf
+//! remotes (`?hub=true`: hub), then an `include` of `nats.server_config`, overriding any of it.
+//! Invariants: the child never outlives us (`PR_SET_PDEATHSIG(SIGKILL)`, [`die_with_parent`]; the
+//! signal fires when the *spawning thread* exits, so a supervisor thread living exactly as long as
+//! the child spawns it, not a pooled runtime thread). Its log lines go to ours (`from = "nats"`);
+//! an unexpected exit ([`EmbeddedNats::exited`]) fails the daemon rather than run without a broker.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Component, Path, PathBuf};
@@ -69,12 +64,10 @@ pub struct EmbeddedConfig {
     pub user_config: Option<PathBuf>,
 }
 
-/// Makes the child of `cmd` get SIGKILL when the spawning thread exits (Linux `PR_SET_PDEATHSIG`),
-/// so a nats-server never outlives a killed daemon. Spawn from a thread living as long as the
-/// child should, and call right after `Command::new`: the command is rebuilt (program, arguments,
-/// environment, directory; nothing else) to run through util-linux's `setpriv --pdeathsig KILL`,
-/// which sets the signal with no code of ours between fork and exec. Without a working `setpriv`
-/// the command is left as is, with a warning.
+/// Makes `cmd`'s child get SIGKILL when the spawning thread exits (see the module header). Call
+/// right after `Command::new`: the command is rebuilt (program, args, env, dir; nothing else) to
+/// run through util-linux's `setpriv --pdeathsig KILL`, which sets the signal with no code of ours
+/// between fork and exec. Without a working `setpriv` it is left as is, with a warning.
 pub fn die_with_parent(cmd: &mut Command) {
     static SETPRIV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let works = *SETPRIV.get_or_init(|| {
@@ -235,8 +228,7 @@ impl EmbeddedNats {
             .arg(&ports_dir)
             .arg("-js");
         if !sets_store_dir(&user_text) {
-            // A user `jetstream {}` block without store_dir replaces ours entirely; the flag keeps
-            // Go's default location in that case too.
+            // A user `jetstream {}` lacking store_dir replaces ours: the flag keeps Go's location.
             cmd.arg("--store_dir").arg(&cfg.store_dir);
         }
         cmd.stdin(Stdio::null())
@@ -275,7 +267,6 @@ impl EmbeddedNats {
         Ok(server)
     }
 
-    /// The URL our client connects to.
     pub fn client_url(&self) -> &str {
         &self.client_url
     }
@@ -319,8 +310,7 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
-/// The client URL of a live embedded server started with `run_dir` (another process's: the
-/// newest ports file whose server still runs).
+/// The client URL of another process's live embedded server in `run_dir` (newest live ports file).
 pub fn running_client_url(run_dir: &Path) -> Option<String> {
     let mut live: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(run_dir.join("ports"))
         .ok()?

@@ -1,19 +1,12 @@
-//! The node-id lease: one live node per `node_id` in a cluster.
-//!
-//! Two machines cloned from one image share the machine id `node_id` defaults to, and so node
-//! names, metric labels and KV keys (before database identities, also message ids: the server
-//! dropped one node's changes as duplicates). Each node holds key `node-<id>` in KV bucket
-//! [`BUCKET`], valued with its database identity (plus host and pid, for the message), refreshed
-//! every [`REFRESH`]; entries expire after [`TTL`].
-//!
-//! Invariants:
-//! - At start, a key held by anyone else (another database, or a copy of this one on another
-//!   host) that is still being refreshed — a live node — is a conflict: the node refuses to start
-//!   (exit 2). A key that stops changing for two refresh periods belonged to a node that is gone
-//!   (a killed previous run, this database before `-cleanup`) and is taken over.
-//! - While running, the key is updated with compare-and-set: if another identity wrote it, that
-//!   is a conflict too and the node stops.
-//! - A lease that cannot be kept because NATS is down is not a conflict: it is retried.
+//! The node-id lease: one live node per `node_id` in a cluster (cloned machines share the machine
+//! id `node_id` defaults to, hence node names, metric labels and KV keys). Each node holds key
+//! `node-<id>` in KV bucket [`BUCKET`], valued with its database identity (plus host and pid, for
+//! the message), refreshed every [`REFRESH`]; entries expire after [`TTL`]. Invariants: at start, a
+//! key someone else (another database, or a copy of this one on another host) still refreshes is a
+//! live node's: a conflict, the node refuses to start (exit 2). A key unchanged for two refresh
+//! periods is a gone node's (a killed previous run, this database before `-cleanup`) and is taken
+//! over. While running, the key is updated by compare-and-set: another identity's write is a
+//! conflict too and the node stops; NATS being down is not (retried).
 
 use std::path::Path;
 use std::time::Duration;
@@ -34,7 +27,6 @@ pub const REFRESH: Duration = Duration::from_secs(2);
 /// Why the lease cannot be held.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Another live node uses this node id.
     #[error(
         "another live node uses node_id {node_id} ({holder}); give every node its own node_id \
          (it defaults to a hash of the machine id, which cloned machines share)"
@@ -57,9 +49,8 @@ fn describe(value: &[u8]) -> String {
     String::from_utf8_lossy(value).into_owned()
 }
 
-/// Takes the lease for this node ([`Error::Conflict`] when another live node holds the node id);
-/// `Ok(None)` when the bucket cannot be used (an old server, no JetStream KV): the node runs
-/// without the check, with a warning.
+/// Takes the lease ([`Error::Conflict`] if another live node holds the node id); `Ok(None)` if the
+/// bucket cannot be used (old server, no JetStream KV): the node runs unchecked, with a warning.
 pub async fn acquire(
     js: &jetstream::Context,
     settings: &Settings,
@@ -135,8 +126,7 @@ async fn wait_until_free(
                 return Ok(false);
             }
         };
-        // Any value but ours is foreign (another database, a copy elsewhere, our killed previous
-        // run); only a holder that keeps refreshing is a conflict.
+        // Any value but ours is foreign: another database, a copy elsewhere, our killed last run.
         let foreign = entry
             .as_ref()
             .filter(|e| matches!(e.operation, kv::Operation::Put) && e.value != me.value);

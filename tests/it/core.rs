@@ -550,6 +550,49 @@ fn wiped_streams_are_recreated_and_read_from_their_start() {
     assert!(b.log().contains("consuming from its start"), "{}", b.log());
 }
 
+/// Issue 25, item 4: all of JetStream lost under two running nodes (streams and buckets wiped,
+/// the server restarted). Both keep writing; their changes must leave them and converge, and
+/// snapshot leadership and the positions bucket must come back.
+#[test]
+fn a_wiped_jetstream_under_running_nodes_recovers_by_itself() {
+    let bin = require_nats!();
+    let mut nats = NatsServer::start(&bin);
+    let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)";
+    let (a, b) = pair(&nats, schema, 2, "");
+    for i in 0..300 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        node.exec(&format!("INSERT INTO t VALUES ({i}, 'before')"));
+    }
+    converge(&a, &b, "SELECT * FROM t ORDER BY id", |r| r.len() == 300);
+    nats.stop();
+    std::fs::remove_dir_all(nats.dir().join("js")).expect("wipe JetStream store");
+    nats.restart();
+    for i in 1000..1020 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        node.exec(&format!("INSERT INTO t VALUES ({i}, 'after')"));
+    }
+    converge(&a, &b, "SELECT * FROM t ORDER BY id", |r| r.len() == 320);
+    for node in [&a, &b] {
+        wait_until(REPLICATION_TIMEOUT, "nothing pending", || {
+            node.query_i64("SELECT count(*) FROM __harmonylite__t_change_log WHERE state = 0") == 0
+        });
+    }
+    // Snapshot leadership is taken again on the new server.
+    wait_until(
+        REPLICATION_TIMEOUT,
+        "a snapshot leader after the wipe",
+        || {
+            let after = |n: &Node| {
+                n.log()
+                    .split("missing; recreating")
+                    .nth(1)
+                    .map(|l| l.contains("Became snapshot leader"))
+            };
+            after(&a) == Some(true) || after(&b) == Some(true)
+        },
+    );
+}
+
 /// Findings 16 and 17: a full disk made the apply thread give up and the process exit 0 (a
 /// graceful stop to systemd), and log lines dropped the cause. Now the node stops with exit 1,
 /// naming the subsystem and the SQLite cause.

@@ -1,15 +1,11 @@
-//! Conflicts never vanish (design §15): another node's event for a row with a local change still
-//! in flight lost to that change — ours is later in the stream and will overwrite the row on every
-//! node — so its image is about to disappear from the whole cluster (two nodes taking the same
-//! auto id, or editing one row at once).
-//!
-//! The losing image is kept in `__harmonylite__conflicts` (as JSON, with its operation, origin,
-//! stream position and payload) in the apply transaction, and reported as [`Outcome::Overruled`]
-//! (the caller counts `harmonylite_conflicts`); each row's first loss is logged as a warning.
-//!
-//! Invariants:
-//! - Recorded only on the node whose change wins, so each loss is recorded once in the cluster.
-//! - Our own older events are not conflicts (they are superseded quietly).
+//! Conflicts never vanish (design §15): another node's event for a row with a local change in
+//! flight loses to it (ours is later in the stream and overwrites the row on every node), so its
+//! image would disappear from the whole cluster (two nodes taking one auto id, or editing one row
+//! at once). It is kept in `__harmonylite__conflicts` (JSON, with its operation, origin, stream
+//! position and payload) in the apply transaction and reported as [`Outcome::Overruled`] (the
+//! caller counts `harmonylite_conflicts`); each row's first loss is logged as a warning.
+//! Invariants: recorded only on the node whose change wins (once per loss in the cluster); our own
+//! older events are not conflicts (they are superseded quietly).
 
 use rusqlite::Connection;
 

@@ -1,17 +1,13 @@
 //! Events held by a UNIQUE conflict with another row.
 //!
-//! Such a conflict is not resolved by deleting that row (Go's REPLACE did, on the origin too) but
-//! **held**: the event waits, durably, in `__harmonylite__held_events` until either row changes,
-//! then applies; a later event for the same row supersedes it. A conflict that never resolves
-//! (two nodes claiming one UNIQUE value on different rows at once) stays held, counted and logged
-//! with both rows. Held events waiting for each other (swapped values) are tried together.
-//!
-//! Invariants:
-//! - The held table and the in-memory `held`/`held_keys` change together, in the caller's
-//!   transaction; at most one held event per row (the newest).
-//! - Held events are retried only after the database changed (`PRAGMA data_version`).
-//! - The same table stores the events waiting for the schema (`schema_wait = 1`, see
-//!   `waiting.rs`), as the same [`Parked`] record; [`Applier::load_held`] reads both.
+//! Instead of deleting that row (Go's REPLACE did, on the origin too) the event is **held**,
+//! durably in `__harmonylite__held_events`, until either row changes, then applies; a later event
+//! for its row supersedes it. A conflict that never resolves (two nodes claiming one UNIQUE value
+//! on different rows at once) stays held, counted and logged with both rows; events blocking each
+//! other (swapped values) are tried together. Invariants: the held table and `held`/`held_keys`
+//! change together in the caller's transaction, at most one held event per row (the newest);
+//! retries wait for a database change (`PRAGMA data_version`). The table also stores events waiting
+//! for the schema (`schema_wait = 1`), same [`Parked`] record; [`Applier::load_held`] reads both.
 
 use std::collections::BTreeMap;
 

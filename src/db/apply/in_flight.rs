@@ -1,18 +1,13 @@
 //! Local changes in flight: captured here, not yet come back through the stream.
 //!
-//! While this node holds a captured change of row R not yet come back through the stream, every
-//! event for R that arrives is older in stream order (same row, same shard) — another node's or an
-//! older one of ours — and would only roll R back: it is skipped (*superseded*). They are tracked
-//! per row key: new change-log rows are read in each transaction (`State::refresh`, so the latest
-//! commit is seen), an entry goes when our own event for it comes back, and the set is rebuilt
-//! after a restart from the change log and the seq map.
-//!
-//! Invariants:
-//! - Tracking happens only when this node's own events come back (it publishes).
-//! - A change of unknown publish status, or captured before its table's columns changed,
-//!   supersedes only our own older events, never another node's.
-//! - A change that can never come back (stream recreated, inside a restored snapshot) stops
-//!   counting as in flight, so it cannot hold its row back forever.
+//! While such a change of row R is in flight, every event for R that arrives is older in stream
+//! order (same row, same shard) and would only roll R back: it is skipped (*superseded*). Tracked
+//! per row key (only when this node publishes, so its events come back): new change-log rows are
+//! read in each transaction (`State::refresh`, seeing the latest commit); an entry goes when our
+//! event for it comes back; a restart rebuilds the set from the change log and the seq map.
+//! Invariants: a change of unknown publish status, or captured before its table's columns changed,
+//! supersedes only our own older events. One that can never come back (stream recreated, inside a
+//! restored snapshot) stops counting, so it cannot hold its row back forever.
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
@@ -104,10 +99,9 @@ impl Applier {
 }
 
 impl State {
-    /// Whether a local change of the row (under any of `keys`) still in flight makes this event
-    /// stale (it would roll the row back). Our own event (`own`, change-log `id`) coming back no
-    /// older than every such change ends their tracking instead. A change marked failed (too large
-    /// to publish) never comes back: as the newest of its row it stops counting, so others apply.
+    /// Whether a local change in flight of the row (any of `keys`) makes this event stale (rolling
+    /// the row back); our own event (`own`, log `id`) no older than all such changes ends their
+    /// tracking. A newest change marked failed (too large to publish) never comes back: ignored.
     pub(super) fn superseded(
         &mut self,
         conn: &Connection,

@@ -1,16 +1,11 @@
 //! Which local table, columns and row an event names.
 //!
-//! Table names match exactly, then case-insensitively (SQLite's names are); names this node
-//! renamed are followed ([`crate::db::ddl::Aliases`]), and columns it dropped are left out of
-//! older events. A row is identified by its primary key encoded as a [`Key`].
-//!
-//! Invariants:
-//! - Table and column names from the wire are looked up in the local schema and only the local
-//!   spelling is used from then on (an injection attempt is just an unknown table).
-//! - A [`Key`] carries each value's storage class and exact bytes: equal keys are equal bytes,
-//!   and values compare the same way ([`same_value`]).
-//! - Limit (documented): several rows sharing one primary key that contains NULL (SQLite allows
-//!   it in rowid tables) cannot be told apart on the wire.
+//! Table names match exactly, then case-insensitively (as SQLite's do); names this node renamed are
+//! followed ([`crate::db::ddl::Aliases`]), columns it dropped left out of older events. Wire names
+//! are only looked up: the local spelling is used from then on (an injection attempt is just an
+//! unknown table). A row is its primary key as a [`Key`]: each value's storage class and exact
+//! bytes (equal keys are equal bytes; values compare so: [`same_value`]). Limit (documented): rows
+//! sharing a primary key containing NULL (SQLite allows it in rowid tables) look alike on the wire.
 
 use super::State;
 use crate::wire::{ChangeEvent, Value};

@@ -1,23 +1,19 @@
 //! Applying replicated events to the local database (upstream-behaviour §4.12, design §3.2, §3.10).
 //!
-//! An event is applied as an upsert *by primary key* of the columns it carries, never as Go's
-//! whole-row `INSERT OR REPLACE`, touching nothing but its row; else it is held (`held.rs`), waits
-//! for the schema (`waiting.rs`), is superseded (`in_flight.rs`) or quarantined (dead letter).
+//! An event is an upsert *by primary key* of the columns it carries (never Go's whole-row `INSERT
+//! OR REPLACE`), touching only its row; else it is held (`held.rs`), waits for the schema
+//! (`waiting.rs`), is superseded (`in_flight.rs`) or quarantined (dead letter).
 //!
-//! This file holds the [`Applier`] (connection plus `State`, which the submodules work on) and the
-//! batch, evaluated first in a *read* transaction: superseded events and images already equal to
-//! the row (normally all our own) need no write, and if none does, no write transaction is opened
-//! (an application's deferred read-then-write transaction fails with SQLITE_BUSY when anyone
-//! commits in between). From the first event needing a write on, the batch goes on in one
-//! `BEGIN IMMEDIATE` transaction, each event in a savepoint; one that can never apply (unknown
-//! table or column, a constraint other than UNIQUE) is rolled back to it and quarantined. Any other
-//! failure (busy, I/O, disk full) rolls the batch back for the caller to retry: nothing is skipped.
-//!
-//! Invariants:
-//! - This connection runs `synchronous = FULL`: a batch is durable before the caller records its
-//!   sequence in the seq map, so a power loss cannot leave the seq map ahead of the data.
-//! - After a failed (rolled-back) transaction, the held and waiting events in memory are read
-//!   again from the database, so memory never shows an event the database does not hold.
+//! The [`Applier`] (connection plus `State`, which the submodules work on) evaluates a batch first
+//! in a *read* transaction: superseded events and images equal to the row (normally all our own)
+//! need no write, and if none does no write transaction opens (an application's deferred
+//! read-then-write transaction fails with SQLITE_BUSY if anyone commits in between). From the first
+//! event needing a write, the batch runs in one `BEGIN IMMEDIATE` transaction, a savepoint per
+//! event: one that can never apply (unknown table or column, a non-UNIQUE constraint) is rolled
+//! back to it and quarantined; other failures (busy, I/O, disk full) roll the batch back for the
+//! caller to retry. Invariants: `synchronous = FULL` makes a batch durable before the caller
+//! records its sequence in the seq map (a power loss cannot leave that ahead of the data); after a
+//! rollback, held and waiting events are re-read, so memory never shows one the database lacks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -42,12 +38,11 @@ use row::TableSql;
 use step::{EventError, Mode, Step, quarantine};
 use waiting::WaitingEvent;
 
-/// Makes every trigger skip, on this connection, its inserts into and updates of replicated tables
-/// and of ours: nothing written here is captured, and the application's triggers do not redo what
-/// they did on the origin, captured there as events of their own (an audit row twice, `version + 1`
-/// twice). Their other writes run, so derived state (an FTS index, a virtual or unwatched table)
-/// follows. The authorizer, asked when a statement and its triggers compile, cannot skip a DELETE:
-/// trigger deletes run (ours delete only their statement's rows; the application's, the origin's).
+/// On this connection, triggers skip their inserts and updates of replicated tables and ours:
+/// nothing written here is captured, and application triggers don't redo what the origin captured
+/// as events of its own (an audit row twice, `version + 1` twice). Their other writes run, so
+/// derived state (FTS index, virtual or unwatched table) follows. The authorizer cannot skip a
+/// DELETE: trigger deletes run (ours delete only their statement's rows; the app's, the origin's).
 fn mute_trigger_writes(conn: &Connection, tables: &[Table]) {
     use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
     let replicated: std::collections::HashSet<String> =
@@ -141,8 +136,8 @@ struct State {
     applied: Vec<u64>,
     /// Per table: pending changes up to this log id have an unknown publish status (see `unknown`).
     unknown_up_to: Vec<i64>,
-    /// Per table: changes up to this log id predate a column change (DDL) and may lack columns that
-    /// other nodes' older events carry, so they supersede only ours (others' would lose columns).
+    /// Per table: changes up to this log id predate a column change (DDL): they may lack columns
+    /// others' older events carry, so they supersede only ours.
     stale_up_to: Vec<i64>,
     held: BTreeMap<i64, HeldEvent>,
     held_keys: HashMap<(usize, Key), i64>,
@@ -166,12 +161,12 @@ pub struct Applier {
     held_checked_version: Option<i64>,
     /// The schema version capture was last confirmed for; another waits ([`Error::SchemaChanged`]).
     confirmed: Option<Arc<std::sync::atomic::AtomicI64>>,
-    /// Most events kept waiting for the schema ([`MAX_WAITING`]): anyone who can publish to the
-    /// subjects could otherwise grow the held-events table without bound.
+    /// Most events kept waiting for the schema ([`MAX_WAITING`]; tests lower it).
     waiting_cap: usize,
 }
 
-/// Most events kept waiting for this node's schema; past it, applying pauses.
+/// Most events kept waiting for this node's schema; past it applying pauses (anyone who can
+/// publish to the subjects could otherwise grow the held-events table without bound).
 pub const MAX_WAITING: usize = 100_000;
 
 impl Applier {

@@ -2,16 +2,12 @@
 //!
 //! An existing row (matched by key null-safely, as bytes and type: [`crate::db::same_value`]) is
 //! updated in place, keeping its rowid and the columns the event lacks; a missing row is inserted;
-//! a delete removes the matching row. Statements are built once per table and event column set.
-//!
-//! Invariants:
-//! - Only local, quoted names reach SQL text; values are bound exactly as they arrived (`Bind`).
-//! - A row is addressed by rowid (rowid tables) or by primary key (WITHOUT ROWID), so an update
-//!   never moves a row to another rowid.
-//! - Limit (documented): of several rows sharing a primary key that contains NULL, an update goes
-//!   to the lowest rowid, a delete to a row equal to the deleted image.
-//! - A UNIQUE or PRIMARY KEY conflict, or a trigger's `RAISE(ABORT)`, is a [`WriteError::Conflict`]
-//!   (held until the database changes); repeating errors are poison; busy, I/O and such, retried.
+//! a delete removes the matching row. Invariants: only local, quoted names reach SQL text; values
+//! are bound exactly as they arrived (`Bind`). A row is addressed by rowid (rowid tables) or
+//! primary key (WITHOUT ROWID), so an update never moves it to another rowid. Limit (documented):
+//! of rows sharing a primary key that contains NULL, an update goes to the lowest rowid, a delete
+//! to one equal to the deleted image. Errors ([`classify_write`]): conflicts held until the
+//! database changes, repeating ones poison, the rest retried.
 
 use std::collections::HashMap;
 
@@ -30,7 +26,7 @@ pub(super) const SQLITE_CONSTRAINT_PRIMARYKEY: i32 = 1555;
 pub(super) const SQLITE_CONSTRAINT_TRIGGER: i32 = 1811;
 
 pub(super) enum WriteError {
-    /// A UNIQUE conflict with another row: hold the event.
+    /// A UNIQUE or PRIMARY KEY conflict, or a trigger's `RAISE(ABORT)`: hold the event.
     Conflict(String),
     Event(EventError),
 }

@@ -1,17 +1,13 @@
 //! One event, evaluated and, in the write modes, applied (`State::step`).
 //!
-//! Resolved against the local schema and its row found, a later event of a held row supersedes
-//! the held one; one older than a local change in flight is superseded; an image equal to the row
-//! is unchanged; else the row is updated, inserted or deleted. A failed write becomes the event's
-//! outcome here ([`State::finish_write`]).
-//!
-//! Invariants:
-//! - In [`Mode::Read`] nothing is written: any event that would write returns [`Step::NeedsWrite`].
-//! - The write modes always finish with a [`Step::Done`] or an [`EventError`].
-//! - An event naming what this node lacks waits if its sender's schema may be ahead
-//!   ([`EventError::Behind`]), else it is poison: dead-lettered ([`quarantine`]) in-transaction.
-//! - While an earlier event of a row waits for the schema, every later one of that row waits
-//!   behind it, so per-row order holds.
+//! Resolved against the local schema, its row found: an event supersedes its row's (older) held
+//! one; one older than a local change in flight is superseded; one equal to the row is unchanged;
+//! else the row is updated, inserted or deleted (a failed write: [`State::finish_write`]).
+//! Invariants: [`Mode::Read`] writes nothing (an event that would write returns
+//! [`Step::NeedsWrite`]); the write modes always finish with [`Step::Done`] or an [`EventError`].
+//! An event naming what this node lacks waits if its sender's schema may be ahead
+//! ([`EventError::Behind`]), else it is poison, dead-lettered ([`quarantine`]) in-transaction.
+//! Per-row order: while an earlier event of a row waits for the schema, later ones wait behind it.
 
 use rusqlite::Connection;
 

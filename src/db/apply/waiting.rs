@@ -6,12 +6,8 @@
 //! later event of its row (its table, if unknown): per-row order holds while the stream goes on and
 //! the seq map advances. They are retried in arrival order on each capture reinstall after DDL
 //! ([`Applier::retry_waiting`]); renamed names are followed, dropped tables' events discarded.
-//!
-//! Invariants:
-//! - `waiting_places` counts exactly the events in `waiting` per place, and `waiting` mirrors
-//!   the table's `schema_wait` rows.
-//! - A retried event that still cannot apply blocks every later waiting event of its row (or
-//!   table) in the same pass.
+//! Invariants: `waiting` mirrors the table's `schema_wait` rows, `waiting_places` counts them per
+//! place; a retried event that still cannot apply blocks later ones of its row (table) that pass.
 
 use std::collections::HashSet;
 

@@ -1,8 +1,6 @@
-//! The sent mark: how far this database has handed changes to NATS, kept in a file next to the
-//! database (`<db>-harmonylite.sent`).
-//!
-//! Invariants: the mark is written (then renamed into place) before the sends it covers, never
-//! goes back, and belongs to one database identity; a mark that cannot be read counts as none.
+//! The sent mark: how far this database has handed changes to NATS (file `<db>-harmonylite.sent`),
+//! written (then renamed into place) before the sends it covers, never going back, and belonging to
+//! one database identity; a mark that cannot be read counts as none.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -20,13 +18,12 @@ pub struct SentMark {
 }
 
 impl SentMark {
-    /// `floor`: the highest global id that may have been sent before (what [`SentMark::read`]
-    /// found, or what existed at start without a mark). The mark never goes below it: a crash
-    /// after sending older pending changes must not hide that newer ones went out earlier.
-    /// Without a mark of this database the floor is written at once, so a later start knows that
-    /// changes captured after this one were never sent (else a node stopped before its first
-    /// send took its application's changes made while down for "maybe sent", and a restore let
-    /// the snapshot's older rows replace them).
+    /// `floor`: the highest global id that may have been sent before ([`SentMark::read`]'s answer,
+    /// or what existed at start without a mark); the mark never goes below it (a crash after
+    /// sending older pending changes must not hide that newer ones went out earlier). Without a
+    /// mark of this database the floor is written at once: a later start knows changes captured
+    /// after it were never sent (else a node stopped before its first send took changes made while
+    /// down for "maybe sent", and a restore let the snapshot's older rows replace them).
     pub fn new(db_path: &std::path::Path, identity: &str, floor: i64) -> SentMark {
         let mark = SentMark {
             path: db::sent_mark_path(db_path),

@@ -1,6 +1,5 @@
 //! Flow control for the publisher (see [`crate::replicate::flow`]): a message goes to a shard only
 //! while the estimated end of its stream stays within what the slowest live node can still read.
-//!
 //! Invariant: the stream's end is estimated as what is known for sure (acks, this node's
 //! position) plus the sends whose ack has not been awaited yet; an ack, awaited, stops counting.
 
@@ -18,9 +17,8 @@ pub struct Pacing {
     pub flow: Arc<crate::replicate::flow::Flow>,
     /// Per shard (index shard − 1): this node's last applied sequence.
     pub applied: Arc<[AtomicU64]>,
-    /// Per shard: messages sent whose ack has not been awaited yet (module header). An estimate
-    /// counting every send stayed too high for good after an ack flagged duplicate (which added
-    /// nothing to the stream), holding publishing back forever.
+    /// Per shard: sends whose ack is not awaited yet (module header). Counting all sends stayed too
+    /// high after an ack flagged duplicate (nothing added), holding publishing back forever.
     pub(super) unacked: Vec<AtomicU64>,
     /// Since when publishing has been held back (for one log line per episode).
     held_since: Mutex<Option<Instant>>,

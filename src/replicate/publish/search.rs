@@ -1,14 +1,9 @@
 //! The search of the streams for changes this database already sent: after a start or a failed
-//! pass, before anything more is sent, the publisher reads the message ids in every shard stream
-//! past the last acknowledged sequence ([`crate::stream::find_published`]) and treats the pending
-//! changes found there as sent.
-//!
-//! Invariants:
-//! - A pending change found in the stream is never sent again: sending it after JetStream's
-//!   duplicate window (2 minutes) would replay an old change over newer ones. Nor is an older
-//!   pending change of a row whose newer change was found ([`Newest`]).
-//! - A restore waits for the search after a failure and counts what it found as landed
-//!   ([`Unsettled`]).
+//! pass, before sending more, the publisher reads the message ids in every shard stream past the
+//! last acked sequence ([`crate::stream::find_published`]); pending changes found count as sent.
+//! Invariants: a pending change found in the stream is never sent again (past JetStream's 2-minute
+//! duplicate window it would replay an old change over newer ones), nor an older pending change of
+//! a row whose newer one was found ([`Newest`]); restores wait for it ([`Unsettled`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -24,16 +19,14 @@ use super::{LocalLog, PublishError, Publisher, SharedLog};
 /// Changes found in the streams: (table, change id) → (shard, stream sequence, capture time).
 pub(super) type Found = HashMap<(usize, i64), (u64, u64, i64)>;
 
-/// Per row (table, primary key), the newest of its pending changes found in the streams: (change
-/// id, shard, stream sequence). An older pending change of the row not found there must never be
-/// sent: landing after the newer one, it would roll the row back on every node. (A connection
-/// dropping under a pipeline loses the dying socket's messages; those queued behind go out.)
+/// Per row (table, primary key): its newest pending change found (change id, shard, sequence). An
+/// older one not found must never be sent: landing after it, it would roll the row back everywhere
+/// (a connection dropping under a pipeline loses the dying socket's messages, not those behind).
 pub(super) type Newest = HashMap<(usize, crate::db::apply::Key), (i64, u64, u64)>;
 
-/// What this publisher knows of where its sends landed, shared with the recovery. After a failed
-/// pass, changes sent past the acknowledged prefix stay pending until a search settles them; a
-/// restore must wait for it and count what it found as landed: taken for changes in flight, they
-/// would keep their rows, for good, over a snapshot that holds them already (under newer values).
+/// Where this publisher's sends landed. After a failed pass, changes sent past the acked prefix
+/// stay pending until a search settles them; a restore waits for it and counts what it found as
+/// landed (taken for in flight, they would keep old rows for good over the snapshot's newer ones).
 #[derive(Clone)]
 pub struct Unsettled {
     /// Set after a failure, cleared by a completed search.
@@ -68,8 +61,7 @@ impl Unsettled {
 }
 
 impl Publisher {
-    /// The search (module header): pending changes whose messages reached a stream past its
-    /// newest acknowledged sequence (a crash or a lost ack in between) are not sent again.
+    /// The search of the module header (a crash or a lost ack can leave sent messages unacked).
     pub(super) async fn search(&self) -> Result<(), PublishError> {
         let pending = self.read(|conn, log| log.pending_ids(conn)).await?;
         let found = if pending.is_empty() {
@@ -155,10 +147,9 @@ impl Publisher {
         .await
     }
 
-    /// At start, before anything is applied: finds pending changes that already reached the
-    /// streams (a crash between the ack and their retirement) and retires them at once with where
-    /// they landed, so the applier knows which have come back. Start-up cannot go on without it:
-    /// the caller retries all but fatal errors.
+    /// At start, before anything is applied: retires pending changes that already reached the
+    /// streams (a crash between ack and retirement) with where they landed, so the applier knows
+    /// which came back. Start-up needs it: the caller retries all but fatal errors.
     pub async fn recover(&self, writer: &SharedLog) -> Result<usize, PublishError> {
         if !self.settings.publish {
             return Ok(0);
