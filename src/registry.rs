@@ -118,7 +118,11 @@ pub async fn keep_published(
                         "Published schema state to cluster registry");
                 }
                 Ok(()) => {}
-                Err(e) => tracing::warn!(error = %e, "Cannot update the schema registry"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot update the schema registry");
+                    // Opened again next time: created anew if JetStream lost it.
+                    store = None;
+                }
             }
         }
         first = false;

@@ -537,12 +537,11 @@ fn spawn_flow(
     let observe = flow::observe(Arc::clone(flow), observers.clone(), token.clone());
     spawn_forever(tasks, "peer view", observe);
     if settings.replicate {
-        let (id, positions) = (settings.node_id, Arc::clone(positions));
         let report = flow::report(
-            store.clone(),
+            (node.js.clone(), store.clone()),
             Arc::clone(flow),
-            id,
-            positions,
+            Arc::clone(settings),
+            Arc::clone(positions),
             token.clone(),
         );
         spawn_forever(tasks, "position reporter", report);

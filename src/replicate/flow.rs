@@ -233,7 +233,14 @@ fn counts(peer: &Peer, stream: usize, end: u64, window: u64, now: Instant) -> bo
 
 /// Opens (or creates) the positions bucket. `None` when the server cannot provide it.
 pub async fn bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::Store> {
-    let config = kv::Config {
+    crate::stream::open_or_create(js, config(settings))
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "Cannot create the positions bucket; publishing is not paced to the slowest node"))
+        .ok()
+}
+
+fn config(settings: &Settings) -> kv::Config {
+    kv::Config {
         bucket: BUCKET.to_owned(),
         description: "harmonylite: applied stream positions per node (flow control)".to_owned(),
         history: 1,
@@ -241,21 +248,19 @@ pub async fn bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::
         storage: jetstream::stream::StorageType::File,
         num_replicas: settings.replication.replicas.max(1),
         ..Default::default()
-    };
-    crate::stream::open_or_create(js, config)
-        .await
-        .inspect_err(|e| tracing::warn!(error = %e, "Cannot create the positions bucket; publishing is not paced to the slowest node"))
-        .ok()
+    }
 }
 
-/// Reports this node's applied positions until shutdown (module header).
+/// Reports this node's applied positions until shutdown (module header); after a failed put it
+/// creates the bucket again if JetStream lost it.
 pub async fn report(
-    store: kv::Store,
+    (js, store): (jetstream::Context, kv::Store),
     flow: Arc<Flow>,
-    node_id: u64,
+    settings: Arc<Settings>,
     positions: Arc<[AtomicU64]>,
     shutdown: CancellationToken,
 ) {
+    let node_id = settings.node_id;
     let key = format!("node-{node_id}");
     let mut beat = 0u64;
     let mut failing = false;
@@ -288,6 +293,9 @@ pub async fn report(
             _ => {}
         }
         failing = put.is_err();
+        if failing {
+            let _ = crate::stream::open_or_create(&js, config(&settings)).await;
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,

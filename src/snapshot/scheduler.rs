@@ -460,6 +460,10 @@ impl Snapshots {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Error during leader election");
+                // JetStream may have lost the bucket (a wiped store): the handle works again once
+                // it exists.
+                let _ =
+                    leader::bucket(&self.js, self.settings.replication.configured_replicas).await;
                 if was {
                     tracing::warn!("Lost snapshot leadership due to error");
                 }

@@ -39,6 +39,9 @@ pub enum Error {
 /// A held lease (see the module header).
 pub struct Lease {
     store: kv::Store,
+    /// To create the bucket again if JetStream lost it (a wiped store).
+    js: jetstream::Context,
+    config: kv::Config,
     key: String,
     value: Bytes,
     revision: u64,
@@ -57,7 +60,11 @@ pub async fn acquire(
     identity: &str,
     shutdown: &CancellationToken,
 ) -> Result<Option<Lease>, Error> {
-    let Some(store) = open_bucket(js, settings).await else {
+    let config = bucket_config(settings);
+    let opened = super::open_or_create(js, config.clone()).await;
+    let Ok(store) = opened.inspect_err(|e| {
+        tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
+    }) else {
         return Ok(None);
     };
     let key = format!("node-{}", settings.node_id);
@@ -70,6 +77,8 @@ pub async fn acquire(
     ));
     let mut lease = Lease {
         store,
+        js: js.clone(),
+        config,
         key,
         value,
         revision: 0,
@@ -90,9 +99,8 @@ pub async fn acquire(
     }
 }
 
-/// The lease bucket, created if missing; `None` when it cannot be used.
-async fn open_bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv::Store> {
-    let config = kv::Config {
+fn bucket_config(settings: &Settings) -> kv::Config {
+    kv::Config {
         bucket: BUCKET.to_owned(),
         description: "harmonylite: one live node per node_id".to_owned(),
         history: 1,
@@ -100,10 +108,7 @@ async fn open_bucket(js: &jetstream::Context, settings: &Settings) -> Option<kv:
         storage: jetstream::stream::StorageType::File,
         num_replicas: settings.replication.replicas.max(1),
         ..Default::default()
-    };
-    super::open_or_create(js, config).await.map_err(|e| {
-        tracing::warn!(error = %e, "Cannot use the node-id lease bucket; running without the duplicate node_id check");
-    }).ok()
+    }
 }
 
 /// Waits until the key of `me` (not yet written; its value names `identity` and `host`) is free
@@ -215,7 +220,10 @@ impl Lease {
                         Ok(revision) => self.revision = revision,
                         Err(e) => tracing::debug!(error = %e, "node-id lease refresh failed"),
                     },
-                    Err(_) => tracing::debug!(error = %e, "node-id lease refresh failed"),
+                    Err(_) => {
+                        tracing::debug!(error = %e, "node-id lease refresh failed");
+                        let _ = super::open_or_create(&self.js, self.config.clone()).await;
+                    }
                 },
             }
         }

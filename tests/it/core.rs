@@ -591,6 +591,12 @@ fn a_wiped_jetstream_under_running_nodes_recovers_by_itself() {
             after(&a) == Some(true) || after(&b) == Some(true)
         },
     );
+    // So do the position reports (flow control), in a bucket created again.
+    wait_until(
+        REPLICATION_TIMEOUT,
+        "position reports after the wipe",
+        || a.log().contains("Position reports work again"),
+    );
 }
 
 /// Findings 16 and 17: a full disk made the apply thread give up and the process exit 0 (a
