@@ -558,7 +558,14 @@ fn a_wiped_jetstream_under_running_nodes_recovers_by_itself() {
     let bin = require_nats!();
     let mut nats = NatsServer::start(&bin);
     let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)";
-    let (a, b) = pair(&nats, schema, 2, "");
+    let mut a = Node::new(1, &nats.url, schema, 2, "");
+    let mut b = Node::new(2, &nats.url, schema, 2, "");
+    // A window smaller than what was published before: marks of the old streams must not pace
+    // publishing to the new ones for good.
+    for node in [&mut a, &mut b] {
+        node.set_max_entries(64);
+        node.start();
+    }
     for i in 0..300 {
         let node = if i % 2 == 0 { &a } else { &b };
         node.exec(&format!("INSERT INTO t VALUES ({i}, 'before')"));
