@@ -439,11 +439,6 @@ const ZSTD_LEVEL: i32 = 3;
 /// Largest decompressed body we accept; bounds memory on a hostile frame.
 pub const MAX_DECOMPRESSED: usize = 256 * 1024 * 1024;
 
-/// Compresses a body as one standard zstd frame (what Go's klauspost encoder produces).
-pub fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
-    Compressor::new()?.compress(body)
-}
-
 /// A reusable compression context: creating one per message costs more than compressing it.
 pub struct Compressor(zstd::bulk::Compressor<'static>);
 
@@ -657,7 +652,9 @@ mod tests {
                 schema_hash: String::new(),
             },
         };
-        let compressed = compress(&e.encode()).expect("compresses");
+        let compressed = Compressor::new()
+            .and_then(|mut c| c.compress(&e.encode()))
+            .expect("compresses");
         let back = ReplicationEvent::decode(&decompress(&compressed).expect("decompresses"));
         assert_eq!(back.expect("decodes"), e);
     }
@@ -815,7 +812,9 @@ mod tests {
         }
         let mut d = Decompressor::new().expect("ctx");
         assert_eq!(d.decompress(&streamed).expect("streamed"), body);
-        let framed = compress(&body).expect("compress");
+        let framed = Compressor::new()
+            .and_then(|mut c| c.compress(&body))
+            .expect("compress");
         assert_eq!(d.decompress(&framed).expect("framed"), body);
         assert!(
             d.decompress(&framed[..framed.len() - 3]).is_err(),

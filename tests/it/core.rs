@@ -367,7 +367,9 @@ fn compressed_bombs_are_quarantined_without_blowing_up_memory() {
         1,
         "",
     );
-    let bomb = harmonylite::wire::compress(&vec![0u8; 200 * 1024 * 1024]).expect("compress");
+    let bomb = harmonylite::wire::Compressor::new()
+        .and_then(|mut c| c.compress(&vec![0u8; 200 * 1024 * 1024]))
+        .expect("compress");
     assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
     let url = nats.url.clone();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
