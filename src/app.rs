@@ -209,6 +209,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .context("invalid [prometheus] namespace or subsystem")?,
         health: HealthState::new(settings.node_id),
     };
+    let limit = i64::from(settings.health_check.max_publish_held_seconds) * 1000;
+    observers
+        .health
+        .update_catchup(|c| c.publish_held_limit_ms = limit);
     let root = shutdown.child_token();
     let servers = spawn_http_servers(&settings, &observers, &root).await;
     // The node's own token: its failure stops the node, not yet the HTTP servers.

@@ -73,6 +73,11 @@ pub struct Catchup {
     pub schema_waiting_events: usize,
     /// Why applying is paused (503 while set): too many events wait for this node's schema.
     pub apply_paused: Option<String>,
+    /// Unix ms since publishing has been held back (paced); 503 once held longer than
+    /// `publish_held_limit_ms` (`[health_check] max_publish_held_seconds`; 0: never).
+    pub publish_held_since_ms: Option<i64>,
+    #[serde(skip)]
+    pub publish_held_limit_ms: i64,
     /// Other nodes' changes kept in `__harmonylite__conflicts` since start (lost to local ones).
     pub conflicts: u64,
 }
@@ -168,6 +173,10 @@ impl HealthState {
             && self.consumers_down.load(Ordering::Relaxed) == 0
             && catchup.recovering.is_none()
             && catchup.apply_paused.is_none()
+            && catchup.publish_held_since_ms.is_none_or(|t| {
+                let limit = catchup.publish_held_limit_ms;
+                limit == 0 || clock::unix_ms() - t <= limit
+            })
     }
 
     /// The body Go sends, keys in its order; `0001-01-01T00:00:00Z` for a time never seen.
@@ -325,5 +334,24 @@ mod tests {
         assert!(!evaluate(&s, &t(None, Some(9))));
         s.nats_connected.store(false, Ordering::Relaxed);
         assert!(!evaluate(&s, &Thresholds::default()));
+    }
+
+    #[test]
+    fn publishing_held_longer_than_the_limit_is_unhealthy() {
+        let s = HealthState::new(1);
+        up(&s);
+        let held = |since_s: i64, limit_s: i64| {
+            s.update_catchup(|c| {
+                c.publish_held_since_ms = Some(clock::unix_ms() - since_s * 1000);
+                c.publish_held_limit_ms = limit_s * 1000;
+            });
+            s.healthy()
+        };
+        assert!(held(5, 30), "held briefly (pacing under load)");
+        assert!(!held(31, 30), "held past the limit");
+        assert!(s.body(false).contains("\"publish_held_since_ms\":"));
+        assert!(held(3600, 0), "0: never");
+        s.update_catchup(|c| c.publish_held_since_ms = None);
+        assert!(s.healthy());
     }
 }

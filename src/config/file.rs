@@ -176,6 +176,7 @@ section! {
         bind: String = "0.0.0.0:8090".into(),
         path: String = "/health".into(),
         detailed: bool = true,
+        max_publish_held_seconds: u32 = 30,
     }
 }
 

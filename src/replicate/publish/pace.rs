@@ -46,7 +46,12 @@ impl Publisher {
         {
             let mut since = lock(&p.held_since);
             match *since {
-                None => *since = Some(Instant::now()),
+                None => {
+                    *since = Some(Instant::now());
+                    let now = crate::clock::unix_ms();
+                    self.health
+                        .update_catchup(|c| c.publish_held_since_ms = Some(now));
+                }
                 Some(t) if t.elapsed() >= Duration::from_secs(2) => {
                     let ends = self.stream_ends();
                     let slow: Vec<String> = p
@@ -103,7 +108,10 @@ impl Publisher {
             return false;
         }
         p.unacked[i].fetch_add(1, Ordering::Relaxed);
-        *lock(&p.held_since) = None;
+        if lock(&p.held_since).take().is_some() {
+            self.health
+                .update_catchup(|c| c.publish_held_since_ms = None);
+        }
         true
     }
 
