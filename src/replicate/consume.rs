@@ -151,8 +151,17 @@ impl Consumer {
             Ok(Some((first, last))) if self.next > 1 && last < self.next - 1 => {
                 tracing::warn!(stream = %name, position = self.next - 1, stream_last = last,
                     "Stream ends before this node's position (it was recreated); consuming from its start");
-                self.next = first.max(1);
+                self.next = 1;
                 self.reset = true;
+                // Retention already dropped the new stream's first messages: a gap like any other.
+                if first > 1 {
+                    if self.report_gap(first) {
+                        return Some(self.stop_for_gap(first).await);
+                    }
+                    tracing::error!(stream = %name, missing_to = first - 1,
+                        "Stream gap detected: the recreated stream dropped its first messages before this node read them");
+                    self.next = first;
+                }
             }
             Ok(Some((first, _))) if first > self.next && !self.reset && self.report_gap(first) => {
                 return Some(self.stop_for_gap(first).await);

@@ -20,7 +20,11 @@
 //!
 //! - Files handled by operators: a node's file restored from an older backup, and a copy of a
 //!   stopped node's file (with changes pending) started as a new node, both must converge
-//!   without resending old changes (phase 1c, [`file_phase`]).
+//!   without resending old changes (phase 1c, [`ops::file_phase`]).
+//! - Operations (phase 1d, with faults on, [`ops::operations_phase`]): all of JetStream wiped
+//!   under the running nodes, the snapshot leader killed during writes, and a node whose
+//!   application writes while its daemon is down (stopped or killed) for longer than the streams
+//!   keep in the small-retention test: every node converges and keeps every committed row.
 //!
 //! A second test runs the same workload on streams that keep only a few dozen messages, so that
 //! nodes killed or stopped by the faults — and one node stopped on purpose — must recover from
@@ -43,6 +47,7 @@ use rusqlite::types::Value;
 use crate::require_nats;
 use crate::support::{NatsServer, Node, happens_within};
 
+mod ops;
 mod writer;
 use writer::Writer;
 
@@ -381,57 +386,6 @@ fn new_node(id: u64, url: &str, schema: &str, shards: u64, max_entries: Option<u
     n
 }
 
-/// Phase 1c: what operators do with database files.
-/// - Node 2's file is restored from a backup taken a few transactions earlier, with changes
-///   still pending in it; it must catch up (positions live in the database) without sending
-///   those old changes again over newer ones.
-/// - Node 1 is stopped, its application writes, its file is copied to a new node 4 (its own
-///   `node_id`), node 1 restarts and its application writes on; the copy must not resend node
-///   1's pending changes as its own (which would roll node 1's later writes back).
-fn file_phase(
-    cluster: &mut Cluster,
-    writers: &mut [Writer],
-    seed: u64,
-    shards: u64,
-    max_entries: Option<u64>,
-) {
-    let write = |w: &mut Writer, what: &str| {
-        if let Err(e) = w.transaction(seed, 20) {
-            panic!("seed {seed}: I6 violated {what}: {e}");
-        }
-    };
-    settle(cluster, seed);
-    let dir = crate::support::tempdir();
-    let backup = dir.path().join("node-2-backup.db");
-    write(&mut writers[1], "before the backup");
-    writers[1].copy_to(&backup);
-    for _ in 0..3 {
-        write(&mut writers[1], "after the backup");
-    }
-    settle(cluster, seed);
-    cluster.nodes[1].terminate();
-    writers[1].restore_from(&backup);
-    cluster.nodes[1].start();
-    settle(cluster, seed);
-    eprintln!("seed {seed}: node 2 restored from a backup and caught up");
-
-    cluster.nodes[0].terminate();
-    for _ in 0..3 {
-        write(&mut writers[0], "while node 1 was stopped");
-    }
-    let mut copy = new_node(4, &cluster.nats.url, "", shards, max_entries);
-    writers[0].copy_to(&copy.db);
-    cluster.nodes[0].start();
-    for _ in 0..3 {
-        write(&mut writers[0], "after node 1's file was copied");
-    }
-    copy.start();
-    cluster.nodes.push(copy);
-    cluster.stopped.push(None);
-    settle(cluster, seed);
-    eprintln!("seed {seed}: a copy of node 1's file joined as node 4");
-}
-
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
@@ -555,7 +509,11 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
         );
     }
 
-    file_phase(&mut cluster, &mut writers, seed, shards, max_entries);
+    ops::file_phase(&mut cluster, &mut writers, seed, shards, max_entries);
+    if faults_on {
+        let small = max_entries.is_some();
+        ops::operations_phase(&mut cluster, &mut writers, seed, &mut rng, small);
+    }
 
     // Phase 2: every node's application writes its own rows at the same time (I1 checked live;
     // a transaction may fail on SQLITE_BUSY here, since foreign changes arrive — it is retried),
