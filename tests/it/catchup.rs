@@ -706,3 +706,58 @@ fn a_trigger_that_meets_a_held_save_lease_saves_once_it_frees() {
         || a.log().contains("Snapshot saved "),
     );
 }
+
+/// Issue 25, item 1 (a race): 3 nodes, `max_entries = 16`; node 3 is SIGKILLed, its application
+/// commits 60 rows, node 1 writes 600, node 3 starts. Right after start a publisher must not send
+/// its whole backlog before it knows the stream's limit and its own position: once it did, every
+/// node fell off the stream and the cluster stayed `recovering` for good. Repeated under CPU load
+/// (`HARMONYLITE_RACE_ROUNDS`, default 3): every round must converge.
+#[test]
+fn a_restart_with_a_backlog_never_wedges_the_cluster_under_load() {
+    let bin = require_nats!();
+    let rounds = std::env::var("HARMONYLITE_RACE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3u64);
+    let nats = NatsServer::start(&bin);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::new(id, &nats.url, BOOKS_SCHEMA, 1, ""))
+        .collect();
+    for n in &mut nodes {
+        n.set_max_entries(16);
+        n.start();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..1)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::black_box((0..10_000u64).sum::<u64>());
+                }
+            })
+        })
+        .collect();
+    let mut next = 1;
+    for round in 0..rounds {
+        nodes[2].kill();
+        insert_range(&nodes[2], next, next + 60);
+        insert_range(&nodes[0], next + 60, next + 660);
+        next += 660;
+        nodes[2].start();
+        let want = next - 1;
+        wait_until(
+            Duration::from_secs(120),
+            &format!("round {round}: every node has every row"),
+            || {
+                nodes
+                    .iter()
+                    .all(|n| n.query_i64("SELECT count(*) FROM Books") == want as i64)
+            },
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in load {
+        let _ = t.join();
+    }
+}
