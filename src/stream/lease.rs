@@ -1,6 +1,6 @@
 //! The node-id lease: one live node per `node_id` in a cluster (cloned machines share the machine
 //! id `node_id` defaults to, hence node names, metric labels and KV keys). Each node holds key
-//! `node-<id>` in KV bucket [`BUCKET`], valued with its database identity (plus host and pid, for
+//! `<stream_prefix>.node-<id>` in KV bucket [`BUCKET`], valued with its database identity (plus host and pid, for
 //! the message), refreshed every [`REFRESH`]; entries expire after [`TTL`]. Invariants: at start, a
 //! key someone else (another database, or a copy of this one on another host) still refreshes is a
 //! live node's: a conflict, the node refuses to start (exit 2). A key unchanged for two refresh
@@ -67,7 +67,13 @@ pub async fn acquire(
     }) else {
         return Ok(None);
     };
-    let key = format!("node-{}", settings.node_id);
+    // Per cluster (its streams), not per server: another cluster's node 7 on the same server is
+    // not this one's. KV keys take `[-_=./a-zA-Z0-9]`.
+    let prefix = settings
+        .nats
+        .stream_prefix
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+    let key = format!("{prefix}.node-{}", settings.node_id);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default();

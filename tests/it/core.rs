@@ -294,6 +294,16 @@ fn a_second_live_node_with_the_same_node_id_is_refused() {
     let (code, out) = run_to_exit(&b.config, &[], Duration::from_secs(30));
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("another live node uses node_id 7"), "{out}");
+    // Node 7 of another cluster (its own streams) on the same server is not a duplicate, and
+    // does not stop this cluster's node 7.
+    let mut other = Node::new(7, &nats.url, schema, 1, "");
+    other.edit_config(
+        "[nats]\n",
+        "[nats]\nstream_prefix = \"other\"\nsubject_prefix = \"other-changes\"\n",
+    );
+    other.start();
+    other.exec("INSERT INTO t VALUES (99, 'other cluster')");
+    assert!(other.terminate().success());
     a.exec("INSERT INTO t VALUES (1, 'a')");
     assert!(a.terminate().success());
     // Both databases' changes reach the third node: their message ids differ.
