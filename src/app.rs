@@ -78,14 +78,10 @@ pub async fn save_snapshot(
         };
         let store = crate::snapshot::open_store(&node.settings, &node.js)
             .context("Unable to initialize snapshot storage")?;
-        crate::snapshot::save(
-            &source,
-            store.as_ref(),
-            node.settings.node_id,
-            &capture.hash,
-        )
-        .await
-        .context("Unable to save snapshot")
+        let id = node.settings.node_id;
+        crate::snapshot::save(&source, store.as_ref(), id, &capture.hash)
+            .await
+            .context("Unable to save snapshot")
     }
     .await;
     if let Some(lease) = lease {
@@ -155,11 +151,8 @@ pub fn schema_status(settings: &Settings) -> anyhow::Result<String> {
     let hash =
         crate::db::schema::schema_hash(&conn, &tables).context("Unable to compute schema hash")?;
     let names: Vec<String> = tables.into_iter().map(|t| t.name).collect();
-    Ok(crate::registry::render_local(
-        settings.node_id,
-        &hash,
-        &names,
-    ))
+    let id = settings.node_id;
+    Ok(crate::registry::render_local(id, &hash, &names))
 }
 
 /// `-schema-status-cluster`: every node's registry entry, read through `nats.urls` or else the

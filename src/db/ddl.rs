@@ -357,11 +357,8 @@ fn follow_column_renames(
 /// Drops the change log, index and global-log rows of `table` (gone or replaced), counting losses.
 fn retire_log(conn: &Connection, table: &str, done: &mut Followed) -> Result<(), Error> {
     let log = change_log_name(table);
-    let pending: i64 = conn.query_row(
-        &format!("SELECT count(*) FROM {} WHERE state = 0", quote(&log)),
-        [],
-        |r| r.get(0),
-    )?;
+    let sql = format!("SELECT count(*) FROM {} WHERE state = 0", quote(&log));
+    let pending: i64 = conn.query_row(&sql, [], |r| r.get(0))?;
     if pending > 0 {
         tracing::warn!(
             table,
@@ -371,10 +368,8 @@ fn retire_log(conn: &Connection, table: &str, done: &mut Followed) -> Result<(),
     } else {
         tracing::info!(table, "Table dropped; no longer replicated");
     }
-    conn.execute(
-        &format!("DELETE FROM {} WHERE table_name = ?1", quote(GLOBAL_LOG)),
-        [table],
-    )?;
+    let sql = format!("DELETE FROM {} WHERE table_name = ?1", quote(GLOBAL_LOG));
+    conn.execute(&sql, [table])?;
     conn.execute_batch(&format!(
         "DROP INDEX IF EXISTS {};\nDROP TABLE {};",
         quote(&format!("{log}_state_index")),
@@ -422,9 +417,7 @@ fn retire_dropped(conn: &Connection, tables: &[Table], done: &mut Followed) -> R
                 [&t.name, &c.name],
             )?;
         }
-    }
-    // A name in use again is no longer an alias or a dropped table.
-    for t in tables {
+        // A name in use again is no longer an alias or a dropped table.
         conn.execute(
             &format!(
                 "DELETE FROM {} WHERE kind IN ('table', 'dropped') AND old_name = ?1 COLLATE NOCASE",
@@ -461,11 +454,8 @@ pub fn backfill(
     seen: &[&crate::wire::ChangeEvent],
 ) -> Result<i64, Error> {
     let log = change_log_name(&table.name);
-    let before: i64 = conn.query_row(
-        &format!("SELECT coalesce(max(id), 0) FROM {}", quote(&log)),
-        [],
-        |r| r.get(0),
-    )?;
+    let sql = format!("SELECT coalesce(max(id), 0) FROM {}", quote(&log));
+    let before: i64 = conn.query_row(&sql, [], |r| r.get(0))?;
     let targets: Vec<String> = table
         .columns
         .iter()
@@ -528,19 +518,11 @@ fn seen_images(
     ))?;
     let null = crate::wire::Value::Null;
     for e in events {
-        let binds: Vec<super::sql::Bind<'_>> = table
-            .columns
-            .iter()
-            .map(|c| {
-                super::sql::Bind(
-                    e.row
-                        .iter()
-                        .find(|(n, _)| n.eq_ignore_ascii_case(&c.name))
-                        .map_or(&null, |(_, v)| v),
-                )
-            })
-            .collect();
-        insert.execute(rusqlite::params_from_iter(binds.iter()))?;
+        let binds = table.columns.iter().map(|c| {
+            let found = e.row.iter().find(|(n, _)| n.eq_ignore_ascii_case(&c.name));
+            super::sql::Bind(found.map_or(&null, |(_, v)| v))
+        });
+        insert.execute(rusqlite::params_from_iter(binds))?;
     }
     Ok(())
 }
@@ -584,17 +566,12 @@ pub fn fill_added(conn: &Connection, table: &Table, added: &[String]) -> Result<
 }
 
 /// How the live schema differs from what capture was installed for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}")]
 pub struct Drift {
     pub what: String,
     /// A watched table lost its capture triggers (dropped, or table rebuilt): later writes missed.
     pub capture_lost: bool,
-}
-
-impl std::fmt::Display for Drift {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.what)
-    }
 }
 
 /// The first of `tables` with an application trigger newer than ours ([`super::triggers::outrun`]).

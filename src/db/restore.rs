@@ -221,11 +221,8 @@ fn keep_lost_rows(
         if !seen.insert(format!("{key:?}")) {
             continue;
         }
-        let op: String = tx.query_row(
-            &format!("SELECT type FROM {log} WHERE id = ?1"),
-            [id],
-            |r| r.get(0),
-        )?;
+        let sql = format!("SELECT type FROM {log} WHERE id = ?1");
+        let op: String = tx.query_row(&sql, [id], |r| r.get(0))?;
         let read = |sql: &str| -> rusqlite::Result<Option<Vec<crate::wire::Value>>> {
             let mut stmt = tx.prepare_cached(sql)?;
             let mut rows = stmt.query(rusqlite::params_from_iter(key.iter().map(Bind)))?;
@@ -394,10 +391,8 @@ fn copy_whole(
         conn.execute_batch(&format!("DROP TRIGGER main.{}", quote(name)))?;
     }
     let name = quote(&table.name);
-    out.inserted += conn.execute(
-        &format!("INSERT INTO main.{name} SELECT * FROM {SNAP}.{name}"),
-        [],
-    )? as u64;
+    let sql = format!("INSERT INTO main.{name} SELECT * FROM {SNAP}.{name}");
+    out.inserted += conn.execute(&sql, [])? as u64;
     for (_, sql) in &triggers {
         conn.execute_batch(sql)?;
     }
@@ -537,11 +532,8 @@ fn copy_rows(conn: &Connection, name: &str) -> Result<u64, Error> {
         columns.join(", ")
     };
     conn.execute(&format!("DELETE FROM main.{q}"), [])?;
-    let n = conn.execute(
-        &format!("INSERT INTO main.{q} ({list}) SELECT {list} FROM {SNAP}.{q}"),
-        [],
-    )?;
-    Ok(n as u64)
+    let sql = format!("INSERT INTO main.{q} ({list}) SELECT {list} FROM {SNAP}.{q}");
+    Ok(conn.execute(&sql, [])? as u64)
 }
 
 /// Column names of a table in the snapshot (empty when it has no such table).
@@ -710,19 +702,15 @@ fn merge_table(
             "SELECT NOT EXISTS (SELECT 1 FROM main.{name}) AND NOT EXISTS (SELECT 1 FROM temp.hl_keep)"
         ))?
         .query_row([], |r| r.get::<_, bool>(0))?;
-    if empty && copy_whole(conn, table, snap_table, snap_cols, out)? {
-        return Ok(());
-    }
     if empty {
-        out.inserted += conn.execute(&sql.insert_all, [])? as u64;
+        if !copy_whole(conn, table, snap_table, snap_cols, out)? {
+            out.inserted += conn.execute(&sql.insert_all, [])? as u64;
+        }
         return Ok(());
     }
     out.deleted += conn.execute(&sql.delete_missing, [])? as u64;
     let merged = (|| -> rusqlite::Result<(u64, u64)> {
-        let updated = match &sql.update {
-            Some(update) => conn.execute(update, [])? as u64,
-            None => 0,
-        };
+        let updated = sql.update.as_ref().map_or(Ok(0), |u| conn.execute(u, []))? as u64;
         let inserted = conn.execute(&sql.insert, [])? as u64;
         Ok((updated, inserted))
     })();

@@ -498,14 +498,9 @@ fn applier(
 ) -> anyhow::Result<Applier> {
     let settings = &node.settings;
     // Own events come back (and must be told apart) only when we both publish and apply.
-    let track = settings.publish;
-    let mut applier = Applier::new(
-        db::open(&settings.db_path)?,
-        Arc::clone(log),
-        applied,
-        track,
-    )
-    .context("Unable to start the applier")?;
+    let conn = db::open(&settings.db_path)?;
+    let mut applier = Applier::new(conn, Arc::clone(log), applied, settings.publish)
+        .context("Unable to start the applier")?;
     applier.set_schema_hashes(w.hashes.clone());
     applier.set_confirmed_schema(Arc::clone(&w.confirmed));
     if w.stale_up_to.iter().any(|&id| id > 0) {
@@ -632,10 +627,7 @@ async fn supervise(
         )),
         ended = lease_ended => {
             *lease = None;
-            if node.root.is_cancelled() {
-                return None;
-            }
-            Some(match ended {
+            (!node.root.is_cancelled()).then(|| match ended {
                 Ok(Ok(())) => anyhow::anyhow!("node-id lease stopped unexpectedly"),
                 Ok(Err(e)) => anyhow::Error::new(StartError::Conflict(e.to_string()))
                     .context("node-id lease failed"),
@@ -644,21 +636,17 @@ async fn supervise(
         }
         Some(done) = tasks.join_next() => {
             // Subsystems end by themselves once shutdown has begun; only an early end fails.
-            if node.root.is_cancelled() {
-                None
-            } else {
-                Some(match done {
-                    Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
-                    Ok((name, Err(e))) => e.context(format!("{name} failed")),
-                    Err(e) => anyhow::anyhow!("task panicked: {e}"),
-                })
-            }
+            (!node.root.is_cancelled()).then(|| match done {
+                Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
+                Ok((name, Err(e))) => e.context(format!("{name} failed")),
+                Err(e) => anyhow::anyhow!("task panicked: {e}"),
+            })
         }
     }
 }
 
 /// Awaits `future`, or never when there is none.
-async fn or_pending<F: std::future::Future>(future: Option<F>) -> F::Output {
+pub(crate) async fn or_pending<F: std::future::Future>(future: Option<F>) -> F::Output {
     match future {
         Some(future) => future.await,
         None => std::future::pending().await,

@@ -8,6 +8,7 @@
 //! - Operator-only conflicts (shard count, second live node id): [`StartError::Conflict`], exit 2.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -54,13 +55,10 @@ pub async fn setup(
     let (capture, identity, lock, captured_before) = open_database(&settings).await?;
     let sent_before_start = crate::replicate::publish::SentMark::read(&settings.db_path, &identity)
         .unwrap_or(captured_before);
-    {
-        use std::sync::atomic::Ordering::Relaxed;
-        let h = &observers.health;
-        h.db_connected.store(true, Relaxed);
-        h.cdc_installed.store(true, Relaxed);
-        h.tables_tracked.store(capture.tables.len() as u64, Relaxed);
-    }
+    let h = &observers.health;
+    h.db_connected.store(true, Relaxed);
+    h.cdc_installed.store(true, Relaxed);
+    h.tables_tracked.store(capture.tables.len() as u64, Relaxed);
 
     // NATS: the configured servers, or our own supervised nats-server.
     let embedded = if settings.nats.urls.is_empty() {
@@ -252,15 +250,10 @@ fn logged_columns(
 
 /// The highest change id in a table's change log (0 when empty).
 fn max_log_id(conn: &rusqlite::Connection, table: &db::Table) -> anyhow::Result<i64> {
-    conn.query_row(
-        &format!(
-            "SELECT coalesce(max(id), 0) FROM {}",
-            db::quote(&db::change_log_name(&table.name))
-        ),
-        [],
-        |r| r.get(0),
-    )
-    .context("Unable to read the change logs")
+    let log = db::quote(&db::change_log_name(&table.name));
+    let sql = format!("SELECT coalesce(max(id), 0) FROM {log}");
+    conn.query_row(&sql, [], |r| r.get(0))
+        .context("Unable to read the change logs")
 }
 
 /// Lists tables, hashes the schema, installs capture; retried while the schema changes meanwhile.
@@ -277,12 +270,8 @@ fn install_capture(settings: &Settings) -> anyhow::Result<Capture> {
 }
 
 fn is_schema_change(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<db::Error>(),
-            Some(db::Error::SchemaChanged)
-        )
-    })
+    e.chain()
+        .any(|c| matches!(c.downcast_ref(), Some(db::Error::SchemaChanged)))
 }
 
 fn install_once(settings: &Settings) -> anyhow::Result<Capture> {
@@ -333,9 +322,7 @@ async fn reach_cluster(
     };
     let connected = Arc::clone(&observers.health);
     let connecting = stream::connect(settings, &urls, root, move |up| {
-        connected
-            .nats_connected
-            .store(up, std::sync::atomic::Ordering::Relaxed);
+        connected.nats_connected.store(up, Relaxed);
     });
     let Some(client) = unless_cancelled(connecting.await)? else {
         return Ok(None);
@@ -384,14 +371,9 @@ async fn start_embedded(
         stream::discovery::resolve_all(&settings.cluster.leaf_servers, shutdown).await?;
     let data_dir = crate::config::data_root_dir(&settings.db_path).join("nats");
     let listen = crate::config::listen_addr(&settings.nats.bind_address);
-    let loopback = listen
-        .rsplit_once(':')
-        .and_then(|(host, _)| {
-            host.trim_matches(['[', ']'])
-                .parse::<std::net::IpAddr>()
-                .ok()
-        })
-        .is_some_and(|ip| ip.is_loopback());
+    let host = listen.rsplit_once(':').map_or("", |(host, _)| host);
+    let ip = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>();
+    let loopback = ip.is_ok_and(|ip| ip.is_loopback());
     if !loopback && settings.nats.server_config.is_empty() {
         tracing::warn!(listen = %listen,
             "The embedded nats-server accepts clients on this address without authorization: whoever reaches it can read and write the replicated changes. Set nats.bind_address = \"127.0.0.1:-1\", or add authorization through nats.server_config");

@@ -116,10 +116,8 @@ fn decode(
             .and_then(|plain| ReplicationEvent::decode(&plain)),
         None => ReplicationEvent::decode(body),
     };
-    match decoded {
-        Ok(e) => (Ok(e.event), Some(e.from_node_id)),
-        Err(e) => (Err(e), None),
-    }
+    let from_node = decoded.as_ref().ok().map(|e| e.from_node_id);
+    (decoded.map(|e| e.event), from_node)
 }
 
 /// What the apply thread needs besides its channel.

@@ -309,41 +309,38 @@ async fn look(
     if !settled(node, &own.sends).await? {
         return Ok(ControlFlow::Break(Attempt::Stopping));
     }
+    let wait = |why: String| Ok(ControlFlow::Break(Attempt::Wait(why)));
     let (before_first, need) = needs(node, streams, applied).await?;
     let Some(meta) = snapshots.store.meta().await? else {
         ask_for_snapshot(node, &need, streams).await;
-        return Ok(ControlFlow::Break(Attempt::Wait(
-            "the store holds no snapshot yet".into(),
-        )));
+        return wait("the store holds no snapshot yet".into());
     };
     if let Some((when, version, why)) = &seen.behind
         && when.elapsed() < BEHIND_RECHECK
         && schema_version(node).await == Some(*version)
     {
-        return Ok(ControlFlow::Break(Attempt::Wait(why.clone())));
+        return wait(why.clone());
     }
     if seen.refused.as_ref() == Some(&meta) {
         ask_for_snapshot(node, &need, streams).await;
-        return Ok(ControlFlow::Break(Attempt::Wait(
-            "the store still holds the snapshot refused before".into(),
-        )));
+        return wait("the store still holds the snapshot refused before".into());
     }
     if !usable(&meta, streams, &need) {
         ask_for_snapshot(node, &need, streams).await;
-        return Ok(ControlFlow::Break(Attempt::Wait(format!(
+        return wait(format!(
             "the newest snapshot (positions {:?}) is older than what the streams still hold (from {:?})",
             meta.positions,
             need.iter().map(|n| n + 1).collect::<Vec<_>>()
-        ))));
+        ));
     }
     if let Some(size) = meta.size
         && let Some(room) = snapshot::lacks_room_to_restore(&node.settings.db_path, size)
     {
-        return Ok(ControlFlow::Break(Attempt::Wait(format!(
+        return wait(format!(
             "not enough free disk space next to the database to restore: the snapshot is {} MB and needs {} MB free (its download and the merge)",
             size >> 20,
             room >> 20
-        ))));
+        ));
     }
     Ok(ControlFlow::Continue((before_first, need, meta)))
 }

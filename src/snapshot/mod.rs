@@ -345,29 +345,17 @@ pub fn verify(path: &Path, meta: &Meta) -> Result<(), Error> {
 
 fn check_sums(path: &Path, meta: &Meta) -> Result<(), Error> {
     let (size, sha256, fnv) = digest_with(path, meta.sha256.is_none())?;
-    if let Some(want) = meta.size
-        && want != size
-    {
-        return Err(Error::Refused(format!(
-            "size is {size} bytes, its metadata says {want}"
-        )));
-    }
-    if let Some(want) = &meta.sha256
-        && *want != sha256
-    {
-        return Err(Error::Refused(format!(
-            "SHA-256 is {sha256}, its metadata says {want}"
-        )));
-    }
-    if meta.sha256.is_none()
-        && let Some(want) = &meta.fnv_tag
-        && *want != fnv
-    {
-        return Err(Error::Refused(format!(
-            "FNV tag is {fnv}, its header says {want}"
-        )));
-    }
-    Ok(())
+    let fnv_checked = meta.fnv_tag.as_ref().filter(|_| meta.sha256.is_none());
+    let refused = if let Some(want) = meta.size.filter(|&w| w != size) {
+        format!("size is {size} bytes, its metadata says {want}")
+    } else if let Some(want) = meta.sha256.as_ref().filter(|&w| *w != sha256) {
+        format!("SHA-256 is {sha256}, its metadata says {want}")
+    } else if let Some(want) = fnv_checked.filter(|&w| *w != fnv) {
+        format!("FNV tag is {fnv}, its header says {want}")
+    } else {
+        return Ok(());
+    };
+    Err(Error::Refused(refused))
 }
 
 /// `PRAGMA integrity_check` on a downloaded file.
@@ -396,11 +384,8 @@ pub async fn save(
 ) -> Result<Meta, Error> {
     let started = Instant::now();
     let dir = work_dir(&source.db_path)?;
-    let (src, hash, work) = (
-        source.clone(),
-        schema_hash.to_owned(),
-        dir.path().to_path_buf(),
-    );
+    let (src, hash) = (source.clone(), schema_hash.to_owned());
+    let work = dir.path().to_path_buf();
     let (path, meta) =
         tokio::task::spawn_blocking(move || copy_database(&src, &work, node_id, &hash))
             .await

@@ -129,10 +129,8 @@ impl NatsStore {
         let stream = format!("OBJ_{}", self.bucket);
         let purge = |subject: String| async move {
             let fail = |e: &(dyn std::error::Error + 'static)| {
-                self.failed(
-                    "upload",
-                    &format!("purging chunks: {}", crate::error_chain(e)),
-                )
+                let why = format!("purging chunks: {}", crate::error_chain(e));
+                self.failed("upload", &why)
             };
             let s = self.js.get_stream(&stream).await.map_err(|e| fail(&e))?;
             s.purge()

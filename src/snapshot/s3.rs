@@ -110,13 +110,8 @@ impl S3Store {
         }
         match credentials(s) {
             Some((key, secret, token)) => {
-                b = b.credentials_provider(Credentials::new(
-                    key,
-                    secret,
-                    token,
-                    None,
-                    "harmonylite",
-                ));
+                let credentials = Credentials::new(key, secret, token, None, "harmonylite");
+                b = b.credentials_provider(credentials);
             }
             None => {
                 tracing::warn!(

@@ -277,12 +277,7 @@ impl Snapshots {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(msg) = async {
-                    match requests.as_mut() {
-                        Some(r) => r.next().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                Some(msg) = crate::node::run::or_pending(requests.as_mut().map(|r| r.next())) => {
                     if self.answers(&msg) {
                         triggers.wanted = Some("request");
                     }

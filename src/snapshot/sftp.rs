@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -39,7 +40,7 @@ pub struct SftpStore {
     key_passphrase: Option<String>,
     known_hosts: Option<PathBuf>,
     node_name: String,
-    warned_host_key: std::sync::atomic::AtomicBool,
+    warned_host_key: AtomicBool,
 }
 
 /// Decodes `%XX` escapes (user names and passwords in URLs); invalid escapes stay as they are.
@@ -88,7 +89,7 @@ impl SftpStore {
             key_passphrase: s.key_passphrase.clone(),
             known_hosts: s.known_hosts.clone(),
             node_name,
-            warned_host_key: std::sync::atomic::AtomicBool::new(false),
+            warned_host_key: AtomicBool::new(false),
         })
     }
 
@@ -143,24 +144,17 @@ impl SftpStore {
 
     fn check_host_key(&self, sess: &Session, op: &'static str) -> Result<(), Error> {
         let Some(file) = &self.known_hosts else {
-            if !self
-                .warned_host_key
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
+            if !self.warned_host_key.swap(true, Ordering::Relaxed) {
                 tracing::warn!(host = %self.host, "snapshot.sftp.known_hosts is not set: accepting any host key (as Go HarmonyLite does); set it to protect snapshots from a man in the middle");
             }
             return Ok(());
         };
         let mut known = sess.known_hosts().map_err(|e| self.err(op, e))?;
-        known
-            .read_file(file, ssh2::KnownHostFileKind::OpenSSH)
-            .map_err(|e| {
-                self.err(
-                    op,
-                    format!("cannot read known_hosts {}: {e}", file.display()),
-                )
-                .config()
-            })?;
+        let kind = ssh2::KnownHostFileKind::OpenSSH;
+        known.read_file(file, kind).map_err(|e| {
+            let why = format!("cannot read known_hosts {}: {e}", file.display());
+            self.err(op, why).config()
+        })?;
         let Some((key, _)) = sess.host_key() else {
             return Err(self.err(op, "the server sent no host key"));
         };
@@ -303,10 +297,8 @@ impl SftpStore {
             Err(e) if e.code() == ErrorCode::SFTP(NO_SUCH_FILE) => return Ok(None),
             Err(e) => return Err(self.err(op, e)),
         };
-        Ok(Some(super::webdav::trusted(
-            self.read_sidecar(&sftp, op)?,
-            size,
-        )))
+        let sidecar = self.read_sidecar(&sftp, op)?;
+        Ok(Some(super::webdav::trusted(sidecar, size)))
     }
 }
 
@@ -314,14 +306,8 @@ impl SftpStore {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(Error::msg(
-            KIND,
-            "run",
-            OBJECT,
-            format!("worker failed: {e}"),
-        ))
-    })
+    let done = tokio::task::spawn_blocking(f).await;
+    done.map_err(|e| Error::msg(KIND, "run", OBJECT, format!("worker failed: {e}")))?
 }
 
 impl Store for Arc<SftpStore> {

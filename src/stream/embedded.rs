@@ -291,10 +291,8 @@ impl EmbeddedNats {
         }
         // The supervisor thread has not reaped the child yet, so the pid is still ours.
         signal(self.pid, nix::sys::signal::Signal::SIGTERM);
-        if tokio::time::timeout(STOP_TIMEOUT, self.exited())
-            .await
-            .is_err()
-        {
+        let stopped = tokio::time::timeout(STOP_TIMEOUT, self.exited()).await;
+        if stopped.is_err() {
             tracing::warn!(
                 pid = self.pid,
                 "nats-server did not stop in time; killing it"

@@ -363,10 +363,7 @@ async fn ensure_one(
                 Some(jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP) => EnsureError::Fatal(format!(
                     "its subject {:?} belongs to another stream; every node of a cluster \
                      must use the same replication_log.compress and nats.stream_prefix ({ce})",
-                    want.subjects
-                        .first()
-                        .map(String::as_str)
-                        .unwrap_or_default()
+                    want.subjects.first().map_or("", String::as_str)
                 )),
                 Some(jetstream::ErrorCode::STREAM_INVALID_CONFIG) => {
                     EnsureError::Fatal(format!("JetStream rejected its configuration: {ce}"))

@@ -163,7 +163,6 @@ pub(super) fn table_ddl(table: &Table) -> String {
 /// Whether capture is already installed exactly as [`install`] would leave it, so a start can
 /// skip its write transaction (any commit of ours can fail an open application transaction).
 fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<bool, Error> {
-    let exists = |name: &str| super::has_object(conn, name);
     for base in [
         GLOBAL_LOG,
         SCHEMA_VERSION_TABLE,
@@ -175,17 +174,14 @@ fn up_to_date(conn: &Connection, tables: &[Table], schema_hash: &str) -> Result<
         APPLIED_TABLE,
         ALIAS_TABLE,
     ] {
-        if !exists(base)? {
+        if !super::has_object(conn, base)? {
             tracing::debug!(table = base, "missing; reinstalling");
             return Ok(false);
         }
     }
     let recorded = recorded_hash(conn)?;
-    let identified: i64 = conn.query_row(
-        &format!("SELECT count(*) FROM {}", quote(IDENTITY_TABLE)),
-        [],
-        |r| r.get(0),
-    )?;
+    let sql = format!("SELECT count(*) FROM {}", quote(IDENTITY_TABLE));
+    let identified: i64 = conn.query_row(&sql, [], |r| r.get(0))?;
     if recorded.as_deref() != Some(schema_hash)
         || identified != 1
         || !has_column(conn, HELD_TABLE, HELD_SCHEMA_COLUMN)?
@@ -231,10 +227,7 @@ fn table_up_to_date(conn: &Connection, table: &Table) -> Result<bool, Error> {
         && columns
             .iter()
             .all(|(n, ty)| !n.starts_with("val_") || ty.is_empty());
-    let indexed = match rowids_index(table) {
-        Some(index) => super::has_object(conn, &index)?,
-        None => true,
-    };
+    let indexed = rowids_index(table).map_or(Ok(true), |i| super::has_object(conn, &i))?;
     if !layout_ok || !indexed || !super::has_object(conn, &format!("{log}_state_index"))? {
         tracing::debug!(table = %table.name, "change log layout differs; reinstalling");
         return Ok(false);
@@ -431,25 +424,15 @@ pub fn recorded_hash(conn: &Connection) -> Result<Option<String>, Error> {
     if !super::has_table(conn, SCHEMA_VERSION_TABLE)? {
         return Ok(None);
     }
-    Ok(conn
-        .query_row(
-            &format!(
-                "SELECT schema_hash FROM {} WHERE id = 1",
-                quote(SCHEMA_VERSION_TABLE)
-            ),
-            [],
-            |r| r.get(0),
-        )
-        .optional()?)
+    let table = quote(SCHEMA_VERSION_TABLE);
+    let sql = format!("SELECT schema_hash FROM {table} WHERE id = 1");
+    Ok(conn.query_row(&sql, [], |r| r.get(0)).optional()?)
 }
 
 /// This database's identity (made by [`install`]; an error if capture was removed under us).
 pub fn identity(conn: &Connection) -> Result<String, Error> {
-    Ok(conn.query_row(
-        &format!("SELECT uuid FROM {} WHERE id = 1", quote(IDENTITY_TABLE)),
-        [],
-        |r| r.get(0),
-    )?)
+    let sql = format!("SELECT uuid FROM {} WHERE id = 1", quote(IDENTITY_TABLE));
+    Ok(conn.query_row(&sql, [], |r| r.get(0))?)
 }
 
 /// How a database's identity relates to the node starting on it (see [`bind_identity`]).
@@ -498,11 +481,8 @@ pub fn bind_identity(
         (Some(was), Some(was_file)) if was as u64 != node_id && was_file != file => {
             let dropped = tx.execute(&format!("DELETE FROM {}", quote(GLOBAL_LOG)), [])?;
             for t in tables {
-                tx.execute(
-                    &format!("DELETE FROM {}", quote(&change_log_name(&t.name))),
-                    [],
-                )
-                .map_err(on_table(&t.name))?;
+                let sql = format!("DELETE FROM {}", quote(&change_log_name(&t.name)));
+                tx.execute(&sql, []).map_err(on_table(&t.name))?;
             }
             tx.execute(&format!("DELETE FROM {}", quote(PUBLISHED_TABLE)), [])?;
             tx.execute(

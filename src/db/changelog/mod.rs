@@ -300,7 +300,7 @@ impl ChangeLog {
         };
         let mut delete_global =
             tx.prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", quote(GLOBAL_LOG)))?;
-        let mut newest: Vec<(u64, u64)> = Vec::new();
+        let mut newest: std::collections::BTreeMap<u64, u64> = Default::default();
         for change in &batch.published {
             let shard = change.landed.map(|(shard, _)| shard as i64);
             let seq = change.landed.map(|(_, seq)| seq as i64);
@@ -312,10 +312,8 @@ impl ChangeLog {
                 return Ok(false);
             }
             if let Some((shard, seq)) = change.landed {
-                match newest.iter_mut().find(|(s, _)| *s == shard) {
-                    Some(entry) => entry.1 = entry.1.max(seq),
-                    None => newest.push((shard, seq)),
-                }
+                let newest = newest.entry(shard).or_insert(seq);
+                *newest = (*newest).max(seq);
             }
         }
         for change in &batch.failed {
@@ -353,11 +351,8 @@ impl ChangeLog {
         if !super::has_table(conn, GLOBAL_LOG)? {
             return Ok(0);
         }
-        let used: i64 = conn.query_row(
-            &format!("SELECT coalesce(max(id), 0) FROM {}", quote(GLOBAL_LOG)),
-            [],
-            |r| r.get(0),
-        )?;
+        let sql = format!("SELECT coalesce(max(id), 0) FROM {}", quote(GLOBAL_LOG));
+        let used: i64 = conn.query_row(&sql, [], |r| r.get(0))?;
         // AUTOINCREMENT remembers ids whose rows are gone (published changes).
         let issued: i64 = if super::has_table(conn, "sqlite_sequence")? {
             conn.query_row(
@@ -543,16 +538,10 @@ impl ChangeLog {
             "SELECT id, change_table_id, table_name FROM {}",
             quote(GLOBAL_LOG)
         ))?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let mut out = HashMap::new();
         for row in rows {
-            let (global, log_id, table) = row?;
+            let (global, log_id, table): (i64, i64, String) = row?;
             if let Some(&t) = self.by_name.get(&table) {
                 out.insert((t, log_id), global);
             }
