@@ -125,11 +125,28 @@ async fn ask_daemon_to_save(
         .context("Cannot reach NATS to ask the running daemon to save a snapshot")??;
     tracing::info!("A daemon runs on this database; asking it to save a snapshot");
     let subject = crate::snapshot::scheduler::save_subject(settings);
-    let request = async_nats::Request::new().timeout(Some(DAEMON_SAVE_TIMEOUT));
-    let reply = client
-        .send_request(subject, request)
-        .await
-        .context("The running daemon did not answer the save request (snapshots disabled there, or an older version)")?;
+    // The daemon checks it runs on this very database (not another node's with this node_id).
+    let identity = cdc::identity(&db::open(&settings.db_path)?)?;
+    let request = async_nats::Request::new()
+        .payload(identity.into())
+        .timeout(Some(DAEMON_SAVE_TIMEOUT));
+    let asked = client.send_request(subject, request);
+    // A daemon that dies meanwhile never answers: its lock frees, and waiting ends.
+    let gone = async {
+        while db::lock(&settings.db_path).is_err() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let reply = tokio::select! {
+        reply = asked => reply.map_err(|e| match e.kind() {
+            async_nats::client::RequestErrorKind::NoResponders => anyhow::anyhow!(
+                "No daemon answers for node_id {} (snapshots disabled there, another node_id such as -node-id, or an older version)",
+                settings.node_id
+            ),
+            _ => anyhow::Error::new(e).context("The running daemon did not answer the save request"),
+        })?,
+        () = gone => anyhow::bail!("The daemon stopped before it answered; whether it saved is unknown"),
+    };
     let answer: serde_json::Value =
         serde_json::from_slice(&reply.payload).context("Unreadable answer from the daemon")?;
     if let Some(error) = answer.get("error") {

@@ -225,6 +225,9 @@ impl Worker {
 
     fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Result<(), ApplyError> {
         let mut batch: Vec<Delivered> = Vec::with_capacity(MAX_BATCH);
+        // A pause of the previous generation (before a migration) is over; a full one recurs.
+        let health = &self.work.observers.health;
+        health.update_catchup(|c| c.apply_paused = None);
         self.report();
         // The applier is made anew after every reinstall: retry what waited for the schema.
         let mut retry_waiting = self.work.applier.waiting_len() > 0;

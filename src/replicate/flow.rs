@@ -223,7 +223,7 @@ fn counts(peer: &Peer, stream: usize, end: u64, window: u64, now: Instant) -> bo
         return false;
     }
     let pos = peer.positions.get(stream).copied().unwrap_or(0);
-    let keeping_up = pos + window >= end;
+    let keeping_up = pos + window > end;
     let advancing = peer
         .advanced
         .get(stream)
@@ -526,10 +526,13 @@ mod tests {
         assert_eq!(flow.slowest(0, 30, now), Some(10));
         // Behind and not advancing for STALLED: not counted, though still reporting.
         assert_eq!(flow.slowest(0, 30, now + STALLED), None);
-        // Keeping up (within the window of the end): counted while it reports.
-        assert_eq!(flow.slowest(0, 15, now + STALLED), Some(10));
+        // Keeping up (the next message fits its window, 16 / 3): counted while it reports.
+        assert_eq!(flow.slowest(0, 14, now + STALLED), Some(10));
+        // Exactly at the window's edge it holds the next message back: stuck there, it stops
+        // counting too (it used to count for good, holding publishers back forever).
+        assert_eq!(flow.slowest(0, 15, now + STALLED), None);
         // No report for STALE: gone.
-        assert_eq!(flow.slowest(0, 15, now + STALE), None);
+        assert_eq!(flow.slowest(0, 14, now + STALE), None);
     }
 
     /// When every consumer stalls at once, the publisher still paces to its own position.

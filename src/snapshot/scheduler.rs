@@ -57,6 +57,8 @@ pub struct Snapshots {
     pub source: Option<Source>,
     pub schema_hash: String,
     pub observers: Observers,
+    /// This database's identity (`-save-snapshot` names the database it asks for).
+    identity: String,
     saving: tokio::sync::Mutex<()>,
     leader: AtomicBool,
     /// Set while this node recovers: it lacks changes, so it must neither lead nor save (and its
@@ -112,6 +114,7 @@ impl Snapshots {
             source,
             schema_hash,
             observers: node.observers.clone(),
+            identity: node.identity.clone(),
             saving: tokio::sync::Mutex::new(()),
             leader: AtomicBool::new(false),
             recovering,
@@ -231,7 +234,14 @@ impl Snapshots {
         };
         while let Some(Some(msg)) = shutdown.run_until_cancelled(saves.next()).await {
             let Some(reply) = msg.reply else { continue };
-            let answer = match self.save_now("requested by -save-snapshot").await {
+            let saved = if !msg.payload.is_empty() && msg.payload != self.identity.as_bytes() {
+                Err(Error::Unusable(
+                    "this daemon runs on another database".into(),
+                ))
+            } else {
+                self.save_now("requested by -save-snapshot").await
+            };
+            let answer = match saved {
                 Ok(meta) => meta.to_json(),
                 Err(e) => serde_json::json!({ "error": crate::error_chain(&e) }).to_string(),
             };

@@ -72,6 +72,12 @@ impl SftpStore {
         if url.username().is_empty() {
             return Err(bad("snapshot.sftp.url has no user name".into()));
         }
+        if let Some(key) = s.key_file.as_ref().filter(|k| !k.is_file()) {
+            let key = key.display();
+            return Err(bad(format!(
+                "snapshot.sftp.key_file {key} is not a readable file"
+            )));
+        }
         let password = url.password().map(percent_decode);
         if password.is_none() && s.key_file.is_none() {
             return Err(bad(

@@ -470,6 +470,18 @@ fn save_snapshot_flag_uploads_and_reports_failures() {
     );
     stored(50);
     assert!(a.log().contains("requested by -save-snapshot"));
+    // Another database whose daemon runs, asked for with a's node_id (`-node-id 1`): a must not
+    // save in its stead.
+    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
+    b.start();
+    let (code, out) = crate::support::run_to_exit(
+        &b.config,
+        &["-node-id", "1", "-save-snapshot"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("runs on another database"), "{out}");
+    assert!(b.terminate().success());
     insert_range(&a, 51, 61);
     wait_until(Duration::from_secs(30), "a applied its new rows", || {
         a.query_i64("SELECT count(*) FROM __harmonylite__Books_change_log WHERE state = 0") == 0

@@ -232,6 +232,9 @@ impl Publisher {
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Result<(), PublishError> {
+        // A hold of the previous generation's publisher (before a schema change) is over.
+        self.health
+            .update_catchup(|c| c.publish_held_since_ms = None);
         // Even without polling_interval, a safety-net scan (one indexed read) bounds lost wake-ups.
         let idle = self
             .settings
