@@ -18,7 +18,9 @@ pub const BUCKET: &str = "harmonylite-schema-registry";
 /// The bucket's TTL (stream max age).
 const TTL: Duration = Duration::from_secs(300);
 /// How often a running node rewrites its entry.
-const REFRESH: Duration = Duration::from_secs(60);
+const REFRESH: Duration = Duration::from_secs(10);
+/// How soon an entry that could not be written is tried again.
+const RETRY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -126,7 +128,9 @@ pub async fn keep_published(
             }
         }
         first = false;
-        if !crate::retry::pause(&shutdown, REFRESH).await {
+        // Not written (NATS away, the bucket lost in a wipe): try again soon.
+        let wait = if store.is_some() { REFRESH } else { RETRY };
+        if !crate::retry::pause(&shutdown, wait).await {
             return;
         }
     }

@@ -616,6 +616,16 @@ fn a_wiped_jetstream_under_running_nodes_recovers_by_itself() {
         "position reports after the wipe",
         || a.log().contains("Position reports work again"),
     );
+    // And the schema registry, within seconds (it waited a minute-long refresh, then more).
+    wait_until(
+        REPLICATION_TIMEOUT,
+        "both nodes in the registry again",
+        || {
+            let args = ["-schema-status-cluster"];
+            let (code, out) = run_to_exit(&a.config, &args, Duration::from_secs(20));
+            code == Some(0) && out.contains("Total Nodes: 2\n")
+        },
+    );
 }
 
 /// Findings 16 and 17: a full disk made the apply thread give up and the process exit 0 (a
