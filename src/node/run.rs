@@ -91,8 +91,10 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
         }
     };
     node.root.cancel();
+    // The lease's release is one KV delete: bounded like the flush below, or a dead broker
+    // (its request timeout, after a refresh already waiting on it) holds shutdown for 20 s more.
     if let Some(task) = lease {
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
     // Bounded: with the broker gone, a flush would wait for a reconnect that never comes.
     match tokio::time::timeout(Duration::from_secs(2), node.client.flush()).await {
