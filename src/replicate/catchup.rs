@@ -257,7 +257,7 @@ async fn attempt(
         };
     let fetched = snapshot::fetch_verified(snapshots.store.as_ref(), &node.settings.db_path).await;
     if let Err(snapshot::Error::Refused(_)) = &fetched {
-        seen.refused = Some(listed);
+        seen.refused = Some(listed.clone());
         ask_for_snapshot(node, &need, streams).await;
     }
     let Some((dir, file, meta)) = fetched? else {
@@ -265,8 +265,11 @@ async fn attempt(
             "the snapshot disappeared from the store".into(),
         ));
     };
-    // What was downloaded may be newer than the metadata looked at first: check it again.
+    // What was downloaded may be newer than the metadata looked at first, or record positions the
+    // store's metadata lost: check it again (and do not download it again).
     if !usable(&meta, streams, &need) {
+        seen.refused = Some(listed);
+        ask_for_snapshot(node, &need, streams).await;
         return Ok(Attempt::Wait(format!(
             "the downloaded snapshot (positions {:?}) does not reach {:?}",
             meta.positions, need

@@ -10,6 +10,10 @@
 //! - A snapshot is never restored unverified (size, SHA-256, Go's FNV tag, `integrity_check`); a
 //!   refused one is logged and counted, and the node keeps trying.
 //! - Work files: a temp dir by the database (same file system, not a small `/tmp`), always removed.
+//! - Positions travel with the data: the file records them in [`POSITIONS_TABLE`] (besides the
+//!   store's metadata, which a store may lose), so our snapshot never passes for Go's (which has
+//!   none and is restored with a replay of everything retained; that cannot fill what the streams
+//!   dropped). Go ignores and strips the table (`__harmonylite__%`); restores never merge it.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -127,6 +131,39 @@ pub fn lacks_room_to_restore(db_path: &Path, size: u64) -> Option<u64> {
     (free < need).then_some(need)
 }
 
+/// The table in a snapshot file recording, per stream, the last sequence the file contains.
+pub const POSITIONS_TABLE: &str = "__harmonylite__snapshot_positions";
+
+/// Writes `positions` into the stripped copy `conn` ([`POSITIONS_TABLE`]).
+fn record_positions(conn: &Connection, positions: &BTreeMap<String, u64>) -> rusqlite::Result<()> {
+    conn.execute_batch(&format!(
+        "CREATE TABLE {POSITIONS_TABLE} (stream TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
+    ))?;
+    let mut insert = conn.prepare(&format!("INSERT INTO {POSITIONS_TABLE} VALUES (?1, ?2)"))?;
+    for (stream, seq) in positions {
+        insert.execute(rusqlite::params![stream, *seq as i64])?;
+    }
+    Ok(())
+}
+
+/// The positions a snapshot file records ([`POSITIONS_TABLE`]); `None` for Go's or an older one.
+fn recorded_positions(path: &Path) -> Result<Option<BTreeMap<String, u64>>, Error> {
+    let unusable = |e: rusqlite::Error| Error::Refused(format!("cannot read its positions: {e}"));
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(unusable)?;
+    if !db::has_table(&conn, POSITIONS_TABLE).map_err(|e| Error::Refused(e.to_string()))? {
+        return Ok(None);
+    }
+    let mut stmt = conn
+        .prepare(&format!("SELECT stream, seq FROM {POSITIONS_TABLE}"))
+        .map_err(unusable)?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+    });
+    let positions = rows.and_then(|rows| rows.collect()).map_err(unusable)?;
+    Ok(Some(positions))
+}
+
 /// Copies the database (blocking) into `dir` without our tables and triggers: path and metadata
 /// (positions, schema, node, time); the upload adds size and checksums ([`Store::upload_filling`]).
 pub fn copy_database(
@@ -155,13 +192,13 @@ pub fn copy_database(
     copied?;
     let copy_ms = started.elapsed().as_millis() as u64;
     // Strip our objects; held events are in the positions, not the rows: go back before the oldest.
-    {
-        let snap = Connection::open(&path).map_err(Error::Copy)?;
-        lower_for_held(&snap, &source.streams, &mut positions).map_err(Error::Copy)?;
-        strip(&snap).map_err(Error::Copy)?;
-    }
-    let strip_ms = started.elapsed().as_millis() as u64 - copy_ms;
+    let snap = Connection::open(&path).map_err(Error::Copy)?;
+    lower_for_held(&snap, &source.streams, &mut positions).map_err(Error::Copy)?;
+    strip(&snap).map_err(Error::Copy)?;
     let positions: BTreeMap<_, _> = source.streams.iter().cloned().zip(positions).collect();
+    record_positions(&snap, &positions).map_err(Error::Copy)?;
+    drop(snap);
+    let strip_ms = started.elapsed().as_millis() as u64 - copy_ms;
     let meta = Meta {
         positions: Some(positions),
         schema_hash: Some(schema_hash.to_owned()),
@@ -414,9 +451,15 @@ pub async fn fetch_verified(
     };
     let download_ms = started.elapsed().as_millis() as u64;
     let (p, m) = (path.clone(), meta.clone());
-    tokio::task::spawn_blocking(move || verify(&p, &m))
-        .await
-        .map_err(|e| Error::Unusable(format!("snapshot check task failed: {e}")))??;
+    let recorded =
+        tokio::task::spawn_blocking(move || verify(&p, &m).and_then(|()| recorded_positions(&p)))
+            .await
+            .map_err(|e| Error::Unusable(format!("snapshot check task failed: {e}")))??;
+    // The file's own record wins over the store's metadata (module header).
+    let meta = Meta {
+        positions: recorded.or(meta.positions),
+        ..meta
+    };
     tracing::info!(size = meta.size, positions = ?meta.positions, elapsed_ms = started.elapsed().as_millis() as u64,
         download_ms, store = store.kind(), "Downloaded snapshot, verified");
     Ok(Some((dir, path, meta)))
@@ -508,8 +551,9 @@ mod tests {
                 |r| r.get(0),
             )
             .expect("schema");
-        assert_eq!(ours, 0);
+        assert_eq!(ours, 1, "only {POSITIONS_TABLE}");
         assert_eq!(meta.positions, Some([("s-1".to_owned(), 42)].into()));
+        assert_eq!(recorded_positions(&copy).expect("read"), meta.positions);
         let (size, sha256, fnv) = digest(&copy).expect("digest");
         let meta = Meta {
             size: Some(size),

@@ -9,6 +9,12 @@
 //! object only once complete: the previous snapshot stays readable. Files up to [`SINGLE_PUT_MAX`]
 //! go in one streamed PUT, larger ones as a multipart upload of [`PART_SIZE`] parts read one at a
 //! time (bounded memory), aborted on error; a missing bucket is created.
+//!
+//! [`Meta`] goes into the object's user metadata and, after the object, into sidecar
+//! `<key>.meta.json` too: S3-compatible servers may drop user metadata (`rclone serve s3` keeps it
+//! in memory only), and a snapshot read without its positions would be restored as Go's, with a
+//! replay that cannot fill what the streams dropped. The sidecar is read only when the metadata
+//! is missing, and believed as [`super::store::trusted`] says.
 
 use std::path::Path;
 
@@ -21,7 +27,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
 
-use super::store::{Error, Meta, OBJECT, Progress, Store};
+use super::store::{Error, Meta, OBJECT, Progress, SIDECAR, Store};
 use crate::config::S3Settings;
 
 const KIND: &str = "s3";
@@ -135,6 +141,38 @@ impl S3Store {
 
     fn object(&self) -> String {
         format!("{}/{}", self.bucket, self.key)
+    }
+
+    /// `<path>/snapshot.db.meta.json`, beside the object.
+    fn sidecar_key(&self) -> String {
+        let dir = self.key.strip_suffix(OBJECT).unwrap_or_default();
+        format!("{dir}{SIDECAR}")
+    }
+
+    /// The object's [`Meta`] from its user `metadata`, or else from the sidecar (module header).
+    async fn meta_or_sidecar(
+        &self,
+        op: &'static str,
+        metadata: Option<&std::collections::HashMap<String, String>>,
+        size: Option<i64>,
+    ) -> Result<Meta, Error> {
+        let meta = meta_of(metadata);
+        if meta != Meta::default() {
+            return Ok(meta);
+        }
+        let get = self.client.get_object().bucket(&self.bucket);
+        let got = match get.key(self.sidecar_key()).send().await {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(meta),
+            Err(e) => return Err(self.err(op, e)),
+        };
+        let body = got.body.collect().await;
+        let body = body.map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
+        let sidecar = Meta::from_json(&body.into_bytes());
+        Ok(super::store::trusted(
+            sidecar,
+            size.map(|s| s.max(0) as u64),
+        ))
     }
 
     /// An SDK error as one line: S3's error code and message (or the HTTP status), with a
@@ -307,6 +345,11 @@ impl Store for S3Store {
                     .await
                     .map_err(|e| self.err("upload", e))?;
             }
+            let sidecar = self.client.put_object().bucket(&self.bucket);
+            let sidecar = sidecar
+                .key(self.sidecar_key())
+                .body(meta.to_json().into_bytes().into());
+            sidecar.send().await.map_err(|e| self.err("upload", e))?;
             tracing::info!(bucket = %self.bucket, key = %self.key, size, "Snapshot saved to S3");
             Ok(())
         })
@@ -332,7 +375,10 @@ impl Store for S3Store {
                 }
                 Err(e) => return Err(self.err("download", e)),
             };
-            let meta = meta_of(got.metadata());
+            let size = got.content_length();
+            let meta = self
+                .meta_or_sidecar("download", got.metadata(), size)
+                .await?;
             let mut out = tokio::fs::File::create(dest).await.map_err(|e| fail(&e))?;
             let mut progress = Progress::new(
                 KIND,
@@ -361,7 +407,13 @@ impl Store for S3Store {
                 .send()
                 .await
             {
-                Ok(h) => Ok(Some(meta_of(h.metadata()))),
+                Ok(h) => {
+                    let (metadata, size) = (h.metadata(), h.content_length());
+                    Ok(Some(
+                        self.meta_or_sidecar("read metadata of", metadata, size)
+                            .await?,
+                    ))
+                }
                 Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
                 Err(e) => Err(self.err("read metadata of", e)),
             }

@@ -10,7 +10,7 @@
 //! (protocol 3) does not rename over an existing file, so when that is refused the old object is
 //! moved aside first (and back if the new one cannot take its place): readers may find no snapshot
 //! for that instant, never half of one, and a failure leaves the old one. The [`Meta`] goes to the
-//! sidecar `snapshot.db.meta.json` the same way (believed as [`super::webdav::trusted`] says).
+//! sidecar `snapshot.db.meta.json` the same way (believed as [`super::store::trusted`] says).
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -292,7 +292,7 @@ impl SftpStore {
             progress.add(n);
         }
         tracing::info!(path = %self.object(), bytes, "Snapshot downloaded from SFTP server");
-        Ok(Some(super::webdav::trusted(sidecar, Some(bytes))))
+        Ok(Some(super::store::trusted(sidecar, Some(bytes))))
     }
 
     fn meta_blocking(&self) -> Result<Option<Meta>, Error> {
@@ -304,7 +304,7 @@ impl SftpStore {
             Err(e) => return Err(self.err(op, e)),
         };
         let sidecar = self.read_sidecar(&sftp, op)?;
-        Ok(Some(super::webdav::trusted(sidecar, size)))
+        Ok(Some(super::store::trusted(sidecar, size)))
     }
 }
 

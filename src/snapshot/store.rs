@@ -61,6 +61,14 @@ impl Meta {
     }
 }
 
+/// The sidecar's meta if it describes an object of `size` bytes; else none (Go's, or stale).
+pub(super) fn trusted(sidecar: Option<Meta>, size: Option<u64>) -> Meta {
+    match (sidecar, size) {
+        (Some(m), Some(size)) if m.size == Some(size) => m,
+        _ => Meta::default(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("snapshot store {store}: cannot {op} {object}: {message}")]
 pub struct Error {

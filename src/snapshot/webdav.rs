@@ -168,14 +168,6 @@ impl WebDavStore {
     }
 }
 
-/// The sidecar's meta if it describes an object of `size` bytes; else none (Go's, or stale).
-pub(super) fn trusted(sidecar: Option<Meta>, size: Option<u64>) -> Meta {
-    match (sidecar, size) {
-        (Some(m), Some(size)) if m.size == Some(size) => m,
-        _ => Meta::default(),
-    }
-}
-
 impl Store for WebDavStore {
     fn kind(&self) -> &'static str {
         KIND
@@ -249,7 +241,7 @@ impl Store for WebDavStore {
             // Completes tokio's last write; no fsync: a work file, verified and merged at once.
             out.flush().await.map_err(|e| self.fail(op, e))?;
             tracing::info!(path = %self.object(), size, "Snapshot downloaded from WebDAV");
-            Ok(Some(trusted(sidecar, Some(size))))
+            Ok(Some(super::store::trusted(sidecar, Some(size))))
         })
     }
 
@@ -269,7 +261,7 @@ impl Store for WebDavStore {
                 .get(reqwest::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            Ok(Some(trusted(self.sidecar(op).await?, size)))
+            Ok(Some(super::store::trusted(self.sidecar(op).await?, size)))
         })
     }
 }

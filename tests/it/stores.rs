@@ -44,7 +44,8 @@ fn sample(dir: &Path, name: &str, len: usize, seed: u64) -> (std::path::PathBuf,
 
 /// What every store must do: nothing stored at first; an upload is read back byte for byte with
 /// its metadata; a second upload replaces the first whole; transfers of several MB stream.
-fn conformance(store: &dyn Store) {
+/// Returns the metadata stored last.
+fn conformance(store: &dyn Store) -> Meta {
     let rt = runtime();
     let dir = tempdir();
     let kind = store.kind();
@@ -93,9 +94,10 @@ fn conformance(store: &dyn Store) {
     assert_eq!(stored, want, "{kind}: computed metadata");
     assert_eq!(
         rt.block_on(store.meta()).expect("meta"),
-        Some(want),
+        Some(want.clone()),
         "{kind}: stored metadata"
     );
+    want
 }
 
 fn s3_settings(server: &Rclone, secret: &str) -> S3Settings {
@@ -191,8 +193,22 @@ fn nats_object_store_conforms() {
 #[test]
 fn s3_store_conforms_and_names_the_object_on_errors() {
     let Some(bin) = rclone_bin() else { return };
-    let server = Rclone::s3(&bin);
-    conformance(&S3Store::new(&s3_settings(&server, &server.secret)).expect("s3 store"));
+    let mut server = Rclone::s3(&bin);
+    let store = S3Store::new(&s3_settings(&server, &server.secret)).expect("s3 store");
+    let want = conformance(&store);
+    // Issue 25 item 3: `rclone serve s3` keeps user metadata in memory only. After a restart the
+    // positions and checksum still come back (the sidecar), never an empty Meta read as Go's.
+    server.restart();
+    assert_eq!(
+        runtime().block_on(store.meta()).expect("meta"),
+        Some(want.clone())
+    );
+    let dir = tempdir();
+    let dest = dir.path().join("after-restart.db");
+    assert_eq!(
+        runtime().block_on(store.download(&dest)).expect("download"),
+        Some(want)
+    );
     // A wrong secret is rejected by the signature check; the error names store and object.
     let wrong = S3Store::new(&s3_settings(&server, "not-the-secret")).expect("s3 store");
     let e = runtime().block_on(wrong.meta()).expect_err("wrong secret");
@@ -328,6 +344,64 @@ fn new_node_joins_through(nats: &NatsServer, section: &str) {
     });
     wait_until(Duration::from_secs(10), "restored", || {
         b.log().contains("Restore complete")
+    });
+}
+
+/// Issue 25 item 3: a stale snapshot whose store lost every metadata (user metadata kept in
+/// memory by `rclone serve s3`, sidecar gone) is not restored as if it reached the stream's first
+/// retained sequence (a hole for good): the file records its positions, the node waits for a
+/// newer snapshot and converges once the leader saves one.
+#[test]
+fn a_stale_snapshot_that_lost_its_metadata_is_not_restored_over_a_hole() {
+    let bin = require_nats!();
+    let Some(rclone) = rclone_bin() else { return };
+    let nats = NatsServer::start(&bin);
+    let mut server = Rclone::s3(&rclone);
+    let section = format!(
+        "[snapshot]\nstore = \"s3\"\n[snapshot.s3]\nendpoint = \"127.0.0.1:{}\"\nbucket = \"stale\"\naccess_key = \"{}\"\nsecret = \"{}\"",
+        server.port, server.user, server.secret
+    );
+    let mut a = Node::new(1, &nats.url, BOOKS_SCHEMA, 1, "");
+    let mut b = Node::new(2, &nats.url, BOOKS_SCHEMA, 1, "");
+    for n in [&a, &b] {
+        n.set_max_entries(16);
+        n.append_config(&section);
+    }
+    a.start();
+    let insert = |conn: &rusqlite::Connection, ids: std::ops::RangeInclusive<i64>| {
+        for i in ids {
+            conn.execute(
+                "INSERT INTO Books (id, title, author, publication_year) VALUES (?1, 't', 'a', ?1)",
+                [i],
+            )
+            .expect("insert");
+        }
+    };
+    insert(&a.conn(), 1..=20);
+    wait_until(Duration::from_secs(30), "a first snapshot", || {
+        a.log().contains("Snapshot saved to S3")
+    });
+    // The store goes away while 100 more rows pass through the 16-message stream.
+    server.stop();
+    insert(&a.conn(), 21..=120);
+    wait_until(Duration::from_secs(30), "all published", || {
+        a.query_i64("SELECT count(*) FROM __harmonylite___change_log_global") == 0
+    });
+    a.terminate();
+    let want = a.checksum("Books");
+    let sidecar = server.dir.path().join("data/stale/snapshot.db.meta.json");
+    std::fs::remove_file(&sidecar).expect("the sidecar exists");
+    server.restart();
+    b.start();
+    wait_until(
+        Duration::from_secs(30),
+        "the stale snapshot refused",
+        || b.log().contains("does not reach"),
+    );
+    assert!(!b.log().contains("Restore complete"), "{}", b.log());
+    a.start();
+    wait_until(Duration::from_secs(60), "the new node converges", || {
+        b.checksum("Books") == want
     });
 }
 

@@ -49,11 +49,13 @@ fn spawn(cmd: &mut Command, log: &Path) -> Process {
 
 /// `rclone serve s3` or `rclone serve webdav`.
 pub struct Rclone {
-    _process: Process,
+    process: Process,
     pub port: u16,
     pub user: String,
     pub secret: String,
     pub dir: tempfile::TempDir,
+    bin: PathBuf,
+    kind: &'static str,
 }
 
 impl Rclone {
@@ -65,32 +67,52 @@ impl Rclone {
         Rclone::serve(bin, "webdav")
     }
 
-    fn serve(bin: &Path, kind: &str) -> Rclone {
+    fn serve(bin: &Path, kind: &'static str) -> Rclone {
         let dir = tempdir();
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(&data).expect("data dir");
+        std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
         let (user, secret) = ("hltest".to_owned(), "hl-secret-123".to_owned());
         let port = free_port();
-        let mut cmd = Command::new(bin);
-        cmd.args(["serve", kind])
-            .arg(&data)
-            .args(["--addr", &format!("127.0.0.1:{port}")])
-            .args(["--config", "/dev/null"]);
-        if kind == "s3" {
-            cmd.args(["--auth-key", &format!("{user},{secret}")]);
-        } else {
-            cmd.args(["--user", &user, "--pass", &secret]);
-        }
-        let process = spawn(&mut cmd, &dir.path().join("rclone.log"));
-        wait_for_port(port, &format!("rclone serve {kind} listening"));
+        let process = launch(bin, kind, dir.path(), port, &user, &secret);
         Rclone {
-            _process: process,
+            process,
             port,
             user,
             secret,
             dir,
+            bin: bin.to_owned(),
+            kind,
         }
     }
+
+    /// Kills the server (its data stays).
+    pub fn stop(&mut self) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+    }
+
+    /// Kills the server if it runs and starts it again on the same port and data: what it kept
+    /// only in memory (`serve s3`: object metadata) is gone.
+    pub fn restart(&mut self) {
+        self.stop();
+        let (dir, port) = (self.dir.path(), self.port);
+        self.process = launch(&self.bin, self.kind, dir, port, &self.user, &self.secret);
+    }
+}
+
+fn launch(bin: &Path, kind: &str, dir: &Path, port: u16, user: &str, secret: &str) -> Process {
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", kind])
+        .arg(dir.join("data"))
+        .args(["--addr", &format!("127.0.0.1:{port}")])
+        .args(["--config", "/dev/null"]);
+    if kind == "s3" {
+        cmd.args(["--auth-key", &format!("{user},{secret}")]);
+    } else {
+        cmd.args(["--user", user, "--pass", secret]);
+    }
+    let process = spawn(&mut cmd, &dir.join(format!("rclone-{kind}.log")));
+    wait_for_port(port, &format!("rclone serve {kind} listening"));
+    process
 }
 
 /// OpenSSH `sshd` with internal-sftp, a test user with a password and a key, and a known_hosts
