@@ -132,6 +132,25 @@ fn embedded_three_node_cluster_survives_a_killed_node() {
         "{out}"
     );
 
+    // Scaling as docs/deployment.md says: a fourth node lists the running ones as peers; they
+    // learn of it through the cluster's gossip, with no restart. It catches up and writes.
+    let mut fourth = Node::embedded(4, &bin, 2, 3, "");
+    let peers: Vec<String> = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}/"))
+        .collect();
+    let route = free_port();
+    fourth.args = vec![
+        "-cluster-addr".into(),
+        format!("127.0.0.1:{route}"),
+        "-cluster-peers".into(),
+        peers.join(","),
+    ];
+    fourth.start();
+    wait_title(&[&fourth], "While Node3 Down");
+    fourth.exec("INSERT INTO Books (id, title, author) VALUES (3, 'From Node4', 'x')");
+    wait_title(&[&nodes[0], &nodes[1], &nodes[2]], "From Node4");
+
     // A graceful stop takes the child down too.
     assert!(nodes[0].terminate().success());
     let conf1 = format!(

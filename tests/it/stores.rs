@@ -403,6 +403,21 @@ fn a_stale_snapshot_that_lost_its_metadata_is_not_restored_over_a_hole() {
     wait_until(Duration::from_secs(60), "the new node converges", || {
         b.checksum("Books") == want
     });
+    // docs/deployment.md, "The store lost its snapshot": nothing breaks, the leader saves a new
+    // one when a joining node asks.
+    let data = server.dir.path().join("data/stale");
+    for name in ["snapshot.db", "snapshot.db.meta.json"] {
+        std::fs::remove_file(data.join(name)).expect("the snapshot exists");
+    }
+    let mut c = Node::new(3, &nats.url, BOOKS_SCHEMA, 1, "");
+    c.set_max_entries(16);
+    c.append_config(&section);
+    // Restarted: `rclone serve s3` still lists objects deleted behind its back (HTTP 500).
+    server.restart();
+    c.start();
+    wait_until(Duration::from_secs(60), "a third node converges", || {
+        c.checksum("Books") == want
+    });
 }
 
 #[test]
