@@ -368,6 +368,12 @@ async fn ensure_one(
                 Some(jetstream::ErrorCode::STREAM_INVALID_CONFIG) => {
                     EnsureError::Fatal(format!("JetStream rejected its configuration: {ce}"))
                 }
+                // No suitable peers: the cluster lacks `replicas` servers, or two embedded
+                // servers share a name (harmonylite-node-<id>), which nats-server only logs.
+                Some(jetstream::ErrorCode(10005)) => EnsureError::Retry(format!(
+                    "{ce} (needs replication_log.replicas servers; in embedded mode every node must \
+                     have its own node_id)"
+                )),
                 // Another node created it first, or the cluster is still forming: look again.
                 _ => EnsureError::Retry(ce.to_string()),
             });

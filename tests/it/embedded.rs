@@ -163,6 +163,36 @@ fn embedded_three_node_cluster_survives_a_killed_node() {
     );
 }
 
+/// Two embedded nodes with one node_id share a server name: nats-server then places nothing
+/// ("no suitable peers"), and the node's own warning says what to check (issue 25 item 7).
+#[test]
+fn embedded_nodes_sharing_a_node_id_are_told_why_nothing_starts() {
+    let bin = require_nats!();
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes: Vec<Node> = [1u64, 2, 2]
+        .iter()
+        .map(|&id| Node::embedded(id, &bin, 1, 3, ""))
+        .collect();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let peers: Vec<String> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| format!("nats://127.0.0.1:{}/", routes[j]))
+            .collect();
+        node.args = vec![
+            "-cluster-addr".into(),
+            format!("127.0.0.1:{}", routes[i]),
+            "-cluster-peers".into(),
+            peers.join(","),
+        ];
+        node.spawn();
+    }
+    wait_until(Duration::from_secs(60), "the hint", || {
+        nodes
+            .iter()
+            .any(|n| n.log().contains("every node must have its own node_id"))
+    });
+}
+
 #[test]
 fn missing_nats_server_binary_is_a_clear_error() {
     let node = Node::embedded(
