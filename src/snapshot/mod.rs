@@ -10,10 +10,10 @@
 //! - A snapshot is never restored unverified (size, SHA-256, Go's FNV tag, `integrity_check`); a
 //!   refused one is logged and counted, and the node keeps trying.
 //! - Work files: a temp dir by the database (same file system, not a small `/tmp`), always removed.
-//! - Positions travel with the data: the file records them as every database does
-//!   ([`db::APPLIED_TABLE`]), besides the store's metadata (which a store may lose), so our
-//!   snapshot never passes for Go's (none: restored with a replay of everything retained, which
-//!   cannot fill what the streams dropped). Go ignores `__harmonylite__%`; restores never merge it.
+//! - Positions travel with the data: the file records them ([`POSITIONS_TABLE`]) besides the
+//!   store's metadata (which a store may lose), so our snapshot never passes for Go's (none:
+//!   restored with a replay of everything retained, which cannot fill what the streams dropped).
+//!   Go ignores `__harmonylite__%` tables; restores never merge them, live databases never read it.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -131,14 +131,19 @@ pub fn lacks_room_to_restore(db_path: &Path, size: u64) -> Option<u64> {
     (free < need).then_some(need)
 }
 
-/// Records `positions` in the stripped copy `conn`, as a database records what it applied.
+/// The table in a snapshot file recording, per stream, the last sequence the file contains. Not
+/// [`db::APPLIED_TABLE`]: Go keeps a restored file whole and never updates that one, so a node
+/// later switched to harmonylite would go back to the snapshot's position.
+pub const POSITIONS_TABLE: &str = "__harmonylite__snapshot_positions";
+
+/// Records `positions` in the stripped copy `conn` ([`POSITIONS_TABLE`]).
 fn record_positions(conn: &Connection, positions: &BTreeMap<String, u64>) -> rusqlite::Result<()> {
-    let table = db::quote(db::APPLIED_TABLE);
     conn.execute_batch(&format!(
-        "CREATE TABLE {table} (stream TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
+        "CREATE TABLE {POSITIONS_TABLE} (stream TEXT, seq INTEGER)"
     ))?;
+    let mut insert = conn.prepare(&format!("INSERT INTO {POSITIONS_TABLE} VALUES (?1, ?2)"))?;
     for (stream, seq) in positions {
-        db::record_applied(conn, stream, *seq)?;
+        insert.execute(rusqlite::params![stream, *seq as i64])?;
     }
     Ok(())
 }
@@ -146,12 +151,15 @@ fn record_positions(conn: &Connection, positions: &BTreeMap<String, u64>) -> rus
 /// The positions a snapshot file records; `None` for Go's (or an older one of ours).
 fn recorded_positions(path: &Path) -> Result<Option<BTreeMap<String, u64>>, Error> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY);
-    let positions = conn
-        .map_err(db::Error::from)
-        .and_then(|c| db::applied_positions(&c));
-    let positions =
-        positions.map_err(|e| Error::Refused(format!("cannot read its positions: {e}")))?;
-    Ok(Some(positions).filter(|p| !p.is_empty()))
+    let positions = conn.map_err(db::Error::from).and_then(|c| {
+        if !db::has_table(&c, POSITIONS_TABLE)? {
+            return Ok(None);
+        }
+        let mut stmt = c.prepare(&format!("SELECT stream, seq FROM {POSITIONS_TABLE}"))?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?;
+        Ok(Some(rows.collect::<Result<_, _>>()?))
+    });
+    positions.map_err(|e| Error::Refused(format!("cannot read its positions: {e}")))
 }
 
 /// Copies the database (blocking) into `dir` without our tables and triggers: path and metadata
@@ -541,7 +549,7 @@ mod tests {
                 |r| r.get(0),
             )
             .expect("schema");
-        assert_eq!(ours, 1, "only {}", db::APPLIED_TABLE);
+        assert_eq!(ours, 1, "only {POSITIONS_TABLE}");
         assert_eq!(meta.positions, Some([("s-1".to_owned(), 42)].into()));
         assert_eq!(recorded_positions(&copy).expect("read"), meta.positions);
         let (size, sha256, fnv) = digest(&copy).expect("digest");

@@ -11,10 +11,10 @@
 //! time (bounded memory), aborted on error; a missing bucket is created.
 //!
 //! [`Meta`] goes into the object's user metadata and, after the object, into sidecar
-//! `<key>.meta.json` too: S3-compatible servers may drop user metadata (`rclone serve s3` keeps it
-//! in memory only), and a snapshot read without its positions would be restored as Go's, with a
-//! replay that cannot fill what the streams dropped. The sidecar is read only when the metadata
-//! is missing, and believed as [`super::store::trusted`] says.
+//! `<path>/snapshot.db.meta.json` too, with the object's ETag: S3-compatible servers may drop user
+//! metadata (`rclone serve s3` keeps it in memory only). The sidecar is read only when the
+//! metadata is missing, and believed only while the object's ETag is the one it names (a Go node
+//! uploads without metadata: a sidecar of ours left beside its object must not be taken for it).
 
 use std::path::Path;
 
@@ -149,12 +149,13 @@ impl S3Store {
         format!("{dir}{SIDECAR}")
     }
 
-    /// The object's [`Meta`] from its user `metadata`, or else from the sidecar (module header).
+    /// The object's [`Meta`] from its user `metadata`, or else from the sidecar if it names the
+    /// object's `etag` (module header).
     async fn meta_or_sidecar(
         &self,
         op: &'static str,
         metadata: Option<&std::collections::HashMap<String, String>>,
-        size: Option<i64>,
+        etag: Option<&str>,
     ) -> Result<Meta, Error> {
         let meta = meta_of(metadata);
         if meta != Meta::default() {
@@ -168,11 +169,14 @@ impl S3Store {
         };
         let body = got.body.collect().await;
         let body = body.map_err(|e| Error::new(KIND, op, &self.object(), &e))?;
-        let sidecar = Meta::from_json(&body.into_bytes());
-        Ok(super::store::trusted(
-            sidecar,
-            size.map(|s| s.max(0) as u64),
-        ))
+        let body = body.into_bytes();
+        let names = serde_json::from_slice::<serde_json::Value>(&body).ok();
+        let names = names.as_ref().and_then(|v| v.get("etag")?.as_str());
+        let ours = etag.is_some() && names == etag;
+        Ok(ours
+            .then(|| Meta::from_json(&body))
+            .flatten()
+            .unwrap_or_default())
     }
 
     /// An SDK error as one line: S3's error code and message (or the HTTP status), with a
@@ -226,7 +230,13 @@ impl S3Store {
         self.ensured.get_or_try_init(create).await.map(|_| ())
     }
 
-    async fn put_multipart(&self, file: &Path, size: u64, meta: &Meta) -> Result<(), Error> {
+    /// Uploads `file` in parts; the object's ETag.
+    async fn put_multipart(
+        &self,
+        file: &Path,
+        size: u64,
+        meta: &Meta,
+    ) -> Result<Option<String>, Error> {
         let op = "upload";
         let created = self
             .client
@@ -259,14 +269,14 @@ impl S3Store {
         result
     }
 
-    /// Sends `file` as the parts of multipart upload `id`, then completes the upload.
+    /// Sends `file` as the parts of multipart upload `id`, then completes the upload (its ETag).
     async fn send_parts(
         &self,
         op: &'static str,
         file: &Path,
         size: u64,
         id: &str,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<String>, Error> {
         let mut parts = Vec::new();
         let mut offset = 0u64;
         let mut number = 1i32;
@@ -300,7 +310,8 @@ impl S3Store {
             number += 1;
             tracing::info!(sent = offset, total = size, "Uploading snapshot to S3");
         }
-        self.client
+        let done = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(&self.key)
@@ -313,7 +324,7 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.err(op, e))?;
-        Ok(())
+        Ok(done.e_tag().map(str::to_owned))
     }
 }
 
@@ -329,8 +340,8 @@ impl Store for S3Store {
                 .await
                 .map_err(|e| Error::new(KIND, "upload", &self.object(), &e))?
                 .len();
-            if size > SINGLE_PUT_MAX {
-                self.put_multipart(file, size, meta).await?;
+            let etag = if size > SINGLE_PUT_MAX {
+                self.put_multipart(file, size, meta).await?
             } else {
                 let body = ByteStream::from_path(file)
                     .await
@@ -343,12 +354,16 @@ impl Store for S3Store {
                     .body(body)
                     .send()
                     .await
-                    .map_err(|e| self.err("upload", e))?;
-            }
+                    .map_err(|e| self.err("upload", e))?
+                    .e_tag()
+                    .map(str::to_owned)
+            };
+            let mut json = serde_json::to_value(meta).unwrap_or_default();
+            json["etag"] = etag.into();
             let sidecar = self.client.put_object().bucket(&self.bucket);
             let sidecar = sidecar
                 .key(self.sidecar_key())
-                .body(meta.to_json().into_bytes().into());
+                .body(json.to_string().into_bytes().into());
             sidecar.send().await.map_err(|e| self.err("upload", e))?;
             tracing::info!(bucket = %self.bucket, key = %self.key, size, "Snapshot saved to S3");
             Ok(())
@@ -375,9 +390,8 @@ impl Store for S3Store {
                 }
                 Err(e) => return Err(self.err("download", e)),
             };
-            let size = got.content_length();
             let meta = self
-                .meta_or_sidecar("download", got.metadata(), size)
+                .meta_or_sidecar("download", got.metadata(), got.e_tag())
                 .await?;
             let mut out = tokio::fs::File::create(dest).await.map_err(|e| fail(&e))?;
             let mut progress = Progress::new(
@@ -408,9 +422,9 @@ impl Store for S3Store {
                 .await
             {
                 Ok(h) => {
-                    let (metadata, size) = (h.metadata(), h.content_length());
+                    let (metadata, etag) = (h.metadata(), h.e_tag());
                     Ok(Some(
-                        self.meta_or_sidecar("read metadata of", metadata, size)
+                        self.meta_or_sidecar("read metadata of", metadata, etag)
                             .await?,
                     ))
                 }

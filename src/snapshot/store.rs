@@ -3,8 +3,9 @@
 //!
 //! A store holds one snapshot: the object [`OBJECT`] (Go HarmonyLite's name, so Go nodes restore
 //! ours and we restore theirs) plus its [`Meta`], as object metadata or else as a sidecar object
-//! [`SIDECAR`] written after the data (a reader seeing new data with an old sidecar refuses the
-//! pair on its checksum and tries again later).
+//! [`SIDECAR`] written after the data. S3 binds the sidecar to the object's ETag; WebDAV and SFTP
+//! believe it when its size is the object's ([`trusted`]), so new data of the same size beside an
+//! old sidecar (a Go node's upload) is refused on its checksum until one of ours replaces both.
 //!
 //! Invariants:
 //! - An upload never destroys the previous snapshot before the new one is complete (unlike Go,

@@ -209,6 +209,19 @@ fn s3_store_conforms_and_names_the_object_on_errors() {
         runtime().block_on(store.download(&dest)).expect("download"),
         Some(want)
     );
+    // A Go node's upload (no metadata) of the same size beside our sidecar is not taken for ours.
+    let object = server
+        .dir
+        .path()
+        .join("data/hl-test/snapshots/node/snapshot.db");
+    let mut bytes = std::fs::read(&object).expect("the object");
+    bytes[100] ^= 1;
+    std::fs::write(&object, bytes).expect("replace the object");
+    server.restart();
+    assert_eq!(
+        runtime().block_on(store.meta()).expect("meta"),
+        Some(Meta::default())
+    );
     // A wrong secret is rejected by the signature check; the error names store and object.
     let wrong = S3Store::new(&s3_settings(&server, "not-the-secret")).expect("s3 store");
     let e = runtime().block_on(wrong.meta()).expect_err("wrong secret");
