@@ -552,6 +552,14 @@ fn run_seed(bin: &std::path::Path, seed: u64, shards: u64, max_entries: Option<u
             let f = draw_fault(&mut rng).unwrap_or(Fault::KillNode(i));
             eprintln!("seed {seed}: fault {f:?} during the concurrent phase");
             cluster.inject(f);
+            if let Fault::StopNode(n) = f {
+                // Frozen inside one of its write transactions, a daemon holds the database's
+                // lock: nothing there (the migration included) can write until it runs again.
+                std::thread::sleep(Duration::from_millis(200 + rng.below(1800)));
+                if let Some(pid) = cluster.stopped[n].take() {
+                    signal(pid, "CONT");
+                }
+            }
         }
         match h.join() {
             Ok(w) => writers.push(w),
