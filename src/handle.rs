@@ -64,8 +64,7 @@ impl Node {
 
     /// Per shard: the last applied sequence, as `seqmap` records it.
     pub fn positions(&self, seqmap: &SeqMap) -> Arc<[AtomicU64]> {
-        let streams = self.streams();
-        streams
+        self.streams()
             .iter()
             .map(|s| AtomicU64::new(seqmap.get(s)))
             .collect()

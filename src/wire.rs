@@ -493,8 +493,8 @@ impl Decompressor {
                 .map_err(DecodeError::Zstd);
         }
         let mut out = Vec::new();
-        let decoder = zstd::stream::read::Decoder::new(body).map_err(DecodeError::Zstd)?;
-        decoder
+        zstd::stream::read::Decoder::new(body)
+            .map_err(DecodeError::Zstd)?
             .take(limit as u64 + 1)
             .read_to_end(&mut out)
             .map_err(DecodeError::Zstd)?;

@@ -50,7 +50,7 @@ fn our_triggers(conn: &Connection) -> Result<Vec<(String, String, String, String
     )?;
     let rows: Vec<(String, String, Option<String>)> = stmt
         .query_map(rusqlite::params![PREFIX.len() as i64, PREFIX], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            r.try_into()
         })?
         .collect::<Result<_, _>>()?;
     Ok(rows
@@ -190,11 +190,8 @@ pub fn follow(conn: &Connection, tables: &[Table]) -> Result<Followed, Error> {
 }
 
 fn log_column_names(conn: &Connection, log: &str) -> Result<Vec<String>, Error> {
-    Ok(column(
-        conn,
-        "SELECT name FROM pragma_table_info(?1)",
-        [log],
-    )?)
+    let names = column(conn, "SELECT name FROM pragma_table_info(?1)", [log])?;
+    Ok(names)
 }
 
 /// Pending changes of `old` are published as changes of `new` from now on.

@@ -95,12 +95,7 @@ impl Error {
         let source = match self {
             Error::Missing(_) | Error::Open { .. } => return true,
             Error::Sqlite { source, .. } => source,
-            Error::Unwatchable(..)
-            | Error::Locked(..)
-            | Error::LockFile(..)
-            | Error::SchemaChanged
-            | Error::Behind(_)
-            | Error::WaitingFull(_) => return false,
+            _ => return false,
         };
         matches!(
             source.sqlite_error_code(),
@@ -394,14 +389,8 @@ impl Table {
 
     /// Index of a column by name (exact, then case-insensitive as SQLite resolves names).
     pub fn column_index(&self, name: &str) -> Option<usize> {
-        self.columns
-            .iter()
-            .position(|c| c.name == name)
-            .or_else(|| {
-                self.columns
-                    .iter()
-                    .position(|c| c.name.eq_ignore_ascii_case(name))
-            })
+        let find = |f: &dyn Fn(&Column) -> bool| self.columns.iter().position(f);
+        find(&|c| c.name == name).or_else(|| find(&|c| c.name.eq_ignore_ascii_case(name)))
     }
 }
 

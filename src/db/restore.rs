@@ -94,7 +94,8 @@ fn merge_all(
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // Capture must cover this schema: a just-created table's rows would be neither merged nor kept.
     check(&tx)?;
-    if has_application_tables(&tx)? {
+    // Without application tables the database is new: it takes the snapshot whole.
+    if !app_tables(&tx, "main", "'table', 'virtual'")?.is_empty() {
         let aliases = super::ddl::Aliases::load(&tx)?;
         let lacking = lacking(&tx, log.tables(), &aliases)?;
         if !lacking.is_empty() {
@@ -397,11 +398,6 @@ fn copy_whole(
         conn.execute_batch(sql)?;
     }
     Ok(true)
-}
-
-/// Whether the database has an application table (ordinary or virtual); if not, it is new.
-fn has_application_tables(conn: &Connection) -> Result<bool, Error> {
-    Ok(!app_tables(conn, "main", "'table', 'virtual'")?.is_empty())
 }
 
 /// The application's tables in `schema` (`kinds`: `pragma_table_list` types).

@@ -309,9 +309,7 @@ impl Worker {
             Ok(0) => {}
             Ok(n) => tracing::info!(applied = n, "Held events applied"),
             Err(e) if e.is_fatal() => return Err(ApplyError::Fatal(e)),
-            Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "Cannot retry held events")
-            }
+            Err(e) => tracing::warn!(error = %crate::error_chain(&e), "Cannot retry held events"),
         }
         self.report();
         Ok(())

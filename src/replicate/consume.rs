@@ -101,12 +101,9 @@ impl Consumer {
             _ = self.shutdown.cancelled() => return Stop::Done,
             r = stream::pull_consumer(&self.spec.js, &self.stream_name, &self.subject, self.next) => r,
         };
-        let consumer = match opened {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(stream = %self.stream_name, error = %e, "Cannot open consumer, retrying");
-                return self.retry().await;
-            }
+        let opened = opened.inspect_err(|e| tracing::warn!(stream = %self.stream_name, error = %e, "Cannot open consumer, retrying"));
+        let Ok(consumer) = opened else {
+            return self.retry().await;
         };
         tracing::debug!(stream = %self.stream_name, from = self.next, "consumer started");
         self.spec.health.set_consumer_down(self.stream_idx, false);

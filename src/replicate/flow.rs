@@ -277,13 +277,9 @@ pub async fn report(
             beat,
         };
         flow.record_local(&positions);
-        let body = match serde_json::to_vec(&report) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot encode the position report");
-                return;
-            }
-        };
+        let encoded = serde_json::to_vec(&report)
+            .inspect_err(|e| tracing::error!(error = %e, "Cannot encode the position report"));
+        let Ok(body) = encoded else { return };
         let put = store.put(&key, body.into()).await;
         match &put {
             Ok(_) if failing => tracing::info!("Position reports work again"),

@@ -152,14 +152,8 @@ impl Snapshots {
         let started = Instant::now();
         let m = &self.observers.metrics;
         tracing::info!(reason = why, "Saving snapshot");
-        match super::save(
-            source,
-            self.store.as_ref(),
-            self.settings.node_id,
-            &self.schema_hash,
-        )
-        .await
-        {
+        let (store, node_id) = (self.store.as_ref(), self.settings.node_id);
+        match super::save(source, store, node_id, &self.schema_hash).await {
             Ok(meta) => {
                 self.last_save_ms
                     .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -225,12 +219,11 @@ impl Snapshots {
     /// snapshot's metadata or `{"error": …}`.
     pub async fn serve_saves(self: Arc<Self>, shutdown: CancellationToken) {
         let subscribed = self.client.subscribe(save_subject(&self.settings)).await;
-        let mut saves = match subscribed {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot listen for -save-snapshot requests");
-                return shutdown.cancelled().await;
-            }
+        let subscribed = subscribed.inspect_err(
+            |e| tracing::warn!(error = %e, "Cannot listen for -save-snapshot requests"),
+        );
+        let Ok(mut saves) = subscribed else {
+            return shutdown.cancelled().await;
         };
         while let Some(Some(msg)) = shutdown.run_until_cancelled(saves.next()).await {
             let Some(reply) = msg.reply else { continue };

@@ -352,13 +352,8 @@ fn supervise(
     pid_tx: std::sync::mpsc::Sender<Result<u32, Error>>,
     exit_tx: watch::Sender<Option<String>>,
 ) {
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = pid_tx.send(Err(Error::Io(e)));
-            return;
-        }
-    };
+    let spawned = cmd.spawn().map_err(|e| pid_tx.send(Err(Error::Io(e))));
+    let Ok(mut child) = spawned else { return };
     if let Some(stderr) = child.stderr.take() {
         let forwarder = std::thread::Builder::new()
             .name("nats-log".into())

@@ -62,16 +62,7 @@ impl Applier {
         ))?;
         type HeldRow = (i64, String, i64, Option<String>, Vec<u8>, i64);
         let rows: Vec<HeldRow> = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?
+            .query_map([], |r| r.try_into())?
             .collect::<Result<_, _>>()?;
         drop(stmt);
         for (id, stream, seq, origin, payload, schema_wait) in rows {

@@ -159,9 +159,7 @@ impl ChangeLog {
                 "SELECT id, change_table_id, table_name FROM {} WHERE id > ?1 ORDER BY id LIMIT ?2",
                 quote(GLOBAL_LOG)
             ))?
-            .query_map(rusqlite::params![after, limit], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
+            .query_map(rusqlite::params![after, limit], |r| r.try_into())?
             .collect::<Result<_, _>>()?;
         for (global_id, log_id, table_name) in globals {
             self.read_change(&tx, (global_id, log_id, &table_name), &mut scan)?;
@@ -480,16 +478,13 @@ impl ChangeLog {
             let state: Option<i64> = row.get(1).map_err(on_table(&t.name))?;
             let shard: Option<i64> = row.get(2).map_err(on_table(&t.name))?;
             let seq: Option<i64> = row.get(3).map_err(on_table(&t.name))?;
-            let (flying, unknown) = match state {
+            let (flying, unknown) = match (state, applied, shard, seq) {
                 // Pending, but perhaps published before a crash where no one can tell any more.
-                Some(0) => (true, id <= unknown_up_to),
-                Some(1) => match (applied, shard, seq) {
-                    (Some(applied), Some(shard), Some(seq)) => {
-                        let pos = applied.get((shard.max(1) - 1) as usize).copied();
-                        (pos.is_none_or(|p| seq as u64 > p), false)
-                    }
-                    _ => (false, false),
-                },
+                (Some(0), ..) => (true, id <= unknown_up_to),
+                (Some(1), Some(applied), Some(shard), Some(seq)) => {
+                    let pos = applied.get((shard.max(1) - 1) as usize).copied();
+                    (pos.is_none_or(|p| seq as u64 > p), false)
+                }
                 _ => (false, false),
             };
             if !flying {
