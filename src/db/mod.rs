@@ -95,7 +95,13 @@ impl Error {
         let source = match self {
             Error::Missing(_) | Error::Open { .. } => return true,
             Error::Sqlite { source, .. } => source,
-            _ => return false,
+            // Listed, not `_`: a new variant must be classified on purpose.
+            Error::Unwatchable(..)
+            | Error::Locked(..)
+            | Error::LockFile(..)
+            | Error::SchemaChanged
+            | Error::Behind(_)
+            | Error::WaitingFull(_) => return false,
         };
         matches!(
             source.sqlite_error_code(),
