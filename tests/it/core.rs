@@ -616,6 +616,14 @@ fn a_wiped_jetstream_under_running_nodes_recovers_by_itself() {
         "position reports after the wipe",
         || a.log().contains("Position reports work again"),
     );
+    // What the wipe took is said: the writers' acked changes went with the old streams.
+    assert!(
+        [&a, &b]
+            .iter()
+            .any(|n| n.log().contains("The lost stream held this node's changes")),
+        "{}",
+        a.log()
+    );
     // And the schema registry, within seconds (it waited a minute-long refresh, then more).
     wait_until(
         REPLICATION_TIMEOUT,

@@ -428,7 +428,12 @@ impl Publisher {
                 continue;
             };
             let mut acked = lock(&self.acked);
-            if acked.get(&shard).is_some_and(|&a| a > last) {
+            if let Some(&a) = acked.get(&shard).filter(|&&a| a > last) {
+                tracing::warn!(
+                    shard,
+                    acked_up_to = a,
+                    "The lost stream held this node's changes up to that sequence: nodes that had not applied them lack them (compare tables)"
+                );
                 acked.insert(shard, 0);
             }
         }
