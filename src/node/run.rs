@@ -51,10 +51,19 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
     } = ready;
     // The lease outlives the generations below: another node must never take our id while
     // capture is being reinstalled.
-    let mut lease = lease.map(|lease| {
-        let token = node.root.clone();
-        tokio::spawn(async move { lease.run(token).await })
-    });
+    let (js, settings, identity) = (
+        node.js.clone(),
+        Arc::clone(&node.settings),
+        node.identity.clone(),
+    );
+    let token = node.root.clone();
+    let mut lease = Some(tokio::spawn(async move {
+        let lease = match lease {
+            Some(lease) => lease,
+            None => stream::lease::acquire_later(&js, &settings, &identity, &token).await?,
+        };
+        lease.run(token).await
+    }));
     let mut first = true;
     let result = loop {
         let generation = node.generation();

@@ -6,7 +6,8 @@
 //! live node's: a conflict, the node refuses to start (exit 2). A key unchanged for two refresh
 //! periods is a gone node's (a killed previous run, this database before `-cleanup`) and is taken
 //! over. While running, the key is updated by compare-and-set: another identity's write is a
-//! conflict too and the node stops; NATS being down is not (retried).
+//! conflict too and the node stops; NATS being down is not (retried). A node that started without
+//! the lease (bucket unusable: no KV, no permission) runs unchecked and tries again every minute.
 
 use std::path::Path;
 use std::time::Duration;
@@ -104,6 +105,28 @@ pub async fn acquire(
         }
     }
 }
+
+/// After a start without the lease (its bucket unusable then), tries [`acquire`] every
+/// [`RETRY_LATER`] until it holds the lease: the check is not skipped for good.
+pub async fn acquire_later(
+    js: &jetstream::Context,
+    settings: &Settings,
+    identity: &str,
+    shutdown: &CancellationToken,
+) -> Result<Lease, Error> {
+    loop {
+        if !crate::retry::pause(shutdown, RETRY_LATER).await {
+            return Err(Error::Cancelled);
+        }
+        if let Some(lease) = acquire(js, settings, identity, shutdown).await? {
+            tracing::info!("Took the node-id lease: the duplicate node_id check is on");
+            return Ok(lease);
+        }
+    }
+}
+
+/// How often a node running without its lease tries to take it.
+const RETRY_LATER: Duration = Duration::from_secs(60);
 
 fn bucket_config(settings: &Settings) -> kv::Config {
     kv::Config {

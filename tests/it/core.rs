@@ -314,6 +314,41 @@ fn a_second_live_node_with_the_same_node_id_is_refused() {
     });
 }
 
+/// Issue 25 item 7: a node that starts while the lease bucket is unusable (here: denied to its
+/// NATS user) runs without the duplicate check, and takes the lease once it can: the check is
+/// not skipped for good.
+#[test]
+fn a_lease_unusable_at_start_is_taken_later() {
+    let bin = require_nats!();
+    let users = |deny: &str| {
+        format!(
+            "authorization {{ users: [ {{ user: \"hl\", password: \"pw\", \
+             permissions: {{ publish: {{ allow: \">\", deny: [\"{deny}\"] }} }} }} ] }}"
+        )
+    };
+    let mut nats =
+        NatsServer::start_with(&bin, &users("$JS.API.STREAM.*.KV_harmonylite-node-leases"));
+    let (schema, creds) = (
+        "CREATE TABLE t (id INTEGER PRIMARY KEY)",
+        "user_name = \"hl\"\nuser_password = \"pw\"",
+    );
+    let mut a = Node::new(7, &nats.url, schema, 1, "");
+    a.edit_config("[nats]\n", &format!("[nats]\n{creds}\n"));
+    a.start();
+    wait_until(Duration::from_secs(60), "a start without the lease", || {
+        a.log()
+            .contains("running without the duplicate node_id check")
+    });
+    nats.reload(&users("nothing.denied"));
+    wait_until(Duration::from_secs(90), "the lease taken later", || {
+        a.log().contains("Took the node-id lease")
+    });
+    let b = Node::new(7, &nats.url, schema, 1, "");
+    b.edit_config("[nats]\n", &format!("[nats]\n{creds}\n"));
+    let (code, out) = run_to_exit(&b.config, &[], Duration::from_secs(30));
+    assert_eq!(code, Some(2), "{out}");
+}
+
 /// Finding 10: nodes configured with different shard counts silently lost the rows of the
 /// shards one of them did not consume.
 #[test]

@@ -198,6 +198,18 @@ impl NatsServer {
         }
     }
 
+    /// Has the running server reload its config with `extra` in place of the old (SIGHUP).
+    pub fn reload(&mut self, extra: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("nats config");
+        std::fs::write(&self.config, text.replace(&self.extra, extra)).expect("nats config");
+        self.extra = extra.to_owned();
+        let pid = self.child.as_ref().expect("a running server").id();
+        let hup = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status();
+        assert!(hup.is_ok_and(|s| s.success()), "reload nats-server");
+    }
+
     /// Restarts a stopped server on the same port with the same data.
     pub fn restart(&mut self) {
         let port = self.url.rsplit(':').next().expect("port").to_owned();
