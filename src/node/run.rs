@@ -51,18 +51,13 @@ pub async fn run(ready: Ready) -> anyhow::Result<()> {
     } = ready;
     // The lease outlives the generations below: another node must never take our id while
     // capture is being reinstalled.
-    let (js, settings, identity) = (
-        node.js.clone(),
-        Arc::clone(&node.settings),
-        node.identity.clone(),
-    );
-    let token = node.root.clone();
+    let n = node.clone();
     let mut lease = Some(tokio::spawn(async move {
         let lease = match lease {
             Some(lease) => lease,
-            None => stream::lease::acquire_later(&js, &settings, &identity, &token).await?,
+            None => stream::lease::acquire_later(&n.js, &n.settings, &n.identity, &n.root).await?,
         };
-        lease.run(token).await
+        lease.run(n.root.clone()).await
     }));
     let mut first = true;
     let result = loop {

@@ -106,8 +106,8 @@ pub async fn acquire(
     }
 }
 
-/// After a start without the lease (its bucket unusable then), tries [`acquire`] every
-/// [`RETRY_LATER`] until it holds the lease: the check is not skipped for good.
+/// After a start without the lease (its bucket unusable then), tries [`acquire`] every minute
+/// until it holds the lease: the check is not skipped for good.
 pub async fn acquire_later(
     js: &jetstream::Context,
     settings: &Settings,
@@ -115,7 +115,7 @@ pub async fn acquire_later(
     shutdown: &CancellationToken,
 ) -> Result<Lease, Error> {
     loop {
-        if !crate::retry::pause(shutdown, RETRY_LATER).await {
+        if !crate::retry::pause(shutdown, Duration::from_secs(60)).await {
             return Err(Error::Cancelled);
         }
         if let Some(lease) = acquire(js, settings, identity, shutdown).await? {
@@ -124,9 +124,6 @@ pub async fn acquire_later(
         }
     }
 }
-
-/// How often a node running without its lease tries to take it.
-const RETRY_LATER: Duration = Duration::from_secs(60);
 
 fn bucket_config(settings: &Settings) -> kv::Config {
     kv::Config {
