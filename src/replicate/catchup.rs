@@ -324,7 +324,8 @@ async fn look(
     {
         return wait(why.clone());
     }
-    if seen.refused.as_ref() == Some(&meta) {
+    // Not for a snapshot without metadata: every one looks the same (Go's; a store's loss).
+    if seen.refused.as_ref() == Some(&meta) && meta != Meta::default() {
         ask_for_snapshot(node, &need, streams).await;
         return wait("the store still holds the snapshot refused before".into());
     }

@@ -230,13 +230,7 @@ impl S3Store {
         self.ensured.get_or_try_init(create).await.map(|_| ())
     }
 
-    /// Uploads `file` in parts; the object's ETag.
-    async fn put_multipart(
-        &self,
-        file: &Path,
-        size: u64,
-        meta: &Meta,
-    ) -> Result<Option<String>, Error> {
+    async fn put_multipart(&self, file: &Path, size: u64, meta: &Meta) -> Result<(), Error> {
         let op = "upload";
         let created = self
             .client
@@ -269,14 +263,14 @@ impl S3Store {
         result
     }
 
-    /// Sends `file` as the parts of multipart upload `id`, then completes the upload (its ETag).
+    /// Sends `file` as the parts of multipart upload `id`, then completes the upload.
     async fn send_parts(
         &self,
         op: &'static str,
         file: &Path,
         size: u64,
         id: &str,
-    ) -> Result<Option<String>, Error> {
+    ) -> Result<(), Error> {
         let mut parts = Vec::new();
         let mut offset = 0u64;
         let mut number = 1i32;
@@ -310,8 +304,7 @@ impl S3Store {
             number += 1;
             tracing::info!(sent = offset, total = size, "Uploading snapshot to S3");
         }
-        let done = self
-            .client
+        self.client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(&self.key)
@@ -324,7 +317,7 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.err(op, e))?;
-        Ok(done.e_tag().map(str::to_owned))
+        Ok(())
     }
 }
 
@@ -340,8 +333,8 @@ impl Store for S3Store {
                 .await
                 .map_err(|e| Error::new(KIND, "upload", &self.object(), &e))?
                 .len();
-            let etag = if size > SINGLE_PUT_MAX {
-                self.put_multipart(file, size, meta).await?
+            if size > SINGLE_PUT_MAX {
+                self.put_multipart(file, size, meta).await?;
             } else {
                 let body = ByteStream::from_path(file)
                     .await
@@ -354,10 +347,16 @@ impl Store for S3Store {
                     .body(body)
                     .send()
                     .await
-                    .map_err(|e| self.err("upload", e))?
-                    .e_tag()
-                    .map(str::to_owned)
-            };
+                    .map_err(|e| self.err("upload", e))?;
+            }
+            // The ETag reads will report (servers may answer a multipart upload with another).
+            let head = self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&self.key);
+            let head = head.send().await.map_err(|e| self.err("upload", e))?;
+            let etag = head.e_tag();
             let mut json = serde_json::to_value(meta).unwrap_or_default();
             json["etag"] = etag.into();
             let sidecar = self.client.put_object().bucket(&self.bucket);

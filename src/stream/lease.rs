@@ -7,7 +7,8 @@
 //! periods is a gone node's (a killed previous run, this database before `-cleanup`) and is taken
 //! over. While running, the key is updated by compare-and-set: another identity's write is a
 //! conflict too and the node stops; NATS being down is not (retried). A node that started without
-//! the lease (bucket unusable: no KV, no permission) runs unchecked and tries again every minute.
+//! the lease (bucket unusable: no KV, no permission) runs unchecked and tries again, from a minute
+//! on to hourly.
 
 use std::path::Path;
 use std::time::Duration;
@@ -106,16 +107,19 @@ pub async fn acquire(
     }
 }
 
-/// After a start without the lease (its bucket unusable then), tries [`acquire`] every minute
-/// until it holds the lease: the check is not skipped for good.
+/// After a start without the lease (its bucket unusable then), tries [`acquire`] again after a
+/// minute, then ever less often (hourly at most: each try logs the failure) until it holds the
+/// lease: the check is not skipped for good.
 pub async fn acquire_later(
     js: &jetstream::Context,
     settings: &Settings,
     identity: &str,
     shutdown: &CancellationToken,
 ) -> Result<Lease, Error> {
+    let mut backoff =
+        crate::retry::Backoff::between(Duration::from_secs(60), Duration::from_secs(3600));
     loop {
-        if !crate::retry::pause(shutdown, Duration::from_secs(60)).await {
+        if !backoff.wait(shutdown).await {
             return Err(Error::Cancelled);
         }
         if let Some(lease) = acquire(js, settings, identity, shutdown).await? {
