@@ -70,11 +70,14 @@ pub async fn acquire(
         return Ok(None);
     };
     // Per cluster (its streams), not per server: another cluster's node 7 on the same server is
-    // not this one's. KV keys take `[-_=./a-zA-Z0-9]`.
-    let prefix = settings
-        .nats
-        .stream_prefix
-        .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+    // not this one's. KV keys take `[-_=./a-zA-Z0-9]`: other bytes as `=XX`, so distinct
+    // prefixes keep distinct keys.
+    let prefix: String = (settings.nats.stream_prefix.bytes())
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => char::from(b).to_string(),
+            _ => format!("={b:02X}"),
+        })
+        .collect();
     let key = format!("{prefix}.node-{}", settings.node_id);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())

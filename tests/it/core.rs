@@ -299,7 +299,8 @@ fn a_second_live_node_with_the_same_node_id_is_refused() {
     let mut other = Node::new(7, &nats.url, schema, 1, "");
     other.edit_config(
         "[nats]\n",
-        "[nats]\nstream_prefix = \"other\"\nsubject_prefix = \"other-changes\"\n",
+        // The default prefix with '_' for '-': a distinct cluster, so a distinct lease key.
+        "[nats]\nstream_prefix = \"harmonylite_changes\"\nsubject_prefix = \"other-changes\"\n",
     );
     other.start();
     other.exec("INSERT INTO t VALUES (99, 'other cluster')");
