@@ -28,6 +28,21 @@ fn wait_title(nodes: &[&Node], title: &str) {
     }
 }
 
+/// `-cluster-addr` on loopback `port` and `-cluster-peers` (`nats://` URLs or `dns://` names).
+fn cluster_args(port: u16, peers: &[String]) -> Vec<String> {
+    let addr = format!("127.0.0.1:{port}");
+    vec![
+        "-cluster-addr".into(),
+        addr,
+        "-cluster-peers".into(),
+        peers.join(","),
+    ]
+}
+
+fn route_url(port: u16) -> String {
+    format!("nats://127.0.0.1:{port}/")
+}
+
 #[test]
 fn embedded_three_node_cluster_survives_a_killed_node() {
     let bin = require_nats!();
@@ -56,16 +71,11 @@ fn embedded_three_node_cluster_survives_a_killed_node() {
                     // One peer found through DNS: localhost resolves to the loopback address.
                     format!("dns://localhost:{}?min=1&interval_ms=50", routes[j])
                 } else {
-                    format!("nats://127.0.0.1:{}/", routes[j])
+                    route_url(routes[j])
                 }
             })
             .collect();
-        node.args = vec![
-            "-cluster-addr".into(),
-            format!("127.0.0.1:{}", routes[i]),
-            "-cluster-peers".into(),
-            peers.join(","),
-        ];
+        node.args = cluster_args(routes[i], &peers);
     }
     // Start all three before waiting: JetStream needs a quorum of the R3 cluster.
     for node in nodes.iter_mut() {
@@ -135,17 +145,8 @@ fn embedded_three_node_cluster_survives_a_killed_node() {
     // Scaling as docs/deployment.md says: a fourth node lists the running ones as peers; they
     // learn of it through the cluster's gossip, with no restart. It catches up and writes.
     let mut fourth = Node::embedded(4, &bin, 2, 3, "");
-    let peers: Vec<String> = routes
-        .iter()
-        .map(|p| format!("nats://127.0.0.1:{p}/"))
-        .collect();
-    let route = free_port();
-    fourth.args = vec![
-        "-cluster-addr".into(),
-        format!("127.0.0.1:{route}"),
-        "-cluster-peers".into(),
-        peers.join(","),
-    ];
+    let peers: Vec<String> = routes.iter().map(|&p| route_url(p)).collect();
+    fourth.args = cluster_args(free_port(), &peers);
     fourth.start();
     wait_title(&[&fourth], "While Node3 Down");
     fourth.exec("INSERT INTO Books (id, title, author) VALUES (3, 'From Node4', 'x')");
@@ -176,14 +177,9 @@ fn embedded_nodes_sharing_a_node_id_are_told_why_nothing_starts() {
     for (i, node) in nodes.iter_mut().enumerate() {
         let peers: Vec<String> = (0..3)
             .filter(|&j| j != i)
-            .map(|j| format!("nats://127.0.0.1:{}/", routes[j]))
+            .map(|j| route_url(routes[j]))
             .collect();
-        node.args = vec![
-            "-cluster-addr".into(),
-            format!("127.0.0.1:{}", routes[i]),
-            "-cluster-peers".into(),
-            peers.join(","),
-        ];
+        node.args = cluster_args(routes[i], &peers);
         node.spawn();
     }
     wait_until(Duration::from_secs(60), "the hint", || {
